@@ -1,0 +1,76 @@
+"""A real ``qbgw worker`` process: on the embedded default (SQLite + filesystem broker) and on
+PostgreSQL + Redis, with the emulator over a socket."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from tests.conftest import ASSISTANT
+from tests.images import data_uri, jpeg_bytes, png_bytes
+from worker import producer
+from worker.celery_app import publish
+from worker.emulator import Emulator
+from worker.lifecycle import JobStatus
+from worker.queries import job_events, wait_for_job
+from worker.runtime import runtime
+from worker.settings import Settings
+
+
+@pytest.fixture(params=["embedded", "redis+postgres"])
+def stack(request: pytest.FixtureRequest) -> Settings:
+    name = "embedded_settings" if request.param == "embedded" else "production_settings"
+    settings: Settings = request.getfixturevalue(name)
+    return settings
+
+
+def submit(settings: Settings, content: Any) -> str:
+    return producer.submit(ASSISTANT, [{"role": "user", "content": content}], settings=settings)
+
+
+def test_text_and_image_jobs_are_answered(stack: Settings, worker_process: Callable[..., Any]) -> None:
+    worker_process(stack)
+    png, jpeg = data_uri("png", png_bytes(64, 48)), data_uri("jpeg", jpeg_bytes(320, 240))
+    text_job = submit(stack, "What is a normal resting heart rate?")
+    image_job = submit(stack, [{"type": "text", "text": "Compare these."},
+                               {"type": "image_url", "image_url": {"url": png}},
+                               {"type": "image_url", "image_url": {"url": jpeg}}])  # fmt: skip
+    text_view = wait_for_job(text_job, timeout=60, settings=stack)
+    image_view = wait_for_job(image_job, timeout=60, settings=stack)
+    assert text_view.status is JobStatus.SUCCEEDED and "normal resting heart rate" in (text_view.answer or "")
+    assert image_view.status is JobStatus.SUCCEEDED
+    assert "png 64x48" in (image_view.answer or "") and "jpeg 320x240" in (image_view.answer or "")
+
+
+def test_two_503s_then_success_on_the_third_attempt(stack: Settings, worker_process: Callable[..., Any]) -> None:
+    worker_process(stack)
+    job_id = submit(stack, "flaky upstream [[emulator:fail=503x2]]")
+    view = wait_for_job(job_id, timeout=60, settings=stack)
+    assert view.status is JobStatus.SUCCEEDED and view.attempts == 3
+    events = job_events(job_id, settings=stack)
+    requests = [e.attempt for e in events if e.action == "attempt.request"]
+    responses = [(e.attempt, e.http_status) for e in events if e.action == "attempt.response"]
+    assert requests == [1, 2, 3] and responses == [(1, 503), (2, 503), (3, 200)]
+
+
+def test_a_405_fails_at_once_with_the_reason(stack: Settings, worker_process: Callable[..., Any]) -> None:
+    worker_process(stack)
+    job_id = submit(stack, "feature is off [[emulator:fail=405]]")
+    view = wait_for_job(job_id, timeout=60, settings=stack)
+    assert view.status is JobStatus.FAILED and view.attempts == 1
+    assert view.http_status == 405 and "HTTP 405" in (view.error or "")
+
+
+def test_the_same_message_delivered_twice_yields_one_result(
+    stack: Settings, worker_process: Callable[..., Any], emu: Emulator
+) -> None:
+    job_id = submit(stack, "deliver me twice [[emulator:sleep=0.5]]")
+    publish(runtime(stack).celery, job_id)  # a second doorbell for the same job
+    worker_process(stack)
+    view = wait_for_job(job_id, timeout=60, settings=stack)
+    assert view.status is JobStatus.SUCCEEDED and view.attempts == 1
+    actions = [e.action for e in job_events(job_id, settings=stack)]
+    assert actions.count("attempt.request") == 1 and actions.count("job.succeeded") == 1
+    assert emu.stats()["requests"] == 1

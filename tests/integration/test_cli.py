@@ -1,0 +1,125 @@
+"""``qbgw`` commands, through click's runner (in process) against a real SQLite database."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from tests.conftest import ASSISTANT
+from tests.images import png_bytes
+from worker.cli import EXIT, cli
+from worker.emulator import Emulator
+from worker.runtime import runtime
+from worker.settings import Settings
+from worker.tasks import run_attempt
+
+
+@pytest.fixture
+def env(embedded_settings: Settings) -> dict[str, str]:
+    return {**embedded_settings.to_env(), "QBGW_ASSISTANT_ID": ASSISTANT}
+
+
+def qbgw(env: dict[str, str], *args: str, input: str | None = None) -> Result:
+    runtime_reset()
+    return CliRunner().invoke(cli, list(args), env=env, input=input, catch_exceptions=False)
+
+
+def runtime_reset() -> None:
+    from worker import runtime as runtime_module
+
+    runtime_module.reset()
+
+
+def jobs_stored(settings: Settings) -> int:
+    from sqlalchemy import func, select
+
+    from worker.models import Job
+
+    with runtime(settings).transaction() as session:
+        return session.scalar(select(func.count()).select_from(Job)) or 0
+
+
+def test_submit_text_then_status_and_result(env: dict[str, str], embedded_settings: Settings, emu: Emulator) -> None:
+    submitted = qbgw(env, "submit", "--text", "Hello from the CLI", "--custom-id", "cli-1")
+    assert submitted.exit_code == 0, submitted.output
+    job_id = submitted.stdout.strip()
+    pending = qbgw(env, "result", job_id)
+    assert pending.exit_code == EXIT["timeout"] and "is queued" in pending.stderr
+    run_attempt(runtime(embedded_settings), job_id)
+    status = json.loads(qbgw(env, "status", job_id).stdout)
+    assert status["status"] == "succeeded" and status["custom_id"] == "cli-1" and "answer" not in status
+    result = qbgw(env, "result", job_id)
+    assert result.exit_code == 0 and 'you said "Hello from the CLI"' in result.stdout
+    events = [json.loads(line) for line in qbgw(env, "events", job_id).stdout.splitlines()]
+    assert [e["action"] for e in events][-1] == "job.succeeded"
+
+
+def test_submit_messages_from_stdin_and_an_image_file(env: dict[str, str], tmp_path: Path) -> None:
+    messages = json.dumps([{"role": "user", "content": "from stdin"}])
+    assert qbgw(env, "submit", "-", input=messages).exit_code == 0
+    image = tmp_path / "scan.png"
+    image.write_bytes(png_bytes(8, 8))
+    assert qbgw(env, "submit", "-t", "look", "-i", str(image)).exit_code == 0
+
+
+def test_a_failed_job_exits_1_with_its_reason(env: dict[str, str], embedded_settings: Settings) -> None:
+    job_id = qbgw(env, "submit", "--text", "x [[emulator:fail=400]]").stdout.strip()
+    run_attempt(runtime(embedded_settings), job_id)
+    result = qbgw(env, "result", job_id)
+    assert result.exit_code == EXIT["job_failed"] and "failed: gateway answered HTTP 400" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "stdin", "code", "message"),
+    [
+        (["submit", "-"], "{oops", "bad_input", "qbgw: error: stdin: not valid JSON"),
+        (["submit", "-"], '[{"role": "robot", "content": "x"}]', "bad_input", "messages[0].role: 'robot'"),
+        (["submit"], None, "bad_input", "nothing to send"),
+        (["submit", "--text", "x", "--assistant", " "], None, "bad_input", "smart_chat_assistant_id"),
+        (["submit", "--text", "x", "--image", "/no/such.png"], None, "bad_input", "--image /no/such.png: cannot read"),
+        (["status", "00000000-0000-0000-0000-000000000000"], None, "not_found", "no such job: 00000000"),
+        (["result", "nope"], None, "not_found", "no such job: nope"),
+        (["events", "nope"], None, "not_found", "no such job: nope"),
+    ],
+)
+def test_bad_input_is_one_line_and_a_named_exit_code(
+    env: dict[str, str], embedded_settings: Settings, args: list[str], stdin: str | None, code: str, message: str
+) -> None:
+    result = qbgw(env, *args, input=stdin)
+    assert result.exit_code == EXIT[code]
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert jobs_stored(embedded_settings) == 0
+
+
+def test_an_unreachable_broker_exits_5_and_stores_nothing(env: dict[str, str], embedded_settings: Settings) -> None:
+    result = qbgw({**env, "QBGW_BROKER_URL": "redis://127.0.0.1:1/0"}, "submit", "--text", "hi")
+    assert result.exit_code == EXIT["unavailable"] and "unreachable" in result.stderr
+    assert jobs_stored(embedded_settings) == 0
+
+
+def test_a_bad_setting_exits_7(env: dict[str, str]) -> None:
+    result = qbgw({**env, "QBGW_READ_TIMEOUT": "later"}, "status", "x")
+    assert result.exit_code == EXIT["config"] and "QBGW_READ_TIMEOUT must be a float" in result.stderr
+
+
+def test_db_upgrade_migrates_a_named_database(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'ops.db'}"
+    result = qbgw({"QBGW_DATABASE_URL": url, "QBGW_DATA_DIR": str(tmp_path)}, "db", "upgrade")
+    assert result.exit_code == 0 and "is at head" in result.stdout
+    # Without the upgrade a named database is refused with the command to run.
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    refused = qbgw({"QBGW_DATABASE_URL": other, "QBGW_DATA_DIR": str(tmp_path)}, "status", "x")
+    assert refused.exit_code == EXIT["config"] and "run `qbgw db upgrade`" in refused.stderr
+
+
+def test_sweep_re_announces_a_job_whose_message_was_lost(env: dict[str, str], embedded_settings: Settings) -> None:
+    job_id = qbgw(env, "submit", "--text", "lost").stdout.strip()
+    for message in (embedded_settings.broker_dir / "queue").glob("*.msg"):
+        message.unlink()  # the broker forgot it
+    time.sleep(0.05)
+    assert qbgw({**env, "QBGW_SWEEP_GRACE": "0.01"}, "sweep").stdout.split() == [job_id]
+    assert len(list((embedded_settings.broker_dir / "queue").glob("*.msg"))) == 1

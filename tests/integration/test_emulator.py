@@ -1,0 +1,323 @@
+"""The gateway emulator over a real socket: the contract, the scripted faults and the control endpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import requests
+
+from tests.images import data_uri, jpeg_bytes, png_bytes
+from worker import emulator as emulator_module
+from worker.emulator import GATEWAY_PATH, Emulator, EmulatorConfig
+
+TOKEN = "emulator-token"
+ASSISTANT = "65d5f3473d5d68095462165d"
+DEFAULTS = {f.name: getattr(EmulatorConfig(), f.name) for f in dataclasses.fields(EmulatorConfig)}
+
+
+@pytest.fixture(scope="module")
+def running() -> Iterator[Emulator]:
+    with Emulator() as em:
+        yield em
+
+
+@pytest.fixture
+def em(running: Emulator) -> Iterator[Emulator]:
+    running.reset()
+    yield running
+    running.reconfigure(**DEFAULTS)
+
+
+@pytest.fixture
+def http() -> Iterator[requests.Session]:
+    with requests.Session() as session:
+        session.trust_env = False  # no proxy from the environment between us and 127.0.0.1
+        yield session
+
+
+def body(*texts: str, images: tuple[str, ...] = (), assistant: str = ASSISTANT) -> dict[str, Any]:
+    parts: list[dict[str, Any]] = [{"type": "text", "text": t} for t in texts]
+    parts += [{"type": "image_url", "image_url": {"url": url}} for url in images]
+    return {
+        "smart_chat_assistant_id": assistant,
+        "messages": [{"role": "developer", "content": "You are helpful"}, {"role": "user", "content": parts}],
+    }
+
+
+def post(
+    http: requests.Session,
+    em: Emulator,
+    payload: object,
+    token: str | None = TOKEN,
+    timeout: float | tuple[float, float] = 5,
+) -> requests.Response:
+    headers = {"QB-Token": token} if token is not None else {}
+    return http.post(em.url + GATEWAY_PATH, json=payload, headers=headers, timeout=timeout)
+
+
+def test_missing_token_gets_401_with_the_session_error_shape(em: Emulator, http: requests.Session) -> None:
+    r = post(http, em, body("hi"), token=None)
+    assert r.status_code == 401
+    assert r.json() == {"errors": {"base": ["Required session does not exist"]}}
+
+
+def test_wrong_token_gets_401_with_the_session_error_shape(em: Emulator, http: requests.Session) -> None:
+    r = post(http, em, body("hi"), token="expired")
+    assert (r.status_code, r.json()) == (401, {"errors": {"base": ["Required session does not exist"]}})
+
+
+def test_feature_switched_off_gets_405(em: Emulator, http: requests.Session) -> None:
+    em.reconfigure(feature_enabled=False)
+    r = post(http, em, body("hi"))
+    assert r.status_code == 405
+    assert r.json() == {"errors": ["HIPAA AI Gateway feature is not enabled for this application"]}
+
+
+def test_unknown_assistant_gets_404(em: Emulator, http: requests.Session) -> None:
+    r = post(http, em, body("hi", assistant="000000000000000000000000"))
+    assert (r.status_code, r.json()) == (404, {"errors": ["Smart chat assistant not found"]})
+
+
+def test_unknown_role_gets_400_naming_the_message_index(em: Emulator, http: requests.Session) -> None:
+    payload = body("hi")
+    payload["messages"].append({"role": "tool", "content": "x"})
+    r = post(http, em, payload)
+    assert r.status_code == 400
+    assert r.json()["errors"][0].startswith("messages[2].role must be one of")
+
+
+def test_bad_part_gets_400_naming_message_and_part(em: Emulator, http: requests.Session) -> None:
+    payload = body("hi")
+    payload["messages"][1]["content"].append({"type": "audio", "audio": "..."})
+    r = post(http, em, payload)
+    assert (r.status_code, r.json()) == (400, {"errors": ['messages[1].content[1].type must be "text" or "image_url"']})
+
+
+@pytest.mark.parametrize("raw", [b"not json", b"[1, 2]", b'{"messages": []}'])
+def test_a_body_that_is_not_a_request_object_gets_400(em: Emulator, http: requests.Session, raw: bytes) -> None:
+    r = http.post(em.url + GATEWAY_PATH, data=raw, headers={"QB-Token": TOKEN}, timeout=5)
+    assert r.status_code == 400
+    assert isinstance(r.json()["errors"][0], str)
+
+
+def test_answer_quotes_the_last_user_text_and_names_every_image(em: Emulator, http: requests.Session) -> None:
+    payload = body("first", images=(data_uri("png", png_bytes(64, 48)),))
+    payload["messages"].append({"role": "assistant", "content": "ok"})
+    images = (data_uri("jpeg", jpeg_bytes(320, 200)), "https://example.com/a.jpg")
+    payload["messages"].append(body("What is", "in these?", images=images)["messages"][1])
+    r = post(http, em, payload)
+    assert r.status_code == 200
+    assert r.headers["Content-Type"] == "application/json; charset=utf-8"
+    assert r.json() == {
+        "answer": f'Assistant {ASSISTANT}: you said "What is in these?". Image 1: png 64x48. '
+        "Image 2: jpeg 320x200. Image 3: url image, not fetched."
+    }
+
+
+def test_string_content_is_quoted_as_is(em: Emulator, http: requests.Session) -> None:
+    payload = {"smart_chat_assistant_id": ASSISTANT, "messages": [{"role": "user", "content": "Hi"}]}
+    assert post(http, em, payload).json() == {"answer": f'Assistant {ASSISTANT}: you said "Hi".'}
+
+
+def test_gif_data_uri_gets_422_accepted_types(em: Emulator, http: requests.Session) -> None:
+    gif = b"GIF89a\x01\x00\x01\x00\x80\x00\x00" + bytes(20)
+    r = post(http, em, body("look", images=(data_uri("gif", gif),)))
+    assert (r.status_code, r.json()) == (422, {"errors": ["Accepted image types: jpeg, png"]})
+
+
+def test_png_over_the_size_limit_gets_422_max_size(em: Emulator, http: requests.Session) -> None:
+    em.reconfigure(max_image_bytes=1024 * 1024)
+    big = png_bytes(8, 8) + bytes(1024 * 1024)
+    r = post(http, em, body("look", images=(data_uri("png", big),)))
+    assert (r.status_code, r.json()) == (422, {"errors": ["Max image size: 1MB"]})
+
+
+def test_invalid_base64_gets_400(em: Emulator, http: requests.Session) -> None:
+    r = post(http, em, body("look", images=("data:image/png;base64,iVBOR*w0KGgo=",)))
+    assert r.status_code == 400
+    assert r.json() == {"errors": ["messages[1].content[1].image_url.url: data uri payload is not valid base64"]}
+
+
+def test_image_url_of_another_scheme_gets_400(em: Emulator, http: requests.Session) -> None:
+    r = post(http, em, body("look", images=("file:///etc/passwd",)))
+    assert r.status_code == 400
+
+
+def test_fail_x2_answers_503_twice_then_200_for_the_same_body(em: Emulator, http: requests.Session) -> None:
+    job = body("job A [[emulator:fail=503x2]]")
+    other = body("job B")
+    statuses = [post(http, em, job).status_code for _ in range(2)]
+    assert post(http, em, other).status_code == 200
+    last = post(http, em, job)
+    assert statuses + [last.status_code] == [503, 503, 200]
+    assert last.json()["answer"].endswith('you said "job A".')
+
+
+def test_fail_body_carries_the_reason_phrase(em: Emulator, http: requests.Session) -> None:
+    r = post(http, em, body("[[emulator:fail=503]]"))
+    assert (r.status_code, r.json()) == (503, {"errors": ["Service Unavailable"]})
+
+
+def test_fail_401_uses_the_session_error_shape(em: Emulator, http: requests.Session) -> None:
+    r = post(http, em, body("[[emulator:fail=401]]"))
+    assert (r.status_code, r.json()) == (401, {"errors": {"base": ["Required session does not exist"]}})
+
+
+def test_429_fault_with_retry_after_sends_the_header(em: Emulator, http: requests.Session) -> None:
+    r = post(http, em, body("[[emulator:fail=429]] [[emulator:retry-after=2]]"))
+    assert (r.status_code, r.headers["Retry-After"]) == (429, "2")
+    assert r.json() == {"errors": ["Too Many Requests"]}
+
+
+def test_malformed_gives_200_without_an_answer(em: Emulator, http: requests.Session) -> None:
+    r = post(http, em, body("[[emulator:malformedx1]]"))
+    assert r.status_code == 200
+    assert "answer" not in r.json()
+
+
+def test_html_fault_is_a_non_json_502(em: Emulator, http: requests.Session) -> None:
+    r = post(http, em, body("[[emulator:html=502x1]]"))
+    assert r.status_code == 502
+    assert r.headers["Content-Type"].startswith("text/html")
+    assert r.text == "<html><body>Bad Gateway</body></html>"
+    with pytest.raises(requests.JSONDecodeError):
+        r.json()
+
+
+def test_reset_makes_the_request_raise_connection_error(em: Emulator, http: requests.Session) -> None:
+    with pytest.raises(requests.ConnectionError):
+        post(http, em, body("[[emulator:reset]]"))
+
+
+def test_reset_x1_fails_once_then_the_retry_succeeds(em: Emulator, http: requests.Session) -> None:
+    job = body("retry me [[emulator:resetx1]]")
+    with pytest.raises(requests.ConnectionError):
+        post(http, em, job)
+    assert post(http, em, job).status_code == 200
+    assert em.stats()["by_status"] == {"reset": 1, "200": 1}
+
+
+def test_sleep_x1_exceeds_the_read_timeout_once(em: Emulator, http: requests.Session) -> None:
+    job = body("slow [[emulator:sleep=1x1]]")
+    with pytest.raises(requests.ReadTimeout):
+        post(http, em, job, timeout=(1, 0.3))
+    assert post(http, em, job, timeout=(1, 0.3)).status_code == 200
+
+
+def test_an_unknown_directive_is_a_400(em: Emulator, http: requests.Session) -> None:
+    r = post(http, em, body("[[emulator:explode]]"))
+    assert (r.status_code, r.json()) == (400, {"errors": ["Invalid emulator directive [[emulator:explode]]"]})
+
+
+def test_a_fail_status_outside_400_599_is_a_400(em: Emulator, http: requests.Session) -> None:
+    r = post(http, em, body("[[emulator:fail=200]]"))
+    assert r.status_code == 400
+
+
+def test_faults_apply_only_after_the_contract_checks(em: Emulator, http: requests.Session) -> None:
+    job = body("[[emulator:fail=503x1]]")
+    assert post(http, em, job, token="expired").status_code == 401
+    assert post(http, em, job).status_code == 503  # the 401 did not use up the fault
+
+
+def test_stats_and_arrivals_count_every_gateway_request(em: Emulator, http: requests.Session) -> None:
+    before = time.time()
+    post(http, em, body("hi"))
+    post(http, em, body("hi"), token=None)
+    post(http, em, body("[[emulator:fail=503]]"))
+    http.get(em.url + "/_emulator/stats", timeout=5)  # control calls are not gateway requests
+    stats = em.stats()
+    assert (stats["requests"], stats["by_status"]) == (3, {"200": 1, "401": 1, "503": 1})
+    arrivals = em.arrivals()
+    assert len(arrivals) == 3 and arrivals == sorted(arrivals) and arrivals[0] >= before
+
+
+def test_control_endpoints_read_stats_reset_and_reconfigure(em: Emulator, http: requests.Session) -> None:
+    post(http, em, body("hi"))
+    stats = http.get(em.url + "/_emulator/stats", timeout=5).json()
+    assert (stats["requests"], stats["by_status"]) == (1, {"200": 1})
+    assert len(http.get(em.url + "/_emulator/arrivals", timeout=5).json()["arrivals"]) == 1
+    r = http.post(em.url + "/_emulator/config", json={"feature_enabled": False, "latency": 0}, timeout=5)
+    assert r.status_code == 200
+    assert r.json()["feature_enabled"] is False and r.json()["assistants"] == [ASSISTANT]
+    assert post(http, em, body("hi")).status_code == 405
+    assert http.post(em.url + "/_emulator/reset", timeout=5).json()["requests"] == 0
+    assert em.stats()["requests"] == 0
+
+
+def test_control_config_rejects_unknown_fields_and_bad_types(em: Emulator, http: requests.Session) -> None:
+    for change in ({"colour": "red"}, {"latency": "fast"}, {"feature_enabled": 1}, {"tokens": "abc"}):
+        r = http.post(em.url + "/_emulator/config", json=change, timeout=5)
+        assert r.status_code == 400, change
+    assert em.config == EmulatorConfig()
+
+
+def test_unknown_paths_and_get_on_the_gateway_path_get_404(em: Emulator, http: requests.Session) -> None:
+    for r in (http.get(em.url + GATEWAY_PATH, timeout=5), http.post(em.url + "/session.json", timeout=5)):
+        assert (r.status_code, r.json()) == (404, {"errors": ["Not found"]})
+
+
+def test_a_body_over_the_cap_gets_413_and_the_connection_closed(
+    em: Emulator, http: requests.Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(emulator_module, "MAX_BODY_BYTES", 1000)
+    r = post(http, em, body("x" * 5000))
+    assert (r.status_code, r.json()) == (413, {"errors": ["Request body too large"]})
+    assert r.headers["Connection"] == "close"
+
+
+def test_twenty_sequential_requests_share_one_keep_alive_connection(em: Emulator, http: requests.Session) -> None:
+    for i in range(20):
+        assert post(http, em, body(f"request {i}")).status_code == 200
+    assert em.stats()["connections"] == 1
+
+
+def test_accepted_sockets_have_tcp_nodelay(em: Emulator) -> None:
+    seen: list[int] = []
+    original = emulator_module._Handler.setup
+
+    def setup(handler: Any) -> None:
+        original(handler)
+        seen.append(handler.connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(emulator_module._Handler, "setup", setup)
+        with requests.Session() as s:
+            s.trust_env = False
+            s.get(em.url + "/_emulator/stats", timeout=5)
+    assert seen and all(seen)
+
+
+def test_requests_are_served_concurrently(em: Emulator) -> None:
+    em.reconfigure(latency=0.2)
+    statuses: list[int] = []
+
+    def one() -> None:
+        with requests.Session() as s:
+            s.trust_env = False
+            statuses.append(post(s, em, body("hi")).status_code)
+
+    threads = [threading.Thread(target=one) for _ in range(8)]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert statuses == [200] * 8
+    assert time.monotonic() - started < 1.2  # 1.6 s if served one at a time
+
+
+def test_a_stopped_emulator_refuses_connections() -> None:
+    em = Emulator().start()
+    url = em.url
+    em.stop()
+    with requests.Session() as s:
+        s.trust_env = False
+        with pytest.raises(requests.ConnectionError):
+            s.get(url + "/_emulator/stats", timeout=2)

@@ -1,0 +1,100 @@
+"""Submitting: validated first, stored, then announced with the job id only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import redis as redis_lib
+from sqlalchemy import func, select
+
+from tests.conftest import ASSISTANT
+from worker import producer
+from worker.errors import BrokerUnavailable, IdempotencyConflict, InvalidImage, InvalidMessages, StoreUnavailable
+from worker.models import AuditEvent, Job
+from worker.runtime import runtime
+from worker.settings import Settings
+
+PHI = "Patient Zebulon Quartermaine, DOB 1931-02-03"
+MESSAGES = [{"role": "user", "content": PHI}]
+
+
+def counts(settings: Settings) -> tuple[int, int]:
+    with runtime(settings).transaction() as session:
+        return session.scalar(select(func.count()).select_from(Job)) or 0, session.scalar(
+            select(func.count()).select_from(AuditEvent)
+        ) or 0
+
+
+def broker_files(settings: Settings) -> list[bytes]:
+    return [p.read_bytes() for p in sorted((settings.broker_dir / "queue").glob("*.msg"))]
+
+
+def test_a_job_is_stored_then_announced_with_only_its_id(settings: Settings) -> None:
+    job_id = producer.submit(ASSISTANT, MESSAGES, custom_id="c-1", settings=settings)
+    assert counts(settings) == (1, 1)
+    (message,) = broker_files(settings)
+    assert job_id.encode() in message
+    assert b"Zebulon" not in message and b"Quartermaine" not in message
+
+
+def test_the_same_idempotency_key_gives_the_same_job(settings: Settings) -> None:
+    first = producer.submit(ASSISTANT, MESSAGES, idempotency_key="order-17", settings=settings)
+    again = producer.submit(ASSISTANT, MESSAGES, idempotency_key="order-17", settings=settings)
+    assert first == again and counts(settings) == (1, 1)
+    with pytest.raises(IdempotencyConflict):
+        producer.submit(ASSISTANT, [{"role": "user", "content": "else"}], idempotency_key="order-17",
+                        settings=settings)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("assistant", "messages", "kind", "message"),
+    [
+        ("", MESSAGES, InvalidMessages, "smart_chat_assistant_id: required"),
+        (ASSISTANT, [], InvalidMessages, "messages: required"),
+        (ASSISTANT, [{"role": "nurse", "content": "x"}], InvalidMessages, "messages[0].role: 'nurse'"),
+        (ASSISTANT, [{"role": "user", "content": [{"type": "image_url", "image_url": {
+            "url": "data:image/png;base64,R0lGODlhAQABAAAAACw="}}]}], InvalidImage, "not a jpeg or png"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_refused_and_nothing_is_stored(
+    settings: Settings, assistant: str, messages: list[dict[str, Any]], kind: type[Exception], message: str
+) -> None:
+    with pytest.raises(kind) as caught:
+        producer.submit(assistant, messages, settings=settings)
+    assert message in str(caught.value)
+    assert counts(settings) == (0, 0) and broker_files(settings) == []
+
+
+@pytest.mark.parametrize("field", ["custom_id", "idempotency_key"])
+def test_an_empty_or_long_key_is_refused(settings: Settings, field: str) -> None:
+    for bad in ("", "k" * 256):
+        with pytest.raises(InvalidMessages, match=field):
+            producer.submit(ASSISTANT, MESSAGES, settings=settings, **{field: bad})  # type: ignore[arg-type]
+
+
+def test_an_unreachable_database_is_a_clear_error(settings: Settings) -> None:
+    down = settings.with_(database_url="postgresql+psycopg://postgres@127.0.0.1:1/qbgw")
+    with pytest.raises(StoreUnavailable, match="cannot reach database postgresql"):
+        producer.submit(ASSISTANT, MESSAGES, settings=down)
+    assert broker_files(down) == []
+
+
+def test_an_unreachable_broker_stores_nothing(settings: Settings) -> None:
+    down = settings.with_(broker_url="redis://127.0.0.1:1/0")
+    with pytest.raises(BrokerUnavailable, match="broker redis://127.0.0.1:1/0 unreachable"):
+        producer.submit(ASSISTANT, MESSAGES, settings=down)
+    assert counts(settings) == (0, 0)
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_on_redis_the_message_carries_only_the_job_id(settings: Settings, redis_url: str) -> None:
+    on_redis = settings.with_(broker_url=redis_url)
+    job_id = producer.submit(ASSISTANT, MESSAGES, settings=on_redis)
+    client = redis_lib.Redis.from_url(redis_url)
+    try:
+        (raw,) = client.lrange(on_redis.queue, 0, -1)
+        assert job_id.encode() in raw and b"Zebulon" not in raw
+    finally:
+        client.delete(on_redis.queue)
+        client.close()

@@ -1,0 +1,72 @@
+"""docker-compose.yml names only real entry points and settings (no Docker engine runs here)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+import yaml
+
+from worker.cli import cli
+from worker.settings import PREFIX, Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+SERVICES: dict[str, Any] = COMPOSE["services"]
+SETTING_NAMES = {PREFIX + f.name.upper() for f in fields(Settings)}
+
+
+def _resolve(args: list[str]) -> tuple[click.Command, list[str]]:
+    """Walk the qbgw command tree along ``args``; returns the command and its remaining args."""
+    command: click.Command = cli
+    rest = list(args)
+    while isinstance(command, click.Group) and rest and not rest[0].startswith("-"):
+        sub = command.get_command(click.Context(command), rest[0])
+        assert sub is not None, f"qbgw has no command {rest[0]!r}"
+        command, rest = sub, rest[1:]
+    return command, rest
+
+
+@pytest.mark.parametrize("name", [n for n, s in SERVICES.items() if "build" in s])
+def test_every_qbgw_service_runs_a_real_command_with_real_options(name: str) -> None:
+    program, *args = SERVICES[name]["command"]
+    assert program == "qbgw"
+    command, rest = _resolve(args)
+    assert not isinstance(command, click.Group), f"{name}: {args} stops at a group"
+    options = {opt for param in command.params for opt in getattr(param, "opts", [])}
+    for token in rest:
+        if token.startswith("-"):
+            assert token in options, f"{name}: qbgw {' '.join(args)}: no option {token}"
+    assert command.make_context("qbgw", list(rest), resilient_parsing=False) is not None
+
+
+def test_every_setting_the_compose_file_names_exists() -> None:
+    text = (ROOT / "docker-compose.yml").read_text()
+    named = set(re.findall(r"\bQBGW_[A-Z_]+\b", text))
+    assert named and named <= SETTING_NAMES, named - SETTING_NAMES
+
+
+def test_the_environment_parses_into_settings() -> None:
+    env = {k: re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(v)) for k, v in COMPOSE["x-qbgw-env"].items()}
+    settings = Settings.from_env(env)
+    assert settings.database_url.startswith("postgresql+psycopg://") and settings.broker_url.startswith("redis://")
+
+
+def test_the_build_context_has_what_the_dockerfile_copies() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    for line in dockerfile.splitlines():
+        if line.startswith("COPY "):
+            for source in line.split()[1:-1]:
+                assert (ROOT / source).exists(), f"Dockerfile copies missing {source}"
+    assert all(s.get("build") in (None, ".") for s in SERVICES.values())
+
+
+def test_workers_wait_for_the_migration_and_the_broker() -> None:
+    needs = SERVICES["worker"]["depends_on"]
+    assert needs["migrate"]["condition"] == "service_completed_successfully"
+    assert needs["redis"]["condition"] == "service_healthy"
+    assert "container_name" not in SERVICES["worker"], "a fixed name would forbid --scale worker=N"

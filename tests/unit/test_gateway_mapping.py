@@ -1,0 +1,118 @@
+"""The gateway's response mapping, and the client over a fake transport (no sockets)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import pytest
+import requests
+from requests.adapters import BaseAdapter
+
+from worker import errors
+from worker.gateway import GatewayClient, error_reasons, interpret, parse_retry_after
+from worker.settings import Secret
+
+
+def body(data: object) -> bytes:
+    return json.dumps(data).encode()
+
+
+@pytest.mark.parametrize(
+    ("status", "content", "kind", "reasons"),
+    [
+        (400, body({"errors": ["messages is invalid"]}), errors.UpstreamRejected, ("messages is invalid",)),
+        (401, body({"errors": {"base": ["Required session does not exist"]}}), errors.AuthenticationFailed,
+         ("Required session does not exist",)),
+        (403, body({"errors": ["Forbidden"]}), errors.UpstreamRejected, ("Forbidden",)),
+        (404, body({"errors": ["Not found"]}), errors.UpstreamRejected, ("Not found",)),
+        (405, body({"errors": ["feature off"]}), errors.FeatureDisabled, ("feature off",)),
+        (408, b"", errors.UpstreamServerError, ()),
+        (413, b"too big", errors.UpstreamRejected, ()),
+        (422, body({"errors": {"image": ["is too large"]}}), errors.UpstreamRejected, ("image: is too large",)),
+        (429, body({"errors": ["Rate limit"]}), errors.RateLimited, ("Rate limit",)),
+        (500, body({"errors": "boom"}), errors.UpstreamServerError, ("boom",)),
+        (502, b"<html>Bad Gateway</html>", errors.UpstreamServerError, ()),
+        (503, body({"errors": ["Service Unavailable"]}), errors.UpstreamServerError, ("Service Unavailable",)),
+        (200, body({"result": "x"}), errors.MalformedResponse, ()),
+        (200, body({"answer": 42}), errors.MalformedResponse, ()),
+        (200, b"not json", errors.MalformedResponse, ()),
+        (302, b"", errors.UpstreamRejected, ()),
+    ],
+)  # fmt: skip
+def test_each_status_maps_to_one_error_class(
+    status: int, content: bytes, kind: type[errors.GatewayError], reasons: tuple[str, ...]
+) -> None:
+    answer, error = interpret(status, content, {})
+    assert answer is None
+    assert type(error) is kind
+    assert error.status == status and error.reasons == reasons
+    assert f"HTTP {status}" in str(error)
+
+
+def test_a_success_body_gives_the_answer() -> None:
+    assert interpret(200, body({"answer": "Hello!"}), {}) == ("Hello!", None)
+
+
+def test_error_reasons_reads_both_documented_shapes_and_garbage() -> None:
+    assert error_reasons({"errors": ["a", "b"]}) == ("a", "b")
+    assert error_reasons({"errors": {"base": ["Required session does not exist"]}}) == (
+        "Required session does not exist",
+    )
+    assert error_reasons(None) == () and error_reasons([1]) == () and error_reasons({"x": 1}) == ()
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        ("7", 7.0),
+        (" 0 ", 0.0),
+        ("Wed, 25 Nov 2026 12:00:30 GMT", 30.0),
+        ("Wed, 25 Nov 2026 11:00:00 GMT", 0.0),
+        ("soon", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_retry_after_takes_seconds_or_an_http_date(header: str | None, seconds: float | None) -> None:
+    now = datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC)
+    assert parse_retry_after(header, now=now) == seconds
+
+
+def test_a_429_carries_its_retry_after() -> None:
+    _, error = interpret(429, b"{}", {"Retry-After": "3"})
+    assert isinstance(error, errors.RateLimited) and error.retry_after == 3.0
+
+
+class RaisingAdapter(BaseAdapter):
+    def __init__(self, exc: Exception) -> None:
+        super().__init__()
+        self.exc = exc
+
+    def send(self, request: requests.PreparedRequest, **kwargs: object) -> requests.Response:
+        raise self.exc
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("exc", "kind"),
+    [
+        (requests.ConnectTimeout("x"), errors.UpstreamUnavailable),
+        (requests.ReadTimeout("x"), errors.UpstreamTimeout),
+        (requests.ConnectionError("reset"), errors.UpstreamUnavailable),
+        (requests.exceptions.ChunkedEncodingError("x"), errors.UpstreamUnavailable),
+    ],
+)
+def test_transport_errors_are_translated_once(exc: Exception, kind: type[errors.GatewayError]) -> None:
+    session = requests.Session()
+    session.mount("https://", RaisingAdapter(exc))
+    client = GatewayClient("https://gw.example", Secret("t"), timeout=(1, 1), session=session)
+    exchange = client.send(b"{}")
+    assert type(exchange.error) is kind and exchange.status is None and exchange.answer is None
+
+
+def test_the_client_repr_hides_the_token() -> None:
+    client = GatewayClient("https://gw.example", Secret("very-secret"), timeout=(1, 2))
+    assert "very-secret" not in repr(client)

@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+
+from worker.errors import ConfigError
+from worker.settings import Secret, Settings
+
+
+def test_the_defaults_are_the_embedded_default(tmp_path: Path) -> None:
+    settings = Settings.from_env({"QBGW_DATA_DIR": str(tmp_path)})
+    assert settings.effective_database_url == f"sqlite:///{tmp_path}/qbgw.db"
+    assert settings.is_embedded_broker and settings.broker_dir == tmp_path / "broker"
+    assert settings.base_url == "https://api.quickblox.com"
+
+
+def test_values_are_parsed_from_prefixed_variables() -> None:
+    settings = Settings.from_env(
+        {
+            "QBGW_DATABASE_URL": "postgresql+psycopg://u:p@db/qbgw",
+            "QBGW_BROKER_URL": "redis://redis:6379/0",
+            "QBGW_READ_TIMEOUT": "90",
+            "QBGW_MAX_ATTEMPTS": "7",
+            "QBGW_TOKEN": "abc123",
+            "UNRELATED": "x",
+        }
+    )
+    assert settings.read_timeout == 90.0 and settings.max_attempts == 7
+    assert settings.token.reveal() == "abc123"
+    assert not settings.is_embedded_broker
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"QBGW_READ_TIMEOUT": "soon"}, "QBGW_READ_TIMEOUT must be a float; got 'soon'"),
+        ({"QBGW_MAX_ATTEMPTS": "0"}, "QBGW_MAX_ATTEMPTS must be at least 1"),
+        ({"QBGW_CONNECT_TIMEOUT": "-1"}, "QBGW_CONNECT_TIMEOUT must be a positive number"),
+        ({"QBGW_POOL": "fibres"}, "QBGW_POOL must be one of"),
+        ({"QBGW_BASE_URL": "api.quickblox.com"}, "QBGW_BASE_URL must start with http"),
+        ({"QBGW_TOKEN": "@/nonexistent/token"}, "cannot read secret file /nonexistent/token"),
+    ],
+)
+def test_a_bad_setting_is_named_in_a_clear_error(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        Settings.from_env(env)
+
+
+def test_the_token_never_shows_in_repr_str_or_pickle() -> None:
+    settings = Settings.from_env({"QBGW_TOKEN": "s3cr3t-token-value"})
+    assert "s3cr3t" not in repr(settings)
+    assert "s3cr3t" not in str(settings.token) and "s3cr3t" not in f"{settings.token}"
+    with pytest.raises(TypeError):
+        pickle.dumps(settings)
+
+
+def test_a_secret_can_be_read_from_a_file(tmp_path: Path) -> None:
+    (tmp_path / "token").write_text("from-file\n")
+    assert Settings.from_env({"QBGW_TOKEN": f"@{tmp_path / 'token'}"}).token.reveal() == "from-file"
+
+
+def test_to_env_rebuilds_the_same_settings(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, token=Secret("t"), read_timeout=9.5, queue="q1")
+    assert Settings.from_env(settings.to_env()) == settings

@@ -1,0 +1,79 @@
+"""qbgw: a Celery job-queue worker for the QuickBlox HIPAA AI Gateway.
+
+Producers call :func:`submit` and read results with :func:`get_job` / :func:`wait_for_job`;
+workers run with ``qbgw worker``. Settings come from ``QBGW_*`` environment variables, or a
+:class:`Settings` passed as ``settings=``.
+"""
+
+from __future__ import annotations
+
+from worker.audit import AuditRecord
+from worker.errors import (
+    AuthenticationFailed,
+    BrokerUnavailable,
+    ConfigError,
+    FeatureDisabled,
+    GatewayError,
+    IdempotencyConflict,
+    InputError,
+    InvalidImage,
+    InvalidMessages,
+    InvalidTransition,
+    JobNotFound,
+    MalformedResponse,
+    NotAnnounced,
+    PermanentGatewayError,
+    QbgwError,
+    RateLimited,
+    StoreUnavailable,
+    TransientGatewayError,
+    UpstreamRejected,
+    UpstreamServerError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from worker.lifecycle import JobStatus
+from worker.producer import submit
+from worker.queries import JobView, get_job, job_events, wait_for_job
+from worker.settings import Secret, Settings
+from worker.sweeper import sweep
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # producing and reading
+    "submit",
+    "get_job",
+    "wait_for_job",
+    "job_events",
+    "sweep",
+    "JobView",
+    "JobStatus",
+    "AuditRecord",
+    # configuration
+    "Settings",
+    "Secret",
+    # errors
+    "QbgwError",
+    "ConfigError",
+    "InputError",
+    "InvalidMessages",
+    "InvalidImage",
+    "IdempotencyConflict",
+    "JobNotFound",
+    "InvalidTransition",
+    "StoreUnavailable",
+    "BrokerUnavailable",
+    "NotAnnounced",
+    "GatewayError",
+    "TransientGatewayError",
+    "UpstreamUnavailable",
+    "UpstreamTimeout",
+    "RateLimited",
+    "UpstreamServerError",
+    "PermanentGatewayError",
+    "UpstreamRejected",
+    "FeatureDisabled",
+    "AuthenticationFailed",
+    "MalformedResponse",
+]

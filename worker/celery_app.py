@@ -1,0 +1,79 @@
+"""Celery app: made by ``create_celery_app(settings)`` per process, never at import.
+
+The broker is a doorbell: messages carry only a job id (which is also the task id), results
+stay in our database (no Celery result backend), and acks come late so a worker that dies
+mid-task leaves its message to be delivered again; the claim step makes that harmless.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from worker.settings import Settings
+
+__all__ = ["TASK_NAME", "create_celery_app", "publish"]
+
+#: The one task; its only argument is the job id.
+TASK_NAME = "qbgw.run_job"
+
+#: The embedded broker polls its folder this often (kombu's default of 1 s made every round
+#: trip take a whole second on this machine).
+EMBEDDED_POLL_SECONDS = 0.1
+
+
+def create_celery_app(settings: Settings) -> Celery:
+    """A Celery app for ``settings``, with the qbgw task registered."""
+    app = Celery("qbgw", broker=settings.effective_broker_url, set_as_current=False)
+    app.conf.update(
+        task_default_queue=settings.queue,
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        result_backend=None,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # One message per free thread: a prefetched message waits for nothing but is lost to
+        # the other workers while it sits here.
+        worker_prefetch_multiplier=1,
+        worker_concurrency=settings.concurrency,
+        worker_pool=settings.pool,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=settings.connect_timeout,
+        broker_transport_options=_transport_options(settings),
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
+    )
+    app.qbgw_settings = settings  # read by the task to build this process's runtime
+    from worker.tasks import register
+
+    register(app)
+    return app
+
+
+def _transport_options(settings: Settings) -> dict[str, Any]:
+    if settings.is_embedded_broker:
+        folder = settings.broker_dir
+        # kombu needs the folders to exist, and its control folder defaults to ./control
+        # under whatever directory the process happens to run in.
+        for sub in ("queue", "processed", "control"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        return {
+            "data_folder_in": str(folder / "queue"),
+            "data_folder_out": str(folder / "queue"),
+            "processed_folder": str(folder / "processed"),
+            "control_folder": str(folder / "control"),
+            "store_processed": False,
+            "polling_interval": EMBEDDED_POLL_SECONDS,
+        }
+    # A message unacknowledged this long is delivered again (Redis); keep it well above the
+    # longest attempt so a slow call is never run twice by the broker itself.
+    visibility = max(3600.0, 4 * (settings.read_timeout + settings.backoff_max))
+    return {"visibility_timeout": visibility, "socket_connect_timeout": settings.connect_timeout}
+
+
+def publish(app: Celery, job_id: str, *, countdown: float | None = None) -> None:
+    """Ring the doorbell for ``job_id``: a message that carries the id and nothing else."""
+    app.send_task(TASK_NAME, args=[job_id], task_id=job_id, countdown=countdown)

@@ -1,0 +1,241 @@
+"""CLI: ``qbgw``. Each command is a few lines over a library call; errors become one line on
+stderr and a named exit code.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from worker import errors
+from worker.settings import Settings
+
+__all__ = ["main", "EXIT"]
+
+#: Named exit codes.
+EXIT = {
+    "ok": 0,
+    "job_failed": 1,
+    "usage": 2,
+    "bad_input": 3,
+    "not_found": 4,
+    "unavailable": 5,
+    "timeout": 6,
+    "config": 7,
+}
+
+_EXIT_FOR: list[tuple[type[BaseException], str]] = [
+    (errors.InputError, "bad_input"),
+    (errors.JobNotFound, "not_found"),
+    (errors.StoreUnavailable, "unavailable"),
+    (errors.BrokerUnavailable, "unavailable"),
+    (errors.ConfigError, "config"),
+    (TimeoutError, "timeout"),
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def handled(func: F) -> F:
+    """Turn our errors into one line on stderr and their exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except (errors.QbgwError, TimeoutError) as exc:
+            code = next((EXIT[name] for kind, name in _EXIT_FOR if isinstance(exc, kind)), 1)
+            click.echo(f"qbgw: error: {exc}", err=True)
+            sys.exit(code)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _settings() -> Settings:
+    try:
+        return Settings.from_env()
+    except errors.ConfigError as exc:
+        click.echo(f"qbgw: error: {exc}", err=True)
+        sys.exit(EXIT["config"])
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Log progress to stderr.")
+def cli(verbose: bool) -> None:
+    """qbgw: queue jobs for the QuickBlox HIPAA AI Gateway, run them, read the results.
+
+    Settings come from QBGW_* environment variables (see the README).
+    """
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+@cli.command()
+@click.argument("file", required=False, type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("--text", "-t", multiple=True, help="A user text part (repeatable).")
+@click.option("--image", "-i", multiple=True, type=click.Path(), help="A jpeg/png file or https:// URL (repeatable).")
+@click.option("--system", help="A developer message to put first.")
+@click.option("--assistant", "-a", help="smart_chat_assistant_id (default: QBGW_ASSISTANT_ID).")
+@click.option("--custom-id", help="Your own id for the job, kept with it.")
+@click.option("--idempotency-key", help="Submitting the same key again returns the first job.")
+@click.option("--actor", help="Who is submitting, for the audit trail.")
+@click.option("--wait", "wait_", is_flag=True, help="Wait for the answer and print it.")
+@click.option("--timeout", type=float, default=None, help="With --wait: give up after this many seconds.")
+@handled
+def submit(file: str | None, text: tuple[str, ...], image: tuple[str, ...], system: str | None,
+           assistant: str | None, custom_id: str | None, idempotency_key: str | None,
+           actor: str | None, wait_: bool, timeout: float | None) -> None:  # fmt: skip
+    """Queue a job. Messages come from FILE (JSON; '-' for stdin) or from --text/--image.
+
+    FILE holds a list of OpenAI-format messages, or an object with "messages" (and optionally
+    "smart_chat_assistant_id", "custom_id", "idempotency_key"). Prints the job id.
+    """
+    from worker import inputs, producer
+
+    settings = _settings()
+    request = inputs.build_request(file, text=text, images=image, system=system)
+    job_id = producer.submit(
+        assistant or request.assistant_id or settings.assistant_id,
+        request.messages,
+        custom_id=custom_id or request.custom_id,
+        idempotency_key=idempotency_key or request.idempotency_key,
+        actor=actor,
+        settings=settings,
+    )
+    click.echo(job_id)
+    if wait_:
+        _print_result(job_id, settings, wait=True, timeout=timeout)
+
+
+@cli.command()
+@click.argument("job_id")
+@handled
+def status(job_id: str) -> None:
+    """Show a job's status, timestamps, attempts and error (not its answer)."""
+    from worker.queries import get_job
+
+    view = get_job(job_id, settings=_settings()).as_dict()
+    view.pop("answer")
+    click.echo(json.dumps(view, indent=2, ensure_ascii=False))
+
+
+@cli.command()
+@click.argument("job_id")
+@click.option("--wait", "wait_", is_flag=True, help="Wait until the job is finished.")
+@click.option("--timeout", type=float, default=None, help="With --wait: give up after this many seconds.")
+@handled
+def result(job_id: str, wait_: bool, timeout: float | None) -> None:
+    """Print a job's answer (exit 1 if it failed, 6 if it is not finished)."""
+    _print_result(job_id, _settings(), wait=wait_, timeout=timeout)
+
+
+def _print_result(job_id: str, settings: Settings, *, wait: bool, timeout: float | None) -> None:
+    from worker.queries import get_job, wait_for_job
+
+    view = wait_for_job(job_id, timeout=timeout, settings=settings) if wait else get_job(job_id, settings=settings)
+    if view.status == "succeeded":
+        click.echo(view.answer)
+        return
+    if view.done:
+        click.echo(f"qbgw: job {job_id} {view.status}: {view.error or 'no reason recorded'}", err=True)
+        sys.exit(EXIT["job_failed"])
+    click.echo(f"qbgw: job {job_id} is {view.status} (attempt {view.attempts}); use --wait", err=True)
+    sys.exit(EXIT["timeout"])
+
+
+@cli.command()
+@click.argument("job_id")
+@handled
+def events(job_id: str) -> None:
+    """Print a job's audit events as JSON Lines, oldest first."""
+    from worker.queries import job_events
+
+    for event in job_events(job_id, settings=_settings()):
+        click.echo(json.dumps(event.as_dict(), ensure_ascii=False))
+
+
+@cli.command()
+@click.option("--concurrency", "-c", type=int, default=None, help="Threads per process (QBGW_CONCURRENCY).")
+@click.option("--pool", type=click.Choice(["threads", "prefork", "solo", "gevent"]), default=None)
+@click.option("--loglevel", "-l", default="INFO", show_default=True)
+@handled
+def worker(concurrency: int | None, pool: str | None, loglevel: str) -> None:
+    """Run a worker: take jobs from the broker and call the gateway."""
+    from worker.service import run_worker
+
+    settings = _settings()
+    changes = {k: v for k, v in {"concurrency": concurrency, "pool": pool}.items() if v is not None}
+    run_worker(settings.with_(**changes) if changes else settings, loglevel=loglevel)
+
+
+@cli.command()
+@click.option("--grace", type=float, default=None, help="Seconds a job may wait before it counts as lost.")
+@handled
+def sweep(grace: float | None) -> None:
+    """Re-announce jobs whose broker message was lost; prints their ids."""
+    from worker.sweeper import sweep as run_sweep
+
+    for job_id in run_sweep(settings=_settings(), grace=grace):
+        click.echo(job_id)
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8080, show_default=True)
+@click.option("--token", multiple=True, help="An accepted QB-Token (repeatable; default emulator-token).")
+@click.option("--assistant", multiple=True, help="A known assistant id (repeatable).")
+@click.option("--any-assistant", is_flag=True, help="Accept every assistant id.")
+@click.option("--latency", type=float, default=0.0, help="Seconds before every answer.")
+@click.option("--feature-off", is_flag=True, help="Answer 405, as when the gateway feature is disabled.")
+def emulator(host: str, port: int, token: tuple[str, ...], assistant: tuple[str, ...], any_assistant: bool,
+             latency: float, feature_off: bool) -> None:  # fmt: skip
+    """Run the QuickBlox HIPAA AI Gateway emulator (for development and tests)."""
+    from worker.emulator import EmulatorConfig, serve
+
+    config = EmulatorConfig(latency=latency, feature_enabled=not feature_off)
+    if token:
+        config = EmulatorConfig(**{**config.__dict__, "tokens": frozenset(token)})
+    if assistant or any_assistant:
+        config = EmulatorConfig(**{**config.__dict__, "assistants": frozenset(assistant)})
+    serve(config, host, port)
+
+
+@cli.group()
+def db() -> None:
+    """Database schema commands."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+@handled
+def db_upgrade(revision: str) -> None:
+    """Create or migrate the schema (Alembic) on QBGW_DATABASE_URL."""
+    from worker import schema
+    from worker.db import describe_url
+
+    settings = _settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    schema.upgrade(settings.effective_database_url, revision)
+    click.echo(f"database {describe_url(settings.effective_database_url)} is at {revision}")
+
+
+@cli.command()
+@click.option("--jobs", type=int, default=6, show_default=True, help="How many demo jobs to run.")
+@handled
+def demo(jobs: int) -> None:
+    """Run the whole pipeline once: emulator, a worker process, text and image jobs."""
+    from worker.demo import run_demo
+
+    run_demo(_settings(), jobs=jobs, out=click.echo)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli.main(args=argv, prog_name="qbgw")

@@ -1,0 +1,188 @@
+"""Errors: the one exception tree of qbgw. Pure; imports nothing but the stdlib.
+
+Retry semantics live in the types: the worker retries a ``TransientGatewayError`` and fails the
+job at once on a ``PermanentGatewayError``; no caller inspects status codes itself.
+
+    QbgwError
+    ├── ConfigError ............................ a setting is missing or malformed
+    ├── InputError (also ValueError) ........... bad input from a producer; nothing was stored
+    │   ├── InvalidMessages .................... the messages list breaks the OpenAI shape
+    │   ├── InvalidImage ....................... an image is not jpeg/png, too large, or unreadable
+    │   └── IdempotencyConflict ................ an idempotency key reused for a different job
+    ├── JobNotFound (also LookupError) ......... no job has this id
+    ├── InvalidTransition (also RuntimeError) .. a status change the table forbids: a bug
+    ├── StoreUnavailable ....................... the database cannot be reached
+    ├── BrokerUnavailable ...................... the broker cannot be reached
+    │   └── NotAnnounced ....................... the job is stored, but its message was not sent
+    └── GatewayError ........................... an attempt at the upstream did not give an answer
+        ├── TransientGatewayError .............. worth another attempt later
+        │   ├── UpstreamUnavailable ............ connection refused/reset, DNS, TLS
+        │   ├── UpstreamTimeout ................ connect or read timeout
+        │   ├── RateLimited .................... 429, maybe with Retry-After
+        │   └── UpstreamServerError ............ 408 or 5xx
+        └── PermanentGatewayError .............. retrying cannot help
+            ├── UpstreamRejected ............... 4xx (400, 403, 404, 413, 422, ...)
+            ├── FeatureDisabled ................ 405: the AI gateway is off for the application
+            ├── AuthenticationFailed ........... 401: the session token is missing or expired
+            └── MalformedResponse .............. a 2xx whose body is not {"answer": "..."}
+
+Every class passes all of its arguments to ``super().__init__`` so that it survives ``pickle``
+(Celery pickles exceptions; an unpicklable one has crashed workers).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "QbgwError",
+    "ConfigError",
+    "InputError",
+    "InvalidMessages",
+    "InvalidImage",
+    "IdempotencyConflict",
+    "JobNotFound",
+    "InvalidTransition",
+    "StoreUnavailable",
+    "BrokerUnavailable",
+    "NotAnnounced",
+    "GatewayError",
+    "TransientGatewayError",
+    "UpstreamUnavailable",
+    "UpstreamTimeout",
+    "RateLimited",
+    "UpstreamServerError",
+    "PermanentGatewayError",
+    "UpstreamRejected",
+    "FeatureDisabled",
+    "AuthenticationFailed",
+    "MalformedResponse",
+]
+
+
+class QbgwError(Exception):
+    """Root of every error qbgw raises on purpose."""
+
+
+class ConfigError(QbgwError):
+    """A setting is missing or malformed; raised when the settings are built."""
+
+
+class InputError(QbgwError, ValueError):
+    """Input from a producer was rejected before anything was stored."""
+
+
+class InvalidMessages(InputError):
+    """The messages list (or the assistant id) does not have the accepted shape."""
+
+
+class InvalidImage(InputError):
+    """An image is not a jpeg or png, is larger than allowed, or cannot be read."""
+
+
+class IdempotencyConflict(InputError):
+    """An idempotency key already names a job with a different assistant or messages."""
+
+
+class JobNotFound(QbgwError, LookupError):
+    """No job has the given id."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(job_id)
+        self.job_id = job_id
+
+    def __str__(self) -> str:
+        return f"no such job: {self.job_id}"
+
+
+class InvalidTransition(QbgwError, RuntimeError):
+    """A job status change that the transition table forbids (a bug, never retried)."""
+
+
+class StoreUnavailable(QbgwError):
+    """The database could not be reached or refused the operation."""
+
+
+class BrokerUnavailable(QbgwError):
+    """The broker could not be reached."""
+
+
+class NotAnnounced(BrokerUnavailable):
+    """The job was stored but publishing its message failed; the sweeper will dispatch it."""
+
+    def __init__(self, job_id: str, reason: str) -> None:
+        super().__init__(job_id, reason)
+        self.job_id = job_id
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return (
+            f"job {self.job_id} is stored, but the broker could not be told ({self.reason}); "
+            "`qbgw sweep` (or a running sweeper) will dispatch it"
+        )
+
+
+class GatewayError(QbgwError):
+    """An attempt at the upstream gateway ended without an answer.
+
+    ``status`` is the HTTP status when there was a response; ``reasons`` are the upstream's
+    error strings (which may echo PHI: they are stored encrypted, never logged).
+    """
+
+    def __init__(self, message: str, status: int | None = None, reasons: tuple[str, ...] = ()) -> None:
+        super().__init__(message, status, reasons)
+        self.message = message
+        self.status = status
+        self.reasons = tuple(reasons)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class TransientGatewayError(GatewayError):
+    """Another attempt later may succeed."""
+
+
+class UpstreamUnavailable(TransientGatewayError):
+    """The connection failed: refused, reset, DNS or TLS."""
+
+
+class UpstreamTimeout(TransientGatewayError):
+    """The upstream did not connect or answer within the configured timeout."""
+
+
+class RateLimited(TransientGatewayError):
+    """HTTP 429; ``retry_after`` is the wait in seconds the upstream asked for, if any."""
+
+    def __init__(
+        self,
+        message: str,
+        status: int | None = 429,
+        reasons: tuple[str, ...] = (),
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, status, reasons)
+        self.args = (message, status, tuple(reasons), retry_after)
+        self.retry_after = retry_after
+
+
+class UpstreamServerError(TransientGatewayError):
+    """HTTP 408 or 5xx."""
+
+
+class PermanentGatewayError(GatewayError):
+    """Retrying cannot help; the job fails with the upstream's reason."""
+
+
+class UpstreamRejected(PermanentGatewayError):
+    """A 4xx the upstream will give again for the same request."""
+
+
+class FeatureDisabled(PermanentGatewayError):
+    """HTTP 405: the HIPAA AI Gateway feature is not enabled for the application."""
+
+
+class AuthenticationFailed(PermanentGatewayError):
+    """HTTP 401: the session token is missing, invalid or expired."""
+
+
+class MalformedResponse(PermanentGatewayError):
+    """A success status whose body is not ``{"answer": "<string>"}``."""

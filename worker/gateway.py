@@ -1,0 +1,182 @@
+"""Gateway: the only module that talks HTTP. One ``requests.Session`` per worker process.
+
+``GatewayClient.send`` never raises for an upstream failure: it returns an ``Exchange`` that
+holds either the answer or the mapped error, with the sizes, digests and latency the audit
+log needs, so that every attempt is recorded the same way whatever happened.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from http import HTTPStatus
+from typing import Any
+
+import requests
+
+from worker import errors
+from worker.audit import digest
+from worker.settings import Secret
+
+__all__ = ["GATEWAY_PATH", "Exchange", "GatewayClient", "encode_request", "parse_retry_after"]
+
+GATEWAY_PATH = "/ai/ai_extensions/ai_gateway"
+USER_AGENT = "qbgw/0.1"
+
+
+def encode_request(assistant_id: str, messages: list[dict[str, Any]]) -> bytes:
+    """The exact body sent to the gateway (its digest goes into the audit log)."""
+    body = {"smart_chat_assistant_id": assistant_id, "messages": messages}
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """One attempt's outcome: ``answer`` or ``error`` is set, never both."""
+
+    answer: str | None
+    error: errors.GatewayError | None
+    status: int | None
+    latency_ms: int
+    response_digest: str | None
+    response_bytes: int | None
+
+
+class GatewayClient:
+    """Calls ``POST {base_url}/ai/ai_extensions/ai_gateway`` with a ``QB-Token``."""
+
+    def __init__(
+        self,
+        base_url: str,
+        token: Secret,
+        *,
+        timeout: tuple[float, float],
+        session: requests.Session | None = None,
+        pool_size: int = 10,
+    ) -> None:
+        self.url = base_url.rstrip("/") + GATEWAY_PATH
+        self._token = token
+        self._timeout = timeout
+        if session is None:
+            session = requests.Session()
+            # One kept-alive connection per worker thread; the default pool of 10 would discard
+            # (and re-open) connections under a pool of 32 threads.
+            adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=max(pool_size, 1))
+            session.mount("https://", adapter)
+            session.mount("http://", adapter)
+        self._session = session
+
+    def __repr__(self) -> str:
+        return f"GatewayClient({self.url!r}, timeout={self._timeout})"
+
+    def close(self) -> None:
+        self._session.close()
+
+    def send(self, body: bytes) -> Exchange:
+        """POST ``body`` once; the result or the mapped error is in the returned Exchange."""
+        headers = {
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+            "User-Agent": USER_AGENT,
+            "QB-Token": self._token.reveal(),
+        }
+        started = time.perf_counter()
+        try:
+            response = self._session.post(
+                self.url, data=body, headers=headers, timeout=self._timeout, allow_redirects=False
+            )
+            content = response.content
+        except requests.RequestException as exc:
+            return Exchange(None, _map_transport_error(exc), None, _since(started), None, None)
+        latency = _since(started)
+        answer, error = interpret(response.status_code, content, response.headers)
+        return Exchange(answer, error, response.status_code, latency, digest(content), len(content))
+
+
+def interpret(status: int, content: bytes, headers: Any = None) -> tuple[str | None, errors.GatewayError | None]:
+    """Map a response onto (answer, None) or (None, error): the one place statuses are read."""
+    body = _json(content)
+    if 200 <= status < 300:
+        if isinstance(body, dict) and isinstance(body.get("answer"), str):
+            return body["answer"], None
+        return None, errors.MalformedResponse(f"gateway answered {_phrase(status)} without an answer", status)
+    reasons = error_reasons(body)
+    message = f"gateway answered {_phrase(status)}"
+    if status == 429:
+        retry_after = parse_retry_after((headers or {}).get("Retry-After"))
+        return None, errors.RateLimited(message, status, reasons, retry_after)
+    kind: type[errors.GatewayError]
+    if status == 408 or status >= 500:
+        kind = errors.UpstreamServerError
+    elif status == 401:
+        kind = errors.AuthenticationFailed
+    elif status == 405:
+        kind = errors.FeatureDisabled
+    else:
+        kind = errors.UpstreamRejected
+    return None, kind(message, status, reasons)
+
+
+def error_reasons(body: Any) -> tuple[str, ...]:
+    """The error strings of ``{"errors": [...]}`` or ``{"errors": {"base": [...], ...}}``."""
+    found = body.get("errors") if isinstance(body, dict) else None
+    if isinstance(found, str):
+        return (found,)
+    if isinstance(found, list):
+        return tuple(str(item) for item in found)
+    if isinstance(found, dict):
+        reasons: list[str] = []
+        for key, value in found.items():
+            items = value if isinstance(value, list) else [value]
+            reasons.extend(str(v) if key == "base" else f"{key}: {v}" for v in items)
+        return tuple(reasons)
+    return ()
+
+
+def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+def _map_transport_error(exc: requests.RequestException) -> errors.GatewayError:
+    # ConnectTimeout subclasses both ConnectionError and Timeout: the request never left, so
+    # it is "unavailable"; a ReadTimeout means the upstream may have acted on it.
+    if isinstance(exc, requests.ConnectTimeout):
+        return errors.UpstreamUnavailable("gateway connect timeout")
+    if isinstance(exc, requests.Timeout):
+        return errors.UpstreamTimeout("gateway read timeout: no answer in time")
+    if isinstance(exc, requests.ConnectionError):
+        return errors.UpstreamUnavailable(f"gateway connection failed ({type(exc).__name__})")
+    return errors.UpstreamUnavailable(f"gateway request failed ({type(exc).__name__})")
+
+
+def _json(content: bytes) -> Any:
+    try:
+        return json.loads(content)
+    except ValueError:
+        return None
+
+
+def _phrase(status: int) -> str:
+    try:
+        return f"HTTP {status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        return f"HTTP {status}"
+
+
+def _since(started: float) -> int:
+    return round((time.perf_counter() - started) * 1000)

@@ -1,0 +1,101 @@
+"""Inputs: turn what a person types (a JSON file, stdin, --text, --image) into a job request.
+
+Only shapes the request; ``messages.validate_messages`` judges it, in the producer.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from worker.errors import InvalidImage, InvalidMessages
+from worker.imageinfo import MAX_IMAGE_BYTES, sniff
+
+__all__ = ["Request", "build_request", "image_part"]
+
+
+@dataclass(frozen=True)
+class Request:
+    messages: list[dict[str, Any]]
+    assistant_id: str | None = None
+    custom_id: str | None = None
+    idempotency_key: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def build_request(
+    file: str | None, *, text: tuple[str, ...] = (), images: tuple[str, ...] = (), system: str | None = None
+) -> Request:
+    """A request from a JSON file ('-' for stdin) or from text and image shorthands.
+
+    Raises:
+        InvalidMessages: the file is unreadable or not JSON of an accepted shape, or nothing was given.
+        InvalidImage: an --image file is missing, unreadable, not jpeg/png, or too large.
+    """
+    if file is not None and (text or images):
+        raise InvalidMessages("give either a messages FILE or --text/--image, not both")
+    if file is not None:
+        request = _from_json(file)
+    elif text or images:
+        parts = [{"type": "text", "text": t} for t in text] + [image_part(i) for i in images]
+        request = Request(messages=[{"role": "user", "content": parts}])
+    else:
+        raise InvalidMessages("nothing to send: give a messages FILE ('-' for stdin) or --text/--image")
+    if system:
+        request = Request(
+            messages=[{"role": "developer", "content": system}, *request.messages],
+            assistant_id=request.assistant_id,
+            custom_id=request.custom_id,
+            idempotency_key=request.idempotency_key,
+        )
+    return request
+
+
+def _from_json(file: str) -> Request:
+    name = "stdin" if file == "-" else file
+    try:
+        raw = sys.stdin.read() if file == "-" else Path(file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidMessages(f"{name}: cannot read: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise InvalidMessages(f"{name}: not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    if isinstance(data, list):
+        return Request(messages=data)
+    if isinstance(data, dict) and "messages" in data:
+        return Request(
+            messages=data["messages"],
+            assistant_id=data.get("smart_chat_assistant_id"),
+            custom_id=data.get("custom_id"),
+            idempotency_key=data.get("idempotency_key"),
+        )
+    raise InvalidMessages(f'{name}: expected a JSON list of messages or an object with "messages"')
+
+
+def image_part(ref: str) -> dict[str, Any]:
+    """An ``image_url`` part for a local jpeg/png file (inlined as a data URI) or an https URL.
+
+    Raises:
+        InvalidImage: the file is missing, unreadable, not jpeg/png, or larger than 50 MB.
+    """
+    if ref.startswith("https://"):
+        return {"type": "image_url", "image_url": {"url": ref}}
+    path = Path(ref)
+    try:
+        size = path.stat().st_size
+        if size > MAX_IMAGE_BYTES:
+            raise InvalidImage(f"--image {ref}: {size} bytes exceeds the 50 MB limit ({MAX_IMAGE_BYTES} bytes)")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InvalidImage(f"--image {ref}: cannot read: {exc.strerror}") from None
+    try:
+        info = sniff(data)
+    except InvalidImage as exc:
+        raise InvalidImage(f"--image {ref}: {exc}") from None
+    uri = f"data:image/{info.kind};base64,{base64.b64encode(data).decode()}"
+    return {"type": "image_url", "image_url": {"url": uri}}

@@ -1,0 +1,180 @@
+"""Settings: the one reader of ``os.environ``. Every ``QBGW_*`` variable is parsed here, once.
+
+The defaults are the embedded default: a SQLite database and a filesystem broker, both in one
+data directory, so ``qbgw`` runs with no server installed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from worker.errors import ConfigError
+
+__all__ = ["Secret", "Settings", "PREFIX"]
+
+#: Every setting is read from an environment variable with this prefix.
+PREFIX = "QBGW_"
+
+DEFAULT_BASE_URL = "https://api.quickblox.com"
+
+
+class Secret:
+    """A string that never shows itself in ``repr``, ``str`` or f-strings."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __repr__(self) -> str:
+        return "Secret('********')" if self._value else "Secret('')"
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Settings are never pickled into a message; refuse loudly rather than leak.
+        raise TypeError("a Secret cannot be pickled")
+
+
+def _default_data_dir() -> Path:
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "share"
+    return base / "qbgw"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything qbgw can be told, with the embedded default filled in.
+
+    Build it with :meth:`from_env` at an entry point and pass it down; nothing else reads the
+    environment.
+    """
+
+    data_dir: Path = field(default_factory=_default_data_dir)
+    #: SQLAlchemy URL; empty means SQLite at ``{data_dir}/qbgw.db``.
+    database_url: str = ""
+    #: Celery broker URL; empty means the filesystem broker under ``{data_dir}/broker``.
+    broker_url: str = ""
+    base_url: str = DEFAULT_BASE_URL
+    token: Secret = field(default_factory=lambda: Secret(""))
+    connect_timeout: float = 5.0
+    read_timeout: float = 120.0
+    max_attempts: int = 5
+    backoff_base: float = 1.0
+    backoff_max: float = 60.0
+    #: Worker threads per process: about (calls per second) x (upstream latency).
+    concurrency: int = 32
+    pool: str = "threads"
+    queue: str = "qbgw"
+    #: Who a producer is in the audit trail when the caller names nobody.
+    actor: str = ""
+    #: The smart_chat_assistant_id ``qbgw submit`` uses when none is given.
+    assistant_id: str = ""
+    #: A queued job whose message has not started it after this many seconds is re-announced.
+    sweep_grace: float = 60.0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from ``QBGW_*`` variables (``os.environ`` by default).
+
+        Raises:
+            ConfigError: a variable is set but cannot be parsed, or a value is out of range.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(PREFIX + f.name.upper())
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _parse(f.name, raw, f.type)
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def to_env(self) -> dict[str, str]:
+        """The ``QBGW_*`` variables that rebuild these settings in a child process (secrets
+        revealed: for a child's environment only, never for printing)."""
+        env = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            env[PREFIX + f.name.upper()] = value.reveal() if isinstance(value, Secret) else str(value)
+        return env
+
+    def with_(self, **changes: Any) -> Settings:
+        """A copy with some fields changed (validated)."""
+        settings = replace(self, **changes)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Raises ConfigError for out-of-range values."""
+        for name in ("connect_timeout", "read_timeout", "backoff_base", "backoff_max", "sweep_grace"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{PREFIX}{name.upper()} must be a positive number of seconds")
+        for name in ("max_attempts", "concurrency"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{PREFIX}{name.upper()} must be at least 1")
+        if self.pool not in ("threads", "prefork", "solo", "gevent"):
+            raise ConfigError(f"{PREFIX}POOL must be one of threads, prefork, solo, gevent; got {self.pool!r}")
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ConfigError(f"{PREFIX}BASE_URL must start with http:// or https://; got {self.base_url!r}")
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'qbgw.db'}"
+
+    @property
+    def effective_broker_url(self) -> str:
+        # An explicit host keeps kombu from warning "No hostname was supplied".
+        return self.broker_url or "filesystem://localhost/"
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.data_dir / "broker"
+
+    @property
+    def is_embedded_broker(self) -> bool:
+        return self.effective_broker_url.startswith("filesystem://")
+
+
+def _parse(name: str, raw: str, kind: Any) -> Any:
+    var = PREFIX + name.upper()
+    kind = str(kind)
+    try:
+        if kind == "Path":
+            return Path(raw).expanduser()
+        if kind == "Secret":
+            return Secret(_read_secret(raw))
+        if kind == "float":
+            return float(raw)
+        if kind == "int":
+            return int(raw)
+    except ValueError:
+        raise ConfigError(f"{var} must be a {kind}; got {raw!r}") from None
+    return raw
+
+
+def _read_secret(raw: str) -> str:
+    # "@/run/secrets/qb_token" reads the secret from a file, as docker secrets mount it.
+    if raw.startswith("@"):
+        try:
+            return Path(raw[1:]).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read secret file {raw[1:]}: {exc.strerror}") from None
+    return raw
