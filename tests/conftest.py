@@ -21,7 +21,7 @@ from worker.settings import Secret, Settings
 
 PG_ADMIN_URL = os.environ.get("QBGW_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("QBGW_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
-TOKEN = "test-token"
+TOKEN = "tok-canary-5f1c9e27d3"
 ASSISTANT = "65d5f3473d5d68095462165d"
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -3,48 +3,47 @@
 Used by the tests (in a thread on port 0), by developers (``qbgw emulator``) and in docker-compose.
 
 Checks, in order: QB-Token (401), feature switch (405), body shape (400), assistant id (404), images
-(400/422), then scripted faults, then a 200 ``{"answer": ...}`` of this exact form::
+(400/422), scripted faults; then 200 ``{"answer": "..."}`` with an answer of exactly this form::
 
     Assistant <id>: you said "<text>". Image 1: png 64x48. Image 2: url image, not fetched.
 
-``<text>`` is the last user message's text (a string content, or its text parts joined by one space)
-with the directives removed and the ends trimmed; "Image k" names every image of all messages in
-order, as "<jpeg|png> <width>x<height>" or "url image, not fetched". Without images the answer ends
-after the first sentence.
+``<text>`` is the last user message's text (its string content, or its text parts joined by one
+space) with directives removed and ends trimmed; "Image k" names each image of all the messages, in
+order, as "<jpeg|png> <width>x<height>" or "url image, not fetched". No images: one sentence.
 
-Scripted faults: any string content or text part may hold ``[[emulator:NAME]]``,
-``[[emulator:NAME=VALUE]]``, ``[[emulator:NAMExN]]`` or ``[[emulator:NAME=VALUExN]]``. With ``xN`` the
-directive applies only to the first N arrivals of the same raw body (sha256; arrivals that passed the
-contract checks count), so retries of one job count up; without it, every time. An unknown or
-malformed directive is a 400. NAMEs:
+Scripted faults: a string content or text part may hold ``[[emulator:NAME]]`` or
+``[[emulator:NAME=VALUE]]``, either with an optional ``xN`` suffix (``fail=503x2``, ``resetx1``):
+then it applies only to the first N arrivals of the same raw body (by sha256, counting arrivals that
+passed the contract checks), so the retries of one job count up; without it, every time. An unknown
+or malformed directive is a 400. Names:
 
-- ``fail=STATUS``: answer STATUS (400-599) with ``{"errors": [<reason phrase>]}`` (401: the
-  ``{"errors": {"base": ["Required session does not exist"]}}`` shape).
-- ``retry-after=SECONDS``: add ``Retry-After: SECONDS`` (as written) to a ``fail`` or ``html`` answer.
-- ``sleep=SECONDS``: wait that long before answering (on top of the configured latency).
-- ``malformed``: answer 200 ``{"result": 1}`` (no "answer").
-- ``html[=STATUS]``: answer STATUS (default 502) with an HTML body and a text/html content type.
-- ``reset``: close the connection with a TCP reset (SO_LINGER 0) and no answer.
-When several apply: reset, then fail, then html, then malformed.
+- ``fail=STATUS`` (400-599): that status with ``{"errors": ["<reason phrase>"]}``; 401 gets the
+  ``{"errors": {"base": ["Required session does not exist"]}}`` shape.
+- ``retry-after=SECONDS``: a ``Retry-After: SECONDS`` header (as written) on a fail or html answer.
+- ``sleep=SECONDS``: wait before answering, on top of the configured latency.
+- ``malformed``: 200 ``{"result": 1}``, no "answer".
+- ``html[=STATUS]``: STATUS (default 502) with ``<html><body>Bad Gateway</body></html>``, text/html.
+- ``reset``: no answer; the connection is closed with a TCP reset (SO_LINGER 0).
+Precedence: reset, fail, html, malformed.
 
 Control endpoints (no token): GET /_emulator/stats, GET /_emulator/arrivals, POST /_emulator/reset,
-GET or POST /_emulator/config (POST takes a JSON object of EmulatorConfig fields to change).
+GET /_emulator/config, POST /_emulator/config (a JSON object of the EmulatorConfig fields to change).
 
 Assumptions (not in the QuickBlox docs):
 
-- Error bodies other than 401 are ``{"errors": ["..."]}``, as on the sibling AI endpoints; the 405 text.
-- 400 for a malformed body, naming the offending field (``messages[1].content[0].type``); roles are
-  system, developer, user, assistant; extra keys are ignored; images in any role are accepted.
+- Error bodies other than 401 are ``{"errors": ["..."]}`` as on the sibling AI endpoints; the 405 text.
+- 400 for a malformed body, naming the field (``messages[1].content[0].type``); roles are system,
+  developer, user and assistant; unknown keys are ignored; images are accepted in any role.
 - 404 ``{"errors": ["Smart chat assistant not found"]}`` for an unknown assistant id.
-- 422 for images: ``Accepted image types: jpeg, png`` (type judged by magic bytes, declared type not
-  compared; a non-image declared type also gets it) and ``Max image size: 50MB`` (50 MiB, raw bytes).
-  400 for a data URI that is not base64 or has invalid base64 (strict: no whitespace), and for a URL
-  scheme other than http, https or data. http(s) image URLs are never fetched.
-- A body over 80 MiB gets 413 ``{"errors": ["Request body too large"]}`` and the connection closed;
-  a chunked body gets 411. GET and other methods on the gateway path get 404, not 405.
-- Responses to a valid token carry ``QB-Token-ExpirationDate`` (now + 2 h, "%Y-%m-%d %H:%M:%S UTC").
-- Every POST to the gateway path counts in stats and arrivals, whatever its outcome ("reset" for
-  an aborted one); the configured latency applies to every gateway answer, not to control calls.
+- 422 ``Accepted image types: jpeg, png`` (type judged by magic bytes, the declared type not compared;
+  a non-image declared type gets it too) and ``Max image size: 50MB`` (50 MiB of decoded bytes).
+  400 for a data URI that is not base64 or has invalid base64 (strict: no whitespace) and for a URL
+  scheme other than http, https or data. http(s) image URLs are accepted and never fetched.
+- Over 80 MiB of body: 413 ``{"errors": ["Request body too large"]}`` and the connection closed; a
+  chunked body: 411. GET (or any other method) on the gateway path: 404, not 405.
+- With a valid token the answer carries ``QB-Token-ExpirationDate`` (now + 2 h, "%Y-%m-%d %H:%M:%S UTC").
+- Every POST to the gateway path counts in stats and arrivals, whatever its outcome ("reset" for an
+  aborted one); the configured latency delays every gateway answer, never a control call.
 """
 
 from __future__ import annotations
@@ -65,22 +64,36 @@ import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 from worker.errors import InvalidImage
 from worker.imageinfo import MAX_IMAGE_BYTES, parse_data_uri, sniff
 
-__all__ = ["GATEWAY_PATH", "MAX_BODY_BYTES", "EmulatorConfig", "Emulator", "serve"]
+__all__ = ["GATEWAY_PATH", "MAX_BODY_BYTES", "ROLES", "EmulatorConfig", "Emulator", "serve"]
 
 GATEWAY_PATH = "/ai/ai_extensions/ai_gateway"
 MAX_BODY_BYTES = 80 * 1024 * 1024  # base64 of a 50 MiB image is ~67 MiB, plus the JSON around it
 ROLES = ("system", "developer", "user", "assistant")
 _JSON = "application/json; charset=utf-8"
-_SESSION_GONE = "Required session does not exist"
 _LINGER_SECONDS = 2.0
 _DIRECTIVE = re.compile(r"\[\[emulator:([^\]]*)\]\]")
-_DIRECTIVE_BODY = re.compile(r"(?P<name>[a-z-]+?)(?:=(?P<value>\d+(?:\.\d+)?))?(?:x(?P<times>\d+))?")
+_DIRECTIVE_PARTS = re.compile(r"([a-z-]+?)(?:=([0-9.]+))?(?:x([0-9]+))?")
+_DIRECTIVE_VALUES = {  # what each name's value must match; "" means no value
+    "fail": r"[45][0-9][0-9]",
+    "html": r"([45][0-9][0-9])?",
+    "sleep": r"[0-9]+(\.[0-9]+)?",
+    "retry-after": r"[0-9]+(\.[0-9]+)?",
+    "malformed": "",
+    "reset": "",
+}
+_FIELD_RULES = {
+    "tokens": "a list of strings",
+    "assistants": "a list of strings",
+    "feature_enabled": "true or false",
+    "latency": "a number of seconds >= 0",
+    "max_image_bytes": "a positive integer",
+}
 
 
 @dataclass(frozen=True)
@@ -111,14 +124,24 @@ class _Rejected(Exception):
         self.reply = reply
 
 
-def _json(status: int, payload: object, *, close: bool = False, headers: tuple[tuple[str, str], ...] = ()) -> _Reply:
-    return _Reply(status, json.dumps(payload).encode(), headers=headers, close=close)
+class _Part(NamedTuple):
+    kind: str  # "text" | "image"
+    value: str
+    where: str  # "messages[1].content[0]", for error messages
+
+
+def _json(status: int, payload: object, *, close: bool = False) -> _Reply:
+    return _Reply(status, json.dumps(payload).encode(), close=close)
 
 
 def _errors(status: int, *reasons: str, close: bool = False) -> _Reply:
-    if status == 401:
-        return _json(401, {"errors": {"base": [_SESSION_GONE]}}, close=close)
+    if status == 401:  # the documented shape of an expired or unknown session
+        return _json(401, {"errors": {"base": ["Required session does not exist"]}}, close=close)
     return _json(status, {"errors": list(reasons)}, close=close)
+
+
+#: The 405 body text (an assumption: the docs give the status, not the words).
+FEATURE_OFF = "HIPAA AI Gateway feature is not enabled for this application"
 
 
 def _bad(reason: str) -> _Rejected:
@@ -132,21 +155,8 @@ def _phrase(status: int) -> str:
         return "Error"
 
 
-@dataclass(frozen=True)
-class _Part:
-    kind: str  # "text" | "image"
-    value: str
-    where: str
-
-
-@dataclass(frozen=True)
-class _Call:
-    assistant: str
-    roles: tuple[str, ...]
-    parts: tuple[tuple[_Part, ...], ...]  # per message
-
-
-def _parse_call(raw: bytes) -> _Call:
+def _parse_call(raw: bytes) -> tuple[str, list[tuple[str, tuple[_Part, ...]]]]:
+    """The assistant id and the (role, parts) of each message, or a 400."""
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError):
@@ -159,23 +169,21 @@ def _parse_call(raw: bytes) -> _Call:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _bad("messages must be a non-empty list")
-    checked = [_parse_message(i, m) for i, m in enumerate(messages)]
-    return _Call(assistant, tuple(r for r, _ in checked), tuple(p for _, p in checked))
+    return assistant, [_parse_message(f"messages[{i}]", m) for i, m in enumerate(messages)]
 
 
-def _parse_message(i: int, message: object) -> tuple[str, tuple[_Part, ...]]:
-    where = f"messages[{i}]"
+def _parse_message(where: str, message: object) -> tuple[str, tuple[_Part, ...]]:
     if not isinstance(message, dict):
         raise _bad(f"{where} must be an object")
     role = message.get("role")
-    if role not in ROLES:
+    if not isinstance(role, str) or role not in ROLES:
         raise _bad(f"{where}.role must be one of {', '.join(ROLES)}")
     content = message.get("content")
     if isinstance(content, str):
-        return str(role), (_Part("text", content, f"{where}.content"),)
+        return role, (_Part("text", content, f"{where}.content"),)
     if not isinstance(content, list) or not content:
         raise _bad(f"{where}.content must be a string or a non-empty list of parts")
-    return str(role), tuple(_parse_part(f"{where}.content[{j}]", p) for j, p in enumerate(content))
+    return role, tuple(_parse_part(f"{where}.content[{j}]", p) for j, p in enumerate(content))
 
 
 def _parse_part(where: str, part: object) -> _Part:
@@ -214,123 +222,66 @@ def _describe_image(part: _Part, max_bytes: int) -> str:
     return f"{info.kind} {info.width}x{info.height}"
 
 
-def _answer(call: _Call, max_bytes: int) -> str:
-    images = [_describe_image(p, max_bytes) for parts in call.parts for p in parts if p.kind == "image"]
-    user = [parts for role, parts in zip(call.roles, call.parts, strict=True) if role == "user"]
+def _answer(assistant: str, messages: list[tuple[str, tuple[_Part, ...]]], max_bytes: int) -> str:
+    parts = [p for _, message_parts in messages for p in message_parts]
+    images = [_describe_image(p, max_bytes) for p in parts if p.kind == "image"]
+    user = [message_parts for role, message_parts in messages if role == "user"]
     texts = (_DIRECTIVE.sub("", p.value).strip() for p in (user[-1] if user else ()) if p.kind == "text")
     said = " ".join(t for t in texts if t)
-    sentences = [f'Assistant {call.assistant}: you said "{said}".']
+    sentences = [f'Assistant {assistant}: you said "{said}".']
     sentences += [f"Image {k}: {description}." for k, description in enumerate(images, 1)]
     return " ".join(sentences)
 
 
-@dataclass
-class _Plan:
-    """The faults that apply to one arrival."""
-
-    sleep: float = 0.0
-    reset: bool = False
-    fail: int | None = None
-    html: int | None = None
-    malformed: bool = False
-    retry_after: str | None = None
-
-
-def _directives(call: _Call) -> list[tuple[str, str, str | None, int | None]]:
-    """(text inside the brackets, name, value, times) of every directive, in order."""
-    found = []
-    for parts in call.parts:
-        for part in parts:
-            for inner in _DIRECTIVE.findall(part.value) if part.kind == "text" else ():
-                m = _DIRECTIVE_BODY.fullmatch(inner)
-                if not m:
-                    raise _bad(f"Invalid emulator directive [[emulator:{inner}]]")
-                times = int(m["times"]) if m["times"] else None
-                found.append((inner, m["name"], m["value"], times))
+def _directives(messages: list[tuple[str, tuple[_Part, ...]]]) -> list[tuple[str, str, int | None]]:
+    """(name, value or "", times or None) of every directive in the text, checked, in order."""
+    found: list[tuple[str, str, int | None]] = []
+    texts = (p.value for _, parts in messages for p in parts if p.kind == "text")
+    for inner in (d for text in texts for d in _DIRECTIVE.findall(text)):
+        m = _DIRECTIVE_PARTS.fullmatch(inner)
+        rule = _DIRECTIVE_VALUES.get(m[1]) if m else None
+        if m is None or rule is None or not re.fullmatch(rule, m[2] or ""):
+            raise _bad(f"Invalid emulator directive [[emulator:{inner}]]")
+        found.append((m[1], m[2] or "", int(m[3]) if m[3] else None))
     return found
 
 
-def _apply(plan: _Plan, inner: str, name: str, value: str | None) -> None:
-    if name in ("reset", "malformed") and value is None:
-        plan.reset = plan.reset or name == "reset"
-        plan.malformed = plan.malformed or name == "malformed"
-    elif name == "html" or (name == "fail" and value):
-        setattr(plan, name, _status(inner, value))
-    elif name == "sleep" and value:
-        plan.sleep += float(value)
-    elif name == "retry-after" and value:
-        plan.retry_after = value
-    else:
-        raise _bad(f"Invalid emulator directive [[emulator:{inner}]]")
-
-
-def _status(inner: str, value: str | None) -> int:
-    if value is None:
-        return 502
-    if not value.isdigit() or not 400 <= int(value) <= 599:
-        raise _bad(f"Invalid emulator directive [[emulator:{inner}]]: the status must be 400-599")
-    return int(value)
-
-
-def _fault_reply(plan: _Plan) -> _Reply | None:
-    extra = (("Retry-After", plan.retry_after),) if plan.retry_after else ()
-    if plan.fail is not None:
-        reply = _errors(plan.fail, _phrase(plan.fail))
-        return dataclasses.replace(reply, headers=extra)
-    if plan.html is not None:
-        page = f"<html><body>{_phrase(plan.html)}</body></html>".encode()
-        return _Reply(plan.html, page, content_type="text/html; charset=utf-8", headers=extra)
-    if plan.malformed:
-        return _json(200, {"result": 1})
-    return None
-
-
-def _str_set(value: object) -> frozenset[str]:
-    if isinstance(value, str | bytes) or not isinstance(value, list | tuple | set | frozenset):
-        raise ValueError("must be a list of strings")
-    if not all(isinstance(v, str) for v in value):
-        raise ValueError("must be a list of strings")
-    return frozenset(value)
-
-
-def _flag(value: object) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError("must be true or false")
-    return value
-
-
-def _seconds(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise ValueError("must be a number of seconds >= 0")
-    return float(value)
-
-
-def _positive_int(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError("must be a positive integer")
-    return value
-
-
-_FIELDS: dict[str, Callable[[object], object]] = {
-    "tokens": _str_set,
-    "assistants": _str_set,
-    "feature_enabled": _flag,
-    "latency": _seconds,
-    "max_image_bytes": _positive_int,
-}
+def _fault_reply(faults: dict[str, str], answer: str) -> _Reply | None:
+    """The answer the active faults call for; None for a reset."""
+    if "reset" in faults:
+        return None
+    extra = (("Retry-After", faults["retry-after"]),) if "retry-after" in faults else ()
+    if "fail" in faults:
+        status = int(faults["fail"])
+        reason = FEATURE_OFF if status == 405 else _phrase(status)
+        return dataclasses.replace(_errors(status, reason), headers=extra)
+    if "html" in faults:
+        status = int(faults["html"] or 502)
+        page = f"<html><body>{_phrase(status)}</body></html>".encode()
+        return _Reply(status, page, content_type="text/html; charset=utf-8", headers=extra)
+    return _json(200, {"result": 1} if "malformed" in faults else {"answer": answer})
 
 
 def _updated(config: EmulatorConfig, changes: Mapping[str, object]) -> EmulatorConfig:
-    """A copy of ``config`` with ``changes`` checked and applied; ValueError names a bad field."""
-    converted: dict[str, Any] = {}
-    for name, value in changes.items():
-        if name not in _FIELDS:
-            raise ValueError(f"unknown config field {name!r}")
-        try:
-            converted[name] = _FIELDS[name](value)
-        except ValueError as e:
-            raise ValueError(f"{name} {e}") from None
+    """A copy of ``config`` with ``changes`` checked and applied; a ValueError names a bad field."""
+    converted: dict[str, Any] = {name: _field(name, value) for name, value in changes.items()}
     return dataclasses.replace(config, **converted)
+
+
+def _field(name: str, value: object) -> object:
+    # bool is an int subclass: the numeric fields refuse it explicitly (JSON true is no latency).
+    if name in ("tokens", "assistants") and isinstance(value, list | tuple | set | frozenset):
+        if all(isinstance(v, str) for v in value):
+            return frozenset(value)
+    elif name == "feature_enabled" and isinstance(value, bool):
+        return value
+    elif name == "latency" and isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    elif name == "max_image_bytes" and isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    elif name not in _FIELD_RULES:
+        raise ValueError(f"unknown config field {name!r}")
+    raise ValueError(f"{name} must be {_FIELD_RULES[name]}")
 
 
 def _config_json(config: EmulatorConfig) -> dict[str, object]:
@@ -360,12 +311,12 @@ class _Server(ThreadingHTTPServer):
         super().process_request(request, client_address)
 
     def shutdown_request(self, request: Any) -> None:
-        with self.sockets_lock:
+        with self.sockets_lock:  # under the lock, so that stop() never shuts a reused descriptor
             self.open_sockets.discard(request)
             super().shutdown_request(request)
 
     def close_open_sockets(self) -> None:
-        """Wake idle keep-alive handlers so that a stopped emulator answers nothing more."""
+        """Wake the idle keep-alive handlers, so that a stopped emulator answers nothing more."""
         with self.sockets_lock:
             for sock in self.open_sockets:
                 try:
@@ -374,24 +325,20 @@ class _Server(ThreadingHTTPServer):
                     pass
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        if not isinstance(sys.exc_info()[1], ConnectionError):
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client hanging up is no news
             super().handle_error(request, client_address)
-
-
-class _Server6(_Server):
-    address_family = socket.AF_INET6
 
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    # TCP_NODELAY on every accepted socket (set in setup()): without it a keep-alive client waits
-    # ~40 ms per request, Nagle's algorithm against its delayed ACK.
+    # TCP_NODELAY on every accepted socket (StreamRequestHandler.setup sets it): without it, a
+    # keep-alive client waits ~40 ms per request, Nagle's algorithm against its delayed ACK.
     disable_nagle_algorithm = True
     server: _Server
-    unread = 0
+    unread = 0  # bytes of a refused body still in the socket
 
     def log_message(self, format: str, *args: Any) -> None:
-        pass  # one stderr line per request would drown the test and worker output
+        pass  # a stderr line per request would drown the test and worker output
 
     def do_GET(self) -> None:
         self.server.emulator._handle(self)
@@ -401,20 +348,17 @@ class _Handler(BaseHTTPRequestHandler):
     def read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding"):
             raise _Rejected(_errors(411, "Length Required", close=True))
-        try:
-            length = int(self.headers.get("Content-Length", "0"))
-        except ValueError:
-            length = -1
-        if length < 0:
+        length = self.headers.get("Content-Length", "0")
+        if not length.isdigit():
             raise _Rejected(_errors(400, "Invalid Content-Length", close=True))
-        if length > MAX_BODY_BYTES:
-            self.unread = length
+        if int(length) > MAX_BODY_BYTES:
+            self.unread = int(length)
             raise _Rejected(_errors(413, "Request body too large", close=True))
         try:
-            body = self.rfile.read(length)
+            body = self.rfile.read(int(length))
         except OSError:
             body = b""
-        if len(body) < length:
+        if len(body) < int(length):
             raise _Rejected(_errors(400, "Incomplete request body", close=True))
         return body
 
@@ -438,8 +382,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._drain()
 
     def _drain(self) -> None:
-        # Read and drop the rest of a refused body for a while, so that the client, still sending,
-        # gets to read our answer instead of a reset caused by unread data at close.
+        # Read and drop the rest of a refused body for a while: closing with unread data sends a
+        # reset, and the client, still sending, would never read our answer.
         deadline = time.monotonic() + _LINGER_SECONDS
         self.connection.settimeout(_LINGER_SECONDS)
         try:
@@ -454,12 +398,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _abort(self) -> None:
         self.close_connection = True
         self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.rfile.close()  # drops the file's reference, so that close() below really closes
+        self.rfile.close()  # drop the file's reference first, so that close() really closes now
         self.connection.close()
 
 
 class Emulator:
-    """The gateway emulator on ``host:port`` (0: any free port, read back in ``url``)."""
+    """The gateway emulator on ``host:port`` (port 0: any free port, read back in ``url``)."""
 
     def __init__(self, config: EmulatorConfig | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
         self._lock = threading.Lock()
@@ -467,11 +411,10 @@ class Emulator:
         self._requests = self._connections = 0
         self._by_status: dict[str, int] = {}
         self._arrivals: list[float] = []
-        self._seen: dict[str, int] = {}
-        server_class = _Server6 if ":" in host else _Server
-        self._server = server_class(self, (host, port))
+        self._seen: dict[str, int] = {}  # arrivals per sha256 of a body holding directives
+        self._server = _Server(self, (host, port))
+        self._host = host
         self._thread: threading.Thread | None = None
-        self._host = f"[{host}]" if ":" in host else host
 
     @property
     def url(self) -> str:
@@ -483,17 +426,16 @@ class Emulator:
             return self._config
 
     def start(self) -> Emulator:
+        if self._thread is not None:  # `with Emulator(...).start() as emu:` must not serve twice
+            return self
         self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name="qbgw-emulator",
-            daemon=True,
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="qbgw-emulator", daemon=True
         )
         self._thread.start()
         return self
 
     def stop(self) -> None:
-        if self._thread is not None:  # shutdown() waits forever for a loop that never ran
+        if self._thread is not None:  # shutdown() would wait forever for a loop that never ran
             self._server.shutdown()
             self._thread.join()
             self._thread = None
@@ -547,84 +489,67 @@ class Emulator:
                 self._requests += 1
                 self._arrivals.append(time.time())
         try:
-            reply = self._route(handler, path, gateway)
+            body = handler.read_body()
+            reply = self._gateway(handler.headers.get("QB-Token"), body) if gateway else self._control(handler, body)
         except _Rejected as rejected:
             reply = rejected.reply
-        except Exception:  # an emulator bug: say so rather than drop the connection like a fault
+        except Exception:  # an emulator bug: say so, rather than drop the connection like a fault
             traceback.print_exc()
             reply = _errors(500, "Emulator error", close=True)
         if gateway:
-            self._finish_gateway(reply)
+            self._count_outcome(reply)
         handler.send(reply)
 
-    def _finish_gateway(self, reply: _Reply | None) -> None:
+    def _count_outcome(self, reply: _Reply | None) -> None:
         key = "reset" if reply is None else str(reply.status)
         with self._lock:
             self._by_status[key] = self._by_status.get(key, 0) + 1
             latency = self._config.latency
-        if latency:
-            time.sleep(latency)
-
-    def _route(self, handler: _Handler, path: str, gateway: bool) -> _Reply | None:
-        body = handler.read_body()
-        if gateway:
-            return self._gateway(handler.headers.get("QB-Token"), body)
-        control = _CONTROL.get((handler.command, path))
-        return control(self, body) if control else _errors(404, "Not found")
+        time.sleep(latency)
 
     def _gateway(self, token: str | None, raw: bytes) -> _Reply | None:
         config = self.config
         if token is None or token not in config.tokens:
             return _errors(401)
+        if not config.feature_enabled:
+            return _errors(405, FEATURE_OFF)
+        assistant, messages = _parse_call(raw)
+        if config.assistants and assistant not in config.assistants:
+            return _errors(404, "Smart chat assistant not found")
+        answer = _answer(assistant, messages, config.max_image_bytes)
+        faults = self._faults(raw, _directives(messages))
+        time.sleep(float(faults.get("sleep") or 0))
+        reply = _fault_reply(faults, answer)
         expires = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(time.time() + 7200))
-        reply = self._checked_gateway(config, raw)
         if reply is None:
             return None
         return dataclasses.replace(reply, headers=(*reply.headers, ("QB-Token-ExpirationDate", expires)))
 
-    def _checked_gateway(self, config: EmulatorConfig, raw: bytes) -> _Reply | None:
-        if not config.feature_enabled:
-            return _errors(405, "HIPAA AI Gateway feature is not enabled for this application")
-        call = _parse_call(raw)
-        if config.assistants and call.assistant not in config.assistants:
-            return _errors(404, "Smart chat assistant not found")
-        answer = _answer(call, config.max_image_bytes)
-        plan = self._plan(raw, call)
-        if plan.sleep:
-            time.sleep(plan.sleep)
-        if plan.reset:
-            return None
-        return _fault_reply(plan) or _json(200, {"answer": answer})
-
-    def _plan(self, raw: bytes, call: _Call) -> _Plan:
-        directives = _directives(call)
-        plan = _Plan()
+    def _faults(self, raw: bytes, directives: list[tuple[str, str, int | None]]) -> dict[str, str]:
+        """The directives active for this arrival of this body, by name."""
         if not directives:
-            return plan
-        for inner, name, value, _ in directives:  # validate all, even the ones already used up
-            _apply(_Plan(), inner, name, value)
+            return {}
         digest = hashlib.sha256(raw).hexdigest()
         with self._lock:
             self._seen[digest] = arrival = self._seen.get(digest, 0) + 1
-        for inner, name, value, times in directives:
-            if times is None or arrival <= times:
-                _apply(plan, inner, name, value)
-        return plan
+        return {name: value for name, value, times in directives if times is None or arrival <= times}
 
-    def _control_stats(self, _: bytes) -> _Reply:
-        return _json(200, self.stats())
+    def _control(self, handler: _Handler, raw: bytes) -> _Reply:
+        route = (handler.command, urlsplit(handler.path).path)
+        if route == ("POST", "/_emulator/config"):
+            return self._set_config(raw)
+        if route == ("POST", "/_emulator/reset"):
+            self.reset()
+            return _json(200, self.stats())
+        views: dict[tuple[str, str], Callable[[], object]] = {
+            ("GET", "/_emulator/stats"): self.stats,
+            ("GET", "/_emulator/arrivals"): lambda: {"arrivals": self.arrivals()},
+            ("GET", "/_emulator/config"): lambda: _config_json(self.config),
+        }
+        view = views.get(route)
+        return _json(200, view()) if view else _errors(404, "Not found")
 
-    def _control_arrivals(self, _: bytes) -> _Reply:
-        return _json(200, {"arrivals": self.arrivals()})
-
-    def _control_reset(self, _: bytes) -> _Reply:
-        self.reset()
-        return _json(200, self.stats())
-
-    def _control_get_config(self, _: bytes) -> _Reply:
-        return _json(200, _config_json(self.config))
-
-    def _control_set_config(self, raw: bytes) -> _Reply:
+    def _set_config(self, raw: bytes) -> _Reply:
         try:
             changes = json.loads(raw)
             if not isinstance(changes, dict):
@@ -633,15 +558,6 @@ class Emulator:
         except ValueError as e:
             return _errors(400, str(e))
         return _json(200, _config_json(self.config))
-
-
-_CONTROL: dict[tuple[str, str], Callable[[Emulator, bytes], _Reply]] = {
-    ("GET", "/_emulator/stats"): Emulator._control_stats,
-    ("GET", "/_emulator/arrivals"): Emulator._control_arrivals,
-    ("POST", "/_emulator/reset"): Emulator._control_reset,
-    ("GET", "/_emulator/config"): Emulator._control_get_config,
-    ("POST", "/_emulator/config"): Emulator._control_set_config,
-}
 
 
 def serve(config: EmulatorConfig, host: str, port: int) -> None:

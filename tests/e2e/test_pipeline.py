@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ASSISTANT
+from tests.conftest import ASSISTANT, TOKEN
 from tests.images import data_uri, jpeg_bytes, png_bytes
 from worker import producer
 from worker.celery_app import publish
@@ -74,3 +74,16 @@ def test_the_same_message_delivered_twice_yields_one_result(
     actions = [e.action for e in job_events(job_id, settings=stack)]
     assert actions.count("attempt.request") == 1 and actions.count("job.succeeded") == 1
     assert emu.stats()["requests"] == 1
+
+
+def test_the_worker_log_holds_no_token_and_no_message_text(
+    stack: Settings, worker_process: Callable[..., Any], tmp_path: Any
+) -> None:
+    worker_process(stack)
+    secret_text = "Canary patient Ximena Oduya-Blackwood"
+    job_id = submit(stack, f"{secret_text} [[emulator:fail=503x1]]")
+    view = wait_for_job(job_id, timeout=60, settings=stack)
+    assert view.status is JobStatus.SUCCEEDED and secret_text in (view.answer or "")
+    log = (tmp_path / "worker-0.log").read_text()
+    assert job_id in log  # the log does say what happened to which job...
+    assert TOKEN not in log and "Oduya" not in log  # ...but never with the token or the text
