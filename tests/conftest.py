@@ -121,6 +121,9 @@ def base_settings(tmp_path: Path, emu: Emulator) -> Settings:
         max_attempts=4,
         queue=f"qbgw-test-{uuid.uuid4().hex[:8]}",
         sweep_grace=1.0,
+        sweep_interval=0.5,
+        lease_margin=2.0,  # lease = 2 + 5 + 2 = 9 s
+        visibility_timeout=20.0,  # countdowns up to 5 s; longer waits are kept in the database
     )
 
 

@@ -8,6 +8,7 @@ workers run with ``qbgw worker``. Settings come from ``QBGW_*`` environment vari
 from __future__ import annotations
 
 from worker.audit import AuditRecord
+from worker.control import cancel, replay
 from worker.errors import (
     AuthenticationFailed,
     BrokerUnavailable,
@@ -20,6 +21,7 @@ from worker.errors import (
     InvalidMessages,
     InvalidTransition,
     JobNotFound,
+    JobStateConflict,
     MalformedResponse,
     NotAnnounced,
     PermanentGatewayError,
@@ -34,9 +36,9 @@ from worker.errors import (
 )
 from worker.lifecycle import JobStatus
 from worker.producer import submit
-from worker.queries import JobView, get_job, job_events, wait_for_job
+from worker.queries import JobView, failed_jobs, get_job, job_events, wait_for_job
 from worker.settings import Secret, Settings
-from worker.sweeper import sweep
+from worker.sweeper import SweepReport, sweep
 
 __version__ = "0.1.0"
 
@@ -46,7 +48,11 @@ __all__ = [
     "get_job",
     "wait_for_job",
     "job_events",
+    "cancel",
+    "failed_jobs",
+    "replay",
     "sweep",
+    "SweepReport",
     "JobView",
     "JobStatus",
     "AuditRecord",
@@ -61,6 +67,7 @@ __all__ = [
     "InvalidImage",
     "IdempotencyConflict",
     "JobNotFound",
+    "JobStateConflict",
     "InvalidTransition",
     "StoreUnavailable",
     "BrokerUnavailable",

@@ -26,9 +26,16 @@ class Action(StrEnum):
     ATTEMPT_REQUEST = "attempt.request"
     ATTEMPT_RESPONSE = "attempt.response"
     ATTEMPT_ERROR = "attempt.error"
+    #: The worker holding the attempt stopped (its lease ran out); the call's fate is unknown.
+    ATTEMPT_INTERRUPTED = "attempt.interrupted"
     RETRY_SCHEDULED = "job.retry_scheduled"
     SUCCEEDED = "job.succeeded"
     FAILED = "job.failed"
+    CANCEL_REQUESTED = "job.cancel_requested"
+    CANCELLED = "job.cancelled"
+    REPLAYED = "job.replayed"
+    #: The sweeper published a message again (lost, or a retry kept in the database).
+    REDISPATCHED = "job.redispatched"
 
 
 def digest(data: bytes) -> str:

@@ -13,7 +13,7 @@ from celery import Celery
 
 from worker.settings import Settings
 
-__all__ = ["TASK_NAME", "create_celery_app", "publish"]
+__all__ = ["TASK_NAME", "create_celery_app", "publish", "backlog"]
 
 #: The one task; its only argument is the job id.
 TASK_NAME = "qbgw.run_job"
@@ -68,10 +68,19 @@ def _transport_options(settings: Settings) -> dict[str, Any]:
             "store_processed": False,
             "polling_interval": EMBEDDED_POLL_SECONDS,
         }
-    # A message unacknowledged this long is delivered again (Redis); keep it well above the
-    # longest attempt so a slow call is never run twice by the broker itself.
-    visibility = max(3600.0, 4 * (settings.read_timeout + settings.backoff_max))
-    return {"visibility_timeout": visibility, "socket_connect_timeout": settings.connect_timeout}
+    # A message unacknowledged this long is delivered again (Redis). Settings guarantee it
+    # exceeds an attempt's lease, and no countdown is longer than a quarter of it.
+    return {"visibility_timeout": settings.visibility_timeout, "socket_connect_timeout": settings.connect_timeout}
+
+
+def backlog(app: Celery, queue: str) -> int | None:
+    """How many messages wait in ``queue`` (None if the broker cannot say)."""
+    try:
+        with app.connection_for_read() as connection:
+            declared = connection.default_channel.queue_declare(queue=queue, passive=True)
+            return int(declared.message_count)
+    except Exception:  # any broker trouble: the caller must assume nothing about the backlog
+        return None
 
 
 def publish(app: Celery, job_id: str, *, countdown: float | None = None) -> None:

@@ -8,6 +8,7 @@ import functools
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -28,11 +29,13 @@ EXIT = {
     "unavailable": 5,
     "timeout": 6,
     "config": 7,
+    "conflict": 8,
 }
 
 _EXIT_FOR: list[tuple[type[BaseException], str]] = [
     (errors.InputError, "bad_input"),
     (errors.JobNotFound, "not_found"),
+    (errors.JobStateConflict, "conflict"),
     (errors.StoreUnavailable, "unavailable"),
     (errors.BrokerUnavailable, "unavailable"),
     (errors.ConfigError, "config"),
@@ -87,12 +90,13 @@ def cli(verbose: bool) -> None:
 @click.option("--custom-id", help="Your own id for the job, kept with it.")
 @click.option("--idempotency-key", help="Submitting the same key again returns the first job.")
 @click.option("--actor", help="Who is submitting, for the audit trail.")
+@click.option("--require-broker", is_flag=True, help="Store nothing unless the broker takes the message now.")
 @click.option("--wait", "wait_", is_flag=True, help="Wait for the answer and print it.")
 @click.option("--timeout", type=float, default=None, help="With --wait: give up after this many seconds.")
 @handled
 def submit(file: str | None, text: tuple[str, ...], image: tuple[str, ...], system: str | None,
            assistant: str | None, custom_id: str | None, idempotency_key: str | None,
-           actor: str | None, wait_: bool, timeout: float | None) -> None:  # fmt: skip
+           actor: str | None, require_broker: bool, wait_: bool, timeout: float | None) -> None:  # fmt: skip
     """Queue a job. Messages come from FILE (JSON; '-' for stdin) or from --text/--image.
 
     FILE holds a list of OpenAI-format messages, or an object with "messages" (and optionally
@@ -102,14 +106,20 @@ def submit(file: str | None, text: tuple[str, ...], image: tuple[str, ...], syst
 
     settings = _settings()
     request = inputs.build_request(file, text=text, images=image, system=system)
-    job_id = producer.submit(
-        assistant or request.assistant_id or settings.assistant_id,
-        request.messages,
-        custom_id=custom_id or request.custom_id,
-        idempotency_key=idempotency_key or request.idempotency_key,
-        actor=actor,
-        settings=settings,
-    )
+    try:
+        job_id = producer.submit(
+            assistant or request.assistant_id or settings.assistant_id,
+            request.messages,
+            custom_id=custom_id or request.custom_id,
+            idempotency_key=idempotency_key or request.idempotency_key,
+            actor=actor,
+            require_broker=require_broker,
+            settings=settings,
+        )
+    except errors.NotAnnounced as exc:
+        click.echo(exc.job_id)  # the job is accepted: a sweeper dispatches it
+        click.echo(f"qbgw: warning: {exc}", err=True)
+        return
     click.echo(job_id)
     if wait_:
         _print_result(job_id, settings, wait=True, timeout=timeout)
@@ -177,14 +187,69 @@ def worker(concurrency: int | None, pool: str | None, loglevel: str) -> None:
 
 
 @cli.command()
-@click.option("--grace", type=float, default=None, help="Seconds a job may wait before it counts as lost.")
+@click.option("--grace", type=float, default=None, help="Seconds a message may be late before it counts as lost.")
+@click.option("--every", type=float, default=None, help="Sweep every this many seconds until stopped.")
 @handled
-def sweep(grace: float | None) -> None:
-    """Re-announce jobs whose broker message was lost; prints their ids."""
+def sweep(grace: float | None, every: float | None) -> None:
+    """Recover jobs of dead workers and dispatch lost or due ones; prints what it did.
+
+    Workers sweep by themselves every QBGW_SWEEP_INTERVAL seconds; this is for running it by hand
+    or as a separate service.
+    """
     from worker.sweeper import sweep as run_sweep
 
-    for job_id in run_sweep(settings=_settings(), grace=grace):
-        click.echo(job_id)
+    settings = _settings()
+    while True:
+        report = run_sweep(settings=settings, grace=grace)
+        for job_id in report.recovered:
+            click.echo(f"recovered {job_id}")
+        for job_id in report.dispatched:
+            click.echo(f"dispatched {job_id}")
+        if every is None:
+            return
+        time.sleep(every)
+
+
+@cli.command()
+@click.argument("job_id")
+@click.option("--actor", help="Who is cancelling, for the audit trail.")
+@handled
+def cancel(job_id: str, actor: str | None) -> None:
+    """Cancel a job (a running one ends cancelled when its attempt returns)."""
+    from worker.control import cancel as cancel_job
+
+    status = cancel_job(job_id, actor=actor, settings=_settings())
+    click.echo("cancelled" if status == "cancelled" else "cancel requested: the running attempt ends it")
+
+
+@cli.command()
+@click.option("--limit", type=int, default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@handled
+def failed(limit: int, as_json: bool) -> None:
+    """List failed jobs with their reasons, most recent first."""
+    from worker.queries import failed_jobs
+
+    for view in failed_jobs(limit=limit, settings=_settings()):
+        if as_json:
+            click.echo(json.dumps(view.as_dict(), ensure_ascii=False))
+        else:
+            when = view.finished_at.isoformat(timespec="seconds") if view.finished_at else "-"
+            click.echo(f"{view.id}  {when}  attempts={view.attempts}  {view.error_class}: {view.error}")
+
+
+@cli.command()
+@click.argument("job_ids", nargs=-1, required=True)
+@click.option("--actor", help="Who is replaying, for the audit trail.")
+@handled
+def replay(job_ids: tuple[str, ...], actor: str | None) -> None:
+    """Queue failed jobs again (a new attempt on the same job, audited)."""
+    from worker.control import replay as replay_job
+
+    settings = _settings()
+    for job_id in job_ids:
+        attempt = replay_job(job_id, actor=actor, settings=settings)
+        click.echo(f"{job_id} queued for attempt {attempt}")
 
 
 @cli.command()
@@ -193,19 +258,35 @@ def sweep(grace: float | None) -> None:
 @click.option("--token", multiple=True, help="An accepted QB-Token (repeatable; default emulator-token).")
 @click.option("--assistant", multiple=True, help="A known assistant id (repeatable).")
 @click.option("--any-assistant", is_flag=True, help="Accept every assistant id.")
-@click.option("--latency", type=float, default=0.0, help="Seconds before every answer.")
+@click.option("--latency", type=click.FloatRange(min=0), default=0.0, help="Seconds before every answer.")
 @click.option("--feature-off", is_flag=True, help="Answer 405, as when the gateway feature is disabled.")
+@click.option("--fault-rate", type=click.FloatRange(0, 1), default=0.0, help="Probability of a random fault.")
+@click.option("--fault-seed", type=int, default=None, help="Seed the random faults, for a reproducible run.")
+@click.option("--hang-seconds", type=click.FloatRange(min=0), default=30.0, help="How long a 'hang' fault waits.")
+@click.option("--retry-after", type=click.IntRange(min=0), default=1, help="Retry-After of a '429-retry-after' fault.")
 def emulator(host: str, port: int, token: tuple[str, ...], assistant: tuple[str, ...], any_assistant: bool,
-             latency: float, feature_off: bool) -> None:  # fmt: skip
-    """Run the QuickBlox HIPAA AI Gateway emulator (for development and tests)."""
+             latency: float, feature_off: bool, fault_rate: float, fault_seed: int | None, hang_seconds: float,
+             retry_after: int) -> None:  # fmt: skip
+    """Run the QuickBlox HIPAA AI Gateway emulator (for development and tests).
+
+    --fault-rate gives a valid request a random fault (429 with or without Retry-After, 500, 502, 503, hang,
+    reset before or after the body, malformed 200), chosen uniformly; POST /_emulator/config sets fault_kinds.
+    """
     from worker.emulator import EmulatorConfig, serve
 
-    config = EmulatorConfig(latency=latency, feature_enabled=not feature_off)
+    fields: dict[str, Any] = {
+        "latency": latency,
+        "feature_enabled": not feature_off,
+        "fault_rate": fault_rate,
+        "fault_seed": fault_seed,
+        "hang_seconds": hang_seconds,
+        "retry_after": retry_after,
+    }
     if token:
-        config = EmulatorConfig(**{**config.__dict__, "tokens": frozenset(token)})
+        fields["tokens"] = frozenset(token)
     if assistant or any_assistant:
-        config = EmulatorConfig(**{**config.__dict__, "assistants": frozenset(assistant)})
-    serve(config, host, port)
+        fields["assistants"] = frozenset(assistant)
+    serve(EmulatorConfig(**fields), host, port)
 
 
 @cli.group()

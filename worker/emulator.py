@@ -3,7 +3,7 @@
 Used by the tests (in a thread on port 0), by developers (``qbgw emulator``) and in docker-compose.
 
 Checks, in order: QB-Token (401), feature switch (405), body shape (400), assistant id (404), images
-(400/422), scripted faults; then 200 ``{"answer": "..."}`` with an answer of exactly this form::
+(400/422), scripted faults, random faults; then 200 ``{"answer": "..."}`` with an answer of exactly this form::
 
     Assistant <id>: you said "<text>". Image 1: png 64x48. Image 2: url image, not fetched.
 
@@ -26,6 +26,22 @@ or malformed directive is a 400. Names:
 - ``reset``: no answer; the connection is closed with a TCP reset (SO_LINGER 0).
 Precedence: reset, fail, html, malformed.
 
+Random faults (``EmulatorConfig.fault_rate``, ``fault_seed``, ``fault_kinds``, ``hang_seconds``,
+``retry_after``; the kinds are described in ``worker.emulator_faults``): one draw per POST to the gateway
+path, from a ``random.Random`` seeded with ``fault_seed`` (again on reset() and when the seed is
+reconfigured), so a sequential run repeats its decisions. With probability ``fault_rate`` a kind is
+chosen uniformly; ``reset-before`` acts at once, before the body is read (so it can hit any POST, even
+one that would fail the contract checks); any other kind replaces the answer of a request that passed
+the contract checks and has no active scripted fault (if it has one, the drawn kind is dropped).
+
+Accounting (``stats()``, GET /_emulator/stats; cleared by reset()): ``requests``, ``by_status`` (the
+status sent, or "reset-before"/"reset-after" for a TCP reset; a hang counts under its late status),
+``connections``, ``faults`` (injected faults by kind, scripted ones named as the random kinds: fail=S
+is "S", or "429-retry-after" with a retry-after; html=S is "S"; sleep is "hang"; reset is
+"reset-after"), ``last_fault_at`` (time.time() or None), ``retry_after_sent`` (429s with Retry-After),
+``early_retries`` (requests whose body, by sha256, had a 429 with Retry-After R sent less than R
+seconds before they arrived) and ``bodies`` (distinct body digests seen).
+
 Control endpoints (no token): GET /_emulator/stats, GET /_emulator/arrivals, POST /_emulator/reset,
 GET /_emulator/config, POST /_emulator/config (a JSON object of the EmulatorConfig fields to change).
 
@@ -42,18 +58,18 @@ Assumptions (not in the QuickBlox docs):
 - Over 80 MiB of body: 413 ``{"errors": ["Request body too large"]}`` and the connection closed; a
   chunked body: 411. GET (or any other method) on the gateway path: 404, not 405.
 - With a valid token the answer carries ``QB-Token-ExpirationDate`` (now + 2 h, "%Y-%m-%d %H:%M:%S UTC").
-- Every POST to the gateway path counts in stats and arrivals, whatever its outcome ("reset" for an
-  aborted one); the configured latency delays every gateway answer, never a control call.
+- Every POST to the gateway path counts in stats and arrivals, whatever its outcome (a reset, a hang);
+  the configured latency delays every gateway answer or reset, never a control call.
+- A random 502 carries the html page of a proxy, not JSON; a random 429 says ``Too Many Requests``.
+- An early retry is judged by the time the request line arrived against the time the 429 was sent.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import email.utils
-import hashlib
-import http
 import json
-import re
+import math
 import socket
 import socketserver
 import struct
@@ -67,53 +83,38 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
+from worker.emulator_faults import DIRECTIVE as _DIRECTIVE
+from worker.emulator_faults import FAULT_KINDS, FEATURE_OFF, Ledger, directive_kinds, directive_reply, random_reply
+from worker.emulator_faults import Reply as _Reply
+from worker.emulator_faults import error_reply as _errors
+from worker.emulator_faults import json_reply as _json
+from worker.emulator_faults import parse_directives as _parse_directives
+from worker.emulator_faults import phrase as _phrase
 from worker.errors import InvalidImage
 from worker.imageinfo import MAX_IMAGE_BYTES, parse_data_uri, sniff
 
-__all__ = ["GATEWAY_PATH", "MAX_BODY_BYTES", "ROLES", "EmulatorConfig", "Emulator", "serve"]
+__all__ = ["FAULT_KINDS", "GATEWAY_PATH", "MAX_BODY_BYTES", "ROLES", "EmulatorConfig", "Emulator", "serve"]
 
 GATEWAY_PATH = "/ai/ai_extensions/ai_gateway"
 MAX_BODY_BYTES = 80 * 1024 * 1024  # base64 of a 50 MiB image is ~67 MiB, plus the JSON around it
 ROLES = ("system", "developer", "user", "assistant")
-_JSON = "application/json; charset=utf-8"
 _LINGER_SECONDS = 2.0
-_DIRECTIVE = re.compile(r"\[\[emulator:([^\]]*)\]\]")
-_DIRECTIVE_PARTS = re.compile(r"([a-z-]+?)(?:=([0-9.]+))?(?:x([0-9]+))?")
-_DIRECTIVE_VALUES = {  # what each name's value must match; "" means no value
-    "fail": r"[45][0-9][0-9]",
-    "html": r"([45][0-9][0-9])?",
-    "sleep": r"[0-9]+(\.[0-9]+)?",
-    "retry-after": r"[0-9]+(\.[0-9]+)?",
-    "malformed": "",
-    "reset": "",
-}
-_FIELD_RULES = {
-    "tokens": "a list of strings",
-    "assistants": "a list of strings",
-    "feature_enabled": "true or false",
-    "latency": "a number of seconds >= 0",
-    "max_image_bytes": "a positive integer",
-}
 
 
 @dataclass(frozen=True)
 class EmulatorConfig:
-    """What the emulated application accepts; ``assistants`` empty means any assistant id."""
+    """What the emulated application accepts (``assistants`` empty: any assistant id), and its random faults."""
 
     tokens: frozenset[str] = frozenset({"emulator-token"})
     assistants: frozenset[str] = frozenset({"65d5f3473d5d68095462165d"})
     feature_enabled: bool = True
     latency: float = 0.0
     max_image_bytes: int = MAX_IMAGE_BYTES
-
-
-@dataclass(frozen=True)
-class _Reply:
-    status: int
-    body: bytes
-    content_type: str = _JSON
-    headers: tuple[tuple[str, str], ...] = ()
-    close: bool = False
+    fault_rate: float = 0.0  # probability of a random fault, for a request that passed the contract checks
+    fault_seed: int | None = None  # seeds the fault draws (again on reset() and when reconfigured)
+    fault_kinds: tuple[str, ...] = FAULT_KINDS  # chosen uniformly
+    hang_seconds: float = 30.0  # how long a "hang" waits before answering
+    retry_after: int = 1  # the Retry-After seconds of a "429-retry-after"
 
 
 class _Rejected(Exception):
@@ -130,29 +131,8 @@ class _Part(NamedTuple):
     where: str  # "messages[1].content[0]", for error messages
 
 
-def _json(status: int, payload: object, *, close: bool = False) -> _Reply:
-    return _Reply(status, json.dumps(payload).encode(), close=close)
-
-
-def _errors(status: int, *reasons: str, close: bool = False) -> _Reply:
-    if status == 401:  # the documented shape of an expired or unknown session
-        return _json(401, {"errors": {"base": ["Required session does not exist"]}}, close=close)
-    return _json(status, {"errors": list(reasons)}, close=close)
-
-
-#: The 405 body text (an assumption: the docs give the status, not the words).
-FEATURE_OFF = "HIPAA AI Gateway feature is not enabled for this application"
-
-
 def _bad(reason: str) -> _Rejected:
     return _Rejected(_errors(400, reason))
-
-
-def _phrase(status: int) -> str:
-    try:
-        return http.HTTPStatus(status).phrase
-    except ValueError:
-        return "Error"
 
 
 def _parse_call(raw: bytes) -> tuple[str, list[tuple[str, tuple[_Part, ...]]]]:
@@ -235,31 +215,10 @@ def _answer(assistant: str, messages: list[tuple[str, tuple[_Part, ...]]], max_b
 
 def _directives(messages: list[tuple[str, tuple[_Part, ...]]]) -> list[tuple[str, str, int | None]]:
     """(name, value or "", times or None) of every directive in the text, checked, in order."""
-    found: list[tuple[str, str, int | None]] = []
-    texts = (p.value for _, parts in messages for p in parts if p.kind == "text")
-    for inner in (d for text in texts for d in _DIRECTIVE.findall(text)):
-        m = _DIRECTIVE_PARTS.fullmatch(inner)
-        rule = _DIRECTIVE_VALUES.get(m[1]) if m else None
-        if m is None or rule is None or not re.fullmatch(rule, m[2] or ""):
-            raise _bad(f"Invalid emulator directive [[emulator:{inner}]]")
-        found.append((m[1], m[2] or "", int(m[3]) if m[3] else None))
-    return found
-
-
-def _fault_reply(faults: dict[str, str], answer: str) -> _Reply | None:
-    """The answer the active faults call for; None for a reset."""
-    if "reset" in faults:
-        return None
-    extra = (("Retry-After", faults["retry-after"]),) if "retry-after" in faults else ()
-    if "fail" in faults:
-        status = int(faults["fail"])
-        reason = FEATURE_OFF if status == 405 else _phrase(status)
-        return dataclasses.replace(_errors(status, reason), headers=extra)
-    if "html" in faults:
-        status = int(faults["html"] or 502)
-        page = f"<html><body>{_phrase(status)}</body></html>".encode()
-        return _Reply(status, page, content_type="text/html; charset=utf-8", headers=extra)
-    return _json(200, {"result": 1} if "malformed" in faults else {"answer": answer})
+    try:
+        return _parse_directives(p.value for _, parts in messages for p in parts if p.kind == "text")
+    except ValueError as e:
+        raise _bad(str(e)) from None
 
 
 def _updated(config: EmulatorConfig, changes: Mapping[str, object]) -> EmulatorConfig:
@@ -269,19 +228,59 @@ def _updated(config: EmulatorConfig, changes: Mapping[str, object]) -> EmulatorC
 
 
 def _field(name: str, value: object) -> object:
-    # bool is an int subclass: the numeric fields refuse it explicitly (JSON true is no latency).
-    if name in ("tokens", "assistants") and isinstance(value, list | tuple | set | frozenset):
-        if all(isinstance(v, str) for v in value):
-            return frozenset(value)
-    elif name == "feature_enabled" and isinstance(value, bool):
-        return value
-    elif name == "latency" and isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
-        return float(value)
-    elif name == "max_image_bytes" and isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    elif name not in _FIELD_RULES:
+    if name not in _FIELDS:
         raise ValueError(f"unknown config field {name!r}")
-    raise ValueError(f"{name} must be {_FIELD_RULES[name]}")
+    rule, valid, convert = _FIELDS[name]
+    if not valid(value):
+        raise ValueError(f"{name} must be {rule}")
+    return convert(value)
+
+
+# bool is an int subclass: the numeric fields refuse it explicitly (JSON true is no latency).
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _strings(value: object) -> bool:
+    return isinstance(value, list | tuple | set | frozenset) and all(isinstance(v, str) for v in value)
+
+
+def _kinds(value: object) -> bool:
+    if not isinstance(value, list | tuple) or not all(isinstance(k, str) and k in FAULT_KINDS for k in value):
+        return False
+    return 0 < len(value) == len(set(value))
+
+
+_FIELDS: dict[str, tuple[str, Callable[[Any], bool], Callable[[Any], object]]] = {
+    "tokens": ("a list of strings", _strings, frozenset),
+    "assistants": ("a list of strings", _strings, frozenset),
+    "feature_enabled": ("true or false", lambda v: isinstance(v, bool), bool),
+    "latency": ("a number of seconds >= 0", lambda v: _number(v) and v >= 0, float),
+    "max_image_bytes": ("a positive integer", lambda v: _integer(v) and v > 0, int),
+    "fault_rate": ("a number from 0 to 1", lambda v: _number(v) and 0 <= v <= 1, float),
+    "fault_seed": ("an integer or null", lambda v: v is None or _integer(v), lambda v: v),
+    "fault_kinds": (f"a non-empty list of distinct kinds of {', '.join(FAULT_KINDS)}", _kinds, tuple),
+    "hang_seconds": ("a number of seconds >= 0", lambda v: _number(v) and v >= 0, float),
+    "retry_after": ("an integer of seconds >= 0", lambda v: _integer(v) and v >= 0, int),
+}
+
+
+def _checked(config: EmulatorConfig) -> EmulatorConfig:
+    return _updated(config, {f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
+
+
+def _guarded(call: Callable[[], _Reply | None]) -> _Reply | None:
+    try:
+        return call()
+    except _Rejected as rejected:
+        return rejected.reply
+    except Exception:  # an emulator bug: say so, rather than drop the connection like a fault
+        traceback.print_exc()
+        return _errors(500, "Emulator error", close=True)
 
 
 def _config_json(config: EmulatorConfig) -> dict[str, object]:
@@ -407,11 +406,8 @@ class Emulator:
 
     def __init__(self, config: EmulatorConfig | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
         self._lock = threading.Lock()
-        self._config = config or EmulatorConfig()
-        self._requests = self._connections = 0
-        self._by_status: dict[str, int] = {}
-        self._arrivals: list[float] = []
-        self._seen: dict[str, int] = {}  # arrivals per sha256 of a body holding directives
+        self._config = _checked(config or EmulatorConfig())
+        self._ledger = Ledger(self._config.fault_seed)
         self._server = _Server(self, (host, port))
         self._host = host
         self._thread: threading.Thread | None = None
@@ -458,56 +454,50 @@ class Emulator:
             self._server.server_close()
 
     def stats(self) -> dict[str, object]:
-        with self._lock:
-            by_status = dict(self._by_status)
-            return {"requests": self._requests, "by_status": by_status, "connections": self._connections}
+        return self._ledger.stats()
 
     def arrivals(self) -> list[float]:
-        with self._lock:
-            return list(self._arrivals)
+        return self._ledger.arrivals()
 
     def reconfigure(self, **changes: object) -> None:
         with self._lock:
             self._config = _updated(self._config, changes)
+            if "fault_seed" in changes:
+                self._ledger.reseed(self._config.fault_seed)
 
     def reset(self) -> None:
         with self._lock:
-            self._requests = self._connections = 0
-            self._by_status.clear()
-            self._arrivals.clear()
-            self._seen.clear()
+            self._ledger.reset(self._config.fault_seed)
 
     def _count_connection(self) -> None:
-        with self._lock:
-            self._connections += 1
+        self._ledger.connection()
 
     def _handle(self, handler: _Handler) -> None:
-        path = urlsplit(handler.path).path
-        gateway = handler.command == "POST" and path == GATEWAY_PATH
-        if gateway:
-            with self._lock:
-                self._requests += 1
-                self._arrivals.append(time.time())
+        if handler.command != "POST" or urlsplit(handler.path).path != GATEWAY_PATH:
+            handler.send(_guarded(lambda: self._control(handler, handler.read_body())))
+            return
+        config = self.config
+        arrived, kind = self._ledger.arrive(config.fault_rate, config.fault_kinds)
+        if kind == "reset-before":  # decided before the body, so before the contract checks
+            self._ledger.fault(kind)
+            self._finish(handler, None, None, reset=kind)
+            return
         try:
-            body = handler.read_body()
-            reply = self._gateway(handler.headers.get("QB-Token"), body) if gateway else self._control(handler, body)
+            raw = handler.read_body()
         except _Rejected as rejected:
-            reply = rejected.reply
-        except Exception:  # an emulator bug: say so, rather than drop the connection like a fault
-            traceback.print_exc()
-            reply = _errors(500, "Emulator error", close=True)
-        if gateway:
-            self._count_outcome(reply)
+            self._finish(handler, rejected.reply, None)
+            return
+        digest = self._ledger.body(raw, arrived)
+        self._finish(
+            handler, _guarded(lambda: self._gateway(handler.headers.get("QB-Token"), raw, digest, kind)), digest
+        )
+
+    def _finish(self, handler: _Handler, reply: _Reply | None, digest: str | None, reset: str = "reset-after") -> None:
+        time.sleep(self.config.latency)
+        self._ledger.outcome(reset if reply is None else str(reply.status), reply, digest)
         handler.send(reply)
 
-    def _count_outcome(self, reply: _Reply | None) -> None:
-        key = "reset" if reply is None else str(reply.status)
-        with self._lock:
-            self._by_status[key] = self._by_status.get(key, 0) + 1
-            latency = self._config.latency
-        time.sleep(latency)
-
-    def _gateway(self, token: str | None, raw: bytes) -> _Reply | None:
+    def _gateway(self, token: str | None, raw: bytes, digest: str, kind: str | None) -> _Reply | None:
         config = self.config
         if token is None or token not in config.tokens:
             return _errors(401)
@@ -517,21 +507,28 @@ class Emulator:
         if config.assistants and assistant not in config.assistants:
             return _errors(404, "Smart chat assistant not found")
         answer = _answer(assistant, messages, config.max_image_bytes)
-        faults = self._faults(raw, _directives(messages))
-        time.sleep(float(faults.get("sleep") or 0))
-        reply = _fault_reply(faults, answer)
+        reply = self._faulty(self._active(digest, _directives(messages)), answer, kind, config)
         expires = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(time.time() + 7200))
         if reply is None:
             return None
         return dataclasses.replace(reply, headers=(*reply.headers, ("QB-Token-ExpirationDate", expires)))
 
-    def _faults(self, raw: bytes, directives: list[tuple[str, str, int | None]]) -> dict[str, str]:
+    def _faulty(self, active: dict[str, str], answer: str, kind: str | None, config: EmulatorConfig) -> _Reply | None:
+        """The directives' reply if they inject a fault, else the random fault's, else the answer."""
+        injected = directive_kinds(active)
+        if injected or kind is None:
+            self._ledger.fault(*injected)
+            time.sleep(float(active.get("sleep") or 0))
+            return directive_reply(active, answer)
+        self._ledger.fault(kind)
+        time.sleep(config.hang_seconds if kind == "hang" else 0)
+        return random_reply(kind, answer, config.retry_after)
+
+    def _active(self, digest: str, directives: list[tuple[str, str, int | None]]) -> dict[str, str]:
         """The directives active for this arrival of this body, by name."""
         if not directives:
             return {}
-        digest = hashlib.sha256(raw).hexdigest()
-        with self._lock:
-            self._seen[digest] = arrival = self._seen.get(digest, 0) + 1
+        arrival = self._ledger.directive_arrival(digest)
         return {name: value for name, value, times in directives if times is None or arrival <= times}
 
     def _control(self, handler: _Handler, raw: bytes) -> _Reply:

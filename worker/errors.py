@@ -10,6 +10,7 @@ job at once on a ``PermanentGatewayError``; no caller inspects status codes itse
     │   ├── InvalidImage ....................... an image is not jpeg/png, too large, or unreadable
     │   └── IdempotencyConflict ................ an idempotency key reused for a different job
     ├── JobNotFound (also LookupError) ......... no job has this id
+    ├── JobStateConflict ....................... the job's status does not allow the operation
     ├── InvalidTransition (also RuntimeError) .. a status change the table forbids: a bug
     ├── StoreUnavailable ....................... the database cannot be reached
     ├── BrokerUnavailable ...................... the broker cannot be reached
@@ -40,6 +41,7 @@ __all__ = [
     "InvalidImage",
     "IdempotencyConflict",
     "JobNotFound",
+    "JobStateConflict",
     "InvalidTransition",
     "StoreUnavailable",
     "BrokerUnavailable",
@@ -91,6 +93,10 @@ class JobNotFound(QbgwError, LookupError):
 
     def __str__(self) -> str:
         return f"no such job: {self.job_id}"
+
+
+class JobStateConflict(QbgwError):
+    """The job's status does not allow what was asked (e.g. replaying a job that succeeded)."""
 
 
 class InvalidTransition(QbgwError, RuntimeError):

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Protocol
 
 import requests
 
@@ -21,7 +21,15 @@ from worker import errors
 from worker.audit import digest
 from worker.settings import Secret
 
-__all__ = ["GATEWAY_PATH", "Exchange", "GatewayClient", "encode_request", "parse_retry_after"]
+__all__ = [
+    "GATEWAY_PATH",
+    "Exchange",
+    "GatewayClient",
+    "StaticToken",
+    "TokenProvider",
+    "encode_request",
+    "parse_retry_after",
+]
 
 GATEWAY_PATH = "/ai/ai_extensions/ai_gateway"
 USER_AGENT = "qbgw/0.1"
@@ -45,20 +53,45 @@ class Exchange:
     response_bytes: int | None
 
 
+class StaticToken:
+    """A ``QB-Token`` given in the settings: it cannot be renewed when the upstream rejects it."""
+
+    can_renew = False
+
+    def __init__(self, token: Secret) -> None:
+        self._token = token
+
+    def current(self) -> Secret:
+        return self._token
+
+    def renew(self) -> None:
+        raise errors.AuthenticationFailed("a static QB-Token cannot be renewed", 401)
+
+
+class TokenProvider(Protocol):
+    """Where the ``QB-Token`` comes from; ``renew`` makes a new session (when ``can_renew``)."""
+
+    can_renew: bool
+
+    def current(self) -> Secret: ...
+
+    def renew(self) -> None: ...
+
+
 class GatewayClient:
     """Calls ``POST {base_url}/ai/ai_extensions/ai_gateway`` with a ``QB-Token``."""
 
     def __init__(
         self,
         base_url: str,
-        token: Secret,
+        token: Secret | TokenProvider,
         *,
         timeout: tuple[float, float],
         session: requests.Session | None = None,
         pool_size: int = 10,
     ) -> None:
         self.url = base_url.rstrip("/") + GATEWAY_PATH
-        self._token = token
+        self.tokens: TokenProvider = StaticToken(token) if isinstance(token, Secret) else token
         self._timeout = timeout
         if session is None:
             session = requests.Session()
@@ -81,7 +114,7 @@ class GatewayClient:
             "Content-Type": "application/json",
             "Accept": "application/json",
             "User-Agent": USER_AGENT,
-            "QB-Token": self._token.reveal(),
+            "QB-Token": self.tokens.current().reveal(),
         }
         started = time.perf_counter()
         try:

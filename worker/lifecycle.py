@@ -1,60 +1,70 @@
 """Lifecycle: the pure rules of a job. Status table, retry decision, backoff. No I/O.
 
-queued ──claim──▶ running ──answer──────────▶ succeeded
-  ▲                │  │
-  │                │  └──permanent error / out of attempts──▶ failed
-  │                ▼
-  └──── due ──── retrying (next_attempt_at set)
+queued ──claim──▶ running ──answer───────────────────────────▶ succeeded
+  ▲  ▲             │  │  └──permanent error / attempts or deadline spent──▶ failed ──replay──┐
+  │  │             │  └──cancel requested during the call──▶ cancelled                       │
+  │  │             ▼                                                                          │
+  │  └─ due ─── retrying (next_attempt_at)  ◀── lease expired (worker died): interrupted      │
+  └───────────────────────────────────────────────────────────────────────────────────────────┘
 queued | retrying ──cancel──▶ cancelled
 """
 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from enum import StrEnum
 
-from worker.errors import GatewayError, InvalidTransition, TransientGatewayError
+from worker.errors import AuthenticationFailed, GatewayError, InvalidTransition, TransientGatewayError
 
 __all__ = [
     "JobStatus",
     "ALLOWED",
     "TERMINAL",
+    "CLAIMABLE",
     "check_transition",
     "backoff_delay",
-    "next_step",
+    "RetryPolicy",
     "Step",
+    "Decision",
+    "decide",
+    "SESSION_GONE",
 ]
 
 
 class JobStatus(StrEnum):
     #: Stored and announced to the broker; waiting for a worker.
     QUEUED = "queued"
-    #: A worker holds it and is calling the gateway.
+    #: A worker holds it (under a lease) and is calling the gateway.
     RUNNING = "running"
     #: The last attempt failed transiently; ``next_attempt_at`` says when the next one is due.
     RETRYING = "retrying"
     #: Final: the gateway answered; the answer is stored.
     SUCCEEDED = "succeeded"
-    #: Final: a permanent error, or the attempts ran out; the reason is stored.
+    #: Final (unless an operator replays it): a permanent error, or attempts or time ran out.
     FAILED = "failed"
-    #: Final: cancelled before it finished.
+    #: Final: cancelled before it finished; never becomes a success afterwards.
     CANCELLED = "cancelled"
 
 
 #: Every status change that may happen; anything else raises InvalidTransition.
 ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELLED}),
-    JobStatus.RUNNING: frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.RETRYING}),
+    JobStatus.RUNNING: frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.RETRYING, JobStatus.CANCELLED}),
     JobStatus.RETRYING: frozenset({JobStatus.RUNNING, JobStatus.CANCELLED}),
     JobStatus.SUCCEEDED: frozenset(),
-    JobStatus.FAILED: frozenset(),
+    JobStatus.FAILED: frozenset({JobStatus.QUEUED}),  # only by an explicit, audited replay
     JobStatus.CANCELLED: frozenset(),
 }
 
-TERMINAL = frozenset(s for s, nxt in ALLOWED.items() if not nxt)
+#: Statuses nothing changes without an operator: a job here is done.
+TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
 
 #: Statuses from which a worker may claim a job.
-CLAIMABLE = frozenset(s for s, nxt in ALLOWED.items() if JobStatus.RUNNING in nxt)
+CLAIMABLE = frozenset({JobStatus.QUEUED, JobStatus.RETRYING})
+
+#: The upstream's words for an expired or unknown session token.
+SESSION_GONE = "Required session does not exist"
 
 
 def check_transition(current: JobStatus, new: JobStatus) -> None:
@@ -75,29 +85,81 @@ def backoff_delay(attempt: int, *, base: float, cap: float, rng: random.Random |
     return (rng or random).uniform(0.0, ceiling)
 
 
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How hard a job is tried: attempts, backoff, and a deadline on its whole life."""
+
+    max_attempts: int = 5
+    #: First backoff ceiling, doubled per attempt, never above ``cap`` (seconds).
+    base: float = 1.0
+    cap: float = 60.0
+    #: No attempt starts later than this many seconds after the job was submitted.
+    deadline: float = 3600.0
+
+
 class Step(StrEnum):
     """What the worker does after an attempt."""
 
     SUCCEED = "succeed"
     RETRY = "retry"
+    #: Renew the session token, then retry at once (a 401 "Required session does not exist").
+    REAUTHENTICATE = "reauthenticate"
     FAIL = "fail"
 
 
-def next_step(error: GatewayError | None, *, attempt: int, max_attempts: int) -> Step:
-    """Decide what follows attempt number ``attempt`` that ended with ``error`` (None: answered)."""
+@dataclass(frozen=True)
+class Decision:
+    step: Step
+    #: Seconds until the next attempt (RETRY), never less than a Retry-After.
+    delay: float = 0.0
+    #: Why the job fails (FAIL), in words a person can act on; empty otherwise.
+    reason: str = ""
+
+
+def decide(
+    error: GatewayError | None,
+    *,
+    attempt: int,
+    max_attempts: int,
+    elapsed: float,
+    policy: RetryPolicy,
+    can_reauthenticate: bool = False,
+    reauthenticated: bool = False,
+    rng: random.Random | None = None,
+) -> Decision:
+    """What follows attempt number ``attempt`` that ended with ``error`` (None: an answer).
+
+    ``elapsed`` is the job's age in seconds; ``reauthenticated`` says the previous attempt
+    already ended in a session renewal (so a second 401 in a row fails the job).
+    """
     if error is None:
-        return Step.SUCCEED
-    if isinstance(error, TransientGatewayError) and attempt < max_attempts:
-        return Step.RETRY
-    return Step.FAIL
-
-
-def retry_delay(
-    error: GatewayError, *, attempt: int, base: float, cap: float, rng: random.Random | None = None
-) -> float:
-    """The wait before the next attempt: the backoff, but never less than a Retry-After."""
-    delay = backoff_delay(attempt, base=base, cap=cap, rng=rng)
+        return Decision(Step.SUCCEED)
+    if isinstance(error, AuthenticationFailed) and SESSION_GONE in error.reasons:
+        return _session_gone(can_reauthenticate=can_reauthenticate, reauthenticated=reauthenticated)
+    if not isinstance(error, TransientGatewayError):
+        return Decision(Step.FAIL, reason=str(error))
+    if attempt >= max_attempts:
+        return Decision(Step.FAIL, reason=f"gave up after {attempt} attempts; the last: {error}")
+    delay = backoff_delay(attempt, base=policy.base, cap=policy.cap, rng=rng)
     retry_after = getattr(error, "retry_after", None)
     if retry_after is not None:
         delay = max(delay, float(retry_after))
-    return delay
+    if elapsed + delay > policy.deadline:
+        return Decision(
+            Step.FAIL,
+            reason=f"gave up: the next attempt (in {delay:.1f}s) would start after the job's deadline of "
+            f"{policy.deadline:g}s; the last: {error}",
+        )
+    return Decision(Step.RETRY, delay=delay)
+
+
+def _session_gone(*, can_reauthenticate: bool, reauthenticated: bool) -> Decision:
+    if not can_reauthenticate:
+        return Decision(
+            Step.FAIL,
+            reason="the gateway rejected the QB-Token (session expired or unknown) and a static token cannot be "
+            "renewed: set a fresh QBGW_TOKEN",
+        )
+    if reauthenticated:
+        return Decision(Step.FAIL, reason="the gateway rejected a freshly renewed session token")
+    return Decision(Step.REAUTHENTICATE)

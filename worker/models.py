@@ -85,6 +85,10 @@ class Job(Base):
     http_status: Mapped[int | None] = mapped_column(Integer)
     claimed_by: Mapped[str | None] = mapped_column(String(128))
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: When a broker message for the job was last published; NULL: the sweeper must publish one.
+    announced_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: Set when a cancel arrives while an attempt runs; the attempt then ends the job cancelled.
+    cancel_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -27,20 +27,24 @@ def submit(
     custom_id: str | None = None,
     idempotency_key: str | None = None,
     actor: str | None = None,
+    require_broker: bool = False,
     settings: Settings | None = None,
 ) -> str:
     """Store a gateway job and queue it; returns its id.
 
     A repeated ``idempotency_key`` with the same assistant and messages returns the first
-    job's id and creates nothing.
+    job's id and creates nothing. If the broker cannot take the message, the job stays stored
+    and a sweeper dispatches it (``NotAnnounced`` tells the caller so); with ``require_broker``
+    the broker is checked first and nothing is stored when it is down.
 
     Raises:
         InvalidMessages: the assistant id, messages, custom id or key are malformed.
         InvalidImage: an inline image is not a jpeg/png of at most 50 MB.
         IdempotencyConflict: the key already names a different job.
         StoreUnavailable: the database cannot be reached (nothing was stored).
-        BrokerUnavailable: the broker cannot be reached (nothing was stored).
-        NotAnnounced: the job was stored but its message could not be published.
+        BrokerUnavailable: with ``require_broker``, the broker cannot be reached (nothing was stored).
+        NotAnnounced: the job was stored but its message could not be published (its id is in
+            ``.job_id``; a sweeper dispatches it).
     """
     rt = runtime(settings)
     new = store.NewJob(
@@ -52,12 +56,15 @@ def submit(
         actor=actor or rt.settings.actor or "producer",
         max_attempts=rt.settings.max_attempts,
     )
-    check_broker(rt)
+    if require_broker:
+        check_broker(rt)
     job_id, created = _store(rt, new)
     if created or _still_queued(rt, job_id):
         try:
             publish(rt.celery, job_id)
         except Exception as exc:  # kombu's errors differ per transport
+            with rt.transaction() as session:
+                store.mark_unannounced(session=session, job_id=job_id)  # the next sweep publishes it
             raise NotAnnounced(job_id, type(exc).__name__) from exc
     return job_id
 

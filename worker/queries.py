@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import select
+
 from worker import audit
 from worker.errors import JobNotFound
 from worker.lifecycle import TERMINAL, JobStatus
@@ -15,7 +17,7 @@ from worker.models import Job
 from worker.runtime import runtime
 from worker.settings import Settings
 
-__all__ = ["JobView", "get_job", "wait_for_job", "job_events"]
+__all__ = ["JobView", "get_job", "wait_for_job", "job_events", "failed_jobs"]
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,15 @@ def wait_for_job(
             raise TimeoutError(f"job {job_id} is still {view.status} after {timeout:g}s")
         time.sleep(delay)
         delay = min(delay * 1.5, 1.0)
+
+
+def failed_jobs(*, limit: int = 100, settings: Settings | None = None) -> list[JobView]:
+    """Failed jobs, most recent first, with their reasons (the dead-letter view)."""
+    with runtime(settings).transaction() as session:
+        rows = session.scalars(
+            select(Job).where(Job.status == JobStatus.FAILED).order_by(Job.finished_at.desc()).limit(limit)
+        )
+        return [_view(job) for job in rows]
 
 
 def job_events(job_id: str, *, settings: Settings | None = None) -> list[audit.AuditRecord]:

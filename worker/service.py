@@ -7,6 +7,7 @@ import os
 
 from worker.runtime import runtime
 from worker.settings import Settings
+from worker.sweeper import Sweeper
 
 __all__ = ["run_worker", "worker_argv"]
 
@@ -38,4 +39,9 @@ def run_worker(settings: Settings, *, loglevel: str = "INFO") -> None:
     logging.getLogger("qbgw").setLevel(loglevel.upper())
     rt = runtime(settings)
     rt.session_factory  # noqa: B018 - fail now, not at the first job, if the database is not usable
-    rt.celery.worker_main(argv=worker_argv(settings, loglevel=loglevel))
+    sweeper = Sweeper(settings, settings.sweep_interval).start() if settings.sweep_interval else None
+    try:
+        rt.celery.worker_main(argv=worker_argv(settings, loglevel=loglevel))
+    finally:
+        if sweeper is not None:
+            sweeper.stop()

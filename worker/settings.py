@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from worker.errors import ConfigError
+from worker.lifecycle import RetryPolicy
 
 __all__ = ["Secret", "Settings", "PREFIX"]
 
@@ -78,6 +79,14 @@ class Settings:
     max_attempts: int = 5
     backoff_base: float = 1.0
     backoff_max: float = 60.0
+    #: No attempt starts later than this many seconds after the job was submitted.
+    retry_deadline: float = 3600.0
+    #: A running job's lease outlives its call by this much; then the sweeper may take it back.
+    lease_margin: float = 30.0
+    #: Redis re-delivers a message unacknowledged this long; no message is scheduled beyond it.
+    visibility_timeout: float = 3600.0
+    #: Seconds between the sweeps a worker runs in the background (0: none; run `qbgw sweep`).
+    sweep_interval: float = 5.0
     #: Worker threads per process: about (calls per second) x (upstream latency).
     concurrency: int = 32
     pool: str = "threads"
@@ -124,9 +133,18 @@ class Settings:
 
     def validate(self) -> None:
         """Raises ConfigError for out-of-range values."""
-        for name in ("connect_timeout", "read_timeout", "backoff_base", "backoff_max", "sweep_grace"):
+        for name in ("connect_timeout", "read_timeout", "backoff_base", "backoff_max", "sweep_grace",
+                     "retry_deadline", "lease_margin", "visibility_timeout"):  # fmt: skip
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be a positive number of seconds")
+        if self.sweep_interval < 0:
+            raise ConfigError(f"{PREFIX}SWEEP_INTERVAL must be 0 (off) or a positive number of seconds")
+        if self.visibility_timeout <= self.lease_seconds:
+            raise ConfigError(
+                f"{PREFIX}VISIBILITY_TIMEOUT ({self.visibility_timeout:g}s) must exceed an attempt's lease "
+                f"({self.lease_seconds:g}s = connect + read timeout + lease margin), or Redis would re-deliver "
+                "a message whose attempt is still running"
+            )
         for name in ("max_attempts", "concurrency"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be at least 1")
@@ -134,6 +152,24 @@ class Settings:
             raise ConfigError(f"{PREFIX}POOL must be one of threads, prefork, solo, gevent; got {self.pool!r}")
         if not self.base_url.startswith(("http://", "https://")):
             raise ConfigError(f"{PREFIX}BASE_URL must start with http:// or https://; got {self.base_url!r}")
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(
+            max_attempts=self.max_attempts, base=self.backoff_base, cap=self.backoff_max, deadline=self.retry_deadline
+        )
+
+    @property
+    def lease_seconds(self) -> float:
+        """How long a claim holds a job: longer than any call can take."""
+        return self.connect_timeout + self.read_timeout + self.lease_margin
+
+    @property
+    def countdown_limit(self) -> float:
+        """The longest wait handed to the broker as a countdown; longer waits are kept in the
+        database and dispatched by the sweeper (a Redis countdown past the visibility timeout
+        runs the task twice)."""
+        return min(300.0, self.visibility_timeout / 4)
 
     @property
     def effective_database_url(self) -> str:

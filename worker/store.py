@@ -12,16 +12,29 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import false as sql_false
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import ColumnElement
 
 from worker import audit
-from worker.errors import GatewayError, IdempotencyConflict
+from worker.errors import GatewayError, IdempotencyConflict, JobNotFound, JobStateConflict
 from worker.lifecycle import CLAIMABLE, JobStatus, check_transition
 from worker.models import Job
 
-__all__ = ["NewJob", "Claim", "KeyRace", "create_job", "claim", "record_success", "record_failure", "stale_jobs"]
+__all__ = [
+    "NewJob",
+    "Claim",
+    "KeyRace",
+    "create_job",
+    "claim",
+    "record_success",
+    "record_failure",
+    "mark_unannounced",
+]
+
+_CLAIMABLE = [str(s) for s in CLAIMABLE]
 
 
 class KeyRace(Exception):
@@ -57,10 +70,13 @@ class Claim:
     messages: list[dict[str, Any]]
     max_attempts: int
     actor: str
+    created_at: datetime
+    #: The class of the error that ended the previous attempt, if any.
+    previous_error: str | None
 
 
 def create_job(*, session: Session, new: NewJob, now: datetime) -> tuple[str, bool]:
-    """Insert ``new`` (status queued) with its ``job.submitted`` event.
+    """Insert ``new`` (status queued, announced now) with its ``job.submitted`` event.
 
     Returns (job id, created): with an idempotency key seen before, the first job's id and False.
 
@@ -80,20 +96,12 @@ def create_job(*, session: Session, new: NewJob, now: datetime) -> tuple[str, bo
             return existing.id, False
     session.add(
         Job(
-            id=new.id,
-            status=JobStatus.QUEUED,
-            assistant_id=new.assistant_id,
-            payload=payload,
-            payload_digest=payload_digest,
-            custom_id=new.custom_id,
-            idempotency_key=new.idempotency_key,
-            actor=new.actor,
-            attempts=0,
-            max_attempts=new.max_attempts,
-            created_at=now,
-            updated_at=now,
+            id=new.id, status=JobStatus.QUEUED, assistant_id=new.assistant_id, payload=payload,
+            payload_digest=payload_digest, custom_id=new.custom_id, idempotency_key=new.idempotency_key,
+            actor=new.actor, attempts=0, max_attempts=new.max_attempts, created_at=now, updated_at=now,
+            announced_at=now,  # the producer publishes right after the commit; on failure it clears this
         )
-    )
+    )  # fmt: skip
     try:
         session.flush()
     except IntegrityError as exc:
@@ -116,7 +124,7 @@ def claim(*, session: Session, job_id: str, worker: str, lease: timedelta, now: 
         update(Job)
         .where(
             Job.id == job_id,
-            Job.status.in_([str(s) for s in CLAIMABLE]),
+            Job.status.in_(_CLAIMABLE),
             (Job.next_attempt_at.is_(None)) | (Job.next_attempt_at <= now),
         )
         .values(
@@ -127,57 +135,78 @@ def claim(*, session: Session, job_id: str, worker: str, lease: timedelta, now: 
             next_attempt_at=None,
             last_attempt_at=now,
             updated_at=now,
-        )
+        )  # fmt: skip
         .execution_options(synchronize_session=False)
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]
         return None
     job = session.execute(
-        select(Job.attempts, Job.assistant_id, Job.payload, Job.max_attempts, Job.actor, Job.started_at).where(
-            Job.id == job_id
-        )
+        select(
+            Job.attempts,
+            Job.assistant_id,
+            Job.payload,
+            Job.max_attempts,
+            Job.actor,
+            Job.started_at,
+            Job.created_at,
+            Job.error_class,
+        ).where(Job.id == job_id)  # fmt: skip
     ).one()
     if job.started_at is None:
         session.execute(update(Job).where(Job.id == job_id).values(started_at=now))
     return Claim(
-        job_id=job_id,
-        attempt=job.attempts,
-        assistant_id=job.assistant_id,
-        messages=json.loads(job.payload)["messages"],
-        max_attempts=job.max_attempts,
-        actor=job.actor,
-    )
-
-
-def record_success(*, session: Session, claim: Claim, worker: str, answer: str, now: datetime) -> bool:
-    """Store the answer and finish the job; False if this worker no longer holds it."""
-    done = _finish(
-        session, claim, worker, JobStatus.SUCCEEDED, now,
-        answer=answer, error=None, error_class=None, http_status=200, finished_at=now,
+        job_id=job_id, attempt=job.attempts, assistant_id=job.assistant_id,
+        messages=json.loads(job.payload)["messages"], max_attempts=job.max_attempts, actor=job.actor,
+        created_at=job.created_at, previous_error=job.error_class,
     )  # fmt: skip
-    if done:
-        audit.record(session=session, action=audit.Action.SUCCEEDED, job_id=claim.job_id, actor=worker,
-                     attempt=claim.attempt, outcome="succeeded", http_status=200, at=now)  # fmt: skip
-    return done
+
+
+def record_success(*, session: Session, claim: Claim, worker: str, answer: str, now: datetime) -> JobStatus | None:
+    """Store the answer and finish the job. Returns the status it ended in (cancelled if a
+    cancel arrived during the call: the answer is then not kept), or None if this worker no
+    longer holds the job."""
+    if _finish(session, claim, worker, JobStatus.SUCCEEDED, now,
+               answer=answer, error=None, error_class=None, http_status=200, finished_at=now):  # fmt: skip
+        _event(session, audit.Action.SUCCEEDED, claim, worker, now, outcome="succeeded", http_status=200)
+        return JobStatus.SUCCEEDED
+    return _cancel_if_requested(session, claim, worker, now)
 
 
 def record_failure(
-    *, session: Session, claim: Claim, worker: str, error: GatewayError, retry_at: datetime | None, now: datetime
-) -> bool:
-    """Fail the job, or (``retry_at`` given) set it retrying; False if this worker lost it."""
+    *,
+    session: Session,
+    claim: Claim,
+    worker: str,
+    error: GatewayError,
+    reason: str,
+    retry_at: datetime | None,
+    announced: bool,
+    now: datetime,
+) -> JobStatus | None:
+    """Fail the job with ``reason``, or (``retry_at`` given) set it retrying. Returns the status
+    it ended in (cancelled if a cancel arrived during the call), or None if this worker lost it.
+
+    ``announced`` says a broker message for the retry will be published at once; otherwise the
+    sweeper publishes one when the retry is due.
+    """
     status = JobStatus.RETRYING if retry_at is not None else JobStatus.FAILED
-    done = _finish(
-        session, claim, worker, status, now,
-        error=_reason(error), error_class=type(error).__name__, http_status=error.status,
-        next_attempt_at=retry_at, finished_at=None if retry_at else now,
-    )  # fmt: skip
-    if done:
-        action = audit.Action.RETRY_SCHEDULED if retry_at else audit.Action.FAILED
-        detail = {"next_attempt_at": retry_at.isoformat()} if retry_at else None
-        audit.record(session=session, action=action, job_id=claim.job_id, actor=worker, attempt=claim.attempt,
-                     outcome=str(status), http_status=error.status, error_class=type(error).__name__,
-                     detail=detail, at=now)  # fmt: skip
-    return done
+    values: dict[str, Any] = {"error": reason, "error_class": type(error).__name__, "http_status": error.status}
+    if retry_at is not None:
+        values.update(next_attempt_at=retry_at, announced_at=now if announced else None)
+    else:
+        values.update(finished_at=now)
+    if not _finish(session, claim, worker, status, now, **values):
+        return _cancel_if_requested(session, claim, worker, now, **values)
+    action = audit.Action.RETRY_SCHEDULED if retry_at else audit.Action.FAILED
+    detail = {"next_attempt_at": retry_at.isoformat(), "by": "broker" if announced else "sweeper"} if retry_at else None
+    _event(session, action, claim, worker, now, outcome=str(status), http_status=error.status,
+           error_class=type(error).__name__, detail=detail)  # fmt: skip
+    return status
+
+
+def mark_unannounced(*, session: Session, job_id: str) -> None:
+    """Publishing the job's message failed: let the next sweep publish it."""
+    session.execute(update(Job).where(Job.id == job_id).values(announced_at=None))
 
 
 def _finish(session: Session, claim: Claim, worker: str, status: JobStatus, now: datetime, **values: Any) -> bool:
@@ -189,6 +218,7 @@ def _finish(session: Session, claim: Claim, worker: str, status: JobStatus, now:
             Job.status == JobStatus.RUNNING,
             Job.attempts == claim.attempt,
             Job.claimed_by == worker,
+            Job.cancel_requested_at.is_(None),
         )
         .values(status=status, claimed_by=None, lease_expires_at=None, updated_at=now, **values)
         .execution_options(synchronize_session=False)
@@ -196,30 +226,177 @@ def _finish(session: Session, claim: Claim, worker: str, status: JobStatus, now:
     return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
 
-def _reason(error: GatewayError) -> str:
-    if error.reasons:
-        return f"{error.message}: {'; '.join(error.reasons)}"
-    return error.message
+def _cancel_if_requested(session: Session, claim: Claim, worker: str, now: datetime, **values: Any) -> JobStatus | None:
+    values = {k: v for k, v in values.items() if k in ("error", "error_class", "http_status")}
+    result = session.execute(
+        update(Job)
+        .where(
+            Job.id == claim.job_id,
+            Job.status == JobStatus.RUNNING,
+            Job.attempts == claim.attempt,
+            Job.claimed_by == worker,
+            Job.cancel_requested_at.is_not(None),
+        )  # fmt: skip
+        .values(
+            status=JobStatus.CANCELLED,
+            claimed_by=None,
+            lease_expires_at=None,
+            next_attempt_at=None,
+            finished_at=now,
+            updated_at=now,
+            **values,
+        )  # fmt: skip
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return None
+    _event(session, audit.Action.CANCELLED, claim, worker, now, outcome="cancelled")
+    return JobStatus.CANCELLED
 
 
-def stale_jobs(*, session: Session, now: datetime, grace: timedelta, limit: int = 1000) -> list[str]:
-    """Jobs that should be running but whose message may be lost: queued and untouched for
-    ``grace``, or retrying and overdue by ``grace``."""
+def _event(session: Session, action: audit.Action, claim: Claim, worker: str, now: datetime, **fields: Any) -> None:
+    audit.record(session=session, action=action, job_id=claim.job_id, actor=worker, attempt=claim.attempt,
+                 at=now, **fields)  # fmt: skip
+
+
+def cancel(*, session: Session, job_id: str, actor: str, now: datetime) -> JobStatus:
+    """Cancel the job: at once if it waits; at the end of its attempt if one runs.
+
+    Returns the status it is in now (``running`` means: cancelled when the attempt ends).
+
+    Raises:
+        JobNotFound: no job has this id.
+        JobStateConflict: the job already succeeded or failed.
+    """
+    job = session.get(Job, job_id, with_for_update=True)
+    if job is None:
+        raise JobNotFound(job_id)
+    status = JobStatus(job.status)
+    if status is JobStatus.CANCELLED:
+        return status
+    if status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
+        raise JobStateConflict(f"job {job_id} already {status}; only a waiting or running job can be cancelled")
+    if status is JobStatus.RUNNING:
+        job.cancel_requested_at = job.updated_at = now
+        audit.record(session=session, action=audit.Action.CANCEL_REQUESTED, job_id=job_id, actor=actor,
+                     attempt=job.attempts, at=now)  # fmt: skip
+        return status
+    check_transition(status, JobStatus.CANCELLED)
+    job.status, job.finished_at, job.next_attempt_at, job.updated_at = JobStatus.CANCELLED, now, None, now
+    job.cancel_requested_at = now
+    audit.record(session=session, action=audit.Action.CANCELLED, job_id=job_id, actor=actor, outcome="cancelled",
+                 at=now)  # fmt: skip
+    return JobStatus.CANCELLED
+
+
+def replay(*, session: Session, job_id: str, actor: str, extra_attempts: int, now: datetime) -> int:
+    """Queue a failed job again (a new attempt on the same job); returns its next attempt number.
+
+    Raises:
+        JobNotFound: no job has this id.
+        JobStateConflict: the job has not failed.
+    """
+    job = session.get(Job, job_id, with_for_update=True)
+    if job is None:
+        raise JobNotFound(job_id)
+    if job.status != JobStatus.FAILED:
+        raise JobStateConflict(f"job {job_id} is {job.status}; only a failed job can be replayed")
+    check_transition(JobStatus.FAILED, JobStatus.QUEUED)
+    audit.record(session=session, action=audit.Action.REPLAYED, job_id=job_id, actor=actor, attempt=job.attempts,
+                 detail={"previous_error_class": job.error_class, "previous_http_status": job.http_status},
+                 at=now)  # fmt: skip
+    job.status, job.max_attempts = JobStatus.QUEUED, job.attempts + extra_attempts
+    job.finished_at = job.next_attempt_at = None
+    job.announced_at = job.updated_at = now
+    return job.attempts + 1
+
+
+def recover_interrupted(*, session: Session, now: datetime, limit: int = 500) -> list[str]:
+    """Take back running jobs whose lease ran out (their worker died mid-call): each attempt is
+    audited as interrupted and the job is set retrying now (failed if its attempts are spent,
+    cancelled if a cancel was asked for). Returns the ids set retrying."""
+    rows = session.execute(
+        select(Job.id, Job.attempts, Job.max_attempts, Job.claimed_by, Job.cancel_requested_at)
+        .where(Job.status == JobStatus.RUNNING, Job.lease_expires_at <= now)
+        .limit(limit)
+    ).all()
+    retrying = []
+    for row in rows:
+        status = _interrupted_status(row.attempts, row.max_attempts, row.cancel_requested_at)
+        values: dict[str, Any] = {"next_attempt_at": now, "announced_at": None}
+        if status is not JobStatus.RETRYING:
+            values = {"finished_at": now}
+        reason = f"attempt {row.attempts} interrupted: its worker {row.claimed_by} stopped before recording an outcome"
+        taken = session.execute(
+            update(Job)
+            .where(
+                Job.id == row.id,
+                Job.status == JobStatus.RUNNING,
+                Job.attempts == row.attempts,
+                Job.lease_expires_at <= now,
+            )  # fmt: skip
+            .values(
+                status=status,
+                claimed_by=None,
+                lease_expires_at=None,
+                updated_at=now,
+                error=reason,
+                error_class="Interrupted",
+                http_status=None,
+                **values,
+            )  # fmt: skip
+            .execution_options(synchronize_session=False)
+        )
+        if taken.rowcount != 1:  # type: ignore[attr-defined]
+            continue
+        audit.record(session=session, action=audit.Action.ATTEMPT_INTERRUPTED, job_id=row.id, actor="sweeper",
+                     attempt=row.attempts, outcome="interrupted", detail={"worker": row.claimed_by},
+                     at=now)  # fmt: skip
+        follow = {JobStatus.RETRYING: audit.Action.RETRY_SCHEDULED, JobStatus.FAILED: audit.Action.FAILED}
+        audit.record(session=session, action=follow.get(status, audit.Action.CANCELLED), job_id=row.id,
+                     actor="sweeper", attempt=row.attempts, outcome=str(status), at=now)  # fmt: skip
+        if status is JobStatus.RETRYING:
+            retrying.append(row.id)
+    return retrying
+
+
+def _interrupted_status(attempts: int, max_attempts: int, cancel_requested_at: datetime | None) -> JobStatus:
+    if cancel_requested_at is not None:
+        return JobStatus.CANCELLED
+    return JobStatus.RETRYING if attempts < max_attempts else JobStatus.FAILED
+
+
+def due_for_dispatch(
+    *, session: Session, now: datetime, grace: timedelta, broker_backlog: int | None = None, limit: int = 1000
+) -> list[str]:
+    """Jobs that need a broker message now, marked as announced (and audited as redispatched):
+    retries kept in the database that are due, and jobs whose message looks lost (queued, or a
+    retry overdue, for longer than ``grace``).
+
+    ``broker_backlog`` is how many messages wait in the broker: while it covers every queued job
+    that looks lost, they are only slow (a backlog), not lost, and are left alone.
+    """
+    unannounced = Job.announced_at.is_(None)
+    lost = Job.announced_at <= now - grace
+    queued_lost: ColumnElement[bool] = (Job.status == JobStatus.QUEUED) & lost
+    if broker_backlog is not None:
+        stale = session.scalar(select(func.count()).select_from(Job).where(queued_lost)) or 0
+        if broker_backlog >= stale:
+            queued_lost = sql_false()
     rows = session.scalars(
         select(Job.id)
         .where(
-            ((Job.status == JobStatus.QUEUED) & (Job.updated_at <= now - grace))
-            | (
-                (Job.status == JobStatus.RETRYING)
-                & (Job.next_attempt_at <= now - grace)
-                & (Job.updated_at <= now - grace)
-            )
+            ((Job.status == JobStatus.QUEUED) & unannounced)
+            | queued_lost
+            | ((Job.status == JobStatus.RETRYING) & (Job.next_attempt_at <= now) & unannounced)
+            | ((Job.status == JobStatus.RETRYING) & (Job.next_attempt_at <= now - grace) & lost)
         )
         .order_by(Job.created_at)
         .limit(limit)
     )
     ids = list(rows)
     if ids:
-        # Touched, so that the next sweep leaves them alone for another ``grace``.
-        session.execute(update(Job).where(Job.id.in_(ids)).values(updated_at=now))
+        session.execute(update(Job).where(Job.id.in_(ids)).values(announced_at=now))
+        for job_id in ids:
+            audit.record(session=session, action=audit.Action.REDISPATCHED, job_id=job_id, actor="sweeper", at=now)
     return ids

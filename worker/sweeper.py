@@ -1,26 +1,41 @@
-"""Sweeper: re-announce jobs whose broker message may have been lost. The database is the
-source of truth, so a lost message (a broker restarted empty, a publish that failed after the
-commit) delays a job but never loses it; a duplicate message is a no-op at the claim.
+"""Sweeper: the database's side of delivery. It takes back jobs whose worker died mid-call
+(their lease ran out), and publishes a message for every job that needs one: retries kept in
+the database until due, and jobs whose message was lost (a broker restarted empty, a publish
+that failed after the commit). A duplicate message is a no-op at the claim.
+
+Every ``qbgw worker`` runs it in a background thread (``QBGW_SWEEP_INTERVAL``); ``qbgw sweep``
+runs it once or on a schedule.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 from worker import store
-from worker.celery_app import publish
+from worker.celery_app import backlog, publish
+from worker.errors import QbgwError
 from worker.models import utcnow
 from worker.runtime import runtime
 from worker.settings import Settings
 
-__all__ = ["sweep"]
+__all__ = ["SweepReport", "sweep", "Sweeper"]
 
 log = logging.getLogger("qbgw.sweeper")
 
 
-def sweep(*, settings: Settings | None = None, grace: float | None = None) -> list[str]:
-    """Publish a message again for every stale job; returns their ids.
+@dataclass(frozen=True)
+class SweepReport:
+    #: Jobs taken back from a dead worker and set to retry.
+    recovered: list[str] = field(default_factory=list)
+    #: Jobs a message was published for.
+    dispatched: list[str] = field(default_factory=list)
+
+
+def sweep(*, settings: Settings | None = None, grace: float | None = None) -> SweepReport:
+    """One sweep: recover interrupted attempts, then publish what needs publishing.
 
     Raises:
         StoreUnavailable: the database cannot be reached.
@@ -28,8 +43,43 @@ def sweep(*, settings: Settings | None = None, grace: float | None = None) -> li
     rt = runtime(settings)
     wait = timedelta(seconds=rt.settings.sweep_grace if grace is None else grace)
     with rt.transaction() as session:
-        stale = store.stale_jobs(session=session, now=utcnow(), grace=wait)
-    for job_id in stale:
-        publish(rt.celery, job_id)
-        log.info("job %s: re-announced by the sweeper", job_id)
-    return stale
+        recovered = store.recover_interrupted(session=session, now=utcnow())
+    waiting = backlog(rt.celery, rt.settings.queue)
+    with rt.transaction() as session:
+        due = store.due_for_dispatch(session=session, now=utcnow(), grace=wait, broker_backlog=waiting)
+    published = []
+    for job_id in due:
+        try:
+            publish(rt.celery, job_id)
+        except Exception as exc:  # the broker is down: the next sweep after the grace tries again
+            log.warning("job %s: could not publish (%s)", job_id, type(exc).__name__)
+            continue
+        published.append(job_id)
+    if recovered or published:
+        log.info("sweep: %d interrupted attempt(s) recovered, %d job(s) dispatched", len(recovered), len(published))
+    return SweepReport(recovered=recovered, dispatched=published)
+
+
+class Sweeper:
+    """Runs :func:`sweep` every ``interval`` seconds in a daemon thread until stopped."""
+
+    def __init__(self, settings: Settings, interval: float) -> None:
+        self.settings = settings
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="qbgw-sweeper", daemon=True)
+
+    def start(self) -> Sweeper:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                sweep(settings=self.settings)
+            except QbgwError as exc:  # the database or broker is away; the next sweep tries again
+                log.warning("sweep failed: %s", exc)

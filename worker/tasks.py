@@ -2,7 +2,7 @@
 
 Decisions (retry or not, how long to wait) come from ``lifecycle``; writes from ``store`` and
 ``audit``; HTTP from ``gateway``. The attempt's request is audited and committed before the
-call, so a crash mid-call still leaves a trace.
+call, so a crash mid-call still leaves a trace (and the sweeper audits it as interrupted).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from celery import Celery, Task
 from worker import audit, lifecycle, store
 from worker.errors import StoreUnavailable, TransientGatewayError
 from worker.gateway import Exchange, encode_request
+from worker.lifecycle import Decision, JobStatus, Step
 from worker.models import utcnow
 from worker.runtime import Runtime, runtime
 
@@ -33,11 +34,21 @@ STORE_RETRY_SECONDS = 5.0
 
 
 class Outcome(StrEnum):
-    SKIPPED = "skipped"  # not claimable: a duplicate delivery, or already finished
+    SKIPPED = "skipped"  # not claimable: a duplicate delivery, not due, or already finished
     SUCCEEDED = "succeeded"
     RETRYING = "retrying"
     FAILED = "failed"
+    CANCELLED = "cancelled"  # a cancel arrived while the attempt ran
     LOST = "lost"  # another worker took the job over while this attempt ran
+
+
+_OUTCOME = {
+    JobStatus.SUCCEEDED: Outcome.SUCCEEDED,
+    JobStatus.RETRYING: Outcome.RETRYING,
+    JobStatus.FAILED: Outcome.FAILED,
+    JobStatus.CANCELLED: Outcome.CANCELLED,
+    None: Outcome.LOST,
+}
 
 
 def register(app: Celery) -> None:
@@ -49,38 +60,54 @@ def register(app: Celery) -> None:
         try:
             return str(run_attempt(runtime(self.app.qbgw_settings), job_id))
         except StoreUnavailable as exc:
-            # Keep the job's doorbell ringing: the database is the source of truth, and it is
-            # not there to tell us the job's state. Nothing has been called upstream yet.
+            # The database is the source of truth and it is not there: keep the job's message
+            # alive (a new one, later) rather than drop it. Nothing was sent upstream yet.
             log.warning("job %s: database unavailable, retrying in %.0fs", job_id, STORE_RETRY_SECONDS)
             raise self.retry(exc=exc, countdown=STORE_RETRY_SECONDS) from None
 
 
 def run_attempt(rt: Runtime, job_id: str) -> Outcome:
     """One attempt at ``job_id``: claim, call, record. Raises StoreUnavailable before the call."""
-    settings = rt.settings
-    lease = timedelta(seconds=settings.connect_timeout + settings.read_timeout + 30)
+    lease = timedelta(seconds=rt.settings.lease_seconds)
     with rt.transaction() as session:
         claim = store.claim(session=session, job_id=job_id, worker=rt.identity, lease=lease, now=utcnow())
         if claim is None:
-            log.debug("job %s: nothing to do (duplicate delivery or not due)", job_id)
+            log.debug("job %s: nothing to do (duplicate delivery, not due, or finished)", job_id)
             return Outcome.SKIPPED
         body = encode_request(claim.assistant_id, claim.messages)
         audit.record(session=session, action=audit.Action.ATTEMPT_REQUEST, job_id=job_id, actor=rt.identity,
                      attempt=claim.attempt, request=(audit.digest(body), len(body)))  # fmt: skip
     exchange = rt.gateway.send(body)
-    outcome, delay = _record(rt, claim, exchange)
+    decision = _decide(rt, claim, exchange)
+    outcome = _record(rt, claim, exchange, decision)
     log.info("job %s attempt %d: %s (HTTP %s, %d ms)", job_id, claim.attempt, outcome,
              exchange.status or "-", exchange.latency_ms)  # fmt: skip
-    if outcome is Outcome.RETRYING:
-        _publish_retry(rt, job_id, delay)
+    if outcome is Outcome.RETRYING and decision.delay <= rt.settings.countdown_limit:
+        _publish_retry(rt, job_id, decision.delay)
     return outcome
 
 
-def _record(rt: Runtime, claim: store.Claim, exchange: Exchange) -> tuple[Outcome, float]:
+def _decide(rt: Runtime, claim: store.Claim, exchange: Exchange) -> Decision:
+    decision = lifecycle.decide(
+        exchange.error,
+        attempt=claim.attempt,
+        max_attempts=claim.max_attempts,
+        elapsed=(utcnow() - claim.created_at).total_seconds(),
+        policy=rt.settings.retry_policy,
+        can_reauthenticate=rt.gateway.tokens.can_renew,
+        reauthenticated=claim.previous_error == "AuthenticationFailed",
+    )
+    if decision.step is Step.REAUTHENTICATE:
+        rt.gateway.tokens.renew()
+        return Decision(Step.RETRY, delay=0.0)
+    return decision
+
+
+def _record(rt: Runtime, claim: store.Claim, exchange: Exchange, decision: Decision) -> Outcome:
     for tries_left in (2, 1, 0):  # the answer is paid for: try hard to keep it
         try:
             with rt.transaction() as session:
-                return _record_in(session, rt, claim, exchange)
+                return _record_in(session, rt, claim, exchange, decision)
         except StoreUnavailable:
             if not tries_left:
                 raise
@@ -88,33 +115,38 @@ def _record(rt: Runtime, claim: store.Claim, exchange: Exchange) -> tuple[Outcom
     raise AssertionError("unreachable")
 
 
-def _record_in(session: Session, rt: Runtime, claim: store.Claim, exchange: Exchange) -> tuple[Outcome, float]:
+def _record_in(session: Session, rt: Runtime, claim: store.Claim, exchange: Exchange, decision: Decision) -> Outcome:
     """Audit the exchange and move the job on, in the caller's transaction."""
     now = utcnow()
     _audit_exchange(session, rt.identity, claim, exchange, now)
-    if exchange.error is None:
+    worker = rt.identity
+    if decision.step is Step.SUCCEED:
         assert exchange.answer is not None
-        kept = store.record_success(session=session, claim=claim, worker=rt.identity, answer=exchange.answer, now=now)
-        return (Outcome.SUCCEEDED if kept else Outcome.LOST), 0.0
-    settings = rt.settings
-    delay: float | None = None
-    step = lifecycle.next_step(exchange.error, attempt=claim.attempt, max_attempts=claim.max_attempts)
-    if step is lifecycle.Step.RETRY:
-        delay = lifecycle.retry_delay(
-            exchange.error, attempt=claim.attempt, base=settings.backoff_base, cap=settings.backoff_max
-        )
-    retry_at = None if delay is None else now + timedelta(seconds=delay)
-    kept = store.record_failure(
-        session=session, claim=claim, worker=rt.identity, error=exchange.error, retry_at=retry_at, now=now
-    )
-    if not kept:
-        return Outcome.LOST, 0.0
-    return (Outcome.FAILED, 0.0) if delay is None else (Outcome.RETRYING, delay)
+        status = store.record_success(session=session, claim=claim, worker=worker, answer=exchange.answer, now=now)
+        return _OUTCOME[status]
+    assert exchange.error is not None
+    retrying = decision.step is Step.RETRY
+    status = store.record_failure(
+        session=session, claim=claim, worker=worker, error=exchange.error,
+        reason=_reason(exchange, decision), retry_at=now + timedelta(seconds=decision.delay) if retrying else None,
+        announced=decision.delay <= rt.settings.countdown_limit, now=now,
+    )  # fmt: skip
+    return _OUTCOME[status]
+
+
+def _reason(exchange: Exchange, decision: Decision) -> str:
+    error = exchange.error
+    assert error is not None
+    text = decision.reason or str(error)
+    if error.reasons and not decision.reason.startswith("the gateway rejected"):
+        text = f"{text}: {'; '.join(error.reasons)}"
+    return text
 
 
 def _audit_exchange(session: Session, actor: str, claim: store.Claim, exchange: Exchange, now: datetime) -> None:
     error = exchange.error
     kind = "answer" if error is None else ("transient" if isinstance(error, TransientGatewayError) else "permanent")
+    retry_after = getattr(error, "retry_after", None)
     audit.record(
         session=session,
         action=audit.Action.ATTEMPT_RESPONSE if exchange.status is not None else audit.Action.ATTEMPT_ERROR,
@@ -126,6 +158,9 @@ def _audit_exchange(session: Session, actor: str, claim: store.Claim, exchange: 
         error_class=type(error).__name__ if error else None,
         latency_ms=exchange.latency_ms,
         response=None if exchange.response_digest is None else (exchange.response_digest, exchange.response_bytes or 0),
+        detail={"retry_after": retry_after}
+        if (retry_after := getattr(error, "retry_after", None)) is not None
+        else None,
         at=now,
     )
 
@@ -135,5 +170,10 @@ def _publish_retry(rt: Runtime, job_id: str, delay: float) -> None:
 
     try:
         publish(rt.celery, job_id, countdown=delay)
-    except Exception:  # the broker's errors vary by transport; the job is safe in the database
-        log.exception("job %s: could not publish its retry; `qbgw sweep` will re-dispatch it", job_id)
+    except Exception as exc:  # the broker's errors vary by transport; the job is safe in the database
+        log.warning("job %s: could not publish its retry (%s); the sweeper will", job_id, type(exc).__name__)
+        try:
+            with rt.transaction() as session:
+                store.mark_unannounced(session=session, job_id=job_id)
+        except StoreUnavailable:
+            pass  # the sweeper's grace period covers this too

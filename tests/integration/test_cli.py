@@ -95,8 +95,16 @@ def test_bad_input_is_one_line_and_a_named_exit_code(
     assert jobs_stored(embedded_settings) == 0
 
 
-def test_an_unreachable_broker_exits_5_and_stores_nothing(env: dict[str, str], embedded_settings: Settings) -> None:
+def test_a_broker_outage_keeps_the_job_and_warns(env: dict[str, str], embedded_settings: Settings) -> None:
     result = qbgw({**env, "QBGW_BROKER_URL": "redis://127.0.0.1:1/0"}, "submit", "--text", "hi")
+    assert result.exit_code == 0 and len(result.stdout.split()) == 1
+    assert "warning: job" in result.stderr and "sweep" in result.stderr
+    assert jobs_stored(embedded_settings) == 1
+
+
+def test_require_broker_exits_5_and_stores_nothing(env: dict[str, str], embedded_settings: Settings) -> None:
+    down = {**env, "QBGW_BROKER_URL": "redis://127.0.0.1:1/0"}
+    result = qbgw(down, "submit", "--require-broker", "--text", "hi")
     assert result.exit_code == EXIT["unavailable"] and "unreachable" in result.stderr
     assert jobs_stored(embedded_settings) == 0
 
@@ -121,5 +129,5 @@ def test_sweep_re_announces_a_job_whose_message_was_lost(env: dict[str, str], em
     for message in (embedded_settings.broker_dir / "queue").glob("*.msg"):
         message.unlink()  # the broker forgot it
     time.sleep(0.05)
-    assert qbgw({**env, "QBGW_SWEEP_GRACE": "0.01"}, "sweep").stdout.split() == [job_id]
+    assert qbgw({**env, "QBGW_SWEEP_GRACE": "0.01"}, "sweep").stdout.split() == ["dispatched", job_id]
     assert len(list((embedded_settings.broker_dir / "queue").glob("*.msg"))) == 1

@@ -1,4 +1,5 @@
-"""The gateway emulator over a real socket: the contract, the scripted faults and the control endpoints."""
+"""The gateway emulator over a real socket: the contract, the scripted and random faults, the accounting
+and the control endpoints."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import requests
 
 from tests.images import data_uri, jpeg_bytes, png_bytes
 from worker import emulator as emulator_module
-from worker.emulator import GATEWAY_PATH, Emulator, EmulatorConfig
+from worker.emulator import FAULT_KINDS, GATEWAY_PATH, Emulator, EmulatorConfig
 
 TOKEN = "emulator-token"
 ASSISTANT = "65d5f3473d5d68095462165d"
@@ -200,7 +201,8 @@ def test_reset_x1_fails_once_then_the_retry_succeeds(em: Emulator, http: request
     with pytest.raises(requests.ConnectionError):
         post(http, em, job)
     assert post(http, em, job).status_code == 200
-    assert em.stats()["by_status"] == {"reset": 1, "200": 1}
+    assert em.stats()["by_status"] == {"reset-after": 1, "200": 1}
+    assert em.stats()["faults"] == {"reset-after": 1}
 
 
 def test_sleep_x1_exceeds_the_read_timeout_once(http: requests.Session) -> None:
@@ -323,3 +325,245 @@ def test_a_stopped_emulator_refuses_connections() -> None:
         s.trust_env = False
         with pytest.raises(requests.ConnectionError):
             s.get(url + "/_emulator/stats", timeout=2)
+
+
+# Random faults and the accounting. Each test that needs a config of its own gets an emulator of its own.
+
+
+PHRASES = {"429": "Too Many Requests", "500": "Internal Server Error", "503": "Service Unavailable"}
+
+
+def faulty(**config: Any) -> Emulator:
+    return Emulator(EmulatorConfig(**config)).start()
+
+
+def outcome(http: requests.Session, em: Emulator, payload: object, timeout: float = 5) -> str:
+    """What a client saw: "reset", "timeout", "malformed" (a 200 without an answer) or the status."""
+    try:
+        r = post(http, em, payload, timeout=timeout)
+    except requests.ReadTimeout:
+        return "timeout"
+    except requests.ConnectionError:
+        return "reset"
+    if r.status_code == 200 and "answer" not in r.json():
+        return "malformed"
+    return str(r.status_code)
+
+
+@pytest.mark.parametrize(
+    ("kind", "seen"),
+    [
+        ("429", "429"),
+        ("429-retry-after", "429"),
+        ("500", "500"),
+        ("502", "502"),
+        ("503", "503"),
+        ("hang", "timeout"),
+        ("reset-before", "reset"),
+        ("reset-after", "reset"),
+        ("malformed", "malformed"),
+    ],
+)
+def test_fault_rate_1_with_one_kind_gives_that_fault_every_time(http: requests.Session, kind: str, seen: str) -> None:
+    with faulty(fault_rate=1, fault_kinds=(kind,), hang_seconds=0.5, retry_after=3) as own:
+        for i in range(3):
+            assert outcome(http, own, body(f"job {i}"), timeout=0.2 if kind == "hang" else 5) == seen
+        stats = own.stats()
+        assert (stats["faults"], stats["requests"]) == ({kind: 3}, 3)
+        assert isinstance(stats["last_fault_at"], float)
+
+
+@pytest.mark.parametrize("kind", ["429", "429-retry-after", "500", "502", "503", "malformed"])
+def test_random_fault_replies_carry_their_documented_shape(http: requests.Session, kind: str) -> None:
+    with faulty(fault_rate=1, fault_kinds=(kind,), retry_after=3) as own:
+        r = post(http, own, body("hi"))
+    assert r.headers.get("Retry-After") == ("3" if kind == "429-retry-after" else None)
+    if kind == "502":
+        assert (r.headers["Content-Type"].startswith("text/html"), r.text) == (
+            True,
+            "<html><body>Bad Gateway</body></html>",
+        )
+    elif kind == "malformed":
+        assert (r.status_code, r.json()) == (200, {"result": 1})
+    else:
+        assert (r.status_code, r.json()) == (int(kind[:3]), {"errors": [PHRASES[kind[:3]]]})
+
+
+def test_resets_and_hangs_count_as_requests_under_their_outcome(http: requests.Session) -> None:
+    with faulty(fault_rate=1, fault_kinds=("reset-before",)) as own:
+        outcome(http, own, body("a"))
+        own.reconfigure(fault_kinds=["reset-after"])
+        outcome(http, own, body("b"))
+        own.reconfigure(fault_kinds=["hang"], hang_seconds=0.3)
+        assert outcome(http, own, body("c"), timeout=0.1) == "timeout"
+        deadline = time.monotonic() + 5
+        while own.stats()["by_status"].get("200") is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stats = own.stats()
+        assert stats["by_status"] == {"reset-before": 1, "reset-after": 1, "200": 1}
+        assert (stats["requests"], len(own.arrivals()), stats["bodies"]) == (3, 3, 2)  # no body read before a reset
+        assert stats["faults"] == {"reset-before": 1, "reset-after": 1, "hang": 1}
+
+
+def test_fault_rate_0_gives_no_faults(http: requests.Session) -> None:
+    with faulty(fault_rate=0, fault_seed=1) as own:
+        assert {outcome(http, own, body(f"job {i}")) for i in range(50)} == {"200"}
+        stats = own.stats()
+        assert (stats["faults"], stats["last_fault_at"], stats["by_status"]) == ({}, None, {"200": 50})
+
+
+def test_a_seeded_run_repeats_its_faults_at_about_the_rate(http: requests.Session) -> None:
+    def run(em: Emulator) -> list[str]:
+        return [outcome(http, em, body(f"job {i}")) for i in range(200)]
+
+    with faulty(fault_rate=0.3, fault_seed=42, hang_seconds=0.01) as own:
+        first, first_faults = run(own), own.stats()["faults"]
+        own.reset()  # re-seeds
+        second, second_faults = run(own), own.stats()["faults"]
+    assert first == second and first_faults == second_faults
+    injected = sum(first_faults.values())
+    assert 0.15 * 200 <= injected <= 0.45 * 200
+    visible = sum(o != "200" for o in first) + first_faults.get("hang", 0)
+    assert visible == injected
+    assert len(set(first_faults)) >= 5
+
+
+def test_reconfiguring_the_seed_restarts_the_sequence(http: requests.Session) -> None:
+    with faulty(fault_rate=0.5, fault_seed=7, fault_kinds=("500",)) as own:
+        first = [outcome(http, own, body(f"job {i}")) for i in range(30)]
+        own.reconfigure(fault_seed=7)
+        assert [outcome(http, own, body(f"job {i}")) for i in range(30)] == first
+        assert {"200", "500"} == set(first)
+
+
+def test_a_retry_before_retry_after_elapses_counts_as_early(http: requests.Session) -> None:
+    with faulty(fault_rate=1, fault_kinds=("429-retry-after",), retry_after=2) as own:
+        job = body("impatient")
+        assert post(http, own, job).headers["Retry-After"] == "2"
+        assert post(http, own, job).status_code == 429  # at once: 2 s too early
+        assert post(http, own, body("another job")).status_code == 429  # a first try is never early
+        stats = own.stats()
+        assert (stats["early_retries"], stats["retry_after_sent"], stats["bodies"]) == (1, 3, 2)
+
+
+def test_a_retry_after_retry_after_elapses_is_not_early(http: requests.Session) -> None:
+    with faulty(fault_rate=1, fault_kinds=("429-retry-after",), retry_after=1) as own:
+        job = body("patient")
+        assert post(http, own, job).status_code == 429
+        time.sleep(1.1)
+        assert post(http, own, job).status_code == 429
+        assert (own.stats()["early_retries"], own.stats()["retry_after_sent"]) == (0, 2)
+
+
+def test_scripted_429_with_retry_after_is_accounted_too(em: Emulator, http: requests.Session) -> None:
+    job = body("[[emulator:fail=429x1]] [[emulator:retry-after=2]]")
+    assert post(http, em, job).status_code == 429
+    assert post(http, em, job).status_code == 200  # the script is done, but the retry came 2 s early
+    assert post(http, em, body("[[emulator:fail=429x1]]")).status_code == 429  # no Retry-After: not tracked
+    stats = em.stats()
+    assert (stats["early_retries"], stats["retry_after_sent"]) == (1, 1)
+    assert stats["faults"] == {"429-retry-after": 1, "429": 1}
+
+
+def test_a_scripted_fault_is_not_given_a_random_one_too(http: requests.Session) -> None:
+    with faulty(fault_rate=1, fault_kinds=("500",)) as own:
+        assert post(http, own, body("[[emulator:fail=503]]")).status_code == 503
+        assert post(http, own, body("[[emulator:sleep=0.01]]")).status_code == 200
+        assert own.stats()["faults"] == {"503": 1, "hang": 1}
+
+
+def test_random_faults_come_only_after_the_contract_checks(http: requests.Session) -> None:
+    with faulty(fault_rate=1, fault_kinds=("503",)) as own:
+        assert post(http, own, body("hi"), token="expired").status_code == 401
+        assert post(http, own, body("hi", assistant="000000000000000000000000")).status_code == 404
+        assert post(http, own, body("hi")).status_code == 503
+        assert own.stats()["faults"] == {"503": 1}
+
+
+def test_stats_have_the_accounting_keys_and_reset_clears_them(em: Emulator, http: requests.Session) -> None:
+    post(http, em, body("[[emulator:fail=429]] [[emulator:retry-after=5]]"))
+    post(http, em, body("[[emulator:fail=429]] [[emulator:retry-after=5]]"))
+    stats = http.get(em.url + "/_emulator/stats", timeout=5).json()
+    assert set(stats) == {
+        "requests",
+        "by_status",
+        "connections",
+        "faults",
+        "last_fault_at",
+        "early_retries",
+        "retry_after_sent",
+        "bodies",
+    }
+    assert (stats["faults"], stats["early_retries"], stats["retry_after_sent"], stats["bodies"]) == (
+        {"429-retry-after": 2},
+        1,
+        2,
+        1,
+    )
+    assert time.time() - 5 < stats["last_fault_at"] <= time.time()
+    cleared = http.post(em.url + "/_emulator/reset", timeout=5).json()
+    assert {k: cleared[k] for k in ("faults", "last_fault_at", "early_retries", "retry_after_sent", "bodies")} == {
+        "faults": {},
+        "last_fault_at": None,
+        "early_retries": 0,
+        "retry_after_sent": 0,
+        "bodies": 0,
+    }
+    assert post(http, em, body("[[emulator:fail=429]] [[emulator:retry-after=5]]")).status_code == 429
+    assert em.stats()["early_retries"] == 0  # reset() forgot the Retry-After too
+
+
+def test_control_config_sets_the_fault_fields(em: Emulator, http: requests.Session) -> None:
+    change = {"fault_rate": 1, "fault_seed": 3, "fault_kinds": ["500"], "hang_seconds": 0.5, "retry_after": 4}
+    r = http.post(em.url + "/_emulator/config", json=change, timeout=5)
+    assert r.status_code == 200
+    assert {k: r.json()[k] for k in change} == {**change, "fault_rate": 1.0}
+    assert em.config.fault_kinds == ("500",) and em.config.fault_rate == 1.0
+    assert post(http, em, body("hi")).status_code == 500
+    assert http.get(em.url + "/_emulator/config", timeout=5).json()["fault_kinds"] == ["500"]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"fault_rate": 1.5},
+        {"fault_rate": -0.1},
+        {"fault_rate": True},
+        {"fault_kinds": ["boom"]},
+        {"fault_kinds": []},
+        {"fault_kinds": ["500", "500"]},
+        {"fault_kinds": "500"},
+        {"fault_seed": "x"},
+        {"hang_seconds": -1},
+        {"retry_after": 1.5},
+        {"retry_after": -1},
+        {"fault_rate": 0.5, "fault_kinds": ["boom"]},  # all or nothing
+    ],
+)
+def test_control_config_rejects_bad_fault_fields(em: Emulator, http: requests.Session, change: dict[str, Any]) -> None:
+    r = http.post(em.url + "/_emulator/config", json=change, timeout=5)
+    assert r.status_code == 400
+    assert r.json()["errors"][0].startswith(next(iter(change)) if len(change) == 1 else "fault_kinds")
+    assert em.config == EmulatorConfig()
+
+
+def test_a_config_with_bad_fault_fields_is_refused_at_construction() -> None:
+    with pytest.raises(ValueError, match="fault_kinds"):
+        Emulator(EmulatorConfig(fault_kinds=("boom",)))
+    with pytest.raises(ValueError, match="fault_rate"):
+        Emulator(EmulatorConfig(fault_rate=2))
+
+
+def test_fault_kinds_default_to_every_kind() -> None:
+    assert EmulatorConfig().fault_kinds == FAULT_KINDS
+    assert set(FAULT_KINDS) == {
+        "429",
+        "429-retry-after",
+        "500",
+        "502",
+        "503",
+        "hang",
+        "reset-before",
+        "reset-after",
+        "malformed",
+    }

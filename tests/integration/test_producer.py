@@ -10,10 +10,18 @@ from sqlalchemy import func, select
 
 from tests.conftest import ASSISTANT
 from worker import producer
-from worker.errors import BrokerUnavailable, IdempotencyConflict, InvalidImage, InvalidMessages, StoreUnavailable
+from worker.errors import (
+    BrokerUnavailable,
+    IdempotencyConflict,
+    InvalidImage,
+    InvalidMessages,
+    NotAnnounced,
+    StoreUnavailable,
+)
 from worker.models import AuditEvent, Job
 from worker.runtime import runtime
 from worker.settings import Settings
+from worker.sweeper import sweep
 
 PHI = "Patient Zebulon Quartermaine, DOB 1931-02-03"
 MESSAGES = [{"role": "user", "content": PHI}]
@@ -80,10 +88,21 @@ def test_an_unreachable_database_is_a_clear_error(settings: Settings) -> None:
     assert broker_files(down) == []
 
 
-def test_an_unreachable_broker_stores_nothing(settings: Settings) -> None:
+def test_a_broker_outage_keeps_the_job_and_says_the_sweeper_will_dispatch_it(settings: Settings) -> None:
+    down = settings.with_(broker_url="redis://127.0.0.1:1/0")
+    with pytest.raises(NotAnnounced, match="is stored, but the broker could not be told") as caught:
+        producer.submit(ASSISTANT, MESSAGES, settings=down)
+    assert counts(settings) == (1, 1)
+    # The sweeper (here on the embedded broker, which is up) publishes it on its first pass.
+    report = sweep(settings=settings)
+    assert report.dispatched == [caught.value.job_id]
+    assert len(broker_files(settings)) == 1
+
+
+def test_with_require_broker_an_unreachable_broker_stores_nothing(settings: Settings) -> None:
     down = settings.with_(broker_url="redis://127.0.0.1:1/0")
     with pytest.raises(BrokerUnavailable, match="broker redis://127.0.0.1:1/0 unreachable"):
-        producer.submit(ASSISTANT, MESSAGES, settings=down)
+        producer.submit(ASSISTANT, MESSAGES, require_broker=True, settings=down)
     assert counts(settings) == (0, 0)
 
 

@@ -85,15 +85,16 @@ def test_exactly_one_final_result_even_if_a_stale_worker_reports(settings: Setti
     error = UpstreamServerError("gateway answered HTTP 503", 503, ("Service Unavailable",))
     with runtime(settings).transaction() as session:
         retry_at = utcnow() + timedelta(seconds=0.01)
-        assert store.record_failure(session=session, claim=first, worker="w1", error=error, retry_at=retry_at,
-                                    now=utcnow())  # fmt: skip
+        assert store.record_failure(session=session, claim=first, worker="w1", error=error, reason=str(error),
+                                    retry_at=retry_at, announced=True, now=utcnow())  # fmt: skip
     second = claim(settings, job_id, "w2", now_shift=1)
     assert second is not None and second.attempt == 2
     with runtime(settings).transaction() as session:
         # The first worker comes back late with an answer: it no longer holds the job.
-        assert not store.record_success(session=session, claim=first, worker="w1", answer="late", now=utcnow())
-        assert store.record_success(session=session, claim=second, worker="w2", answer="on time", now=utcnow())
-        assert not store.record_success(session=session, claim=second, worker="w2", answer="twice", now=utcnow())
+        assert store.record_success(session=session, claim=first, worker="w1", answer="late", now=utcnow()) is None
+        ok = store.record_success(session=session, claim=second, worker="w2", answer="on time", now=utcnow())
+        assert ok is JobStatus.SUCCEEDED
+        assert store.record_success(session=session, claim=second, worker="w2", answer="twice", now=utcnow()) is None
     with runtime(settings).transaction() as session:
         job = session.get(Job, job_id)
         assert job is not None
@@ -108,7 +109,8 @@ def test_a_retrying_job_is_not_claimed_before_it_is_due(settings: Settings) -> N
     assert first is not None
     with runtime(settings).transaction() as session:
         store.record_failure(session=session, claim=first, worker="w1", error=UpstreamServerError("x", 503),
-                             retry_at=utcnow() + timedelta(seconds=30), now=utcnow())  # fmt: skip
+                             reason="x", retry_at=utcnow() + timedelta(seconds=30), announced=True,
+                             now=utcnow())  # fmt: skip
     assert claim(settings, job_id) is None
     assert claim(settings, job_id, now_shift=31) is not None
 
@@ -119,7 +121,9 @@ def test_a_failed_job_keeps_the_upstream_reason(settings: Settings) -> None:
     assert first is not None
     error = UpstreamServerError("gateway answered HTTP 503", 503, ("Service Unavailable",))
     with runtime(settings).transaction() as session:
-        store.record_failure(session=session, claim=first, worker="w1", error=error, retry_at=None, now=utcnow())
+        store.record_failure(session=session, claim=first, worker="w1", error=error,
+                             reason="gateway answered HTTP 503: Service Unavailable", retry_at=None, announced=False,
+                             now=utcnow())  # fmt: skip
         job = session.get(Job, job_id)
         assert job is not None
         assert job.status == JobStatus.FAILED and job.finished_at is not None
@@ -134,10 +138,97 @@ def test_finishing_into_a_forbidden_status_is_a_bug(settings: Settings) -> None:
         store._finish(session, first, "w1", JobStatus.QUEUED, utcnow())
 
 
-def test_stale_jobs_are_found_once_per_grace(settings: Settings) -> None:
+def test_a_lost_queued_job_is_dispatched_once_per_grace(settings: Settings) -> None:
     job_id, _ = create(settings, new_job())
     later = utcnow() + timedelta(seconds=120)
     with runtime(settings).transaction() as session:
-        assert store.stale_jobs(session=session, now=utcnow(), grace=LEASE) == []
-        assert store.stale_jobs(session=session, now=later, grace=LEASE) == [job_id]
-        assert store.stale_jobs(session=session, now=later, grace=LEASE) == []
+        assert store.due_for_dispatch(session=session, now=utcnow(), grace=LEASE) == []
+        assert store.due_for_dispatch(session=session, now=later, grace=LEASE) == [job_id]
+        assert store.due_for_dispatch(session=session, now=later, grace=LEASE) == []
+
+
+def test_a_queued_job_behind_a_broker_backlog_is_not_taken_for_lost(settings: Settings) -> None:
+    job_id, _ = create(settings, new_job())
+    later = utcnow() + timedelta(seconds=120)
+    with runtime(settings).transaction() as session:
+        assert store.due_for_dispatch(session=session, now=later, grace=LEASE, broker_backlog=1) == []
+        assert store.due_for_dispatch(session=session, now=later, grace=LEASE, broker_backlog=0) == [job_id]
+
+
+def test_a_retry_kept_in_the_database_is_dispatched_when_due(settings: Settings) -> None:
+    job_id, _ = create(settings, new_job())
+    first = claim(settings, job_id)
+    assert first is not None
+    due = utcnow() + timedelta(seconds=600)
+    with runtime(settings).transaction() as session:
+        store.record_failure(session=session, claim=first, worker="w1", error=UpstreamServerError("x", 429),
+                             reason="x", retry_at=due, announced=False, now=utcnow())  # fmt: skip
+    with runtime(settings).transaction() as session:
+        assert store.due_for_dispatch(session=session, now=due - timedelta(seconds=1), grace=LEASE) == []
+        assert store.due_for_dispatch(session=session, now=due, grace=LEASE) == [job_id]
+        actions = [e.action for e in audit.events_for_job(session=session, job_id=job_id)]
+    assert actions[-2:] == ["job.retry_scheduled", "job.redispatched"]
+
+
+def test_an_expired_lease_is_recovered_as_an_interrupted_attempt(settings: Settings) -> None:
+    job_id, _ = create(settings, new_job())
+    assert claim(settings, job_id, "dead-worker") is not None
+    with runtime(settings).transaction() as session:
+        assert store.recover_interrupted(session=session, now=utcnow()) == []  # the lease still runs
+        after = utcnow() + LEASE + timedelta(seconds=1)
+        assert store.recover_interrupted(session=session, now=after) == [job_id]
+        assert store.recover_interrupted(session=session, now=after) == []
+        job = session.get(Job, job_id)
+        assert job is not None and job.status == JobStatus.RETRYING and job.announced_at is None
+        assert job.error is not None and "attempt 1 interrupted: its worker dead-worker stopped" in job.error
+        events = audit.events_for_job(session=session, job_id=job_id)
+    assert [(e.action, e.attempt) for e in events][-2:] == [("attempt.interrupted", 1), ("job.retry_scheduled", 1)]
+    again = claim(settings, job_id, "w2", now_shift=LEASE.total_seconds() + 2)
+    assert again is not None and again.attempt == 2
+
+
+def test_cancel_waiting_running_and_finished_jobs(settings: Settings) -> None:
+    from worker.errors import JobNotFound, JobStateConflict
+
+    waiting, _ = create(settings, new_job())
+    running, _ = create(settings, new_job())
+    running_claim = claim(settings, running)
+    assert running_claim is not None
+    with runtime(settings).transaction() as session:
+        assert store.cancel(session=session, job_id=waiting, actor="op", now=utcnow()) is JobStatus.CANCELLED
+        assert store.cancel(session=session, job_id=running, actor="op", now=utcnow()) is JobStatus.RUNNING
+    assert claim(settings, waiting) is None  # a cancelled job is never claimed
+    with runtime(settings).transaction() as session:
+        # The running attempt comes back with an answer: the job still ends cancelled.
+        ended = store.record_success(session=session, claim=running_claim, worker="w1", answer="late", now=utcnow())
+        assert ended is JobStatus.CANCELLED
+        job = session.get(Job, running)
+        assert job is not None and job.status == JobStatus.CANCELLED and job.answer is None
+        with pytest.raises(JobStateConflict):
+            store.cancel(session=session, job_id=_succeeded(settings, session), actor="op", now=utcnow())
+        with pytest.raises(JobNotFound):
+            store.cancel(session=session, job_id="nope", actor="op", now=utcnow())
+
+
+def _succeeded(settings: Settings, session: object) -> str:
+    job = Job(id=str(uuid.uuid4()), status=JobStatus.SUCCEEDED, assistant_id="a", payload="{}", payload_digest="x",
+              actor="t", attempts=1, max_attempts=1, created_at=utcnow(), updated_at=utcnow())  # fmt: skip
+    session.add(job)  # type: ignore[attr-defined]
+    session.flush()  # type: ignore[attr-defined]
+    return job.id
+
+
+def test_replay_queues_a_failed_job_with_a_fresh_budget(settings: Settings) -> None:
+    from worker.errors import JobStateConflict
+
+    job_id, _ = create(settings, new_job())
+    first = claim(settings, job_id)
+    assert first is not None
+    with runtime(settings).transaction() as session:
+        store.record_failure(session=session, claim=first, worker="w1", error=UpstreamServerError("x", 503),
+                             reason="x", retry_at=None, announced=False, now=utcnow())  # fmt: skip
+        assert store.replay(session=session, job_id=job_id, actor="op", extra_attempts=3, now=utcnow()) == 2
+        with pytest.raises(JobStateConflict, match="only a failed job can be replayed"):
+            store.replay(session=session, job_id=job_id, actor="op", extra_attempts=3, now=utcnow())
+    again = claim(settings, job_id)
+    assert again is not None and again.attempt == 2 and again.max_attempts == 4

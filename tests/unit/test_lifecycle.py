@@ -7,13 +7,15 @@ import pytest
 from worker import errors
 from worker.lifecycle import (
     ALLOWED,
+    CLAIMABLE,
+    SESSION_GONE,
     TERMINAL,
     JobStatus,
+    RetryPolicy,
     Step,
     backoff_delay,
     check_transition,
-    next_step,
-    retry_delay,
+    decide,
 )
 
 S = JobStatus
@@ -24,8 +26,10 @@ LEGAL = {
     (S.RUNNING, S.SUCCEEDED),
     (S.RUNNING, S.FAILED),
     (S.RUNNING, S.RETRYING),
+    (S.RUNNING, S.CANCELLED),
     (S.RETRYING, S.RUNNING),
     (S.RETRYING, S.CANCELLED),
+    (S.FAILED, S.QUEUED),
 }
 
 
@@ -38,9 +42,10 @@ def test_only_the_table_s_transitions_are_allowed(current: JobStatus, new: JobSt
             check_transition(current, new)
 
 
-def test_terminal_statuses_go_nowhere() -> None:
+def test_success_and_cancellation_are_forever_and_only_replay_leaves_failed() -> None:
     assert TERMINAL == {S.SUCCEEDED, S.FAILED, S.CANCELLED}
-    assert all(not ALLOWED[s] for s in TERMINAL)
+    assert not ALLOWED[S.SUCCEEDED] and not ALLOWED[S.CANCELLED] and ALLOWED[S.FAILED] == {S.QUEUED}
+    assert CLAIMABLE == {S.QUEUED, S.RETRYING}
 
 
 @pytest.mark.parametrize(
@@ -62,33 +67,92 @@ def test_backoff_rejects_attempt_zero() -> None:
         backoff_delay(0, base=1, cap=1)
 
 
-E503 = errors.UpstreamServerError("503", 503)
-E405 = errors.FeatureDisabled("405", 405)
+POLICY = RetryPolicy(max_attempts=3, base=1.0, cap=8.0, deadline=100.0)
+
+
+def err(status: int, *reasons: str) -> errors.GatewayError:
+    from worker.gateway import interpret
+
+    body = ('{"errors": ' + str(list(reasons)).replace("'", '"') + "}").encode()
+    return interpret(status, body, {})[1]  # type: ignore[return-value]
+
+
+E503 = err(503)
+SESSION = errors.AuthenticationFailed("gateway answered HTTP 401", 401, (SESSION_GONE,))
 
 
 @pytest.mark.parametrize(
-    ("error", "attempt", "max_attempts", "step"),
+    ("error", "attempt", "elapsed", "step"),
     [
-        (None, 1, 3, Step.SUCCEED),
-        (None, 3, 3, Step.SUCCEED),
-        (E503, 1, 3, Step.RETRY),
-        (E503, 2, 3, Step.RETRY),
-        (E503, 3, 3, Step.FAIL),
-        (errors.UpstreamTimeout("t"), 1, 3, Step.RETRY),
-        (errors.UpstreamUnavailable("c"), 1, 3, Step.RETRY),
-        (errors.RateLimited("429"), 1, 3, Step.RETRY),
-        (E405, 1, 3, Step.FAIL),
-        (errors.UpstreamRejected("400", 400), 1, 3, Step.FAIL),
-        (errors.AuthenticationFailed("401", 401), 1, 3, Step.FAIL),
-        (errors.MalformedResponse("bad", 200), 1, 3, Step.FAIL),
-        (E503, 1, 1, Step.FAIL),
+        (None, 1, 0, Step.SUCCEED),
+        (None, 3, 99, Step.SUCCEED),
+        (E503, 1, 0, Step.RETRY),
+        (E503, 2, 0, Step.RETRY),
+        (E503, 3, 0, Step.FAIL),  # attempts spent
+        (err(500), 1, 0, Step.RETRY),
+        (err(502), 1, 0, Step.RETRY),
+        (err(504), 1, 0, Step.RETRY),
+        (err(408), 1, 0, Step.RETRY),
+        (err(429), 1, 0, Step.RETRY),
+        (errors.UpstreamTimeout("read timeout"), 1, 0, Step.RETRY),
+        (errors.UpstreamUnavailable("reset"), 1, 0, Step.RETRY),
+        (err(400), 1, 0, Step.FAIL),
+        (err(401, "Unauthorized"), 1, 0, Step.FAIL),
+        (err(403), 1, 0, Step.FAIL),
+        (err(404), 1, 0, Step.FAIL),
+        (err(405), 1, 0, Step.FAIL),
+        (err(409), 1, 0, Step.FAIL),
+        (err(413), 1, 0, Step.FAIL),
+        (err(422), 1, 0, Step.FAIL),
+        (err(451), 1, 0, Step.FAIL),
+        (errors.MalformedResponse("no answer", 200), 1, 0, Step.FAIL),
     ],
 )
-def test_next_step(error: errors.GatewayError | None, attempt: int, max_attempts: int, step: Step) -> None:
-    assert next_step(error, attempt=attempt, max_attempts=max_attempts) is step
+def test_the_decision_table(error: errors.GatewayError | None, attempt: int, elapsed: float, step: Step) -> None:
+    rng = random.Random(3)
+    decision = decide(error, attempt=attempt, max_attempts=3, elapsed=elapsed, policy=POLICY, rng=rng)
+    assert decision.step is step
+    if step is Step.FAIL:
+        assert decision.reason
+    if step is Step.RETRY:
+        assert 0 <= decision.delay <= POLICY.cap
 
 
-def test_retry_delay_never_undercuts_retry_after() -> None:
-    error = errors.RateLimited("429", 429, (), 7.0)
+def test_no_other_4xx_than_408_and_429_is_ever_retried() -> None:
+    for status in range(400, 500):
+        decision = decide(err(status, "x"), attempt=1, max_attempts=9, elapsed=0, policy=POLICY)
+        assert (decision.step is Step.RETRY) == (status in (408, 429)), status
+
+
+@pytest.mark.parametrize("retry_after", [0.5, 7.0, 30.0])
+def test_a_retry_never_comes_before_retry_after(retry_after: float) -> None:
+    error = errors.RateLimited("429", 429, (), retry_after)
     rng = random.Random(1)
-    assert all(retry_delay(error, attempt=1, base=0.1, cap=1.0, rng=rng) >= 7.0 for _ in range(100))
+    for _ in range(200):
+        decision = decide(error, attempt=1, max_attempts=3, elapsed=0, policy=POLICY, rng=rng)
+        assert decision.step is Step.RETRY and decision.delay >= retry_after
+
+
+def test_a_retry_after_past_the_deadline_fails_the_job_with_the_reason() -> None:
+    error = errors.RateLimited("gateway answered HTTP 429", 429, (), 60.0)
+    decision = decide(error, attempt=1, max_attempts=3, elapsed=50.0, policy=POLICY)
+    assert decision.step is Step.FAIL and "deadline of 100s" in decision.reason
+
+
+def test_spent_attempts_say_how_many_in_the_reason() -> None:
+    decision = decide(E503, attempt=3, max_attempts=3, elapsed=0, policy=POLICY)
+    assert decision.reason.startswith("gave up after 3 attempts; the last: gateway answered HTTP 503")
+
+
+@pytest.mark.parametrize(
+    ("can_renew", "renewed_before", "step", "reason"),
+    [
+        (True, False, Step.REAUTHENTICATE, ""),
+        (True, True, Step.FAIL, "freshly renewed session token"),
+        (False, False, Step.FAIL, "a static token cannot be renewed: set a fresh QBGW_TOKEN"),
+    ],
+)
+def test_an_expired_session_is_renewed_once(can_renew: bool, renewed_before: bool, step: Step, reason: str) -> None:
+    decision = decide(SESSION, attempt=1, max_attempts=3, elapsed=0, policy=POLICY,
+                      can_reauthenticate=can_renew, reauthenticated=renewed_before)  # fmt: skip
+    assert decision.step is step and reason in decision.reason
