@@ -131,3 +131,22 @@ def test_sweep_re_announces_a_job_whose_message_was_lost(env: dict[str, str], em
     time.sleep(0.05)
     assert qbgw({**env, "QBGW_SWEEP_GRACE": "0.01"}, "sweep").stdout.split() == ["dispatched", job_id]
     assert len(list((embedded_settings.broker_dir / "queue").glob("*.msg"))) == 1
+
+
+def test_cancel_failed_and_replay_commands(env: dict[str, str], embedded_settings: Settings) -> None:
+    waiting = qbgw(env, "submit", "--text", "never mind").stdout.strip()
+    assert qbgw(env, "cancel", waiting, "--actor", "nurse-7").stdout.strip() == "cancelled"
+    again = qbgw(env, "cancel", waiting)
+    assert again.exit_code == 0
+    broken = qbgw(env, "submit", "--text", "x [[emulator:fail=422x1]]").stdout.strip()
+    run_attempt(runtime(embedded_settings), broken)
+    listed = qbgw(env, "failed").stdout
+    assert broken in listed and "UpstreamRejected: gateway answered HTTP 422" in listed
+    assert json.loads(qbgw(env, "failed", "--json").stdout.splitlines()[0])["id"] == broken
+    assert qbgw(env, "replay", broken).stdout.strip() == f"{broken} queued for attempt 2"
+    run_attempt(runtime(embedded_settings), broken)
+    assert qbgw(env, "result", broken).exit_code == 0
+    refused = qbgw(env, "replay", broken)
+    assert refused.exit_code == EXIT["conflict"] and "only a failed job can be replayed" in refused.stderr
+    assert qbgw(env, "cancel", broken).exit_code == EXIT["conflict"]
+    assert qbgw(env, "cancel", "nope").exit_code == EXIT["not_found"]

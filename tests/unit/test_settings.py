@@ -64,3 +64,13 @@ def test_a_secret_can_be_read_from_a_file(tmp_path: Path) -> None:
 def test_to_env_rebuilds_the_same_settings(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path, token=Secret("t"), read_timeout=9.5, queue="q1")
     assert Settings.from_env(settings.to_env()) == settings
+
+
+def test_a_visibility_timeout_shorter_than_a_lease_is_refused() -> None:
+    with pytest.raises(ConfigError, match="VISIBILITY_TIMEOUT .* must exceed an attempt's lease"):
+        Settings.from_env({"QBGW_READ_TIMEOUT": "120", "QBGW_VISIBILITY_TIMEOUT": "100"})
+
+
+def test_long_waits_are_not_handed_to_the_broker() -> None:
+    assert Settings().countdown_limit == 300.0
+    assert Settings(visibility_timeout=200, read_timeout=10).countdown_limit == 50.0
