@@ -15,6 +15,7 @@ Needs PostgreSQL on 127.0.0.1:5432 (a scratch database is made and dropped) and 
 from __future__ import annotations
 
 import argparse
+import base64
 import os
 import random
 import shutil
@@ -39,6 +40,7 @@ from worker.errors import NotAnnounced
 from worker.runtime import reset as reset_runtimes
 from worker.runtime import runtime
 from worker.settings import Secret, Settings
+from worker.store import open_text
 
 ASSISTANT = "65d5f3473d5d68095462165d"
 TOKEN = "chaos-token"
@@ -190,6 +192,7 @@ def chaos_settings(emulator_url: str, database_url: str, broker_url: str, data_d
         token=Secret(TOKEN), connect_timeout=1.0, read_timeout=2.0, lease_margin=2.0, visibility_timeout=30.0,
         backoff_base=0.2, backoff_max=2.0, max_attempts=12, retry_deadline=600.0, sweep_interval=1.0,
         sweep_grace=3.0, queue="qbgw-chaos",
+        encryption_keys=Secret("kchaos:" + base64.b64encode(os.urandom(32)).decode()),
     )  # fmt: skip
 
 
@@ -294,8 +297,10 @@ def _count(settings: Settings, emu: Emulator, texts: dict[str, str], report: Cha
             "SELECT job_id, count(*) FROM audit_events WHERE action IN ('job.succeeded', 'job.failed', "
             "'job.cancelled') GROUP BY job_id HAVING count(*) > 1")).all()  # fmt: skip
         actions = dict(session.execute(text("SELECT action, count(*) FROM audit_events GROUP BY action")).all())
-    for job_id, status, answer, error_class in rows:
+    for job_id, status, stored, error_class in rows:
         if status == "succeeded":
+            with runtime(settings).transaction() as session:
+                answer = open_text(session, "answer", job_id, stored)
             report.succeeded += 1
             report.foreign_answers += f'you said "{texts[job_id]}"' not in (answer or "")
         elif status == "failed":

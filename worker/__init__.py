@@ -13,10 +13,12 @@ from worker.errors import (
     AuthenticationFailed,
     BrokerUnavailable,
     ConfigError,
+    DecryptionFailed,
     FeatureDisabled,
     GatewayError,
     IdempotencyConflict,
     InputError,
+    IntegrityError,
     InvalidImage,
     InvalidMessages,
     InvalidTransition,
@@ -34,9 +36,11 @@ from worker.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from worker.integrity import VerifyReport, anchor_now, verify_log
 from worker.lifecycle import JobStatus
+from worker.maintenance import purge_phi, rotate_keys
 from worker.producer import submit
-from worker.queries import JobView, failed_jobs, get_job, job_events, wait_for_job
+from worker.queries import AuditFilter, JobView, audit_query, failed_jobs, get_job, job_events, job_status, wait_for_job
 from worker.settings import Secret, Settings
 from worker.sweeper import SweepReport, sweep
 
@@ -48,6 +52,14 @@ __all__ = [
     "get_job",
     "wait_for_job",
     "job_events",
+    "job_status",
+    "audit_query",
+    "AuditFilter",
+    "verify_log",
+    "anchor_now",
+    "VerifyReport",
+    "rotate_keys",
+    "purge_phi",
     "cancel",
     "failed_jobs",
     "replay",
@@ -69,6 +81,8 @@ __all__ = [
     "JobNotFound",
     "JobStateConflict",
     "InvalidTransition",
+    "IntegrityError",
+    "DecryptionFailed",
     "StoreUnavailable",
     "BrokerUnavailable",
     "NotAnnounced",

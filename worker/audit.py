@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
-from worker.models import AuditEvent, utcnow
+from worker.models import AuditChainHead, AuditEvent, utcnow
 
-__all__ = ["Action", "AuditRecord", "record", "digest", "events_for_job"]
+__all__ = ["Action", "AuditRecord", "record", "seal", "discard", "digest", "fingerprint", "chain_hash",
+           "events_for_job"]  # fmt: skip
 
 
 class Action(StrEnum):
@@ -36,6 +38,18 @@ class Action(StrEnum):
     REPLAYED = "job.replayed"
     #: The sweeper published a message again (lost, or a retry kept in the database).
     REDISPATCHED = "job.redispatched"
+    #: Someone read a job's answer or error (PHI).
+    RESULT_READ = "result.read"
+    AUDIT_QUERIED = "audit.queried"
+    AUDIT_EXPORTED = "audit.exported"
+    AUDIT_VERIFIED = "audit.verified"
+    KEY_ROTATED = "key.rotated"
+    #: A job's PHI (payload, answer, error text) was erased under the retention policy.
+    PURGED = "job.purged"
+
+
+#: Actions that record a read, not a change.
+READS = frozenset({Action.RESULT_READ, Action.AUDIT_QUERIED, Action.AUDIT_EXPORTED, Action.AUDIT_VERIFIED})
 
 
 def digest(data: bytes) -> str:
@@ -43,16 +57,40 @@ def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def fingerprint(secret: str) -> str:
+    """A short, stable fingerprint of a token: enough to tell tokens apart, useless to replay."""
+    return hashlib.sha256(b"qbgw-token-fp\x00" + secret.encode()).hexdigest()[:12] if secret else ""
+
+
+#: The columns a row's hash covers (with the previous hash), in the order of the canonical form.
+CHAINED = ("seq", "occurred_at", "action", "job_id", "batch_id", "assistant_id", "attempt", "actor", "token_fp",
+           "outcome", "http_status", "error_class", "latency_ms", "request_digest", "request_bytes",
+           "response_digest", "response_bytes", "detail")  # fmt: skip
+
+
+def chain_hash(prev_hash: str, row: Mapping[str, Any]) -> str:
+    """sha256 over a domain tag, the previous event's hash and the event's canonical JSON."""
+    fields = {name: row.get(name) for name in CHAINED}
+    when = fields["occurred_at"]
+    if isinstance(when, datetime):
+        fields["occurred_at"] = when.astimezone(UTC).isoformat(timespec="microseconds")
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(b"qbgw-audit-v1\x00" + prev_hash.encode() + b"\x00" + canonical.encode()).hexdigest()
+
+
 @dataclass(frozen=True)
 class AuditRecord:
     """An audit event as read back: a plain value, detached from any session."""
 
-    id: int
+    seq: int
     occurred_at: datetime
     action: str
     job_id: str | None
+    batch_id: str | None
+    assistant_id: str | None
     attempt: int | None
     actor: str
+    token_fp: str | None
     outcome: str | None
     http_status: int | None
     error_class: str | None
@@ -83,43 +121,87 @@ def record(
     request: tuple[str, int] | None = None,
     response: tuple[str, int] | None = None,
     detail: dict[str, Any] | None = None,
+    assistant_id: str | None = None,
+    batch_id: str | None = None,
+    token_fp: str | None = None,
     at: datetime | None = None,
 ) -> None:
-    """Add one event to ``session``; ``request``/``response`` are (digest, size) pairs."""
-    session.add(
-        AuditEvent(
-            occurred_at=at or utcnow(),
-            action=str(action),
-            job_id=job_id,
-            attempt=attempt,
-            actor=actor,
-            outcome=outcome,
-            http_status=http_status,
-            error_class=error_class,
-            latency_ms=latency_ms,
-            request_digest=request[0] if request else None,
-            request_bytes=request[1] if request else None,
-            response_digest=response[0] if response else None,
-            response_bytes=response[1] if response else None,
-            detail=json.dumps(detail, sort_keys=True) if detail else None,
-        )
-    )
+    """Add one event to ``session``'s transaction; ``request``/``response`` are (digest, size).
+
+    The event is chained and inserted when the transaction commits (see :func:`seal`), so it
+    exists exactly when the change it describes does.
+    """
+    session.info.setdefault(PENDING, []).append(
+        {
+            "occurred_at": at or utcnow(),
+            "action": str(action), "job_id": job_id, "batch_id": batch_id, "assistant_id": assistant_id,
+            "attempt": attempt, "actor": actor, "token_fp": token_fp, "outcome": outcome, "http_status": http_status,
+            "error_class": error_class, "latency_ms": latency_ms,
+            "request_digest": request[0] if request else None, "request_bytes": request[1] if request else None,
+            "response_digest": response[0] if response else None, "response_bytes": response[1] if response else None,
+            "detail": json.dumps(detail, sort_keys=True) if detail else None,
+        }
+    )  # fmt: skip
+
+
+#: Where a session keeps the events it has not sealed yet.
+PENDING = "qbgw_audit_pending"
+
+
+@dataclass(frozen=True)
+class Sealed:
+    """What one commit added to the chain: events ``first``..``last``, the last one's hash."""
+
+    first: int
+    last: int
+    row_hash: str
+
+
+def seal(session: Session) -> Sealed | None:
+    """Chain and insert the session's pending events; returns what was added, or None.
+
+    Locks the chain head row until the transaction ends, so concurrent transactions chain in
+    the order they commit; called just before commit to keep that lock short.
+    """
+    pending = session.info.pop(PENDING, None)
+    if not pending:
+        return None
+    head = session.execute(select(AuditChainHead).where(AuditChainHead.id == 1).with_for_update()).scalar_one()
+    seq, prev = head.seq, head.row_hash
+    for event in pending:
+        seq += 1
+        event["seq"], event["prev_hash"] = seq, prev
+        event["row_hash"] = prev = chain_hash(prev, event)
+    session.execute(insert(AuditEvent), pending)
+    first = head.seq + 1
+    head.seq, head.row_hash = seq, prev
+    session.flush()
+    return Sealed(first, seq, prev)
+
+
+def discard(session: Session) -> None:
+    """The transaction rolled back: its events describe nothing that happened."""
+    session.info.pop(PENDING, None)
 
 
 def events_for_job(*, session: Session, job_id: str) -> list[AuditRecord]:
-    """The job's events, oldest first."""
-    rows = session.scalars(select(AuditEvent).where(AuditEvent.job_id == job_id).order_by(AuditEvent.id))
-    return [_to_record(row) for row in rows]
+    """The job's events, oldest first (including those this transaction has not sealed yet)."""
+    seal(session)
+    rows = session.scalars(select(AuditEvent).where(AuditEvent.job_id == job_id).order_by(AuditEvent.seq))
+    return [to_record(row) for row in rows]
 
 
-def _to_record(row: AuditEvent) -> AuditRecord:
+def to_record(row: AuditEvent) -> AuditRecord:
     return AuditRecord(
-        id=row.id,
+        seq=row.seq,
         occurred_at=row.occurred_at,
         action=row.action,
         job_id=row.job_id,
+        batch_id=row.batch_id,
+        assistant_id=row.assistant_id,
         attempt=row.attempt,
         actor=row.actor,
+        token_fp=row.token_fp,
         outcome=row.outcome,
         http_status=row.http_status,
         error_class=row.error_class,

@@ -4,68 +4,20 @@ stderr and a named exit code.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import sys
 import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
-from worker import errors
+from worker import cli_audit, errors
+from worker.clikit import EXIT, handled
+from worker.clikit import load_settings as _settings
 from worker.settings import Settings
 
 __all__ = ["main", "EXIT"]
-
-#: Named exit codes.
-EXIT = {
-    "ok": 0,
-    "job_failed": 1,
-    "usage": 2,
-    "bad_input": 3,
-    "not_found": 4,
-    "unavailable": 5,
-    "timeout": 6,
-    "config": 7,
-    "conflict": 8,
-}
-
-_EXIT_FOR: list[tuple[type[BaseException], str]] = [
-    (errors.InputError, "bad_input"),
-    (errors.JobNotFound, "not_found"),
-    (errors.JobStateConflict, "conflict"),
-    (errors.StoreUnavailable, "unavailable"),
-    (errors.BrokerUnavailable, "unavailable"),
-    (errors.ConfigError, "config"),
-    (TimeoutError, "timeout"),
-]
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def handled(func: F) -> F:
-    """Turn our errors into one line on stderr and their exit code."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except (errors.QbgwError, TimeoutError) as exc:
-            code = next((EXIT[name] for kind, name in _EXIT_FOR if isinstance(exc, kind)), 1)
-            click.echo(f"qbgw: error: {exc}", err=True)
-            sys.exit(code)
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _settings() -> Settings:
-    try:
-        return Settings.from_env()
-    except errors.ConfigError as exc:
-        click.echo(f"qbgw: error: {exc}", err=True)
-        sys.exit(EXIT["config"])
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -316,6 +268,11 @@ def demo(jobs: int) -> None:
     from worker.demo import run_demo
 
     run_demo(_settings(), jobs=jobs, out=click.echo)
+
+
+cli.add_command(cli_audit.audit)
+cli.add_command(cli_audit.keys)
+cli.add_command(cli_audit.purge)
 
 
 def main(argv: list[str] | None = None) -> None:

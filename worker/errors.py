@@ -12,6 +12,8 @@ job at once on a ``PermanentGatewayError``; no caller inspects status codes itse
     ├── JobNotFound (also LookupError) ......... no job has this id
     ├── JobStateConflict ....................... the job's status does not allow the operation
     ├── InvalidTransition (also RuntimeError) .. a status change the table forbids: a bug
+    ├── IntegrityError ......................... stored data fails its integrity check
+    │   └── DecryptionFailed ................... a stored value cannot be decrypted (moved, altered, no key)
     ├── StoreUnavailable ....................... the database cannot be reached
     ├── BrokerUnavailable ...................... the broker cannot be reached
     │   └── NotAnnounced ....................... the job is stored, but its message was not sent
@@ -43,6 +45,8 @@ __all__ = [
     "JobNotFound",
     "JobStateConflict",
     "InvalidTransition",
+    "IntegrityError",
+    "DecryptionFailed",
     "StoreUnavailable",
     "BrokerUnavailable",
     "NotAnnounced",
@@ -101,6 +105,25 @@ class JobStateConflict(QbgwError):
 
 class InvalidTransition(QbgwError, RuntimeError):
     """A job status change that the transition table forbids (a bug, never retried)."""
+
+
+class IntegrityError(QbgwError):
+    """Stored data fails an integrity check (the audit chain, an encrypted value)."""
+
+
+class DecryptionFailed(IntegrityError):
+    """A stored value cannot be decrypted: moved to another row, altered, or its key is gone.
+
+    The message names the table, column and row, never the contents.
+    """
+
+    def __init__(self, where: str, reason: str) -> None:
+        super().__init__(where, reason)
+        self.where = where
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"cannot decrypt {self.where}: {self.reason}"
 
 
 class StoreUnavailable(QbgwError):

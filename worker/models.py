@@ -13,7 +13,10 @@ from sqlalchemy import BigInteger, DateTime, Index, Integer, MetaData, String, T
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["Base", "Job", "AuditEvent", "UTCDateTime", "utcnow"]
+__all__ = ["Base", "Job", "AuditEvent", "AuditChainHead", "UTCDateTime", "utcnow", "GENESIS"]
+
+#: The "previous hash" of the first event.
+GENESIS = "0" * 64
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -68,8 +71,8 @@ class Job(Base):
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     status: Mapped[str] = mapped_column(String(16), index=True)
     assistant_id: Mapped[str] = mapped_column(String(128))
-    #: JSON: {"messages": [...]} exactly as submitted (PHI).
-    payload: Mapped[str] = mapped_column(Text)
+    #: JSON: {"messages": [...]} exactly as submitted (PHI, encrypted; NULL once purged).
+    payload: Mapped[str | None] = mapped_column(Text)
     #: sha256 of the canonical payload: tells a replayed idempotency key from a reused one.
     payload_digest: Mapped[str] = mapped_column(String(64))
     custom_id: Mapped[str | None] = mapped_column(String(255), index=True)
@@ -95,21 +98,31 @@ class Job(Base):
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    #: When the retention policy erased the job's PHI (payload, answer, error text).
+    purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class AuditEvent(Base):
-    """One thing that happened to a job, append-only. Holds digests and sizes, never content."""
+    """One thing that happened, append-only and hash-chained. Holds digests and sizes, never
+    content: ``row_hash`` covers every other column and the previous event's hash."""
 
     __tablename__ = "audit_events"
     __table_args__ = (Index("ix_audit_events_job_id_id", "job_id", "id"),)
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    #: Position in the chain: 1, 2, 3, ... without gaps, in commit order.
+    seq: Mapped[int] = mapped_column(BigInteger, unique=True)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    row_hash: Mapped[str] = mapped_column(String(64))
     occurred_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
     action: Mapped[str] = mapped_column(String(32), index=True)
     job_id: Mapped[str | None] = mapped_column(String(36))
-    batch_id: Mapped[str | None] = mapped_column(String(36))
+    batch_id: Mapped[str | None] = mapped_column(String(36), index=True)
+    assistant_id: Mapped[str | None] = mapped_column(String(128), index=True)
     attempt: Mapped[int | None] = mapped_column(Integer)
-    actor: Mapped[str] = mapped_column(String(128), default="")
+    actor: Mapped[str] = mapped_column(String(128), default="", index=True)
+    #: A short fingerprint of the QB-Token an attempt used (never the token).
+    token_fp: Mapped[str | None] = mapped_column(String(16))
     outcome: Mapped[str | None] = mapped_column(String(32))
     http_status: Mapped[int | None] = mapped_column(Integer)
     error_class: Mapped[str | None] = mapped_column(String(64))
@@ -120,3 +133,14 @@ class AuditEvent(Base):
     response_bytes: Mapped[int | None] = mapped_column(Integer)
     #: JSON of non-PHI facts (e.g. the retry delay); never message text or answers.
     detail: Mapped[str | None] = mapped_column(Text)
+
+
+class AuditChainHead(Base):
+    """The chain's last sequence number and hash: one row, locked by every commit that seals
+    events, so that events are chained in commit order."""
+
+    __tablename__ = "audit_chain_head"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    row_hash: Mapped[str] = mapped_column(String(64))

@@ -80,11 +80,11 @@ def _store(rt: Runtime, new: store.NewJob) -> tuple[str, bool]:
 
 
 def _still_queued(rt: Runtime, job_id: str) -> bool:
-    from worker.queries import get_job
+    from worker.queries import job_status
 
     # A replayed key re-rings the doorbell for a job still waiting: harmless if the first
     # message is alive (the claim makes duplicates no-ops), and it recovers a lost one.
-    return get_job(job_id, settings=rt.settings).status == "queued"
+    return job_status(job_id, settings=rt.settings) == "queued"
 
 
 def check_broker(rt: Runtime) -> None:

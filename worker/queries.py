@@ -1,4 +1,8 @@
-"""Queries: the read side. Jobs and their audit events as frozen values, never ORM rows."""
+"""Queries: the read side. Jobs and audit events as frozen values, never ORM rows.
+
+Every read of PHI (a job's answer or error text) and every audit query is itself audited,
+with the reader's name, in the same transaction as the read.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +13,17 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from worker import audit
 from worker.errors import JobNotFound
 from worker.lifecycle import TERMINAL, JobStatus
-from worker.models import Job
-from worker.runtime import runtime
+from worker.models import AuditEvent, Job
+from worker.runtime import Runtime, runtime
 from worker.settings import Settings
+from worker.store import open_text
 
-__all__ = ["JobView", "get_job", "wait_for_job", "job_events", "failed_jobs"]
+__all__ = ["JobView", "AuditFilter", "get_job", "wait_for_job", "job_events", "failed_jobs", "audit_query"]
 
 
 @dataclass(frozen=True)
@@ -59,22 +65,54 @@ class JobView:
         return json.dumps(self.as_dict(), indent=2, ensure_ascii=False)
 
 
-def get_job(job_id: str, *, settings: Settings | None = None) -> JobView:
-    """The job's current state.
+def _reader(rt: Runtime, reader: str | None) -> str:
+    return reader or rt.settings.actor or "reader"
+
+
+def get_job(job_id: str, *, reader: str | None = None, settings: Settings | None = None) -> JobView:
+    """The job's current state, its answer or error included (that read is audited).
 
     Raises:
         JobNotFound: no job has this id (never reported as "pending").
         StoreUnavailable: the database cannot be reached.
+        DecryptionFailed: a stored value was moved or altered, or its key is gone.
     """
-    with runtime(settings).transaction() as session:
+    rt = runtime(settings)
+    with rt.transaction() as session:
         job = session.get(Job, job_id)
         if job is None:
             raise JobNotFound(job_id)
-        return _view(job)
+        return _read(session, job, _reader(rt, reader))
+
+
+def _read(session: Session, job: Job, reader: str) -> JobView:
+    view = _view(session, job)
+    if view.answer is not None or view.error is not None:
+        audit.record(session=session, action=audit.Action.RESULT_READ, job_id=job.id, actor=reader,
+                     assistant_id=job.assistant_id, outcome=str(view.status))  # fmt: skip
+    return view
+
+
+def job_status(job_id: str, *, settings: Settings | None = None) -> JobStatus:
+    """Only the status (no PHI, so not audited); for polling.
+
+    Raises:
+        JobNotFound: no job has this id.
+    """
+    with runtime(settings).transaction() as session:
+        status = session.scalar(select(Job.status).where(Job.id == job_id))
+        if status is None:
+            raise JobNotFound(job_id)
+        return JobStatus(status)
 
 
 def wait_for_job(
-    job_id: str, *, timeout: float | None = None, poll: float = 0.05, settings: Settings | None = None
+    job_id: str,
+    *,
+    timeout: float | None = None,
+    poll: float = 0.05,
+    reader: str | None = None,
+    settings: Settings | None = None,
 ) -> JobView:
     """Block until the job is finished (or ``timeout`` seconds pass) and return its state.
 
@@ -84,38 +122,92 @@ def wait_for_job(
     """
     deadline = None if timeout is None else time.monotonic() + timeout
     delay = poll
-    while True:
-        view = get_job(job_id, settings=settings)
-        if view.done:
-            return view
+    while (status := job_status(job_id, settings=settings)) not in TERMINAL:
         if deadline is not None and time.monotonic() >= deadline:
-            raise TimeoutError(f"job {job_id} is still {view.status} after {timeout:g}s")
+            raise TimeoutError(f"job {job_id} is still {status} after {timeout:g}s")
         time.sleep(delay)
         delay = min(delay * 1.5, 1.0)
+    return get_job(job_id, reader=reader, settings=settings)
 
 
-def failed_jobs(*, limit: int = 100, settings: Settings | None = None) -> list[JobView]:
-    """Failed jobs, most recent first, with their reasons (the dead-letter view)."""
-    with runtime(settings).transaction() as session:
+def failed_jobs(*, limit: int = 100, reader: str | None = None, settings: Settings | None = None) -> list[JobView]:
+    """Failed jobs, most recent first, with their reasons (the dead-letter view; each read is audited)."""
+    rt = runtime(settings)
+    with rt.transaction() as session:
         rows = session.scalars(
             select(Job).where(Job.status == JobStatus.FAILED).order_by(Job.finished_at.desc()).limit(limit)
         )
-        return [_view(job) for job in rows]
+        who = _reader(rt, reader)
+        return [_read(session, job, who) for job in rows]
 
 
-def job_events(job_id: str, *, settings: Settings | None = None) -> list[audit.AuditRecord]:
-    """The job's audit events, oldest first.
+@dataclass(frozen=True)
+class AuditFilter:
+    """What an audit query selects; every field is optional. Times are aware datetimes."""
+
+    job_id: str | None = None
+    batch_id: str | None = None
+    assistant_id: str | None = None
+    actor: str | None = None
+    action: str | None = None
+    outcome: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    limit: int = 1000
+
+    def where(self) -> list[Any]:
+        columns = ("job_id", "batch_id", "assistant_id", "actor", "action", "outcome")
+        clauses: list[Any] = [getattr(AuditEvent, c) == getattr(self, c) for c in columns if getattr(self, c)]
+        if self.since is not None:
+            clauses.append(AuditEvent.occurred_at >= self.since)
+        if self.until is not None:
+            clauses.append(AuditEvent.occurred_at < self.until)
+        return clauses
+
+    def describe(self) -> dict[str, Any]:
+        return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in asdict(self).items() if v is not None}
+
+
+def audit_query(
+    query: AuditFilter = AuditFilter(),
+    *,
+    export: bool = False,
+    reader: str | None = None,
+    settings: Settings | None = None,
+) -> list[audit.AuditRecord]:
+    """Audit events matching ``query``, oldest first. The query is itself audited
+    (``audit.exported`` when ``export``), after the events it returns."""
+    rt = runtime(settings)
+    with rt.transaction() as session:
+        audit.seal(session)
+        rows = session.scalars(select(AuditEvent).where(*query.where()).order_by(AuditEvent.seq).limit(query.limit))
+        found = [audit.to_record(row) for row in rows]
+        action = audit.Action.AUDIT_EXPORTED if export else audit.Action.AUDIT_QUERIED
+        audit.record(session=session, action=action, job_id=None, actor=_reader(rt, reader),
+                     detail={"filter": query.describe(), "events": len(found)})  # fmt: skip
+        return found
+
+
+def job_events(
+    job_id: str, *, include_reads: bool = False, reader: str | None = None, settings: Settings | None = None
+) -> list[audit.AuditRecord]:
+    """The job's audit trail, oldest first: what happened to it (and, with ``include_reads``,
+    who read it). The query is audited.
 
     Raises:
         JobNotFound: no job has this id.
     """
-    with runtime(settings).transaction() as session:
+    rt = runtime(settings)
+    with rt.transaction() as session:
         if session.get(Job, job_id) is None:
             raise JobNotFound(job_id)
-        return audit.events_for_job(session=session, job_id=job_id)
+        events = audit.events_for_job(session=session, job_id=job_id)
+        audit.record(session=session, action=audit.Action.AUDIT_QUERIED, job_id=None, actor=_reader(rt, reader),
+                     detail={"filter": {"job_id": job_id}, "events": len(events)})  # fmt: skip
+    return events if include_reads else [e for e in events if e.action not in audit.READS]
 
 
-def _view(job: Job) -> JobView:
+def _view(session: Session, job: Job) -> JobView:
     return JobView(
         id=job.id,
         status=JobStatus(job.status),
@@ -125,8 +217,8 @@ def _view(job: Job) -> JobView:
         actor=job.actor,
         attempts=job.attempts,
         max_attempts=job.max_attempts,
-        answer=job.answer,
-        error=job.error,
+        answer=open_text(session, "answer", job.id, job.answer),
+        error=open_text(session, "error", job.id, job.error),
         error_class=job.error_class,
         http_status=job.http_status,
         created_at=job.created_at,

@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from worker import db, schema
+from worker import db, integrity, schema
+from worker.crypto import Keyring, open_keyring
 from worker.settings import Settings
+from worker.store import KEYRING
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -55,7 +57,22 @@ class Runtime:
         except BaseException:
             engine.dispose()
             raise
-        return db.make_session_factory(engine)
+        factory = db.make_session_factory(engine, info={KEYRING: self.keyring})
+        integrity.install_hooks(factory, self.settings)
+        return factory
+
+    @property
+    def keyring(self) -> Keyring:
+        """The PHI keys. The embedded default makes one on first use; any other database needs
+        QBGW_ENCRYPTION_KEYS or a keyring file."""
+
+        def build() -> Keyring:
+            settings = self.settings
+            return open_keyring(spec=settings.encryption_keys.reveal(), path=settings.keyring_path,
+                                create=not settings.database_url)  # fmt: skip
+
+        keyring: Keyring = self._once("keyring", build)
+        return keyring
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:

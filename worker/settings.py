@@ -95,6 +95,18 @@ class Settings:
     actor: str = ""
     #: The smart_chat_assistant_id ``qbgw submit`` uses when none is given.
     assistant_id: str = ""
+    #: Keys for PHI at rest: "kid1:base64key,kid2:base64key", the first encrypts; empty: the keyring file.
+    encryption_keys: Secret = field(default_factory=lambda: Secret(""))
+    #: The keyring file (rotated by `qbgw keys rotate`); empty: keyring.json in the data directory.
+    keyring_file: str = ""
+    #: Signs the audit chain's anchors (HMAC-SHA256); empty: a key generated in the data directory.
+    anchor_key: Secret = field(default_factory=lambda: Secret(""))
+    #: Where signed chain heads are appended, outside the database; empty: in the data directory.
+    audit_anchor_file: str = ""
+    #: An anchor is written at least every this many audit events ...
+    audit_anchor_events: int = 1000
+    #: ... and at least every this many seconds (by each worker's sweeper), even when idle.
+    audit_anchor_seconds: float = 60.0
     #: A queued job whose message has not started it after this many seconds is re-announced.
     sweep_grace: float = 60.0
 
@@ -145,7 +157,7 @@ class Settings:
                 f"({self.lease_seconds:g}s = connect + read timeout + lease margin), or Redis would re-deliver "
                 "a message whose attempt is still running"
             )
-        for name in ("max_attempts", "concurrency"):
+        for name in ("max_attempts", "concurrency", "audit_anchor_events"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be at least 1")
         if self.pool not in ("threads", "prefork", "solo", "gevent"):
@@ -170,6 +182,14 @@ class Settings:
         database and dispatched by the sweeper (a Redis countdown past the visibility timeout
         runs the task twice)."""
         return min(300.0, self.visibility_timeout / 4)
+
+    @property
+    def keyring_path(self) -> Path:
+        return Path(self.keyring_file) if self.keyring_file else self.data_dir / "keyring.json"
+
+    @property
+    def anchor_path(self) -> Path:
+        return Path(self.audit_anchor_file) if self.audit_anchor_file else self.data_dir / "audit-anchors.jsonl"
 
     @property
     def effective_database_url(self) -> str:

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
 from worker import audit
+from worker.crypto import Keyring, aad_for
 from worker.errors import GatewayError, IdempotencyConflict, JobNotFound, JobStateConflict
 from worker.lifecycle import CLAIMABLE, JobStatus, check_transition
 from worker.models import Job
@@ -35,6 +36,25 @@ __all__ = [
 ]
 
 _CLAIMABLE = [str(s) for s in CLAIMABLE]
+
+#: Where a session finds the keyring for PHI columns (put there by the runtime's session factory).
+KEYRING = "qbgw_keyring"
+
+
+def seal_text(session: Session, column: str, job_id: str, plaintext: str | None) -> str | None:
+    """Encrypt a PHI column's value, bound to its row and column (None stays None)."""
+    if plaintext is None:
+        return None
+    keyring: Keyring = session.info[KEYRING]
+    return keyring.encrypt(plaintext, aad=aad_for("jobs", column, job_id))
+
+
+def open_text(session: Session, column: str, job_id: str, stored: str | None) -> str | None:
+    """Decrypt a PHI column's value. Raises DecryptionFailed if it was moved or altered."""
+    if stored is None:
+        return None
+    keyring: Keyring = session.info[KEYRING]
+    return keyring.decrypt(stored, aad=aad_for("jobs", column, job_id))
 
 
 class KeyRace(Exception):
@@ -96,7 +116,8 @@ def create_job(*, session: Session, new: NewJob, now: datetime) -> tuple[str, bo
             return existing.id, False
     session.add(
         Job(
-            id=new.id, status=JobStatus.QUEUED, assistant_id=new.assistant_id, payload=payload,
+            id=new.id, status=JobStatus.QUEUED, assistant_id=new.assistant_id,
+            payload=seal_text(session, "payload", new.id, payload),
             payload_digest=payload_digest, custom_id=new.custom_id, idempotency_key=new.idempotency_key,
             actor=new.actor, attempts=0, max_attempts=new.max_attempts, created_at=now, updated_at=now,
             announced_at=now,  # the producer publishes right after the commit; on failure it clears this
@@ -111,6 +132,7 @@ def create_job(*, session: Session, new: NewJob, now: datetime) -> tuple[str, bo
         action=audit.Action.SUBMITTED,
         job_id=new.id,
         actor=new.actor,
+        assistant_id=new.assistant_id,
         request=(payload_digest, len(payload)),
         detail={"assistant_id": new.assistant_id, "custom_id": new.custom_id, "messages": len(new.messages)},
         at=now,
@@ -156,7 +178,8 @@ def claim(*, session: Session, job_id: str, worker: str, lease: timedelta, now: 
         session.execute(update(Job).where(Job.id == job_id).values(started_at=now))
     return Claim(
         job_id=job_id, attempt=job.attempts, assistant_id=job.assistant_id,
-        messages=json.loads(job.payload)["messages"], max_attempts=job.max_attempts, actor=job.actor,
+        messages=json.loads(open_text(session, "payload", job_id, job.payload) or "{}")["messages"],
+        max_attempts=job.max_attempts, actor=job.actor,
         created_at=job.created_at, previous_error=job.error_class,
     )  # fmt: skip
 
@@ -166,7 +189,8 @@ def record_success(*, session: Session, claim: Claim, worker: str, answer: str, 
     cancel arrived during the call: the answer is then not kept), or None if this worker no
     longer holds the job."""
     if _finish(session, claim, worker, JobStatus.SUCCEEDED, now,
-               answer=answer, error=None, error_class=None, http_status=200, finished_at=now):  # fmt: skip
+               answer=seal_text(session, "answer", claim.job_id, answer), error=None, error_class=None,
+               http_status=200, finished_at=now):  # fmt: skip
         _event(session, audit.Action.SUCCEEDED, claim, worker, now, outcome="succeeded", http_status=200)
         return JobStatus.SUCCEEDED
     return _cancel_if_requested(session, claim, worker, now)
@@ -190,7 +214,8 @@ def record_failure(
     sweeper publishes one when the retry is due.
     """
     status = JobStatus.RETRYING if retry_at is not None else JobStatus.FAILED
-    values: dict[str, Any] = {"error": reason, "error_class": type(error).__name__, "http_status": error.status}
+    values: dict[str, Any] = {"error": seal_text(session, "error", claim.job_id, reason),
+                              "error_class": type(error).__name__, "http_status": error.status}  # fmt: skip
     if retry_at is not None:
         values.update(next_attempt_at=retry_at, announced_at=now if announced else None)
     else:
@@ -256,7 +281,7 @@ def _cancel_if_requested(session: Session, claim: Claim, worker: str, now: datet
 
 def _event(session: Session, action: audit.Action, claim: Claim, worker: str, now: datetime, **fields: Any) -> None:
     audit.record(session=session, action=action, job_id=claim.job_id, actor=worker, attempt=claim.attempt,
-                 at=now, **fields)  # fmt: skip
+                 assistant_id=claim.assistant_id, at=now, **fields)  # fmt: skip
 
 
 def cancel(*, session: Session, job_id: str, actor: str, now: datetime) -> JobStatus:
@@ -340,7 +365,7 @@ def recover_interrupted(*, session: Session, now: datetime, limit: int = 500) ->
                 claimed_by=None,
                 lease_expires_at=None,
                 updated_at=now,
-                error=reason,
+                error=seal_text(session, "error", row.id, reason),
                 error_class="Interrupted",
                 http_status=None,
                 **values,

@@ -17,6 +17,7 @@ from datetime import timedelta
 from worker import store
 from worker.celery_app import backlog, publish
 from worker.errors import QbgwError
+from worker.integrity import Anchorer
 from worker.models import utcnow
 from worker.runtime import runtime
 from worker.settings import Settings
@@ -67,6 +68,7 @@ class Sweeper:
         self.settings = settings
         self.interval = interval
         self._stop = threading.Event()
+        self._anchorer = Anchorer(settings)
         self._thread = threading.Thread(target=self._run, name="qbgw-sweeper", daemon=True)
 
     def start(self) -> Sweeper:
@@ -81,5 +83,10 @@ class Sweeper:
         while not self._stop.wait(self.interval):
             try:
                 sweep(settings=self.settings)
+                runtime(self.settings).keyring.reload()  # a rotated key is used from now on
+                with runtime(self.settings).transaction() as session:
+                    self._anchorer.tick(session)
             except QbgwError as exc:  # the database or broker is away; the next sweep tries again
                 log.warning("sweep failed: %s", exc)
+            except OSError as exc:
+                log.warning("could not write an audit anchor: %s", exc)

@@ -76,7 +76,8 @@ def run_attempt(rt: Runtime, job_id: str) -> Outcome:
             return Outcome.SKIPPED
         body = encode_request(claim.assistant_id, claim.messages)
         audit.record(session=session, action=audit.Action.ATTEMPT_REQUEST, job_id=job_id, actor=rt.identity,
-                     attempt=claim.attempt, request=(audit.digest(body), len(body)))  # fmt: skip
+                     attempt=claim.attempt, request=(audit.digest(body), len(body)), assistant_id=claim.assistant_id,
+                     token_fp=audit.fingerprint(rt.gateway.tokens.current().reveal()))  # fmt: skip
     exchange = rt.gateway.send(body)
     decision = _decide(rt, claim, exchange)
     outcome = _record(rt, claim, exchange, decision)
@@ -153,6 +154,7 @@ def _audit_exchange(session: Session, actor: str, claim: store.Claim, exchange: 
         job_id=claim.job_id,
         actor=actor,
         attempt=claim.attempt,
+        assistant_id=claim.assistant_id,
         outcome=kind,
         http_status=exchange.status,
         error_class=type(error).__name__ if error else None,

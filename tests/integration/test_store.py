@@ -98,7 +98,9 @@ def test_exactly_one_final_result_even_if_a_stale_worker_reports(settings: Setti
     with runtime(settings).transaction() as session:
         job = session.get(Job, job_id)
         assert job is not None
-        assert (job.status, job.answer, job.attempts) == (JobStatus.SUCCEEDED, "on time", 2)
+        answer = store.open_text(session, "answer", job_id, job.answer)
+        assert (job.status, answer, job.attempts) == (JobStatus.SUCCEEDED, "on time", 2)
+        assert job.answer is not None and "on time" not in job.answer  # stored encrypted
         actions = [e.action for e in audit.events_for_job(session=session, job_id=job_id)]
     assert actions == ["job.submitted", "job.retry_scheduled", "job.succeeded"]
 
@@ -127,7 +129,8 @@ def test_a_failed_job_keeps_the_upstream_reason(settings: Settings) -> None:
         job = session.get(Job, job_id)
         assert job is not None
         assert job.status == JobStatus.FAILED and job.finished_at is not None
-        assert job.error == "gateway answered HTTP 503: Service Unavailable" and job.http_status == 503
+        error = store.open_text(session, "error", job_id, job.error)
+        assert error == "gateway answered HTTP 503: Service Unavailable" and job.http_status == 503
 
 
 def test_finishing_into_a_forbidden_status_is_a_bug(settings: Settings) -> None:
@@ -180,7 +183,8 @@ def test_an_expired_lease_is_recovered_as_an_interrupted_attempt(settings: Setti
         assert store.recover_interrupted(session=session, now=after) == []
         job = session.get(Job, job_id)
         assert job is not None and job.status == JobStatus.RETRYING and job.announced_at is None
-        assert job.error is not None and "attempt 1 interrupted: its worker dead-worker stopped" in job.error
+        error = store.open_text(session, "error", job_id, job.error)
+        assert error is not None and "attempt 1 interrupted: its worker dead-worker stopped" in error
         events = audit.events_for_job(session=session, job_id=job_id)
     assert [(e.action, e.attempt) for e in events][-2:] == [("attempt.interrupted", 1), ("job.retry_scheduled", 1)]
     again = claim(settings, job_id, "w2", now_shift=LEASE.total_seconds() + 2)

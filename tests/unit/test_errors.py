@@ -18,6 +18,8 @@ def _instance(name: str) -> errors.QbgwError:
         return kind("job-1")
     if issubclass(kind, errors.NotAnnounced):
         return kind("job-1", "OperationalError")
+    if issubclass(kind, errors.DecryptionFailed):
+        return kind("jobs.answer of row job-1", "authentication failed")
     return kind("something was wrong")
 
 

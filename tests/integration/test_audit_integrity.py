@@ -1,0 +1,205 @@
+"""Tamper evidence: each way of falsifying the audit log is named by verify, on SQLite and
+PostgreSQL; and the log refuses UPDATE, DELETE and TRUNCATE."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, insert, select, text
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
+
+from tests.conftest import ASSISTANT
+from worker import audit, integrity, producer
+from worker.models import AuditEvent
+from worker.runtime import runtime
+from worker.settings import Settings
+from worker.tasks import run_attempt
+
+JOBS = 6
+
+
+@pytest.fixture
+def logged(settings: Settings) -> Settings:
+    """Some jobs run to the end, then an anchor of the head."""
+    for n in range(JOBS):
+        job_id = producer.submit(ASSISTANT, [{"role": "user", "content": f"job {n}"}], settings=settings)
+        run_attempt(runtime(settings), job_id)
+    with runtime(settings).transaction() as session:
+        integrity.write_anchor(settings, *integrity.head(session))
+    return settings
+
+
+def check(settings: Settings) -> integrity.VerifyReport:
+    with runtime(settings).transaction() as session:
+        return integrity.verify(session, integrity.read_anchors(settings.anchor_path), integrity.anchor_key(settings))
+
+
+def last_seq(settings: Settings) -> int:
+    with runtime(settings).transaction() as session:
+        return integrity.head(session)[0]
+
+
+@contextmanager
+def as_owner(settings: Settings) -> Iterator[Connection]:
+    """A connection for someone with full database access, append-only triggers bypassed."""
+    engine = create_engine(settings.effective_database_url)
+    try:
+        with engine.begin() as connection:
+            if connection.dialect.name == "postgresql":
+                connection.execute(text("SET LOCAL session_replication_role = replica"))
+                yield connection
+            else:
+                triggers = connection.execute(
+                    text("SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'audit_events'")
+                ).all()
+                for name, _ in triggers:
+                    connection.execute(text(f"DROP TRIGGER {name}"))
+                yield connection
+                for _, sql in triggers:
+                    connection.execute(text(sql))
+    finally:
+        engine.dispose()
+
+
+def row(connection: Connection, seq: int) -> dict[str, Any]:
+    """An event as the application reads it (typed: timestamps are datetimes)."""
+    table = AuditEvent.__table__
+    return dict(connection.execute(select(table).where(table.c.seq == seq)).mappings().one())
+
+
+def test_an_untouched_log_verifies(logged: Settings) -> None:
+    report = check(logged)
+    assert report.ok and report.events == last_seq(logged) >= JOBS * 4 and report.anchors == 1
+
+
+def test_a_changed_byte_is_named(logged: Settings) -> None:
+    with as_owner(logged) as db:
+        db.execute(text("UPDATE audit_events SET latency_ms = latency_ms + 1 WHERE seq = 7"))
+    problem = check(logged).problem
+    assert problem is not None and problem.seq == 7 and "altered" in problem.message
+
+
+def test_a_deleted_event_is_named(logged: Settings) -> None:
+    with as_owner(logged) as db:
+        db.execute(text("DELETE FROM audit_events WHERE seq = 5"))
+    problem = check(logged).problem
+    assert problem is not None and problem.seq == 5 and "missing" in problem.message
+
+
+def _renumber(db: Connection, from_seq: int, by: int) -> None:
+    # Two steps, so that the unique index on seq never sees two equal values.
+    db.execute(text("UPDATE audit_events SET seq = -seq WHERE seq >= :s"), {"s": from_seq})
+    db.execute(text("UPDATE audit_events SET seq = -seq + :by WHERE seq < 0"), {"by": by})
+
+
+def test_an_inserted_event_is_named_even_with_a_valid_hash(logged: Settings) -> None:
+    with as_owner(logged) as db:
+        forged = row(db, 4)
+        _renumber(db, 5, 1)
+        forged.update(id=None, seq=5, actor="intruder", prev_hash=forged["row_hash"])
+        forged["row_hash"] = audit.chain_hash(forged["prev_hash"], forged)
+        forged.pop("id")
+        db.execute(insert(AuditEvent.__table__).values(**forged))
+    problem = check(logged).problem
+    assert problem is not None and problem.seq == 5 and "inserted" in problem.message
+
+
+def test_two_swapped_events_are_named(logged: Settings) -> None:
+    with as_owner(logged) as db:
+        db.execute(text("UPDATE audit_events SET seq = -1 WHERE seq = 8"))
+        db.execute(text("UPDATE audit_events SET seq = 8 WHERE seq = 9"))
+        db.execute(text("UPDATE audit_events SET seq = 9 WHERE seq = -1"))
+    problem = check(logged).problem
+    assert problem is not None and problem.seq == 8 and "does not follow" in problem.message
+
+
+def _recompute_from(db: Connection, seq: int) -> None:
+    prev = row(db, seq - 1)["row_hash"]
+    for current in range(seq, db.execute(text("SELECT max(seq) FROM audit_events")).scalar_one() + 1):
+        values = row(db, current)
+        values["prev_hash"] = prev
+        prev = audit.chain_hash(prev, values)
+        db.execute(text("UPDATE audit_events SET prev_hash = :p, row_hash = :h WHERE seq = :s"),
+                   {"p": values["prev_hash"], "h": prev, "s": current})  # fmt: skip
+    db.execute(text("UPDATE audit_chain_head SET row_hash = :h"), {"h": prev})
+
+
+def test_a_whole_chain_recomputed_by_someone_with_database_access_is_caught_by_the_anchor(logged: Settings) -> None:
+    with as_owner(logged) as db:
+        db.execute(text("UPDATE audit_events SET actor = 'someone-else' WHERE seq = 6"))
+        _recompute_from(db, 6)
+    report = check(logged)
+    top = last_seq(logged)
+    assert report.problem is not None and report.problem.seq == top
+    assert "does not match the signed anchor" in report.problem.message and "rewritten" in report.problem.message
+
+
+def test_a_truncated_tail_is_caught_by_the_anchor(logged: Settings) -> None:
+    top = last_seq(logged)
+    with as_owner(logged) as db:
+        db.execute(text("DELETE FROM audit_events WHERE seq > :s"), {"s": top - 3})
+    problem = check(logged).problem
+    assert problem is not None and problem.seq == top - 2 and "truncated tail" in problem.message
+
+
+def test_an_altered_anchor_file_is_named(logged: Settings) -> None:
+    path = logged.anchor_path
+    path.write_text(path.read_text().replace('"seq": ', '"seq": 1', 1))
+    problem = check(logged).problem
+    assert problem is not None and problem.seq is None and "anchor line 1 has a bad signature" in problem.message
+
+
+def test_anchors_are_written_every_n_events(settings: Settings) -> None:
+    every = settings.with_(audit_anchor_events=5)
+    for n in range(4):
+        job_id = producer.submit(ASSISTANT, [{"role": "user", "content": f"job {n}"}], settings=every)
+        run_attempt(runtime(every), job_id)
+    anchors = integrity.read_anchors(every.anchor_path)
+    seqs = [a.seq for a in anchors]
+    assert seqs == sorted(seqs) and len(anchors) >= last_seq(every) // 5 - 1
+    assert all(later - earlier <= 5 + 4 for earlier, later in zip([0, *seqs], seqs, strict=False))
+
+
+REFUSALS: list[tuple[str, Callable[[str], str]]] = [
+    ("UPDATE", lambda t: f"UPDATE {t} SET actor = 'x'"),
+    ("DELETE", lambda t: f"DELETE FROM {t}"),
+    ("TRUNCATE", lambda t: f"TRUNCATE {t}"),
+]
+
+
+@pytest.mark.parametrize(("verb", "sql"), REFUSALS)
+def test_the_log_refuses_changes_even_from_its_owner(logged: Settings, verb: str, sql: Callable[[str], str]) -> None:
+    engine = create_engine(logged.effective_database_url)
+    if engine.dialect.name == "sqlite" and verb == "TRUNCATE":
+        pytest.skip("SQLite has no TRUNCATE (DELETE covers it)")
+    try:
+        with pytest.raises(DBAPIError, match="append-only"), engine.begin() as connection:
+            connection.execute(text(sql("audit_events")))
+    finally:
+        engine.dispose()
+    assert check(logged).ok
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+@pytest.mark.parametrize(("verb", "sql"), REFUSALS)
+def test_the_application_role_cannot_change_the_log(logged: Settings, verb: str, sql: Callable[[str], str]) -> None:
+    role = f"qbgw_app_{uuid.uuid4().hex[:8]}"
+    owner = create_engine(logged.effective_database_url, isolation_level="AUTOCOMMIT")
+    with owner.connect() as db:
+        db.execute(text(f"CREATE ROLE {role} LOGIN"))
+        db.execute(text(f"GRANT SELECT, INSERT ON audit_events TO {role}"))
+    app = create_engine(logged.effective_database_url.replace("postgres@", f"{role}@"))
+    try:
+        with pytest.raises(DBAPIError, match="append-only|permission denied"), app.begin() as connection:
+            connection.execute(text(sql("audit_events")))
+    finally:
+        app.dispose()
+        with owner.connect() as db:
+            db.execute(text(f"REVOKE ALL ON audit_events FROM {role}"))
+            db.execute(text(f"DROP ROLE {role}"))
+        owner.dispose()

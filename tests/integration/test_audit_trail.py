@@ -1,0 +1,144 @@
+"""The audit trail as an auditor uses it: complete events, audited reads, queries and exports,
+encrypted PHI bound to its row, key rotation and retention, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from datetime import timedelta
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import text, update
+
+from tests.conftest import ASSISTANT, TOKEN
+from worker import audit, integrity, producer, queries
+from worker.cli import EXIT, cli
+from worker.crypto import Keyring
+from worker.errors import DecryptionFailed
+from worker.maintenance import count_by_key, purge_phi, rotate_keys
+from worker.models import Job, utcnow
+from worker.queries import AuditFilter, audit_query, get_job, job_events
+from worker.runtime import reset as reset_runtimes
+from worker.runtime import runtime
+from worker.settings import Secret, Settings
+from worker.tasks import run_attempt
+
+PHI = "Patient Quorra Vantablack-Essien reports chest pain"
+
+
+def run_job(settings: Settings, content: str = PHI, actor: str = "clinic-app") -> str:
+    job_id = producer.submit(ASSISTANT, [{"role": "user", "content": content}], actor=actor, settings=settings)
+    run_attempt(runtime(settings), job_id)
+    return job_id
+
+
+def test_events_say_who_what_when_and_carry_no_content(settings: Settings) -> None:
+    job_id = run_job(settings)
+    events = job_events(job_id, settings=settings)
+    submitted, request, response, succeeded = events
+    assert submitted.action == "job.submitted" and submitted.actor == "clinic-app"
+    assert request.actor == response.actor == succeeded.actor and ":" in request.actor  # host:pid of the worker
+    assert request.assistant_id == ASSISTANT and request.token_fp == audit.fingerprint(TOKEN)
+    assert request.request_digest and request.request_bytes and response.response_digest and response.latency_ms >= 0
+    assert response.http_status == 200 and response.outcome == "answer" and succeeded.attempt == 1
+    dumped = json.dumps([e.as_dict() for e in events])
+    assert "Quorra" not in dumped and TOKEN not in dumped
+
+
+def test_phi_columns_are_ciphertext_and_a_moved_ciphertext_fails(settings: Settings) -> None:
+    first, second = run_job(settings), run_job(settings, "another patient")
+    with runtime(settings).transaction() as session:
+        row = session.get(Job, first)
+        assert row is not None and row.payload is not None and row.answer is not None
+        assert "Quorra" not in row.payload + row.answer and row.payload.startswith("v1:ktest:")
+        session.execute(update(Job).where(Job.id == second).values(answer=row.answer))  # moved to another row
+    with pytest.raises(DecryptionFailed, match=f"jobs.answer of row {second}: authentication failed"):
+        get_job(second, settings=settings)
+    assert get_job(first, settings=settings).answer is not None
+
+
+def test_reading_a_result_is_audited_with_the_reader(settings: Settings) -> None:
+    job_id = run_job(settings)
+    get_job(job_id, reader="dr-okafor", settings=settings)
+    reads = [e for e in job_events(job_id, include_reads=True, settings=settings) if e.action == "result.read"]
+    assert [(e.actor, e.outcome) for e in reads] == [("dr-okafor", "succeeded")]
+    queries.job_status(job_id, settings=settings)  # a status poll carries no PHI and is not a read
+    assert len([e for e in job_events(job_id, include_reads=True, settings=settings) if e.action == "result.read"]) == 1
+
+
+def test_audit_queries_filter_and_are_themselves_audited(settings: Settings) -> None:
+    job_id = run_job(settings, actor="app-a")
+    run_job(settings, "other", actor="app-b")
+    mine = audit_query(AuditFilter(job_id=job_id), reader="auditor-1", settings=settings)
+    assert {e.job_id for e in mine} == {job_id} and len(mine) == 4
+    by_actor = audit_query(AuditFilter(actor="app-b", action="job.submitted"), settings=settings)
+    assert len(by_actor) == 1
+    since = audit_query(AuditFilter(since=utcnow() + timedelta(hours=1)), settings=settings)
+    assert since == []
+    logged = audit_query(AuditFilter(action="audit.queried", actor="auditor-1"), settings=settings)
+    assert logged[0].detail["filter"] == {"job_id": job_id, "limit": 1000} and logged[0].detail["events"] == 4
+
+
+def test_the_cli_exports_json_lines_and_csv_and_verifies(settings: Settings) -> None:
+    job_id = run_job(settings)
+    env = {**settings.to_env(), "QBGW_ACTOR": "auditor-2"}
+    runner = CliRunner()
+    reset_runtimes()
+    lines = runner.invoke(cli, ["audit", "--job", job_id, "--format", "jsonl"], env=env).stdout.splitlines()
+    assert [json.loads(line)["action"] for line in lines] == [
+        "job.submitted", "attempt.request", "attempt.response", "job.succeeded"]  # fmt: skip
+    rows = list(csv.DictReader(io.StringIO(runner.invoke(cli, ["audit", "--job", job_id, "--format", "csv"],
+                                                         env=env).stdout)))  # fmt: skip
+    assert len(rows) == 4 and rows[0]["action"] == "job.submitted"
+    table = runner.invoke(cli, ["audit", "--action", "audit.exported"], env=env).stdout
+    assert table.count("audit.exported") == 2 and "auditor-2" in table
+    verified = runner.invoke(cli, ["audit", "verify"], env=env)
+    assert verified.exit_code == 0 and verified.stdout.startswith("ok: ")
+    assert runner.invoke(cli, ["audit", "--since", "yesterday"], env=env).exit_code == 2
+
+
+def test_verify_exits_9_naming_the_tampered_event(settings: Settings) -> None:
+    run_job(settings)
+    with runtime(settings).transaction() as session:
+        if session.bind.dialect.name == "postgresql":  # type: ignore[union-attr]
+            session.execute(text("SET LOCAL session_replication_role = replica"))
+        else:
+            session.execute(text("DROP TRIGGER audit_events_no_update"))
+        session.execute(text("UPDATE audit_events SET actor = 'nobody' WHERE seq = 2"))
+    reset_runtimes()
+    result = CliRunner().invoke(cli, ["audit", "verify"], env=settings.to_env())
+    assert result.exit_code == EXIT["tampered"] and "event seq 2 was altered" in result.stderr
+
+
+def test_keys_rotate_while_jobs_keep_running(settings: Settings) -> None:
+    on_file = settings.with_(encryption_keys=Secret(""), database_url=settings.database_url)
+    if on_file.database_url:  # PostgreSQL needs a keyring file given; make one like an operator would
+        Keyring({"k0": b"\x01" * 32}, "k0").save(on_file.keyring_path)
+    before = run_job(on_file)
+    old = runtime(on_file).keyring.primary
+    # A second process (an operator's `qbgw keys rotate`) rotates while this one keeps working.
+    rotation = rotate_keys(actor="security-officer", settings=on_file)
+    assert rotation.old_primary == old and rotation.values_reencrypted >= 2
+    after = run_job(on_file, "after the rotation")
+    assert set(count_by_key(settings=on_file)) == {rotation.new_primary}
+    assert get_job(before, settings=on_file).answer and get_job(after, settings=on_file).answer
+    rotated = audit_query(AuditFilter(action="key.rotated"), settings=on_file)
+    assert rotated[0].actor == "security-officer" and rotated[0].detail["new_primary"] == rotation.new_primary
+
+
+def test_purge_erases_phi_and_keeps_the_chain_verifiable(settings: Settings) -> None:
+    old, recent = run_job(settings), run_job(settings, "recent")
+    with runtime(settings).transaction() as session:
+        session.execute(update(Job).where(Job.id == old).values(finished_at=utcnow() - timedelta(days=40)))
+    assert purge_phi(older_than=timedelta(days=30), actor="retention-job", settings=settings) == 1
+    gone, kept = get_job(old, settings=settings), get_job(recent, settings=settings)
+    assert gone.answer is None and gone.status == "succeeded" and kept.answer is not None
+    with runtime(settings).transaction() as session:
+        row = session.get(Job, old)
+        assert row is not None and row.payload is None and row.purged_at is not None
+    assert [e.action for e in job_events(old, settings=settings)][-1] == "job.purged"
+    with runtime(settings).transaction() as session:
+        integrity.write_anchor(settings, *integrity.head(session))
+    assert integrity.verify_log(settings=settings).ok

@@ -1,0 +1,66 @@
+"""CLI plumbing shared by every ``qbgw`` command: named exit codes, one-line errors, settings."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from worker import errors
+from worker.settings import Settings
+
+__all__ = ["EXIT", "handled", "load_settings"]
+
+
+#: Named exit codes.
+EXIT = {
+    "ok": 0,
+    "job_failed": 1,
+    "usage": 2,
+    "bad_input": 3,
+    "not_found": 4,
+    "unavailable": 5,
+    "timeout": 6,
+    "config": 7,
+    "conflict": 8,
+    "tampered": 9,
+}
+
+_EXIT_FOR: list[tuple[type[BaseException], str]] = [
+    (errors.InputError, "bad_input"),
+    (errors.JobNotFound, "not_found"),
+    (errors.JobStateConflict, "conflict"),
+    (errors.StoreUnavailable, "unavailable"),
+    (errors.BrokerUnavailable, "unavailable"),
+    (errors.ConfigError, "config"),
+    (errors.IntegrityError, "tampered"),
+    (TimeoutError, "timeout"),
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def handled(func: F) -> F:
+    """Turn our errors into one line on stderr and their exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except (errors.QbgwError, TimeoutError) as exc:
+            code = next((EXIT[name] for kind, name in _EXIT_FOR if isinstance(exc, kind)), 1)
+            click.echo(f"qbgw: error: {exc}", err=True)
+            sys.exit(code)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def load_settings() -> Settings:
+    try:
+        return Settings.from_env()
+    except errors.ConfigError as exc:
+        click.echo(f"qbgw: error: {exc}", err=True)
+        sys.exit(EXIT["config"])
