@@ -234,8 +234,20 @@ def mark_unannounced(*, session: Session, job_id: str) -> None:
     session.execute(update(Job).where(Job.id == job_id).values(announced_at=None))
 
 
-def _finish(session: Session, claim: Claim, worker: str, status: JobStatus, now: datetime, **values: Any) -> bool:
+def _finish(
+    session: Session,
+    claim: Claim,
+    worker: str,
+    status: JobStatus,
+    now: datetime,
+    *,
+    cancelled: bool = False,
+    **values: Any,
+) -> bool:
+    """Compare-and-set the job out of this worker's attempt; ``cancelled`` says which kind of job
+    to match: one nobody asked to cancel (the usual), or one somebody did."""
     check_transition(JobStatus.RUNNING, status)
+    asked = Job.cancel_requested_at.is_not(None) if cancelled else Job.cancel_requested_at.is_(None)
     result = session.execute(
         update(Job)
         .where(
@@ -243,8 +255,8 @@ def _finish(session: Session, claim: Claim, worker: str, status: JobStatus, now:
             Job.status == JobStatus.RUNNING,
             Job.attempts == claim.attempt,
             Job.claimed_by == worker,
-            Job.cancel_requested_at.is_(None),
-        )
+            asked,
+        )  # fmt: skip
         .values(status=status, claimed_by=None, lease_expires_at=None, updated_at=now, **values)
         .execution_options(synchronize_session=False)
     )
@@ -252,28 +264,9 @@ def _finish(session: Session, claim: Claim, worker: str, status: JobStatus, now:
 
 
 def _cancel_if_requested(session: Session, claim: Claim, worker: str, now: datetime, **values: Any) -> JobStatus | None:
-    values = {k: v for k, v in values.items() if k in ("error", "error_class", "http_status")}
-    result = session.execute(
-        update(Job)
-        .where(
-            Job.id == claim.job_id,
-            Job.status == JobStatus.RUNNING,
-            Job.attempts == claim.attempt,
-            Job.claimed_by == worker,
-            Job.cancel_requested_at.is_not(None),
-        )  # fmt: skip
-        .values(
-            status=JobStatus.CANCELLED,
-            claimed_by=None,
-            lease_expires_at=None,
-            next_attempt_at=None,
-            finished_at=now,
-            updated_at=now,
-            **values,
-        )  # fmt: skip
-        .execution_options(synchronize_session=False)
-    )
-    if result.rowcount != 1:  # type: ignore[attr-defined]
+    kept = {k: v for k, v in values.items() if k in ("error", "error_class", "http_status")}
+    if not _finish(session, claim, worker, JobStatus.CANCELLED, now, cancelled=True, next_attempt_at=None,
+                   finished_at=now, **kept):  # fmt: skip
         return None
     _event(session, audit.Action.CANCELLED, claim, worker, now, outcome="cancelled")
     return JobStatus.CANCELLED

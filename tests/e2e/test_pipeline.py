@@ -6,8 +6,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import pytest
-
 from tests.conftest import ASSISTANT, TOKEN
 from tests.images import data_uri, jpeg_bytes, png_bytes
 from worker import producer
@@ -17,13 +15,6 @@ from worker.lifecycle import JobStatus
 from worker.queries import job_events, wait_for_job
 from worker.runtime import runtime
 from worker.settings import Settings
-
-
-@pytest.fixture(params=["embedded", "redis+postgres"])
-def stack(request: pytest.FixtureRequest) -> Settings:
-    name = "embedded_settings" if request.param == "embedded" else "production_settings"
-    settings: Settings = request.getfixturevalue(name)
-    return settings
 
 
 def submit(settings: Settings, content: Any) -> str:

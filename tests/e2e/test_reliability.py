@@ -8,21 +8,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import pytest
-
 from tests.conftest import ASSISTANT, wait_until
 from worker import control, producer
 from worker.emulator import Emulator
 from worker.lifecycle import JobStatus
 from worker.queries import get_job, job_events, wait_for_job
 from worker.settings import Settings
-
-
-@pytest.fixture(params=["embedded", "redis+postgres"])
-def stack(request: pytest.FixtureRequest) -> Settings:
-    name = "embedded_settings" if request.param == "embedded" else "production_settings"
-    settings: Settings = request.getfixturevalue(name)
-    return settings
 
 
 def submit(settings: Settings, text: str) -> str:

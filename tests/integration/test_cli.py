@@ -150,3 +150,14 @@ def test_cancel_failed_and_replay_commands(env: dict[str, str], embedded_setting
     assert refused.exit_code == EXIT["conflict"] and "only a failed job can be replayed" in refused.stderr
     assert qbgw(env, "cancel", broken).exit_code == EXIT["conflict"]
     assert qbgw(env, "cancel", "nope").exit_code == EXIT["not_found"]
+
+
+def test_keys_and_purge_commands(env: dict[str, str], embedded_settings: Settings) -> None:
+    job_id = qbgw(env, "submit", "--text", "to be purged").stdout.strip()
+    run_attempt(runtime(embedded_settings), job_id)
+    refused = qbgw(env, "keys", "rotate")
+    assert refused.exit_code == EXIT["config"] and "QBGW_ENCRYPTION_KEYS" in refused.stderr
+    assert qbgw(env, "keys", "status").stdout.split() == ["ktest", "2"]  # payload and answer
+    assert qbgw(env, "purge", "--older-than", "soon").exit_code == 2
+    assert qbgw(env, "purge", "--older-than", "0s").stdout.strip() == "purged the PHI of 1 job(s)"
+    assert qbgw(env, "result", job_id).exit_code == 0

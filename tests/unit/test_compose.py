@@ -51,7 +51,11 @@ def test_every_setting_the_compose_file_names_exists() -> None:
 
 
 def test_the_environment_parses_into_settings() -> None:
+    required = {"QBGW_ENCRYPTION_KEYS": "k1:" + "A" * 43 + "=", "QBGW_ANCHOR_KEY": "ab" * 32}
     env = {k: re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(v)) for k, v in COMPOSE["x-qbgw-env"].items()}
+    for name, value in required.items():
+        assert env[name].startswith("${" + name + ":?"), f"{name} must be required, not defaulted"
+        env[name] = value
     settings = Settings.from_env(env)
     assert settings.database_url.startswith("postgresql+psycopg://") and settings.broker_url.startswith("redis://")
 
