@@ -107,6 +107,31 @@ class Settings:
     audit_anchor_events: int = 1000
     #: ... and at least every this many seconds (by each worker's sweeper), even when idle.
     audit_anchor_seconds: float = 60.0
+    # --- QuickBlox authentication (see worker/auth.py) ---
+    #: How workers get a QB-Token: static (QBGW_TOKEN), application, user, or apikey.
+    auth: str = "static"
+    application_id: str = ""
+    auth_key: str = ""
+    auth_secret: Secret = field(default_factory=lambda: Secret(""))
+    user_login: str = ""
+    user_password: Secret = field(default_factory=lambda: Secret(""))
+    #: A server-side API key, sent as "Authorization: ApiKey ..." (unverified for the AI gateway).
+    api_key: Secret = field(default_factory=lambda: Secret(""))
+    #: A session is renewed this many seconds before the expiry the server announces.
+    session_renew_margin: float = 300.0
+    # --- Images and documents by reference (see worker/images/) ---
+    #: Local folders image and PDF references may point into (os.pathsep-separated); empty: none.
+    image_roots: str = ""
+    #: Fetch https:// images in the worker and send them inline (SSRF-guarded), instead of as URLs.
+    fetch_remote_images: bool = False
+    #: Largest remote image fetched, and how long a fetch may take (seconds).
+    fetch_max_bytes: int = 50 * 1024 * 1024
+    fetch_timeout: float = 20.0
+    #: Largest image in pixels (width x height), against decompression bombs.
+    max_image_pixels: int = 100_000_000
+    #: PDF pages rendered per document, and at what resolution (dots per inch).
+    pdf_max_pages: int = 10
+    pdf_dpi: float = 110.0
     #: A queued job whose message has not started it after this many seconds is re-announced.
     sweep_grace: float = 60.0
 
@@ -160,6 +185,8 @@ class Settings:
         for name in ("max_attempts", "concurrency", "audit_anchor_events"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be at least 1")
+        if self.auth not in ("static", "application", "user", "apikey"):
+            raise ConfigError(f"{PREFIX}AUTH must be one of static, application, user, apikey; got {self.auth!r}")
         if self.pool not in ("threads", "prefork", "solo", "gevent"):
             raise ConfigError(f"{PREFIX}POOL must be one of threads, prefork, solo, gevent; got {self.pool!r}")
         if not self.base_url.startswith(("http://", "https://")):
@@ -182,6 +209,10 @@ class Settings:
         database and dispatched by the sweeper (a Redis countdown past the visibility timeout
         runs the task twice)."""
         return min(300.0, self.visibility_timeout / 4)
+
+    @property
+    def image_root_paths(self) -> tuple[Path, ...]:
+        return tuple(Path(p).expanduser() for p in self.image_roots.split(os.pathsep) if p.strip())
 
     @property
     def keyring_path(self) -> Path:
@@ -221,9 +252,20 @@ def _parse(name: str, raw: str, kind: Any) -> Any:
             return float(raw)
         if kind == "int":
             return int(raw)
+        if kind == "bool":
+            return _bool(var, raw)
     except ValueError:
         raise ConfigError(f"{var} must be a {kind}; got {raw!r}") from None
     return raw
+
+
+def _bool(var: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{var} must be true or false; got {raw!r}")
 
 
 def _read_secret(raw: str) -> str:
