@@ -8,6 +8,7 @@ workers run with ``qbgw worker``. Settings come from ``QBGW_*`` environment vari
 from __future__ import annotations
 
 from worker.audit import AuditRecord
+from worker.auth import AuthReport, check_auth
 from worker.control import cancel, replay
 from worker.errors import (
     AuthenticationFailed,
@@ -29,6 +30,7 @@ from worker.errors import (
     PermanentGatewayError,
     QbgwError,
     RateLimited,
+    ResolutionFailed,
     StoreUnavailable,
     TransientGatewayError,
     UpstreamRejected,
@@ -71,6 +73,8 @@ __all__ = [
     # configuration
     "Settings",
     "Secret",
+    "check_auth",
+    "AuthReport",
     # errors
     "QbgwError",
     "ConfigError",
@@ -97,4 +101,5 @@ __all__ = [
     "FeatureDisabled",
     "AuthenticationFailed",
     "MalformedResponse",
+    "ResolutionFailed",
 ]

@@ -44,6 +44,8 @@ class Action(StrEnum):
     AUDIT_EXPORTED = "audit.exported"
     AUDIT_VERIFIED = "audit.verified"
     KEY_ROTATED = "key.rotated"
+    #: A worker replaced a rejected QuickBlox session token (fingerprints only).
+    SESSION_RENEWED = "session.renewed"
     #: A job's PHI (payload, answer, error text) was erased under the retention policy.
     PURGED = "job.purged"
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from worker import cli_audit, errors
+from worker import cli_audit, cli_auth, errors
 from worker.clikit import EXIT, handled
 from worker.clikit import load_settings as _settings
 from worker.settings import Settings
@@ -216,9 +216,16 @@ def replay(job_ids: tuple[str, ...], actor: str | None) -> None:
 @click.option("--fault-seed", type=int, default=None, help="Seed the random faults, for a reproducible run.")
 @click.option("--hang-seconds", type=click.FloatRange(min=0), default=30.0, help="How long a 'hang' fault waits.")
 @click.option("--retry-after", type=click.IntRange(min=0), default=1, help="Retry-After of a '429-retry-after' fault.")
+@click.option(
+    "--session-idle",
+    type=click.FloatRange(min=0, min_open=True),
+    default=7200.0,
+    show_default=True,
+    help="Seconds after its last use that a session token made by POST /session.json expires.",
+)
 def emulator(host: str, port: int, token: tuple[str, ...], assistant: tuple[str, ...], any_assistant: bool,
              latency: float, feature_off: bool, fault_rate: float, fault_seed: int | None, hang_seconds: float,
-             retry_after: int) -> None:  # fmt: skip
+             retry_after: int, session_idle: float) -> None:  # fmt: skip
     """Run the QuickBlox HIPAA AI Gateway emulator (for development and tests).
 
     --fault-rate gives a valid request a random fault (429 with or without Retry-After, 500, 502, 503, hang,
@@ -233,6 +240,7 @@ def emulator(host: str, port: int, token: tuple[str, ...], assistant: tuple[str,
         "fault_seed": fault_seed,
         "hang_seconds": hang_seconds,
         "retry_after": retry_after,
+        "session_idle_seconds": session_idle,
     }
     if token:
         fields["tokens"] = frozenset(token)
@@ -273,6 +281,7 @@ def demo(jobs: int) -> None:
 cli.add_command(cli_audit.audit)
 cli.add_command(cli_audit.keys)
 cli.add_command(cli_audit.purge)
+cli.add_command(cli_auth.auth)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -57,7 +57,8 @@ Assumptions (not in the QuickBlox docs):
   scheme other than http, https or data. http(s) image URLs are accepted and never fetched.
 - Over 80 MiB of body: 413 ``{"errors": ["Request body too large"]}`` and the connection closed; a
   chunked body: 411. GET (or any other method) on the gateway path: 404, not 405.
-- With a valid token the answer carries ``QB-Token-ExpirationDate`` (now + 2 h, "%Y-%m-%d %H:%M:%S UTC").
+- With a valid token the answer carries ``QB-Token-ExpirationDate`` ("%Y-%m-%d %H:%M:%S UTC"; now + 2 h for a
+  configured token). Sessions (POST/GET /session.json, issued tokens, API keys): ``worker.emulator_session``.
 - Every POST to the gateway path counts in stats and arrivals, whatever its outcome (a reset, a hang);
   the configured latency delays every gateway answer or reset, never a control call.
 - A random 502 carries the html page of a proxy, not JSON; a random 429 says ``Too Many Requests``.
@@ -79,6 +80,7 @@ import time
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
@@ -90,6 +92,7 @@ from worker.emulator_faults import error_reply as _errors
 from worker.emulator_faults import json_reply as _json
 from worker.emulator_faults import parse_directives as _parse_directives
 from worker.emulator_faults import phrase as _phrase
+from worker.emulator_session import SESSION_FIELDS, SESSION_PATH, Sessions, session_config_json
 from worker.errors import InvalidImage
 from worker.imageinfo import MAX_IMAGE_BYTES, parse_data_uri, sniff
 
@@ -115,6 +118,14 @@ class EmulatorConfig:
     fault_kinds: tuple[str, ...] = FAULT_KINDS  # chosen uniformly
     hang_seconds: float = 30.0  # how long a "hang" waits before answering
     retry_after: int = 1  # the Retry-After seconds of a "429-retry-after"
+    # Sessions (``worker.emulator_session``): the application's credentials, its users and API keys.
+    application_id: str = "22"
+    auth_key: str = "wJHd4cQSxpQGWx5"
+    auth_secret: str = "emulator-auth-secret"
+    users: tuple[tuple[str, str], ...] = (("amigo30", "amigo30pass"),)  # (login, password)
+    api_keys: frozenset[str] = frozenset({"emulator-api-key"})
+    session_idle_seconds: float = 7200.0  # an issued token expires this long after its last use
+    session_clock_skew: float = 3600.0  # how far a session request's timestamp may be from now
 
 
 class _Rejected(Exception):
@@ -266,6 +277,7 @@ _FIELDS: dict[str, tuple[str, Callable[[Any], bool], Callable[[Any], object]]] =
     "fault_kinds": (f"a non-empty list of distinct kinds of {', '.join(FAULT_KINDS)}", _kinds, tuple),
     "hang_seconds": ("a number of seconds >= 0", lambda v: _number(v) and v >= 0, float),
     "retry_after": ("an integer of seconds >= 0", lambda v: _integer(v) and v >= 0, int),
+    **SESSION_FIELDS,
 }
 
 
@@ -285,7 +297,8 @@ def _guarded(call: Callable[[], _Reply | None]) -> _Reply | None:
 
 def _config_json(config: EmulatorConfig) -> dict[str, object]:
     fields = dataclasses.asdict(config)
-    return {**fields, "tokens": sorted(config.tokens), "assistants": sorted(config.assistants)}
+    return {**fields, "tokens": sorted(config.tokens), "assistants": sorted(config.assistants),
+            **session_config_json(config)}  # fmt: skip
 
 
 class _Server(ThreadingHTTPServer):
@@ -408,6 +421,7 @@ class Emulator:
         self._lock = threading.Lock()
         self._config = _checked(config or EmulatorConfig())
         self._ledger = Ledger(self._config.fault_seed)
+        self._sessions = Sessions()
         self._server = _Server(self, (host, port))
         self._host = host
         self._thread: threading.Thread | None = None
@@ -454,7 +468,7 @@ class Emulator:
             self._server.server_close()
 
     def stats(self) -> dict[str, object]:
-        return self._ledger.stats()
+        return {**self._ledger.stats(), **self._sessions.stats()}
 
     def arrivals(self) -> list[float]:
         return self._ledger.arrivals()
@@ -468,11 +482,16 @@ class Emulator:
     def reset(self) -> None:
         with self._lock:
             self._ledger.reset(self._config.fault_seed)
+        self._sessions.reset()
 
     def _count_connection(self) -> None:
         self._ledger.connection()
 
     def _handle(self, handler: _Handler) -> None:
+        if urlsplit(handler.path).path == SESSION_PATH:
+            config, headers = self.config, handler.headers
+            handler.send(_guarded(lambda: self._sessions.handle(config, handler.command, headers, handler.read_body())))
+            return
         if handler.command != "POST" or urlsplit(handler.path).path != GATEWAY_PATH:
             handler.send(_guarded(lambda: self._control(handler, handler.read_body())))
             return
@@ -488,18 +507,17 @@ class Emulator:
             self._finish(handler, rejected.reply, None)
             return
         digest = self._ledger.body(raw, arrived)
-        self._finish(
-            handler, _guarded(lambda: self._gateway(handler.headers.get("QB-Token"), raw, digest, kind)), digest
-        )
+        self._finish(handler, _guarded(lambda: self._gateway(handler.headers, raw, digest, kind)), digest)
 
     def _finish(self, handler: _Handler, reply: _Reply | None, digest: str | None, reset: str = "reset-after") -> None:
         time.sleep(self.config.latency)
         self._ledger.outcome(reset if reply is None else str(reply.status), reply, digest)
         handler.send(reply)
 
-    def _gateway(self, token: str | None, raw: bytes, digest: str, kind: str | None) -> _Reply | None:
+    def _gateway(self, headers: Message, raw: bytes, digest: str, kind: str | None) -> _Reply | None:
         config = self.config
-        if token is None or token not in config.tokens:
+        admitted = self._sessions.admit(config, headers)  # a static or issued QB-Token, or an API key
+        if admitted is None:
             return _errors(401)
         if not config.feature_enabled:
             return _errors(405, FEATURE_OFF)
@@ -508,10 +526,9 @@ class Emulator:
             return _errors(404, "Smart chat assistant not found")
         answer = _answer(assistant, messages, config.max_image_bytes)
         reply = self._faulty(self._active(digest, _directives(messages)), answer, kind, config)
-        expires = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(time.time() + 7200))
         if reply is None:
             return None
-        return dataclasses.replace(reply, headers=(*reply.headers, ("QB-Token-ExpirationDate", expires)))
+        return dataclasses.replace(reply, headers=(*reply.headers, *admitted))
 
     def _faulty(self, active: dict[str, str], answer: str, kind: str | None, config: EmulatorConfig) -> _Reply | None:
         """The directives' reply if they inject a fault, else the random fault's, else the answer."""

@@ -27,6 +27,7 @@ job at once on a ``PermanentGatewayError``; no caller inspects status codes itse
             ├── UpstreamRejected ............... 4xx (400, 403, 404, 413, 422, ...)
             ├── FeatureDisabled ................ 405: the AI gateway is off for the application
             ├── AuthenticationFailed ........... 401: the session token is missing or expired
+            ├── ResolutionFailed ............... an image reference could not be resolved (before any call)
             └── MalformedResponse .............. a 2xx whose body is not {"answer": "..."}
 
 Every class passes all of its arguments to ``super().__init__`` so that it survives ``pickle``
@@ -61,6 +62,7 @@ __all__ = [
     "FeatureDisabled",
     "AuthenticationFailed",
     "MalformedResponse",
+    "ResolutionFailed",
 ]
 
 
@@ -215,3 +217,8 @@ class AuthenticationFailed(PermanentGatewayError):
 
 class MalformedResponse(PermanentGatewayError):
     """A success status whose body is not ``{"answer": "<string>"}``."""
+
+
+class ResolutionFailed(PermanentGatewayError):
+    """An image or document reference could not be turned into what the gateway accepts, in
+    the worker, before any upstream call (the file vanished or changed, a fetch was refused)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import email.utils
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from http import HTTPStatus
@@ -22,17 +23,23 @@ from worker.audit import digest
 from worker.settings import Secret
 
 __all__ = [
+    "EXPIRY_HEADER",
     "GATEWAY_PATH",
     "Exchange",
     "GatewayClient",
+    "HttpReply",
     "StaticToken",
     "TokenProvider",
+    "call_json",
     "encode_request",
+    "error_reasons",
     "parse_retry_after",
 ]
 
 GATEWAY_PATH = "/ai/ai_extensions/ai_gateway"
 USER_AGENT = "qbgw/0.1"
+#: The response header that announces when the session token expires ("2017-11-29 07:11:18 UTC").
+EXPIRY_HEADER = "QB-Token-ExpirationDate"
 
 
 def encode_request(assistant_id: str, messages: list[dict[str, Any]]) -> bytes:
@@ -53,6 +60,14 @@ class Exchange:
     response_bytes: int | None
 
 
+class BodyStream(Protocol):
+    """A request body read block by block, whose length is known in advance."""
+
+    def __len__(self) -> int: ...
+
+    def read(self, size: int = -1) -> bytes: ...
+
+
 class StaticToken:
     """A ``QB-Token`` given in the settings: it cannot be renewed when the upstream rejects it."""
 
@@ -61,21 +76,41 @@ class StaticToken:
     def __init__(self, token: Secret) -> None:
         self._token = token
 
+    def __repr__(self) -> str:
+        return "StaticToken()"
+
     def current(self) -> Secret:
         return self._token
 
+    def headers(self) -> dict[str, str]:
+        return {"QB-Token": self._token.reveal()}
+
     def renew(self) -> None:
+        """Raises AuthenticationFailed: a static token cannot be renewed."""
         raise errors.AuthenticationFailed("a static QB-Token cannot be renewed", 401)
+
+    def observe(self, token: str, expires: str | None) -> None:
+        pass  # nothing to renew ahead of time
 
 
 class TokenProvider(Protocol):
-    """Where the ``QB-Token`` comes from; ``renew`` makes a new session (when ``can_renew``)."""
+    """Where the gateway's credentials come from (see ``worker.auth``).
+
+    ``current`` is the token (or key) the next call uses, fingerprinted in the audit log; ``headers`` are
+    the HTTP headers that carry it; ``renew`` makes a new session after a 401 (when ``can_renew``);
+    ``observe`` is told the ``QB-Token-ExpirationDate`` of each response to ``token``. ``current``,
+    ``headers`` and ``renew`` raise a GatewayError when no session can be had.
+    """
 
     can_renew: bool
 
     def current(self) -> Secret: ...
 
+    def headers(self) -> dict[str, str]: ...
+
     def renew(self) -> None: ...
+
+    def observe(self, token: str, expires: str | None) -> None: ...
 
 
 class GatewayClient:
@@ -108,15 +143,16 @@ class GatewayClient:
     def close(self) -> None:
         self._session.close()
 
-    def send(self, body: bytes) -> Exchange:
-        """POST ``body`` once; the result or the mapped error is in the returned Exchange."""
-        headers = {
-            "Content-Type": "application/json",
-            "Accept": "application/json",
-            "User-Agent": USER_AGENT,
-            "QB-Token": self.tokens.current().reveal(),
-        }
+    def send(self, body: bytes | BodyStream) -> Exchange:
+        """POST ``body`` once (bytes, or a file-like stream with a length); the result or the
+        mapped error is in the returned Exchange (also when no session token could be had)."""
         started = time.perf_counter()
+        try:
+            credentials = self.tokens.headers()
+        except errors.GatewayError as exc:
+            return Exchange(None, exc, None, _since(started), None, None)
+        headers = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": USER_AGENT}
+        headers.update(credentials)
         try:
             response = self._session.post(
                 self.url, data=body, headers=headers, timeout=self._timeout, allow_redirects=False
@@ -125,8 +161,45 @@ class GatewayClient:
         except requests.RequestException as exc:
             return Exchange(None, _map_transport_error(exc), None, _since(started), None, None)
         latency = _since(started)
+        if EXPIRY_HEADER in response.headers:  # the session's sliding expiry, renewed ahead of it
+            self.tokens.observe(credentials.get("QB-Token", ""), response.headers[EXPIRY_HEADER])
         answer, error = interpret(response.status_code, content, response.headers)
         return Exchange(answer, error, response.status_code, latency, digest(content), len(content))
+
+
+@dataclass(frozen=True)
+class HttpReply:
+    """A response of :func:`call_json`: status, headers (case-insensitive) and raw body."""
+
+    status: int
+    headers: Mapping[str, str]
+    content: bytes
+
+    def json(self) -> Any:
+        return _json(self.content)
+
+
+def call_json(
+    method: str,
+    url: str,
+    *,
+    timeout: tuple[float, float],
+    body: Mapping[str, object] | None = None,
+    headers: Mapping[str, str] | None = None,
+    what: str = "QuickBlox",
+) -> HttpReply:
+    """One JSON request outside the gateway path (``POST /session.json``), on a connection of its own.
+
+    Raises UpstreamUnavailable or UpstreamTimeout when no response came back (the message names ``what``,
+    never the body: it may hold credentials).
+    """
+    sent = {"Accept": "application/json", "User-Agent": USER_AGENT, **(headers or {})}
+    try:
+        # Never follow a redirect: the body holds a signature and maybe a password.
+        response = requests.request(method, url, json=body, headers=sent, timeout=timeout, allow_redirects=False)
+        return HttpReply(response.status_code, response.headers, response.content)
+    except requests.RequestException as exc:
+        raise _map_transport_error(exc, what) from None
 
 
 def interpret(status: int, content: bytes, headers: Any = None) -> tuple[str | None, errors.GatewayError | None]:
@@ -185,16 +258,16 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
     return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
-def _map_transport_error(exc: requests.RequestException) -> errors.GatewayError:
+def _map_transport_error(exc: requests.RequestException, what: str = "gateway") -> errors.GatewayError:
     # ConnectTimeout subclasses both ConnectionError and Timeout: the request never left, so
     # it is "unavailable"; a ReadTimeout means the upstream may have acted on it.
     if isinstance(exc, requests.ConnectTimeout):
-        return errors.UpstreamUnavailable("gateway connect timeout")
+        return errors.UpstreamUnavailable(f"{what} connect timeout")
     if isinstance(exc, requests.Timeout):
-        return errors.UpstreamTimeout("gateway read timeout: no answer in time")
+        return errors.UpstreamTimeout(f"{what} read timeout: no answer in time")
     if isinstance(exc, requests.ConnectionError):
-        return errors.UpstreamUnavailable(f"gateway connection failed ({type(exc).__name__})")
-    return errors.UpstreamUnavailable(f"gateway request failed ({type(exc).__name__})")
+        return errors.UpstreamUnavailable(f"{what} connection failed ({type(exc).__name__})")
+    return errors.UpstreamUnavailable(f"{what} request failed ({type(exc).__name__})")
 
 
 def _json(content: bytes) -> Any:

@@ -5,15 +5,13 @@ Only shapes the request; ``messages.validate_messages`` judges it, in the produc
 
 from __future__ import annotations
 
-import base64
 import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from worker.errors import InvalidImage, InvalidMessages
-from worker.imageinfo import MAX_IMAGE_BYTES, sniff
+from worker.errors import InvalidMessages
 
 __all__ = ["Request", "build_request", "image_part"]
 
@@ -78,24 +76,9 @@ def _from_json(file: str) -> Request:
 
 
 def image_part(ref: str) -> dict[str, Any]:
-    """An ``image_url`` part for a local jpeg/png file (inlined as a data URI) or an https URL.
-
-    Raises:
-        InvalidImage: the file is missing, unreadable, not jpeg/png, or larger than 50 MB.
+    """An ``image_url`` part for ``--image``: an https URL, a data URI, or a local file (made an
+    absolute path; the file itself is checked at submit and read by the worker, never inlined here).
     """
-    if ref.startswith("https://"):
+    if ref.startswith(("https://", "data:", "file://")):
         return {"type": "image_url", "image_url": {"url": ref}}
-    path = Path(ref)
-    try:
-        size = path.stat().st_size
-        if size > MAX_IMAGE_BYTES:
-            raise InvalidImage(f"--image {ref}: {size} bytes exceeds the 50 MB limit ({MAX_IMAGE_BYTES} bytes)")
-        data = path.read_bytes()
-    except OSError as exc:
-        raise InvalidImage(f"--image {ref}: cannot read: {exc.strerror}") from None
-    try:
-        info = sniff(data)
-    except InvalidImage as exc:
-        raise InvalidImage(f"--image {ref}: {exc}") from None
-    uri = f"data:image/{info.kind};base64,{base64.b64encode(data).decode()}"
-    return {"type": "image_url", "image_url": {"url": uri}}
+    return {"type": "image_url", "image_url": {"url": str(Path(ref).expanduser().absolute())}}

@@ -11,7 +11,7 @@ import re
 from typing import Any
 
 from worker.errors import InvalidImage, InvalidMessages
-from worker.imageinfo import parse_data_uri, sniff
+from worker.images.refs import Policy, check
 
 __all__ = ["ROLES", "validate_assistant_id", "validate_messages", "image_urls"]
 
@@ -33,21 +33,23 @@ def validate_assistant_id(assistant_id: object) -> str:
     return assistant_id
 
 
-def validate_messages(messages: object) -> list[dict[str, Any]]:
+def validate_messages(messages: object, policy: Policy | None = None) -> list[dict[str, Any]]:
     """Check ``messages`` and return it unchanged (as a list of dicts).
 
     Raises:
         InvalidMessages: the list, a message, a part or a field has the wrong shape.
-        InvalidImage: an inline image is not a readable jpeg or png of at most 50 MB.
+        InvalidImage: an image reference is not allowed, or its bytes are not a complete jpeg or
+            png (or a PDF, for local files) of at most 50 MB and the pixel limit.
     """
     if not isinstance(messages, list) or not messages:
         raise InvalidMessages("messages: required, a non-empty list of {role, content} objects")
+    rules = policy or Policy()
     for index, message in enumerate(messages):
-        _check_message(index, message)
+        _check_message(index, message, rules)
     return messages
 
 
-def _check_message(index: int, message: object) -> None:
+def _check_message(index: int, message: object, policy: Policy) -> None:
     where = f"messages[{index}]"
     if not isinstance(message, dict):
         raise InvalidMessages(f"{where}: must be an object with role and content, got {_kind(message)}")
@@ -65,10 +67,10 @@ def _check_message(index: int, message: object) -> None:
     if not isinstance(content, list) or not content:
         raise InvalidMessages(f"{where}.content: must be a string or a non-empty list of parts, got {_kind(content)}")
     for part_index, part in enumerate(content):
-        _check_part(f"{where}.content[{part_index}]", part, role)
+        _check_part(f"{where}.content[{part_index}]", part, role, policy)
 
 
-def _check_part(where: str, part: object, role: str) -> None:
+def _check_part(where: str, part: object, role: str, policy: Policy) -> None:
     if not isinstance(part, dict):
         raise InvalidMessages(f"{where}: must be an object, got {_kind(part)}")
     kind = part.get("type")
@@ -83,10 +85,10 @@ def _check_part(where: str, part: object, role: str) -> None:
     image = part.get("image_url")
     if set(part) != {"type", "image_url"} or not isinstance(image, dict):
         raise InvalidMessages(f'{where}: an image part is {{"type": "image_url", "image_url": {{"url": "..."}}}}')
-    _check_image(f"{where}.image_url", image)
+    _check_image(f"{where}.image_url", image, policy)
 
 
-def _check_image(where: str, image: dict[str, Any]) -> None:
+def _check_image(where: str, image: dict[str, Any], policy: Policy) -> None:
     extra = set(image) - {"url", "detail"}
     if extra:
         raise InvalidMessages(f"{where}: unknown field(s) {', '.join(sorted(extra))}; accepted: url, detail")
@@ -95,13 +97,10 @@ def _check_image(where: str, image: dict[str, Any]) -> None:
     url = image.get("url")
     if not isinstance(url, str) or not url:
         raise InvalidMessages(f"{where}.url: required, a non-empty string")
-    if url.startswith("data:"):
-        try:
-            sniff(parse_data_uri(url)[1])
-        except InvalidImage as exc:
-            raise InvalidImage(f"{where}.url: {exc}") from None
-    elif not url.startswith("https://"):
-        raise InvalidMessages(f"{where}.url: must be an https:// URL or a data:image/...;base64, URI")
+    try:
+        check(url, policy)
+    except InvalidImage as exc:
+        raise InvalidImage(f"{where}.url: {exc}") from None
 
 
 def image_urls(messages: list[dict[str, Any]]) -> list[str]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from worker import store
+from worker import images, store
 from worker.celery_app import publish
 from worker.errors import BrokerUnavailable, InvalidMessages, NotAnnounced, StoreUnavailable
 from worker.messages import validate_assistant_id, validate_messages
@@ -50,7 +50,7 @@ def submit(
     new = store.NewJob(
         id=str(uuid.uuid4()),
         assistant_id=validate_assistant_id(assistant_id),
-        messages=validate_messages(messages),
+        messages=validate_messages(messages, images.policy(rt.settings)),
         custom_id=_optional_key("custom_id", custom_id),
         idempotency_key=_optional_key("idempotency_key", idempotency_key),
         actor=actor or rt.settings.actor or "producer",

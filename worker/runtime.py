@@ -89,12 +89,14 @@ class Runtime:
 
     @property
     def gateway(self) -> GatewayClient:
+        from worker.auth import token_provider
         from worker.gateway import GatewayClient
 
         def build() -> GatewayClient:
             return GatewayClient(
                 self.settings.base_url,
-                self.settings.token,
+                # QBGW_AUTH: a static token, a shared application/user session (encrypted with the PHI keys), a key
+                token_provider(self.settings, lambda: self.keyring),
                 timeout=(self.settings.connect_timeout, self.settings.read_timeout),
                 pool_size=self.settings.concurrency,
             )

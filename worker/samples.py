@@ -10,7 +10,7 @@ import base64
 import struct
 import zlib
 
-__all__ = ["png_bytes", "png_header", "jpeg_bytes", "jpeg_segment", "data_uri"]
+__all__ = ["png_bytes", "png_rgb", "png_header", "jpeg_bytes", "jpeg_segment", "data_uri"]
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -19,6 +19,14 @@ def png_bytes(width: int, height: int) -> bytes:
     """A black 8-bit greyscale png of width x height pixels."""
     row = b"\x00" + bytes(width)  # filter type 0, then one byte per pixel
     return png_header(width, height, idat=zlib.compress(row * height))
+
+
+def png_rgb(width: int, height: int, pixels: bytes, stride: int) -> bytes:
+    """An 8-bit RGB png from raw rows of ``stride`` bytes (3 bytes a pixel, then padding)."""
+    rows = b"".join(b"\x00" + pixels[y * stride : y * stride + 3 * width] for y in range(height))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunks = _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(rows, 6))
+    return PNG_SIGNATURE + chunks + _png_chunk(b"IEND", b"")
 
 
 def png_header(width: int, height: int, *, idat: bytes = b"") -> bytes:

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from celery import Celery, Task
 
-from worker import audit, lifecycle, store
-from worker.errors import StoreUnavailable, TransientGatewayError
+from worker import audit, images, lifecycle, store
+from worker.errors import GatewayError, ResolutionFailed, StoreUnavailable, TransientGatewayError
 from worker.gateway import Exchange, encode_request
 from worker.lifecycle import Decision, JobStatus, Step
 from worker.models import utcnow
@@ -67,17 +67,25 @@ def register(app: Celery) -> None:
 
 
 def run_attempt(rt: Runtime, job_id: str) -> Outcome:
-    """One attempt at ``job_id``: claim, call, record. Raises StoreUnavailable before the call."""
+    """One attempt at ``job_id``: claim, resolve references, call, record. Raises
+    StoreUnavailable before the call."""
     lease = timedelta(seconds=rt.settings.lease_seconds)
     with rt.transaction() as session:
         claim = store.claim(session=session, job_id=job_id, worker=rt.identity, lease=lease, now=utcnow())
         if claim is None:
             log.debug("job %s: nothing to do (duplicate delivery, not due, or finished)", job_id)
             return Outcome.SKIPPED
-        body = encode_request(claim.assistant_id, claim.messages)
-        audit.record(session=session, action=audit.Action.ATTEMPT_REQUEST, job_id=job_id, actor=rt.identity,
-                     attempt=claim.attempt, request=(audit.digest(body), len(body)), assistant_id=claim.assistant_id,
-                     token_fp=audit.fingerprint(rt.gateway.tokens.current().reveal()))  # fmt: skip
+        resolve = images.needs_resolution(claim.messages, rt.settings)
+        if not resolve:  # the common case: one transaction claims and audits the request
+            body: bytes | images.StreamingBody = encode_request(claim.assistant_id, claim.messages)
+            _audit_request(session, rt, claim, body)
+    if resolve:
+        try:
+            body = images.build_body(claim.assistant_id, claim.messages, rt.settings)
+        except ResolutionFailed as error:
+            return _finish_unresolved(rt, claim, error)
+        with rt.transaction() as session:
+            _audit_request(session, rt, claim, body)
     exchange = rt.gateway.send(body)
     decision = _decide(rt, claim, exchange)
     outcome = _record(rt, claim, exchange, decision)
@@ -85,6 +93,21 @@ def run_attempt(rt: Runtime, job_id: str) -> Outcome:
              exchange.status or "-", exchange.latency_ms)  # fmt: skip
     if outcome is Outcome.RETRYING and decision.delay <= rt.settings.countdown_limit:
         _publish_retry(rt, job_id, decision.delay)
+    return outcome
+
+
+def _audit_request(session: Session, rt: Runtime, claim: store.Claim, body: bytes | images.StreamingBody) -> None:
+    digest = audit.digest(body) if isinstance(body, bytes) else body.digest()
+    audit.record(session=session, action=audit.Action.ATTEMPT_REQUEST, job_id=claim.job_id, actor=rt.identity,
+                 attempt=claim.attempt, request=(digest, len(body)), assistant_id=claim.assistant_id,
+                 token_fp=_token_fp(rt))  # fmt: skip
+
+
+def _finish_unresolved(rt: Runtime, claim: store.Claim, error: ResolutionFailed) -> Outcome:
+    """A reference could not be resolved: the job fails with that reason, nothing was sent."""
+    exchange = Exchange(None, error, None, 0, None, None)
+    outcome = _record(rt, claim, exchange, Decision(Step.FAIL, reason=str(error)))
+    log.info("job %s attempt %d: %s (an image reference could not be resolved)", claim.job_id, claim.attempt, outcome)
     return outcome
 
 
@@ -99,9 +122,33 @@ def _decide(rt: Runtime, claim: store.Claim, exchange: Exchange) -> Decision:
         reauthenticated=claim.previous_error == "AuthenticationFailed",
     )
     if decision.step is Step.REAUTHENTICATE:
-        rt.gateway.tokens.renew()
+        _renew_session(rt, claim)
         return Decision(Step.RETRY, delay=0.0)
     return decision
+
+
+def _renew_session(rt: Runtime, claim: store.Claim) -> None:
+    """Renew the session after a 401 and audit the switch. A failed renewal is not raised: the
+    retry's own call then ends with that error and is decided like any other."""
+    old = _token_fp(rt)
+    try:
+        rt.gateway.tokens.renew()
+    except GatewayError as exc:
+        log.warning("job %s: session renewal failed (%s)", claim.job_id, type(exc).__name__)
+        outcome, detail = "failed", {"previous_token_fp": old, "error_class": type(exc).__name__}
+    else:
+        outcome, detail = "renewed", {"previous_token_fp": old}
+    with rt.transaction() as session:
+        audit.record(session=session, action=audit.Action.SESSION_RENEWED, job_id=claim.job_id, actor=rt.identity,
+                     attempt=claim.attempt, assistant_id=claim.assistant_id, outcome=outcome,
+                     token_fp=_token_fp(rt), detail=detail)  # fmt: skip
+
+
+def _token_fp(rt: Runtime) -> str:
+    try:
+        return audit.fingerprint(rt.gateway.tokens.current().reveal())
+    except GatewayError:  # no session could be had: the attempt itself will say why
+        return ""
 
 
 def _record(rt: Runtime, claim: store.Claim, exchange: Exchange, decision: Decision) -> Outcome:

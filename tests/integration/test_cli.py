@@ -63,7 +63,9 @@ def test_submit_messages_from_stdin_and_an_image_file(env: dict[str, str], tmp_p
     assert qbgw(env, "submit", "-", input=messages).exit_code == 0
     image = tmp_path / "scan.png"
     image.write_bytes(png_bytes(8, 8))
-    assert qbgw(env, "submit", "-t", "look", "-i", str(image)).exit_code == 0
+    refused = qbgw(env, "submit", "-t", "look", "-i", str(image))
+    assert refused.exit_code == EXIT["bad_input"] and "no image roots are configured" in refused.stderr
+    assert qbgw({**env, "QBGW_IMAGE_ROOTS": str(tmp_path)}, "submit", "-t", "look", "-i", str(image)).exit_code == 0
 
 
 def test_a_failed_job_exits_1_with_its_reason(env: dict[str, str], embedded_settings: Settings) -> None:
@@ -80,7 +82,7 @@ def test_a_failed_job_exits_1_with_its_reason(env: dict[str, str], embedded_sett
         (["submit", "-"], '[{"role": "robot", "content": "x"}]', "bad_input", "messages[0].role: 'robot'"),
         (["submit"], None, "bad_input", "nothing to send"),
         (["submit", "--text", "x", "--assistant", " "], None, "bad_input", "smart_chat_assistant_id"),
-        (["submit", "--text", "x", "--image", "/no/such.png"], None, "bad_input", "--image /no/such.png: cannot read"),
+        (["submit", "--text", "x", "--image", "/no/such.png"], None, "bad_input", "image_url.url: local files are not"),
         (["status", "00000000-0000-0000-0000-000000000000"], None, "not_found", "no such job: 00000000"),
         (["result", "nope"], None, "not_found", "no such job: nope"),
         (["events", "nope"], None, "not_found", "no such job: nope"),

@@ -263,7 +263,7 @@ def test_control_config_rejects_unknown_fields_and_bad_types(em: Emulator, http:
 
 
 def test_unknown_paths_and_get_on_the_gateway_path_get_404(em: Emulator, http: requests.Session) -> None:
-    for r in (http.get(em.url + GATEWAY_PATH, timeout=5), http.post(em.url + "/session.json", timeout=5)):
+    for r in (http.get(em.url + GATEWAY_PATH, timeout=5), http.post(em.url + "/users.json", timeout=5)):
         assert (r.status_code, r.json()) == (404, {"errors": ["Not found"]})
 
 
@@ -497,6 +497,8 @@ def test_stats_have_the_accounting_keys_and_reset_clears_them(em: Emulator, http
         "early_retries",
         "retry_after_sent",
         "bodies",
+        "sessions_created",
+        "sessions_refused",
     }
     assert (stats["faults"], stats["early_retries"], stats["retry_after_sent"], stats["bodies"]) == (
         {"429-retry-after": 2},

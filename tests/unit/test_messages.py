@@ -53,8 +53,6 @@ def test_accepted_shapes(messages: list[dict[str, Any]]) -> None:
         ([user(["text"])], "messages[0].content[0]: must be an object, got str"),
         ([user([{"type": "image_url", "image_url": "https://x"}])], "messages[0].content[0]: an image part is"),
         ([user([image("")])], "messages[0].content[0].image_url.url: required"),
-        ([user([image("ftp://host/x.png")])], "messages[0].content[0].image_url.url: must be an https:// URL"),
-        ([user([image("http://host/x.png")])], "must be an https:// URL"),
         ([{"role": "system", "content": [image(PNG)]}], "image parts are accepted in user messages only"),
         ([{"role": "user", "content": "x", "temperature": 1}], "messages[0]: unknown field(s) temperature"),
         ([user([{"type": "image_url", "image_url": {"url": PNG, "detail": "ultra"}}])], ".detail: 'ultra'"),
@@ -72,6 +70,9 @@ def test_rejections_name_the_index_and_field(messages: Any, message: str) -> Non
         (GIF_AS_PNG, "messages[0].content[1].image_url.url: not a jpeg or png"),
         ("data:image/png;base64,!!!not-base64!!!", "messages[0].content[1].image_url.url:"),
         ("data:text/plain;base64,aGk=", "messages[0].content[1].image_url.url:"),
+        ("ftp://host/x.png", "messages[0].content[1].image_url.url: must be an https:// URL"),
+        ("http://host/x.png", "must be an https:// URL"),
+        ("/etc/passwd", "local files are not allowed: no image roots are configured"),
     ],
 )
 def test_inline_images_are_checked_by_their_bytes(url: str, message: str) -> None:

@@ -1,0 +1,53 @@
+"""A real ``qbgw worker`` with ``QBGW_AUTH=application`` against the emulator: it makes its own session,
+and when the gateway forgets that session mid-run, a job's attempt gets the 401, the worker renews the
+session and the retry succeeds. On the embedded default and on PostgreSQL + Redis."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from tests.conftest import ASSISTANT
+from worker import producer
+from worker.emulator import Emulator, EmulatorConfig
+from worker.lifecycle import JobStatus
+from worker.queries import job_events, wait_for_job
+from worker.settings import Secret, Settings
+
+APP = EmulatorConfig()
+
+
+@pytest.fixture
+def app_stack(stack: Settings, emu: Emulator) -> Iterator[Settings]:
+    yield stack.with_(auth="application", token=Secret(""), application_id=APP.application_id,
+                      auth_key=APP.auth_key, auth_secret=Secret(APP.auth_secret))  # fmt: skip
+    emu.reconfigure(session_idle_seconds=APP.session_idle_seconds)
+
+
+def run(settings: Settings, text: str) -> tuple[Any, list[Any]]:
+    job_id = producer.submit(ASSISTANT, [{"role": "user", "content": text}], settings=settings)
+    return wait_for_job(job_id, timeout=60, settings=settings), job_events(job_id, settings=settings)
+
+
+def test_a_worker_makes_one_session_and_renews_it_after_the_gateway_forgets_it(
+    app_stack: Settings, emu: Emulator, worker_process: Callable[..., Any], tmp_path: Any
+) -> None:
+    worker_process(app_stack)
+    first, first_events = run(app_stack, "first job")
+    second, _ = run(app_stack, "second job")
+    assert first.status is JobStatus.SUCCEEDED and second.status is JobStatus.SUCCEEDED
+    assert emu.stats()["sessions_created"] == 1
+
+    emu.reconfigure(session_idle_seconds=0.5)  # the session the worker holds is now forgotten when idle
+    time.sleep(1.0)
+    third, third_events = run(app_stack, "after the session expired")
+    assert third.status is JobStatus.SUCCEEDED and third.attempts == 2
+    responses = [(e.attempt, e.http_status) for e in third_events if e.action == "attempt.response"]
+    assert responses == [(1, 401), (2, 200)] and emu.stats()["sessions_created"] == 2
+    fingerprints = [e.token_fp for e in third_events if e.action == "attempt.request"]
+    old = next(e.token_fp for e in first_events if e.action == "attempt.request")
+    assert fingerprints[0] == old and fingerprints[1] not in ("", old)
+    assert APP.auth_secret not in (tmp_path / "worker-0.log").read_text()

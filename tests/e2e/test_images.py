@@ -1,0 +1,57 @@
+"""Images and documents by reference through a real worker: local jpeg, png and PDF files,
+an https URL, and a file that vanished between submit and the attempt."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import ASSISTANT
+from tests.images import jpeg_bytes, pdf_bytes, png_bytes
+from worker import producer
+from worker.lifecycle import JobStatus
+from worker.queries import wait_for_job
+from worker.settings import Settings
+
+
+def image(url: str) -> dict[str, Any]:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def test_local_files_a_pdf_and_a_url_arrive_intact(
+    stack: Settings, worker_process: Callable[..., Any], tmp_path: Path
+) -> None:
+    root = tmp_path / "scans"
+    root.mkdir()
+    (root / "chest.png").write_bytes(png_bytes(640, 480))
+    (root / "hand.jpg").write_bytes(jpeg_bytes(300, 200))
+    (root / "report.pdf").write_bytes(pdf_bytes((612, 792), (300, 150)))
+    settings = stack.with_(image_roots=str(root), pdf_dpi=72.0)
+    worker_process(settings)
+    content = [{"type": "text", "text": "Read these."}, image(str(root / "chest.png")),
+               image(f"file://{root}/hand.jpg"), image(str(root / "report.pdf")),
+               image("https://images.example/xray.jpg")]  # fmt: skip
+    job_id = producer.submit(ASSISTANT, [{"role": "user", "content": content}], settings=settings)
+    view = wait_for_job(job_id, timeout=60, settings=settings)
+    assert view.status is JobStatus.SUCCEEDED, view.error
+    answer = view.answer or ""
+    # The emulator names what it received, decoded from the bytes: each image intact, the PDF's
+    # two pages rendered at 72 dpi, and the URL passed through as a URL.
+    assert "Image 1: png 640x480. Image 2: jpeg 300x200. Image 3: png 612x792. Image 4: png 300x150." in answer
+    assert "Image 5: url image, not fetched." in answer
+
+
+def test_a_file_gone_before_the_attempt_fails_the_job_with_that_reason(
+    stack: Settings, worker_process: Callable[..., Any], tmp_path: Path
+) -> None:
+    root = tmp_path / "scans"
+    root.mkdir()
+    (root / "x.png").write_bytes(png_bytes(8, 8))
+    settings = stack.with_(image_roots=str(root))
+    job_id = producer.submit(ASSISTANT, [{"role": "user", "content": [image(str(root / "x.png"))]}], settings=settings)
+    (root / "x.png").unlink()
+    worker_process(settings)
+    view = wait_for_job(job_id, timeout=60, settings=settings)
+    assert view.status is JobStatus.FAILED and view.error_class == "ResolutionFailed"
+    assert view.error is not None and "x.png does not exist" in view.error and view.attempts == 1

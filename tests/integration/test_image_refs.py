@@ -1,0 +1,182 @@
+"""Image and document references: the bad ones are refused with the right reason, at submit or
+before any fetch; the good ones resolve into the exact bytes, with bounded memory."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.images import data_uri, jpeg_bytes, png_bytes, png_header
+from worker.errors import InvalidImage, ResolutionFailed
+from worker.gateway import encode_request
+from worker.images import build_body, refs
+from worker.images.body import StreamingBody
+from worker.images.remote import Limits, Response, check_address, fetch
+from worker.settings import Settings
+
+MB50 = 50 * 1024 * 1024
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    (folder / "ok.png").write_bytes(png_bytes(64, 48))
+    (folder / "ok.jpg").write_bytes(jpeg_bytes(320, 240))
+    (tmp_path / "secret.png").write_bytes(png_bytes(2, 2))
+    return folder
+
+
+def policy(root: Path) -> refs.Policy:
+    return refs.Policy(roots=(root,))
+
+
+@pytest.mark.parametrize(
+    ("ref", "reason"),
+    [
+        ("{root}/../secret.png", "must not contain '..'"),
+        ("file://{root}/%2e%2e/secret.png", "must not contain '..'"),
+        ("file://{root}/..%2Fsecret.png", "must not contain '..'"),
+        ("{root}/ok.png\x00.txt", "NUL"),
+        ("file://{root}/ok.png%00", "NUL"),
+        ("file://evil.example{root}/ok.png", "must name a local path"),
+        ("{root}/escape.png", "is not under an allowed root"),
+        ("{root}/missing.png", "does not exist"),
+        ("{root}", "is not a regular file"),
+        ("/etc/hostname", "is not under an allowed root"),
+        ("ftp://example.org/a.png", "must be an https:// URL"),
+        ("https://user:pw@example.org/a.png", "must not carry credentials"),
+        ("data:image/png;base64,!!!", "not valid base64"),
+    ],
+)
+def test_bad_references_are_refused_at_submit(root: Path, ref: str, reason: str) -> None:
+    (root / "escape.png").symlink_to(root.parent / "secret.png")
+    with pytest.raises(InvalidImage, match=reason):
+        refs.check(ref.format(root=root), policy(root))
+
+
+def _write(root: Path, name: str, data: bytes) -> str:
+    (root / name).write_bytes(data)
+    return str(root / name)
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "reason"),
+    [
+        ("gif.png", b"GIF89a\x01\x00\x01\x00\x00\x00\x00;", "not a jpeg or png"),
+        ("truncated.png", png_bytes(64, 48)[:-20], "truncated png"),
+        ("truncated.jpg", jpeg_bytes(64, 48)[:-2], "truncated jpeg"),
+        ("header-only.png", png_header(10, 10)[:20], "truncated png header"),
+        ("bomb.png", png_header(100_000, 100_000, idat=b"x"), "pixels exceeds the limit"),
+    ],
+)
+def test_bad_bytes_are_refused_by_their_magic_and_header(root: Path, name: str, data: bytes, reason: str) -> None:
+    with pytest.raises(InvalidImage, match=reason):
+        refs.check(_write(root, name, data), policy(root))
+
+
+def test_a_file_one_byte_over_50_mb_is_refused_without_reading_it(root: Path) -> None:
+    path = root / "huge.png"
+    with path.open("wb") as handle:
+        handle.write(png_bytes(8, 8))
+        handle.truncate(MB50 + 1)  # sparse: no 50 MB written
+    with pytest.raises(InvalidImage, match=f"{MB50 + 1} bytes exceeds the 50 MB limit"):
+        refs.check(str(path), policy(root))
+    assert png_bytes(8, 8)  # and a data URI over the limit is refused the same way
+    with pytest.raises(InvalidImage, match="exceeds"):
+        refs.check(data_uri("png", png_bytes(8, 8) + bytes(MB50)), policy(root))
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "0.0.0.0", "100.64.0.1",
+     "::1", "fd00:ec2::254", "fe80::1", "::ffff:127.0.0.1", "::ffff:10.0.0.1", "224.0.0.1", "240.0.0.1"],
+)  # fmt: skip
+def test_non_public_addresses_are_refused(address: str) -> None:
+    with pytest.raises(ResolutionFailed, match="non-public address"):
+        check_address(address)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://2130706433/x.png",  # 127.0.0.1 in decimal
+        "https://0177.0.0.1/x.png",  # octal
+        "https://0x7f.0.0.1/x.png",  # hex
+        "https://[::ffff:127.0.0.1]/x.png",  # IPv4-mapped IPv6
+        "https://localhost/x.png",
+        "https://169.254.169.254/latest/meta-data/",  # cloud metadata
+        "https://[::1]:8443/x.png",
+    ],
+)
+def test_a_fetch_of_a_private_address_in_any_spelling_is_refused_before_connecting(url: str) -> None:
+    def never(*_: object) -> Response:
+        raise AssertionError("no connection may be made")
+
+    with pytest.raises(ResolutionFailed, match="non-public address"):
+        fetch(url, Limits(1000, 5), opener=never)
+
+
+def public_resolver(host: str, port: int, **_: object) -> list[tuple[object, ...]]:
+    table = {"images.example": "93.184.216.34", "cdn.example": "151.101.1.1"}
+    if host in table:
+        return [(2, 1, 6, "", (table[host], port))]
+    import socket
+
+    return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+
+
+def test_a_redirect_to_loopback_is_refused() -> None:
+    hops: list[str] = []
+
+    def opener(url: str, address: str, host: str, timeout: float) -> Response:
+        hops.append(address)
+        return Response(302, "https://127.0.0.1/internal.png", iter(()))
+
+    with pytest.raises(ResolutionFailed, match=r"non-public address \(127.0.0.1\)"):
+        fetch("https://images.example/a.png", Limits(1000, 5), resolver=public_resolver, opener=opener)
+    assert hops == ["93.184.216.34"]  # the first hop went to the checked address, the second never left
+
+
+def test_redirects_are_followed_checked_and_limited_in_size() -> None:
+    def opener(url: str, address: str, host: str, timeout: float) -> Response:
+        if host == "images.example":
+            return Response(301, "https://cdn.example/b.png", iter(()))
+        return Response(200, None, iter([b"x" * 600, b"y" * 600]))
+
+    with pytest.raises(ResolutionFailed, match="larger than 1000 bytes"):
+        fetch("https://images.example/a.png", Limits(1000, 5), resolver=public_resolver, opener=opener)
+    assert fetch("https://images.example/a.png", Limits(2000, 5), resolver=public_resolver, opener=opener) == (
+        b"x" * 600 + b"y" * 600
+    )
+
+
+def test_a_streamed_body_is_byte_for_byte_the_plain_encoding(root: Path, tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, image_roots=str(root))
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Compare \u00e9"},
+                 {"type": "image_url", "image_url": {"url": str(root / "ok.png"), "detail": "low"}},
+                 {"type": "image_url", "image_url": {"url": "https://x.example/a.jpg"}},
+                 {"type": "image_url", "image_url": {"url": str(root / "ok.jpg")}}]}]  # fmt: skip
+    body = build_body("a1", messages, settings)
+    assert isinstance(body, StreamingBody)
+    streamed = b"".join(iter(lambda: body.read(8192), b""))
+    expected_messages = json.loads(json.dumps(messages))
+    parts = expected_messages[0]["content"]
+    parts[1]["image_url"]["url"] = data_uri("png", png_bytes(64, 48))
+    parts[3]["image_url"]["url"] = data_uri("jpeg", jpeg_bytes(320, 240))
+    assert streamed == encode_request("a1", expected_messages) and len(body) == len(streamed)
+    assert base64.b64decode(json.loads(streamed)["messages"][0]["content"][1]["image_url"]["url"].split(",")[1]) == (
+        png_bytes(64, 48)
+    )
+
+
+def test_a_file_that_vanished_before_the_attempt_fails_the_resolution(root: Path, tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, image_roots=str(root))
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(root / "ok.png")}}]}]
+    os.remove(root / "ok.png")
+    with pytest.raises(ResolutionFailed, match="ok.png does not exist"):
+        build_body("a1", messages, settings)
