@@ -43,6 +43,8 @@ class Action(StrEnum):
     AUDIT_QUERIED = "audit.queried"
     AUDIT_EXPORTED = "audit.exported"
     AUDIT_VERIFIED = "audit.verified"
+    #: Events older than the retention period were dropped (by an explicit, owner-run command).
+    AUDIT_DROPPED = "audit.dropped"
     KEY_ROTATED = "key.rotated"
     #: A worker replaced a rejected QuickBlox session token (fingerprints only).
     SESSION_RENEWED = "session.renewed"

@@ -97,6 +97,23 @@ def audit_anchor() -> None:
     click.echo(f"anchored seq {anchor.seq} ({anchor.row_hash[:16]}...) at {anchor.at}")
 
 
+@audit.command("drop")
+@click.option("--before", required=True, help="Drop events that occurred before this time (ISO 8601).")
+@click.option("--yes", is_flag=True, help="Confirm: the events are deleted for good.")
+@click.option("--actor", help="Who is dropping, for the audit trail.")
+@handled
+def audit_drop(before: str, yes: bool, actor: str | None) -> None:
+    """Drop audit events older than the retention period (needs the database owner)."""
+    from worker.maintenance import drop_audit_before
+
+    if not yes:
+        raise click.UsageError("dropping audit events cannot be undone: add --yes to confirm")
+    when = _when(before)
+    assert when is not None
+    dropped = drop_audit_before(before=when, actor=actor or "operator", settings=load_settings())
+    click.echo(f"dropped {dropped.events} event(s) through seq {dropped.through_seq}; the chain now starts there")
+
+
 @click.group()
 def keys() -> None:
     """Encryption keys for PHI at rest."""

@@ -57,9 +57,13 @@ class Anchor:
     at: str
     mac: str
     line: int = 0
+    #: "head": the chain had this head; "base": events up to ``seq`` were dropped on purpose
+    #: (``qbgw audit drop``), and the chain continues from ``row_hash``.
+    kind: str = "head"
 
     def message(self) -> bytes:
-        return f"qbgw-anchor-v1|{self.seq}|{self.row_hash}|{self.at}".encode()
+        tag = "qbgw-anchor-v1" if self.kind == "head" else f"qbgw-anchor-v1|{self.kind}"
+        return f"{tag}|{self.seq}|{self.row_hash}|{self.at}".encode()
 
 
 def install_hooks(factory: sessionmaker[Session], settings: Settings) -> None:
@@ -105,12 +109,15 @@ def anchor_key(settings: Settings) -> bytes:
     return path.read_text().strip().encode()
 
 
-def write_anchor(settings: Settings, seq: int, row_hash: str) -> Anchor:
+def write_anchor(settings: Settings, seq: int, row_hash: str, *, kind: str = "head") -> Anchor:
     """Append a signed anchor for (seq, row_hash) to the anchor file."""
     at = utcnow().isoformat(timespec="microseconds")
-    unsigned = Anchor(seq, row_hash, at, "")
+    unsigned = Anchor(seq, row_hash, at, "", kind=kind)
     mac = hmac.new(anchor_key(settings), unsigned.message(), hashlib.sha256).hexdigest()
-    line = json.dumps({"seq": seq, "row_hash": row_hash, "at": at, "mac": mac}) + "\n"
+    fields: dict[str, Any] = {"seq": seq, "row_hash": row_hash, "at": at, "mac": mac}
+    if kind != "head":
+        fields["kind"] = kind
+    line = json.dumps(fields) + "\n"
     path = settings.anchor_path
     path.parent.mkdir(parents=True, exist_ok=True)
     with _file_lock:
@@ -120,7 +127,7 @@ def write_anchor(settings: Settings, seq: int, row_hash: str) -> Anchor:
             os.fsync(fd)
         finally:
             os.close(fd)
-    return Anchor(seq, row_hash, at, mac)
+    return Anchor(seq, row_hash, at, mac, kind=kind)
 
 
 def read_anchors(path: Path) -> list[Anchor]:
@@ -131,7 +138,8 @@ def read_anchors(path: Path) -> list[Anchor]:
     for number, text in enumerate(path.read_text().splitlines(), start=1):
         try:
             data = json.loads(text)
-            anchors.append(Anchor(int(data["seq"]), str(data["row_hash"]), str(data["at"]), str(data["mac"]), number))
+            anchors.append(Anchor(int(data["seq"]), str(data["row_hash"]), str(data["at"]), str(data["mac"]), number,
+                                  str(data.get("kind", "head"))))  # fmt: skip
         except (ValueError, KeyError, TypeError):
             anchors.append(Anchor(-1, "", "", "", number))  # unreadable: fails its signature check
     return anchors
@@ -182,12 +190,15 @@ def verify(session: Session, anchors: list[Anchor], key: bytes) -> VerifyReport:
     """Recompute the whole chain in order and check it against ``anchors``."""
     started = time.perf_counter()
     problem = _bad_signature(anchors, key)
-    by_seq = {a.seq: a for a in anchors}
+    bases = [a for a in anchors if a.kind == "base"]
+    base = max(bases, key=lambda a: a.seq) if bases else Anchor(0, GENESIS, "", "")
+    by_seq = {a.seq: a for a in anchors if a.kind == "head" and a.seq > base.seq}
     count = 0
     if problem is None:
-        rows = _rows(session)
+        rows = _rows(session, after=base.seq)
         try:
-            count, problem = _walk(rows, by_seq)
+            last_good, problem = _walk(rows, by_seq, base)
+            count = last_good - base.seq
         finally:
             rows.close()  # closes the server-side cursor when the walk stops early
     return VerifyReport(count, len(anchors), problem, time.perf_counter() - started)
@@ -201,9 +212,10 @@ def _bad_signature(anchors: list[Anchor], key: bytes) -> Problem | None:
     return None
 
 
-def _rows(session: Session) -> Generator[Any]:
+def _rows(session: Session, after: int = 0) -> Generator[Any]:
     columns = [getattr(AuditEvent, name) for name in (*audit.CHAINED, "prev_hash", "row_hash")]
-    result = session.execute(select(*columns).order_by(AuditEvent.seq).execution_options(yield_per=20_000))
+    query = select(*columns).where(AuditEvent.seq > after).order_by(AuditEvent.seq)
+    result = session.execute(query.execution_options(yield_per=20_000))
     try:
         yield from result.mappings()
     finally:
@@ -217,8 +229,9 @@ def _broken_link(seq: int, skips_one: bool) -> Problem:
                         f"was deleted before it")  # fmt: skip
 
 
-def _walk(rows: Iterator[Any], anchors: dict[int, Anchor]) -> tuple[int, Problem | None]:
-    prev, before, expected, matched = GENESIS, "", 1, 0
+def _walk(rows: Iterator[Any], anchors: dict[int, Anchor], base: Anchor) -> tuple[int, Problem | None]:
+    """Walk the chain from ``base`` (the genesis, or the signed end of a deliberate drop)."""
+    prev, before, expected, matched = base.row_hash, "", base.seq + 1, base.seq
     for row in rows:
         seq = row["seq"]
         if seq != expected:

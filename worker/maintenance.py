@@ -8,22 +8,22 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Row, or_, select, update
+from sqlalchemy import Row, delete, or_, select, text, update
 from sqlalchemy.orm import Session
 
-from worker import audit
+from worker import audit, integrity
 from worker.crypto import Keyring
-from worker.errors import ConfigError
+from worker.errors import ConfigError, JobStateConflict
 from worker.lifecycle import TERMINAL
-from worker.models import Job, utcnow
+from worker.models import AuditEvent, Job, utcnow
 from worker.runtime import runtime
 from worker.settings import Settings
 from worker.store import open_text, seal_text
 
-__all__ = ["Rotation", "rotate_keys", "purge_phi", "count_by_key", "PHI_COLUMNS"]
+__all__ = ["Rotation", "Dropped", "rotate_keys", "purge_phi", "count_by_key", "drop_audit_before", "PHI_COLUMNS"]
 
 log = logging.getLogger("qbgw.maintenance")
 
@@ -139,3 +139,55 @@ def count_by_key(*, settings: Settings | None = None) -> dict[str, int]:
                 kid = Keyring.key_id_of(stored)
                 counts[kid] = counts.get(kid, 0) + 1
     return counts
+
+
+@dataclass(frozen=True)
+class Dropped:
+    through_seq: int
+    events: int
+
+
+def drop_audit_before(*, before: datetime, actor: str = "operator", settings: Settings | None = None) -> Dropped:
+    """Drop the audit events that occurred before ``before``, which must be older than the
+    retention period. The chain stays verifiable: the last dropped event's hash is signed into
+    the anchor file as the chain's new base before anything is deleted. Needs the database
+    owner (the append-only triggers are lifted for this one transaction).
+
+    Raises:
+        JobStateConflict: ``before`` is within the retention period (QBGW_AUDIT_RETENTION_DAYS).
+    """
+    rt = runtime(settings)
+    limit = utcnow() - timedelta(days=rt.settings.audit_retention_days)
+    if before > limit:
+        raise JobStateConflict(
+            f"refused: audit events younger than {rt.settings.audit_retention_days} days "
+            f"(after {limit.date()}) are kept; QBGW_AUDIT_RETENTION_DAYS sets the period"
+        )
+    with rt.transaction() as session:
+        row = session.execute(
+            select(AuditEvent.seq, AuditEvent.row_hash).where(AuditEvent.occurred_at < before)
+            .order_by(AuditEvent.seq.desc()).limit(1)
+        ).first()  # fmt: skip
+        if row is None:
+            return Dropped(0, 0)
+        integrity.write_anchor(rt.settings, row.seq, row.row_hash, kind="base")
+        count = _delete_through(session, row.seq)
+        audit.record(session=session, action=audit.Action.AUDIT_DROPPED, job_id=None, actor=actor,
+                     detail={"through_seq": row.seq, "events": count, "before": before.isoformat()})  # fmt: skip
+    return Dropped(row.seq, count)
+
+
+def _delete_through(session: Session, seq: int) -> int:
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        session.execute(text("ALTER TABLE audit_events DISABLE TRIGGER audit_events_no_update_delete"))
+        result = session.execute(delete(AuditEvent).where(AuditEvent.seq <= seq))
+        session.execute(text("ALTER TABLE audit_events ENABLE TRIGGER audit_events_no_update_delete"))
+        return int(result.rowcount)  # type: ignore[attr-defined]
+    trigger = session.execute(
+        text("SELECT sql FROM sqlite_master WHERE type = 'trigger' AND name = 'audit_events_no_delete'")
+    ).scalar_one()
+    session.execute(text("DROP TRIGGER audit_events_no_delete"))
+    result = session.execute(delete(AuditEvent).where(AuditEvent.seq <= seq))
+    session.execute(text(trigger))
+    return int(result.rowcount)  # type: ignore[attr-defined]

@@ -107,6 +107,8 @@ class Settings:
     audit_anchor_events: int = 1000
     #: ... and at least every this many seconds (by each worker's sweeper), even when idle.
     audit_anchor_seconds: float = 60.0
+    #: Audit events younger than this many days can never be dropped (HIPAA: six years).
+    audit_retention_days: int = 2190
     # --- QuickBlox authentication (see worker/auth.py) ---
     #: How workers get a QB-Token: static (QBGW_TOKEN), application, user, or apikey.
     auth: str = "static"
@@ -170,27 +172,32 @@ class Settings:
 
     def validate(self) -> None:
         """Raises ConfigError for out-of-range values."""
-        for name in ("connect_timeout", "read_timeout", "backoff_base", "backoff_max", "sweep_grace",
-                     "retry_deadline", "lease_margin", "visibility_timeout"):  # fmt: skip
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{PREFIX}{name.upper()} must be a positive number of seconds")
-        if self.sweep_interval < 0:
-            raise ConfigError(f"{PREFIX}SWEEP_INTERVAL must be 0 (off) or a positive number of seconds")
+        self._check_ranges()
         if self.visibility_timeout <= self.lease_seconds:
             raise ConfigError(
                 f"{PREFIX}VISIBILITY_TIMEOUT ({self.visibility_timeout:g}s) must exceed an attempt's lease "
                 f"({self.lease_seconds:g}s = connect + read timeout + lease margin), or Redis would re-deliver "
                 "a message whose attempt is still running"
             )
+        for name, allowed in (("auth", ("static", "application", "user", "apikey")),
+                              ("pool", ("threads", "prefork", "solo", "gevent"))):  # fmt: skip
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{PREFIX}{name.upper()} must be one of {', '.join(allowed)}; "
+                                  f"got {getattr(self, name)!r}")  # fmt: skip
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ConfigError(f"{PREFIX}BASE_URL must start with http:// or https://; got {self.base_url!r}")
+
+    def _check_ranges(self) -> None:
+        for name in ("connect_timeout", "read_timeout", "backoff_base", "backoff_max", "sweep_grace",
+                     "retry_deadline", "lease_margin", "visibility_timeout"):  # fmt: skip
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{PREFIX}{name.upper()} must be a positive number of seconds")
+        for name in ("audit_retention_days", "sweep_interval"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{PREFIX}{name.upper()} must be 0 or more")
         for name in ("max_attempts", "concurrency", "audit_anchor_events"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be at least 1")
-        if self.auth not in ("static", "application", "user", "apikey"):
-            raise ConfigError(f"{PREFIX}AUTH must be one of static, application, user, apikey; got {self.auth!r}")
-        if self.pool not in ("threads", "prefork", "solo", "gevent"):
-            raise ConfigError(f"{PREFIX}POOL must be one of threads, prefork, solo, gevent; got {self.pool!r}")
-        if not self.base_url.startswith(("http://", "https://")):
-            raise ConfigError(f"{PREFIX}BASE_URL must start with http:// or https://; got {self.base_url!r}")
 
     @property
     def retry_policy(self) -> RetryPolicy:

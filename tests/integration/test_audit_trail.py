@@ -142,3 +142,30 @@ def test_purge_erases_phi_and_keeps_the_chain_verifiable(settings: Settings) -> 
     with runtime(settings).transaction() as session:
         integrity.write_anchor(settings, *integrity.head(session))
     assert integrity.verify_log(settings=settings).ok
+
+
+def test_dropping_old_events_is_explicit_refused_within_retention_and_keeps_the_chain(settings: Settings) -> None:
+    from worker.errors import JobStateConflict
+    from worker.maintenance import drop_audit_before
+
+    with pytest.raises(JobStateConflict, match="younger than 2190 days"):
+        drop_audit_before(before=utcnow(), settings=settings)
+    short = settings.with_(audit_retention_days=0)
+    first = run_job(short)
+    cutoff = utcnow()
+    second = run_job(short, "kept")
+    dropped = drop_audit_before(before=cutoff, actor="records-officer", settings=short)
+    assert dropped.events == 4 and dropped.through_seq == 4
+    assert job_events(first, settings=short) == []  # the job stays; its old events are gone
+    assert len(job_events(second, settings=short)) == 4
+    report = integrity.verify_log(settings=short)
+    assert report.ok, report.problem
+    # The base is signed: deleting the next event is still caught.
+    with runtime(short).transaction() as session:
+        if session.bind.dialect.name == "postgresql":  # type: ignore[union-attr]
+            session.execute(text("SET LOCAL session_replication_role = replica"))
+        else:
+            session.execute(text("DROP TRIGGER audit_events_no_delete"))
+        session.execute(text("DELETE FROM audit_events WHERE seq = 5"))
+    problem = integrity.verify_log(settings=short).problem
+    assert problem is not None and problem.seq == 5 and "missing" in problem.message
