@@ -1,7 +1,8 @@
 """qbgw: a Celery job-queue worker for the QuickBlox HIPAA AI Gateway.
 
-Producers call :func:`submit` and read results with :func:`get_job` / :func:`wait_for_job`;
-workers run with ``qbgw worker``. Settings come from ``QBGW_*`` environment variables, or a
+Producers call :func:`submit` (or :func:`submit_batch` for thousands of jobs) and read results
+with :func:`get_job` / :func:`wait_for_job` (or :func:`batch_results`); workers run with
+``qbgw worker``. Settings come from ``QBGW_*`` environment variables, or a
 :class:`Settings` passed as ``settings=``.
 """
 
@@ -9,9 +10,12 @@ from __future__ import annotations
 
 from worker.audit import AuditRecord
 from worker.auth import AuthReport, check_auth
+from worker.batch_export import BatchResult, batch_results
+from worker.batches import BatchStatus, BatchView, cancel_batch, get_batch, list_batches, submit_batch, wait_for_batch
 from worker.control import cancel, replay
 from worker.errors import (
     AuthenticationFailed,
+    BatchNotFound,
     BrokerUnavailable,
     ConfigError,
     DecryptionFailed,
@@ -20,6 +24,7 @@ from worker.errors import (
     IdempotencyConflict,
     InputError,
     IntegrityError,
+    InvalidBatch,
     InvalidImage,
     InvalidMessages,
     InvalidTransition,
@@ -70,6 +75,16 @@ __all__ = [
     "JobView",
     "JobStatus",
     "AuditRecord",
+    # batches
+    "submit_batch",
+    "get_batch",
+    "list_batches",
+    "wait_for_batch",
+    "cancel_batch",
+    "batch_results",
+    "BatchView",
+    "BatchStatus",
+    "BatchResult",
     # configuration
     "Settings",
     "Secret",
@@ -82,7 +97,9 @@ __all__ = [
     "InvalidMessages",
     "InvalidImage",
     "IdempotencyConflict",
+    "InvalidBatch",
     "JobNotFound",
+    "BatchNotFound",
     "JobStateConflict",
     "InvalidTransition",
     "IntegrityError",

@@ -50,10 +50,18 @@ class Action(StrEnum):
     SESSION_RENEWED = "session.renewed"
     #: A job's PHI (payload, answer, error text) was erased under the retention policy.
     PURGED = "job.purged"
+    #: A batch was stored (its jobs each have their own job.submitted).
+    BATCH_CREATED = "batch.created"
+    #: A batch was cancelled, or its completion window ran out: its unfinished jobs were cancelled.
+    BATCH_CANCELLED = "batch.cancelled"
+    BATCH_EXPIRED = "batch.expired"
+    #: Someone exported a batch's results (each job's read is also a result.read).
+    BATCH_EXPORTED = "batch.exported"
 
 
 #: Actions that record a read, not a change.
-READS = frozenset({Action.RESULT_READ, Action.AUDIT_QUERIED, Action.AUDIT_EXPORTED, Action.AUDIT_VERIFIED})
+READS = frozenset({Action.RESULT_READ, Action.AUDIT_QUERIED, Action.AUDIT_EXPORTED, Action.AUDIT_VERIFIED,
+                   Action.BATCH_EXPORTED})  # fmt: skip
 
 
 def digest(data: bytes) -> str:

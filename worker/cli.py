@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from worker import cli_audit, cli_auth, errors
+from worker import cli_audit, cli_auth, cli_batch, errors
 from worker.clikit import EXIT, handled
 from worker.clikit import load_settings as _settings
 from worker.settings import Settings
@@ -143,7 +143,7 @@ def worker(concurrency: int | None, pool: str | None, loglevel: str) -> None:
 @click.option("--every", type=float, default=None, help="Sweep every this many seconds until stopped.")
 @handled
 def sweep(grace: float | None, every: float | None) -> None:
-    """Recover jobs of dead workers and dispatch lost or due ones; prints what it did.
+    """Recover jobs of dead workers, dispatch lost or due ones, expire overdue batches; prints what it did.
 
     Workers sweep by themselves every QBGW_SWEEP_INTERVAL seconds; this is for running it by hand
     or as a separate service.
@@ -157,6 +157,8 @@ def sweep(grace: float | None, every: float | None) -> None:
             click.echo(f"recovered {job_id}")
         for job_id in report.dispatched:
             click.echo(f"dispatched {job_id}")
+        for batch_id in report.expired:
+            click.echo(f"expired batch {batch_id}")
         if every is None:
             return
         time.sleep(every)
@@ -282,6 +284,7 @@ cli.add_command(cli_audit.audit)
 cli.add_command(cli_audit.keys)
 cli.add_command(cli_audit.purge)
 cli.add_command(cli_auth.auth)
+cli.add_command(cli_batch.batch)
 
 
 def main(argv: list[str] | None = None) -> None:

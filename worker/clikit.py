@@ -32,6 +32,7 @@ EXIT = {
 _EXIT_FOR: list[tuple[type[BaseException], str]] = [
     (errors.InputError, "bad_input"),
     (errors.JobNotFound, "not_found"),
+    (errors.BatchNotFound, "not_found"),
     (errors.JobStateConflict, "conflict"),
     (errors.StoreUnavailable, "unavailable"),
     (errors.BrokerUnavailable, "unavailable"),

@@ -8,8 +8,10 @@ job at once on a ``PermanentGatewayError``; no caller inspects status codes itse
     ├── InputError (also ValueError) ........... bad input from a producer; nothing was stored
     │   ├── InvalidMessages .................... the messages list breaks the OpenAI shape
     │   ├── InvalidImage ....................... an image is not jpeg/png, too large, or unreadable
-    │   └── IdempotencyConflict ................ an idempotency key reused for a different job
+    │   ├── IdempotencyConflict ................ an idempotency key reused for a different job
+    │   └── InvalidBatch ....................... lines of a batch are invalid (line numbers and reasons)
     ├── JobNotFound (also LookupError) ......... no job has this id
+    ├── BatchNotFound (also LookupError) ....... no batch has this id
     ├── JobStateConflict ....................... the job's status does not allow the operation
     ├── InvalidTransition (also RuntimeError) .. a status change the table forbids: a bug
     ├── IntegrityError ......................... stored data fails its integrity check
@@ -43,7 +45,9 @@ __all__ = [
     "InvalidMessages",
     "InvalidImage",
     "IdempotencyConflict",
+    "InvalidBatch",
     "JobNotFound",
+    "BatchNotFound",
     "JobStateConflict",
     "InvalidTransition",
     "IntegrityError",
@@ -90,6 +94,24 @@ class IdempotencyConflict(InputError):
     """An idempotency key already names a job with a different assistant or messages."""
 
 
+class InvalidBatch(InputError):
+    """Lines of a batch failed validation; ``problems`` holds (line number, reason) pairs."""
+
+    #: How many problems the message lists; all of them stay in ``problems``.
+    SHOWN = 20
+
+    def __init__(self, message: str, problems: tuple[tuple[int, str], ...] = ()) -> None:
+        super().__init__(message, tuple(problems))
+        self.message = message
+        self.problems = tuple(problems)
+
+    def __str__(self) -> str:
+        lines = [self.message, *(f"  line {n}: {reason}" for n, reason in self.problems[: self.SHOWN])]
+        if len(self.problems) > self.SHOWN:
+            lines.append(f"  ... and {len(self.problems) - self.SHOWN} more")
+        return "\n".join(lines)
+
+
 class JobNotFound(QbgwError, LookupError):
     """No job has the given id."""
 
@@ -99,6 +121,17 @@ class JobNotFound(QbgwError, LookupError):
 
     def __str__(self) -> str:
         return f"no such job: {self.job_id}"
+
+
+class BatchNotFound(QbgwError, LookupError):
+    """No batch has the given id."""
+
+    def __init__(self, batch_id: str) -> None:
+        super().__init__(batch_id)
+        self.batch_id = batch_id
+
+    def __str__(self) -> str:
+        return f"no such batch: {self.batch_id}"
 
 
 class JobStateConflict(QbgwError):

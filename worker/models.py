@@ -1,6 +1,6 @@
-"""Models: the tables (jobs, audit events). SQLAlchemy 2.x declarative; no behaviour here.
+"""Models: the tables (batches, jobs, audit events). SQLAlchemy 2.x declarative; no behaviour here.
 
-Both tables run unchanged on SQLite and PostgreSQL; the schema itself is owned by Alembic
+The tables run unchanged on SQLite and PostgreSQL; the schema itself is owned by Alembic
 (``migrations/``), and a test runs ``alembic check`` so the two cannot drift.
 """
 
@@ -9,11 +9,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, DateTime, Index, Integer, MetaData, String, Text, TypeDecorator
+from sqlalchemy import BigInteger, DateTime, ForeignKey, Index, Integer, MetaData, String, Text, TypeDecorator
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["Base", "Job", "AuditEvent", "AuditChainHead", "UTCDateTime", "utcnow", "GENESIS"]
+__all__ = ["Base", "Batch", "Job", "AuditEvent", "AuditChainHead", "UTCDateTime", "utcnow", "GENESIS"]
 
 #: The "previous hash" of the first event.
 GENESIS = "0" * 64
@@ -63,6 +63,31 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
+class Batch(Base):
+    """Jobs submitted together (``qbgw batch``): the batch's lifecycle. Its counts are read from
+    its jobs, so workers never write here."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    #: validating (jobs being stored), in_progress, completed, cancelled or expired.
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    actor: Mapped[str] = mapped_column(String(128))
+    #: The assistant of lines that name none.
+    assistant_id: Mapped[str | None] = mapped_column(String(128))
+    #: Jobs the batch has (its valid lines), and invalid lines skipped at submit.
+    total: Mapped[int] = mapped_column(Integer)
+    skipped: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    in_progress_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    cancelled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    expired_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: The end of the completion window: jobs not finished by then are cancelled.
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
 class Job(Base):
     """One gateway request a producer asked for, and where it stands."""
 
@@ -100,6 +125,8 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
     #: When the retention policy erased the job's PHI (payload, answer, error text).
     purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: The batch the job was submitted in, if any.
+    batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id"), index=True)
 
 
 class AuditEvent(Base):

@@ -72,6 +72,7 @@ class NewJob:
     idempotency_key: str | None
     actor: str
     max_attempts: int
+    batch_id: str | None = None
 
     def payload(self) -> str:
         return json.dumps({"messages": self.messages}, separators=(",", ":"), sort_keys=True)
@@ -121,23 +122,30 @@ def create_job(*, session: Session, new: NewJob, now: datetime) -> tuple[str, bo
             payload_digest=payload_digest, custom_id=new.custom_id, idempotency_key=new.idempotency_key,
             actor=new.actor, attempts=0, max_attempts=new.max_attempts, created_at=now, updated_at=now,
             announced_at=now,  # the producer publishes right after the commit; on failure it clears this
+            batch_id=new.batch_id,
         )
     )  # fmt: skip
     try:
         session.flush()
     except IntegrityError as exc:
         raise KeyRace(new.idempotency_key) from exc
+    audit_submitted(session, new, payload, payload_digest, now)
+    return new.id, True
+
+
+def audit_submitted(session: Session, new: NewJob, payload: str, payload_digest: str, now: datetime) -> None:
+    """The ``job.submitted`` event of a job being inserted (one job, or a batch's bulk insert)."""
     audit.record(
         session=session,
         action=audit.Action.SUBMITTED,
         job_id=new.id,
         actor=new.actor,
         assistant_id=new.assistant_id,
+        batch_id=new.batch_id,
         request=(payload_digest, len(payload)),
         detail={"assistant_id": new.assistant_id, "custom_id": new.custom_id, "messages": len(new.messages)},
         at=now,
     )
-    return new.id, True
 
 
 def claim(*, session: Session, job_id: str, worker: str, lease: timedelta, now: datetime) -> Claim | None:
@@ -297,13 +305,13 @@ def cancel(*, session: Session, job_id: str, actor: str, now: datetime) -> JobSt
     if status is JobStatus.RUNNING:
         job.cancel_requested_at = job.updated_at = now
         audit.record(session=session, action=audit.Action.CANCEL_REQUESTED, job_id=job_id, actor=actor,
-                     attempt=job.attempts, at=now)  # fmt: skip
+                     attempt=job.attempts, batch_id=job.batch_id, at=now)  # fmt: skip
         return status
     check_transition(status, JobStatus.CANCELLED)
     job.status, job.finished_at, job.next_attempt_at, job.updated_at = JobStatus.CANCELLED, now, None, now
     job.cancel_requested_at = now
     audit.record(session=session, action=audit.Action.CANCELLED, job_id=job_id, actor=actor, outcome="cancelled",
-                 at=now)  # fmt: skip
+                 batch_id=job.batch_id, at=now)  # fmt: skip
     return JobStatus.CANCELLED
 
 

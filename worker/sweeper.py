@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from worker import store
+from worker.batches import expire_overdue
 from worker.celery_app import backlog, publish
 from worker.errors import QbgwError
 from worker.integrity import Anchorer
@@ -33,10 +34,13 @@ class SweepReport:
     recovered: list[str] = field(default_factory=list)
     #: Jobs a message was published for.
     dispatched: list[str] = field(default_factory=list)
+    #: Batches whose completion window ran out (their unfinished jobs were cancelled).
+    expired: list[str] = field(default_factory=list)
 
 
 def sweep(*, settings: Settings | None = None, grace: float | None = None) -> SweepReport:
-    """One sweep: recover interrupted attempts, then publish what needs publishing.
+    """One sweep: recover interrupted attempts, then publish what needs publishing, then expire
+    batches past their completion window.
 
     Raises:
         StoreUnavailable: the database cannot be reached.
@@ -56,9 +60,11 @@ def sweep(*, settings: Settings | None = None, grace: float | None = None) -> Sw
             log.warning("job %s: could not publish (%s)", job_id, type(exc).__name__)
             continue
         published.append(job_id)
-    if recovered or published:
-        log.info("sweep: %d interrupted attempt(s) recovered, %d job(s) dispatched", len(recovered), len(published))
-    return SweepReport(recovered=recovered, dispatched=published)
+    expired = expire_overdue(settings=rt.settings)
+    if recovered or published or expired:
+        log.info("sweep: %d interrupted attempt(s) recovered, %d job(s) dispatched, %d batch(es) expired",
+                 len(recovered), len(published), len(expired))  # fmt: skip
+    return SweepReport(recovered=recovered, dispatched=published, expired=expired)
 
 
 class Sweeper:

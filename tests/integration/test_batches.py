@@ -1,0 +1,212 @@
+"""Batches on SQLite and PostgreSQL: stored all or nothing, counted as their jobs finish, cancelled
+and expired with finished results kept, exported (audited) and re-submitted. Jobs run in process."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from tests.conftest import ASSISTANT
+from worker import audit, batch_export, store
+from worker.batch_store import BatchStatus
+from worker.batches import cancel_batch, get_batch, list_batches, submit_batch, wait_for_batch
+from worker.errors import BatchNotFound, InvalidBatch
+from worker.lifecycle import JobStatus
+from worker.models import Batch, Job, utcnow
+from worker.queries import AuditFilter, audit_query, get_job
+from worker.runtime import runtime
+from worker.settings import Settings
+from worker.sweeper import sweep
+from worker.tasks import run_attempt
+
+
+def lines(n: int, *, fail: tuple[int, ...] = (), prefix: str = "row") -> list[str]:
+    """``n`` lines; those in ``fail`` get a 400 from the emulator."""
+    out = []
+    for i in range(n):
+        text = f"Question {i}" + (" [[emulator:fail=400]]" if i in fail else "")
+        out.append(json.dumps({"custom_id": f"{prefix}-{i:03d}", "messages": [{"role": "user", "content": text}]}))
+    return out
+
+
+def job_ids(settings: Settings, batch_id: str) -> dict[str, str]:
+    """custom_id → job id."""
+    with runtime(settings).transaction() as session:
+        return dict(session.execute(select(Job.custom_id, Job.id).where(Job.batch_id == batch_id)).all())  # type: ignore[arg-type]
+
+
+def run(settings: Settings, batch_id: str, custom_ids: list[str] | None = None) -> None:
+    ids = job_ids(settings, batch_id)
+    for custom_id in custom_ids if custom_ids is not None else sorted(ids):
+        run_attempt(runtime(settings), ids[custom_id])
+
+
+def stored(settings: Settings) -> tuple[int, int]:
+    with runtime(settings).transaction() as session:
+        return (session.scalar(select(func.count()).select_from(Batch)) or 0,
+                session.scalar(select(func.count()).select_from(Job)) or 0)  # fmt: skip
+
+
+def test_one_invalid_line_stores_nothing_and_skip_invalid_stores_the_rest(settings: Settings) -> None:
+    batch = lines(5)
+    batch[3] = json.dumps({"custom_id": "row-003", "messages": [{"role": "doctor", "content": "x"}]})
+    with pytest.raises(InvalidBatch) as caught:
+        submit_batch(batch, assistant_id=ASSISTANT, settings=settings)
+    assert caught.value.problems[0][0] == 4 and "messages[0].role: 'doctor'" in caught.value.problems[0][1]
+    assert stored(settings) == (0, 0)
+    view = submit_batch(batch, assistant_id=ASSISTANT, skip_invalid=True, settings=settings)
+    assert (view.total, view.skipped, view.pending) == (4, 1, 4) and [n for n, _ in view.problems] == [4]
+    assert view.status is BatchStatus.IN_PROGRESS and stored(settings) == (1, 4)
+
+
+def test_counts_and_status_follow_the_jobs_and_failures_are_reported_as_such(settings: Settings) -> None:
+    view = submit_batch(lines(6, fail=(1, 4)), assistant_id=ASSISTANT, actor="clinic-app", settings=settings)
+    assert view.in_progress_at is not None and view.expires_at - view.created_at == timedelta(hours=24)
+    run(settings, view.id, ["row-000", "row-001"])
+    middle = get_batch(view.id, settings=settings)
+    assert (middle.status, middle.succeeded, middle.failed, middle.pending) == (BatchStatus.IN_PROGRESS, 1, 1, 4)
+    run(settings, view.id, ["row-002", "row-003", "row-004", "row-005"])
+    done = get_batch(view.id, settings=settings)
+    assert done.status is BatchStatus.COMPLETED and done.done and not done.all_succeeded
+    assert (done.succeeded, done.failed, done.pending) == (4, 2, 0)
+    assert done.summary == "completed with 2 failures (4 succeeded)"
+    assert done.completed_at is not None and done.completed_at <= utcnow()
+    assert [b.id for b in list_batches(settings=settings)] == [view.id]
+
+
+def test_every_job_submitted_event_carries_the_batch_id(settings: Settings) -> None:
+    view = submit_batch(lines(3), assistant_id=ASSISTANT, actor="clinic-app", settings=settings)
+    events = audit_query(AuditFilter(batch_id=view.id), settings=settings)
+    assert [e.action for e in events] == ["batch.created"] + ["job.submitted"] * 3
+    assert {e.job_id for e in events[1:]} == set(job_ids(settings, view.id).values())
+    assert events[0].detail == {"jobs": 3, "skipped_lines": 0, "window_seconds": 86400}
+    assert all(e.actor == "clinic-app" for e in events)
+
+
+def test_cancel_keeps_finished_results_and_a_running_job_ends_cancelled(settings: Settings) -> None:
+    view = submit_batch(lines(5, fail=(1,)), assistant_id=ASSISTANT, settings=settings)
+    run(settings, view.id, ["row-000", "row-001"])
+    ids = job_ids(settings, view.id)
+    with runtime(settings).transaction() as session:  # row-002 is in the middle of its call
+        claim = store.claim(session=session, job_id=ids["row-002"], worker="w1", lease=timedelta(seconds=60),
+                            now=utcnow())  # fmt: skip
+    assert claim is not None
+    cancelled = cancel_batch(view.id, actor="nurse-7", settings=settings)
+    assert cancelled.status is BatchStatus.CANCELLED and cancelled.cancelled_at is not None
+    assert (cancelled.succeeded, cancelled.failed, cancelled.cancelled, cancelled.pending) == (1, 1, 2, 1)
+    assert not cancelled.done and cancelled.summary.endswith("1 still finishing")
+    with runtime(settings).transaction() as session:
+        ended = store.record_success(session=session, claim=claim, worker="w1", answer="late", now=utcnow())
+    assert ended is JobStatus.CANCELLED
+    final = get_batch(view.id, settings=settings)
+    assert final.done and (final.succeeded, final.failed, final.cancelled) == (1, 1, 3)
+    assert get_job(ids["row-000"], settings=settings).answer is not None  # the finished result stands
+    assert cancel_batch(view.id, settings=settings).cancelled_at == final.cancelled_at  # again: nothing changes
+    events = audit_query(AuditFilter(batch_id=view.id, actor="nurse-7"), settings=settings)
+    assert sorted(e.action for e in events).count("job.cancelled") == 2 and events[-1].action == "batch.cancelled"
+
+
+def test_expiry_cancels_unfinished_jobs_and_keeps_finished_results(settings: Settings) -> None:
+    view = submit_batch(lines(4), assistant_id=ASSISTANT, window=0.5, settings=settings)
+    run(settings, view.id, ["row-000"])
+    assert sweep(settings=settings).expired == []
+    time.sleep(0.6)
+    assert sweep(settings=settings).expired == [view.id]
+    expired = get_batch(view.id, settings=settings)
+    assert expired.status is BatchStatus.EXPIRED and expired.done and expired.expired_at is not None
+    assert (expired.succeeded, expired.cancelled) == (1, 3)
+    results = {r.custom_id: r for r in batch_export.batch_results(view.id, settings=settings)}
+    assert results["row-000"].answer is not None and results["row-000"].status is JobStatus.SUCCEEDED
+    assert results["row-001"].error_class == "Expired" and "completion window" in (results["row-001"].error or "")
+    events = audit_query(AuditFilter(batch_id=view.id, actor="batch-expiry"), settings=settings)
+    assert [e.action for e in events] == ["job.cancelled"] * 3 + ["batch.expired"]
+
+
+def test_batch_status_expires_an_overdue_batch_by_itself(settings: Settings) -> None:
+    view = submit_batch(lines(2), assistant_id=ASSISTANT, window=0.2, settings=settings)
+    time.sleep(0.3)
+    assert get_batch(view.id, settings=settings).status is BatchStatus.EXPIRED
+
+
+def test_a_completed_batch_past_its_window_stays_completed(settings: Settings) -> None:
+    view = submit_batch(lines(2), assistant_id=ASSISTANT, window=0.3, settings=settings)
+    run(settings, view.id)
+    time.sleep(0.4)
+    assert sweep(settings=settings).expired == []
+    assert get_batch(view.id, settings=settings).summary == "completed: all 2 succeeded"
+
+
+def export(settings: Settings, batch_id: str, writer: Any, **kwargs: Any) -> str:
+    out = io.StringIO()
+    writer(batch_export.batch_results(batch_id, settings=settings, **kwargs), out)
+    return out.getvalue()
+
+
+def test_export_jsonl_csv_and_failed_only_round_trip(settings: Settings) -> None:
+    view = submit_batch(lines(4, fail=(2,)), assistant_id=ASSISTANT, settings=settings)
+    run(settings, view.id, ["row-000", "row-001", "row-002"])  # row-003 still queued: a partial export
+    rows = [json.loads(x) for x in export(settings, view.id, batch_export.write_jsonl).splitlines()]
+    assert [r["custom_id"] for r in rows] == ["row-000", "row-001", "row-002", "row-003"]
+    assert 'you said "Question 0"' in rows[0]["answer"] and rows[0]["error"] is None and rows[0]["attempts"] == 1
+    assert rows[0]["seconds"] >= 0 and rows[0]["finished_at"] is not None
+    assert rows[2]["answer"] is None and rows[2]["error"]["http_status"] == 400 and rows[2]["status"] == "failed"
+    assert rows[3]["status"] == "queued" and rows[3]["seconds"] is None
+    table = list(csv.DictReader(io.StringIO(export(settings, view.id, batch_export.write_csv))))
+    assert [r["custom_id"] for r in table] == ["row-000", "row-001", "row-002", "row-003"]
+    assert table[2]["error_class"] == "UpstreamRejected" and table[2]["http_status"] == "400"
+    failed = export(settings, view.id, batch_export.write_inputs, failed_only=True).splitlines()
+    assert [json.loads(x)["custom_id"] for x in failed] == ["row-002"]
+    assert json.loads(failed[0])["messages"][0]["content"] == "Question 2 [[emulator:fail=400]]"
+    again = submit_batch(failed, settings=settings)  # the failed-only output is input as it stands
+    assert again.total == 1 and again.assistant_id is None
+
+
+def test_exporting_is_an_audited_read_of_each_job(settings: Settings) -> None:
+    view = submit_batch(lines(3, fail=(0,)), assistant_id=ASSISTANT, settings=settings)
+    run(settings, view.id, ["row-000", "row-001"])
+    batch_export.batch_results(view.id, reader="auditor-jane", settings=settings)
+    reads = audit_query(AuditFilter(batch_id=view.id, actor="auditor-jane"), settings=settings)
+    # Two jobs carry PHI (an error, an answer); the third has nothing to read yet.
+    assert [e.action for e in reads] == ["result.read", "result.read", "batch.exported"]
+    assert {e.job_id for e in reads[:2]} == {job_ids(settings, view.id)[c] for c in ("row-000", "row-001")}
+    assert reads[-1].detail == {"jobs": 3, "failed_only": False} and reads[-1].action in audit.READS
+
+
+def test_an_unknown_batch_is_not_found(settings: Settings) -> None:
+    for call in (get_batch, cancel_batch, batch_export.batch_results):
+        with pytest.raises(BatchNotFound, match="no such batch: nope"):
+            call("nope", settings=settings)
+
+
+def test_a_batch_is_stored_in_chunks_and_announced_through_one_connection(settings: Settings) -> None:
+    view = submit_batch(lines(1203), assistant_id=ASSISTANT, settings=settings)
+    assert view.total == 1203 and view.pending == 1203
+    messages = list((settings.broker_dir / "queue").glob("*.msg"))
+    assert len(messages) == 1203
+    with runtime(settings).transaction() as session:
+        assert session.scalar(select(func.count()).select_from(Job).where(Job.announced_at.is_(None))) == 0
+
+
+def test_a_broker_outage_stores_the_batch_for_the_sweeper(settings: Settings) -> None:
+    down = settings.with_(broker_url="redis://127.0.0.1:1/0")
+    view = submit_batch(lines(3), assistant_id=ASSISTANT, settings=down)
+    assert view.pending == 3
+    with runtime(settings).transaction() as session:
+        assert session.scalar(select(func.count()).select_from(Job).where(Job.announced_at.is_(None))) == 3
+
+
+def test_wait_for_batch_returns_when_done_and_times_out_otherwise(settings: Settings) -> None:
+    view = submit_batch(lines(2), assistant_id=ASSISTANT, settings=settings)
+    with pytest.raises(TimeoutError, match="is still in_progress"):
+        wait_for_batch(view.id, timeout=0.2, poll=0.05, settings=settings)
+    run(settings, view.id)
+    seen: list[str] = []
+    done = wait_for_batch(view.id, timeout=5, on_progress=lambda v: seen.append(v.summary), settings=settings)
+    assert done.all_succeeded and seen == ["completed: all 2 succeeded"]

@@ -1,0 +1,124 @@
+"""``qbgw batch`` commands through click's runner (in process) on a real SQLite database."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ASSISTANT
+from tests.images import png_bytes
+from tests.integration.test_batches import job_ids, lines, run
+from tests.integration.test_cli import qbgw
+from worker.cli import EXIT
+from worker.queries import AuditFilter, audit_query
+from worker.settings import Settings
+
+
+@pytest.fixture
+def env(embedded_settings: Settings) -> dict[str, str]:
+    return {**embedded_settings.to_env(), "QBGW_ASSISTANT_ID": ASSISTANT}
+
+
+def write(path: Path, rows: list[str]) -> str:
+    path.write_text("\n".join(rows) + "\n")
+    return str(path)
+
+
+def test_submit_wait_status_and_results(env: dict[str, str], embedded_settings: Settings, tmp_path: Path) -> None:
+    submitted = qbgw(env, "batch", "submit", write(tmp_path / "in.jsonl", lines(4, fail=(3,))), "--window", "2h")
+    assert submitted.exit_code == 0, submitted.output
+    batch_id = submitted.stdout.strip()
+    assert "4 job(s) queued, 0 invalid line(s) skipped" in submitted.stderr
+    pending = qbgw(env, "batch", "wait", batch_id, "--timeout", "0.2")
+    assert pending.exit_code == EXIT["timeout"] and "is still in_progress" in pending.stderr
+    run(embedded_settings, batch_id)
+    waited = qbgw(env, "batch", "wait", batch_id)
+    assert waited.exit_code == EXIT["job_failed"]  # completed with a failure is not a success
+    assert waited.stdout.strip() == f"batch {batch_id} completed with 1 failure (3 succeeded)"
+    assert "4/4 done, 1 failed" in waited.stderr and "\r" not in waited.stderr  # not a terminal: plain lines
+    status = json.loads(qbgw(env, "batch", "status", batch_id).stdout)
+    assert (status["status"], status["succeeded"], status["failed"], status["pending"]) == ("completed", 3, 1, 0)
+    listed = qbgw(env, "batch", "list").stdout
+    assert batch_id in listed and "completed with 1 failure" in listed
+    rows = [json.loads(x) for x in qbgw(env, "batch", "results", batch_id).stdout.splitlines()]
+    assert [r["status"] for r in rows] == ["succeeded", "succeeded", "succeeded", "failed"]
+    table = list(csv.DictReader(io.StringIO(qbgw(env, "batch", "results", batch_id, "--format", "csv").stdout)))
+    assert table[3]["custom_id"] == "row-003" and table[3]["http_status"] == "400"
+
+
+def test_failed_only_output_is_accepted_as_a_new_batch(
+    env: dict[str, str], embedded_settings: Settings, tmp_path: Path
+) -> None:
+    batch_id = qbgw(env, "batch", "submit", write(tmp_path / "in.jsonl", lines(3, fail=(0, 2)))).stdout.strip()
+    run(embedded_settings, batch_id)
+    retry = tmp_path / "retry.jsonl"
+    exported = qbgw(env, "batch", "results", batch_id, "--failed-only", "--output", str(retry), "--actor", "ops-1")
+    assert exported.exit_code == 0 and len(retry.read_text().splitlines()) == 2
+    again = qbgw(env, "batch", "submit", str(retry))
+    assert again.exit_code == 0 and set(job_ids(embedded_settings, again.stdout.strip())) == {"row-000", "row-002"}
+    reads = audit_query(AuditFilter(batch_id=batch_id, actor="ops-1"), settings=embedded_settings)
+    assert [e.action for e in reads] == ["result.read", "result.read", "batch.exported"]
+    refused = qbgw(env, "batch", "results", batch_id, "--failed-only", "--format", "csv")
+    assert refused.exit_code == EXIT["usage"]
+
+
+def test_an_invalid_batch_exits_3_naming_each_line_and_skip_invalid_reports_them(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    rows = lines(3)
+    rows[1] = "{not json"
+    path = write(tmp_path / "bad.jsonl", rows)
+    refused = qbgw(env, "batch", "submit", path)
+    assert refused.exit_code == EXIT["bad_input"] and refused.stdout == ""
+    assert "1 of 3 line(s) invalid; nothing was stored" in refused.stderr and "line 2: not valid JSON" in refused.stderr
+    skipped = qbgw(env, "batch", "submit", path, "--skip-invalid")
+    assert skipped.exit_code == 0 and "skipped line 2: not valid JSON" in skipped.stderr
+    assert "2 job(s) queued, 1 invalid line(s) skipped" in skipped.stderr
+
+
+def test_images_shorthand_submits_one_job_per_file_under_the_roots(
+    env: dict[str, str], embedded_settings: Settings, tmp_path: Path
+) -> None:
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for name in ("a.png", "b.png"):
+        (scans / name).write_bytes(png_bytes(8, 6))
+    pattern = str(scans / "*.png")
+    outside = qbgw(env, "batch", "submit", "--images", pattern, "--prompt", "Describe {name}")
+    assert outside.exit_code == EXIT["bad_input"] and "no image roots are configured" in outside.stderr
+    rooted = {**env, "QBGW_IMAGE_ROOTS": str(scans)}
+    submitted = qbgw(rooted, "batch", "submit", "--images", pattern, "--prompt", "Describe {name}")
+    assert submitted.exit_code == 0, submitted.output
+    batch_id = submitted.stdout.strip()
+    run(embedded_settings.with_(image_roots=str(scans)), batch_id)
+    rows = [json.loads(x) for x in qbgw(rooted, "batch", "results", batch_id).stdout.splitlines()]
+    assert [r["custom_id"] for r in rows] == ["a.png", "b.png"]
+    assert 'you said "Describe a.png"' in rows[0]["answer"] and "png 8x6" in rows[0]["answer"]
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["batch", "status", "nope"], "not_found", "no such batch: nope"),
+        (["batch", "cancel", "nope"], "not_found", "no such batch: nope"),
+        (["batch", "results", "nope"], "not_found", "no such batch: nope"),
+        (["batch", "submit"], "usage", "give a JSON Lines FILE or --images"),
+        (["batch", "submit", "--images", "/tmp/*.png"], "usage", "--images needs --prompt"),
+        (["batch", "submit", "x.jsonl", "--window", "soon"], "usage", "not a duration"),
+    ],
+)
+def test_batch_errors_have_named_exit_codes(env: dict[str, str], args: list[str], code: str, message: str) -> None:
+    result = qbgw(env, *args)
+    assert result.exit_code == EXIT[code] and message in result.stderr
+
+
+def test_cancel_prints_what_is_kept(env: dict[str, str], embedded_settings: Settings, tmp_path: Path) -> None:
+    batch_id = qbgw(env, "batch", "submit", write(tmp_path / "in.jsonl", lines(3))).stdout.strip()
+    run(embedded_settings, batch_id, ["row-000"])
+    cancelled = qbgw(env, "batch", "cancel", batch_id, "--actor", "nurse-7")
+    assert cancelled.stdout.strip() == f"batch {batch_id} cancelled: 1 succeeded, 0 failed, 2 cancelled"
+    assert qbgw(env, "batch", "wait", batch_id).exit_code == EXIT["job_failed"]

@@ -1,0 +1,184 @@
+"""Batch lines: both line formats, every problem named with its line number, all or nothing unless
+invalid lines are skipped; the image shorthand; the progress line."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+
+from tests.images import png_bytes
+from worker.batch_input import BatchLine, image_lines, parse_lines
+from worker.batch_store import BatchStatus
+from worker.batches import BatchView
+from worker.cli_batch import parse_window
+from worker.errors import InvalidBatch
+from worker.images.refs import Policy
+from worker.progress import Progress, line
+
+ASSISTANT = "65d5f3473d5d68095462165d"
+HELLO = [{"role": "user", "content": "Hello"}]
+
+
+def ours(custom_id: str, **extra: Any) -> str:
+    return json.dumps({"custom_id": custom_id, "smart_chat_assistant_id": ASSISTANT, "messages": HELLO, **extra})
+
+
+def openai(custom_id: str, body: dict[str, Any] | None = None, **extra: Any) -> str:
+    default = {"smart_chat_assistant_id": ASSISTANT, "messages": HELLO}
+    line = {"custom_id": custom_id, "method": "POST", "url": "/ai/ai_extensions/ai_gateway", "body": body or default}
+    return json.dumps({**line, **extra})
+
+
+def parse(lines: list[Any], *, default: str | None = None, skip: bool = False, roots: tuple[Path, ...] = ()) -> Any:
+    return parse_lines(lines, default_assistant=default, policy=Policy(roots=roots), skip_invalid=skip)
+
+
+def test_both_line_formats_give_the_same_job() -> None:
+    parsed = parse([ours("a"), openai("b")])
+    assert parsed.problems == []
+    assert parsed.lines == [BatchLine(1, "a", ASSISTANT, HELLO), BatchLine(2, "b", ASSISTANT, HELLO)]
+
+
+def test_a_line_without_an_assistant_uses_the_default_and_without_a_default_is_invalid() -> None:
+    bare = json.dumps({"custom_id": "a", "messages": HELLO})
+    body_only = openai("b", {"messages": HELLO})
+    assert [x.assistant_id for x in parse([bare, body_only], default="default-1").lines] == ["default-1"] * 2
+    with pytest.raises(InvalidBatch) as caught:
+        parse([bare])
+    assert caught.value.problems == (
+        (1, "smart_chat_assistant_id: required (the line has none, and no default was given)"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [
+        ("{oops", "not valid JSON: Expecting property name enclosed in double quotes at column 2"),
+        ("[1, 2]", "must be a JSON object, got list"),
+        (json.dumps({"smart_chat_assistant_id": ASSISTANT, "messages": HELLO}), "custom_id: required"),
+        (ours(""), "custom_id: required"),
+        (ours("x" * 256), "custom_id: required, a non-empty string of at most 255 characters"),
+        (ours("c", messages=[{"role": "doctor", "content": "x"}]), "messages[0].role: 'doctor' is not one of"),
+        (ours("c", messages=[]), "messages: required, a non-empty list"),
+        (ours("c", model="gpt-4o"), "unknown field(s) model"),
+        (openai("c", method="GET"), "method: 'GET'; only POST is accepted"),
+        (openai("c", url="/v1/chat/completions"), "url: '/v1/chat/completions'; only /ai/ai_extensions/ai_gateway"),
+        (openai("c", {"messages": HELLO, "model": "gpt-4o", "smart_chat_assistant_id": ASSISTANT}),
+         "body: field(s) model not accepted by the gateway"),
+        (json.dumps({"custom_id": "c", "url": "/ai/ai_extensions/ai_gateway"}), "body: required, an object"),
+        (ours("c", smart_chat_assistant_id="bad id!"), "smart_chat_assistant_id: must be at most 128 characters"),
+        (ours("c", messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/etc/x.png"}}]}]),
+         "messages[0].content[0].image_url.url: local files are not allowed"),
+    ],
+)  # fmt: skip
+def test_each_kind_of_bad_line_is_named_with_its_line_number_and_nothing_passes(bad: str, reason: str) -> None:
+    with pytest.raises(InvalidBatch) as caught:
+        parse([ours("first"), "", bad, ours("last")])
+    assert len(caught.value.problems) == 1
+    number, text = caught.value.problems[0]
+    assert number == 3 and reason in text  # blank lines still count
+    assert f"line 3: {text}" in str(caught.value) and "1 of 3 line(s) invalid; nothing was stored" in str(caught.value)
+
+
+def test_a_duplicate_custom_id_names_the_line_it_repeats() -> None:
+    with pytest.raises(InvalidBatch) as caught:
+        parse([ours("a"), ours("b"), ours("a")])
+    assert caught.value.problems == ((3, "custom_id 'a' repeats line 1"),)
+
+
+def test_skip_invalid_keeps_the_valid_lines_and_reports_the_others() -> None:
+    parsed = parse([ours("a"), "{", ours("b", messages=[{"role": "doctor", "content": "x"}]), ours("c")], skip=True)
+    assert [x.custom_id for x in parsed.lines] == ["a", "c"]
+    assert [n for n, _ in parsed.problems] == [2, 3] and "'doctor' is not one of" in parsed.problems[1][1]
+
+
+@pytest.mark.parametrize("lines", [[], ["", "  "], ["{", "[]"]])
+def test_a_batch_with_no_valid_line_is_rejected_even_when_skipping(lines: list[str]) -> None:
+    with pytest.raises(InvalidBatch, match="nothing was stored"):
+        parse(lines, skip=True)
+
+
+def test_the_error_lists_twenty_problems_and_counts_the_rest_and_survives_pickle() -> None:
+    with pytest.raises(InvalidBatch) as caught:
+        parse(["{"] * 25 + [ours("ok")])
+    error = caught.value
+    assert len(error.problems) == 25 and "line 20:" in str(error) and "line 21:" not in str(error)
+    assert "... and 5 more" in str(error)
+    back = pickle.loads(pickle.dumps(error))
+    assert back.problems == error.problems and str(back) == str(error)
+
+
+def test_image_shorthand_makes_one_line_per_file_named_by_the_file(tmp_path: Path) -> None:
+    for name in ("b.png", "a.png", "notes.txt"):
+        (tmp_path / name).write_bytes(png_bytes(4, 4))
+    lines = image_lines(str(tmp_path / "*.png"), "Describe {name} ({stem})")
+    assert [x["custom_id"] for x in lines] == ["a.png", "b.png"]
+    part = lines[0]["messages"][0]["content"]
+    assert part[0]["text"] == "Describe a.png (a)" and part[1]["image_url"]["url"] == str(tmp_path / "a.png")
+    assert [x["custom_id"] for x in image_lines(str(tmp_path), "x")] == ["a.png", "b.png"]  # a folder: all of it
+    assert len(parse(lines, default=ASSISTANT, roots=(tmp_path,)).lines) == 2
+    with pytest.raises(InvalidBatch) as outside:
+        parse(lines, default=ASSISTANT, roots=(tmp_path / "elsewhere",))
+    assert "is not under an allowed root" in outside.value.problems[0][1]
+    with pytest.raises(InvalidBatch, match="no .png, .jpg, .jpeg or .pdf file matches"):
+        image_lines(str(tmp_path / "*.jpg"), "x")
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("24h", 86400), ("90m", 5400), ("2d", 172800), ("30", 30), ("0.5s", 0.5)]
+)
+def test_windows_are_durations(text: str, seconds: float) -> None:
+    assert parse_window(text).total_seconds() == seconds
+
+
+@pytest.mark.parametrize("text", ["soon", "0h", "-1s", ""])
+def test_a_bad_window_is_a_usage_error(text: str) -> None:
+    with pytest.raises(click.BadParameter):
+        parse_window(text)
+
+
+def view(status: BatchStatus, succeeded: int, failed: int, cancelled: int, pending: int) -> BatchView:
+    now = datetime(2026, 11, 25, tzinfo=UTC)
+    total = succeeded + failed + cancelled + pending
+    return BatchView(id="b1", status=status, actor="t", assistant_id=None, total=total, skipped=0,
+                     succeeded=succeeded, failed=failed, cancelled=cancelled, pending=pending, created_at=now,
+                     in_progress_at=now, completed_at=None, cancelled_at=None, expired_at=None,
+                     expires_at=now)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("batch", "summary"),
+    [
+        (view(BatchStatus.COMPLETED, 50, 0, 0, 0), "completed: all 50 succeeded"),
+        (view(BatchStatus.COMPLETED, 47, 3, 0, 0), "completed with 3 failures (47 succeeded)"),
+        (view(BatchStatus.COMPLETED, 48, 1, 1, 0), "completed with 1 failure and 1 cancelled (48 succeeded)"),
+        (view(BatchStatus.IN_PROGRESS, 20, 2, 0, 28),
+         "in_progress: 22 of 50 done (20 succeeded, 2 failed, 0 cancelled), 28 pending"),
+        (view(BatchStatus.EXPIRED, 10, 0, 39, 1), "expired: 10 succeeded, 0 failed, 39 cancelled, 1 still finishing"),
+    ],
+)  # fmt: skip
+def test_a_completed_batch_with_failures_never_reads_as_a_plain_success(batch: BatchView, summary: str) -> None:
+    assert batch.summary == summary
+    assert batch.all_succeeded is (summary == "completed: all 50 succeeded")
+
+
+def test_progress_is_a_bar_on_a_terminal_and_a_line_every_few_seconds_elsewhere() -> None:
+    import io
+
+    clock = iter([0.0, 2.0, 4.0, 6.0])
+    out = io.StringIO()
+    progress = Progress(out, tty=False, every=5.0, clock=lambda: next(clock))
+    for done in (0, 10, 20):
+        progress(view(BatchStatus.IN_PROGRESS, done, 0, 0, 100 - done))
+    progress(view(BatchStatus.COMPLETED, 100, 0, 0, 0))
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2 and "\r" not in out.getvalue()  # the first poll, then the end; not one per poll
+    assert lines[1] == "batch b1: completed: 100/100 done, 0 failed, 16.7/s"
+    bar = line(view(BatchStatus.IN_PROGRESS, 30, 3, 0, 67), 10.0, bar=True)
+    assert bar == "[##########....................] 33/100 done, 3 failed, 10.0/s, ~7s left"
