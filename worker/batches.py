@@ -167,7 +167,7 @@ def _producer(rt: Runtime, stack: ExitStack) -> Any:
 
 def _publish(rt: Runtime, producer: Any, job_ids: list[str]) -> bool:
     try:
-        publish_many(rt.celery, job_ids, producer)
+        publish_many(rt.celery, job_ids, producer, queue=rt.settings.effective_batch_queue)
         return True
     except Exception as exc:  # kombu's errors differ per transport
         log.warning("broker failed (%s): %d job(s) left for the sweeper to publish", type(exc).__name__, len(job_ids))

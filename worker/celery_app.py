@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
+from kombu.entity import Exchange, Queue
 
 from worker.settings import Settings
 
@@ -28,6 +29,10 @@ def create_celery_app(settings: Settings) -> Celery:
     app = Celery("qbgw", broker=settings.effective_broker_url, set_as_current=False)
     app.conf.update(
         task_default_queue=settings.queue,
+        # Interactive jobs and batch jobs wait in separate queues, and workers ask for the
+        # interactive one first (queue_order_strategy "priority"), so a batch of thousands
+        # never stands in front of a web app's single job.
+        task_queues=_queues(settings),
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,
@@ -53,6 +58,11 @@ def create_celery_app(settings: Settings) -> Celery:
     return app
 
 
+def _queues(settings: Settings) -> list[Any]:
+    names = (settings.queue, settings.effective_batch_queue)
+    return [Queue(name, Exchange(name), routing_key=name) for name in names]  # type: ignore[no-untyped-call]
+
+
 def _transport_options(settings: Settings) -> dict[str, Any]:
     if settings.is_embedded_broker:
         folder = settings.broker_dir
@@ -65,12 +75,17 @@ def _transport_options(settings: Settings) -> dict[str, Any]:
             "data_folder_out": str(folder / "queue"),
             "processed_folder": str(folder / "processed"),
             "control_folder": str(folder / "control"),
+            "queue_order_strategy": "priority",
             "store_processed": False,
             "polling_interval": EMBEDDED_POLL_SECONDS,
         }
     # A message unacknowledged this long is delivered again (Redis). Settings guarantee it
     # exceeds an attempt's lease, and no countdown is longer than a quarter of it.
-    return {"visibility_timeout": settings.visibility_timeout, "socket_connect_timeout": settings.connect_timeout}
+    return {
+        "visibility_timeout": settings.visibility_timeout,
+        "socket_connect_timeout": settings.connect_timeout,
+        "queue_order_strategy": "priority",
+    }
 
 
 def backlog(app: Celery, queue: str) -> int | None:
@@ -88,16 +103,16 @@ def publish(app: Celery, job_id: str, *, countdown: float | None = None) -> None
     app.send_task(TASK_NAME, args=[job_id], task_id=job_id, countdown=countdown)
 
 
-def publish_many(app: Celery, job_ids: list[str], producer: Any) -> None:
+def publish_many(app: Celery, job_ids: list[str], producer: Any, *, queue: str | None = None) -> None:
     """Ring the doorbell for many jobs through one ``producer`` (``app.producer_or_acquire()``).
 
     Builds each message as ``send_task`` does, without its per-call option resolution, and
     declares the queue once, not per message (bench/batch_submit.py measures the difference).
     Raises the transport's error if the broker fails; the messages before it were published.
     """
-    queue = app.amqp.queues[app.conf.task_default_queue]
+    target = app.amqp.queues[queue or app.conf.task_default_queue]
     declare: list[Any] | None = None  # the first message declares the queue (and its binding)
     for job_id in job_ids:
         message = app.amqp.create_task_message(job_id, TASK_NAME, [job_id], {})
-        app.amqp.send_task_message(producer, TASK_NAME, message, queue=queue, declare=declare)
+        app.amqp.send_task_message(producer, TASK_NAME, message, queue=target, declare=declare)
         declare = []

@@ -470,6 +470,10 @@ class Emulator:
     def stats(self) -> dict[str, object]:
         return {**self._ledger.stats(), **self._sessions.stats()}
 
+    def expire_sessions(self) -> int:
+        """Expire every session token the emulator issued; the next use of one gets the 401."""
+        return self._sessions.expire_all()
+
     def arrivals(self) -> list[float]:
         return self._ledger.arrivals()
 

@@ -143,6 +143,14 @@ class Sessions:
         with self._lock:
             return {"sessions_created": self._created, "sessions_refused": self._refused}
 
+    def expire_all(self) -> int:
+        """Forget every issued session at once (as the real server does after two idle hours,
+        or on a server-side logout); returns how many there were."""
+        with self._lock:
+            count = len(self._issued)
+            self._issued = {}
+            return count
+
     def handle(self, config: SessionConfig, method: str, headers: Message, raw: bytes) -> Reply:
         """``POST``: create a session; ``GET``: the session of the ``QB-Token``; else 404."""
         if method == "POST":

@@ -19,7 +19,8 @@ def worker_argv(settings: Settings, *, loglevel: str = "INFO") -> list[str]:
         f"--loglevel={loglevel}",
         f"--pool={settings.pool}",
         f"--concurrency={settings.concurrency}",
-        f"--queues={settings.queue}",
+        # Listed in order of precedence: interactive jobs before batch jobs.
+        f"--queues={settings.queue},{settings.effective_batch_queue}",
         f"--hostname=qbgw-{os.getpid()}@%h",
         # Gossip, mingle and heartbeats are cluster chatter qbgw does not use; the database
         # is where workers coordinate.

@@ -91,6 +91,8 @@ class Settings:
     concurrency: int = 32
     pool: str = "threads"
     queue: str = "qbgw"
+    #: Batch jobs wait here; workers take interactive jobs first (empty: "<queue>-batch").
+    batch_queue: str = ""
     #: Who a producer is in the audit trail when the caller names nobody.
     actor: str = ""
     #: The smart_chat_assistant_id ``qbgw submit`` uses when none is given.
@@ -220,6 +222,10 @@ class Settings:
     @property
     def image_root_paths(self) -> tuple[Path, ...]:
         return tuple(Path(p).expanduser() for p in self.image_roots.split(os.pathsep) if p.strip())
+
+    @property
+    def effective_batch_queue(self) -> str:
+        return self.batch_queue or f"{self.queue}-batch"
 
     @property
     def keyring_path(self) -> Path:

@@ -49,7 +49,8 @@ def sweep(*, settings: Settings | None = None, grace: float | None = None) -> Sw
     wait = timedelta(seconds=rt.settings.sweep_grace if grace is None else grace)
     with rt.transaction() as session:
         recovered = store.recover_interrupted(session=session, now=utcnow())
-    waiting = backlog(rt.celery, rt.settings.queue)
+    counts = [backlog(rt.celery, q) for q in (rt.settings.queue, rt.settings.effective_batch_queue)]
+    waiting = None if None in counts else sum(c for c in counts if c is not None)
     with rt.transaction() as session:
         due = store.due_for_dispatch(session=session, now=utcnow(), grace=wait, broker_backlog=waiting)
     published = []

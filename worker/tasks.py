@@ -130,14 +130,16 @@ def _decide(rt: Runtime, claim: store.Claim, exchange: Exchange) -> Decision:
 def _renew_session(rt: Runtime, claim: store.Claim) -> None:
     """Renew the session after a 401 and audit the switch. A failed renewal is not raised: the
     retry's own call then ends with that error and is decided like any other."""
-    old = _token_fp(rt)
+    # Not tokens.current() first: it would note a token another thread already renewed as the
+    # one this thread sent, and renew() would then replace that good session too (a stampede).
+    # The rejected token's fingerprint is on this attempt's request event.
     try:
         rt.gateway.tokens.renew()
     except GatewayError as exc:
         log.warning("job %s: session renewal failed (%s)", claim.job_id, type(exc).__name__)
-        outcome, detail = "failed", {"previous_token_fp": old, "error_class": type(exc).__name__}
+        outcome, detail = "failed", {"error_class": type(exc).__name__}
     else:
-        outcome, detail = "renewed", {"previous_token_fp": old}
+        outcome, detail = "renewed", {}
     with rt.transaction() as session:
         audit.record(session=session, action=audit.Action.SESSION_RENEWED, job_id=claim.job_id, actor=rt.identity,
                      attempt=claim.attempt, assistant_id=claim.assistant_id, outcome=outcome,
