@@ -140,8 +140,9 @@ class PrivateRedis:
 
 
 @contextmanager
-def scratch_database() -> Iterator[str]:
-    name = f"qbgw_chaos_{uuid.uuid4().hex[:8]}"
+def scratch_database(prefix: str = "qbgw_chaos") -> Iterator[str]:
+    """A migrated PostgreSQL database of our own, dropped afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
     admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:
         connection.execute(text(f'CREATE DATABASE "{name}"'))

@@ -48,9 +48,9 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,14 +59,13 @@ import redis
 import requests
 from sqlalchemy import Engine, create_engine, func, select, text
 
-from bench import minimal_app
-from bench.chaos import PG_ADMIN, PrivateRedis
-from worker import producer, schema
+from bench import chaos, minimal_app
+from bench.chaos import PrivateRedis
+from worker import producer
 from worker.emulator import GATEWAY_PATH, Emulator, EmulatorConfig
 from worker.lifecycle import TERMINAL, JobStatus
 from worker.models import Job
 from worker.queries import job_status
-from worker.runtime import reset as reset_runtimes
 from worker.runtime import runtime
 from worker.settings import Secret, Settings
 
@@ -832,22 +831,9 @@ def table(config: Config, results: Results) -> list[str]:
 # --- setup -----------------------------------------------------------------------------------------
 
 
-@contextmanager
-def scratch_database() -> Iterator[str]:
-    """A migrated PostgreSQL database of our own (with the minimal task's table), dropped afterwards."""
-    name = f"qbgw_tput_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    url = PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
-    try:
-        schema.upgrade(url)
-        yield url
-    finally:
-        reset_runtimes()
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+def scratch_database() -> AbstractContextManager[str]:
+    """A migrated PostgreSQL database of our own, dropped afterwards (as the chaos run makes)."""
+    return chaos.scratch_database("qbgw_tput")
 
 
 def run(config: Config, say: Say = print) -> Results:
