@@ -150,7 +150,9 @@ def audit_submitted(session: Session, new: NewJob, payload: str, payload_digest:
 
 def claim(*, session: Session, job_id: str, worker: str, lease: timedelta, now: datetime) -> Claim | None:
     """Take the job for one attempt, if it is queued, or retrying and due. None: nothing to do."""
-    result = session.execute(
+    # One round trip: the compare-and-set claim returns what the attempt needs (RETURNING runs
+    # on PostgreSQL and on SQLite >= 3.35). The error class is the previous attempt's.
+    job = session.execute(
         update(Job)
         .where(
             Job.id == job_id,
@@ -158,32 +160,16 @@ def claim(*, session: Session, job_id: str, worker: str, lease: timedelta, now: 
             (Job.next_attempt_at.is_(None)) | (Job.next_attempt_at <= now),
         )
         .values(
-            status=JobStatus.RUNNING,
-            attempts=Job.attempts + 1,
-            claimed_by=worker,
-            lease_expires_at=now + lease,
-            next_attempt_at=None,
-            last_attempt_at=now,
-            updated_at=now,
+            status=JobStatus.RUNNING, attempts=Job.attempts + 1, claimed_by=worker, lease_expires_at=now + lease,
+            next_attempt_at=None, last_attempt_at=now, updated_at=now,
+            started_at=func.coalesce(Job.started_at, now),
         )  # fmt: skip
+        .returning(Job.attempts, Job.assistant_id, Job.payload, Job.max_attempts, Job.actor, Job.created_at,
+                   Job.error_class)  # fmt: skip
         .execution_options(synchronize_session=False)
-    )
-    if result.rowcount != 1:  # type: ignore[attr-defined]
+    ).first()
+    if job is None:
         return None
-    job = session.execute(
-        select(
-            Job.attempts,
-            Job.assistant_id,
-            Job.payload,
-            Job.max_attempts,
-            Job.actor,
-            Job.started_at,
-            Job.created_at,
-            Job.error_class,
-        ).where(Job.id == job_id)  # fmt: skip
-    ).one()
-    if job.started_at is None:
-        session.execute(update(Job).where(Job.id == job_id).values(started_at=now))
     return Claim(
         job_id=job_id, attempt=job.attempts, assistant_id=job.assistant_id,
         messages=json.loads(open_text(session, "payload", job_id, job.payload) or "{}")["messages"],

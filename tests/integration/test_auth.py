@@ -4,11 +4,9 @@ and ``qbgw auth check``."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,22 +24,8 @@ from worker.gateway import GatewayClient, encode_request
 from worker.session_cache import FileCache, MemoryCache, RedisCache, SessionCache
 from worker.settings import Secret, Settings
 
-DEFAULTS = {f.name: getattr(EmulatorConfig(), f.name) for f in dataclasses.fields(EmulatorConfig)}
 APP = EmulatorConfig()
 KEYRING = Keyring.from_spec(TEST_KEYS)
-
-
-@pytest.fixture(scope="module")
-def running() -> Iterator[Emulator]:
-    with Emulator() as em:
-        yield em
-
-
-@pytest.fixture
-def em(running: Emulator) -> Iterator[Emulator]:
-    running.reset()
-    yield running
-    running.reconfigure(**DEFAULTS)
 
 
 def app_settings(em: Emulator, tmp_path: Path, **changes: Any) -> Settings:

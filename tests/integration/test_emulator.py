@@ -3,7 +3,6 @@ and the control endpoints."""
 
 from __future__ import annotations
 
-import dataclasses
 import socket
 import threading
 import time
@@ -19,20 +18,6 @@ from worker.emulator import FAULT_KINDS, GATEWAY_PATH, Emulator, EmulatorConfig
 
 TOKEN = "emulator-token"
 ASSISTANT = "65d5f3473d5d68095462165d"
-DEFAULTS = {f.name: getattr(EmulatorConfig(), f.name) for f in dataclasses.fields(EmulatorConfig)}
-
-
-@pytest.fixture(scope="module")
-def running() -> Iterator[Emulator]:
-    with Emulator() as em:
-        yield em
-
-
-@pytest.fixture
-def em(running: Emulator) -> Iterator[Emulator]:
-    running.reset()
-    yield running
-    running.reconfigure(**DEFAULTS)
 
 
 @pytest.fixture
