@@ -122,3 +122,16 @@ def test_a_worker_that_loses_its_database_keeps_the_message_and_finishes_later(
         assert view.status is JobStatus.SUCCEEDED and view.attempts == 1
     finally:
         proxy.close()
+
+
+def test_an_idle_worker_still_signs_anchors_every_t_seconds(
+    stack: Settings, worker_process: Callable[..., Any]
+) -> None:
+    from worker.integrity import read_anchors
+
+    settings = stack.with_(audit_anchor_seconds=1.0)
+    worker_process(settings)
+    wait_until(lambda: len(read_anchors(settings.anchor_path)) >= 3, timeout=30)
+    anchors = read_anchors(settings.anchor_path)
+    # Nothing happened, yet the head keeps being signed: silence is provable, a cut tail is not hidden.
+    assert {a.seq for a in anchors} == {0} and len({a.at for a in anchors}) == len(anchors)

@@ -169,3 +169,30 @@ def test_dropping_old_events_is_explicit_refused_within_retention_and_keeps_the_
         session.execute(text("DELETE FROM audit_events WHERE seq = 5"))
     problem = integrity.verify_log(settings=short).problem
     assert problem is not None and problem.seq == 5 and "missing" in problem.message
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_an_event_that_cannot_be_written_takes_its_change_down_with_it(settings: Settings) -> None:
+    # The audit event and the status change are one transaction: make the event's INSERT fail
+    # and the job must not have moved either (no change without its event, no event in the background).
+    job_id = producer.submit(ASSISTANT, [{"role": "user", "content": "Hi"}], settings=settings)
+    owner = runtime(settings)
+    with owner.transaction() as session:
+        session.execute(text("CREATE FUNCTION qbgw_test_refuse() RETURNS trigger AS $$ BEGIN "
+                             "RAISE EXCEPTION 'audit store down'; END; $$ LANGUAGE plpgsql"))  # fmt: skip
+        session.execute(text("CREATE TRIGGER qbgw_test_refuse BEFORE INSERT ON audit_events "
+                             "FOR EACH ROW EXECUTE FUNCTION qbgw_test_refuse()"))  # fmt: skip
+    try:
+        with pytest.raises(Exception, match="audit store down"):
+            run_attempt(runtime(settings), job_id)
+        assert queries.job_status(job_id, settings=settings) == "queued"
+        with runtime(settings).transaction() as session:
+            row = session.get(Job, job_id)
+            assert row is not None and row.attempts == 0 and row.claimed_by is None
+    finally:
+        with owner.transaction() as session:
+            session.execute(text("DROP TRIGGER qbgw_test_refuse ON audit_events"))
+            session.execute(text("DROP FUNCTION qbgw_test_refuse()"))
+    assert run_attempt(runtime(settings), job_id).value == "succeeded"
+    assert [e.action for e in job_events(job_id, settings=settings)] == [
+        "job.submitted", "attempt.request", "attempt.response", "job.succeeded"]  # fmt: skip

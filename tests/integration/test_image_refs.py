@@ -180,3 +180,18 @@ def test_a_file_that_vanished_before_the_attempt_fails_the_resolution(root: Path
     os.remove(root / "ok.png")
     with pytest.raises(ResolutionFailed, match="ok.png does not exist"):
         build_body("a1", messages, settings)
+
+
+def test_a_pdf_is_cut_at_the_page_limit_each_page_a_png(root: Path, tmp_path: Path) -> None:
+    from tests.images import pdf_bytes
+
+    (root / "long.pdf").write_bytes(pdf_bytes(*[(144, 72)] * 5))
+    settings = Settings(data_dir=tmp_path, image_roots=str(root), pdf_max_pages=3, pdf_dpi=72.0)
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(root / "long.pdf")}}]}]
+    body = build_body("a1", messages, settings)
+    assert isinstance(body, StreamingBody)
+    parts = json.loads(b"".join(iter(lambda: body.read(65536), b"")))["messages"][0]["content"]
+    assert len(parts) == 3
+    for part in parts:
+        data = base64.b64decode(part["image_url"]["url"].split(",", 1)[1])
+        assert data.startswith(b"\x89PNG") and data[16:24] == (144).to_bytes(4, "big") + (72).to_bytes(4, "big")
