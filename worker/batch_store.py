@@ -19,7 +19,7 @@ from worker.lifecycle import TERMINAL, JobStatus
 from worker.models import Batch, Job
 
 __all__ = ["BatchStatus", "Counts", "create_batch", "insert_jobs", "start", "get", "recent", "counts", "settle",
-           "unfinished_jobs", "cancel_jobs", "end", "overdue", "mark_unannounced", "EXPIRY_ACTOR"]  # fmt: skip
+           "unfinished_jobs", "cancel_jobs", "end", "overdue", "EXPIRY_ACTOR"]  # fmt: skip
 
 #: Who cancels the jobs of a batch whose window ran out, in the audit trail.
 EXPIRY_ACTOR = "batch-expiry"
@@ -51,10 +51,6 @@ class Counts:
     cancelled: int = 0
     pending: int = 0
 
-    @property
-    def stored(self) -> int:
-        return self.succeeded + self.failed + self.cancelled + self.pending
-
 
 def create_batch(
     *, session: Session, batch_id: str, actor: str, assistant_id: str | None, total: int, skipped: int,
@@ -76,7 +72,7 @@ def insert_jobs(*, session: Session, jobs: Sequence[store.NewJob], announced: bo
     """
     rows = []
     for new in jobs:
-        payload, digest = new.payload(), new.payload_digest()
+        payload, digest = new.payload, new.payload_digest()
         rows.append({
             "id": new.id, "status": str(JobStatus.QUEUED), "assistant_id": new.assistant_id,
             "payload": store.seal_text(session, "payload", new.id, payload), "payload_digest": digest,
@@ -86,11 +82,6 @@ def insert_jobs(*, session: Session, jobs: Sequence[store.NewJob], announced: bo
         })  # fmt: skip
         store.audit_submitted(session, new, payload, digest, now)
     session.execute(insert(Job), rows)
-
-
-def mark_unannounced(*, session: Session, job_ids: Sequence[str]) -> None:
-    """Publishing these jobs' messages failed: let the next sweep publish them."""
-    session.execute(update(Job).where(Job.id.in_(job_ids)).values(announced_at=None))
 
 
 def start(*, session: Session, batch_id: str, now: datetime) -> None:

@@ -172,7 +172,7 @@ def _publish(rt: Runtime, producer: Any, job_ids: list[str]) -> bool:
     except Exception as exc:  # kombu's errors differ per transport
         log.warning("broker failed (%s): %d job(s) left for the sweeper to publish", type(exc).__name__, len(job_ids))
         with rt.transaction() as session:
-            batch_store.mark_unannounced(session=session, job_ids=job_ids)
+            store.mark_unannounced(session=session, job_ids=job_ids)
         return False
 
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from worker import store
-from worker.celery_app import publish
 from worker.lifecycle import JobStatus
 from worker.models import utcnow
+from worker.producer import announce
 from worker.runtime import runtime
 from worker.settings import Settings
 
@@ -42,9 +42,5 @@ def replay(job_id: str, *, actor: str | None = None, settings: Settings | None =
     with rt.transaction() as session:
         attempt = store.replay(session=session, job_id=job_id, actor=actor or rt.settings.actor or "operator",
                                extra_attempts=rt.settings.max_attempts, now=utcnow())  # fmt: skip
-    try:
-        publish(rt.celery, job_id)
-    except Exception:  # the broker is down: the job is queued in the database; the sweeper publishes it
-        with rt.transaction() as session:
-            store.mark_unannounced(session=session, job_id=job_id)
+    announce(rt, job_id)  # if the broker is down, the job waits in the database for the sweeper
     return attempt

@@ -60,13 +60,29 @@ def submit(
         check_broker(rt)
     job_id, created = _store(rt, new)
     if created or _still_queued(rt, job_id):
-        try:
-            publish(rt.celery, job_id)
-        except Exception as exc:  # kombu's errors differ per transport
-            with rt.transaction() as session:
-                store.mark_unannounced(session=session, job_id=job_id)  # the next sweep publishes it
-            raise NotAnnounced(job_id, type(exc).__name__) from exc
+        failure = announce(rt, job_id)
+        if failure is not None:
+            raise NotAnnounced(job_id, failure)
     return job_id
+
+
+def announce(rt: Runtime, job_id: str, *, countdown: float | None = None) -> str | None:
+    """Publish the job's message; if the broker fails, mark the job for the sweeper instead.
+
+    Returns None when published, else the broker error's class name (the job is safe: the next
+    sweep publishes it, or the sweep grace does if the database is away too).
+    """
+    try:
+        publish(rt.celery, job_id, countdown=countdown)
+        return None
+    except Exception as exc:  # kombu's errors differ per transport
+        failure = type(exc).__name__
+    try:
+        with rt.transaction() as session:
+            store.mark_unannounced(session=session, job_ids=[job_id])
+    except StoreUnavailable:
+        pass
+    return failure
 
 
 def _store(rt: Runtime, new: store.NewJob) -> tuple[str, bool]:

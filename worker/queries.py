@@ -6,7 +6,6 @@ with the reader's name, in the same transaction as the read.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -60,9 +59,6 @@ class JobView:
                 data[key] = value.isoformat()
         data["status"] = str(self.status)
         return data
-
-    def to_json(self) -> str:
-        return json.dumps(self.as_dict(), indent=2, ensure_ascii=False)
 
 
 def _reader(rt: Runtime, reader: str | None) -> str:
@@ -179,7 +175,6 @@ def audit_query(
     (``audit.exported`` when ``export``), after the events it returns."""
     rt = runtime(settings)
     with rt.transaction() as session:
-        audit.seal(session)
         rows = session.scalars(select(AuditEvent).where(*query.where()).order_by(AuditEvent.seq).limit(query.limit))
         found = [audit.to_record(row) for row in rows]
         action = audit.Action.AUDIT_EXPORTED if export else audit.Action.AUDIT_QUERIED

@@ -8,8 +8,10 @@ whose lease was taken over, changes nothing.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import cached_property
 from typing import Any
 
 from sqlalchemy import false as sql_false
@@ -74,11 +76,12 @@ class NewJob:
     max_attempts: int
     batch_id: str | None = None
 
+    @cached_property
     def payload(self) -> str:
         return json.dumps({"messages": self.messages}, separators=(",", ":"), sort_keys=True)
 
     def payload_digest(self) -> str:
-        return audit.digest(f"{self.assistant_id}\n{self.payload()}".encode())
+        return audit.digest(f"{self.assistant_id}\n{self.payload}".encode())
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,7 @@ def create_job(*, session: Session, new: NewJob, now: datetime) -> tuple[str, bo
         IdempotencyConflict: the key names a job with another assistant or other messages.
         KeyRace: another transaction inserted the same key first; retry in a new transaction.
     """
-    payload, payload_digest = new.payload(), new.payload_digest()
+    payload, payload_digest = new.payload, new.payload_digest()
     if new.idempotency_key is not None:
         existing = session.scalar(select(Job).where(Job.idempotency_key == new.idempotency_key))
         if existing is not None:
@@ -160,12 +163,18 @@ def claim(*, session: Session, job_id: str, worker: str, lease: timedelta, now: 
             (Job.next_attempt_at.is_(None)) | (Job.next_attempt_at <= now),
         )
         .values(
-            status=JobStatus.RUNNING, attempts=Job.attempts + 1, claimed_by=worker, lease_expires_at=now + lease,
-            next_attempt_at=None, last_attempt_at=now, updated_at=now,
+            status=JobStatus.RUNNING,
+            attempts=Job.attempts + 1,
+            claimed_by=worker,
+            lease_expires_at=now + lease,
+            next_attempt_at=None,
+            last_attempt_at=now,
+            updated_at=now,
             started_at=func.coalesce(Job.started_at, now),
         )  # fmt: skip
-        .returning(Job.attempts, Job.assistant_id, Job.payload, Job.max_attempts, Job.actor, Job.created_at,
-                   Job.error_class)  # fmt: skip
+        .returning(
+            Job.attempts, Job.assistant_id, Job.payload, Job.max_attempts, Job.actor, Job.created_at, Job.error_class
+        )  # fmt: skip
         .execution_options(synchronize_session=False)
     ).first()
     if job is None:
@@ -223,9 +232,9 @@ def record_failure(
     return status
 
 
-def mark_unannounced(*, session: Session, job_id: str) -> None:
-    """Publishing the job's message failed: let the next sweep publish it."""
-    session.execute(update(Job).where(Job.id == job_id).values(announced_at=None))
+def mark_unannounced(*, session: Session, job_ids: Sequence[str]) -> None:
+    """Publishing these jobs' messages failed: let the next sweep publish them."""
+    session.execute(update(Job).where(Job.id.in_(job_ids)).values(announced_at=None))
 
 
 def _finish(

@@ -196,7 +196,6 @@ def _reason(exchange: Exchange, decision: Decision) -> str:
 def _audit_exchange(session: Session, actor: str, claim: store.Claim, exchange: Exchange, now: datetime) -> None:
     error = exchange.error
     kind = "answer" if error is None else ("transient" if isinstance(error, TransientGatewayError) else "permanent")
-    retry_after = getattr(error, "retry_after", None)
     audit.record(
         session=session,
         action=audit.Action.ATTEMPT_RESPONSE if exchange.status is not None else audit.Action.ATTEMPT_ERROR,
@@ -217,14 +216,8 @@ def _audit_exchange(session: Session, actor: str, claim: store.Claim, exchange: 
 
 
 def _publish_retry(rt: Runtime, job_id: str, delay: float) -> None:
-    from worker.celery_app import publish
+    from worker.producer import announce
 
-    try:
-        publish(rt.celery, job_id, countdown=delay)
-    except Exception as exc:  # the broker's errors vary by transport; the job is safe in the database
-        log.warning("job %s: could not publish its retry (%s); the sweeper will", job_id, type(exc).__name__)
-        try:
-            with rt.transaction() as session:
-                store.mark_unannounced(session=session, job_id=job_id)
-        except StoreUnavailable:
-            pass  # the sweeper's grace period covers this too
+    failure = announce(rt, job_id, countdown=delay)
+    if failure is not None:
+        log.warning("job %s: could not publish its retry (%s); the sweeper will", job_id, failure)

@@ -98,20 +98,17 @@ def _inline(data: bytes, settings: Settings) -> bytes:
 
 
 def _resolve_local(url: str, settings: Settings) -> list[str | list[Segment]]:
-    rules = policy(settings)
     try:
-        refs.check(url, rules)  # again: the file may have changed or gone since submit
-        path = refs.local_path(url, rules)
-        with path.open("rb") as handle:
-            header = handle.read(refs.HEADER_BYTES)
-        size = path.stat().st_size
-    except (InvalidImage, OSError) as exc:
+        found = refs.inspect_local(url, policy(settings))  # again: the file may have changed since submit
+    except InvalidImage as exc:
         raise ResolutionFailed(f"image reference {url}: {exc}") from None
-    if header.startswith(refs.PDF_MAGIC):
-        from worker.images.pdf import render_pages
+    if found.kind != "pdf":
+        return [[FileImage(found.path, found.kind, found.size)]]
+    from worker.images.pdf import render_pages
 
-        pages = render_pages(path.read_bytes(), max_pages=settings.pdf_max_pages, dpi=settings.pdf_dpi)
-        return [[b"data:image/png;base64," + base64.b64encode(page)] for page in pages]
-    # refs.check has just read the magic bytes: only jpeg and png get here.
-    kind = "png" if header.startswith(b"\x89PNG") else "jpeg"
-    return [[FileImage(path, kind, size)]]
+    try:
+        data = found.path.read_bytes()
+    except OSError as exc:
+        raise ResolutionFailed(f"image reference {url}: {exc.strerror}") from None
+    pages = render_pages(data, max_pages=settings.pdf_max_pages, dpi=settings.pdf_dpi)
+    return [[b"data:image/png;base64," + base64.b64encode(page)] for page in pages]

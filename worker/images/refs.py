@@ -18,7 +18,7 @@ from urllib.parse import unquote, urlsplit
 from worker.errors import InvalidImage
 from worker.imageinfo import MAX_IMAGE_BYTES, parse_data_uri, sniff
 
-__all__ = ["Policy", "Kind", "kind_of", "check", "local_path", "HEADER_BYTES"]
+__all__ = ["Policy", "Kind", "LocalFile", "kind_of", "check", "inspect_local", "local_path", "HEADER_BYTES"]
 
 #: Enough of a file to find a jpeg's frame header behind large EXIF blocks.
 HEADER_BYTES = 512 * 1024
@@ -63,13 +63,32 @@ def check(url: str, policy: Policy) -> None:
     elif kind == Kind.HTTPS:
         _check_https(url)
     else:
-        path = local_path(url, policy)
-        header, size = _header(path)
-        if size > policy.max_bytes:
-            raise InvalidImage(f"{size} bytes exceeds the 50 MB limit ({policy.max_bytes} bytes)")
-        if not header.startswith(PDF_MAGIC):
-            kind = _sniff_header(path, header, size, policy)
-            check_complete(kind, _tail(path, size))
+        inspect_local(url, policy)
+
+
+@dataclass(frozen=True)
+class LocalFile:
+    """A local reference that passed every check: its real path, what it is, its size."""
+
+    path: Path
+    kind: str  # "png", "jpeg" or "pdf"
+    size: int
+
+
+def inspect_local(url: str, policy: Policy) -> LocalFile:
+    """Check a local reference (place, type, completeness, size, pixels) and say what it is.
+
+    Raises InvalidImage with the reason.
+    """
+    path = local_path(url, policy)
+    header, size = _header(path)
+    if size > policy.max_bytes:
+        raise InvalidImage(f"{size} bytes exceeds the 50 MB limit ({policy.max_bytes} bytes)")
+    if header.startswith(PDF_MAGIC):
+        return LocalFile(path, "pdf", size)
+    kind = _sniff_header(path, header, size, policy)
+    check_complete(kind, header[-TAIL_BYTES:] if size <= len(header) else _tail(path, size))
+    return LocalFile(path, kind, size)
 
 
 def _check_https(url: str) -> None:
