@@ -70,7 +70,7 @@ def emulator() -> Iterator[Emulator]:
 def emu(emulator: Emulator) -> Emulator:
     """The session's emulator, reset and with the default configuration."""
     emulator.reset()
-    emulator.reconfigure(feature_enabled=True, latency=0.0)
+    emulator.reconfigure(feature_enabled=True, latency=0.0, rate_limit=0, rate_limit_retry_after=0)
     return emulator
 
 

@@ -36,6 +36,8 @@ class Action(StrEnum):
     CANCEL_REQUESTED = "job.cancel_requested"
     CANCELLED = "job.cancelled"
     REPLAYED = "job.replayed"
+    #: The fleet's rate limit or a 429 cooldown made the job wait (no attempt spent; not a failure).
+    THROTTLED = "job.throttled"
     #: The sweeper published a message again (lost, or a retry kept in the database).
     REDISPATCHED = "job.redispatched"
     #: Someone read a job's answer or error (PHI).

@@ -33,6 +33,7 @@ from worker.settings import PREFIX, Secret, Settings
 
 if TYPE_CHECKING:
     from worker.crypto import Keyring
+    from worker.ratelimit import Gate
 
 __all__ = [
     "SESSION_PATH",
@@ -207,8 +208,9 @@ class SessionToken:
     can_renew = True
 
     def __init__(self, credentials: Credentials, base_url: str, *, timeout: tuple[float, float],
-                 cache: SessionCache, margin: float) -> None:  # fmt: skip
+                 cache: SessionCache, margin: float, gate: Gate | None = None) -> None:  # fmt: skip
         self.credentials = credentials
+        self._gate = gate  # the fleet's rate limit: session creation counts against the plan too
         self._base_url = base_url
         self._timeout = timeout
         self._cache = cache
@@ -272,9 +274,13 @@ class SessionToken:
     def _create(self) -> SessionInfo:
         if self._failed is not None and time.time() < self._failed[0]:
             raise type(self._failed[1])(*self._failed[1].args)  # a fresh copy: raised in many threads
+        if self._gate is not None:
+            self._gate.wait()
         try:
             info = create_session(self._base_url, self.credentials, timeout=self._timeout)
         except errors.GatewayError as exc:
+            if isinstance(exc, errors.RateLimited) and self._gate is not None:
+                self._gate.rate_limited(exc.retry_after)
             self._failed = (time.time() + FAILURE_COOLDOWN, exc)
             log.warning("cannot create a QuickBlox %s session: %s", self.credentials.kind, exc)
             raise
@@ -351,8 +357,10 @@ def shared_cache(settings: Settings, keyring: Keyring) -> SessionCache:
     return MemoryCache()
 
 
-def token_provider(settings: Settings, keyring: Callable[[], Keyring] | None = None) -> TokenProvider:
-    """The provider ``QBGW_AUTH`` names. ``keyring`` (the runtime's) encrypts shared sessions.
+def token_provider(settings: Settings, keyring: Callable[[], Keyring] | None = None,
+                   gate: Gate | None = None) -> TokenProvider:  # fmt: skip
+    """The provider ``QBGW_AUTH`` names. ``keyring`` (the runtime's) encrypts shared sessions; ``gate`` (the
+    fleet's rate limit) admits each session creation.
 
     Raises ConfigError: a static token may be empty (the gateway then answers 401), any other kind's
     credentials may not.
@@ -365,7 +373,7 @@ def token_provider(settings: Settings, keyring: Callable[[], Keyring] | None = N
     credentials = credentials_of(settings)
     cache = shared_cache(settings, keyring()) if keyring is not None else MemoryCache()
     return SessionToken(credentials, settings.base_url, timeout=(settings.connect_timeout, settings.read_timeout),
-                        cache=cache, margin=settings.session_renew_margin)  # fmt: skip
+                        cache=cache, margin=settings.session_renew_margin, gate=gate)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -98,9 +98,11 @@ def backlog(app: Celery, queue: str) -> int | None:
         return None
 
 
-def publish(app: Celery, job_id: str, *, countdown: float | None = None) -> None:
-    """Ring the doorbell for ``job_id``: a message that carries the id and nothing else."""
-    app.send_task(TASK_NAME, args=[job_id], task_id=job_id, countdown=countdown)
+def publish(app: Celery, job_id: str, *, countdown: float | None = None, slot_at: float | None = None) -> None:
+    """Ring the doorbell for ``job_id``: a message that carries the id and nothing else (but, for a job
+    the rate limiter rescheduled, the time of the slot it reserved for it: Unix seconds)."""
+    kwargs = {"slot_at": slot_at} if slot_at is not None else None
+    app.send_task(TASK_NAME, args=[job_id], kwargs=kwargs, task_id=job_id, countdown=countdown)
 
 
 def publish_many(app: Celery, job_ids: list[str], producer: Any, *, queue: str | None = None) -> None:

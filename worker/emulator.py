@@ -63,10 +63,14 @@ Assumptions (not in the QuickBlox docs):
   the configured latency delays every gateway answer or reset, never a control call.
 - A random 502 carries the html page of a proxy, not JSON; a random 429 says ``Too Many Requests``.
 - An early retry is judged by the time the request line arrived against the time the 429 was sent.
+- ``rate_limit`` (the plan's calls per second): every gateway and session call counts, in a sliding
+  one-second window, the refused ones too; a call beyond it gets 429 ``{"errors": ["Too Many Requests"]}``
+  (counted in faults as "429-plan"), with ``Retry-After`` only if ``rate_limit_retry_after`` is set.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import email.utils
 import json
@@ -118,6 +122,10 @@ class EmulatorConfig:
     fault_kinds: tuple[str, ...] = FAULT_KINDS  # chosen uniformly
     hang_seconds: float = 30.0  # how long a "hang" waits before answering
     retry_after: int = 1  # the Retry-After seconds of a "429-retry-after"
+    # The application's plan: calls per second (gateway and session calls together) beyond which it
+    # answers 429 "Too Many Requests" (0: no limit), and the Retry-After of those 429s (0: none, as QuickBlox).
+    rate_limit: int = 0
+    rate_limit_retry_after: int = 0
     # Sessions (``worker.emulator_session``): the application's credentials, its users and API keys.
     application_id: str = "22"
     auth_key: str = "wJHd4cQSxpQGWx5"
@@ -277,6 +285,8 @@ _FIELDS: dict[str, tuple[str, Callable[[Any], bool], Callable[[Any], object]]] =
     "fault_kinds": (f"a non-empty list of distinct kinds of {', '.join(FAULT_KINDS)}", _kinds, tuple),
     "hang_seconds": ("a number of seconds >= 0", lambda v: _number(v) and v >= 0, float),
     "retry_after": ("an integer of seconds >= 0", lambda v: _integer(v) and v >= 0, int),
+    "rate_limit": ("an integer of calls per second >= 0", lambda v: _integer(v) and v >= 0, int),
+    "rate_limit_retry_after": ("an integer of seconds >= 0", lambda v: _integer(v) and v >= 0, int),
     **SESSION_FIELDS,
 }
 
@@ -422,6 +432,7 @@ class Emulator:
         self._config = _checked(config or EmulatorConfig())
         self._ledger = Ledger(self._config.fault_seed)
         self._sessions = Sessions()
+        self._calls: collections.deque[float] = collections.deque()  # the last second's calls, for the plan
         self._server = _Server(self, (host, port))
         self._host = host
         self._thread: threading.Thread | None = None
@@ -486,14 +497,28 @@ class Emulator:
     def reset(self) -> None:
         with self._lock:
             self._ledger.reset(self._config.fault_seed)
+            self._calls.clear()
         self._sessions.reset()
 
     def _count_connection(self) -> None:
         self._ledger.connection()
 
+    def _over_plan(self, config: EmulatorConfig) -> bool:
+        """Count a call against the plan; True if it is one too many in the last second."""
+        with self._lock:
+            now = time.monotonic()
+            self._calls.append(now)
+            while self._calls and self._calls[0] <= now - 1.0:
+                self._calls.popleft()
+            return 0 < config.rate_limit < len(self._calls)
+
     def _handle(self, handler: _Handler) -> None:
         if urlsplit(handler.path).path == SESSION_PATH:
             config, headers = self.config, handler.headers
+            if self._over_plan(config):
+                handler.read_body()
+                handler.send(self._too_many(config))
+                return
             handler.send(_guarded(lambda: self._sessions.handle(config, handler.command, headers, handler.read_body())))
             return
         if handler.command != "POST" or urlsplit(handler.path).path != GATEWAY_PATH:
@@ -511,7 +536,17 @@ class Emulator:
             self._finish(handler, rejected.reply, None)
             return
         digest = self._ledger.body(raw, arrived)
+        if self._over_plan(config):
+            self._finish(handler, self._too_many(config), digest)
+            return
         self._finish(handler, _guarded(lambda: self._gateway(handler.headers, raw, digest, kind)), digest)
+
+    def _too_many(self, config: EmulatorConfig) -> _Reply:
+        self._ledger.fault("429-plan")
+        reply = _errors(429, "Too Many Requests")
+        if config.rate_limit_retry_after:
+            return dataclasses.replace(reply, headers=(("Retry-After", str(config.rate_limit_retry_after)),))
+        return reply
 
     def _finish(self, handler: _Handler, reply: _Reply | None, digest: str | None, reset: str = "reset-after") -> None:
         time.sleep(self.config.latency)

@@ -7,6 +7,7 @@ log needs, so that every attempt is recorded the same way whatever happened.
 
 from __future__ import annotations
 
+import dataclasses
 import email.utils
 import json
 import time
@@ -58,6 +59,11 @@ class Exchange:
     latency_ms: int
     response_digest: str | None
     response_bytes: int | None
+    #: Seconds the call waited for a slot in the fleet's rate limit before it was sent.
+    throttled: float = 0.0
+
+    def _replace(self, **changes: Any) -> Exchange:
+        return dataclasses.replace(self, **changes)
 
 
 class BodyStream(Protocol):

@@ -121,6 +121,9 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: Why the job waits for ``next_attempt_at`` when that is the fleet's rate limit or a 429 cooldown
+    #: (not a failed attempt); cleared when an attempt starts.
+    throttle_reason: Mapped[str | None] = mapped_column(String(32))
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
     #: When the retention policy erased the job's PHI (payload, answer, error text).

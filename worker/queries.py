@@ -46,6 +46,9 @@ class JobView:
     last_attempt_at: datetime | None
     next_attempt_at: datetime | None
     finished_at: datetime | None
+    #: Why the job waits for ``next_attempt_at`` when no attempt failed: "rate limit" (the fleet's budget
+    #: is spent) or "cooldown after HTTP 429"; None otherwise.
+    throttled: str | None = None
 
     @property
     def done(self) -> bool:
@@ -202,6 +205,9 @@ def job_events(
     return events if include_reads else [e for e in events if e.action not in audit.READS]
 
 
+_WAITING = frozenset({JobStatus.QUEUED, JobStatus.RETRYING})
+
+
 def _view(session: Session, job: Job) -> JobView:
     return JobView(
         id=job.id,
@@ -221,4 +227,5 @@ def _view(session: Session, job: Job) -> JobView:
         last_attempt_at=job.last_attempt_at,
         next_attempt_at=job.next_attempt_at,
         finished_at=job.finished_at,
+        throttled=job.throttle_reason if job.status in _WAITING else None,
     )

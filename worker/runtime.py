@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from celery import Celery
 
     from worker.gateway import GatewayClient
+    from worker.ratelimit import Limiter
 
 __all__ = ["Runtime", "runtime", "reset"]
 
@@ -91,18 +92,27 @@ class Runtime:
     def gateway(self) -> GatewayClient:
         from worker.auth import token_provider
         from worker.gateway import GatewayClient
+        from worker.ratelimit import Gate
 
         def build() -> GatewayClient:
             return GatewayClient(
                 self.settings.base_url,
                 # QBGW_AUTH: a static token, a shared application/user session (encrypted with the PHI keys), a key
-                token_provider(self.settings, lambda: self.keyring),
+                token_provider(self.settings, lambda: self.keyring, Gate(self.limiter, self.settings)),
                 timeout=(self.settings.connect_timeout, self.settings.read_timeout),
                 pool_size=self.settings.concurrency,
             )
 
         client: GatewayClient = self._once("gateway", build)
         return client
+
+    @property
+    def limiter(self) -> Limiter:
+        """The fleet's shared budget of upstream calls (``worker.ratelimit``)."""
+        from worker.ratelimit import limiter_for
+
+        limiter: Limiter = self._once("limiter", lambda: limiter_for(self.settings))
+        return limiter
 
     def abandon(self) -> None:
         """In a forked child: drop the parent's connections without closing them under it."""

@@ -6,9 +6,11 @@ data directory, so ``qbgw`` runs with no server installed.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +140,23 @@ class Settings:
     pdf_dpi: float = 110.0
     #: A queued job whose message has not started it after this many seconds is re-announced.
     sweep_grace: float = 60.0
+    # --- One rate limit for the fleet (see worker/ratelimit.py) ---
+    #: Upstream calls per second for every worker together (gateway and session creation); 0: no limit.
+    rate_limit: float = 0.0
+    #: Calls that may go at once after a quiet spell; any one-second window holds at most limit + burst - 1.
+    rate_burst: int = 1
+    #: A budget of calls per second for each assistant, under the global one; 0: none.
+    rate_limit_per_assistant: float = 0.0
+    #: Budgets for named assistants: "ASSISTANT_ID=CALLS_PER_SECOND,..." (over the per-assistant one).
+    rate_limit_assistants: str = ""
+    #: The longest a worker thread sleeps for its slot; a job that must wait longer is rescheduled.
+    rate_max_sleep: float = 1.0
+    #: After a 429 without Retry-After, every worker pauses this long, doubled per 429 in a row ...
+    rate_cooldown: float = 2.0
+    #: ... up to this many seconds.
+    rate_cooldown_max: float = 60.0
+    #: The budget's name, shared by every worker that uses it; empty: one per upstream and application.
+    rate_scope: str = ""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -186,6 +205,10 @@ class Settings:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be one of {', '.join(allowed)}; "
                                   f"got {getattr(self, name)!r}")  # fmt: skip
+        try:
+            self.assistant_rates  # noqa: B018 - parsed now, so a typo fails at start, not at the first job
+        except ValueError as exc:
+            raise ConfigError(f"{PREFIX}RATE_LIMIT_ASSISTANTS: {exc}") from None
         if not self.base_url.startswith(("http://", "https://")):
             raise ConfigError(f"{PREFIX}BASE_URL must start with http:// or https://; got {self.base_url!r}")
 
@@ -194,10 +217,14 @@ class Settings:
                      "retry_deadline", "lease_margin", "visibility_timeout"):  # fmt: skip
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be a positive number of seconds")
-        for name in ("audit_retention_days", "sweep_interval"):
+        for name in ("rate_cooldown", "rate_cooldown_max"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{PREFIX}{name.upper()} must be a positive number of seconds")
+        for name in ("audit_retention_days", "sweep_interval", "rate_limit", "rate_limit_per_assistant",
+                     "rate_max_sleep"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be 0 or more")
-        for name in ("max_attempts", "concurrency", "audit_anchor_events"):
+        for name in ("max_attempts", "concurrency", "audit_anchor_events", "rate_burst"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be at least 1")
 
@@ -218,6 +245,13 @@ class Settings:
         database and dispatched by the sweeper (a Redis countdown past the visibility timeout
         runs the task twice)."""
         return min(300.0, self.visibility_timeout / 4)
+
+    @cached_property
+    def assistant_rates(self) -> Mapping[str, float]:
+        """QBGW_RATE_LIMIT_ASSISTANTS parsed (raises ValueError naming a bad entry)."""
+        from worker.ratelimit import parse_assistant_rates
+
+        return parse_assistant_rates(self.rate_limit_assistants)
 
     @property
     def image_root_paths(self) -> tuple[Path, ...]:
@@ -262,7 +296,10 @@ def _parse(name: str, raw: str, kind: Any) -> Any:
         if kind == "Secret":
             return Secret(_read_secret(raw))
         if kind == "float":
-            return float(raw)
+            value = float(raw)
+            if not math.isfinite(value):
+                raise ValueError(raw)
+            return value
         if kind == "int":
             return int(raw)
         if kind == "bool":

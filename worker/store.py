@@ -35,6 +35,7 @@ __all__ = [
     "record_success",
     "record_failure",
     "mark_unannounced",
+    "throttle",
 ]
 
 _CLAIMABLE = [str(s) for s in CLAIMABLE]
@@ -168,6 +169,7 @@ def claim(*, session: Session, job_id: str, worker: str, lease: timedelta, now: 
             claimed_by=worker,
             lease_expires_at=now + lease,
             next_attempt_at=None,
+            throttle_reason=None,
             last_attempt_at=now,
             updated_at=now,
             started_at=func.coalesce(Job.started_at, now),
@@ -230,6 +232,41 @@ def record_failure(
     _event(session, action, claim, worker, now, outcome=str(status), http_status=error.status,
            error_class=type(error).__name__, detail=detail)  # fmt: skip
     return status
+
+
+def claimable_assistant(*, session: Session, job_id: str, now: datetime) -> str | None:
+    """The job's assistant id if a claim would take the job now (queued, or retrying and due), else None."""
+    return session.scalar(
+        select(Job.assistant_id).where(
+            Job.id == job_id, Job.status.in_(_CLAIMABLE), (Job.next_attempt_at.is_(None)) | (Job.next_attempt_at <= now)
+        )
+    )
+
+
+def throttle(*, session: Session, job_id: str, until: datetime, reason: str, wait: float, reserved: bool,
+             announced: bool, actor: str, now: datetime) -> bool:
+    """The fleet's rate limit (or a 429 cooldown) makes the job wait until ``until``: it keeps its status
+    (queued or retrying; no attempt is spent) with ``next_attempt_at`` and ``throttle_reason`` set, and
+    the wait is audited as ``job.throttled``. False if the job was not waiting to be claimed (a duplicate
+    delivery, or it finished): nothing changed.
+
+    ``announced`` says a broker message for ``until`` is published at once; else the sweeper sends one.
+    """
+    taken = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(_CLAIMABLE),
+               (Job.next_attempt_at.is_(None)) | (Job.next_attempt_at <= now))  # fmt: skip
+        .values(next_attempt_at=until, throttle_reason=reason, announced_at=now if announced else None, updated_at=now)
+        .returning(Job.attempts, Job.assistant_id, Job.batch_id)
+        .execution_options(synchronize_session=False)
+    ).first()
+    if taken is None:
+        return False
+    audit.record(session=session, action=audit.Action.THROTTLED, job_id=job_id, actor=actor, outcome="throttled",
+                 attempt=taken.attempts + 1, assistant_id=taken.assistant_id, batch_id=taken.batch_id, at=now,
+                 detail={"reason": reason, "wait_ms": round(wait * 1000), "until": until.isoformat(),
+                         "slot": "reserved" if reserved else "not reserved"})  # fmt: skip
+    return True
 
 
 def mark_unannounced(*, session: Session, job_ids: Sequence[str]) -> None:
@@ -399,7 +436,11 @@ def due_for_dispatch(
     """
     unannounced = Job.announced_at.is_(None)
     lost = Job.announced_at <= now - grace
-    queued_lost: ColumnElement[bool] = (Job.status == JobStatus.QUEUED) & lost
+    # A queued job may wait for a time of its own: the fleet's rate limit made it (next_attempt_at).
+    queued_due = (Job.status == JobStatus.QUEUED) & (Job.next_attempt_at.is_(None) | (Job.next_attempt_at <= now))
+    queued_lost: ColumnElement[bool] = (
+        (Job.status == JobStatus.QUEUED) & lost & (Job.next_attempt_at.is_(None) | (Job.next_attempt_at <= now - grace))
+    )
     if broker_backlog is not None:
         stale = session.scalar(select(func.count()).select_from(Job).where(queued_lost)) or 0
         if broker_backlog >= stale:
@@ -407,7 +448,7 @@ def due_for_dispatch(
     rows = session.scalars(
         select(Job.id)
         .where(
-            ((Job.status == JobStatus.QUEUED) & unannounced)
+            (queued_due & unannounced)
             | queued_lost
             | ((Job.status == JobStatus.RETRYING) & (Job.next_attempt_at <= now) & unannounced)
             | ((Job.status == JobStatus.RETRYING) & (Job.next_attempt_at <= now - grace) & lost)

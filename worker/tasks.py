@@ -8,6 +8,7 @@ call, so a crash mid-call still leaves a trace (and the sweeper audits it as int
 from __future__ import annotations
 
 import logging
+import random
 import time
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -16,10 +17,11 @@ from typing import TYPE_CHECKING, Any
 from celery import Celery, Task
 
 from worker import audit, images, lifecycle, store
-from worker.errors import GatewayError, ResolutionFailed, StoreUnavailable, TransientGatewayError
+from worker.errors import GatewayError, RateLimited, ResolutionFailed, StoreUnavailable, TransientGatewayError
 from worker.gateway import Exchange, encode_request
 from worker.lifecycle import Decision, JobStatus, Step
 from worker.models import utcnow
+from worker.ratelimit import RATE_LIMIT, Budget, Grant, budgets_for, planned
 from worker.runtime import Runtime, runtime
 
 if TYPE_CHECKING:
@@ -40,6 +42,7 @@ class Outcome(StrEnum):
     FAILED = "failed"
     CANCELLED = "cancelled"  # a cancel arrived while the attempt ran
     LOST = "lost"  # another worker took the job over while this attempt ran
+    THROTTLED = "throttled"  # the fleet's rate limit (or a 429 cooldown) rescheduled it; no attempt spent
 
 
 _OUTCOME = {
@@ -56,9 +59,9 @@ def register(app: Celery) -> None:
     from worker.celery_app import TASK_NAME
 
     @app.task(name=TASK_NAME, bind=True, max_retries=None)  # type: ignore[untyped-decorator]
-    def run_job(self: Task[Any, Any], job_id: str) -> str:
+    def run_job(self: Task[Any, Any], job_id: str, slot_at: float | None = None) -> str:
         try:
-            return str(run_attempt(runtime(self.app.qbgw_settings), job_id))
+            return str(run_attempt(runtime(self.app.qbgw_settings), job_id, slot_at=slot_at))
         except StoreUnavailable as exc:
             # The database is the source of truth and it is not there: keep the job's message
             # alive (a new one, later) rather than drop it. Nothing was sent upstream yet.
@@ -66,9 +69,14 @@ def register(app: Celery) -> None:
             raise self.retry(exc=exc, countdown=STORE_RETRY_SECONDS) from None
 
 
-def run_attempt(rt: Runtime, job_id: str) -> Outcome:
-    """One attempt at ``job_id``: claim, resolve references, call, record. Raises
-    StoreUnavailable before the call."""
+def run_attempt(rt: Runtime, job_id: str, *, slot_at: float | None = None) -> Outcome:
+    """One attempt at ``job_id``: a place in the fleet's rate-limit plan, claim, resolve references, a slot
+    to send in, call, record. ``slot_at``: the place the plan gave the job when it rescheduled it.
+    Raises StoreUnavailable before the call."""
+    admitted = _admit(rt, job_id, slot_at)
+    if admitted is not None:
+        return admitted
+    started = time.monotonic()
     lease = timedelta(seconds=rt.settings.lease_seconds)
     with rt.transaction() as session:
         claim = store.claim(session=session, job_id=job_id, worker=rt.identity, lease=lease, now=utcnow())
@@ -86,7 +94,10 @@ def run_attempt(rt: Runtime, job_id: str) -> Outcome:
             return _finish_unresolved(rt, claim, error)
         with rt.transaction() as session:
             _audit_request(session, rt, claim, body)
-    exchange = rt.gateway.send(body)
+    _LEAD.observe(time.monotonic() - started)
+    exchange = _send_in_slot(rt, claim, body)
+    if exchange.status == 429 and isinstance(exchange.error, RateLimited):  # the whole fleet pauses
+        rt.limiter.cool_down(exchange.error.retry_after)
     decision = _decide(rt, claim, exchange)
     outcome = _record(rt, claim, exchange, decision)
     log.info("job %s attempt %d: %s (HTTP %s, %d ms)", job_id, claim.attempt, outcome,
@@ -94,6 +105,97 @@ def run_attempt(rt: Runtime, job_id: str) -> Outcome:
     if outcome is Outcome.RETRYING and decision.delay <= rt.settings.countdown_limit:
         _publish_retry(rt, job_id, decision.delay)
     return outcome
+
+
+class _Lead:
+    """How long an attempt takes from its place in the plan to being ready to send (claim, audit): a job
+    rescheduled for a later place comes back that much earlier. Twice a moving average, per process,
+    between 5 ms and 0.5 s."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.05
+
+    def observe(self, prepared: float) -> None:
+        self.seconds = min(0.5, max(0.005, 0.8 * self.seconds + 0.2 * 2 * prepared))
+
+
+_LEAD = _Lead()
+
+
+def _admit(rt: Runtime, job_id: str, slot_at: float | None) -> Outcome | None:
+    """A place in the fleet's plan of calls, before the job is claimed: None to go on, or THROTTLED (the
+    job was rescheduled for a later place, reserved for it when the wait is within a countdown) or SKIPPED.
+
+    The plan only spreads the work: each call still takes its slot in the send budget just before it
+    goes (:func:`_send_in_slot`), so a claim that was slow cannot push it into a later call's second.
+    """
+    settings, now = rt.settings, time.time()
+    budgets: list[Budget] = []
+    if slot_at is None:  # a job that comes back for its place has it already; only a cooldown holds it
+        assistant_id = None
+        if settings.rate_limit_per_assistant or settings.rate_limit_assistants:
+            with rt.transaction() as session:  # one read, only when assistants have budgets of their own
+                assistant_id = store.claimable_assistant(session=session, job_id=job_id, now=utcnow())
+            if assistant_id is None:
+                return Outcome.SKIPPED
+        budgets = planned(budgets_for(settings, assistant_id))
+    lead = _LEAD.seconds if budgets else 0.0
+    grant = rt.limiter.acquire(budgets, horizon=settings.countdown_limit, lead=lead)
+    if grant.reserved and grant.wait <= settings.rate_max_sleep + lead + 1e-3:  # (now + lead) - now != lead
+        return None
+    # With no budgets nothing was reserved: such a job takes its chances again when it comes back.
+    return _reschedule(rt, job_id, grant, slot_at=now + grant.wait if grant.reserved and budgets else None)
+
+
+def _reschedule(rt: Runtime, job_id: str, grant: Grant, *, slot_at: float | None) -> Outcome:
+    """The job must wait longer than a thread should sleep: give the thread back, come back for the place."""
+    from worker.producer import announce
+
+    if slot_at is not None:  # back a little before the place, to be ready to send at it
+        countdown = max(0.0, grant.wait - _LEAD.seconds)
+    else:  # those who come back without a place come back spread out
+        countdown = grant.wait + random.uniform(0.0, min(1.0, grant.wait / 4))
+    now = utcnow()
+    announced = countdown <= rt.settings.countdown_limit
+    # Due a little before the message: a message that comes a hair early must still find the job due.
+    until = now + timedelta(seconds=max(0.0, countdown - _EARLY))
+    reason = grant.reason or RATE_LIMIT
+    with rt.transaction() as session:
+        moved = store.throttle(session=session, job_id=job_id, until=until, reason=reason, wait=grant.wait,
+                               reserved=slot_at is not None, announced=announced, actor=rt.identity,
+                               now=now)  # fmt: skip
+    if not moved:
+        return Outcome.SKIPPED
+    log.info("job %s: throttled (%s) for %.2fs", job_id, reason, grant.wait)
+    if announced:
+        failure = announce(rt, job_id, countdown=countdown, slot_at=slot_at)
+        if failure is not None:
+            log.warning("job %s: could not publish its throttled message (%s); the sweeper will", job_id, failure)
+    return Outcome.THROTTLED
+
+
+#: A rescheduled job is due this many seconds before its message comes (see _reschedule).
+_EARLY = 0.25
+
+
+def _send_in_slot(rt: Runtime, claim: store.Claim, body: bytes | images.StreamingBody) -> Exchange:
+    """Take a slot in the send budget, wait for it, send. The plan has spread the calls, so the wait is
+    short; one longer than half the lease margin (a 429 cooldown began meanwhile) is not waited for:
+    the attempt ends unsent, as rate limited, and is retried after it."""
+    settings = rt.settings
+    grant = rt.limiter.acquire(budgets_for(settings, claim.assistant_id), horizon=_ALWAYS)
+    if grant.wait > settings.lease_margin / 2:
+        error = RateLimited(f"not sent: the fleet's {grant.reason or RATE_LIMIT} holds calls for {grant.wait:.0f}s",
+                            None, (), retry_after=grant.wait)  # fmt: skip
+        return Exchange(None, error, None, 0, None, None, throttled=grant.wait)
+    if grant.wait > 0:
+        time.sleep(grant.wait)
+    exchange = rt.gateway.send(body)
+    return exchange._replace(throttled=grant.wait) if grant.wait else exchange
+
+
+#: A horizon no wait reaches: the send budget always reserves (the job is claimed; see _send_in_slot).
+_ALWAYS = 1e9
 
 
 def _audit_request(session: Session, rt: Runtime, claim: store.Claim, body: bytes | images.StreamingBody) -> None:
@@ -208,11 +310,18 @@ def _audit_exchange(session: Session, actor: str, claim: store.Claim, exchange: 
         error_class=type(error).__name__ if error else None,
         latency_ms=exchange.latency_ms,
         response=None if exchange.response_digest is None else (exchange.response_digest, exchange.response_bytes or 0),
-        detail={"retry_after": retry_after}
-        if (retry_after := getattr(error, "retry_after", None)) is not None
-        else None,
+        detail=_exchange_detail(exchange),
         at=now,
     )
+
+
+def _exchange_detail(exchange: Exchange) -> dict[str, Any] | None:
+    detail: dict[str, Any] = {}
+    if (retry_after := getattr(exchange.error, "retry_after", None)) is not None:
+        detail["retry_after"] = retry_after
+    if exchange.throttled >= 0.001:  # waited for a slot in the fleet's rate limit before sending
+        detail["throttled_ms"] = round(exchange.throttled * 1000)
+    return detail or None
 
 
 def _publish_retry(rt: Runtime, job_id: str, delay: float) -> None:

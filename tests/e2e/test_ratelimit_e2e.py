@@ -1,0 +1,63 @@
+"""The fleet rate limit through real worker processes: four workers share one budget, and a 429 one of
+them gets pauses all of them. On the embedded default (a file) and on PostgreSQL + Redis (a Lua script)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from tests.conftest import ASSISTANT, wait_until
+from tests.unit.test_ratelimit import worst_window
+from worker import producer
+from worker.emulator import Emulator
+from worker.lifecycle import JobStatus
+from worker.queries import job_events, wait_for_job
+from worker.ratelimit import COOLDOWN
+from worker.settings import Settings
+
+Start = Callable[..., Any]
+
+
+def _submit(settings: Settings, texts: list[str]) -> list[str]:
+    return [producer.submit(ASSISTANT, [{"role": "user", "content": t}], settings=settings) for t in texts]
+
+
+def test_four_workers_stay_within_one_budget(stack: Settings, emu: Emulator, worker_process: Start) -> None:
+    limit, burst, jobs = 20, 2, 100
+    # A lease margin with room for a slot's wait (a send waits at most half of it; see tasks._send_in_slot).
+    settings = stack.with_(rate_limit=limit, rate_burst=burst, rate_scope=uuid.uuid4().hex, lease_margin=5.0)
+    emu.reconfigure(latency=0.05)
+    for _ in range(4):
+        worker_process(settings, concurrency=8)
+    ids = _submit(settings, [f"job {i}" for i in range(jobs)])
+    views = [wait_for_job(job_id, timeout=120, settings=settings) for job_id in ids]
+    assert [v.status for v in views] == [JobStatus.SUCCEEDED] * jobs
+    arrivals = emu.arrivals()
+    assert len(arrivals) == jobs  # every call got through at the first attempt: no 429, no retry
+    assert worst_window(arrivals) <= limit + burst
+    assert max(arrivals) - min(arrivals) >= (jobs - burst) / limit - 0.1
+    # The waits are throttling, in the audit trail: slept for in the thread, or rescheduled.
+    events = [e for job_id in ids for e in job_events(job_id, settings=settings)]
+    slept = [e for e in events if e.action == "attempt.response" and e.detail.get("throttled_ms")]
+    rescheduled = [e for e in events if e.action == "job.throttled"]
+    assert len(slept) + len(rescheduled) >= jobs - limit - burst
+    assert not [e for e in events if e.action in ("job.failed", "job.retry_scheduled")]
+
+
+def test_a_429_to_one_worker_pauses_the_fleet(stack: Settings, emu: Emulator, worker_process: Start) -> None:
+    settings = stack.with_(rate_scope=uuid.uuid4().hex)  # no limit set: the shared cooldown works alone
+    for _ in range(2):
+        worker_process(settings, concurrency=8)
+    (hit,) = _submit(settings, ["[[emulator:fail=429x1]] [[emulator:retry-after=3]] hit"])
+    wait_until(lambda: emu.stats()["by_status"].get("429", 0) >= 1, timeout=60)
+    answered_429 = emu.arrivals()[0]
+    bystanders = _submit(settings, [f"bystander {i}" for i in range(20)])
+    views = [wait_for_job(job_id, timeout=60, settings=settings) for job_id in [hit, *bystanders]]
+    assert [v.status for v in views] == [JobStatus.SUCCEEDED] * 21
+    assert views[0].attempts == 2 and all(v.attempts == 1 for v in views[1:])
+    during = [t for t in emu.arrivals() if answered_429 + 0.5 < t < answered_429 + 2.8]
+    assert during == []  # neither worker called while the fleet cooled down
+    throttled = [e for job_id in bystanders for e in job_events(job_id, settings=settings)
+                 if e.action == "job.throttled"]  # fmt: skip
+    assert throttled and {e.detail["reason"] for e in throttled} == {COOLDOWN}

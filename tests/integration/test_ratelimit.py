@@ -1,0 +1,154 @@
+"""The fleet rate limiter on real parts: Redis's script against the Python reference, budgets shared by
+separate processes (Redis and the embedded file), and a job that waits for it, on both databases."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import time
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ASSISTANT, ROOT
+from tests.unit.test_ratelimit import Clock, worst_window
+from worker import producer
+from worker.emulator import Emulator
+from worker.lifecycle import JobStatus
+from worker.models import utcnow
+from worker.queries import get_job, job_events
+from worker.ratelimit import COOLDOWN, RATE_LIMIT, Budget, FileLimiter, MemoryLimiter, RedisLimiter
+from worker.runtime import runtime
+from worker.settings import Settings
+from worker.tasks import Outcome, run_attempt
+
+
+def test_the_redis_script_decides_as_the_python_reference(redis_url: str) -> None:
+    redis_limiter = RedisLimiter(redis_url, f"test-{uuid.uuid4().hex}")
+    clock, rng = Clock(1_764_000_000.0), random.Random(3)
+    reference = MemoryLimiter(clock=clock)
+    fleet, noisy = Budget("global", 40, 3), Budget("assistant:n", 7, 2)
+    for step in range(400):
+        clock.now += rng.choice([0.0, 0.001, 0.01, 0.05, 0.4])
+        budgets = rng.choice([[fleet], [fleet, noisy], [noisy], []])
+        if step % 97 == 50:
+            retry_after = rng.choice([None, 0.5, 2.0])
+            assert redis_limiter.cool_down(retry_after, now=clock.now) == pytest.approx(
+                reference.cool_down(retry_after), abs=1e-5)  # fmt: skip
+        horizon, lead = rng.choice([0.05, 0.45, 5.0]), rng.choice([0.0, 0.0, 0.02])
+        got = redis_limiter.acquire(budgets, horizon=horizon, lead=lead, now=clock.now)
+        want = reference.acquire(budgets, horizon=horizon, lead=lead)
+        assert (got.reserved, got.reason) == (want.reserved, want.reason), (step, got, want)
+        assert got.wait == pytest.approx(want.wait, abs=1e-5), step
+
+
+def test_a_cooldown_set_by_one_worker_holds_another(redis_url: str) -> None:
+    scope = f"test-{uuid.uuid4().hex}"
+    one, other = RedisLimiter(redis_url, scope), RedisLimiter(redis_url, scope)
+    until = one.cool_down(2.0)
+    held = other.acquire([Budget("global", 100)], horizon=10)
+    assert held.reason == COOLDOWN and held.wait == pytest.approx(until - time.time(), abs=0.05)
+    assert other.cooldown_until() == pytest.approx(until, abs=1e-5)
+
+
+def test_without_redis_calls_go_ahead_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    limiter = RedisLimiter("redis://127.0.0.1:1/0", "nowhere")
+    grant = limiter.acquire([Budget("global", 1)], horizon=1)
+    assert grant.reserved and grant.wait == 0
+    assert "cannot reach Redis" in caplog.text
+
+
+_FLEET_MEMBER = """
+import json, sys, time
+from pathlib import Path
+from worker.ratelimit import Budget, FileLimiter, RedisLimiter
+kind, where, scope, start = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+limiter = RedisLimiter(where, scope) if kind == "redis" else FileLimiter(Path(where), scope)
+time.sleep(max(0.0, start - time.time()))
+slots = []
+for _ in range(30):
+    grant = limiter.acquire([Budget("global", 40, 2)], horizon=30)
+    slots.append(time.time() + grant.wait)
+print(json.dumps(slots))
+"""
+
+
+@pytest.mark.parametrize("kind", ["redis", "file"])
+def test_four_processes_share_one_budget(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    where = request.getfixturevalue("redis_url") if kind == "redis" else str(tmp_path)
+    scope, start = f"test-{uuid.uuid4().hex}", time.time() + 1.0
+    procs = [subprocess.Popen([sys.executable, "-c", _FLEET_MEMBER, kind, where, scope, repr(start)],
+                              stdout=subprocess.PIPE, cwd=ROOT) for _ in range(4)]  # fmt: skip
+    slots = [t for proc in procs for t in json.loads(proc.communicate(timeout=60)[0])]
+    assert len(slots) == 120
+    # Four processes at once, yet one budget: rate + burst - 1 on the limiter's clock, and one more at most
+    # here, where each slot is read back on the caller's clock after a round trip of its own.
+    assert worst_window(slots) <= 40 + 2
+    assert max(slots) - min(slots) >= (120 - 2) / 40 - 0.05
+
+
+def test_a_file_budget_survives_a_damaged_state_file(tmp_path: Path) -> None:
+    limiter = FileLimiter(tmp_path, "s")
+    (tmp_path / "ratelimit-s.json").write_text("{not json")
+    assert limiter.acquire([Budget("global", 10)], horizon=1).wait == 0
+    assert limiter.acquire([Budget("global", 10)], horizon=1).wait == pytest.approx(0.1, abs=0.01)
+
+
+def _submit(settings: Settings, text: str) -> str:
+    return producer.submit(ASSISTANT, [{"role": "user", "content": text}], settings=settings)
+
+
+def test_a_job_over_the_budget_is_rescheduled_as_throttled_not_failed(settings: Settings, emu: Emulator) -> None:
+    settings = settings.with_(rate_limit=1, rate_burst=1, rate_max_sleep=0.0, rate_scope=uuid.uuid4().hex)
+    first, second = _submit(settings, "first"), _submit(settings, "second")
+    assert run_attempt(runtime(settings), first) is Outcome.SUCCEEDED
+    before = utcnow()
+    assert run_attempt(runtime(settings), second) is Outcome.THROTTLED
+    view = get_job(second, settings=settings)
+    assert (view.status, view.attempts, view.throttled, view.error) == (JobStatus.QUEUED, 0, RATE_LIMIT, None)
+    assert view.next_attempt_at is not None and before < view.next_attempt_at < before + timedelta(seconds=1.1)
+    throttled = [e for e in job_events(second, settings=settings) if e.action == "job.throttled"]
+    assert len(throttled) == 1 and throttled[0].outcome == "throttled"
+    assert throttled[0].detail["reason"] == RATE_LIMIT and throttled[0].detail["slot"] == "reserved"
+    assert 700 <= throttled[0].detail["wait_ms"] <= 1100
+    assert emu.stats()["requests"] == 1  # nothing was sent for it
+    assert run_attempt(runtime(settings), second) is Outcome.SKIPPED  # not due: an early duplicate does nothing
+    time.sleep(max(0.0, (view.next_attempt_at - utcnow()).total_seconds()) + 0.05)
+    assert run_attempt(runtime(settings), second, slot_at=time.time()) is Outcome.SUCCEEDED  # its own slot
+    done = get_job(second, settings=settings)
+    assert (done.status, done.attempts, done.throttled) == (JobStatus.SUCCEEDED, 1, None)
+
+
+def test_a_short_wait_is_slept_in_the_thread_and_noted_on_the_response(settings: Settings) -> None:
+    settings = settings.with_(rate_limit=5, rate_burst=1, rate_max_sleep=1.0, rate_scope=uuid.uuid4().hex)
+    jobs = [_submit(settings, f"job {i}") for i in range(3)]
+    started = time.monotonic()
+    assert [run_attempt(runtime(settings), j) for j in jobs] == [Outcome.SUCCEEDED] * 3
+    assert time.monotonic() - started >= 0.35  # 2 waits of 0.2 s
+    response = next(e for e in job_events(jobs[2], settings=settings) if e.action == "attempt.response")
+    assert 100 <= response.detail["throttled_ms"] <= 210
+
+
+def test_a_429_pauses_the_next_job_too(settings: Settings, emu: Emulator) -> None:
+    settings = settings.with_(rate_scope=uuid.uuid4().hex)  # no limit set: the cooldown still holds
+    hit = _submit(settings, "[[emulator:fail=429x1]] [[emulator:retry-after=3]]")
+    assert run_attempt(runtime(settings), hit) is Outcome.RETRYING
+    other = _submit(settings, "an innocent bystander")
+    time.sleep(0.06)  # past the cooldown cache of a worker that checks nothing else
+    assert run_attempt(runtime(settings), other) is Outcome.THROTTLED
+    view = get_job(other, settings=settings)
+    assert view.throttled == COOLDOWN and view.attempts == 0
+    assert emu.stats()["requests"] == 1
+
+
+def test_a_sub_limit_reads_the_assistant_first(settings: Settings, emu: Emulator) -> None:
+    settings = settings.with_(rate_limit_per_assistant=1, rate_max_sleep=0.0, rate_scope=uuid.uuid4().hex)
+    first, second = _submit(settings, "one"), _submit(settings, "two")
+    assert run_attempt(runtime(settings), first) is Outcome.SUCCEEDED
+    assert run_attempt(runtime(settings), first) is Outcome.SKIPPED  # finished: no slot taken for it
+    assert run_attempt(runtime(settings), second) is Outcome.THROTTLED
+    assert get_job(second, settings=settings).throttled == RATE_LIMIT

@@ -1,0 +1,458 @@
+"""Rate limit: one budget of upstream calls per second for the whole fleet, and one cooldown after a 429.
+
+QuickBlox counts API calls per application and second (Basic 80, Starter 120, Growth/HIPAA 160; session
+creation counts too) and answers 429 beyond that. Celery's ``rate_limit`` is per worker process, so N
+workers would send N times the limit; here every worker of a deployment draws from one budget:
+
+- **Redis** (the broker is Redis): the state lives in Redis and each decision is one Lua script, so it is
+  atomic across every worker on every host, on Redis's own clock (``TIME``);
+- **a file** (the embedded default, whose workers share one machine): the same decision under ``flock``;
+- **process memory** for any other broker (the limit then holds per process only; a warning says so).
+
+The algorithm is GCRA (the "generic cell rate algorithm", a token bucket kept as one timestamp per
+budget: the theoretical arrival time, TAT). A budget of ``rate`` calls per second with a ``burst`` of B
+admits B calls at once after a quiet spell, then one per 1/rate seconds; any one-second window then holds
+at most ``rate + B - 1`` calls. A call may *reserve* its slot up to ``horizon`` seconds ahead: the caller
+waits for it (briefly, in its thread) or comes back then (rescheduled), and the slot is its own, so a
+crowd of waiting jobs is served in order instead of polling.
+
+A 429 from the upstream sets a **cooldown** every budget honours: no call is admitted before it ends. Its
+length is the ``Retry-After`` when the upstream sent one, else a backoff that doubles while 429s keep
+coming (QuickBlox documents no ``Retry-After``).
+
+Sub-budgets (one per assistant, optional) sit under the global one: a call needs a slot in both, and
+takes neither unless it gets both, so a noisy assistant waits on its own budget without draining the
+fleet's.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from redis import Redis
+
+    from worker.settings import Settings
+
+__all__ = ["Budget", "Grant", "Limiter", "RedisLimiter", "FileLimiter", "MemoryLimiter", "decide", "limiter_for",
+           "budgets_for", "planned", "RATE_LIMIT", "COOLDOWN"]  # fmt: skip
+
+log = logging.getLogger("qbgw.ratelimit")
+
+#: Why a call waits (in the audit trail, the job's status and the logs).
+RATE_LIMIT = "rate limit"
+COOLDOWN = "cooldown after HTTP 429"
+
+#: A 429 streak (for the doubling cooldown) is forgotten after this many quiet seconds.
+_STREAK_SECONDS = 60
+
+
+@dataclass(frozen=True)
+class Budget:
+    """``rate`` calls per second with a burst of ``burst``, named ``name`` (``global``, ``assistant:<id>``)."""
+
+    name: str
+    rate: float
+    burst: int = 1
+
+    @property
+    def interval(self) -> float:
+        # A microsecond more than 1/rate: rounding in the stored times never lets one call too many in.
+        return 1.0 / self.rate + 1e-6
+
+    @property
+    def tolerance(self) -> float:
+        """How far ahead of its theoretical arrival time a call is still admitted (GCRA's tau)."""
+        return (self.burst - 1) * self.interval
+
+
+@dataclass(frozen=True)
+class Grant:
+    """The limiter's answer: go after ``wait`` seconds (``reserved``: the slot is held for the caller), or,
+    not reserved, ask again in about ``wait`` seconds. ``reason`` says what made the wait ("" for none)."""
+
+    wait: float
+    reserved: bool
+    reason: str = ""
+
+
+GO = Grant(0.0, True)
+
+
+def decide(tats: Sequence[float], budgets: Sequence[Budget], cooldown_until: float, now: float,
+           horizon: float, lead: float = 0.0) -> tuple[Grant, list[float] | None]:  # fmt: skip
+    """GCRA over several budgets at once: the grant, and the budgets' new TATs (None: nothing reserved).
+
+    ``tats`` are the stored theoretical arrival times (0 when none). The slot is never sooner than
+    ``lead`` seconds from now: the time the caller needs to get ready to send (so it sends on time). The
+    Lua script in :class:`RedisLimiter` is this function, line for line; tests/integration runs both.
+    """
+    start, reason = now + lead, ""
+    if cooldown_until > start:
+        start, reason = cooldown_until, COOLDOWN
+    current = [max(tat, now) for tat in tats]
+    for tat, budget in zip(current, budgets, strict=True):
+        allowed = tat - budget.tolerance
+        if allowed > start:
+            start, reason = allowed, RATE_LIMIT
+    wait = start - now
+    if wait > horizon:
+        return Grant(wait, False, reason), None
+    return Grant(wait, True, reason), [max(tat, start) + b.interval for tat, b in zip(current, budgets, strict=True)]
+
+
+def cooldown_length(retry_after: float | None, streak: int, *, base: float, cap: float) -> float:
+    """Seconds to pause after a 429: the upstream's Retry-After, else ``base`` doubled per 429 in a row."""
+    if retry_after is not None:
+        return max(0.0, retry_after)
+    return min(cap, base * float(2 ** min(max(streak - 1, 0), 30)))
+
+
+class Limiter(Protocol):
+    """The fleet's shared budget of upstream calls."""
+
+    def acquire(self, budgets: Sequence[Budget], *, horizon: float, lead: float = 0.0) -> Grant:
+        """A slot in every one of ``budgets`` (none: only the cooldown is checked), at least ``lead`` and at
+        most ``horizon`` seconds ahead; a grant that is not ``reserved`` took nothing."""
+        ...
+
+    def cool_down(self, retry_after: float | None) -> float:
+        """A 429 came back: pause every caller. Returns when the cooldown ends (Unix seconds)."""
+        ...
+
+    def cooldown_until(self) -> float:
+        """When the current cooldown ends (Unix seconds; in the past when there is none)."""
+        ...
+
+
+class _Cooldown:
+    """The cooldown's shared arithmetic: a streak of 429s doubles the pause unless Retry-After says."""
+
+    def __init__(self, base: float, cap: float) -> None:
+        self.base, self.cap = base, cap
+
+    def extend(self, state: dict[str, float], retry_after: float | None, now: float) -> float:
+        cooling = state.get("cooldown", 0.0) > now
+        if not cooling:  # 429s answering calls sent before the pause began do not lengthen it
+            recent = now - state.get("streak_at", 0.0) < _STREAK_SECONDS
+            state["streak"] = state.get("streak", 0.0) + 1 if recent else 1.0
+            state["streak_at"] = now
+        until = now + cooldown_length(retry_after, int(state["streak"]), base=self.base, cap=self.cap)
+        ends = state["cooldown"] = max(state.get("cooldown", 0.0), until)
+        return ends
+
+
+class MemoryLimiter:
+    """One process's memory: the limit holds per process only (for a broker that is neither Redis nor the
+    filesystem, and for tests). ``clock`` is injectable for tests."""
+
+    def __init__(self, *, cooldown_base: float = 2.0, cooldown_cap: float = 60.0, clock: Any = time.time) -> None:
+        self._state: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._cooldown = _Cooldown(cooldown_base, cooldown_cap)
+        self._clock = clock
+
+    def acquire(self, budgets: Sequence[Budget], *, horizon: float, lead: float = 0.0) -> Grant:
+        with self._lock:
+            return _acquire_in(self._state, budgets, self._clock(), horizon, lead)
+
+    def cool_down(self, retry_after: float | None) -> float:
+        with self._lock:
+            return self._cooldown.extend(self._state, retry_after, self._clock())
+
+    def cooldown_until(self) -> float:
+        return self._state.get("cooldown", 0.0)
+
+
+def _cooldown_grant(until: float, now: float, horizon: float) -> Grant:
+    """The grant when no budget applies: go, unless a cooldown holds every call."""
+    return GO if until <= now else Grant(until - now, until - now <= horizon, COOLDOWN)
+
+
+def _acquire_in(state: dict[str, float], budgets: Sequence[Budget], now: float, horizon: float, lead: float) -> Grant:
+    if not budgets:  # only the cooldown: no slot to place
+        return _cooldown_grant(state.get("cooldown", 0.0), now, horizon)
+    tats = [state.get("tat:" + b.name, 0.0) for b in budgets]
+    grant, new = decide(tats, budgets, state.get("cooldown", 0.0), now, horizon, lead)
+    if new is not None:
+        for budget, tat in zip(budgets, new, strict=True):
+            state["tat:" + budget.name] = tat
+    return grant
+
+
+class FileLimiter:
+    """``{directory}/ratelimit-<scope>.json``, read and rewritten under ``flock``: every worker process of
+    one machine (the embedded default) shares it. A damaged file counts as empty (a burst at worst)."""
+
+    def __init__(self, directory: Path, scope: str, *, cooldown_base: float = 2.0, cooldown_cap: float = 60.0) -> None:
+        self._path = directory / f"ratelimit-{scope}.json"
+        self._cooldown = _Cooldown(cooldown_base, cooldown_cap)
+        self._cached = (0.0, 0.0)  # (read at, cooldown until): cooldown-only checks skip the lock
+
+    def acquire(self, budgets: Sequence[Budget], *, horizon: float, lead: float = 0.0) -> Grant:
+        if not budgets:
+            return _cooldown_grant(self.cooldown_until(), time.time(), horizon)
+        with self._state() as state:
+            return _acquire_in(state, budgets, time.time(), horizon, lead)
+
+    def cool_down(self, retry_after: float | None) -> float:
+        with self._state() as state:
+            until = self._cooldown.extend(state, retry_after, time.time())
+        self._cached = (0.0, 0.0)
+        return until
+
+    def cooldown_until(self) -> float:
+        read_at, until = self._cached
+        now = time.monotonic()
+        if now - read_at < _COOLDOWN_CACHE_SECONDS:
+            return until
+        try:
+            until = float(json.loads(self._path.read_bytes() or b"{}").get("cooldown", 0.0))
+        except (OSError, ValueError, AttributeError):
+            until = 0.0
+        self._cached = (now, until)
+        return until
+
+    @contextmanager
+    def _state(self) -> Iterator[dict[str, float]]:
+        self._path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "r+b") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                try:
+                    state = {str(k): float(v) for k, v in json.loads(handle.read() or b"{}").items()}
+                except (ValueError, TypeError, AttributeError):
+                    log.warning("the rate-limit state in %s was unreadable; starting it afresh", self._path)
+                    state = {}
+                yield state
+                now = time.time()
+                # Budgets idle for a minute are back to full: forget them, so the file stays small.
+                kept = {k: v for k, v in state.items() if not k.startswith("tat:") or v > now - 60}
+                handle.seek(0)
+                handle.write(json.dumps(kept, separators=(",", ":")).encode())
+                handle.truncate()
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+#: How stale a worker's view of the shared cooldown may be when it checks nothing else (seconds).
+_COOLDOWN_CACHE_SECONDS = 0.05
+
+# KEYS[1]: the cooldown; KEYS[2..]: one TAT per budget. ARGV[1]: horizon, ARGV[2]: now ("" = Redis's
+# clock), ARGV[3]: lead, then (interval, tolerance) per budget. Returns {reserved (0/1), wait, reason}.
+# See decide().
+_ACQUIRE = """
+local now
+if ARGV[2] ~= '' then now = tonumber(ARGV[2]) else
+  local t = redis.call('TIME'); now = tonumber(t[1]) + tonumber(t[2]) / 1000000 end
+local start, reason = now + tonumber(ARGV[3]), ''
+local cooldown = tonumber(redis.call('GET', KEYS[1]) or '0')
+if cooldown > start then start, reason = cooldown, 'cooldown after HTTP 429' end
+local tats = {}
+for i = 2, #KEYS do
+  local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if tat < now then tat = now end
+  tats[i] = tat
+  local allowed = tat - tonumber(ARGV[2 * i + 1])
+  if allowed > start then start, reason = allowed, 'rate limit' end
+end
+local wait = start - now
+if wait > tonumber(ARGV[1]) then return {0, string.format('%.6f', wait), reason} end
+for i = 2, #KEYS do
+  local tat = tats[i]
+  if start > tat then tat = start end
+  tat = tat + tonumber(ARGV[2 * i])
+  redis.call('SET', KEYS[i], string.format('%.6f', tat), 'PX', math.ceil((tat - now) * 1000) + 60000)
+end
+return {1, string.format('%.6f', wait), reason}
+"""
+
+# KEYS[1]: the cooldown, KEYS[2]: the streak, KEYS[3]: when the streak last grew. ARGV: retry-after
+# ("" = none), base, cap, now ("" = Redis's clock), streak seconds. Returns the cooldown's end.
+_COOL_DOWN = """
+local now
+if ARGV[4] ~= '' then now = tonumber(ARGV[4]) else
+  local t = redis.call('TIME'); now = tonumber(t[1]) + tonumber(t[2]) / 1000000 end
+local cooldown = tonumber(redis.call('GET', KEYS[1]) or '0')
+local streak = tonumber(redis.call('GET', KEYS[2]) or '0')
+if cooldown <= now then
+  streak = streak + 1
+  redis.call('SET', KEYS[2], streak, 'EX', tonumber(ARGV[5]))
+end
+local pause = tonumber(ARGV[1])
+if not pause then
+  local doublings = streak - 1
+  if doublings > 30 then doublings = 30 end
+  pause = math.min(tonumber(ARGV[3]), tonumber(ARGV[2]) * 2 ^ doublings)
+end
+if pause < 0 then pause = 0 end
+local untl = now + pause
+if untl > cooldown then
+  redis.call('SET', KEYS[1], string.format('%.6f', untl), 'PX', math.ceil(pause * 1000) + 1000)
+  cooldown = untl
+end
+return string.format('%.6f', cooldown)
+"""
+
+
+class RedisLimiter:
+    """The budgets in Redis (``qbgw:rl:<scope>:...``), each decision one atomic script on Redis's clock.
+
+    Redis trouble is logged (once a minute) and the call goes ahead: the broker is the same Redis, so a
+    worker that cannot reach it is not taking new jobs anyway.
+    """
+
+    def __init__(self, url: str, scope: str, *, cooldown_base: float = 2.0, cooldown_cap: float = 60.0,
+                 client: Redis | None = None) -> None:  # fmt: skip
+        import redis
+
+        self._client: Redis = client or redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        self._errors: tuple[type[Exception], ...] = (redis.RedisError,)
+        self._prefix = f"qbgw:rl:{scope}:"
+        self._acquire = self._client.register_script(_ACQUIRE)
+        self._cool = self._client.register_script(_COOL_DOWN)
+        self._base, self._cap = cooldown_base, cooldown_cap
+        self._complained = 0.0
+        self._cached = (0.0, 0.0)
+
+    def __repr__(self) -> str:
+        return f"RedisLimiter({self._prefix!r})"
+
+    def acquire(self, budgets: Sequence[Budget], *, horizon: float, lead: float = 0.0,
+                now: float | None = None) -> Grant:  # fmt: skip
+        if not budgets and now is None:
+            return _cooldown_grant(self.cooldown_until(), time.time(), horizon)
+        keys = [self._prefix + "cooldown", *(self._prefix + "tat:" + b.name for b in budgets)]
+        args: list[Any] = [repr(horizon), "" if now is None else repr(now), repr(lead if budgets else 0.0)]
+        for budget in budgets:
+            args += [repr(budget.interval), repr(budget.tolerance)]
+        try:
+            reserved, wait, reason = self._acquire(keys=keys, args=args)
+        except self._errors as exc:
+            self._complain(exc)
+            return GO
+        return Grant(float(wait), bool(int(reserved)), reason.decode() if isinstance(reason, bytes) else str(reason))
+
+    def cool_down(self, retry_after: float | None, *, now: float | None = None) -> float:
+        keys = [self._prefix + "cooldown", self._prefix + "streak", self._prefix + "streak_at"]
+        args: list[str | int] = ["" if retry_after is None else repr(retry_after), repr(self._base), repr(self._cap),
+                                 "" if now is None else repr(now), _STREAK_SECONDS]  # fmt: skip
+        try:
+            until = float(self._cool(keys=keys, args=args))
+        except self._errors as exc:
+            self._complain(exc)
+            return time.time() + cooldown_length(retry_after, 1, base=self._base, cap=self._cap)
+        self._cached = (0.0, 0.0)
+        return until
+
+    def cooldown_until(self) -> float:
+        read_at, until = self._cached
+        clock = time.monotonic()
+        if clock - read_at < _COOLDOWN_CACHE_SECONDS:
+            return until
+        try:
+            raw = self._client.get(self._prefix + "cooldown")
+        except self._errors as exc:
+            self._complain(exc)
+            return 0.0
+        until = float(raw) if raw else 0.0
+        self._cached = (clock, until)
+        return until
+
+    def _complain(self, exc: Exception) -> None:
+        if time.monotonic() - self._complained > 60:
+            self._complained = time.monotonic()
+            log.warning("the fleet rate limiter cannot reach Redis (%s); calls go ahead unthrottled",
+                        type(exc).__name__)  # fmt: skip
+
+
+def scope_of(settings: Settings) -> str:
+    """The budget's name: ``QBGW_RATE_SCOPE``, else one per upstream and QuickBlox application (every
+    deployment that calls the same application with the same Redis shares it)."""
+    if settings.rate_scope:
+        return settings.rate_scope
+    return hashlib.sha256(f"{settings.base_url.rstrip('/')}|{settings.application_id}".encode()).hexdigest()[:16]
+
+
+def limiter_for(settings: Settings) -> Limiter:
+    """Redis when the broker is Redis, a file in the data directory on the embedded default, else memory."""
+    base, cap = settings.rate_cooldown, settings.rate_cooldown_max
+    scope = scope_of(settings)
+    if settings.effective_broker_url.startswith(("redis://", "rediss://", "unix://")):
+        return RedisLimiter(settings.effective_broker_url, scope, cooldown_base=base, cooldown_cap=cap)
+    if settings.is_embedded_broker:
+        return FileLimiter(settings.data_dir, scope, cooldown_base=base, cooldown_cap=cap)
+    if settings.rate_limit or settings.rate_limit_per_assistant or settings.rate_limit_assistants:
+        log.warning("the rate limit is kept per worker process: the broker is neither Redis nor the filesystem")
+    return MemoryLimiter(cooldown_base=base, cooldown_cap=cap)
+
+
+def budgets_for(settings: Settings, assistant_id: str | None) -> list[Budget]:
+    """The budgets a call for ``assistant_id`` (None: a session creation) must fit in."""
+    budgets = []
+    if settings.rate_limit > 0:
+        budgets.append(Budget("global", settings.rate_limit, settings.rate_burst))
+    if assistant_id is not None:
+        rate = settings.assistant_rates.get(assistant_id, settings.rate_limit_per_assistant)
+        if rate > 0:
+            budgets.append(Budget("assistant:" + assistant_id, rate, max(1, min(settings.rate_burst, math.ceil(rate)))))
+    return budgets
+
+
+def planned(budgets: Sequence[Budget]) -> list[Budget]:
+    """The same budgets in the plan: places given to jobs before they are claimed (to spread the work and
+    reschedule the excess), kept apart from the slots calls take just before they are sent."""
+    return [Budget("plan:" + b.name, b.rate, b.burst) for b in budgets]
+
+
+def parse_assistant_rates(raw: str) -> Mapping[str, float]:
+    """``"id1=10,id2=2.5"`` → {id: calls per second}. Raises ValueError naming the bad entry."""
+    rates: dict[str, float] = {}
+    for entry in filter(None, (part.strip() for part in raw.split(","))):
+        name, sep, value = entry.partition("=")
+        try:
+            rate = float(value) if sep and name.strip() else -1.0
+        except ValueError:
+            rate = -1.0
+        if rate < 0 or not math.isfinite(rate):
+            raise ValueError(f"{entry!r} is not ASSISTANT_ID=CALLS_PER_SECOND (a number >= 0)")
+        rates[name.strip()] = rate
+    return rates
+
+
+class Gate:
+    """The limiter as a call outside a job sees it (session creation): wait for a slot, report a 429."""
+
+    def __init__(self, limiter: Limiter, settings: Settings) -> None:
+        self._limiter = limiter
+        self._budgets = budgets_for(settings, None)
+
+    def wait(self) -> float:
+        """Block until this call may go (a session is needed now; it is rare). Returns the seconds waited."""
+        waited = 0.0
+        while True:
+            grant = self._limiter.acquire(self._budgets, horizon=_GATE_HORIZON)
+            time.sleep(grant.wait if grant.reserved else min(grant.wait, _GATE_HORIZON))
+            waited += grant.wait if grant.reserved else min(grant.wait, _GATE_HORIZON)
+            if grant.reserved:
+                return waited
+
+    def rate_limited(self, retry_after: float | None) -> None:
+        until = self._limiter.cool_down(retry_after)
+        log.warning("the upstream answered 429: every worker pauses its calls for %.1f s", until - time.time())
+
+
+_GATE_HORIZON = 10.0
