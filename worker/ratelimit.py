@@ -35,6 +35,7 @@ import math
 import os
 import threading
 import time
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -55,6 +56,9 @@ log = logging.getLogger("qbgw.ratelimit")
 RATE_LIMIT = "rate limit"
 COOLDOWN = "cooldown after HTTP 429"
 
+#: The shared state of the memory and file limiters: TATs, the cooldown, and the logs of calls sent.
+State = dict[str, Any]
+
 #: A 429 streak (for the doubling cooldown) is forgotten after this many quiet seconds.
 _STREAK_SECONDS = 60
 
@@ -73,6 +77,11 @@ class Budget:
         return 1.0 / self.rate + 1e-6
 
     @property
+    def cap(self) -> int:
+        """The most calls sent in any one-second window: what the log of calls sent enforces."""
+        return max(1, math.ceil(self.rate) + self.burst - 1)
+
+    @property
     def tolerance(self) -> float:
         """How far ahead of its theoretical arrival time a call is still admitted (GCRA's tau)."""
         return (self.burst - 1) * self.interval
@@ -86,6 +95,8 @@ class Grant:
     wait: float
     reserved: bool
     reason: str = ""
+    #: When the slot is, in Unix seconds on the limiter's clock (0: now); callers sleep until it.
+    at: float = 0.0
 
 
 GO = Grant(0.0, True)
@@ -109,8 +120,9 @@ def decide(tats: Sequence[float], budgets: Sequence[Budget], cooldown_until: flo
             start, reason = allowed, RATE_LIMIT
     wait = start - now
     if wait > horizon:
-        return Grant(wait, False, reason), None
-    return Grant(wait, True, reason), [max(tat, start) + b.interval for tat, b in zip(current, budgets, strict=True)]
+        return Grant(wait, False, reason, start), None
+    new = [max(tat, start) + b.interval for tat, b in zip(current, budgets, strict=True)]
+    return Grant(wait, True, reason, start), new
 
 
 def cooldown_length(retry_after: float | None, streak: int, *, base: float, cap: float) -> float:
@@ -128,6 +140,11 @@ class Limiter(Protocol):
         most ``horizon`` seconds ahead; a grant that is not ``reserved`` took nothing."""
         ...
 
+    def admit(self, budgets: Sequence[Budget]) -> float:
+        """Log a call about to be sent, if no budget has had ``rate + burst - 1`` calls sent in the last
+        second: 0.0. Else log nothing and return the seconds until one ages out of the window."""
+        ...
+
     def cool_down(self, retry_after: float | None) -> float:
         """A 429 came back: pause every caller. Returns when the cooldown ends (Unix seconds)."""
         ...
@@ -143,14 +160,15 @@ class _Cooldown:
     def __init__(self, base: float, cap: float) -> None:
         self.base, self.cap = base, cap
 
-    def extend(self, state: dict[str, float], retry_after: float | None, now: float) -> float:
+    def extend(self, state: State, retry_after: float | None, now: float) -> float:
         cooling = state.get("cooldown", 0.0) > now
         if not cooling:  # 429s answering calls sent before the pause began do not lengthen it
             recent = now - state.get("streak_at", 0.0) < _STREAK_SECONDS
             state["streak"] = state.get("streak", 0.0) + 1 if recent else 1.0
             state["streak_at"] = now
         until = now + cooldown_length(retry_after, int(state["streak"]), base=self.base, cap=self.cap)
-        ends = state["cooldown"] = max(state.get("cooldown", 0.0), until)
+        ends: float = max(state.get("cooldown", 0.0), until)
+        state["cooldown"] = ends
         return ends
 
 
@@ -159,7 +177,7 @@ class MemoryLimiter:
     filesystem, and for tests). ``clock`` is injectable for tests."""
 
     def __init__(self, *, cooldown_base: float = 2.0, cooldown_cap: float = 60.0, clock: Any = time.time) -> None:
-        self._state: dict[str, float] = {}
+        self._state: State = {}
         self._lock = threading.Lock()
         self._cooldown = _Cooldown(cooldown_base, cooldown_cap)
         self._clock = clock
@@ -168,20 +186,36 @@ class MemoryLimiter:
         with self._lock:
             return _acquire_in(self._state, budgets, self._clock(), horizon, lead)
 
+    def admit(self, budgets: Sequence[Budget]) -> float:
+        with self._lock:
+            return _admit_in(self._state, budgets, self._clock())
+
     def cool_down(self, retry_after: float | None) -> float:
         with self._lock:
             return self._cooldown.extend(self._state, retry_after, self._clock())
 
     def cooldown_until(self) -> float:
-        return self._state.get("cooldown", 0.0)
+        return float(self._state.get("cooldown", 0.0))
+
+
+def _admit_in(state: State, budgets: Sequence[Budget], now: float) -> float:
+    """The sliding log of calls sent, per budget: see :meth:`Limiter.admit` (and ``_ADMIT``, its twin)."""
+    logs = [[t for t in state.get("log:" + b.name, []) if t > now - 1.0] for b in budgets]
+    wait = 0.0
+    for log_, budget in zip(logs, budgets, strict=True):
+        if len(log_) >= budget.cap:
+            wait = max(wait, log_[len(log_) - budget.cap] + 1.0 - now)
+    for log_, budget in zip(logs, budgets, strict=True):
+        state["log:" + budget.name] = log_ if wait > 0 else [*log_, now]
+    return wait
 
 
 def _cooldown_grant(until: float, now: float, horizon: float) -> Grant:
     """The grant when no budget applies: go, unless a cooldown holds every call."""
-    return GO if until <= now else Grant(until - now, until - now <= horizon, COOLDOWN)
+    return GO if until <= now else Grant(until - now, until - now <= horizon, COOLDOWN, until)
 
 
-def _acquire_in(state: dict[str, float], budgets: Sequence[Budget], now: float, horizon: float, lead: float) -> Grant:
+def _acquire_in(state: State, budgets: Sequence[Budget], now: float, horizon: float, lead: float) -> Grant:
     if not budgets:  # only the cooldown: no slot to place
         return _cooldown_grant(state.get("cooldown", 0.0), now, horizon)
     tats = [state.get("tat:" + b.name, 0.0) for b in budgets]
@@ -207,6 +241,12 @@ class FileLimiter:
         with self._state() as state:
             return _acquire_in(state, budgets, time.time(), horizon, lead)
 
+    def admit(self, budgets: Sequence[Budget]) -> float:
+        if not budgets:
+            return 0.0
+        with self._state() as state:
+            return _admit_in(state, budgets, time.time())
+
     def cool_down(self, retry_after: float | None) -> float:
         with self._state() as state:
             until = self._cooldown.extend(state, retry_after, time.time())
@@ -226,26 +266,43 @@ class FileLimiter:
         return until
 
     @contextmanager
-    def _state(self) -> Iterator[dict[str, float]]:
+    def _state(self) -> Iterator[State]:
         self._path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
         with os.fdopen(fd, "r+b") as handle:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
             try:
                 try:
-                    state = {str(k): float(v) for k, v in json.loads(handle.read() or b"{}").items()}
+                    state = _checked_state(json.loads(handle.read() or b"{}"))
                 except (ValueError, TypeError, AttributeError):
                     log.warning("the rate-limit state in %s was unreadable; starting it afresh", self._path)
                     state = {}
                 yield state
                 now = time.time()
                 # Budgets idle for a minute are back to full: forget them, so the file stays small.
-                kept = {k: v for k, v in state.items() if not k.startswith("tat:") or v > now - 60}
+                kept = {k: v for k, v in state.items() if _fresh(k, v, now)}
                 handle.seek(0)
                 handle.write(json.dumps(kept, separators=(",", ":")).encode())
                 handle.truncate()
             finally:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _fresh(key: str, value: Any, now: float) -> bool:
+    """Worth keeping in the file: a budget used in the last minute, a log with a call in the last second."""
+    if key.startswith("tat:"):
+        return bool(value > now - 60)
+    if key.startswith("log:"):
+        return bool(value) and bool(max(value) > now - 1.0)
+    return True
+
+
+def _checked_state(doc: Any) -> State:
+    """The file's JSON as state: numbers, and lists of numbers for the logs (else ValueError)."""
+    state: State = {}
+    for key, value in dict(doc).items():
+        state[str(key)] = [float(t) for t in value] if str(key).startswith("log:") else float(value)
+    return state
 
 
 #: How stale a worker's view of the shared cooldown may be when it checks nothing else (seconds).
@@ -270,14 +327,39 @@ for i = 2, #KEYS do
   if allowed > start then start, reason = allowed, 'rate limit' end
 end
 local wait = start - now
-if wait > tonumber(ARGV[1]) then return {0, string.format('%.6f', wait), reason} end
+if wait > tonumber(ARGV[1]) then return {0, string.format('%.6f', wait), reason, string.format('%.6f', start)} end
 for i = 2, #KEYS do
   local tat = tats[i]
   if start > tat then tat = start end
   tat = tat + tonumber(ARGV[2 * i])
   redis.call('SET', KEYS[i], string.format('%.6f', tat), 'PX', math.ceil((tat - now) * 1000) + 60000)
 end
-return {1, string.format('%.6f', wait), reason}
+return {1, string.format('%.6f', wait), reason, string.format('%.6f', start)}
+"""
+
+# KEYS: one sorted set of calls sent per budget. ARGV[1]: now ("" = Redis's clock), ARGV[2]: a unique member,
+# then each budget's cap. Returns the wait as a string ("0" when logged). See _admit_in().
+_ADMIT = """
+local now
+if ARGV[1] ~= '' then now = tonumber(ARGV[1]) else
+  local t = redis.call('TIME'); now = tonumber(t[1]) + tonumber(t[2]) / 1000000 end
+local wait = 0
+for i = 1, #KEYS do
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', string.format('%.6f', now - 1))
+  local cap = tonumber(ARGV[i + 2])
+  local n = redis.call('ZCARD', KEYS[i])
+  if n >= cap then
+    local aged = redis.call('ZRANGE', KEYS[i], n - cap, n - cap, 'WITHSCORES')
+    local w = tonumber(aged[2]) + 1 - now
+    if w > wait then wait = w end
+  end
+end
+if wait > 0 then return string.format('%.6f', wait) end
+for i = 1, #KEYS do
+  redis.call('ZADD', KEYS[i], string.format('%.6f', now), ARGV[2])
+  redis.call('PEXPIRE', KEYS[i], 2000)
+end
+return '0'
 """
 
 # KEYS[1]: the cooldown, KEYS[2]: the streak, KEYS[3]: when the streak last grew. ARGV: retry-after
@@ -324,6 +406,7 @@ class RedisLimiter:
         self._prefix = f"qbgw:rl:{scope}:"
         self._acquire = self._client.register_script(_ACQUIRE)
         self._cool = self._client.register_script(_COOL_DOWN)
+        self._admit = self._client.register_script(_ADMIT)
         self._base, self._cap = cooldown_base, cooldown_cap
         self._complained = 0.0
         self._cached = (0.0, 0.0)
@@ -340,11 +423,23 @@ class RedisLimiter:
         for budget in budgets:
             args += [repr(budget.interval), repr(budget.tolerance)]
         try:
-            reserved, wait, reason = self._acquire(keys=keys, args=args)
+            reserved, wait, reason, at = self._acquire(keys=keys, args=args)
         except self._errors as exc:
             self._complain(exc)
             return GO
-        return Grant(float(wait), bool(int(reserved)), reason.decode() if isinstance(reason, bytes) else str(reason))
+        why = reason.decode() if isinstance(reason, bytes) else str(reason)
+        return Grant(float(wait), bool(int(reserved)), why, float(at))
+
+    def admit(self, budgets: Sequence[Budget], *, now: float | None = None) -> float:
+        if not budgets:
+            return 0.0
+        keys = [self._prefix + "log:" + b.name for b in budgets]
+        args: list[str | int] = ["" if now is None else repr(now), uuid.uuid4().hex, *(b.cap for b in budgets)]
+        try:
+            return float(self._admit(keys=keys, args=args))
+        except self._errors as exc:
+            self._complain(exc)
+            return 0.0
 
     def cool_down(self, retry_after: float | None, *, now: float | None = None) -> float:
         keys = [self._prefix + "cooldown", self._prefix + "streak", self._prefix + "streak_at"]
@@ -433,6 +528,30 @@ def parse_assistant_rates(raw: str) -> Mapping[str, float]:
     return rates
 
 
+def take_slot(limiter: Limiter, budgets: Sequence[Budget], *, give_up: float) -> Grant:
+    """Take a slot in ``budgets``, sleep until it, and log the call as sent: the caller sends at once.
+
+    The slots space the calls (GCRA); the log of calls sent is the guard: a caller that woke late (a busy
+    machine wakes sleepers late) and would make one second hold more than ``rate + burst - 1`` calls waits
+    a little more instead. Returns the grant, with ``wait`` the seconds spent in all; not ``reserved`` when
+    they would pass ``give_up`` (a cooldown holds the fleet): then nothing was logged, do not send.
+    """
+    started = time.time()
+    grant = limiter.acquire(budgets, horizon=give_up)
+    if not grant.reserved:
+        return Grant(grant.wait, False, grant.reason, grant.at)
+    while True:
+        at = grant.at or time.time()
+        if at > time.time():
+            time.sleep(at - time.time())
+        wait = limiter.admit(budgets)
+        if wait <= 0:
+            return Grant(time.time() - started, True, grant.reason, at)
+        if time.time() - started + wait > give_up:
+            return Grant(time.time() - started + wait, False, grant.reason, at)
+        grant = Grant(wait, True, grant.reason or RATE_LIMIT, time.time() + wait)
+
+
 class Gate:
     """The limiter as a call outside a job sees it (session creation): wait for a slot, report a 429."""
 
@@ -444,11 +563,12 @@ class Gate:
         """Block until this call may go (a session is needed now; it is rare). Returns the seconds waited."""
         waited = 0.0
         while True:
-            grant = self._limiter.acquire(self._budgets, horizon=_GATE_HORIZON)
-            time.sleep(grant.wait if grant.reserved else min(grant.wait, _GATE_HORIZON))
-            waited += grant.wait if grant.reserved else min(grant.wait, _GATE_HORIZON)
+            grant = take_slot(self._limiter, self._budgets, give_up=_GATE_HORIZON)
+            waited += grant.wait
             if grant.reserved:
                 return waited
+            time.sleep(min(grant.wait, _GATE_HORIZON))
+            waited += min(grant.wait, _GATE_HORIZON)
 
     def rate_limited(self, retry_after: float | None) -> None:
         until = self._limiter.cool_down(retry_after)

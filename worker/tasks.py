@@ -21,7 +21,7 @@ from worker.errors import GatewayError, RateLimited, ResolutionFailed, StoreUnav
 from worker.gateway import Exchange, encode_request
 from worker.lifecycle import Decision, JobStatus, Step
 from worker.models import utcnow
-from worker.ratelimit import RATE_LIMIT, Budget, Grant, budgets_for, planned
+from worker.ratelimit import RATE_LIMIT, Budget, Grant, budgets_for, planned, take_slot
 from worker.runtime import Runtime, runtime
 
 if TYPE_CHECKING:
@@ -183,19 +183,13 @@ def _send_in_slot(rt: Runtime, claim: store.Claim, body: bytes | images.Streamin
     short; one longer than half the lease margin (a 429 cooldown began meanwhile) is not waited for:
     the attempt ends unsent, as rate limited, and is retried after it."""
     settings = rt.settings
-    grant = rt.limiter.acquire(budgets_for(settings, claim.assistant_id), horizon=_ALWAYS)
-    if grant.wait > settings.lease_margin / 2:
+    grant = take_slot(rt.limiter, budgets_for(settings, claim.assistant_id), give_up=settings.lease_margin / 2)
+    if not grant.reserved:
         error = RateLimited(f"not sent: the fleet's {grant.reason or RATE_LIMIT} holds calls for {grant.wait:.0f}s",
                             None, (), retry_after=grant.wait)  # fmt: skip
         return Exchange(None, error, None, 0, None, None, throttled=grant.wait)
-    if grant.wait > 0:
-        time.sleep(grant.wait)
     exchange = rt.gateway.send(body)
     return exchange._replace(throttled=grant.wait) if grant.wait else exchange
-
-
-#: A horizon no wait reaches: the send budget always reserves (the job is claimed; see _send_in_slot).
-_ALWAYS = 1e9
 
 
 def _audit_request(session: Session, rt: Runtime, claim: store.Claim, body: bytes | images.StreamingBody) -> None:

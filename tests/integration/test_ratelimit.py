@@ -42,8 +42,13 @@ def test_the_redis_script_decides_as_the_python_reference(redis_url: str) -> Non
         horizon, lead = rng.choice([0.05, 0.45, 5.0]), rng.choice([0.0, 0.0, 0.02])
         got = redis_limiter.acquire(budgets, horizon=horizon, lead=lead, now=clock.now)
         want = reference.acquire(budgets, horizon=horizon, lead=lead)
-        assert (got.reserved, got.reason) == (want.reserved, want.reason), (step, got, want)
+        assert got.reserved == want.reserved, (step, got, want)
+        if abs(want.wait - lead) > 1e-4:  # at a tie with the lead, rounding may name either reason
+            assert got.reason == want.reason, (step, got, want)
         assert got.wait == pytest.approx(want.wait, abs=1e-5), step
+        assert got.at == pytest.approx(want.at, abs=1e-5) or not budgets, step
+        if budgets and rng.random() < 0.5:  # some callers log their call as sent
+            assert redis_limiter.admit(budgets, now=clock.now) == pytest.approx(reference.admit(budgets), abs=1e-5)
 
 
 def test_a_cooldown_set_by_one_worker_holds_another(redis_url: str) -> None:
