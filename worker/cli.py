@@ -218,6 +218,8 @@ def replay(job_ids: tuple[str, ...], actor: str | None) -> None:
 @click.option("--fault-seed", type=int, default=None, help="Seed the random faults, for a reproducible run.")
 @click.option("--hang-seconds", type=click.FloatRange(min=0), default=30.0, help="How long a 'hang' fault waits.")
 @click.option("--retry-after", type=click.IntRange(min=0), default=1, help="Retry-After of a '429-retry-after' fault.")
+@click.option("--rate-limit", type=click.IntRange(min=0), default=0,
+              help="The plan's calls per second: beyond it, 429 Too Many Requests (0: no limit).")
 @click.option(
     "--session-idle",
     type=click.FloatRange(min=0, min_open=True),
@@ -227,7 +229,7 @@ def replay(job_ids: tuple[str, ...], actor: str | None) -> None:
 )
 def emulator(host: str, port: int, token: tuple[str, ...], assistant: tuple[str, ...], any_assistant: bool,
              latency: float, feature_off: bool, fault_rate: float, fault_seed: int | None, hang_seconds: float,
-             retry_after: int, session_idle: float) -> None:  # fmt: skip
+             retry_after: int, rate_limit: int, session_idle: float) -> None:  # fmt: skip
     """Run the QuickBlox HIPAA AI Gateway emulator (for development and tests).
 
     --fault-rate gives a valid request a random fault (429 with or without Retry-After, 500, 502, 503, hang,
@@ -243,6 +245,7 @@ def emulator(host: str, port: int, token: tuple[str, ...], assistant: tuple[str,
         "hang_seconds": hang_seconds,
         "retry_after": retry_after,
         "session_idle_seconds": session_idle,
+        "rate_limit": rate_limit,
     }
     if token:
         fields["tokens"] = frozenset(token)
