@@ -74,6 +74,7 @@ class ChaosReport:
     attempts_audited: int = 0
     upstream_requests: int = 0
     interrupted: int = 0
+    held_back: int = 0
     redispatched: int = 0
     early_retries: int = 0
     retry_after_sent: int = 0
@@ -96,6 +97,7 @@ class ChaosReport:
             f"answers of another job (must be 0)    {self.foreign_answers}",
             f"attempts audited / upstream requests  {self.attempts_audited} / {self.upstream_requests}",
             f"  of which interrupted by a kill      {self.interrupted}",
+            f"  (held back by a 429 cooldown, unsent {self.held_back}, not counted above)",
             f"retries before Retry-After (0)        {self.early_retries} (of {self.retry_after_sent} 429s with it)",
             f"upstream faults injected              {sum(self.faults.values())}: {dict(sorted(self.faults.items()))}",
             f"workers SIGKILLed / Redis restarts    {self.kills} / {self.redis_restarts}",
@@ -311,7 +313,9 @@ def _count(settings: Settings, emu: Emulator, texts: dict[str, str], report: Cha
         else:
             report.lost += 1
     report.multiple_results = len(results)
-    report.attempts_audited = actions.get("attempt.request", 0)
+    # An attempt held back before sending (the fleet began a 429 cooldown after its claim) sent nothing.
+    report.held_back = actions.get("attempt.unsent", 0)
+    report.attempts_audited = actions.get("attempt.request", 0) - report.held_back
     report.interrupted = actions.get("attempt.interrupted", 0)
     report.redispatched = actions.get("job.redispatched", 0)
     stats = emu.stats()

@@ -36,6 +36,9 @@ class Action(StrEnum):
     CANCEL_REQUESTED = "job.cancel_requested"
     CANCELLED = "job.cancelled"
     REPLAYED = "job.replayed"
+    #: An attempt whose request was audited was held back before sending (the fleet began a 429 cooldown
+    #: meanwhile): nothing was sent, and the attempt does not count against the job's attempts.
+    ATTEMPT_UNSENT = "attempt.unsent"
     #: The fleet's rate limit or a 429 cooldown made the job wait (no attempt spent; not a failure).
     THROTTLED = "job.throttled"
     #: The sweeper published a message again (lost, or a retry kept in the database).

@@ -36,6 +36,7 @@ __all__ = [
     "record_failure",
     "mark_unannounced",
     "throttle",
+    "release_unsent",
 ]
 
 _CLAIMABLE = [str(s) for s in CLAIMABLE]
@@ -267,6 +268,21 @@ def throttle(*, session: Session, job_id: str, until: datetime, reason: str, wai
                  detail={"reason": reason, "wait_ms": round(wait * 1000), "until": until.isoformat(),
                          "slot": "reserved" if reserved else "not reserved"})  # fmt: skip
     return True
+
+
+def release_unsent(*, session: Session, claim: Claim, worker: str, until: datetime, reason: str, wait: float,
+                   announced: bool, now: datetime) -> JobStatus | None:  # fmt: skip
+    """The attempt was held back before sending (a cooldown began after the claim): the job waits until
+    ``until`` as retrying, throttled, and gets its attempt back (``max_attempts`` + 1; the attempt number
+    is not reused, so the audit trail stays unambiguous). Returns the status it is in, or None if this
+    worker lost it."""
+    values: dict[str, Any] = {"next_attempt_at": until, "throttle_reason": reason, "max_attempts": Job.max_attempts + 1,
+                              "announced_at": now if announced else None}  # fmt: skip
+    if not _finish(session, claim, worker, JobStatus.RETRYING, now, **values):
+        return _cancel_if_requested(session, claim, worker, now)
+    _event(session, audit.Action.ATTEMPT_UNSENT, claim, worker, now, outcome="throttled",
+           detail={"reason": reason, "wait_ms": round(wait * 1000), "until": until.isoformat()})  # fmt: skip
+    return JobStatus.RETRYING
 
 
 def mark_unannounced(*, session: Session, job_ids: Sequence[str]) -> None:

@@ -95,7 +95,10 @@ def run_attempt(rt: Runtime, job_id: str, *, slot_at: float | None = None) -> Ou
         with rt.transaction() as session:
             _audit_request(session, rt, claim, body)
     _LEAD.observe(time.monotonic() - started)
-    exchange = _send_in_slot(rt, claim, body)
+    sent = _send_in_slot(rt, claim, body)
+    if isinstance(sent, Grant):
+        return _release_unsent(rt, claim, sent)
+    exchange = sent
     if exchange.status == 429 and isinstance(exchange.error, RateLimited):  # the whole fleet pauses
         rt.limiter.cool_down(exchange.error.retry_after)
     decision = _decide(rt, claim, exchange)
@@ -178,18 +181,37 @@ def _reschedule(rt: Runtime, job_id: str, grant: Grant, *, slot_at: float | None
 _EARLY = 0.25
 
 
-def _send_in_slot(rt: Runtime, claim: store.Claim, body: bytes | images.StreamingBody) -> Exchange:
+def _send_in_slot(rt: Runtime, claim: store.Claim, body: bytes | images.StreamingBody) -> Exchange | Grant:
     """Take a slot in the send budget, wait for it, send. The plan has spread the calls, so the wait is
-    short; one longer than half the lease margin (a 429 cooldown began meanwhile) is not waited for:
-    the attempt ends unsent, as rate limited, and is retried after it."""
+    short; one longer than half the lease margin (a 429 cooldown began after the claim) is not waited
+    for: the grant comes back instead of an exchange, and nothing is sent."""
     settings = rt.settings
     grant = take_slot(rt.limiter, budgets_for(settings, claim.assistant_id), give_up=settings.lease_margin / 2)
     if not grant.reserved:
-        error = RateLimited(f"not sent: the fleet's {grant.reason or RATE_LIMIT} holds calls for {grant.wait:.0f}s",
-                            None, (), retry_after=grant.wait)  # fmt: skip
-        return Exchange(None, error, None, 0, None, None, throttled=grant.wait)
+        return grant
     exchange = rt.gateway.send(body)
     return exchange._replace(throttled=grant.wait) if grant.wait else exchange
+
+
+def _release_unsent(rt: Runtime, claim: store.Claim, grant: Grant) -> Outcome:
+    """The attempt was held back before sending: the job waits out the pause without losing an attempt."""
+    from worker.producer import announce
+
+    now, reason = utcnow(), grant.reason or RATE_LIMIT
+    countdown = grant.wait + random.uniform(0.0, min(1.0, grant.wait / 4))
+    announced = countdown <= rt.settings.countdown_limit
+    until = now + timedelta(seconds=max(0.0, countdown - _EARLY))
+    with rt.transaction() as session:
+        status = store.release_unsent(session=session, claim=claim, worker=rt.identity, until=until, reason=reason,
+                                      wait=grant.wait, announced=announced, now=now)  # fmt: skip
+    log.info("job %s attempt %d: held back, not sent (%s for %.1fs)", claim.job_id, claim.attempt, reason, grant.wait)
+    if status is not JobStatus.RETRYING:
+        return _OUTCOME[status]
+    if announced:
+        failure = announce(rt, claim.job_id, countdown=countdown)
+        if failure is not None:
+            log.warning("job %s: could not publish its message (%s); the sweeper will", claim.job_id, failure)
+    return Outcome.THROTTLED
 
 
 def _audit_request(session: Session, rt: Runtime, claim: store.Claim, body: bytes | images.StreamingBody) -> None:

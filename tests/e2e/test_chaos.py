@@ -28,5 +28,6 @@ def test_chaos_loses_nothing_and_doubles_nothing(tmp_path: Path) -> None:
     # Every failure has a permanent reason: the injected malformed answers, nothing else.
     assert set(report.failed) <= {"MalformedResponse"}, summary
     assert report.succeeded + sum(report.failed.values()) == 80, summary
-    # A kill can land between auditing a request and sending it; never the other way round.
+    # A kill can land between auditing a request and sending it; never the other way round. (Requests held
+    # back by a 429 cooldown that began after their claim are audited as unsent and not counted.)
     assert report.upstream_requests <= report.attempts_audited <= report.upstream_requests + report.interrupted
