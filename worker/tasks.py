@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from celery import Celery, Task
 
-from worker import audit, images, lifecycle, store
-from worker.errors import GatewayError, ResolutionFailed, StoreUnavailable, TransientGatewayError
+from worker import audit, images, lifecycle, metrics, store
+from worker.errors import GatewayError, QbgwError, ResolutionFailed, StoreUnavailable, TransientGatewayError
 from worker.gateway import Exchange, encode_request
 from worker.lifecycle import Decision, JobStatus, Step
 from worker.models import utcnow
@@ -62,8 +62,13 @@ def register(app: Celery) -> None:
         except StoreUnavailable as exc:
             # The database is the source of truth and it is not there: keep the job's message
             # alive (a new one, later) rather than drop it. Nothing was sent upstream yet.
-            log.warning("job %s: database unavailable, retrying in %.0fs", job_id, STORE_RETRY_SECONDS)
+            log.warning("job %s: database unavailable, retrying in %.0fs", job_id, STORE_RETRY_SECONDS,
+                        extra={"job_id": job_id, "delay_s": STORE_RETRY_SECONDS})  # fmt: skip
+            metrics.store_unavailable()
             raise self.retry(exc=exc, countdown=STORE_RETRY_SECONDS) from None
+        except QbgwError as exc:  # a lost key (DecryptionFailed), a bug: Celery logs it; count it first
+            metrics.task_error(type(exc).__name__)
+            raise
 
 
 def run_attempt(rt: Runtime, job_id: str) -> Outcome:
@@ -73,7 +78,9 @@ def run_attempt(rt: Runtime, job_id: str) -> Outcome:
     with rt.transaction() as session:
         claim = store.claim(session=session, job_id=job_id, worker=rt.identity, lease=lease, now=utcnow())
         if claim is None:
-            log.debug("job %s: nothing to do (duplicate delivery, not due, or finished)", job_id)
+            log.debug("job %s: nothing to do (duplicate delivery, not due, or finished)", job_id,
+                      extra={"job_id": job_id, "outcome": Outcome.SKIPPED.value})  # fmt: skip
+            metrics.attempt(Outcome.SKIPPED)
             return Outcome.SKIPPED
         resolve = images.needs_resolution(claim.messages, rt.settings)
         if not resolve:  # the common case: one transaction claims and audits the request
@@ -89,8 +96,13 @@ def run_attempt(rt: Runtime, job_id: str) -> Outcome:
     exchange = rt.gateway.send(body)
     decision = _decide(rt, claim, exchange)
     outcome = _record(rt, claim, exchange, decision)
+    error_class = type(exchange.error).__name__ if exchange.error is not None else None
+    metrics.attempt(outcome, exchange.status, exchange.latency_ms, error_class)
     log.info("job %s attempt %d: %s (HTTP %s, %d ms)", job_id, claim.attempt, outcome,
-             exchange.status or "-", exchange.latency_ms)  # fmt: skip
+             exchange.status or "-", exchange.latency_ms,
+             extra={"job_id": job_id, "attempt": claim.attempt, "outcome": outcome.value,
+                    "http_status": exchange.status, "latency_ms": exchange.latency_ms, "error_class": error_class,
+                    "worker": rt.identity})  # fmt: skip
     if outcome is Outcome.RETRYING and decision.delay <= rt.settings.countdown_limit:
         _publish_retry(rt, job_id, decision.delay)
     return outcome
@@ -107,7 +119,10 @@ def _finish_unresolved(rt: Runtime, claim: store.Claim, error: ResolutionFailed)
     """A reference could not be resolved: the job fails with that reason, nothing was sent."""
     exchange = Exchange(None, error, None, 0, None, None)
     outcome = _record(rt, claim, exchange, Decision(Step.FAIL, reason=str(error)))
-    log.info("job %s attempt %d: %s (an image reference could not be resolved)", claim.job_id, claim.attempt, outcome)
+    metrics.attempt(outcome)  # nothing was sent: no status, no latency
+    log.info("job %s attempt %d: %s (an image reference could not be resolved)", claim.job_id, claim.attempt, outcome,
+             extra={"job_id": claim.job_id, "attempt": claim.attempt, "outcome": outcome.value,
+                    "error_class": "ResolutionFailed", "worker": rt.identity})  # fmt: skip
     return outcome
 
 
@@ -136,7 +151,9 @@ def _renew_session(rt: Runtime, claim: store.Claim) -> None:
     try:
         rt.gateway.tokens.renew()
     except GatewayError as exc:
-        log.warning("job %s: session renewal failed (%s)", claim.job_id, type(exc).__name__)
+        kind = type(exc).__name__
+        log.warning("job %s: session renewal failed (%s)", claim.job_id, kind,
+                    extra={"job_id": claim.job_id, "attempt": claim.attempt, "error_class": kind})  # fmt: skip
         outcome, detail = "failed", {"error_class": type(exc).__name__}
     else:
         outcome, detail = "renewed", {}
@@ -220,4 +237,5 @@ def _publish_retry(rt: Runtime, job_id: str, delay: float) -> None:
 
     failure = announce(rt, job_id, countdown=delay)
     if failure is not None:
-        log.warning("job %s: could not publish its retry (%s); the sweeper will", job_id, failure)
+        log.warning("job %s: could not publish its retry (%s); the sweeper will", job_id, failure,
+                    extra={"job_id": job_id})  # fmt: skip
