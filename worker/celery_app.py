@@ -14,7 +14,7 @@ from kombu.entity import Exchange, Queue
 
 from worker.settings import Settings
 
-__all__ = ["TASK_NAME", "create_celery_app", "publish", "publish_many", "backlog"]
+__all__ = ["TASK_NAME", "create_celery_app", "publish", "publish_many", "backlog", "ping_broker"]
 
 #: The one task; its only argument is the job id.
 TASK_NAME = "qbgw.run_job"
@@ -96,6 +96,24 @@ def backlog(app: Celery, queue: str) -> int | None:
             return int(declared.message_count)
     except Exception:  # any broker trouble: the caller must assume nothing about the backlog
         return None
+
+
+def ping_broker(app: Celery, *, timeout: float) -> None:
+    """Connect to the broker once.
+
+    Raises:
+        BrokerUnavailable: no connection within about ``timeout`` seconds (the message names the broker,
+            its password hidden).
+    """
+    from worker.errors import BrokerUnavailable
+
+    with app.connection_for_write() as connection:
+        where = connection.as_uri()  # kombu masks a password
+        try:
+            connection.ensure_connection(max_retries=1, interval_start=0, timeout=timeout)
+            connection.default_channel  # noqa: B018 - the filesystem transport "connects" without touching anything
+        except Exception as exc:  # kombu's and the transports' errors differ
+            raise BrokerUnavailable(f"cannot reach broker {where}: {type(exc).__name__}: {exc}") from exc
 
 
 def publish(app: Celery, job_id: str, *, countdown: float | None = None) -> None:
