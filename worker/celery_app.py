@@ -88,13 +88,16 @@ def _transport_options(settings: Settings) -> dict[str, Any]:
     }
 
 
-def backlog(app: Celery, queue: str) -> int | None:
-    """How many messages wait in ``queue`` (None if the broker cannot say)."""
+def backlog(app: Celery, queue: str, *, unknown_queue: int | None = None) -> int | None:
+    """How many messages wait in ``queue`` (None if the broker cannot say). A queue the broker does not
+    know (never used, or a Redis wiped since) counts as ``unknown_queue``: 0 for a gauge."""
     try:
         with app.connection_for_read() as connection:
             declared = connection.default_channel.queue_declare(queue=queue, passive=True)
             return int(declared.message_count)
-    except Exception:  # any broker trouble: the caller must assume nothing about the backlog
+    except Exception as exc:  # any broker trouble: the caller must assume nothing about the backlog
+        if "NOT_FOUND" in str(exc) or getattr(exc, "code", None) == 404:
+            return unknown_queue
         return None
 
 
