@@ -14,7 +14,7 @@ from kombu.entity import Exchange, Queue
 
 from worker.settings import Settings
 
-__all__ = ["TASK_NAME", "create_celery_app", "publish", "publish_many", "backlog"]
+__all__ = ["TASK_NAME", "create_celery_app", "publish", "publish_many", "backlog", "ping_broker"]
 
 #: The one task; its only argument is the job id.
 TASK_NAME = "qbgw.run_job"
@@ -88,14 +88,35 @@ def _transport_options(settings: Settings) -> dict[str, Any]:
     }
 
 
-def backlog(app: Celery, queue: str) -> int | None:
-    """How many messages wait in ``queue`` (None if the broker cannot say)."""
+def backlog(app: Celery, queue: str, *, unknown_queue: int | None = None) -> int | None:
+    """How many messages wait in ``queue`` (None if the broker cannot say). A queue the broker does not
+    know (never used, or a Redis wiped since) counts as ``unknown_queue``: 0 for a gauge."""
     try:
         with app.connection_for_read() as connection:
             declared = connection.default_channel.queue_declare(queue=queue, passive=True)
             return int(declared.message_count)
-    except Exception:  # any broker trouble: the caller must assume nothing about the backlog
+    except Exception as exc:  # any broker trouble: the caller must assume nothing about the backlog
+        if "NOT_FOUND" in str(exc) or getattr(exc, "code", None) == 404:
+            return unknown_queue
         return None
+
+
+def ping_broker(app: Celery, *, timeout: float) -> None:
+    """Connect to the broker once.
+
+    Raises:
+        BrokerUnavailable: no connection within about ``timeout`` seconds (the message names the broker,
+            its password hidden).
+    """
+    from worker.errors import BrokerUnavailable
+
+    with app.connection_for_write() as connection:
+        where = connection.as_uri()  # kombu masks a password
+        try:
+            connection.ensure_connection(max_retries=1, interval_start=0, timeout=timeout)
+            connection.default_channel  # noqa: B018 - the filesystem transport "connects" without touching anything
+        except Exception as exc:  # kombu's and the transports' errors differ
+            raise BrokerUnavailable(f"cannot reach broker {where}: {type(exc).__name__}: {exc}") from exc
 
 
 def publish(app: Celery, job_id: str, *, countdown: float | None = None, slot_at: float | None = None) -> None:

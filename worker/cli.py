@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from worker import cli_audit, cli_auth, cli_batch, errors
+from worker import cli_audit, cli_auth, cli_batch, cli_ops, errors
 from worker.clikit import EXIT, handled
 from worker.clikit import load_settings as _settings
 from worker.settings import Settings
@@ -27,10 +27,13 @@ def cli(verbose: bool) -> None:
 
     Settings come from QBGW_* environment variables (see the README).
     """
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from worker import logs
+
+    try:
+        settings: Settings | None = Settings.from_env()
+    except errors.ConfigError:
+        settings = None  # the command that needs settings says what is wrong with them
+    logs.configure(settings, logging.INFO if verbose else logging.WARNING)
 
 
 @cli.command()
@@ -288,6 +291,8 @@ cli.add_command(cli_audit.keys)
 cli.add_command(cli_audit.purge)
 cli.add_command(cli_auth.auth)
 cli.add_command(cli_batch.batch)
+cli.add_command(cli_ops.health)
+cli.add_command(cli_ops.metrics)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -27,6 +27,7 @@ EXIT = {
     "config": 7,
     "conflict": 8,
     "tampered": 9,
+    "unhealthy": 10,
 }
 
 _EXIT_FOR: list[tuple[type[BaseException], str]] = [

@@ -32,8 +32,9 @@ def describe_url(url: str) -> str:
         return "<unparsable database URL>"
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for ``url``; SQLite files get WAL mode and a busy timeout.
+def make_engine(url: str, *, connect_timeout: float | None = None) -> Engine:
+    """An engine for ``url``; SQLite files get WAL mode and a busy timeout. ``connect_timeout`` bounds a new
+    server connection (PostgreSQL), for probes that must answer quickly.
 
     Raises:
         ConfigError: the URL cannot be parsed or names a driver that is not installed.
@@ -49,6 +50,8 @@ def make_engine(url: str) -> Engine:
         kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False}
     else:
         kwargs.update(pool_pre_ping=True, pool_size=10, max_overflow=40)
+        if connect_timeout is not None and parsed.get_backend_name() == "postgresql":
+            kwargs["connect_args"] = {"connect_timeout": max(1, round(connect_timeout))}
     try:
         engine = create_engine(parsed, **kwargs)
     except (ArgumentError, ImportError) as exc:

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ __all__ = [
     "install_hooks",
     "write_anchor",
     "read_anchors",
+    "last_anchor",
     "verify",
     "verify_log",
     "anchor_now",
@@ -60,6 +62,13 @@ class Anchor:
     #: "head": the chain had this head; "base": events up to ``seq`` were dropped on purpose
     #: (``qbgw audit drop``), and the chain continues from ``row_hash``.
     kind: str = "head"
+
+    def timestamp(self) -> float:
+        """``at`` as Unix seconds (0.0 if unreadable)."""
+        try:
+            return datetime.fromisoformat(self.at).timestamp()
+        except ValueError:
+            return 0.0
 
     def message(self) -> bytes:
         tag = "qbgw-anchor-v1" if self.kind == "head" else f"qbgw-anchor-v1|{self.kind}"
@@ -143,6 +152,26 @@ def read_anchors(path: Path) -> list[Anchor]:
         except (ValueError, KeyError, TypeError):
             anchors.append(Anchor(-1, "", "", "", number))  # unreadable: fails its signature check
     return anchors
+
+
+def last_anchor(path: Path, *, tail: int = 4096) -> Anchor | None:
+    """The last anchor in the file, reading only its end (the file grows by a line a minute per worker);
+    None if there is none or the last line cannot be read. Its signature is not checked (``verify`` does)."""
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - tail))
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for text in reversed(lines):
+        if text.strip():
+            try:
+                data = json.loads(text)
+                return Anchor(int(data["seq"]), str(data["row_hash"]), str(data["at"]), str(data["mac"]),
+                              kind=str(data.get("kind", "head")))  # fmt: skip
+            except (ValueError, KeyError, TypeError):
+                return None
+    return None
 
 
 def head(session: Session) -> tuple[int, str]:

@@ -11,18 +11,30 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from worker import audit
+from worker.batch_store import BatchStatus
 from worker.errors import JobNotFound
 from worker.lifecycle import TERMINAL, JobStatus
-from worker.models import AuditEvent, Job
+from worker.models import AuditEvent, Batch, Job, utcnow
 from worker.runtime import Runtime, runtime
 from worker.settings import Settings
 from worker.store import open_text
 
-__all__ = ["JobView", "AuditFilter", "get_job", "wait_for_job", "job_events", "failed_jobs", "audit_query"]
+__all__ = [
+    "JobView",
+    "AuditFilter",
+    "FleetSnapshot",
+    "get_job",
+    "wait_for_job",
+    "job_events",
+    "failed_jobs",
+    "audit_query",
+    "fleet_snapshot",
+    "key_ids_in_use",
+]
 
 
 @dataclass(frozen=True)
@@ -138,6 +150,64 @@ def failed_jobs(*, limit: int = 100, reader: str | None = None, settings: Settin
         )
         who = _reader(rt, reader)
         return [_read(session, job, who) for job in rows]
+
+
+@dataclass(frozen=True)
+class FleetSnapshot:
+    """Counts for the metrics exporter: no job ids, no PHI."""
+
+    #: Every status, with 0 for the ones no job has.
+    by_status: dict[str, int]
+    #: How long the longest-waiting job has waited for a worker (queued since, or its retry due since).
+    oldest_waiting_seconds: float
+    #: Batches still validating or in progress.
+    open_batches: int
+
+
+def fleet_snapshot(*, settings: Settings | None = None) -> FleetSnapshot:
+    """Jobs by status and the oldest wait, in three indexed queries (not audited: no PHI is read).
+
+    Raises:
+        StoreUnavailable: the database cannot be reached.
+    """
+    now = utcnow()
+    with runtime(settings).transaction() as session:
+        counts = {status: n for status, n in session.execute(select(Job.status, func.count()).group_by(Job.status))}
+        # A queued job's updated_at is when it was queued (submitted, or replayed).
+        queued = session.scalar(select(func.min(Job.updated_at)).where(Job.status == JobStatus.QUEUED))
+        due = session.scalar(select(func.min(Job.next_attempt_at))
+                             .where(Job.status == JobStatus.RETRYING, Job.next_attempt_at <= now))  # fmt: skip
+        open_batches = Batch.status.in_((BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS))
+        batches = session.scalar(select(func.count()).select_from(Batch).where(open_batches))
+    since = min((t for t in (queued, due) if t is not None), default=now)
+    return FleetSnapshot(
+        by_status={str(s): int(counts.get(str(s), 0)) for s in JobStatus},
+        oldest_waiting_seconds=max(0.0, (now - since).total_seconds()),
+        open_batches=int(batches or 0),
+    )
+
+
+def key_ids_in_use(url: str, *, timeout: float) -> set[str]:
+    """The ids of the keys that encrypt the newest job and the oldest unfinished one (what a worker will need
+    next), on a connection of its own, for a health check; nothing is decrypted.
+
+    Raises:
+        StoreUnavailable: the database cannot be reached.
+    """
+    from worker import db
+    from worker.crypto import Keyring
+
+    engine = db.make_engine(url, connect_timeout=timeout)
+    unfinished = Job.status.in_((JobStatus.QUEUED, JobStatus.RETRYING, JobStatus.RUNNING))
+    try:
+        with db.session_scope(db.make_session_factory(engine)) as session:
+            newest = session.scalar(select(Job.payload).where(Job.payload.is_not(None))
+                                    .order_by(Job.created_at.desc()).limit(1))  # fmt: skip
+            waiting = session.scalar(select(Job.payload).where(unfinished, Job.payload.is_not(None))
+                                     .order_by(Job.created_at).limit(1))  # fmt: skip
+    finally:
+        engine.dispose()
+    return {Keyring.key_id_of(stored) for stored in (newest, waiting) if stored}
 
 
 @dataclass(frozen=True)

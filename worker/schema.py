@@ -13,11 +13,11 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Engine
 
-from worker.db import describe_url
+from worker.db import describe_url, make_engine
 from worker.errors import ConfigError, StoreUnavailable
 from worker.settings import Settings
 
-__all__ = ["alembic_config", "upgrade", "current_revision", "head_revision", "ensure_current"]
+__all__ = ["alembic_config", "upgrade", "current_revision", "head_revision", "ensure_current", "probe"]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,6 +50,29 @@ def head_revision(url: str) -> str | None:
 def current_revision(engine: Engine) -> str | None:
     with engine.connect() as connection:
         return MigrationContext.configure(connection).get_current_revision()
+
+
+def probe(url: str, *, timeout: float) -> tuple[str | None, str | None]:
+    """(the database's revision, the code's head) for a health check, on a connection of its own.
+
+    Raises:
+        StoreUnavailable: the database cannot be reached within about ``timeout`` seconds.
+        ConfigError: the URL is unusable.
+    """
+    engine = make_engine(url, connect_timeout=timeout)
+    try:
+        current = current_revision(engine)
+    except Exception as exc:  # the driver's own connection errors differ per backend
+        raise StoreUnavailable(f"cannot reach database {describe_url(url)}: {_reason(exc)}") from exc
+    finally:
+        engine.dispose()
+    return current, head_revision(url)
+
+
+def _reason(exc: Exception) -> str:
+    cause = getattr(exc, "orig", None) or exc
+    lines = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
 
 
 def ensure_current(engine: Engine, settings: Settings) -> None:

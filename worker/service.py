@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
+from celery import signals
+
+from worker import logs, metrics
 from worker.runtime import runtime
 from worker.settings import Settings
 from worker.sweeper import Sweeper
@@ -12,9 +16,13 @@ from worker.sweeper import Sweeper
 __all__ = ["run_worker", "worker_argv"]
 
 
-def worker_argv(settings: Settings, *, loglevel: str = "INFO") -> list[str]:
-    """The ``celery worker`` arguments for ``settings``."""
+log = logging.getLogger("qbgw.worker")
+
+
+def worker_argv(settings: Settings, *, loglevel: str = "INFO", quiet: bool = False) -> list[str]:
+    """The ``celery worker`` arguments for ``settings`` (``quiet``: without Celery's banner, which is not JSON)."""
     return [
+        *(["--quiet"] if quiet else []),
         "worker",
         f"--loglevel={loglevel}",
         f"--pool={settings.pool}",
@@ -35,14 +43,29 @@ def run_worker(settings: Settings, *, loglevel: str = "INFO") -> None:
 
     Raises:
         StoreUnavailable: the database cannot be reached at start.
-        ConfigError: the database is not migrated (and is not the embedded default).
+        ConfigError: the database is not migrated (and is not the embedded default), or the metrics port
+            cannot be bound.
     """
-    logging.getLogger("qbgw").setLevel(loglevel.upper())
+    log_format = logs.configure(settings, loglevel)
+    logging.captureWarnings(True)  # Celery's warnings become log lines too (JSON, filtered)
+    # A receiver of setup_logging tells Celery to leave logging alone: its records go through our handler
+    # (and its redacting filter), in our format, in this process and in prefork children.
+    signals.setup_logging.connect(_logging_is_configured, weak=False)
     rt = runtime(settings)
     rt.session_factory  # noqa: B018 - fail now, not at the first job, if the database is not usable
+    server = None
+    if settings.metrics_port:
+        server = metrics.serve(metrics.registry_for(), settings.metrics_host, settings.metrics_port)
+        log.info("metrics on http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
     sweeper = Sweeper(settings, settings.sweep_interval).start() if settings.sweep_interval else None
     try:
-        rt.celery.worker_main(argv=worker_argv(settings, loglevel=loglevel))
+        rt.celery.worker_main(argv=worker_argv(settings, loglevel=loglevel, quiet=log_format == "json"))
     finally:
         if sweeper is not None:
             sweeper.stop()
+        if server is not None:
+            server.shutdown()
+
+
+def _logging_is_configured(**_: Any) -> None:
+    pass

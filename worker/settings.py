@@ -17,7 +17,7 @@ from typing import Any
 from worker.errors import ConfigError
 from worker.lifecycle import RetryPolicy
 
-__all__ = ["Secret", "Settings", "PREFIX"]
+__all__ = ["Secret", "Settings", "PREFIX", "prometheus_multiproc_dir"]
 
 #: Every setting is read from an environment variable with this prefix.
 PREFIX = "QBGW_"
@@ -157,6 +157,13 @@ class Settings:
     rate_cooldown_max: float = 60.0
     #: The budget's name, shared by every worker that uses it; empty: one per upstream and application.
     rate_scope: str = ""
+    # --- Operations (see worker/metrics.py, worker/logs.py, worker/health.py) ---
+    #: The port each `qbgw worker` serves Prometheus metrics on (/metrics); 0: no endpoint.
+    metrics_port: int = 0
+    #: The address that endpoint (and `qbgw metrics serve`) binds; 0.0.0.0 in a container.
+    metrics_host: str = "127.0.0.1"
+    #: Log lines as "json" (one object per line), "text" (for people), or "auto": text on a terminal.
+    log_format: str = "auto"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -201,7 +208,8 @@ class Settings:
                 "a message whose attempt is still running"
             )
         for name, allowed in (("auth", ("static", "application", "user", "apikey")),
-                              ("pool", ("threads", "prefork", "solo", "gevent"))):  # fmt: skip
+                              ("pool", ("threads", "prefork", "solo", "gevent")),
+                              ("log_format", ("auto", "json", "text"))):  # fmt: skip
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be one of {', '.join(allowed)}; "
                                   f"got {getattr(self, name)!r}")  # fmt: skip
@@ -227,6 +235,8 @@ class Settings:
         for name in ("max_attempts", "concurrency", "audit_anchor_events", "rate_burst"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be at least 1")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"{PREFIX}METRICS_PORT must be a TCP port (1-65535), or 0 for no endpoint")
 
     @property
     def retry_policy(self) -> RetryPolicy:
@@ -285,6 +295,29 @@ class Settings:
     @property
     def is_embedded_broker(self) -> bool:
         return self.effective_broker_url.startswith("filesystem://")
+
+    @property
+    def secret_values(self) -> tuple[str, ...]:
+        """Every secret these settings hold, revealed, for the log filter to blot out: whole values,
+        each key of QBGW_ENCRYPTION_KEYS, and the password of a database or broker URL."""
+        found = [v.reveal() for f in fields(self) if isinstance(v := getattr(self, f.name), Secret) and v]
+        found += [part.partition(":")[2] for part in self.encryption_keys.reveal().split(",")]
+        found += [_url_password(url) for url in (self.database_url, self.broker_url)]
+        return tuple(sorted({s.strip() for s in found if len(s.strip()) >= 6}, key=len, reverse=True))
+
+
+def prometheus_multiproc_dir() -> Path | None:
+    """prometheus_client's own ``PROMETHEUS_MULTIPROC_DIR`` (it reads the variable itself; this says
+    whether it will): set, every process writes its metrics to files there, aggregated at a scrape."""
+    value = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    return Path(value) if value else None
+
+
+def _url_password(url: str) -> str:
+    # scheme://user:password@host/...; no parsing library: a wrong guess only redacts too little.
+    netloc = url.partition("://")[2].partition("/")[0]
+    userinfo = netloc.rpartition("@")[0]
+    return userinfo.partition(":")[2]
 
 
 def _parse(name: str, raw: str, kind: Any) -> Any:

@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from worker import store
+from worker import metrics, store
 from worker.batches import expire_overdue
 from worker.celery_app import backlog, publish
 from worker.errors import QbgwError
@@ -58,13 +58,17 @@ def sweep(*, settings: Settings | None = None, grace: float | None = None) -> Sw
         try:
             publish(rt.celery, job_id)
         except Exception as exc:  # the broker is down: the next sweep after the grace tries again
-            log.warning("job %s: could not publish (%s)", job_id, type(exc).__name__)
+            log.warning("job %s: could not publish (%s)", job_id, type(exc).__name__,
+                        extra={"job_id": job_id, "error_class": type(exc).__name__})  # fmt: skip
             continue
         published.append(job_id)
     expired = expire_overdue(settings=rt.settings)
+    metrics.swept(recovered=len(recovered), dispatched=len(published), expired=len(expired))
     if recovered or published or expired:
         log.info("sweep: %d interrupted attempt(s) recovered, %d job(s) dispatched, %d batch(es) expired",
-                 len(recovered), len(published), len(expired))  # fmt: skip
+                 len(recovered), len(published), len(expired),
+                 extra={"recovered": len(recovered), "dispatched": len(published),
+                        "expired": len(expired)})  # fmt: skip
     return SweepReport(recovered=recovered, dispatched=published, expired=expired)
 
 
@@ -94,6 +98,7 @@ class Sweeper:
                 with runtime(self.settings).transaction() as session:
                     self._anchorer.tick(session)
             except QbgwError as exc:  # the database or broker is away; the next sweep tries again
-                log.warning("sweep failed: %s", exc)
+                metrics.swept(failed=True)
+                log.warning("sweep failed: %s", exc, extra={"error_class": type(exc).__name__})
             except OSError as exc:
                 log.warning("could not write an audit anchor: %s", exc)

@@ -16,8 +16,15 @@ from typing import TYPE_CHECKING, Any
 
 from celery import Celery, Task
 
-from worker import audit, images, lifecycle, store
-from worker.errors import GatewayError, RateLimited, ResolutionFailed, StoreUnavailable, TransientGatewayError
+from worker import audit, images, lifecycle, metrics, store
+from worker.errors import (
+    GatewayError,
+    QbgwError,
+    RateLimited,
+    ResolutionFailed,
+    StoreUnavailable,
+    TransientGatewayError,
+)
 from worker.gateway import Exchange, encode_request
 from worker.lifecycle import Decision, JobStatus, Step
 from worker.models import utcnow
@@ -65,8 +72,13 @@ def register(app: Celery) -> None:
         except StoreUnavailable as exc:
             # The database is the source of truth and it is not there: keep the job's message
             # alive (a new one, later) rather than drop it. Nothing was sent upstream yet.
-            log.warning("job %s: database unavailable, retrying in %.0fs", job_id, STORE_RETRY_SECONDS)
+            log.warning("job %s: database unavailable, retrying in %.0fs", job_id, STORE_RETRY_SECONDS,
+                        extra={"job_id": job_id, "delay_s": STORE_RETRY_SECONDS})  # fmt: skip
+            metrics.store_unavailable()
             raise self.retry(exc=exc, countdown=STORE_RETRY_SECONDS) from None
+        except QbgwError as exc:  # a lost key (DecryptionFailed), a bug: Celery logs it; count it first
+            metrics.task_error(type(exc).__name__)
+            raise
 
 
 def run_attempt(rt: Runtime, job_id: str, *, slot_at: float | None = None) -> Outcome:
@@ -81,7 +93,9 @@ def run_attempt(rt: Runtime, job_id: str, *, slot_at: float | None = None) -> Ou
     with rt.transaction() as session:
         claim = store.claim(session=session, job_id=job_id, worker=rt.identity, lease=lease, now=utcnow())
         if claim is None:
-            log.debug("job %s: nothing to do (duplicate delivery, not due, or finished)", job_id)
+            log.debug("job %s: nothing to do (duplicate delivery, not due, or finished)", job_id,
+                      extra={"job_id": job_id, "outcome": Outcome.SKIPPED.value})  # fmt: skip
+            metrics.attempt(Outcome.SKIPPED)
             return Outcome.SKIPPED
         resolve = images.needs_resolution(claim.messages, rt.settings)
         if not resolve:  # the common case: one transaction claims and audits the request
@@ -103,8 +117,13 @@ def run_attempt(rt: Runtime, job_id: str, *, slot_at: float | None = None) -> Ou
         rt.limiter.cool_down(exchange.error.retry_after)
     decision = _decide(rt, claim, exchange)
     outcome = _record(rt, claim, exchange, decision)
+    error_class = type(exchange.error).__name__ if exchange.error is not None else None
+    metrics.attempt(outcome, exchange.status, exchange.latency_ms, error_class)
     log.info("job %s attempt %d: %s (HTTP %s, %d ms)", job_id, claim.attempt, outcome,
-             exchange.status or "-", exchange.latency_ms)  # fmt: skip
+             exchange.status or "-", exchange.latency_ms,
+             extra={"job_id": job_id, "attempt": claim.attempt, "outcome": outcome.value,
+                    "http_status": exchange.status, "latency_ms": exchange.latency_ms, "error_class": error_class,
+                    "worker": rt.identity})  # fmt: skip
     if outcome is Outcome.RETRYING and decision.delay <= rt.settings.countdown_limit:
         _publish_retry(rt, job_id, decision.delay)
     return outcome
@@ -140,6 +159,7 @@ def _admit(rt: Runtime, job_id: str, slot_at: float | None) -> Outcome | None:
             with rt.transaction() as session:  # one read, only when assistants have budgets of their own
                 assistant_id = store.claimable_assistant(session=session, job_id=job_id, now=utcnow())
             if assistant_id is None:
+                metrics.attempt(Outcome.SKIPPED)
                 return Outcome.SKIPPED
         budgets = planned(budgets_for(settings, assistant_id))
     lead = _LEAD.seconds if budgets else 0.0
@@ -168,7 +188,10 @@ def _reschedule(rt: Runtime, job_id: str, grant: Grant, *, slot_at: float | None
                                reserved=slot_at is not None, announced=announced, actor=rt.identity,
                                now=now)  # fmt: skip
     if not moved:
+        metrics.attempt(Outcome.SKIPPED)
         return Outcome.SKIPPED
+    metrics.throttled(grant.wait)
+    metrics.attempt(Outcome.THROTTLED)
     log.info("job %s: throttled (%s) for %.2fs", job_id, reason, grant.wait)
     if announced:
         failure = announce(rt, job_id, countdown=countdown, slot_at=slot_at)
@@ -189,6 +212,8 @@ def _send_in_slot(rt: Runtime, claim: store.Claim, body: bytes | images.Streamin
     grant = take_slot(rt.limiter, budgets_for(settings, claim.assistant_id), give_up=settings.lease_margin / 2)
     if not grant.reserved:
         return grant
+    if grant.wait >= 0.001:
+        metrics.throttled(grant.wait)
     exchange = rt.gateway.send(body)
     return exchange._replace(throttled=grant.wait) if grant.wait else exchange
 
@@ -205,8 +230,11 @@ def _release_unsent(rt: Runtime, claim: store.Claim, grant: Grant) -> Outcome:
         status = store.release_unsent(session=session, claim=claim, worker=rt.identity, until=until, reason=reason,
                                       wait=grant.wait, announced=announced, now=now)  # fmt: skip
     log.info("job %s attempt %d: held back, not sent (%s for %.1fs)", claim.job_id, claim.attempt, reason, grant.wait)
+    metrics.throttled(grant.wait)
     if status is not JobStatus.RETRYING:
+        metrics.attempt(_OUTCOME[status])
         return _OUTCOME[status]
+    metrics.attempt(Outcome.THROTTLED)
     if announced:
         failure = announce(rt, claim.job_id, countdown=countdown)
         if failure is not None:
@@ -225,7 +253,10 @@ def _finish_unresolved(rt: Runtime, claim: store.Claim, error: ResolutionFailed)
     """A reference could not be resolved: the job fails with that reason, nothing was sent."""
     exchange = Exchange(None, error, None, 0, None, None)
     outcome = _record(rt, claim, exchange, Decision(Step.FAIL, reason=str(error)))
-    log.info("job %s attempt %d: %s (an image reference could not be resolved)", claim.job_id, claim.attempt, outcome)
+    metrics.attempt(outcome)  # nothing was sent: no status, no latency
+    log.info("job %s attempt %d: %s (an image reference could not be resolved)", claim.job_id, claim.attempt, outcome,
+             extra={"job_id": claim.job_id, "attempt": claim.attempt, "outcome": outcome.value,
+                    "error_class": "ResolutionFailed", "worker": rt.identity})  # fmt: skip
     return outcome
 
 
@@ -254,7 +285,9 @@ def _renew_session(rt: Runtime, claim: store.Claim) -> None:
     try:
         rt.gateway.tokens.renew()
     except GatewayError as exc:
-        log.warning("job %s: session renewal failed (%s)", claim.job_id, type(exc).__name__)
+        kind = type(exc).__name__
+        log.warning("job %s: session renewal failed (%s)", claim.job_id, kind,
+                    extra={"job_id": claim.job_id, "attempt": claim.attempt, "error_class": kind})  # fmt: skip
         outcome, detail = "failed", {"error_class": type(exc).__name__}
     else:
         outcome, detail = "renewed", {}
@@ -345,4 +378,5 @@ def _publish_retry(rt: Runtime, job_id: str, delay: float) -> None:
 
     failure = announce(rt, job_id, countdown=delay)
     if failure is not None:
-        log.warning("job %s: could not publish its retry (%s); the sweeper will", job_id, failure)
+        log.warning("job %s: could not publish its retry (%s); the sweeper will", job_id, failure,
+                    extra={"job_id": job_id})  # fmt: skip

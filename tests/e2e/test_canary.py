@@ -1,8 +1,10 @@
 """The canary: distinctive PHI and a distinctive token go through a real worker on Redis and
-PostgreSQL; then every sink is searched for them. Zero hits allowed."""
+PostgreSQL, logging JSON and serving metrics; then every sink is searched for them (the broker, the
+database, the worker's log, its metrics, the exporter's, ``qbgw health``). Zero hits allowed."""
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Callable
@@ -11,10 +13,16 @@ from typing import Any
 
 import pytest
 import redis as redis_lib
+import requests
+from click.testing import CliRunner
+from prometheus_client import generate_latest
 from sqlalchemy import create_engine, inspect, text
 
 from tests.conftest import ASSISTANT, TOKEN
-from worker import producer
+from tests.e2e.test_operations import free_port
+from worker import metrics, producer
+from worker import runtime as runtime_module
+from worker.cli import cli
 from worker.errors import IdempotencyConflict, InvalidMessages, JobNotFound, QbgwError
 from worker.lifecycle import JobStatus
 from worker.queries import failed_jobs, get_job, job_events, wait_for_job
@@ -61,7 +69,8 @@ def test_no_phi_or_token_reaches_any_sink(
     monitor = Monitor(redis_url)
     monitor.start()
     monitor.ready.wait(5)
-    settings = production_settings
+    port = free_port()
+    settings = production_settings.with_(log_format="json", metrics_port=port)
     worker_process(settings)
     ok = producer.submit(ASSISTANT, [{"role": "user", "content": PHI}], actor="clinic", settings=settings)
     retried = producer.submit(ASSISTANT, [{"role": "user", "content": f"{PHI} [[emulator:fail=503x1]]"}],
@@ -92,16 +101,25 @@ def test_no_phi_or_token_reaches_any_sink(
         texts.append(str(caught.value) + repr(caught.value))
 
     monitor.stop()
+    runtime_module.reset()
+    health = CliRunner().invoke(cli, ["health", "--json"], env=settings.to_env(), catch_exceptions=False)
+    worker_log = (tmp_path / "worker-0.log").read_text()
+    assert all(json.loads(line) for line in worker_log.splitlines() if line.strip())  # JSON Lines, every line
     sinks = {
         "redis commands": "\n".join(monitor.seen),
         "redis keyspace": _redis_dump(redis_url),
-        "worker log": (tmp_path / "worker-0.log").read_text(),
+        "worker log": worker_log,
+        "worker metrics": requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text,
+        "exporter metrics": generate_latest(metrics.registry_for(fleet=settings, workers=False)).decode(),
+        "qbgw health": health.output,
         "producer log": caplog.text,
         "database plaintext": _database_dump(settings.database_url),
         "exception texts": "\n".join(texts),
     }
     assert len(sinks["redis commands"]) > 0 and ok in sinks["redis commands"]  # the monitor did see traffic
     assert ok in sinks["worker log"] and ok in sinks["database plaintext"]
+    assert 'qbgw_attempts_total{http_status="200",outcome="succeeded"}' in sinks["worker metrics"]
+    assert 'qbgw_jobs{status="succeeded"}' in sinks["exporter metrics"] and '"name": "upstream"' in health.output
     found = {name: hits(text) for name, text in sinks.items() if hits(text)}
     assert found == {}
 

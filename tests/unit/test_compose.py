@@ -44,6 +44,19 @@ def test_every_qbgw_service_runs_a_real_command_with_real_options(name: str) -> 
     assert command.make_context("qbgw", list(rest), resilient_parsing=False) is not None
 
 
+@pytest.mark.parametrize("name", [n for n, s in SERVICES.items() if "build" in s and "healthcheck" in s])
+def test_every_qbgw_health_check_runs_a_real_command(name: str) -> None:
+    kind, program, *args = SERVICES[name]["healthcheck"]["test"]
+    assert (kind, program) == ("CMD", "qbgw")
+    command, rest = _resolve(args)
+    assert command.make_context("qbgw", list(rest), resilient_parsing=False) is not None
+
+
+def test_workers_and_the_exporter_have_health_checks() -> None:
+    assert SERVICES["worker"]["healthcheck"]["test"][2] == "health"
+    assert SERVICES["exporter"]["healthcheck"]["test"][2:] == ["health"]
+
+
 def test_every_setting_the_compose_file_names_exists() -> None:
     text = (ROOT / "docker-compose.yml").read_text()
     named = set(re.findall(r"\bQBGW_[A-Z_]+\b", text))

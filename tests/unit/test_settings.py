@@ -74,3 +74,20 @@ def test_a_visibility_timeout_shorter_than_a_lease_is_refused() -> None:
 def test_long_waits_are_not_handed_to_the_broker() -> None:
     assert Settings().countdown_limit == 300.0
     assert Settings(visibility_timeout=200, read_timeout=10).countdown_limit == 50.0
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"QBGW_METRICS_PORT": "70000"}, "QBGW_METRICS_PORT must be a TCP port"),
+        ({"QBGW_LOG_FORMAT": "xml"}, "QBGW_LOG_FORMAT must be one of auto, json, text"),
+    ],
+)
+def test_operations_settings_are_checked(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Settings.from_env(env)
+
+
+def test_metrics_are_off_and_logs_follow_the_terminal_by_default() -> None:
+    settings = Settings.from_env({})
+    assert settings.metrics_port == 0 and settings.metrics_host == "127.0.0.1" and settings.log_format == "auto"

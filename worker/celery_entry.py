@@ -1,0 +1,14 @@
+"""Celery's own tools on a qbgw fleet: ``celery -A worker.celery_entry inspect ping`` (or ``status``,
+``inspect active``, ``flower``). Not imported by qbgw itself: Celery's command line needs a module
+with an app in it, so this one builds the app from the ``QBGW_*`` environment when it is imported.
+A task's name is ``qbgw.run_job`` and its only argument the job id: nothing these tools show is PHI.
+"""
+
+from __future__ import annotations
+
+from worker.celery_app import create_celery_app
+from worker.settings import Settings
+
+__all__ = ["app"]
+
+app = create_celery_app(Settings.from_env())
