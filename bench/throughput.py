@@ -18,9 +18,13 @@ against the gateway emulator (``worker.emulator``) in this process:
    submit-to-result time of ``--sequential`` (200) one-at-a-time jobs (polling ``job_status`` every 2 ms),
    beside the same for the minimal task, an INSERT-only task and a bare Celery no-op (a task that SETs a
    Redis key, polled).
-3. the throughput run with ``--workers`` (2) processes (anchors: the ideal, raw requests with as many
-   threads, the minimal task on as many processes), and on the embedded default (SQLite + filesystem
-   broker, ``Settings(data_dir=...)`` only) with one process.
+3. scaling: the throughput run with each of ``--workers`` (default 2; ``--workers 1,2,4``) worker processes
+   (anchors: the ideal, raw requests with as many threads, the minimal task on as many processes), and on
+   the embedded default (SQLite + filesystem broker, ``Settings(data_dir=...)`` only) with 1 and the same
+   counts of processes.
+
+Worker CPU and memory count each worker process and its live descendants (a prefork pool's children).
+``--pool`` runs the qbgw workers with another Celery pool (``bench.pools`` compares them).
 
 During each burst the machine's CPU use and PostgreSQL's sessions (running, waiting on a lock) are sampled.
 Bursts are repeated ``--reps`` times, interleaved; the table shows medians. ``--profile FILE`` adds one
@@ -31,6 +35,7 @@ switch interval.
 
     .venv/bin/python -m bench.throughput                          # everything: 2000 jobs x 3 reps, ~9 min
     .venv/bin/python -m bench.throughput --jobs 500 --reps 1      # a quick run, ~2 min
+    .venv/bin/python -m bench.throughput --parts multi,embedded --workers 1,2,4   # scaling
     .venv/bin/python -m bench.throughput --parts "" --jobs 3000 --profile /tmp/worker.txt   # profile only
 """
 
@@ -86,7 +91,10 @@ class Config:
     reps: int = 3
     producers: int = 4
     sequential: int = 200
-    workers: int = 2
+    #: Worker process counts for part 3 ("multi" on PostgreSQL + Redis, "embedded" on the default).
+    workers: tuple[int, ...] = (2,)
+    #: The qbgw workers' pool (threads, prefork, gevent, solo).
+    pool: str = "threads"
     parts: tuple[str, ...] = PARTS
     profile: Path | None = None
     profile_seconds: float = 20.0
@@ -177,11 +185,52 @@ def bench_settings(config: Config, emulator_url: str, data_dir: Path, database_u
 # --- processes -------------------------------------------------------------------------------------
 
 
+def _stat(pid: int) -> list[str]:
+    """/proc/PID/stat's fields after the command name (field 3 onwards: state, ppid, ...)."""
+    with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+        return stat.read().rsplit(")", 1)[1].split()
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every live descendant (a prefork pool's children, say)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                children.setdefault(int(_stat(int(entry))[1]), []).append(int(entry))
+            except (OSError, IndexError, ValueError):  # the process ended while we looked
+                continue
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo.extend(children.get(tree[-1], ()))
+    return tree
+
+
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU of process ``pid`` (all its threads) so far."""
-    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime: fields 14 and 15
+    """User + system CPU so far of process ``pid`` (all its threads) and its live descendants."""
+    total = 0.0
+    for member in process_tree(pid):
+        try:
+            fields = _stat(member)
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime: fields 14 and 15
+    return total
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory (VmRSS) of process ``pid`` and its live descendants."""
+    total = 0
+    for member in process_tree(pid):
+        try:
+            with open(f"/proc/{member}/status", encoding="ascii", errors="replace") as status:
+                for line in status:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return total
 
 
 class Workers:
@@ -218,8 +267,8 @@ class Workers:
 
 
 def qbgw_workers(bench: Bench, settings: Settings, count: int = 1) -> Workers:
-    argv = [sys.executable, "-m", "worker", "worker", "--concurrency", str(bench.config.concurrency),
-            "--loglevel", "WARNING"]  # fmt: skip
+    argv = [sys.executable, "-m", "worker", "worker", "--concurrency", str(settings.concurrency),
+            "--pool", settings.pool, "--loglevel", "WARNING"]  # fmt: skip
     if bench.config.switch_interval is not None:  # a what-if: the same worker, another GIL switch interval
         start = f"import runpy, sys; sys.setswitchinterval({bench.config.switch_interval / 1000!r}); "
         argv[1:3] = ["-c", start + "runpy.run_module('worker', run_name='__main__')"]
@@ -365,7 +414,12 @@ class Plan:
 
 
 def timed_burst(
-    plan: Plan, config: Config, *, live: bool, on_start: Callable[[Workers], Any] | None = None
+    plan: Plan,
+    config: Config,
+    *,
+    live: bool,
+    on_start: Callable[[Workers], Any] | None = None,
+    on_end: Callable[[Workers], Any] | None = None,
 ) -> tuple[float, Burst]:
     """Live: publish while the workers run, timed from the first publication. Otherwise (a drain): publish
     with the workers' consumers cancelled, then time from their resumption. Waits until all are finished;
@@ -391,6 +445,8 @@ def timed_burst(
                 _resume(plan.app, plan.queue, fleet.count)
             wait_until(done, config.timeout, "burst")
             cpu = fleet.cpu() - cpu0
+        if on_end is not None:
+            on_end(fleet)
     return start, Burst(config.jobs, 0.0, cpu, submitted, notes=sampler.note)
 
 
@@ -407,6 +463,7 @@ def pipeline_burst(
     *,
     live: bool = False,
     on_start: Callable[[Workers], Any] | None = None,
+    on_end: Callable[[Workers], Any] | None = None,
 ) -> Burst:
     """``--jobs`` jobs through ``workers`` qbgw worker processes (see ``timed_burst``)."""
     config, tag = bench.config, f"burst-{uuid.uuid4().hex[:8]}"
@@ -418,7 +475,7 @@ def pipeline_burst(
     plan = Plan(qbgw_workers(bench, settings, workers), lambda fleet: _warm_pipeline(settings, fleet, 120),
                 publish_all, lambda: _counts(settings, tag)[0], runtime(settings).celery, settings.queue,
                 bench.engine if settings.database_url else None)  # fmt: skip
-    start, burst = timed_burst(plan, config, live=live, on_start=on_start)
+    start, burst = timed_burst(plan, config, live=live, on_start=on_start, on_end=on_end)
     burst.seconds = _last_finished(settings, tag) - start
     burst.failed = config.jobs - _counts(settings, tag)[1]
     with runtime(settings).transaction() as session:
@@ -579,22 +636,37 @@ def part_latency(bench: Bench, results: Results) -> None:
         bench.emu.reconfigure(latency=bench.config.latency)
 
 
-def part_multi(bench: Bench, results: Results) -> None:
-    workers = bench.config.workers
-    runs = [
-        ("raw-multi", lambda: raw_requests(bench, bench.config.concurrency * workers)),
-        ("minimal-multi", lambda: minimal_burst(bench, workers)),
-        ("pipeline-multi", lambda: pipeline_burst(bench, bench.settings, workers)),
+def _multi_runs(bench: Bench, workers: int) -> list[tuple[str, Callable[[], Burst]]]:
+    threads = bench.config.concurrency * workers
+    return [
+        (f"raw-x{workers}", lambda: raw_requests(bench, threads)),
+        (f"minimal-x{workers}", lambda: minimal_burst(bench, workers)),
+        (f"pipeline-x{workers}", lambda: pipeline_burst(bench, bench.settings, workers)),
     ]
-    _repeat(bench, results, runs)
+
+
+def part_multi(bench: Bench, results: Results) -> None:
+    for workers in bench.config.workers:
+        bench.say(f"  -- {workers} worker process(es)")
+        _repeat(bench, results, _multi_runs(bench, workers))
+
+
+def embedded_counts(config: Config) -> list[int]:
+    return sorted({1, *config.workers})
 
 
 def part_embedded(bench: Bench, results: Results) -> None:
-    def embedded() -> Burst:
+    def embedded(workers: int) -> Burst:
         data_dir = bench.folder / f"embedded-{uuid.uuid4().hex[:8]}"  # a fresh SQLite database each time
-        return pipeline_burst(bench, bench_settings(bench.config, bench.emu.url, data_dir))
+        settings = bench_settings(bench.config, bench.emu.url, data_dir).with_(pool=bench.config.pool)
+        return pipeline_burst(bench, settings, workers)
 
-    _repeat(bench, results, [("embedded", embedded)])
+    runs = [(_embedded_name(n), lambda n=n: embedded(n)) for n in embedded_counts(bench.config)]
+    _repeat(bench, results, runs)
+
+
+def _embedded_name(workers: int) -> str:
+    return "embedded" if workers == 1 else f"embedded-x{workers}"
 
 
 def part_profile(bench: Bench, results: Results) -> None:
@@ -754,51 +826,62 @@ def _live_rows(config: Config, r: Results) -> list[Row]:
 
 
 def _multi_rows(config: Config, r: Results, head: str) -> list[Row]:
-    ideal, threads = config.ideal * config.workers, config.concurrency * config.workers
-    pipe, minimal, raw = r.rate("pipeline-multi"), r.rate("minimal-multi"), r.rate("raw-multi")
-    cpu, cpu_min = r.cpu_ms("pipeline-multi"), r.cpu_ms("minimal-multi")
-    return [
-        (
-            f"jobs/s, {config.workers} workers x {head}",
-            _fmt(pipe),
-            f"ideal {ideal:.0f}; raw requests x{threads} {_fmt(raw)}; minimal task x{config.workers} {_fmt(minimal)}",
-            f"{_ratio(pipe, ideal)} of ideal; {_ratio(pipe, minimal)} of minimal",
-        ),
-        (
-            f"worker CPU ms per job, {config.workers} workers",
-            _fmt(cpu, 2),
-            f"minimal task {_fmt(cpu_min, 2)}",
-            _times(cpu, cpu_min),
-        ),  # fmt: skip
-    ]
+    rows: list[Row] = []
+    for workers in config.workers:
+        if f"pipeline-x{workers}" not in r.bursts:
+            continue
+        ideal, threads = config.ideal * workers, config.concurrency * workers
+        pipe, minimal, raw = (r.rate(f"{name}-x{workers}") for name in ("pipeline", "minimal", "raw"))
+        cpu, cpu_min = r.cpu_ms(f"pipeline-x{workers}"), r.cpu_ms(f"minimal-x{workers}")
+        rows += [
+            (
+                f"jobs/s, {workers} worker(s) x {head}, PostgreSQL + Redis",
+                _fmt(pipe),
+                f"ideal {ideal:.0f}; raw requests x{threads} {_fmt(raw)}; minimal task x{workers} {_fmt(minimal)}",
+                f"{_ratio(pipe, ideal)} of ideal; {_ratio(pipe, minimal)} of minimal",
+            ),
+            (
+                f"worker CPU ms per job, {workers} worker(s)",
+                _fmt(cpu, 2),
+                f"minimal task {_fmt(cpu_min, 2)}",
+                _times(cpu, cpu_min),
+            ),  # fmt: skip
+        ]
+    return rows
 
 
 def _embedded_rows(config: Config, r: Results, head: str) -> list[Row]:
-    emb, pipe = r.rate("embedded"), r.rate("pipeline")
-    cpu, cpu_pipe = r.cpu_ms("embedded"), r.cpu_ms("pipeline")
-    return [
-        (
-            f"jobs/s, embedded default (SQLite + fs broker), 1 worker, {head}",
-            _fmt(emb),
-            f"ideal {config.ideal:.0f}; PostgreSQL + Redis pipeline {_fmt(pipe)}",
-            f"{_ratio(emb, config.ideal)} of ideal; {_ratio(emb, pipe)} of PostgreSQL + Redis",
-        ),
-        (
-            "worker CPU ms per job, embedded",
-            _fmt(cpu, 2),
-            f"PostgreSQL + Redis pipeline {_fmt(cpu_pipe, 2)}",
-            _times(cpu, cpu_pipe),
-        ),  # fmt: skip
-    ]
+    rows: list[Row] = []
+    for workers in embedded_counts(config):
+        name = _embedded_name(workers)
+        if name not in r.bursts:
+            continue
+        pg = "pipeline" if workers == 1 else f"pipeline-x{workers}"
+        emb, pipe, ideal = r.rate(name), r.rate(pg), config.ideal * workers
+        cpu, cpu_pipe = r.cpu_ms(name), r.cpu_ms(pg)
+        rows += [
+            (
+                f"jobs/s, embedded default (SQLite + fs broker), {workers} worker(s) x {head}",
+                _fmt(emb),
+                f"ideal {ideal:.0f}; PostgreSQL + Redis pipeline x{workers} {_fmt(pipe)}",
+                f"{_ratio(emb, ideal)} of ideal; {_ratio(emb, pipe)} of PostgreSQL + Redis",
+            ),
+            (
+                f"worker CPU ms per job, embedded, {workers} worker(s)",
+                _fmt(cpu, 2),
+                f"PostgreSQL + Redis pipeline {_fmt(cpu_pipe, 2)}",
+                _times(cpu, cpu_pipe),
+            ),  # fmt: skip
+        ]
+    return rows
 
 
 def _throughput_rows(config: Config, r: Results) -> list[Row]:
-    head = f"{config.concurrency} threads, {1000 * config.latency:.0f} ms upstream"
+    head = f"{config.concurrency} {config.pool}, {1000 * config.latency:.0f} ms upstream"
     rows: list[Row] = []
-    for name, make in (("pipeline", _one_worker_rows), ("pipeline-multi", _multi_rows), ("embedded", _embedded_rows)):
-        if name in r.bursts:
-            rows += make(config, r, head)
-    return rows
+    if "pipeline" in r.bursts:
+        rows += _one_worker_rows(config, r, head)
+    return rows + _multi_rows(config, r, head) + _embedded_rows(config, r, head)
 
 
 def _latency_rows(r: Results) -> list[Row]:
@@ -852,6 +935,7 @@ def run(config: Config, say: Say = print) -> Results:
                 with engine.begin() as connection:
                     connection.execute(text(minimal_app.TABLE_DDL))
                 settings = bench_settings(config, emu.url, folder / "data", database_url, private.url)
+                settings = settings.with_(pool=config.pool)
                 _run_parts(Bench(config, emu, private.url, database_url, folder, engine, say, settings), results)
             finally:
                 engine.dispose()
@@ -868,8 +952,9 @@ def _run_parts(bench: Bench, results: Results) -> None:
     titles = {
         "throughput": f"1. throughput, {bench.config.jobs} jobs, upstream {bench.config.latency:g}s",
         "latency": f"2. submit -> result, {bench.config.sequential} sequential jobs, upstream at once",
-        "multi": f"3a. throughput with {bench.config.workers} worker processes",
-        "embedded": "3b. throughput on the embedded default (SQLite + filesystem broker)",
+        "multi": f"3a. throughput with {', '.join(map(str, bench.config.workers))} worker processes",
+        "embedded": f"3b. throughput on the embedded default (SQLite + filesystem broker), "
+        f"{', '.join(map(str, embedded_counts(bench.config)))} worker processes",
     }
     for name in bench.config.parts:
         bench.say(titles[name])
@@ -889,7 +974,17 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     parser.add_argument("--reps", type=int, default=3, help="bursts per figure; medians are printed (default 3)")
     parser.add_argument("--producers", type=int, default=4, help="threads submitting qbgw jobs (default 4)")
     parser.add_argument("--sequential", type=int, default=200, help="one-at-a-time jobs for part 2 (default 200)")
-    parser.add_argument("--workers", type=int, default=2, help="worker processes for part 3a (default 2)")
+    parser.add_argument(
+        "--workers",
+        default="2",
+        help="comma-separated worker process counts for parts 3a and 3b (default 2; e.g. 1,2,4)",
+    )
+    parser.add_argument(
+        "--pool",
+        choices=("threads", "prefork", "gevent", "solo"),
+        default="threads",
+        help="the qbgw workers' pool (default threads; the minimal task always runs threads)",
+    )
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {','.join(PARTS)}")
     parser.add_argument("--profile", type=Path, help="also profile one pipeline burst with py-spy into this file")
     parser.add_argument("--profile-seconds", type=float, default=20.0)
@@ -904,7 +999,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     if unknown:
         parser.error(f"unknown parts: {', '.join(sorted(unknown))}")
     return Config(jobs=args.jobs, concurrency=args.concurrency, latency=args.latency, reps=args.reps,
-                  producers=args.producers, sequential=args.sequential, workers=args.workers, parts=parts,
+                  producers=args.producers, sequential=args.sequential, parts=parts, pool=args.pool,
+                  workers=tuple(int(n) for n in args.workers.split(",") if n.strip()),
                   profile=args.profile, profile_seconds=args.profile_seconds, profile_mode=args.profile_mode,
                   switch_interval=args.worker_switch_interval, timeout=args.timeout)  # fmt: skip
 

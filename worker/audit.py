@@ -14,13 +14,13 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import Engine, insert, select
 from sqlalchemy.orm import Session
 
 from worker.models import AuditChainHead, AuditEvent, utcnow
 
-__all__ = ["Action", "AuditRecord", "record", "seal", "discard", "digest", "fingerprint", "chain_hash",
-           "events_for_job"]  # fmt: skip
+__all__ = ["Action", "AuditRecord", "record", "seal", "seal_at_commit", "install_commit_seal", "discard", "digest",
+           "fingerprint", "chain_hash", "chain_hash_v1", "content_hash", "link_hash", "events_for_job"]  # fmt: skip
 
 
 class Action(StrEnum):
@@ -85,14 +85,38 @@ CHAINED = ("seq", "occurred_at", "action", "job_id", "batch_id", "assistant_id",
            "response_digest", "response_bytes", "detail")  # fmt: skip
 
 
-def chain_hash(prev_hash: str, row: Mapping[str, Any]) -> str:
-    """sha256 over a domain tag, the previous event's hash and the event's canonical JSON."""
-    fields = {name: row.get(name) for name in CHAINED}
+#: What format v2's content hash covers: every chained column but the position (seq).
+CONTENT = tuple(name for name in CHAINED if name != "seq")
+
+
+def _canonical(row: Mapping[str, Any], names: tuple[str, ...]) -> bytes:
+    fields = {name: row.get(name) for name in names}
     when = fields["occurred_at"]
     if isinstance(when, datetime):
         fields["occurred_at"] = when.astimezone(UTC).isoformat(timespec="microseconds")
-    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-    return hashlib.sha256(b"qbgw-audit-v1\x00" + prev_hash.encode() + b"\x00" + canonical.encode()).hexdigest()
+    return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+
+
+def chain_hash_v1(prev_hash: str, row: Mapping[str, Any]) -> str:
+    """Format v1 (events before ``audit_chain_head.v2_from``): sha256 over a domain tag, the previous
+    event's hash and the event's canonical JSON, seq included."""
+    return hashlib.sha256(b"qbgw-audit-v1\x00" + prev_hash.encode() + b"\x00" + _canonical(row, CHAINED)).hexdigest()
+
+
+def content_hash(row: Mapping[str, Any]) -> str:
+    """Format v2, part one: the event's canonical JSON without its seq; needs no lock."""
+    return hashlib.sha256(b"qbgw-audit-v2-content\x00" + _canonical(row, CONTENT)).hexdigest()
+
+
+def link_hash(prev_hash: str, seq: int, content: str) -> str:
+    """Format v2, part two: the chain link, done under the head's lock (also by PostgreSQL's
+    ``qbgw_audit_seal``, which must compute exactly this)."""
+    return hashlib.sha256(f"qbgw-audit-v2|{prev_hash}|{seq}|{content}".encode()).hexdigest()
+
+
+def chain_hash(prev_hash: str, row: Mapping[str, Any]) -> str:
+    """The current format (v2): the link of the row's seq and content hash to the previous hash."""
+    return link_hash(prev_hash, int(row["seq"]), content_hash(row))
 
 
 @dataclass(frozen=True)
@@ -175,25 +199,94 @@ class Sealed:
 
 
 def seal(session: Session) -> Sealed | None:
-    """Chain and insert the session's pending events; returns what was added, or None.
+    """Chain and insert the session's pending events now; returns what was added, or None.
 
     Locks the chain head row until the transaction ends, so concurrent transactions chain in
-    the order they commit; called just before commit to keep that lock short.
+    the order they commit. The content hashes are computed before the lock is taken.
     """
     pending = session.info.pop(PENDING, None)
     if not pending:
         return None
+    contents = [content_hash(event) for event in pending]
     head = session.execute(select(AuditChainHead).where(AuditChainHead.id == 1).with_for_update()).scalar_one()
     seq, prev = head.seq, head.row_hash
-    for event in pending:
+    for event, content in zip(pending, contents, strict=True):
         seq += 1
         event["seq"], event["prev_hash"] = seq, prev
-        event["row_hash"] = prev = chain_hash(prev, event)
+        event["row_hash"] = prev = link_hash(prev, seq, content)
     session.execute(insert(AuditEvent), pending)
     first = head.seq + 1
     head.seq, head.row_hash = seq, prev
     session.flush()
     return Sealed(first, seq, prev)
+
+
+@dataclass
+class Staged:
+    """Events handed to the transaction's COMMIT (PostgreSQL); ``sealed`` is set once it ran."""
+
+    payload: str
+    sealed: Sealed | None = None
+
+
+#: Where a pooled PostgreSQL connection keeps the events its next COMMIT must seal first.
+STAGED = "qbgw_audit_staged"
+#: Set on a dialect whose commits seal staged events (see :func:`install_commit_seal`).
+COMMIT_SEALS = "qbgw_commit_seals"
+#: One statement: lock the head, link and insert the events, move the head (a migration made it).
+SEAL_SQL = "SELECT first_seq, last_seq, last_hash FROM qbgw_audit_seal(%s::jsonb)"
+
+
+def seal_at_commit(session: Session) -> Sealed | Staged | None:
+    """Called just before the transaction commits: on PostgreSQL (with :func:`install_commit_seal`),
+    hash the pending events and stage them for the COMMIT, which sends one ``qbgw_audit_seal``
+    call in the same round trip, so the head's row lock is held for no client round trip at all;
+    elsewhere, :func:`seal` them now."""
+    if not getattr(session.get_bind().dialect, COMMIT_SEALS, False):
+        return seal(session)
+    pending = session.info.pop(PENDING, None)
+    if not pending:
+        return None
+    rows = []
+    for i, event in enumerate(pending):
+        row = {name: event[name] for name in CONTENT}
+        row["occurred_at"] = event["occurred_at"].astimezone(UTC).isoformat(timespec="microseconds")
+        row["i"], row["c"] = i, content_hash(event)
+        rows.append(row)
+    staged = Staged(json.dumps(rows, separators=(",", ":")))
+    session.connection().connection.info[STAGED] = staged
+    return staged
+
+
+def install_commit_seal(engine: Engine) -> None:
+    """On PostgreSQL, make ``engine``'s COMMIT seal the events staged by :func:`seal_at_commit`:
+    ``qbgw_audit_seal(...)`` and COMMIT go out together (psycopg's pipeline mode), so the chain
+    head is locked only while the server runs them, never while this process waits for the GIL."""
+    dialect = engine.dialect
+    if dialect.name != "postgresql" or getattr(dialect, COMMIT_SEALS, False):
+        return
+    plain_commit, plain_rollback = dialect.do_commit, dialect.do_rollback
+
+    def do_commit(connection: Any) -> None:
+        staged: Staged | None = connection.info.pop(STAGED, None)
+        if staged is None:
+            plain_commit(connection)
+            return
+        raw = connection.dbapi_connection
+        with raw.pipeline():
+            cursor = raw.cursor()
+            cursor.execute(SEAL_SQL, (staged.payload,), prepare=True)
+            raw.commit()
+        first, last, row_hash = cursor.fetchone()
+        staged.sealed = Sealed(int(first), int(last), str(row_hash))
+
+    def do_rollback(connection: Any) -> None:
+        connection.info.pop(STAGED, None)  # the events describe nothing that happened
+        plain_rollback(connection)
+
+    dialect.do_commit = do_commit  # type: ignore[method-assign, assignment]
+    dialect.do_rollback = do_rollback  # type: ignore[method-assign, assignment]
+    setattr(dialect, COMMIT_SEALS, True)
 
 
 def discard(session: Session) -> None:

@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from worker import audit
 from worker.errors import ConfigError
-from worker.models import GENESIS, AuditEvent, utcnow
+from worker.models import GENESIS, AuditChainHead, AuditEvent, utcnow
 from worker.settings import Settings
 
 __all__ = [
@@ -78,11 +78,17 @@ class Anchor:
 def install_hooks(factory: sessionmaker[Session], settings: Settings) -> None:
     """Seal audit events just before every commit; anchor the head every N events after it."""
 
+    bind = factory.kw.get("bind")
+    if bind is not None:
+        audit.install_commit_seal(bind)
+
     def before_commit(session: Session) -> None:
-        session.info[_SEALED] = audit.seal(session)
+        session.info[_SEALED] = audit.seal_at_commit(session)
 
     def after_commit(session: Session) -> None:
         sealed = session.info.pop(_SEALED, None)
+        if isinstance(sealed, audit.Staged):
+            sealed = sealed.sealed
         every = settings.audit_anchor_events
         if sealed is not None and sealed.last // every > (sealed.first - 1) // every:
             _anchor_quietly(settings, sealed.last, sealed.row_hash)
@@ -180,6 +186,14 @@ def head(session: Session) -> tuple[int, str]:
     return (row.seq, row.row_hash) if row else (0, GENESIS)
 
 
+def head_hash(settings: Settings) -> str:
+    """The chain's last hash (tests and tools; see :func:`head`)."""
+    from worker.runtime import runtime
+
+    with runtime(settings).transaction() as session:
+        return head(session)[1]
+
+
 class Anchorer:
     """Writes an anchor every ``audit_anchor_seconds`` even when nothing happens, so that a
     truncated tail cannot hide behind silence (CloudTrail's hourly digests do the same)."""
@@ -224,9 +238,10 @@ def verify(session: Session, anchors: list[Anchor], key: bytes) -> VerifyReport:
     by_seq = {a.seq: a for a in anchors if a.kind == "head" and a.seq > base.seq}
     count = 0
     if problem is None:
+        v2_from = session.scalar(select(AuditChainHead.v2_from).where(AuditChainHead.id == 1))
         rows = _rows(session, after=base.seq)
         try:
-            last_good, problem = _walk(rows, by_seq, base)
+            last_good, problem = _walk(rows, by_seq, base, 1 if v2_from is None else v2_from)
             count = last_good - base.seq
         finally:
             rows.close()  # closes the server-side cursor when the walk stops early
@@ -258,8 +273,11 @@ def _broken_link(seq: int, skips_one: bool) -> Problem:
                         f"was deleted before it")  # fmt: skip
 
 
-def _walk(rows: Iterator[Any], anchors: dict[int, Anchor], base: Anchor) -> tuple[int, Problem | None]:
-    """Walk the chain from ``base`` (the genesis, or the signed end of a deliberate drop)."""
+def _walk(
+    rows: Iterator[Any], anchors: dict[int, Anchor], base: Anchor, v2_from: int = 1
+) -> tuple[int, Problem | None]:
+    """Walk the chain from ``base`` (the genesis, or the signed end of a deliberate drop); events
+    from seq ``v2_from`` on are in format v2, those before it in v1."""
     prev, before, expected, matched = base.row_hash, "", base.seq + 1, base.seq
     for row in rows:
         seq = row["seq"]
@@ -268,7 +286,7 @@ def _walk(rows: Iterator[Any], anchors: dict[int, Anchor], base: Anchor) -> tupl
             return expected - 1, Problem(expected, f"{gap} (events were deleted)")
         if row["prev_hash"] != prev:
             return seq - 1, _broken_link(seq, row["prev_hash"] == before)
-        before, prev = prev, audit.chain_hash(prev, row)
+        before, prev = prev, (audit.chain_hash(prev, row) if seq >= v2_from else audit.chain_hash_v1(prev, row))
         if prev != row["row_hash"]:
             return seq - 1, Problem(seq, f"event seq {seq} was altered: its contents do not match its hash")
         anchor = anchors.get(seq)

@@ -183,3 +183,5 @@ class AuditChainHead(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     seq: Mapped[int] = mapped_column(BigInteger)
     row_hash: Mapped[str] = mapped_column(String(64))
+    #: The first seq chained in format v2 (content hashed before the lock); those before it are v1.
+    v2_from: Mapped[int] = mapped_column(BigInteger, default=1, server_default="1")

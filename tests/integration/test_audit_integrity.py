@@ -203,3 +203,61 @@ def test_the_application_role_cannot_change_the_log(logged: Settings, verb: str,
             db.execute(text(f"REVOKE ALL ON audit_events FROM {role}"))
             db.execute(text(f"DROP ROLE {role}"))
         owner.dispose()
+
+
+# --- format v2 and the PostgreSQL commit that seals ------------------------------------------------
+
+
+def _note(session: Any, actor: str) -> None:
+    audit.record(session=session, action=audit.Action.AUDIT_QUERIED, job_id=None, actor=actor, detail={"n": 1})
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_postgres_seals_in_the_commit_itself(logged: Settings) -> None:
+    before = last_seq(logged)
+    with runtime(logged).transaction() as session:
+        _note(session, "first")
+        _note(session, "second")
+        staged = audit.seal_at_commit(session)
+        assert isinstance(staged, audit.Staged) and staged.sealed is None  # nothing sent yet
+    assert staged.sealed == audit.Sealed(before + 1, before + 2, integrity.head_hash(logged))
+    assert check(logged).ok
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_staged_events_of_a_rolled_back_transaction_are_never_sealed(logged: Settings) -> None:
+    before = last_seq(logged)
+    with pytest.raises(RuntimeError), runtime(logged).transaction() as session:
+        _note(session, "rolled-back")
+        audit.seal_at_commit(session)
+        raise RuntimeError("the change fails")
+    with runtime(logged).transaction() as session:  # the same pooled connection, most likely
+        _note(session, "kept")
+    with runtime(logged).transaction() as session:
+        actors = session.scalars(select(AuditEvent.actor).where(AuditEvent.seq > before)).all()
+    assert actors == ["kept"] and check(logged).ok
+
+
+def test_events_in_format_v1_before_the_boundary_still_verify(settings: Settings) -> None:
+    """A database chained before format v2 keeps its v1 events; the new ones follow them in v2."""
+    with runtime(settings).transaction() as session:
+        _note(session, "v1-to-be")
+        _note(session, "v1-to-be")
+    with as_owner(settings) as db:  # rewrite them as format v1 made them, and set the boundary after them
+        prev = "0" * 64
+        for seq in (1, 2):
+            values = row(db, seq)
+            prev = audit.chain_hash_v1(prev, values)
+            db.execute(text("UPDATE audit_events SET row_hash = :h WHERE seq = :s"), {"h": prev, "s": seq})
+            if seq == 2:
+                break
+            db.execute(text("UPDATE audit_events SET prev_hash = :p WHERE seq = 2"), {"p": prev})
+        db.execute(text("UPDATE audit_chain_head SET row_hash = :h, v2_from = 3"), {"h": prev})
+    job_id = producer.submit(ASSISTANT, [{"role": "user", "content": "after the boundary"}], settings=settings)
+    run_attempt(runtime(settings), job_id)
+    report = check(settings)
+    assert report.ok and report.events == last_seq(settings) > 2
+    with as_owner(settings) as db:
+        db.execute(text("UPDATE audit_chain_head SET v2_from = 1"))  # now events 1-2 read as v2: they fail
+    problem = check(settings).problem
+    assert problem is not None and problem.seq == 1 and "altered" in problem.message

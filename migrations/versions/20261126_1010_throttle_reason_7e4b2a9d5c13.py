@@ -1,8 +1,8 @@
 """throttle reason: a job that waits for the fleet's rate limit says so
 
 Revision ID: 7e4b2a9d5c13
-Revises: 6035c243a244
-Create Date: 2026-11-25 20:40:00+00:00
+Revises: 9b4e7d2a1c60
+Create Date: 2026-11-26 10:10:00+00:00
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "7e4b2a9d5c13"
-down_revision: str | None = "6035c243a244"
+down_revision: str | None = "9b4e7d2a1c60"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

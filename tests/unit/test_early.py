@@ -1,0 +1,23 @@
+"""Which command lines make a gevent worker (patched before anything else is imported)."""
+
+from __future__ import annotations
+
+import pytest
+
+from worker._early import wants_gevent
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "expected"),
+    [
+        (["/venv/bin/qbgw", "worker", "--pool", "gevent"], {}, True),
+        (["-m", "worker", "--pool=gevent", "-c", "64"], {}, True),
+        (["qbgw", "worker"], {"QBGW_POOL": "gevent"}, True),
+        (["qbgw", "worker", "--pool", "threads"], {"QBGW_POOL": "gevent"}, False),
+        (["qbgw", "worker"], {}, False),
+        (["qbgw", "submit", "--pool", "gevent"], {}, False),
+        (["pytest", "worker", "--pool", "gevent"], {}, False),
+    ],
+)
+def test_wants_gevent(argv: list[str], env: dict[str, str], expected: bool) -> None:
+    assert wants_gevent(argv, env) is expected
