@@ -36,7 +36,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,7 +233,7 @@ class FileLimiter:
     def __init__(self, directory: Path, scope: str, *, cooldown_base: float = 2.0, cooldown_cap: float = 60.0) -> None:
         self._path = directory / f"ratelimit-{scope}.json"
         self._cooldown = _Cooldown(cooldown_base, cooldown_cap)
-        self._cached = (0.0, 0.0)  # (read at, cooldown until): cooldown-only checks skip the lock
+        self._view = _CooldownView(self._read_cooldown)
 
     def acquire(self, budgets: Sequence[Budget], *, horizon: float, lead: float = 0.0) -> Grant:
         if not budgets:
@@ -250,20 +250,17 @@ class FileLimiter:
     def cool_down(self, retry_after: float | None) -> float:
         with self._state() as state:
             until = self._cooldown.extend(state, retry_after, time.time())
-        self._cached = (0.0, 0.0)
+        self._view.forget()
         return until
 
     def cooldown_until(self) -> float:
-        read_at, until = self._cached
-        now = time.monotonic()
-        if now - read_at < _COOLDOWN_CACHE_SECONDS:
-            return until
+        return self._view.get()
+
+    def _read_cooldown(self) -> float:  # without the lock: a cooldown-only check must stay cheap
         try:
-            until = float(json.loads(self._path.read_bytes() or b"{}").get("cooldown", 0.0))
+            return float(json.loads(self._path.read_bytes() or b"{}").get("cooldown", 0.0))
         except (OSError, ValueError, AttributeError):
-            until = 0.0
-        self._cached = (now, until)
-        return until
+            return 0.0
 
     @contextmanager
     def _state(self) -> Iterator[State]:
@@ -307,6 +304,24 @@ def _checked_state(doc: Any) -> State:
 
 #: How stale a worker's view of the shared cooldown may be when it checks nothing else (seconds).
 _COOLDOWN_CACHE_SECONDS = 0.05
+
+
+class _CooldownView:
+    """A process's view of the shared cooldown, read again at most every 50 ms: with no budget set, this
+    is all a job checks, so it must not cost a round trip (or a lock) per job."""
+
+    def __init__(self, read: Callable[[], float]) -> None:
+        self._read = read
+        self._read_at, self._until = -_COOLDOWN_CACHE_SECONDS, 0.0
+
+    def get(self) -> float:
+        now = time.monotonic()
+        if now - self._read_at >= _COOLDOWN_CACHE_SECONDS:
+            self._until, self._read_at = self._read(), now
+        return self._until
+
+    def forget(self) -> None:
+        self._read_at = -_COOLDOWN_CACHE_SECONDS
 
 # KEYS[1]: the cooldown; KEYS[2..]: one TAT per budget. ARGV[1]: horizon, ARGV[2]: now ("" = Redis's
 # clock), ARGV[3]: lead, then (interval, tolerance) per budget. Returns {reserved (0/1), wait, reason}.
@@ -409,7 +424,7 @@ class RedisLimiter:
         self._admit = self._client.register_script(_ADMIT)
         self._base, self._cap = cooldown_base, cooldown_cap
         self._complained = 0.0
-        self._cached = (0.0, 0.0)
+        self._view = _CooldownView(self._read_cooldown)
 
     def __repr__(self) -> str:
         return f"RedisLimiter({self._prefix!r})"
@@ -450,22 +465,19 @@ class RedisLimiter:
         except self._errors as exc:
             self._complain(exc)
             return time.time() + cooldown_length(retry_after, 1, base=self._base, cap=self._cap)
-        self._cached = (0.0, 0.0)
+        self._view.forget()
         return until
 
     def cooldown_until(self) -> float:
-        read_at, until = self._cached
-        clock = time.monotonic()
-        if clock - read_at < _COOLDOWN_CACHE_SECONDS:
-            return until
+        return self._view.get()
+
+    def _read_cooldown(self) -> float:
         try:
             raw = self._client.get(self._prefix + "cooldown")
         except self._errors as exc:
             self._complain(exc)
             return 0.0
-        until = float(raw) if raw else 0.0
-        self._cached = (clock, until)
-        return until
+        return float(raw) if raw else 0.0
 
     def _complain(self, exc: Exception) -> None:
         if time.monotonic() - self._complained > 60:
