@@ -119,11 +119,13 @@ def ping_broker(app: Celery, *, timeout: float) -> None:
             raise BrokerUnavailable(f"cannot reach broker {where}: {type(exc).__name__}: {exc}") from exc
 
 
-def publish(app: Celery, job_id: str, *, countdown: float | None = None, slot_at: float | None = None) -> None:
+def publish(app: Celery, job_id: str, *, countdown: float | None = None, slot_at: float | None = None,
+            queue: str | None = None) -> None:  # fmt: skip
     """Ring the doorbell for ``job_id``: a message that carries the id and nothing else (but, for a job
-    the rate limiter rescheduled, the time of the slot it reserved for it: Unix seconds)."""
+    the rate limiter rescheduled, the time of the slot it reserved for it: Unix seconds), in ``queue``
+    (None: the interactive one; a batch's jobs go back to the batch queue)."""
     kwargs = {"slot_at": slot_at} if slot_at is not None else None
-    app.send_task(TASK_NAME, args=[job_id], kwargs=kwargs, task_id=job_id, countdown=countdown)
+    app.send_task(TASK_NAME, args=[job_id], kwargs=kwargs, task_id=job_id, countdown=countdown, queue=queue)
 
 
 def publish_many(app: Celery, job_ids: list[str], producer: Any, *, queue: str | None = None) -> None:

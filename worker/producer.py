@@ -66,14 +66,16 @@ def submit(
     return job_id
 
 
-def announce(rt: Runtime, job_id: str, *, countdown: float | None = None, slot_at: float | None = None) -> str | None:
+def announce(rt: Runtime, job_id: str, *, countdown: float | None = None, slot_at: float | None = None,
+             batch_id: str | None = None) -> str | None:  # fmt: skip
     """Publish the job's message; if the broker fails, mark the job for the sweeper instead.
 
     Returns None when published, else the broker error's class name (the job is safe: the next
     sweep publishes it, or the sweep grace does if the database is away too).
     """
     try:
-        publish(rt.celery, job_id, countdown=countdown, slot_at=slot_at)
+        queue = rt.settings.effective_batch_queue if batch_id else None  # a batch's job stays behind interactive ones
+        publish(rt.celery, job_id, countdown=countdown, slot_at=slot_at, queue=queue)
         return None
     except Exception as exc:  # kombu's errors differ per transport
         failure = type(exc).__name__

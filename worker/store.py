@@ -99,6 +99,8 @@ class Claim:
     created_at: datetime
     #: The class of the error that ended the previous attempt, if any.
     previous_error: str | None
+    #: The batch the job belongs to (its messages go to the batch queue), if any.
+    batch_id: str | None = None
 
 
 def create_job(*, session: Session, new: NewJob, now: datetime) -> tuple[str, bool]:
@@ -176,7 +178,8 @@ def claim(*, session: Session, job_id: str, worker: str, lease: timedelta, now: 
             started_at=func.coalesce(Job.started_at, now),
         )  # fmt: skip
         .returning(
-            Job.attempts, Job.assistant_id, Job.payload, Job.max_attempts, Job.actor, Job.created_at, Job.error_class
+            Job.attempts, Job.assistant_id, Job.payload, Job.max_attempts, Job.actor, Job.created_at, Job.error_class,
+            Job.batch_id,
         )  # fmt: skip
         .execution_options(synchronize_session=False)
     ).first()
@@ -186,7 +189,7 @@ def claim(*, session: Session, job_id: str, worker: str, lease: timedelta, now: 
         job_id=job_id, attempt=job.attempts, assistant_id=job.assistant_id,
         messages=json.loads(open_text(session, "payload", job_id, job.payload) or "{}")["messages"],
         max_attempts=job.max_attempts, actor=job.actor,
-        created_at=job.created_at, previous_error=job.error_class,
+        created_at=job.created_at, previous_error=job.error_class, batch_id=job.batch_id,
     )  # fmt: skip
 
 
@@ -245,11 +248,11 @@ def claimable_assistant(*, session: Session, job_id: str, now: datetime) -> str 
 
 
 def throttle(*, session: Session, job_id: str, until: datetime, reason: str, wait: float, reserved: bool,
-             announced: bool, actor: str, now: datetime) -> bool:
+             announced: bool, actor: str, now: datetime) -> tuple[bool, str | None]:
     """The fleet's rate limit (or a 429 cooldown) makes the job wait until ``until``: it keeps its status
     (queued or retrying; no attempt is spent) with ``next_attempt_at`` and ``throttle_reason`` set, and
-    the wait is audited as ``job.throttled``. False if the job was not waiting to be claimed (a duplicate
-    delivery, or it finished): nothing changed.
+    the wait is audited as ``job.throttled``. Returns (moved, the job's batch id): not moved if the job
+    was not waiting to be claimed (a duplicate delivery, or it finished): nothing changed.
 
     ``announced`` says a broker message for ``until`` is published at once; else the sweeper sends one.
     """
@@ -262,12 +265,12 @@ def throttle(*, session: Session, job_id: str, until: datetime, reason: str, wai
         .execution_options(synchronize_session=False)
     ).first()
     if taken is None:
-        return False
+        return False, None
     audit.record(session=session, action=audit.Action.THROTTLED, job_id=job_id, actor=actor, outcome="throttled",
                  attempt=taken.attempts + 1, assistant_id=taken.assistant_id, batch_id=taken.batch_id, at=now,
                  detail={"reason": reason, "wait_ms": round(wait * 1000), "until": until.isoformat(),
                          "slot": "reserved" if reserved else "not reserved"})  # fmt: skip
-    return True
+    return True, taken.batch_id
 
 
 def release_unsent(*, session: Session, claim: Claim, worker: str, until: datetime, reason: str, wait: float,
@@ -283,6 +286,13 @@ def release_unsent(*, session: Session, claim: Claim, worker: str, until: dateti
     _event(session, audit.Action.ATTEMPT_UNSENT, claim, worker, now, outcome="throttled",
            detail={"reason": reason, "wait_ms": round(wait * 1000), "until": until.isoformat()})  # fmt: skip
     return JobStatus.RETRYING
+
+
+def batch_members(*, session: Session, job_ids: Sequence[str]) -> set[str]:
+    """Those of ``job_ids`` that belong to a batch (their messages go to the batch queue)."""
+    if not job_ids:
+        return set()
+    return set(session.scalars(select(Job.id).where(Job.id.in_(job_ids), Job.batch_id.is_not(None))))
 
 
 def mark_unannounced(*, session: Session, job_ids: Sequence[str]) -> None:

@@ -53,10 +53,11 @@ def sweep(*, settings: Settings | None = None, grace: float | None = None) -> Sw
     waiting = None if None in counts else sum(c for c in counts if c is not None)
     with rt.transaction() as session:
         due = store.due_for_dispatch(session=session, now=utcnow(), grace=wait, broker_backlog=waiting)
+        in_batches = store.batch_members(session=session, job_ids=due)
     published = []
     for job_id in due:
-        try:
-            publish(rt.celery, job_id)
+        try:  # a batch's jobs go back to the batch queue, behind interactive ones
+            publish(rt.celery, job_id, queue=rt.settings.effective_batch_queue if job_id in in_batches else None)
         except Exception as exc:  # the broker is down: the next sweep after the grace tries again
             log.warning("job %s: could not publish (%s)", job_id, type(exc).__name__,
                         extra={"job_id": job_id, "error_class": type(exc).__name__})  # fmt: skip

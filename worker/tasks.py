@@ -125,7 +125,7 @@ def run_attempt(rt: Runtime, job_id: str, *, slot_at: float | None = None) -> Ou
                     "http_status": exchange.status, "latency_ms": exchange.latency_ms, "error_class": error_class,
                     "worker": rt.identity})  # fmt: skip
     if outcome is Outcome.RETRYING and decision.delay <= rt.settings.countdown_limit:
-        _publish_retry(rt, job_id, decision.delay)
+        _publish_retry(rt, claim, decision.delay)
     return outcome
 
 
@@ -184,7 +184,7 @@ def _reschedule(rt: Runtime, job_id: str, grant: Grant, *, slot_at: float | None
     until = now + timedelta(seconds=max(0.0, countdown - _EARLY))
     reason = grant.reason or RATE_LIMIT
     with rt.transaction() as session:
-        moved = store.throttle(session=session, job_id=job_id, until=until, reason=reason, wait=grant.wait,
+        moved, batch_id = store.throttle(session=session, job_id=job_id, until=until, reason=reason, wait=grant.wait,
                                reserved=slot_at is not None, announced=announced, actor=rt.identity,
                                now=now)  # fmt: skip
     if not moved:
@@ -194,7 +194,7 @@ def _reschedule(rt: Runtime, job_id: str, grant: Grant, *, slot_at: float | None
     metrics.attempt(Outcome.THROTTLED)
     log.info("job %s: throttled (%s) for %.2fs", job_id, reason, grant.wait)
     if announced:
-        failure = announce(rt, job_id, countdown=countdown, slot_at=slot_at)
+        failure = announce(rt, job_id, countdown=countdown, slot_at=slot_at, batch_id=batch_id)
         if failure is not None:
             log.warning("job %s: could not publish its throttled message (%s); the sweeper will", job_id, failure)
     return Outcome.THROTTLED
@@ -236,7 +236,7 @@ def _release_unsent(rt: Runtime, claim: store.Claim, grant: Grant) -> Outcome:
         return _OUTCOME[status]
     metrics.attempt(Outcome.THROTTLED)
     if announced:
-        failure = announce(rt, claim.job_id, countdown=countdown)
+        failure = announce(rt, claim.job_id, countdown=countdown, batch_id=claim.batch_id)
         if failure is not None:
             log.warning("job %s: could not publish its message (%s); the sweeper will", claim.job_id, failure)
     return Outcome.THROTTLED
@@ -373,10 +373,11 @@ def _exchange_detail(exchange: Exchange) -> dict[str, Any] | None:
     return detail or None
 
 
-def _publish_retry(rt: Runtime, job_id: str, delay: float) -> None:
+def _publish_retry(rt: Runtime, claim: store.Claim, delay: float) -> None:
     from worker.producer import announce
 
-    failure = announce(rt, job_id, countdown=delay)
+    job_id = claim.job_id
+    failure = announce(rt, job_id, countdown=delay, batch_id=claim.batch_id)
     if failure is not None:
         log.warning("job %s: could not publish its retry (%s); the sweeper will", job_id, failure,
                     extra={"job_id": job_id})  # fmt: skip

@@ -210,3 +210,23 @@ def test_wait_for_batch_returns_when_done_and_times_out_otherwise(settings: Sett
     seen: list[str] = []
     done = wait_for_batch(view.id, timeout=5, on_progress=lambda v: seen.append(v.summary), settings=settings)
     assert done.all_succeeded and seen == ["completed: all 2 succeeded"]
+
+
+def test_a_batch_jobs_retry_and_redispatch_go_back_to_the_batch_queue(embedded_settings: Settings) -> None:
+    """Fairness holds past the first message: a batch job's retry, and the sweeper's re-publish of it,
+    wait in the batch queue, not in front of interactive jobs."""
+    from worker.celery_app import backlog
+    from worker.tasks import Outcome, run_attempt
+
+    settings = embedded_settings
+    line = {"custom_id": "x", "smart_chat_assistant_id": ASSISTANT,
+            "messages": [{"role": "user", "content": "[[emulator:fail=503x1]] retry me"}]}  # fmt: skip
+    batch = submit_batch([line], settings=settings)
+    app, interactive, batch_queue = runtime(settings).celery, settings.queue, settings.effective_batch_queue
+    assert (backlog(app, interactive), backlog(app, batch_queue)) == (0, 1)
+    job_id = batch_export.batch_results(batch.id, settings=settings)[0].job_id
+    assert run_attempt(runtime(settings), job_id) is Outcome.RETRYING
+    assert (backlog(app, interactive), backlog(app, batch_queue)) == (0, 2)  # the retry's countdown message
+    time.sleep(0.3)  # past the retry's backoff (at most 0.2 s here)
+    assert sweep(settings=settings, grace=0).dispatched == [job_id]  # its message "looks lost": published again
+    assert (backlog(app, interactive), backlog(app, batch_queue)) == (0, 3)

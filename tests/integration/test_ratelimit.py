@@ -168,8 +168,9 @@ def test_the_sweeper_dispatches_a_throttled_job_when_due_not_before(settings: Se
     job_id, now = _submit(settings, "wait for it"), utcnow()
     grace = timedelta(seconds=settings.sweep_grace)
     with runtime(settings).transaction() as session:  # a long wait: no countdown, the sweeper's job
-        assert store.throttle(session=session, job_id=job_id, until=now + timedelta(seconds=600), reason=RATE_LIMIT,
-                              wait=600, reserved=False, announced=False, actor="t", now=now)  # fmt: skip
+        moved = store.throttle(session=session, job_id=job_id, until=now + timedelta(seconds=600), reason=RATE_LIMIT,
+                               wait=600, reserved=False, announced=False, actor="t", now=now)  # fmt: skip
+        assert moved == (True, None)
     with runtime(settings).transaction() as session:
         assert store.due_for_dispatch(session=session, now=now + timedelta(seconds=599), grace=grace) == []
     with runtime(settings).transaction() as session:
@@ -177,8 +178,9 @@ def test_the_sweeper_dispatches_a_throttled_job_when_due_not_before(settings: Se
     # Announced with a countdown, it is not taken for lost while its time has not come (plus the grace).
     later = now + timedelta(seconds=601)
     with runtime(settings).transaction() as session:
-        assert store.throttle(session=session, job_id=job_id, until=later + timedelta(seconds=30), reason=RATE_LIMIT,
-                              wait=30, reserved=True, announced=True, actor="t", now=later)  # fmt: skip
+        moved = store.throttle(session=session, job_id=job_id, until=later + timedelta(seconds=30), reason=RATE_LIMIT,
+                               wait=30, reserved=True, announced=True, actor="t", now=later)  # fmt: skip
+        assert moved == (True, None)
     with runtime(settings).transaction() as session:
         early = later + timedelta(seconds=30) + grace - timedelta(seconds=1)
         assert store.due_for_dispatch(session=session, now=early, grace=grace) == []
