@@ -32,9 +32,16 @@ def describe_url(url: str) -> str:
         return "<unparsable database URL>"
 
 
-def make_engine(url: str, *, connect_timeout: float | None = None) -> Engine:
+#: Connections a server engine may open beyond its pool when more threads check out at once (the sweeper,
+#: a probe); closed again on return.
+MAX_OVERFLOW = 4
+
+
+def make_engine(url: str, *, connect_timeout: float | None = None, pool_size: int = 10) -> Engine:
     """An engine for ``url``; SQLite files get WAL mode and a busy timeout. ``connect_timeout`` bounds a new
-    server connection (PostgreSQL), for probes that must answer quickly.
+    server connection (PostgreSQL), for probes that must answer quickly. ``pool_size``: connections kept
+    open (a worker process passes its concurrency: a pool smaller than the threads checking out closes and
+    reopens the overflow connections all the time).
 
     Raises:
         ConfigError: the URL cannot be parsed or names a driver that is not installed.
@@ -49,7 +56,7 @@ def make_engine(url: str, *, connect_timeout: float | None = None) -> Engine:
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False}
     else:
-        kwargs.update(pool_pre_ping=True, pool_size=10, max_overflow=40)
+        kwargs.update(pool_pre_ping=True, pool_size=pool_size, max_overflow=MAX_OVERFLOW)
         if connect_timeout is not None and parsed.get_backend_name() == "postgresql":
             kwargs["connect_args"] = {"connect_timeout": max(1, round(connect_timeout))}
     try:
