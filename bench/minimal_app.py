@@ -45,7 +45,7 @@ def _env(name: str, default: str = "") -> str:
 
 def _engine() -> Engine:
     with _guard:
-        if "engine" not in _shared:  # the pool qbgw uses, without its pre-ping
+        if "engine" not in _shared:  # 10 + 40 overflow, no pre-ping (qbgw's pool before it was sized)
             _shared["engine"] = create_engine(_env("DATABASE_URL"), pool_size=10, max_overflow=40)
         engine: Engine = _shared["engine"]
         return engine

@@ -266,7 +266,17 @@ class Workers:
                 proc.wait()
 
 
+#: PostgreSQL connections the qbgw workers of one burst may hold in all (of its max_connections, 100 by
+#: default; the bench's own engines and the anchors' workers take the rest).
+PG_CONNECTION_BUDGET = 80
+
+
 def qbgw_workers(bench: Bench, settings: Settings, count: int = 1) -> Workers:
+    if settings.database_url and not settings.db_pool_size and settings.pool in ("threads", "gevent"):
+        # Each process pools a connection per thread (+4 overflow): 4 x 32 would exceed max_connections.
+        per_process = min(settings.concurrency, PG_CONNECTION_BUDGET // count - 4)
+        if per_process < settings.concurrency:
+            settings = settings.with_(db_pool_size=per_process)
     argv = [sys.executable, "-m", "worker", "worker", "--concurrency", str(settings.concurrency),
             "--pool", settings.pool, "--loglevel", "WARNING"]  # fmt: skip
     if bench.config.switch_interval is not None:  # a what-if: the same worker, another GIL switch interval

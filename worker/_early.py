@@ -35,7 +35,10 @@ def patch_for_gevent_worker() -> bool:
     """Monkey-patch the standard library if this process is a gevent worker; returns whether it did."""
     if not wants_gevent(sys.argv, os.environ):
         return False
-    from gevent import monkey  # type: ignore[import-untyped]  # the "gevent" extra: pip install "qbgw[gevent]"
+    try:
+        from gevent import monkey  # type: ignore[import-untyped]  # the "gevent" extra: pip install "qbgw[gevent]"
+    except ImportError:  # the worker then refuses the pool with a ConfigError that says why
+        return False
 
     if not monkey.is_module_patched("socket"):
         monkey.patch_all()

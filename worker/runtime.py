@@ -52,7 +52,7 @@ class Runtime:
         return factory
 
     def _build_session_factory(self) -> sessionmaker[Session]:
-        engine = db.make_engine(self.settings.effective_database_url)
+        engine = db.make_engine(self.settings.effective_database_url, pool_size=self.settings.effective_db_pool_size)
         try:
             schema.ensure_current(engine, self.settings)
         except BaseException:

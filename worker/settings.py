@@ -92,6 +92,9 @@ class Settings:
     #: Worker threads per process: about (calls per second) x (upstream latency).
     concurrency: int = 32
     pool: str = "threads"
+    #: Database connections each worker process keeps open (0: one per thread, i.e. the concurrency, for
+    #: threads and gevent; 1 per prefork child). PostgreSQL must allow workers x this + a few per worker.
+    db_pool_size: int = 0
     queue: str = "qbgw"
     #: Batch jobs wait here; workers take interactive jobs first (empty: "<queue>-batch").
     batch_queue: str = ""
@@ -228,7 +231,7 @@ class Settings:
         for name in ("rate_cooldown", "rate_cooldown_max"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be a positive number of seconds")
-        for name in ("audit_retention_days", "sweep_interval", "rate_limit", "rate_limit_per_assistant",
+        for name in ("audit_retention_days", "sweep_interval", "db_pool_size", "rate_limit", "rate_limit_per_assistant",
                      "rate_max_sleep"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be 0 or more")
@@ -243,6 +246,14 @@ class Settings:
         return RetryPolicy(
             max_attempts=self.max_attempts, base=self.backoff_base, cap=self.backoff_max, deadline=self.retry_deadline
         )
+
+    @property
+    def effective_db_pool_size(self) -> int:
+        """Pooled database connections per process: a connection for each task that can run at once, so no
+        steady-state reconnects (a prefork child runs one task at a time)."""
+        if self.db_pool_size:
+            return self.db_pool_size
+        return self.concurrency if self.pool in ("threads", "gevent") else 1
 
     @property
     def lease_seconds(self) -> float:

@@ -12,13 +12,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import cached_property
-from typing import Any
+from typing import Any, cast
 
+from sqlalchemy import Table, Update, bindparam, func, select, update
 from sqlalchemy import false as sql_false
-from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
-from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.elements import ClauseElement, ColumnElement
 
 from worker import audit
 from worker.crypto import Keyring, aad_for
@@ -155,33 +155,38 @@ def audit_submitted(session: Session, new: NewJob, payload: str, payload_digest:
     )
 
 
+#: The jobs table, for Core statements built once (below).
+_JOBS = cast(Table, Job.__table__)
+
+
+def _claim_statement() -> Update:
+    jobs = _JOBS.c
+    now = bindparam("b_now", type_=jobs.updated_at.type)
+    return (
+        update(_JOBS)
+        .where(jobs.id == bindparam("b_id"), jobs.status.in_(_CLAIMABLE),
+               jobs.next_attempt_at.is_(None) | (jobs.next_attempt_at <= now))  # fmt: skip
+        .values(
+            status=JobStatus.RUNNING.value, attempts=jobs.attempts + 1, claimed_by=bindparam("b_worker"),
+            lease_expires_at=bindparam("b_lease_until", type_=jobs.updated_at.type), next_attempt_at=None,
+            throttle_reason=None, last_attempt_at=now, updated_at=now, started_at=func.coalesce(jobs.started_at, now),
+        )  # fmt: skip
+        .returning(jobs.attempts, jobs.assistant_id, jobs.payload, jobs.max_attempts, jobs.actor, jobs.created_at,
+                   jobs.error_class, jobs.batch_id)  # fmt: skip
+    )
+
+
+#: Built once: a Core statement on the table, not the ORM entity, so an execution skips the ORM's bulk-update
+#: machinery and rebuilding the statement and its cache key (a third of the claim's CPU, measured).
+_CLAIM = _claim_statement()
+
+
 def claim(*, session: Session, job_id: str, worker: str, lease: timedelta, now: datetime) -> Claim | None:
     """Take the job for one attempt, if it is queued, or retrying and due. None: nothing to do."""
     # One round trip: the compare-and-set claim returns what the attempt needs (RETURNING runs
     # on PostgreSQL and on SQLite >= 3.35). The error class is the previous attempt's.
     job = session.execute(
-        update(Job)
-        .where(
-            Job.id == job_id,
-            Job.status.in_(_CLAIMABLE),
-            (Job.next_attempt_at.is_(None)) | (Job.next_attempt_at <= now),
-        )
-        .values(
-            status=JobStatus.RUNNING,
-            attempts=Job.attempts + 1,
-            claimed_by=worker,
-            lease_expires_at=now + lease,
-            next_attempt_at=None,
-            throttle_reason=None,
-            last_attempt_at=now,
-            updated_at=now,
-            started_at=func.coalesce(Job.started_at, now),
-        )  # fmt: skip
-        .returning(
-            Job.attempts, Job.assistant_id, Job.payload, Job.max_attempts, Job.actor, Job.created_at, Job.error_class,
-            Job.batch_id,
-        )  # fmt: skip
-        .execution_options(synchronize_session=False)
+        _CLAIM, {"b_id": job_id, "b_now": now, "b_worker": worker, "b_lease_until": now + lease}
     ).first()
     if job is None:
         return None
@@ -300,6 +305,22 @@ def mark_unannounced(*, session: Session, job_ids: Sequence[str]) -> None:
     session.execute(update(Job).where(Job.id.in_(job_ids)).values(announced_at=None))
 
 
+def _finish_statement(cancelled: bool) -> Update:
+    jobs = _JOBS.c
+    asked = jobs.cancel_requested_at.is_not(None) if cancelled else jobs.cancel_requested_at.is_(None)
+    return update(_JOBS).where(
+        jobs.id == bindparam("b_id"),
+        jobs.status == JobStatus.RUNNING.value,
+        jobs.attempts == bindparam("b_attempt"),
+        jobs.claimed_by == bindparam("b_worker"),
+        asked,
+    )
+
+
+#: Built once, like _CLAIM; the SET clause comes from the execution's parameters (column names).
+_FINISH = {cancelled: _finish_statement(cancelled) for cancelled in (False, True)}
+
+
 def _finish(
     session: Session,
     claim: Claim,
@@ -313,19 +334,13 @@ def _finish(
     """Compare-and-set the job out of this worker's attempt; ``cancelled`` says which kind of job
     to match: one nobody asked to cancel (the usual), or one somebody did."""
     check_transition(JobStatus.RUNNING, status)
-    asked = Job.cancel_requested_at.is_not(None) if cancelled else Job.cancel_requested_at.is_(None)
-    result = session.execute(
-        update(Job)
-        .where(
-            Job.id == claim.job_id,
-            Job.status == JobStatus.RUNNING,
-            Job.attempts == claim.attempt,
-            Job.claimed_by == worker,
-            asked,
-        )  # fmt: skip
-        .values(status=status, claimed_by=None, lease_expires_at=None, updated_at=now, **values)
-        .execution_options(synchronize_session=False)
-    )
+    where = {"b_id": claim.job_id, "b_attempt": claim.attempt, "b_worker": worker}
+    changes = {"status": status.value, "claimed_by": None, "lease_expires_at": None, "updated_at": now, **values}
+    statement = _FINISH[cancelled]
+    if any(isinstance(value, ClauseElement) for value in values.values()):  # e.g. max_attempts + 1: rare
+        result = session.execute(statement.values(**changes), where)
+    else:
+        result = session.execute(statement, {**where, **changes})
     return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
 

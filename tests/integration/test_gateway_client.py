@@ -91,3 +91,17 @@ def test_one_kept_alive_connection_serves_many_requests(emu: Emulator) -> None:
     for n in range(20):
         assert ask(gateway, f"request {n}").answer  # type: ignore[attr-defined]
     assert emu.stats()["requests"] == 20
+
+
+def test_the_proxy_and_ca_settings_are_read_from_the_environment_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/bundle.pem")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    client = GatewayClient("https://api.example", Secret("t"), timeout=(1.0, 1.0))
+    session = client._session
+    assert session.proxies.get("https") == "http://proxy.example:3128" and session.verify == "/etc/ssl/bundle.pem"
+    assert not session.trust_env  # not scanned again on every request
+    monkeypatch.setenv("NO_PROXY", "api.example")
+    bypassing = GatewayClient("https://api.example", Secret("t"), timeout=(1.0, 1.0))
+    assert "https" not in bypassing._session.proxies

@@ -236,3 +236,21 @@ def test_replay_queues_a_failed_job_with_a_fresh_budget(settings: Settings) -> N
             store.replay(session=session, job_id=job_id, actor="op", extra_attempts=3, now=utcnow())
     again = claim(settings, job_id)
     assert again is not None and again.attempt == 2 and again.max_attempts == 4
+
+
+def test_an_attempt_held_back_before_sending_gives_the_job_its_attempt_back(settings: Settings) -> None:
+    job_id, _ = create(settings, new_job())
+    held = claim(settings, job_id)
+    assert held is not None
+    now = utcnow()
+    with runtime(settings).transaction() as session:
+        status = store.release_unsent(session=session, claim=held, worker="w1", until=now + timedelta(seconds=5),
+                                      reason="cooldown", wait=5.0, announced=True, now=now)  # fmt: skip
+    assert status is JobStatus.RETRYING
+    with runtime(settings).transaction() as session:
+        job = session.get(Job, job_id)
+        assert job is not None and job.claimed_by is None and job.lease_expires_at is None
+        assert (job.status, job.attempts, job.max_attempts, job.throttle_reason) == ("retrying", 1, 4, "cooldown")
+        # A second finish of the same attempt changes nothing: the compare-and-set no longer matches.
+        assert store.release_unsent(session=session, claim=held, worker="w1", until=now, reason="cooldown", wait=0.0,
+                                    announced=True, now=now) is None  # fmt: skip

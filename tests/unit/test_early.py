@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from worker._early import wants_gevent
@@ -21,3 +23,12 @@ from worker._early import wants_gevent
 )
 def test_wants_gevent(argv: list[str], env: dict[str, str], expected: bool) -> None:
     assert wants_gevent(argv, env) is expected
+
+
+def test_a_gevent_worker_is_refused_with_the_reason_and_what_to_use(tmp_path: Path) -> None:
+    from worker.errors import ConfigError
+    from worker.service import run_worker
+    from worker.settings import Settings
+
+    with pytest.raises(ConfigError, match=r"not supported.*every 2 s.*QBGW_POOL=threads"):
+        run_worker(Settings(data_dir=tmp_path, pool="gevent"))
