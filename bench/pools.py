@@ -20,32 +20,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-from sqlalchemy import create_engine, text
-
-from bench import minimal_app
-from bench.chaos import PrivateRedis
-from bench.throughput import (
-    ASSISTANT,
-    TOKEN,
-    Bench,
-    Config,
-    Results,
-    Workers,
-    bench_settings,
-    minimal_burst,
-    pipeline_burst,
-    rss_bytes,
-    scratch_database,
-)
-from worker.emulator import Emulator, EmulatorConfig
+from bench.throughput import Config, Results, Workers, bench_environment, minimal_burst, pipeline_burst, rss_bytes
 from worker.integrity import verify_log
 
 DEFAULT_VARIANTS = "threads:32,prefork:8,prefork:16,prefork:32"
@@ -77,45 +57,28 @@ def run(
     """Each variant and the minimal task ``config.reps`` times, interleaved; returns the bursts and the
     peak resident memory each variant's worker had at the end of its bursts."""
     results, memory = Results(), {v.name: [] for v in variants}
-    folder = Path(tempfile.mkdtemp(prefix="qbgw-pools-"))
-    emulator_config = EmulatorConfig(
-        tokens=frozenset({TOKEN}), assistants=frozenset({ASSISTANT}), latency=config.latency
-    )
-    private = PrivateRedis(folder)
-    private.start()
-    try:
-        with Emulator(emulator_config) as emu, scratch_database() as database_url:
-            engine = create_engine(database_url)
-            try:
-                with engine.begin() as connection:
-                    connection.execute(text(minimal_app.TABLE_DDL))
-                settings = bench_settings(config, emu.url, folder / "data", database_url, private.url)
-                bench = Bench(config, emu, private.url, database_url, folder, engine, say, settings)
-                for rep in range(1, config.reps + 1):
-                    burst = minimal_burst(bench)
-                    results.add("minimal", burst)
-                    say(f"  rep {rep} {'minimal (threads -c 32)':22} {burst.line()}")
-                    for variant in variants:
-                        seen: list[int] = []
+    with bench_environment(config, say, "qbgw-pools-") as bench:
+        settings = bench.settings
+        for rep in range(1, config.reps + 1):
+            burst = minimal_burst(bench)
+            results.add("minimal", burst)
+            say(f"  rep {rep} {'minimal (threads -c 32)':22} {burst.line()}")
+            for variant in variants:
+                seen: list[int] = []
 
-                        def sample(fleet: Workers, seen: list[int] = seen) -> None:
-                            seen.append(rss_bytes(fleet.procs[0].pid))
+                def sample(fleet: Workers, seen: list[int] = seen) -> None:
+                    seen.append(rss_bytes(fleet.procs[0].pid))
 
-                        chosen = settings.with_(pool=variant.pool, concurrency=variant.concurrency)
-                        burst = pipeline_burst(bench, chosen, on_end=sample)
-                        results.add(variant.name, burst)
-                        memory[variant.name] += seen
-                        say(f"  rep {rep} {variant.name:22} {burst.line()}, worker RSS {seen[0] / 2**20:.0f} MiB")
-                report = verify_log(reader="bench.pools", settings=settings)
-                say(f"  audit chain after all bursts: {report.events} events, "
-                    f"{'intact' if report.ok else 'BROKEN: ' + str(report.problem)}")  # fmt: skip
-                if not report.ok:
-                    raise RuntimeError(f"the audit chain does not verify: {report.problem}")
-            finally:
-                engine.dispose()
-    finally:
-        private.kill()
-        shutil.rmtree(folder, ignore_errors=True)
+                chosen = settings.with_(pool=variant.pool, concurrency=variant.concurrency)
+                burst = pipeline_burst(bench, chosen, on_end=sample)
+                results.add(variant.name, burst)
+                memory[variant.name] += seen
+                say(f"  rep {rep} {variant.name:22} {burst.line()}, worker RSS {seen[0] / 2**20:.0f} MiB")
+        report = verify_log(reader="bench.pools", settings=settings)
+        say(f"  audit chain after all bursts: {report.events} events, "
+            f"{'intact' if report.ok else 'BROKEN: ' + str(report.problem)}")  # fmt: skip
+        if not report.ok:
+            raise RuntimeError(f"the audit chain does not verify: {report.problem}")
     failed = {name: sum(b.failed for b in bursts) for name, bursts in results.bursts.items()}
     if any(failed.values()):
         raise RuntimeError(f"jobs that did not succeed: {failed}")

@@ -53,9 +53,9 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -929,11 +929,13 @@ def scratch_database() -> AbstractContextManager[str]:
     return chaos.scratch_database("qbgw_tput")
 
 
-def run(config: Config, say: Say = print) -> Results:
-    """Every part asked for; returns what they measured."""
+@contextmanager
+def bench_environment(config: Config, say: Say, prefix: str) -> Iterator[Bench]:
+    """What every run needs: a private Redis, the emulator, a scratch PostgreSQL database with the
+    minimal task's table, and the qbgw settings on them; all removed afterwards."""
     if shutil.which("redis-server") is None:
         raise RuntimeError("the bench needs the redis-server program")
-    results, folder = Results(), Path(tempfile.mkdtemp(prefix="qbgw-throughput-"))
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
     emulator_config = EmulatorConfig(tokens=frozenset({TOKEN}), assistants=frozenset({ASSISTANT}),
                                      latency=config.latency)  # fmt: skip
     private = PrivateRedis(folder)
@@ -945,13 +947,20 @@ def run(config: Config, say: Say = print) -> Results:
                 with engine.begin() as connection:
                     connection.execute(text(minimal_app.TABLE_DDL))
                 settings = bench_settings(config, emu.url, folder / "data", database_url, private.url)
-                settings = settings.with_(pool=config.pool)
-                _run_parts(Bench(config, emu, private.url, database_url, folder, engine, say, settings), results)
+                yield Bench(config, emu, private.url, database_url, folder, engine, say, settings)
             finally:
                 engine.dispose()
     finally:
         private.kill()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def run(config: Config, say: Say = print) -> Results:
+    """Every part asked for; returns what they measured."""
+    results = Results()
+    with bench_environment(config, say, "qbgw-throughput-") as bench:
+        bench.settings = bench.settings.with_(pool=config.pool)
+        _run_parts(bench, results)
     return results
 
 
