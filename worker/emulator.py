@@ -505,6 +505,8 @@ class Emulator:
 
     def _over_plan(self, config: EmulatorConfig) -> bool:
         """Count a call against the plan; True if it is one too many in the last second."""
+        if not config.rate_limit:  # no plan set: nothing to count (a plan set later starts its window then)
+            return False
         with self._lock:
             now = time.monotonic()
             self._calls.append(now)

@@ -7,7 +7,6 @@ log needs, so that every attempt is recorded the same way whatever happened.
 
 from __future__ import annotations
 
-import dataclasses
 import email.utils
 import json
 import os
@@ -62,9 +61,6 @@ class Exchange:
     response_bytes: int | None
     #: Seconds the call waited for a slot in the fleet's rate limit before it was sent.
     throttled: float = 0.0
-
-    def _replace(self, **changes: Any) -> Exchange:
-        return dataclasses.replace(self, **changes)
 
 
 class BodyStream(Protocol):

@@ -7,6 +7,7 @@ call, so a crash mid-call still leaves a trace (and the sweeper audits it as int
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -125,7 +126,7 @@ def run_attempt(rt: Runtime, job_id: str, *, slot_at: float | None = None) -> Ou
                     "http_status": exchange.status, "latency_ms": exchange.latency_ms, "error_class": error_class,
                     "worker": rt.identity})  # fmt: skip
     if outcome is Outcome.RETRYING and decision.delay <= rt.settings.countdown_limit:
-        _publish_retry(rt, claim, decision.delay)
+        _announce_later(rt, job_id, decision.delay, batch_id=claim.batch_id)
     return outcome
 
 
@@ -172,17 +173,9 @@ def _admit(rt: Runtime, job_id: str, slot_at: float | None) -> Outcome | None:
 
 def _reschedule(rt: Runtime, job_id: str, grant: Grant, *, slot_at: float | None) -> Outcome:
     """The job must wait longer than a thread should sleep: give the thread back, come back for the place."""
-    from worker.producer import announce
-
-    if slot_at is not None:  # back a little before the place, to be ready to send at it
-        countdown = max(0.0, grant.wait - _LEAD.seconds)
-    else:  # those who come back without a place come back spread out
-        countdown = grant.wait + random.uniform(0.0, min(1.0, grant.wait / 4))
-    now = utcnow()
-    announced = countdown <= rt.settings.countdown_limit
-    # Due a little before the message: a message that comes a hair early must still find the job due.
-    until = now + timedelta(seconds=max(0.0, countdown - _EARLY))
-    reason = grant.reason or RATE_LIMIT
+    # Back a little before a reserved place, to be ready to send at it; without one, spread out.
+    now, reason = utcnow(), grant.reason or RATE_LIMIT
+    countdown, until, announced = _come_back(rt, grant, now, lead=_LEAD.seconds if slot_at is not None else None)
     with rt.transaction() as session:
         moved, batch_id = store.throttle(session=session, job_id=job_id, until=until, reason=reason, wait=grant.wait,
                                reserved=slot_at is not None, announced=announced, actor=rt.identity,
@@ -194,14 +187,35 @@ def _reschedule(rt: Runtime, job_id: str, grant: Grant, *, slot_at: float | None
     metrics.attempt(Outcome.THROTTLED)
     log.info("job %s: throttled (%s) for %.2fs", job_id, reason, grant.wait)
     if announced:
-        failure = announce(rt, job_id, countdown=countdown, slot_at=slot_at, batch_id=batch_id)
-        if failure is not None:
-            log.warning("job %s: could not publish its throttled message (%s); the sweeper will", job_id, failure)
+        _announce_later(rt, job_id, countdown, batch_id=batch_id, slot_at=slot_at)
     return Outcome.THROTTLED
 
 
-#: A rescheduled job is due this many seconds before its message comes (see _reschedule).
+def _come_back(rt: Runtime, grant: Grant, now: datetime, *, lead: float | None) -> tuple[float, datetime, bool]:
+    """When a waiting job's message comes back (a countdown: ``lead`` before a reserved place, else spread
+    out after the wait), when the job is due in the database (a little before, so a message that comes a
+    hair early still finds it due), and whether a countdown can carry it (else the sweeper publishes it)."""
+    if lead is not None:
+        countdown = max(0.0, grant.wait - lead)
+    else:
+        countdown = grant.wait + random.uniform(0.0, min(1.0, grant.wait / 4))
+    until = now + timedelta(seconds=max(0.0, countdown - _EARLY))
+    return countdown, until, countdown <= rt.settings.countdown_limit
+
+
+#: A rescheduled job is due this many seconds before its message comes (see _come_back).
 _EARLY = 0.25
+
+
+def _announce_later(rt: Runtime, job_id: str, countdown: float, *, batch_id: str | None,
+                    slot_at: float | None = None) -> None:  # fmt: skip
+    """Publish the job's message for ``countdown`` seconds from now; if the broker fails, the sweeper will."""
+    from worker.producer import announce
+
+    failure = announce(rt, job_id, countdown=countdown, slot_at=slot_at, batch_id=batch_id)
+    if failure is not None:
+        log.warning("job %s: could not publish its message (%s); the sweeper will", job_id, failure,
+                    extra={"job_id": job_id})  # fmt: skip
 
 
 def _send_in_slot(rt: Runtime, claim: store.Claim, body: bytes | images.StreamingBody) -> Exchange | Grant:
@@ -215,17 +229,13 @@ def _send_in_slot(rt: Runtime, claim: store.Claim, body: bytes | images.Streamin
     if grant.wait >= 0.001:
         metrics.throttled(grant.wait)
     exchange = rt.gateway.send(body)
-    return exchange._replace(throttled=grant.wait) if grant.wait else exchange
+    return dataclasses.replace(exchange, throttled=grant.wait) if grant.wait else exchange
 
 
 def _release_unsent(rt: Runtime, claim: store.Claim, grant: Grant) -> Outcome:
     """The attempt was held back before sending: the job waits out the pause without losing an attempt."""
-    from worker.producer import announce
-
     now, reason = utcnow(), grant.reason or RATE_LIMIT
-    countdown = grant.wait + random.uniform(0.0, min(1.0, grant.wait / 4))
-    announced = countdown <= rt.settings.countdown_limit
-    until = now + timedelta(seconds=max(0.0, countdown - _EARLY))
+    countdown, until, announced = _come_back(rt, grant, now, lead=None)
     with rt.transaction() as session:
         status = store.release_unsent(session=session, claim=claim, worker=rt.identity, until=until, reason=reason,
                                       wait=grant.wait, announced=announced, now=now)  # fmt: skip
@@ -236,9 +246,7 @@ def _release_unsent(rt: Runtime, claim: store.Claim, grant: Grant) -> Outcome:
         return _OUTCOME[status]
     metrics.attempt(Outcome.THROTTLED)
     if announced:
-        failure = announce(rt, claim.job_id, countdown=countdown, batch_id=claim.batch_id)
-        if failure is not None:
-            log.warning("job %s: could not publish its message (%s); the sweeper will", claim.job_id, failure)
+        _announce_later(rt, claim.job_id, countdown, batch_id=claim.batch_id)
     return Outcome.THROTTLED
 
 
@@ -373,11 +381,3 @@ def _exchange_detail(exchange: Exchange) -> dict[str, Any] | None:
     return detail or None
 
 
-def _publish_retry(rt: Runtime, claim: store.Claim, delay: float) -> None:
-    from worker.producer import announce
-
-    job_id = claim.job_id
-    failure = announce(rt, job_id, countdown=delay, batch_id=claim.batch_id)
-    if failure is not None:
-        log.warning("job %s: could not publish its retry (%s); the sweeper will", job_id, failure,
-                    extra={"job_id": job_id})  # fmt: skip
