@@ -187,3 +187,41 @@ def test_the_sweeper_dispatches_a_throttled_job_when_due_not_before(settings: Se
     with runtime(settings).transaction() as session:
         late = later + timedelta(seconds=30) + grace + timedelta(seconds=1)
         assert store.due_for_dispatch(session=session, now=late, grace=grace) == [job_id]
+
+
+def _app_session(settings: Settings) -> Settings:
+    from worker.emulator import EmulatorConfig
+    from worker.settings import Secret
+
+    app = EmulatorConfig()
+    return settings.with_(auth="application", token=Secret(""), application_id=app.application_id,
+                          auth_key=app.auth_key, auth_secret=Secret(app.auth_secret))  # fmt: skip
+
+
+def test_a_session_creation_takes_a_slot_in_the_budget(settings: Settings, emu: Emulator) -> None:
+    # A lease margin with room for a 1 s wait for the send's slot (a send waits at most half of it).
+    settings = _app_session(settings).with_(rate_limit=1, rate_burst=1, lease_margin=6.0, rate_scope=uuid.uuid4().hex)
+    job_id = _submit(settings, "after a session")
+    assert run_attempt(runtime(settings), job_id) is Outcome.SUCCEEDED
+    assert emu.stats()["sessions_created"] == 1
+    response = next(e for e in job_events(job_id, settings=settings) if e.action == "attempt.response")
+    assert response.detail["throttled_ms"] >= 700  # the session took this second's call; the job waited for the next
+
+
+def test_a_429_to_a_session_creation_pauses_the_fleet(settings: Settings, emu: Emulator) -> None:
+    import requests
+
+    settings = _app_session(settings).with_(rate_scope=uuid.uuid4().hex)
+    emu.reconfigure(rate_limit=1, rate_limit_retry_after=3)
+    requests.get(emu.url + "/session.json", timeout=5)  # another client spends the plan's second
+    job_id = _submit(settings, "no session to be had")
+    before = time.time()
+    # The claimed attempt finds the fleet cooling down before it can send: held back, its attempt given back.
+    assert run_attempt(runtime(settings), job_id) is Outcome.THROTTLED
+    assert runtime(settings).limiter.cooldown_until() == pytest.approx(before + 3, abs=0.5)
+    assert emu.stats()["requests"] == 0 and emu.stats()["sessions_created"] == 0
+    view = get_job(job_id, settings=settings)
+    assert (view.status, view.throttled, view.attempts, view.max_attempts) == (
+        JobStatus.RETRYING, COOLDOWN, 1, settings.max_attempts + 1)  # fmt: skip
+    actions = [e.action for e in job_events(job_id, settings=settings)]
+    assert actions[-2:] == ["attempt.request", "attempt.unsent"]
