@@ -20,8 +20,9 @@ from sqlalchemy.orm import Session
 
 from worker.models import AuditChainHead, AuditEvent, utcnow
 
-__all__ = ["Action", "AuditRecord", "record", "seal", "seal_at_commit", "install_commit_seal", "discard", "digest",
-           "fingerprint", "chain_hash", "chain_hash_v1", "content_hash", "link_hash", "events_for_job"]  # fmt: skip
+__all__ = ["Action", "AuditRecord", "event", "record", "add", "seal_argument", "seal", "seal_at_commit",
+           "install_commit_seal", "discard", "digest", "fingerprint", "chain_hash", "chain_hash_v1", "content_hash",
+           "link_hash", "events_for_job"]  # fmt: skip
 
 
 class Action(StrEnum):
@@ -149,9 +150,8 @@ class AuditRecord:
         return data
 
 
-def record(
+def event(
     *,
-    session: Session,
     action: Action,
     job_id: str | None,
     actor: str,
@@ -167,23 +167,31 @@ def record(
     batch_id: str | None = None,
     token_fp: str | None = None,
     at: datetime | None = None,
-) -> None:
-    """Add one event to ``session``'s transaction; ``request``/``response`` are (digest, size).
+) -> dict[str, Any]:
+    """One event's columns, not chained yet; ``request``/``response`` are (digest, size)."""
+    return {
+        "occurred_at": at or utcnow(),
+        "action": str(action), "job_id": job_id, "batch_id": batch_id, "assistant_id": assistant_id,
+        "attempt": attempt, "actor": actor, "token_fp": token_fp, "outcome": outcome, "http_status": http_status,
+        "error_class": error_class, "latency_ms": latency_ms,
+        "request_digest": request[0] if request else None, "request_bytes": request[1] if request else None,
+        "response_digest": response[0] if response else None, "response_bytes": response[1] if response else None,
+        "detail": json.dumps(detail, sort_keys=True) if detail else None,
+    }  # fmt: skip
+
+
+def record(*, session: Session, **fields: Any) -> None:
+    """Add one event (the keywords of :func:`event`) to ``session``'s transaction.
 
     The event is chained and inserted when the transaction commits (see :func:`seal`), so it
     exists exactly when the change it describes does.
     """
-    session.info.setdefault(PENDING, []).append(
-        {
-            "occurred_at": at or utcnow(),
-            "action": str(action), "job_id": job_id, "batch_id": batch_id, "assistant_id": assistant_id,
-            "attempt": attempt, "actor": actor, "token_fp": token_fp, "outcome": outcome, "http_status": http_status,
-            "error_class": error_class, "latency_ms": latency_ms,
-            "request_digest": request[0] if request else None, "request_bytes": request[1] if request else None,
-            "response_digest": response[0] if response else None, "response_bytes": response[1] if response else None,
-            "detail": json.dumps(detail, sort_keys=True) if detail else None,
-        }
-    )  # fmt: skip
+    add(session, event(**fields))
+
+
+def add(session: Session, built: dict[str, Any]) -> None:
+    """Add an event made by :func:`event` to ``session``'s transaction (see :func:`record`)."""
+    session.info.setdefault(PENDING, []).append(built)
 
 
 #: Where a session keeps the events it has not sealed yet.
@@ -250,15 +258,21 @@ def seal_at_commit(session: Session) -> Sealed | Staged | None:
     pending = session.info.pop(PENDING, None)
     if not pending:
         return None
-    rows = []
-    for i, event in enumerate(pending):
-        row = {name: event[name] for name in CONTENT}
-        row["occurred_at"] = event["occurred_at"].astimezone(UTC).isoformat(timespec="microseconds")
-        row["i"], row["c"] = i, content_hash(event)
-        rows.append(row)
-    staged = Staged(json.dumps(rows, separators=(",", ":")))
+    staged = Staged(seal_argument(pending))
     session.connection().connection.info[STAGED] = staged
     return staged
+
+
+def seal_argument(pending: list[dict[str, Any]]) -> str:
+    """The events as ``qbgw_audit_seal`` takes them (a JSON array, in chain order): each event's columns,
+    its position ``i`` and its content hash ``c``, hashed here, before the chain head is locked."""
+    rows = []
+    for i, pending_event in enumerate(pending):
+        row = {name: pending_event[name] for name in CONTENT}
+        row["occurred_at"] = pending_event["occurred_at"].astimezone(UTC).isoformat(timespec="microseconds")
+        row["i"], row["c"] = i, content_hash(pending_event)
+        rows.append(row)
+    return json.dumps(rows, separators=(",", ":"))
 
 
 def install_commit_seal(engine: Engine) -> None:

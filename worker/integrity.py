@@ -87,11 +87,7 @@ def install_hooks(factory: sessionmaker[Session], settings: Settings) -> None:
 
     def after_commit(session: Session) -> None:
         sealed = session.info.pop(_SEALED, None)
-        if isinstance(sealed, audit.Staged):
-            sealed = sealed.sealed
-        every = settings.audit_anchor_events
-        if sealed is not None and sealed.last // every > (sealed.first - 1) // every:
-            _anchor_quietly(settings, sealed.last, sealed.row_hash)
+        after_seal(settings, sealed.sealed if isinstance(sealed, audit.Staged) else sealed)
 
     def after_rollback(session: Session) -> None:
         session.info.pop(_SEALED, None)
@@ -100,6 +96,13 @@ def install_hooks(factory: sessionmaker[Session], settings: Settings) -> None:
     event.listen(factory, "before_commit", before_commit)
     event.listen(factory, "after_commit", after_commit)
     event.listen(factory, "after_rollback", after_rollback)
+
+
+def after_seal(settings: Settings, sealed: audit.Sealed | None) -> None:
+    """A commit added ``sealed`` to the chain: anchor the head if it crossed a multiple of N events."""
+    every = settings.audit_anchor_events
+    if sealed is not None and sealed.last // every > (sealed.first - 1) // every:
+        _anchor_quietly(settings, sealed.last, sealed.row_hash)
 
 
 def _anchor_quietly(settings: Settings, seq: int, row_hash: str) -> None:

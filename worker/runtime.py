@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from celery import Celery
 
     from worker.gateway import GatewayClient
+    from worker.hotpath import HotPath
     from worker.ratelimit import Limiter
 
 __all__ = ["Runtime", "runtime", "reset"]
@@ -66,6 +67,18 @@ class Runtime:
         factory = db.make_session_factory(engine, info={KEYRING: self.keyring})
         integrity.install_hooks(factory, self.settings)
         return factory
+
+    @property
+    def hot_path(self) -> HotPath | None:
+        """On PostgreSQL, an attempt's claim and success straight on psycopg (``worker.hotpath``); None
+        elsewhere, where they go through ``worker.store`` like everything else."""
+        from worker.hotpath import hot_path_for
+
+        def build() -> tuple[HotPath | None]:
+            return (hot_path_for(self.session_factory.kw["bind"], self.keyring, self.settings),)
+
+        built: tuple[HotPath | None] = self._once("hot_path", build)  # a tuple: None is an answer too
+        return built[0]
 
     @property
     def keyring(self) -> Keyring:

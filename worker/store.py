@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from typing import Any, cast
 
-from sqlalchemy import Table, Update, bindparam, func, select, update
+from sqlalchemy import Table, Update, bindparam, func, literal_column, select, update
 from sqlalchemy import false as sql_false
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -164,7 +164,9 @@ def _claim_statement() -> Update:
     now = bindparam("b_now", type_=jobs.updated_at.type)
     return (
         update(_JOBS)
-        .where(jobs.id == bindparam("b_id"), jobs.status.in_(_CLAIMABLE),
+        # The statuses inline (our own constants), not an expanding parameter: worker.hotpath compiles this
+        # statement to plain SQL once.
+        .where(jobs.id == bindparam("b_id"), jobs.status.in_([literal_column(f"'{s}'") for s in _CLAIMABLE]),
                jobs.next_attempt_at.is_(None) | (jobs.next_attempt_at <= now))  # fmt: skip
         .values(
             status=JobStatus.RUNNING.value, attempts=jobs.attempts + 1, claimed_by=bindparam("b_worker"),
@@ -190,11 +192,16 @@ def claim(*, session: Session, job_id: str, worker: str, lease: timedelta, now: 
     ).first()
     if job is None:
         return None
+    return claim_from_row(job_id, job, session.info[KEYRING])
+
+
+def claim_from_row(job_id: str, row: Any, keyring: Keyring) -> Claim:
+    """The Claim of a row :data:`_CLAIM` returned (its payload decrypted with ``keyring``)."""
+    payload = keyring.decrypt(row.payload, aad=aad_for("jobs", "payload", job_id)) if row.payload else "{}"
     return Claim(
-        job_id=job_id, attempt=job.attempts, assistant_id=job.assistant_id,
-        messages=json.loads(open_text(session, "payload", job_id, job.payload) or "{}")["messages"],
-        max_attempts=job.max_attempts, actor=job.actor,
-        created_at=job.created_at, previous_error=job.error_class, batch_id=job.batch_id,
+        job_id=job_id, attempt=row.attempts, assistant_id=row.assistant_id,
+        messages=json.loads(payload)["messages"], max_attempts=row.max_attempts, actor=row.actor,
+        created_at=row.created_at.astimezone(UTC), previous_error=row.error_class, batch_id=row.batch_id,
     )  # fmt: skip
 
 
@@ -203,11 +210,19 @@ def record_success(*, session: Session, claim: Claim, worker: str, answer: str, 
     cancel arrived during the call: the answer is then not kept), or None if this worker no
     longer holds the job."""
     if _finish(session, claim, worker, JobStatus.SUCCEEDED, now,
-               answer=seal_text(session, "answer", claim.job_id, answer), error=None, error_class=None,
-               http_status=200, finished_at=now):  # fmt: skip
-        _event(session, audit.Action.SUCCEEDED, claim, worker, now, outcome="succeeded", http_status=200)
+               **success_values(seal_text(session, "answer", claim.job_id, answer), now)):  # fmt: skip
+        audit.add(session, succeeded_event(claim, worker, now))
         return JobStatus.SUCCEEDED
     return _cancel_if_requested(session, claim, worker, now)
+
+
+def success_values(sealed_answer: str | None, now: datetime) -> dict[str, Any]:
+    """What a success writes besides the status (``worker.hotpath`` writes the same on PostgreSQL)."""
+    return {"answer": sealed_answer, "error": None, "error_class": None, "http_status": 200, "finished_at": now}
+
+
+def succeeded_event(claim: Claim, worker: str, now: datetime) -> dict[str, Any]:
+    return _event_of(audit.Action.SUCCEEDED, claim, worker, now, outcome="succeeded", http_status=200)
 
 
 def record_failure(
@@ -333,15 +348,21 @@ def _finish(
 ) -> bool:
     """Compare-and-set the job out of this worker's attempt; ``cancelled`` says which kind of job
     to match: one nobody asked to cancel (the usual), or one somebody did."""
-    check_transition(JobStatus.RUNNING, status)
-    where = {"b_id": claim.job_id, "b_attempt": claim.attempt, "b_worker": worker}
-    changes = {"status": status.value, "claimed_by": None, "lease_expires_at": None, "updated_at": now, **values}
+    where, changes = finish_parameters(claim, worker, status, now, values)
     statement = _FINISH[cancelled]
     if any(isinstance(value, ClauseElement) for value in values.values()):  # e.g. max_attempts + 1: rare
         result = session.execute(statement.values(**changes), where)
     else:
         result = session.execute(statement, {**where, **changes})
     return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+def finish_parameters(claim: Claim, worker: str, status: JobStatus, now: datetime,
+                      values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+    """The compare-and-set of a finish: which row (this worker's attempt, still running) and the changes."""
+    check_transition(JobStatus.RUNNING, status)
+    where = {"b_id": claim.job_id, "b_attempt": claim.attempt, "b_worker": worker}
+    return where, {"status": status.value, "claimed_by": None, "lease_expires_at": None, "updated_at": now, **values}
 
 
 def _cancel_if_requested(session: Session, claim: Claim, worker: str, now: datetime, **values: Any) -> JobStatus | None:
@@ -354,8 +375,12 @@ def _cancel_if_requested(session: Session, claim: Claim, worker: str, now: datet
 
 
 def _event(session: Session, action: audit.Action, claim: Claim, worker: str, now: datetime, **fields: Any) -> None:
-    audit.record(session=session, action=action, job_id=claim.job_id, actor=worker, attempt=claim.attempt,
-                 assistant_id=claim.assistant_id, at=now, **fields)  # fmt: skip
+    audit.add(session, _event_of(action, claim, worker, now, **fields))
+
+
+def _event_of(action: audit.Action, claim: Claim, worker: str, now: datetime, **fields: Any) -> dict[str, Any]:
+    return audit.event(action=action, job_id=claim.job_id, actor=worker, attempt=claim.attempt,
+                       assistant_id=claim.assistant_id, at=now, **fields)  # fmt: skip
 
 
 def cancel(*, session: Session, job_id: str, actor: str, now: datetime) -> JobStatus:

@@ -1,7 +1,8 @@
 """Tasks: the thin Celery task. Claim the job, call the gateway, record the outcome.
 
 Decisions (retry or not, how long to wait) come from ``lifecycle``; writes from ``store`` and
-``audit``; HTTP from ``gateway``. The attempt's request is audited and committed before the
+``audit`` (on PostgreSQL the claim and a success go through ``hotpath``: the same statements and
+events in half the round trips); HTTP from ``gateway``. The attempt's request is audited and committed before the
 call, so a crash mid-call still leaves a trace (and the sweeper audits it as interrupted).
 """
 
@@ -90,25 +91,20 @@ def run_attempt(rt: Runtime, job_id: str, *, slot_at: float | None = None) -> Ou
     if admitted is not None:
         return admitted
     started = time.monotonic()
-    lease = timedelta(seconds=rt.settings.lease_seconds)
-    with rt.transaction() as session:
-        claim = store.claim(session=session, job_id=job_id, worker=rt.identity, lease=lease, now=utcnow())
-        if claim is None:
-            log.debug("job %s: nothing to do (duplicate delivery, not due, or finished)", job_id,
-                      extra={"job_id": job_id, "outcome": Outcome.SKIPPED.value})  # fmt: skip
-            metrics.attempt(Outcome.SKIPPED)
-            return Outcome.SKIPPED
-        resolve = images.needs_resolution(claim.messages, rt.settings)
-        if not resolve:  # the common case: one transaction claims and audits the request
-            body: bytes | images.StreamingBody = encode_request(claim.assistant_id, claim.messages)
-            _audit_request(session, rt, claim, body)
-    if resolve:
+    claimed = _claim(rt, job_id)
+    if claimed is None:
+        log.debug("job %s: nothing to do (duplicate delivery, not due, or finished)", job_id,
+                  extra={"job_id": job_id, "outcome": Outcome.SKIPPED.value})  # fmt: skip
+        metrics.attempt(Outcome.SKIPPED)
+        return Outcome.SKIPPED
+    claim, body = claimed
+    if body is None:  # images to fetch first: the claim is committed, the request is audited once built
         try:
             body = images.build_body(claim.assistant_id, claim.messages, rt.settings)
         except ResolutionFailed as error:
             return _finish_unresolved(rt, claim, error)
         with rt.transaction() as session:
-            _audit_request(session, rt, claim, body)
+            audit.add(session, _request_event(rt, claim, body))
     _LEAD.observe(time.monotonic() - started)
     sent = _send_in_slot(rt, claim, body)
     if isinstance(sent, Grant):
@@ -250,11 +246,39 @@ def _release_unsent(rt: Runtime, claim: store.Claim, grant: Grant) -> Outcome:
     return Outcome.THROTTLED
 
 
-def _audit_request(session: Session, rt: Runtime, claim: store.Claim, body: bytes | images.StreamingBody) -> None:
+def _claim(rt: Runtime, job_id: str) -> tuple[store.Claim, bytes | images.StreamingBody | None] | None:
+    """Claim the job and, in the same transaction, audit the request it will send: (claim, body), or
+    (claim, None) when images must be fetched first (the claim is then committed alone). None: nothing
+    to do. On PostgreSQL through ``worker.hotpath``, elsewhere through ``worker.store``."""
+    now = utcnow()
+    bodies: list[bytes] = []
+
+    def request_events(claim: store.Claim) -> list[dict[str, Any]]:
+        if images.needs_resolution(claim.messages, rt.settings):
+            return []
+        bodies.append(encode_request(claim.assistant_id, claim.messages))
+        return [_request_event(rt, claim, bodies[0])]
+
+    hot = rt.hot_path
+    if hot is not None:
+        lease_until = now + timedelta(seconds=rt.settings.lease_seconds)
+        claim = hot.claim(job_id=job_id, worker=rt.identity, lease_until=lease_until, now=now, events=request_events)
+    else:
+        with rt.transaction() as session:
+            lease = timedelta(seconds=rt.settings.lease_seconds)
+            claim = store.claim(session=session, job_id=job_id, worker=rt.identity, lease=lease, now=now)
+            for event in request_events(claim) if claim is not None else ():
+                audit.add(session, event)
+    if claim is None:
+        return None
+    return claim, bodies[0] if bodies else None
+
+
+def _request_event(rt: Runtime, claim: store.Claim, body: bytes | images.StreamingBody) -> dict[str, Any]:
     digest = audit.digest(body) if isinstance(body, bytes) else body.digest()
-    audit.record(session=session, action=audit.Action.ATTEMPT_REQUEST, job_id=claim.job_id, actor=rt.identity,
-                 attempt=claim.attempt, request=(digest, len(body)), assistant_id=claim.assistant_id,
-                 token_fp=_token_fp(rt))  # fmt: skip
+    return audit.event(action=audit.Action.ATTEMPT_REQUEST, job_id=claim.job_id, actor=rt.identity,
+                       attempt=claim.attempt, request=(digest, len(body)), assistant_id=claim.assistant_id,
+                       token_fp=_token_fp(rt))  # fmt: skip
 
 
 def _finish_unresolved(rt: Runtime, claim: store.Claim, error: ResolutionFailed) -> Outcome:
@@ -315,6 +339,13 @@ def _token_fp(rt: Runtime) -> str:
 def _record(rt: Runtime, claim: store.Claim, exchange: Exchange, decision: Decision) -> Outcome:
     for tries_left in (2, 1, 0):  # the answer is paid for: try hard to keep it
         try:
+            if decision.step is Step.SUCCEED and (hot := rt.hot_path) is not None:  # the common case, PostgreSQL
+                now = utcnow()
+                assert exchange.answer is not None
+                if hot.succeed(claim=claim, worker=rt.identity, answer=exchange.answer, now=now,
+                               response_event=_exchange_event(rt.identity, claim, exchange, now)):  # fmt: skip
+                    return Outcome.SUCCEEDED
+                # It wrote nothing (a cancel arrived, or the lease was taken over): store tells which.
             with rt.transaction() as session:
                 return _record_in(session, rt, claim, exchange, decision)
         except StoreUnavailable:
@@ -327,7 +358,7 @@ def _record(rt: Runtime, claim: store.Claim, exchange: Exchange, decision: Decis
 def _record_in(session: Session, rt: Runtime, claim: store.Claim, exchange: Exchange, decision: Decision) -> Outcome:
     """Audit the exchange and move the job on, in the caller's transaction."""
     now = utcnow()
-    _audit_exchange(session, rt.identity, claim, exchange, now)
+    audit.add(session, _exchange_event(rt.identity, claim, exchange, now))
     worker = rt.identity
     if decision.step is Step.SUCCEED:
         assert exchange.answer is not None
@@ -352,11 +383,10 @@ def _reason(exchange: Exchange, decision: Decision) -> str:
     return text
 
 
-def _audit_exchange(session: Session, actor: str, claim: store.Claim, exchange: Exchange, now: datetime) -> None:
+def _exchange_event(actor: str, claim: store.Claim, exchange: Exchange, now: datetime) -> dict[str, Any]:
     error = exchange.error
     kind = "answer" if error is None else ("transient" if isinstance(error, TransientGatewayError) else "permanent")
-    audit.record(
-        session=session,
+    return audit.event(
         action=audit.Action.ATTEMPT_RESPONSE if exchange.status is not None else audit.Action.ATTEMPT_ERROR,
         job_id=claim.job_id,
         actor=actor,

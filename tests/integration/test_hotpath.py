@@ -1,0 +1,178 @@
+"""The PostgreSQL hot path (worker/hotpath.py) against a real PostgreSQL: it writes what the store path
+writes, writes nothing when its compare-and-set misses, and leaves a job untouched when it fails."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select, text
+
+from tests.conftest import ASSISTANT
+from worker import audit, hotpath, integrity, producer, store
+from worker.errors import StoreUnavailable
+from worker.lifecycle import JobStatus
+from worker.models import AuditEvent, Job, utcnow
+from worker.queries import get_job, job_events
+from worker.runtime import reset, runtime
+from worker.settings import Settings
+from worker.tasks import Outcome, run_attempt
+
+pytestmark = pytest.mark.parametrize("backend", ["postgres"])
+
+LEASE = timedelta(seconds=60)
+
+
+def submit(settings: Settings, content: str) -> str:
+    return producer.submit(ASSISTANT, [{"role": "user", "content": content}], settings=settings)
+
+
+@pytest.fixture
+def hot(settings: Settings) -> Iterator[hotpath.HotPath]:
+    found = runtime(settings).hot_path
+    assert found is not None, "a migrated PostgreSQL runtime has the hot path"
+    yield found
+    reset()
+
+
+def audit_count(settings: Settings) -> int:
+    with runtime(settings).transaction() as session:
+        return int(session.scalar(select(func.count()).select_from(AuditEvent)) or 0)
+
+
+def verified(settings: Settings) -> integrity.VerifyReport:
+    with runtime(settings).transaction() as session:
+        return integrity.verify(session, integrity.read_anchors(settings.anchor_path), integrity.anchor_key(settings))
+
+
+def job_row(settings: Settings, job_id: str) -> dict[str, Any]:
+    columns = ("status", "attempts", "http_status", "error", "error_class", "claimed_by", "lease_expires_at",
+               "next_attempt_at", "throttle_reason", "cancel_requested_at")  # fmt: skip
+    with runtime(settings).transaction() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        row = {name: getattr(job, name) for name in columns}
+        row["has"] = {name: getattr(job, name) is not None for name in ("answer", "finished_at", "started_at")}
+        return row
+
+
+def comparable(settings: Settings, job_id: str) -> list[tuple[Any, ...]]:
+    return [(e.action, e.attempt, e.actor, e.assistant_id, e.outcome, e.http_status, e.error_class,
+             e.request_digest, e.request_bytes, e.response_bytes is not None, e.token_fp, e.detail)
+            for e in job_events(job_id, settings=settings)]  # fmt: skip
+
+
+def test_the_hot_path_writes_the_rows_and_events_the_store_path_writes(
+    settings: Settings, hot: hotpath.HotPath, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fast = submit(settings, "the same question")
+    assert run_attempt(runtime(settings), fast) is Outcome.SUCCEEDED
+    reset()
+    monkeypatch.setattr(hotpath, "hot_path_for", lambda *_args: None)  # the same worker, through worker.store
+    assert runtime(settings).hot_path is None
+    slow = submit(settings, "the same question")
+    assert run_attempt(runtime(settings), slow) is Outcome.SUCCEEDED
+
+    assert job_row(settings, fast) == job_row(settings, slow)
+    assert comparable(settings, fast) == comparable(settings, slow)
+    assert [e[0] for e in comparable(settings, fast)] == ["job.submitted", "attempt.request", "attempt.response",
+                                                          "job.succeeded"]  # fmt: skip
+    assert get_job(fast, settings=settings).answer == get_job(slow, settings=settings).answer
+    report = verified(settings)
+    assert report.ok and report.events >= 8
+
+
+def test_a_success_that_misses_its_compare_and_set_writes_nothing(settings: Settings, hot: hotpath.HotPath) -> None:
+    job_id = submit(settings, "taken over")
+    claim = hot.claim(job_id=job_id, worker="w1", lease_until=utcnow() + LEASE, now=utcnow(), events=lambda _c: [])
+    assert claim is not None and claim.attempt == 1
+    with runtime(settings).transaction() as session:  # another worker took the job over (its lease ran out)
+        session.execute(text("UPDATE jobs SET claimed_by = 'w2', attempts = 2 WHERE id = :id"), {"id": job_id})
+    before, row_before = audit_count(settings), job_row(settings, job_id)
+
+    now = utcnow()
+    response = store._event_of(audit.Action.ATTEMPT_RESPONSE, claim, "w1", now, outcome="answer",
+                               http_status=200)  # fmt: skip
+    assert hot.succeed(claim=claim, worker="w1", answer="late", response_event=response, now=now) is None
+
+    assert audit_count(settings) == before  # no response event, no job.succeeded: the caller goes through store
+    assert job_row(settings, job_id) == row_before
+    assert verified(settings).ok
+
+
+def test_a_cancel_during_the_call_ends_the_job_cancelled_through_the_store(
+    settings: Settings, hot: hotpath.HotPath
+) -> None:
+    job_id = submit(settings, "cancel me [[emulator:sleep=1x1]]")
+    outcome: list[Outcome] = []
+    attempt = threading.Thread(target=lambda: outcome.append(run_attempt(runtime(settings), job_id)))
+    attempt.start()
+    deadline = time.monotonic() + 5
+    while get_job(job_id, settings=settings).status is not JobStatus.RUNNING and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with runtime(settings).transaction() as session:
+        assert store.cancel(session=session, job_id=job_id, actor="op", now=utcnow()) is JobStatus.RUNNING
+    attempt.join(10)
+
+    assert outcome == [Outcome.CANCELLED]
+    view = get_job(job_id, settings=settings)
+    assert view.status is JobStatus.CANCELLED and view.answer is None
+    actions = [e.action for e in job_events(job_id, settings=settings)]
+    assert actions == ["job.submitted", "attempt.request", "job.cancel_requested", "attempt.response", "job.cancelled"]
+    assert verified(settings).ok
+
+
+def test_a_claim_whose_request_cannot_be_built_changes_nothing(settings: Settings, hot: hotpath.HotPath) -> None:
+    job_id = submit(settings, "unbuildable")
+    before = audit_count(settings)
+
+    def broken(_claim: store.Claim) -> list[dict[str, Any]]:
+        raise ValueError("cannot build the request")
+
+    for _ in range(3):  # and the connection goes back to the pool usable, each time
+        with pytest.raises(ValueError, match="cannot build"):
+            hot.claim(job_id=job_id, worker="w1", lease_until=utcnow() + LEASE, now=utcnow(), events=broken)
+    row = job_row(settings, job_id)
+    assert row["status"] == JobStatus.QUEUED and row["attempts"] == 0 and row["claimed_by"] is None
+    assert audit_count(settings) == before
+    assert run_attempt(runtime(settings), job_id) is Outcome.SUCCEEDED
+
+
+def test_a_duplicate_delivery_is_skipped_without_a_trace(settings: Settings, hot: hotpath.HotPath) -> None:
+    job_id = submit(settings, "once")
+    assert run_attempt(runtime(settings), job_id) is Outcome.SUCCEEDED
+    before = audit_count(settings)
+    assert hot.claim(job_id=job_id, worker="w1", lease_until=utcnow() + LEASE, now=utcnow(),
+                     events=lambda _c: pytest.fail("a job that is not claimable has no request")) is None  # fmt: skip
+    assert audit_count(settings) == before
+
+
+def test_the_hot_path_anchors_the_chain_head_every_n_events(settings: Settings) -> None:
+    every_two = settings.with_(audit_anchor_events=2)
+    for n in range(3):
+        assert run_attempt(runtime(every_two), submit(every_two, f"job {n}")) is Outcome.SUCCEEDED
+    assert runtime(every_two).hot_path is not None
+    anchors = integrity.read_anchors(every_two.anchor_path)
+    # 3 jobs x 4 events, of which the submits (3) went through the ORM: every commit that crossed an even seq
+    # anchored its last event, whichever path made it.
+    assert anchors and max(a.seq for a in anchors) == 12
+    assert verified(every_two).ok and verified(every_two).anchors == len(anchors)
+    reset()
+
+
+def test_an_unreachable_database_is_store_unavailable(settings: Settings, hot: hotpath.HotPath) -> None:
+    from sqlalchemy import create_engine
+
+    dead = create_engine("postgresql+psycopg://postgres@127.0.0.1:1/none", pool_size=1)
+    audit.install_commit_seal(dead)
+    try:
+        path = hotpath.hot_path_for(dead, hot.keyring, settings)
+        assert path is not None
+        with pytest.raises(StoreUnavailable, match="database unavailable"):
+            path.claim(job_id="x", worker="w1", lease_until=utcnow() + LEASE, now=utcnow(), events=lambda _c: [])
+    finally:
+        dead.dispose()
