@@ -49,7 +49,8 @@ def sweep(*, settings: Settings | None = None, grace: float | None = None) -> Sw
     wait = timedelta(seconds=rt.settings.sweep_grace if grace is None else grace)
     with rt.transaction() as session:
         recovered = store.recover_interrupted(session=session, now=utcnow())
-    counts = [backlog(rt.celery, q) for q in (rt.settings.queue, rt.settings.effective_batch_queue)]
+    # A queue the broker does not know holds nothing (Redis drops a queue with its data); None: no answer.
+    counts = [backlog(rt.celery, q, unknown_queue=0) for q in (rt.settings.queue, rt.settings.effective_batch_queue)]
     waiting = None if None in counts else sum(c for c in counts if c is not None)
     with rt.transaction() as session:
         due = store.due_for_dispatch(session=session, now=utcnow(), grace=wait, broker_backlog=waiting)

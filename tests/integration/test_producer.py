@@ -117,3 +117,21 @@ def test_on_redis_the_message_carries_only_the_job_id(settings: Settings, redis_
     finally:
         client.delete(on_redis.queue)
         client.close()
+
+
+def test_on_redis_a_backlog_covers_stale_jobs_though_the_batch_queue_was_never_declared(
+    production_settings: Settings,
+) -> None:
+    # No worker has consumed yet, so Redis knows the interactive queue (the producer declared it) but not the
+    # batch queue. A queue Redis does not know holds nothing: the 3 messages waiting cover the 3 jobs, which
+    # are slow, not lost; re-publishing them would only double the backlog.
+    ids = [producer.submit(ASSISTANT, MESSAGES, settings=production_settings) for _ in range(3)]
+    assert sweep(settings=production_settings, grace=0).dispatched == []
+    client = redis_lib.Redis.from_url(production_settings.broker_url)
+    try:
+        assert client.llen(production_settings.queue) == 3
+        client.delete(production_settings.queue)  # Redis lost its data: now they are lost
+        assert sorted(sweep(settings=production_settings, grace=0).dispatched) == sorted(ids)
+        assert client.llen(production_settings.queue) == 3
+    finally:
+        client.close()
