@@ -210,6 +210,12 @@ class Settings:
                 f"({self.lease_seconds:g}s = connect + read timeout + lease margin), or Redis would re-deliver "
                 "a message whose attempt is still running"
             )
+        if self.rate_max_sleep > self.lease_margin / 2:
+            raise ConfigError(
+                f"{PREFIX}RATE_MAX_SLEEP ({self.rate_max_sleep:g}s) must be at most half of {PREFIX}LEASE_MARGIN "
+                f"({self.lease_margin:g}s): a claimed job waits at most that half for its slot in the rate limit, "
+                "so a job admitted to sleep longer would be held back unsent and rescheduled every time"
+            )
         for name, allowed in (("auth", ("static", "application", "user", "apikey")),
                               ("pool", ("threads", "prefork", "solo", "gevent")),
                               ("log_format", ("auto", "json", "text"))):  # fmt: skip

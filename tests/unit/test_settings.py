@@ -71,6 +71,12 @@ def test_a_visibility_timeout_shorter_than_a_lease_is_refused() -> None:
         Settings.from_env({"QBGW_READ_TIMEOUT": "120", "QBGW_VISIBILITY_TIMEOUT": "100"})
 
 
+def test_a_rate_limit_sleep_longer_than_half_the_lease_margin_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"RATE_MAX_SLEEP \(5s\) must be at most half of QBGW_LEASE_MARGIN \(6s\)"):
+        Settings.from_env({"QBGW_RATE_MAX_SLEEP": "5", "QBGW_LEASE_MARGIN": "6"})
+    assert Settings.from_env({"QBGW_RATE_MAX_SLEEP": "3", "QBGW_LEASE_MARGIN": "6"}).rate_max_sleep == 3.0
+
+
 def test_long_waits_are_not_handed_to_the_broker() -> None:
     assert Settings().countdown_limit == 300.0
     assert Settings(visibility_timeout=200, read_timeout=10).countdown_limit == 50.0
