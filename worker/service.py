@@ -10,6 +10,7 @@ from celery import signals
 
 from worker import logs, metrics
 from worker.errors import ConfigError
+from worker.heap import HeapTrimmer
 from worker.runtime import runtime
 from worker.settings import Settings
 from worker.sweeper import Sweeper
@@ -70,9 +71,12 @@ def run_worker(settings: Settings, *, loglevel: str = "INFO") -> None:
         server = metrics.serve(metrics.registry_for(), settings.metrics_host, settings.metrics_port)
         log.info("metrics on http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
     sweeper = Sweeper(settings, settings.sweep_interval).start() if settings.sweep_interval else None
+    trimmer = HeapTrimmer.start_if_possible(settings.heap_trim_interval)
     try:
         rt.celery.worker_main(argv=worker_argv(settings, loglevel=loglevel, quiet=log_format == "json"))
     finally:
+        if trimmer is not None:
+            trimmer.stop()
         if sweeper is not None:
             sweeper.stop()
         if server is not None:

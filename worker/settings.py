@@ -89,6 +89,8 @@ class Settings:
     visibility_timeout: float = 3600.0
     #: Seconds between the sweeps a worker runs in the background (0: none; run `qbgw sweep`).
     sweep_interval: float = 5.0
+    #: Seconds between handing the allocator's free heap back to the OS in each worker (0: never).
+    heap_trim_interval: float = 30.0
     #: Worker threads per process: about (calls per second) x (upstream latency).
     concurrency: int = 32
     pool: str = "threads"
@@ -237,8 +239,8 @@ class Settings:
         for name in ("rate_cooldown", "rate_cooldown_max"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be a positive number of seconds")
-        for name in ("audit_retention_days", "sweep_interval", "db_pool_size", "rate_limit", "rate_limit_per_assistant",
-                     "rate_max_sleep"):  # fmt: skip
+        for name in ("audit_retention_days", "sweep_interval", "heap_trim_interval", "db_pool_size", "rate_limit",
+                     "rate_limit_per_assistant", "rate_max_sleep"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be 0 or more")
         for name in ("max_attempts", "concurrency", "audit_anchor_events", "rate_burst"):
