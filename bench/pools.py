@@ -9,7 +9,7 @@ and resident memory count the worker process and its children (prefork's pool pr
 Correctness: every job of every burst must succeed, and the audit chain must verify (``verify_log``,
 what ``qbgw audit verify`` runs) after all bursts; the run fails otherwise.
 
-gevent is no longer a variant: the worker refuses it (``worker.service.GEVENT_REFUSED``, measured here at
+gevent is no longer a variant: the worker refuses it (``worker.settings.GEVENT_REFUSED``, measured here at
 14.8 jobs/s against 110 for threads before the refusal, commit c7bcbb4).
 
     .venv/bin/python -m bench.pools                                   # 2000 jobs x 3 reps, ~15 min
@@ -45,7 +45,7 @@ def parse_variants(spec: str) -> list[Variant]:
     variants = []
     for item in spec.split(","):
         pool, _, concurrency = item.strip().partition(":")
-        if pool not in ("threads", "prefork", "gevent", "solo") or not concurrency.isdigit():
+        if pool not in ("threads", "prefork", "solo") or not concurrency.isdigit():
             raise argparse.ArgumentTypeError(f"not pool:concurrency: {item!r}")
         variants.append(Variant(pool, int(concurrency)))
     return variants

@@ -272,7 +272,7 @@ PG_CONNECTION_BUDGET = 80
 
 
 def qbgw_workers(bench: Bench, settings: Settings, count: int = 1) -> Workers:
-    if settings.database_url and not settings.db_pool_size and settings.pool in ("threads", "gevent"):
+    if settings.database_url and not settings.db_pool_size and settings.pool == "threads":
         # Each process pools a connection per thread (+4 overflow): 4 x 32 would exceed max_connections.
         per_process = min(settings.concurrency, PG_CONNECTION_BUDGET // count - 4)
         if per_process < settings.concurrency:
@@ -1007,7 +1007,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     )
     parser.add_argument(
         "--pool",
-        choices=("threads", "prefork", "gevent", "solo"),
+        choices=("threads", "prefork", "solo"),
         default="threads",
         help="the qbgw workers' pool (default threads; the minimal task always runs threads)",
     )

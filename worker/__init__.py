@@ -8,8 +8,6 @@ with :func:`get_job` / :func:`wait_for_job` (or :func:`batch_results`); workers 
 
 from __future__ import annotations
 
-# First: a gevent worker's monkey-patching, before the imports below load socket, psycopg, redis.
-from worker import _early  # noqa: F401  (sorts first; must stay first)
 from worker.audit import AuditRecord
 from worker.auth import AuthReport, check_auth
 from worker.batch_export import BatchResult, batch_results

@@ -9,7 +9,6 @@ from typing import Any
 from celery import signals
 
 from worker import logs, metrics
-from worker.errors import ConfigError
 from worker.heap import HeapTrimmer
 from worker.runtime import runtime
 from worker.settings import Settings
@@ -40,25 +39,14 @@ def worker_argv(settings: Settings, *, loglevel: str = "INFO", quiet: bool = Fal
     ]
 
 
-#: Why a gevent worker is refused (measured by ``bench.pools``; see the README's Performance section).
-GEVENT_REFUSED = (
-    "QBGW_POOL=gevent is not supported: Celery runs a gevent worker with its synchronous loop, which "
-    "(acks_late, Redis broker) takes new messages only every 2 s once its prefetch window is full, so a "
-    "backlog drains 32 jobs per 2 s (measured 14.8 jobs/s against 110 with threads; celery/celery#10263). "
-    "Use QBGW_POOL=threads (the default), and more worker processes to scale."
-)
-
-
 def run_worker(settings: Settings, *, loglevel: str = "INFO") -> None:
     """Run a worker in this process until it is stopped (SIGTERM: warm shutdown).
 
     Raises:
         StoreUnavailable: the database cannot be reached at start.
-        ConfigError: the database is not migrated (and is not the embedded default), the metrics port
-            cannot be bound, or the pool is gevent (see GEVENT_REFUSED).
+        ConfigError: the database is not migrated (and is not the embedded default), or the metrics port
+            cannot be bound.
     """
-    if settings.pool == "gevent":
-        raise ConfigError(GEVENT_REFUSED)
     log_format = logs.configure(settings, loglevel)
     logging.captureWarnings(True)  # Celery's warnings become log lines too (JSON, filtered)
     # A receiver of setup_logging tells Celery to leave logging alone: its records go through our handler

@@ -61,6 +61,15 @@ def _default_data_dir() -> Path:
     return base / "qbgw"
 
 
+#: Why a gevent worker is refused (measured by ``bench.pools``; see the README's Performance section).
+GEVENT_REFUSED = (
+    "QBGW_POOL=gevent is not supported: Celery runs a gevent worker with its synchronous loop, which "
+    "(acks_late, Redis broker) takes new messages only every 2 s once its prefetch window is full, so a "
+    "backlog drains 32 jobs per 2 s (measured 14.8 jobs/s against 110 with threads; celery/celery#10263). "
+    "Use QBGW_POOL=threads (the default), and more worker processes to scale."
+)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything qbgw can be told, with the embedded default filled in.
@@ -95,7 +104,7 @@ class Settings:
     concurrency: int = 32
     pool: str = "threads"
     #: Database connections each worker process keeps open (0: one per thread, i.e. the concurrency, for
-    #: threads and gevent; 1 per prefork child). PostgreSQL must allow workers x this + a few per worker.
+    #: threads; 1 per prefork child). PostgreSQL must allow workers x this + a few per worker.
     db_pool_size: int = 0
     queue: str = "qbgw"
     #: Batch jobs wait here; workers take interactive jobs first (empty: "<queue>-batch").
@@ -218,8 +227,10 @@ class Settings:
                 f"({self.lease_margin:g}s): a claimed job waits at most that half for its slot in the rate limit, "
                 "so a job admitted to sleep longer would be held back unsent and rescheduled every time"
             )
+        if self.pool == "gevent":
+            raise ConfigError(GEVENT_REFUSED)
         for name, allowed in (("auth", ("static", "application", "user", "apikey")),
-                              ("pool", ("threads", "prefork", "solo", "gevent")),
+                              ("pool", ("threads", "prefork", "solo")),
                               ("log_format", ("auto", "json", "text"))):  # fmt: skip
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be one of {', '.join(allowed)}; "
@@ -261,7 +272,7 @@ class Settings:
         steady-state reconnects (a prefork child runs one task at a time)."""
         if self.db_pool_size:
             return self.db_pool_size
-        return self.concurrency if self.pool in ("threads", "gevent") else 1
+        return self.concurrency if self.pool == "threads" else 1
 
     @property
     def lease_seconds(self) -> float:

@@ -77,6 +77,14 @@ def test_a_rate_limit_sleep_longer_than_half_the_lease_margin_is_refused() -> No
     assert Settings.from_env({"QBGW_RATE_MAX_SLEEP": "3", "QBGW_LEASE_MARGIN": "6"}).rate_max_sleep == 3.0
 
 
+def test_a_gevent_pool_is_refused_with_the_reason_and_what_to_use(tmp_path: Path) -> None:
+    # Refused where the settings are read, so no qbgw process starts one (nor monkey-patches for one).
+    with pytest.raises(ConfigError, match=r"not supported.*every 2 s.*QBGW_POOL=threads"):
+        Settings(data_dir=tmp_path).with_(pool="gevent")
+    with pytest.raises(ConfigError, match=r"QBGW_POOL=gevent is not supported"):
+        Settings.from_env({"QBGW_POOL": "gevent"})
+
+
 def test_long_waits_are_not_handed_to_the_broker() -> None:
     assert Settings().countdown_limit == 300.0
     assert Settings(visibility_timeout=200, read_timeout=10).countdown_limit == 50.0
