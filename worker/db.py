@@ -123,13 +123,19 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
         with factory.begin() as session:
             yield session
     except OperationalError as exc:
-        raise StoreUnavailable(f"database unavailable: {_first_line(exc)}") from exc
+        raise unavailable(exc) from exc
     except DBAPIError as exc:
         if exc.connection_invalidated:
             raise StoreUnavailable(f"database connection lost: {_first_line(exc)}") from exc
         raise
 
 
-def _first_line(exc: DBAPIError) -> str:
-    text = str(exc.orig) if exc.orig is not None else str(exc)
-    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+def unavailable(exc: BaseException) -> StoreUnavailable:
+    """The StoreUnavailable for a failure to reach the database (SQLAlchemy's error or the driver's own)."""
+    return StoreUnavailable(f"database unavailable: {_first_line(exc)}")
+
+
+def _first_line(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None)  # SQLAlchemy wraps the driver's error
+    text = str(orig if orig is not None else exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

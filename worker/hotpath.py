@@ -36,7 +36,8 @@ from sqlalchemy.sql.compiler import SQLCompiler
 
 from worker import audit, store
 from worker.crypto import Keyring, aad_for
-from worker.errors import StoreUnavailable
+from worker.db import unavailable
+from worker.integrity import after_seal
 from worker.lifecycle import JobStatus
 from worker.settings import Settings
 
@@ -129,14 +130,14 @@ class HotPath:
         try:
             pooled = self.engine.raw_connection()
         except (SQLAlchemyError, psycopg.OperationalError) as exc:  # the pool hands on the driver's own error
-            raise StoreUnavailable(f"database unavailable: {_first_line(exc)}") from exc
+            raise unavailable(exc) from exc
         connection: psycopg.Connection[Any] = pooled.driver_connection  # type: ignore[assignment]
         try:
             connection.autocommit = True
             yield connection
         except psycopg.OperationalError as exc:  # the connection broke, or the server is going away
             pooled.invalidate(exc)  # (and gives it back)
-            raise StoreUnavailable(f"database unavailable: {_first_line(exc)}") from exc
+            raise unavailable(exc) from exc
         except BaseException:
             _give_back(pooled, connection)
             raise
@@ -156,15 +157,8 @@ def _give_back(pooled: Any, connection: psycopg.Connection[Any]) -> None:
 
 def audit_sealed(settings: Settings, row: Any) -> None:
     """A commit sealed events (``row``: first_seq, last_seq, last_hash): anchor the head when it is due."""
-    from worker.integrity import after_seal
-
     if row is not None and row.last_seq is not None and row.last_seq >= row.first_seq:
         after_seal(settings, audit.Sealed(int(row.first_seq), int(row.last_seq), str(row.last_hash)))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(getattr(exc, "orig", None) or exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def hot_path_for(engine: Engine, keyring: Keyring, settings: Settings) -> HotPath | None:
