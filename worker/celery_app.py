@@ -59,7 +59,7 @@ def create_celery_app(settings: Settings) -> Celery:
 
 
 def _queues(settings: Settings) -> list[Any]:
-    names = (settings.queue, settings.effective_batch_queue)
+    names = settings.queues
     return [Queue(name, Exchange(name), routing_key=name) for name in names]  # type: ignore[no-untyped-call]
 
 

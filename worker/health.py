@@ -94,7 +94,7 @@ def _broker(settings: Settings, timeout: float) -> Check:
     app = create_celery_app(settings)
     try:
         ping_broker(app, timeout=timeout)
-        queues = (settings.queue, settings.effective_batch_queue)
+        queues = settings.queues
         depths = [f"{backlog(app, q, unknown_queue=0)} waiting in {q}" for q in queues]
     except errors.BrokerUnavailable as exc:
         return Check("broker", False, str(exc), f"is Redis running and {PREFIX}BROKER_URL right?")

@@ -183,7 +183,7 @@ class FleetCollector(Collector):
         else:
             up.add_metric(["database"], 1)
             yield from _job_gauges(snapshot)
-        queues = (self.settings.queue, self.settings.effective_batch_queue)
+        queues = self.settings.queues
         depths = [(queue, backlog(rt.celery, queue, unknown_queue=0)) for queue in queues]
         up.add_metric(["broker"], 0 if any(depth is None for _, depth in depths) else 1)
         depth = GaugeMetricFamily("qbgw_queue_depth", "Messages waiting in a broker queue", labels=["queue"])

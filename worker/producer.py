@@ -74,7 +74,7 @@ def announce(rt: Runtime, job_id: str, *, countdown: float | None = None, slot_a
     sweep publishes it, or the sweep grace does if the database is away too).
     """
     try:
-        queue = rt.settings.effective_batch_queue if batch_id else None  # a batch's job stays behind interactive ones
+        queue = rt.settings.queue_for(in_batch=batch_id is not None)
         publish(rt.celery, job_id, countdown=countdown, slot_at=slot_at, queue=queue)
         return None
     except Exception as exc:  # kombu's errors differ per transport

@@ -29,7 +29,7 @@ def worker_argv(settings: Settings, *, loglevel: str = "INFO", quiet: bool = Fal
         f"--pool={settings.pool}",
         f"--concurrency={settings.concurrency}",
         # Listed in order of precedence: interactive jobs before batch jobs.
-        f"--queues={settings.queue},{settings.effective_batch_queue}",
+        f"--queues={','.join(settings.queues)}",
         f"--hostname=qbgw-{os.getpid()}@%h",
         # Gossip, mingle and heartbeats are cluster chatter qbgw does not use; the database
         # is where workers coordinate.

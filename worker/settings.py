@@ -302,6 +302,16 @@ class Settings:
         return self.batch_queue or f"{self.queue}-batch"
 
     @property
+    def queues(self) -> tuple[str, str]:
+        """The queues a worker consumes, the interactive one first (it is asked first)."""
+        return self.queue, self.effective_batch_queue
+
+    def queue_for(self, *, in_batch: bool) -> str | None:
+        """Where a job's message goes: a batch's job to the batch queue, behind interactive ones (None: the
+        app's default, the interactive queue)."""
+        return self.effective_batch_queue if in_batch else None
+
+    @property
     def keyring_path(self) -> Path:
         return Path(self.keyring_file) if self.keyring_file else self.data_dir / "keyring.json"
 

@@ -50,7 +50,7 @@ def sweep(*, settings: Settings | None = None, grace: float | None = None) -> Sw
     with rt.transaction() as session:
         recovered = store.recover_interrupted(session=session, now=utcnow())
     # A queue the broker does not know holds nothing (Redis drops a queue with its data); None: no answer.
-    counts = [backlog(rt.celery, q, unknown_queue=0) for q in (rt.settings.queue, rt.settings.effective_batch_queue)]
+    counts = [backlog(rt.celery, q, unknown_queue=0) for q in rt.settings.queues]
     waiting = None if None in counts else sum(c for c in counts if c is not None)
     with rt.transaction() as session:
         due = store.due_for_dispatch(session=session, now=utcnow(), grace=wait, broker_backlog=waiting)
@@ -58,7 +58,7 @@ def sweep(*, settings: Settings | None = None, grace: float | None = None) -> Sw
     published = []
     for job_id in due:
         try:  # a batch's jobs go back to the batch queue, behind interactive ones
-            publish(rt.celery, job_id, queue=rt.settings.effective_batch_queue if job_id in in_batches else None)
+            publish(rt.celery, job_id, queue=rt.settings.queue_for(in_batch=job_id in in_batches))
         except Exception as exc:  # the broker is down: the next sweep after the grace tries again
             log.warning("job %s: could not publish (%s)", job_id, type(exc).__name__,
                         extra={"job_id": job_id, "error_class": type(exc).__name__})  # fmt: skip
