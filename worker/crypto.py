@@ -1,6 +1,8 @@
 """Crypto: encryption at rest of PHI columns with AES-256-GCM, and the keyring that holds its keys.
 
-A value is stored as ``v1:<key id>:<nonce>:<ciphertext+tag>``, bound to its row and column.
+A value is stored as ``v1:<key id>:<nonce>:<ciphertext+tag>``, bound to its row and column. A keyring read
+from a file follows it: every process that encrypts (producers, workers, batch submitters) looks at the
+file at most every :data:`FOLLOW_SECONDS` and switches to a rotated primary key without a restart.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import re
 import secrets
 import tempfile
 import threading
+import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,6 +37,8 @@ NONCE_BYTES = 12
 _VERSION = "v1"
 _KEY_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")
 _TO_STANDARD = bytes.maketrans(b"-_", b"+/")
+#: How long a process may go on encrypting with a primary key the keyring file no longer names (seconds).
+FOLLOW_SECONDS = 1.0
 
 
 def aad_for(table: str, column: str, row_id: str) -> str:
@@ -105,6 +110,8 @@ class Keyring:
         self._set = _KeySet(primary, dict(keys), {key_id: AESGCM(key) for key_id, key in keys.items()})
         self._path = path
         self._reload_lock = threading.Lock()
+        self._file = _identity(path) if path is not None else None  # the file as this key set was read
+        self._looked_at = time.monotonic()
 
     @property
     def primary(self) -> str:
@@ -126,7 +133,10 @@ class Keyring:
         raise TypeError("a Keyring cannot be pickled")
 
     def encrypt(self, plaintext: str, *, aad: str) -> str:
-        """The envelope of ``plaintext`` under the primary key, bound to ``aad`` (see :func:`aad_for`)."""
+        """The envelope of ``plaintext`` under the primary key, bound to ``aad`` (see :func:`aad_for`). The
+        primary is the file's (if the keyring has one) as of at most FOLLOW_SECONDS ago."""
+        if self._path is not None and time.monotonic() - self._looked_at >= FOLLOW_SECONDS:
+            self._follow()
         keyset = self._set  # one read: a concurrent reload() cannot mix two generations
         nonce = os.urandom(NONCE_BYTES)
         # surrogatepass: JSON may carry lone surrogates; they must round-trip, not crash the store.
@@ -165,11 +175,29 @@ class Keyring:
         (the keys in memory are kept)."""
         if self._path is None:
             return False
+        seen = _identity(self._path)
         fresh = Keyring.load(self._path)._set
+        self._file, self._looked_at = seen, time.monotonic()
         if fresh.keys == self._set.keys and fresh.primary == self._set.primary:
             return False
         self._set = fresh
         return True
+
+    def _follow(self) -> None:
+        """Re-read the file if it changed since it was read (a ``stat``, no read, when it has not)."""
+        with self._reload_lock:
+            if time.monotonic() - self._looked_at < FOLLOW_SECONDS:
+                return  # another thread looked meanwhile
+            self._looked_at = time.monotonic()
+            assert self._path is not None
+            if _identity(self._path) == self._file:
+                return
+            try:
+                if self.reload():
+                    logger.info("the keyring file %s changed: encrypting with key %s from now on", self._path,
+                                self.primary)  # fmt: skip
+            except ConfigError as exc:  # a half-written or damaged file: keep the keys in memory
+                logger.warning("cannot re-read the keyring (%s); still encrypting with key %s", exc, self.primary)
 
     def with_new_primary(self) -> tuple[Keyring, str]:
         """A copy with a fresh random key added as primary, and its id; this keyring is unchanged."""
@@ -214,6 +242,15 @@ class Keyring:
         if not keys:
             raise ConfigError(f"{SPEC_VAR} holds no keys")
         return cls(keys, next(iter(keys)))  # ids and lengths are checked above
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """What changes when the file is replaced or rewritten (``save`` replaces it: a new inode)."""
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_ino, info.st_mtime_ns, info.st_size
 
 
 def _new_key_id() -> str:

@@ -7,6 +7,7 @@ at the same moment is never overwritten, and both are audited.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -15,7 +16,7 @@ from sqlalchemy import Row, delete, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from worker import audit, integrity
-from worker.crypto import Keyring
+from worker.crypto import FOLLOW_SECONDS, Keyring
 from worker.errors import ConfigError, JobStateConflict
 from worker.lifecycle import TERMINAL
 from worker.models import AuditEvent, Job, utcnow
@@ -42,8 +43,9 @@ class Rotation:
 def rotate_keys(*, actor: str = "operator", settings: Settings | None = None, max_passes: int = 20) -> Rotation:
     """Add a new primary key to the keyring file and re-encrypt every stored value to it.
 
-    Workers pick up the new key within a sweep interval (their sweeper re-reads the keyring),
-    so passes repeat until no value under an older key is left.
+    Every running process that encrypts (producers, workers) switches to the new key within
+    ``crypto.FOLLOW_SECONDS``; passes repeat until no value under an older key is left and that
+    time has passed, so a value another process encrypted just before it switched is re-encrypted too.
 
     Raises:
         ConfigError: the keys come from QBGW_ENCRYPTION_KEYS (rotate them there), or the
@@ -56,13 +58,17 @@ def rotate_keys(*, actor: str = "operator", settings: Settings | None = None, ma
     current = Keyring.load(rt.settings.keyring_path)
     rotated, new_id = current.with_new_primary()
     rotated.save(rt.settings.keyring_path)
+    saved = time.monotonic()
     rt.keyring.reload()
     total = 0
     for _ in range(max_passes):
         done = _reencrypt_pass(rt.settings, new_id)
         total += done
-        if done == 0:
+        settling = FOLLOW_SECONDS + 0.5 - (time.monotonic() - saved)
+        if done == 0 and settling <= 0:
             break
+        if done == 0:
+            time.sleep(settling)  # processes may still encrypt with the old key until then
     with rt.transaction() as session:
         audit.record(session=session, action=audit.Action.KEY_ROTATED, job_id=None, actor=actor,
                      detail={"old_primary": current.primary, "new_primary": new_id, "values": total})  # fmt: skip

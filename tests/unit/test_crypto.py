@@ -8,6 +8,7 @@ import pickle
 import re
 import stat
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -428,3 +429,28 @@ def test_open_keyring_reports_a_malformed_spec(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="QBGW_ENCRYPTION_KEYS"):
         open_keyring(spec="garbage", path=tmp_path / "keyring.json", create=True)
     assert not (tmp_path / "keyring.json").exists()
+
+
+def test_a_running_producer_encrypts_with_a_rotated_primary_within_follow_seconds(tmp_path: Path) -> None:
+    from worker.crypto import FOLLOW_SECONDS
+
+    path = tmp_path / "keyring.json"
+    keyring().save(path)
+    producer = Keyring.load(path)  # a producer process, started before the rotation
+    assert Keyring.key_id_of(producer.encrypt("before", aad=AAD)) == "k1"
+    rotated, key_id = Keyring.load(path).with_new_primary()
+    rotated.save(path)  # `qbgw keys rotate` in another process
+    time.sleep(FOLLOW_SECONDS + 0.05)
+    assert Keyring.key_id_of(producer.encrypt("after", aad=AAD)) == key_id
+
+
+def test_a_damaged_keyring_file_keeps_the_keys_in_memory(tmp_path: Path) -> None:
+    from worker.crypto import FOLLOW_SECONDS
+
+    path = tmp_path / "keyring.json"
+    keyring().save(path)
+    producer = Keyring.load(path)
+    path.write_text("{not json")
+    time.sleep(FOLLOW_SECONDS + 0.05)
+    envelope = producer.encrypt("still works", aad=AAD)
+    assert Keyring.key_id_of(envelope) == "k1" and producer.decrypt(envelope, aad=AAD) == "still works"
