@@ -92,6 +92,9 @@ class StaticToken:
         """Raises AuthenticationFailed: a static token cannot be renewed."""
         raise errors.AuthenticationFailed("a static QB-Token cannot be renewed", 401)
 
+    def superseded(self) -> bool:
+        return False
+
     def observe(self, token: str, expires: str | None) -> None:
         pass  # nothing to renew ahead of time
 
@@ -101,6 +104,8 @@ class TokenProvider(Protocol):
 
     ``current`` is the token (or key) the next call uses, fingerprinted in the audit log; ``headers`` are
     the HTTP headers that carry it; ``renew`` makes a new session after a 401 (when ``can_renew``);
+    ``superseded`` says, after a 401, that the shared session is already another than the one sent (and
+    takes it);
     ``observe`` is told the ``QB-Token-ExpirationDate`` of each response to ``token``. ``current``,
     ``headers`` and ``renew`` raise a GatewayError when no session can be had.
     """
@@ -112,6 +117,8 @@ class TokenProvider(Protocol):
     def headers(self) -> dict[str, str]: ...
 
     def renew(self) -> None: ...
+
+    def superseded(self) -> bool: ...
 
     def observe(self, token: str, expires: str | None) -> None: ...
 
@@ -164,6 +171,8 @@ class GatewayClient:
             content = response.content
         except requests.RequestException as exc:
             return Exchange(None, _map_transport_error(exc), None, _since(started), None, None)
+        except errors.ResolutionFailed as exc:  # a streamed image changed or vanished while it was being sent
+            return Exchange(None, exc, None, _since(started), None, None)
         latency = _since(started)
         if EXPIRY_HEADER in response.headers:  # the session's sliding expiry, renewed ahead of it
             self.tokens.observe(credentials.get("QB-Token", ""), response.headers[EXPIRY_HEADER])

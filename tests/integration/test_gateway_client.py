@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tests.conftest import ASSISTANT, TOKEN
@@ -105,3 +107,21 @@ def test_the_proxy_and_ca_settings_are_read_from_the_environment_once(monkeypatc
     monkeypatch.setenv("NO_PROXY", "api.example")
     bypassing = GatewayClient("https://api.example", Secret("t"), timeout=(1.0, 1.0))
     assert "https" not in bypassing._session.proxies
+
+
+def test_an_image_that_changes_while_it_is_streamed_is_the_attempt_s_error_not_an_exception(
+    emu: Emulator, tmp_path: Path
+) -> None:
+    from worker.images.body import FileImage, StreamingBody
+
+    path = tmp_path / "scan.png"
+    path.write_bytes(png_bytes(8, 8))
+    size = path.stat().st_size
+    body = StreamingBody([b'{"smart_chat_assistant_id":"' + ASSISTANT.encode() + b'","messages":[{"role":"user",'
+                          b'"content":[{"type":"image_url","image_url":{"url":"', FileImage(path, "png", size + 3),
+                          b'"}}]}]}'])  # fmt: skip
+    exchange = client(emu).send(body)  # it announced 3 bytes more than the file now holds
+    assert isinstance(exchange.error, errors.ResolutionFailed) and "changed while it was being sent" in str(
+        exchange.error
+    )
+    assert exchange.status is None and exchange.answer is None
