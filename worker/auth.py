@@ -12,7 +12,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import TYPE_CHECKING
@@ -65,6 +65,9 @@ _WRITE_BACK_SECONDS = 60.0
 FAILURE_COOLDOWN = 10.0
 
 log = logging.getLogger("qbgw.auth")
+
+#: No version of the shared session has been read yet.
+_UNREAD = object()
 
 
 def signing_string(params: Mapping[str, object]) -> str:
@@ -221,6 +224,7 @@ class SessionToken:
         self._seen = threading.local()  # the token this thread last sent: the one a 401 is about
         self._written_expiry = 0.0
         self._failed: tuple[float, errors.GatewayError] | None = None  # (until when, the error) of a creation
+        self._version: Hashable = _UNREAD  # the shared session's version when this process last read it
 
     def __repr__(self) -> str:
         return f"SessionToken({self.credentials.kind}, application {self.credentials.application_id})"
@@ -231,9 +235,12 @@ class SessionToken:
         return self._session
 
     def current(self) -> Secret:
-        """The session token, made or replaced first if needed. Raises as :func:`create_session`."""
+        """The session token, made or replaced first if needed: when it is due for renewal, or when the shared
+        session changed since this process last read it (another worker renewed it). Raises as
+        :func:`create_session`."""
         info = self._session
-        if info is None or time.time() >= info.renew_at(self._margin):
+        moved = self._cache.version(self._key) != self._version
+        if info is None or moved or time.time() >= info.renew_at(self._margin):
             info = self._refresh(stale=None)
         self._seen.token = info.token
         return info.token
@@ -249,6 +256,20 @@ class SessionToken:
         self._seen.token = info.token
         log.info("renewed the QuickBlox %s session (token %s)", self.credentials.kind, fingerprint(info.token.reveal()))
 
+    def superseded(self) -> bool:
+        """After a 401: True if the shared session is no longer the token this thread sent (another worker
+        renewed it meanwhile); it is taken, and the caller retries with it instead of renewing. One read of
+        the cache, only after a 401."""
+        sent = getattr(self._seen, "token", None)
+        with self._mutex:
+            version = self._cache.version(self._key)
+            shared = self._usable(self._cache.get(self._key), sent)
+            if shared is None:
+                return False
+            self._session, self._version = shared, version
+        self._seen.token = shared.token
+        return True
+
     def observe(self, token: str, expires: str | None) -> None:
         """Note the expiry a gateway answer announced for ``token`` (the window slides with each call)."""
         when, info = parse_expiration(expires), self._session
@@ -260,15 +281,19 @@ class SessionToken:
                 shared = self._cache.get(self._key)
                 if shared is None or shared.token == info.token:
                     self._cache.put(self._key, info)
+                    self._version = self._cache.version(self._key)  # our own write is no news
             self._written_expiry = when
 
     def _refresh(self, stale: Secret | None) -> SessionInfo:
         with self._mutex:
-            info = self._usable(self._session, stale) or self._usable(self._cache.get(self._key), stale)
+            # The version first: a write that lands between the two reads shows as a change at the next check.
+            version = self._cache.version(self._key)
+            info = self._usable(self._cache.get(self._key), stale) or self._usable(self._session, stale)
             if info is None:
                 with self._cache.lock(self._key):
                     info = self._usable(self._cache.get(self._key), stale) or self._create()
-            self._session = info
+                    version = self._cache.version(self._key)
+            self._session, self._version = info, version
             return info
 
     def _create(self) -> SessionInfo:
@@ -319,6 +344,9 @@ class ApiKeyToken:
     def renew(self) -> None:
         """Raises AuthenticationFailed: an API key cannot be renewed."""
         raise errors.AuthenticationFailed(f"an API key cannot be renewed: check {PREFIX}API_KEY", 401)
+
+    def superseded(self) -> bool:
+        return False
 
     def observe(self, token: str, expires: str | None) -> None:
         pass

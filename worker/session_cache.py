@@ -2,6 +2,11 @@
 
 Redis when the broker is Redis; a file in the data directory, locked with ``flock``, on the embedded
 default (whose workers share one machine); process memory otherwise. Tokens are stored encrypted.
+
+Each cache also answers a cheap question before every send, ``version(key)``: has the shared session been
+replaced since I last read it? A ``stat`` of the file; for Redis a read of the entry at most every
+:data:`REDIS_CHECK_SECONDS` per process (not a round trip per job), so a process takes a session another
+worker renewed within that time, and never keeps sending a token the fleet knows is dead.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,9 +32,12 @@ if TYPE_CHECKING:
 
     from worker.crypto import Keyring
 
-__all__ = ["FileCache", "MemoryCache", "RedisCache", "SessionCache", "SessionInfo"]
+__all__ = ["FileCache", "MemoryCache", "RedisCache", "SessionCache", "SessionInfo", "REDIS_CHECK_SECONDS"]
 
 log = logging.getLogger("qbgw.auth")
+
+#: How stale a process's view of the session shared in Redis may be (seconds).
+REDIS_CHECK_SECONDS = 0.05
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,11 @@ class SessionCache(Protocol):
     def put(self, key: str, info: SessionInfo) -> None: ...
 
     def lock(self, key: str) -> Any: ...  # a context manager
+
+    def version(self, key: str) -> Hashable:
+        """Changes whenever the stored session is replaced or rewritten (cheap: see the module's text); on
+        trouble, the last value seen (so an outage does not make every send read the cache)."""
+        ...
 
 
 def _aad(key: str) -> str:
@@ -105,6 +118,9 @@ class MemoryCache:
         with self._lock:
             yield
 
+    def version(self, key: str) -> Hashable:
+        return id(self._entries.get(key))  # put() stores a new object
+
 
 class FileCache:
     """``{directory}/session-<key>.json`` (mode 0600), replaced atomically; creation is serialised by
@@ -113,6 +129,18 @@ class FileCache:
     def __init__(self, directory: Path, keyring: Keyring) -> None:
         self._dir = directory
         self._keyring = keyring
+        self._seen: Hashable = None
+
+    def version(self, key: str) -> Hashable:
+        # os.replace() gives every write a new inode: (inode, mtime, size) changes with each one.
+        try:
+            info = os.stat(self._dir / f"session-{key}.json")
+        except FileNotFoundError:
+            return None
+        except OSError:
+            return self._seen
+        self._seen = (info.st_ino, info.st_mtime_ns, info.st_size)
+        return self._seen
 
     def get(self, key: str) -> SessionInfo | None:
         try:
@@ -165,9 +193,21 @@ class RedisCache:
         self._errors: tuple[type[Exception], ...] = (redis.RedisError,)
         self._keyring = keyring
         self._hold = hold_seconds  # a lock outlives any session creation, yet frees a dead holder's
+        self._views: dict[str, tuple[float, Hashable]] = {}  # key -> (read at, monotonic; the entry's bytes)
 
     def __repr__(self) -> str:
         return "RedisCache()"
+
+    def version(self, key: str) -> Hashable:
+        read_at, seen = self._views.get(key, (-REDIS_CHECK_SECONDS, None))
+        if time.monotonic() - read_at < REDIS_CHECK_SECONDS:
+            return seen
+        try:
+            seen = self._client.get(f"qbgw:session:{key}")
+        except self._errors:
+            pass  # keep what was seen: get() and put() say what is wrong
+        self._views[key] = (time.monotonic(), seen)
+        return seen
 
     def get(self, key: str) -> SessionInfo | None:
         try:
@@ -175,14 +215,17 @@ class RedisCache:
         except self._errors as exc:
             log.warning("cannot read the session cache in Redis (%s)", type(exc).__name__)
             return None
+        self._views[key] = (time.monotonic(), raw)
         return _decode(raw, self._keyring, key)
 
     def put(self, key: str, info: SessionInfo) -> None:
         ttl_ms = int((info.expires_at - time.time()) * 1000)
         if ttl_ms <= 0:
             return
+        raw = _encode(info, self._keyring, key).encode()
         try:
-            self._client.set(f"qbgw:session:{key}", _encode(info, self._keyring, key), px=ttl_ms)
+            self._client.set(f"qbgw:session:{key}", raw, px=ttl_ms)
+            self._views[key] = (time.monotonic(), raw)
         except self._errors as exc:
             log.warning("cannot write the session cache in Redis (%s)", type(exc).__name__)
 

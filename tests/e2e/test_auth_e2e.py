@@ -74,3 +74,27 @@ def test_two_hundred_jobs_on_two_workers_survive_two_expiries_with_a_few_session
     # 26-30 requests answered 401 across the 16 threads), never one per job.
     assert 3 <= emu.stats()["sessions_created"] <= 4, emu.stats()
     emu.reconfigure(latency=0.0)
+
+
+def test_every_process_follows_a_renewal_and_each_drop_costs_one_session(
+    app_stack: Settings, emu: Emulator, worker_process: Callable[..., Any]
+) -> None:
+    # Two processes share one session. When the gateway drops it, the first process to meet the 401 renews;
+    # the job's retry may then land in the other process, which must not send the dead token again as if the
+    # renewal had failed (before: "the gateway rejected a freshly renewed session token", about half the time).
+    worker_process(app_stack, concurrency=2)
+    worker_process(app_stack, concurrency=2)
+    warm = [producer.submit(ASSISTANT, [{"role": "user", "content": f"warm {n}"}], settings=app_stack)
+            for n in range(6)]  # fmt: skip
+    assert all(wait_for_job(j, timeout=60, settings=app_stack).status is JobStatus.SUCCEEDED for j in warm)
+    assert emu.stats()["sessions_created"] == 1
+    drops = 6
+    for drop in range(drops):
+        assert emu.expire_sessions() == 1
+        first, events = run(app_stack, f"first after drop {drop}")  # meets the 401, renews, retries
+        assert first.status is JobStatus.SUCCEEDED, (drop, first.error, [(e.action, e.error_class) for e in events])
+        more = [producer.submit(ASSISTANT, [{"role": "user", "content": f"drop {drop} job {n}"}], settings=app_stack)
+                for n in range(4)]  # fmt: skip
+        views = [wait_for_job(j, timeout=60, settings=app_stack) for j in more]
+        assert [v.status for v in views] == [JobStatus.SUCCEEDED] * 4, [(v.error_class, v.error) for v in views]
+    assert emu.stats()["sessions_created"] == 1 + drops, emu.stats()

@@ -260,3 +260,57 @@ def test_a_gateway_call_without_a_session_is_an_exchange_with_the_reason_not_an_
     tokens = provider(app_settings(em, tmp_path, base_url="http://127.0.0.1:9"))
     exchange = GatewayClient(em.url, tokens, timeout=(2.0, 5.0)).send(b"{}")
     assert exchange.status is None and "session endpoint" in str(exchange.error) and em.stats()["requests"] == 0
+
+
+def shared_caches(where: str, settings: Settings, tmp_path: Path, request: pytest.FixtureRequest) -> Any:
+    """A maker of caches that are separate objects (as in separate worker processes) over one empty store."""
+    if where == "file":
+        return lambda: FileCache(tmp_path / "sessions", KEYRING)
+    import redis
+
+    redis_url = request.getfixturevalue("redis_url")
+    with redis.Redis.from_url(redis_url) as client:
+        client.delete(f"qbgw:session:{auth.credentials_of(settings).cache_key(settings.base_url)}")
+    return lambda: RedisCache(redis_url, KEYRING, hold_seconds=10)
+
+
+@pytest.mark.parametrize("where", ["file", "redis"])
+def test_a_renewal_by_one_process_reaches_the_others_before_their_next_send(
+    em: Emulator, tmp_path: Path, where: str, request: pytest.FixtureRequest
+) -> None:
+    from worker.session_cache import REDIS_CHECK_SECONDS
+
+    settings = app_settings(em, tmp_path)
+    cache = shared_caches(where, settings, tmp_path, request)
+    a, b = provider(settings, cache()), provider(settings, cache())
+    old = a.current()
+    assert b.current() == old and created(em) == 1
+    em.expire_sessions()
+    a.renew()  # a met the 401 first
+    new = a.current()
+    assert new != old and created(em) == 2
+    time.sleep(REDIS_CHECK_SECONDS * 1.5)  # how stale a process's view of Redis may be; a file is seen at once
+    assert b.current() == new  # b never sends the token the fleet knows is dead
+    assert created(em) == 2
+
+
+@pytest.mark.parametrize("where", ["file", "redis"])
+def test_a_401_on_a_token_another_process_replaced_takes_the_shared_one_without_a_new_session(
+    em: Emulator, tmp_path: Path, where: str, request: pytest.FixtureRequest
+) -> None:
+    settings = app_settings(em, tmp_path)
+    cache = shared_caches(where, settings, tmp_path, request)
+    a, b = provider(settings, cache()), provider(settings, cache())
+    old = b.current()  # b sends the old token ...
+    em.expire_sessions()
+    a.current()
+    a.renew()  # ... while a renews
+    assert b.superseded() and b.current() == a.current() != old
+    assert not a.superseded()  # a's own token is the shared one: a 401 on it is a verdict, not news
+    assert created(em) == 2
+
+
+def test_a_static_token_or_an_api_key_is_never_superseded() -> None:
+    from worker.gateway import StaticToken
+
+    assert not StaticToken(Secret("t")).superseded() and not auth.ApiKeyToken(Secret("k")).superseded()
