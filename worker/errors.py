@@ -14,6 +14,7 @@ job at once on a ``PermanentGatewayError``; no caller inspects status codes itse
     ├── BatchNotFound (also LookupError) ....... no batch has this id
     ├── JobStateConflict ....................... the job's status does not allow the operation
     ├── InvalidTransition (also RuntimeError) .. a status change the table forbids: a bug
+    ├── InternalError .......................... an unexpected exception met a job in the worker
     ├── IntegrityError ......................... stored data fails its integrity check
     │   └── DecryptionFailed ................... a stored value cannot be decrypted (moved, altered, no key)
     ├── StoreUnavailable ....................... the database cannot be reached
@@ -24,6 +25,7 @@ job at once on a ``PermanentGatewayError``; no caller inspects status codes itse
         │   ├── UpstreamUnavailable ............ connection refused/reset, DNS, TLS
         │   ├── UpstreamTimeout ................ connect or read timeout
         │   ├── RateLimited .................... 429, maybe with Retry-After
+        │   ├── StaleSession ................... 401 for a token the fleet had already replaced
         │   └── UpstreamServerError ............ 408 or 5xx
         └── PermanentGatewayError .............. retrying cannot help
             ├── UpstreamRejected ............... 4xx (400, 403, 404, 413, 422, ...)
@@ -50,6 +52,7 @@ __all__ = [
     "BatchNotFound",
     "JobStateConflict",
     "InvalidTransition",
+    "InternalError",
     "IntegrityError",
     "DecryptionFailed",
     "StoreUnavailable",
@@ -60,6 +63,7 @@ __all__ = [
     "UpstreamUnavailable",
     "UpstreamTimeout",
     "RateLimited",
+    "StaleSession",
     "UpstreamServerError",
     "PermanentGatewayError",
     "UpstreamRejected",
@@ -140,6 +144,21 @@ class JobStateConflict(QbgwError):
 
 class InvalidTransition(QbgwError, RuntimeError):
     """A job status change that the transition table forbids (a bug, never retried)."""
+
+
+class InternalError(QbgwError):
+    """An exception that is none of an attempt's expected outcomes met a job in the worker (a bug, or
+    stored input that cannot be sent). The job waits and is tried again; after ``QBGW_MAX_FAULTS`` in a
+    row it fails with the reason. ``exception`` is the class name of what was raised, ``stage`` where."""
+
+    def __init__(self, message: str, exception: str = "", stage: str = "") -> None:
+        super().__init__(message, exception, stage)
+        self.message = message
+        self.exception = exception
+        self.stage = stage
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class IntegrityError(QbgwError):
@@ -226,6 +245,11 @@ class RateLimited(TransientGatewayError):
         super().__init__(message, status, reasons)
         self.args = (message, status, tuple(reasons), retry_after)
         self.retry_after = retry_after
+
+
+class StaleSession(TransientGatewayError):
+    """HTTP 401 "Required session does not exist" for a session token that another worker had already
+    replaced: the attempt is retried at once with the shared session, without spending the job's renewal."""
 
 
 class UpstreamServerError(TransientGatewayError):

@@ -7,6 +7,7 @@ queued ──claim──▶ running ──answer──────────�
   │  └─ due ─── retrying (next_attempt_at)  ◀── lease expired (worker died): interrupted      │
   └───────────────────────────────────────────────────────────────────────────────────────────┘
 queued | retrying ──cancel──▶ cancelled
+queued | retrying ──the same unexpected failure QBGW_MAX_FAULTS times, before any claim──▶ failed
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import random
 from dataclasses import dataclass
 from enum import StrEnum
 
-from worker.errors import AuthenticationFailed, GatewayError, InvalidTransition, TransientGatewayError
+from worker.errors import AuthenticationFailed, GatewayError, InvalidTransition, StaleSession, TransientGatewayError
 
 __all__ = [
     "JobStatus",
@@ -28,6 +29,7 @@ __all__ = [
     "Step",
     "Decision",
     "decide",
+    "decide_fault",
     "SESSION_GONE",
 ]
 
@@ -49,9 +51,11 @@ class JobStatus(StrEnum):
 
 #: Every status change that may happen; anything else raises InvalidTransition.
 ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
-    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELLED}),
+    # queued/retrying -> failed: the job cannot even be claimed (its payload cannot be read or sent), met
+    # QBGW_MAX_FAULTS times in a row: every job ends.
+    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELLED, JobStatus.FAILED}),
     JobStatus.RUNNING: frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.RETRYING, JobStatus.CANCELLED}),
-    JobStatus.RETRYING: frozenset({JobStatus.RUNNING, JobStatus.CANCELLED}),
+    JobStatus.RETRYING: frozenset({JobStatus.RUNNING, JobStatus.CANCELLED, JobStatus.FAILED}),
     JobStatus.SUCCEEDED: frozenset(),
     JobStatus.FAILED: frozenset({JobStatus.QUEUED}),  # only by an explicit, audited replay
     JobStatus.CANCELLED: frozenset(),
@@ -140,6 +144,8 @@ def decide(
         return Decision(Step.FAIL, reason=str(error))
     if attempt >= max_attempts:
         return Decision(Step.FAIL, reason=f"gave up after {attempt} attempts; the last: {error}")
+    if isinstance(error, StaleSession):  # another worker renewed the session already: use it at once
+        return Decision(Step.RETRY, delay=0.0)
     delay = backoff_delay(attempt, base=policy.base, cap=policy.cap, rng=rng)
     retry_after = getattr(error, "retry_after", None)
     if retry_after is not None:
@@ -163,3 +169,31 @@ def _session_gone(*, can_reauthenticate: bool, reauthenticated: bool) -> Decisio
     if reauthenticated:
         return Decision(Step.FAIL, reason="the gateway rejected a freshly renewed session token")
     return Decision(Step.REAUTHENTICATE)
+
+
+def decide_fault(
+    fault: str,
+    faults: int,
+    *,
+    max_faults: int,
+    attempt: int | None,
+    max_attempts: int,
+    elapsed: float,
+    policy: RetryPolicy,
+    rng: random.Random | None = None,
+) -> Decision:
+    """What follows an unexpected failure in the worker (``fault``: its class and text, e.g.
+    ``"DecryptionFailed: cannot decrypt ..."``), the ``faults``-th of that class in a row for the job.
+
+    ``attempt`` is the attempt it interrupted (None: it came before any claim, so no attempt was spent).
+    The job waits a backoff and is tried again, until ``max_faults`` in a row (or the attempts or the
+    deadline run out): then it fails with ``fault`` as its reason.
+    """
+    if faults >= max_faults:
+        return Decision(Step.FAIL, reason=f"{fault} (met {faults} time{'s' if faults != 1 else ''} in a row)")
+    if attempt is not None and attempt >= max_attempts:
+        return Decision(Step.FAIL, reason=f"gave up after {attempt} attempts; the last: {fault}")
+    delay = backoff_delay(faults, base=policy.base, cap=policy.cap, rng=rng)
+    if elapsed + delay > policy.deadline:
+        return Decision(Step.FAIL, reason=f"gave up: the job's deadline of {policy.deadline:g}s passed; last: {fault}")
+    return Decision(Step.RETRY, delay=delay)

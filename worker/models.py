@@ -111,6 +111,9 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(Text)
     error_class: Mapped[str | None] = mapped_column(String(64))
     http_status: Mapped[int | None] = mapped_column(Integer)
+    #: Unexpected failures of class ``error_class`` in a row (InternalError, DecryptionFailed): at
+    #: QBGW_MAX_FAULTS the job fails.
+    faults: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     claimed_by: Mapped[str | None] = mapped_column(String(128))
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     #: When a broker message for the job was last published; NULL: the sweeper must publish one.

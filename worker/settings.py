@@ -88,6 +88,9 @@ class Settings:
     connect_timeout: float = 5.0
     read_timeout: float = 120.0
     max_attempts: int = 5
+    #: A job that meets the same unexpected failure in the worker (an exception that is no outcome of an
+    #: attempt: a bug, a payload that cannot be decrypted or sent) this many times in a row fails with it.
+    max_faults: int = 3
     backoff_base: float = 1.0
     backoff_max: float = 60.0
     #: No attempt starts later than this many seconds after the job was submitted.
@@ -254,7 +257,7 @@ class Settings:
                      "rate_limit_per_assistant", "rate_max_sleep"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be 0 or more")
-        for name in ("max_attempts", "concurrency", "audit_anchor_events", "rate_burst"):
+        for name in ("max_attempts", "max_faults", "concurrency", "audit_anchor_events", "rate_burst"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be at least 1")
         if not 0 <= self.metrics_port <= 65535:

@@ -8,7 +8,7 @@ whose lease was taken over, changes nothing.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
@@ -23,8 +23,8 @@ from sqlalchemy.sql.elements import ClauseElement, ColumnElement
 from worker import audit
 from worker.crypto import Keyring, aad_for
 from worker.errors import GatewayError, IdempotencyConflict, JobNotFound, JobStateConflict
-from worker.lifecycle import CLAIMABLE, JobStatus, check_transition
-from worker.models import Job
+from worker.lifecycle import CLAIMABLE, Decision, JobStatus, Step, check_transition
+from worker.models import Job, utcnow
 
 __all__ = [
     "NewJob",
@@ -37,6 +37,8 @@ __all__ = [
     "mark_unannounced",
     "throttle",
     "release_unsent",
+    "Fault",
+    "record_fault",
 ]
 
 _CLAIMABLE = [str(s) for s in CLAIMABLE]
@@ -306,6 +308,103 @@ def release_unsent(*, session: Session, claim: Claim, worker: str, until: dateti
     _event(session, audit.Action.ATTEMPT_UNSENT, claim, worker, now, outcome="throttled",
            detail={"reason": reason, "wait_ms": round(wait * 1000), "until": until.isoformat()})  # fmt: skip
     return JobStatus.RETRYING
+
+
+@dataclass(frozen=True)
+class Fault:
+    """An unexpected failure met by a job in the worker, as the audit trail and the job keep it: its class
+    (``InternalError``, ``DecryptionFailed``), the reason a person reads (no PHI), and facts for the event."""
+
+    error_class: str
+    reason: str
+    detail: dict[str, Any]
+
+
+#: Decides what follows a fault: (faults in a row, the attempt it interrupted or None, max attempts,
+#: the job's age in seconds) -> Decision (``lifecycle.decide_fault`` with the policy bound).
+FaultRule = Callable[[int, int | None, int, float], Decision]
+
+
+def record_fault(*, session: Session, job_id: str, claim: Claim | None, worker: str, fault: Fault,
+                 rule: FaultRule, announced: Callable[[float], bool],
+                 now: datetime) -> tuple[JobStatus, Decision, str | None] | None:  # fmt: skip
+    """Record ``fault`` on the job: as the outcome of this worker's attempt (``claim``), or, with no claim (it
+    came before one), on the waiting job. Audited as ``attempt.error`` with the fault's class; the job then
+    waits a backoff (``next_attempt_at``) or fails, as ``rule`` decides. ``announced(delay)`` says whether a
+    broker message for the next try is published at once (else the sweeper publishes it when due).
+
+    Returns the job's status, the decision and its batch id, or None if the job is not where the caller left it (it
+    finished, another worker holds it, or it does not exist): then nothing was written.
+    """
+    row = session.execute(
+        select(Job.status, Job.attempts, Job.max_attempts, Job.claimed_by, Job.faults, Job.error_class,
+               Job.created_at, Job.cancel_requested_at, Job.assistant_id, Job.batch_id)
+        .where(Job.id == job_id).with_for_update()
+    ).first()  # fmt: skip
+    if row is None:
+        return None
+    held = claim is not None and (row.status, row.attempts, row.claimed_by) == ("running", claim.attempt, worker)
+    if not held and (claim is not None or row.status not in _CLAIMABLE):
+        return None
+    now = max(now, utcnow())  # taken after the row's lock: the events sort after whatever held it
+    faults = row.faults + 1 if row.error_class == fault.error_class else 1
+    decision = rule(faults, row.attempts if held else None, row.max_attempts,
+                    (now - row.created_at.astimezone(UTC)).total_seconds())  # fmt: skip
+    retrying = decision.step is Step.RETRY
+    values: dict[str, Any] = {"error": seal_text(session, "error", job_id, decision.reason or fault.reason),
+                              "error_class": fault.error_class, "http_status": None, "faults": faults}  # fmt: skip
+    if retrying:
+        values.update(next_attempt_at=now + timedelta(seconds=decision.delay),
+                      announced_at=now if announced(decision.delay) else None)  # fmt: skip
+    else:
+        values.update(finished_at=now)
+    attempt = row.attempts if held else row.attempts + 1
+    event = audit.event(action=audit.Action.ATTEMPT_ERROR, job_id=job_id, actor=worker, attempt=attempt,
+                        assistant_id=row.assistant_id, batch_id=row.batch_id, outcome="fault",
+                        error_class=fault.error_class, at=now,
+                        detail={**fault.detail, "faults": faults, "claimed": held})  # fmt: skip
+    if held:
+        assert claim is not None
+        status = _fault_held(session, claim, worker, now, retrying, values)
+    else:
+        status = _fault_waiting(session, job_id, row, now, retrying, values)
+    if status is None:
+        return None
+    audit.add(session, event)
+    follow = {JobStatus.RETRYING: audit.Action.RETRY_SCHEDULED, JobStatus.FAILED: audit.Action.FAILED}.get(status)
+    if follow is not None and (held or status is JobStatus.FAILED):
+        detail = {"next_attempt_at": values["next_attempt_at"].isoformat()} if retrying else None
+        audit.record(session=session, action=follow, job_id=job_id, actor=worker, attempt=attempt,
+                     assistant_id=row.assistant_id, batch_id=row.batch_id, outcome=str(status),
+                     error_class=fault.error_class, detail=detail, at=now)  # fmt: skip
+    return status, decision, row.batch_id
+
+
+def _fault_held(session: Session, claim: Claim, worker: str, now: datetime, retrying: bool,
+                values: dict[str, Any]) -> JobStatus | None:  # fmt: skip
+    status = JobStatus.RETRYING if retrying else JobStatus.FAILED
+    if _finish(session, claim, worker, status, now, **values):
+        return status
+    kept = {k: values[k] for k in ("error", "error_class", "http_status", "faults")}
+    if _finish(session, claim, worker, JobStatus.CANCELLED, now, cancelled=True, next_attempt_at=None,
+               finished_at=now, **kept):  # fmt: skip
+        _event(session, audit.Action.CANCELLED, claim, worker, now, outcome="cancelled")
+        return JobStatus.CANCELLED
+    return None
+
+
+def _fault_waiting(session: Session, job_id: str, row: Any, now: datetime, retrying: bool,
+                   values: dict[str, Any]) -> JobStatus | None:  # fmt: skip
+    current = JobStatus(row.status)
+    status = current if retrying else JobStatus.FAILED
+    if status is not current:
+        check_transition(current, status)
+    taken = session.execute(
+        update(Job).where(Job.id == job_id, Job.status == current.value, Job.attempts == row.attempts)
+        .values(status=status.value, throttle_reason=None, updated_at=now, **values)
+        .execution_options(synchronize_session=False)
+    )  # fmt: skip
+    return status if taken.rowcount == 1 else None  # type: ignore[attr-defined]
 
 
 def batch_members(*, session: Session, job_ids: Sequence[str]) -> set[str]:

@@ -18,12 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 from celery import Celery, Task
 
-from worker import audit, images, lifecycle, metrics, store
+from worker import audit, faults, images, lifecycle, metrics, store
 from worker.errors import (
+    AuthenticationFailed,
     GatewayError,
-    QbgwError,
     RateLimited,
     ResolutionFailed,
+    StaleSession,
     StoreUnavailable,
     TransientGatewayError,
 )
@@ -40,8 +41,10 @@ __all__ = ["Outcome", "register", "run_attempt"]
 
 log = logging.getLogger("qbgw.worker")
 
-#: How long a message waits before it is tried again when the database is unreachable.
+#: How long a message waits before it is tried again when the database is unreachable ...
 STORE_RETRY_SECONDS = 5.0
+#: ... and how many times (10 minutes); then the sweeper takes over (the job is in the database).
+STORE_RETRY_LIMIT = 120
 
 
 class Outcome(StrEnum):
@@ -72,25 +75,43 @@ def register(app: Celery) -> None:
         try:
             return str(run_attempt(runtime(self.app.qbgw_settings), job_id, slot_at=slot_at))
         except StoreUnavailable as exc:
-            # The database is the source of truth and it is not there: keep the job's message
-            # alive (a new one, later) rather than drop it. Nothing was sent upstream yet.
+            # The database is the source of truth and it is not there: keep the job's message alive (a new
+            # one, later) rather than drop it. Nothing was sent upstream yet. Bounded: after
+            # STORE_RETRY_LIMIT tries the message goes, and the sweeper publishes the job again once the
+            # database is back (the job is still in it), so no message loops forever.
+            metrics.store_unavailable()
+            if self.request.retries >= STORE_RETRY_LIMIT:
+                log.warning("job %s: database unavailable for %d tries; its message is dropped and the sweeper "
+                            "will publish the job again", job_id, self.request.retries + 1,
+                            extra={"job_id": job_id})  # fmt: skip
+                return "store-unavailable"
             log.warning("job %s: database unavailable, retrying in %.0fs", job_id, STORE_RETRY_SECONDS,
                         extra={"job_id": job_id, "delay_s": STORE_RETRY_SECONDS})  # fmt: skip
-            metrics.store_unavailable()
             raise self.retry(exc=exc, countdown=STORE_RETRY_SECONDS) from None
-        except QbgwError as exc:  # a lost key (DecryptionFailed), a bug: Celery logs it; count it first
-            metrics.task_error(type(exc).__name__)
-            raise
 
 
-def run_attempt(rt: Runtime, job_id: str, *, slot_at: float | None = None) -> Outcome:
+def run_attempt(rt: Runtime, job_id: str, *, slot_at: float | None = None) -> Outcome | str:
     """One attempt at ``job_id``: a place in the fleet's rate-limit plan, claim, resolve references, a slot
     to send in, call, record. ``slot_at``: the place the plan gave the job when it rescheduled it.
-    Raises StoreUnavailable before the call."""
+
+    Any exception that is not an expected outcome is recorded on the job as a fault (``worker.faults``):
+    the job waits and is tried again, and fails after QBGW_MAX_FAULTS in a row. Raises StoreUnavailable
+    when the database cannot be reached."""
+    progress = faults.Progress()
+    try:
+        return _attempt(rt, job_id, slot_at, progress)
+    except StoreUnavailable:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the guard: whatever it is, the job must still end
+        return faults.record(rt, job_id, exc, progress)
+
+
+def _attempt(rt: Runtime, job_id: str, slot_at: float | None, progress: faults.Progress) -> Outcome:
     admitted = _admit(rt, job_id, slot_at)
     if admitted is not None:
         return admitted
     started = time.monotonic()
+    progress.stage = "claiming the job"
     claimed = _claim(rt, job_id)
     if claimed is None:
         log.debug("job %s: nothing to do (duplicate delivery, not due, or finished)", job_id,
@@ -98,7 +119,9 @@ def run_attempt(rt: Runtime, job_id: str, *, slot_at: float | None = None) -> Ou
         metrics.attempt(Outcome.SKIPPED)
         return Outcome.SKIPPED
     claim, body = claimed
+    progress.claim = claim
     if body is None:  # images to fetch first: the claim is committed, the request is audited once built
+        progress.stage = "resolving image references"
         try:
             body = images.build_body(claim.assistant_id, claim.messages, rt.settings)
         except ResolutionFailed as error:
@@ -106,14 +129,18 @@ def run_attempt(rt: Runtime, job_id: str, *, slot_at: float | None = None) -> Ou
         with rt.transaction() as session:
             audit.add(session, _request_event(rt, claim, body))
     _LEAD.observe(time.monotonic() - started)
+    progress.stage = "calling the gateway"
     sent = _send_in_slot(rt, claim, body)
     if isinstance(sent, Grant):
         return _release_unsent(rt, claim, sent)
     exchange = sent
     if exchange.status == 429 and isinstance(exchange.error, RateLimited):  # the whole fleet pauses
         rt.limiter.cool_down(exchange.error.retry_after)
+    progress.stage = "recording the outcome"
+    exchange = _stale_or_not(rt, exchange)
     decision = _decide(rt, claim, exchange)
     outcome = _record(rt, claim, exchange, decision)
+    progress.stage = "after recording the outcome"  # the claim stays: a fault now finds the job moved on
     error_class = type(exchange.error).__name__ if exchange.error is not None else None
     metrics.attempt(outcome, exchange.status, exchange.latency_ms, error_class)
     log.info("job %s attempt %d: %s (HTTP %s, %d ms)", job_id, claim.attempt, outcome,
@@ -290,6 +317,21 @@ def _finish_unresolved(rt: Runtime, claim: store.Claim, error: ResolutionFailed)
              extra={"job_id": claim.job_id, "attempt": claim.attempt, "outcome": outcome.value,
                     "error_class": "ResolutionFailed", "worker": rt.identity})  # fmt: skip
     return outcome
+
+
+def _stale_or_not(rt: Runtime, exchange: Exchange) -> Exchange:
+    """A 401 "Required session does not exist" for a token another worker has replaced already is no verdict
+    on the job's session: it becomes StaleSession, retried at once with the shared session, and the job keeps
+    its one renewal (a second process that still held the old token would otherwise fail the job)."""
+    error = exchange.error
+    if not (isinstance(error, AuthenticationFailed) and lifecycle.SESSION_GONE in error.reasons):
+        return exchange
+    tokens = rt.gateway.tokens
+    if not tokens.can_renew or not tokens.superseded():
+        return exchange
+    stale = StaleSession(f"{error.message} for a session token already replaced by another worker; retried with "
+                         "the shared session", error.status, error.reasons)  # fmt: skip
+    return dataclasses.replace(exchange, error=stale)
 
 
 def _decide(rt: Runtime, claim: store.Claim, exchange: Exchange) -> Decision:

@@ -10,12 +10,14 @@ from worker.lifecycle import (
     CLAIMABLE,
     SESSION_GONE,
     TERMINAL,
+    Decision,
     JobStatus,
     RetryPolicy,
     Step,
     backoff_delay,
     check_transition,
     decide,
+    decide_fault,
 )
 
 S = JobStatus
@@ -23,12 +25,14 @@ ALL_PAIRS = [(a, b) for a in JobStatus for b in JobStatus]
 LEGAL = {
     (S.QUEUED, S.RUNNING),
     (S.QUEUED, S.CANCELLED),
+    (S.QUEUED, S.FAILED),
     (S.RUNNING, S.SUCCEEDED),
     (S.RUNNING, S.FAILED),
     (S.RUNNING, S.RETRYING),
     (S.RUNNING, S.CANCELLED),
     (S.RETRYING, S.RUNNING),
     (S.RETRYING, S.CANCELLED),
+    (S.RETRYING, S.FAILED),
     (S.FAILED, S.QUEUED),
 }
 
@@ -156,3 +160,45 @@ def test_an_expired_session_is_renewed_once(can_renew: bool, renewed_before: boo
     decision = decide(SESSION, attempt=1, max_attempts=3, elapsed=0, policy=POLICY,
                       can_reauthenticate=can_renew, reauthenticated=renewed_before)  # fmt: skip
     assert decision.step is step and reason in decision.reason
+
+
+def test_a_token_another_worker_replaced_is_retried_at_once_without_spending_the_renewal() -> None:
+    stale = errors.StaleSession("gateway answered HTTP 401", 401, (SESSION_GONE,))
+    for renewed_before in (False, True):  # even right after this job's own renewal
+        decision = decide(stale, attempt=2, max_attempts=3, elapsed=0, policy=POLICY, can_reauthenticate=True,
+                          reauthenticated=renewed_before)  # fmt: skip
+        assert decision == Decision(Step.RETRY, delay=0.0)
+    spent = decide(stale, attempt=3, max_attempts=3, elapsed=0, policy=POLICY, can_reauthenticate=True)
+    assert spent.step is Step.FAIL and spent.reason.startswith("gave up after 3 attempts")
+
+
+FAULT = "InternalError: unexpected UnicodeEncodeError while claiming the job"
+
+
+@pytest.mark.parametrize(
+    ("faults", "attempt", "elapsed", "step", "reason"),
+    [
+        (1, None, 0, Step.RETRY, ""),  # before any claim: no attempt spent
+        (2, None, 0, Step.RETRY, ""),
+        (3, None, 0, Step.FAIL, FAULT + " (met 3 times in a row)"),  # max_faults = 3
+        (1, 1, 0, Step.RETRY, ""),  # it interrupted attempt 1 of 3
+        (1, 3, 0, Step.FAIL, "gave up after 3 attempts; the last: " + FAULT),
+        (4, 2, 0, Step.FAIL, FAULT + " (met 4 times in a row)"),
+        (1, None, 99.9, Step.FAIL, "gave up: the job's deadline of 100s passed; last: " + FAULT),
+    ],
+)
+def test_the_fault_table(faults: int, attempt: int | None, elapsed: float, step: Step, reason: str) -> None:
+    decision = decide_fault(FAULT, faults, max_faults=3, attempt=attempt, max_attempts=3, elapsed=elapsed,
+                            policy=RetryPolicy(max_attempts=3, base=1.0, cap=1.0, deadline=100.0),
+                            rng=random.Random(5))  # fmt: skip
+    assert decision.step is step and decision.reason == reason
+    if step is Step.RETRY:
+        assert 0 <= decision.delay <= 1.0
+
+
+def test_a_fault_waits_longer_the_more_it_repeats() -> None:
+    policy = RetryPolicy(base=1.0, cap=60.0)
+    rng = random.Random(7)
+    ceilings = [max(decide_fault(FAULT, n, max_faults=9, attempt=None, max_attempts=5, elapsed=0, policy=policy,
+                                 rng=rng).delay for _ in range(300)) for n in (1, 2, 3)]  # fmt: skip
+    assert ceilings[0] <= 1.0 < ceilings[1] <= 2.0 < ceilings[2] <= 4.0

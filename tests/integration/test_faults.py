@@ -1,0 +1,146 @@
+"""The guard where the task meets the job (``worker.faults``): an exception that is no expected outcome of an
+attempt becomes an audited ``attempt.error``, and a job that meets it QBGW_MAX_FAULTS times in a row ends
+``failed`` with a reason, before or after its claim. In this process against a real database and the
+emulator over a socket; tests/e2e/test_every_job_ends.py runs the same through real worker processes."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from tests.conftest import ASSISTANT
+from worker import images, producer, store
+from worker.emulator import Emulator
+from worker.lifecycle import TERMINAL, JobStatus
+from worker.models import utcnow
+from worker.queries import get_job, job_events
+from worker.runtime import runtime
+from worker.settings import Settings
+from worker.tasks import run_attempt
+
+
+def store_unchecked(settings: Settings, messages: list[dict[str, Any]]) -> str:
+    """A job stored without the producer's validation: as an older version, or a bug, could have stored it."""
+    new = store.NewJob(id=str(uuid.uuid4()), assistant_id=ASSISTANT, messages=messages, custom_id=None,
+                       idempotency_key=None, actor="test", max_attempts=settings.max_attempts)  # fmt: skip
+    with runtime(settings).transaction() as session:
+        store.create_job(session=session, new=new, now=utcnow())
+    return new.id
+
+
+def tamper_payload(settings: Settings, job_id: str) -> None:
+    """Change one byte of the job's stored ciphertext (its GCM tag): it no longer decrypts."""
+    with runtime(settings).transaction() as session:
+        stored = session.execute(text("SELECT payload FROM jobs WHERE id = :id"), {"id": job_id}).scalar_one()
+        flipped = stored[:-3] + ("A" if stored[-3] != "A" else "B") + stored[-2:]
+        session.execute(text("UPDATE jobs SET payload = :p WHERE id = :id"), {"p": flipped, "id": job_id})
+
+
+def deliver_until_done(settings: Settings, job_id: str, *, limit: int = 20) -> list[Any]:
+    """Deliver the job's message again and again (as the sweeper would), each time it is due; the outcomes."""
+    outcomes = []
+    for _ in range(limit):
+        view = get_job(job_id, settings=settings)
+        if view.status in TERMINAL:
+            return outcomes
+        if view.next_attempt_at is not None:
+            time.sleep(max(0.0, (view.next_attempt_at - utcnow()).total_seconds()) + 0.01)
+        outcomes.append(run_attempt(runtime(settings), job_id))
+    raise AssertionError(f"job {job_id} did not end after {limit} deliveries: {outcomes}")
+
+
+def faults_of(settings: Settings, job_id: str) -> list[tuple[Any, ...]]:
+    return [(e.action, e.attempt, e.error_class, e.detail.get("exception"), e.detail.get("claimed"))
+            for e in job_events(job_id, settings=settings) if e.action in ("attempt.error", "job.failed")]  # fmt: skip
+
+
+def test_text_that_cannot_be_encoded_ends_failed_after_max_faults_without_a_call(
+    settings: Settings, emu: Emulator
+) -> None:
+    job_id = store_unchecked(settings, [{"role": "user", "content": "a\ud800b"}])
+    outcomes = deliver_until_done(settings, job_id)
+    assert outcomes == ["queued", "queued", "failed"]  # max_faults = 3, no attempt was ever claimed
+    view = get_job(job_id, settings=settings)
+    assert view.status is JobStatus.FAILED and view.attempts == 0 and view.error_class == "InternalError"
+    assert view.error is not None and view.error.startswith("InternalError: unexpected UnicodeEncodeError while "
+                                                            "claiming the job") and "(met 3 times" in view.error
+    assert "\ud800" not in view.error
+    assert faults_of(settings, job_id) == [("attempt.error", 1, "InternalError", "UnicodeEncodeError", False)] * 3 + [
+        ("job.failed", 1, "InternalError", None, None)
+    ]
+    assert emu.stats()["requests"] == 0
+
+
+def test_a_payload_that_no_longer_decrypts_ends_failed_as_decryption_failed(settings: Settings) -> None:
+    job_id = producer.submit(ASSISTANT, [{"role": "user", "content": "Hello"}], settings=settings)
+    tamper_payload(settings, job_id)
+    deliver_until_done(settings, job_id)
+    view = get_job(job_id, settings=settings)
+    assert view.status is JobStatus.FAILED and view.error_class == "DecryptionFailed"
+    assert view.error is not None and view.error.startswith(f"DecryptionFailed: cannot decrypt jobs.payload of row "
+                                                            f"{job_id}: authentication failed")  # fmt: skip
+    assert [a for a, *_ in faults_of(settings, job_id)] == ["attempt.error"] * 3 + ["job.failed"]
+
+
+def test_a_fault_after_the_claim_is_the_attempt_s_outcome_and_is_retried(
+    settings: Settings, emu: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A bug after the claim (here: resolving references raises what nothing expects) ends the attempt at once,
+    # instead of leaving the job running until its lease runs out.
+    calls = {"n": 0}
+    real = images.build_body
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyError("a bug")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(images, "build_body", flaky)
+    fetching = settings.with_(fetch_remote_images=True)
+    job_id = producer.submit(ASSISTANT, [{"role": "user", "content": [
+        {"type": "text", "text": "Hi"}, {"type": "image_url", "image_url": {"url": "https://192.0.2.1/x.png"}}]}],
+        settings=fetching)  # fmt: skip
+    first = run_attempt(runtime(fetching), job_id)
+    assert first == "retrying"
+    view = get_job(job_id, settings=fetching)
+    assert view.status is JobStatus.RETRYING and view.attempts == 1 and view.error_class == "InternalError"
+    assert "KeyError while resolving image references" in (view.error or "")
+    assert faults_of(fetching, job_id) == [("attempt.error", 1, "InternalError", "KeyError", True)]
+    assert [e.action for e in job_events(job_id, settings=fetching)][-1] == "job.retry_scheduled"
+    # The next attempt resolves for real: the address is refused (TEST-NET), an expected, permanent outcome.
+    deliver_until_done(fetching, job_id)
+    view = get_job(job_id, settings=fetching)
+    assert view.status is JobStatus.FAILED and view.attempts == 2 and view.error_class == "ResolutionFailed"
+    assert emu.stats()["requests"] == 0
+
+
+def test_faults_count_in_a_row_and_an_ordinary_outcome_breaks_the_row(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job_id = producer.submit(ASSISTANT, [{"role": "user", "content": "Hi [[emulator:fail=503x1]]"}], settings=settings)
+    with runtime(settings).transaction() as session:  # as if two faults had already met it
+        session.execute(text("UPDATE jobs SET faults = 2, error_class = 'InternalError' WHERE id = :id"),
+                        {"id": job_id})  # fmt: skip
+    outcome = run_attempt(runtime(settings), job_id)  # a 503: an ordinary outcome, the row of faults is broken
+    assert outcome == "retrying" and get_job(job_id, settings=settings).error_class == "UpstreamServerError"
+    deliver_until_done(settings, job_id)
+    assert get_job(job_id, settings=settings).status is JobStatus.SUCCEEDED
+
+
+def test_a_fault_on_a_job_that_moved_on_writes_nothing(settings: Settings) -> None:
+    from worker import faults
+
+    job_id = producer.submit(ASSISTANT, [{"role": "user", "content": "Hi"}], settings=settings)
+    assert run_attempt(runtime(settings), job_id) == "succeeded"
+    before = job_events(job_id, settings=settings)
+    try:
+        raise RuntimeError("late")
+    except RuntimeError as exc:
+        assert faults.record(runtime(settings), job_id, exc, faults.Progress()) == "skipped"
+    assert job_events(job_id, settings=settings) == before
+    assert get_job(job_id, settings=settings).status is JobStatus.SUCCEEDED
