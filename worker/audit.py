@@ -21,8 +21,8 @@ from sqlalchemy.orm import Session
 from worker.models import AuditChainHead, AuditEvent, utcnow
 
 __all__ = ["Action", "AuditRecord", "event", "record", "add", "seal_argument", "seal", "seal_at_commit",
-           "install_commit_seal", "discard", "digest", "fingerprint", "chain_hash", "chain_hash_v1", "content_hash",
-           "link_hash", "events_for_job"]  # fmt: skip
+           "install_commit_seal", "discard", "digest", "fingerprint", "chain_hash", "chain_hash_v1", "chain_hash_v2",
+           "content_hash", "link_hash", "stamp", "events_for_job"]  # fmt: skip
 
 
 class Action(StrEnum):
@@ -88,15 +88,24 @@ CHAINED = ("seq", "occurred_at", "action", "job_id", "batch_id", "assistant_id",
 
 
 #: What format v2's content hash covers: every chained column but the position (seq).
-CONTENT = tuple(name for name in CHAINED if name != "seq")
+CONTENT_V2 = tuple(name for name in CHAINED if name != "seq")
+
+#: What the current format's (v3) content hash covers: every chained column but the position (seq) and the
+#: time (occurred_at), both given at the seal, under the chain head's lock.
+CONTENT = tuple(name for name in CHAINED if name not in ("seq", "occurred_at"))
 
 
 def _canonical(row: Mapping[str, Any], names: tuple[str, ...]) -> bytes:
     fields = {name: row.get(name) for name in names}
-    when = fields["occurred_at"]
-    if isinstance(when, datetime):
-        fields["occurred_at"] = when.astimezone(UTC).isoformat(timespec="microseconds")
+    if "occurred_at" in fields:
+        fields["occurred_at"] = stamp(fields["occurred_at"])
     return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+
+
+def stamp(when: Any) -> Any:
+    """An event's time as the hashes spell it: UTC, ISO 8601 with microseconds
+    (``2026-12-04T23:30:00.123456+00:00``)."""
+    return when.astimezone(UTC).isoformat(timespec="microseconds") if isinstance(when, datetime) else when
 
 
 def chain_hash_v1(prev_hash: str, row: Mapping[str, Any]) -> str:
@@ -105,20 +114,29 @@ def chain_hash_v1(prev_hash: str, row: Mapping[str, Any]) -> str:
     return hashlib.sha256(b"qbgw-audit-v1\x00" + prev_hash.encode() + b"\x00" + _canonical(row, CHAINED)).hexdigest()
 
 
+def chain_hash_v2(prev_hash: str, row: Mapping[str, Any]) -> str:
+    """Format v2 (events from ``v2_from`` to before ``v3_from``): the content (without seq) hashed before the
+    lock, linked to the previous hash and the seq under it."""
+    content = hashlib.sha256(b"qbgw-audit-v2-content\x00" + _canonical(row, CONTENT_V2)).hexdigest()
+    return hashlib.sha256(f"qbgw-audit-v2|{prev_hash}|{int(row['seq'])}|{content}".encode()).hexdigest()
+
+
 def content_hash(row: Mapping[str, Any]) -> str:
-    """Format v2, part one: the event's canonical JSON without its seq; needs no lock."""
-    return hashlib.sha256(b"qbgw-audit-v2-content\x00" + _canonical(row, CONTENT)).hexdigest()
+    """The current format (v3), part one: the event's canonical JSON without its seq and its time; needs no
+    lock."""
+    return hashlib.sha256(b"qbgw-audit-v3-content\x00" + _canonical(row, CONTENT)).hexdigest()
 
 
-def link_hash(prev_hash: str, seq: int, content: str) -> str:
-    """Format v2, part two: the chain link, done under the head's lock (also by PostgreSQL's
-    ``qbgw_audit_seal``, which must compute exactly this)."""
-    return hashlib.sha256(f"qbgw-audit-v2|{prev_hash}|{seq}|{content}".encode()).hexdigest()
+def link_hash(prev_hash: str, seq: int, occurred_at: str, content: str) -> str:
+    """The current format (v3), part two: the chain link of the previous hash, the seq and the time the seal
+    gave the event (:func:`stamp`), done under the head's lock (also by PostgreSQL's ``qbgw_audit_seal``,
+    which must compute exactly this)."""
+    return hashlib.sha256(f"qbgw-audit-v3|{prev_hash}|{seq}|{occurred_at}|{content}".encode()).hexdigest()
 
 
 def chain_hash(prev_hash: str, row: Mapping[str, Any]) -> str:
-    """The current format (v2): the link of the row's seq and content hash to the previous hash."""
-    return link_hash(prev_hash, int(row["seq"]), content_hash(row))
+    """The current format (v3): the link of the row's seq, time and content hash to the previous hash."""
+    return link_hash(prev_hash, int(row["seq"]), stamp(row["occurred_at"]), content_hash(row))
 
 
 @dataclass(frozen=True)
@@ -166,11 +184,10 @@ def event(
     assistant_id: str | None = None,
     batch_id: str | None = None,
     token_fp: str | None = None,
-    at: datetime | None = None,
 ) -> dict[str, Any]:
-    """One event's columns, not chained yet; ``request``/``response`` are (digest, size)."""
+    """One event's columns, not chained yet; ``request``/``response`` are (digest, size). Its time
+    (``occurred_at``) and its place (``seq``) are given when its transaction commits (:func:`seal`)."""
     return {
-        "occurred_at": at or utcnow(),
         "action": str(action), "job_id": job_id, "batch_id": batch_id, "assistant_id": assistant_id,
         "attempt": attempt, "actor": actor, "token_fp": token_fp, "outcome": outcome, "http_status": http_status,
         "error_class": error_class, "latency_ms": latency_ms,
@@ -211,21 +228,24 @@ def seal(session: Session) -> Sealed | None:
     """Chain and insert the session's pending events now; returns what was added, or None.
 
     Locks the chain head row until the transaction ends, so concurrent transactions chain in
-    the order they commit. The content hashes are computed before the lock is taken.
+    the order they commit, and stamps the events with the time under that lock, so their times
+    follow the same order. The content hashes are computed before the lock is taken.
     """
     pending = session.info.pop(PENDING, None)
     if not pending:
         return None
     contents = [content_hash(event) for event in pending]
     head = session.execute(select(AuditChainHead).where(AuditChainHead.id == 1).with_for_update()).scalar_one()
-    seq, prev = head.seq, head.row_hash
+    # The time under the lock, never behind the chain's last (a clock stepped back): occurred_at follows seq.
+    at = utcnow() if head.last_at is None else max(utcnow(), head.last_at)
+    seq, prev, spelled = head.seq, head.row_hash, stamp(at)
     for event, content in zip(pending, contents, strict=True):
         seq += 1
-        event["seq"], event["prev_hash"] = seq, prev
-        event["row_hash"] = prev = link_hash(prev, seq, content)
+        event["seq"], event["prev_hash"], event["occurred_at"] = seq, prev, at
+        event["row_hash"] = prev = link_hash(prev, seq, spelled, content)
     session.execute(insert(AuditEvent), pending)
     first = head.seq + 1
-    head.seq, head.row_hash = seq, prev
+    head.seq, head.row_hash, head.last_at = seq, prev, at
     session.flush()
     return Sealed(first, seq, prev)
 
@@ -265,11 +285,11 @@ def seal_at_commit(session: Session) -> Sealed | Staged | None:
 
 def seal_argument(pending: list[dict[str, Any]]) -> str:
     """The events as ``qbgw_audit_seal`` takes them (a JSON array, in chain order): each event's columns,
-    its position ``i`` and its content hash ``c``, hashed here, before the chain head is locked."""
+    its position ``i`` and its content hash ``c``, hashed here, before the chain head is locked (the function
+    gives them their seq and time under the lock)."""
     rows = []
     for i, pending_event in enumerate(pending):
         row = {name: pending_event[name] for name in CONTENT}
-        row["occurred_at"] = pending_event["occurred_at"].astimezone(UTC).isoformat(timespec="microseconds")
         row["i"], row["c"] = i, content_hash(pending_event)
         rows.append(row)
     return json.dumps(rows, separators=(",", ":"))

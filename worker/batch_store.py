@@ -5,7 +5,7 @@ commits. A batch's counts are read from its jobs; its row holds only what its jo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -19,7 +19,7 @@ from worker.lifecycle import TERMINAL, JobStatus
 from worker.models import Batch, Job
 
 __all__ = ["BatchStatus", "Counts", "create_batch", "insert_jobs", "start", "get", "recent", "counts", "settle",
-           "unfinished_jobs", "cancel_jobs", "end", "overdue", "EXPIRY_ACTOR"]  # fmt: skip
+           "unfinished_jobs", "cancel_jobs", "end", "overdue", "unswept", "EXPIRY_ACTOR"]  # fmt: skip
 
 #: Who cancels the jobs of a batch whose window ran out, in the audit trail.
 EXPIRY_ACTOR = "batch-expiry"
@@ -40,6 +40,8 @@ class BatchStatus(StrEnum):
 
 #: Statuses a batch ends in (``completed`` becomes ``in_progress`` again if a job is replayed).
 ENDED = frozenset({BatchStatus.COMPLETED, BatchStatus.CANCELLED, BatchStatus.EXPIRED})
+#: Statuses of a batch that can still be cancelled or expire.
+RUNNING = (BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS)
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,7 @@ def create_batch(
                       skipped=skipped, created_at=now, expires_at=now + window, updated_at=now))  # fmt: skip
     audit.record(session=session, action=audit.Action.BATCH_CREATED, job_id=None, batch_id=batch_id, actor=actor,
                  assistant_id=assistant_id, detail={"jobs": total, "skipped_lines": skipped,
-                                                    "window_seconds": int(window.total_seconds())}, at=now)  # fmt: skip
+                                                    "window_seconds": int(window.total_seconds())})  # fmt: skip
 
 
 def insert_jobs(*, session: Session, jobs: Sequence[store.NewJob], announced: bool, now: datetime) -> None:
@@ -80,7 +82,7 @@ def insert_jobs(*, session: Session, jobs: Sequence[store.NewJob], announced: bo
             "max_attempts": new.max_attempts, "created_at": now, "updated_at": now,
             "announced_at": now if announced else None, "batch_id": new.batch_id,
         })  # fmt: skip
-        store.audit_submitted(session, new, payload, digest, now)
+        store.audit_submitted(session, new, payload, digest)
     session.execute(insert(Job), rows)
 
 
@@ -127,15 +129,30 @@ def _counts(by_status: dict[str, int]) -> Counts:
 
 def settle(*, session: Session, batch: Batch, counts: Counts, now: datetime) -> None:
     """in_progress ⇄ completed as the counts say: completed when nothing is pending (at the
-    time the last job finished); in_progress again if a failed job was replayed."""
+    time the last job finished); in_progress again if a failed job was replayed.
+
+    A compare-and-set on the status read: a batch that another transaction cancelled or expired meanwhile
+    stays as that transaction left it (``batch`` is refreshed)."""
     if batch.status not in (BatchStatus.IN_PROGRESS, BatchStatus.COMPLETED):
         return
     done = counts.pending == 0
     if done == (batch.status == BatchStatus.COMPLETED):
         return
     last = session.scalar(select(func.max(Job.finished_at)).where(Job.batch_id == batch.id)) if done else None
-    batch.status = BatchStatus.COMPLETED if done else BatchStatus.IN_PROGRESS
-    batch.completed_at, batch.updated_at = (last or now) if done else None, now
+    values = {"status": BatchStatus.COMPLETED if done else BatchStatus.IN_PROGRESS,
+              "completed_at": (last or now) if done else None, "updated_at": now}  # fmt: skip
+    _compare_and_set(session, batch, (batch.status,), values)
+
+
+def _compare_and_set(session: Session, batch: Batch, expected: Sequence[str], values: Mapping[str, object]) -> bool:
+    """Change the batch row only if its status is still one of ``expected``; True if it did. ``batch`` then
+    holds what the row holds."""
+    changed = session.execute(
+        update(Batch).where(Batch.id == batch.id, Batch.status.in_([str(s) for s in expected])).values(**values)
+        .execution_options(synchronize_session=False)
+    )  # fmt: skip
+    session.refresh(batch)
+    return bool(changed.rowcount == 1)  # type: ignore[attr-defined]
 
 
 def unfinished_jobs(*, session: Session, batch_id: str, limit: int) -> list[str]:
@@ -170,19 +187,34 @@ def cancel_jobs(*, session: Session, job_ids: Sequence[str], actor: str, expired
     return done
 
 
-def end(*, session: Session, batch: Batch, status: BatchStatus, actor: str, cancelled: int, now: datetime) -> None:
-    """Mark the batch cancelled or expired, with its event (its jobs are cancelled already)."""
-    batch.status, batch.updated_at = status, now
-    if status is BatchStatus.EXPIRED:
-        batch.expired_at = now
-    else:
-        batch.cancelled_at = now
+def end(*, session: Session, batch: Batch, status: BatchStatus, actor: str, pending: int, now: datetime) -> bool:
+    """Decide that the running batch ends ``status`` (cancelled or expired), with its event: one decision
+    however many callers race (a compare-and-set from validating or in_progress). False: it had ended
+    already (completed, cancelled or expired), and nothing changed. Its unfinished jobs are cancelled
+    afterwards (:func:`cancel_jobs`), in transactions of their own."""
+    stamp = {"expired_at": now} if status is BatchStatus.EXPIRED else {"cancelled_at": now}
+    if not _compare_and_set(session, batch, RUNNING, {"status": status, "updated_at": now, **stamp}):
+        return False
     action = audit.Action.BATCH_EXPIRED if status is BatchStatus.EXPIRED else audit.Action.BATCH_CANCELLED
     audit.record(session=session, action=action, job_id=None, batch_id=batch.id, actor=actor, outcome=str(status),
-                 detail={"jobs_cancelled": cancelled}, at=now)  # fmt: skip
+                 detail={"jobs_to_cancel": pending})  # fmt: skip
+    return True
 
 
 def overdue(*, session: Session, now: datetime) -> list[str]:
     """Batches whose completion window has ended while they still run."""
-    running = [BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS]
+    running = [str(s) for s in RUNNING]
     return list(session.scalars(select(Batch.id).where(Batch.status.in_(running), Batch.expires_at <= now)))
+
+
+def unswept(*, session: Session) -> list[tuple[str, str]]:
+    """(batch id, status) of cancelled or expired batches that still have jobs neither finished nor asked to
+    cancel: the end was decided, and the run that cancels its jobs did not finish (a crash)."""
+    ended = [str(BatchStatus.CANCELLED), str(BatchStatus.EXPIRED)]
+    rows = session.execute(
+        select(Batch.id, Batch.status).where(Batch.status.in_(ended)).where(
+            select(Job.id).where(Job.batch_id == Batch.id, Job.status.in_(_PENDING), Job.cancel_requested_at.is_(None))
+            .exists()
+        )
+    )  # fmt: skip
+    return [(str(row.id), str(row.status)) for row in rows]

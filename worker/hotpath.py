@@ -111,7 +111,7 @@ class HotPath:
         sealed_answer = self.keyring.encrypt(answer, aad=aad_for("jobs", "answer", claim.job_id))
         where, changes = store.finish_parameters(claim, worker, JobStatus.SUCCEEDED, now,
                                                  store.success_values(sealed_answer, now))  # fmt: skip
-        events = [response_event, store.succeeded_event(claim, worker, now)]
+        events = [response_event, store.succeeded_event(claim, worker)]
         params = {**self._succeed_constants, **where, **{f"v_{key}": changes[key] for key in _SUCCESS_KEYS},
                   "b_events": audit.seal_argument(events)}  # fmt: skip
         with self._connection() as connection, connection.cursor(row_factory=namedtuple_row) as cur:

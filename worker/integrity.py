@@ -241,10 +241,11 @@ def verify(session: Session, anchors: list[Anchor], key: bytes) -> VerifyReport:
     by_seq = {a.seq: a for a in anchors if a.kind == "head" and a.seq > base.seq}
     count = 0
     if problem is None:
-        v2_from = session.scalar(select(AuditChainHead.v2_from).where(AuditChainHead.id == 1))
+        starts = session.execute(select(AuditChainHead.v2_from, AuditChainHead.v3_from).where(AuditChainHead.id == 1))
+        formats = starts.first() or (1, 1)
         rows = _rows(session, after=base.seq)
         try:
-            last_good, problem = _walk(rows, by_seq, base, 1 if v2_from is None else v2_from)
+            last_good, problem = _walk(rows, by_seq, base, formats[0], formats[1])
             count = last_good - base.seq
         finally:
             rows.close()  # closes the server-side cursor when the walk stops early
@@ -277,10 +278,10 @@ def _broken_link(seq: int, skips_one: bool) -> Problem:
 
 
 def _walk(
-    rows: Iterator[Any], anchors: dict[int, Anchor], base: Anchor, v2_from: int = 1
+    rows: Iterator[Any], anchors: dict[int, Anchor], base: Anchor, v2_from: int = 1, v3_from: int = 1
 ) -> tuple[int, Problem | None]:
     """Walk the chain from ``base`` (the genesis, or the signed end of a deliberate drop); events
-    from seq ``v2_from`` on are in format v2, those before it in v1."""
+    from seq ``v3_from`` on are in format v3, those from ``v2_from`` in v2, those before in v1."""
     prev, before, expected, matched = base.row_hash, "", base.seq + 1, base.seq
     for row in rows:
         seq = row["seq"]
@@ -289,7 +290,7 @@ def _walk(
             return expected - 1, Problem(expected, f"{gap} (events were deleted)")
         if row["prev_hash"] != prev:
             return seq - 1, _broken_link(seq, row["prev_hash"] == before)
-        before, prev = prev, (audit.chain_hash(prev, row) if seq >= v2_from else audit.chain_hash_v1(prev, row))
+        before, prev = prev, _hash(prev, row, seq, v2_from, v3_from)
         if prev != row["row_hash"]:
             return seq - 1, Problem(seq, f"event seq {seq} was altered: its contents do not match its hash")
         anchor = anchors.get(seq)
@@ -306,6 +307,12 @@ def _walk(
         ends = f"the log ends at seq {last}, but an anchor signed {top.at} covers seq {top.seq}"
         return last, Problem(last + 1, f"{ends}: events after seq {last} were removed (a truncated tail)")
     return last, None
+
+
+def _hash(prev: str, row: Any, seq: int, v2_from: int, v3_from: int) -> str:
+    if seq >= v3_from:
+        return audit.chain_hash(prev, row)
+    return audit.chain_hash_v2(prev, row) if seq >= v2_from else audit.chain_hash_v1(prev, row)
 
 
 def verify_log(*, reader: str | None = None, settings: Settings | None = None) -> VerifyReport:

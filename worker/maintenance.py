@@ -130,7 +130,7 @@ def purge_phi(*, older_than: timedelta, actor: str = "operator", settings: Setti
                                                                       purged_at=now, updated_at=now))  # fmt: skip
             for job_id in ids:
                 audit.record(session=session, action=audit.Action.PURGED, job_id=job_id, actor=actor,
-                             detail={"cutoff": cutoff.isoformat()}, at=now)  # fmt: skip
+                             detail={"cutoff": cutoff.isoformat()})  # fmt: skip
             purged += len(ids)
 
 

@@ -188,3 +188,7 @@ class AuditChainHead(Base):
     row_hash: Mapped[str] = mapped_column(String(64))
     #: The first seq chained in format v2 (content hashed before the lock); those before it are v1.
     v2_from: Mapped[int] = mapped_column(BigInteger, default=1, server_default="1")
+    #: The first seq chained in format v3 (the time given under the lock, and linked); v2 before it.
+    v3_from: Mapped[int] = mapped_column(BigInteger, default=1, server_default="1")
+    #: The time the last seal gave its events: the next seal's is never earlier.
+    last_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

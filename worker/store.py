@@ -24,7 +24,7 @@ from worker import audit
 from worker.crypto import Keyring, aad_for
 from worker.errors import GatewayError, IdempotencyConflict, JobNotFound, JobStateConflict
 from worker.lifecycle import CLAIMABLE, Decision, JobStatus, Step, check_transition
-from worker.models import Job, utcnow
+from worker.models import Job
 
 __all__ = [
     "NewJob",
@@ -138,11 +138,11 @@ def create_job(*, session: Session, new: NewJob, now: datetime) -> tuple[str, bo
         session.flush()
     except IntegrityError as exc:
         raise KeyRace(new.idempotency_key) from exc
-    audit_submitted(session, new, payload, payload_digest, now)
+    audit_submitted(session, new, payload, payload_digest)
     return new.id, True
 
 
-def audit_submitted(session: Session, new: NewJob, payload: str, payload_digest: str, now: datetime) -> None:
+def audit_submitted(session: Session, new: NewJob, payload: str, payload_digest: str) -> None:
     """The ``job.submitted`` event of a job being inserted (one job, or a batch's bulk insert)."""
     audit.record(
         session=session,
@@ -153,7 +153,6 @@ def audit_submitted(session: Session, new: NewJob, payload: str, payload_digest:
         batch_id=new.batch_id,
         request=(payload_digest, len(payload)),
         detail={"assistant_id": new.assistant_id, "custom_id": new.custom_id, "messages": len(new.messages)},
-        at=now,
     )
 
 
@@ -213,7 +212,7 @@ def record_success(*, session: Session, claim: Claim, worker: str, answer: str, 
     longer holds the job."""
     if _finish(session, claim, worker, JobStatus.SUCCEEDED, now,
                **success_values(seal_text(session, "answer", claim.job_id, answer), now)):  # fmt: skip
-        audit.add(session, succeeded_event(claim, worker, now))
+        audit.add(session, succeeded_event(claim, worker))
         return JobStatus.SUCCEEDED
     return _cancel_if_requested(session, claim, worker, now)
 
@@ -223,8 +222,8 @@ def success_values(sealed_answer: str | None, now: datetime) -> dict[str, Any]:
     return {"answer": sealed_answer, "error": None, "error_class": None, "http_status": 200, "finished_at": now}
 
 
-def succeeded_event(claim: Claim, worker: str, now: datetime) -> dict[str, Any]:
-    return _event_of(audit.Action.SUCCEEDED, claim, worker, now, outcome="succeeded", http_status=200)
+def succeeded_event(claim: Claim, worker: str) -> dict[str, Any]:
+    return _event_of(audit.Action.SUCCEEDED, claim, worker, outcome="succeeded", http_status=200)
 
 
 def record_failure(
@@ -255,7 +254,7 @@ def record_failure(
         return _cancel_if_requested(session, claim, worker, now, **values)
     action = audit.Action.RETRY_SCHEDULED if retry_at else audit.Action.FAILED
     detail = {"next_attempt_at": retry_at.isoformat(), "by": "broker" if announced else "sweeper"} if retry_at else None
-    _event(session, action, claim, worker, now, outcome=str(status), http_status=error.status,
+    _event(session, action, claim, worker, outcome=str(status), http_status=error.status,
            error_class=type(error).__name__, detail=detail)  # fmt: skip
     return status
 
@@ -289,7 +288,7 @@ def throttle(*, session: Session, job_id: str, until: datetime, reason: str, wai
     if taken is None:
         return False, None
     audit.record(session=session, action=audit.Action.THROTTLED, job_id=job_id, actor=actor, outcome="throttled",
-                 attempt=taken.attempts + 1, assistant_id=taken.assistant_id, batch_id=taken.batch_id, at=now,
+                 attempt=taken.attempts + 1, assistant_id=taken.assistant_id, batch_id=taken.batch_id,
                  detail={"reason": reason, "wait_ms": round(wait * 1000), "until": until.isoformat(),
                          "slot": "reserved" if reserved else "not reserved"})  # fmt: skip
     return True, taken.batch_id
@@ -305,7 +304,7 @@ def release_unsent(*, session: Session, claim: Claim, worker: str, until: dateti
                               "announced_at": now if announced else None}  # fmt: skip
     if not _finish(session, claim, worker, JobStatus.RETRYING, now, **values):
         return _cancel_if_requested(session, claim, worker, now)
-    _event(session, audit.Action.ATTEMPT_UNSENT, claim, worker, now, outcome="throttled",
+    _event(session, audit.Action.ATTEMPT_UNSENT, claim, worker, outcome="throttled",
            detail={"reason": reason, "wait_ms": round(wait * 1000), "until": until.isoformat()})  # fmt: skip
     return JobStatus.RETRYING
 
@@ -346,7 +345,6 @@ def record_fault(*, session: Session, job_id: str, claim: Claim | None, worker: 
     held = claim is not None and (row.status, row.attempts, row.claimed_by) == ("running", claim.attempt, worker)
     if not held and (claim is not None or row.status not in _CLAIMABLE):
         return None
-    now = max(now, utcnow())  # taken after the row's lock: the events sort after whatever held it
     faults = row.faults + 1 if row.error_class == fault.error_class else 1
     decision = rule(faults, row.attempts if held else None, row.max_attempts,
                     (now - row.created_at.astimezone(UTC)).total_seconds())  # fmt: skip
@@ -361,7 +359,7 @@ def record_fault(*, session: Session, job_id: str, claim: Claim | None, worker: 
     attempt = row.attempts if held else row.attempts + 1
     event = audit.event(action=audit.Action.ATTEMPT_ERROR, job_id=job_id, actor=worker, attempt=attempt,
                         assistant_id=row.assistant_id, batch_id=row.batch_id, outcome="fault",
-                        error_class=fault.error_class, at=now,
+                        error_class=fault.error_class,
                         detail={**fault.detail, "faults": faults, "claimed": held})  # fmt: skip
     if held:
         assert claim is not None
@@ -376,7 +374,7 @@ def record_fault(*, session: Session, job_id: str, claim: Claim | None, worker: 
         detail = {"next_attempt_at": values["next_attempt_at"].isoformat()} if retrying else None
         audit.record(session=session, action=follow, job_id=job_id, actor=worker, attempt=attempt,
                      assistant_id=row.assistant_id, batch_id=row.batch_id, outcome=str(status),
-                     error_class=fault.error_class, detail=detail, at=now)  # fmt: skip
+                     error_class=fault.error_class, detail=detail)  # fmt: skip
     return status, decision, row.batch_id
 
 
@@ -388,7 +386,7 @@ def _fault_held(session: Session, claim: Claim, worker: str, now: datetime, retr
     kept = {k: values[k] for k in ("error", "error_class", "http_status", "faults")}
     if _finish(session, claim, worker, JobStatus.CANCELLED, now, cancelled=True, next_attempt_at=None,
                finished_at=now, **kept):  # fmt: skip
-        _event(session, audit.Action.CANCELLED, claim, worker, now, outcome="cancelled")
+        _event(session, audit.Action.CANCELLED, claim, worker, outcome="cancelled")
         return JobStatus.CANCELLED
     return None
 
@@ -469,17 +467,17 @@ def _cancel_if_requested(session: Session, claim: Claim, worker: str, now: datet
     if not _finish(session, claim, worker, JobStatus.CANCELLED, now, cancelled=True, next_attempt_at=None,
                    finished_at=now, **kept):  # fmt: skip
         return None
-    _event(session, audit.Action.CANCELLED, claim, worker, now, outcome="cancelled")
+    _event(session, audit.Action.CANCELLED, claim, worker, outcome="cancelled")
     return JobStatus.CANCELLED
 
 
-def _event(session: Session, action: audit.Action, claim: Claim, worker: str, now: datetime, **fields: Any) -> None:
-    audit.add(session, _event_of(action, claim, worker, now, **fields))
+def _event(session: Session, action: audit.Action, claim: Claim, worker: str, **fields: Any) -> None:
+    audit.add(session, _event_of(action, claim, worker, **fields))
 
 
-def _event_of(action: audit.Action, claim: Claim, worker: str, now: datetime, **fields: Any) -> dict[str, Any]:
+def _event_of(action: audit.Action, claim: Claim, worker: str, **fields: Any) -> dict[str, Any]:
     return audit.event(action=action, job_id=claim.job_id, actor=worker, attempt=claim.attempt,
-                       assistant_id=claim.assistant_id, at=now, **fields)  # fmt: skip
+                       assistant_id=claim.assistant_id, **fields)  # fmt: skip
 
 
 def cancel(*, session: Session, job_id: str, actor: str, now: datetime) -> JobStatus:
@@ -502,13 +500,13 @@ def cancel(*, session: Session, job_id: str, actor: str, now: datetime) -> JobSt
     if status is JobStatus.RUNNING:
         job.cancel_requested_at = job.updated_at = now
         audit.record(session=session, action=audit.Action.CANCEL_REQUESTED, job_id=job_id, actor=actor,
-                     attempt=job.attempts, batch_id=job.batch_id, at=now)  # fmt: skip
+                     attempt=job.attempts, batch_id=job.batch_id)  # fmt: skip
         return status
     check_transition(status, JobStatus.CANCELLED)
     job.status, job.finished_at, job.next_attempt_at, job.updated_at = JobStatus.CANCELLED, now, None, now
     job.cancel_requested_at = now
     audit.record(session=session, action=audit.Action.CANCELLED, job_id=job_id, actor=actor, outcome="cancelled",
-                 batch_id=job.batch_id, at=now)  # fmt: skip
+                 batch_id=job.batch_id)  # fmt: skip
     return JobStatus.CANCELLED
 
 
@@ -526,8 +524,7 @@ def replay(*, session: Session, job_id: str, actor: str, extra_attempts: int, no
         raise JobStateConflict(f"job {job_id} is {job.status}; only a failed job can be replayed")
     check_transition(JobStatus.FAILED, JobStatus.QUEUED)
     audit.record(session=session, action=audit.Action.REPLAYED, job_id=job_id, actor=actor, attempt=job.attempts,
-                 detail={"previous_error_class": job.error_class, "previous_http_status": job.http_status},
-                 at=now)  # fmt: skip
+                 detail={"previous_error_class": job.error_class, "previous_http_status": job.http_status})  # fmt: skip
     job.status, job.max_attempts = JobStatus.QUEUED, job.attempts + extra_attempts
     job.finished_at = job.next_attempt_at = None
     job.announced_at = job.updated_at = now
@@ -573,11 +570,10 @@ def recover_interrupted(*, session: Session, now: datetime, limit: int = 500) ->
         if taken.rowcount != 1:  # type: ignore[attr-defined]
             continue
         audit.record(session=session, action=audit.Action.ATTEMPT_INTERRUPTED, job_id=row.id, actor="sweeper",
-                     attempt=row.attempts, outcome="interrupted", detail={"worker": row.claimed_by},
-                     at=now)  # fmt: skip
+                     attempt=row.attempts, outcome="interrupted", detail={"worker": row.claimed_by})  # fmt: skip
         follow = {JobStatus.RETRYING: audit.Action.RETRY_SCHEDULED, JobStatus.FAILED: audit.Action.FAILED}
         audit.record(session=session, action=follow.get(status, audit.Action.CANCELLED), job_id=row.id,
-                     actor="sweeper", attempt=row.attempts, outcome=str(status), at=now)  # fmt: skip
+                     actor="sweeper", attempt=row.attempts, outcome=str(status))  # fmt: skip
         if status is JobStatus.RETRYING:
             retrying.append(row.id)
     return retrying
@@ -625,5 +621,5 @@ def due_for_dispatch(
     if ids:
         session.execute(update(Job).where(Job.id.in_(ids)).values(announced_at=now))
         for job_id in ids:
-            audit.record(session=session, action=audit.Action.REDISPATCHED, job_id=job_id, actor="sweeper", at=now)
+            audit.record(session=session, action=audit.Action.REDISPATCHED, job_id=job_id, actor="sweeper")
     return ids

@@ -385,7 +385,7 @@ def _record(rt: Runtime, claim: store.Claim, exchange: Exchange, decision: Decis
                 now = utcnow()
                 assert exchange.answer is not None
                 if hot.succeed(claim=claim, worker=rt.identity, answer=exchange.answer, now=now,
-                               response_event=_exchange_event(rt.identity, claim, exchange, now)):  # fmt: skip
+                               response_event=_exchange_event(rt.identity, claim, exchange)):  # fmt: skip
                     return Outcome.SUCCEEDED
                 # It wrote nothing (a cancel arrived, or the lease was taken over): store tells which.
             with rt.transaction() as session:
@@ -400,7 +400,7 @@ def _record(rt: Runtime, claim: store.Claim, exchange: Exchange, decision: Decis
 def _record_in(session: Session, rt: Runtime, claim: store.Claim, exchange: Exchange, decision: Decision) -> Outcome:
     """Audit the exchange and move the job on, in the caller's transaction."""
     now = utcnow()
-    audit.add(session, _exchange_event(rt.identity, claim, exchange, now))
+    audit.add(session, _exchange_event(rt.identity, claim, exchange))
     worker = rt.identity
     if decision.step is Step.SUCCEED:
         assert exchange.answer is not None
@@ -425,7 +425,7 @@ def _reason(exchange: Exchange, decision: Decision) -> str:
     return text
 
 
-def _exchange_event(actor: str, claim: store.Claim, exchange: Exchange, now: datetime) -> dict[str, Any]:
+def _exchange_event(actor: str, claim: store.Claim, exchange: Exchange) -> dict[str, Any]:
     error = exchange.error
     kind = "answer" if error is None else ("transient" if isinstance(error, TransientGatewayError) else "permanent")
     return audit.event(
@@ -440,7 +440,6 @@ def _exchange_event(actor: str, claim: store.Claim, exchange: Exchange, now: dat
         latency_ms=exchange.latency_ms,
         response=None if exchange.response_digest is None else (exchange.response_digest, exchange.response_bytes or 0),
         detail=_exchange_detail(exchange),
-        at=now,
     )
 
 

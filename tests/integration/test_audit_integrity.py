@@ -3,6 +3,7 @@ PostgreSQL; and the log refuses UPDATE, DELETE and TRUNCATE."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -15,7 +16,7 @@ from sqlalchemy.exc import DBAPIError
 
 from tests.conftest import ASSISTANT
 from worker import audit, integrity, producer
-from worker.models import AuditEvent
+from worker.models import AuditChainHead, AuditEvent
 from worker.runtime import runtime
 from worker.settings import Settings
 from worker.tasks import run_attempt
@@ -238,26 +239,41 @@ def test_staged_events_of_a_rolled_back_transaction_are_never_sealed(logged: Set
     assert actors == ["kept"] and check(logged).ok
 
 
-def test_events_in_format_v1_before_the_boundary_still_verify(settings: Settings) -> None:
-    """A database chained before format v2 keeps its v1 events; the new ones follow them in v2."""
+def test_events_in_older_formats_before_their_boundaries_still_verify(settings: Settings) -> None:
+    """A database chained before formats v2 and v3 keeps its v1 and v2 events; new ones follow them in v3."""
     with runtime(settings).transaction() as session:
-        _note(session, "v1-to-be")
-        _note(session, "v1-to-be")
-    with as_owner(settings) as db:  # rewrite them as format v1 made them, and set the boundary after them
+        for _ in range(4):
+            _note(session, "older-to-be")
+    with as_owner(settings) as db:  # rewrite 1-2 as format v1 made them and 3-4 as v2, with the boundaries
         prev = "0" * 64
-        for seq in (1, 2):
-            values = row(db, seq)
-            prev = audit.chain_hash_v1(prev, values)
+        for seq, rehash in ((1, audit.chain_hash_v1), (2, audit.chain_hash_v1), (3, audit.chain_hash_v2),
+                            (4, audit.chain_hash_v2)):  # fmt: skip
+            db.execute(text("UPDATE audit_events SET prev_hash = :p WHERE seq = :s"), {"p": prev, "s": seq})
+            prev = rehash(prev, row(db, seq))
             db.execute(text("UPDATE audit_events SET row_hash = :h WHERE seq = :s"), {"h": prev, "s": seq})
-            if seq == 2:
-                break
-            db.execute(text("UPDATE audit_events SET prev_hash = :p WHERE seq = 2"), {"p": prev})
-        db.execute(text("UPDATE audit_chain_head SET row_hash = :h, v2_from = 3"), {"h": prev})
+        db.execute(text("UPDATE audit_chain_head SET row_hash = :h, v2_from = 3, v3_from = 5"), {"h": prev})
     job_id = producer.submit(ASSISTANT, [{"role": "user", "content": "after the boundary"}], settings=settings)
     run_attempt(runtime(settings), job_id)
     report = check(settings)
-    assert report.ok and report.events == last_seq(settings) > 2
-    with as_owner(settings) as db:
-        db.execute(text("UPDATE audit_chain_head SET v2_from = 1"))  # now events 1-2 read as v2: they fail
-    problem = check(settings).problem
-    assert problem is not None and problem.seq == 1 and "altered" in problem.message
+    assert report.ok and report.events == last_seq(settings) > 4
+    for v2_from, v3_from, bad in ((1, 5, 1), (3, 3, 3), (3, 7, 5)):  # a boundary moved: those events fail
+        with as_owner(settings) as db:
+            db.execute(text("UPDATE audit_chain_head SET v2_from = :a, v3_from = :b"), {"a": v2_from, "b": v3_from})
+        problem = check(settings).problem
+        assert problem is not None and problem.seq == bad and "altered" in problem.message, (v2_from, v3_from)
+
+
+def test_event_times_follow_the_chain_order_whatever_the_writers_noted(settings: Settings) -> None:
+    """The seal gives every event its time under the chain head's lock: a transaction that began long ago
+    (a bulk cancel) still sorts its events after those committed before it, by seq and by time alike."""
+    with runtime(settings).transaction() as early:
+        _note(early, "began first, commits last")
+        time.sleep(0.01)
+        with runtime(settings).transaction() as other:
+            _note(other, "began second, commits first")
+    with runtime(settings).transaction() as session:
+        times = session.execute(select(AuditEvent.seq, AuditEvent.occurred_at).order_by(AuditEvent.seq)).all()
+    assert [t for _, t in times] == sorted(t for _, t in times)
+    with runtime(settings).transaction() as session:
+        head = session.execute(select(AuditChainHead.last_at)).scalar_one()
+    assert head == times[-1][1]

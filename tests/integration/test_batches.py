@@ -110,7 +110,8 @@ def test_cancel_keeps_finished_results_and_a_running_job_ends_cancelled(settings
     assert get_job(ids["row-000"], settings=settings).answer is not None  # the finished result stands
     assert cancel_batch(view.id, settings=settings).cancelled_at == final.cancelled_at  # again: nothing changes
     events = audit_query(AuditFilter(batch_id=view.id, actor="nurse-7"), settings=settings)
-    assert sorted(e.action for e in events).count("job.cancelled") == 2 and events[-1].action == "batch.cancelled"
+    # The end is decided first (one decision, however many race), then its jobs are cancelled.
+    assert sorted(e.action for e in events).count("job.cancelled") == 2 and events[0].action == "batch.cancelled"
 
 
 def test_expiry_cancels_unfinished_jobs_and_keeps_finished_results(settings: Settings) -> None:
@@ -126,7 +127,7 @@ def test_expiry_cancels_unfinished_jobs_and_keeps_finished_results(settings: Set
     assert results["row-000"].answer is not None and results["row-000"].status is JobStatus.SUCCEEDED
     assert results["row-001"].error_class == "Expired" and "completion window" in (results["row-001"].error or "")
     events = audit_query(AuditFilter(batch_id=view.id, actor="batch-expiry"), settings=settings)
-    assert [e.action for e in events] == ["job.cancelled"] * 3 + ["batch.expired"]
+    assert [e.action for e in events] == ["batch.expired"] + ["job.cancelled"] * 3
 
 
 def test_batch_status_expires_an_overdue_batch_by_itself(settings: Settings) -> None:
@@ -230,3 +231,58 @@ def test_a_batch_jobs_retry_and_redispatch_go_back_to_the_batch_queue(embedded_s
     time.sleep(0.3)  # past the retry's backoff (at most 0.2 s here)
     assert sweep(settings=settings, grace=0).dispatched == [job_id]  # its message "looks lost": published again
     assert (backlog(app, interactive), backlog(app, batch_queue)) == (0, 3)
+
+
+def test_an_expiry_is_one_decision_a_reader_settling_between_its_chunks_cannot_turn_into_completed(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: the expiry cancelled its jobs chunk by chunk and marked the batch expired last; a reader (or a
+    # second sweeper) that settled the batch between the last chunk and that mark found nothing pending and
+    # made it "completed", with its jobs cancelled as Expired, no expired_at and no batch.expired event.
+    from worker import batch_store, batches
+
+    monkeypatch.setattr(batches, "CHUNK", 3)
+    view = submit_batch(lines(7), assistant_id=ASSISTANT, window=0.3, settings=settings)
+    real = batch_store.cancel_jobs
+    readers: list[BatchStatus] = []
+
+    def cancel_then_someone_reads(**kwargs: Any) -> int:
+        done = real(**kwargs)
+        kwargs["session"].commit()  # the chunk is committed, as by its own transaction ...
+        readers.append(get_batch(view.id, settings=settings).status)  # ... and a reader settles the batch
+        return done
+
+    monkeypatch.setattr(batch_store, "cancel_jobs", cancel_then_someone_reads)
+    time.sleep(0.35)
+    assert sweep(settings=settings).expired == [view.id]
+    final = get_batch(view.id, settings=settings)
+    assert final.status is BatchStatus.EXPIRED and final.expired_at is not None and final.cancelled == 7
+    assert set(readers) == {BatchStatus.EXPIRED} and len(readers) == 3
+    ended = audit_query(AuditFilter(batch_id=view.id, action="batch.expired"), settings=settings)
+    assert len(ended) == 1 and ended[0].detail == {"jobs_to_cancel": 7}
+    assert sweep(settings=settings).expired == []
+    assert cancel_batch(view.id, settings=settings).status is BatchStatus.EXPIRED  # expired stays expired
+
+
+def test_an_end_whose_run_stopped_short_is_finished_by_the_next_sweep(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker import batch_store, batches
+
+    monkeypatch.setattr(batches, "CHUNK", 2)
+    view = submit_batch(lines(5), assistant_id=ASSISTANT, settings=settings)
+    real = batch_store.cancel_jobs
+
+    def crash_after_one_chunk(**kwargs: Any) -> int:
+        monkeypatch.setattr(batch_store, "cancel_jobs", real)
+        real(**kwargs)
+        raise RuntimeError("the process died")
+
+    monkeypatch.setattr(batch_store, "cancel_jobs", crash_after_one_chunk)
+    with pytest.raises(RuntimeError):
+        cancel_batch(view.id, actor="nurse-7", settings=settings)
+    half = get_batch(view.id, settings=settings)
+    assert half.status is BatchStatus.CANCELLED and half.pending == 5  # decided; its jobs not yet cancelled
+    sweep(settings=settings)
+    done = get_batch(view.id, settings=settings)
+    assert done.status is BatchStatus.CANCELLED and done.cancelled == 5 and done.done

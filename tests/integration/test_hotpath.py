@@ -95,7 +95,7 @@ def test_a_success_that_misses_its_compare_and_set_writes_nothing(settings: Sett
     before, row_before = audit_count(settings), job_row(settings, job_id)
 
     now = utcnow()
-    response = store._event_of(audit.Action.ATTEMPT_RESPONSE, claim, "w1", now, outcome="answer",
+    response = store._event_of(audit.Action.ATTEMPT_RESPONSE, claim, "w1", outcome="answer",
                                http_status=200)  # fmt: skip
     assert hot.succeed(claim=claim, worker="w1", answer="late", response_event=response, now=now) is None
 
