@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from worker.errors import InvalidMessages
+from worker.images.refs import scheme_of
 
 __all__ = ["Request", "build_request", "image_part"]
 
@@ -76,9 +77,11 @@ def _from_json(file: str) -> Request:
 
 
 def image_part(ref: str) -> dict[str, Any]:
-    """An ``image_url`` part for ``--image``: an https URL, a data URI, or a local file (made an
-    absolute path; the file itself is checked at submit and read by the worker, never inlined here).
+    """An ``image_url`` part for ``--image``: a URL (any scheme: one other than https, data or file is
+    refused at submit, by name) or a local file (made an absolute path; the file itself is checked at
+    submit and read by the worker, never inlined here). A relative file name with a colon, such as
+    ``scan:1.png``, reads as a URL: write ``./scan:1.png``.
     """
-    if ref.startswith(("https://", "data:", "file://")):
+    if scheme_of(ref) is not None:
         return {"type": "image_url", "image_url": {"url": ref}}
     return {"type": "image_url", "image_url": {"url": str(Path(ref).expanduser().absolute())}}

@@ -97,6 +97,20 @@ def test_bad_input_is_one_line_and_a_named_exit_code(
     assert jobs_stored(embedded_settings) == 0
 
 
+@pytest.mark.parametrize(
+    ("ref", "scheme"), [("http://127.0.0.1/x.png", "http"), ("ftp://h/x.png", "ftp"), ("file:x.png", None)]
+)
+def test_an_image_reference_with_another_scheme_says_so(
+    env: dict[str, str], embedded_settings: Settings, tmp_path: Path, ref: str, scheme: str | None
+) -> None:
+    result = qbgw({**env, "QBGW_IMAGE_ROOTS": str(tmp_path)}, "submit", "-t", "look", "--image", ref)
+    assert result.exit_code == EXIT["bad_input"] and len(result.stderr.strip().splitlines()) == 1
+    said = f"the scheme {scheme!r} is not accepted" if scheme else "an image reference must be"
+    assert f"messages[0].content[1].image_url.url: {said}" in result.stderr
+    assert "https:// URL, a data:image/...;base64, URI, or a local file path" in result.stderr
+    assert "not under an allowed root" not in result.stderr and jobs_stored(embedded_settings) == 0
+
+
 def test_a_broker_outage_keeps_the_job_and_warns(env: dict[str, str], embedded_settings: Settings) -> None:
     result = qbgw({**env, "QBGW_BROKER_URL": "redis://127.0.0.1:1/0"}, "submit", "--text", "hi")
     assert result.exit_code == 0 and len(result.stdout.split()) == 1

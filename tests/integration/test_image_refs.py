@@ -194,6 +194,40 @@ def test_a_fetch_of_a_special_purpose_address_never_reaches_connect(url: str) ->
         fetch(url, Limits(1000, 5), opener=never)
 
 
+@pytest.mark.parametrize(
+    "url",
+    ["https://h.example:abc/x.png", "https://h.example:65536/x.png", "https://h.example:0/x.png",
+     "https://[::1/x.png", "https://a b.example/x.png", "https://h\\x.example/x.png", "http://h.example/x.png",
+     "ftp://h.example/x.png", "https://u:p@h.example/x.png"],
+)  # fmt: skip
+def test_a_url_that_cannot_be_parsed_fails_the_resolution_in_the_worker(url: str) -> None:
+    def never(*_: object) -> Response:
+        raise AssertionError("no connection may be made")
+
+    with pytest.raises(ResolutionFailed, match="refused to fetch"):
+        fetch(url, Limits(1000, 5), resolver=public_resolver, opener=never)
+
+
+@pytest.mark.parametrize("location", ["https://[::1/x.png", "https://cdn.example:99999/b.png", "//a b/c.png"])
+def test_a_redirect_to_a_url_that_cannot_be_parsed_is_refused(location: str) -> None:
+    hops: list[str] = []
+
+    def opener(url: str, address: str, host: str, timeout: float) -> Response:
+        hops.append(host)
+        return Response(302, location, iter(()))
+
+    with pytest.raises(ResolutionFailed, match="refused to f"):
+        fetch("https://images.example/a.png", Limits(1000, 5), resolver=public_resolver, opener=opener)
+    assert hops == ["images.example"]
+
+
+def test_a_job_stored_with_an_unparsable_url_fails_resolution_not_the_worker(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, fetch_remote_images=True)
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://h:abc/x.png"}}]}]
+    with pytest.raises(ResolutionFailed, match="the port 'abc' of an https URL is not a number from 1 to 65535"):
+        build_body("a1", messages, settings)
+
+
 def public_resolver(host: str, port: int, **_: object) -> list[tuple[object, ...]]:
     table = {"images.example": "93.184.216.34", "cdn.example": "151.101.1.1"}
     if host in table:

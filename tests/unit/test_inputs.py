@@ -74,3 +74,22 @@ def test_a_relative_image_path_becomes_absolute(tmp_path: Path, monkeypatch: pyt
 def test_ambiguous_or_empty_input_is_refused(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(InvalidMessages, match=message):
         build_request(kwargs.pop("file", None), **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("ref", ["http://127.0.0.1/x.png", "ftp://h/x.png", "s3://bucket/x.png", "data:image/png,x"])
+def test_an_image_reference_with_a_scheme_is_kept_as_a_url_not_made_a_path(ref: str) -> None:
+    assert build_request(None, images=(ref,)).messages[0]["content"][0]["image_url"]["url"] == ref
+
+
+def test_an_http_image_is_refused_for_its_scheme_not_as_a_path(tmp_path: Path) -> None:
+    from worker.errors import InvalidImage
+    from worker.images.refs import Policy
+    from worker.messages import validate_messages
+
+    request = build_request(None, text=("look",), images=("http://127.0.0.1/x.png",))
+    with pytest.raises(InvalidImage) as caught:
+        validate_messages(request.messages, Policy(roots=(tmp_path,)))
+    assert str(caught.value).startswith(
+        "messages[0].content[1].image_url.url: the scheme 'http' is not accepted: an image reference must be an "
+        "https:// URL"
+    )

@@ -70,7 +70,7 @@ def test_rejections_name_the_index_and_field(messages: Any, message: str) -> Non
         (GIF_AS_PNG, "messages[0].content[1].image_url.url: not a jpeg or png"),
         ("data:image/png;base64,!!!not-base64!!!", "messages[0].content[1].image_url.url:"),
         ("data:text/plain;base64,aGk=", "messages[0].content[1].image_url.url:"),
-        ("ftp://host/x.png", "messages[0].content[1].image_url.url: must be an https:// URL"),
+        ("ftp://host/x.png", "messages[0].content[1].image_url.url: the scheme 'ftp' is not accepted"),
         ("http://host/x.png", "must be an https:// URL"),
         ("/etc/passwd", "local files are not allowed: no image roots are configured"),
     ],

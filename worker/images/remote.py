@@ -21,7 +21,8 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 import requests
 from requests.adapters import HTTPAdapter
 
-from worker.errors import ResolutionFailed
+from worker.errors import InvalidImage, ResolutionFailed
+from worker.images.refs import https_target, scheme_of
 
 __all__ = ["Limits", "Response", "check_address", "resolve", "fetch"]
 
@@ -150,18 +151,35 @@ def fetch(url: str, limits: Limits, *, resolver: Resolver = socket.getaddrinfo, 
     open_ = opener or _open
     deadline = time.monotonic() + limits.timeout
     for _ in range(MAX_REDIRECTS + 1):
-        parts = urlsplit(url)
-        if parts.scheme != "https" or not parts.hostname:
-            raise ResolutionFailed(f"refused to fetch {parts.scheme or 'a relative'} URL; only https is fetched")
-        address = resolve(parts.hostname, parts.port or 443, resolver)[0]
-        response = open_(url, address, parts.hostname, max(0.1, deadline - time.monotonic()))
+        host, port = _target(url)
+        address = resolve(host, port, resolver)[0]
+        response = open_(url, address, host, max(0.1, deadline - time.monotonic()))
         if response.status in (301, 302, 303, 307, 308) and response.location:
-            url = urljoin(url, response.location)
+            url = _redirect(url, response.location)
             continue
         if response.status != 200:
             raise ResolutionFailed(f"fetching the image got HTTP {response.status}")
         return _read(response.chunks, limits, deadline)
     raise ResolutionFailed(f"more than {MAX_REDIRECTS} redirects")
+
+
+def _target(url: str) -> tuple[str, int]:
+    # Submit checked the URL (refs.https_target), but a redirect's was not, nor a job's stored before
+    # the check was strict: a bad host or port is a refusal here, never a ValueError.
+    scheme = scheme_of(url)
+    if scheme is None or scheme.lower() != "https":
+        raise ResolutionFailed(f"refused to fetch {scheme or 'a relative'} URL; only https is fetched")
+    try:
+        return https_target(url)
+    except InvalidImage as exc:
+        raise ResolutionFailed(f"refused to fetch the image: {exc}") from None
+
+
+def _redirect(url: str, location: str) -> str:
+    try:
+        return urljoin(url, location)
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        raise ResolutionFailed("refused to follow a redirect whose Location is not a URL") from None
 
 
 def _read(chunks: Iterator[bytes], limits: Limits, deadline: float) -> bytes:
