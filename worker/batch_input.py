@@ -149,14 +149,31 @@ def _openai_body(data: dict[str, Any]) -> dict[str, Any]:
 def read_lines(path: str | os.PathLike[str]) -> list[str]:
     """The lines of a JSON Lines file ('-' for stdin).
 
+    Split at line feeds (a carriage return before one is dropped) and nowhere else, as JSON Lines says:
+    a JSON string may hold U+2028, U+2029 or U+0085, and a stray form feed is its own line's problem,
+    where ``str.splitlines`` would cut the line in two and shift every later line's number.
+
     Raises:
         InvalidBatch: the file cannot be read or is not UTF-8.
     """
     try:
-        text = sys.stdin.read() if str(path) == "-" else Path(path).read_text(encoding="utf-8")
+        text = _read_stdin() if str(path) == "-" else _read(Path(path))
     except (OSError, UnicodeDecodeError) as exc:
         raise InvalidBatch(f"{path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from None
-    return text.splitlines()
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()  # the newline that ends the last line
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
+def _read(path: Path) -> str:
+    with path.open(encoding="utf-8", newline="") as handle:  # newline="": no "\r" becomes a line break
+        return handle.read()
+
+
+def _read_stdin() -> str:
+    stream = getattr(sys.stdin, "buffer", None)
+    return stream.read().decode("utf-8") if stream is not None else sys.stdin.read()
 
 
 def image_lines(pattern: str, prompt: str) -> list[dict[str, Any]]:

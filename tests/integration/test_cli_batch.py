@@ -80,6 +80,21 @@ def test_an_invalid_batch_exits_3_naming_each_line_and_skip_invalid_reports_them
     assert "2 job(s) queued, 1 invalid line(s) skipped" in skipped.stderr
 
 
+def test_line_separators_inside_json_strings_do_not_split_a_line(
+    env: dict[str, str], embedded_settings: Settings, tmp_path: Path
+) -> None:
+    rows = lines(5)
+    for i, char in ((1, "\u2028"), (2, "\u2029"), (3, "\u0085")):
+        rows[i] = json.dumps({"custom_id": f"row-00{i}", "messages": [{"role": "user", "content": f"a{char}b"}]},
+                             ensure_ascii=False)  # fmt: skip
+    rows[4] = rows[4].replace("Question", "Question\x0c")  # a raw form feed: invalid JSON, on its own line
+    submitted = qbgw(env, "batch", "submit", write(tmp_path / "in.jsonl", rows), "--skip-invalid")
+    assert submitted.exit_code == 0, submitted.output
+    assert "skipped line 5: not valid JSON: Invalid control character" in submitted.stderr
+    assert "4 job(s) queued, 1 invalid line(s) skipped" in submitted.stderr
+    assert sorted(job_ids(embedded_settings, submitted.stdout.strip())) == [f"row-00{i}" for i in range(4)]
+
+
 def test_images_shorthand_submits_one_job_per_file_under_the_roots(
     env: dict[str, str], embedded_settings: Settings, tmp_path: Path
 ) -> None:

@@ -13,7 +13,7 @@ import click
 import pytest
 
 from tests.images import png_bytes
-from worker.batch_input import BatchLine, image_lines, parse_lines
+from worker.batch_input import BatchLine, image_lines, parse_lines, read_lines
 from worker.batch_store import BatchStatus
 from worker.batches import BatchView
 from worker.cli_batch import parse_window
@@ -84,6 +84,25 @@ def test_each_kind_of_bad_line_is_named_with_its_line_number_and_nothing_passes(
     number, text = caught.value.problems[0]
     assert number == 3 and reason in text  # blank lines still count
     assert f"line 3: {text}" in str(caught.value) and "1 of 3 line(s) invalid; nothing was stored" in str(caught.value)
+
+
+SEPARATORS = ["\u2028", "\u2029", "\u0085", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e"]
+
+
+def test_json_lines_split_at_line_feeds_only_so_line_numbers_stay_true(tmp_path: Path) -> None:
+    rows = [ours("first")]  # then each character raw inside a JSON string (json.dumps would escape it)
+    for n, char in enumerate(SEPARATORS):
+        rows.append(ours(f"in-{n}", messages=[{"role": "user", "content": "before@after"}]).replace("@", char))
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(("\r\n".join(rows[:3]) + "\n" + "\n".join(rows[3:]) + "\n").encode())
+    lines = read_lines(path)
+    assert len(lines) == 1 + len(SEPARATORS) and lines == rows
+    parsed = parse(lines, skip=True)
+    # U+2028, U+2029 and U+0085 may stand raw in a JSON string; control characters may not (RFC 8259).
+    assert [x.custom_id for x in parsed.lines] == ["first", "in-0", "in-1", "in-2"]
+    assert parsed.lines[1].messages[0]["content"] == "before\u2028after"
+    assert [n for n, _ in parsed.problems] == [5, 6, 7, 8, 9]
+    assert all("Invalid control character" in reason for _, reason in parsed.problems)
 
 
 def test_a_duplicate_custom_id_names_the_line_it_repeats() -> None:
