@@ -1,11 +1,12 @@
 """Inputs: turn what a person types (a JSON file, stdin, --text, --image) into a job request.
 
-Only shapes the request; ``messages.validate_messages`` judges it, in the producer.
+Shapes the request and refuses what no request has (JSON that cannot be parsed, unknown or
+mistyped fields: the rule batch lines share); ``messages.validate_messages`` judges
+the messages, in the producer.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 
 from worker.errors import InvalidMessages
 from worker.images.refs import scheme_of
+from worker.messages import REQUEST_FIELDS, check_fields, load_json
 
 __all__ = ["Request", "build_request", "image_part"]
 
@@ -32,8 +34,8 @@ def build_request(
     """A request from a JSON file ('-' for stdin) or from text and image shorthands.
 
     Raises:
-        InvalidMessages: the file is unreadable or not JSON of an accepted shape, or nothing was given.
-        InvalidImage: an --image file is missing, unreadable, not jpeg/png, or too large.
+        InvalidMessages: the file is unreadable or not JSON of an accepted shape (unknown fields, a
+            field of the wrong type), or nothing was given.
     """
     if file is not None and (text or images):
         raise InvalidMessages("give either a messages FILE or --text/--image, not both")
@@ -57,13 +59,13 @@ def build_request(
 def _from_json(file: str) -> Request:
     name = "stdin" if file == "-" else file
     try:
-        raw = sys.stdin.read() if file == "-" else Path(file).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InvalidMessages(f"{name}: cannot read: {getattr(exc, 'strerror', None) or exc}") from None
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise InvalidMessages(f"{name}: not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        raw = _read(file)
+        data = load_json(raw)
+        del raw  # the text is parsed: do not hold it beside the objects while they are validated
+        if isinstance(data, dict):
+            check_fields(data, REQUEST_FIELDS)
+    except InvalidMessages as exc:
+        raise InvalidMessages(f"{name}: {exc}") from None
     if isinstance(data, list):
         return Request(messages=data)
     if isinstance(data, dict) and "messages" in data:
@@ -74,6 +76,13 @@ def _from_json(file: str) -> Request:
             idempotency_key=data.get("idempotency_key"),
         )
     raise InvalidMessages(f'{name}: expected a JSON list of messages or an object with "messages"')
+
+
+def _read(file: str) -> str:
+    try:
+        return sys.stdin.read() if file == "-" else Path(file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidMessages(f"cannot read: {getattr(exc, 'strerror', None) or exc}") from None
 
 
 def image_part(ref: str) -> dict[str, Any]:

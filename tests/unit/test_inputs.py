@@ -76,6 +76,52 @@ def test_ambiguous_or_empty_input_is_refused(kwargs: dict[str, object], message:
         build_request(kwargs.pop("file", None), **kwargs)  # type: ignore[arg-type]
 
 
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (DEEP, "bad.json: not valid JSON for a request: nested too deeply to parse"),
+        ('{"messages": ' + DEEP + "}", "bad.json: not valid JSON for a request: nested too deeply to parse"),
+        ('{"messages": [], "custom_id": ' + "9" * 5000 + "}", "bad.json: not valid JSON for a request: a number too"),
+    ],
+)
+def test_json_too_deep_or_too_long_to_parse_is_bad_input_not_a_crash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: str, message: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("bad.json").write_text(content)
+    with pytest.raises(InvalidMessages) as caught:
+        build_request("bad.json")
+    assert str(caught.value).startswith(message)
+
+
+HI = [{"role": "user", "content": "Hi"}]
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"model": "gpt-4o", "temperature": 0.2}, "b.json: unknown field(s) model, temperature; accepted: custom_id, "
+                                                  "idempotency_key, messages, smart_chat_assistant_id"),
+        ({"custom_id": 42}, "b.json: custom_id: must be a string, got int"),
+        ({"custom_id": ["a"]}, "b.json: custom_id: must be a string, got list"),
+        ({"idempotency_key": {"k": 1}}, "b.json: idempotency_key: must be a string, got dict"),
+        ({"smart_chat_assistant_id": 7}, "b.json: smart_chat_assistant_id: must be a string, got int"),
+        ({"messages": "Hi"}, "b.json: messages: must be a list, got str"),
+    ],
+)  # fmt: skip
+def test_a_request_file_with_unknown_or_mistyped_fields_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fields: dict[str, object], message: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("b.json").write_text(json.dumps({"messages": HI, **fields}))
+    with pytest.raises(InvalidMessages) as caught:
+        build_request("b.json")
+    assert str(caught.value) == message
+
+
 @pytest.mark.parametrize("ref", ["http://127.0.0.1/x.png", "ftp://h/x.png", "s3://bucket/x.png", "data:image/png,x"])
 def test_an_image_reference_with_a_scheme_is_kept_as_a_url_not_made_a_path(ref: str) -> None:
     assert build_request(None, images=(ref,)).messages[0]["content"][0]["image_url"]["url"] == ref
