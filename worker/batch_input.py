@@ -95,7 +95,7 @@ def _judge(lines: list[BatchLine], problems: list[tuple[int, str]], skip_invalid
 
 
 def _parse_line(number: int, item: str | dict[str, Any], default_assistant: str | None, policy: Policy) -> BatchLine:
-    data = _decode(item)
+    data = _decode(item, policy.max_request_bytes)
     body = _openai_body(data) if ("body" in data or "url" in data or "method" in data) else check_fields(data, OURS)
     custom_id = data.get("custom_id")
     if custom_id is None:
@@ -113,8 +113,11 @@ def _parse_line(number: int, item: str | dict[str, Any], default_assistant: str 
     )
 
 
-def _decode(item: str | dict[str, Any]) -> dict[str, Any]:
+def _decode(item: str | dict[str, Any], limit: int) -> dict[str, Any]:
     if isinstance(item, str):
+        if len(item) > limit:  # characters: never more than its UTF-8 bytes
+            raise InvalidMessages(f"the line's {len(item)} characters are over the request limit of {limit} "
+                                  "bytes (QBGW_MAX_REQUEST_BYTES)")  # fmt: skip
         item = load_json(item, one_line=True)
     if not isinstance(item, dict):
         raise InvalidMessages(f"must be a JSON object, got {type(item).__name__}")

@@ -60,7 +60,7 @@ def submit(file: str | None, text: tuple[str, ...], image: tuple[str, ...], syst
     from worker import inputs, producer
 
     settings = _settings()
-    request = inputs.build_request(file, text=text, images=image, system=system)
+    request = inputs.build_request(file, text=text, images=image, system=system, max_bytes=settings.max_request_bytes)
     try:
         # An id given as an option wins over the file's; an empty one (from either) is refused, not dropped.
         job_id = producer.submit(

@@ -11,11 +11,15 @@ from dataclasses import dataclass
 
 from worker.errors import InvalidImage
 
-__all__ = ["MAX_IMAGE_BYTES", "DECLARED_TYPES", "ImageInfo", "sniff", "parse_data_uri", "check_declared"]
+__all__ = ["MAX_IMAGE_BYTES", "MAX_REQUEST_BYTES", "DECLARED_TYPES", "ImageInfo", "sniff", "parse_data_uri",
+           "check_declared"]  # fmt: skip
 
 # The gateway doc says "Max image size: 50MB"; we read MB as MiB, the larger of the two readings, and
 # leave the stricter check to the gateway.
 MAX_IMAGE_BYTES = 50 * 1024 * 1024
+#: The default limit of one request's text (QBGW_MAX_REQUEST_BYTES): one image at the gateway's limit
+#: inline, as base64 (4/3 x 50 MiB = 66.7 MiB), plus 5.3 MiB for the conversation's text.
+MAX_REQUEST_BYTES = 72 * 1024 * 1024
 #: The media types a data URI may declare, and the kind its bytes must then be. ``image/jpg`` is not
 #: among them: it is not a registered type, and a data URI is sent to the gateway as it is.
 DECLARED_TYPES = {"image/jpeg": "jpeg", "image/png": "png"}

@@ -1,7 +1,7 @@
 """Inputs: turn what a person types (a JSON file, stdin, --text, --image) into a job request.
 
-Shapes the request and refuses what no request has (JSON that cannot be parsed, unknown or
-mistyped fields: the rule batch lines share); ``messages.validate_messages`` judges
+Shapes the request and refuses what no request has (a file over the size limit, JSON that cannot be
+parsed, unknown or mistyped fields: the rule batch lines share); ``messages.validate_messages`` judges
 the messages, in the producer.
 """
 
@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from worker.errors import InvalidMessages
+from worker.imageinfo import MAX_REQUEST_BYTES
 from worker.images.refs import scheme_of
 from worker.messages import REQUEST_FIELDS, check_fields, load_json
 
@@ -29,18 +30,24 @@ class Request:
 
 
 def build_request(
-    file: str | None, *, text: tuple[str, ...] = (), images: tuple[str, ...] = (), system: str | None = None
+    file: str | None,
+    *,
+    text: tuple[str, ...] = (),
+    images: tuple[str, ...] = (),
+    system: str | None = None,
+    max_bytes: int = MAX_REQUEST_BYTES,
 ) -> Request:
-    """A request from a JSON file ('-' for stdin) or from text and image shorthands.
+    """A request from a JSON file ('-' for stdin) or from text and image shorthands. A file larger
+    than ``max_bytes`` (QBGW_MAX_REQUEST_BYTES) is refused before it is read.
 
     Raises:
-        InvalidMessages: the file is unreadable or not JSON of an accepted shape (unknown fields, a
-            field of the wrong type), or nothing was given.
+        InvalidMessages: the file is unreadable, too large, or not JSON of an accepted shape (unknown
+            fields, a field of the wrong type), or nothing was given.
     """
     if file is not None and (text or images):
         raise InvalidMessages("give either a messages FILE or --text/--image, not both")
     if file is not None:
-        request = _from_json(file)
+        request = _from_json(file, max_bytes)
     elif text or images:
         parts = [{"type": "text", "text": t} for t in text] + [image_part(i) for i in images]
         request = Request(messages=[{"role": "user", "content": parts}])
@@ -56,10 +63,10 @@ def build_request(
     return request
 
 
-def _from_json(file: str) -> Request:
+def _from_json(file: str, max_bytes: int) -> Request:
     name = "stdin" if file == "-" else file
     try:
-        raw = _read(file)
+        raw = _read(file, name, max_bytes)
         data = load_json(raw)
         del raw  # the text is parsed: do not hold it beside the objects while they are validated
         if isinstance(data, dict):
@@ -78,9 +85,22 @@ def _from_json(file: str) -> Request:
     raise InvalidMessages(f'{name}: expected a JSON list of messages or an object with "messages"')
 
 
-def _read(file: str) -> str:
+def _read(file: str, name: str, max_bytes: int) -> str:
+    too_large = f"over the request limit of {max_bytes} bytes (QBGW_MAX_REQUEST_BYTES)"
     try:
-        return sys.stdin.read() if file == "-" else Path(file).read_text(encoding="utf-8")
+        if file == "-":
+            raw = sys.stdin.read(max_bytes + 1)  # characters: never more than their UTF-8 bytes
+            if len(raw) > max_bytes:
+                raise InvalidMessages(f"more than {max_bytes} characters is {too_large}")
+            return raw
+        size = Path(file).stat().st_size
+        if size > max_bytes:
+            raise InvalidMessages(f"{size} bytes is {too_large}")
+        with open(file, encoding="utf-8") as handle:  # bounded too: a pipe or a device has no size
+            raw = handle.read(max_bytes + 1)
+        if len(raw) > max_bytes:
+            raise InvalidMessages(f"more than {max_bytes} characters is {too_large}")
+        return raw
     except (OSError, UnicodeDecodeError) as exc:
         raise InvalidMessages(f"cannot read: {getattr(exc, 'strerror', None) or exc}") from None
 

@@ -3,8 +3,8 @@
 Accepts the OpenAI chat shape the gateway documents: roles ``system``, ``developer``, ``user``,
 ``assistant``; content a string or a list of ``text`` and ``image_url`` parts; an optional ``name``.
 Every error names the field, e.g. ``messages[2].content[1].image_url.url: ...``, and never echoes a
-person's text. The cheap checks run first: the shape, then that every string can be encoded as
-UTF-8, and only then the images (which decode data URIs).
+person's text. The cheap checks run first: the shape, then the size (before anything is copied),
+then that every string can be encoded as UTF-8, and only then the images (which decode data URIs).
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ _FIELD_TYPES: dict[str, tuple[type, str]] = {
     "url": (str, "a string"),
     "body": (dict, "an object"),
 }
+_UTF8_CHUNK = 1 << 20
 
 
 def check_fields(data: dict[Any, Any], accepted: Collection[str], where: str = "") -> dict[Any, Any]:
@@ -105,7 +106,7 @@ def validate_messages(messages: object, policy: Policy | None = None) -> list[di
 
     Raises:
         InvalidMessages: the list, a message, a part or a field has the wrong shape; a string holds a
-            lone surrogate (not encodable as UTF-8).
+            lone surrogate (not encodable as UTF-8); the text is over ``policy.max_request_bytes``.
         InvalidImage: an image reference is not allowed, or its bytes are not a complete jpeg or
             png (or a PDF, for local files) of at most 50 MB and the pixel limit.
     """
@@ -115,8 +116,7 @@ def validate_messages(messages: object, policy: Policy | None = None) -> list[di
     found = _Found()
     for index, message in enumerate(messages):
         _check_message(f"messages[{index}]", message, found)
-    for where, text in found.texts:
-        _check_encodable(where, text)
+    _check_texts(found.texts, rules.max_request_bytes)
     for where, url in found.images:
         try:
             check(url, rules)
@@ -185,6 +185,28 @@ def _check_part(where: str, part: object, role: str, found: _Found) -> None:
     found.images.append((f"{where}.url", url))
 
 
+def _check_texts(texts: list[tuple[str, str]], limit: int) -> None:
+    """The request's size (characters first: free; then UTF-8 bytes, only if they could differ), and that
+    every string is encodable. Raises InvalidMessages."""
+    chars = sum(len(text) for _, text in texts)
+    if chars > limit:
+        exact = all(text.isascii() for _, text in texts)
+        raise _too_large(f"{chars}" if exact else f"at least {chars}", limit)
+    size = 0
+    for where, text in texts:
+        _check_encodable(where, text)
+        size += _utf8_length(text)
+    if size > limit:
+        raise _too_large(str(size), limit)
+
+
+def _too_large(size: str, limit: int) -> InvalidMessages:
+    return InvalidMessages(
+        f"messages: {size} bytes of text (data URIs included) is over the request limit of {limit} bytes "
+        "(QBGW_MAX_REQUEST_BYTES)"
+    )
+
+
 def _check_encodable(where: str, text: str) -> None:
     found = _SURROGATE.search(text)
     if found is not None:
@@ -192,6 +214,12 @@ def _check_encodable(where: str, text: str) -> None:
             f"{where}: not encodable as UTF-8: a lone surrogate (U+{ord(found[0]):04X}) at index {found.start()}; "
             "text must be valid Unicode (a file name that is not UTF-8 reads this way)"
         )
+
+
+def _utf8_length(text: str) -> int:
+    if text.isascii():  # O(1) in CPython
+        return len(text)
+    return sum(len(text[i : i + _UTF8_CHUNK].encode()) for i in range(0, len(text), _UTF8_CHUNK))
 
 
 def _refuse_unknown(where: str, data: dict[Any, Any], accepted: Collection[str]) -> None:

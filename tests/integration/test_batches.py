@@ -74,6 +74,8 @@ def test_one_invalid_line_stores_nothing_and_skip_invalid_stores_the_rest(settin
          "custom_id: not encodable as UTF-8"),
         (json.dumps({"custom_id": "row-001", "messages": [{"role": "user", "content": "x", "name": 5}]}),
          "messages[0].name: must be 1 to 64 letters"),
+        (json.dumps({"custom_id": "row-001", "messages": [{"role": "user", "content": "x" * 300_000}]}),
+         "over the request limit of 200000 bytes"),
         ({"custom_id": "row-001", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
             "url": "https://[2002:7f00:1::/x.png"}}]}]}, "lacks its closing ']'"),
     ],
@@ -84,7 +86,7 @@ def test_a_line_that_used_to_crash_or_pass_rejects_the_batch_and_stores_nothing(
     batch: list[str | dict[str, Any]] = [*lines(3)]
     batch[1] = bad
     with pytest.raises(InvalidBatch) as caught:
-        submit_batch(batch, assistant_id=ASSISTANT, settings=settings)
+        submit_batch(batch, assistant_id=ASSISTANT, settings=settings.with_(max_request_bytes=200_000))
     assert [n for n, _ in caught.value.problems] == [2] and reason in caught.value.problems[0][1]
     assert stored(settings) == (0, 0)
     with runtime(settings).transaction() as session:

@@ -126,6 +126,7 @@ HI = [{"role": "user", "content": "Hi"}]
         (json.dumps([{"role": "user", "content": [{"type": "image_url", "image_url": {
             "url": "data:image/png;base64," + base64.b64encode(jpeg_bytes(4, 4)).decode()}}]}]),
          "data uri declares image/png but its bytes are a jpeg"),
+        (json.dumps(HI) + " " * 5000, "bytes is over the request limit of 4096 bytes (QBGW_MAX_REQUEST_BYTES)"),
     ],
 )  # fmt: skip
 def test_a_bad_request_file_exits_3_with_one_line_and_stores_nothing(
@@ -133,7 +134,7 @@ def test_a_bad_request_file_exits_3_with_one_line_and_stores_nothing(
 ) -> None:
     path = tmp_path / "request.json"
     path.write_text(content)
-    result = qbgw(env, "submit", str(path))
+    result = qbgw({**env, "QBGW_MAX_REQUEST_BYTES": "4096"}, "submit", str(path))
     assert result.exit_code == EXIT["bad_input"], result.output
     assert result.stderr.startswith("qbgw: error: ") and len(result.stderr.strip().splitlines()) == 1
     assert message in result.stderr

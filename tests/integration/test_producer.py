@@ -108,14 +108,17 @@ PNG_AS_GIF = "data:image/gif;base64," + base64.b64encode(png_bytes(4, 4)).decode
         (ASSISTANT, _image("https://[::1/x.png"), {}, InvalidImage, "lacks its closing ']'"),
         (ASSISTANT, _image(PNG_AS_GIF), {}, InvalidImage, "data uri declares 'image/gif'"),
         (ASSISTANT, _image("http://127.0.0.1/x.png"), {}, InvalidImage, "the scheme 'http' is not accepted"),
+        (ASSISTANT, [{"role": "user", "content": "x" * 2001}], {}, InvalidMessages,
+         "messages: 2001 bytes of text (data URIs included) is over the request limit of 2000 bytes"),
     ],
 )  # fmt: skip
 def test_input_that_was_accepted_or_crashed_is_refused_before_anything_is_stored(
     settings: Settings, assistant: str, messages: list[dict[str, Any]], keys: dict[str, str],
     kind: type[Exception], message: str,
 ) -> None:  # fmt: skip
+    limited = settings.with_(max_request_bytes=2000)
     with pytest.raises(kind) as caught:
-        producer.submit(assistant, messages, settings=settings, **keys)  # type: ignore[arg-type]
+        producer.submit(assistant, messages, settings=limited, **keys)  # type: ignore[arg-type]
     assert message in str(caught.value) and PHI not in str(caught.value)
     assert counts(settings) == (0, 0) and broker_files(settings) == []
 

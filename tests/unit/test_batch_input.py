@@ -123,6 +123,19 @@ def test_the_same_field_rule_as_a_single_submit_file_names_unknown_fields_and_th
     )
 
 
+def test_a_line_over_the_request_limit_is_refused_before_it_is_parsed() -> None:
+    line = ours("big", messages=[{"role": "user", "content": "x" * 500}])
+    with pytest.raises(InvalidBatch) as caught:
+        parse_lines([ours("ok"), line], default_assistant=None, policy=Policy(max_request_bytes=200))
+    assert caught.value.problems == (
+        (2, f"the line's {len(line)} characters are over the request limit of 200 bytes (QBGW_MAX_REQUEST_BYTES)"),
+    )
+    big = [{"role": "user", "content": "x" * 500}]
+    parsed = [{"custom_id": "big", "smart_chat_assistant_id": ASSISTANT, "messages": big}]
+    with pytest.raises(InvalidBatch, match="messages: 500 bytes of text .* limit of 200 bytes"):
+        parse_lines(parsed, default_assistant=None, policy=Policy(max_request_bytes=200))  # objects: by their text
+
+
 SEPARATORS = ["\u2028", "\u2029", "\u0085", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e"]
 
 

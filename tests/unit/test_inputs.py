@@ -122,6 +122,24 @@ def test_a_request_file_with_unknown_or_mistyped_fields_is_refused(
     assert str(caught.value) == message
 
 
+def test_a_request_file_over_the_limit_is_refused_by_its_size_before_it_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "big.json"
+    path.write_text(json.dumps(HI) + " " * 100)
+    with pytest.raises(InvalidMessages) as caught:
+        build_request(str(path), max_bytes=100)
+    size = path.stat().st_size
+    assert str(caught.value) == f"{path}: {size} bytes is over the request limit of 100 bytes (QBGW_MAX_REQUEST_BYTES)"
+    assert build_request(str(path), max_bytes=size).messages == HI
+
+
+def test_stdin_over_the_limit_is_refused_without_reading_all_of_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    stdin = io.StringIO(json.dumps(HI) + " " * 10_000)
+    monkeypatch.setattr("sys.stdin", stdin)
+    with pytest.raises(InvalidMessages, match="stdin: more than 100 characters is over the request limit of 100"):
+        build_request("-", max_bytes=100)
+    assert stdin.tell() <= 101 * 4
+
+
 @pytest.mark.parametrize("ref", ["http://127.0.0.1/x.png", "ftp://h/x.png", "s3://bucket/x.png", "data:image/png,x"])
 def test_an_image_reference_with_a_scheme_is_kept_as_a_url_not_made_a_path(ref: str) -> None:
     assert build_request(None, images=(ref,)).messages[0]["content"][0]["image_url"]["url"] == ref

@@ -6,6 +6,7 @@ import pytest
 
 from tests.images import data_uri, jpeg_bytes, png_bytes
 from worker.errors import InvalidImage, InvalidMessages
+from worker.images.refs import Policy
 from worker.messages import image_urls, validate_assistant_id, validate_messages
 
 PNG = data_uri("png", png_bytes(4, 3))
@@ -142,3 +143,36 @@ def test_a_lone_surrogate_is_refused_by_field_and_index_without_echoing_the_text
     assert text.startswith(f"{where}: not encodable as UTF-8: a lone surrogate (U+") and f"at index {index};" in text
     assert SECRET not in text and "example.org" not in text
     text.encode("utf-8")  # the error itself can be printed
+
+
+def test_text_up_to_the_limit_is_accepted_and_one_byte_more_is_refused_naming_both() -> None:
+    policy = Policy(max_request_bytes=100)
+    assert validate_messages([user("x" * 60), user([{"type": "text", "text": "y" * 40}])], policy)
+    with pytest.raises(InvalidMessages) as caught:
+        validate_messages([user("x" * 60), user([{"type": "text", "text": "y" * 41}])], policy)
+    assert str(caught.value) == (
+        "messages: 101 bytes of text (data URIs included) is over the request limit of 100 bytes "
+        "(QBGW_MAX_REQUEST_BYTES)"
+    )
+
+
+def test_the_limit_counts_utf8_bytes_not_characters() -> None:
+    policy = Policy(max_request_bytes=100)
+    assert validate_messages([user("é" * 50)], policy)  # 100 bytes
+    with pytest.raises(InvalidMessages, match="messages: 102 bytes of text .* limit of 100 bytes"):
+        validate_messages([user("é" * 51)], policy)
+    with pytest.raises(InvalidMessages, match="messages: 101 bytes of text"):
+        validate_messages([user("a" * 97 + "\U0001f600")], policy)  # one 4-byte character
+
+
+def test_the_limit_counts_names_and_urls_and_is_checked_before_an_image_is_decoded() -> None:
+    policy = Policy(max_request_bytes=100)
+    with pytest.raises(InvalidMessages, match="messages: 101 bytes"):
+        validate_messages([{"role": "user", "content": "x" * 96, "name": "alice"}], policy)
+    not_even_base64 = "data:image/png;base64," + "!" * 200
+    with pytest.raises(InvalidMessages, match=r"messages: \d+ bytes of text \(data URIs included\) is over"):
+        validate_messages([user([image(not_even_base64)])], policy)
+
+
+def test_the_default_limit_leaves_room_for_one_50_mb_image_as_base64() -> None:
+    assert Policy().max_request_bytes == 72 * 1024 * 1024 > (50 * 1024 * 1024) * 4 // 3

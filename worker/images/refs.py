@@ -18,7 +18,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from worker.errors import InvalidImage
-from worker.imageinfo import MAX_IMAGE_BYTES, check_declared, parse_data_uri, sniff
+from worker.imageinfo import MAX_IMAGE_BYTES, MAX_REQUEST_BYTES, check_declared, parse_data_uri, sniff
 
 __all__ = ["Policy", "Kind", "LocalFile", "kind_of", "scheme_of", "check", "https_target", "inspect_local",
            "local_path", "HEADER_BYTES"]  # fmt: skip
@@ -37,11 +37,13 @@ _AUTHORITY_END = re.compile(r"[/?#]")
 
 @dataclass(frozen=True)
 class Policy:
-    """What references are allowed: local roots, and the pixel limit against bombs."""
+    """What references are allowed: local roots, the pixel limit against bombs, and the request size."""
 
     roots: tuple[Path, ...] = ()
     max_pixels: int = 100_000_000
     max_bytes: int = MAX_IMAGE_BYTES
+    #: The most text (data URIs included) one request may carry, in UTF-8 bytes.
+    max_request_bytes: int = MAX_REQUEST_BYTES
 
 
 class Kind:
