@@ -5,7 +5,6 @@ line by line before anything is stored. Reads files and image headers; no databa
 from __future__ import annotations
 
 import glob
-import json
 import os
 import re
 import sys
@@ -16,14 +15,13 @@ from typing import Any
 
 from worker.errors import InputError, InvalidBatch, InvalidMessages
 from worker.images.refs import Policy
-from worker.messages import validate_assistant_id, validate_messages
+from worker.messages import MAX_KEY, check_fields, load_json, validate_assistant_id, validate_key, validate_messages
 
 __all__ = ["BatchLine", "ParsedBatch", "parse_lines", "read_lines", "image_lines", "GATEWAY_URL", "MAX_LINES"]
 
 #: The ``url`` of an OpenAI-style batch line: the gateway's path.
 GATEWAY_URL = "/ai/ai_extensions/ai_gateway"
 MAX_LINES = 50_000
-MAX_CUSTOM_ID = 255
 OURS = frozenset({"custom_id", "smart_chat_assistant_id", "messages"})
 OPENAI = frozenset({"custom_id", "method", "url", "body"})
 BODY = frozenset({"smart_chat_assistant_id", "messages"})
@@ -97,66 +95,76 @@ def _judge(lines: list[BatchLine], problems: list[tuple[int, str]], skip_invalid
 
 
 def _parse_line(number: int, item: str | dict[str, Any], default_assistant: str | None, policy: Policy) -> BatchLine:
-    data = _decode(item)
+    data = _decode(item, policy.max_request_bytes)
+    body = _openai_body(data) if ("body" in data or "url" in data or "method" in data) else check_fields(data, OURS)
     custom_id = data.get("custom_id")
-    if not isinstance(custom_id, str) or not custom_id.strip() or len(custom_id) > MAX_CUSTOM_ID:
-        raise InvalidMessages(f"custom_id: required, a non-empty string of at most {MAX_CUSTOM_ID} characters")
-    body = _openai_body(data) if ("body" in data or "url" in data or "method" in data) else _ours(data)
-    assistant = body.get("smart_chat_assistant_id", default_assistant)
+    if custom_id is None:
+        raise InvalidMessages(f"custom_id: required, a non-empty string of at most {MAX_KEY} characters")
+    assistant = body.get("smart_chat_assistant_id")
+    if assistant is None:
+        assistant = default_assistant
     if assistant is None or assistant == "":
         raise InvalidMessages("smart_chat_assistant_id: required (the line has none, and no default was given)")
     return BatchLine(
-        number, custom_id, validate_assistant_id(assistant), validate_messages(body.get("messages"), policy)
+        number,
+        validate_key("custom_id", custom_id),
+        validate_assistant_id(assistant),
+        validate_messages(body.get("messages"), policy),
     )
 
 
-def _decode(item: str | dict[str, Any]) -> dict[str, Any]:
+def _decode(item: str | dict[str, Any], limit: int) -> dict[str, Any]:
     if isinstance(item, str):
-        try:
-            item = json.loads(item)
-        except json.JSONDecodeError as exc:
-            raise InvalidMessages(f"not valid JSON: {exc.msg} at column {exc.colno}") from None
+        if len(item) > limit:  # characters: never more than its UTF-8 bytes
+            raise InvalidMessages(f"the line's {len(item)} characters are over the request limit of {limit} "
+                                  "bytes (QBGW_MAX_REQUEST_BYTES)")  # fmt: skip
+        item = load_json(item, one_line=True)
     if not isinstance(item, dict):
         raise InvalidMessages(f"must be a JSON object, got {type(item).__name__}")
     return item
 
 
-def _ours(data: dict[str, Any]) -> dict[str, Any]:
-    extra = set(data) - OURS
-    if extra:
-        raise InvalidMessages(f"unknown field(s) {', '.join(sorted(extra))}; accepted: {', '.join(sorted(OURS))}")
-    return data
-
-
 def _openai_body(data: dict[str, Any]) -> dict[str, Any]:
-    extra = set(data) - OPENAI
-    if extra:
-        raise InvalidMessages(f"unknown field(s) {', '.join(sorted(extra))}; accepted: {', '.join(sorted(OPENAI))}")
-    if data.get("method", "POST") != "POST":
-        raise InvalidMessages(f"method: {data['method']!r}; only POST is accepted")
-    if data.get("url", GATEWAY_URL) != GATEWAY_URL:
-        raise InvalidMessages(f"url: {data['url']!r}; only {GATEWAY_URL} is accepted")
+    check_fields(data, OPENAI)
+    method, url = data.get("method"), data.get("url")
+    if method not in (None, "POST"):
+        raise InvalidMessages(f"method: {method[:20]!r}; only POST is accepted")
+    if url not in (None, GATEWAY_URL):
+        raise InvalidMessages(f"url: {url[:80]!r}; only {GATEWAY_URL} is accepted")
     body = data.get("body")
     if not isinstance(body, dict):
         raise InvalidMessages("body: required, an object with smart_chat_assistant_id and messages")
-    extra = set(body) - BODY
-    if extra:
-        fields, accepted = ", ".join(sorted(extra)), ", ".join(sorted(BODY))
-        raise InvalidMessages(f"body: field(s) {fields} not accepted by the gateway; accepted: {accepted}")
-    return body
+    return check_fields(body, BODY, "body")
 
 
 def read_lines(path: str | os.PathLike[str]) -> list[str]:
     """The lines of a JSON Lines file ('-' for stdin).
 
+    Split at line feeds (a carriage return before one is dropped) and nowhere else, as JSON Lines says:
+    a JSON string may hold U+2028, U+2029 or U+0085, and a stray form feed is its own line's problem,
+    where ``str.splitlines`` would cut the line in two and shift every later line's number.
+
     Raises:
         InvalidBatch: the file cannot be read or is not UTF-8.
     """
     try:
-        text = sys.stdin.read() if str(path) == "-" else Path(path).read_text(encoding="utf-8")
+        text = _read_stdin() if str(path) == "-" else _read(Path(path))
     except (OSError, UnicodeDecodeError) as exc:
         raise InvalidBatch(f"{path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from None
-    return text.splitlines()
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()  # the newline that ends the last line
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
+def _read(path: Path) -> str:
+    with path.open(encoding="utf-8", newline="") as handle:  # newline="": no "\r" becomes a line break
+        return handle.read()
+
+
+def _read_stdin() -> str:
+    stream = getattr(sys.stdin, "buffer", None)
+    return stream.read().decode("utf-8") if stream is not None else sys.stdin.read()
 
 
 def image_lines(pattern: str, prompt: str) -> list[dict[str, Any]]:

@@ -60,13 +60,14 @@ def submit(file: str | None, text: tuple[str, ...], image: tuple[str, ...], syst
     from worker import inputs, producer
 
     settings = _settings()
-    request = inputs.build_request(file, text=text, images=image, system=system)
+    request = inputs.build_request(file, text=text, images=image, system=system, max_bytes=settings.max_request_bytes)
     try:
+        # An id given as an option wins over the file's; an empty one (from either) is refused, not dropped.
         job_id = producer.submit(
             assistant or request.assistant_id or settings.assistant_id,
             request.messages,
-            custom_id=custom_id or request.custom_id,
-            idempotency_key=idempotency_key or request.idempotency_key,
+            custom_id=request.custom_id if custom_id is None else custom_id,
+            idempotency_key=request.idempotency_key if idempotency_key is None else idempotency_key,
             actor=actor,
             require_broker=require_broker,
             settings=settings,

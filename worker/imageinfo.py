@@ -11,11 +11,18 @@ from dataclasses import dataclass
 
 from worker.errors import InvalidImage
 
-__all__ = ["MAX_IMAGE_BYTES", "ImageInfo", "sniff", "parse_data_uri"]
+__all__ = ["MAX_IMAGE_BYTES", "MAX_REQUEST_BYTES", "DECLARED_TYPES", "ImageInfo", "sniff", "parse_data_uri",
+           "check_declared"]  # fmt: skip
 
 # The gateway doc says "Max image size: 50MB"; we read MB as MiB, the larger of the two readings, and
 # leave the stricter check to the gateway.
 MAX_IMAGE_BYTES = 50 * 1024 * 1024
+#: The default limit of one request's text (QBGW_MAX_REQUEST_BYTES): one image at the gateway's limit
+#: inline, as base64 (4/3 x 50 MiB = 66.7 MiB), plus 5.3 MiB for the conversation's text.
+MAX_REQUEST_BYTES = 72 * 1024 * 1024
+#: The media types a data URI may declare, and the kind its bytes must then be. ``image/jpg`` is not
+#: among them: it is not a registered type, and a data URI is sent to the gateway as it is.
+DECLARED_TYPES = {"image/jpeg": "jpeg", "image/png": "png"}
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _JPEG_SOI = b"\xff\xd8\xff"
@@ -82,6 +89,17 @@ def parse_data_uri(uri: str) -> tuple[str, bytes]:
     except ValueError:  # binascii.Error, or non-ASCII characters in the payload
         raise InvalidImage("data uri payload is not valid base64") from None
     return media_type, data
+
+
+def check_declared(media_type: str, kind: str | None = None) -> None:
+    """Raises InvalidImage unless a data URI's declared ``media_type`` is image/jpeg or image/png and,
+    once its bytes are known (``kind``, from :func:`sniff`), names what they are."""
+    declared = DECLARED_TYPES.get(media_type)
+    if declared is None:
+        hint = " (write image/jpeg)" if media_type == "image/jpg" else ""
+        raise InvalidImage(f"data uri declares {media_type[:40]!r}{hint}; accepted: {', '.join(DECLARED_TYPES)}")
+    if kind is not None and kind != declared:
+        raise InvalidImage(f"data uri declares {media_type} but its bytes are a {kind}")
 
 
 def _kind(data: bytes) -> str:

@@ -1,17 +1,21 @@
 """Inputs: turn what a person types (a JSON file, stdin, --text, --image) into a job request.
 
-Only shapes the request; ``messages.validate_messages`` judges it, in the producer.
+Shapes the request and refuses what no request has (a file over the size limit, JSON that cannot be
+parsed, unknown or mistyped fields: the rule batch lines share); ``messages.validate_messages`` judges
+the messages, in the producer.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from worker.errors import InvalidMessages
+from worker.imageinfo import MAX_REQUEST_BYTES
+from worker.images.refs import scheme_of
+from worker.messages import REQUEST_FIELDS, check_fields, load_json
 
 __all__ = ["Request", "build_request", "image_part"]
 
@@ -26,18 +30,24 @@ class Request:
 
 
 def build_request(
-    file: str | None, *, text: tuple[str, ...] = (), images: tuple[str, ...] = (), system: str | None = None
+    file: str | None,
+    *,
+    text: tuple[str, ...] = (),
+    images: tuple[str, ...] = (),
+    system: str | None = None,
+    max_bytes: int = MAX_REQUEST_BYTES,
 ) -> Request:
-    """A request from a JSON file ('-' for stdin) or from text and image shorthands.
+    """A request from a JSON file ('-' for stdin) or from text and image shorthands. A file larger
+    than ``max_bytes`` (QBGW_MAX_REQUEST_BYTES) is refused before it is read.
 
     Raises:
-        InvalidMessages: the file is unreadable or not JSON of an accepted shape, or nothing was given.
-        InvalidImage: an --image file is missing, unreadable, not jpeg/png, or too large.
+        InvalidMessages: the file is unreadable, too large, or not JSON of an accepted shape (unknown
+            fields, a field of the wrong type), or nothing was given.
     """
     if file is not None and (text or images):
         raise InvalidMessages("give either a messages FILE or --text/--image, not both")
     if file is not None:
-        request = _from_json(file)
+        request = _from_json(file, max_bytes)
     elif text or images:
         parts = [{"type": "text", "text": t} for t in text] + [image_part(i) for i in images]
         request = Request(messages=[{"role": "user", "content": parts}])
@@ -53,16 +63,16 @@ def build_request(
     return request
 
 
-def _from_json(file: str) -> Request:
+def _from_json(file: str, max_bytes: int) -> Request:
     name = "stdin" if file == "-" else file
     try:
-        raw = sys.stdin.read() if file == "-" else Path(file).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InvalidMessages(f"{name}: cannot read: {getattr(exc, 'strerror', None) or exc}") from None
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise InvalidMessages(f"{name}: not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        raw = _read(file, name, max_bytes)
+        data = load_json(raw)
+        del raw  # the text is parsed: do not hold it beside the objects while they are validated
+        if isinstance(data, dict):
+            check_fields(data, REQUEST_FIELDS)
+    except InvalidMessages as exc:
+        raise InvalidMessages(f"{name}: {exc}") from None
     if isinstance(data, list):
         return Request(messages=data)
     if isinstance(data, dict) and "messages" in data:
@@ -75,10 +85,32 @@ def _from_json(file: str) -> Request:
     raise InvalidMessages(f'{name}: expected a JSON list of messages or an object with "messages"')
 
 
+def _read(file: str, name: str, max_bytes: int) -> str:
+    too_large = f"over the request limit of {max_bytes} bytes (QBGW_MAX_REQUEST_BYTES)"
+    try:
+        if file == "-":
+            raw = sys.stdin.read(max_bytes + 1)  # characters: never more than their UTF-8 bytes
+            if len(raw) > max_bytes:
+                raise InvalidMessages(f"more than {max_bytes} characters is {too_large}")
+            return raw
+        size = Path(file).stat().st_size
+        if size > max_bytes:
+            raise InvalidMessages(f"{size} bytes is {too_large}")
+        with open(file, encoding="utf-8") as handle:  # bounded too: a pipe or a device has no size
+            raw = handle.read(max_bytes + 1)
+        if len(raw) > max_bytes:
+            raise InvalidMessages(f"more than {max_bytes} characters is {too_large}")
+        return raw
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidMessages(f"cannot read: {getattr(exc, 'strerror', None) or exc}") from None
+
+
 def image_part(ref: str) -> dict[str, Any]:
-    """An ``image_url`` part for ``--image``: an https URL, a data URI, or a local file (made an
-    absolute path; the file itself is checked at submit and read by the worker, never inlined here).
+    """An ``image_url`` part for ``--image``: a URL (any scheme: one other than https, data or file is
+    refused at submit, by name) or a local file (made an absolute path; the file itself is checked at
+    submit and read by the worker, never inlined here). A relative file name with a colon, such as
+    ``scan:1.png``, reads as a URL: write ``./scan:1.png``.
     """
-    if ref.startswith(("https://", "data:", "file://")):
+    if scheme_of(ref) is not None:
         return {"type": "image_url", "image_url": {"url": ref}}
     return {"type": "image_url", "image_url": {"url": str(Path(ref).expanduser().absolute())}}

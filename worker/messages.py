@@ -1,106 +1,238 @@
 """Messages: validation of a job's input before anything is stored. Pure; no I/O.
 
 Accepts the OpenAI chat shape the gateway documents: roles ``system``, ``developer``, ``user``,
-``assistant``; content a string or a list of ``text`` and ``image_url`` parts. Every error
-names the message index and the field, e.g. ``messages[2].content[1].image_url.url: ...``.
+``assistant``; content a string or a list of ``text`` and ``image_url`` parts; an optional ``name``.
+Every error names the field, e.g. ``messages[2].content[1].image_url.url: ...``, and never echoes a
+person's text. The cheap checks run first: the shape, then the size (before anything is copied),
+then that every string can be encoded as UTF-8, and only then the images (which decode data URIs).
 """
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Collection, Iterable
 from typing import Any
 
 from worker.errors import InvalidImage, InvalidMessages
 from worker.images.refs import Policy, check
 
-__all__ = ["ROLES", "validate_assistant_id", "validate_messages", "image_urls"]
+__all__ = ["ROLES", "REQUEST_FIELDS", "MAX_KEY", "check_fields", "load_json", "validate_assistant_id",
+           "validate_key", "validate_messages", "image_urls"]  # fmt: skip
 
 ROLES = ("system", "developer", "user", "assistant")
 PART_TYPES = ("text", "image_url")
 IMAGE_DETAILS = ("auto", "low", "high")
+MESSAGE_FIELDS = ("role", "content", "name")
+#: The fields of one request (``qbgw submit FILE``); a batch line has its own, see ``batch_input``.
+REQUEST_FIELDS = ("smart_chat_assistant_id", "messages", "custom_id", "idempotency_key")
 MAX_ASSISTANT_ID = 128
-_ASSISTANT_ID = re.compile(r"^[A-Za-z0-9_.:-]+$")
+MAX_KEY = 255
+# Always fullmatch: with match() and "$", a final "\n" would pass.
+_ASSISTANT_ID = re.compile(r"[A-Za-z0-9_.:-]+")
+#: OpenAI's rule for a participant's name.
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# A str may hold a lone surrogate (a JSON "\ud800" escape, a file name that is not UTF-8); UTF-8 cannot
+# encode one, so the request encoder would fail on every attempt. A search copies nothing.
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+_PLAIN = re.compile(r"[A-Za-z0-9_.-]{1,40}")
+# The type a request's field must have when it is given (null counts as not given).
+_FIELD_TYPES: dict[str, tuple[type, str]] = {
+    "smart_chat_assistant_id": (str, "a string"),
+    "custom_id": (str, "a string"),
+    "idempotency_key": (str, "a string"),
+    "messages": (list, "a list"),
+    "method": (str, "a string"),
+    "url": (str, "a string"),
+    "body": (dict, "an object"),
+}
+_UTF8_CHUNK = 1 << 20
+
+
+def check_fields(data: dict[Any, Any], accepted: Collection[str], where: str = "") -> dict[Any, Any]:
+    """Refuse a field outside ``accepted`` and a known field of the wrong type; returns ``data``.
+
+    The one rule for a request's own fields, for ``qbgw submit FILE`` and batch lines alike.
+
+    Raises:
+        InvalidMessages: naming the unknown fields and listing the accepted ones, or naming the field
+            whose value has the wrong type.
+    """
+    _refuse_unknown(where, data, accepted)
+    for key, value in data.items():
+        kind, label = _FIELD_TYPES.get(key, (object, ""))
+        if value is not None and not isinstance(value, kind):
+            raise InvalidMessages(f"{where + '.' if where else ''}{key}: must be {label}, got {_kind(value)}")
+    return data
+
+
+def load_json(text: str, *, one_line: bool = False) -> Any:
+    """Parse a person's JSON. Raises InvalidMessages ("not valid JSON: ...") with the position of a
+    syntax error, and for nesting too deep for the parser or a number too long to read."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        where = f"column {exc.colno}" if one_line else f"line {exc.lineno} column {exc.colno}"
+        raise InvalidMessages(f"not valid JSON: {exc.msg} at {where}") from None
+    except RecursionError:
+        raise InvalidMessages("not valid JSON for a request: nested too deeply to parse") from None
+    except ValueError:  # an integer of more than 4,300 digits
+        raise InvalidMessages("not valid JSON for a request: a number too long to read") from None
 
 
 def validate_assistant_id(assistant_id: object) -> str:
     """Raises InvalidMessages unless ``assistant_id`` is a short printable id."""
     if not isinstance(assistant_id, str) or not assistant_id.strip():
         raise InvalidMessages("smart_chat_assistant_id: required, a non-empty string")
-    if len(assistant_id) > MAX_ASSISTANT_ID or not _ASSISTANT_ID.match(assistant_id):
+    _check_encodable("smart_chat_assistant_id", assistant_id)
+    if len(assistant_id) > MAX_ASSISTANT_ID or not _ASSISTANT_ID.fullmatch(assistant_id):
         raise InvalidMessages(
             f"smart_chat_assistant_id: must be at most {MAX_ASSISTANT_ID} characters of letters, digits and _ . : -"
         )
     return assistant_id
 
 
+def validate_key(name: str, value: object) -> str:
+    """Raises InvalidMessages unless ``value`` (a ``custom_id`` or ``idempotency_key``) is a non-empty
+    string of at most MAX_KEY characters, all encodable as UTF-8."""
+    if not isinstance(value, str) or not value.strip() or len(value) > MAX_KEY:
+        raise InvalidMessages(f"{name}: must be a non-empty string of at most {MAX_KEY} characters")
+    _check_encodable(name, value)
+    return value
+
+
 def validate_messages(messages: object, policy: Policy | None = None) -> list[dict[str, Any]]:
     """Check ``messages`` and return it unchanged (as a list of dicts).
 
     Raises:
-        InvalidMessages: the list, a message, a part or a field has the wrong shape.
+        InvalidMessages: the list, a message, a part or a field has the wrong shape; a string holds a
+            lone surrogate (not encodable as UTF-8); the text is over ``policy.max_request_bytes``.
         InvalidImage: an image reference is not allowed, or its bytes are not a complete jpeg or
             png (or a PDF, for local files) of at most 50 MB and the pixel limit.
     """
     if not isinstance(messages, list) or not messages:
         raise InvalidMessages("messages: required, a non-empty list of {role, content} objects")
     rules = policy or Policy()
+    found = _Found()
     for index, message in enumerate(messages):
-        _check_message(index, message, rules)
+        _check_message(f"messages[{index}]", message, found)
+    _check_texts(found.texts, rules.max_request_bytes)
+    for where, url in found.images:
+        try:
+            check(url, rules)
+        except InvalidImage as exc:
+            raise InvalidImage(f"{where}: {exc}") from None
     return messages
 
 
-def _check_message(index: int, message: object, policy: Policy) -> None:
-    where = f"messages[{index}]"
+class _Found:
+    """What the shape check collects (references, not copies): every string of the request with its
+    field, and the image URLs among them."""
+
+    def __init__(self) -> None:
+        self.texts: list[tuple[str, str]] = []
+        self.images: list[tuple[str, str]] = []
+
+
+def _check_message(where: str, message: object, found: _Found) -> None:
     if not isinstance(message, dict):
         raise InvalidMessages(f"{where}: must be an object with role and content, got {_kind(message)}")
-    extra = set(message) - {"role", "content", "name"}
-    if extra:
-        raise InvalidMessages(f"{where}: unknown field(s) {', '.join(sorted(extra))}; accepted: role, content, name")
+    _refuse_unknown(where, message, MESSAGE_FIELDS)
     role = message.get("role")
     if role not in ROLES:
-        raise InvalidMessages(f"{where}.role: {role!r} is not one of {', '.join(ROLES)}")
+        raise InvalidMessages(f"{where}.role: {_show(role)} is not one of {', '.join(ROLES)}")
+    if "name" in message:
+        name = message["name"]
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise InvalidMessages(f"{where}.name: must be 1 to 64 letters, digits, _ or - (OpenAI's participant name)")
+        found.texts.append((f"{where}.name", name))
     content = message.get("content")
     if isinstance(content, str):
         if not content:
             raise InvalidMessages(f"{where}.content: must not be empty")
+        found.texts.append((f"{where}.content", content))
         return
     if not isinstance(content, list) or not content:
         raise InvalidMessages(f"{where}.content: must be a string or a non-empty list of parts, got {_kind(content)}")
     for part_index, part in enumerate(content):
-        _check_part(f"{where}.content[{part_index}]", part, role, policy)
+        _check_part(f"{where}.content[{part_index}]", part, role, found)
 
 
-def _check_part(where: str, part: object, role: str, policy: Policy) -> None:
+def _check_part(where: str, part: object, role: str, found: _Found) -> None:
     if not isinstance(part, dict):
         raise InvalidMessages(f"{where}: must be an object, got {_kind(part)}")
     kind = part.get("type")
     if kind == "text":
         if set(part) != {"type", "text"} or not isinstance(part["text"], str) or not part["text"]:
             raise InvalidMessages(f'{where}: a text part is {{"type": "text", "text": "<non-empty string>"}}')
+        found.texts.append((f"{where}.text", part["text"]))
         return
     if kind != "image_url":
-        raise InvalidMessages(f"{where}.type: {kind!r} is not one of {', '.join(PART_TYPES)}")
+        raise InvalidMessages(f"{where}.type: {_show(kind)} is not one of {', '.join(PART_TYPES)}")
     if role != "user":
         raise InvalidMessages(f"{where}: image parts are accepted in user messages only, not {role}")
     image = part.get("image_url")
     if set(part) != {"type", "image_url"} or not isinstance(image, dict):
         raise InvalidMessages(f'{where}: an image part is {{"type": "image_url", "image_url": {{"url": "..."}}}}')
-    _check_image(f"{where}.image_url", image, policy)
-
-
-def _check_image(where: str, image: dict[str, Any], policy: Policy) -> None:
-    extra = set(image) - {"url", "detail"}
-    if extra:
-        raise InvalidMessages(f"{where}: unknown field(s) {', '.join(sorted(extra))}; accepted: url, detail")
+    where += ".image_url"
+    _refuse_unknown(where, image, ("url", "detail"))
     if "detail" in image and image["detail"] not in IMAGE_DETAILS:
-        raise InvalidMessages(f"{where}.detail: {image['detail']!r} is not one of {', '.join(IMAGE_DETAILS)}")
+        raise InvalidMessages(f"{where}.detail: {_show(image['detail'])} is not one of {', '.join(IMAGE_DETAILS)}")
     url = image.get("url")
     if not isinstance(url, str) or not url:
         raise InvalidMessages(f"{where}.url: required, a non-empty string")
-    try:
-        check(url, policy)
-    except InvalidImage as exc:
-        raise InvalidImage(f"{where}.url: {exc}") from None
+    found.texts.append((f"{where}.url", url))
+    found.images.append((f"{where}.url", url))
+
+
+def _check_texts(texts: list[tuple[str, str]], limit: int) -> None:
+    """The request's size (characters first: free; then UTF-8 bytes, only if they could differ), and that
+    every string is encodable. Raises InvalidMessages."""
+    chars = sum(len(text) for _, text in texts)
+    if chars > limit:
+        exact = all(text.isascii() for _, text in texts)
+        raise _too_large(f"{chars}" if exact else f"at least {chars}", limit)
+    size = 0
+    for where, text in texts:
+        _check_encodable(where, text)
+        size += _utf8_length(text)
+    if size > limit:
+        raise _too_large(str(size), limit)
+
+
+def _too_large(size: str, limit: int) -> InvalidMessages:
+    return InvalidMessages(
+        f"messages: {size} bytes of text (data URIs included) is over the request limit of {limit} bytes "
+        "(QBGW_MAX_REQUEST_BYTES)"
+    )
+
+
+def _check_encodable(where: str, text: str) -> None:
+    found = _SURROGATE.search(text)
+    if found is not None:
+        raise InvalidMessages(
+            f"{where}: not encodable as UTF-8: a lone surrogate (U+{ord(found[0]):04X}) at index {found.start()}; "
+            "text must be valid Unicode (a file name that is not UTF-8 reads this way)"
+        )
+
+
+def _utf8_length(text: str) -> int:
+    if text.isascii():  # O(1) in CPython
+        return len(text)
+    return sum(len(text[i : i + _UTF8_CHUNK].encode()) for i in range(0, len(text), _UTF8_CHUNK))
+
+
+def _refuse_unknown(where: str, data: dict[Any, Any], accepted: Collection[str]) -> None:
+    extra = [key for key in data if key not in accepted]
+    if extra:
+        prefix = f"{where}: " if where else ""
+        raise InvalidMessages(f"{prefix}unknown field(s) {_names(extra)}; accepted: {', '.join(sorted(accepted))}")
+
+
+def _names(keys: Iterable[object]) -> str:
+    shown = sorted(key if isinstance(key, str) and _PLAIN.fullmatch(key) else _show(key) for key in keys)
+    more = f" and {len(shown) - 10} more" if len(shown) > 10 else ""
+    return ", ".join(shown[:10]) + more
 
 
 def image_urls(messages: list[dict[str, Any]]) -> list[str]:
@@ -112,6 +244,16 @@ def image_urls(messages: list[dict[str, Any]]) -> list[str]:
         for part in message["content"]
         if part["type"] == "image_url"
     ]
+
+
+def _show(value: object) -> str:
+    """A value for an error message: a short printable excerpt of a string, else its type."""
+    if isinstance(value, str):
+        return repr(value[:40]) + ("..." if len(value) > 40 else "")
+    if value is None or isinstance(value, bool):
+        return repr(value)
+    kind = _kind(value)
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
 
 
 def _kind(value: object) -> str:

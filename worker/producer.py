@@ -9,15 +9,13 @@ from typing import Any
 
 from worker import images, store
 from worker.celery_app import publish
-from worker.errors import BrokerUnavailable, InvalidMessages, NotAnnounced, StoreUnavailable
-from worker.messages import validate_assistant_id, validate_messages
+from worker.errors import BrokerUnavailable, NotAnnounced, StoreUnavailable
+from worker.messages import validate_assistant_id, validate_key, validate_messages
 from worker.models import utcnow
 from worker.runtime import Runtime, runtime
 from worker.settings import Settings
 
 __all__ = ["submit", "check_broker"]
-
-MAX_KEY = 255
 
 
 def submit(
@@ -38,8 +36,9 @@ def submit(
     the broker is checked first and nothing is stored when it is down.
 
     Raises:
-        InvalidMessages: the assistant id, messages, custom id or key are malformed.
-        InvalidImage: an inline image is not a jpeg/png of at most 50 MB.
+        InvalidMessages: the assistant id, messages, custom id or key are malformed, a string is not
+            encodable as UTF-8, or the messages are over QBGW_MAX_REQUEST_BYTES.
+        InvalidImage: an image reference is refused, or an inline image is not the jpeg/png it declares.
         IdempotencyConflict: the key already names a different job.
         StoreUnavailable: the database cannot be reached (nothing was stored).
         BrokerUnavailable: with ``require_broker``, the broker cannot be reached (nothing was stored).
@@ -125,11 +124,7 @@ def check_broker(rt: Runtime) -> None:
 
 
 def _optional_key(name: str, value: object) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value.strip() or len(value) > MAX_KEY:
-        raise InvalidMessages(f"{name}: must be a non-empty string of at most {MAX_KEY} characters")
-    return value
+    return None if value is None else validate_key(name, value)
 
 
 def _describe(url: str) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from worker.errors import ConfigError
+from worker.imageinfo import MAX_REQUEST_BYTES
 from worker.lifecycle import RetryPolicy
 
 __all__ = ["Secret", "Settings", "PREFIX", "prometheus_multiproc_dir"]
@@ -152,6 +153,9 @@ class Settings:
     fetch_timeout: float = 20.0
     #: Largest image in pixels (width x height), against decompression bombs.
     max_image_pixels: int = 100_000_000
+    #: The most text one request may carry (UTF-8 bytes of its strings, inline data URIs included),
+    #: checked before anything is copied: one 50 MiB image as base64 (66.7 MiB) plus 5.3 MiB of text.
+    max_request_bytes: int = MAX_REQUEST_BYTES
     #: PDF pages rendered per document, and at what resolution (dots per inch).
     pdf_max_pages: int = 10
     pdf_dpi: float = 110.0
@@ -257,7 +261,8 @@ class Settings:
                      "rate_limit_per_assistant", "rate_max_sleep"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be 0 or more")
-        for name in ("max_attempts", "max_faults", "concurrency", "audit_anchor_events", "rate_burst"):
+        for name in ("max_attempts", "max_faults", "concurrency", "audit_anchor_events", "rate_burst",
+                     "max_request_bytes"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be at least 1")
         if not 0 <= self.metrics_port <= 65535:

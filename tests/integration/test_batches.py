@@ -19,7 +19,7 @@ from worker.batch_store import BatchStatus
 from worker.batches import cancel_batch, get_batch, list_batches, submit_batch, wait_for_batch
 from worker.errors import BatchNotFound, InvalidBatch
 from worker.lifecycle import JobStatus
-from worker.models import Batch, Job, utcnow
+from worker.models import AuditEvent, Batch, Job, utcnow
 from worker.queries import AuditFilter, audit_query, get_job
 from worker.runtime import runtime
 from worker.settings import Settings
@@ -64,6 +64,33 @@ def test_one_invalid_line_stores_nothing_and_skip_invalid_stores_the_rest(settin
     view = submit_batch(batch, assistant_id=ASSISTANT, skip_invalid=True, settings=settings)
     assert (view.total, view.skipped, view.pending) == (4, 1, 4) and [n for n, _ in view.problems] == [4]
     assert view.status is BatchStatus.IN_PROGRESS and stored(settings) == (1, 4)
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [
+        ('{"custom_id": "row-001", "messages": ' + "[" * 50_000 + "]" * 50_000 + "}", "nested too deeply to parse"),
+        (json.dumps({"custom_id": "row-001\udc80", "messages": [{"role": "user", "content": "x"}]}),
+         "custom_id: not encodable as UTF-8"),
+        (json.dumps({"custom_id": "row-001", "messages": [{"role": "user", "content": "x", "name": 5}]}),
+         "messages[0].name: must be 1 to 64 letters"),
+        (json.dumps({"custom_id": "row-001", "messages": [{"role": "user", "content": "x" * 300_000}]}),
+         "over the request limit of 200000 bytes"),
+        ({"custom_id": "row-001", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
+            "url": "https://[2002:7f00:1::/x.png"}}]}]}, "lacks its closing ']'"),
+    ],
+)  # fmt: skip
+def test_a_line_that_used_to_crash_or_pass_rejects_the_batch_and_stores_nothing(
+    settings: Settings, bad: str | dict[str, Any], reason: str
+) -> None:
+    batch: list[str | dict[str, Any]] = [*lines(3)]
+    batch[1] = bad
+    with pytest.raises(InvalidBatch) as caught:
+        submit_batch(batch, assistant_id=ASSISTANT, settings=settings.with_(max_request_bytes=200_000))
+    assert [n for n, _ in caught.value.problems] == [2] and reason in caught.value.problems[0][1]
+    assert stored(settings) == (0, 0)
+    with runtime(settings).transaction() as session:
+        assert session.scalar(select(func.count()).select_from(AuditEvent)) == 0
 
 
 def test_counts_and_status_follow_the_jobs_and_failures_are_reported_as_such(settings: Settings) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from tests.conftest import ASSISTANT
-from tests.images import png_bytes
+from tests.images import jpeg_bytes, png_bytes
 from worker.cli import EXIT, cli
 from worker.emulator import Emulator
 from worker.runtime import runtime
@@ -95,6 +96,63 @@ def test_bad_input_is_one_line_and_a_named_exit_code(
     assert result.exit_code == EXIT[code]
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert jobs_stored(embedded_settings) == 0
+
+
+def audit_events(settings: Settings) -> int:
+    from sqlalchemy import func, select
+
+    from worker.models import AuditEvent
+
+    with runtime(settings).transaction() as session:
+        return session.scalar(select(func.count()).select_from(AuditEvent)) or 0
+
+
+HI = [{"role": "user", "content": "Hi"}]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("[" * 2000 + "]" * 2000, "nested too deeply to parse"),
+        (json.dumps({"messages": HI, "model": "gpt-4o", "temperature": 0}),
+         "unknown field(s) model, temperature; accepted: custom_id, idempotency_key, messages, "
+         "smart_chat_assistant_id"),
+        (json.dumps({"messages": HI, "custom_id": 7}), "custom_id: must be a string, got int"),
+        (json.dumps({"messages": HI, "custom_id": ""}), "custom_id: must be a non-empty string"),
+        ('[{"role": "user", "content": "a\\ud800b"}]', "messages[0].content: not encodable as UTF-8"),
+        (json.dumps([{"role": "user", "content": "hi", "name": {"first": "Ann"}}]), "messages[0].name: must be 1"),
+        (json.dumps([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://h:65536/x.png"}}]}]),
+         "the port '65536' of an https URL is not a number from 1 to 65535"),
+        (json.dumps([{"role": "user", "content": [{"type": "image_url", "image_url": {
+            "url": "data:image/png;base64," + base64.b64encode(jpeg_bytes(4, 4)).decode()}}]}]),
+         "data uri declares image/png but its bytes are a jpeg"),
+        (json.dumps(HI) + " " * 5000, "bytes is over the request limit of 4096 bytes (QBGW_MAX_REQUEST_BYTES)"),
+    ],
+)  # fmt: skip
+def test_a_bad_request_file_exits_3_with_one_line_and_stores_nothing(
+    env: dict[str, str], embedded_settings: Settings, tmp_path: Path, content: str, message: str
+) -> None:
+    path = tmp_path / "request.json"
+    path.write_text(content)
+    result = qbgw({**env, "QBGW_MAX_REQUEST_BYTES": "4096"}, "submit", str(path))
+    assert result.exit_code == EXIT["bad_input"], result.output
+    assert result.stderr.startswith("qbgw: error: ") and len(result.stderr.strip().splitlines()) == 1
+    assert message in result.stderr
+    assert jobs_stored(embedded_settings) == 0 and audit_events(embedded_settings) == 0
+
+
+@pytest.mark.parametrize(
+    ("ref", "scheme"), [("http://127.0.0.1/x.png", "http"), ("ftp://h/x.png", "ftp"), ("file:x.png", None)]
+)
+def test_an_image_reference_with_another_scheme_says_so(
+    env: dict[str, str], embedded_settings: Settings, tmp_path: Path, ref: str, scheme: str | None
+) -> None:
+    result = qbgw({**env, "QBGW_IMAGE_ROOTS": str(tmp_path)}, "submit", "-t", "look", "--image", ref)
+    assert result.exit_code == EXIT["bad_input"] and len(result.stderr.strip().splitlines()) == 1
+    said = f"the scheme {scheme!r} is not accepted" if scheme else "an image reference must be"
+    assert f"messages[0].content[1].image_url.url: {said}" in result.stderr
+    assert "https:// URL, a data:image/...;base64, URI, or a local file path" in result.stderr
+    assert "not under an allowed root" not in result.stderr and jobs_stored(embedded_settings) == 0
 
 
 def test_a_broker_outage_keeps_the_job_and_warns(env: dict[str, str], embedded_settings: Settings) -> None:

@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import ASSISTANT
 from tests.images import png_bytes
 from tests.integration.test_batches import job_ids, lines, run
-from tests.integration.test_cli import qbgw
+from tests.integration.test_cli import audit_events, jobs_stored, qbgw
 from worker.cli import EXIT
 from worker.queries import AuditFilter, audit_query
 from worker.settings import Settings
@@ -78,6 +78,32 @@ def test_an_invalid_batch_exits_3_naming_each_line_and_skip_invalid_reports_them
     skipped = qbgw(env, "batch", "submit", path, "--skip-invalid")
     assert skipped.exit_code == 0 and "skipped line 2: not valid JSON" in skipped.stderr
     assert "2 job(s) queued, 1 invalid line(s) skipped" in skipped.stderr
+
+
+def test_line_separators_inside_json_strings_do_not_split_a_line(
+    env: dict[str, str], embedded_settings: Settings, tmp_path: Path
+) -> None:
+    rows = lines(5)
+    for i, char in ((1, "\u2028"), (2, "\u2029"), (3, "\u0085")):
+        rows[i] = json.dumps({"custom_id": f"row-00{i}", "messages": [{"role": "user", "content": f"a{char}b"}]},
+                             ensure_ascii=False)  # fmt: skip
+    rows[4] = rows[4].replace("Question", "Question\x0c")  # a raw form feed: invalid JSON, on its own line
+    submitted = qbgw(env, "batch", "submit", write(tmp_path / "in.jsonl", rows), "--skip-invalid")
+    assert submitted.exit_code == 0, submitted.output
+    assert "skipped line 5: not valid JSON: Invalid control character" in submitted.stderr
+    assert "4 job(s) queued, 1 invalid line(s) skipped" in submitted.stderr
+    assert sorted(job_ids(embedded_settings, submitted.stdout.strip())) == [f"row-00{i}" for i in range(4)]
+
+
+def test_a_line_nested_too_deeply_exits_3_naming_it_and_stores_nothing(
+    env: dict[str, str], embedded_settings: Settings, tmp_path: Path
+) -> None:
+    rows = lines(3)
+    rows[1] = '{"custom_id": "row-001", "messages": ' + "[" * 50_000 + "]" * 50_000 + "}"
+    refused = qbgw(env, "batch", "submit", write(tmp_path / "deep.jsonl", rows))
+    assert refused.exit_code == EXIT["bad_input"] and refused.stdout == ""
+    assert "line 2: not valid JSON for a request: nested too deeply to parse" in refused.stderr
+    assert jobs_stored(embedded_settings) == 0 and audit_events(embedded_settings) == 0
 
 
 def test_images_shorthand_submits_one_job_per_file_under_the_roots(

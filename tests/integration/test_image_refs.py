@@ -121,6 +121,113 @@ def test_a_fetch_of_a_private_address_in_any_spelling_is_refused_before_connecti
         fetch(url, Limits(1000, 5), opener=never)
 
 
+# Every special-purpose block of IANA's IPv4 and IPv6 registries (and multicast), at its edges, in the
+# spellings an attacker has: 6to4, Teredo, NAT64, IPv4-mapped, -compatible and -translated forms.
+SPECIAL = [
+    "0.0.0.0", "0.255.255.255", "10.0.0.1", "100.64.0.1", "100.127.255.254", "100.100.100.200", "127.0.0.1",
+    "127.255.255.254", "169.254.169.254", "172.16.0.1", "172.31.255.255", "192.0.0.1", "192.0.0.8", "192.0.0.9",
+    "192.0.0.170", "192.0.0.255", "192.0.2.1", "192.31.196.1", "192.52.193.1", "192.88.99.1", "192.168.0.1",
+    "192.175.48.1", "198.18.0.1", "198.19.255.255", "198.51.100.1", "203.0.113.1", "224.0.0.1", "239.255.255.250",
+    "240.0.0.1", "255.255.255.255",
+    "::", "::1", "::127.0.0.1", "::a9fe:a9fe", "::8.8.8.8", "::ffff:127.0.0.1", "::ffff:7f00:1", "::ffff:10.0.0.1",
+    "0:0:0:0:0:ffff:169.254.169.254", "::ffff:0:7f00:1", "::ffff:0:808:808", "64:ff9b::127.0.0.1",
+    "64:ff9b::a9fe:a9fe", "64:ff9b::c000:8", "64:ff9b:1::808:808", "100::1", "100:0:0:1::1",
+    "2001::1", "2001:0:4136:e378:8000:63bf:3fff:fdd2", "2001:2::1", "2001:10::1", "2001:20::1", "2001:1ff::1",
+    "2001:db8::1", "2002:7f00:1::", "2002:808:808::1", "2620:4f:8000::1", "3fff::1", "3fff:fff::1", "5f00::1",
+    "fc00::1", "fd00:ec2::254", "fe80::1", "fe80::1%eth0", "febf::1", "fec0::1", "ff02::1", "4000::1", "::2",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("address", SPECIAL)
+def test_every_special_purpose_address_is_refused_whatever_its_spelling(address: str) -> None:
+    with pytest.raises(ResolutionFailed, match="refused to fetch from a non-public address"):
+        check_address(address)
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["8.8.8.8", "93.184.216.34", "1.1.1.1", "192.0.1.1", "100.128.0.1", "198.20.0.1", "223.255.255.254",
+     "2606:4700:4700::1111", "2a00:1450:4001:80b::200e", "2001:200::1", "::ffff:8.8.8.8", "64:ff9b::808:808"],
+)  # fmt: skip
+def test_public_addresses_and_ipv4_forms_of_public_ones_may_be_fetched(address: str) -> None:
+    check_address(address)
+
+
+def test_a_refusal_says_which_block_and_which_embedded_address() -> None:
+    with pytest.raises(ResolutionFailed) as caught:
+        check_address("::ffff:127.0.0.1")
+    assert str(caught.value) == (
+        "refused to fetch from a non-public address (::ffff:7f00:1): IPv4-mapped (RFC 4291) of 127.0.0.1, "
+        "loopback (RFC 1122)"
+    )
+    with pytest.raises(ResolutionFailed, match=r"\(2002:7f00:1::\): 6to4 \(RFC 3056\)$"):
+        check_address("2002:7f00:1::")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://192.0.0.8/x.png",
+        "https://[2002:7f00:1::]/x.png",  # 6to4 of 127.0.0.1
+        "https://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/x.png",  # Teredo
+        "https://[64:ff9b::7f00:1]/x.png",  # NAT64 of 127.0.0.1
+        "https://[64:ff9b::169.254.169.254]/latest/meta-data/",
+        "https://[::127.0.0.1]/x.png",  # IPv4-compatible
+        "https://[::ffff:0:7f00:1]/x.png",  # IPv4-translated
+        "https://[0:0:0:0:0:ffff:7f00:1]/x.png",
+        "https://[fd00:ec2::254]/latest/meta-data/",  # the EC2 metadata service over IPv6
+        "https://100.100.100.200/latest/meta-data/",  # Alibaba's, in the shared address space
+        "https://127.1/x.png",
+        "https://0/x.png",
+        "https://0x7f000001/x.png",
+        "https://017700000001/x.png",
+        "https://198.18.0.1:8443/x.png",
+        "https://[5f00::1]/x.png",
+        "https://[3fff::1]/x.png",
+    ],
+)
+def test_a_fetch_of_a_special_purpose_address_never_reaches_connect(url: str) -> None:
+    def never(*_: object) -> Response:
+        raise AssertionError("no connection may be made")
+
+    with pytest.raises(ResolutionFailed, match="non-public address"):
+        fetch(url, Limits(1000, 5), opener=never)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["https://h.example:abc/x.png", "https://h.example:65536/x.png", "https://h.example:0/x.png",
+     "https://[::1/x.png", "https://a b.example/x.png", "https://h\\x.example/x.png", "http://h.example/x.png",
+     "ftp://h.example/x.png", "https://u:p@h.example/x.png"],
+)  # fmt: skip
+def test_a_url_that_cannot_be_parsed_fails_the_resolution_in_the_worker(url: str) -> None:
+    def never(*_: object) -> Response:
+        raise AssertionError("no connection may be made")
+
+    with pytest.raises(ResolutionFailed, match="refused to fetch"):
+        fetch(url, Limits(1000, 5), resolver=public_resolver, opener=never)
+
+
+@pytest.mark.parametrize("location", ["https://[::1/x.png", "https://cdn.example:99999/b.png", "//a b/c.png"])
+def test_a_redirect_to_a_url_that_cannot_be_parsed_is_refused(location: str) -> None:
+    hops: list[str] = []
+
+    def opener(url: str, address: str, host: str, timeout: float) -> Response:
+        hops.append(host)
+        return Response(302, location, iter(()))
+
+    with pytest.raises(ResolutionFailed, match="refused to f"):
+        fetch("https://images.example/a.png", Limits(1000, 5), resolver=public_resolver, opener=opener)
+    assert hops == ["images.example"]
+
+
+def test_a_job_stored_with_an_unparsable_url_fails_resolution_not_the_worker(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, fetch_remote_images=True)
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://h:abc/x.png"}}]}]
+    with pytest.raises(ResolutionFailed, match="the port 'abc' of an https URL is not a number from 1 to 65535"):
+        build_body("a1", messages, settings)
+
+
 def public_resolver(host: str, port: int, **_: object) -> list[tuple[object, ...]]:
     table = {"images.example": "93.184.216.34", "cdn.example": "151.101.1.1"}
     if host in table:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 import pytest
@@ -9,6 +10,7 @@ import redis as redis_lib
 from sqlalchemy import func, select
 
 from tests.conftest import ASSISTANT
+from tests.images import png_bytes
 from worker import producer
 from worker.errors import (
     BrokerUnavailable,
@@ -71,6 +73,53 @@ def test_bad_input_is_refused_and_nothing_is_stored(
     with pytest.raises(kind) as caught:
         producer.submit(assistant, messages, settings=settings)
     assert message in str(caught.value)
+    assert counts(settings) == (0, 0) and broker_files(settings) == []
+
+
+def _deep(levels: int) -> object:
+    value: object = "x"
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+def _image(url: str) -> list[dict[str, Any]]:
+    parts = [{"type": "text", "text": PHI}, {"type": "image_url", "image_url": {"url": url}}]
+    return [{"role": "user", "content": parts}]
+
+
+PNG_AS_GIF = "data:image/gif;base64," + base64.b64encode(png_bytes(4, 4)).decode()
+
+
+@pytest.mark.parametrize(
+    ("assistant", "messages", "keys", "kind", "message"),
+    [
+        (ASSISTANT, [{"role": "user", "content": "a\ud800b"}], {}, InvalidMessages,
+         "messages[0].content: not encodable as UTF-8: a lone surrogate (U+D800) at index 1"),
+        (ASSISTANT, MESSAGES, {"custom_id": "c\udfff"}, InvalidMessages, "custom_id: not encodable as UTF-8"),
+        (ASSISTANT, MESSAGES, {"idempotency_key": "\udc80k"}, InvalidMessages,
+         "idempotency_key: not encodable as UTF-8: a lone surrogate (U+DC80) at index 0"),
+        (ASSISTANT + "\n", MESSAGES, {}, InvalidMessages, "smart_chat_assistant_id: must be at most 128 characters"),
+        (ASSISTANT, [{"role": "user", "content": "hi", "name": _deep(5000)}], {}, InvalidMessages,
+         "messages[0].name: must be 1 to 64 letters"),
+        (ASSISTANT, [{"role": "user", "content": "hi", "name": 123}], {}, InvalidMessages, "messages[0].name:"),
+        (ASSISTANT, _image("https://h.example:abc/x.png"), {}, InvalidImage,
+         "messages[0].content[1].image_url.url: the port 'abc' of an https URL is not a number from 1 to 65535"),
+        (ASSISTANT, _image("https://[::1/x.png"), {}, InvalidImage, "lacks its closing ']'"),
+        (ASSISTANT, _image(PNG_AS_GIF), {}, InvalidImage, "data uri declares 'image/gif'"),
+        (ASSISTANT, _image("http://127.0.0.1/x.png"), {}, InvalidImage, "the scheme 'http' is not accepted"),
+        (ASSISTANT, [{"role": "user", "content": "x" * 2001}], {}, InvalidMessages,
+         "messages: 2001 bytes of text (data URIs included) is over the request limit of 2000 bytes"),
+    ],
+)  # fmt: skip
+def test_input_that_was_accepted_or_crashed_is_refused_before_anything_is_stored(
+    settings: Settings, assistant: str, messages: list[dict[str, Any]], keys: dict[str, str],
+    kind: type[Exception], message: str,
+) -> None:  # fmt: skip
+    limited = settings.with_(max_request_bytes=2000)
+    with pytest.raises(kind) as caught:
+        producer.submit(assistant, messages, settings=limited, **keys)  # type: ignore[arg-type]
+    assert message in str(caught.value) and PHI not in str(caught.value)
     assert counts(settings) == (0, 0) and broker_files(settings) == []
 
 

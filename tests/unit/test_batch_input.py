@@ -12,8 +12,8 @@ from typing import Any
 import click
 import pytest
 
-from tests.images import png_bytes
-from worker.batch_input import BatchLine, image_lines, parse_lines
+from tests.images import data_uri, png_bytes
+from worker.batch_input import BatchLine, image_lines, parse_lines, read_lines
 from worker.batch_store import BatchStatus
 from worker.batches import BatchView
 from worker.cli_batch import parse_window
@@ -62,15 +62,15 @@ def test_a_line_without_an_assistant_uses_the_default_and_without_a_default_is_i
         ("{oops", "not valid JSON: Expecting property name enclosed in double quotes at column 2"),
         ("[1, 2]", "must be a JSON object, got list"),
         (json.dumps({"smart_chat_assistant_id": ASSISTANT, "messages": HELLO}), "custom_id: required"),
-        (ours(""), "custom_id: required"),
-        (ours("x" * 256), "custom_id: required, a non-empty string of at most 255 characters"),
+        (ours(""), "custom_id: must be a non-empty string"),
+        (ours("x" * 256), "custom_id: must be a non-empty string of at most 255 characters"),
         (ours("c", messages=[{"role": "doctor", "content": "x"}]), "messages[0].role: 'doctor' is not one of"),
         (ours("c", messages=[]), "messages: required, a non-empty list"),
         (ours("c", model="gpt-4o"), "unknown field(s) model"),
         (openai("c", method="GET"), "method: 'GET'; only POST is accepted"),
         (openai("c", url="/v1/chat/completions"), "url: '/v1/chat/completions'; only /ai/ai_extensions/ai_gateway"),
         (openai("c", {"messages": HELLO, "model": "gpt-4o", "smart_chat_assistant_id": ASSISTANT}),
-         "body: field(s) model not accepted by the gateway"),
+         "body: unknown field(s) model; accepted: messages, smart_chat_assistant_id"),
         (json.dumps({"custom_id": "c", "url": "/ai/ai_extensions/ai_gateway"}), "body: required, an object"),
         (ours("c", smart_chat_assistant_id="bad id!"), "smart_chat_assistant_id: must be at most 128 characters"),
         (ours("c", messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/etc/x.png"}}]}]),
@@ -84,6 +84,75 @@ def test_each_kind_of_bad_line_is_named_with_its_line_number_and_nothing_passes(
     number, text = caught.value.problems[0]
     assert number == 3 and reason in text  # blank lines still count
     assert f"line 3: {text}" in str(caught.value) and "1 of 3 line(s) invalid; nothing was stored" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [
+        ('{"custom_id": "c", "messages": ' + "[" * 100_000 + "]" * 100_000 + "}",
+         "not valid JSON for a request: nested too deeply to parse"),
+        ("[" * 100_000, "not valid JSON for a request: nested too deeply to parse"),
+        ('{"custom_id": ' + "1" * 5000 + "}", "not valid JSON for a request: a number too long to read"),
+        (ours("c", messages=[{"role": "user", "content": "hi", "name": [[["x"]]]}]),
+         "messages[0].name: must be 1 to 64 letters, digits, _ or -"),
+        (json.dumps({"custom_id": 42, "messages": HELLO}), "custom_id: must be a string, got int"),
+        (json.dumps({"custom_id": "c", "smart_chat_assistant_id": ["a"], "messages": HELLO}),
+         "smart_chat_assistant_id: must be a string, got list"),
+        (openai("c", {"messages": HELLO, "smart_chat_assistant_id": 5}), "body.smart_chat_assistant_id: must be a "
+                                                                         "string, got int"),
+        (openai("c", method=["POST"]), "method: must be a string, got list"),
+        (ours("c\udc80"), "custom_id: not encodable as UTF-8: a lone surrogate (U+DC80) at index 1"),
+        (ours("c", messages=[{"role": "user", "content": "ok \ud800"}]), "messages[0].content: not encodable as UTF-8"),
+        (ours("c", messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {
+            "url": data_uri("gif", png_bytes(2, 2))}}]}]), "image_url.url: data uri declares 'image/gif'"),
+        (ours("c", smart_chat_assistant_id=ASSISTANT + "\n"), "smart_chat_assistant_id: must be at most 128"),
+    ],
+)  # fmt: skip
+def test_a_line_that_used_to_crash_or_pass_is_that_lines_problem(bad: str, reason: str) -> None:
+    with pytest.raises(InvalidBatch) as caught:
+        parse([ours("first"), bad, ours("last")])
+    assert [n for n, _ in caught.value.problems] == [2]
+    assert reason in caught.value.problems[0][1]
+
+
+def test_the_same_field_rule_as_a_single_submit_file_names_unknown_fields_and_the_accepted_ones() -> None:
+    with pytest.raises(InvalidBatch) as caught:
+        parse([ours("a", temperature=0, model="gpt-4o")])
+    assert caught.value.problems == (
+        (1, "unknown field(s) model, temperature; accepted: custom_id, messages, smart_chat_assistant_id"),
+    )
+
+
+def test_a_line_over_the_request_limit_is_refused_before_it_is_parsed() -> None:
+    line = ours("big", messages=[{"role": "user", "content": "x" * 500}])
+    with pytest.raises(InvalidBatch) as caught:
+        parse_lines([ours("ok"), line], default_assistant=None, policy=Policy(max_request_bytes=200))
+    assert caught.value.problems == (
+        (2, f"the line's {len(line)} characters are over the request limit of 200 bytes (QBGW_MAX_REQUEST_BYTES)"),
+    )
+    big = [{"role": "user", "content": "x" * 500}]
+    parsed = [{"custom_id": "big", "smart_chat_assistant_id": ASSISTANT, "messages": big}]
+    with pytest.raises(InvalidBatch, match="messages: 500 bytes of text .* limit of 200 bytes"):
+        parse_lines(parsed, default_assistant=None, policy=Policy(max_request_bytes=200))  # objects: by their text
+
+
+SEPARATORS = ["\u2028", "\u2029", "\u0085", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e"]
+
+
+def test_json_lines_split_at_line_feeds_only_so_line_numbers_stay_true(tmp_path: Path) -> None:
+    rows = [ours("first")]  # then each character raw inside a JSON string (json.dumps would escape it)
+    for n, char in enumerate(SEPARATORS):
+        rows.append(ours(f"in-{n}", messages=[{"role": "user", "content": "before@after"}]).replace("@", char))
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(("\r\n".join(rows[:3]) + "\n" + "\n".join(rows[3:]) + "\n").encode())
+    lines = read_lines(path)
+    assert len(lines) == 1 + len(SEPARATORS) and lines == rows
+    parsed = parse(lines, skip=True)
+    # U+2028, U+2029 and U+0085 may stand raw in a JSON string; control characters may not (RFC 8259).
+    assert [x.custom_id for x in parsed.lines] == ["first", "in-0", "in-1", "in-2"]
+    assert parsed.lines[1].messages[0]["content"] == "before\u2028after"
+    assert [n for n, _ in parsed.problems] == [5, 6, 7, 8, 9]
+    assert all("Invalid control character" in reason for _, reason in parsed.problems)
 
 
 def test_a_duplicate_custom_id_names_the_line_it_repeats() -> None:

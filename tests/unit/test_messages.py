@@ -6,6 +6,7 @@ import pytest
 
 from tests.images import data_uri, jpeg_bytes, png_bytes
 from worker.errors import InvalidImage, InvalidMessages
+from worker.images.refs import Policy
 from worker.messages import image_urls, validate_assistant_id, validate_messages
 
 PNG = data_uri("png", png_bytes(4, 3))
@@ -70,7 +71,7 @@ def test_rejections_name_the_index_and_field(messages: Any, message: str) -> Non
         (GIF_AS_PNG, "messages[0].content[1].image_url.url: not a jpeg or png"),
         ("data:image/png;base64,!!!not-base64!!!", "messages[0].content[1].image_url.url:"),
         ("data:text/plain;base64,aGk=", "messages[0].content[1].image_url.url:"),
-        ("ftp://host/x.png", "messages[0].content[1].image_url.url: must be an https:// URL"),
+        ("ftp://host/x.png", "messages[0].content[1].image_url.url: the scheme 'ftp' is not accepted"),
         ("http://host/x.png", "must be an https:// URL"),
         ("/etc/passwd", "local files are not allowed: no image roots are configured"),
     ],
@@ -81,7 +82,9 @@ def test_inline_images_are_checked_by_their_bytes(url: str, message: str) -> Non
     assert message in str(caught.value)
 
 
-@pytest.mark.parametrize("bad", [None, "", "   ", 42, "a" * 129, "has space", "semi;colon"])
+@pytest.mark.parametrize(
+    "bad", [None, "", "   ", 42, "a" * 129, "has space", "semi;colon", "65d5f3473d5d68095462165d\n", "a\ud800"]
+)
 def test_a_bad_assistant_id_is_rejected(bad: Any) -> None:
     with pytest.raises(InvalidMessages, match="smart_chat_assistant_id"):
         validate_assistant_id(bad)
@@ -90,3 +93,86 @@ def test_a_bad_assistant_id_is_rejected(bad: Any) -> None:
 def test_image_urls_lists_every_image_in_order() -> None:
     messages = [user([image("https://a/1.png")]), user("x"), user([image("https://a/2.png"), image(PNG)])]
     assert image_urls(messages) == ["https://a/1.png", "https://a/2.png", PNG]
+
+
+def deep(levels: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("name", ["alice", "Dr_Who-2", "a" * 64, "0"])
+def test_a_name_is_openais_participant_name(name: str) -> None:
+    assert validate_messages([{"role": "user", "content": "hi", "name": name}])
+
+
+@pytest.mark.parametrize(
+    "name", [123, None, True, {"first": "Ann"}, ["alice"], deep(5000), "", "a" * 65, "has space", "alice\n", "zoë",
+             "a.b", "a\ud800"],
+)  # fmt: skip
+def test_any_other_name_is_refused_saying_what_a_name_is(name: object) -> None:
+    with pytest.raises(InvalidMessages) as caught:
+        validate_messages([user("ok"), {"role": "user", "content": "hi", "name": name}])
+    assert str(caught.value) == (
+        "messages[1].name: must be 1 to 64 letters, digits, _ or - (OpenAI's participant name)"
+    )
+
+
+SECRET = "Patient Ann Example"
+
+
+@pytest.mark.parametrize(
+    ("messages", "where", "index"),
+    [
+        ([user(f"{SECRET}\ud800")], "messages[0].content", len(SECRET)),
+        ([user("ok"), user([{"type": "text", "text": f"{SECRET}\udfff tail"}])], "messages[1].content[0].text",
+         len(SECRET)),
+        ([user([image(f"https://example.org/{SECRET}\udc80.png")])], "messages[0].content[0].image_url.url",
+         len(f"https://example.org/{SECRET}")),
+        ([user([image("/srv/scans/\udcff.png")])], "messages[0].content[0].image_url.url", len("/srv/scans/")),
+        ([user([image(PNG[:40] + "\ud800" + PNG[40:])])], "messages[0].content[0].image_url.url", 40),
+    ],
+)  # fmt: skip
+def test_a_lone_surrogate_is_refused_by_field_and_index_without_echoing_the_text(
+    messages: list[dict[str, Any]], where: str, index: int
+) -> None:
+    with pytest.raises(InvalidMessages) as caught:
+        validate_messages(messages)
+    text = str(caught.value)
+    assert text.startswith(f"{where}: not encodable as UTF-8: a lone surrogate (U+") and f"at index {index};" in text
+    assert SECRET not in text and "example.org" not in text
+    text.encode("utf-8")  # the error itself can be printed
+
+
+def test_text_up_to_the_limit_is_accepted_and_one_byte_more_is_refused_naming_both() -> None:
+    policy = Policy(max_request_bytes=100)
+    assert validate_messages([user("x" * 60), user([{"type": "text", "text": "y" * 40}])], policy)
+    with pytest.raises(InvalidMessages) as caught:
+        validate_messages([user("x" * 60), user([{"type": "text", "text": "y" * 41}])], policy)
+    assert str(caught.value) == (
+        "messages: 101 bytes of text (data URIs included) is over the request limit of 100 bytes "
+        "(QBGW_MAX_REQUEST_BYTES)"
+    )
+
+
+def test_the_limit_counts_utf8_bytes_not_characters() -> None:
+    policy = Policy(max_request_bytes=100)
+    assert validate_messages([user("é" * 50)], policy)  # 100 bytes
+    with pytest.raises(InvalidMessages, match="messages: 102 bytes of text .* limit of 100 bytes"):
+        validate_messages([user("é" * 51)], policy)
+    with pytest.raises(InvalidMessages, match="messages: 101 bytes of text"):
+        validate_messages([user("a" * 97 + "\U0001f600")], policy)  # one 4-byte character
+
+
+def test_the_limit_counts_names_and_urls_and_is_checked_before_an_image_is_decoded() -> None:
+    policy = Policy(max_request_bytes=100)
+    with pytest.raises(InvalidMessages, match="messages: 101 bytes"):
+        validate_messages([{"role": "user", "content": "x" * 96, "name": "alice"}], policy)
+    not_even_base64 = "data:image/png;base64," + "!" * 200
+    with pytest.raises(InvalidMessages, match=r"messages: \d+ bytes of text \(data URIs included\) is over"):
+        validate_messages([user([image(not_even_base64)])], policy)
+
+
+def test_the_default_limit_leaves_room_for_one_50_mb_image_as_base64() -> None:
+    assert Policy().max_request_bytes == 72 * 1024 * 1024 > (50 * 1024 * 1024) * 4 // 3

@@ -105,3 +105,16 @@ def test_operations_settings_are_checked(env: dict[str, str], message: str) -> N
 def test_metrics_are_off_and_logs_follow_the_terminal_by_default() -> None:
     settings = Settings.from_env({})
     assert settings.metrics_port == 0 and settings.metrics_host == "127.0.0.1" and settings.log_format == "auto"
+
+
+def test_the_request_limit_is_one_documented_setting_that_every_path_is_given() -> None:
+    from worker import images
+
+    settings = Settings.from_env({"QBGW_MAX_REQUEST_BYTES": "1000"})
+    assert settings.max_request_bytes == 1000 and images.policy(settings).max_request_bytes == 1000
+    assert Settings().max_request_bytes == 72 * 1024 * 1024
+    with pytest.raises(ConfigError, match="QBGW_MAX_REQUEST_BYTES must be at least 1"):
+        Settings.from_env({"QBGW_MAX_REQUEST_BYTES": "0"})
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    table = readme[readme.index("## Configuration") : readme.index("### Why a filesystem broker")]
+    assert "| `QBGW_MAX_REQUEST_BYTES` |" in table

@@ -21,7 +21,9 @@ __all__ = ["policy", "needs_resolution", "build_body", "StreamingBody"]
 
 
 def policy(settings: Settings) -> refs.Policy:
-    return refs.Policy(roots=settings.image_root_paths, max_pixels=settings.max_image_pixels)
+    """What a request may carry under ``settings``: the one policy of the Python API, the CLI and batches."""
+    return refs.Policy(roots=settings.image_root_paths, max_pixels=settings.max_image_pixels,
+                       max_request_bytes=settings.max_request_bytes)  # fmt: skip
 
 
 def _urls(messages: list[dict[str, Any]]) -> list[str]:

@@ -9,29 +9,41 @@ reading file headers; nothing is fetched from the network here.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from worker.errors import InvalidImage
-from worker.imageinfo import MAX_IMAGE_BYTES, parse_data_uri, sniff
+from worker.imageinfo import MAX_IMAGE_BYTES, MAX_REQUEST_BYTES, check_declared, parse_data_uri, sniff
 
-__all__ = ["Policy", "Kind", "LocalFile", "kind_of", "check", "inspect_local", "local_path", "HEADER_BYTES"]
+__all__ = ["Policy", "Kind", "LocalFile", "kind_of", "scheme_of", "check", "https_target", "inspect_local",
+           "local_path", "HEADER_BYTES"]  # fmt: skip
 
 #: Enough of a file to find a jpeg's frame header behind large EXIF blocks.
 HEADER_BYTES = 512 * 1024
 PDF_MAGIC = b"%PDF-"
+ACCEPTED = "must be an https:// URL, a data:image/...;base64, URI, or a local file path (absolute or file://)"
+# RFC 3986's scheme: a letter, then letters, digits, + - . (a longer one is not a scheme anyone uses).
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]{0,31}):")
+# A host name: dot-separated labels of letters, digits, - and _ (legal in DNS, though not in RFC 1123 names).
+_LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+_HOST = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
+_AUTHORITY_END = re.compile(r"[/?#]")
 
 
 @dataclass(frozen=True)
 class Policy:
-    """What references are allowed: local roots, and the pixel limit against bombs."""
+    """What references are allowed: local roots, the pixel limit against bombs, and the request size."""
 
     roots: tuple[Path, ...] = ()
     max_pixels: int = 100_000_000
     max_bytes: int = MAX_IMAGE_BYTES
+    #: The most text (data URIs included) one request may carry, in UTF-8 bytes.
+    max_request_bytes: int = MAX_REQUEST_BYTES
 
 
 class Kind:
@@ -40,28 +52,39 @@ class Kind:
     LOCAL = "local"
 
 
+def scheme_of(ref: str) -> str | None:
+    """The URL scheme ``ref`` starts with (``https``, ``data``, ``http`` ...), or None for a path."""
+    found = _SCHEME.match(ref)
+    return found[1] if found else None
+
+
 def kind_of(url: str) -> str:
-    """Which kind of reference ``url`` is. Raises InvalidImage for anything else."""
+    """Which kind of reference ``url`` is. Raises InvalidImage for anything else, naming a refused scheme."""
     if url.startswith("data:"):
         return Kind.DATA
     if url.startswith("https://"):
         return Kind.HTTPS
     if url.startswith(("file://", "/")) or (len(url) > 1 and url[0] in ".~"):
         return Kind.LOCAL
-    raise InvalidImage(
-        "must be an https:// URL, a data:image/...;base64, URI, or a local file path (absolute or file://)"
-    )
+    scheme = scheme_of(url)
+    if scheme is not None and scheme.lower() not in ("https", "data", "file"):
+        raise InvalidImage(f"the scheme {scheme!r} is not accepted: an image reference {ACCEPTED}")
+    if scheme is not None and scheme.lower() != scheme:
+        raise InvalidImage(f"the scheme {scheme!r} must be written in lower case: an image reference {ACCEPTED}")
+    raise InvalidImage(f"an image reference {ACCEPTED}")
 
 
 def check(url: str, policy: Policy) -> None:
     """Everything that can be checked at submit time. Raises InvalidImage with the reason."""
     kind = kind_of(url)
     if kind == Kind.DATA:
-        data = parse_data_uri(url)[1]
+        media_type, data = parse_data_uri(url)
+        check_declared(media_type)
         info = sniff(data, max_pixels=policy.max_pixels, max_bytes=policy.max_bytes)
+        check_declared(media_type, info.kind)
         check_complete(info.kind, data[-TAIL_BYTES:])
     elif kind == Kind.HTTPS:
-        _check_https(url)
+        https_target(url)
     else:
         inspect_local(url, policy)
 
@@ -91,12 +114,66 @@ def inspect_local(url: str, policy: Policy) -> LocalFile:
     return LocalFile(path, kind, size)
 
 
-def _check_https(url: str) -> None:
-    parts = urlsplit(url)
-    if not parts.hostname:
-        raise InvalidImage("an https URL needs a host")
-    if parts.username or parts.password:
+def https_target(url: str) -> tuple[str, int]:
+    """The host (lower case, an IPv6 address without brackets) and port an https URL connects to.
+
+    Read from the URL as it is stored and sent (``urlsplit`` drops tabs and newlines; this does not).
+    Raises InvalidImage unless the host is a DNS name (IDNA allowed), an IPv4 or a bracketed IPv6
+    address, the port (if any) is a number from 1 to 65535, and there are no credentials.
+    """
+    if url[:8].lower() != "https://":
+        raise InvalidImage("not an https URL")
+    end = _AUTHORITY_END.search(url, 8)
+    authority = url[8 : end.start() if end else len(url)]
+    if "@" in authority:
         raise InvalidImage("an https URL must not carry credentials")
+    if authority.startswith("["):
+        host, bracket, after = authority[1:].partition("]")
+        _check_ipv6(host, closed=bool(bracket))
+    else:
+        host, colon, port = authority.partition(":")
+        after = colon + port
+        host = _check_host(host.lower())
+    if after and not after.startswith(":"):
+        raise InvalidImage("an https URL's host must be followed by ':port' or '/', nothing else")
+    return host.lower(), _port(after[1:])
+
+
+def _check_ipv6(host: str, *, closed: bool) -> None:
+    if not closed:
+        raise InvalidImage("an https URL's IPv6 address lacks its closing ']'")
+    try:
+        if "%" in host:
+            raise ValueError(host)  # a zone id names a local interface: nothing to fetch from
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        raise InvalidImage(f"[{host[:45]!r}] in an https URL is not an IPv6 address") from None
+
+
+def _check_host(host: str) -> str:
+    if not host:
+        raise InvalidImage("an https URL needs a host")
+    name = host
+    if not host.isascii():
+        try:  # an international name, written as it is resolved (no character IDNA maps to another)
+            name = host.encode("idna").decode("ascii")
+            name = name if name.encode("ascii").decode("idna") == host else ""
+        except UnicodeError:
+            name = ""
+    if len(name) > 254 or not _HOST.fullmatch(name):
+        raise InvalidImage(
+            f"the host {host[:64]!r} of an https URL is not a host name (letters, digits, - and _ in "
+            "dot-separated labels), an IPv4 address or an [IPv6] address"
+        )
+    return host
+
+
+def _port(text: str) -> int:
+    if not text:
+        return 443
+    if not (text.isascii() and text.isdigit() and len(text) <= 5 and 1 <= int(text) <= 65535):
+        raise InvalidImage(f"the port {text[:12]!r} of an https URL is not a number from 1 to 65535")
+    return int(text)
 
 
 def local_path(url: str, policy: Policy) -> Path:
