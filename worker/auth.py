@@ -115,7 +115,7 @@ def session_request(
     """The signed body of ``POST /session.json``: a fresh nonce and the current time unless given."""
     app_id = credentials.application_id
     params: dict[str, object] = {
-        "application_id": int(app_id) if app_id.isdigit() else app_id,
+        "application_id": int(app_id) if app_id.isascii() and app_id.isdigit() else app_id,
         "auth_key": credentials.auth_key,
         "nonce": secrets.randbelow(2**31 - 1) + 1 if nonce is None else nonce,
         "timestamp": int(time.time()) if timestamp is None else timestamp,

@@ -36,7 +36,7 @@ def _when(value: str | None) -> datetime | None:
 
 def _age(value: str) -> timedelta:
     units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
-    if len(value) < 2 or value[-1] not in units or not value[:-1].isdigit():
+    if len(value) < 2 or value[-1] not in units or not (value[:-1].isascii() and value[:-1].isdigit()):
         raise click.BadParameter(f"{value!r} is not an age like 30d, 12h, 90m or 3600s")
     return timedelta(seconds=int(value[:-1]) * units[value[-1]])
 

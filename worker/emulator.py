@@ -371,7 +371,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.headers.get("Transfer-Encoding"):
             raise _Rejected(_errors(411, "Length Required", close=True))
         length = self.headers.get("Content-Length", "0")
-        if not length.isdigit():
+        if not (length.isascii() and length.isdigit()):
             raise _Rejected(_errors(400, "Invalid Content-Length", close=True))
         if int(length) > MAX_BODY_BYTES:
             self.unread = int(length)

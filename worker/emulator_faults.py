@@ -143,7 +143,7 @@ def random_reply(kind: str, answer: str, retry_after: int) -> Reply | None:
         return _html_reply(502)
     if kind == "429-retry-after":
         return dataclasses.replace(error_reply(429, phrase(429)), headers=(("Retry-After", str(retry_after)),))
-    if kind.isdigit():
+    if kind.isascii() and kind.isdigit():
         return error_reply(int(kind), phrase(int(kind)))
     return json_reply(200, {"answer": answer})  # a hang: the answer, late
 

@@ -70,6 +70,8 @@ def test_error_reasons_reads_both_documented_shapes_and_garbage() -> None:
         ("Wed, 25 Nov 2026 12:00:30 GMT", 30.0),
         ("Wed, 25 Nov 2026 11:00:00 GMT", 0.0),
         ("soon", None),
+        ("²", None),  # a Unicode digit: str.isdigit() says yes, float() would raise
+        ("١٢", None),
         ("", None),
         (None, None),
     ],
