@@ -405,6 +405,13 @@ def _fault_waiting(session: Session, job_id: str, row: Any, now: datetime, retry
     return status if taken.rowcount == 1 else None  # type: ignore[attr-defined]
 
 
+def waiting_jobs(*, session: Session) -> list[tuple[str, datetime | None]]:
+    """(id, when it is due: None for now) of every job waiting to be claimed (queued or retrying), oldest first."""
+    query = select(Job.id, Job.next_attempt_at).where(Job.status.in_(_CLAIMABLE)).order_by(Job.created_at)
+    rows = session.execute(query)
+    return [(str(row.id), row.next_attempt_at) for row in rows]
+
+
 def batch_members(*, session: Session, job_ids: Sequence[str]) -> set[str]:
     """Those of ``job_ids`` that belong to a batch (their messages go to the batch queue)."""
     if not job_ids:
