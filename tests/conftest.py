@@ -10,10 +10,13 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import Connection, Engine, create_engine, make_url, text
+from sqlalchemy.exc import DBAPIError
 
 from worker import runtime as runtime_module
 from worker.emulator import Emulator, EmulatorConfig
@@ -74,23 +77,65 @@ def emu(emulator: Emulator) -> Emulator:
     return emulator
 
 
+#: Cluster-wide roles the PostgreSQL tests use: an owner that is not a superuser, and the application role
+#: workers and producers connect as. Other test sessions on this machine may create them at the same moment;
+#: nothing drops them.
+OWNER_ROLE, APP_ROLE = "qbgw_test_owner", "qbgw_test_app"
+
+
+@dataclass(frozen=True)
+class PgDatabase:
+    """One test session's PostgreSQL database, by who connects to it."""
+
+    #: A superuser: creates and drops the database, empties its tables between tests.
+    admin: str
+    #: Owns the database and migrated it (not a superuser): `qbgw audit drop`, tampering, migrations.
+    owner: str
+    #: The application role, granted by `qbgw db roles`: what workers, producers and readers use.
+    app: str
+
+
+def _create_role(admin: Engine, name: str) -> None:
+    """CREATE ROLE, unless it exists; two sessions creating it at once is no failure."""
+    with admin.connect() as connection:
+        if connection.execute(text("SELECT 1 FROM pg_roles WHERE rolname = :r"), {"r": name}).first():
+            return
+        try:
+            connection.execute(text(f'CREATE ROLE "{name}" LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE'))
+        except DBAPIError as exc:
+            if getattr(exc.orig, "sqlstate", None) not in ("42710", "23505"):  # duplicate_object, unique_violation
+                raise
+
+
 @pytest.fixture(scope="session")
-def pg_database() -> Iterator[str]:
-    """A fresh PostgreSQL database for this test session; its URL."""
+def pg() -> Iterator[PgDatabase]:
+    """A fresh PostgreSQL database for this test session, owned by a role that is not a superuser, migrated
+    by it, with `qbgw db roles` applied for the application role."""
     require_service("PostgreSQL on 127.0.0.1:5432", _port_open("127.0.0.1", 5432))
     name = f"qbgw_test_{uuid.uuid4().hex[:10]}"
     admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    for role in (OWNER_ROLE, APP_ROLE):
+        _create_role(admin, role)
     with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    from worker import schema
+        connection.execute(text(f'CREATE DATABASE "{name}" OWNER "{OWNER_ROLE}"'))
+    on_database = make_url(PG_ADMIN_URL).set(database=name)
+    urls = PgDatabase(*(on_database.set(username=user).render_as_string(hide_password=False)
+                        for user in (on_database.username, OWNER_ROLE, APP_ROLE)))  # fmt: skip
+    from worker import roles, schema
 
-    schema.upgrade(url)
-    yield url
+    schema.upgrade(urls.owner)
+    roles.apply(urls.owner, APP_ROLE)
+    yield urls
     runtime_module.reset()
     with admin.connect() as connection:
         connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_database(pg: PgDatabase) -> str:
+    """The session's PostgreSQL database, as its owner (see :class:`PgDatabase` for the other roles)."""
+    return pg.owner
 
 
 @pytest.fixture(scope="session")
@@ -100,8 +145,8 @@ def redis_url() -> str:
 
 
 def _truncate(url: str) -> None:
-    """Empty the tables between tests, as the database owner: the append-only triggers refuse
-    it to anyone else, so they are bypassed for this one transaction."""
+    """Empty the tables between tests, as a superuser (``url``): the append-only triggers refuse it to
+    anyone else, so they are bypassed for this one transaction."""
     engine = create_engine(url)
     try:
         with engine.begin() as connection:
@@ -143,10 +188,49 @@ def settings(backend: str, tmp_path: Path, emu: Emulator, request: pytest.Fixtur
     """Settings on the given database backend (the broker is the embedded one)."""
     base = base_settings(tmp_path, emu)
     if backend == "postgres":
-        url = request.getfixturevalue("pg_database")
-        _truncate(url)
-        return base.with_(database_url=url)
+        pg: PgDatabase = request.getfixturevalue("pg")
+        _truncate(pg.admin)
+        return base.with_(database_url=pg.app)
     return base
+
+
+@pytest.fixture
+def owner_url(settings: Settings, backend: str, request: pytest.FixtureRequest) -> str:
+    """The database of ``settings`` as its owner: the same SQLite file, or PostgreSQL's owner role (who may
+    lift the append-only triggers, as an attacker with the owner's password could)."""
+    if backend == "postgres":
+        return str(request.getfixturevalue("pg").owner)
+    return settings.effective_database_url
+
+
+@pytest.fixture
+def owner_settings(settings: Settings, owner_url: str) -> Settings:
+    """``settings`` connecting as the database's owner (on SQLite, the same)."""
+    return settings.with_(database_url=owner_url) if settings.database_url else settings
+
+
+@contextmanager
+def as_owner(url: str) -> Iterator[Connection]:
+    """One transaction as the database's owner with the append-only triggers off (put back at its end): what
+    the owner, or anyone holding its password, can do, and only the signed anchors notice."""
+    engine = create_engine(url)
+    try:
+        with engine.begin() as connection:
+            if connection.dialect.name == "postgresql":
+                connection.execute(text("ALTER TABLE audit_events DISABLE TRIGGER USER"))
+                yield connection
+                connection.execute(text("ALTER TABLE audit_events ENABLE TRIGGER USER"))
+            else:
+                triggers = connection.execute(
+                    text("SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'audit_events'")
+                ).all()
+                for name, _ in triggers:
+                    connection.execute(text(f"DROP TRIGGER {name}"))
+                yield connection
+                for _, sql in triggers:
+                    connection.execute(text(sql))
+    finally:
+        engine.dispose()
 
 
 @pytest.fixture
@@ -155,10 +239,10 @@ def embedded_settings(tmp_path: Path, emu: Emulator) -> Settings:
 
 
 @pytest.fixture
-def production_settings(tmp_path: Path, emu: Emulator, pg_database: str, redis_url: str) -> Iterator[Settings]:
-    """PostgreSQL + Redis, with a queue of this test's own."""
-    _truncate(pg_database)
-    settings = base_settings(tmp_path, emu).with_(database_url=pg_database, broker_url=redis_url)
+def production_settings(tmp_path: Path, emu: Emulator, pg: PgDatabase, redis_url: str) -> Iterator[Settings]:
+    """PostgreSQL, as the application role, + Redis, with a queue of this test's own."""
+    _truncate(pg.admin)
+    settings = base_settings(tmp_path, emu).with_(database_url=pg.app, broker_url=redis_url)
     yield settings
     import redis
 

@@ -265,8 +265,9 @@ def db() -> None:
 
 @db.command("upgrade")
 @click.option("--revision", default="head", show_default=True)
+@click.option("--app-role", help="Then grant this role what workers and producers need (as `qbgw db roles`).")
 @handled
-def db_upgrade(revision: str) -> None:
+def db_upgrade(revision: str, app_role: str | None) -> None:
     """Create or migrate the schema (Alembic) on QBGW_DATABASE_URL."""
     from worker import schema
     from worker.db import describe_url
@@ -275,6 +276,37 @@ def db_upgrade(revision: str) -> None:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     schema.upgrade(settings.effective_database_url, revision)
     click.echo(f"database {describe_url(settings.effective_database_url)} is at {revision}")
+    if app_role:
+        _grant(settings, app_role, create=False)
+
+
+@db.command("roles")
+@click.option("--app-role", required=True, help="The role workers and producers connect as.")
+@click.option("--create-role", is_flag=True, help="Create it if missing: LOGIN, password QBGW_APP_ROLE_PASSWORD.")
+@click.option("--print", "print_only", is_flag=True, help="Print the SQL for a DBA instead of running it.")
+@handled
+def db_roles(app_role: str, create_role: bool, print_only: bool) -> None:
+    """Grant the application role what workers, producers and readers need on QBGW_DATABASE_URL, and nothing
+    more: no UPDATE, DELETE or TRUNCATE of audit events, no ALTER. PostgreSQL only; run it as the schema's
+    owner after every `qbgw db upgrade` (it revokes first, so running it again changes nothing)."""
+    from worker import roles
+
+    settings = _settings()
+    if print_only:
+        click.echo(roles.plan(settings.effective_database_url, app_role, create=create_role).sql)
+        return
+    _grant(settings, app_role, create=create_role)
+
+
+def _grant(settings: Settings, app_role: str, *, create: bool) -> None:
+    from worker import roles
+
+    grants = roles.apply(settings.effective_database_url, app_role, create=create,
+                         password=settings.app_role_password)  # fmt: skip
+    made = "created, and granted" if grants.created else "granted"
+    click.echo(f"role {app_role} {made}: " + "; ".join(f"{t} {', '.join(p)}" for t, p in roles.TABLES.items()))
+    for warning in grants.warnings:
+        click.echo(f"qbgw: warning: {warning}", err=True)
 
 
 @cli.command()

@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import Row, delete, or_, select, text, update
 from sqlalchemy.orm import Session
 
-from worker import audit, integrity
+from worker import audit, integrity, roles
 from worker.crypto import FOLLOW_SECONDS, Keyring
 from worker.errors import ConfigError, JobStateConflict
 from worker.lifecycle import TERMINAL
@@ -161,6 +161,7 @@ def drop_audit_before(*, before: datetime, actor: str = "operator", settings: Se
 
     Raises:
         JobStateConflict: ``before`` is within the retention period (QBGW_AUDIT_RETENTION_DAYS).
+        ConfigError: on PostgreSQL, the connected role does not own ``audit_events`` (an application role).
     """
     rt = runtime(settings)
     limit = utcnow() - timedelta(days=rt.settings.audit_retention_days)
@@ -170,6 +171,7 @@ def drop_audit_before(*, before: datetime, actor: str = "operator", settings: Se
             f"(after {limit.date()}) are kept; QBGW_AUDIT_RETENTION_DAYS sets the period"
         )
     with rt.transaction() as session:
+        roles.require_owner(session, table="audit_events", command="qbgw audit drop")  # before the base anchor
         row = session.execute(
             select(AuditEvent.seq, AuditEvent.row_hash).where(AuditEvent.occurred_at < before)
             .order_by(AuditEvent.seq.desc()).limit(1)

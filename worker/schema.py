@@ -11,13 +11,14 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from worker.db import describe_url, make_engine
 from worker.errors import ConfigError, StoreUnavailable
 from worker.settings import Settings
 
-__all__ = ["alembic_config", "upgrade", "current_revision", "head_revision", "ensure_current", "probe"]
+__all__ = ["alembic_config", "upgrade", "current_revision", "current_revision_of", "head_revision", "ensure_current",
+           "probe"]  # fmt: skip
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,7 +50,12 @@ def head_revision(url: str) -> str | None:
 
 def current_revision(engine: Engine) -> str | None:
     with engine.connect() as connection:
-        return MigrationContext.configure(connection).get_current_revision()
+        return current_revision_of(connection)
+
+
+def current_revision_of(connection: Connection) -> str | None:
+    """The revision ``alembic_version`` names, read on ``connection`` (None: not migrated)."""
+    return MigrationContext.configure(connection).get_current_revision()
 
 
 def probe(url: str, *, timeout: float) -> tuple[str | None, str | None]:

@@ -82,6 +82,9 @@ class Settings:
     data_dir: Path = field(default_factory=_default_data_dir)
     #: SQLAlchemy URL; empty means SQLite at ``{data_dir}/qbgw.db``.
     database_url: str = ""
+    #: The password ``qbgw db roles --create-role`` gives the application role it creates (or @file); only that
+    #: command reads it.
+    app_role_password: Secret = field(default_factory=lambda: Secret(""))
     #: Celery broker URL; empty means the filesystem broker under ``{data_dir}/broker``.
     broker_url: str = ""
     base_url: str = DEFAULT_BASE_URL

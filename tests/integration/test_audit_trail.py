@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import text, update
 
-from tests.conftest import ASSISTANT, TOKEN
+from tests.conftest import ASSISTANT, TOKEN, as_owner
 from worker import audit, integrity, producer, queries
 from worker.cli import EXIT, cli
 from worker.crypto import Keyring
@@ -99,14 +99,10 @@ def test_the_cli_exports_json_lines_and_csv_and_verifies(settings: Settings) -> 
     assert runner.invoke(cli, ["audit", "--since", "yesterday"], env=env).exit_code == 2
 
 
-def test_verify_exits_9_naming_the_tampered_event(settings: Settings) -> None:
+def test_verify_exits_9_naming_the_tampered_event(settings: Settings, owner_url: str) -> None:
     run_job(settings)
-    with runtime(settings).transaction() as session:
-        if session.bind.dialect.name == "postgresql":  # type: ignore[union-attr]
-            session.execute(text("SET LOCAL session_replication_role = replica"))
-        else:
-            session.execute(text("DROP TRIGGER audit_events_no_update"))
-        session.execute(text("UPDATE audit_events SET actor = 'nobody' WHERE seq = 2"))
+    with as_owner(owner_url) as db:
+        db.execute(text("UPDATE audit_events SET actor = 'nobody' WHERE seq = 2"))
     reset_runtimes()
     result = CliRunner().invoke(cli, ["audit", "verify"], env=settings.to_env())
     assert result.exit_code == EXIT["tampered"] and "event seq 2 was altered" in result.stderr
@@ -144,13 +140,15 @@ def test_purge_erases_phi_and_keeps_the_chain_verifiable(settings: Settings) -> 
     assert integrity.verify_log(settings=settings).ok
 
 
-def test_dropping_old_events_is_explicit_refused_within_retention_and_keeps_the_chain(settings: Settings) -> None:
+def test_dropping_old_events_is_explicit_refused_within_retention_and_keeps_the_chain(
+    owner_settings: Settings, owner_url: str
+) -> None:
     from worker.errors import JobStateConflict
     from worker.maintenance import drop_audit_before
 
     with pytest.raises(JobStateConflict, match="younger than 2190 days"):
-        drop_audit_before(before=utcnow(), settings=settings)
-    short = settings.with_(audit_retention_days=0)
+        drop_audit_before(before=utcnow(), settings=owner_settings)
+    short = owner_settings.with_(audit_retention_days=0)  # only the owner can drop events
     first = run_job(short)
     cutoff = utcnow()
     second = run_job(short, "kept")
@@ -161,22 +159,20 @@ def test_dropping_old_events_is_explicit_refused_within_retention_and_keeps_the_
     report = integrity.verify_log(settings=short)
     assert report.ok, report.problem
     # The base is signed: deleting the next event is still caught.
-    with runtime(short).transaction() as session:
-        if session.bind.dialect.name == "postgresql":  # type: ignore[union-attr]
-            session.execute(text("SET LOCAL session_replication_role = replica"))
-        else:
-            session.execute(text("DROP TRIGGER audit_events_no_delete"))
-        session.execute(text("DELETE FROM audit_events WHERE seq = 5"))
+    with as_owner(owner_url) as db:
+        db.execute(text("DELETE FROM audit_events WHERE seq = 5"))
     problem = integrity.verify_log(settings=short).problem
     assert problem is not None and problem.seq == 5 and "missing" in problem.message
 
 
 @pytest.mark.parametrize("backend", ["postgres"])
-def test_an_event_that_cannot_be_written_takes_its_change_down_with_it(settings: Settings) -> None:
+def test_an_event_that_cannot_be_written_takes_its_change_down_with_it(
+    settings: Settings, owner_settings: Settings
+) -> None:
     # The audit event and the status change are one transaction: make the event's INSERT fail
     # and the job must not have moved either (no change without its event, no event in the background).
     job_id = producer.submit(ASSISTANT, [{"role": "user", "content": "Hi"}], settings=settings)
-    owner = runtime(settings)
+    owner = runtime(owner_settings)  # only the owner can add a trigger
     with owner.transaction() as session:
         session.execute(text("CREATE FUNCTION qbgw_test_refuse() RETURNS trigger AS $$ BEGIN "
                              "RAISE EXCEPTION 'audit store down'; END; $$ LANGUAGE plpgsql"))  # fmt: skip

@@ -87,3 +87,18 @@ def test_workers_wait_for_the_migration_and_the_broker() -> None:
     assert needs["migrate"]["condition"] == "service_completed_successfully"
     assert needs["redis"]["condition"] == "service_healthy"
     assert "container_name" not in SERVICES["worker"], "a fixed name would forbid --scale worker=N"
+
+
+def test_the_migration_runs_as_the_owner_and_grants_the_role_the_workers_connect_as() -> None:
+    def user(env: dict[str, Any]) -> str:
+        return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", env["QBGW_DATABASE_URL"]).split("://")[1].split(":")[0]
+
+    command = SERVICES["migrate"]["command"]
+    app = command[command.index("--app-role") + 1]
+    owner = user(SERVICES["migrate"]["environment"])
+    assert command[1:3] == ["db", "upgrade"] and owner != app
+    assert user(SERVICES["worker"]["environment"]) == user(SERVICES["exporter"]["environment"]) == app
+    init = SERVICES["postgres"]["volumes"][1].split(":")[0]
+    script = (ROOT / init).read_text()
+    assert f'-v owner="${{DB_OWNER:-{owner}}}"' in script and f'-v app="${{DB_APP:-{app}}}"' in script
+    assert "SUPERUSER" not in script  # the owner must not be one
