@@ -11,15 +11,15 @@ import sys
 
 from django.conf import settings
 
-settings.configure(ROOT_URLCONF=__name__, ALLOWED_HOSTS=["localhost", "127.0.0.1", "testserver"],
-                   SECRET_KEY="replace-me", DEBUG=False)  # fmt: skip
+settings.configure(
+    ROOT_URLCONF=__name__, ALLOWED_HOSTS=["localhost", "127.0.0.1", "testserver"], SECRET_KEY="replace-me", DEBUG=False
+)
 
+import qbgw  # noqa: E402
 from django.http import HttpRequest, JsonResponse  # noqa: E402
 from django.urls import path, reverse  # noqa: E402
 from django.views.decorators.csrf import csrf_exempt  # noqa: E402
 from django.views.decorators.http import require_GET, require_POST  # noqa: E402
-
-import qbgw  # noqa: E402
 
 ASSISTANT_ID = "65d5f3473d5d68095462165d"
 #: Built once, from the QBGW_* environment: the same database and broker as the workers.
@@ -55,8 +55,9 @@ def create_job(request: HttpRequest) -> JsonResponse:
     except qbgw.NotAnnounced as exc:  # stored; the sweeper announces it: still accepted
         job_id = exc.job_id
     except (qbgw.StoreUnavailable, qbgw.BrokerUnavailable):
-        return JsonResponse({"error": "the job queue is unavailable; try again"}, status=503,
-                            headers={"Retry-After": "5"})  # fmt: skip
+        return JsonResponse(
+            {"error": "the job queue is unavailable; try again"}, status=503, headers={"Retry-After": "5"}
+        )
     return JsonResponse({"id": job_id}, status=202, headers={"Location": reverse("read_job", args=[job_id])})
 
 
@@ -70,10 +71,19 @@ def read_job(request: HttpRequest, job_id: str) -> JsonResponse:
     except qbgw.JobNotFound:
         return JsonResponse({"error": "no such job"}, status=404)
     except qbgw.StoreUnavailable:
-        return JsonResponse({"error": "the job store is unavailable; try again"}, status=503,
-                            headers={"Retry-After": "5"})  # fmt: skip
-    return JsonResponse({"id": view.id, "status": view.status, "answer": view.answer, "error": view.error,
-                         "error_class": view.error_class, "attempts": view.attempts})  # fmt: skip
+        return JsonResponse(
+            {"error": "the job store is unavailable; try again"}, status=503, headers={"Retry-After": "5"}
+        )
+    return JsonResponse(
+        {
+            "id": view.id,
+            "status": view.status,
+            "answer": view.answer,
+            "error": view.error,
+            "error_class": view.error_class,
+            "attempts": view.attempts,
+        }
+    )
 
 
 urlpatterns = [

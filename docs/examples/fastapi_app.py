@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import qbgw
 from fastapi import FastAPI, Header, HTTPException, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
-
-import qbgw
 
 app = FastAPI()
 ASSISTANT_ID = "65d5f3473d5d68095462165d"
@@ -36,8 +35,14 @@ def current_user() -> str:
 
 def submit(job: JobIn, idempotency_key: str | None) -> str:
     try:
-        return qbgw.submit(ASSISTANT_ID, job.messages, custom_id=job.custom_id, idempotency_key=idempotency_key,
-                           actor=current_user(), settings=SETTINGS)  # fmt: skip
+        return qbgw.submit(
+            ASSISTANT_ID,
+            job.messages,
+            custom_id=job.custom_id,
+            idempotency_key=idempotency_key,
+            actor=current_user(),
+            settings=SETTINGS,
+        )
     except qbgw.InputError as exc:  # names the field, never echoes the text; nothing was stored
         raise HTTPException(422, str(exc)) from None
     except qbgw.NotAnnounced as exc:  # stored; the sweeper announces it: still accepted
@@ -65,15 +70,22 @@ def read_job(job_id: str, response: Response) -> dict[str, Any]:
         raise HTTPException(404, "no such job") from None
     except qbgw.StoreUnavailable:
         raise UNAVAILABLE from None
-    return {"id": view.id, "status": view.status, "answer": view.answer, "error": view.error,
-            "error_class": view.error_class, "attempts": view.attempts}  # fmt: skip
+    return {
+        "id": view.id,
+        "status": view.status,
+        "answer": view.answer,
+        "error": view.error,
+        "error_class": view.error_class,
+        "attempts": view.attempts,
+    }
 
 
 # The same POST as an `async def` endpoint: the synchronous call goes to the threadpool, so the
 # event loop keeps serving other requests while it commits and publishes.
 @app.post("/async/jobs", status_code=202)
-async def create_job_async(job: JobIn, response: Response,
-                           idempotency_key: str | None = Header(None)) -> dict[str, str]:  # fmt: skip
+async def create_job_async(
+    job: JobIn, response: Response, idempotency_key: str | None = Header(None)
+) -> dict[str, str]:
     job_id = await run_in_threadpool(submit, job, idempotency_key)
     response.headers["Location"] = app.url_path_for("read_job", job_id=job_id)
     return {"id": job_id}

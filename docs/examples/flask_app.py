@@ -7,9 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Flask, jsonify, request, url_for
-
 import qbgw
+from flask import Flask, jsonify, request, url_for
 
 app = Flask(__name__)
 ASSISTANT_ID = "65d5f3473d5d68095462165d"
@@ -57,5 +56,11 @@ def read_job(job_id: str) -> Any:
         return jsonify(error="no such job"), 404
     except qbgw.StoreUnavailable:
         return jsonify(error="the job store is unavailable; try again"), 503, {"Retry-After": "5"}
-    return jsonify(id=view.id, status=view.status, answer=view.answer, error=view.error,
-                   error_class=view.error_class, attempts=view.attempts)
+    return jsonify(
+        id=view.id,
+        status=view.status,
+        answer=view.answer,
+        error=view.error,
+        error_class=view.error_class,
+        attempts=view.attempts,
+    )
