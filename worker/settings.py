@@ -203,9 +203,7 @@ class Settings:
             if raw is None or raw == "":
                 continue
             values[f.name] = _parse(f.name, raw, f.type)
-        settings = cls(**values)
-        settings.validate()
-        return settings
+        return cls(**values)
 
     def to_env(self) -> dict[str, str]:
         """The ``QBGW_*`` variables that rebuild these settings in a child process (secrets
@@ -216,11 +214,13 @@ class Settings:
             env[PREFIX + f.name.upper()] = value.reveal() if isinstance(value, Secret) else str(value)
         return env
 
+    def __post_init__(self) -> None:
+        # Every Settings is valid, however it was made: from_env, with_, or the constructor in a caller's code.
+        self.validate()
+
     def with_(self, **changes: Any) -> Settings:
-        """A copy with some fields changed (validated)."""
-        settings = replace(self, **changes)
-        settings.validate()
-        return settings
+        """A copy with some fields changed (validated, as every Settings is)."""
+        return replace(self, **changes)
 
     def validate(self) -> None:
         """Raises ConfigError for out-of-range values."""

@@ -118,3 +118,11 @@ def test_the_request_limit_is_one_documented_setting_that_every_path_is_given() 
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     table = readme[readme.index("## Configuration") : readme.index("### Why a filesystem broker")]
     assert "| `QBGW_MAX_REQUEST_BYTES` |" in table
+
+
+def test_settings_made_by_the_constructor_are_validated_too() -> None:
+    # Not only from_env and with_: a caller's own Settings(...) cannot carry a refused or contradictory value.
+    with pytest.raises(ConfigError, match="gevent is not supported"):
+        Settings(pool="gevent")
+    with pytest.raises(ConfigError, match="VISIBILITY_TIMEOUT"):
+        Settings(visibility_timeout=10.0)
