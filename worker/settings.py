@@ -6,10 +6,13 @@ data directory, so ``qbgw`` runs with no server installed.
 
 from __future__ import annotations
 
+import ast
+import inspect
 import math
 import os
+import textwrap
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,7 @@ from worker.errors import ConfigError
 from worker.imageinfo import MAX_REQUEST_BYTES
 from worker.lifecycle import RetryPolicy
 
-__all__ = ["Secret", "Settings", "PREFIX", "prometheus_multiproc_dir"]
+__all__ = ["Secret", "Settings", "PREFIX", "prometheus_multiproc_dir", "reference", "reference_markdown"]
 
 #: Every setting is read from an environment variable with this prefix.
 PREFIX = "QBGW_"
@@ -79,115 +82,140 @@ class Settings:
     environment.
     """
 
+    # --- Where things are: the data directory, the database, the broker, the gateway ---
     data_dir: Path = field(default_factory=_default_data_dir)
-    #: SQLAlchemy URL; empty means SQLite at ``{data_dir}/qbgw.db``.
+    """Where the embedded database, broker, keyring and anchors live (`$XDG_DATA_HOME/qbgw` when that is set)."""
     database_url: str = ""
-    #: The password ``qbgw db roles --create-role`` gives the application role it creates (or @file); only that
-    #: command reads it.
+    """SQLAlchemy URL; empty means SQLite at `{data_dir}/qbgw.db`."""
     app_role_password: Secret = field(default_factory=lambda: Secret(""))
-    #: Celery broker URL; empty means the filesystem broker under ``{data_dir}/broker``.
+    """The password `qbgw db roles --create-role` gives the application role it creates (or @file); only that command
+    reads it."""
     broker_url: str = ""
+    """Celery broker URL; empty means the filesystem broker under `{data_dir}/broker`."""
     base_url: str = DEFAULT_BASE_URL
+    """The gateway's base URL (a dedicated host for enterprise accounts); requests go to
+    `{base_url}/ai/ai_extensions/ai_gateway`."""
     token: Secret = field(default_factory=lambda: Secret(""))
+    """The `QB-Token` session token, for `QBGW_AUTH=static` (or `@file`)."""
+    # --- Attempts, retries and leases ---
     connect_timeout: float = 5.0
+    """Seconds to connect to the gateway, per attempt."""
     read_timeout: float = 120.0
+    """Seconds to wait for the gateway's answer, per attempt."""
     max_attempts: int = 5
-    #: A job that meets the same unexpected failure in the worker (an exception that is no outcome of an
-    #: attempt: a bug, a payload that cannot be decrypted or sent) this many times in a row fails with it.
+    """Attempts per job, the first included."""
     max_faults: int = 3
+    """A job that meets the same unexpected failure in the worker (an exception that is no outcome of an attempt: a
+    bug, a payload that cannot be decrypted or sent) this many times in a row fails with it."""
     backoff_base: float = 1.0
+    """The first retry's backoff ceiling in seconds, doubled per attempt (full jitter); a `Retry-After` is never
+    undercut."""
     backoff_max: float = 60.0
-    #: No attempt starts later than this many seconds after the job was submitted.
+    """The longest backoff between two attempts, in seconds."""
     retry_deadline: float = 3600.0
-    #: A running job's lease outlives its call by this much; then the sweeper may take it back.
+    """No attempt starts later than this many seconds after the job was submitted."""
     lease_margin: float = 30.0
-    #: Redis re-delivers a message unacknowledged this long; no message is scheduled beyond it.
+    """A running job's lease outlives its call by this much; then the sweeper may take it back."""
     visibility_timeout: float = 3600.0
-    #: Seconds between the sweeps a worker runs in the background (0: none; run `qbgw sweep`).
+    """Redis re-delivers a message unacknowledged this long; no message is scheduled beyond it."""
     sweep_interval: float = 5.0
-    #: Seconds between handing the allocator's free heap back to the OS in each worker (0: never).
-    heap_trim_interval: float = 30.0
-    #: Worker threads per process: about (calls per second) x (upstream latency).
-    concurrency: int = 32
-    pool: str = "threads"
-    #: Database connections each worker process keeps open (0: one per thread, i.e. the concurrency, for
-    #: threads; 1 per prefork child). PostgreSQL must allow workers x this + a few per worker.
-    db_pool_size: int = 0
-    queue: str = "qbgw"
-    #: Batch jobs wait here; workers take interactive jobs first (empty: "<queue>-batch").
-    batch_queue: str = ""
-    #: Who a producer is in the audit trail when the caller names nobody.
-    actor: str = ""
-    #: The smart_chat_assistant_id ``qbgw submit`` uses when none is given.
-    assistant_id: str = ""
-    #: Keys for PHI at rest: "kid1:base64key,kid2:base64key", the first encrypts; empty: the keyring file.
-    encryption_keys: Secret = field(default_factory=lambda: Secret(""))
-    #: The keyring file (rotated by `qbgw keys rotate`); empty: keyring.json in the data directory.
-    keyring_file: str = ""
-    #: Signs the audit chain's anchors (HMAC-SHA256); empty: a key generated in the data directory.
-    anchor_key: Secret = field(default_factory=lambda: Secret(""))
-    #: Where signed chain heads are appended, outside the database; empty: in the data directory.
-    audit_anchor_file: str = ""
-    #: An anchor is written at least every this many audit events ...
-    audit_anchor_events: int = 1000
-    #: ... and at least every this many seconds (by each worker's sweeper), even when idle.
-    audit_anchor_seconds: float = 60.0
-    #: Audit events younger than this many days can never be dropped (HIPAA: six years).
-    audit_retention_days: int = 2190
-    # --- QuickBlox authentication (see worker/auth.py) ---
-    #: How workers get a QB-Token: static (QBGW_TOKEN), application, user, or apikey.
-    auth: str = "static"
-    application_id: str = ""
-    auth_key: str = ""
-    auth_secret: Secret = field(default_factory=lambda: Secret(""))
-    user_login: str = ""
-    user_password: Secret = field(default_factory=lambda: Secret(""))
-    #: A server-side API key, sent as "Authorization: ApiKey ..." (unverified for the AI gateway).
-    api_key: Secret = field(default_factory=lambda: Secret(""))
-    #: A session is renewed this many seconds before the expiry the server announces.
-    session_renew_margin: float = 300.0
-    # --- Images and documents by reference (see worker/images/) ---
-    #: Local folders image and PDF references may point into (os.pathsep-separated); empty: none.
-    image_roots: str = ""
-    #: Fetch https:// images in the worker and send them inline (SSRF-guarded), instead of as URLs.
-    fetch_remote_images: bool = False
-    #: Largest remote image fetched, and how long a fetch may take (seconds).
-    fetch_max_bytes: int = 50 * 1024 * 1024
-    fetch_timeout: float = 20.0
-    #: Largest image in pixels (width x height), against decompression bombs.
-    max_image_pixels: int = 100_000_000
-    #: The most text one request may carry (UTF-8 bytes of its strings, inline data URIs included),
-    #: checked before anything is copied: one 50 MiB image as base64 (66.7 MiB) plus 5.3 MiB of text.
-    max_request_bytes: int = MAX_REQUEST_BYTES
-    #: PDF pages rendered per document, and at what resolution (dots per inch).
-    pdf_max_pages: int = 10
-    pdf_dpi: float = 110.0
-    #: A queued job whose message has not started it after this many seconds is re-announced.
+    """Seconds between the sweeps a worker runs in the background (0: none; run `qbgw sweep`)."""
     sweep_grace: float = 60.0
+    """A queued job whose message has not started it after this many seconds is re-announced."""
+    heap_trim_interval: float = 30.0
+    """Seconds between handing the allocator's free heap back to the OS in each worker (0: never)."""
+    # --- Workers and queues ---
+    concurrency: int = 32
+    """Worker threads per process: about (calls per second) x (upstream latency)."""
+    pool: str = "threads"
+    """The worker pool: `threads` (the default), `prefork` or `solo`; `gevent` is refused (see Performance)."""
+    db_pool_size: int = 0
+    """Database connections each worker process keeps open (0: one per thread, i.e. the concurrency, for threads; 1
+    per prefork child). PostgreSQL must allow workers x this + a few per worker."""
+    queue: str = "qbgw"
+    """The Celery queue for interactive jobs."""
+    batch_queue: str = ""
+    """Batch jobs wait here; workers take interactive jobs first (empty: "<queue>-batch")."""
+    actor: str = ""
+    """Who a producer is in the audit trail when the caller names nobody."""
+    assistant_id: str = ""
+    """The smart_chat_assistant_id `qbgw submit` uses when none is given."""
+    # --- Encryption and the audit trail ---
+    encryption_keys: Secret = field(default_factory=lambda: Secret(""))
+    """Keys for PHI at rest: "kid1:base64key,kid2:base64key", the first encrypts; empty: the keyring file."""
+    keyring_file: str = ""
+    """The keyring file (rotated by `qbgw keys rotate`); empty: keyring.json in the data directory."""
+    anchor_key: Secret = field(default_factory=lambda: Secret(""))
+    """Signs the audit chain's anchors (HMAC-SHA256); empty: a key generated in the data directory."""
+    audit_anchor_file: str = ""
+    """Where signed chain heads are appended, outside the database; empty: in the data directory."""
+    audit_anchor_events: int = 1000
+    """An anchor (the chain head, signed, appended to the anchor file) is written at least every this many audit
+    events."""
+    audit_anchor_seconds: float = 60.0
+    """An anchor is also written at least every this many seconds (by each worker's sweeper), even when idle."""
+    audit_retention_days: int = 2190
+    """Audit events younger than this many days can never be dropped (HIPAA: six years)."""
+    # --- QuickBlox authentication (see worker/auth.py) ---
+    auth: str = "static"
+    """How workers get a QB-Token: static (QBGW_TOKEN), application, user, or apikey."""
+    application_id: str = ""
+    """The QuickBlox application id, for `application` and `user` sessions."""
+    auth_key: str = ""
+    """The application's auth key, for `application` and `user` sessions."""
+    auth_secret: Secret = field(default_factory=lambda: Secret(""))
+    """The application's auth secret (or `@file`), for `application` and `user` sessions."""
+    user_login: str = ""
+    """The user of a `user` session."""
+    user_password: Secret = field(default_factory=lambda: Secret(""))
+    """The password of a `user` session (or `@file`)."""
+    api_key: Secret = field(default_factory=lambda: Secret(""))
+    """A server-side API key, sent as "Authorization: ApiKey ..." (unverified for the AI gateway)."""
+    session_renew_margin: float = 300.0
+    """A session is renewed this many seconds before the expiry the server announces."""
+    # --- Images and documents by reference (see worker/images/) ---
+    image_roots: str = ""
+    """Local folders image and PDF references may point into (os.pathsep-separated); empty: none."""
+    fetch_remote_images: bool = False
+    """Fetch https:// images in the worker and send them inline (SSRF-guarded), instead of as URLs."""
+    fetch_max_bytes: int = 50 * 1024 * 1024
+    """The largest remote image fetched, in bytes."""
+    fetch_timeout: float = 20.0
+    """The longest one remote image fetch may take, in seconds."""
+    max_image_pixels: int = 100_000_000
+    """Largest image in pixels (width x height), against decompression bombs."""
+    max_request_bytes: int = MAX_REQUEST_BYTES
+    """The most text one request may carry (UTF-8 bytes of its strings, inline data URIs included), checked before
+    anything is copied: one 50 MiB image as base64 (66.7 MiB) plus 5.3 MiB of text."""
+    pdf_max_pages: int = 10
+    """The most PDF pages rendered per document (each becomes a PNG image part)."""
+    pdf_dpi: float = 110.0
+    """The resolution PDF pages are rendered at (dots per inch)."""
     # --- One rate limit for the fleet (see worker/ratelimit.py) ---
-    #: Upstream calls per second for every worker together (gateway and session creation); 0: no limit.
     rate_limit: float = 0.0
-    #: Calls that may go at once after a quiet spell; any one-second window holds at most limit + burst - 1.
+    """Upstream calls per second for every worker together (gateway and session creation); 0: no limit."""
     rate_burst: int = 1
-    #: A budget of calls per second for each assistant, under the global one; 0: none.
+    """Calls that may go at once after a quiet spell; any one-second window holds at most limit + burst - 1."""
     rate_limit_per_assistant: float = 0.0
-    #: Budgets for named assistants: "ASSISTANT_ID=CALLS_PER_SECOND,..." (over the per-assistant one).
+    """A budget of calls per second for each assistant, under the global one; 0: none."""
     rate_limit_assistants: str = ""
-    #: The longest a worker thread sleeps for its slot; a job that must wait longer is rescheduled.
+    """Budgets for named assistants: "ASSISTANT_ID=CALLS_PER_SECOND,..." (over the per-assistant one)."""
     rate_max_sleep: float = 1.0
-    #: After a 429 without Retry-After, every worker pauses this long, doubled per 429 in a row ...
+    """The longest a worker thread sleeps for its slot; a job that must wait longer is rescheduled."""
     rate_cooldown: float = 2.0
-    #: ... up to this many seconds.
+    """After a 429 without `Retry-After`, every worker pauses this many seconds, doubled for each 429 in a row (up
+    to `QBGW_RATE_COOLDOWN_MAX`)."""
     rate_cooldown_max: float = 60.0
-    #: The budget's name, shared by every worker that uses it; empty: one per upstream and application.
+    """The longest pause after 429s in a row, in seconds."""
     rate_scope: str = ""
+    """The budget's name, shared by every worker that uses it; empty: one per upstream and application."""
     # --- Operations (see worker/metrics.py, worker/logs.py, worker/health.py) ---
-    #: The port each `qbgw worker` serves Prometheus metrics on (/metrics); 0: no endpoint.
     metrics_port: int = 0
-    #: The address that endpoint (and `qbgw metrics serve`) binds; 0.0.0.0 in a container.
+    """The port each `qbgw worker` serves Prometheus metrics on (/metrics); 0: no endpoint."""
     metrics_host: str = "127.0.0.1"
-    #: Log lines as "json" (one object per line), "text" (for people), or "auto": text on a terminal.
+    """The address that endpoint (and `qbgw metrics serve`) binds; 0.0.0.0 in a container."""
     log_format: str = "auto"
+    """Log lines as "json" (one object per line), "text" (for people), or "auto": text on a terminal."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -355,6 +383,75 @@ class Settings:
         found += [part.partition(":")[2] for part in self.encryption_keys.reveal().split(",")]
         found += [_url_password(url) for url in (self.database_url, self.broker_url)]
         return tuple(sorted({s.strip() for s in found if len(s.strip()) >= 6}, key=len, reverse=True))
+
+
+@dataclass(frozen=True)
+class Documented:
+    """One setting as the configuration reference shows it."""
+
+    variable: str
+    kind: str
+    default: str
+    meaning: str
+    section: str
+
+
+_KINDS = {"str": "text", "int": "integer", "float": "number", "bool": "true/false", "Path": "path",
+          "Secret": "secret (text, or `@file`)"}  # fmt: skip
+
+
+def reference() -> list[Documented]:
+    """Every setting in declaration order: its variable, type, default and meaning (the attribute docstring
+    under its field), and the section it is declared in (a ``# --- Section ---`` comment above it)."""
+    source = inspect.getsource(Settings)
+    tree = ast.parse(textwrap.dedent(source))
+    lines = textwrap.dedent(source).splitlines()
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    defaults = {f.name: f for f in fields(Settings)}
+    found, section, seen_line = [], "General", 0
+    for node, after in zip(body, [*body[1:], None], strict=True):
+        if not isinstance(node, ast.AnnAssign) or not isinstance(node.target, ast.Name):
+            continue
+        for text in lines[seen_line : node.lineno - 1]:
+            if text.strip().startswith("# ---"):
+                section = text.strip().strip("# -").split(" (")[0]
+        seen_line = node.lineno
+        doc = after.value.value if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) else ""
+        name = node.target.id
+        found.append(Documented(PREFIX + name.upper(), _KINDS.get(ast.unparse(node.annotation), "text"),
+                                _shown_default(defaults[name]), " ".join(str(doc).split()), section))  # fmt: skip
+    return found
+
+
+def _shown_default(f: Any) -> str:
+    if f.name == "data_dir":  # from the environment of whoever builds the page: show the documented default
+        return "`~/.local/share/qbgw`"
+    value = f.default_factory() if f.default_factory is not MISSING else f.default
+    if isinstance(value, Secret):
+        value = value.reveal()
+    if isinstance(value, Path):
+        home = str(Path.home())
+        text = str(value)
+        return f"`{'~' + text[len(home):] if text.startswith(home) else text}`"
+    if value == "" or value is None:
+        return "(empty)"
+    if isinstance(value, bool):
+        return "`true`" if value else "`false`"
+    return f"`{value:_}`".replace("_", ",") if isinstance(value, int) and value >= 10_000 else f"`{value}`"
+
+
+def reference_markdown() -> str:
+    """The configuration reference as Markdown tables, one per section (``docs/configuration.md`` holds it; a
+    test fails when they drift)."""
+    out: list[str] = []
+    sections: dict[str, list[Documented]] = {}
+    for item in reference():
+        sections.setdefault(item.section, []).append(item)
+    for section, items in sections.items():
+        out += [f"### {section}", "", "| variable | type | default | meaning |", "|---|---|---|---|"]
+        out += [f"| `{i.variable}` | {i.kind} | {i.default} | {i.meaning.replace('|', '&#124;')} |" for i in items]
+        out.append("")
+    return "\n".join(out)
 
 
 def prometheus_multiproc_dir() -> Path | None:

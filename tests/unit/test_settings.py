@@ -126,3 +126,19 @@ def test_settings_made_by_the_constructor_are_validated_too() -> None:
         Settings(pool="gevent")
     with pytest.raises(ConfigError, match="VISIBILITY_TIMEOUT"):
         Settings(visibility_timeout=10.0)
+
+
+def test_the_configuration_page_is_the_settings_reference_and_every_setting_has_a_meaning() -> None:
+    from tests.conftest import ROOT
+    from worker.settings import reference, reference_markdown
+
+    page = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+    start, end = "<!-- settings reference: generated, do not edit by hand -->\n", "<!-- end of the generated"
+    table = page[page.index(start) + len(start) : page.index(end)].strip()
+    assert table == reference_markdown().strip(), (
+        "docs/configuration.md drifted from qbgw.settings.Settings: regenerate its table with "
+        "qbgw.settings.reference_markdown()"
+    )
+    documented = reference()
+    assert [d.variable for d in documented] == [f"QBGW_{f.upper()}" for f in Settings.__dataclass_fields__]
+    assert all(len(d.meaning) > 15 for d in documented), [d.variable for d in documented if len(d.meaning) <= 15]
