@@ -9,6 +9,7 @@ from typing import Any
 from celery import signals
 
 from worker import logs, metrics
+from worker.broker_guard import guard_redis_channels
 from worker.heap import HeapTrimmer
 from worker.runtime import runtime
 from worker.settings import Settings
@@ -52,6 +53,7 @@ def run_worker(settings: Settings, *, loglevel: str = "INFO") -> None:
     # A receiver of setup_logging tells Celery to leave logging alone: its records go through our handler
     # (and its redacting filter), in our format, in this process and in prefork children.
     signals.setup_logging.connect(_logging_is_configured, weak=False)
+    guard_redis_channels()  # or a Redis restart can stop the worker (see worker/broker_guard.py)
     rt = runtime(settings)
     rt.session_factory  # noqa: B018 - fail now, not at the first job, if the database is not usable
     server = None
