@@ -133,12 +133,17 @@ def events(job_id: str) -> None:
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
 @handled
 def worker(concurrency: int | None, pool: str | None, loglevel: str) -> None:
-    """Run a worker: take jobs from the broker and call the gateway."""
+    """Run a worker: take jobs from the broker and call the gateway.
+
+    Exits 0 after SIGTERM (a warm shutdown), 11 when it stopped abnormally (an error Celery cannot recover
+    from, SIGINT, SIGQUIT), 7 when the settings or the schema are wrong.
+    """
     from worker.service import run_worker
 
     settings = _settings()
     changes = {k: v for k, v in {"concurrency": concurrency, "pool": pool}.items() if v is not None}
-    run_worker(settings.with_(**changes) if changes else settings, loglevel=loglevel)
+    code = run_worker(settings.with_(**changes) if changes else settings, loglevel=loglevel)
+    sys.exit(EXIT["ok"] if code == 0 else EXIT["worker_failed"])
 
 
 @cli.command()

@@ -28,6 +28,9 @@ EXIT = {
     "conflict": 8,
     "tampered": 9,
     "unhealthy": 10,
+    # `qbgw worker` stopped abnormally: an error Celery cannot recover from, or SIGINT/SIGQUIT. A warm
+    # shutdown (SIGTERM) exits 0.
+    "worker_failed": 11,
 }
 
 _EXIT_FOR: list[tuple[type[BaseException], str]] = [

@@ -1,17 +1,22 @@
 """Real worker processes whose dependencies go away and come back: Redis restarted empty under jobs in
-flight."""
+flight, Redis demoted to a replica (an error Celery cannot recover from)."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import redis as redis_lib
+
 from bench.chaos import PrivateRedis
 from tests.conftest import ASSISTANT, wait_until
+from tests.e2e.test_operations import free_port
 from worker import producer
+from worker.clikit import EXIT
 from worker.lifecycle import JobStatus
 from worker.queries import get_job, wait_for_job
 from worker.settings import Settings
@@ -72,3 +77,26 @@ def test_workers_ride_out_redis_restarts_with_jobs_in_flight(
     assert [w.poll() for w in workers] == [None, None]
     for n in range(2):
         assert "Unrecoverable error" not in log_of(tmp_path, n)
+
+
+def test_a_worker_that_dies_of_an_unrecoverable_error_exits_non_zero(
+    embedded_settings: Settings, private_redis: PrivateRedis, worker_process: Callable[..., Any], tmp_path: Path
+) -> None:
+    worker = worker_process(embedded_settings.with_(broker_url=private_redis.url))
+    until(lambda: "ready." in log_of(tmp_path, 0), [worker], tmp_path)
+    # A failover demotes Redis to a replica: the worker's pending BRPOP is answered "UNBLOCKED ... (master ->
+    # replica?)", a broker error Celery does not retry ("Unrecoverable error").
+    client = redis_lib.Redis.from_url(private_redis.url)
+    client.replicaof("127.0.0.1", free_port())
+    client.close()
+    assert worker.wait(timeout=30) == EXIT["worker_failed"]
+    assert "Unrecoverable error" in log_of(tmp_path, 0)
+
+
+def test_a_worker_stopped_by_sigterm_exits_0(
+    embedded_settings: Settings, worker_process: Callable[..., Any], tmp_path: Path
+) -> None:
+    worker = worker_process(embedded_settings)
+    until(lambda: "ready." in log_of(tmp_path, 0), [worker], tmp_path)
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0
