@@ -136,7 +136,8 @@ def worker(concurrency: int | None, pool: str | None, loglevel: str) -> None:
     """Run a worker: take jobs from the broker and call the gateway.
 
     Exits 0 after SIGTERM (a warm shutdown), 11 when it stopped abnormally (an error Celery cannot recover
-    from, SIGINT, SIGQUIT), 7 when the settings or the schema are wrong.
+    from, SIGINT, SIGQUIT), 7 when the settings or the schema are wrong. It waits for the database and the
+    broker while they cannot be reached.
     """
     from worker.service import run_worker
 

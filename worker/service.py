@@ -1,28 +1,36 @@
 """Service: start a Celery worker process for qbgw (``qbgw worker``) and say how it ended.
 
-It keeps kombu's Redis transport from crashing on a broker restart (``worker.broker_guard``), and returns
-the exit code of Celery's worker, which Celery itself drops.
+It waits for the database to be reachable, keeps kombu's Redis transport from crashing on a broker restart
+(``worker.broker_guard``), and returns the exit code of Celery's worker, which Celery itself drops.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from typing import Any
 
 from celery import signals
 
-from worker import logs, metrics
+from worker import logs, metrics, schema
 from worker.broker_guard import guard_redis_channels
+from worker.errors import StoreUnavailable
 from worker.heap import HeapTrimmer
 from worker.runtime import Runtime, runtime
 from worker.settings import Settings
 from worker.sweeper import Sweeper
 
-__all__ = ["run_worker", "worker_argv"]
+__all__ = ["run_worker", "worker_argv", "DB_WAIT_FIRST", "DB_WAIT_MAX"]
 
 
 log = logging.getLogger("qbgw.worker")
+
+#: Seconds between attempts to reach the database at start: doubled after each failure up to the maximum.
+DB_WAIT_FIRST, DB_WAIT_MAX = 1.0, 30.0
+#: How long one of those attempts may take (a host that drops packets would hold a connect for minutes).
+DB_PROBE_TIMEOUT = 5.0
 
 
 def worker_argv(settings: Settings, *, loglevel: str = "INFO", quiet: bool = False) -> list[str]:
@@ -46,13 +54,12 @@ def worker_argv(settings: Settings, *, loglevel: str = "INFO", quiet: bool = Fal
 
 def run_worker(settings: Settings, *, loglevel: str = "INFO") -> int:
     """Run a worker in this process until it is stopped; returns Celery's exit code: 0 after a warm shutdown
-    (SIGTERM), non-zero when Celery stopped on an error it cannot recover from (logged as "Unrecoverable
-    error") or by SIGINT/SIGQUIT.
+    (SIGTERM, or a stop while still waiting for the database), non-zero when Celery stopped on an error it
+    cannot recover from (logged as "Unrecoverable error") or by SIGINT/SIGQUIT.
 
     Raises:
-        StoreUnavailable: the database cannot be reached at start.
-        ConfigError: the database is not migrated (and is not the embedded default), or the metrics port
-            cannot be bound.
+        ConfigError: the database is not migrated (and is not the embedded default), its URL is unusable, or
+            the metrics port cannot be bound.
     """
     log_format = logs.configure(settings, loglevel)
     logging.captureWarnings(True)  # Celery's warnings become log lines too (JSON, filtered)
@@ -61,7 +68,9 @@ def run_worker(settings: Settings, *, loglevel: str = "INFO") -> int:
     signals.setup_logging.connect(_logging_is_configured, weak=False)
     guard_redis_channels()  # or a Redis restart can stop the worker (see worker/broker_guard.py)
     rt = runtime(settings)
-    rt.session_factory  # noqa: B018 - fail now, not at the first job, if the database is not usable
+    if not _wait_for_database(rt):
+        log.info("stopped while waiting for the database")
+        return 0
     return _run(rt, settings, loglevel=loglevel, quiet=log_format == "json")
 
 
@@ -93,6 +102,33 @@ def _run(rt: Runtime, settings: Settings, *, loglevel: str, quiet: bool) -> int:
             sweeper.stop()
         if server is not None:
             server.shutdown()
+
+
+def _wait_for_database(rt: Runtime) -> bool:
+    """Open the database (migrating the embedded default), waiting for it while it cannot be reached, as the
+    broker is waited for; False if SIGTERM or SIGINT came first.
+
+    Raises:
+        ConfigError: the database is not migrated, or its URL is unusable: waiting would not help.
+    """
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        delay = DB_WAIT_FIRST
+        while True:
+            try:
+                # A probe of its own first, on a bounded connect, so that a stop request is heard within seconds.
+                schema.probe(rt.settings.effective_database_url, timeout=DB_PROBE_TIMEOUT)
+                rt.session_factory  # noqa: B018 - fail now, not at the first job, if the database is not usable
+                return not stop.is_set()
+            except StoreUnavailable as exc:
+                log.warning("database unreachable (%s): retrying in %gs", exc, delay)
+            if stop.wait(delay):
+                return False
+            delay = min(delay * 2, DB_WAIT_MAX)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _logging_is_configured(**_: Any) -> None:

@@ -1,20 +1,24 @@
 """Real worker processes whose dependencies go away and come back: Redis restarted empty under jobs in
-flight, Redis demoted to a replica (an error Celery cannot recover from)."""
+flight, Redis demoted to a replica (an error Celery cannot recover from), PostgreSQL not there yet at start."""
 
 from __future__ import annotations
 
 import signal
 import subprocess
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import redis as redis_lib
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 
 from bench.chaos import PrivateRedis
-from tests.conftest import ASSISTANT, wait_until
+from tests.conftest import ASSISTANT, PG_ADMIN_URL, wait_until
 from tests.e2e.test_operations import free_port
+from tests.proxy import Proxy
 from worker import producer
 from worker.clikit import EXIT
 from worker.lifecycle import JobStatus
@@ -100,3 +104,61 @@ def test_a_worker_stopped_by_sigterm_exits_0(
     until(lambda: "ready." in log_of(tmp_path, 0), [worker], tmp_path)
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=30) == 0
+
+
+def through_proxy(settings: Settings) -> tuple[Settings, Proxy]:
+    url = make_url(settings.database_url)
+    proxy = Proxy((url.host or "127.0.0.1", url.port or 5432))
+    return settings.with_(database_url=url.set(port=proxy.port).render_as_string(False)), proxy
+
+
+def test_a_worker_started_while_its_database_is_away_waits_for_it(
+    production_settings: Settings, worker_process: Callable[..., Any], tmp_path: Path
+) -> None:
+    settings, proxy = through_proxy(production_settings)
+    proxy.cut()
+    try:
+        worker = worker_process(settings)
+        until(lambda: "retrying in 2s" in log_of(tmp_path, 0), [worker], tmp_path)  # 1 s, then 2 s: backing off
+        job_id = submit(production_settings, "the database is back")  # the producer reaches it directly
+        assert get_job(job_id, settings=production_settings).status is JobStatus.QUEUED
+        proxy.restore()
+        view = wait_for_job(job_id, timeout=60, settings=production_settings)
+        assert view.status is JobStatus.SUCCEEDED
+        assert worker.poll() is None
+        assert "database unreachable (" in log_of(tmp_path, 0) and "retrying in 1s" in log_of(tmp_path, 0)
+    finally:
+        proxy.close()
+
+
+def test_a_worker_waiting_for_its_database_stops_at_once_on_sigterm(
+    production_settings: Settings, worker_process: Callable[..., Any], tmp_path: Path
+) -> None:
+    settings, proxy = through_proxy(production_settings)
+    proxy.cut()
+    try:
+        worker = worker_process(settings)
+        until(lambda: "database unreachable" in log_of(tmp_path, 0), [worker], tmp_path)
+        started = time.monotonic()
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=10) == 0
+        assert time.monotonic() - started < 3
+    finally:
+        proxy.close()
+
+
+def test_a_worker_on_an_unmigrated_database_exits_7_at_once(
+    production_settings: Settings, worker_process: Callable[..., Any]
+) -> None:
+    name = f"qbgw_empty_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        empty = make_url(production_settings.database_url).set(database=name).render_as_string(False)
+        worker = worker_process(production_settings.with_(database_url=empty))
+        assert worker.wait(timeout=30) == EXIT["config"]
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
