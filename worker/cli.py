@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from worker import cli_audit, cli_auth, cli_batch, cli_ops, errors
-from worker.clikit import EXIT, handled
+from worker.clikit import EXIT, handled, logged
 from worker.clikit import load_settings as _settings
 from worker.settings import Settings
 
@@ -131,7 +131,7 @@ def events(job_id: str) -> None:
 @click.option("--concurrency", "-c", type=int, default=None, help="Threads per process (QBGW_CONCURRENCY).")
 @click.option("--pool", type=click.Choice(["threads", "prefork", "solo", "gevent"]), default=None)
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
-@handled
+@logged
 def worker(concurrency: int | None, pool: str | None, loglevel: str) -> None:
     """Run a worker: take jobs from the broker and call the gateway.
 
@@ -141,7 +141,7 @@ def worker(concurrency: int | None, pool: str | None, loglevel: str) -> None:
     """
     from worker.service import run_worker
 
-    settings = _settings()
+    settings = Settings.from_env()  # a ConfigError is logged (JSON when the log is), like every other error
     changes = {k: v for k, v in {"concurrency": concurrency, "pool": pool}.items() if v is not None}
     code = run_worker(settings.with_(**changes) if changes else settings, loglevel=loglevel)
     sys.exit(EXIT["ok"] if code == 0 else EXIT["worker_failed"])

@@ -1,7 +1,8 @@
 """Service: start a Celery worker process for qbgw (``qbgw worker``) and say how it ended.
 
-It waits for the database to be reachable, keeps kombu's Redis transport from crashing on a broker restart
-(``worker.broker_guard``), and returns the exit code of Celery's worker, which Celery itself drops.
+It waits for the database to be reachable, routes every line the process would print into the log, keeps
+kombu's Redis transport from crashing on a broker restart (``worker.broker_guard``), and returns the exit code
+of Celery's worker, which Celery itself drops.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import signal
 import threading
 from typing import Any
 
+import celery.apps.worker
 from celery import signals
 
 from worker import logs, metrics, schema
@@ -63,15 +65,24 @@ def run_worker(settings: Settings, *, loglevel: str = "INFO") -> int:
     """
     log_format = logs.configure(settings, loglevel)
     logging.captureWarnings(True)  # Celery's warnings become log lines too (JSON, filtered)
+    if log_format == "json":
+        logs.capture_output()
+    # Celery says a few lines (the warm shutdown, a stack dump on SIGUSR1) from its signal handlers, straight to
+    # the file descriptors, past any handler: they go to the log instead.
+    said = logs.SignalSafeLines("celery.apps.worker").start()
+    celery.apps.worker.safe_say = said.say
     # A receiver of setup_logging tells Celery to leave logging alone: its records go through our handler
     # (and its redacting filter), in our format, in this process and in prefork children.
     signals.setup_logging.connect(_logging_is_configured, weak=False)
     guard_redis_channels()  # or a Redis restart can stop the worker (see worker/broker_guard.py)
-    rt = runtime(settings)
-    if not _wait_for_database(rt):
-        log.info("stopped while waiting for the database")
-        return 0
-    return _run(rt, settings, loglevel=loglevel, quiet=log_format == "json")
+    try:
+        rt = runtime(settings)
+        if not _wait_for_database(rt):
+            log.info("stopped while waiting for the database")
+            return 0
+        return _run(rt, settings, loglevel=loglevel, quiet=log_format == "json")
+    finally:
+        said.stop()
 
 
 def _run(rt: Runtime, settings: Settings, *, loglevel: str, quiet: bool) -> int:
