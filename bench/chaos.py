@@ -32,6 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import redis
 from sqlalchemy import create_engine, text
 
 from worker import producer, schema
@@ -138,6 +139,15 @@ class PrivateRedis:
         if self.proc is not None:
             self.proc.kill()
             self.proc.wait()
+            self.proc = None
+
+    def shutdown(self) -> None:
+        """Stop it as an operator would (``SHUTDOWN NOSAVE``): clients see their connections closed."""
+        if self.proc is not None:
+            client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=10)
+            client.shutdown(nosave=True)
+            client.close()
+            self.proc.wait(timeout=10)
             self.proc = None
 
 

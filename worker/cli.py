@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from worker import cli_audit, cli_auth, cli_batch, cli_ops, errors
-from worker.clikit import EXIT, handled
+from worker.clikit import EXIT, handled, logged
 from worker.clikit import load_settings as _settings
 from worker.settings import Settings
 
@@ -132,14 +132,20 @@ def events(job_id: str) -> None:
 @click.option("--concurrency", "-c", type=int, default=None, help="Threads per process (QBGW_CONCURRENCY).")
 @click.option("--pool", type=click.Choice(["threads", "prefork", "solo", "gevent"]), default=None)
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
-@handled
+@logged
 def worker(concurrency: int | None, pool: str | None, loglevel: str) -> None:
-    """Run a worker: take jobs from the broker and call the gateway."""
+    """Run a worker: take jobs from the broker and call the gateway.
+
+    Exits 0 after SIGTERM (a warm shutdown), 11 when it stopped abnormally (an error Celery cannot recover
+    from, SIGINT, SIGQUIT), 7 when the settings or the schema are wrong. It waits for the database and the
+    broker while they cannot be reached.
+    """
     from worker.service import run_worker
 
-    settings = _settings()
+    settings = Settings.from_env()  # a ConfigError is logged (JSON when the log is), like every other error
     changes = {k: v for k, v in {"concurrency": concurrency, "pool": pool}.items() if v is not None}
-    run_worker(settings.with_(**changes) if changes else settings, loglevel=loglevel)
+    code = run_worker(settings.with_(**changes) if changes else settings, loglevel=loglevel)
+    sys.exit(EXIT["ok"] if code == 0 else EXIT["worker_failed"])
 
 
 @cli.command()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -12,7 +13,7 @@ import click
 from worker import errors
 from worker.settings import Settings
 
-__all__ = ["EXIT", "handled", "load_settings"]
+__all__ = ["EXIT", "handled", "logged", "load_settings"]
 
 
 #: Named exit codes.
@@ -28,6 +29,9 @@ EXIT = {
     "conflict": 8,
     "tampered": 9,
     "unhealthy": 10,
+    # `qbgw worker` stopped abnormally: an error Celery cannot recover from, or SIGINT/SIGQUIT. A warm
+    # shutdown (SIGTERM) exits 0.
+    "worker_failed": 11,
 }
 
 _EXIT_FOR: list[tuple[type[BaseException], str]] = [
@@ -47,15 +51,23 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def handled(func: F) -> F:
     """Turn our errors into one line on stderr and their exit code."""
+    return _reporting(func, lambda exc: click.echo(f"qbgw: error: {exc}", err=True))
 
+
+def logged(func: F) -> F:
+    """Like :func:`handled`, for a command whose output is its log (``qbgw worker``): the error is a CRITICAL
+    log record, JSON when the log is, so that nothing but records reaches its streams."""
+    return _reporting(func, lambda exc: logging.getLogger("qbgw").critical("%s", exc))
+
+
+def _reporting(func: F, report: Callable[[BaseException], None]) -> F:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
         except (errors.QbgwError, TimeoutError) as exc:
-            code = next((EXIT[name] for kind, name in _EXIT_FOR if isinstance(exc, kind)), 1)
-            click.echo(f"qbgw: error: {exc}", err=True)
-            sys.exit(code)
+            report(exc)
+            sys.exit(next((EXIT[name] for kind, name in _EXIT_FOR if isinstance(exc, kind)), 1))
 
     return wrapper  # type: ignore[return-value]
 

@@ -1,9 +1,16 @@
-"""End-to-end fixtures: the two stacks every pipeline test runs on."""
+"""End-to-end fixtures: the two stacks every pipeline test runs on, and a Redis of a test's own."""
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 
+from bench.chaos import PrivateRedis
+from tests.conftest import _truncate, base_settings, require_service
+from worker.emulator import Emulator
 from worker.settings import Settings
 
 
@@ -13,3 +20,21 @@ def stack(request: pytest.FixtureRequest) -> Settings:
     name = "embedded_settings" if request.param == "embedded" else "production_settings"
     settings: Settings = request.getfixturevalue(name)
     return settings
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    """A redis-server of this test's own on a free port, keeping nothing on disk: a test may stop it, start it
+    again (empty) or demote it, and the shared Redis other tests use is never touched."""
+    require_service("the redis-server program", shutil.which("redis-server") is not None)
+    server = PrivateRedis(tmp_path)
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def restartable_settings(tmp_path: Path, emu: Emulator, pg_database: str, private_redis: PrivateRedis) -> Settings:
+    """PostgreSQL + the test's own Redis."""
+    _truncate(pg_database)
+    return base_settings(tmp_path, emu).with_(database_url=pg_database, broker_url=private_redis.url)

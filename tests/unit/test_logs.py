@@ -6,11 +6,23 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import signal
+import sys
+import threading
 from collections.abc import Iterator
 
 import pytest
 
-from worker.logs import REDACTED, JsonFormatter, RedactingFilter, TextFormatter, configure
+from worker.logs import (
+    REDACTED,
+    JsonFormatter,
+    RedactingFilter,
+    SignalSafeLines,
+    TextFormatter,
+    capture_output,
+    configure,
+)
 from worker.settings import Secret, Settings
 
 SECRET = "tok-5f1c9e27d3-secret"
@@ -132,3 +144,47 @@ def test_configure_installs_one_filtered_handler_in_the_chosen_format() -> None:
 def test_the_text_format_reads_as_a_line_for_people() -> None:
     record = logging.LogRecord("qbgw.worker", logging.INFO, __file__, 1, "job %s: ok", ("j-1",), None)
     assert TextFormatter().format(record).endswith(" INFO qbgw.worker: job j-1: ok")
+
+
+@pytest.fixture
+def root_records() -> Iterator[list[logging.LogRecord]]:
+    """Every record that reaches the root logger while the test runs."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    root = logging.getLogger()
+    root.addHandler(handler)
+    yield records
+    root.removeHandler(handler)
+
+
+def test_captured_output_becomes_one_record_per_line_and_a_thread_death_one_record(
+    root_records: list[logging.LogRecord],
+) -> None:
+    saved = sys.stdout, sys.stderr, sys.excepthook, threading.excepthook, sys.unraisablehook
+    try:
+        capture_output()
+        print("half a ", end="")
+        print("line\nand another")
+        print("on stderr", file=sys.stderr)
+        thread = threading.Thread(target=lambda: 1 / 0, name="doomed")
+        thread.start()
+        thread.join()
+    finally:
+        sys.stdout, sys.stderr, sys.excepthook, threading.excepthook, sys.unraisablehook = saved
+    said = [(r.name, r.getMessage()) for r in root_records]
+    assert said[:3] == [("py.stdout", "half a line"), ("py.stdout", "and another"), ("py.stderr", "on stderr")]
+    (death,) = [r for r in root_records if r.name == "qbgw"]
+    assert death.getMessage() == "thread doomed died: ZeroDivisionError" and death.exc_info is not None
+
+
+def test_a_line_said_in_a_signal_handler_is_logged_by_a_thread(root_records: list[logging.LogRecord]) -> None:
+    lines = SignalSafeLines("qbgw.test-signal").start()
+    said = "worker: Warm shutdown (MainProcess)"
+    previous = signal.signal(signal.SIGUSR2, lambda *_: lines.say(said, sys.__stdout__))  # safe_say's arguments
+    try:
+        os.kill(os.getpid(), signal.SIGUSR2)
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+        lines.stop()  # logs what is queued first
+    assert [(r.name, r.levelname, r.getMessage()) for r in root_records] == [("qbgw.test-signal", "WARNING", said)]
