@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from bench.chaos import PrivateRedis
-from tests.conftest import _truncate, base_settings, require_service
+from tests.conftest import PgDatabase, _truncate, base_settings, require_service
 from worker.emulator import Emulator
 from worker.settings import Settings
 
@@ -34,7 +34,7 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
 
 
 @pytest.fixture
-def restartable_settings(tmp_path: Path, emu: Emulator, pg_database: str, private_redis: PrivateRedis) -> Settings:
-    """PostgreSQL + the test's own Redis."""
-    _truncate(pg_database)
-    return base_settings(tmp_path, emu).with_(database_url=pg_database, broker_url=private_redis.url)
+def restartable_settings(tmp_path: Path, emu: Emulator, pg: PgDatabase, private_redis: PrivateRedis) -> Settings:
+    """PostgreSQL (as the application role, like every e2e test) + the test's own Redis."""
+    _truncate(pg.admin)
+    return base_settings(tmp_path, emu).with_(database_url=pg.app, broker_url=private_redis.url)
