@@ -145,8 +145,9 @@ class Limiter(Protocol):
         second: 0.0. Else log nothing and return the seconds until one ages out of the window."""
         ...
 
-    def cool_down(self, retry_after: float | None) -> float:
-        """A 429 came back: pause every caller. Returns when the cooldown ends (Unix seconds)."""
+    def cool_down(self, retry_after: float | None, *, fresh: bool = False) -> float:
+        """A 429 came back: pause every caller. Returns when the cooldown ends (Unix seconds). ``fresh``: the
+        caller saw the upstream answer normally since its last 429, so this one starts a new streak."""
         ...
 
     def cooldown_until(self) -> float:
@@ -160,11 +161,11 @@ class _Cooldown:
     def __init__(self, base: float, cap: float) -> None:
         self.base, self.cap = base, cap
 
-    def extend(self, state: State, retry_after: float | None, now: float) -> float:
+    def extend(self, state: State, retry_after: float | None, now: float, fresh: bool = False) -> float:
         cooling = state.get("cooldown", 0.0) > now
         if not cooling:  # 429s answering calls sent before the pause began do not lengthen it
             recent = now - state.get("streak_at", 0.0) < _STREAK_SECONDS
-            state["streak"] = state.get("streak", 0.0) + 1 if recent else 1.0
+            state["streak"] = state.get("streak", 0.0) + 1 if recent and not fresh else 1.0
             state["streak_at"] = now
         until = now + cooldown_length(retry_after, int(state["streak"]), base=self.base, cap=self.cap)
         ends: float = max(state.get("cooldown", 0.0), until)
@@ -190,9 +191,9 @@ class MemoryLimiter:
         with self._lock:
             return _admit_in(self._state, budgets, self._clock())
 
-    def cool_down(self, retry_after: float | None) -> float:
+    def cool_down(self, retry_after: float | None, *, fresh: bool = False) -> float:
         with self._lock:
-            return self._cooldown.extend(self._state, retry_after, self._clock())
+            return self._cooldown.extend(self._state, retry_after, self._clock(), fresh)
 
     def cooldown_until(self) -> float:
         return float(self._state.get("cooldown", 0.0))
@@ -247,9 +248,9 @@ class FileLimiter:
         with self._state() as state:
             return _admit_in(state, budgets, time.time())
 
-    def cool_down(self, retry_after: float | None) -> float:
+    def cool_down(self, retry_after: float | None, *, fresh: bool = False) -> float:
         with self._state() as state:
-            until = self._cooldown.extend(state, retry_after, time.time())
+            until = self._cooldown.extend(state, retry_after, time.time(), fresh)
         self._view.forget()
         return until
 
@@ -378,7 +379,8 @@ return '0'
 """
 
 # KEYS[1]: the cooldown, KEYS[2]: the streak, KEYS[3]: when the streak last grew. ARGV: retry-after
-# ("" = none), base, cap, now ("" = Redis's clock), streak seconds. Returns the cooldown's end.
+# ("" = none), base, cap, now ("" = Redis's clock), streak seconds, fresh ("1": a new streak). Returns the
+# cooldown's end.
 _COOL_DOWN = """
 local now
 if ARGV[4] ~= '' then now = tonumber(ARGV[4]) else
@@ -386,7 +388,7 @@ if ARGV[4] ~= '' then now = tonumber(ARGV[4]) else
 local cooldown = tonumber(redis.call('GET', KEYS[1]) or '0')
 local streak = tonumber(redis.call('GET', KEYS[2]) or '0')
 if cooldown <= now then
-  streak = streak + 1
+  if ARGV[6] == '1' then streak = 1 else streak = streak + 1 end
   redis.call('SET', KEYS[2], streak, 'EX', tonumber(ARGV[5]))
 end
 local pause = tonumber(ARGV[1])
@@ -456,10 +458,10 @@ class RedisLimiter:
             self._complain(exc)
             return 0.0
 
-    def cool_down(self, retry_after: float | None, *, now: float | None = None) -> float:
+    def cool_down(self, retry_after: float | None, *, fresh: bool = False, now: float | None = None) -> float:
         keys = [self._prefix + "cooldown", self._prefix + "streak", self._prefix + "streak_at"]
         args: list[str | int] = ["" if retry_after is None else repr(retry_after), repr(self._base), repr(self._cap),
-                                 "" if now is None else repr(now), _STREAK_SECONDS]  # fmt: skip
+                                 "" if now is None else repr(now), _STREAK_SECONDS, "1" if fresh else "0"]  # fmt: skip
         try:
             until = float(self._cool(keys=keys, args=args))
         except self._errors as exc:

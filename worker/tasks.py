@@ -135,7 +135,9 @@ def _attempt(rt: Runtime, job_id: str, slot_at: float | None, progress: faults.P
         return _release_unsent(rt, claim, sent)
     exchange = sent
     if exchange.status == 429 and isinstance(exchange.error, RateLimited):  # the whole fleet pauses
-        rt.limiter.cool_down(exchange.error.retry_after)
+        rt.limiter.cool_down(exchange.error.retry_after, fresh=_ANSWERS.rate_limited())
+    elif exchange.status is not None:
+        _ANSWERS.answered()
     progress.stage = "recording the outcome"
     exchange = _stale_or_not(rt, exchange)
     decision = _decide(rt, claim, exchange)
@@ -166,6 +168,28 @@ class _Lead:
 
 
 _LEAD = _Lead()
+
+
+class _Answers:
+    """Calls this process saw the upstream answer (with anything but a 429) since its last 429. A 429 after
+    at least FRESH_AFTER of them is news, not the same overload going on: it starts a new cooldown streak
+    instead of doubling the pause (an occasional 429 among hundreds of answers paused the whole fleet for up
+    to QBGW_RATE_COOLDOWN_MAX, 60 s, each time: bench.chaos took 7 minutes instead of half of one)."""
+
+    FRESH_AFTER = 10
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def answered(self) -> None:
+        self.count += 1  # threads may lose an increment: that only delays a fresh streak
+
+    def rate_limited(self) -> bool:
+        fresh, self.count = self.count >= self.FRESH_AFTER, 0
+        return fresh
+
+
+_ANSWERS = _Answers()
 
 
 def _admit(rt: Runtime, job_id: str, slot_at: float | None) -> Outcome | None:

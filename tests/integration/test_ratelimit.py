@@ -35,10 +35,10 @@ def test_the_redis_script_decides_as_the_python_reference(redis_url: str) -> Non
     for step in range(400):
         clock.now += rng.choice([0.0, 0.001, 0.01, 0.05, 0.4])
         budgets = rng.choice([[fleet], [fleet, noisy], [noisy], []])
-        if step % 97 == 50:
-            retry_after = rng.choice([None, 0.5, 2.0])
-            assert redis_limiter.cool_down(retry_after, now=clock.now) == pytest.approx(
-                reference.cool_down(retry_after), abs=1e-5)  # fmt: skip
+        if step % 37 == 20:
+            retry_after, fresh = rng.choice([None, None, 0.5, 2.0]), rng.random() < 0.4
+            assert redis_limiter.cool_down(retry_after, fresh=fresh, now=clock.now) == pytest.approx(
+                reference.cool_down(retry_after, fresh=fresh), abs=1e-5)  # fmt: skip
         horizon, lead = rng.choice([0.05, 0.45, 5.0]), rng.choice([0.0, 0.0, 0.02])
         got = redis_limiter.acquire(budgets, horizon=horizon, lead=lead, now=clock.now)
         want = reference.acquire(budgets, horizon=horizon, lead=lead)
@@ -225,3 +225,27 @@ def test_a_429_to_a_session_creation_pauses_the_fleet(settings: Settings, emu: E
         JobStatus.RETRYING, COOLDOWN, 1, settings.max_attempts + 1)  # fmt: skip
     actions = [e.action for e in job_events(job_id, settings=settings)]
     assert actions[-2:] == ["attempt.request", "attempt.unsent"]
+
+
+def test_a_429_after_answers_starts_a_new_streak_and_one_right_after_a_pause_doubles_it(
+    settings: Settings, emu: Emulator
+) -> None:
+    from worker import tasks
+
+    settings = settings.with_(rate_scope=uuid.uuid4().hex, rate_cooldown=0.3, rate_cooldown_max=10.0)
+    limiter = runtime(settings).limiter
+
+    def pause_after_a_429() -> float:
+        job = _submit(settings, f"[[emulator:fail=429x1]] {uuid.uuid4().hex}")
+        started = time.time()
+        assert run_attempt(runtime(settings), job) is Outcome.RETRYING
+        until = limiter.cooldown_until()
+        time.sleep(max(0.0, until - time.time()) + 0.05)  # the pause ends
+        return until - started
+
+    tasks._ANSWERS.count = 0
+    assert pause_after_a_429() == pytest.approx(0.3, abs=0.1)
+    assert pause_after_a_429() == pytest.approx(0.6, abs=0.1)  # at once after the pause: the overload goes on
+    for n in range(tasks._Answers.FRESH_AFTER):  # then the upstream answers again, many times
+        assert run_attempt(runtime(settings), _submit(settings, f"fine {n}")) is Outcome.SUCCEEDED
+    assert pause_after_a_429() == pytest.approx(0.3, abs=0.1)  # a 429 now is news: a new streak, not 1.2 s

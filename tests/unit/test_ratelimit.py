@@ -136,6 +136,10 @@ def test_without_retry_after_the_cooldown_doubles_only_for_429s_after_it_ended()
     assert limiter.cool_down(None) - clock.now == pytest.approx(5.0, abs=1e-4)  # capped
     clock.now += 120  # a quiet minute forgets the streak
     assert limiter.cool_down(None) - clock.now == pytest.approx(2.0, abs=1e-4)
+    clock.now += 2.5
+    assert limiter.cool_down(None) - clock.now == pytest.approx(4.0, abs=1e-4)
+    clock.now += 4.5  # this 429 came after the caller saw answers again: news, not the same overload
+    assert limiter.cool_down(None, fresh=True) - clock.now == pytest.approx(2.0, abs=1e-4)
     assert cooldown_length(7.0, 9, base=2, cap=5) == 7.0  # the upstream's Retry-After wins
 
 
