@@ -56,12 +56,15 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.expression import ClauseElement, Executable
 
-from worker import audit, db, integrity, schema
-from worker.models import GENESIS, AuditChainHead, AuditEvent
-from worker.queries import AuditFilter, audit_query
-from worker.runtime import Runtime, runtime
-from worker.runtime import reset as reset_runtimes
-from worker.settings import Secret, Settings
+from qbgw.audit import anchors as integrity
+from qbgw.audit import events as audit
+from qbgw.queries import AuditFilter, audit_query
+from qbgw.runtime.context import Runtime
+from qbgw.runtime.locator import reset as reset_runtimes
+from qbgw.runtime.locator import runtime
+from qbgw.settings import Secret, Settings
+from qbgw.store import chain, db, schema
+from qbgw.store.models import GENESIS, AuditChainHead, AuditEvent
 
 PG_ADMIN = os.environ.get("QBGW_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 BATCH = 20_000
@@ -314,7 +317,7 @@ def measure_verify(rt: Runtime, sample: list[dict[str, Any]], events: int, force
     key = integrity.anchor_key(rt.settings)
     figures = VerifyFigures()
     with rt.transaction() as session:
-        report = integrity.verify(session, anchors, key)
+        report = chain.verify(session, anchors, key)
     figures.events, figures.ok, figures.seconds = report.events, report.ok, report.seconds
     figures.problem = report.problem.message if report.problem else ""
     with rt.transaction() as session:

@@ -27,12 +27,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from bench.chaos import PrivateRedis, scratch_database
-from worker import producer
-from worker.batches import submit_batch
-from worker.celery_app import TASK_NAME, publish, publish_many
-from worker.runtime import reset as reset_runtimes
-from worker.runtime import runtime
-from worker.settings import Secret, Settings
+from qbgw import producer
+from qbgw.producer import submit_batch
+from qbgw.runtime.app import TASK_NAME, publish, publish_many
+from qbgw.runtime.locator import reset as reset_runtimes
+from qbgw.runtime.locator import runtime
+from qbgw.settings import Secret, Settings
 
 ASSISTANT = "65d5f3473d5d68095462165d"
 KEYS = Secret("kb:" + "B" * 43 + "=")

@@ -35,13 +35,14 @@ from pathlib import Path
 import redis
 from sqlalchemy import create_engine, text
 
-from worker import producer, schema
-from worker.emulator import Emulator, EmulatorConfig
-from worker.errors import NotAnnounced
-from worker.runtime import reset as reset_runtimes
-from worker.runtime import runtime
-from worker.settings import Secret, Settings
-from worker.store import open_text
+from qbgw import producer
+from qbgw.emulator.server import Emulator, EmulatorConfig
+from qbgw.errors import NotAnnounced
+from qbgw.runtime.locator import reset as reset_runtimes
+from qbgw.runtime.locator import runtime
+from qbgw.settings import Secret, Settings
+from qbgw.store import schema
+from qbgw.store.jobs import open_text
 
 ASSISTANT = "65d5f3473d5d68095462165d"
 TOKEN = "chaos-token"
@@ -178,7 +179,7 @@ class Fleet:
 
     def start(self) -> None:
         with open(self.log_dir / f"worker-{self.started}.log", "wb") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "worker", "worker", "--loglevel", "WARNING"],
+            proc = subprocess.Popen([sys.executable, "-m", "qbgw", "worker", "--loglevel", "WARNING"],
                                     env=self.env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
         self.started += 1
         self.procs.append(proc)

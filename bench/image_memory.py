@@ -18,11 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from worker import producer
-from worker.emulator import Emulator, EmulatorConfig
-from worker.queries import wait_for_job
-from worker.samples import png_bytes, png_rgb
-from worker.settings import Secret, Settings
+from qbgw import producer
+from qbgw.emulator.server import Emulator, EmulatorConfig
+from qbgw.images.samples import png_bytes, png_rgb
+from qbgw.queries import wait_for_job
+from qbgw.settings import Secret, Settings
 
 ASSISTANT = "65d5f3473d5d68095462165d"
 TOKEN = "bench-token"
@@ -55,7 +55,7 @@ def main() -> None:
             settings = Settings(data_dir=folder / "data", base_url=emu.url, token=Secret(TOKEN), image_roots=str(root),
                                 concurrency=1, read_timeout=120)  # fmt: skip
             env = {**os.environ, **settings.to_env()}
-            worker = subprocess.Popen([sys.executable, "-m", "worker", "worker", "-l", "WARNING"], env=env,
+            worker = subprocess.Popen([sys.executable, "-m", "qbgw", "worker", "-l", "WARNING"], env=env,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
             try:
                 _run(settings, worker.pid, root, size)

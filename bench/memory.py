@@ -36,8 +36,8 @@ from bench.throughput import (
     scratch_database,
     wait_until,
 )
-from worker.emulator import Emulator, EmulatorConfig
-from worker.settings import Settings
+from qbgw.emulator.server import Emulator, EmulatorConfig
+from qbgw.settings import Settings
 
 CHECKPOINTS = (100, 1000, 2500, 5000, 10_000)
 

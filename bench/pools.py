@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from bench.throughput import Config, Results, Workers, bench_environment, minimal_burst, pipeline_burst, rss_bytes
-from worker.integrity import verify_log
+from qbgw.admin import verify_log
 
 DEFAULT_VARIANTS = "threads:32,prefork:8,prefork:16,prefork:32"
 

@@ -31,10 +31,11 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, text
 
-from worker import producer, schema
-from worker.emulator import Emulator, EmulatorConfig
-from worker.queries import job_status
-from worker.settings import Secret, Settings
+from qbgw import producer
+from qbgw.emulator.server import Emulator, EmulatorConfig
+from qbgw.queries import job_status
+from qbgw.settings import Secret, Settings
+from qbgw.store import schema
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN = os.environ.get("QBGW_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
@@ -45,7 +46,7 @@ KEYS = "kbench:" + "B" * 43 + "="
 _MEMBER = """
 import json, sys, threading, time
 import requests
-from worker.ratelimit import Budget, RedisLimiter, take_slot
+from qbgw.upstream.ratelimit import Budget, RedisLimiter, take_slot
 url, redis_url, scope = sys.argv[1:4]
 rate, burst, until, threads = float(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6]), int(sys.argv[7])
 limiter = RedisLimiter(redis_url, scope)
@@ -118,7 +119,7 @@ def pipeline_part(args: argparse.Namespace, emu: Emulator, data_dir: Path) -> di
         env = {**os.environ, **settings.to_env()}
         for i in range(args.processes):
             with open(data_dir / f"worker-{i}.log", "wb") as log:
-                procs.append(subprocess.Popen([sys.executable, "-m", "worker", "worker", "--loglevel", "WARNING"],
+                procs.append(subprocess.Popen([sys.executable, "-m", "qbgw", "worker", "--loglevel", "WARNING"],
                                               env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))  # fmt: skip
         jobs = int(args.limit * args.seconds)
         ids = [producer.submit(ASSISTANT, [{"role": "user", "content": f"job {i}"}], settings=settings)
@@ -138,7 +139,7 @@ def pipeline_part(args: argparse.Namespace, emu: Emulator, data_dir: Path) -> di
             proc.terminate()
         for proc in procs:
             proc.wait(timeout=30)
-        from worker import runtime
+        from qbgw.runtime import context as runtime
 
         runtime.reset()
         with admin.connect() as connection:

@@ -66,13 +66,13 @@ from sqlalchemy import Engine, create_engine, func, select, text
 
 from bench import chaos, minimal_app
 from bench.chaos import PrivateRedis
-from worker import producer
-from worker.emulator import GATEWAY_PATH, Emulator, EmulatorConfig
-from worker.lifecycle import TERMINAL, JobStatus
-from worker.models import Job
-from worker.queries import job_status
-from worker.runtime import runtime
-from worker.settings import Secret, Settings
+from qbgw import producer
+from qbgw.emulator.server import GATEWAY_PATH, Emulator, EmulatorConfig
+from qbgw.lifecycle import TERMINAL, JobStatus
+from qbgw.queries import job_status
+from qbgw.runtime.locator import runtime
+from qbgw.settings import Secret, Settings
+from qbgw.store.models import Job
 
 ASSISTANT = "65d5f3473d5d68095462165d"
 TOKEN = "bench-token"
@@ -277,7 +277,7 @@ def qbgw_workers(bench: Bench, settings: Settings, count: int = 1) -> Workers:
         per_process = min(settings.concurrency, PG_CONNECTION_BUDGET // count - 4)
         if per_process < settings.concurrency:
             settings = settings.with_(db_pool_size=per_process)
-    argv = [sys.executable, "-m", "worker", "worker", "--concurrency", str(settings.concurrency),
+    argv = [sys.executable, "-m", "qbgw", "worker", "--concurrency", str(settings.concurrency),
             "--pool", settings.pool, "--loglevel", "WARNING"]  # fmt: skip
     if bench.config.switch_interval is not None:  # a what-if: the same worker, another GIL switch interval
         start = f"import runpy, sys; sys.setswitchinterval({bench.config.switch_interval / 1000!r}); "

@@ -18,10 +18,10 @@ import pytest
 from sqlalchemy import Connection, Engine, create_engine, make_url, text
 from sqlalchemy.exc import DBAPIError
 
-from worker import runtime as runtime_module
-from worker.emulator import Emulator, EmulatorConfig
-from worker.models import GENESIS
-from worker.settings import Secret, Settings
+from qbgw.emulator.server import Emulator, EmulatorConfig
+from qbgw.runtime import locator as runtime_module
+from qbgw.settings import Secret, Settings
+from qbgw.store.models import GENESIS
 
 PG_ADMIN_URL = os.environ.get("QBGW_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("QBGW_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
@@ -121,7 +121,7 @@ def pg() -> Iterator[PgDatabase]:
     on_database = make_url(PG_ADMIN_URL).set(database=name)
     urls = PgDatabase(*(on_database.set(username=user).render_as_string(hide_password=False)
                         for user in (on_database.username, OWNER_ROLE, APP_ROLE)))  # fmt: skip
-    from worker import roles, schema
+    from qbgw.store import roles, schema
 
     schema.upgrade(urls.owner)
     roles.apply(urls.owner, APP_ROLE)
@@ -263,7 +263,7 @@ def worker_process(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[by
         env = {**os.environ, **settings.with_(concurrency=concurrency).to_env()}
         with open(tmp_path / f"worker-{len(started)}.log", "wb") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "worker", "worker", "--loglevel", "INFO"],
+                [sys.executable, "-m", "qbgw", "worker", "--loglevel", "INFO"],
                 env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
             )  # fmt: skip
         started.append(proc)

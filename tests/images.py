@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from worker.samples import PNG_SIGNATURE, data_uri, jpeg_bytes, jpeg_segment, png_bytes, png_header
+from qbgw.images.samples import PNG_SIGNATURE, data_uri, jpeg_bytes, jpeg_segment, png_bytes, png_header
 
 __all__ = ["PNG_SIGNATURE", "data_uri", "jpeg_bytes", "jpeg_segment", "pdf_bytes", "png_bytes", "png_header"]
 

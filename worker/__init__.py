@@ -4,16 +4,25 @@ Producers call :func:`submit` (or :func:`submit_batch` for thousands of jobs) an
 with :func:`get_job` / :func:`wait_for_job` (or :func:`batch_results`); workers run with
 ``qbgw worker``. Settings come from ``QBGW_*`` environment variables, or a
 :class:`Settings` passed as ``settings=``.
+
+The package's folder is ``worker/`` in the repository; it is installed and imported as ``qbgw`` only.
 """
 
 from __future__ import annotations
 
-from worker.audit import AuditRecord
-from worker.auth import AuthReport, check_auth
-from worker.batch_export import BatchResult, batch_results
-from worker.batches import BatchStatus, BatchView, cancel_batch, get_batch, list_batches, submit_batch, wait_for_batch
-from worker.control import cancel, replay
-from worker.errors import (
+if __name__ != "qbgw":  # the repository's folder imported by its own name: a second copy of every module
+    raise ImportError(
+        f"qbgw's package folder was imported as {__name__!r}; import it as qbgw (pip install -e . maps the "
+        "worker/ folder to that name), never as worker"
+    )
+
+from .admin import anchor_now, check_auth, purge_phi, rotate_keys, sweep, verify_log
+from .audit.events import AuditRecord
+from .audit.verify import VerifyReport
+from .batches.export import BatchResult
+from .batches.views import BatchView
+from .control import cancel, cancel_batch, replay
+from .errors import (
     AuthenticationFailed,
     BatchNotFound,
     BrokerUnavailable,
@@ -45,13 +54,26 @@ from worker.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from worker.integrity import VerifyReport, anchor_now, verify_log
-from worker.lifecycle import JobStatus
-from worker.maintenance import purge_phi, rotate_keys
-from worker.producer import submit
-from worker.queries import AuditFilter, JobView, audit_query, failed_jobs, get_job, job_events, job_status, wait_for_job
-from worker.settings import Secret, Settings
-from worker.sweeper import SweepReport, sweep
+from .execution.sweeper import SweepReport
+from .lifecycle import JobStatus
+from .producer import submit, submit_batch
+from .queries import (
+    AuditFilter,
+    JobView,
+    audit_query,
+    batch_results,
+    failed_jobs,
+    get_batch,
+    get_job,
+    job_events,
+    job_status,
+    list_batches,
+    wait_for_batch,
+    wait_for_job,
+)
+from .settings import Secret, Settings
+from .store.batches import BatchStatus
+from .upstream.auth import AuthReport
 
 __version__ = "0.1.0"
 

@@ -1,3 +1,3 @@
-from worker.cli import main
+from .cli.main import main
 
 main()

@@ -1,4 +1,4 @@
-"""Celery's own tools on a qbgw fleet: ``celery -A worker.celery_entry inspect ping`` (or ``status``,
+"""Celery's own tools on a qbgw fleet: ``celery -A qbgw.celery_entry inspect ping`` (or ``status``,
 ``inspect active``, ``flower``). Not imported by qbgw itself: Celery's command line needs a module
 with an app in it, so this one builds the app from the ``QBGW_*`` environment when it is imported.
 A task's name is ``qbgw.run_job`` and its only argument the job id: nothing these tools show is PHI.
@@ -6,9 +6,11 @@ A task's name is ``qbgw.run_job`` and its only argument the job id: nothing thes
 
 from __future__ import annotations
 
-from worker.celery_app import create_celery_app
-from worker.settings import Settings
+from .execution.tasks import register
+from .runtime.app import create_celery_app
+from .settings import Settings
 
 __all__ = ["app"]
 
 app = create_celery_app(Settings.from_env())
+register(app)  # `celery -A qbgw.celery_entry worker` runs it too

@@ -1,15 +1,19 @@
-"""Control: an operator's or producer's changes to existing jobs (cancel, replay), audited."""
+"""Control: an operator's or producer's changes to existing jobs and batches (cancel, replay), audited. Part
+of the facade: each call resolves ``settings`` (the environment when None) into this process's runtime.
+"""
 
 from __future__ import annotations
 
-from worker import store
-from worker.lifecycle import JobStatus
-from worker.models import utcnow
-from worker.producer import announce
-from worker.runtime import runtime
-from worker.settings import Settings
+from .batches import ending
+from .batches.views import BatchView
+from .lifecycle import JobStatus, utcnow
+from .runtime.dispatch import announce
+from .runtime.locator import runtime
+from .settings import Settings
+from .store import jobs as store
+from .store.batches import BatchStatus
 
-__all__ = ["cancel", "replay"]
+__all__ = ["cancel", "replay", "cancel_batch"]
 
 
 def cancel(job_id: str, *, actor: str | None = None, settings: Settings | None = None) -> JobStatus:
@@ -44,3 +48,16 @@ def replay(job_id: str, *, actor: str | None = None, settings: Settings | None =
                                extra_attempts=rt.settings.max_attempts, now=utcnow())  # fmt: skip
     announce(rt, job_id)  # if the broker is down, the job waits in the database for the sweeper
     return attempt
+
+
+def cancel_batch(batch_id: str, *, actor: str | None = None, settings: Settings | None = None) -> BatchView:
+    """Cancel every job of the batch not finished yet (running ones when their attempt ends);
+    finished jobs keep their results. A batch that has ended is left as it is.
+
+    Raises:
+        BatchNotFound: no batch has this id.
+        StoreUnavailable: the database cannot be reached.
+    """
+    rt = runtime(settings)
+    ending.end(rt, batch_id, BatchStatus.CANCELLED, actor or rt.settings.actor or "operator")
+    return ending.current(rt, batch_id)

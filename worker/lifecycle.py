@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from enum import StrEnum
 
-from worker.errors import AuthenticationFailed, GatewayError, InvalidTransition, StaleSession, TransientGatewayError
+from .errors import AuthenticationFailed, GatewayError, InvalidTransition, StaleSession, TransientGatewayError
 
 __all__ = [
     "JobStatus",
@@ -31,6 +32,7 @@ __all__ = [
     "decide",
     "decide_fault",
     "SESSION_GONE",
+    "utcnow",
 ]
 
 
@@ -69,6 +71,11 @@ CLAIMABLE = frozenset({JobStatus.QUEUED, JobStatus.RETRYING})
 
 #: The upstream's words for an expired or unknown session token.
 SESSION_GONE = "Required session does not exist"
+
+
+def utcnow() -> datetime:
+    """Now, aware and in UTC: every time qbgw stores is one of these."""
+    return datetime.now(UTC)
 
 
 def check_transition(current: JobStatus, new: JobStatus) -> None:

@@ -14,8 +14,8 @@ import re
 from collections.abc import Collection, Iterable
 from typing import Any
 
-from worker.errors import InvalidImage, InvalidMessages
-from worker.images.refs import Policy, check
+from .errors import InvalidImage, InvalidMessages
+from .images.refs import Policy, check
 
 __all__ = ["ROLES", "REQUEST_FIELDS", "MAX_KEY", "check_fields", "load_json", "validate_assistant_id",
            "validate_key", "validate_messages", "image_urls"]  # fmt: skip

@@ -1,21 +1,36 @@
-"""Producer: validate, store, then announce. The job row (and its audit event) is committed
-before a message carrying only the job id is published; nothing is stored for bad input.
+"""Producer: the facade's way in. Validate, store, then announce: a job row (and its audit event) is committed
+before a message carrying only the job id is published; nothing is stored for bad input. A batch is every
+line validated first, then stored in chunks.
 """
 
 from __future__ import annotations
 
+import os
 import uuid
+from collections.abc import Iterable
+from dataclasses import replace
+from datetime import timedelta
 from typing import Any
 
-from worker import images, store
-from worker.celery_app import publish
-from worker.errors import BrokerUnavailable, NotAnnounced, StoreUnavailable
-from worker.messages import validate_assistant_id, validate_key, validate_messages
-from worker.models import utcnow
-from worker.runtime import Runtime, runtime
-from worker.settings import Settings
+from .batches import input as batch_input
+from .batches.ending import current
+from .batches.submission import DEFAULT_WINDOW, store_batch
+from .batches.views import BatchView
+from .errors import InvalidMessages, NotAnnounced, StoreUnavailable
+from .images.resolve import policy
+from .lifecycle import utcnow
+from .messages import validate_assistant_id, validate_key, validate_messages
+from .runtime.context import Runtime
+from .runtime.dispatch import announce, check_broker
+from .runtime.locator import runtime
+from .settings import Settings
+from .store import jobs as store
+from .store.reads import status_of
 
-__all__ = ["submit", "check_broker"]
+__all__ = ["submit", "submit_batch", "check_broker", "Source"]
+
+#: What ``submit_batch`` takes: a JSON Lines file's path ('-': stdin), or lines (JSON texts or parsed objects).
+Source = str | os.PathLike[str] | Iterable[str | dict[str, Any]]
 
 
 def submit(
@@ -49,7 +64,7 @@ def submit(
     new = store.NewJob(
         id=str(uuid.uuid4()),
         assistant_id=validate_assistant_id(assistant_id),
-        messages=validate_messages(messages, images.policy(rt.settings)),
+        messages=validate_messages(messages, policy(rt.settings)),
         custom_id=_optional_key("custom_id", custom_id),
         idempotency_key=_optional_key("idempotency_key", idempotency_key),
         actor=actor or rt.settings.actor or "producer",
@@ -65,27 +80,6 @@ def submit(
     return job_id
 
 
-def announce(rt: Runtime, job_id: str, *, countdown: float | None = None, slot_at: float | None = None,
-             batch_id: str | None = None) -> str | None:  # fmt: skip
-    """Publish the job's message; if the broker fails, mark the job for the sweeper instead.
-
-    Returns None when published, else the broker error's class name (the job is safe: the next
-    sweep publishes it, or the sweep grace does if the database is away too).
-    """
-    try:
-        queue = rt.settings.queue_for(in_batch=batch_id is not None)
-        publish(rt.celery, job_id, countdown=countdown, slot_at=slot_at, queue=queue)
-        return None
-    except Exception as exc:  # kombu's errors differ per transport
-        failure = type(exc).__name__
-    try:
-        with rt.transaction() as session:
-            store.mark_unannounced(session=session, job_ids=[job_id])
-    except StoreUnavailable:
-        pass
-    return failure
-
-
 def _store(rt: Runtime, new: store.NewJob) -> tuple[str, bool]:
     for _ in range(3):
         try:
@@ -97,37 +91,48 @@ def _store(rt: Runtime, new: store.NewJob) -> tuple[str, bool]:
 
 
 def _still_queued(rt: Runtime, job_id: str) -> bool:
-    from worker.queries import job_status
-
     # A replayed key re-rings the doorbell for a job still waiting: harmless if the first
     # message is alive (the claim makes duplicates no-ops), and it recovers a lost one.
-    return job_status(job_id, settings=rt.settings) == "queued"
+    with rt.transaction() as session:
+        return status_of(session, job_id) == "queued"
 
 
-def check_broker(rt: Runtime) -> None:
-    """Raises BrokerUnavailable unless a message could be published right now."""
-    if rt.settings.is_embedded_broker:
-        folder = rt.settings.broker_dir / "queue"
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            probe = folder / ".probe"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as exc:
-            raise BrokerUnavailable(f"embedded broker folder {folder} is not writable: {exc.strerror}") from exc
-        return
-    try:
-        with rt.celery.connection_for_write() as connection:
-            connection.ensure_connection(max_retries=1, timeout=rt.settings.connect_timeout)
-    except Exception as exc:  # kombu raises OperationalError, transports their own
-        raise BrokerUnavailable(f"broker {_describe(rt.settings.effective_broker_url)} unreachable: {exc}") from exc
+def submit_batch(
+    source: Source,
+    *,
+    assistant_id: str | None = None,
+    window: timedelta | float = DEFAULT_WINDOW,
+    skip_invalid: bool = False,
+    actor: str | None = None,
+    settings: Settings | None = None,
+) -> BatchView:
+    """Validate every line, store the batch's jobs and queue them; returns the batch.
+
+    ``source`` is a JSON Lines file's path ('-': stdin), or lines (JSON texts or parsed objects).
+    A line without an assistant id uses ``assistant_id`` (default QBGW_ASSISTANT_ID). The batch
+    expires ``window`` (a timedelta or seconds) after submission. Jobs whose messages could not
+    be published are stored anyway; the sweeper publishes them.
+
+    Raises:
+        InvalidBatch: a line is invalid (unless ``skip_invalid``: then it is skipped and named in
+            ``problems``), or no line is valid; nothing was stored.
+        InvalidMessages: ``window`` is not positive.
+        StoreUnavailable: the database cannot be reached.
+    """
+    rt = runtime(settings)
+    span = window if isinstance(window, timedelta) else timedelta(seconds=window)
+    if span <= timedelta(0):
+        raise InvalidMessages("window: must be positive")
+    default = assistant_id or rt.settings.assistant_id or None
+    raw = batch_input.read_lines(source) if isinstance(source, str | os.PathLike) else source
+    parsed = batch_input.parse_lines(raw, default_assistant=default, policy=policy(rt.settings),
+                                     skip_invalid=skip_invalid)  # fmt: skip
+    batch_id = store_batch(rt, parsed, assistant_id=default, window=span,
+                           actor=actor or rt.settings.actor or "producer")  # fmt: skip
+    return replace(current(rt, batch_id), problems=tuple(parsed.problems))
 
 
 def _optional_key(name: str, value: object) -> str | None:
     return None if value is None else validate_key(name, value)
 
 
-def _describe(url: str) -> str:
-    from kombu.utils.url import maybe_sanitize_url
-
-    return str(maybe_sanitize_url(url))

@@ -1,79 +1,28 @@
-"""Queries: the read side. Jobs and audit events as frozen values, never ORM rows.
-
-Every read of PHI (a job's answer or error text) and every audit query is itself audited,
-with the reader's name, in the same transaction as the read.
+"""Queries: the read side of the facade. A job's status and result, its audit trail, failed jobs, audit
+queries, batches and their results, as frozen values; every read of PHI and every audit query is itself
+audited with the reader's name. Each call resolves ``settings`` (the environment when None) into this
+process's runtime.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
-from datetime import datetime
-from typing import Any
+from collections.abc import Callable
 
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from .audit.events import AuditRecord
+from .batches import ending, export
+from .batches.export import BatchResult
+from .batches.views import BatchView, settled
+from .lifecycle import TERMINAL, JobStatus
+from .runtime.context import Runtime
+from .runtime.locator import runtime
+from .settings import Settings
+from .store import batches as batch_store
+from .store import reads
+from .store.reads import AuditFilter, JobView
 
-from worker import audit
-from worker.batch_store import BatchStatus
-from worker.errors import JobNotFound
-from worker.lifecycle import TERMINAL, JobStatus
-from worker.models import AuditEvent, Batch, Job, utcnow
-from worker.runtime import Runtime, runtime
-from worker.settings import Settings
-from worker.store import open_text
-
-__all__ = [
-    "JobView",
-    "AuditFilter",
-    "FleetSnapshot",
-    "get_job",
-    "wait_for_job",
-    "job_events",
-    "failed_jobs",
-    "audit_query",
-    "fleet_snapshot",
-    "key_ids_in_use",
-]
-
-
-@dataclass(frozen=True)
-class JobView:
-    """A job as a producer sees it."""
-
-    id: str
-    status: JobStatus
-    assistant_id: str
-    custom_id: str | None
-    idempotency_key: str | None
-    actor: str
-    attempts: int
-    max_attempts: int
-    answer: str | None
-    error: str | None
-    error_class: str | None
-    http_status: int | None
-    created_at: datetime
-    started_at: datetime | None
-    last_attempt_at: datetime | None
-    next_attempt_at: datetime | None
-    finished_at: datetime | None
-    #: Why the job waits for ``next_attempt_at`` when no attempt failed: "rate limit" (the fleet's budget
-    #: is spent) or "cooldown after HTTP 429"; None otherwise.
-    throttled: str | None = None
-
-    @property
-    def done(self) -> bool:
-        """True once the job is succeeded, failed or cancelled: nothing will change it."""
-        return self.status in TERMINAL
-
-    def as_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        for key, value in data.items():
-            if isinstance(value, datetime):
-                data[key] = value.isoformat()
-        data["status"] = str(self.status)
-        return data
+__all__ = ["JobView", "AuditFilter", "get_job", "job_status", "wait_for_job", "job_events", "failed_jobs",
+           "audit_query", "get_batch", "list_batches", "wait_for_batch", "batch_results"]
 
 
 def _reader(rt: Runtime, reader: str | None) -> str:
@@ -90,18 +39,7 @@ def get_job(job_id: str, *, reader: str | None = None, settings: Settings | None
     """
     rt = runtime(settings)
     with rt.transaction() as session:
-        job = session.get(Job, job_id)
-        if job is None:
-            raise JobNotFound(job_id)
-        return _read(session, job, _reader(rt, reader))
-
-
-def _read(session: Session, job: Job, reader: str) -> JobView:
-    view = _view(session, job)
-    if view.answer is not None or view.error is not None:
-        audit.record(session=session, action=audit.Action.RESULT_READ, job_id=job.id, actor=reader,
-                     assistant_id=job.assistant_id, outcome=str(view.status))  # fmt: skip
-    return view
+        return reads.read_job(session, job_id, _reader(rt, reader))
 
 
 def job_status(job_id: str, *, settings: Settings | None = None) -> JobStatus:
@@ -109,12 +47,10 @@ def job_status(job_id: str, *, settings: Settings | None = None) -> JobStatus:
 
     Raises:
         JobNotFound: no job has this id.
+        StoreUnavailable: the database cannot be reached.
     """
     with runtime(settings).transaction() as session:
-        status = session.scalar(select(Job.status).where(Job.id == job_id))
-        if status is None:
-            raise JobNotFound(job_id)
-        return JobStatus(status)
+        return reads.status_of(session, job_id)
 
 
 def wait_for_job(
@@ -125,11 +61,13 @@ def wait_for_job(
     reader: str | None = None,
     settings: Settings | None = None,
 ) -> JobView:
-    """Block until the job is finished (or ``timeout`` seconds pass) and return its state.
+    """Block until the job is finished (or ``timeout`` seconds pass) and return its state. Blocks: never call
+    it in a web request handler.
 
     Raises:
         JobNotFound: no job has this id.
         TimeoutError: ``timeout`` passed first.
+        StoreUnavailable: the database cannot be reached.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
     delay = poll
@@ -142,160 +80,108 @@ def wait_for_job(
 
 
 def failed_jobs(*, limit: int = 100, reader: str | None = None, settings: Settings | None = None) -> list[JobView]:
-    """Failed jobs, most recent first, with their reasons (the dead-letter view; each read is audited)."""
+    """Failed jobs, most recent first, with their reasons (the dead-letter view; each read is audited).
+
+    Raises:
+        StoreUnavailable: the database cannot be reached.
+    """
     rt = runtime(settings)
     with rt.transaction() as session:
-        rows = session.scalars(
-            select(Job).where(Job.status == JobStatus.FAILED).order_by(Job.finished_at.desc()).limit(limit)
-        )
-        who = _reader(rt, reader)
-        return [_read(session, job, who) for job in rows]
-
-
-@dataclass(frozen=True)
-class FleetSnapshot:
-    """Counts for the metrics exporter: no job ids, no PHI."""
-
-    #: Every status, with 0 for the ones no job has.
-    by_status: dict[str, int]
-    #: How long the longest-waiting job has waited for a worker (queued since, or its retry due since).
-    oldest_waiting_seconds: float
-    #: Batches still validating or in progress.
-    open_batches: int
-
-
-def fleet_snapshot(*, settings: Settings | None = None) -> FleetSnapshot:
-    """Jobs by status and the oldest wait, in three indexed queries (not audited: no PHI is read).
-
-    Raises:
-        StoreUnavailable: the database cannot be reached.
-    """
-    now = utcnow()
-    with runtime(settings).transaction() as session:
-        counts = {status: n for status, n in session.execute(select(Job.status, func.count()).group_by(Job.status))}
-        # A queued job's updated_at is when it was queued (submitted, or replayed).
-        queued = session.scalar(select(func.min(Job.updated_at)).where(Job.status == JobStatus.QUEUED))
-        due = session.scalar(select(func.min(Job.next_attempt_at))
-                             .where(Job.status == JobStatus.RETRYING, Job.next_attempt_at <= now))  # fmt: skip
-        open_batches = Batch.status.in_((BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS))
-        batches = session.scalar(select(func.count()).select_from(Batch).where(open_batches))
-    since = min((t for t in (queued, due) if t is not None), default=now)
-    return FleetSnapshot(
-        by_status={str(s): int(counts.get(str(s), 0)) for s in JobStatus},
-        oldest_waiting_seconds=max(0.0, (now - since).total_seconds()),
-        open_batches=int(batches or 0),
-    )
-
-
-def key_ids_in_use(url: str, *, timeout: float) -> set[str]:
-    """The ids of the keys that encrypt the newest job and the oldest unfinished one (what a worker will need
-    next), on a connection of its own, for a health check; nothing is decrypted.
-
-    Raises:
-        StoreUnavailable: the database cannot be reached.
-    """
-    from worker import db
-    from worker.crypto import Keyring
-
-    engine = db.make_engine(url, connect_timeout=timeout)
-    unfinished = Job.status.in_((JobStatus.QUEUED, JobStatus.RETRYING, JobStatus.RUNNING))
-    try:
-        with db.session_scope(db.make_session_factory(engine)) as session:
-            newest = session.scalar(select(Job.payload).where(Job.payload.is_not(None))
-                                    .order_by(Job.created_at.desc()).limit(1))  # fmt: skip
-            waiting = session.scalar(select(Job.payload).where(unfinished, Job.payload.is_not(None))
-                                     .order_by(Job.created_at).limit(1))  # fmt: skip
-    finally:
-        engine.dispose()
-    return {Keyring.key_id_of(stored) for stored in (newest, waiting) if stored}
-
-
-@dataclass(frozen=True)
-class AuditFilter:
-    """What an audit query selects; every field is optional. Times are aware datetimes."""
-
-    job_id: str | None = None
-    batch_id: str | None = None
-    assistant_id: str | None = None
-    actor: str | None = None
-    action: str | None = None
-    outcome: str | None = None
-    since: datetime | None = None
-    until: datetime | None = None
-    limit: int = 1000
-
-    def where(self) -> list[Any]:
-        columns = ("job_id", "batch_id", "assistant_id", "actor", "action", "outcome")
-        clauses: list[Any] = [getattr(AuditEvent, c) == getattr(self, c) for c in columns if getattr(self, c)]
-        if self.since is not None:
-            clauses.append(AuditEvent.occurred_at >= self.since)
-        if self.until is not None:
-            clauses.append(AuditEvent.occurred_at < self.until)
-        return clauses
-
-    def describe(self) -> dict[str, Any]:
-        return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in asdict(self).items() if v is not None}
+        return reads.failed(session, limit=limit, reader=_reader(rt, reader))
 
 
 def audit_query(
-    query: AuditFilter = AuditFilter(),
+    query: AuditFilter | None = None,
     *,
     export: bool = False,
     reader: str | None = None,
     settings: Settings | None = None,
-) -> list[audit.AuditRecord]:
-    """Audit events matching ``query``, oldest first. The query is itself audited
-    (``audit.exported`` when ``export``), after the events it returns."""
+) -> list[AuditRecord]:
+    """Audit events matching ``query`` (None: every event, up to the filter's default limit), oldest first.
+    The query is itself audited (``audit.exported`` when ``export``), after the events it returns.
+
+    Raises:
+        StoreUnavailable: the database cannot be reached.
+    """
     rt = runtime(settings)
     with rt.transaction() as session:
-        rows = session.scalars(select(AuditEvent).where(*query.where()).order_by(AuditEvent.seq).limit(query.limit))
-        found = [audit.to_record(row) for row in rows]
-        action = audit.Action.AUDIT_EXPORTED if export else audit.Action.AUDIT_QUERIED
-        audit.record(session=session, action=action, job_id=None, actor=_reader(rt, reader),
-                     detail={"filter": query.describe(), "events": len(found)})  # fmt: skip
-        return found
+        return reads.query_audit(session, query or AuditFilter(), export=export, reader=_reader(rt, reader))
 
 
 def job_events(
     job_id: str, *, include_reads: bool = False, reader: str | None = None, settings: Settings | None = None
-) -> list[audit.AuditRecord]:
-    """The job's audit trail, oldest first: what happened to it (and, with ``include_reads``,
-    who read it). The query is audited.
+) -> list[AuditRecord]:
+    """The job's audit trail, oldest first: what happened to it (and, with ``include_reads``, who read it).
+    The query is audited.
 
     Raises:
         JobNotFound: no job has this id.
+        StoreUnavailable: the database cannot be reached.
     """
     rt = runtime(settings)
     with rt.transaction() as session:
-        if session.get(Job, job_id) is None:
-            raise JobNotFound(job_id)
-        events = audit.events_for_job(session=session, job_id=job_id)
-        audit.record(session=session, action=audit.Action.AUDIT_QUERIED, job_id=None, actor=_reader(rt, reader),
-                     detail={"filter": {"job_id": job_id}, "events": len(events)})  # fmt: skip
-    return events if include_reads else [e for e in events if e.action not in audit.READS]
+        return reads.job_trail(session, job_id, reader=_reader(rt, reader), include_reads=include_reads)
 
 
-_WAITING = frozenset({JobStatus.QUEUED, JobStatus.RETRYING})
+def get_batch(batch_id: str, *, settings: Settings | None = None) -> BatchView:
+    """The batch's status and counts (no PHI is read). A batch past its window is expired now.
+
+    Raises:
+        BatchNotFound: no batch has this id.
+        StoreUnavailable: the database cannot be reached.
+    """
+    return ending.current(runtime(settings), batch_id)
 
 
-def _view(session: Session, job: Job) -> JobView:
-    return JobView(
-        id=job.id,
-        status=JobStatus(job.status),
-        assistant_id=job.assistant_id,
-        custom_id=job.custom_id,
-        idempotency_key=job.idempotency_key,
-        actor=job.actor,
-        attempts=job.attempts,
-        max_attempts=job.max_attempts,
-        answer=open_text(session, "answer", job.id, job.answer),
-        error=open_text(session, "error", job.id, job.error),
-        error_class=job.error_class,
-        http_status=job.http_status,
-        created_at=job.created_at,
-        started_at=job.started_at,
-        last_attempt_at=job.last_attempt_at,
-        next_attempt_at=job.next_attempt_at,
-        finished_at=job.finished_at,
-        throttled=job.throttle_reason if job.status in _WAITING else None,
-    )
+def list_batches(*, limit: int = 50, settings: Settings | None = None) -> list[BatchView]:
+    """The most recent batches first, with their counts.
+
+    Raises:
+        StoreUnavailable: the database cannot be reached.
+    """
+    with runtime(settings).transaction() as session:
+        return settled(session, batch_store.recent(session=session, limit=limit))
+
+
+def wait_for_batch(
+    batch_id: str,
+    *,
+    timeout: float | None = None,
+    poll: float = 0.5,
+    on_progress: Callable[[BatchView], None] | None = None,
+    settings: Settings | None = None,
+) -> BatchView:
+    """Block until the batch is done (``timeout`` seconds at most); ``on_progress`` is called with each view
+    polled.
+
+    Raises:
+        BatchNotFound: no batch has this id.
+        TimeoutError: ``timeout`` passed first.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        view = get_batch(batch_id, settings=settings)
+        if on_progress is not None:
+            on_progress(view)
+        if view.done:
+            return view
+        if deadline is not None and time.monotonic() >= deadline:
+            raise TimeoutError(f"batch {batch_id} is still {view.summary} after {timeout:g}s")
+        time.sleep(poll if deadline is None else max(0.0, min(poll, deadline - time.monotonic())))
+
+
+def batch_results(
+    batch_id: str, *, failed_only: bool = False, reader: str | None = None, settings: Settings | None = None
+) -> list[BatchResult]:
+    """Every job of the batch sorted by custom_id, finished or not (partial results of a running, cancelled or
+    expired batch included); with ``failed_only``, the failed and cancelled jobs with their messages. The read
+    is audited: one ``result.read`` per job, one ``batch.exported``.
+
+    Raises:
+        BatchNotFound: no batch has this id.
+        StoreUnavailable: the database cannot be reached.
+        DecryptionFailed: a stored value was moved or altered, or its key is gone.
+    """
+    rt = runtime(settings)
+    with rt.transaction() as session:
+        return export.results(session, batch_id, failed_only=failed_only, reader=_reader(rt, reader))

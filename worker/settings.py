@@ -17,14 +17,21 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from worker.errors import ConfigError
-from worker.imageinfo import MAX_REQUEST_BYTES
-from worker.lifecycle import RetryPolicy
+from .errors import ConfigError
+from .lifecycle import RetryPolicy
 
-__all__ = ["Secret", "Settings", "PREFIX", "prometheus_multiproc_dir", "reference", "reference_markdown"]
+__all__ = ["Secret", "Settings", "PREFIX", "prometheus_multiproc_dir", "reference", "reference_markdown",
+           "parse_assistant_rates", "MAX_IMAGE_BYTES", "MAX_REQUEST_BYTES"]
 
 #: Every setting is read from an environment variable with this prefix.
 PREFIX = "QBGW_"
+
+# The gateway doc says "Max image size: 50MB"; we read MB as MiB, the larger of the two readings, and
+# leave the stricter check to the gateway.
+MAX_IMAGE_BYTES = 50 * 1024 * 1024
+#: The default limit of one request's text (QBGW_MAX_REQUEST_BYTES): one image at the gateway's limit
+#: inline, as base64 (4/3 x 50 MiB = 66.7 MiB), plus 5.3 MiB for the conversation's text.
+MAX_REQUEST_BYTES = 72 * 1024 * 1024
 
 DEFAULT_BASE_URL = "https://api.quickblox.com"
 
@@ -328,8 +335,6 @@ class Settings:
     @cached_property
     def assistant_rates(self) -> Mapping[str, float]:
         """QBGW_RATE_LIMIT_ASSISTANTS parsed (raises ValueError naming a bad entry)."""
-        from worker.ratelimit import parse_assistant_rates
-
         return parse_assistant_rates(self.rate_limit_assistants)
 
     @property
@@ -459,6 +464,21 @@ def prometheus_multiproc_dir() -> Path | None:
     whether it will): set, every process writes its metrics to files there, aggregated at a scrape."""
     value = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     return Path(value) if value else None
+
+
+def parse_assistant_rates(raw: str) -> Mapping[str, float]:
+    """``"id1=10,id2=2.5"`` → {id: calls per second}. Raises ValueError naming the bad entry."""
+    rates: dict[str, float] = {}
+    for entry in filter(None, (part.strip() for part in raw.split(","))):
+        name, sep, value = entry.partition("=")
+        try:
+            rate = float(value) if sep and name.strip() else -1.0
+        except ValueError:
+            rate = -1.0
+        if rate < 0 or not math.isfinite(rate):
+            raise ValueError(f"{entry!r} is not ASSISTANT_ID=CALLS_PER_SECOND (a number >= 0)")
+        rates[name.strip()] = rate
+    return rates
 
 
 def _url_password(url: str) -> str:

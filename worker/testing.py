@@ -31,13 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from worker import runtime as runtimes
-from worker import store
-from worker.emulator import Emulator, EmulatorConfig
-from worker.models import utcnow
-from worker.runtime import runtime
-from worker.settings import PREFIX, Secret, Settings
-from worker.tasks import run_attempt
+from .emulator.server import Emulator, EmulatorConfig
+from .execution.tasks import run_attempt
+from .lifecycle import utcnow
+from .runtime import locator as runtimes
+from .runtime.locator import runtime
+from .settings import PREFIX, Secret, Settings
+from .store import jobs as store
 
 __all__ = ["Harness", "harness", "ASSISTANT_ID"]
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from bench.chaos import PrivateRedis
+from qbgw.emulator.server import Emulator
+from qbgw.settings import Settings
 from tests.conftest import PgDatabase, _truncate, base_settings, require_service
-from worker.emulator import Emulator
-from worker.settings import Settings
 
 
 @pytest.fixture(params=["embedded", "redis+postgres"])

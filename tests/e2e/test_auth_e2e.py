@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
+from qbgw import producer
+from qbgw.emulator.server import Emulator, EmulatorConfig
+from qbgw.lifecycle import JobStatus
+from qbgw.queries import job_events, wait_for_job
+from qbgw.settings import Secret, Settings
 from tests.conftest import ASSISTANT
-from worker import producer
-from worker.emulator import Emulator, EmulatorConfig
-from worker.lifecycle import JobStatus
-from worker.queries import job_events, wait_for_job
-from worker.settings import Secret, Settings
 
 APP = EmulatorConfig()
 

@@ -8,11 +8,12 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from qbgw.batches import export as batch_export
+from qbgw.producer import submit_batch
+from qbgw.queries import batch_results, wait_for_batch
+from qbgw.settings import Settings
+from qbgw.store.batches import BatchStatus
 from tests.conftest import ASSISTANT
-from worker import batch_export
-from worker.batch_store import BatchStatus
-from worker.batches import submit_batch, wait_for_batch
-from worker.settings import Settings
 
 FAILING = (7, 23, 41)
 
@@ -33,7 +34,7 @@ def test_a_50_job_batch_completes_with_its_failures_reported(
     assert done.summary == "completed with 3 failures (47 succeeded)" and not done.all_succeeded
     assert seen == sorted(seen) and seen[-1] == 50
     out = io.StringIO()
-    batch_export.write_jsonl(batch_export.batch_results(view.id, settings=stack), out)
+    batch_export.write_jsonl(batch_results(view.id, settings=stack), out)
     rows = {row["custom_id"]: row for row in map(json.loads, out.getvalue().splitlines())}
     assert {c for c, r in rows.items() if r["status"] == "failed"} == {f"q-{i:02d}" for i in FAILING}
     assert 'you said "Batch question 12"' in rows["q-12"]["answer"]

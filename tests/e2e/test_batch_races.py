@@ -13,13 +13,14 @@ from typing import Any
 
 from sqlalchemy import select
 
-from worker.batch_store import BatchStatus
-from worker.batches import cancel_batch, get_batch, submit_batch
-from worker.emulator import Emulator
-from worker.models import AuditEvent
-from worker.queries import AuditFilter, audit_query
-from worker.runtime import runtime
-from worker.settings import Settings
+from qbgw.control import cancel_batch
+from qbgw.emulator.server import Emulator
+from qbgw.producer import submit_batch
+from qbgw.queries import AuditFilter, audit_query, get_batch
+from qbgw.runtime.locator import runtime
+from qbgw.settings import Settings
+from qbgw.store.batches import BatchStatus
+from qbgw.store.models import AuditEvent
 
 
 def lines(n: int, prefix: str) -> list[str]:

@@ -18,15 +18,18 @@ from click.testing import CliRunner
 from prometheus_client import generate_latest
 from sqlalchemy import create_engine, inspect, text
 
+from qbgw import producer
+from qbgw.cli.main import cli
+from qbgw.errors import IdempotencyConflict, InvalidMessages, JobNotFound, QbgwError
+from qbgw.lifecycle import JobStatus
+from qbgw.ops import metrics
+from qbgw.ops.exporter import FleetCollector
+from qbgw.queries import failed_jobs, get_job, job_events, wait_for_job
+from qbgw.runtime import locator as runtime_module
+from qbgw.runtime.locator import runtime
+from qbgw.settings import Settings
 from tests.conftest import ASSISTANT, TOKEN
 from tests.e2e.test_operations import free_port
-from worker import metrics, producer
-from worker import runtime as runtime_module
-from worker.cli import cli
-from worker.errors import IdempotencyConflict, InvalidMessages, JobNotFound, QbgwError
-from worker.lifecycle import JobStatus
-from worker.queries import failed_jobs, get_job, job_events, wait_for_job
-from worker.settings import Settings
 
 CANARIES = ("Wilhelmina-Zbrovsky", "DOB-1907-03-31", "MRN-88812077")
 PHI = f"Patient {CANARIES[0]}, {CANARIES[1]}, record {CANARIES[2]}, complains of dizziness"
@@ -110,7 +113,9 @@ def test_no_phi_or_token_reaches_any_sink(
         "redis keyspace": _redis_dump(redis_url),
         "worker log": worker_log,
         "worker metrics": requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text,
-        "exporter metrics": generate_latest(metrics.registry_for(fleet=settings, workers=False)).decode(),
+        "exporter metrics": generate_latest(
+            metrics.registry_for(fleet=FleetCollector(runtime(settings)), workers=False)
+        ).decode(),
         "qbgw health": health.output,
         "producer log": caplog.text,
         "database plaintext": _database_dump(settings.database_url),

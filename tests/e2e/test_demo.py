@@ -14,7 +14,7 @@ def test_the_demo_prints_answers_from_a_separate_worker_process(tmp_path: Path) 
     env = {k: v for k, v in os.environ.items() if not k.startswith("QBGW_")}
     env["QBGW_DATA_DIR"] = str(tmp_path / "qbgw")
     done = subprocess.run(
-        [sys.executable, "-m", "worker", "demo"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=180
+        [sys.executable, "-m", "qbgw", "demo"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=180
     )
     assert done.returncode == 0, done.stderr
     out = done.stdout

@@ -7,13 +7,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from qbgw import producer
+from qbgw.lifecycle import TERMINAL, JobStatus
+from qbgw.queries import get_job, job_events, wait_for_job
+from qbgw.runtime.locator import runtime
+from qbgw.settings import Settings
 from tests.conftest import ASSISTANT, wait_until
 from tests.integration.test_faults import store_unchecked, tamper_payload
-from worker import producer
-from worker.lifecycle import TERMINAL, JobStatus
-from worker.queries import get_job, job_events, wait_for_job
-from worker.runtime import runtime
-from worker.settings import Settings
 
 
 def test_jobs_that_cannot_be_sent_end_failed_and_the_worker_goes_on(

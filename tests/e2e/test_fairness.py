@@ -7,14 +7,14 @@ from typing import Any
 
 from sqlalchemy import func, select
 
+from qbgw import producer
+from qbgw.lifecycle import TERMINAL, JobStatus
+from qbgw.producer import submit_batch
+from qbgw.queries import wait_for_job
+from qbgw.runtime.locator import runtime
+from qbgw.settings import Settings
+from qbgw.store.models import Job
 from tests.conftest import ASSISTANT
-from worker import producer
-from worker.batches import submit_batch
-from worker.lifecycle import TERMINAL, JobStatus
-from worker.models import Job
-from worker.queries import wait_for_job
-from worker.runtime import runtime
-from worker.settings import Settings
 
 BATCH = 60
 

@@ -7,12 +7,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from qbgw import producer
+from qbgw.lifecycle import JobStatus
+from qbgw.queries import wait_for_job
+from qbgw.settings import Settings
 from tests.conftest import ASSISTANT
 from tests.images import jpeg_bytes, pdf_bytes, png_bytes
-from worker import producer
-from worker.lifecycle import JobStatus
-from worker.queries import wait_for_job
-from worker.settings import Settings
 
 
 def image(url: str) -> dict[str, Any]:

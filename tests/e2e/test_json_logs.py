@@ -10,11 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from qbgw import producer
+from qbgw.lifecycle import JobStatus
+from qbgw.queries import wait_for_job
+from qbgw.settings import Settings
 from tests.conftest import ASSISTANT, ROOT, wait_until
-from worker import producer
-from worker.lifecycle import JobStatus
-from worker.queries import wait_for_job
-from worker.settings import Settings
 
 
 def not_json(path: Path) -> list[str]:
@@ -40,7 +40,7 @@ def test_every_line_on_stdout_and_stderr_is_json_from_start_to_warm_shutdown(
     out, err = tmp_path / "stdout", tmp_path / "stderr"
     with out.open("wb") as stdout, err.open("wb") as stderr:
         worker = subprocess.Popen(
-            [sys.executable, "-m", "worker", "worker", "--loglevel", "INFO"],
+            [sys.executable, "-m", "qbgw", "worker", "--loglevel", "INFO"],
             env={**os.environ, **settings.to_env()}, stdout=stdout, stderr=stderr, cwd=ROOT,
         )  # fmt: skip
     try:

@@ -17,13 +17,13 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-import worker.metrics  # noqa: F401 - prometheus_client picks its value store at import: before any setenv below
+import qbgw.ops.metrics  # noqa: F401 - prometheus_client picks its value store at import: before any setenv below
+from qbgw import producer
+from qbgw.emulator.server import Emulator
+from qbgw.lifecycle import JobStatus
+from qbgw.queries import wait_for_job
+from qbgw.settings import Settings
 from tests.conftest import ASSISTANT, ROOT, wait_until
-from worker import producer
-from worker.emulator import Emulator
-from worker.lifecycle import JobStatus
-from worker.queries import wait_for_job
-from worker.settings import Settings
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -82,7 +82,7 @@ def test_the_worker_endpoint_counts_a_handful_of_jobs_and_the_exporter_agrees(
     assert emu.stats()["requests"] == 6
 
     exporter_port = free_port()
-    exporter = subprocess.Popen([sys.executable, "-m", "worker", "metrics", "serve", "--port", str(exporter_port)],
+    exporter = subprocess.Popen([sys.executable, "-m", "qbgw", "metrics", "serve", "--port", str(exporter_port)],
                                 env={**os.environ, **settings.to_env()}, cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
@@ -123,7 +123,7 @@ def test_celery_inspect_finds_the_worker_and_shows_only_the_task_name(
     env = {**os.environ, **production_settings.to_env()}
 
     def celery(*args: str) -> str:
-        command = [sys.executable, "-m", "celery", "-A", "worker.celery_entry", *args, "--timeout", "5"]
+        command = [sys.executable, "-m", "celery", "-A", "qbgw.celery_entry", *args, "--timeout", "5"]
         done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
         return done.stdout
 

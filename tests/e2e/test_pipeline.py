@@ -6,15 +6,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from qbgw import producer
+from qbgw.emulator.server import Emulator
+from qbgw.lifecycle import JobStatus
+from qbgw.queries import job_events, wait_for_job
+from qbgw.runtime.app import publish
+from qbgw.runtime.locator import runtime
+from qbgw.settings import Settings
 from tests.conftest import ASSISTANT, TOKEN
 from tests.images import data_uri, jpeg_bytes, png_bytes
-from worker import producer
-from worker.celery_app import publish
-from worker.emulator import Emulator
-from worker.lifecycle import JobStatus
-from worker.queries import job_events, wait_for_job
-from worker.runtime import runtime
-from worker.settings import Settings
 
 
 def submit(settings: Settings, content: Any) -> str:

@@ -7,14 +7,14 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from qbgw import producer
+from qbgw.emulator.server import Emulator
+from qbgw.lifecycle import JobStatus
+from qbgw.queries import job_events, wait_for_job
+from qbgw.settings import Settings
+from qbgw.upstream.ratelimit import COOLDOWN
 from tests.conftest import ASSISTANT, wait_until
 from tests.unit.test_ratelimit import worst_window
-from worker import producer
-from worker.emulator import Emulator
-from worker.lifecycle import JobStatus
-from worker.queries import job_events, wait_for_job
-from worker.ratelimit import COOLDOWN
-from worker.settings import Settings
 
 Start = Callable[..., Any]
 

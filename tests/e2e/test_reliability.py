@@ -8,12 +8,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from qbgw import control, producer
+from qbgw.emulator.server import Emulator
+from qbgw.lifecycle import JobStatus
+from qbgw.queries import get_job, job_events, wait_for_job
+from qbgw.settings import Settings
 from tests.conftest import ASSISTANT, wait_until
-from worker import control, producer
-from worker.emulator import Emulator
-from worker.lifecycle import JobStatus
-from worker.queries import get_job, job_events, wait_for_job
-from worker.settings import Settings
 
 
 def submit(settings: Settings, text: str) -> str:
@@ -127,7 +127,7 @@ def test_a_worker_that_loses_its_database_keeps_the_message_and_finishes_later(
 def test_an_idle_worker_still_signs_anchors_every_t_seconds(
     stack: Settings, worker_process: Callable[..., Any]
 ) -> None:
-    from worker.integrity import read_anchors
+    from qbgw.audit.anchors import read_anchors
 
     settings = stack.with_(audit_anchor_seconds=1.0)
     worker_process(settings)

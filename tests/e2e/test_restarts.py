@@ -16,14 +16,14 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from bench.chaos import PrivateRedis
+from qbgw import producer
+from qbgw.cli.kit import EXIT
+from qbgw.lifecycle import JobStatus
+from qbgw.queries import get_job, wait_for_job
+from qbgw.settings import Settings
 from tests.conftest import ASSISTANT, PG_ADMIN_URL, wait_until
 from tests.e2e.test_operations import free_port
 from tests.proxy import Proxy
-from worker import producer
-from worker.clikit import EXIT
-from worker.lifecycle import JobStatus
-from worker.queries import get_job, wait_for_job
-from worker.settings import Settings
 
 #: Redis restarts in one run. Without worker/broker_guard.py the first one already stopped a worker in 4 runs
 #: of 4; it takes the connection loss being noticed on the remote-control socket before the pending BRPOP,

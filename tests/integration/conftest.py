@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from worker.emulator import Emulator, EmulatorConfig
+from qbgw.emulator.server import Emulator, EmulatorConfig
 
 #: Every field of the default configuration, to restore after a test reconfigured it.
 DEFAULTS = {f.name: getattr(EmulatorConfig(), f.name) for f in dataclasses.fields(EmulatorConfig)}

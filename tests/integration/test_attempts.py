@@ -7,14 +7,14 @@ import time
 
 import pytest
 
+from qbgw import producer
+from qbgw.emulator.server import Emulator
+from qbgw.execution.tasks import Outcome, run_attempt
+from qbgw.lifecycle import JobStatus
+from qbgw.queries import get_job, job_events
+from qbgw.runtime.locator import runtime
+from qbgw.settings import Settings
 from tests.conftest import ASSISTANT
-from worker import producer
-from worker.emulator import Emulator
-from worker.lifecycle import JobStatus
-from worker.queries import get_job, job_events
-from worker.runtime import runtime
-from worker.settings import Settings
-from worker.tasks import Outcome, run_attempt
 
 
 def submit(settings: Settings, text: str) -> str:

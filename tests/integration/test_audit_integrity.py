@@ -12,12 +12,15 @@ from sqlalchemy import create_engine, insert, select, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
+from qbgw import admin, producer
+from qbgw.audit import anchors as integrity
+from qbgw.audit import events as audit
+from qbgw.execution.tasks import run_attempt
+from qbgw.runtime.locator import runtime
+from qbgw.settings import Settings
+from qbgw.store import chain
+from qbgw.store.models import AuditChainHead, AuditEvent
 from tests.conftest import ASSISTANT, as_owner
-from worker import audit, integrity, producer
-from worker.models import AuditChainHead, AuditEvent
-from worker.runtime import runtime
-from worker.settings import Settings
-from worker.tasks import run_attempt
 
 JOBS = 6
 
@@ -29,18 +32,18 @@ def logged(settings: Settings) -> Settings:
         job_id = producer.submit(ASSISTANT, [{"role": "user", "content": f"job {n}"}], settings=settings)
         run_attempt(runtime(settings), job_id)
     with runtime(settings).transaction() as session:
-        integrity.write_anchor(settings, *integrity.head(session))
+        integrity.write_anchor(settings, *chain.head(session))
     return settings
 
 
 def check(settings: Settings) -> integrity.VerifyReport:
     with runtime(settings).transaction() as session:
-        return integrity.verify(session, integrity.read_anchors(settings.anchor_path), integrity.anchor_key(settings))
+        return chain.verify(session, integrity.read_anchors(settings.anchor_path), integrity.anchor_key(settings))
 
 
 def last_seq(settings: Settings) -> int:
     with runtime(settings).transaction() as session:
-        return integrity.head(session)[0]
+        return chain.head(session)[0]
 
 
 def row(connection: Connection, seq: int) -> dict[str, Any]:
@@ -179,9 +182,9 @@ def test_postgres_seals_in_the_commit_itself(logged: Settings) -> None:
     with runtime(logged).transaction() as session:
         _note(session, "first")
         _note(session, "second")
-        staged = audit.seal_at_commit(session)
-        assert isinstance(staged, audit.Staged) and staged.sealed is None  # nothing sent yet
-    assert staged.sealed == audit.Sealed(before + 1, before + 2, integrity.head_hash(logged))
+        staged = chain.seal_at_commit(session)
+        assert isinstance(staged, chain.Staged) and staged.sealed is None  # nothing sent yet
+    assert staged.sealed == audit.Sealed(before + 1, before + 2, admin.head_hash(logged))
     assert check(logged).ok
 
 
@@ -190,7 +193,7 @@ def test_staged_events_of_a_rolled_back_transaction_are_never_sealed(logged: Set
     before = last_seq(logged)
     with pytest.raises(RuntimeError), runtime(logged).transaction() as session:
         _note(session, "rolled-back")
-        audit.seal_at_commit(session)
+        chain.seal_at_commit(session)
         raise RuntimeError("the change fails")
     with runtime(logged).transaction() as session:  # the same pooled connection, most likely
         _note(session, "kept")

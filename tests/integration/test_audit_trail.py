@@ -12,18 +12,22 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import text, update
 
+from qbgw import admin, producer, queries
+from qbgw.admin import count_by_key, purge_phi, rotate_keys
+from qbgw.audit import anchors as integrity
+from qbgw.audit import events as audit
+from qbgw.audit.crypto import Keyring
+from qbgw.cli.main import EXIT, cli
+from qbgw.errors import DecryptionFailed
+from qbgw.execution.tasks import run_attempt
+from qbgw.lifecycle import utcnow
+from qbgw.queries import AuditFilter, audit_query, get_job, job_events
+from qbgw.runtime.locator import reset as reset_runtimes
+from qbgw.runtime.locator import runtime
+from qbgw.settings import Secret, Settings
+from qbgw.store import chain
+from qbgw.store.models import Job
 from tests.conftest import ASSISTANT, TOKEN, as_owner
-from worker import audit, integrity, producer, queries
-from worker.cli import EXIT, cli
-from worker.crypto import Keyring
-from worker.errors import DecryptionFailed
-from worker.maintenance import count_by_key, purge_phi, rotate_keys
-from worker.models import Job, utcnow
-from worker.queries import AuditFilter, audit_query, get_job, job_events
-from worker.runtime import reset as reset_runtimes
-from worker.runtime import runtime
-from worker.settings import Secret, Settings
-from worker.tasks import run_attempt
 
 PHI = "Patient Quorra Vantablack-Essien reports chest pain"
 
@@ -136,15 +140,15 @@ def test_purge_erases_phi_and_keeps_the_chain_verifiable(settings: Settings) -> 
         assert row is not None and row.payload is None and row.purged_at is not None
     assert [e.action for e in job_events(old, settings=settings)][-1] == "job.purged"
     with runtime(settings).transaction() as session:
-        integrity.write_anchor(settings, *integrity.head(session))
-    assert integrity.verify_log(settings=settings).ok
+        integrity.write_anchor(settings, *chain.head(session))
+    assert admin.verify_log(settings=settings).ok
 
 
 def test_dropping_old_events_is_explicit_refused_within_retention_and_keeps_the_chain(
     owner_settings: Settings, owner_url: str
 ) -> None:
-    from worker.errors import JobStateConflict
-    from worker.maintenance import drop_audit_before
+    from qbgw.admin import drop_audit_before
+    from qbgw.errors import JobStateConflict
 
     with pytest.raises(JobStateConflict, match="younger than 2190 days"):
         drop_audit_before(before=utcnow(), settings=owner_settings)
@@ -156,12 +160,12 @@ def test_dropping_old_events_is_explicit_refused_within_retention_and_keeps_the_
     assert dropped.events == 4 and dropped.through_seq == 4
     assert job_events(first, settings=short) == []  # the job stays; its old events are gone
     assert len(job_events(second, settings=short)) == 4
-    report = integrity.verify_log(settings=short)
+    report = admin.verify_log(settings=short)
     assert report.ok, report.problem
     # The base is signed: deleting the next event is still caught.
     with as_owner(owner_url) as db:
         db.execute(text("DELETE FROM audit_events WHERE seq = 5"))
-    problem = integrity.verify_log(settings=short).problem
+    problem = admin.verify_log(settings=short).problem
     assert problem is not None and problem.seq == 5 and "missing" in problem.message
 
 

@@ -14,15 +14,15 @@ import pytest
 import requests
 from click.testing import CliRunner, Result
 
+from qbgw.audit.crypto import Keyring
+from qbgw.cli.main import EXIT, cli
+from qbgw.emulator.server import Emulator, EmulatorConfig
+from qbgw.errors import AuthenticationFailed, UpstreamRejected
+from qbgw.settings import Secret, Settings
+from qbgw.upstream import auth
+from qbgw.upstream.gateway import GatewayClient, encode_request
+from qbgw.upstream.sessions import FileCache, MemoryCache, RedisCache, SessionCache
 from tests.conftest import ASSISTANT, TEST_KEYS
-from worker import auth
-from worker.cli import EXIT, cli
-from worker.crypto import Keyring
-from worker.emulator import Emulator, EmulatorConfig
-from worker.errors import AuthenticationFailed, UpstreamRejected
-from worker.gateway import GatewayClient, encode_request
-from worker.session_cache import FileCache, MemoryCache, RedisCache, SessionCache
-from worker.settings import Secret, Settings
 
 APP = EmulatorConfig()
 KEYRING = Keyring.from_spec(TEST_KEYS)
@@ -278,7 +278,7 @@ def shared_caches(where: str, settings: Settings, tmp_path: Path, request: pytes
 def test_a_renewal_by_one_process_reaches_the_others_before_their_next_send(
     em: Emulator, tmp_path: Path, where: str, request: pytest.FixtureRequest
 ) -> None:
-    from worker.session_cache import REDIS_CHECK_SECONDS
+    from qbgw.upstream.sessions import REDIS_CHECK_SECONDS
 
     settings = app_settings(em, tmp_path)
     cache = shared_caches(where, settings, tmp_path, request)
@@ -311,6 +311,6 @@ def test_a_401_on_a_token_another_process_replaced_takes_the_shared_one_without_
 
 
 def test_a_static_token_or_an_api_key_is_never_superseded() -> None:
-    from worker.gateway import StaticToken
+    from qbgw.upstream.gateway import StaticToken
 
     assert not StaticToken(Secret("t")).superseded() and not auth.ApiKeyToken(Secret("k")).superseded()

@@ -13,18 +13,21 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
+from qbgw.admin import sweep
+from qbgw.audit import events as audit
+from qbgw.batches import export as batch_export
+from qbgw.control import cancel_batch
+from qbgw.errors import BatchNotFound, InvalidBatch
+from qbgw.execution.tasks import run_attempt
+from qbgw.lifecycle import JobStatus, utcnow
+from qbgw.producer import submit_batch
+from qbgw.queries import AuditFilter, audit_query, batch_results, get_batch, get_job, list_batches, wait_for_batch
+from qbgw.runtime.locator import runtime
+from qbgw.settings import Settings
+from qbgw.store import jobs as store
+from qbgw.store.batches import BatchStatus
+from qbgw.store.models import AuditEvent, Batch, Job
 from tests.conftest import ASSISTANT
-from worker import audit, batch_export, store
-from worker.batch_store import BatchStatus
-from worker.batches import cancel_batch, get_batch, list_batches, submit_batch, wait_for_batch
-from worker.errors import BatchNotFound, InvalidBatch
-from worker.lifecycle import JobStatus
-from worker.models import AuditEvent, Batch, Job, utcnow
-from worker.queries import AuditFilter, audit_query, get_job
-from worker.runtime import runtime
-from worker.settings import Settings
-from worker.sweeper import sweep
-from worker.tasks import run_attempt
 
 
 def lines(n: int, *, fail: tuple[int, ...] = (), prefix: str = "row") -> list[str]:
@@ -150,7 +153,7 @@ def test_expiry_cancels_unfinished_jobs_and_keeps_finished_results(settings: Set
     expired = get_batch(view.id, settings=settings)
     assert expired.status is BatchStatus.EXPIRED and expired.done and expired.expired_at is not None
     assert (expired.succeeded, expired.cancelled) == (1, 3)
-    results = {r.custom_id: r for r in batch_export.batch_results(view.id, settings=settings)}
+    results = {r.custom_id: r for r in batch_results(view.id, settings=settings)}
     assert results["row-000"].answer is not None and results["row-000"].status is JobStatus.SUCCEEDED
     assert results["row-001"].error_class == "Expired" and "completion window" in (results["row-001"].error or "")
     events = audit_query(AuditFilter(batch_id=view.id, actor="batch-expiry"), settings=settings)
@@ -173,7 +176,7 @@ def test_a_completed_batch_past_its_window_stays_completed(settings: Settings) -
 
 def export(settings: Settings, batch_id: str, writer: Any, **kwargs: Any) -> str:
     out = io.StringIO()
-    writer(batch_export.batch_results(batch_id, settings=settings, **kwargs), out)
+    writer(batch_results(batch_id, settings=settings, **kwargs), out)
     return out.getvalue()
 
 
@@ -199,7 +202,7 @@ def test_export_jsonl_csv_and_failed_only_round_trip(settings: Settings) -> None
 def test_exporting_is_an_audited_read_of_each_job(settings: Settings) -> None:
     view = submit_batch(lines(3, fail=(0,)), assistant_id=ASSISTANT, settings=settings)
     run(settings, view.id, ["row-000", "row-001"])
-    batch_export.batch_results(view.id, reader="auditor-jane", settings=settings)
+    batch_results(view.id, reader="auditor-jane", settings=settings)
     reads = audit_query(AuditFilter(batch_id=view.id, actor="auditor-jane"), settings=settings)
     # Two jobs carry PHI (an error, an answer); the third has nothing to read yet.
     assert [e.action for e in reads] == ["result.read", "result.read", "batch.exported"]
@@ -208,7 +211,7 @@ def test_exporting_is_an_audited_read_of_each_job(settings: Settings) -> None:
 
 
 def test_an_unknown_batch_is_not_found(settings: Settings) -> None:
-    for call in (get_batch, cancel_batch, batch_export.batch_results):
+    for call in (get_batch, cancel_batch, batch_results):
         with pytest.raises(BatchNotFound, match="no such batch: nope"):
             call("nope", settings=settings)
 
@@ -243,8 +246,8 @@ def test_wait_for_batch_returns_when_done_and_times_out_otherwise(settings: Sett
 def test_a_batch_jobs_retry_and_redispatch_go_back_to_the_batch_queue(embedded_settings: Settings) -> None:
     """Fairness holds past the first message: a batch job's retry, and the sweeper's re-publish of it,
     wait in the batch queue, not in front of interactive jobs."""
-    from worker.celery_app import backlog
-    from worker.tasks import Outcome, run_attempt
+    from qbgw.execution.tasks import Outcome, run_attempt
+    from qbgw.runtime.app import backlog
 
     settings = embedded_settings
     line = {"custom_id": "x", "smart_chat_assistant_id": ASSISTANT,
@@ -252,7 +255,7 @@ def test_a_batch_jobs_retry_and_redispatch_go_back_to_the_batch_queue(embedded_s
     batch = submit_batch([line], settings=settings)
     app, interactive, batch_queue = runtime(settings).celery, settings.queue, settings.effective_batch_queue
     assert (backlog(app, interactive), backlog(app, batch_queue)) == (0, 1)
-    job_id = batch_export.batch_results(batch.id, settings=settings)[0].job_id
+    job_id = batch_results(batch.id, settings=settings)[0].job_id
     assert run_attempt(runtime(settings), job_id) is Outcome.RETRYING
     assert (backlog(app, interactive), backlog(app, batch_queue)) == (0, 2)  # the retry's countdown message
     time.sleep(0.3)  # past the retry's backoff (at most 0.2 s here)
@@ -266,9 +269,9 @@ def test_an_expiry_is_one_decision_a_reader_settling_between_its_chunks_cannot_t
     # Before: the expiry cancelled its jobs chunk by chunk and marked the batch expired last; a reader (or a
     # second sweeper) that settled the batch between the last chunk and that mark found nothing pending and
     # made it "completed", with its jobs cancelled as Expired, no expired_at and no batch.expired event.
-    from worker import batch_store, batches
+    from qbgw.store import batches as batch_store
 
-    monkeypatch.setattr(batches, "CHUNK", 3)
+    monkeypatch.setattr(batch_store, "CHUNK", 3)
     view = submit_batch(lines(7), assistant_id=ASSISTANT, window=0.3, settings=settings)
     real = batch_store.cancel_jobs
     readers: list[BatchStatus] = []
@@ -294,9 +297,9 @@ def test_an_expiry_is_one_decision_a_reader_settling_between_its_chunks_cannot_t
 def test_an_end_whose_run_stopped_short_is_finished_by_the_next_sweep(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from worker import batch_store, batches
+    from qbgw.store import batches as batch_store
 
-    monkeypatch.setattr(batches, "CHUNK", 2)
+    monkeypatch.setattr(batch_store, "CHUNK", 2)
     view = submit_batch(lines(5), assistant_id=ASSISTANT, settings=settings)
     real = batch_store.cancel_jobs
 

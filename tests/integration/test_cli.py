@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
+from qbgw.cli.main import EXIT, cli
+from qbgw.emulator.server import Emulator
+from qbgw.execution.tasks import run_attempt
+from qbgw.runtime.locator import runtime
+from qbgw.settings import Settings
 from tests.conftest import ASSISTANT
 from tests.images import jpeg_bytes, png_bytes
-from worker.cli import EXIT, cli
-from worker.emulator import Emulator
-from worker.runtime import runtime
-from worker.settings import Settings
-from worker.tasks import run_attempt
 
 
 @pytest.fixture
@@ -30,7 +30,7 @@ def qbgw(env: dict[str, str], *args: str, input: str | None = None) -> Result:
 
 
 def runtime_reset() -> None:
-    from worker import runtime as runtime_module
+    from qbgw.runtime import locator as runtime_module
 
     runtime_module.reset()
 
@@ -38,7 +38,7 @@ def runtime_reset() -> None:
 def jobs_stored(settings: Settings) -> int:
     from sqlalchemy import func, select
 
-    from worker.models import Job
+    from qbgw.store.models import Job
 
     with runtime(settings).transaction() as session:
         return session.scalar(select(func.count()).select_from(Job)) or 0
@@ -101,7 +101,7 @@ def test_bad_input_is_one_line_and_a_named_exit_code(
 def audit_events(settings: Settings) -> int:
     from sqlalchemy import func, select
 
-    from worker.models import AuditEvent
+    from qbgw.store.models import AuditEvent
 
     with runtime(settings).transaction() as session:
         return session.scalar(select(func.count()).select_from(AuditEvent)) or 0

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from qbgw.cli.main import EXIT
+from qbgw.queries import AuditFilter, audit_query
+from qbgw.settings import Settings
 from tests.conftest import ASSISTANT
 from tests.images import png_bytes
 from tests.integration.test_batches import job_ids, lines, run
 from tests.integration.test_cli import audit_events, jobs_stored, qbgw
-from worker.cli import EXIT
-from worker.queries import AuditFilter, audit_query
-from worker.settings import Settings
 
 
 @pytest.fixture

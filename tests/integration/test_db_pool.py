@@ -6,8 +6,8 @@ import time
 
 from sqlalchemy import text
 
-from worker.db import make_engine
-from worker.settings import Settings
+from qbgw.settings import Settings
+from qbgw.store.db import make_engine
 
 
 def test_the_pool_holds_a_connection_per_task_that_can_run_at_once() -> None:

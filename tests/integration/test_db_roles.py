@@ -13,22 +13,22 @@ from click.testing import CliRunner
 from sqlalchemy import Connection, create_engine, func, select, text, update
 from sqlalchemy.exc import DBAPIError
 
+from qbgw import admin, producer
+from qbgw.admin import drop_audit_before, purge_phi, rotate_keys, sweep
+from qbgw.audit import anchors as integrity
+from qbgw.audit.crypto import Keyring
+from qbgw.cli.main import EXIT, cli
+from qbgw.control import cancel, cancel_batch, replay
+from qbgw.errors import ConfigError
+from qbgw.execution.tasks import run_attempt
+from qbgw.lifecycle import JobStatus, utcnow
+from qbgw.producer import submit_batch
+from qbgw.queries import AuditFilter, audit_query, batch_results, get_job, job_events
+from qbgw.runtime.locator import runtime
+from qbgw.settings import Secret, Settings
+from qbgw.store import roles
+from qbgw.store.models import AuditEvent, Job
 from tests.conftest import APP_ROLE, ASSISTANT, OWNER_ROLE, PgDatabase
-from worker import integrity, producer, roles
-from worker.batch_export import batch_results
-from worker.batches import cancel_batch, submit_batch
-from worker.cli import EXIT, cli
-from worker.control import cancel, replay
-from worker.crypto import Keyring
-from worker.errors import ConfigError
-from worker.lifecycle import JobStatus
-from worker.maintenance import drop_audit_before, purge_phi, rotate_keys
-from worker.models import AuditEvent, Job, utcnow
-from worker.queries import AuditFilter, audit_query, get_job, job_events
-from worker.runtime import runtime
-from worker.settings import Secret, Settings
-from worker.sweeper import sweep
-from worker.tasks import run_attempt
 
 #: The tests that take ``settings``: on PostgreSQL, where roles exist.
 on_postgres = pytest.mark.parametrize("backend", ["postgres"])
@@ -87,7 +87,7 @@ def test_the_app_role_is_refused_by_its_grants(settings: Settings, app_db: Conne
     app_db.rollback()
     assert getattr(refused.value.orig, "sqlstate", None) == INSUFFICIENT_PRIVILEGE
     assert "append-only" not in str(refused.value)  # refused before any trigger could run
-    assert integrity.verify_log(settings=settings).ok
+    assert admin.verify_log(settings=settings).ok
 
 
 @on_postgres
@@ -128,8 +128,8 @@ def test_a_whole_jobs_life_works_as_the_app_role(settings: Settings) -> None:
     assert rotate_keys(actor="security-officer", settings=on_file).values_reencrypted >= 1
     assert audit_query(AuditFilter(job_id=done), reader="auditor", settings=on_file)
     assert [e.action for e in job_events(done, settings=on_file)][-1] == "job.purged"
-    integrity.anchor_now(settings=on_file)
-    assert integrity.verify_log(reader="auditor", settings=on_file).ok
+    admin.anchor_now(settings=on_file)
+    assert admin.verify_log(reader="auditor", settings=on_file).ok
 
 
 @on_postgres

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import requests
 
+from qbgw.emulator import server as emulator_module
+from qbgw.emulator.server import FAULT_KINDS, GATEWAY_PATH, Emulator, EmulatorConfig
 from tests.images import data_uri, jpeg_bytes, png_bytes
-from worker import emulator as emulator_module
-from worker.emulator import FAULT_KINDS, GATEWAY_PATH, Emulator, EmulatorConfig
 
 TOKEN = "emulator-token"
 ASSISTANT = "65d5f3473d5d68095462165d"

@@ -12,15 +12,16 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
+from qbgw import producer
+from qbgw.emulator.server import Emulator
+from qbgw.execution.tasks import run_attempt
+from qbgw.images import resolve as images
+from qbgw.lifecycle import TERMINAL, JobStatus, utcnow
+from qbgw.queries import get_job, job_events
+from qbgw.runtime.locator import runtime
+from qbgw.settings import Settings
+from qbgw.store import jobs as store
 from tests.conftest import ASSISTANT
-from worker import images, producer, store
-from worker.emulator import Emulator
-from worker.lifecycle import TERMINAL, JobStatus
-from worker.models import utcnow
-from worker.queries import get_job, job_events
-from worker.runtime import runtime
-from worker.settings import Settings
-from worker.tasks import run_attempt
 
 
 def store_unchecked(settings: Settings, messages: list[dict[str, Any]]) -> str:
@@ -133,7 +134,7 @@ def test_faults_count_in_a_row_and_an_ordinary_outcome_breaks_the_row(
 
 
 def test_a_fault_on_a_job_that_moved_on_writes_nothing(settings: Settings) -> None:
-    from worker import faults
+    from qbgw.execution import faults
 
     job_id = producer.submit(ASSISTANT, [{"role": "user", "content": "Hi"}], settings=settings)
     assert run_attempt(runtime(settings), job_id) == "succeeded"

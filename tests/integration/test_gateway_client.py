@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
+from qbgw import errors
+from qbgw.emulator.server import Emulator
+from qbgw.settings import Secret
+from qbgw.upstream.gateway import GatewayClient, encode_request
 from tests.conftest import ASSISTANT, TOKEN
 from tests.images import data_uri, png_bytes
-from worker import errors
-from worker.emulator import Emulator
-from worker.gateway import GatewayClient, encode_request
-from worker.settings import Secret
 
 
 def client(emu: Emulator, token: str = TOKEN, read: float = 5.0) -> GatewayClient:
@@ -112,7 +112,7 @@ def test_the_proxy_and_ca_settings_are_read_from_the_environment_once(monkeypatc
 def test_an_image_that_changes_while_it_is_streamed_is_the_attempt_s_error_not_an_exception(
     emu: Emulator, tmp_path: Path
 ) -> None:
-    from worker.images.body import FileImage, StreamingBody
+    from qbgw.images.body import FileImage, StreamingBody
 
     path = tmp_path / "scan.png"
     path.write_bytes(png_bytes(8, 8))

@@ -12,15 +12,19 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select, text
 
+from qbgw import producer
+from qbgw.audit import anchors as integrity
+from qbgw.audit import events as audit
+from qbgw.errors import StoreUnavailable
+from qbgw.execution.tasks import Outcome, run_attempt
+from qbgw.lifecycle import JobStatus, utcnow
+from qbgw.queries import get_job, job_events
+from qbgw.runtime.locator import reset, runtime
+from qbgw.settings import Settings
+from qbgw.store import chain, hotpath
+from qbgw.store import jobs as store
+from qbgw.store.models import AuditEvent, Job
 from tests.conftest import ASSISTANT
-from worker import audit, hotpath, integrity, producer, store
-from worker.errors import StoreUnavailable
-from worker.lifecycle import JobStatus
-from worker.models import AuditEvent, Job, utcnow
-from worker.queries import get_job, job_events
-from worker.runtime import reset, runtime
-from worker.settings import Settings
-from worker.tasks import Outcome, run_attempt
 
 pytestmark = pytest.mark.parametrize("backend", ["postgres"])
 
@@ -46,7 +50,7 @@ def audit_count(settings: Settings) -> int:
 
 def verified(settings: Settings) -> integrity.VerifyReport:
     with runtime(settings).transaction() as session:
-        return integrity.verify(session, integrity.read_anchors(settings.anchor_path), integrity.anchor_key(settings))
+        return chain.verify(session, integrity.read_anchors(settings.anchor_path), integrity.anchor_key(settings))
 
 
 def job_row(settings: Settings, job_id: str) -> dict[str, Any]:
@@ -168,7 +172,7 @@ def test_an_unreachable_database_is_store_unavailable(settings: Settings, hot: h
     from sqlalchemy import create_engine
 
     dead = create_engine("postgresql+psycopg://postgres@127.0.0.1:1/none", pool_size=1)
-    audit.install_commit_seal(dead)
+    chain.install_commit_seal(dead)
     try:
         path = hotpath.hot_path_for(dead, hot.keyring, settings)
         assert path is not None

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from qbgw.errors import InvalidImage, ResolutionFailed
+from qbgw.images.body import StreamingBody
+from qbgw.images.remote import Limits, Response, check_address, fetch
+from qbgw.images.resolve import build_body, refs
+from qbgw.settings import Settings
+from qbgw.upstream.gateway import encode_request
 from tests.images import data_uri, jpeg_bytes, png_bytes, png_header
-from worker.errors import InvalidImage, ResolutionFailed
-from worker.gateway import encode_request
-from worker.images import build_body, refs
-from worker.images.body import StreamingBody
-from worker.images.remote import Limits, Response, check_address, fetch
-from worker.settings import Settings
 
 MB50 = 50 * 1024 * 1024
 

@@ -11,19 +11,19 @@ import time
 
 from sqlalchemy import text
 
+from qbgw.admin import count_by_key
+from qbgw.audit.crypto import FOLLOW_SECONDS, Keyring
+from qbgw.runtime.locator import runtime
+from qbgw.settings import Secret, Settings
 from tests.conftest import ASSISTANT, ROOT
-from worker.crypto import FOLLOW_SECONDS, Keyring
-from worker.maintenance import count_by_key
-from worker.runtime import runtime
-from worker.settings import Secret, Settings
 
 PRODUCER = f"""
 import sys, time
-import worker
-settings = worker.Settings.from_env()
+import qbgw
+settings = qbgw.Settings.from_env()
 end = time.monotonic() + float(sys.argv[1])
 while time.monotonic() < end:
-    job_id = worker.submit({ASSISTANT!r}, [{{"role": "user", "content": "a note"}}], settings=settings)
+    job_id = qbgw.submit({ASSISTANT!r}, [{{"role": "user", "content": "a note"}}], settings=settings)
     print(job_id, flush=True)
     time.sleep(0.05)
 """
@@ -37,7 +37,7 @@ def test_a_running_producer_encrypts_with_the_rotated_key_within_the_documented_
                                 stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
         time.sleep(1.5)  # it is up and encrypting with k0
-        rotate = subprocess.run([sys.executable, "-m", "worker", "keys", "rotate"], env=env, cwd=ROOT,
+        rotate = subprocess.run([sys.executable, "-m", "qbgw", "keys", "rotate"], env=env, cwd=ROOT,
                                 capture_output=True, text=True, timeout=60)  # fmt: skip
         rotated_at = time.time()
         assert rotate.returncode == 0, rotate.stderr

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, inspect
 
+from qbgw.errors import ConfigError
+from qbgw.settings import Settings
+from qbgw.store import schema
 from tests.conftest import ROOT
-from worker import schema
-from worker.errors import ConfigError
-from worker.settings import Settings
 
 
 def _url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
@@ -54,7 +54,7 @@ def test_downgrade_and_upgrade_again_on_sqlite(tmp_path: Path) -> None:
 
 
 def test_a_database_behind_head_is_refused_unless_it_is_the_embedded_default(tmp_path: Path) -> None:
-    from worker.db import make_engine
+    from qbgw.store.db import make_engine
 
     url = f"sqlite:///{tmp_path / 'empty.db'}"
     engine = make_engine(url)

@@ -11,17 +11,19 @@ import pytest
 from click.testing import CliRunner, Result
 from prometheus_client import generate_latest
 
+from qbgw import producer
+from qbgw.admin import anchor_now
+from qbgw.cli.main import EXIT, cli
+from qbgw.control import cancel
+from qbgw.emulator.server import Emulator
+from qbgw.execution.tasks import Outcome, run_attempt
+from qbgw.lifecycle import utcnow
+from qbgw.ops import metrics
+from qbgw.ops.exporter import FleetCollector
+from qbgw.runtime import locator as runtime_module
+from qbgw.runtime.locator import runtime
+from qbgw.settings import Secret, Settings
 from tests.conftest import ASSISTANT
-from worker import metrics, producer
-from worker import runtime as runtime_module
-from worker.cli import EXIT, cli
-from worker.control import cancel
-from worker.emulator import Emulator
-from worker.integrity import anchor_now
-from worker.models import utcnow
-from worker.runtime import runtime
-from worker.settings import Secret, Settings
-from worker.tasks import Outcome, run_attempt
 
 OTHER_KEY = "kother:" + "B" * 43 + "="
 
@@ -35,7 +37,7 @@ def test_the_exporter_counts_jobs_by_status_queue_depth_and_checkpoint_age(setti
     assert run_attempt(runtime(settings), done) is Outcome.SUCCEEDED
     cancel(cancelled, actor="ops", settings=settings)
     anchor = anchor_now(settings=settings)
-    registry = metrics.registry_for(fleet=settings, workers=False)
+    registry = metrics.registry_for(fleet=FleetCollector(runtime(settings)), workers=False)
 
     def value(name: str, **labels: str) -> float | None:
         return registry.get_sample_value(name, labels)
@@ -57,7 +59,7 @@ def test_the_exporter_counts_jobs_by_status_queue_depth_and_checkpoint_age(setti
 def test_the_exporter_says_what_it_cannot_read_instead_of_failing(embedded_settings: Settings) -> None:
     away = embedded_settings.with_(database_url="postgresql+psycopg://postgres@127.0.0.1:1/none",
                                    broker_url="redis://127.0.0.1:1/0", connect_timeout=1.0)  # fmt: skip
-    registry = metrics.registry_for(fleet=away, workers=False)
+    registry = metrics.registry_for(fleet=FleetCollector(runtime(away)), workers=False)
     assert registry.get_sample_value("qbgw_up", {"part": "database"}) == 0
     assert registry.get_sample_value("qbgw_up", {"part": "broker"}) == 0
     assert registry.get_sample_value("qbgw_jobs", {"status": "queued"}) is None  # left out, never stale

@@ -9,10 +9,9 @@ import pytest
 import redis as redis_lib
 from sqlalchemy import func, select
 
-from tests.conftest import ASSISTANT
-from tests.images import png_bytes
-from worker import producer
-from worker.errors import (
+from qbgw import producer
+from qbgw.admin import sweep
+from qbgw.errors import (
     BrokerUnavailable,
     IdempotencyConflict,
     InvalidImage,
@@ -20,10 +19,11 @@ from worker.errors import (
     NotAnnounced,
     StoreUnavailable,
 )
-from worker.models import AuditEvent, Job
-from worker.runtime import runtime
-from worker.settings import Settings
-from worker.sweeper import sweep
+from qbgw.runtime.locator import runtime
+from qbgw.settings import Settings
+from qbgw.store.models import AuditEvent, Job
+from tests.conftest import ASSISTANT
+from tests.images import png_bytes
 
 PHI = "Patient Zebulon Quartermaine, DOB 1931-02-03"
 MESSAGES = [{"role": "user", "content": PHI}]

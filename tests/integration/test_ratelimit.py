@@ -14,17 +14,16 @@ from pathlib import Path
 
 import pytest
 
+from qbgw import producer
+from qbgw.emulator.server import Emulator
+from qbgw.execution.tasks import Outcome, run_attempt
+from qbgw.lifecycle import JobStatus, utcnow
+from qbgw.queries import get_job, job_events
+from qbgw.runtime.locator import runtime
+from qbgw.settings import Settings
+from qbgw.upstream.ratelimit import COOLDOWN, RATE_LIMIT, Budget, FileLimiter, MemoryLimiter, RedisLimiter
 from tests.conftest import ASSISTANT, ROOT
 from tests.unit.test_ratelimit import Clock, worst_window
-from worker import producer
-from worker.emulator import Emulator
-from worker.lifecycle import JobStatus
-from worker.models import utcnow
-from worker.queries import get_job, job_events
-from worker.ratelimit import COOLDOWN, RATE_LIMIT, Budget, FileLimiter, MemoryLimiter, RedisLimiter
-from worker.runtime import runtime
-from worker.settings import Settings
-from worker.tasks import Outcome, run_attempt
 
 
 def test_the_redis_script_decides_as_the_python_reference(redis_url: str) -> None:
@@ -70,7 +69,7 @@ def test_without_redis_calls_go_ahead_with_a_warning(caplog: pytest.LogCaptureFi
 _FLEET_MEMBER = """
 import json, sys, time
 from pathlib import Path
-from worker.ratelimit import Budget, FileLimiter, RedisLimiter
+from qbgw.upstream.ratelimit import Budget, FileLimiter, RedisLimiter
 kind, where, scope, start = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
 limiter = RedisLimiter(where, scope) if kind == "redis" else FileLimiter(Path(where), scope)
 time.sleep(max(0.0, start - time.time()))
@@ -162,7 +161,7 @@ def test_a_sub_limit_reads_the_assistant_first(settings: Settings, emu: Emulator
 
 
 def test_the_sweeper_dispatches_a_throttled_job_when_due_not_before(settings: Settings) -> None:
-    from worker import store
+    from qbgw.store import jobs as store
 
     settings = settings.with_(rate_scope=uuid.uuid4().hex)
     job_id, now = _submit(settings, "wait for it"), utcnow()
@@ -190,8 +189,8 @@ def test_the_sweeper_dispatches_a_throttled_job_when_due_not_before(settings: Se
 
 
 def _app_session(settings: Settings) -> Settings:
-    from worker.emulator import EmulatorConfig
-    from worker.settings import Secret
+    from qbgw.emulator.server import EmulatorConfig
+    from qbgw.settings import Secret
 
     app = EmulatorConfig()
     return settings.with_(auth="application", token=Secret(""), application_id=app.application_id,
@@ -230,7 +229,7 @@ def test_a_429_to_a_session_creation_pauses_the_fleet(settings: Settings, emu: E
 def test_a_429_after_answers_starts_a_new_streak_and_one_right_after_a_pause_doubles_it(
     settings: Settings, emu: Emulator
 ) -> None:
-    from worker import tasks
+    from qbgw.execution import tasks
 
     settings = settings.with_(rate_scope=uuid.uuid4().hex, rate_cooldown=0.3, rate_cooldown_max=10.0)
     limiter = runtime(settings).limiter

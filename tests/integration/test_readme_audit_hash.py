@@ -13,14 +13,15 @@ import pytest
 from psycopg.rows import dict_row
 from sqlalchemy import make_url, text
 
+from qbgw import admin, producer
+from qbgw.audit import events as audit
+from qbgw.control import cancel, cancel_batch
+from qbgw.execution.tasks import run_attempt
+from qbgw.producer import submit_batch
+from qbgw.queries import get_job
+from qbgw.runtime.locator import runtime
+from qbgw.settings import Settings
 from tests.conftest import ASSISTANT, ROOT, as_owner
-from worker import audit, integrity, producer
-from worker.batches import cancel_batch, submit_batch
-from worker.control import cancel
-from worker.queries import get_job
-from worker.runtime import runtime
-from worker.settings import Settings
-from worker.tasks import run_attempt
 
 HEADING = "**Checking the chain without qbgw.**"
 
@@ -84,7 +85,7 @@ def test_the_readme_reproduces_every_row_hash_of_a_real_chain(settings: Settings
     forged = [dict(row) for row in rows]
     forged[6]["actor"] = "someone else"
     assert reference["first_bad_seq"](forged) == rows[6]["seq"]
-    assert integrity.verify_log(settings=settings).ok  # and qbgw agrees
+    assert admin.verify_log(settings=settings).ok  # and qbgw agrees
 
 
 def test_the_readme_reproduces_formats_v1_and_v2_before_their_boundaries(settings: Settings, owner_url: str) -> None:
@@ -99,12 +100,12 @@ def test_the_readme_reproduces_formats_v1_and_v2_before_their_boundaries(setting
     assert reference["first_bad_seq"](rows, v2_from=v2_from, v3_from=v3_from) is None
     assert reference["first_bad_seq"](rows) == 1  # read as v3, the older events fail
     assert reference["first_bad_seq"](rows, v2_from=v2_from, v3_from=v2_from) == v2_from  # v2 ones read as v3 fail
-    assert integrity.verify_log(settings=settings).ok
+    assert admin.verify_log(settings=settings).ok
 
 
 def _rechain(db: Any, v2_from: int, v3_from: int) -> str:
     """Rehash events before ``v2_from`` in format v1, those before ``v3_from`` in v2, relink the rest in v3."""
-    from worker.models import AuditEvent
+    from qbgw.store.models import AuditEvent
 
     table = AuditEvent.__table__
     prev = "0" * 64

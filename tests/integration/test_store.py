@@ -7,12 +7,13 @@ from datetime import timedelta
 
 import pytest
 
-from worker import audit, store
-from worker.errors import IdempotencyConflict, InvalidTransition, UpstreamServerError
-from worker.lifecycle import JobStatus
-from worker.models import Job, utcnow
-from worker.runtime import runtime
-from worker.settings import Settings
+from qbgw.errors import IdempotencyConflict, InvalidTransition, UpstreamServerError
+from qbgw.lifecycle import JobStatus, utcnow
+from qbgw.runtime.locator import runtime
+from qbgw.settings import Settings
+from qbgw.store import chain
+from qbgw.store import jobs as store
+from qbgw.store.models import Job
 
 LEASE = timedelta(seconds=60)
 
@@ -42,7 +43,7 @@ def test_a_new_job_is_queued_with_a_submitted_event(settings: Settings) -> None:
         job = session.get(Job, job_id)
         assert job is not None and created
         assert (job.status, job.custom_id, job.attempts) == (JobStatus.QUEUED, "mine", 0)
-        (event,) = audit.events_for_job(session=session, job_id=job_id)
+        (event,) = chain.events_for_job(session=session, job_id=job_id)
     assert event.action == "job.submitted" and event.actor == "tester"
     assert event.request_digest and len(event.request_digest) == 64
     assert "Hi" not in str(event.as_dict())
@@ -101,7 +102,7 @@ def test_exactly_one_final_result_even_if_a_stale_worker_reports(settings: Setti
         answer = store.open_text(session, "answer", job_id, job.answer)
         assert (job.status, answer, job.attempts) == (JobStatus.SUCCEEDED, "on time", 2)
         assert job.answer is not None and "on time" not in job.answer  # stored encrypted
-        actions = [e.action for e in audit.events_for_job(session=session, job_id=job_id)]
+        actions = [e.action for e in chain.events_for_job(session=session, job_id=job_id)]
     assert actions == ["job.submitted", "job.retry_scheduled", "job.succeeded"]
 
 
@@ -169,7 +170,7 @@ def test_a_retry_kept_in_the_database_is_dispatched_when_due(settings: Settings)
     with runtime(settings).transaction() as session:
         assert store.due_for_dispatch(session=session, now=due - timedelta(seconds=1), grace=LEASE) == []
         assert store.due_for_dispatch(session=session, now=due, grace=LEASE) == [job_id]
-        actions = [e.action for e in audit.events_for_job(session=session, job_id=job_id)]
+        actions = [e.action for e in chain.events_for_job(session=session, job_id=job_id)]
     assert actions[-2:] == ["job.retry_scheduled", "job.redispatched"]
 
 
@@ -185,14 +186,14 @@ def test_an_expired_lease_is_recovered_as_an_interrupted_attempt(settings: Setti
         assert job is not None and job.status == JobStatus.RETRYING and job.announced_at is None
         error = store.open_text(session, "error", job_id, job.error)
         assert error is not None and "attempt 1 interrupted: its worker dead-worker stopped" in error
-        events = audit.events_for_job(session=session, job_id=job_id)
+        events = chain.events_for_job(session=session, job_id=job_id)
     assert [(e.action, e.attempt) for e in events][-2:] == [("attempt.interrupted", 1), ("job.retry_scheduled", 1)]
     again = claim(settings, job_id, "w2", now_shift=LEASE.total_seconds() + 2)
     assert again is not None and again.attempt == 2
 
 
 def test_cancel_waiting_running_and_finished_jobs(settings: Settings) -> None:
-    from worker.errors import JobNotFound, JobStateConflict
+    from qbgw.errors import JobNotFound, JobStateConflict
 
     waiting, _ = create(settings, new_job())
     running, _ = create(settings, new_job())
@@ -223,7 +224,7 @@ def _succeeded(settings: Settings, session: object) -> str:
 
 
 def test_replay_queues_a_failed_job_with_a_fresh_budget(settings: Settings) -> None:
-    from worker.errors import JobStateConflict
+    from qbgw.errors import JobStateConflict
 
     job_id, _ = create(settings, new_job())
     first = claim(settings, job_id)

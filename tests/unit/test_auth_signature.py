@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from worker import auth
-from worker.errors import AuthenticationFailed, ConfigError
-from worker.gateway import StaticToken
-from worker.session_cache import FileCache, MemoryCache, RedisCache, SessionInfo
-from worker.settings import Secret, Settings
+from qbgw.errors import AuthenticationFailed, ConfigError
+from qbgw.settings import Secret, Settings
+from qbgw.upstream import auth
+from qbgw.upstream.gateway import StaticToken
+from qbgw.upstream.sessions import FileCache, MemoryCache, RedisCache, SessionInfo
 
 SECRET = "AuthSecretK3y"
 APP = {"application_id": 22, "auth_key": "wJHd4cQSxpQGWx5", "nonce": 33432, "timestamp": 1326966962}
@@ -126,7 +126,7 @@ def test_an_api_key_goes_in_the_authorization_header_and_is_what_the_audit_finge
     [("redis://127.0.0.1:6379/0", RedisCache), ("", FileCache), ("amqp://guest@localhost//", MemoryCache)],
 )
 def test_the_shared_session_lives_where_every_worker_of_the_broker_sees_it(broker_url: str, kind: type) -> None:
-    from worker.crypto import Keyring
+    from qbgw.audit.crypto import Keyring
 
     keyring = Keyring({"k1": b"\x01" * 32}, "k1")
     assert isinstance(auth.shared_cache(settings(broker_url=broker_url), keyring), kind)  # nothing connects yet

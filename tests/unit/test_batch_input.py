@@ -12,14 +12,14 @@ from typing import Any
 import click
 import pytest
 
+from qbgw.batches.input import BatchLine, image_lines, parse_lines, read_lines
+from qbgw.batches.views import BatchView
+from qbgw.cli.batch import parse_window
+from qbgw.cli.progress import Progress, line
+from qbgw.errors import InvalidBatch
+from qbgw.images.refs import Policy
+from qbgw.store.batches import BatchStatus
 from tests.images import data_uri, png_bytes
-from worker.batch_input import BatchLine, image_lines, parse_lines, read_lines
-from worker.batch_store import BatchStatus
-from worker.batches import BatchView
-from worker.cli_batch import parse_window
-from worker.errors import InvalidBatch
-from worker.images.refs import Policy
-from worker.progress import Progress, line
 
 ASSISTANT = "65d5f3473d5d68095462165d"
 HELLO = [{"role": "user", "content": "Hello"}]

@@ -9,7 +9,7 @@ import redis
 from kombu import Connection
 from kombu.transport import redis as kombu_redis
 
-from worker.broker_guard import guard_redis_channels
+from qbgw.runtime.broker_guard import guard_redis_channels
 
 
 def channel_of(connection: Connection) -> kombu_redis.Channel:

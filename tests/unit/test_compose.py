@@ -11,8 +11,8 @@ import click
 import pytest
 import yaml
 
-from worker.cli import cli
-from worker.settings import PREFIX, Settings
+from qbgw.cli.main import cli
+from qbgw.settings import PREFIX, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())

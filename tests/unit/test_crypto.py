@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from worker import crypto
-from worker.crypto import DecryptionFailed, Keyring, aad_for, open_keyring
-from worker.errors import ConfigError, QbgwError
+from qbgw.audit import crypto
+from qbgw.audit.crypto import DecryptionFailed, Keyring, aad_for, open_keyring
+from qbgw.errors import ConfigError, QbgwError
 
 K1 = bytes(range(32))
 K2 = bytes(range(100, 132))
@@ -432,7 +432,7 @@ def test_open_keyring_reports_a_malformed_spec(tmp_path: Path) -> None:
 
 
 def test_a_running_producer_encrypts_with_a_rotated_primary_within_follow_seconds(tmp_path: Path) -> None:
-    from worker.crypto import FOLLOW_SECONDS
+    from qbgw.audit.crypto import FOLLOW_SECONDS
 
     path = tmp_path / "keyring.json"
     keyring().save(path)
@@ -445,7 +445,7 @@ def test_a_running_producer_encrypts_with_a_rotated_primary_within_follow_second
 
 
 def test_a_damaged_keyring_file_keeps_the_keys_in_memory(tmp_path: Path) -> None:
-    from worker.crypto import FOLLOW_SECONDS
+    from qbgw.audit.crypto import FOLLOW_SECONDS
 
     path = tmp_path / "keyring.json"
     keyring().save(path)

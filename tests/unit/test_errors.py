@@ -5,7 +5,7 @@ import pickle
 
 import pytest
 
-from worker import errors
+from qbgw import errors
 
 
 def _instance(name: str) -> errors.QbgwError:

@@ -9,9 +9,9 @@ import pytest
 import requests
 from requests.adapters import BaseAdapter
 
-from worker import errors
-from worker.gateway import GatewayClient, error_reasons, interpret, parse_retry_after
-from worker.settings import Secret
+from qbgw import errors
+from qbgw.settings import Secret
+from qbgw.upstream.gateway import GatewayClient, error_reasons, interpret, parse_retry_after
 
 
 def body(data: object) -> bytes:

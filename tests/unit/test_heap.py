@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from worker.errors import ConfigError
-from worker.heap import HeapTrimmer, malloc_trim
-from worker.settings import Settings
+from qbgw.errors import ConfigError
+from qbgw.execution.heap import HeapTrimmer, malloc_trim
+from qbgw.settings import Settings
 
 
 def test_this_c_library_can_trim_and_says_whether_it_released_memory() -> None:

@@ -7,9 +7,10 @@ import struct
 
 import pytest
 
+from qbgw.errors import InputError, InvalidImage
+from qbgw.images.info import ImageInfo, parse_data_uri, sniff
+from qbgw.settings import MAX_IMAGE_BYTES
 from tests.images import data_uri, jpeg_bytes, jpeg_segment, png_bytes, png_header
-from worker.errors import InputError, InvalidImage
-from worker.imageinfo import MAX_IMAGE_BYTES, ImageInfo, parse_data_uri, sniff
 
 
 def _sof0(width: int, height: int) -> bytes:

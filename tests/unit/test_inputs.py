@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from qbgw.cli.inputs import build_request
+from qbgw.errors import InvalidMessages
 from tests.images import png_bytes
-from worker.errors import InvalidMessages
-from worker.inputs import build_request
 
 
 def test_a_json_list_file_is_the_messages(tmp_path: Path) -> None:
@@ -146,9 +146,9 @@ def test_an_image_reference_with_a_scheme_is_kept_as_a_url_not_made_a_path(ref: 
 
 
 def test_an_http_image_is_refused_for_its_scheme_not_as_a_path(tmp_path: Path) -> None:
-    from worker.errors import InvalidImage
-    from worker.images.refs import Policy
-    from worker.messages import validate_messages
+    from qbgw.errors import InvalidImage
+    from qbgw.images.refs import Policy
+    from qbgw.messages import validate_messages
 
     request = build_request(None, text=("look",), images=("http://127.0.0.1/x.png",))
     with pytest.raises(InvalidImage) as caught:

@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from worker import errors
-from worker.lifecycle import (
+from qbgw import errors
+from qbgw.lifecycle import (
     ALLOWED,
     CLAIMABLE,
     SESSION_GONE,
@@ -75,7 +75,7 @@ POLICY = RetryPolicy(max_attempts=3, base=1.0, cap=8.0, deadline=100.0)
 
 
 def err(status: int, *reasons: str) -> errors.GatewayError:
-    from worker.gateway import interpret
+    from qbgw.upstream.gateway import interpret
 
     body = ('{"errors": ' + str(list(reasons)).replace("'", '"') + "}").encode()
     return interpret(status, body, {})[1]  # type: ignore[return-value]

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from worker.logs import (
+from qbgw.ops.logs import (
     REDACTED,
     JsonFormatter,
     RedactingFilter,
@@ -23,7 +23,7 @@ from worker.logs import (
     capture_output,
     configure,
 )
-from worker.settings import Secret, Settings
+from qbgw.settings import Secret, Settings
 
 SECRET = "tok-5f1c9e27d3-secret"
 KEY = "B" * 43 + "="

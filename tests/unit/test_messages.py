@@ -4,10 +4,10 @@ from typing import Any
 
 import pytest
 
+from qbgw.errors import InvalidImage, InvalidMessages
+from qbgw.images.refs import Policy
+from qbgw.messages import image_urls, validate_assistant_id, validate_messages
 from tests.images import data_uri, jpeg_bytes, png_bytes
-from worker.errors import InvalidImage, InvalidMessages
-from worker.images.refs import Policy
-from worker.messages import image_urls, validate_assistant_id, validate_messages
 
 PNG = data_uri("png", png_bytes(4, 3))
 GIF_AS_PNG = "data:image/png;base64,R0lGODlhAQABAAAAACw="

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from prometheus_client import REGISTRY, generate_latest
 
-from worker import metrics
-from worker.tasks import Outcome
+from qbgw.execution.tasks import Outcome
+from qbgw.ops import metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,9 +39,9 @@ def test_throttled_counts_a_wait_and_its_length() -> None:
 
 def test_every_exported_name_is_in_the_readme_table() -> None:
     exported = set(re.findall(r"^# TYPE (qbgw_\w+) ", generate_latest(REGISTRY).decode(), re.M))
-    collector = (ROOT / "worker" / "metrics.py").read_text()
+    collector = (ROOT / "worker" / "ops" / "exporter.py").read_text()
     exported |= set(re.findall(r'GaugeMetricFamily\(\s*"(qbgw_\w+)"', collector))
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "operations.md").read_text()  # the metrics table
     documented = set(re.findall(r"^\| `(qbgw_\w+)`", readme, re.M))
     counters = {n + "_total" if n + "_total" in documented else n for n in exported}
     assert counters and counters <= documented, counters - documented

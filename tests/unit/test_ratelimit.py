@@ -7,18 +7,9 @@ import random
 
 import pytest
 
-from worker.errors import ConfigError
-from worker.ratelimit import (
-    COOLDOWN,
-    RATE_LIMIT,
-    Budget,
-    Gate,
-    MemoryLimiter,
-    budgets_for,
-    cooldown_length,
-    parse_assistant_rates,
-)
-from worker.settings import Settings
+from qbgw.errors import ConfigError
+from qbgw.settings import Settings, parse_assistant_rates
+from qbgw.upstream.ratelimit import COOLDOWN, RATE_LIMIT, Budget, Gate, MemoryLimiter, budgets_for, cooldown_length
 
 
 class Clock:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from qbgw.errors import InvalidImage
+from qbgw.images.resolve import refs
 from tests.images import data_uri, jpeg_bytes, png_bytes
-from worker.errors import InvalidImage
-from worker.images import refs
 
 POLICY = refs.Policy()
 PNG, JPEG = png_bytes(4, 3), jpeg_bytes(5, 4)

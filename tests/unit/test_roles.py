@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from sqlalchemy.dialects import postgresql
 
-from worker import roles
-from worker.models import Base
+from qbgw.store import roles
+from qbgw.store.models import Base
 
 
 def test_every_table_of_the_schema_has_a_grant_decision() -> None:

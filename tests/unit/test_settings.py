@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from worker.errors import ConfigError
-from worker.settings import Secret, Settings
+from qbgw.errors import ConfigError
+from qbgw.settings import Secret, Settings
 
 
 def test_the_defaults_are_the_embedded_default(tmp_path: Path) -> None:
@@ -108,7 +108,7 @@ def test_metrics_are_off_and_logs_follow_the_terminal_by_default() -> None:
 
 
 def test_the_request_limit_is_one_documented_setting_that_every_path_is_given() -> None:
-    from worker import images
+    from qbgw.images import resolve as images
 
     settings = Settings.from_env({"QBGW_MAX_REQUEST_BYTES": "1000"})
     assert settings.max_request_bytes == 1000 and images.policy(settings).max_request_bytes == 1000
@@ -129,8 +129,8 @@ def test_settings_made_by_the_constructor_are_validated_too() -> None:
 
 
 def test_the_configuration_page_is_the_settings_reference_and_every_setting_has_a_meaning() -> None:
+    from qbgw.settings import reference, reference_markdown
     from tests.conftest import ROOT
-    from worker.settings import reference, reference_markdown
 
     page = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
     start, end = "<!-- settings reference: generated, do not edit by hand -->\n", "<!-- end of the generated"

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from worker.errors import ResolutionFailed
+from ..errors import ResolutionFailed
 
 __all__ = ["FileImage", "StreamingBody"]
 

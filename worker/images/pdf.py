@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pypdfium2 as pdfium
 
-from worker.errors import ResolutionFailed
-from worker.samples import png_rgb
+from ..errors import ResolutionFailed
+from .samples import png_rgb
 
 __all__ = ["render_pages"]
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from worker.errors import InvalidImage
-from worker.imageinfo import MAX_IMAGE_BYTES, MAX_REQUEST_BYTES, check_declared, parse_data_uri, sniff
+from ..errors import InvalidImage
+from .info import MAX_IMAGE_BYTES, MAX_REQUEST_BYTES, check_declared, parse_data_uri, sniff
 
 __all__ = ["Policy", "Kind", "LocalFile", "kind_of", "scheme_of", "check", "https_target", "inspect_local",
            "local_path", "HEADER_BYTES"]  # fmt: skip

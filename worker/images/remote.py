@@ -21,8 +21,8 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 import requests
 from requests.adapters import HTTPAdapter
 
-from worker.errors import InvalidImage, ResolutionFailed
-from worker.images.refs import https_target, scheme_of
+from ..errors import InvalidImage, ResolutionFailed
+from .refs import https_target, scheme_of
 
 __all__ = ["Limits", "Response", "check_address", "resolve", "fetch"]
 

@@ -1,0 +1,197 @@
+"""Admin: the operator's calls (part of the facade): key rotation and retention, the sweep, the audit chain's
+anchors and verification, and a check of the QuickBlox credentials. Each resolves ``settings`` (the
+environment when None) into this process's runtime and drives the core.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from .audit import events as audit
+from .audit.anchors import Anchor, anchor_key, read_anchors, write_anchor
+from .audit.crypto import FOLLOW_SECONDS, Keyring
+from .audit.verify import VerifyReport
+from .errors import ConfigError, JobStateConflict
+from .execution.sweeper import SweepReport
+from .execution.sweeper import sweep as sweep_once
+from .lifecycle import utcnow
+from .runtime.locator import runtime
+from .settings import Settings
+from .store import chain, maintenance, roles
+from .upstream import auth
+
+__all__ = ["Rotation", "Dropped", "rotate_keys", "purge_phi", "count_by_key", "drop_audit_before", "sweep",
+           "anchor_now", "verify_log", "head_hash", "check_auth"]
+
+
+@dataclass(frozen=True)
+class Rotation:
+    old_primary: str
+    new_primary: str
+    values_reencrypted: int
+
+
+def rotate_keys(*, actor: str = "operator", settings: Settings | None = None, max_passes: int = 20) -> Rotation:
+    """Add a new primary key to the keyring file and re-encrypt every stored value to it.
+
+    Every running process that encrypts (producers, workers) switches to the new key within
+    ``crypto.FOLLOW_SECONDS``; passes repeat until no value under an older key is left and that
+    time has passed, so a value another process encrypted just before it switched is re-encrypted too.
+
+    Raises:
+        ConfigError: the keys come from QBGW_ENCRYPTION_KEYS (rotate them there), or the
+            keyring file cannot be written.
+    """
+    rt = runtime(settings)
+    if rt.settings.encryption_keys:
+        raise ConfigError("keys come from QBGW_ENCRYPTION_KEYS: add the new key first in that list and restart; "
+                          "`qbgw keys rotate` rotates a keyring file")  # fmt: skip
+    current = Keyring.load(rt.settings.keyring_path)
+    rotated, new_id = current.with_new_primary()
+    rotated.save(rt.settings.keyring_path)
+    saved = time.monotonic()
+    rt.keyring.reload()
+    total = 0
+    for _ in range(max_passes):
+        done = _reencrypt_pass(settings=rt.settings, key_id=new_id)
+        total += done
+        settling = FOLLOW_SECONDS + 0.5 - (time.monotonic() - saved)
+        if done == 0 and settling <= 0:
+            break
+        if done == 0:
+            time.sleep(settling)  # processes may still encrypt with the old key until then
+    with rt.transaction() as session:
+        audit.record(session=session, action=audit.Action.KEY_ROTATED, job_id=None, actor=actor,
+                     detail={"old_primary": current.primary, "new_primary": new_id, "values": total})  # fmt: skip
+    return Rotation(current.primary, new_id, total)
+
+
+def _reencrypt_pass(*, settings: Settings, key_id: str) -> int:
+    rt, changed, after = runtime(settings), 0, ""
+    while True:
+        with rt.transaction() as session:
+            chunk = maintenance.reencrypt_chunk(session, key_id=key_id, after_id=after)
+        changed, after = changed + chunk.changed, chunk.last_id
+        if chunk.rows < maintenance.CHUNK:
+            return changed
+
+
+def purge_phi(*, older_than: timedelta, actor: str = "operator", settings: Settings | None = None) -> int:
+    """Erase the PHI of finished jobs older than ``older_than`` (finished before now - that); returns how many.
+
+    Status, timestamps and the whole audit trail stay: the chain still verifies, and each
+    purge is audited per job.
+    """
+    rt = runtime(settings)
+    cutoff, purged = utcnow() - older_than, 0
+    while True:
+        with rt.transaction() as session:
+            done = maintenance.purge_chunk(session, cutoff=cutoff, actor=actor)
+        if not done:
+            return purged
+        purged += done
+
+
+def count_by_key(*, settings: Settings | None = None) -> dict[str, int]:
+    """How many stored values each key id encrypts (rotation progress)."""
+    with runtime(settings).transaction() as session:
+        return maintenance.count_by_key(session)
+
+
+@dataclass(frozen=True)
+class Dropped:
+    through_seq: int
+    events: int
+
+
+def drop_audit_before(*, before: datetime, actor: str = "operator", settings: Settings | None = None) -> Dropped:
+    """Drop the audit events that occurred before ``before``, which must be older than the
+    retention period. The chain stays verifiable: the last dropped event's hash is signed into
+    the anchor file as the chain's new base before anything is deleted. Needs the database
+    owner (the append-only triggers are lifted for this one transaction).
+
+    Raises:
+        JobStateConflict: ``before`` is within the retention period (QBGW_AUDIT_RETENTION_DAYS).
+        ConfigError: on PostgreSQL, the connected role does not own ``audit_events`` (an application role).
+    """
+    rt = runtime(settings)
+    limit = utcnow() - timedelta(days=rt.settings.audit_retention_days)
+    if before > limit:
+        raise JobStateConflict(
+            f"refused: audit events younger than {rt.settings.audit_retention_days} days "
+            f"(after {limit.date()}) are kept; QBGW_AUDIT_RETENTION_DAYS sets the period"
+        )
+    with rt.transaction() as session:
+        roles.require_owner(session, table="audit_events", command="qbgw audit drop")  # before the base anchor
+        last = maintenance.last_before(session, before)
+        if last is None:
+            return Dropped(0, 0)
+        write_anchor(rt.settings, *last, kind="base")
+        count = maintenance.delete_through(session, last[0])
+        audit.record(session=session, action=audit.Action.AUDIT_DROPPED, job_id=None, actor=actor,
+                     detail={"through_seq": last[0], "events": count, "before": before.isoformat()})  # fmt: skip
+    return Dropped(last[0], count)
+
+
+def sweep(*, settings: Settings | None = None, grace: float | None = None) -> SweepReport:
+    """One sweep, as every worker runs in the background: recover interrupted attempts, publish what needs
+    publishing (``grace``: how late a message may be before it counts as lost; QBGW_SWEEP_GRACE when None),
+    expire batches past their window.
+
+    Raises:
+        StoreUnavailable: the database cannot be reached.
+    """
+    return sweep_once(runtime(settings), grace=grace)
+
+
+def head_hash(settings: Settings | None = None) -> str:
+    """The chain's last hash (tests and tools)."""
+    with runtime(settings).transaction() as session:
+        return chain.head(session)[1]
+
+
+def verify_log(*, reader: str | None = None, settings: Settings | None = None) -> VerifyReport:
+    """Verify the whole audit log against the anchor file; the verification is audited.
+
+    Raises:
+        StoreUnavailable: the database cannot be reached.
+        ConfigError: the anchor key cannot be read or made.
+    """
+    rt = runtime(settings)
+    anchors = read_anchors(rt.settings.anchor_path)
+    key = anchor_key(rt.settings)
+    with rt.transaction() as session:
+        report = chain.verify(session, anchors, key)
+    with rt.transaction() as session:
+        outcome = "intact" if report.ok else "tampered"
+        detail: dict[str, int | None] = {"events": report.events, "anchors": report.anchors}
+        if report.problem is not None:
+            detail["first_bad_seq"] = report.problem.seq
+        audit.record(session=session, action=audit.Action.AUDIT_VERIFIED, job_id=None,
+                     actor=reader or rt.settings.actor or "auditor", outcome=outcome, detail=detail)  # fmt: skip
+    return report
+
+
+def anchor_now(*, settings: Settings | None = None) -> Anchor:
+    """Sign the chain's current head and append it to the anchor file.
+
+    Raises:
+        StoreUnavailable: the database cannot be reached.
+        OSError: the anchor file cannot be written.
+    """
+    rt = runtime(settings)
+    with rt.transaction() as session:
+        return write_anchor(rt.settings, *chain.head(session))
+
+
+def check_auth(settings: Settings | None = None) -> auth.AuthReport:
+    """Create a session with the configured credentials (a static token: look its session up) and say who
+    it is. Nothing is cached or printed of the token but its fingerprint.
+
+    Raises:
+        ConfigError: credentials that ``QBGW_AUTH`` needs are missing.
+        GatewayError: the session was refused (422 bad signature, 401) or QuickBlox cannot be reached.
+    """
+    return auth.check_auth(settings or runtime(settings).settings)

@@ -1,0 +1,195 @@
+"""Batch input: JSON Lines (ours or OpenAI's batch shape) or a folder of images, parsed and validated
+line by line before anything is stored. Reads files and image headers; no database, no broker.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError, InvalidBatch, InvalidMessages
+from ..images.refs import Policy
+from ..messages import MAX_KEY, check_fields, load_json, validate_assistant_id, validate_key, validate_messages
+
+__all__ = ["BatchLine", "ParsedBatch", "parse_lines", "read_lines", "image_lines", "GATEWAY_URL", "MAX_LINES"]
+
+#: The ``url`` of an OpenAI-style batch line: the gateway's path.
+GATEWAY_URL = "/ai/ai_extensions/ai_gateway"
+MAX_LINES = 50_000
+OURS = frozenset({"custom_id", "smart_chat_assistant_id", "messages"})
+OPENAI = frozenset({"custom_id", "method", "url", "body"})
+BODY = frozenset({"smart_chat_assistant_id", "messages"})
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".pdf"})
+_PLACEHOLDER = re.compile(r"\{(name|stem|path)\}")
+
+
+@dataclass(frozen=True)
+class BatchLine:
+    """One valid line: a job to create."""
+
+    number: int
+    custom_id: str
+    assistant_id: str
+    messages: list[dict[str, Any]]
+
+    def as_input(self) -> dict[str, Any]:
+        return {"custom_id": self.custom_id, "smart_chat_assistant_id": self.assistant_id, "messages": self.messages}
+
+
+@dataclass(frozen=True)
+class ParsedBatch:
+    """The valid lines, and (line number, reason) for each invalid one."""
+
+    lines: list[BatchLine]
+    problems: list[tuple[int, str]]
+
+
+def parse_lines(
+    raw: Iterable[str | dict[str, Any]], *, default_assistant: str | None, policy: Policy, skip_invalid: bool = False
+) -> ParsedBatch:
+    """Validate every line (a JSON text or an already parsed object); blank lines are ignored.
+
+    Raises:
+        InvalidBatch: a line is invalid (unless ``skip_invalid``), no line is valid, or there are
+            more than MAX_LINES lines; nothing has been stored.
+    """
+    lines: list[BatchLine] = []
+    problems: list[tuple[int, str]] = []
+    seen: dict[str, int] = {}
+    for number, item in enumerate(raw, start=1):
+        if isinstance(item, str) and not item.strip():
+            continue
+        if len(lines) + len(problems) >= MAX_LINES:
+            raise InvalidBatch(f"batch rejected: more than {MAX_LINES} lines; split it; nothing was stored")
+        try:
+            line = _parse_line(number, item, default_assistant, policy)
+            if line.custom_id in seen:
+                raise InvalidMessages(f"custom_id {line.custom_id!r} repeats line {seen[line.custom_id]}")
+        except InputError as exc:
+            problems.append((number, str(exc)))
+            continue
+        seen[line.custom_id] = number
+        lines.append(line)
+    _judge(lines, problems, skip_invalid)
+    return ParsedBatch(lines, problems)
+
+
+def _judge(lines: list[BatchLine], problems: list[tuple[int, str]], skip_invalid: bool) -> None:
+    total = len(lines) + len(problems)
+    if total == 0:
+        raise InvalidBatch("batch rejected: it has no lines; nothing was stored")
+    if problems and not skip_invalid:
+        raise InvalidBatch(
+            f"batch rejected: {len(problems)} of {total} line(s) invalid; nothing was stored "
+            "(fix them, or pass --skip-invalid / skip_invalid=True to submit the valid ones)",
+            tuple(problems),
+        )
+    if not lines:
+        raise InvalidBatch(f"batch rejected: none of its {total} line(s) is valid; nothing was stored", tuple(problems))
+
+
+def _parse_line(number: int, item: str | dict[str, Any], default_assistant: str | None, policy: Policy) -> BatchLine:
+    data = _decode(item, policy.max_request_bytes)
+    body = _openai_body(data) if ("body" in data or "url" in data or "method" in data) else check_fields(data, OURS)
+    custom_id = data.get("custom_id")
+    if custom_id is None:
+        raise InvalidMessages(f"custom_id: required, a non-empty string of at most {MAX_KEY} characters")
+    assistant = body.get("smart_chat_assistant_id")
+    if assistant is None:
+        assistant = default_assistant
+    if assistant is None or assistant == "":
+        raise InvalidMessages("smart_chat_assistant_id: required (the line has none, and no default was given)")
+    return BatchLine(
+        number,
+        validate_key("custom_id", custom_id),
+        validate_assistant_id(assistant),
+        validate_messages(body.get("messages"), policy),
+    )
+
+
+def _decode(item: str | dict[str, Any], limit: int) -> dict[str, Any]:
+    if isinstance(item, str):
+        if len(item) > limit:  # characters: never more than its UTF-8 bytes
+            raise InvalidMessages(f"the line's {len(item)} characters are over the request limit of {limit} "
+                                  "bytes (QBGW_MAX_REQUEST_BYTES)")  # fmt: skip
+        item = load_json(item, one_line=True)
+    if not isinstance(item, dict):
+        raise InvalidMessages(f"must be a JSON object, got {type(item).__name__}")
+    return item
+
+
+def _openai_body(data: dict[str, Any]) -> dict[str, Any]:
+    check_fields(data, OPENAI)
+    method, url = data.get("method"), data.get("url")
+    if method not in (None, "POST"):
+        raise InvalidMessages(f"method: {method[:20]!r}; only POST is accepted")
+    if url not in (None, GATEWAY_URL):
+        raise InvalidMessages(f"url: {url[:80]!r}; only {GATEWAY_URL} is accepted")
+    body = data.get("body")
+    if not isinstance(body, dict):
+        raise InvalidMessages("body: required, an object with smart_chat_assistant_id and messages")
+    return check_fields(body, BODY, "body")
+
+
+def read_lines(path: str | os.PathLike[str]) -> list[str]:
+    """The lines of a JSON Lines file ('-' for stdin).
+
+    Split at line feeds (a carriage return before one is dropped) and nowhere else, as JSON Lines says:
+    a JSON string may hold U+2028, U+2029 or U+0085, and a stray form feed is its own line's problem,
+    where ``str.splitlines`` would cut the line in two and shift every later line's number.
+
+    Raises:
+        InvalidBatch: the file cannot be read or is not UTF-8.
+    """
+    try:
+        text = _read_stdin() if str(path) == "-" else _read(Path(path))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidBatch(f"{path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from None
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()  # the newline that ends the last line
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
+def _read(path: Path) -> str:
+    with path.open(encoding="utf-8", newline="") as handle:  # newline="": no "\r" becomes a line break
+        return handle.read()
+
+
+def _read_stdin() -> str:
+    stream = getattr(sys.stdin, "buffer", None)
+    return stream.read().decode("utf-8") if stream is not None else sys.stdin.read()
+
+
+def image_lines(pattern: str, prompt: str) -> list[dict[str, Any]]:
+    """One line per image or PDF that ``pattern`` (a folder, or a glob) names, sorted by path: custom_id
+    is the file name, the user message ``prompt`` (with {name}, {stem}, {path} filled in) and the file.
+
+    Two files of the same name (from different folders) make duplicate custom ids, which
+    :func:`parse_lines` reports.
+
+    Raises:
+        InvalidBatch: the pattern matches no image or PDF.
+        InvalidMessages: the prompt is empty.
+    """
+    if not prompt.strip():
+        raise InvalidMessages("--prompt: required, a non-empty text ({name}, {stem} and {path} are filled in)")
+    folder = Path(pattern).expanduser()
+    matches = sorted(folder.iterdir()) if folder.is_dir() else sorted(Path(p) for p in glob.glob(str(folder)))
+    files = [p.absolute() for p in matches if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+    if not files:
+        raise InvalidBatch(f"{pattern}: no .png, .jpg, .jpeg or .pdf file matches")
+    return [_image_line(path, prompt) for path in files]
+
+
+def _image_line(path: Path, prompt: str) -> dict[str, Any]:
+    values = {"name": path.name, "stem": path.stem, "path": str(path)}
+    text = _PLACEHOLDER.sub(lambda m: values[m.group(1)], prompt)
+    content = [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": str(path)}}]
+    return {"custom_id": path.name, "messages": [{"role": "user", "content": content}]}

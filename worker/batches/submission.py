@@ -1,0 +1,83 @@
+"""Submission: a validated batch stored and announced. Jobs are inserted in chunks (one transaction each,
+``store.batches.CHUNK``) and their messages published through one broker connection as each chunk commits,
+so workers start on the first chunk while the rest is stored; if the broker fails, the rest is stored
+unannounced for the sweeper.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Sequence
+from contextlib import ExitStack
+from datetime import timedelta
+from typing import Any
+
+from ..lifecycle import utcnow
+from ..runtime.app import publish_many
+from ..runtime.context import Runtime
+from ..store import batches as batch_store
+from ..store import jobs as store
+from .input import BatchLine, ParsedBatch
+
+__all__ = ["DEFAULT_WINDOW", "store_batch"]
+
+log = logging.getLogger("qbgw.batches")
+
+
+DEFAULT_WINDOW = timedelta(hours=24)
+
+
+def _store_jobs(rt: Runtime, batch_id: str, lines: Sequence[BatchLine], actor: str) -> None:
+    with ExitStack() as stack:
+        producer = _producer(rt, stack)
+        for start in range(0, len(lines), batch_store.CHUNK):
+            jobs = [_new_job(rt, batch_id, line, actor) for line in lines[start : start + batch_store.CHUNK]]
+            with rt.transaction() as session:
+                batch_store.insert_jobs(session=session, jobs=jobs, announced=producer is not None, now=utcnow())
+            if producer is not None and not _publish(rt, producer, [job.id for job in jobs]):
+                producer = None  # the broker failed: store the rest unannounced, for the sweeper
+
+
+def _new_job(rt: Runtime, batch_id: str, line: BatchLine, actor: str) -> store.NewJob:
+    return store.NewJob(id=str(uuid.uuid4()), assistant_id=line.assistant_id, messages=line.messages,
+                        custom_id=line.custom_id, idempotency_key=None, actor=actor,
+                        max_attempts=rt.settings.max_attempts, batch_id=batch_id)  # fmt: skip
+
+
+def _producer(rt: Runtime, stack: ExitStack) -> Any:
+    try:
+        return stack.enter_context(rt.celery.producer_or_acquire())
+    except Exception as exc:  # kombu's errors differ per transport; the sweeper publishes instead
+        log.warning(
+            "broker unavailable (%s): the batch's jobs are stored for the sweeper to publish", type(exc).__name__
+        )
+        return None
+
+
+def _publish(rt: Runtime, producer: Any, job_ids: list[str]) -> bool:
+    try:
+        publish_many(rt.celery, job_ids, producer, queue=rt.settings.effective_batch_queue)
+        return True
+    except Exception as exc:  # kombu's errors differ per transport
+        log.warning("broker failed (%s): %d job(s) left for the sweeper to publish", type(exc).__name__, len(job_ids))
+        with rt.transaction() as session:
+            store.mark_unannounced(session=session, job_ids=job_ids)
+        return False
+
+
+def store_batch(rt: Runtime, parsed: ParsedBatch, *, assistant_id: str | None, window: timedelta, actor: str) -> str:
+    """Store the batch of ``parsed`` lines (validated) and announce its jobs; returns its id.
+
+    Raises:
+        StoreUnavailable: the database cannot be reached (a batch left ``validating`` has the jobs stored so far).
+    """
+    batch_id = str(uuid.uuid4())
+    with rt.transaction() as session:
+        batch_store.create_batch(session=session, batch_id=batch_id, actor=actor, assistant_id=assistant_id,
+                                 total=len(parsed.lines), skipped=len(parsed.problems), window=window,
+                                 now=utcnow())  # fmt: skip
+    _store_jobs(rt, batch_id, parsed.lines, actor)
+    with rt.transaction() as session:
+        batch_store.start(session=session, batch_id=batch_id, now=utcnow())
+    return batch_id

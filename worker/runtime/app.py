@@ -1,0 +1,140 @@
+"""Celery app: made by ``create_celery_app(settings)`` per process, never at import.
+
+The broker is a doorbell: messages carry only a job id (which is also the task id), results
+stay in our database (no Celery result backend), and acks come late so a worker that dies
+mid-task leaves its message to be delivered again; the claim step makes that harmless.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from kombu.entity import Exchange, Queue
+
+from ..errors import BrokerUnavailable
+from ..settings import Settings
+
+__all__ = ["TASK_NAME", "create_celery_app", "publish", "publish_many", "backlog", "ping_broker"]
+
+#: The one task; its only argument is the job id.
+TASK_NAME = "qbgw.run_job"
+
+#: The embedded broker polls its folder this often (kombu's default of 1 s made every round
+#: trip take a whole second on this machine).
+EMBEDDED_POLL_SECONDS = 0.1
+
+
+def create_celery_app(settings: Settings) -> Celery:
+    """A Celery app for ``settings``. It publishes by the task's name (``TASK_NAME``); a worker registers the task
+    itself (``execution.tasks.register``), so producers never import the task."""
+    app = Celery("qbgw", broker=settings.effective_broker_url, set_as_current=False)
+    app.conf.update(
+        task_default_queue=settings.queue,
+        # Interactive jobs and batch jobs wait in separate queues, and workers ask for the
+        # interactive one first (queue_order_strategy "priority"), so a batch of thousands
+        # never stands in front of a web app's single job.
+        task_queues=_queues(settings),
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        result_backend=None,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # One message per free thread: a prefetched message waits for nothing but is lost to
+        # the other workers while it sits here.
+        worker_prefetch_multiplier=1,
+        worker_concurrency=settings.concurrency,
+        worker_pool=settings.pool,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=settings.connect_timeout,
+        broker_transport_options=_transport_options(settings),
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
+    )
+    app.qbgw_settings = settings  # read by the task to build this process's runtime
+    return app
+
+
+def _queues(settings: Settings) -> list[Any]:
+    names = settings.queues
+    return [Queue(name, Exchange(name), routing_key=name) for name in names]  # type: ignore[no-untyped-call]
+
+
+def _transport_options(settings: Settings) -> dict[str, Any]:
+    if settings.is_embedded_broker:
+        folder = settings.broker_dir
+        # kombu needs the folders to exist, and its control folder defaults to ./control
+        # under whatever directory the process happens to run in.
+        for sub in ("queue", "processed", "control"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        return {
+            "data_folder_in": str(folder / "queue"),
+            "data_folder_out": str(folder / "queue"),
+            "processed_folder": str(folder / "processed"),
+            "control_folder": str(folder / "control"),
+            "queue_order_strategy": "priority",
+            "store_processed": False,
+            "polling_interval": EMBEDDED_POLL_SECONDS,
+        }
+    # A message unacknowledged this long is delivered again (Redis). Settings guarantee it
+    # exceeds an attempt's lease, and no countdown is longer than a quarter of it.
+    return {
+        "visibility_timeout": settings.visibility_timeout,
+        "socket_connect_timeout": settings.connect_timeout,
+        "queue_order_strategy": "priority",
+    }
+
+
+def backlog(app: Celery, queue: str, *, unknown_queue: int | None = None) -> int | None:
+    """How many messages wait in ``queue`` (None if the broker cannot say). A queue the broker does not
+    know (never used, or a Redis wiped since) counts as ``unknown_queue``: 0 for a gauge."""
+    try:
+        with app.connection_for_read() as connection:
+            declared = connection.default_channel.queue_declare(queue=queue, passive=True)
+            return int(declared.message_count)
+    except Exception as exc:  # any broker trouble: the caller must assume nothing about the backlog
+        if "NOT_FOUND" in str(exc) or getattr(exc, "code", None) == 404:
+            return unknown_queue
+        return None
+
+
+def ping_broker(app: Celery, *, timeout: float) -> None:
+    """Connect to the broker once.
+
+    Raises:
+        BrokerUnavailable: no connection within about ``timeout`` seconds (the message names the broker,
+            its password hidden).
+    """
+    with app.connection_for_write() as connection:
+        where = connection.as_uri()  # kombu masks a password
+        try:
+            connection.ensure_connection(max_retries=1, interval_start=0, timeout=timeout)
+            connection.default_channel  # noqa: B018 - the filesystem transport "connects" without touching anything
+        except Exception as exc:  # kombu's and the transports' errors differ
+            raise BrokerUnavailable(f"cannot reach broker {where}: {type(exc).__name__}: {exc}") from exc
+
+
+def publish(app: Celery, job_id: str, *, countdown: float | None = None, slot_at: float | None = None,
+            queue: str | None = None) -> None:  # fmt: skip
+    """Ring the doorbell for ``job_id``: a message that carries the id and nothing else (but, for a job
+    the rate limiter rescheduled, the time of the slot it reserved for it: Unix seconds), in ``queue``
+    (None: the interactive one; a batch's jobs go back to the batch queue)."""
+    kwargs = {"slot_at": slot_at} if slot_at is not None else None
+    app.send_task(TASK_NAME, args=[job_id], kwargs=kwargs, task_id=job_id, countdown=countdown, queue=queue)
+
+
+def publish_many(app: Celery, job_ids: list[str], producer: Any, *, queue: str | None = None) -> None:
+    """Ring the doorbell for many jobs through one ``producer`` (``app.producer_or_acquire()``).
+
+    Builds each message as ``send_task`` does, without its per-call option resolution, and
+    declares the queue once, not per message (bench/batch_submit.py measures the difference).
+    Raises the transport's error if the broker fails; the messages before it were published.
+    """
+    target = app.amqp.queues[queue or app.conf.task_default_queue]
+    declare: list[Any] | None = None  # the first message declares the queue (and its binding)
+    for job_id in job_ids:
+        message = app.amqp.create_task_message(job_id, TASK_NAME, [job_id], {})
+        app.amqp.send_task_message(producer, TASK_NAME, message, queue=target, declare=declare)
+        declare = []

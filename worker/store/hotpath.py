@@ -1,0 +1,173 @@
+"""Hot path: the two transactions of every attempt, on PostgreSQL, straight on the psycopg connection.
+
+Every attempt runs two transactions: the claim with its ``attempt.request`` event (committed before the
+call, so a crash mid-call leaves a trace), and the outcome with its events. Through the ORM on PostgreSQL
+they cost six round trips (psycopg sends a BEGIN of its own before a transaction's first statement) and
+about a third of a worker's Python CPU (the Session's machinery: py-spy). Here, on a pooled connection
+switched to autocommit for the duration:
+
+* the claim is one simple-protocol query, ``BEGIN; UPDATE ... RETURNING ...``, and the request event is
+  sealed with the COMMIT (``SELECT ... qbgw_audit_seal(...); COMMIT``): two round trips;
+* a success is one statement, atomic as every statement is: the compare-and-set UPDATE in a CTE, and
+  ``qbgw_audit_seal`` of the ``attempt.response`` and ``job.succeeded`` events if, and only if, it matched
+  a row. One round trip. When it matched nothing (a cancel arrived, the lease was taken over) it wrote
+  nothing, and the caller records the outcome through ``worker.store`` as on any other database.
+
+The statements are ``worker.store``'s own Core statements compiled for PostgreSQL once, and the events
+and values come from the same functions, so the two paths write the same rows. Failures, retries and
+everything else go through ``worker.store`` in a Session, as on SQLite.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any, cast
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import namedtuple_row
+from sqlalchemy import Engine, bindparam
+from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.sql import ClauseElement
+from sqlalchemy.sql.compiler import SQLCompiler
+
+from ..audit.anchors import after_seal
+from ..audit.crypto import Keyring, aad_for
+from ..audit.events import Sealed
+from ..lifecycle import JobStatus
+from ..settings import Settings
+from . import jobs as store
+from .chain import COMMIT_SEALS, SEAL_AND_COMMIT_SQL, seal_argument
+from .db import unavailable
+
+__all__ = ["HotPath", "hot_path_for"]
+
+#: Events for the claim's transaction, made from the claim (none: commit the claim alone).
+RequestEvents = Callable[[store.Claim], list[dict[str, Any]]]
+
+
+def _compile(statement: ClauseElement, dialect: Dialect) -> tuple[str, dict[str, Any]]:
+    """``statement`` as psycopg SQL (``%(name)s`` placeholders) and the values of its constant parameters."""
+    compiled = cast(SQLCompiler, statement.compile(dialect=dialect))
+    sql = compiled.string
+    constants = {name: bind.value for name, bind in compiled.binds.items()
+                 if not bind.required and f"%({name})s" in sql}  # fmt: skip
+    return sql, constants
+
+
+#: The success's changes, one parameter each (``store.finish_parameters`` and ``store.success_values``).
+_SUCCESS_KEYS = ("status", "claimed_by", "lease_expires_at", "updated_at", "answer", "error", "error_class",
+                 "http_status", "finished_at")  # fmt: skip
+
+
+class HotPath:
+    """The claim and the success of an attempt on PostgreSQL (see the module's text). Thread-safe: each call
+    checks a connection out of ``engine``'s pool."""
+
+    def __init__(self, engine: Engine, keyring: Keyring, settings: Settings) -> None:
+        self.engine, self.keyring, self.settings = engine, keyring, settings
+        claim_sql, self._claim_constants = _compile(store._CLAIM, engine.dialect)
+        self._claim_sql = "BEGIN; " + claim_sql
+        update = store._FINISH[False].values({key: bindparam(f"v_{key}") for key in _SUCCESS_KEYS})
+        update_sql, self._succeed_constants = _compile(update, engine.dialect)
+        # The UPDATE runs to completion whether or not the SELECT reads it (a data-modifying CTE), and the
+        # seal's argument reads its RETURNING rows first: the events are sealed only if the row matched.
+        self._succeed_sql = (
+            f"WITH u AS ({update_sql} RETURNING 1) "
+            "SELECT (SELECT count(*) FROM u) AS matched, s.first_seq, s.last_seq, s.last_hash "
+            "FROM qbgw_audit_seal(CASE WHEN (SELECT count(*) FROM u) = 1 THEN %(b_events)s::jsonb "
+            "ELSE '[]'::jsonb END) AS s"
+        )
+
+    def claim(self, *, job_id: str, worker: str, lease_until: datetime, now: datetime,
+              events: RequestEvents) -> store.Claim | None:  # fmt: skip
+        """Take the job for one attempt (as ``store.claim``) and commit it with ``events(claim)``. None: nothing
+        to do (a duplicate delivery, not due, or finished). If ``events`` raises, nothing is changed."""
+        params = {**self._claim_constants, "b_id": job_id, "b_worker": worker, "b_lease_until": lease_until,
+                  "b_now": now}  # fmt: skip
+        with self._connection() as connection, psycopg.ClientCursor(connection, row_factory=namedtuple_row) as cur:
+            cur.execute(self._claim_sql, params)  # BEGIN, then the compare-and-set: one round trip
+            cur.nextset()
+            row = cur.fetchone()
+            if row is None:
+                cur.execute("ROLLBACK")
+                return None
+            claim = store.claim_from_row(job_id, row, self.keyring)
+            pending = events(claim)
+            if not pending:
+                cur.execute("COMMIT")
+                return claim
+            cur.execute(SEAL_AND_COMMIT_SQL.format(sql.Literal(seal_argument(pending))))
+            sealed = cur.fetchone()
+        audit_sealed(self.settings, sealed)
+        return claim
+
+    def succeed(self, *, claim: store.Claim, worker: str, answer: str, response_event: dict[str, Any],
+                now: datetime) -> JobStatus | None:  # fmt: skip
+        """Store the answer and finish the job with its events (as ``store.record_success``), if this worker
+        still holds it and nobody asked to cancel it. None: nothing was written; record the outcome through
+        ``worker.store``, which tells a cancel from a lost lease."""
+        sealed_answer = self.keyring.encrypt(answer, aad=aad_for("jobs", "answer", claim.job_id))
+        where, changes = store.finish_parameters(claim, worker, JobStatus.SUCCEEDED, now,
+                                                 store.success_values(sealed_answer, now))  # fmt: skip
+        events = [response_event, store.succeeded_event(claim, worker)]
+        params = {**self._succeed_constants, **where, **{f"v_{key}": changes[key] for key in _SUCCESS_KEYS},
+                  "b_events": seal_argument(events)}  # fmt: skip
+        with self._connection() as connection, connection.cursor(row_factory=namedtuple_row) as cur:
+            cur.execute(self._succeed_sql, params)  # one statement in autocommit: one round trip
+            row: Any = cur.fetchone()
+        if row is None or row.matched != 1:
+            return None
+        audit_sealed(self.settings, row)
+        return JobStatus.SUCCEEDED
+
+    @contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled connection in autocommit mode (the statements say where transactions begin and end),
+        given back idle and out of autocommit. Raises StoreUnavailable when the database cannot be reached
+        or the connection broke; after any other error the transaction is rolled back."""
+        try:
+            pooled = self.engine.raw_connection()
+        except (SQLAlchemyError, psycopg.OperationalError) as exc:  # the pool hands on the driver's own error
+            raise unavailable(exc) from exc
+        connection: psycopg.Connection[Any] = pooled.driver_connection  # type: ignore[assignment]
+        try:
+            connection.autocommit = True
+            yield connection
+        except psycopg.OperationalError as exc:  # the connection broke, or the server is going away
+            pooled.invalidate(exc)  # (and gives it back)
+            raise unavailable(exc) from exc
+        except BaseException:
+            _give_back(pooled, connection)
+            raise
+        _give_back(pooled, connection)
+
+
+def _give_back(pooled: Any, connection: psycopg.Connection[Any]) -> None:
+    """Roll back what is left open (no round trip when nothing is), leave autocommit, return to the pool."""
+    try:
+        connection.rollback()
+        connection.autocommit = False
+    except psycopg.Error as exc:
+        pooled.invalidate(exc)
+        return
+    pooled.close()
+
+
+def audit_sealed(settings: Settings, row: Any) -> None:
+    """A commit sealed events (``row``: first_seq, last_seq, last_hash): anchor the head when it is due."""
+    if row is not None and row.last_seq is not None and row.last_seq >= row.first_seq:
+        after_seal(settings, Sealed(int(row.first_seq), int(row.last_seq), str(row.last_hash)))
+
+
+def hot_path_for(engine: Engine, keyring: Keyring, settings: Settings) -> HotPath | None:
+    """The hot path for ``engine`` if it is PostgreSQL on psycopg with the server-side seal (the runtime's
+    engines are, once migrated); None elsewhere (SQLite): everything then goes through ``worker.store``."""
+    if engine.dialect.name != "postgresql" or engine.dialect.driver != "psycopg":
+        return None
+    if not getattr(engine.dialect, COMMIT_SEALS, False):
+        return None
+    return HotPath(engine, keyring, settings)

@@ -1,0 +1,190 @@
+"""Models: the tables (batches, jobs, audit events). SQLAlchemy 2.x declarative; no behaviour here.
+
+The tables run unchanged on SQLite and PostgreSQL; the schema itself is owned by Alembic
+(``migrations/``), and a test runs ``alembic check`` so the two cannot drift.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import BigInteger, DateTime, ForeignKey, Index, Integer, MetaData, String, Text, TypeDecorator
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from ..audit.events import GENESIS
+
+__all__ = ["Base", "Batch", "Job", "AuditEvent", "AuditChainHead", "UTCDateTime", "GENESIS"]
+
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp that is always an aware UTC datetime in Python, on every backend.
+
+    SQLite has no time zones and hands back naive values; this puts UTC back on them.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetimes are not stored; use an aware UTC datetime")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        stored: datetime = value
+        return stored.replace(tzinfo=UTC) if stored.tzinfo is None else stored.astimezone(UTC)
+
+
+# SQLite only autoincrements an INTEGER PRIMARY KEY; PostgreSQL gets a 64-bit identity.
+BigIntPK = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Batch(Base):
+    """Jobs submitted together (``qbgw batch``): the batch's lifecycle. Its counts are read from
+    its jobs, so workers never write here."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    #: validating (jobs being stored), in_progress, completed, cancelled or expired.
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    actor: Mapped[str] = mapped_column(String(128))
+    #: The assistant of lines that name none.
+    assistant_id: Mapped[str | None] = mapped_column(String(128))
+    #: Jobs the batch has (its valid lines), and invalid lines skipped at submit.
+    total: Mapped[int] = mapped_column(Integer)
+    skipped: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    in_progress_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    cancelled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    expired_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: The end of the completion window: jobs not finished by then are cancelled.
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class Job(Base):
+    """One gateway request a producer asked for, and where it stands."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    assistant_id: Mapped[str] = mapped_column(String(128))
+    #: JSON: {"messages": [...]} exactly as submitted (PHI, encrypted; NULL once purged).
+    payload: Mapped[str | None] = mapped_column(Text)
+    #: sha256 of the canonical payload: tells a replayed idempotency key from a reused one.
+    payload_digest: Mapped[str] = mapped_column(String(64))
+    custom_id: Mapped[str | None] = mapped_column(String(255), index=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
+    actor: Mapped[str] = mapped_column(String(128), default="")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer)
+    #: The gateway's answer (PHI), set once, on success.
+    answer: Mapped[str | None] = mapped_column(Text)
+    #: Why the job failed, or why the last attempt did (may echo PHI).
+    error: Mapped[str | None] = mapped_column(Text)
+    error_class: Mapped[str | None] = mapped_column(String(64))
+    http_status: Mapped[int | None] = mapped_column(Integer)
+    #: Unexpected failures of class ``error_class`` in a row (InternalError, DecryptionFailed): at
+    #: QBGW_MAX_FAULTS the job fails.
+    faults: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    claimed_by: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: When a broker message for the job was last published; NULL: the sweeper must publish one.
+    announced_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: Set when a cancel arrives while an attempt runs; the attempt then ends the job cancelled.
+    cancel_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: Why the job waits for ``next_attempt_at`` when that is the fleet's rate limit or a 429 cooldown
+    #: (not a failed attempt); cleared when an attempt starts.
+    throttle_reason: Mapped[str | None] = mapped_column(String(32))
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    #: When the retention policy erased the job's PHI (payload, answer, error text).
+    purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: The batch the job was submitted in, if any.
+    batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id"), index=True)
+
+
+class AuditEvent(Base):
+    """One thing that happened, append-only and hash-chained. Holds digests and sizes, never
+    content: ``row_hash`` covers every other column and the previous event's hash."""
+
+    __tablename__ = "audit_events"
+    # Each filter an auditor uses, paired with the order results come in (seq), so a filtered,
+    # limited query reads exactly its own rows (measured by bench/audit_scale.py).
+    __table_args__ = (
+        Index("ix_audit_events_job_id_id", "job_id", "id"),
+        Index("ix_audit_events_actor_seq", "actor", "seq"),
+        Index("ix_audit_events_assistant_id_seq", "assistant_id", "seq"),
+        Index("ix_audit_events_batch_id_seq", "batch_id", "seq"),
+        Index("ix_audit_events_outcome_seq", "outcome", "seq"),
+        Index("ix_audit_events_action_occurred_at", "action", "occurred_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    #: Position in the chain: 1, 2, 3, ... without gaps, in commit order.
+    seq: Mapped[int] = mapped_column(BigInteger, unique=True)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    row_hash: Mapped[str] = mapped_column(String(64))
+    occurred_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    action: Mapped[str] = mapped_column(String(32))
+    job_id: Mapped[str | None] = mapped_column(String(36))
+    batch_id: Mapped[str | None] = mapped_column(String(36))
+    assistant_id: Mapped[str | None] = mapped_column(String(128))
+    attempt: Mapped[int | None] = mapped_column(Integer)
+    actor: Mapped[str] = mapped_column(String(128), default="")
+    #: A short fingerprint of the QB-Token an attempt used (never the token).
+    token_fp: Mapped[str | None] = mapped_column(String(16))
+    outcome: Mapped[str | None] = mapped_column(String(32))
+    http_status: Mapped[int | None] = mapped_column(Integer)
+    error_class: Mapped[str | None] = mapped_column(String(64))
+    latency_ms: Mapped[int | None] = mapped_column(Integer)
+    request_digest: Mapped[str | None] = mapped_column(String(64))
+    request_bytes: Mapped[int | None] = mapped_column(Integer)
+    response_digest: Mapped[str | None] = mapped_column(String(64))
+    response_bytes: Mapped[int | None] = mapped_column(Integer)
+    #: JSON of non-PHI facts (e.g. the retry delay); never message text or answers.
+    detail: Mapped[str | None] = mapped_column(Text)
+
+
+class AuditChainHead(Base):
+    """The chain's last sequence number and hash: one row, locked by every commit that seals
+    events, so that events are chained in commit order."""
+
+    __tablename__ = "audit_chain_head"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    row_hash: Mapped[str] = mapped_column(String(64))
+    #: The first seq chained in format v2 (content hashed before the lock); those before it are v1.
+    v2_from: Mapped[int] = mapped_column(BigInteger, default=1, server_default="1")
+    #: The first seq chained in format v3 (the time given under the lock, and linked); v2 before it.
+    v3_from: Mapped[int] = mapped_column(BigInteger, default=1, server_default="1")
+    #: The time the last seal gave its events: the next seal's is never earlier.
+    last_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

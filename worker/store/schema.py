@@ -1,0 +1,107 @@
+"""Schema: Alembic from code (``qbgw db upgrade``) and the "is this database migrated?" check.
+
+The migrations live in the top-level ``migrations/`` folder beside ``alembic.ini``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy.engine import Connection, Engine
+
+from ..errors import ConfigError, StoreUnavailable
+from ..settings import Settings
+from .db import describe_url, make_engine
+
+__all__ = ["alembic_config", "upgrade", "current_revision", "current_revision_of", "head_revision", "ensure_current",
+           "probe"]  # fmt: skip
+
+ROOT = Path(__file__).resolve().parents[2]  # worker/store/schema.py -> the checkout
+
+
+def alembic_config(url: str) -> Config:
+    """An Alembic config for ``url`` that finds ``migrations/`` wherever qbgw is checked out.
+
+    Raises:
+        ConfigError: the migrations folder is not beside the package (a non-editable install).
+    """
+    ini = ROOT / "alembic.ini"
+    if not (ROOT / "migrations" / "env.py").is_file():
+        raise ConfigError(f"migrations not found under {ROOT}; install qbgw from its source tree (pip install -e .)")
+    config = Config(str(ini))
+    config.set_main_option("script_location", str(ROOT / "migrations"))
+    # ConfigParser interpolation would choke on a "%" in a password.
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    """Run the migrations up to ``revision`` (``head`` by default)."""
+    command.upgrade(alembic_config(url), revision)
+
+
+def head_revision(url: str) -> str | None:
+    return ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+
+
+def current_revision(engine: Engine) -> str | None:
+    with engine.connect() as connection:
+        return current_revision_of(connection)
+
+
+def current_revision_of(connection: Connection) -> str | None:
+    """The revision ``alembic_version`` names, read on ``connection`` (None: not migrated)."""
+    return MigrationContext.configure(connection).get_current_revision()
+
+
+def probe(url: str, *, timeout: float) -> tuple[str | None, str | None]:
+    """(the database's revision, the code's head) for a health check, on a connection of its own.
+
+    Raises:
+        StoreUnavailable: the database cannot be reached within about ``timeout`` seconds.
+        ConfigError: the URL is unusable.
+    """
+    engine = make_engine(url, connect_timeout=timeout)
+    try:
+        current = current_revision(engine)
+    except Exception as exc:  # the driver's own connection errors differ per backend
+        raise StoreUnavailable(f"cannot reach database {describe_url(url)}: {_reason(exc)}") from exc
+    finally:
+        engine.dispose()
+    return current, head_revision(url)
+
+
+def _reason(exc: Exception) -> str:
+    cause = getattr(exc, "orig", None) or exc
+    lines = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
+
+
+def ensure_current(engine: Engine, settings: Settings) -> None:
+    """Make sure the schema is at head before the process uses the database.
+
+    The embedded default (SQLite in the data directory) is migrated on first use; any other
+    database must be migrated by its operator with ``qbgw db upgrade``.
+
+    Raises:
+        ConfigError: the database is behind and is not the embedded default.
+        StoreUnavailable: the database cannot be reached.
+    """
+    url = settings.effective_database_url
+    try:
+        current = current_revision(engine)
+    except Exception as exc:  # the driver's own connection errors differ per backend
+        raise StoreUnavailable(f"cannot reach database {describe_url(url)}: {type(exc).__name__}") from exc
+    head = head_revision(url)
+    if current == head:
+        return
+    if not settings.database_url:
+        upgrade(url)
+        return
+    raise ConfigError(
+        f"database {describe_url(url)} is at revision {current or 'none'}, not {head}: run `qbgw db upgrade`"
+    )
