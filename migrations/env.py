@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from alembic import context
 
+from qbgw.settings import Settings
 from qbgw.store.db import make_engine
 from qbgw.store.models import Base
-from qbgw.settings import Settings
 
 config = context.config
 target_metadata = Base.metadata

@@ -15,11 +15,12 @@ settings.configure(
     ROOT_URLCONF=__name__, ALLOWED_HOSTS=["localhost", "127.0.0.1", "testserver"], SECRET_KEY="replace-me", DEBUG=False
 )
 
-import qbgw  # noqa: E402
 from django.http import HttpRequest, JsonResponse  # noqa: E402
 from django.urls import path, reverse  # noqa: E402
 from django.views.decorators.csrf import csrf_exempt  # noqa: E402
 from django.views.decorators.http import require_GET, require_POST  # noqa: E402
+
+import qbgw  # noqa: E402
 
 ASSISTANT_ID = "65d5f3473d5d68095462165d"
 #: Built once, from the QBGW_* environment: the same database and broker as the workers.

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import qbgw
 from fastapi import FastAPI, Header, HTTPException, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
+
+import qbgw
 
 app = FastAPI()
 ASSISTANT_ID = "65d5f3473d5d68095462165d"

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import qbgw
 from flask import Flask, jsonify, request, url_for
+
+import qbgw
 
 app = Flask(__name__)
 ASSISTANT_ID = "65d5f3473d5d68095462165d"
