@@ -42,7 +42,7 @@ def test_a_worker_makes_one_session_and_renews_it_after_the_gateway_forgets_it(
     assert emu.stats()["sessions_created"] == 1
 
     emu.reconfigure(session_idle_seconds=0.5)  # the session the worker holds is now forgotten when idle
-    time.sleep(1.0)
+    emu.advance(1.0)
     third, third_events = run(app_stack, "after the session expired")
     assert third.status is JobStatus.SUCCEEDED and third.attempts == 2
     responses = [(e.attempt, e.http_status) for e in third_events if e.action == "attempt.response"]

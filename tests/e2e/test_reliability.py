@@ -4,7 +4,6 @@ embedded default and on PostgreSQL + Redis."""
 from __future__ import annotations
 
 import signal
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +11,8 @@ from qbgw import control, producer
 from qbgw.emulator.server import Emulator
 from qbgw.lifecycle import JobStatus
 from qbgw.queries import get_job, job_events, wait_for_job
+from qbgw.runtime.app import backlog
+from qbgw.runtime.locator import runtime
 from qbgw.settings import Settings
 from tests.conftest import ASSISTANT, wait_until
 
@@ -58,8 +59,7 @@ def test_a_worker_killed_mid_call_loses_nothing(
 ) -> None:
     victim = worker_process(stack)
     job_id = submit(stack, "kill my worker [[emulator:sleep=3x1]]")
-    wait_until(lambda: get_job(job_id, settings=stack).status is JobStatus.RUNNING, timeout=30)
-    time.sleep(0.3)  # the request is on the wire
+    wait_until(lambda: len(emu.arrivals()) == 1, timeout=30)  # the request has reached the upstream
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     worker_process(stack)  # a survivor; its sweeper takes the job back when the lease runs out
@@ -82,7 +82,8 @@ def test_a_cancelled_job_is_never_called_or_answered(
     assert control.cancel(running, actor="nurse-7", settings=stack) is JobStatus.RUNNING
     view = wait_for_job(running, timeout=30, settings=stack)
     assert view.status is JobStatus.CANCELLED and view.answer is None
-    time.sleep(1.0)  # the waiting job's message was delivered too: it must have done nothing
+    # The waiting job's message is delivered too (the broker's queues are emptied), and it does nothing.
+    wait_until(lambda: all(backlog(runtime(stack).celery, q, unknown_queue=0) == 0 for q in stack.queues), timeout=30)
     assert get_job(waiting, settings=stack).status is JobStatus.CANCELLED
     assert emu.stats()["requests"] == 1
     cancels = [e for e in job_events(running, settings=stack) if e.action.startswith("job.cancel")]
@@ -112,7 +113,8 @@ def test_a_worker_that_loses_its_database_keeps_the_message_and_finishes_later(
     try:
         through_proxy = production_settings.with_(database_url=url.set(port=proxy.port).render_as_string(False))
         worker_process(through_proxy.with_(sweep_interval=0))
-        time.sleep(2.0)  # let the worker start while the database is there
+        started = submit(production_settings, "the worker is up")  # and it reached the database through the proxy
+        assert wait_for_job(started, timeout=60, settings=production_settings).status is JobStatus.SUCCEEDED
         proxy.cut()
         job_id = submit(production_settings, "the database went away")  # the producer still reaches it
         wait_until(lambda: "database unavailable" in (tmp_path / "worker-0.log").read_text(), timeout=30)

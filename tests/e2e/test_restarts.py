@@ -18,6 +18,7 @@ from sqlalchemy.engine import make_url
 from bench.chaos import PrivateRedis
 from qbgw import producer
 from qbgw.cli.kit import EXIT
+from qbgw.emulator import Emulator
 from qbgw.lifecycle import JobStatus
 from qbgw.queries import get_job, wait_for_job
 from qbgw.settings import Settings
@@ -56,7 +57,11 @@ def until(predicate: Callable[[], bool], workers: Sequence[subprocess.Popen[byte
 
 
 def test_workers_ride_out_redis_restarts_with_jobs_in_flight(
-    restartable_settings: Settings, private_redis: PrivateRedis, worker_process: Callable[..., Any], tmp_path: Path
+    restartable_settings: Settings,
+    private_redis: PrivateRedis,
+    worker_process: Callable[..., Any],
+    tmp_path: Path,
+    emu: Emulator,
 ) -> None:
     settings = restartable_settings.with_(sweep_grace=1.0)
     workers = [worker_process(settings, concurrency=8) for _ in range(2)]
@@ -67,11 +72,12 @@ def test_workers_ride_out_redis_restarts_with_jobs_in_flight(
     until(lambda: all(connections(n) == 1 for n in range(2)), workers, tmp_path)
     jobs: list[str] = []
     for round_ in range(1, ROUNDS + 1):
+        calls = len(emu.arrivals())
         batch = [submit(settings, f"round {round_} job {n} [[emulator:sleep=3]]") for n in range(JOBS_PER_ROUND)]
         jobs += batch
         until(lambda batch=batch: all(get_job(j, settings=settings).status is JobStatus.RUNNING for j in batch),
               workers, tmp_path)  # fmt: skip
-        time.sleep(0.5)  # the upstream calls are under way
+        until(lambda calls=calls: len(emu.arrivals()) >= calls + JOBS_PER_ROUND, workers, tmp_path)  # calls under way
         private_redis.shutdown()  # SHUTDOWN NOSAVE: every connection closed, every message gone
         time.sleep(0.5)
         private_redis.start()

@@ -63,7 +63,7 @@ def test_an_expired_session_gets_a_401_then_renew_makes_a_new_one_and_the_next_c
     tokens = provider(app_settings(em, tmp_path), margin=300.0)
     gateway = GatewayClient(em.url, tokens, timeout=(2.0, 5.0))
     first = tokens.current()  # created now: no expiry announced, so 2 hours are assumed
-    time.sleep(1.3)  # the emulator forgets an idle session after 1 s
+    em.advance(1.3)  # the emulator forgets a session idle for 1 s: its clock moves on, no sleep
     expired = ask(gateway)
     assert expired.status == 401 and expired.error.reasons == ("Required session does not exist",)
     tokens.renew()
@@ -86,7 +86,7 @@ def test_each_call_slides_the_expiry_so_a_busy_session_lives_on(em: Emulator, tm
     gateway = GatewayClient(em.url, provider(app_settings(em, tmp_path)), timeout=(2.0, 5.0))
     for _ in range(4):
         assert ask(gateway).status == 200
-        time.sleep(0.5)
+        em.advance(1.5)  # idle 1.5 s of 2 between calls: each call slides the window
     assert created(em) == 1
 
 

@@ -431,7 +431,8 @@ class Emulator:
         self._lock = threading.Lock()
         self._config = _checked(config or EmulatorConfig())
         self._ledger = Ledger(self._config.fault_seed)
-        self._sessions = Sessions()
+        self._offset = 0.0  # how far the emulator's clock is ahead of the wall clock (advance())
+        self._sessions = Sessions(self.now)
         self._calls: collections.deque[float] = collections.deque()  # the last second's calls, for the plan
         self._server = _Server(self, (host, port))
         self._host = host
@@ -440,6 +441,16 @@ class Emulator:
     @property
     def url(self) -> str:
         return f"http://{self._host}:{self._server.server_port}"
+
+    def now(self) -> float:
+        """The emulator's clock (Unix seconds): sessions expire and signatures are checked against it."""
+        return time.time() + self._offset
+
+    def advance(self, seconds: float) -> None:
+        """Move the emulator's clock ``seconds`` ahead, as if that much time had passed: a test sees an idle
+        session expire without sleeping."""
+        with self._lock:
+            self._offset += seconds
 
     @property
     def config(self) -> EmulatorConfig:

@@ -128,8 +128,9 @@ class _Issued:
 class Sessions:
     """The sessions one emulator issued; thread-safe."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._lock = threading.Lock()
+        self._clock = clock  # the emulator's: a test moves it on instead of sleeping
         self.reset()
 
     def reset(self) -> None:
@@ -176,7 +177,7 @@ class Sessions:
     def _session_of(
         self, config: SessionConfig, token: str | None
     ) -> tuple[dict[str, object], tuple[tuple[str, str], ...]] | None:
-        now = time.time()
+        now = self._clock()
         if token is not None and token in config.tokens:
             static = {"application_id": config.application_id, "user_id": 0, "token": token}
             return static, _expiry(now + _STATIC_LIFETIME)
@@ -197,7 +198,7 @@ class Sessions:
             return error_reply(400, "Request body is not valid JSON")
         if not isinstance(body, dict):
             return error_reply(400, "Request body must be a JSON object")
-        refused = _check_signature(config, body, time.time())
+        refused = _check_signature(config, body, self._clock())
         if refused is not None:
             return refused
         user_id = _user_id(config, body.get("user"))
@@ -206,7 +207,7 @@ class Sessions:
         return self._issue(config, body, user_id)
 
     def _issue(self, config: SessionConfig, body: dict[str, Any], user_id: int) -> Reply:
-        now, app_id = time.time(), config.application_id
+        now, app_id = self._clock(), config.application_id
         pair = (str(body["timestamp"]), str(body["nonce"]))
         with self._lock:
             self._used = {p: at for p, at in self._used.items() if now - at <= 2 * config.session_clock_skew}
