@@ -78,8 +78,14 @@ VERIFY_LIMIT = 60.0
 PROFILE_EVENTS = 100_000
 RUNS = 5
 #: (status, error class) of the permanent answers a failed job gets, as worker.gateway.interpret maps them.
-PERMANENT = ((405, "FeatureDisabled"), (400, "UpstreamRejected"), (422, "UpstreamRejected"),
-             (413, "UpstreamRejected"), (401, "AuthenticationFailed"), (200, "MalformedResponse"))  # fmt: skip
+PERMANENT = (
+    (405, "FeatureDisabled"),
+    (400, "UpstreamRejected"),
+    (422, "UpstreamRejected"),
+    (413, "UpstreamRejected"),
+    (401, "AuthenticationFailed"),
+    (200, "MalformedResponse"),
+)
 FAILED_SHARE = 0.02
 
 
@@ -114,7 +120,7 @@ class World:
                 f"{team}-{i:02d}"
                 for team in ("intake", "portal", "triage", "radiology", "billing")
                 for i in range(1, 9)
-            ],  # fmt: skip
+            ],
             readers=[f"auditor-{i}" for i in range(1, 6)] + [f"care-team-{i}" for i in range(1, 6)],
             workers=[f"qbgw-worker-{i}:{rng.randint(100, 65000)}" for i in range(1, 9)],
             assistants=[_hex(rng, 96) for _ in range(20)],
@@ -145,19 +151,53 @@ def job_events(rng: random.Random, world: World, job_id: str, t0: datetime, batc
     status, error_class = rng.choice(PERMANENT) if failed else (200, None)
     one = {"attempt": 1, **common}
     return [
-        _event(audit.Action.SUBMITTED, t0, producer, request_digest=_hex(rng, 256), request_bytes=payload,
-               detail=json.dumps(detail, sort_keys=True), **common),
-        _event(audit.Action.ATTEMPT_REQUEST, asked, worker, request_digest=_hex(rng, 256),
-               request_bytes=payload + 52, token_fp=world.tokens[(t0 - world.start).days * 3 // DAYS], **one),
-        _event(audit.Action.ATTEMPT_RESPONSE, answered, worker, outcome="permanent" if failed else "answer",
-               http_status=status, error_class=error_class, latency_ms=latency, response_digest=_hex(rng, 256),
-               response_bytes=rng.randint(80, 400) if failed else rng.randint(300, 6000), **one),
-        _event(audit.Action.FAILED if failed else audit.Action.SUCCEEDED, answered, worker,
-               outcome="failed" if failed else "succeeded", http_status=status, error_class=error_class, **one),
-        _event(audit.Action.RESULT_READ, answered + timedelta(seconds=rng.uniform(0.05, 3.0)),
-               producer if rng.random() < 0.8 else rng.choice(world.readers),
-               outcome="failed" if failed else "succeeded", **common),
-    ]  # fmt: skip
+        _event(
+            audit.Action.SUBMITTED,
+            t0,
+            producer,
+            request_digest=_hex(rng, 256),
+            request_bytes=payload,
+            detail=json.dumps(detail, sort_keys=True),
+            **common,
+        ),
+        _event(
+            audit.Action.ATTEMPT_REQUEST,
+            asked,
+            worker,
+            request_digest=_hex(rng, 256),
+            request_bytes=payload + 52,
+            token_fp=world.tokens[(t0 - world.start).days * 3 // DAYS],
+            **one,
+        ),
+        _event(
+            audit.Action.ATTEMPT_RESPONSE,
+            answered,
+            worker,
+            outcome="permanent" if failed else "answer",
+            http_status=status,
+            error_class=error_class,
+            latency_ms=latency,
+            response_digest=_hex(rng, 256),
+            response_bytes=rng.randint(80, 400) if failed else rng.randint(300, 6000),
+            **one,
+        ),
+        _event(
+            audit.Action.FAILED if failed else audit.Action.SUCCEEDED,
+            answered,
+            worker,
+            outcome="failed" if failed else "succeeded",
+            http_status=status,
+            error_class=error_class,
+            **one,
+        ),
+        _event(
+            audit.Action.RESULT_READ,
+            answered + timedelta(seconds=rng.uniform(0.05, 3.0)),
+            producer if rng.random() < 0.8 else rng.choice(world.readers),
+            outcome="failed" if failed else "succeeded",
+            **common,
+        ),
+    ]
 
 
 @dataclass
@@ -439,15 +479,21 @@ def run_backend(backend: str, events: int, force_profile: bool) -> Result:
     scratch = scratch_postgres() if backend == "postgres" else scratch_sqlite(where)
     try:
         with scratch as url:
-            settings = Settings(data_dir=where, database_url=url, anchor_key=Secret(secrets.token_hex(32)),
-                                encryption_keys=Secret("kb:" + base64.b64encode(os.urandom(32)).decode()))  # fmt: skip
+            settings = Settings(
+                data_dir=where,
+                database_url=url,
+                anchor_key=Secret(secrets.token_hex(32)),
+                encryption_keys=Secret("kb:" + base64.b64encode(os.urandom(32)).decode()),
+            )
             say(f"[{backend}] migrating {db.describe_url(url)}")
             schema.upgrade(url)
             say(f"[{backend}] generating, chaining and loading {events:,} events ...")
             source, result.load_seconds = load(url, settings, events, backend == "postgres")
             result.generate_seconds = source.seconds
-            say(f"[{backend}] loaded in {result.load_seconds:.1f} s ({source.seconds:.1f} s of it generating "
-                f"and chaining); verifying ...")  # fmt: skip
+            say(
+                f"[{backend}] loaded in {result.load_seconds:.1f} s ({source.seconds:.1f} s of it generating "
+                f"and chaining); verifying ..."
+            )
             rt = runtime(settings)
             sample = next(EventSource(BATCH, source.world, random.Random(SEED + 2)).batches())
             result.verify = measure_verify(rt, sample, events, force_profile)
@@ -474,16 +520,24 @@ def print_verify(result: Result) -> None:
     v, n = result.verify, result.events
     verdict = "meets" if v.seconds < VERIFY_LIMIT else "MISSES"
     say(f"\n== {result.backend}: verify {n:,} events (requirement: under {VERIFY_LIMIT:.0f} s) ==")
-    say(f"  integrity.verify          {v.seconds:8.2f} s  {_rate(v.events, v.seconds):>12}  events={v.events:,}"
-        f"  ok={v.ok}  -> {verdict} the requirement")  # fmt: skip
+    say(
+        f"  integrity.verify          {v.seconds:8.2f} s  {_rate(v.events, v.seconds):>12}  events={v.events:,}"
+        f"  ok={v.ok}  -> {verdict} the requirement"
+    )
     if v.problem:
         say(f"  problem: {v.problem}")
-    say(f"  baseline: stream only     {v.stream_seconds:8.2f} s  {_rate(n, v.stream_seconds):>12}  "
-        "(the same SELECT, yield_per 20000, no hashing)")  # fmt: skip
-    say(f"  baseline: chain_hash only {v.chain_hash_seconds:8.2f} s  {_rate(n, v.chain_hash_seconds):>12}  "
-        "(canonical JSON + sha256 of rows already in memory)")  # fmt: skip
-    say(f"  baseline: sha256 only     {v.sha256_seconds:8.2f} s  {_rate(n, v.sha256_seconds):>12}  "
-        "(hashlib.sha256 of 400-byte strings)")  # fmt: skip
+    say(
+        f"  baseline: stream only     {v.stream_seconds:8.2f} s  {_rate(n, v.stream_seconds):>12}  "
+        "(the same SELECT, yield_per 20000, no hashing)"
+    )
+    say(
+        f"  baseline: chain_hash only {v.chain_hash_seconds:8.2f} s  {_rate(n, v.chain_hash_seconds):>12}  "
+        "(canonical JSON + sha256 of rows already in memory)"
+    )
+    say(
+        f"  baseline: sha256 only     {v.sha256_seconds:8.2f} s  {_rate(n, v.sha256_seconds):>12}  "
+        "(hashlib.sha256 of 400-byte strings)"
+    )
     if v.seconds > VERIFY_LIMIT:
         say(f"  verify took {v.seconds:.0f} s: OVER the {VERIFY_LIMIT:.0f} s requirement")
     if v.profile:
@@ -531,8 +585,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.events < 1:
         parser.error("--events must be at least 1")
     backends = ("postgres", "sqlite") if args.backend == "both" else (args.backend,)
-    say(f"audit scale bench: {args.events:,} events on {', '.join(backends)}; {os.cpu_count()} CPUs; "
-        f"Python {sys.version.split()[0]}")  # fmt: skip
+    say(
+        f"audit scale bench: {args.events:,} events on {', '.join(backends)}; {os.cpu_count()} CPUs; "
+        f"Python {sys.version.split()[0]}"
+    )
     results = []
     for backend in backends:
         result = run_backend(backend, args.events, args.profile)

@@ -52,7 +52,7 @@ def job_lines(n: int, tag: str) -> list[str]:
                     },
                 ],
             }
-        )  # fmt: skip
+        )
         for i in range(n)
     ]
 
@@ -62,7 +62,8 @@ def time_batch(settings: Settings, jobs: int) -> float:
     started = time.perf_counter()
     view = submit_batch(lines, assistant_id=ASSISTANT, settings=settings)
     elapsed = time.perf_counter() - started
-    assert view.total == jobs and view.pending == jobs, view.summary
+    assert view.total == jobs, view.summary
+    assert view.pending == jobs, view.summary
     return elapsed
 
 
@@ -92,9 +93,11 @@ def publish_rates(settings: Settings, count: int) -> dict[str, float]:
         with app.producer_or_acquire() as shared:
             publish_many(app, ids, shared)
 
-    ways: dict[str, Callable[[], None]] = {"publish() per message": one_by_one,
-                                           "send_task(producer=one)": send_task_shared,
-                                           "publish_many (batches)": amqp_shared}  # fmt: skip
+    ways: dict[str, Callable[[], None]] = {
+        "publish() per message": one_by_one,
+        "send_task(producer=one)": send_task_shared,
+        "publish_many (batches)": amqp_shared,
+    }
     rates = {}
     for name, way in ways.items():
         started = time.perf_counter()
@@ -128,10 +131,14 @@ def run_stack(name: str, args: argparse.Namespace, folder: Path) -> None:
     b, s = statistics.median(batch), statistics.median(single)
     batch_rate, single_rate = args.jobs / b, args.singles / s
     print(f"\n{name}")
-    print(f"  batch of {args.jobs:,} jobs           {b:6.2f} s = {batch_rate:7,.0f} jobs/s   "
-          f"(runs: {', '.join(f'{x:.2f}' for x in batch)} s)")  # fmt: skip
-    print(f"  {args.singles:,} single submits          {s:6.2f} s = {single_rate:7,.0f} jobs/s   "
-          f"(runs: {', '.join(f'{x:.2f}' for x in single)} s)")  # fmt: skip
+    print(
+        f"  batch of {args.jobs:,} jobs           {b:6.2f} s = {batch_rate:7,.0f} jobs/s   "
+        f"(runs: {', '.join(f'{x:.2f}' for x in batch)} s)"
+    )
+    print(
+        f"  {args.singles:,} single submits          {s:6.2f} s = {single_rate:7,.0f} jobs/s   "
+        f"(runs: {', '.join(f'{x:.2f}' for x in single)} s)"
+    )
     print(f"  batch / single                           {batch_rate / single_rate:5.1f} x")
     for way, rate in publishing.items():
         print(f"  publish only, {way:<26} {rate:7,.0f} msgs/s")

@@ -124,8 +124,19 @@ class PrivateRedis:
         self.url = f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                   "--dir", str(self.folder)]  # fmt: skip
+        command = [
+            "redis-server",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.folder),
+        ]
         self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -179,8 +190,12 @@ class Fleet:
 
     def start(self) -> None:
         with open(self.log_dir / f"worker-{self.started}.log", "wb") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "qbgw", "worker", "--loglevel", "WARNING"],
-                                    env=self.env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "qbgw", "worker", "--loglevel", "WARNING"],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         self.started += 1
         self.procs.append(proc)
 
@@ -202,12 +217,24 @@ class Fleet:
 
 def chaos_settings(emulator_url: str, database_url: str, broker_url: str, data_dir: Path) -> Settings:
     return Settings(
-        data_dir=data_dir, database_url=database_url, broker_url=broker_url, base_url=emulator_url,
-        token=Secret(TOKEN), connect_timeout=1.0, read_timeout=2.0, lease_margin=2.0, visibility_timeout=30.0,
-        backoff_base=0.2, backoff_max=2.0, max_attempts=12, retry_deadline=600.0, sweep_interval=1.0,
-        sweep_grace=3.0, queue="qbgw-chaos",
+        data_dir=data_dir,
+        database_url=database_url,
+        broker_url=broker_url,
+        base_url=emulator_url,
+        token=Secret(TOKEN),
+        connect_timeout=1.0,
+        read_timeout=2.0,
+        lease_margin=2.0,
+        visibility_timeout=30.0,
+        backoff_base=0.2,
+        backoff_max=2.0,
+        max_attempts=12,
+        retry_deadline=600.0,
+        sweep_interval=1.0,
+        sweep_grace=3.0,
+        queue="qbgw-chaos",
         encryption_keys=Secret("kchaos:" + base64.b64encode(os.urandom(32)).decode()),
-    )  # fmt: skip
+    )
 
 
 def run_chaos(config: ChaosConfig, *, say: Callable[[str], None] = print) -> ChaosReport:
@@ -218,9 +245,15 @@ def run_chaos(config: ChaosConfig, *, say: Callable[[str], None] = print) -> Cha
     rng = random.Random(config.seed)
     folder = Path(tempfile.mkdtemp(prefix="qbgw-chaos-"))
     log_dir = config.log_dir or folder  # worker logs; kept only when the caller names a folder
-    emulator_config = EmulatorConfig(tokens=frozenset({TOKEN}), assistants=frozenset({ASSISTANT}),
-                                     fault_rate=config.fault_rate, fault_seed=config.seed, hang_seconds=3.0,
-                                     retry_after=1, latency=config.latency)  # fmt: skip
+    emulator_config = EmulatorConfig(
+        tokens=frozenset({TOKEN}),
+        assistants=frozenset({ASSISTANT}),
+        fault_rate=config.fault_rate,
+        fault_seed=config.seed,
+        hang_seconds=3.0,
+        retry_after=1,
+        latency=config.latency,
+    )
     redis = PrivateRedis(folder)
     redis.start()
     try:
@@ -233,8 +266,16 @@ def run_chaos(config: ChaosConfig, *, say: Callable[[str], None] = print) -> Cha
     return report
 
 
-def _run(config: ChaosConfig, settings: Settings, emu: Emulator, redis: PrivateRedis, rng: random.Random,
-         report: ChaosReport, log_dir: Path, say: Callable[[str], None]) -> None:  # fmt: skip
+def _run(
+    config: ChaosConfig,
+    settings: Settings,
+    emu: Emulator,
+    redis: PrivateRedis,
+    rng: random.Random,
+    report: ChaosReport,
+    log_dir: Path,
+    say: Callable[[str], None],
+) -> None:
     fleet = Fleet(settings, config, log_dir)
     started = time.monotonic()
     for _ in range(config.workers):
@@ -265,8 +306,15 @@ def _submit_all(settings: Settings, jobs: int, report: ChaosReport) -> dict[str,
     return texts
 
 
-def _make_chaos(config: ChaosConfig, settings: Settings, fleet: Fleet, redis: PrivateRedis, rng: random.Random,
-                report: ChaosReport, say: Callable[[str], None]) -> float:  # fmt: skip
+def _make_chaos(
+    config: ChaosConfig,
+    settings: Settings,
+    fleet: Fleet,
+    redis: PrivateRedis,
+    rng: random.Random,
+    report: ChaosReport,
+    say: Callable[[str], None],
+) -> float:
     """Kill workers every ``kill_every`` seconds, restart Redis empty once midway; returns the
     monotonic time of the last of these."""
     last = time.monotonic()
@@ -307,9 +355,12 @@ def _wait_all_terminal(settings: Settings, timeout: float, say: Callable[[str], 
 def _count(settings: Settings, emu: Emulator, texts: dict[str, str], report: ChaosReport) -> None:
     with runtime(settings).transaction() as session:
         rows = session.execute(text("SELECT id, status, answer, error_class FROM jobs")).all()
-        results = session.execute(text(
-            "SELECT job_id, count(*) FROM audit_events WHERE action IN ('job.succeeded', 'job.failed', "
-            "'job.cancelled') GROUP BY job_id HAVING count(*) > 1")).all()  # fmt: skip
+        results = session.execute(
+            text(
+                "SELECT job_id, count(*) FROM audit_events WHERE action IN ('job.succeeded', 'job.failed', "
+                "'job.cancelled') GROUP BY job_id HAVING count(*) > 1"
+            )
+        ).all()
         actions = dict(session.execute(text("SELECT action, count(*) FROM audit_events GROUP BY action")).all())
     for job_id, status, stored, error_class in rows:
         if status == "succeeded":
@@ -347,9 +398,16 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.4)
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
-    config = ChaosConfig(jobs=args.jobs, workers=args.workers, concurrency=args.concurrency, kills=args.kills,
-                         kill_every=args.kill_every, fault_rate=args.fault_rate, seed=args.seed,
-                         latency=args.latency)  # fmt: skip
+    config = ChaosConfig(
+        jobs=args.jobs,
+        workers=args.workers,
+        concurrency=args.concurrency,
+        kills=args.kills,
+        kill_every=args.kill_every,
+        fault_rate=args.fault_rate,
+        seed=args.seed,
+        latency=args.latency,
+    )
     report = run_chaos(config, say=lambda line: print(line, flush=True))
     print()
     print("\n".join(report.lines()))

@@ -257,10 +257,22 @@ def start_worker(broker: Broker, workdir: Path, env_extra: dict[str, str]) -> su
     if broker.broker_dir:
         env[ENV_BROKER_DIR] = broker.broker_dir
     cmd = [
-        sys.executable, "-m", "celery", "-A", "bench.embedded_broker", "worker",
-        "--pool", "threads", "-c", str(CONCURRENCY), "-l", "WARNING",
-        "--without-gossip", "--without-mingle", "--without-heartbeat",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "bench.embedded_broker",
+        "worker",
+        "--pool",
+        "threads",
+        "-c",
+        str(CONCURRENCY),
+        "-l",
+        "WARNING",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+    ]
     out_path, err_path = (workdir / f"{broker.name}.worker.{s}" for s in ("stdout", "stderr"))
     with out_path.open("wb") as stdout, err_path.open("wb") as stderr:
         # cwd = the temp dir, so any stray relative-path file a transport creates is cleaned up too

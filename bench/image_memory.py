@@ -52,11 +52,21 @@ def main() -> None:
     config = EmulatorConfig(tokens=frozenset({TOKEN}), assistants=frozenset({ASSISTANT}))
     try:
         with Emulator(config) as emu:
-            settings = Settings(data_dir=folder / "data", base_url=emu.url, token=Secret(TOKEN), image_roots=str(root),
-                                concurrency=1, read_timeout=120)  # fmt: skip
+            settings = Settings(
+                data_dir=folder / "data",
+                base_url=emu.url,
+                token=Secret(TOKEN),
+                image_roots=str(root),
+                concurrency=1,
+                read_timeout=120,
+            )
             env = {**os.environ, **settings.to_env()}
-            worker = subprocess.Popen([sys.executable, "-m", "qbgw", "worker", "-l", "WARNING"], env=env,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "qbgw", "worker", "-l", "WARNING"],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             try:
                 _run(settings, worker.pid, root, size)
             finally:

@@ -71,8 +71,10 @@ def measure(bench: Bench, settings: Settings, checkpoints: Sequence[int], produc
 def report(points: Sequence[tuple[int, int]]) -> list[str]:
     first_n, first = points[0]
     last_n, last = points[-1]
-    lines = [f"RSS after {first_n} jobs: {first / 2**20:.1f} MiB; after {last_n}: {last / 2**20:.1f} MiB; "
-             f"ratio {last / first:.2f} ({(last - first) / 2**20:+.1f} MiB)"]  # fmt: skip
+    lines = [
+        f"RSS after {first_n} jobs: {first / 2**20:.1f} MiB; after {last_n}: {last / 2**20:.1f} MiB; "
+        f"ratio {last / first:.2f} ({(last - first) / 2**20:+.1f} MiB)"
+    ]
     mid = [p for p in points if p[0] >= last_n // 2]
     if len(mid) >= 2 and mid[-1][0] > mid[0][0]:
         per = (mid[-1][1] - mid[0][1]) / (mid[-1][0] - mid[0][0]) * 1000 / 1024

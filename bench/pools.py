@@ -75,8 +75,10 @@ def run(
                 memory[variant.name] += seen
                 say(f"  rep {rep} {variant.name:22} {burst.line()}, worker RSS {seen[0] / 2**20:.0f} MiB")
         report = verify_log(reader="bench.pools", settings=settings)
-        say(f"  audit chain after all bursts: {report.events} events, "
-            f"{'intact' if report.ok else 'BROKEN: ' + str(report.problem)}")  # fmt: skip
+        say(
+            f"  audit chain after all bursts: {report.events} events, "
+            f"{'intact' if report.ok else 'BROKEN: ' + str(report.problem)}"
+        )
         if not report.ok:
             raise RuntimeError(f"the audit chain does not verify: {report.problem}")
     failed = {name: sum(b.failed for b in bursts) for name, bursts in results.bursts.items()}
@@ -88,22 +90,44 @@ def run(
 def table(config: Config, variants: Sequence[Variant], results: Results, memory: dict[str, list[int]]) -> list[str]:
     minimal, cpu_min = results.rate("minimal"), results.cpu_ms("minimal")
     rows = [("pool", "jobs/s", "ideal", "of ideal", "of minimal", "CPU ms/job", "RSS MiB")]
-    rows.append((f"minimal task, threads -c {config.concurrency}", f"{minimal or 0:.1f}", f"{config.ideal:.0f}",
-                 f"{(minimal or 0) / config.ideal:.2f}", "1.00", f"{cpu_min or 0:.2f}", "-"))  # fmt: skip
+    rows.append(
+        (
+            f"minimal task, threads -c {config.concurrency}",
+            f"{minimal or 0:.1f}",
+            f"{config.ideal:.0f}",
+            f"{(minimal or 0) / config.ideal:.2f}",
+            "1.00",
+            f"{cpu_min or 0:.2f}",
+            "-",
+        )
+    )
     for v in variants:
         rate, cpu = results.rate(v.name) or 0.0, results.cpu_ms(v.name) or 0.0
         ideal = v.concurrency / config.latency
         rss = statistics.median(memory[v.name]) / 2**20 if memory[v.name] else 0.0
-        rows.append((f"qbgw, {v.name}", f"{rate:.1f}", f"{ideal:.0f}", f"{rate / ideal:.2f}",
-                     f"{rate / minimal:.2f}" if minimal else "-", f"{cpu:.2f}", f"{rss:.0f}"))  # fmt: skip
+        rows.append(
+            (
+                f"qbgw, {v.name}",
+                f"{rate:.1f}",
+                f"{ideal:.0f}",
+                f"{rate / ideal:.2f}",
+                f"{rate / minimal:.2f}" if minimal else "-",
+                f"{cpu:.2f}",
+                f"{rss:.0f}",
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return [" | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", type=parse_variants, default=parse_variants(DEFAULT_VARIANTS),
-                        help=f"pool:concurrency, comma-separated (default {DEFAULT_VARIANTS})")  # fmt: skip
+    parser.add_argument(
+        "--variants",
+        type=parse_variants,
+        default=parse_variants(DEFAULT_VARIANTS),
+        help=f"pool:concurrency, comma-separated (default {DEFAULT_VARIANTS})",
+    )
     parser.add_argument("--jobs", type=int, default=2000)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--latency", type=float, default=0.2)
@@ -111,8 +135,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     config = Config(jobs=args.jobs, reps=args.reps, latency=args.latency, timeout=args.timeout)
     started = time.monotonic()
-    print(f"{args.jobs} jobs per burst, upstream {args.latency:g}s, medians of {args.reps}; "
-          f"machine: {os.cpu_count()} CPUs, shared with other work", flush=True)  # fmt: skip
+    print(
+        f"{args.jobs} jobs per burst, upstream {args.latency:g}s, medians of {args.reps}; "
+        f"machine: {os.cpu_count()} CPUs, shared with other work",
+        flush=True,
+    )
     results, memory = run(config, args.variants, say=lambda line: print(line, flush=True))
     print()
     print("\n".join(table(config, args.variants, results, memory)))

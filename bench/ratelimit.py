@@ -89,17 +89,38 @@ def rate_of(times: list[float], trim: float = 1.0) -> float:
 def limiter_part(args: argparse.Namespace, emu: Emulator) -> dict[str, object]:
     emu.reset()
     scope, until = uuid.uuid4().hex, time.time() + 2.0 + args.seconds
-    procs = [subprocess.Popen([sys.executable, "-c", _MEMBER, emu.url, REDIS, scope, str(args.limit), str(args.burst),
-                               repr(until), str(args.threads)], stdout=subprocess.PIPE, cwd=ROOT)
-             for _ in range(args.processes)]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _MEMBER,
+                emu.url,
+                REDIS,
+                scope,
+                str(args.limit),
+                str(args.burst),
+                repr(until),
+                str(args.threads),
+            ],
+            stdout=subprocess.PIPE,
+            cwd=ROOT,
+        )
+        for _ in range(args.processes)
+    ]
     reports = [json.loads(p.communicate(timeout=args.seconds + 60)[0]) for p in procs]
     arrivals = emu.arrivals()
     sent = [t for r in reports for t in r["sent"]]
-    return {"part": "limiter alone", "calls": len(arrivals), "rate": rate_of(arrivals),
-            "worst": worst_window(arrivals), "429s": emu.stats()["by_status"].get("429", 0),
-            "note": f"{args.processes} processes x {args.threads} threads; median wait for a slot "
-                    f"{statistics.median(r['median_wait'] for r in reports) * 1000:.0f} ms; worst window "
-                    f"of send times {worst_window(sent)} (as the callers' clocks saw them)"}  # fmt: skip
+    return {
+        "part": "limiter alone",
+        "calls": len(arrivals),
+        "rate": rate_of(arrivals),
+        "worst": worst_window(arrivals),
+        "429s": emu.stats()["by_status"].get("429", 0),
+        "note": f"{args.processes} processes x {args.threads} threads; median wait for a slot "
+        f"{statistics.median(r['median_wait'] for r in reports) * 1000:.0f} ms; worst window "
+        f"of send times {worst_window(sent)} (as the callers' clocks saw them)",
+    }
 
 
 def pipeline_part(args: argparse.Namespace, emu: Emulator, data_dir: Path) -> dict[str, object]:
@@ -109,21 +130,40 @@ def pipeline_part(args: argparse.Namespace, emu: Emulator, data_dir: Path) -> di
     with admin.connect() as connection:
         connection.execute(text(f'CREATE DATABASE "{name}"'))
     url = PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
-    settings = Settings(data_dir=data_dir, database_url=url, broker_url=REDIS, base_url=emu.url, token=Secret(TOKEN),
-                        encryption_keys=Secret(KEYS), queue=f"bench-rl-{uuid.uuid4().hex[:6]}", rate_limit=args.limit,
-                        rate_burst=args.burst, rate_scope=uuid.uuid4().hex, concurrency=args.threads,
-                        sweep_interval=5.0)  # fmt: skip
+    settings = Settings(
+        data_dir=data_dir,
+        database_url=url,
+        broker_url=REDIS,
+        base_url=emu.url,
+        token=Secret(TOKEN),
+        encryption_keys=Secret(KEYS),
+        queue=f"bench-rl-{uuid.uuid4().hex[:6]}",
+        rate_limit=args.limit,
+        rate_burst=args.burst,
+        rate_scope=uuid.uuid4().hex,
+        concurrency=args.threads,
+        sweep_interval=5.0,
+    )
     procs: list[subprocess.Popen[bytes]] = []
     try:
         schema.upgrade(url)
         env = {**os.environ, **settings.to_env()}
         for i in range(args.processes):
             with open(data_dir / f"worker-{i}.log", "wb") as log:
-                procs.append(subprocess.Popen([sys.executable, "-m", "qbgw", "worker", "--loglevel", "WARNING"],
-                                              env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))  # fmt: skip
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "qbgw", "worker", "--loglevel", "WARNING"],
+                        env=env,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        cwd=ROOT,
+                    )
+                )
         jobs = int(args.limit * args.seconds)
-        ids = [producer.submit(ASSISTANT, [{"role": "user", "content": f"job {i}"}], settings=settings)
-               for i in range(jobs)]  # fmt: skip
+        ids = [
+            producer.submit(ASSISTANT, [{"role": "user", "content": f"job {i}"}], settings=settings)
+            for i in range(jobs)
+        ]
         deadline = time.monotonic() + args.seconds * 4 + 60
         while time.monotonic() < deadline and str(job_status(ids[-1], settings=settings)) != "succeeded":
             time.sleep(0.5)
@@ -131,9 +171,14 @@ def pipeline_part(args: argparse.Namespace, emu: Emulator, data_dir: Path) -> di
             time.sleep(0.5)
         arrivals = emu.arrivals()
         busy = int(subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip() or 0)
-        return {"part": "qbgw pipeline", "calls": len(arrivals), "rate": rate_of(arrivals),
-                "worst": worst_window(arrivals), "429s": emu.stats()["by_status"].get("429", 0),
-                "note": f"{args.processes} workers x {args.threads} threads, {jobs} jobs, {busy} CPUs"}  # fmt: skip
+        return {
+            "part": "qbgw pipeline",
+            "calls": len(arrivals),
+            "rate": rate_of(arrivals),
+            "worst": worst_window(arrivals),
+            "429s": emu.stats()["by_status"].get("429", 0),
+            "note": f"{args.processes} workers x {args.threads} threads, {jobs} jobs, {busy} CPUs",
+        }
     finally:
         for proc in procs:
             proc.terminate()
@@ -169,8 +214,10 @@ def main() -> None:
     print(f"{'part':<16}{'calls':>8}{'rate/s':>9}{'worst 1 s':>11}{'bound':>7}{'429s':>6}  held   notes")
     for row in rows:
         held = "yes" if int(row["worst"]) <= bound else "NO"  # type: ignore[call-overload]
-        print(f"{row['part']:<16}{row['calls']:>8}{row['rate']:>9.1f}{row['worst']:>11}{bound:>7g}{row['429s']:>6}"
-              f"  {held:<6} {row['note']}")  # fmt: skip
+        print(
+            f"{row['part']:<16}{row['calls']:>8}{row['rate']:>9.1f}{row['worst']:>11}{bound:>7g}{row['429s']:>6}"
+            f"  {held:<6} {row['note']}"
+        )
 
 
 if __name__ == "__main__":

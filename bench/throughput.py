@@ -173,13 +173,21 @@ class Bench:
     settings: Settings
 
 
-def bench_settings(config: Config, emulator_url: str, data_dir: Path, database_url: str = "",
-                   broker_url: str = "") -> Settings:  # fmt: skip
+def bench_settings(
+    config: Config, emulator_url: str, data_dir: Path, database_url: str = "", broker_url: str = ""
+) -> Settings:
     """qbgw's settings for the bench; without URLs, the embedded default in ``data_dir``."""
     keys = Secret("kb:" + base64.b64encode(os.urandom(32)).decode()) if database_url else Secret("")
-    return Settings(data_dir=data_dir, database_url=database_url, broker_url=broker_url, base_url=emulator_url,
-                    token=Secret(TOKEN), queue="qbgw-bench", encryption_keys=keys,
-                    concurrency=config.concurrency)  # fmt: skip
+    return Settings(
+        data_dir=data_dir,
+        database_url=database_url,
+        broker_url=broker_url,
+        base_url=emulator_url,
+        token=Secret(TOKEN),
+        queue="qbgw-bench",
+        encryption_keys=keys,
+        concurrency=config.concurrency,
+    )
 
 
 # --- processes -------------------------------------------------------------------------------------
@@ -277,8 +285,18 @@ def qbgw_workers(bench: Bench, settings: Settings, count: int = 1) -> Workers:
         per_process = min(settings.concurrency, PG_CONNECTION_BUDGET // count - 4)
         if per_process < settings.concurrency:
             settings = settings.with_(db_pool_size=per_process)
-    argv = [sys.executable, "-m", "qbgw", "worker", "--concurrency", str(settings.concurrency),
-            "--pool", settings.pool, "--loglevel", "WARNING"]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "qbgw",
+        "worker",
+        "--concurrency",
+        str(settings.concurrency),
+        "--pool",
+        settings.pool,
+        "--loglevel",
+        "WARNING",
+    ]
     if bench.config.switch_interval is not None:  # a what-if: the same worker, another GIL switch interval
         start = f"import runpy, sys; sys.setswitchinterval({bench.config.switch_interval / 1000!r}); "
         argv[1:3] = ["-c", start + "runpy.run_module('worker', run_name='__main__')"]
@@ -286,13 +304,34 @@ def qbgw_workers(bench: Bench, settings: Settings, count: int = 1) -> Workers:
 
 
 def minimal_workers(bench: Bench, count: int = 1) -> Workers:
-    argv = [sys.executable, "-m", "celery", "-A", "bench.minimal_app", "worker", "--pool", "threads",
-            "-c", str(bench.config.concurrency), "--loglevel", "WARNING", "-Q", MINIMAL_QUEUE,
-            "--without-gossip", "--without-mingle", "--without-heartbeat",
-            f"--hostname=minimal-{{n}}-{uuid.uuid4().hex[:6]}@%h"]  # fmt: skip
-    env = {"BENCH_MIN_BROKER_URL": bench.redis_url, "BENCH_MIN_DATABASE_URL": bench.database_url,
-           "BENCH_MIN_GATEWAY_URL": bench.emu.url, "BENCH_MIN_TOKEN": TOKEN, "BENCH_MIN_ASSISTANT": ASSISTANT,
-           "BENCH_MIN_QUEUE": MINIMAL_QUEUE}  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "bench.minimal_app",
+        "worker",
+        "--pool",
+        "threads",
+        "-c",
+        str(bench.config.concurrency),
+        "--loglevel",
+        "WARNING",
+        "-Q",
+        MINIMAL_QUEUE,
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+        f"--hostname=minimal-{{n}}-{uuid.uuid4().hex[:6]}@%h",
+    ]
+    env = {
+        "BENCH_MIN_BROKER_URL": bench.redis_url,
+        "BENCH_MIN_DATABASE_URL": bench.database_url,
+        "BENCH_MIN_GATEWAY_URL": bench.emu.url,
+        "BENCH_MIN_TOKEN": TOKEN,
+        "BENCH_MIN_ASSISTANT": ASSISTANT,
+        "BENCH_MIN_QUEUE": MINIMAL_QUEUE,
+    }
     return Workers(argv, env, bench.folder / "minimal-workers.log", count)
 
 
@@ -352,8 +391,10 @@ class DbSampler:
         self.note = f"machine CPU {100 * busy / total:.0f}% busy of {cores} cores"
         if self.engine is not None and self.samples:
             mean = [statistics.fmean(column) for column in zip(*self.samples, strict=True)]
-            self.note += (f"; db sessions: {mean[0]:.1f} running a statement, {mean[1]:.1f} of them waiting on a"
-                          f" lock, {mean[2]:.1f} idle in transaction")  # fmt: skip
+            self.note += (
+                f"; db sessions: {mean[0]:.1f} running a statement, {mean[1]:.1f} of them waiting on a"
+                f" lock, {mean[2]:.1f} idle in transaction"
+            )
 
 
 # --- the pipeline ----------------------------------------------------------------------------------
@@ -488,10 +529,16 @@ def pipeline_burst(
         with ThreadPoolExecutor(config.producers) as pool:
             list(pool.map(lambda n: _submit(settings, tag, n), range(config.jobs)))
 
-    plan = Plan(qbgw_workers(bench, settings, workers), lambda fleet: _warm_pipeline(settings, fleet, 120),
-                publish_all, lambda: _counts(settings, tag)[0], runtime(settings).celery, settings.queue,
-                bench.engine if settings.database_url else None,
-                idle_queues=(settings.effective_batch_queue,))  # fmt: skip
+    plan = Plan(
+        qbgw_workers(bench, settings, workers),
+        lambda fleet: _warm_pipeline(settings, fleet, 120),
+        publish_all,
+        lambda: _counts(settings, tag)[0],
+        runtime(settings).celery,
+        settings.queue,
+        bench.engine if settings.database_url else None,
+        idle_queues=(settings.effective_batch_queue,),
+    )
     start, burst = timed_burst(plan, config, live=live, on_start=on_start, on_end=on_end)
     burst.seconds = _last_finished(settings, tag) - start
     burst.failed = config.jobs - _counts(settings, tag)[1]
@@ -583,8 +630,15 @@ def minimal_burst(bench: Bench, workers: int = 1, *, live: bool = False) -> Burs
         for n in range(config.jobs):
             app.send_task(minimal_app.CALL, args=[f"{tag}:{n}", f"minimal job {n}"])
 
-    plan = Plan(minimal_workers(bench, workers), lambda fleet: _warm_minimal(bench, app, fleet), publish_all,
-                lambda: _rows(bench, tag), app, MINIMAL_QUEUE, bench.engine)  # fmt: skip
+    plan = Plan(
+        minimal_workers(bench, workers),
+        lambda fleet: _warm_minimal(bench, app, fleet),
+        publish_all,
+        lambda: _rows(bench, tag),
+        app,
+        MINIMAL_QUEUE,
+        bench.engine,
+    )
     start, burst = timed_burst(plan, config, live=live)
     with bench.engine.connect() as connection:
         query = text(f"SELECT max(done_at) FROM {minimal_app.TABLE} WHERE id LIKE :tag")
@@ -694,9 +748,22 @@ def part_profile(bench: Bench, results: Results) -> None:
     recorders: list[subprocess.Popen[bytes]] = []
 
     def attach(fleet: Workers) -> None:
-        argv = [spy, "record", "--pid", str(fleet.procs[0].pid), "--duration", str(int(seconds)), "--rate", "200",
-                "--format", "raw", "--nonblocking", "-o", str(out),
-                "--gil" if bench.config.profile_mode == "gil" else "--idle"]  # fmt: skip
+        argv = [
+            spy,
+            "record",
+            "--pid",
+            str(fleet.procs[0].pid),
+            "--duration",
+            str(int(seconds)),
+            "--rate",
+            "200",
+            "--format",
+            "raw",
+            "--nonblocking",
+            "-o",
+            str(out),
+            "--gil" if bench.config.profile_mode == "gil" else "--idle",
+        ]
         recorders.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
 
     burst = pipeline_burst(bench, bench.settings, on_start=attach)
@@ -826,19 +893,19 @@ def _live_rows(config: Config, r: Results) -> list[Row]:
             _fmt(live),
             f"minimal task {_fmt(minimal)}",
             f"{_ratio(live, config.ideal)} of ideal; {_ratio(live, minimal)} of minimal",
-        ),  # fmt: skip
+        ),
         (
             f"producer submit()/s, {threads}, worker paused",
             _fmt(paused),
             f"send_task/s, 1 thread {_fmt(publish)}",
             f"{_ratio(paused, publish)} of send_task",
-        ),  # fmt: skip
+        ),
         (
             f"producer submit()/s, {threads}, worker running",
             _fmt(running),
             f"ideal {config.ideal:.0f}",
             f"{_ratio(running, config.ideal)} of ideal",
-        ),  # fmt: skip
+        ),
     ]
 
 
@@ -862,7 +929,7 @@ def _multi_rows(config: Config, r: Results, head: str) -> list[Row]:
                 _fmt(cpu, 2),
                 f"minimal task {_fmt(cpu_min, 2)}",
                 _times(cpu, cpu_min),
-            ),  # fmt: skip
+            ),
         ]
     return rows
 
@@ -888,7 +955,7 @@ def _embedded_rows(config: Config, r: Results, head: str) -> list[Row]:
                 _fmt(cpu, 2),
                 f"PostgreSQL + Redis pipeline {_fmt(cpu_pipe, 2)}",
                 _times(cpu, cpu_pipe),
-            ),  # fmt: skip
+            ),
         ]
     return rows
 
@@ -908,9 +975,15 @@ def _latency_rows(r: Results) -> list[Row]:
     for label, q in (("median", 0.5), ("p99", 0.99)):
         value = {name: 1000 * _quantile(times, q) for name, times in r.latencies.items()}
         anchors = "; ".join(f"{name} {value[name]:.1f}" for name in ("minimal", "insert-only", "no-op"))
-        rows.append((f"submit -> result ms, upstream at once, {label}", f"{value['pipeline']:.1f}", anchors,
-                     f"{_ratio(value['pipeline'], value['minimal'])} of minimal; "
-                     f"{_ratio(value['pipeline'], value['no-op'])} of no-op"))  # fmt: skip
+        rows.append(
+            (
+                f"submit -> result ms, upstream at once, {label}",
+                f"{value['pipeline']:.1f}",
+                anchors,
+                f"{_ratio(value['pipeline'], value['minimal'])} of minimal; "
+                f"{_ratio(value['pipeline'], value['no-op'])} of no-op",
+            )
+        )
         submit = value["pipeline submit()"]
         rows.append((f"  of which the submit() call, {label}", f"{submit:.1f}", "", ""))
     return rows
@@ -943,8 +1016,9 @@ def bench_environment(config: Config, say: Say, prefix: str) -> Iterator[Bench]:
     if shutil.which("redis-server") is None:
         raise RuntimeError("the bench needs the redis-server program")
     folder = Path(tempfile.mkdtemp(prefix=prefix))
-    emulator_config = EmulatorConfig(tokens=frozenset({TOKEN}), assistants=frozenset({ASSISTANT}),
-                                     latency=config.latency)  # fmt: skip
+    emulator_config = EmulatorConfig(
+        tokens=frozenset({TOKEN}), assistants=frozenset({ASSISTANT}), latency=config.latency
+    )
     private = PrivateRedis(folder)
     private.start()
     try:
@@ -973,8 +1047,11 @@ def run(config: Config, say: Say = print) -> Results:
 
 def _run_parts(bench: Bench, results: Results) -> None:
     parts: dict[str, Callable[[Bench, Results], None]] = {
-        "throughput": part_throughput, "latency": part_latency, "multi": part_multi, "embedded": part_embedded,
-    }  # fmt: skip
+        "throughput": part_throughput,
+        "latency": part_latency,
+        "multi": part_multi,
+        "embedded": part_embedded,
+    }
     titles = {
         "throughput": f"1. throughput, {bench.config.jobs} jobs, upstream {bench.config.latency:g}s",
         "latency": f"2. submit -> result, {bench.config.sequential} sequential jobs, upstream at once",
@@ -1014,21 +1091,40 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {','.join(PARTS)}")
     parser.add_argument("--profile", type=Path, help="also profile one pipeline burst with py-spy into this file")
     parser.add_argument("--profile-seconds", type=float, default=20.0)
-    parser.add_argument("--profile-mode", choices=("gil", "wall"), default="gil",
-                        help="gil: sample the GIL holder (CPU); wall: every thread, waiting ones too")  # fmt: skip
-    parser.add_argument("--worker-switch-interval", type=float, metavar="MS",
-                        help="what-if: start the qbgw workers with sys.setswitchinterval(MS / 1000)")  # fmt: skip
+    parser.add_argument(
+        "--profile-mode",
+        choices=("gil", "wall"),
+        default="gil",
+        help="gil: sample the GIL holder (CPU); wall: every thread, waiting ones too",
+    )
+    parser.add_argument(
+        "--worker-switch-interval",
+        type=float,
+        metavar="MS",
+        help="what-if: start the qbgw workers with sys.setswitchinterval(MS / 1000)",
+    )
     parser.add_argument("--timeout", type=float, default=600.0, help="longest wait for one burst (s)")
     args = parser.parse_args(argv)
     parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
     unknown = set(parts) - set(PARTS)
     if unknown:
         parser.error(f"unknown parts: {', '.join(sorted(unknown))}")
-    return Config(jobs=args.jobs, concurrency=args.concurrency, latency=args.latency, reps=args.reps,
-                  producers=args.producers, sequential=args.sequential, parts=parts, pool=args.pool,
-                  workers=tuple(int(n) for n in args.workers.split(",") if n.strip()),
-                  profile=args.profile, profile_seconds=args.profile_seconds, profile_mode=args.profile_mode,
-                  switch_interval=args.worker_switch_interval, timeout=args.timeout)  # fmt: skip
+    return Config(
+        jobs=args.jobs,
+        concurrency=args.concurrency,
+        latency=args.latency,
+        reps=args.reps,
+        producers=args.producers,
+        sequential=args.sequential,
+        parts=parts,
+        pool=args.pool,
+        workers=tuple(int(n) for n in args.workers.split(",") if n.strip()),
+        profile=args.profile,
+        profile_seconds=args.profile_seconds,
+        profile_mode=args.profile_mode,
+        switch_interval=args.worker_switch_interval,
+        timeout=args.timeout,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -32,6 +32,25 @@ ASSISTANT = "65d5f3473d5d68095462165d"
 ROOT = Path(__file__).resolve().parent.parent
 
 
+#: Fixtures (and parameters) that mean a test needs a server; the markers are given from them, so they are true.
+_POSTGRES = {"pg", "pg_database", "production_settings", "restartable_settings", "owner_settings"}
+_REDIS = {"redis_url", "production_settings", "private_redis"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test by what it runs on: ``e2e`` (real processes), ``postgres``, ``redis``."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if "tests/e2e/" in item.nodeid:
+            item.add_marker(pytest.mark.e2e)
+        stack = params.get("stack")
+        if fixtures & _POSTGRES or params.get("backend") == "postgres" or stack == "redis+postgres":
+            item.add_marker(pytest.mark.postgres)
+        if fixtures & _REDIS or stack == "redis+postgres":
+            item.add_marker(pytest.mark.redis)
+
+
 def require_service(name: str, reachable: bool) -> None:
     """Skip when a service is absent on a developer's machine; fail when CI is set."""
     if reachable:
@@ -119,8 +138,12 @@ def pg() -> Iterator[PgDatabase]:
     with admin.connect() as connection:
         connection.execute(text(f'CREATE DATABASE "{name}" OWNER "{OWNER_ROLE}"'))
     on_database = make_url(PG_ADMIN_URL).set(database=name)
-    urls = PgDatabase(*(on_database.set(username=user).render_as_string(hide_password=False)
-                        for user in (on_database.username, OWNER_ROLE, APP_ROLE)))  # fmt: skip
+    urls = PgDatabase(
+        *(
+            on_database.set(username=user).render_as_string(hide_password=False)
+            for user in (on_database.username, OWNER_ROLE, APP_ROLE)
+        )
+    )
     from qbgw.store import roles, schema
 
     schema.upgrade(urls.owner)
@@ -152,8 +175,12 @@ def _truncate(url: str) -> None:
         with engine.begin() as connection:
             connection.execute(text("SET LOCAL session_replication_role = replica"))
             connection.execute(text("TRUNCATE jobs, batches, audit_events"))
-            connection.execute(text(f"UPDATE audit_chain_head SET seq = 0, row_hash = '{GENESIS}', v2_from = 1, "
-                                    "v3_from = 1, last_at = NULL"))
+            connection.execute(
+                text(
+                    f"UPDATE audit_chain_head SET seq = 0, row_hash = '{GENESIS}', v2_from = 1, "
+                    "v3_from = 1, last_at = NULL"
+                )
+            )
     finally:
         engine.dispose()
 
@@ -264,8 +291,11 @@ def worker_process(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[by
         with open(tmp_path / f"worker-{len(started)}.log", "wb") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "qbgw", "worker", "--loglevel", "INFO"],
-                env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-            )  # fmt: skip
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+            )
         started.append(proc)
         return proc
 

@@ -22,8 +22,19 @@ from .settings import Settings
 from .store import chain, maintenance, roles
 from .upstream import auth
 
-__all__ = ["Rotation", "Dropped", "rotate_keys", "purge_phi", "count_by_key", "drop_audit_before", "sweep",
-           "anchor_now", "verify_log", "head_hash", "check_auth"]
+__all__ = [
+    "Rotation",
+    "Dropped",
+    "rotate_keys",
+    "purge_phi",
+    "count_by_key",
+    "drop_audit_before",
+    "sweep",
+    "anchor_now",
+    "verify_log",
+    "head_hash",
+    "check_auth",
+]
 
 
 @dataclass(frozen=True)
@@ -46,8 +57,10 @@ def rotate_keys(*, actor: str = "operator", settings: Settings | None = None, ma
     """
     rt = runtime(settings)
     if rt.settings.encryption_keys:
-        raise ConfigError("keys come from QBGW_ENCRYPTION_KEYS: add the new key first in that list and restart; "
-                          "`qbgw keys rotate` rotates a keyring file")  # fmt: skip
+        raise ConfigError(
+            "keys come from QBGW_ENCRYPTION_KEYS: add the new key first in that list and restart; "
+            "`qbgw keys rotate` rotates a keyring file"
+        )
     current = Keyring.load(rt.settings.keyring_path)
     rotated, new_id = current.with_new_primary()
     rotated.save(rt.settings.keyring_path)
@@ -63,8 +76,13 @@ def rotate_keys(*, actor: str = "operator", settings: Settings | None = None, ma
         if done == 0:
             time.sleep(settling)  # processes may still encrypt with the old key until then
     with rt.transaction() as session:
-        audit.record(session=session, action=audit.Action.KEY_ROTATED, job_id=None, actor=actor,
-                     detail={"old_primary": current.primary, "new_primary": new_id, "values": total})  # fmt: skip
+        audit.record(
+            session=session,
+            action=audit.Action.KEY_ROTATED,
+            job_id=None,
+            actor=actor,
+            detail={"old_primary": current.primary, "new_primary": new_id, "values": total},
+        )
     return Rotation(current.primary, new_id, total)
 
 
@@ -130,8 +148,13 @@ def drop_audit_before(*, before: datetime, actor: str = "operator", settings: Se
             return Dropped(0, 0)
         write_anchor(rt.settings, *last, kind="base")
         count = maintenance.delete_through(session, last[0])
-        audit.record(session=session, action=audit.Action.AUDIT_DROPPED, job_id=None, actor=actor,
-                     detail={"through_seq": last[0], "events": count, "before": before.isoformat()})  # fmt: skip
+        audit.record(
+            session=session,
+            action=audit.Action.AUDIT_DROPPED,
+            job_id=None,
+            actor=actor,
+            detail={"through_seq": last[0], "events": count, "before": before.isoformat()},
+        )
     return Dropped(last[0], count)
 
 
@@ -169,8 +192,14 @@ def verify_log(*, reader: str | None = None, settings: Settings | None = None) -
         detail: dict[str, int | None] = {"events": report.events, "anchors": report.anchors}
         if report.problem is not None:
             detail["first_bad_seq"] = report.problem.seq
-        audit.record(session=session, action=audit.Action.AUDIT_VERIFIED, job_id=None,
-                     actor=reader or rt.settings.actor or "auditor", outcome=outcome, detail=detail)  # fmt: skip
+        audit.record(
+            session=session,
+            action=audit.Action.AUDIT_VERIFIED,
+            job_id=None,
+            actor=reader or rt.settings.actor or "auditor",
+            outcome=outcome,
+            detail=detail,
+        )
     return report
 
 

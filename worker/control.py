@@ -44,8 +44,13 @@ def replay(job_id: str, *, actor: str | None = None, settings: Settings | None =
     """
     rt = runtime(settings)
     with rt.transaction() as session:
-        attempt = store.replay(session=session, job_id=job_id, actor=actor or rt.settings.actor or "operator",
-                               extra_attempts=rt.settings.max_attempts, now=utcnow())  # fmt: skip
+        attempt = store.replay(
+            session=session,
+            job_id=job_id,
+            actor=actor or rt.settings.actor or "operator",
+            extra_attempts=rt.settings.max_attempts,
+            now=utcnow(),
+        )
     announce(rt, job_id)  # if the broker is down, the job waits in the database for the sweeper
     return attempt
 

@@ -17,8 +17,17 @@ from typing import Any
 from .errors import InvalidImage, InvalidMessages
 from .images.refs import Policy, check
 
-__all__ = ["ROLES", "REQUEST_FIELDS", "MAX_KEY", "check_fields", "load_json", "validate_assistant_id",
-           "validate_key", "validate_messages", "image_urls"]  # fmt: skip
+__all__ = [
+    "ROLES",
+    "REQUEST_FIELDS",
+    "MAX_KEY",
+    "check_fields",
+    "load_json",
+    "validate_assistant_id",
+    "validate_key",
+    "validate_messages",
+    "image_urls",
+]
 
 ROLES = ("system", "developer", "user", "assistant")
 PART_TYPES = ("text", "image_url")

@@ -125,14 +125,14 @@ def submit_batch(
         raise InvalidMessages("window: must be positive")
     default = assistant_id or rt.settings.assistant_id or None
     raw = batch_input.read_lines(source) if isinstance(source, str | os.PathLike) else source
-    parsed = batch_input.parse_lines(raw, default_assistant=default, policy=policy(rt.settings),
-                                     skip_invalid=skip_invalid)  # fmt: skip
-    batch_id = store_batch(rt, parsed, assistant_id=default, window=span,
-                           actor=actor or rt.settings.actor or "producer")  # fmt: skip
+    parsed = batch_input.parse_lines(
+        raw, default_assistant=default, policy=policy(rt.settings), skip_invalid=skip_invalid
+    )
+    batch_id = store_batch(
+        rt, parsed, assistant_id=default, window=span, actor=actor or rt.settings.actor or "producer"
+    )
     return replace(current(rt, batch_id), problems=tuple(parsed.problems))
 
 
 def _optional_key(name: str, value: object) -> str | None:
     return None if value is None else validate_key(name, value)
-
-

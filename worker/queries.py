@@ -21,8 +21,20 @@ from .store import batches as batch_store
 from .store import reads
 from .store.reads import AuditFilter, JobView
 
-__all__ = ["JobView", "AuditFilter", "get_job", "job_status", "wait_for_job", "job_events", "failed_jobs",
-           "audit_query", "get_batch", "list_batches", "wait_for_batch", "batch_results"]
+__all__ = [
+    "JobView",
+    "AuditFilter",
+    "get_job",
+    "job_status",
+    "wait_for_job",
+    "job_events",
+    "failed_jobs",
+    "audit_query",
+    "get_batch",
+    "list_batches",
+    "wait_for_batch",
+    "batch_results",
+]
 
 
 def _reader(rt: Runtime, reader: str | None) -> str:

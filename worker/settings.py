@@ -20,8 +20,17 @@ from typing import Any
 from .errors import ConfigError
 from .lifecycle import RetryPolicy
 
-__all__ = ["Secret", "Settings", "PREFIX", "prometheus_multiproc_dir", "reference", "reference_markdown",
-           "parse_assistant_rates", "MAX_IMAGE_BYTES", "MAX_REQUEST_BYTES"]
+__all__ = [
+    "Secret",
+    "Settings",
+    "PREFIX",
+    "prometheus_multiproc_dir",
+    "reference",
+    "reference_markdown",
+    "parse_assistant_rates",
+    "MAX_IMAGE_BYTES",
+    "MAX_REQUEST_BYTES",
+]
 
 #: Every setting is read from an environment variable with this prefix.
 PREFIX = "QBGW_"
@@ -274,12 +283,15 @@ class Settings:
             )
         if self.pool == "gevent":
             raise ConfigError(GEVENT_REFUSED)
-        for name, allowed in (("auth", ("static", "application", "user", "apikey")),
-                              ("pool", ("threads", "prefork", "solo")),
-                              ("log_format", ("auto", "json", "text"))):  # fmt: skip
+        for name, allowed in (
+            ("auth", ("static", "application", "user", "apikey")),
+            ("pool", ("threads", "prefork", "solo")),
+            ("log_format", ("auto", "json", "text")),
+        ):
             if getattr(self, name) not in allowed:
-                raise ConfigError(f"{PREFIX}{name.upper()} must be one of {', '.join(allowed)}; "
-                                  f"got {getattr(self, name)!r}")  # fmt: skip
+                raise ConfigError(
+                    f"{PREFIX}{name.upper()} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}"
+                )
         try:
             self.assistant_rates  # noqa: B018 - parsed now, so a typo fails at start, not at the first job
         except ValueError as exc:
@@ -288,19 +300,40 @@ class Settings:
             raise ConfigError(f"{PREFIX}BASE_URL must start with http:// or https://; got {self.base_url!r}")
 
     def _check_ranges(self) -> None:
-        for name in ("connect_timeout", "read_timeout", "backoff_base", "backoff_max", "sweep_grace",
-                     "retry_deadline", "lease_margin", "visibility_timeout"):  # fmt: skip
+        for name in (
+            "connect_timeout",
+            "read_timeout",
+            "backoff_base",
+            "backoff_max",
+            "sweep_grace",
+            "retry_deadline",
+            "lease_margin",
+            "visibility_timeout",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be a positive number of seconds")
         for name in ("rate_cooldown", "rate_cooldown_max"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be a positive number of seconds")
-        for name in ("audit_retention_days", "sweep_interval", "heap_trim_interval", "db_pool_size", "rate_limit",
-                     "rate_limit_per_assistant", "rate_max_sleep"):  # fmt: skip
+        for name in (
+            "audit_retention_days",
+            "sweep_interval",
+            "heap_trim_interval",
+            "db_pool_size",
+            "rate_limit",
+            "rate_limit_per_assistant",
+            "rate_max_sleep",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be 0 or more")
-        for name in ("max_attempts", "max_faults", "concurrency", "audit_anchor_events", "rate_burst",
-                     "max_request_bytes"):  # fmt: skip
+        for name in (
+            "max_attempts",
+            "max_faults",
+            "concurrency",
+            "audit_anchor_events",
+            "rate_burst",
+            "max_request_bytes",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be at least 1")
         if not 0 <= self.metrics_port <= 65535:
@@ -401,8 +434,14 @@ class Documented:
     section: str
 
 
-_KINDS = {"str": "text", "int": "integer", "float": "number", "bool": "true/false", "Path": "path",
-          "Secret": "secret (text, or `@file`)"}  # fmt: skip
+_KINDS = {
+    "str": "text",
+    "int": "integer",
+    "float": "number",
+    "bool": "true/false",
+    "Path": "path",
+    "Secret": "secret (text, or `@file`)",
+}
 
 
 def reference() -> list[Documented]:
@@ -423,8 +462,15 @@ def reference() -> list[Documented]:
         seen_line = node.lineno
         doc = after.value.value if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) else ""
         name = node.target.id
-        found.append(Documented(PREFIX + name.upper(), _KINDS.get(ast.unparse(node.annotation), "text"),
-                                _shown_default(defaults[name]), " ".join(str(doc).split()), section))  # fmt: skip
+        found.append(
+            Documented(
+                PREFIX + name.upper(),
+                _KINDS.get(ast.unparse(node.annotation), "text"),
+                _shown_default(defaults[name]),
+                " ".join(str(doc).split()),
+                section,
+            )
+        )
     return found
 
 
@@ -437,7 +483,7 @@ def _shown_default(f: Any) -> str:
     if isinstance(value, Path):
         home = str(Path.home())
         text = str(value)
-        return f"`{'~' + text[len(home):] if text.startswith(home) else text}`"
+        return f"`{'~' + text[len(home) :] if text.startswith(home) else text}`"
     if value == "" or value is None:
         return "(empty)"
     if isinstance(value, bool):

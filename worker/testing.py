@@ -88,8 +88,9 @@ class Harness:
 
 
 @contextmanager
-def harness(data_dir: str | os.PathLike[str], *, environ: bool = True, emulator: EmulatorConfig | None = None,
-            **settings: Any) -> Iterator[Harness]:  # fmt: skip
+def harness(
+    data_dir: str | os.PathLike[str], *, environ: bool = True, emulator: EmulatorConfig | None = None, **settings: Any
+) -> Iterator[Harness]:
     """A private qbgw for a test: SQLite in ``data_dir``, an in-memory broker, the emulator in a thread, a
     random encryption key; ``settings`` override any :class:`~worker.settings.Settings` field (short backoffs
     by default, so retries drain fast). With ``environ`` (the default) the ``QBGW_*`` variables are set to
@@ -97,11 +98,18 @@ def harness(data_dir: str | os.PathLike[str], *, environ: bool = True, emulator:
     ``settings=`` uses the harness too."""
     with Emulator(emulator or EmulatorConfig()) as emu:
         chosen = Settings(
-            data_dir=Path(data_dir), broker_url="memory://localhost/", base_url=emu.url,
-            token=Secret(next(iter(emu.config.tokens))), sweep_interval=0.0, backoff_base=0.01, backoff_max=0.05,
-            connect_timeout=2.0, read_timeout=10.0, concurrency=1,
+            data_dir=Path(data_dir),
+            broker_url="memory://localhost/",
+            base_url=emu.url,
+            token=Secret(next(iter(emu.config.tokens))),
+            sweep_interval=0.0,
+            backoff_base=0.01,
+            backoff_max=0.05,
+            connect_timeout=2.0,
+            read_timeout=10.0,
+            concurrency=1,
             encryption_keys=Secret("test:" + base64.b64encode(secrets.token_bytes(32)).decode()),
-        ).with_(**settings)  # fmt: skip
+        ).with_(**settings)
         saved = {k: v for k, v in os.environ.items() if k.startswith(PREFIX)}
         if environ:
             for key in saved:

@@ -24,9 +24,26 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 GENESIS = "0" * 64
-FIELDS = ("seq", "occurred_at", "action", "job_id", "batch_id", "assistant_id", "attempt", "actor", "token_fp",
-          "outcome", "http_status", "error_class", "latency_ms", "request_digest", "request_bytes",
-          "response_digest", "response_bytes", "detail")  # fmt: skip
+FIELDS = (
+    "seq",
+    "occurred_at",
+    "action",
+    "job_id",
+    "batch_id",
+    "assistant_id",
+    "attempt",
+    "actor",
+    "token_fp",
+    "outcome",
+    "http_status",
+    "error_class",
+    "latency_ms",
+    "request_digest",
+    "request_bytes",
+    "response_digest",
+    "response_bytes",
+    "detail",
+)
 
 PG_FUNCTION = """
 CREATE OR REPLACE FUNCTION qbgw_audit_append_only() RETURNS trigger AS $$
@@ -75,8 +92,14 @@ def upgrade() -> None:
 
 def _chain_existing() -> tuple[int, str]:
     connection = op.get_bind()
-    table = sa.table("audit_events", sa.column("id"), *(sa.column(f) for f in FIELDS if f != "seq"),
-                     sa.column("seq"), sa.column("prev_hash"), sa.column("row_hash"))  # fmt: skip
+    table = sa.table(
+        "audit_events",
+        sa.column("id"),
+        *(sa.column(f) for f in FIELDS if f != "seq"),
+        sa.column("seq"),
+        sa.column("prev_hash"),
+        sa.column("row_hash"),
+    )
     rows = connection.execute(sa.select(table).order_by(table.c.id)).mappings().all()
     prev, seq = GENESIS, 0
     for row in rows:
@@ -93,14 +116,20 @@ def _chain_existing() -> tuple[int, str]:
 def _append_only_triggers() -> None:
     if op.get_bind().dialect.name == "postgresql":
         op.execute(PG_FUNCTION)
-        op.execute("CREATE TRIGGER audit_events_no_update_delete BEFORE UPDATE OR DELETE ON audit_events "
-                   "FOR EACH ROW EXECUTE FUNCTION qbgw_audit_append_only()")  # fmt: skip
-        op.execute("CREATE TRIGGER audit_events_no_truncate BEFORE TRUNCATE ON audit_events "
-                   "FOR EACH STATEMENT EXECUTE FUNCTION qbgw_audit_append_only()")  # fmt: skip
+        op.execute(
+            "CREATE TRIGGER audit_events_no_update_delete BEFORE UPDATE OR DELETE ON audit_events "
+            "FOR EACH ROW EXECUTE FUNCTION qbgw_audit_append_only()"
+        )
+        op.execute(
+            "CREATE TRIGGER audit_events_no_truncate BEFORE TRUNCATE ON audit_events "
+            "FOR EACH STATEMENT EXECUTE FUNCTION qbgw_audit_append_only()"
+        )
         return
     for verb in ("UPDATE", "DELETE"):
-        op.execute(f"CREATE TRIGGER audit_events_no_{verb.lower()} BEFORE {verb} ON audit_events "
-                   f"BEGIN SELECT RAISE(ABORT, 'audit_events is append-only: {verb} refused'); END")  # fmt: skip
+        op.execute(
+            f"CREATE TRIGGER audit_events_no_{verb.lower()} BEFORE {verb} ON audit_events "
+            f"BEGIN SELECT RAISE(ABORT, 'audit_events is append-only: {verb} refused'); END"
+        )
 
 
 def downgrade() -> None:

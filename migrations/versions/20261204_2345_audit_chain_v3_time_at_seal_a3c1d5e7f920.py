@@ -80,7 +80,8 @@ def _v2_seal() -> str:
 
     path = Path(__file__).with_name("20261126_1000_audit_chain_v2_one_round_trip_seal_9b4e7d2a1c60.py")
     spec = importlib.util.spec_from_file_location("qbgw_migration_v2_seal", path)
-    assert spec is not None and spec.loader is not None
+    if spec is None or spec.loader is None:
+        raise RuntimeError(f"cannot load {path}")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return str(module.PG_SEAL)

@@ -22,8 +22,13 @@ APP = EmulatorConfig()
 
 @pytest.fixture
 def app_stack(stack: Settings, emu: Emulator) -> Iterator[Settings]:
-    yield stack.with_(auth="application", token=Secret(""), application_id=APP.application_id,
-                      auth_key=APP.auth_key, auth_secret=Secret(APP.auth_secret))  # fmt: skip
+    yield stack.with_(
+        auth="application",
+        token=Secret(""),
+        application_id=APP.application_id,
+        auth_key=APP.auth_key,
+        auth_secret=Secret(APP.auth_secret),
+    )
     emu.reconfigure(session_idle_seconds=APP.session_idle_seconds)
 
 
@@ -38,18 +43,22 @@ def test_a_worker_makes_one_session_and_renews_it_after_the_gateway_forgets_it(
     worker_process(app_stack)
     first, first_events = run(app_stack, "first job")
     second, _ = run(app_stack, "second job")
-    assert first.status is JobStatus.SUCCEEDED and second.status is JobStatus.SUCCEEDED
+    assert first.status is JobStatus.SUCCEEDED
+    assert second.status is JobStatus.SUCCEEDED
     assert emu.stats()["sessions_created"] == 1
 
     emu.reconfigure(session_idle_seconds=0.5)  # the session the worker holds is now forgotten when idle
     emu.advance(1.0)
     third, third_events = run(app_stack, "after the session expired")
-    assert third.status is JobStatus.SUCCEEDED and third.attempts == 2
+    assert third.status is JobStatus.SUCCEEDED
+    assert third.attempts == 2
     responses = [(e.attempt, e.http_status) for e in third_events if e.action == "attempt.response"]
-    assert responses == [(1, 401), (2, 200)] and emu.stats()["sessions_created"] == 2
+    assert responses == [(1, 401), (2, 200)]
+    assert emu.stats()["sessions_created"] == 2
     fingerprints = [e.token_fp for e in third_events if e.action == "attempt.request"]
     old = next(e.token_fp for e in first_events if e.action == "attempt.request")
-    assert fingerprints[0] == old and fingerprints[1] not in ("", old)
+    assert fingerprints[0] == old
+    assert fingerprints[1] not in ("", old)
     assert APP.auth_secret not in (tmp_path / "worker-0.log").read_text()
 
 
@@ -58,8 +67,9 @@ def test_two_hundred_jobs_on_two_workers_survive_two_expiries_with_a_few_session
     app_stack: Settings, emu: Emulator, worker_process: Callable[..., Any]
 ) -> None:
     emu.reconfigure(latency=0.1)  # 200 jobs on 16 threads: about 1.3 s of calls
-    job_ids = [producer.submit(ASSISTANT, [{"role": "user", "content": f"job {n}"}], settings=app_stack)
-               for n in range(200)]  # fmt: skip
+    job_ids = [
+        producer.submit(ASSISTANT, [{"role": "user", "content": f"job {n}"}], settings=app_stack) for n in range(200)
+    ]
     worker_process(app_stack, concurrency=8)
     worker_process(app_stack, concurrency=8)
     for calls in (70, 140):
@@ -84,8 +94,9 @@ def test_every_process_follows_a_renewal_and_each_drop_costs_one_session(
     # renewal had failed (before: "the gateway rejected a freshly renewed session token", about half the time).
     worker_process(app_stack, concurrency=2)
     worker_process(app_stack, concurrency=2)
-    warm = [producer.submit(ASSISTANT, [{"role": "user", "content": f"warm {n}"}], settings=app_stack)
-            for n in range(6)]  # fmt: skip
+    warm = [
+        producer.submit(ASSISTANT, [{"role": "user", "content": f"warm {n}"}], settings=app_stack) for n in range(6)
+    ]
     assert all(wait_for_job(j, timeout=60, settings=app_stack).status is JobStatus.SUCCEEDED for j in warm)
     assert emu.stats()["sessions_created"] == 1
     drops = 6
@@ -93,8 +104,10 @@ def test_every_process_follows_a_renewal_and_each_drop_costs_one_session(
         assert emu.expire_sessions() == 1
         first, events = run(app_stack, f"first after drop {drop}")  # meets the 401, renews, retries
         assert first.status is JobStatus.SUCCEEDED, (drop, first.error, [(e.action, e.error_class) for e in events])
-        more = [producer.submit(ASSISTANT, [{"role": "user", "content": f"drop {drop} job {n}"}], settings=app_stack)
-                for n in range(4)]  # fmt: skip
+        more = [
+            producer.submit(ASSISTANT, [{"role": "user", "content": f"drop {drop} job {n}"}], settings=app_stack)
+            for n in range(4)
+        ]
         views = [wait_for_job(j, timeout=60, settings=app_stack) for j in more]
         assert [v.status for v in views] == [JobStatus.SUCCEEDED] * 4, [(v.error_class, v.error) for v in views]
     assert emu.stats()["sessions_created"] == 1 + drops, emu.stats()

@@ -28,11 +28,13 @@ def test_a_50_job_batch_completes_with_its_failures_reported(
     view = submit_batch(lines, assistant_id=ASSISTANT, actor="e2e", settings=stack)
     worker_process(stack)
     seen: list[int] = []
-    done = wait_for_batch(view.id, timeout=120, poll=0.2, on_progress=lambda v: seen.append(v.finished),
-                          settings=stack)  # fmt: skip
-    assert done.status is BatchStatus.COMPLETED and (done.succeeded, done.failed, done.pending) == (47, 3, 0)
-    assert done.summary == "completed with 3 failures (47 succeeded)" and not done.all_succeeded
-    assert seen == sorted(seen) and seen[-1] == 50
+    done = wait_for_batch(view.id, timeout=120, poll=0.2, on_progress=lambda v: seen.append(v.finished), settings=stack)
+    assert done.status is BatchStatus.COMPLETED
+    assert (done.succeeded, done.failed, done.pending) == (47, 3, 0)
+    assert done.summary == "completed with 3 failures (47 succeeded)"
+    assert not done.all_succeeded
+    assert seen == sorted(seen)
+    assert seen[-1] == 50
     out = io.StringIO()
     batch_export.write_jsonl(batch_results(view.id, settings=stack), out)
     rows = {row["custom_id"]: row for row in map(json.loads, out.getvalue().splitlines())}

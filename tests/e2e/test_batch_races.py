@@ -24,8 +24,10 @@ from qbgw.store.models import AuditEvent
 
 
 def lines(n: int, prefix: str) -> list[str]:
-    return [json.dumps({"custom_id": f"{prefix}-{i:04d}", "messages": [{"role": "user", "content": f"note {i}"}]})
-            for i in range(n)]  # fmt: skip
+    return [
+        json.dumps({"custom_id": f"{prefix}-{i:04d}", "messages": [{"role": "user", "content": f"note {i}"}]})
+        for i in range(n)
+    ]
 
 
 def test_an_expiring_and_a_cancelled_batch_end_once_and_every_event_time_follows_its_seq(
@@ -61,16 +63,22 @@ def test_an_expiring_and_a_cancelled_batch_end_once_and_every_event_time_follows
         emu.reconfigure(latency=0.0)
 
     exp, can = get_batch(expiring.id, settings=settings), get_batch(cancelled.id, settings=settings)
-    assert exp.status is BatchStatus.EXPIRED and exp.expired_at is not None and exp.cancelled > 0, exp
-    assert can.status is BatchStatus.CANCELLED and can.cancelled_at is not None and can.cancelled > 0, can
-    assert exp.succeeded + exp.cancelled == 1500 and can.succeeded + can.cancelled == 600
+    assert exp.status is BatchStatus.EXPIRED, exp
+    assert exp.expired_at is not None, exp
+    assert exp.cancelled > 0, exp
+    assert can.status is BatchStatus.CANCELLED, can
+    assert can.cancelled_at is not None, can
+    assert can.cancelled > 0, can
+    assert exp.succeeded + exp.cancelled == 1500
+    assert can.succeeded + can.cancelled == 600
     ends = audit_query(AuditFilter(action="batch.expired"), settings=settings)
     ends += audit_query(AuditFilter(action="batch.cancelled"), settings=settings)
     assert sorted(e.batch_id or "" for e in ends) == sorted([expiring.id, cancelled.id])  # one decision each
 
     with runtime(settings).transaction() as session:
-        rows = session.execute(select(AuditEvent.seq, AuditEvent.occurred_at, AuditEvent.job_id)
-                               .order_by(AuditEvent.seq)).all()  # fmt: skip
+        rows = session.execute(
+            select(AuditEvent.seq, AuditEvent.occurred_at, AuditEvent.job_id).order_by(AuditEvent.seq)
+        ).all()
     late = [(a.seq, b.seq) for a, b in zip(rows, rows[1:], strict=False) if b.occurred_at < a.occurred_at]
     assert not late, f"{len(late)} events sort before an event that committed earlier: {late[:5]}"
     by_job: dict[str, list[Any]] = defaultdict(list)

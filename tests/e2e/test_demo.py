@@ -18,10 +18,12 @@ def test_the_demo_prints_answers_from_a_separate_worker_process(tmp_path: Path) 
     )
     assert done.returncode == 0, done.stderr
     out = done.stdout
-    assert out.count(": succeeded after") == 5 and out.count(": failed after 1 attempt(s)") == 1
+    assert out.count(": succeeded after") == 5
+    assert out.count(": failed after 1 attempt(s)") == 1
     assert "Image 1: png 64x48. Image 2: jpeg 320x240." in out
     assert "(two 503s, then an answer): succeeded after 3 attempt(s)" in out
     assert out.count("attempt.request #3") == 1
-    assert "worker process" in out and (tmp_path / "qbgw" / "qbgw.db").is_file()
+    assert "worker process" in out
+    assert (tmp_path / "qbgw" / "qbgw.db").is_file()
     # The worker was a separate process: its log is its own.
     assert "qbgw.worker" in (tmp_path / "qbgw" / "demo-worker.log").read_text()

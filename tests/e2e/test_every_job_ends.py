@@ -33,16 +33,21 @@ def test_jobs_that_cannot_be_sent_end_failed_and_the_worker_goes_on(
     wait_until(lambda: all(get_job(j, settings=settings).status in TERMINAL for j in jobs), timeout=60)
     views = {j: get_job(j, settings=settings) for j in jobs}
     assert {j: v.status for j, v in views.items()} == dict.fromkeys(jobs, JobStatus.FAILED)
-    assert views[surrogate].error_class == "InternalError" and views[surrogate].attempts == 0
+    assert views[surrogate].error_class == "InternalError"
+    assert views[surrogate].attempts == 0
     assert views[bad_port].error_class in ("InternalError", "ResolutionFailed")
     assert views[tampered].error_class == "DecryptionFailed"
     for job_id, view in views.items():
-        assert view.error is not None and view.error.startswith(f"{view.error_class}: ") or \
-            view.error_class == "ResolutionFailed", view.error  # fmt: skip
+        assert (
+            view.error is not None
+            and view.error.startswith(f"{view.error_class}: ")
+            or view.error_class == "ResolutionFailed"
+        ), view.error
         assert [e.action for e in job_events(job_id, settings=settings)][-1] == "job.failed"
 
     after = producer.submit(ASSISTANT, [{"role": "user", "content": "still working?"}], settings=settings)
     assert wait_for_job(after, timeout=30, settings=settings).status is JobStatus.SUCCEEDED
     assert proc.poll() is None
     log = (tmp_path / "worker-0.log").read_text()
-    assert "Traceback" not in log and "\ud800" not in log
+    assert "Traceback" not in log
+    assert "\ud800" not in log

@@ -29,9 +29,13 @@ def test_local_files_a_pdf_and_a_url_arrive_intact(
     (root / "report.pdf").write_bytes(pdf_bytes((612, 792), (300, 150)))
     settings = stack.with_(image_roots=str(root), pdf_dpi=72.0)
     worker_process(settings)
-    content = [{"type": "text", "text": "Read these."}, image(str(root / "chest.png")),
-               image(f"file://{root}/hand.jpg"), image(str(root / "report.pdf")),
-               image("https://images.example/xray.jpg")]  # fmt: skip
+    content = [
+        {"type": "text", "text": "Read these."},
+        image(str(root / "chest.png")),
+        image(f"file://{root}/hand.jpg"),
+        image(str(root / "report.pdf")),
+        image("https://images.example/xray.jpg"),
+    ]
     job_id = producer.submit(ASSISTANT, [{"role": "user", "content": content}], settings=settings)
     view = wait_for_job(job_id, timeout=60, settings=settings)
     assert view.status is JobStatus.SUCCEEDED, view.error
@@ -53,5 +57,8 @@ def test_a_file_gone_before_the_attempt_fails_the_job_with_that_reason(
     (root / "x.png").unlink()
     worker_process(settings)
     view = wait_for_job(job_id, timeout=60, settings=settings)
-    assert view.status is JobStatus.FAILED and view.error_class == "ResolutionFailed"
-    assert view.error is not None and "x.png does not exist" in view.error and view.attempts == 1
+    assert view.status is JobStatus.FAILED
+    assert view.error_class == "ResolutionFailed"
+    assert view.error is not None
+    assert "x.png does not exist" in view.error
+    assert view.attempts == 1

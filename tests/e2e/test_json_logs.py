@@ -41,8 +41,11 @@ def test_every_line_on_stdout_and_stderr_is_json_from_start_to_warm_shutdown(
     with out.open("wb") as stdout, err.open("wb") as stderr:
         worker = subprocess.Popen(
             [sys.executable, "-m", "qbgw", "worker", "--loglevel", "INFO"],
-            env={**os.environ, **settings.to_env()}, stdout=stdout, stderr=stderr, cwd=ROOT,
-        )  # fmt: skip
+            env={**os.environ, **settings.to_env()},
+            stdout=stdout,
+            stderr=stderr,
+            cwd=ROOT,
+        )
     try:
         wait_until(lambda: "ready." in err.read_text() + out.read_text(), timeout=30)
         job_id = producer.submit(ASSISTANT, [{"role": "user", "content": "hello"}], settings=settings)
@@ -55,6 +58,8 @@ def test_every_line_on_stdout_and_stderr_is_json_from_start_to_warm_shutdown(
         if worker.poll() is None:
             worker.kill()
             worker.wait()
-    assert not_json(out) == [] and not_json(err) == []
+    assert not_json(out) == []
+    assert not_json(err) == []
     said = messages(out) + messages(err)
-    assert any("Warm shutdown" in m for m in said) and any("MainThread" in m for m in said)
+    assert any("Warm shutdown" in m for m in said)
+    assert any("MainThread" in m for m in said)

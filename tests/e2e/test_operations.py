@@ -40,8 +40,11 @@ def scrape(port: int) -> Samples:
         text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
     except requests.ConnectionError:
         return {}
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}  # fmt: skip
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def attempts(samples: Samples) -> dict[tuple[str, str], float]:
@@ -82,9 +85,13 @@ def test_the_worker_endpoint_counts_a_handful_of_jobs_and_the_exporter_agrees(
     assert emu.stats()["requests"] == 6
 
     exporter_port = free_port()
-    exporter = subprocess.Popen([sys.executable, "-m", "qbgw", "metrics", "serve", "--port", str(exporter_port)],
-                                env={**os.environ, **settings.to_env()}, cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    exporter = subprocess.Popen(
+        [sys.executable, "-m", "qbgw", "metrics", "serve", "--port", str(exporter_port)],
+        env={**os.environ, **settings.to_env()},
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_until(lambda: bool(scrape(exporter_port)), timeout=20)
         fleet = scrape(exporter_port)
@@ -93,19 +100,24 @@ def test_the_worker_endpoint_counts_a_handful_of_jobs_and_the_exporter_agrees(
         exporter.wait(timeout=15)
     jobs = {dict(labels)["status"]: v for (name, labels), v in fleet.items() if name == "qbgw_jobs"}
     assert jobs == {"queued": 0, "running": 0, "retrying": 0, "succeeded": 4, "failed": 1, "cancelled": 0}
-    assert fleet[("qbgw_up", (("part", "database"),))] == 1 and fleet[("qbgw_up", (("part", "broker"),))] == 1
+    assert fleet[("qbgw_up", (("part", "database"),))] == 1
+    assert fleet[("qbgw_up", (("part", "broker"),))] == 1
     assert fleet[("qbgw_oldest_waiting_job_age_seconds", ())] == 0
 
     log = [json.loads(line) for line in (tmp_path / "worker-0.log").read_text().splitlines() if line.strip()]
     finished = {(line["job_id"], line["outcome"], line.get("http_status")) for line in log if "outcome" in line}
-    assert (ids[3], "retrying", 503) in finished and (ids[4], "failed", 422) in finished
+    assert (ids[3], "retrying", 503) in finished
+    assert (ids[4], "failed", 422) in finished
     assert all({"ts", "level", "logger", "message"} <= set(line) for line in log)
 
 
 def test_prefork_children_are_summed_through_the_multiprocess_directory(
-    embedded_settings: Settings, emu: Emulator, worker_process: Callable[..., Any], tmp_path: Path,
+    embedded_settings: Settings,
+    emu: Emulator,
+    worker_process: Callable[..., Any],
+    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-) -> None:  # fmt: skip
+) -> None:
     folder = tmp_path / "prom"
     folder.mkdir()
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(folder))
@@ -129,6 +141,7 @@ def test_celery_inspect_finds_the_worker_and_shows_only_the_task_name(
 
     wait_until(lambda: f"qbgw-{proc.pid}@" in celery("inspect", "ping"), timeout=30, interval=1)
     registered = celery("inspect", "registered")
-    assert f"qbgw-{proc.pid}@" in registered and "qbgw.run_job" in registered
+    assert f"qbgw-{proc.pid}@" in registered
+    assert "qbgw.run_job" in registered
     job_id = producer.submit(ASSISTANT, [{"role": "user", "content": "ping"}], settings=production_settings)
     assert wait_for_job(job_id, timeout=60, settings=production_settings).status is JobStatus.SUCCEEDED

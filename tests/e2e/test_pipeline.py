@@ -25,33 +25,44 @@ def test_text_and_image_jobs_are_answered(stack: Settings, worker_process: Calla
     worker_process(stack)
     png, jpeg = data_uri("png", png_bytes(64, 48)), data_uri("jpeg", jpeg_bytes(320, 240))
     text_job = submit(stack, "What is a normal resting heart rate?")
-    image_job = submit(stack, [{"type": "text", "text": "Compare these."},
-                               {"type": "image_url", "image_url": {"url": png}},
-                               {"type": "image_url", "image_url": {"url": jpeg}}])  # fmt: skip
+    image_job = submit(
+        stack,
+        [
+            {"type": "text", "text": "Compare these."},
+            {"type": "image_url", "image_url": {"url": png}},
+            {"type": "image_url", "image_url": {"url": jpeg}},
+        ],
+    )
     text_view = wait_for_job(text_job, timeout=60, settings=stack)
     image_view = wait_for_job(image_job, timeout=60, settings=stack)
-    assert text_view.status is JobStatus.SUCCEEDED and "normal resting heart rate" in (text_view.answer or "")
+    assert text_view.status is JobStatus.SUCCEEDED
+    assert "normal resting heart rate" in (text_view.answer or "")
     assert image_view.status is JobStatus.SUCCEEDED
-    assert "png 64x48" in (image_view.answer or "") and "jpeg 320x240" in (image_view.answer or "")
+    assert "png 64x48" in (image_view.answer or "")
+    assert "jpeg 320x240" in (image_view.answer or "")
 
 
 def test_two_503s_then_success_on_the_third_attempt(stack: Settings, worker_process: Callable[..., Any]) -> None:
     worker_process(stack)
     job_id = submit(stack, "flaky upstream [[emulator:fail=503x2]]")
     view = wait_for_job(job_id, timeout=60, settings=stack)
-    assert view.status is JobStatus.SUCCEEDED and view.attempts == 3
+    assert view.status is JobStatus.SUCCEEDED
+    assert view.attempts == 3
     events = job_events(job_id, settings=stack)
     requests = [e.attempt for e in events if e.action == "attempt.request"]
     responses = [(e.attempt, e.http_status) for e in events if e.action == "attempt.response"]
-    assert requests == [1, 2, 3] and responses == [(1, 503), (2, 503), (3, 200)]
+    assert requests == [1, 2, 3]
+    assert responses == [(1, 503), (2, 503), (3, 200)]
 
 
 def test_a_405_fails_at_once_with_the_reason(stack: Settings, worker_process: Callable[..., Any]) -> None:
     worker_process(stack)
     job_id = submit(stack, "feature is off [[emulator:fail=405]]")
     view = wait_for_job(job_id, timeout=60, settings=stack)
-    assert view.status is JobStatus.FAILED and view.attempts == 1
-    assert view.http_status == 405 and "HTTP 405" in (view.error or "")
+    assert view.status is JobStatus.FAILED
+    assert view.attempts == 1
+    assert view.http_status == 405
+    assert "HTTP 405" in (view.error or "")
 
 
 def test_the_same_message_delivered_twice_yields_one_result(
@@ -61,9 +72,11 @@ def test_the_same_message_delivered_twice_yields_one_result(
     publish(runtime(stack).celery, job_id)  # a second doorbell for the same job
     worker_process(stack)
     view = wait_for_job(job_id, timeout=60, settings=stack)
-    assert view.status is JobStatus.SUCCEEDED and view.attempts == 1
+    assert view.status is JobStatus.SUCCEEDED
+    assert view.attempts == 1
     actions = [e.action for e in job_events(job_id, settings=stack)]
-    assert actions.count("attempt.request") == 1 and actions.count("job.succeeded") == 1
+    assert actions.count("attempt.request") == 1
+    assert actions.count("job.succeeded") == 1
     assert emu.stats()["requests"] == 1
 
 
@@ -74,7 +87,9 @@ def test_the_worker_log_holds_no_token_and_no_message_text(
     secret_text = "Canary patient Ximena Oduya-Blackwood"
     job_id = submit(stack, f"{secret_text} [[emulator:fail=503x1]]")
     view = wait_for_job(job_id, timeout=60, settings=stack)
-    assert view.status is JobStatus.SUCCEEDED and secret_text in (view.answer or "")
+    assert view.status is JobStatus.SUCCEEDED
+    assert secret_text in (view.answer or "")
     log = (tmp_path / "worker-0.log").read_text()
     assert job_id in log  # the log does say what happened to which job...
-    assert TOKEN not in log and "Oduya" not in log  # ...but never with the token or the text
+    assert TOKEN not in log
+    assert "Oduya" not in log

@@ -55,9 +55,12 @@ def test_a_429_to_one_worker_pauses_the_fleet(stack: Settings, emu: Emulator, wo
     bystanders = _submit(settings, [f"bystander {i}" for i in range(20)])
     views = [wait_for_job(job_id, timeout=60, settings=settings) for job_id in [hit, *bystanders]]
     assert [v.status for v in views] == [JobStatus.SUCCEEDED] * 21
-    assert views[0].attempts == 2 and all(v.attempts == 1 for v in views[1:])
+    assert views[0].attempts == 2
+    assert all(v.attempts == 1 for v in views[1:])
     during = [t for t in emu.arrivals() if answered_429 + 0.5 < t < answered_429 + 2.8]
     assert during == []  # neither worker called while the fleet cooled down
-    throttled = [e for job_id in bystanders for e in job_events(job_id, settings=settings)
-                 if e.action == "job.throttled"]  # fmt: skip
-    assert throttled and {e.detail["reason"] for e in throttled} == {COOLDOWN}
+    throttled = [
+        e for job_id in bystanders for e in job_events(job_id, settings=settings) if e.action == "job.throttled"
+    ]
+    assert throttled
+    assert {e.detail["reason"] for e in throttled} == {COOLDOWN}

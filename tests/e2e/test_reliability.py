@@ -29,7 +29,8 @@ def test_no_retry_is_sent_before_retry_after(stack: Settings, worker_process: Ca
     worker_process(stack)
     job_id = submit(stack, "slow down [[emulator:fail=429x1]] [[emulator:retry-after=2]]")
     view = wait_for_job(job_id, timeout=60, settings=stack)
-    assert view.status is JobStatus.SUCCEEDED and view.attempts == 2
+    assert view.status is JobStatus.SUCCEEDED
+    assert view.attempts == 2
     first_response, second_request = (
         times(stack, job_id, "attempt.response")[0],
         times(stack, job_id, "attempt.request")[1],
@@ -45,12 +46,14 @@ def test_a_wait_longer_than_a_countdown_is_kept_in_the_database(
     job_id = submit(stack, "come back later [[emulator:fail=429x1]] [[emulator:retry-after=6]]")
     wait_until(lambda: get_job(job_id, settings=stack).status is JobStatus.RETRYING, timeout=30)
     waiting = get_job(job_id, settings=stack)
-    assert waiting.next_attempt_at is not None and waiting.error_class == "RateLimited"
+    assert waiting.next_attempt_at is not None
+    assert waiting.error_class == "RateLimited"
     view = wait_for_job(job_id, timeout=60, settings=stack)
     assert view.status is JobStatus.SUCCEEDED
     events = job_events(job_id, settings=stack)
     scheduled = next(e for e in events if e.action == "job.retry_scheduled")
-    assert scheduled.detail["by"] == "sweeper" and "job.redispatched" in [e.action for e in events]
+    assert scheduled.detail["by"] == "sweeper"
+    assert "job.redispatched" in [e.action for e in events]
     assert times(stack, job_id, "attempt.request")[1] - times(stack, job_id, "attempt.response")[0] >= 6.0
 
 
@@ -64,9 +67,11 @@ def test_a_worker_killed_mid_call_loses_nothing(
     victim.wait()
     worker_process(stack)  # a survivor; its sweeper takes the job back when the lease runs out
     view = wait_for_job(job_id, timeout=60, settings=stack)
-    assert view.status is JobStatus.SUCCEEDED and view.attempts == 2
+    assert view.status is JobStatus.SUCCEEDED
+    assert view.attempts == 2
     actions = [(e.action, e.attempt) for e in job_events(job_id, settings=stack)]
-    assert ("attempt.interrupted", 1) in actions and ("attempt.response", 2) in actions
+    assert ("attempt.interrupted", 1) in actions
+    assert ("attempt.response", 2) in actions
     assert actions.count(("job.succeeded", 2)) == 1
     assert len([a for a in actions if a[0] == "attempt.request"]) == emu.stats()["requests"] == 2
 
@@ -81,13 +86,15 @@ def test_a_cancelled_job_is_never_called_or_answered(
     wait_until(lambda: get_job(running, settings=stack).status is JobStatus.RUNNING, timeout=30)
     assert control.cancel(running, actor="nurse-7", settings=stack) is JobStatus.RUNNING
     view = wait_for_job(running, timeout=30, settings=stack)
-    assert view.status is JobStatus.CANCELLED and view.answer is None
+    assert view.status is JobStatus.CANCELLED
+    assert view.answer is None
     # The waiting job's message is delivered too (the broker's queues are emptied), and it does nothing.
     wait_until(lambda: all(backlog(runtime(stack).celery, q, unknown_queue=0) == 0 for q in stack.queues), timeout=30)
     assert get_job(waiting, settings=stack).status is JobStatus.CANCELLED
     assert emu.stats()["requests"] == 1
     cancels = [e for e in job_events(running, settings=stack) if e.action.startswith("job.cancel")]
-    assert [e.action for e in cancels] == ["job.cancel_requested", "job.cancelled"] and cancels[0].actor == "nurse-7"
+    assert [e.action for e in cancels] == ["job.cancel_requested", "job.cancelled"]
+    assert cancels[0].actor == "nurse-7"
 
 
 def test_a_failed_job_replayed_succeeds_on_a_new_attempt(stack: Settings, worker_process: Callable[..., Any]) -> None:
@@ -96,7 +103,8 @@ def test_a_failed_job_replayed_succeeds_on_a_new_attempt(stack: Settings, worker
     assert wait_for_job(job_id, timeout=30, settings=stack).status is JobStatus.FAILED
     assert control.replay(job_id, actor="ops", settings=stack) == 2
     view = wait_for_job(job_id, timeout=30, settings=stack)
-    assert view.status is JobStatus.SUCCEEDED and view.attempts == 2
+    assert view.status is JobStatus.SUCCEEDED
+    assert view.attempts == 2
     actions = [e.action for e in job_events(job_id, settings=stack)]
     assert actions.index("job.failed") < actions.index("job.replayed") < actions.index("job.succeeded")
 
@@ -121,7 +129,8 @@ def test_a_worker_that_loses_its_database_keeps_the_message_and_finishes_later(
         assert get_job(job_id, settings=production_settings).status is JobStatus.QUEUED
         proxy.restore()
         view = wait_for_job(job_id, timeout=60, settings=production_settings)
-        assert view.status is JobStatus.SUCCEEDED and view.attempts == 1
+        assert view.status is JobStatus.SUCCEEDED
+        assert view.attempts == 1
     finally:
         proxy.close()
 
@@ -136,4 +145,5 @@ def test_an_idle_worker_still_signs_anchors_every_t_seconds(
     wait_until(lambda: len(read_anchors(settings.anchor_path)) >= 3, timeout=30)
     anchors = read_anchors(settings.anchor_path)
     # Nothing happened, yet the head keeps being signed: silence is provable, a cut tail is not hidden.
-    assert {a.seq for a in anchors} == {0} and len({a.at for a in anchors}) == len(anchors)
+    assert {a.seq for a in anchors} == {0}
+    assert len({a.at for a in anchors}) == len(anchors)

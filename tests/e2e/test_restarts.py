@@ -43,8 +43,9 @@ def log_of(tmp_path: Path, n: int) -> str:
     return (tmp_path / f"worker-{n}.log").read_text(errors="replace")
 
 
-def until(predicate: Callable[[], bool], workers: Sequence[subprocess.Popen[bytes]], tmp_path: Path,
-          timeout: float = 30) -> None:  # fmt: skip
+def until(
+    predicate: Callable[[], bool], workers: Sequence[subprocess.Popen[bytes]], tmp_path: Path, timeout: float = 30
+) -> None:
     """wait_until, failing at once (with the dead worker's log) if a worker exits meanwhile."""
 
     def check() -> bool:
@@ -75,8 +76,11 @@ def test_workers_ride_out_redis_restarts_with_jobs_in_flight(
         calls = len(emu.arrivals())
         batch = [submit(settings, f"round {round_} job {n} [[emulator:sleep=3]]") for n in range(JOBS_PER_ROUND)]
         jobs += batch
-        until(lambda batch=batch: all(get_job(j, settings=settings).status is JobStatus.RUNNING for j in batch),
-              workers, tmp_path)  # fmt: skip
+        until(
+            lambda batch=batch: all(get_job(j, settings=settings).status is JobStatus.RUNNING for j in batch),
+            workers,
+            tmp_path,
+        )
         until(lambda calls=calls: len(emu.arrivals()) >= calls + JOBS_PER_ROUND, workers, tmp_path)  # calls under way
         private_redis.shutdown()  # SHUTDOWN NOSAVE: every connection closed, every message gone
         time.sleep(0.5)
@@ -132,7 +136,8 @@ def test_a_worker_started_while_its_database_is_away_waits_for_it(
         view = wait_for_job(job_id, timeout=60, settings=production_settings)
         assert view.status is JobStatus.SUCCEEDED
         assert worker.poll() is None
-        assert "database unreachable (" in log_of(tmp_path, 0) and "retrying in 1s" in log_of(tmp_path, 0)
+        assert "database unreachable (" in log_of(tmp_path, 0)
+        assert "retrying in 1s" in log_of(tmp_path, 0)
     finally:
         proxy.close()
 

@@ -32,11 +32,18 @@ def test_an_answer_is_stored_with_request_and_response_audited(settings: Setting
     job_id = submit(settings, "How are you?")
     assert run_attempt(runtime(settings), job_id) is Outcome.SUCCEEDED
     view = get_job(job_id, settings=settings)
-    assert view.status is JobStatus.SUCCEEDED and view.attempts == 1 and view.finished_at is not None
-    assert view.answer is not None and "How are you?" in view.answer
+    assert view.status is JobStatus.SUCCEEDED
+    assert view.attempts == 1
+    assert view.finished_at is not None
+    assert view.answer is not None
+    assert "How are you?" in view.answer
     actions = [(e.action, e.attempt, e.http_status) for e in job_events(job_id, settings=settings)]
-    assert actions == [("job.submitted", None, None), ("attempt.request", 1, None),
-                       ("attempt.response", 1, 200), ("job.succeeded", 1, 200)]  # fmt: skip
+    assert actions == [
+        ("job.submitted", None, None),
+        ("attempt.request", 1, None),
+        ("attempt.response", 1, 200),
+        ("job.succeeded", 1, 200),
+    ]
 
 
 def test_a_second_delivery_after_success_does_nothing(settings: Settings, emu: Emulator) -> None:
@@ -62,15 +69,20 @@ def test_a_405_fails_at_once_with_the_upstream_reason(settings: Settings, emu: E
     job_id = submit(settings, "Hi")
     assert run_attempt(runtime(settings), job_id) is Outcome.FAILED
     view = get_job(job_id, settings=settings)
-    assert view.status is JobStatus.FAILED and view.attempts == 1 and view.http_status == 405
-    assert view.error is not None and "HTTP 405" in view.error and "not enabled" in view.error
+    assert view.status is JobStatus.FAILED
+    assert view.attempts == 1
+    assert view.http_status == 405
+    assert view.error is not None
+    assert "HTTP 405" in view.error
+    assert "not enabled" in view.error
     assert view.error_class == "FeatureDisabled"
 
 
 def test_attempts_run_out_into_a_failure(settings: Settings) -> None:
     job_id = submit(settings, "never [[emulator:fail=503]]")
     outcomes = [attempt_when_due(settings, job_id) for _ in range(settings.max_attempts)]
-    assert outcomes[-1] is Outcome.FAILED and set(outcomes[:-1]) == {Outcome.RETRYING}
+    assert outcomes[-1] is Outcome.FAILED
+    assert set(outcomes[:-1]) == {Outcome.RETRYING}
     assert get_job(job_id, settings=settings).attempts == settings.max_attempts
 
 
@@ -81,4 +93,5 @@ def test_a_read_timeout_is_retried_and_audited_as_an_error(settings: Settings) -
     assert run_attempt(runtime(fast), job_id) is Outcome.RETRYING
     assert attempt_when_due(fast, job_id) is Outcome.SUCCEEDED
     first_error = [e for e in job_events(job_id, settings=fast) if e.action == "attempt.error"]
-    assert len(first_error) == 1 and first_error[0].error_class == "UpstreamTimeout"
+    assert len(first_error) == 1
+    assert first_error[0].error_class == "UpstreamTimeout"

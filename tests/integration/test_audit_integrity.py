@@ -54,21 +54,27 @@ def row(connection: Connection, seq: int) -> dict[str, Any]:
 
 def test_an_untouched_log_verifies(logged: Settings) -> None:
     report = check(logged)
-    assert report.ok and report.events == last_seq(logged) >= JOBS * 4 and report.anchors == 1
+    assert report.ok
+    assert report.events == last_seq(logged) >= JOBS * 4
+    assert report.anchors == 1
 
 
 def test_a_changed_byte_is_named(logged: Settings, owner_url: str) -> None:
     with as_owner(owner_url) as db:
         db.execute(text("UPDATE audit_events SET latency_ms = latency_ms + 1 WHERE seq = 7"))
     problem = check(logged).problem
-    assert problem is not None and problem.seq == 7 and "altered" in problem.message
+    assert problem is not None
+    assert problem.seq == 7
+    assert "altered" in problem.message
 
 
 def test_a_deleted_event_is_named(logged: Settings, owner_url: str) -> None:
     with as_owner(owner_url) as db:
         db.execute(text("DELETE FROM audit_events WHERE seq = 5"))
     problem = check(logged).problem
-    assert problem is not None and problem.seq == 5 and "missing" in problem.message
+    assert problem is not None
+    assert problem.seq == 5
+    assert "missing" in problem.message
 
 
 def _renumber(db: Connection, from_seq: int, by: int) -> None:
@@ -86,7 +92,9 @@ def test_an_inserted_event_is_named_even_with_a_valid_hash(logged: Settings, own
         forged.pop("id")
         db.execute(insert(AuditEvent.__table__).values(**forged))
     problem = check(logged).problem
-    assert problem is not None and problem.seq == 5 and "inserted" in problem.message
+    assert problem is not None
+    assert problem.seq == 5
+    assert "inserted" in problem.message
 
 
 def test_two_swapped_events_are_named(logged: Settings, owner_url: str) -> None:
@@ -95,7 +103,9 @@ def test_two_swapped_events_are_named(logged: Settings, owner_url: str) -> None:
         db.execute(text("UPDATE audit_events SET seq = 8 WHERE seq = 9"))
         db.execute(text("UPDATE audit_events SET seq = 9 WHERE seq = -1"))
     problem = check(logged).problem
-    assert problem is not None and problem.seq == 8 and "does not follow" in problem.message
+    assert problem is not None
+    assert problem.seq == 8
+    assert "does not follow" in problem.message
 
 
 def _recompute_from(db: Connection, seq: int) -> None:
@@ -104,8 +114,10 @@ def _recompute_from(db: Connection, seq: int) -> None:
         values = row(db, current)
         values["prev_hash"] = prev
         prev = audit.chain_hash(prev, values)
-        db.execute(text("UPDATE audit_events SET prev_hash = :p, row_hash = :h WHERE seq = :s"),
-                   {"p": values["prev_hash"], "h": prev, "s": current})  # fmt: skip
+        db.execute(
+            text("UPDATE audit_events SET prev_hash = :p, row_hash = :h WHERE seq = :s"),
+            {"p": values["prev_hash"], "h": prev, "s": current},
+        )
     db.execute(text("UPDATE audit_chain_head SET row_hash = :h"), {"h": prev})
 
 
@@ -117,8 +129,10 @@ def test_a_whole_chain_recomputed_by_someone_with_database_access_is_caught_by_t
         _recompute_from(db, 6)
     report = check(logged)
     top = last_seq(logged)
-    assert report.problem is not None and report.problem.seq == top
-    assert "does not match the signed anchor" in report.problem.message and "rewritten" in report.problem.message
+    assert report.problem is not None
+    assert report.problem.seq == top
+    assert "does not match the signed anchor" in report.problem.message
+    assert "rewritten" in report.problem.message
 
 
 def test_a_truncated_tail_is_caught_by_the_anchor(logged: Settings, owner_url: str) -> None:
@@ -126,14 +140,18 @@ def test_a_truncated_tail_is_caught_by_the_anchor(logged: Settings, owner_url: s
     with as_owner(owner_url) as db:
         db.execute(text("DELETE FROM audit_events WHERE seq > :s"), {"s": top - 3})
     problem = check(logged).problem
-    assert problem is not None and problem.seq == top - 2 and "truncated tail" in problem.message
+    assert problem is not None
+    assert problem.seq == top - 2
+    assert "truncated tail" in problem.message
 
 
 def test_an_altered_anchor_file_is_named(logged: Settings) -> None:
     path = logged.anchor_path
     path.write_text(path.read_text().replace('"seq": ', '"seq": 1', 1))
     problem = check(logged).problem
-    assert problem is not None and problem.seq is None and "anchor line 1 has a bad signature" in problem.message
+    assert problem is not None
+    assert problem.seq is None
+    assert "anchor line 1 has a bad signature" in problem.message
 
 
 def test_anchors_are_written_every_n_events(settings: Settings) -> None:
@@ -143,7 +161,8 @@ def test_anchors_are_written_every_n_events(settings: Settings) -> None:
         run_attempt(runtime(every), job_id)
     anchors = integrity.read_anchors(every.anchor_path)
     seqs = [a.seq for a in anchors]
-    assert seqs == sorted(seqs) and len(anchors) >= last_seq(every) // 5 - 1
+    assert seqs == sorted(seqs)
+    assert len(anchors) >= last_seq(every) // 5 - 1
     assert all(later - earlier <= 5 + 4 for earlier, later in zip([0, *seqs], seqs, strict=False))
 
 
@@ -183,7 +202,8 @@ def test_postgres_seals_in_the_commit_itself(logged: Settings) -> None:
         _note(session, "first")
         _note(session, "second")
         staged = chain.seal_at_commit(session)
-        assert isinstance(staged, chain.Staged) and staged.sealed is None  # nothing sent yet
+        assert isinstance(staged, chain.Staged)
+        assert staged.sealed is None
     assert staged.sealed == audit.Sealed(before + 1, before + 2, admin.head_hash(logged))
     assert check(logged).ok
 
@@ -191,15 +211,21 @@ def test_postgres_seals_in_the_commit_itself(logged: Settings) -> None:
 @pytest.mark.parametrize("backend", ["postgres"])
 def test_staged_events_of_a_rolled_back_transaction_are_never_sealed(logged: Settings) -> None:
     before = last_seq(logged)
-    with pytest.raises(RuntimeError), runtime(logged).transaction() as session:
-        _note(session, "rolled-back")
-        chain.seal_at_commit(session)
-        raise RuntimeError("the change fails")
+
+    def fails_after_staging() -> None:
+        with runtime(logged).transaction() as session:
+            _note(session, "rolled-back")
+            chain.seal_at_commit(session)
+            raise RuntimeError("the change fails")
+
+    with pytest.raises(RuntimeError, match="the change fails"):
+        fails_after_staging()
     with runtime(logged).transaction() as session:  # the same pooled connection, most likely
         _note(session, "kept")
     with runtime(logged).transaction() as session:
         actors = session.scalars(select(AuditEvent.actor).where(AuditEvent.seq > before)).all()
-    assert actors == ["kept"] and check(logged).ok
+    assert actors == ["kept"]
+    assert check(logged).ok
 
 
 def test_events_in_older_formats_before_their_boundaries_still_verify(settings: Settings, owner_url: str) -> None:
@@ -209,8 +235,12 @@ def test_events_in_older_formats_before_their_boundaries_still_verify(settings: 
             _note(session, "older-to-be")
     with as_owner(owner_url) as db:  # rewrite 1-2 as format v1 made them and 3-4 as v2, with the boundaries
         prev = "0" * 64
-        for seq, rehash in ((1, audit.chain_hash_v1), (2, audit.chain_hash_v1), (3, audit.chain_hash_v2),
-                            (4, audit.chain_hash_v2)):  # fmt: skip
+        for seq, rehash in (
+            (1, audit.chain_hash_v1),
+            (2, audit.chain_hash_v1),
+            (3, audit.chain_hash_v2),
+            (4, audit.chain_hash_v2),
+        ):
             db.execute(text("UPDATE audit_events SET prev_hash = :p WHERE seq = :s"), {"p": prev, "s": seq})
             prev = rehash(prev, row(db, seq))
             db.execute(text("UPDATE audit_events SET row_hash = :h WHERE seq = :s"), {"h": prev, "s": seq})
@@ -218,12 +248,15 @@ def test_events_in_older_formats_before_their_boundaries_still_verify(settings: 
     job_id = producer.submit(ASSISTANT, [{"role": "user", "content": "after the boundary"}], settings=settings)
     run_attempt(runtime(settings), job_id)
     report = check(settings)
-    assert report.ok and report.events == last_seq(settings) > 4
+    assert report.ok
+    assert report.events == last_seq(settings) > 4
     for v2_from, v3_from, bad in ((1, 5, 1), (3, 3, 3), (3, 7, 5)):  # a boundary moved: those events fail
         with as_owner(owner_url) as db:
             db.execute(text("UPDATE audit_chain_head SET v2_from = :a, v3_from = :b"), {"a": v2_from, "b": v3_from})
         problem = check(settings).problem
-        assert problem is not None and problem.seq == bad and "altered" in problem.message, (v2_from, v3_from)
+        assert problem is not None, (v2_from, v3_from)
+        assert problem.seq == bad, (v2_from, v3_from)
+        assert "altered" in problem.message, (v2_from, v3_from)
 
 
 def test_event_times_follow_the_chain_order_whatever_the_writers_noted(settings: Settings) -> None:

@@ -42,21 +42,33 @@ def test_events_say_who_what_when_and_carry_no_content(settings: Settings) -> No
     job_id = run_job(settings)
     events = job_events(job_id, settings=settings)
     submitted, request, response, succeeded = events
-    assert submitted.action == "job.submitted" and submitted.actor == "clinic-app"
-    assert request.actor == response.actor == succeeded.actor and ":" in request.actor  # host:pid of the worker
-    assert request.assistant_id == ASSISTANT and request.token_fp == audit.fingerprint(TOKEN)
-    assert request.request_digest and request.request_bytes and response.response_digest and response.latency_ms >= 0
-    assert response.http_status == 200 and response.outcome == "answer" and succeeded.attempt == 1
+    assert submitted.action == "job.submitted"
+    assert submitted.actor == "clinic-app"
+    assert request.actor == response.actor == succeeded.actor
+    assert ":" in request.actor
+    assert request.assistant_id == ASSISTANT
+    assert request.token_fp == audit.fingerprint(TOKEN)
+    assert request.request_digest
+    assert request.request_bytes
+    assert response.response_digest
+    assert response.latency_ms >= 0
+    assert response.http_status == 200
+    assert response.outcome == "answer"
+    assert succeeded.attempt == 1
     dumped = json.dumps([e.as_dict() for e in events])
-    assert "Quorra" not in dumped and TOKEN not in dumped
+    assert "Quorra" not in dumped
+    assert TOKEN not in dumped
 
 
 def test_phi_columns_are_ciphertext_and_a_moved_ciphertext_fails(settings: Settings) -> None:
     first, second = run_job(settings), run_job(settings, "another patient")
     with runtime(settings).transaction() as session:
         row = session.get(Job, first)
-        assert row is not None and row.payload is not None and row.answer is not None
-        assert "Quorra" not in row.payload + row.answer and row.payload.startswith("v1:ktest:")
+        assert row is not None
+        assert row.payload is not None
+        assert row.answer is not None
+        assert "Quorra" not in row.payload + row.answer
+        assert row.payload.startswith("v1:ktest:")
         session.execute(update(Job).where(Job.id == second).values(answer=row.answer))  # moved to another row
     with pytest.raises(DecryptionFailed, match=f"jobs.answer of row {second}: authentication failed"):
         get_job(second, settings=settings)
@@ -76,13 +88,15 @@ def test_audit_queries_filter_and_are_themselves_audited(settings: Settings) -> 
     job_id = run_job(settings, actor="app-a")
     run_job(settings, "other", actor="app-b")
     mine = audit_query(AuditFilter(job_id=job_id), reader="auditor-1", settings=settings)
-    assert {e.job_id for e in mine} == {job_id} and len(mine) == 4
+    assert {e.job_id for e in mine} == {job_id}
+    assert len(mine) == 4
     by_actor = audit_query(AuditFilter(actor="app-b", action="job.submitted"), settings=settings)
     assert len(by_actor) == 1
     since = audit_query(AuditFilter(since=utcnow() + timedelta(hours=1)), settings=settings)
     assert since == []
     logged = audit_query(AuditFilter(action="audit.queried", actor="auditor-1"), settings=settings)
-    assert logged[0].detail["filter"] == {"job_id": job_id, "limit": 1000} and logged[0].detail["events"] == 4
+    assert logged[0].detail["filter"] == {"job_id": job_id, "limit": 1000}
+    assert logged[0].detail["events"] == 4
 
 
 def test_the_cli_exports_json_lines_and_csv_and_verifies(settings: Settings) -> None:
@@ -92,14 +106,22 @@ def test_the_cli_exports_json_lines_and_csv_and_verifies(settings: Settings) -> 
     reset_runtimes()
     lines = runner.invoke(cli, ["audit", "--job", job_id, "--format", "jsonl"], env=env).stdout.splitlines()
     assert [json.loads(line)["action"] for line in lines] == [
-        "job.submitted", "attempt.request", "attempt.response", "job.succeeded"]  # fmt: skip
-    rows = list(csv.DictReader(io.StringIO(runner.invoke(cli, ["audit", "--job", job_id, "--format", "csv"],
-                                                         env=env).stdout)))  # fmt: skip
-    assert len(rows) == 4 and rows[0]["action"] == "job.submitted"
+        "job.submitted",
+        "attempt.request",
+        "attempt.response",
+        "job.succeeded",
+    ]
+    rows = list(
+        csv.DictReader(io.StringIO(runner.invoke(cli, ["audit", "--job", job_id, "--format", "csv"], env=env).stdout))
+    )
+    assert len(rows) == 4
+    assert rows[0]["action"] == "job.submitted"
     table = runner.invoke(cli, ["audit", "--action", "audit.exported"], env=env).stdout
-    assert table.count("audit.exported") == 2 and "auditor-2" in table
+    assert table.count("audit.exported") == 2
+    assert "auditor-2" in table
     verified = runner.invoke(cli, ["audit", "verify"], env=env)
-    assert verified.exit_code == 0 and verified.stdout.startswith("ok: ")
+    assert verified.exit_code == 0
+    assert verified.stdout.startswith("ok: ")
     assert runner.invoke(cli, ["audit", "--since", "yesterday"], env=env).exit_code == 2
 
 
@@ -109,7 +131,8 @@ def test_verify_exits_9_naming_the_tampered_event(settings: Settings, owner_url:
         db.execute(text("UPDATE audit_events SET actor = 'nobody' WHERE seq = 2"))
     reset_runtimes()
     result = CliRunner().invoke(cli, ["audit", "verify"], env=settings.to_env())
-    assert result.exit_code == EXIT["tampered"] and "event seq 2 was altered" in result.stderr
+    assert result.exit_code == EXIT["tampered"]
+    assert "event seq 2 was altered" in result.stderr
 
 
 def test_keys_rotate_while_jobs_keep_running(settings: Settings) -> None:
@@ -120,12 +143,15 @@ def test_keys_rotate_while_jobs_keep_running(settings: Settings) -> None:
     old = runtime(on_file).keyring.primary
     # A second process (an operator's `qbgw keys rotate`) rotates while this one keeps working.
     rotation = rotate_keys(actor="security-officer", settings=on_file)
-    assert rotation.old_primary == old and rotation.values_reencrypted >= 2
+    assert rotation.old_primary == old
+    assert rotation.values_reencrypted >= 2
     after = run_job(on_file, "after the rotation")
     assert set(count_by_key(settings=on_file)) == {rotation.new_primary}
-    assert get_job(before, settings=on_file).answer and get_job(after, settings=on_file).answer
+    assert get_job(before, settings=on_file).answer
+    assert get_job(after, settings=on_file).answer
     rotated = audit_query(AuditFilter(action="key.rotated"), settings=on_file)
-    assert rotated[0].actor == "security-officer" and rotated[0].detail["new_primary"] == rotation.new_primary
+    assert rotated[0].actor == "security-officer"
+    assert rotated[0].detail["new_primary"] == rotation.new_primary
 
 
 def test_purge_erases_phi_and_keeps_the_chain_verifiable(settings: Settings) -> None:
@@ -134,10 +160,14 @@ def test_purge_erases_phi_and_keeps_the_chain_verifiable(settings: Settings) -> 
         session.execute(update(Job).where(Job.id == old).values(finished_at=utcnow() - timedelta(days=40)))
     assert purge_phi(older_than=timedelta(days=30), actor="retention-job", settings=settings) == 1
     gone, kept = get_job(old, settings=settings), get_job(recent, settings=settings)
-    assert gone.answer is None and gone.status == "succeeded" and kept.answer is not None
+    assert gone.answer is None
+    assert gone.status == "succeeded"
+    assert kept.answer is not None
     with runtime(settings).transaction() as session:
         row = session.get(Job, old)
-        assert row is not None and row.payload is None and row.purged_at is not None
+        assert row is not None
+        assert row.payload is None
+        assert row.purged_at is not None
     assert [e.action for e in job_events(old, settings=settings)][-1] == "job.purged"
     with runtime(settings).transaction() as session:
         integrity.write_anchor(settings, *chain.head(session))
@@ -157,7 +187,8 @@ def test_dropping_old_events_is_explicit_refused_within_retention_and_keeps_the_
     cutoff = utcnow()
     second = run_job(short, "kept")
     dropped = drop_audit_before(before=cutoff, actor="records-officer", settings=short)
-    assert dropped.events == 4 and dropped.through_seq == 4
+    assert dropped.events == 4
+    assert dropped.through_seq == 4
     assert job_events(first, settings=short) == []  # the job stays; its old events are gone
     assert len(job_events(second, settings=short)) == 4
     report = admin.verify_log(settings=short)
@@ -166,7 +197,9 @@ def test_dropping_old_events_is_explicit_refused_within_retention_and_keeps_the_
     with as_owner(owner_url) as db:
         db.execute(text("DELETE FROM audit_events WHERE seq = 5"))
     problem = admin.verify_log(settings=short).problem
-    assert problem is not None and problem.seq == 5 and "missing" in problem.message
+    assert problem is not None
+    assert problem.seq == 5
+    assert "missing" in problem.message
 
 
 @pytest.mark.parametrize("backend", ["postgres"])
@@ -178,21 +211,35 @@ def test_an_event_that_cannot_be_written_takes_its_change_down_with_it(
     job_id = producer.submit(ASSISTANT, [{"role": "user", "content": "Hi"}], settings=settings)
     owner = runtime(owner_settings)  # only the owner can add a trigger
     with owner.transaction() as session:
-        session.execute(text("CREATE FUNCTION qbgw_test_refuse() RETURNS trigger AS $$ BEGIN "
-                             "RAISE EXCEPTION 'audit store down'; END; $$ LANGUAGE plpgsql"))  # fmt: skip
-        session.execute(text("CREATE TRIGGER qbgw_test_refuse BEFORE INSERT ON audit_events "
-                             "FOR EACH ROW EXECUTE FUNCTION qbgw_test_refuse()"))  # fmt: skip
+        session.execute(
+            text(
+                "CREATE FUNCTION qbgw_test_refuse() RETURNS trigger AS $$ BEGIN "
+                "RAISE EXCEPTION 'audit store down'; END; $$ LANGUAGE plpgsql"
+            )
+        )
+        session.execute(
+            text(
+                "CREATE TRIGGER qbgw_test_refuse BEFORE INSERT ON audit_events "
+                "FOR EACH ROW EXECUTE FUNCTION qbgw_test_refuse()"
+            )
+        )
     try:
         with pytest.raises(Exception, match="audit store down"):
             run_attempt(runtime(settings), job_id)
         assert queries.job_status(job_id, settings=settings) == "queued"
         with runtime(settings).transaction() as session:
             row = session.get(Job, job_id)
-            assert row is not None and row.attempts == 0 and row.claimed_by is None
+            assert row is not None
+            assert row.attempts == 0
+            assert row.claimed_by is None
     finally:
         with owner.transaction() as session:
             session.execute(text("DROP TRIGGER qbgw_test_refuse ON audit_events"))
             session.execute(text("DROP FUNCTION qbgw_test_refuse()"))
     assert run_attempt(runtime(settings), job_id).value == "succeeded"
     assert [e.action for e in job_events(job_id, settings=settings)] == [
-        "job.submitted", "attempt.request", "attempt.response", "job.succeeded"]  # fmt: skip
+        "job.submitted",
+        "attempt.request",
+        "attempt.response",
+        "job.succeeded",
+    ]

@@ -29,15 +29,28 @@ KEYRING = Keyring.from_spec(TEST_KEYS)
 
 
 def app_settings(em: Emulator, tmp_path: Path, **changes: Any) -> Settings:
-    base = Settings(data_dir=tmp_path / "data", base_url=em.url, connect_timeout=2.0, read_timeout=5.0,
-                    auth="application", application_id=APP.application_id, auth_key=APP.auth_key,
-                    auth_secret=Secret(APP.auth_secret), encryption_keys=Secret(TEST_KEYS))  # fmt: skip
+    base = Settings(
+        data_dir=tmp_path / "data",
+        base_url=em.url,
+        connect_timeout=2.0,
+        read_timeout=5.0,
+        auth="application",
+        application_id=APP.application_id,
+        auth_key=APP.auth_key,
+        auth_secret=Secret(APP.auth_secret),
+        encryption_keys=Secret(TEST_KEYS),
+    )
     return base.with_(**changes)
 
 
 def provider(settings: Settings, cache: SessionCache | None = None, margin: float = 0.0) -> auth.SessionToken:
-    return auth.SessionToken(auth.credentials_of(settings), settings.base_url, timeout=(2.0, 5.0),
-                             cache=cache or MemoryCache(), margin=margin)  # fmt: skip
+    return auth.SessionToken(
+        auth.credentials_of(settings),
+        settings.base_url,
+        timeout=(2.0, 5.0),
+        cache=cache or MemoryCache(),
+        margin=margin,
+    )
 
 
 def ask(gateway: GatewayClient, text: str = "Hi") -> Any:
@@ -51,8 +64,11 @@ def created(em: Emulator) -> object:
 def test_an_application_session_is_created_and_accepted_by_the_gateway(em: Emulator, tmp_path: Path) -> None:
     tokens = provider(app_settings(em, tmp_path))
     exchange = ask(GatewayClient(em.url, tokens, timeout=(2.0, 5.0)))
-    assert exchange.status == 200 and exchange.answer
-    assert tokens.session is not None and tokens.session.user_id == 0 and tokens.session.application_id == "22"
+    assert exchange.status == 200
+    assert exchange.answer
+    assert tokens.session is not None
+    assert tokens.session.user_id == 0
+    assert tokens.session.application_id == "22"
     assert created(em) == 1
 
 
@@ -65,9 +81,11 @@ def test_an_expired_session_gets_a_401_then_renew_makes_a_new_one_and_the_next_c
     first = tokens.current()  # created now: no expiry announced, so 2 hours are assumed
     em.advance(1.3)  # the emulator forgets a session idle for 1 s: its clock moves on, no sleep
     expired = ask(gateway)
-    assert expired.status == 401 and expired.error.reasons == ("Required session does not exist",)
+    assert expired.status == 401
+    assert expired.error.reasons == ("Required session does not exist",)
     tokens.renew()
-    assert tokens.current() != first and created(em) == 2
+    assert tokens.current() != first
+    assert created(em) == 2
     assert ask(gateway).status == 200
 
 
@@ -78,7 +96,8 @@ def test_a_session_is_replaced_before_the_expiry_the_gateway_announces(em: Emula
     assert ask(gateway).status == 200  # its QB-Token-ExpirationDate says: 1 s from now
     time.sleep(1.3)
     assert ask(gateway).status == 200  # renewed ahead of time: no 401
-    assert created(em) == 2 and em.stats()["by_status"] == {"200": 2}
+    assert created(em) == 2
+    assert em.stats()["by_status"] == {"200": 2}
 
 
 def test_each_call_slides_the_expiry_so_a_busy_session_lives_on(em: Emulator, tmp_path: Path) -> None:
@@ -96,14 +115,16 @@ def test_a_user_session_is_the_users_and_a_wrong_password_is_a_401(em: Emulator,
     assert info.user_id > 0
     with pytest.raises(AuthenticationFailed, match="check QBGW_USER_LOGIN and QBGW_USER_PASSWORD") as refused:
         auth.create_session(em.url, auth.credentials_of(user.with_(user_password=Secret("nope"))), timeout=(2, 5))
-    assert refused.value.status == 401 and refused.value.reasons == ("Unauthorized",)
+    assert refused.value.status == 401
+    assert refused.value.reasons == ("Unauthorized",)
 
 
 def test_a_wrong_secret_is_a_422_unexpected_signature(em: Emulator, tmp_path: Path) -> None:
     wrong = app_settings(em, tmp_path, auth_secret=Secret("not-the-secret"))
     with pytest.raises(UpstreamRejected, match="QBGW_AUTH_SECRET") as refused:
         auth.create_session(em.url, auth.credentials_of(wrong), timeout=(2.0, 5.0))
-    assert refused.value.status == 422 and refused.value.reasons == ("Unexpected signature",)
+    assert refused.value.status == 422
+    assert refused.value.reasons == ("Unexpected signature",)
     assert created(em) == 0
 
 
@@ -114,16 +135,28 @@ def post_session(em: Emulator, body: dict[str, object]) -> requests.Response:
 def test_a_reused_timestamp_and_nonce_is_refused(em: Emulator, tmp_path: Path) -> None:
     body = auth.session_request(auth.credentials_of(app_settings(em, tmp_path)))
     first, again = post_session(em, body), post_session(em, body)
-    assert first.status_code == 201 and set(first.json()["session"]) == {
-        "application_id", "token", "ts", "nonce", "user_id", "created_at", "updated_at", "id", "_id"}  # fmt: skip
-    assert again.status_code == 422 and again.json() == {"errors": {"base": ["Timestamp and nonce already used"]}}
+    assert first.status_code == 201
+    assert set(first.json()["session"]) == {
+        "application_id",
+        "token",
+        "ts",
+        "nonce",
+        "user_id",
+        "created_at",
+        "updated_at",
+        "id",
+        "_id",
+    }
+    assert again.status_code == 422
+    assert again.json() == {"errors": {"base": ["Timestamp and nonce already used"]}}
 
 
 @pytest.mark.parametrize("offset", [-3700, 3700])
 def test_a_timestamp_more_than_an_hour_off_is_refused(em: Emulator, tmp_path: Path, offset: int) -> None:
     creds = auth.credentials_of(app_settings(em, tmp_path))
     stale = post_session(em, auth.session_request(creds, timestamp=int(time.time()) + offset))
-    assert stale.status_code == 422 and stale.json() == {"errors": {"base": ["Unexpected signature"]}}
+    assert stale.status_code == 422
+    assert stale.json() == {"errors": {"base": ["Unexpected signature"]}}
     em.reconfigure(session_clock_skew=600.0)  # the legacy docs' 10 minutes
     assert post_session(em, auth.session_request(creds, timestamp=int(time.time()) - 900)).status_code == 422
     assert post_session(em, auth.session_request(creds, timestamp=int(time.time()) - 300)).status_code == 201
@@ -157,7 +190,8 @@ def test_workers_racing_on_the_embedded_default_create_one_session(em: Emulator,
     em.reconfigure(latency=0.0)
     settings = app_settings(em, tmp_path)
     tokens = race(12, lambda: provider(settings, FileCache(tmp_path / "sessions", KEYRING)))
-    assert len(set(tokens)) == 1 and created(em) == 1
+    assert len(set(tokens)) == 1
+    assert created(em) == 1
     stored = b"".join(p.read_bytes() for p in (tmp_path / "sessions").iterdir())
     assert tokens[0].reveal().encode() not in stored  # the token rests encrypted
 
@@ -171,9 +205,12 @@ def test_workers_racing_on_redis_create_one_session(em: Emulator, tmp_path: Path
     client.delete(key)
     try:
         tokens = race(12, lambda: provider(settings, RedisCache(redis_url, KEYRING, hold_seconds=10)))
-        assert len(set(tokens)) == 1 and created(em) == 1
+        assert len(set(tokens)) == 1
+        assert created(em) == 1
         stored = client.get(key)
-        assert stored and tokens[0].reveal().encode() not in stored and 0 < client.pttl(key) <= 7200_000
+        assert stored
+        assert tokens[0].reveal().encode() not in stored
+        assert 0 < client.pttl(key) <= 7200_000
     finally:
         client.delete(key)
         client.close()
@@ -205,7 +242,8 @@ def test_a_renewal_logs_the_fingerprint_never_the_token(
     tokens.current()
     tokens.renew()
     token = tokens.current().reveal()
-    assert "renewed the QuickBlox application session" in caplog.text and token not in caplog.text
+    assert "renewed the QuickBlox application session" in caplog.text
+    assert token not in caplog.text
     assert APP.auth_secret not in caplog.text
 
 
@@ -217,9 +255,13 @@ def test_auth_check_reports_who_and_until_when_without_the_token(em: Emulator, t
     settings = app_settings(em, tmp_path, auth="user", user_login="amigo30", user_password=Secret("amigo30pass"))
     result = qbgw(settings.to_env(), "auth", "check")
     assert result.exit_code == 0, result.output
-    assert "provider: user" in result.stdout and "application: 22" in result.stdout and "as: user " in result.stdout
-    assert "token fingerprint: " in result.stdout and "expires: " in result.stdout
-    assert created(em) == 1 and "amigo30pass" not in result.output
+    assert "provider: user" in result.stdout
+    assert "application: 22" in result.stdout
+    assert "as: user " in result.stdout
+    assert "token fingerprint: " in result.stdout
+    assert "expires: " in result.stdout
+    assert created(em) == 1
+    assert "amigo30pass" not in result.output
 
 
 @pytest.mark.parametrize(
@@ -235,15 +277,19 @@ def test_auth_check_fails_in_one_line_with_its_exit_code(
     em: Emulator, tmp_path: Path, changes: dict[str, Any], code: int, words: str
 ) -> None:
     result = qbgw(app_settings(em, tmp_path, **changes).to_env(), "auth", "check")
-    assert result.exit_code == code and words in result.stderr and result.stderr.count("\n") == 1, result.output
+    assert result.exit_code == code, result.output
+    assert words in result.stderr, result.output
+    assert result.stderr.count("\n") == 1, result.output
 
 
 def test_auth_check_of_a_static_token_looks_its_session_up(em: Emulator, tmp_path: Path) -> None:
     settings = app_settings(em, tmp_path, auth="static", token=Secret("emulator-token"))
     result = qbgw(settings.to_env(), "auth", "check")
-    assert result.exit_code == 0 and "as: an application session" in result.stdout, result.output
+    assert result.exit_code == 0, result.output
+    assert "as: an application session" in result.stdout, result.output
     expired = qbgw(settings.with_(token=Secret("gone")).to_env(), "auth", "check")
-    assert expired.exit_code == EXIT["config"] and "Required session does not exist" in expired.stderr
+    assert expired.exit_code == EXIT["config"]
+    assert "Required session does not exist" in expired.stderr
 
 
 def test_after_a_refused_creation_a_process_waits_before_asking_again(em: Emulator, tmp_path: Path) -> None:
@@ -259,7 +305,9 @@ def test_a_gateway_call_without_a_session_is_an_exchange_with_the_reason_not_an_
 ) -> None:
     tokens = provider(app_settings(em, tmp_path, base_url="http://127.0.0.1:9"))
     exchange = GatewayClient(em.url, tokens, timeout=(2.0, 5.0)).send(b"{}")
-    assert exchange.status is None and "session endpoint" in str(exchange.error) and em.stats()["requests"] == 0
+    assert exchange.status is None
+    assert "session endpoint" in str(exchange.error)
+    assert em.stats()["requests"] == 0
 
 
 def shared_caches(where: str, settings: Settings, tmp_path: Path, request: pytest.FixtureRequest) -> Any:
@@ -284,11 +332,13 @@ def test_a_renewal_by_one_process_reaches_the_others_before_their_next_send(
     cache = shared_caches(where, settings, tmp_path, request)
     a, b = provider(settings, cache()), provider(settings, cache())
     old = a.current()
-    assert b.current() == old and created(em) == 1
+    assert b.current() == old
+    assert created(em) == 1
     em.expire_sessions()
     a.renew()  # a met the 401 first
     new = a.current()
-    assert new != old and created(em) == 2
+    assert new != old
+    assert created(em) == 2
     time.sleep(REDIS_CHECK_SECONDS * 1.5)  # how stale a process's view of Redis may be; a file is seen at once
     assert b.current() == new  # b never sends the token the fleet knows is dead
     assert created(em) == 2
@@ -305,7 +355,8 @@ def test_a_401_on_a_token_another_process_replaced_takes_the_shared_one_without_
     em.expire_sessions()
     a.current()
     a.renew()  # ... while a renews
-    assert b.superseded() and b.current() == a.current() != old
+    assert b.superseded()
+    assert b.current() == a.current() != old
     assert not a.superseded()  # a's own token is the shared one: a 401 on it is a verdict, not news
     assert created(em) == 2
 
@@ -313,4 +364,5 @@ def test_a_401_on_a_token_another_process_replaced_takes_the_shared_one_without_
 def test_a_static_token_or_an_api_key_is_never_superseded() -> None:
     from qbgw.upstream.gateway import StaticToken
 
-    assert not StaticToken(Secret("t")).superseded() and not auth.ApiKeyToken(Secret("k")).superseded()
+    assert not StaticToken(Secret("t")).superseded()
+    assert not auth.ApiKeyToken(Secret("k")).superseded()

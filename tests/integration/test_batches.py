@@ -53,8 +53,10 @@ def run(settings: Settings, batch_id: str, custom_ids: list[str] | None = None) 
 
 def stored(settings: Settings) -> tuple[int, int]:
     with runtime(settings).transaction() as session:
-        return (session.scalar(select(func.count()).select_from(Batch)) or 0,
-                session.scalar(select(func.count()).select_from(Job)) or 0)  # fmt: skip
+        return (
+            session.scalar(select(func.count()).select_from(Batch)) or 0,
+            session.scalar(select(func.count()).select_from(Job)) or 0,
+        )
 
 
 def test_one_invalid_line_stores_nothing_and_skip_invalid_stores_the_rest(settings: Settings) -> None:
@@ -62,27 +64,46 @@ def test_one_invalid_line_stores_nothing_and_skip_invalid_stores_the_rest(settin
     batch[3] = json.dumps({"custom_id": "row-003", "messages": [{"role": "doctor", "content": "x"}]})
     with pytest.raises(InvalidBatch) as caught:
         submit_batch(batch, assistant_id=ASSISTANT, settings=settings)
-    assert caught.value.problems[0][0] == 4 and "messages[0].role: 'doctor'" in caught.value.problems[0][1]
+    assert caught.value.problems[0][0] == 4
+    assert "messages[0].role: 'doctor'" in caught.value.problems[0][1]
     assert stored(settings) == (0, 0)
     view = submit_batch(batch, assistant_id=ASSISTANT, skip_invalid=True, settings=settings)
-    assert (view.total, view.skipped, view.pending) == (4, 1, 4) and [n for n, _ in view.problems] == [4]
-    assert view.status is BatchStatus.IN_PROGRESS and stored(settings) == (1, 4)
+    assert (view.total, view.skipped, view.pending) == (4, 1, 4)
+    assert [n for n, _ in view.problems] == [4]
+    assert view.status is BatchStatus.IN_PROGRESS
+    assert stored(settings) == (1, 4)
 
 
 @pytest.mark.parametrize(
     ("bad", "reason"),
     [
         ('{"custom_id": "row-001", "messages": ' + "[" * 50_000 + "]" * 50_000 + "}", "nested too deeply to parse"),
-        (json.dumps({"custom_id": "row-001\udc80", "messages": [{"role": "user", "content": "x"}]}),
-         "custom_id: not encodable as UTF-8"),
-        (json.dumps({"custom_id": "row-001", "messages": [{"role": "user", "content": "x", "name": 5}]}),
-         "messages[0].name: must be 1 to 64 letters"),
-        (json.dumps({"custom_id": "row-001", "messages": [{"role": "user", "content": "x" * 300_000}]}),
-         "over the request limit of 200000 bytes"),
-        ({"custom_id": "row-001", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
-            "url": "https://[2002:7f00:1::/x.png"}}]}]}, "lacks its closing ']'"),
+        (
+            json.dumps({"custom_id": "row-001\udc80", "messages": [{"role": "user", "content": "x"}]}),
+            "custom_id: not encodable as UTF-8",
+        ),
+        (
+            json.dumps({"custom_id": "row-001", "messages": [{"role": "user", "content": "x", "name": 5}]}),
+            "messages[0].name: must be 1 to 64 letters",
+        ),
+        (
+            json.dumps({"custom_id": "row-001", "messages": [{"role": "user", "content": "x" * 300_000}]}),
+            "over the request limit of 200000 bytes",
+        ),
+        (
+            {
+                "custom_id": "row-001",
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": "https://[2002:7f00:1::/x.png"}}],
+                    }
+                ],
+            },
+            "lacks its closing ']'",
+        ),
     ],
-)  # fmt: skip
+)
 def test_a_line_that_used_to_crash_or_pass_rejects_the_batch_and_stores_nothing(
     settings: Settings, bad: str | dict[str, Any], reason: str
 ) -> None:
@@ -90,7 +111,8 @@ def test_a_line_that_used_to_crash_or_pass_rejects_the_batch_and_stores_nothing(
     batch[1] = bad
     with pytest.raises(InvalidBatch) as caught:
         submit_batch(batch, assistant_id=ASSISTANT, settings=settings.with_(max_request_bytes=200_000))
-    assert [n for n, _ in caught.value.problems] == [2] and reason in caught.value.problems[0][1]
+    assert [n for n, _ in caught.value.problems] == [2]
+    assert reason in caught.value.problems[0][1]
     assert stored(settings) == (0, 0)
     with runtime(settings).transaction() as session:
         assert session.scalar(select(func.count()).select_from(AuditEvent)) == 0
@@ -98,16 +120,20 @@ def test_a_line_that_used_to_crash_or_pass_rejects_the_batch_and_stores_nothing(
 
 def test_counts_and_status_follow_the_jobs_and_failures_are_reported_as_such(settings: Settings) -> None:
     view = submit_batch(lines(6, fail=(1, 4)), assistant_id=ASSISTANT, actor="clinic-app", settings=settings)
-    assert view.in_progress_at is not None and view.expires_at - view.created_at == timedelta(hours=24)
+    assert view.in_progress_at is not None
+    assert view.expires_at - view.created_at == timedelta(hours=24)
     run(settings, view.id, ["row-000", "row-001"])
     middle = get_batch(view.id, settings=settings)
     assert (middle.status, middle.succeeded, middle.failed, middle.pending) == (BatchStatus.IN_PROGRESS, 1, 1, 4)
     run(settings, view.id, ["row-002", "row-003", "row-004", "row-005"])
     done = get_batch(view.id, settings=settings)
-    assert done.status is BatchStatus.COMPLETED and done.done and not done.all_succeeded
+    assert done.status is BatchStatus.COMPLETED
+    assert done.done
+    assert not done.all_succeeded
     assert (done.succeeded, done.failed, done.pending) == (4, 2, 0)
     assert done.summary == "completed with 2 failures (4 succeeded)"
-    assert done.completed_at is not None and done.completed_at <= utcnow()
+    assert done.completed_at is not None
+    assert done.completed_at <= utcnow()
     assert [b.id for b in list_batches(settings=settings)] == [view.id]
 
 
@@ -125,23 +151,28 @@ def test_cancel_keeps_finished_results_and_a_running_job_ends_cancelled(settings
     run(settings, view.id, ["row-000", "row-001"])
     ids = job_ids(settings, view.id)
     with runtime(settings).transaction() as session:  # row-002 is in the middle of its call
-        claim = store.claim(session=session, job_id=ids["row-002"], worker="w1", lease=timedelta(seconds=60),
-                            now=utcnow())  # fmt: skip
+        claim = store.claim(
+            session=session, job_id=ids["row-002"], worker="w1", lease=timedelta(seconds=60), now=utcnow()
+        )
     assert claim is not None
     cancelled = cancel_batch(view.id, actor="nurse-7", settings=settings)
-    assert cancelled.status is BatchStatus.CANCELLED and cancelled.cancelled_at is not None
+    assert cancelled.status is BatchStatus.CANCELLED
+    assert cancelled.cancelled_at is not None
     assert (cancelled.succeeded, cancelled.failed, cancelled.cancelled, cancelled.pending) == (1, 1, 2, 1)
-    assert not cancelled.done and cancelled.summary.endswith("1 still finishing")
+    assert not cancelled.done
+    assert cancelled.summary.endswith("1 still finishing")
     with runtime(settings).transaction() as session:
         ended = store.record_success(session=session, claim=claim, worker="w1", answer="late", now=utcnow())
     assert ended is JobStatus.CANCELLED
     final = get_batch(view.id, settings=settings)
-    assert final.done and (final.succeeded, final.failed, final.cancelled) == (1, 1, 3)
+    assert final.done
+    assert (final.succeeded, final.failed, final.cancelled) == (1, 1, 3)
     assert get_job(ids["row-000"], settings=settings).answer is not None  # the finished result stands
     assert cancel_batch(view.id, settings=settings).cancelled_at == final.cancelled_at  # again: nothing changes
     events = audit_query(AuditFilter(batch_id=view.id, actor="nurse-7"), settings=settings)
     # The end is decided first (one decision, however many race), then its jobs are cancelled.
-    assert sorted(e.action for e in events).count("job.cancelled") == 2 and events[0].action == "batch.cancelled"
+    assert sorted(e.action for e in events).count("job.cancelled") == 2
+    assert events[0].action == "batch.cancelled"
 
 
 def test_expiry_cancels_unfinished_jobs_and_keeps_finished_results(settings: Settings) -> None:
@@ -151,11 +182,15 @@ def test_expiry_cancels_unfinished_jobs_and_keeps_finished_results(settings: Set
     time.sleep(0.6)
     assert sweep(settings=settings).expired == [view.id]
     expired = get_batch(view.id, settings=settings)
-    assert expired.status is BatchStatus.EXPIRED and expired.done and expired.expired_at is not None
+    assert expired.status is BatchStatus.EXPIRED
+    assert expired.done
+    assert expired.expired_at is not None
     assert (expired.succeeded, expired.cancelled) == (1, 3)
     results = {r.custom_id: r for r in batch_results(view.id, settings=settings)}
-    assert results["row-000"].answer is not None and results["row-000"].status is JobStatus.SUCCEEDED
-    assert results["row-001"].error_class == "Expired" and "completion window" in (results["row-001"].error or "")
+    assert results["row-000"].answer is not None
+    assert results["row-000"].status is JobStatus.SUCCEEDED
+    assert results["row-001"].error_class == "Expired"
+    assert "completion window" in (results["row-001"].error or "")
     events = audit_query(AuditFilter(batch_id=view.id, actor="batch-expiry"), settings=settings)
     assert [e.action for e in events] == ["batch.expired"] + ["job.cancelled"] * 3
 
@@ -185,18 +220,26 @@ def test_export_jsonl_csv_and_failed_only_round_trip(settings: Settings) -> None
     run(settings, view.id, ["row-000", "row-001", "row-002"])  # row-003 still queued: a partial export
     rows = [json.loads(x) for x in export(settings, view.id, batch_export.write_jsonl).splitlines()]
     assert [r["custom_id"] for r in rows] == ["row-000", "row-001", "row-002", "row-003"]
-    assert 'you said "Question 0"' in rows[0]["answer"] and rows[0]["error"] is None and rows[0]["attempts"] == 1
-    assert rows[0]["seconds"] >= 0 and rows[0]["finished_at"] is not None
-    assert rows[2]["answer"] is None and rows[2]["error"]["http_status"] == 400 and rows[2]["status"] == "failed"
-    assert rows[3]["status"] == "queued" and rows[3]["seconds"] is None
+    assert 'you said "Question 0"' in rows[0]["answer"]
+    assert rows[0]["error"] is None
+    assert rows[0]["attempts"] == 1
+    assert rows[0]["seconds"] >= 0
+    assert rows[0]["finished_at"] is not None
+    assert rows[2]["answer"] is None
+    assert rows[2]["error"]["http_status"] == 400
+    assert rows[2]["status"] == "failed"
+    assert rows[3]["status"] == "queued"
+    assert rows[3]["seconds"] is None
     table = list(csv.DictReader(io.StringIO(export(settings, view.id, batch_export.write_csv))))
     assert [r["custom_id"] for r in table] == ["row-000", "row-001", "row-002", "row-003"]
-    assert table[2]["error_class"] == "UpstreamRejected" and table[2]["http_status"] == "400"
+    assert table[2]["error_class"] == "UpstreamRejected"
+    assert table[2]["http_status"] == "400"
     failed = export(settings, view.id, batch_export.write_inputs, failed_only=True).splitlines()
     assert [json.loads(x)["custom_id"] for x in failed] == ["row-002"]
     assert json.loads(failed[0])["messages"][0]["content"] == "Question 2 [[emulator:fail=400]]"
     again = submit_batch(failed, settings=settings)  # the failed-only output is input as it stands
-    assert again.total == 1 and again.assistant_id is None
+    assert again.total == 1
+    assert again.assistant_id is None
 
 
 def test_exporting_is_an_audited_read_of_each_job(settings: Settings) -> None:
@@ -207,7 +250,8 @@ def test_exporting_is_an_audited_read_of_each_job(settings: Settings) -> None:
     # Two jobs carry PHI (an error, an answer); the third has nothing to read yet.
     assert [e.action for e in reads] == ["result.read", "result.read", "batch.exported"]
     assert {e.job_id for e in reads[:2]} == {job_ids(settings, view.id)[c] for c in ("row-000", "row-001")}
-    assert reads[-1].detail == {"jobs": 3, "failed_only": False} and reads[-1].action in audit.READS
+    assert reads[-1].detail == {"jobs": 3, "failed_only": False}
+    assert reads[-1].action in audit.READS
 
 
 def test_an_unknown_batch_is_not_found(settings: Settings) -> None:
@@ -218,7 +262,8 @@ def test_an_unknown_batch_is_not_found(settings: Settings) -> None:
 
 def test_a_batch_is_stored_in_chunks_and_announced_through_one_connection(settings: Settings) -> None:
     view = submit_batch(lines(1203), assistant_id=ASSISTANT, settings=settings)
-    assert view.total == 1203 and view.pending == 1203
+    assert view.total == 1203
+    assert view.pending == 1203
     messages = list((settings.broker_dir / "queue").glob("*.msg"))
     assert len(messages) == 1203
     with runtime(settings).transaction() as session:
@@ -240,7 +285,8 @@ def test_wait_for_batch_returns_when_done_and_times_out_otherwise(settings: Sett
     run(settings, view.id)
     seen: list[str] = []
     done = wait_for_batch(view.id, timeout=5, on_progress=lambda v: seen.append(v.summary), settings=settings)
-    assert done.all_succeeded and seen == ["completed: all 2 succeeded"]
+    assert done.all_succeeded
+    assert seen == ["completed: all 2 succeeded"]
 
 
 def test_a_batch_jobs_retry_and_redispatch_go_back_to_the_batch_queue(embedded_settings: Settings) -> None:
@@ -250,8 +296,11 @@ def test_a_batch_jobs_retry_and_redispatch_go_back_to_the_batch_queue(embedded_s
     from qbgw.runtime.app import backlog
 
     settings = embedded_settings
-    line = {"custom_id": "x", "smart_chat_assistant_id": ASSISTANT,
-            "messages": [{"role": "user", "content": "[[emulator:fail=503x1]] retry me"}]}  # fmt: skip
+    line = {
+        "custom_id": "x",
+        "smart_chat_assistant_id": ASSISTANT,
+        "messages": [{"role": "user", "content": "[[emulator:fail=503x1]] retry me"}],
+    }
     batch = submit_batch([line], settings=settings)
     app, interactive, batch_queue = runtime(settings).celery, settings.queue, settings.effective_batch_queue
     assert (backlog(app, interactive), backlog(app, batch_queue)) == (0, 1)
@@ -286,10 +335,14 @@ def test_an_expiry_is_one_decision_a_reader_settling_between_its_chunks_cannot_t
     time.sleep(0.35)
     assert sweep(settings=settings).expired == [view.id]
     final = get_batch(view.id, settings=settings)
-    assert final.status is BatchStatus.EXPIRED and final.expired_at is not None and final.cancelled == 7
-    assert set(readers) == {BatchStatus.EXPIRED} and len(readers) == 3
+    assert final.status is BatchStatus.EXPIRED
+    assert final.expired_at is not None
+    assert final.cancelled == 7
+    assert set(readers) == {BatchStatus.EXPIRED}
+    assert len(readers) == 3
     ended = audit_query(AuditFilter(batch_id=view.id, action="batch.expired"), settings=settings)
-    assert len(ended) == 1 and ended[0].detail == {"jobs_to_cancel": 7}
+    assert len(ended) == 1
+    assert ended[0].detail == {"jobs_to_cancel": 7}
     assert sweep(settings=settings).expired == []
     assert cancel_batch(view.id, settings=settings).status is BatchStatus.EXPIRED  # expired stays expired
 
@@ -312,7 +365,10 @@ def test_an_end_whose_run_stopped_short_is_finished_by_the_next_sweep(
     with pytest.raises(RuntimeError):
         cancel_batch(view.id, actor="nurse-7", settings=settings)
     half = get_batch(view.id, settings=settings)
-    assert half.status is BatchStatus.CANCELLED and half.pending == 5  # decided; its jobs not yet cancelled
+    assert half.status is BatchStatus.CANCELLED
+    assert half.pending == 5
     sweep(settings=settings)
     done = get_batch(view.id, settings=settings)
-    assert done.status is BatchStatus.CANCELLED and done.cancelled == 5 and done.done
+    assert done.status is BatchStatus.CANCELLED
+    assert done.cancelled == 5
+    assert done.done

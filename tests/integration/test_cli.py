@@ -49,12 +49,16 @@ def test_submit_text_then_status_and_result(env: dict[str, str], embedded_settin
     assert submitted.exit_code == 0, submitted.output
     job_id = submitted.stdout.strip()
     pending = qbgw(env, "result", job_id)
-    assert pending.exit_code == EXIT["timeout"] and "is queued" in pending.stderr
+    assert pending.exit_code == EXIT["timeout"]
+    assert "is queued" in pending.stderr
     run_attempt(runtime(embedded_settings), job_id)
     status = json.loads(qbgw(env, "status", job_id).stdout)
-    assert status["status"] == "succeeded" and status["custom_id"] == "cli-1" and "answer" not in status
+    assert status["status"] == "succeeded"
+    assert status["custom_id"] == "cli-1"
+    assert "answer" not in status
     result = qbgw(env, "result", job_id)
-    assert result.exit_code == 0 and 'you said "Hello from the CLI"' in result.stdout
+    assert result.exit_code == 0
+    assert 'you said "Hello from the CLI"' in result.stdout
     events = [json.loads(line) for line in qbgw(env, "events", job_id).stdout.splitlines()]
     assert [e["action"] for e in events][-1] == "job.succeeded"
 
@@ -65,7 +69,8 @@ def test_submit_messages_from_stdin_and_an_image_file(env: dict[str, str], tmp_p
     image = tmp_path / "scan.png"
     image.write_bytes(png_bytes(8, 8))
     refused = qbgw(env, "submit", "-t", "look", "-i", str(image))
-    assert refused.exit_code == EXIT["bad_input"] and "no image roots are configured" in refused.stderr
+    assert refused.exit_code == EXIT["bad_input"]
+    assert "no image roots are configured" in refused.stderr
     assert qbgw({**env, "QBGW_IMAGE_ROOTS": str(tmp_path)}, "submit", "-t", "look", "-i", str(image)).exit_code == 0
 
 
@@ -73,7 +78,8 @@ def test_a_failed_job_exits_1_with_its_reason(env: dict[str, str], embedded_sett
     job_id = qbgw(env, "submit", "--text", "x [[emulator:fail=400]]").stdout.strip()
     run_attempt(runtime(embedded_settings), job_id)
     result = qbgw(env, "result", job_id)
-    assert result.exit_code == EXIT["job_failed"] and "failed: gateway answered HTTP 400" in result.stderr
+    assert result.exit_code == EXIT["job_failed"]
+    assert "failed: gateway answered HTTP 400" in result.stderr
 
 
 @pytest.mark.parametrize(
@@ -94,7 +100,8 @@ def test_bad_input_is_one_line_and_a_named_exit_code(
 ) -> None:
     result = qbgw(env, *args, input=stdin)
     assert result.exit_code == EXIT[code]
-    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
     assert jobs_stored(embedded_settings) == 0
 
 
@@ -114,21 +121,42 @@ HI = [{"role": "user", "content": "Hi"}]
     ("content", "message"),
     [
         ("[" * 2000 + "]" * 2000, "nested too deeply to parse"),
-        (json.dumps({"messages": HI, "model": "gpt-4o", "temperature": 0}),
-         "unknown field(s) model, temperature; accepted: custom_id, idempotency_key, messages, "
-         "smart_chat_assistant_id"),
+        (
+            json.dumps({"messages": HI, "model": "gpt-4o", "temperature": 0}),
+            "unknown field(s) model, temperature; accepted: custom_id, idempotency_key, messages, "
+            "smart_chat_assistant_id",
+        ),
         (json.dumps({"messages": HI, "custom_id": 7}), "custom_id: must be a string, got int"),
         (json.dumps({"messages": HI, "custom_id": ""}), "custom_id: must be a non-empty string"),
         ('[{"role": "user", "content": "a\\ud800b"}]', "messages[0].content: not encodable as UTF-8"),
         (json.dumps([{"role": "user", "content": "hi", "name": {"first": "Ann"}}]), "messages[0].name: must be 1"),
-        (json.dumps([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://h:65536/x.png"}}]}]),
-         "the port '65536' of an https URL is not a number from 1 to 65535"),
-        (json.dumps([{"role": "user", "content": [{"type": "image_url", "image_url": {
-            "url": "data:image/png;base64," + base64.b64encode(jpeg_bytes(4, 4)).decode()}}]}]),
-         "data uri declares image/png but its bytes are a jpeg"),
+        (
+            json.dumps(
+                [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://h:65536/x.png"}}]}]
+            ),
+            "the port '65536' of an https URL is not a number from 1 to 65535",
+        ),
+        (
+            json.dumps(
+                [
+                    {
+                        "role": "user",
+                        "content": [
+                            {
+                                "type": "image_url",
+                                "image_url": {
+                                    "url": "data:image/png;base64," + base64.b64encode(jpeg_bytes(4, 4)).decode()
+                                },
+                            }
+                        ],
+                    }
+                ]
+            ),
+            "data uri declares image/png but its bytes are a jpeg",
+        ),
         (json.dumps(HI) + " " * 5000, "bytes is over the request limit of 4096 bytes (QBGW_MAX_REQUEST_BYTES)"),
     ],
-)  # fmt: skip
+)
 def test_a_bad_request_file_exits_3_with_one_line_and_stores_nothing(
     env: dict[str, str], embedded_settings: Settings, tmp_path: Path, content: str, message: str
 ) -> None:
@@ -136,9 +164,11 @@ def test_a_bad_request_file_exits_3_with_one_line_and_stores_nothing(
     path.write_text(content)
     result = qbgw({**env, "QBGW_MAX_REQUEST_BYTES": "4096"}, "submit", str(path))
     assert result.exit_code == EXIT["bad_input"], result.output
-    assert result.stderr.startswith("qbgw: error: ") and len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith("qbgw: error: ")
+    assert len(result.stderr.strip().splitlines()) == 1
     assert message in result.stderr
-    assert jobs_stored(embedded_settings) == 0 and audit_events(embedded_settings) == 0
+    assert jobs_stored(embedded_settings) == 0
+    assert audit_events(embedded_settings) == 0
 
 
 @pytest.mark.parametrize(
@@ -148,40 +178,48 @@ def test_an_image_reference_with_another_scheme_says_so(
     env: dict[str, str], embedded_settings: Settings, tmp_path: Path, ref: str, scheme: str | None
 ) -> None:
     result = qbgw({**env, "QBGW_IMAGE_ROOTS": str(tmp_path)}, "submit", "-t", "look", "--image", ref)
-    assert result.exit_code == EXIT["bad_input"] and len(result.stderr.strip().splitlines()) == 1
+    assert result.exit_code == EXIT["bad_input"]
+    assert len(result.stderr.strip().splitlines()) == 1
     said = f"the scheme {scheme!r} is not accepted" if scheme else "an image reference must be"
     assert f"messages[0].content[1].image_url.url: {said}" in result.stderr
     assert "https:// URL, a data:image/...;base64, URI, or a local file path" in result.stderr
-    assert "not under an allowed root" not in result.stderr and jobs_stored(embedded_settings) == 0
+    assert "not under an allowed root" not in result.stderr
+    assert jobs_stored(embedded_settings) == 0
 
 
 def test_a_broker_outage_keeps_the_job_and_warns(env: dict[str, str], embedded_settings: Settings) -> None:
     result = qbgw({**env, "QBGW_BROKER_URL": "redis://127.0.0.1:1/0"}, "submit", "--text", "hi")
-    assert result.exit_code == 0 and len(result.stdout.split()) == 1
-    assert "warning: job" in result.stderr and "sweep" in result.stderr
+    assert result.exit_code == 0
+    assert len(result.stdout.split()) == 1
+    assert "warning: job" in result.stderr
+    assert "sweep" in result.stderr
     assert jobs_stored(embedded_settings) == 1
 
 
 def test_require_broker_exits_5_and_stores_nothing(env: dict[str, str], embedded_settings: Settings) -> None:
     down = {**env, "QBGW_BROKER_URL": "redis://127.0.0.1:1/0"}
     result = qbgw(down, "submit", "--require-broker", "--text", "hi")
-    assert result.exit_code == EXIT["unavailable"] and "unreachable" in result.stderr
+    assert result.exit_code == EXIT["unavailable"]
+    assert "unreachable" in result.stderr
     assert jobs_stored(embedded_settings) == 0
 
 
 def test_a_bad_setting_exits_7(env: dict[str, str]) -> None:
     result = qbgw({**env, "QBGW_READ_TIMEOUT": "later"}, "status", "x")
-    assert result.exit_code == EXIT["config"] and "QBGW_READ_TIMEOUT must be a float" in result.stderr
+    assert result.exit_code == EXIT["config"]
+    assert "QBGW_READ_TIMEOUT must be a float" in result.stderr
 
 
 def test_db_upgrade_migrates_a_named_database(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'ops.db'}"
     result = qbgw({"QBGW_DATABASE_URL": url, "QBGW_DATA_DIR": str(tmp_path)}, "db", "upgrade")
-    assert result.exit_code == 0 and "is at head" in result.stdout
+    assert result.exit_code == 0
+    assert "is at head" in result.stdout
     # Without the upgrade a named database is refused with the command to run.
     other = f"sqlite:///{tmp_path / 'other.db'}"
     refused = qbgw({"QBGW_DATABASE_URL": other, "QBGW_DATA_DIR": str(tmp_path)}, "status", "x")
-    assert refused.exit_code == EXIT["config"] and "run `qbgw db upgrade`" in refused.stderr
+    assert refused.exit_code == EXIT["config"]
+    assert "run `qbgw db upgrade`" in refused.stderr
 
 
 def test_sweep_re_announces_a_job_whose_message_was_lost(env: dict[str, str], embedded_settings: Settings) -> None:
@@ -201,13 +239,15 @@ def test_cancel_failed_and_replay_commands(env: dict[str, str], embedded_setting
     broken = qbgw(env, "submit", "--text", "x [[emulator:fail=422x1]]").stdout.strip()
     run_attempt(runtime(embedded_settings), broken)
     listed = qbgw(env, "failed").stdout
-    assert broken in listed and "UpstreamRejected: gateway answered HTTP 422" in listed
+    assert broken in listed
+    assert "UpstreamRejected: gateway answered HTTP 422" in listed
     assert json.loads(qbgw(env, "failed", "--json").stdout.splitlines()[0])["id"] == broken
     assert qbgw(env, "replay", broken).stdout.strip() == f"{broken} queued for attempt 2"
     run_attempt(runtime(embedded_settings), broken)
     assert qbgw(env, "result", broken).exit_code == 0
     refused = qbgw(env, "replay", broken)
-    assert refused.exit_code == EXIT["conflict"] and "only a failed job can be replayed" in refused.stderr
+    assert refused.exit_code == EXIT["conflict"]
+    assert "only a failed job can be replayed" in refused.stderr
     assert qbgw(env, "cancel", broken).exit_code == EXIT["conflict"]
     assert qbgw(env, "cancel", "nope").exit_code == EXIT["not_found"]
 
@@ -216,7 +256,8 @@ def test_keys_and_purge_commands(env: dict[str, str], embedded_settings: Setting
     job_id = qbgw(env, "submit", "--text", "to be purged").stdout.strip()
     run_attempt(runtime(embedded_settings), job_id)
     refused = qbgw(env, "keys", "rotate")
-    assert refused.exit_code == EXIT["config"] and "QBGW_ENCRYPTION_KEYS" in refused.stderr
+    assert refused.exit_code == EXIT["config"]
+    assert "QBGW_ENCRYPTION_KEYS" in refused.stderr
     assert qbgw(env, "keys", "status").stdout.split() == ["ktest", "2"]  # payload and answer
     assert qbgw(env, "purge", "--older-than", "soon").exit_code == 2
     assert qbgw(env, "purge", "--older-than", "²d").exit_code == 2  # a Unicode digit: no traceback

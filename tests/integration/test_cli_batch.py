@@ -34,20 +34,24 @@ def test_submit_wait_status_and_results(env: dict[str, str], embedded_settings: 
     batch_id = submitted.stdout.strip()
     assert "4 job(s) queued, 0 invalid line(s) skipped" in submitted.stderr
     pending = qbgw(env, "batch", "wait", batch_id, "--timeout", "0.2")
-    assert pending.exit_code == EXIT["timeout"] and "is still in_progress" in pending.stderr
+    assert pending.exit_code == EXIT["timeout"]
+    assert "is still in_progress" in pending.stderr
     run(embedded_settings, batch_id)
     waited = qbgw(env, "batch", "wait", batch_id)
     assert waited.exit_code == EXIT["job_failed"]  # completed with a failure is not a success
     assert waited.stdout.strip() == f"batch {batch_id} completed with 1 failure (3 succeeded)"
-    assert "4/4 done, 1 failed" in waited.stderr and "\r" not in waited.stderr  # not a terminal: plain lines
+    assert "4/4 done, 1 failed" in waited.stderr
+    assert "\r" not in waited.stderr
     status = json.loads(qbgw(env, "batch", "status", batch_id).stdout)
     assert (status["status"], status["succeeded"], status["failed"], status["pending"]) == ("completed", 3, 1, 0)
     listed = qbgw(env, "batch", "list").stdout
-    assert batch_id in listed and "completed with 1 failure" in listed
+    assert batch_id in listed
+    assert "completed with 1 failure" in listed
     rows = [json.loads(x) for x in qbgw(env, "batch", "results", batch_id).stdout.splitlines()]
     assert [r["status"] for r in rows] == ["succeeded", "succeeded", "succeeded", "failed"]
     table = list(csv.DictReader(io.StringIO(qbgw(env, "batch", "results", batch_id, "--format", "csv").stdout)))
-    assert table[3]["custom_id"] == "row-003" and table[3]["http_status"] == "400"
+    assert table[3]["custom_id"] == "row-003"
+    assert table[3]["http_status"] == "400"
 
 
 def test_failed_only_output_is_accepted_as_a_new_batch(
@@ -57,9 +61,11 @@ def test_failed_only_output_is_accepted_as_a_new_batch(
     run(embedded_settings, batch_id)
     retry = tmp_path / "retry.jsonl"
     exported = qbgw(env, "batch", "results", batch_id, "--failed-only", "--output", str(retry), "--actor", "ops-1")
-    assert exported.exit_code == 0 and len(retry.read_text().splitlines()) == 2
+    assert exported.exit_code == 0
+    assert len(retry.read_text().splitlines()) == 2
     again = qbgw(env, "batch", "submit", str(retry))
-    assert again.exit_code == 0 and set(job_ids(embedded_settings, again.stdout.strip())) == {"row-000", "row-002"}
+    assert again.exit_code == 0
+    assert set(job_ids(embedded_settings, again.stdout.strip())) == {"row-000", "row-002"}
     reads = audit_query(AuditFilter(batch_id=batch_id, actor="ops-1"), settings=embedded_settings)
     assert [e.action for e in reads] == ["result.read", "result.read", "batch.exported"]
     refused = qbgw(env, "batch", "results", batch_id, "--failed-only", "--format", "csv")
@@ -73,10 +79,13 @@ def test_an_invalid_batch_exits_3_naming_each_line_and_skip_invalid_reports_them
     rows[1] = "{not json"
     path = write(tmp_path / "bad.jsonl", rows)
     refused = qbgw(env, "batch", "submit", path)
-    assert refused.exit_code == EXIT["bad_input"] and refused.stdout == ""
-    assert "1 of 3 line(s) invalid; nothing was stored" in refused.stderr and "line 2: not valid JSON" in refused.stderr
+    assert refused.exit_code == EXIT["bad_input"]
+    assert refused.stdout == ""
+    assert "1 of 3 line(s) invalid; nothing was stored" in refused.stderr
+    assert "line 2: not valid JSON" in refused.stderr
     skipped = qbgw(env, "batch", "submit", path, "--skip-invalid")
-    assert skipped.exit_code == 0 and "skipped line 2: not valid JSON" in skipped.stderr
+    assert skipped.exit_code == 0
+    assert "skipped line 2: not valid JSON" in skipped.stderr
     assert "2 job(s) queued, 1 invalid line(s) skipped" in skipped.stderr
 
 
@@ -85,8 +94,9 @@ def test_line_separators_inside_json_strings_do_not_split_a_line(
 ) -> None:
     rows = lines(5)
     for i, char in ((1, "\u2028"), (2, "\u2029"), (3, "\u0085")):
-        rows[i] = json.dumps({"custom_id": f"row-00{i}", "messages": [{"role": "user", "content": f"a{char}b"}]},
-                             ensure_ascii=False)  # fmt: skip
+        rows[i] = json.dumps(
+            {"custom_id": f"row-00{i}", "messages": [{"role": "user", "content": f"a{char}b"}]}, ensure_ascii=False
+        )
     rows[4] = rows[4].replace("Question", "Question\x0c")  # a raw form feed: invalid JSON, on its own line
     submitted = qbgw(env, "batch", "submit", write(tmp_path / "in.jsonl", rows), "--skip-invalid")
     assert submitted.exit_code == 0, submitted.output
@@ -101,9 +111,11 @@ def test_a_line_nested_too_deeply_exits_3_naming_it_and_stores_nothing(
     rows = lines(3)
     rows[1] = '{"custom_id": "row-001", "messages": ' + "[" * 50_000 + "]" * 50_000 + "}"
     refused = qbgw(env, "batch", "submit", write(tmp_path / "deep.jsonl", rows))
-    assert refused.exit_code == EXIT["bad_input"] and refused.stdout == ""
+    assert refused.exit_code == EXIT["bad_input"]
+    assert refused.stdout == ""
     assert "line 2: not valid JSON for a request: nested too deeply to parse" in refused.stderr
-    assert jobs_stored(embedded_settings) == 0 and audit_events(embedded_settings) == 0
+    assert jobs_stored(embedded_settings) == 0
+    assert audit_events(embedded_settings) == 0
 
 
 def test_images_shorthand_submits_one_job_per_file_under_the_roots(
@@ -115,7 +127,8 @@ def test_images_shorthand_submits_one_job_per_file_under_the_roots(
         (scans / name).write_bytes(png_bytes(8, 6))
     pattern = str(scans / "*.png")
     outside = qbgw(env, "batch", "submit", "--images", pattern, "--prompt", "Describe {name}")
-    assert outside.exit_code == EXIT["bad_input"] and "no image roots are configured" in outside.stderr
+    assert outside.exit_code == EXIT["bad_input"]
+    assert "no image roots are configured" in outside.stderr
     rooted = {**env, "QBGW_IMAGE_ROOTS": str(scans)}
     submitted = qbgw(rooted, "batch", "submit", "--images", pattern, "--prompt", "Describe {name}")
     assert submitted.exit_code == 0, submitted.output
@@ -123,7 +136,8 @@ def test_images_shorthand_submits_one_job_per_file_under_the_roots(
     run(embedded_settings.with_(image_roots=str(scans)), batch_id)
     rows = [json.loads(x) for x in qbgw(rooted, "batch", "results", batch_id).stdout.splitlines()]
     assert [r["custom_id"] for r in rows] == ["a.png", "b.png"]
-    assert 'you said "Describe a.png"' in rows[0]["answer"] and "png 8x6" in rows[0]["answer"]
+    assert 'you said "Describe a.png"' in rows[0]["answer"]
+    assert "png 8x6" in rows[0]["answer"]
 
 
 @pytest.mark.parametrize(
@@ -139,7 +153,8 @@ def test_images_shorthand_submits_one_job_per_file_under_the_roots(
 )
 def test_batch_errors_have_named_exit_codes(env: dict[str, str], args: list[str], code: str, message: str) -> None:
     result = qbgw(env, *args)
-    assert result.exit_code == EXIT[code] and message in result.stderr
+    assert result.exit_code == EXIT[code]
+    assert message in result.stderr
 
 
 def test_cancel_prints_what_is_kept(env: dict[str, str], embedded_settings: Settings, tmp_path: Path) -> None:

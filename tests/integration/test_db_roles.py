@@ -49,12 +49,12 @@ REFUSED = {
     "drop jobs": "DROP TABLE jobs",
     "alter jobs": "ALTER TABLE jobs ADD COLUMN x int",
     "replace the seal": "CREATE OR REPLACE FUNCTION qbgw_audit_seal(events jsonb) RETURNS TABLE "
-                        "(first_seq bigint, last_seq bigint, last_hash text) AS 'SELECT 1, 1, ''''' LANGUAGE sql",
+    "(first_seq bigint, last_seq bigint, last_hash text) AS 'SELECT 1, 1, ''''' LANGUAGE sql",
     "drop the seal": "DROP FUNCTION qbgw_audit_seal(jsonb)",
     "create a table": "CREATE TABLE public.shadow_events (id int)",
     "move the schema's revision": "UPDATE alembic_version SET version_num = 'x'",
     "insert a chain head": "INSERT INTO audit_chain_head (id, seq, row_hash) VALUES (2, 0, 'x')",
-}  # fmt: skip
+}
 
 
 #: "permission denied for table ..." or "must be owner of table ...".
@@ -93,11 +93,13 @@ def test_the_app_role_is_refused_by_its_grants(settings: Settings, app_db: Conne
 @on_postgres
 def test_the_app_role_holds_exactly_its_grants(pg: PgDatabase, app_db: Connection) -> None:
     assert roles.privileges(app_db, APP_ROLE) == {table: set(allowed) for table, allowed in roles.TABLES.items()}
-    superuser, creates, seals = app_db.execute(text(
-        "SELECT rolsuper, has_schema_privilege(current_user, 'public', 'CREATE'), "
-        "has_function_privilege(current_user, 'qbgw_audit_seal(jsonb)', 'EXECUTE') FROM pg_roles "
-        "WHERE rolname = current_user"
-    )).one()  # fmt: skip
+    superuser, creates, seals = app_db.execute(
+        text(
+            "SELECT rolsuper, has_schema_privilege(current_user, 'public', 'CREATE'), "
+            "has_function_privilege(current_user, 'qbgw_audit_seal(jsonb)', 'EXECUTE') FROM pg_roles "
+            "WHERE rolname = current_user"
+        )
+    ).one()
     assert (superuser, creates, seals) == (False, False, True)
 
 
@@ -111,8 +113,11 @@ def test_a_whole_jobs_life_works_as_the_app_role(settings: Settings) -> None:
     failed = run_job(settings, "[[emulator:fail=400]]")
     assert get_job(failed, settings=settings).status is JobStatus.FAILED
     assert replay(failed, actor="operator", settings=settings) == 2
-    batch = submit_batch([f'{{"custom_id": "r{i}", "messages": [{{"role": "user", "content": "q{i}"}}]}}'
-                          for i in range(3)], assistant_id=ASSISTANT, settings=settings)  # fmt: skip
+    batch = submit_batch(
+        [f'{{"custom_id": "r{i}", "messages": [{{"role": "user", "content": "q{i}"}}]}}' for i in range(3)],
+        assistant_id=ASSISTANT,
+        settings=settings,
+    )
     with runtime(settings).transaction() as session:
         first = session.scalars(select(Job.id).where(Job.batch_id == batch.id).order_by(Job.custom_id)).first()
         assert first is not None
@@ -140,7 +145,8 @@ def test_audit_drop_as_the_app_role_names_the_owner_and_writes_nothing(settings:
         drop_audit_before(before=utcnow(), settings=short)
     assert all(anchor.kind != "base" for anchor in integrity.read_anchors(short.anchor_path))
     result = CliRunner().invoke(cli, ["audit", "drop", "--before", utcnow().isoformat(), "--yes"], env=short.to_env())
-    assert result.exit_code == EXIT["config"] and "run it with the owner's URL" in result.stderr
+    assert result.exit_code == EXIT["config"]
+    assert "run it with the owner's URL" in result.stderr
     with runtime(settings).transaction() as session:
         assert session.scalar(select(func.count()).select_from(AuditEvent)) == 4
 
@@ -158,7 +164,9 @@ def test_roles_again_changes_nothing_and_takes_back_what_it_did_not_grant(pg: Pg
     app_db.rollback()
     planned = roles.plan(pg.owner, APP_ROLE)
     applied = roles.apply(pg.owner, APP_ROLE)
-    assert applied.statements == planned.statements and not applied.created and applied.warnings == ()
+    assert applied.statements == planned.statements
+    assert not applied.created
+    assert applied.warnings == ()
     assert roles.privileges(app_db, APP_ROLE) == {table: set(allowed) for table, allowed in roles.TABLES.items()}
     assert roles.apply(pg.owner, APP_ROLE).statements == applied.statements
 
@@ -180,23 +188,30 @@ def test_create_role_needs_createrole_and_never_shows_the_password(pg: PgDatabas
     env = {"QBGW_DATABASE_URL": pg.owner, "QBGW_APP_ROLE_PASSWORD": password}
     runner = CliRunner()
     missing = runner.invoke(cli, ["db", "roles", "--app-role", role], env=env)
-    assert missing.exit_code == EXIT["config"] and "--create-role" in missing.stderr
+    assert missing.exit_code == EXIT["config"]
+    assert "--create-role" in missing.stderr
     denied = runner.invoke(cli, ["db", "roles", "--app-role", role, "--create-role"], env=env)
-    assert denied.exit_code == EXIT["config"] and "lacks CREATEROLE" in denied.stderr
+    assert denied.exit_code == EXIT["config"]
+    assert "lacks CREATEROLE" in denied.stderr
     printed = runner.invoke(cli, ["db", "roles", "--app-role", role, "--create-role", "--print"], env=env)
-    assert printed.exit_code == 0 and f"CREATE ROLE {role} LOGIN;" in printed.stdout
+    assert printed.exit_code == 0
+    assert f"CREATE ROLE {role} LOGIN;" in printed.stdout
     admin = create_engine(pg.admin, isolation_level="AUTOCOMMIT")
     try:
-        made = runner.invoke(cli, ["db", "roles", "--app-role", role, "--create-role"],
-                             env={**env, "QBGW_DATABASE_URL": pg.admin})  # a DBA with CREATEROLE  # fmt: skip
+        made = runner.invoke(
+            cli, ["db", "roles", "--app-role", role, "--create-role"], env={**env, "QBGW_DATABASE_URL": pg.admin}
+        )  # a DBA with CREATEROLE
         assert made.exit_code == 0, made.output
         assert f"role {role} created, and granted" in made.stdout
         for output in (missing, denied, printed, made):
             assert password not in output.output
         with admin.connect() as db:
-            login, stored = db.execute(text("SELECT rolcanlogin, rolpassword FROM pg_authid WHERE rolname = :r"),
-                                       {"r": role}).one()  # fmt: skip
-            assert login and stored.startswith("SCRAM-SHA-256$") and password not in stored
+            login, stored = db.execute(
+                text("SELECT rolcanlogin, rolpassword FROM pg_authid WHERE rolname = :r"), {"r": role}
+            ).one()
+            assert login
+            assert stored.startswith("SCRAM-SHA-256$")
+            assert password not in stored
             assert roles.privileges(db, role) == {table: set(allowed) for table, allowed in roles.TABLES.items()}
     finally:
         with admin.connect() as db:
@@ -209,4 +224,5 @@ def test_create_role_needs_createrole_and_never_shows_the_password(pg: PgDatabas
 def test_roles_on_sqlite_say_roles_do_not_apply(settings: Settings) -> None:
     env = {**settings.to_env(), "QBGW_DATABASE_URL": settings.effective_database_url}
     result = CliRunner().invoke(cli, ["db", "roles", "--app-role", "anyone"], env=env)
-    assert result.exit_code == EXIT["config"] and "PostgreSQL only" in result.stderr
+    assert result.exit_code == EXIT["config"]
+    assert "PostgreSQL only" in result.stderr

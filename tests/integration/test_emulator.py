@@ -224,7 +224,9 @@ def test_stats_and_arrivals_count_every_gateway_request(em: Emulator, http: requ
     stats = em.stats()
     assert (stats["requests"], stats["by_status"]) == (3, {"200": 1, "401": 1, "503": 1})
     arrivals = em.arrivals()
-    assert len(arrivals) == 3 and arrivals == sorted(arrivals) and arrivals[0] >= before
+    assert len(arrivals) == 3
+    assert arrivals == sorted(arrivals)
+    assert arrivals[0] >= before
 
 
 def test_control_endpoints_read_stats_reset_and_reconfigure(em: Emulator, http: requests.Session) -> None:
@@ -234,7 +236,8 @@ def test_control_endpoints_read_stats_reset_and_reconfigure(em: Emulator, http: 
     assert len(http.get(em.url + "/_emulator/arrivals", timeout=5).json()["arrivals"]) == 1
     r = http.post(em.url + "/_emulator/config", json={"feature_enabled": False, "latency": 0}, timeout=5)
     assert r.status_code == 200
-    assert r.json()["feature_enabled"] is False and r.json()["assistants"] == [ASSISTANT]
+    assert r.json()["feature_enabled"] is False
+    assert r.json()["assistants"] == [ASSISTANT]
     assert post(http, em, body("hi")).status_code == 405
     assert http.post(em.url + "/_emulator/reset", timeout=5).json()["requests"] == 0
     assert em.stats()["requests"] == 0
@@ -280,7 +283,8 @@ def test_accepted_sockets_have_tcp_nodelay(em: Emulator) -> None:
         with requests.Session() as s:
             s.trust_env = False
             s.get(em.url + "/_emulator/stats", timeout=5)
-    assert seen and all(seen)
+    assert seen
+    assert all(seen)
 
 
 def test_requests_are_served_concurrently(em: Emulator) -> None:
@@ -303,7 +307,8 @@ def test_requests_are_served_concurrently(em: Emulator) -> None:
     all_in_before_any_answer = len(em.arrivals()) == 8 and not statuses
     for t in threads:
         t.join()
-    assert all_in_before_any_answer and statuses == [200] * 8
+    assert all_in_before_any_answer
+    assert statuses == [200] * 8
 
 
 def test_a_stopped_emulator_refuses_connections() -> None:
@@ -409,7 +414,8 @@ def test_a_seeded_run_repeats_its_faults_at_about_the_rate(http: requests.Sessio
         first, first_faults = run(own), own.stats()["faults"]
         own.reset()  # re-seeds
         second, second_faults = run(own), own.stats()["faults"]
-    assert first == second and first_faults == second_faults
+    assert first == second
+    assert first_faults == second_faults
     injected = sum(first_faults.values())
     assert 0.15 * 200 <= injected <= 0.45 * 200
     visible = sum(o != "200" for o in first) + first_faults.get("hang", 0)
@@ -509,7 +515,8 @@ def test_control_config_sets_the_fault_fields(em: Emulator, http: requests.Sessi
     r = http.post(em.url + "/_emulator/config", json=change, timeout=5)
     assert r.status_code == 200
     assert {k: r.json()[k] for k in change} == {**change, "fault_rate": 1.0}
-    assert em.config.fault_kinds == ("500",) and em.config.fault_rate == 1.0
+    assert em.config.fault_kinds == ("500",)
+    assert em.config.fault_rate == 1.0
     assert post(http, em, body("hi")).status_code == 500
     assert http.get(em.url + "/_emulator/config", timeout=5).json()["fault_kinds"] == ["500"]
 

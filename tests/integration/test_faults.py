@@ -26,8 +26,15 @@ from tests.conftest import ASSISTANT
 
 def store_unchecked(settings: Settings, messages: list[dict[str, Any]]) -> str:
     """A job stored without the producer's validation: as an older version, or a bug, could have stored it."""
-    new = store.NewJob(id=str(uuid.uuid4()), assistant_id=ASSISTANT, messages=messages, custom_id=None,
-                       idempotency_key=None, actor="test", max_attempts=settings.max_attempts)  # fmt: skip
+    new = store.NewJob(
+        id=str(uuid.uuid4()),
+        assistant_id=ASSISTANT,
+        messages=messages,
+        custom_id=None,
+        idempotency_key=None,
+        actor="test",
+        max_attempts=settings.max_attempts,
+    )
     with runtime(settings).transaction() as session:
         store.create_job(session=session, new=new, now=utcnow())
     return new.id
@@ -55,8 +62,11 @@ def deliver_until_done(settings: Settings, job_id: str, *, limit: int = 20) -> l
 
 
 def faults_of(settings: Settings, job_id: str) -> list[tuple[Any, ...]]:
-    return [(e.action, e.attempt, e.error_class, e.detail.get("exception"), e.detail.get("claimed"))
-            for e in job_events(job_id, settings=settings) if e.action in ("attempt.error", "job.failed")]  # fmt: skip
+    return [
+        (e.action, e.attempt, e.error_class, e.detail.get("exception"), e.detail.get("claimed"))
+        for e in job_events(job_id, settings=settings)
+        if e.action in ("attempt.error", "job.failed")
+    ]
 
 
 def test_text_that_cannot_be_encoded_ends_failed_after_max_faults_without_a_call(
@@ -66,9 +76,12 @@ def test_text_that_cannot_be_encoded_ends_failed_after_max_faults_without_a_call
     outcomes = deliver_until_done(settings, job_id)
     assert outcomes == ["queued", "queued", "failed"]  # max_faults = 3, no attempt was ever claimed
     view = get_job(job_id, settings=settings)
-    assert view.status is JobStatus.FAILED and view.attempts == 0 and view.error_class == "InternalError"
-    assert view.error is not None and view.error.startswith("InternalError: unexpected UnicodeEncodeError while "
-                                                            "claiming the job") and "(met 3 times" in view.error
+    assert view.status is JobStatus.FAILED
+    assert view.attempts == 0
+    assert view.error_class == "InternalError"
+    assert view.error is not None
+    assert view.error.startswith("InternalError: unexpected UnicodeEncodeError while claiming the job")
+    assert "(met 3 times" in view.error
     assert "\ud800" not in view.error
     assert faults_of(settings, job_id) == [("attempt.error", 1, "InternalError", "UnicodeEncodeError", False)] * 3 + [
         ("job.failed", 1, "InternalError", None, None)
@@ -81,9 +94,12 @@ def test_a_payload_that_no_longer_decrypts_ends_failed_as_decryption_failed(sett
     tamper_payload(settings, job_id)
     deliver_until_done(settings, job_id)
     view = get_job(job_id, settings=settings)
-    assert view.status is JobStatus.FAILED and view.error_class == "DecryptionFailed"
-    assert view.error is not None and view.error.startswith(f"DecryptionFailed: cannot decrypt jobs.payload of row "
-                                                            f"{job_id}: authentication failed")  # fmt: skip
+    assert view.status is JobStatus.FAILED
+    assert view.error_class == "DecryptionFailed"
+    assert view.error is not None
+    assert view.error.startswith(
+        f"DecryptionFailed: cannot decrypt jobs.payload of row {job_id}: authentication failed"
+    )
     assert [a for a, *_ in faults_of(settings, job_id)] == ["attempt.error"] * 3 + ["job.failed"]
 
 
@@ -103,20 +119,34 @@ def test_a_fault_after_the_claim_is_the_attempt_s_outcome_and_is_retried(
 
     monkeypatch.setattr(images, "build_body", flaky)
     fetching = settings.with_(fetch_remote_images=True)
-    job_id = producer.submit(ASSISTANT, [{"role": "user", "content": [
-        {"type": "text", "text": "Hi"}, {"type": "image_url", "image_url": {"url": "https://192.0.2.1/x.png"}}]}],
-        settings=fetching)  # fmt: skip
+    job_id = producer.submit(
+        ASSISTANT,
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Hi"},
+                    {"type": "image_url", "image_url": {"url": "https://192.0.2.1/x.png"}},
+                ],
+            }
+        ],
+        settings=fetching,
+    )
     first = run_attempt(runtime(fetching), job_id)
     assert first == "retrying"
     view = get_job(job_id, settings=fetching)
-    assert view.status is JobStatus.RETRYING and view.attempts == 1 and view.error_class == "InternalError"
+    assert view.status is JobStatus.RETRYING
+    assert view.attempts == 1
+    assert view.error_class == "InternalError"
     assert "KeyError while resolving image references" in (view.error or "")
     assert faults_of(fetching, job_id) == [("attempt.error", 1, "InternalError", "KeyError", True)]
     assert [e.action for e in job_events(job_id, settings=fetching)][-1] == "job.retry_scheduled"
     # The next attempt resolves for real: the address is refused (TEST-NET), an expected, permanent outcome.
     deliver_until_done(fetching, job_id)
     view = get_job(job_id, settings=fetching)
-    assert view.status is JobStatus.FAILED and view.attempts == 2 and view.error_class == "ResolutionFailed"
+    assert view.status is JobStatus.FAILED
+    assert view.attempts == 2
+    assert view.error_class == "ResolutionFailed"
     assert emu.stats()["requests"] == 0
 
 
@@ -125,10 +155,12 @@ def test_faults_count_in_a_row_and_an_ordinary_outcome_breaks_the_row(
 ) -> None:
     job_id = producer.submit(ASSISTANT, [{"role": "user", "content": "Hi [[emulator:fail=503x1]]"}], settings=settings)
     with runtime(settings).transaction() as session:  # as if two faults had already met it
-        session.execute(text("UPDATE jobs SET faults = 2, error_class = 'InternalError' WHERE id = :id"),
-                        {"id": job_id})  # fmt: skip
+        session.execute(
+            text("UPDATE jobs SET faults = 2, error_class = 'InternalError' WHERE id = :id"), {"id": job_id}
+        )
     outcome = run_attempt(runtime(settings), job_id)  # a 503: an ordinary outcome, the row of faults is broken
-    assert outcome == "retrying" and get_job(job_id, settings=settings).error_class == "UpstreamServerError"
+    assert outcome == "retrying"
+    assert get_job(job_id, settings=settings).error_class == "UpstreamServerError"
     deliver_until_done(settings, job_id)
     assert get_job(job_id, settings=settings).status is JobStatus.SUCCEEDED
 
@@ -139,9 +171,7 @@ def test_a_fault_on_a_job_that_moved_on_writes_nothing(settings: Settings) -> No
     job_id = producer.submit(ASSISTANT, [{"role": "user", "content": "Hi"}], settings=settings)
     assert run_attempt(runtime(settings), job_id) == "succeeded"
     before = job_events(job_id, settings=settings)
-    try:
-        raise RuntimeError("late")
-    except RuntimeError as exc:
-        assert faults.record(runtime(settings), job_id, exc, faults.Progress()) == "skipped"
+    late = RuntimeError("late")
+    assert faults.record(runtime(settings), job_id, late, faults.Progress()) == "skipped"
     assert job_events(job_id, settings=settings) == before
     assert get_job(job_id, settings=settings).status is JobStatus.SUCCEEDED

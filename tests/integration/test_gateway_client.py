@@ -24,12 +24,27 @@ def ask(gateway: GatewayClient, text: str, assistant: str = ASSISTANT) -> object
 
 def test_an_answer_comes_back_with_its_audit_facts(emu: Emulator) -> None:
     png = data_uri("png", png_bytes(64, 48))
-    body = encode_request(ASSISTANT, [{"role": "user", "content": [
-        {"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": png}}]}])  # fmt: skip
+    body = encode_request(
+        ASSISTANT,
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "What is this?"},
+                    {"type": "image_url", "image_url": {"url": png}},
+                ],
+            }
+        ],
+    )
     exchange = client(emu).send(body)
-    assert exchange.error is None and exchange.status == 200
-    assert exchange.answer is not None and "What is this?" in exchange.answer and "png 64x48" in exchange.answer
-    assert exchange.response_bytes and exchange.response_digest and exchange.latency_ms >= 0
+    assert exchange.error is None
+    assert exchange.status == 200
+    assert exchange.answer is not None
+    assert "What is this?" in exchange.answer
+    assert "png 64x48" in exchange.answer
+    assert exchange.response_bytes
+    assert exchange.response_digest
+    assert exchange.latency_ms >= 0
 
 
 @pytest.mark.parametrize(
@@ -48,7 +63,8 @@ def test_upstream_failures_map_onto_the_exception_tree(
     emu: Emulator, text: str, kind: type[errors.GatewayError], status: int, reason: str | None
 ) -> None:
     exchange = ask(client(emu), text)
-    assert type(exchange.error) is kind and exchange.status == status  # type: ignore[attr-defined]
+    assert type(exchange.error) is kind
+    assert exchange.status == status
     if reason:
         assert reason in exchange.error.reasons  # type: ignore[attr-defined]
 
@@ -66,12 +82,14 @@ def test_the_feature_switched_off_is_feature_disabled(emu: Emulator) -> None:
 
 def test_an_unknown_assistant_is_rejected_as_permanent(emu: Emulator) -> None:
     exchange = ask(client(emu), "Hi", assistant="000000000000000000000000")
-    assert isinstance(exchange.error, errors.UpstreamRejected) and exchange.status == 404  # type: ignore[attr-defined]
+    assert isinstance(exchange.error, errors.UpstreamRejected)
+    assert exchange.status == 404
 
 
 def test_a_429_with_retry_after_carries_the_wait(emu: Emulator) -> None:
     exchange = ask(client(emu), "x [[emulator:fail=429]] [[emulator:retry-after=3]]")
-    assert isinstance(exchange.error, errors.RateLimited) and exchange.error.retry_after == 3.0  # type: ignore[attr-defined]
+    assert isinstance(exchange.error, errors.RateLimited)
+    assert exchange.error.retry_after == 3.0
 
 
 def test_a_hang_past_the_read_timeout_is_a_timeout(emu: Emulator) -> None:
@@ -102,7 +120,8 @@ def test_the_proxy_and_ca_settings_are_read_from_the_environment_once(monkeypatc
     monkeypatch.delenv("no_proxy", raising=False)
     client = GatewayClient("https://api.example", Secret("t"), timeout=(1.0, 1.0))
     session = client._session
-    assert session.proxies.get("https") == "http://proxy.example:3128" and session.verify == "/etc/ssl/bundle.pem"
+    assert session.proxies.get("https") == "http://proxy.example:3128"
+    assert session.verify == "/etc/ssl/bundle.pem"
     assert not session.trust_env  # not scanned again on every request
     monkeypatch.setenv("NO_PROXY", "api.example")
     bypassing = GatewayClient("https://api.example", Secret("t"), timeout=(1.0, 1.0))
@@ -117,11 +136,16 @@ def test_an_image_that_changes_while_it_is_streamed_is_the_attempt_s_error_not_a
     path = tmp_path / "scan.png"
     path.write_bytes(png_bytes(8, 8))
     size = path.stat().st_size
-    body = StreamingBody([b'{"smart_chat_assistant_id":"' + ASSISTANT.encode() + b'","messages":[{"role":"user",'
-                          b'"content":[{"type":"image_url","image_url":{"url":"', FileImage(path, "png", size + 3),
-                          b'"}}]}]}'])  # fmt: skip
-    exchange = client(emu).send(body)  # it announced 3 bytes more than the file now holds
-    assert isinstance(exchange.error, errors.ResolutionFailed) and "changed while it was being sent" in str(
-        exchange.error
+    body = StreamingBody(
+        [
+            b'{"smart_chat_assistant_id":"' + ASSISTANT.encode() + b'","messages":[{"role":"user",'
+            b'"content":[{"type":"image_url","image_url":{"url":"',
+            FileImage(path, "png", size + 3),
+            b'"}}]}]}',
+        ]
     )
-    assert exchange.status is None and exchange.answer is None
+    exchange = client(emu).send(body)  # it announced 3 bytes more than the file now holds
+    assert isinstance(exchange.error, errors.ResolutionFailed)
+    assert "changed while it was being sent" in str(exchange.error)
+    assert exchange.status is None
+    assert exchange.answer is None

@@ -54,8 +54,18 @@ def verified(settings: Settings) -> integrity.VerifyReport:
 
 
 def job_row(settings: Settings, job_id: str) -> dict[str, Any]:
-    columns = ("status", "attempts", "http_status", "error", "error_class", "claimed_by", "lease_expires_at",
-               "next_attempt_at", "throttle_reason", "cancel_requested_at")  # fmt: skip
+    columns = (
+        "status",
+        "attempts",
+        "http_status",
+        "error",
+        "error_class",
+        "claimed_by",
+        "lease_expires_at",
+        "next_attempt_at",
+        "throttle_reason",
+        "cancel_requested_at",
+    )
     with runtime(settings).transaction() as session:
         job = session.get(Job, job_id)
         assert job is not None
@@ -65,9 +75,23 @@ def job_row(settings: Settings, job_id: str) -> dict[str, Any]:
 
 
 def comparable(settings: Settings, job_id: str) -> list[tuple[Any, ...]]:
-    return [(e.action, e.attempt, e.actor, e.assistant_id, e.outcome, e.http_status, e.error_class,
-             e.request_digest, e.request_bytes, e.response_bytes is not None, e.token_fp, e.detail)
-            for e in job_events(job_id, settings=settings)]  # fmt: skip
+    return [
+        (
+            e.action,
+            e.attempt,
+            e.actor,
+            e.assistant_id,
+            e.outcome,
+            e.http_status,
+            e.error_class,
+            e.request_digest,
+            e.request_bytes,
+            e.response_bytes is not None,
+            e.token_fp,
+            e.detail,
+        )
+        for e in job_events(job_id, settings=settings)
+    ]
 
 
 def test_the_hot_path_writes_the_rows_and_events_the_store_path_writes(
@@ -83,24 +107,29 @@ def test_the_hot_path_writes_the_rows_and_events_the_store_path_writes(
 
     assert job_row(settings, fast) == job_row(settings, slow)
     assert comparable(settings, fast) == comparable(settings, slow)
-    assert [e[0] for e in comparable(settings, fast)] == ["job.submitted", "attempt.request", "attempt.response",
-                                                          "job.succeeded"]  # fmt: skip
+    assert [e[0] for e in comparable(settings, fast)] == [
+        "job.submitted",
+        "attempt.request",
+        "attempt.response",
+        "job.succeeded",
+    ]
     assert get_job(fast, settings=settings).answer == get_job(slow, settings=settings).answer
     report = verified(settings)
-    assert report.ok and report.events >= 8
+    assert report.ok
+    assert report.events >= 8
 
 
 def test_a_success_that_misses_its_compare_and_set_writes_nothing(settings: Settings, hot: hotpath.HotPath) -> None:
     job_id = submit(settings, "taken over")
     claim = hot.claim(job_id=job_id, worker="w1", lease_until=utcnow() + LEASE, now=utcnow(), events=lambda _c: [])
-    assert claim is not None and claim.attempt == 1
+    assert claim is not None
+    assert claim.attempt == 1
     with runtime(settings).transaction() as session:  # another worker took the job over (its lease ran out)
         session.execute(text("UPDATE jobs SET claimed_by = 'w2', attempts = 2 WHERE id = :id"), {"id": job_id})
     before, row_before = audit_count(settings), job_row(settings, job_id)
 
     now = utcnow()
-    response = store._event_of(audit.Action.ATTEMPT_RESPONSE, claim, "w1", outcome="answer",
-                               http_status=200)  # fmt: skip
+    response = store._event_of(audit.Action.ATTEMPT_RESPONSE, claim, "w1", outcome="answer", http_status=200)
     assert hot.succeed(claim=claim, worker="w1", answer="late", response_event=response, now=now) is None
 
     assert audit_count(settings) == before  # no response event, no job.succeeded: the caller goes through store
@@ -124,7 +153,8 @@ def test_a_cancel_during_the_call_ends_the_job_cancelled_through_the_store(
 
     assert outcome == [Outcome.CANCELLED]
     view = get_job(job_id, settings=settings)
-    assert view.status is JobStatus.CANCELLED and view.answer is None
+    assert view.status is JobStatus.CANCELLED
+    assert view.answer is None
     actions = [e.action for e in job_events(job_id, settings=settings)]
     assert actions == ["job.submitted", "attempt.request", "job.cancel_requested", "attempt.response", "job.cancelled"]
     assert verified(settings).ok
@@ -141,7 +171,9 @@ def test_a_claim_whose_request_cannot_be_built_changes_nothing(settings: Setting
         with pytest.raises(ValueError, match="cannot build"):
             hot.claim(job_id=job_id, worker="w1", lease_until=utcnow() + LEASE, now=utcnow(), events=broken)
     row = job_row(settings, job_id)
-    assert row["status"] == JobStatus.QUEUED and row["attempts"] == 0 and row["claimed_by"] is None
+    assert row["status"] == JobStatus.QUEUED
+    assert row["attempts"] == 0
+    assert row["claimed_by"] is None
     assert audit_count(settings) == before
     assert run_attempt(runtime(settings), job_id) is Outcome.SUCCEEDED
 
@@ -150,8 +182,16 @@ def test_a_duplicate_delivery_is_skipped_without_a_trace(settings: Settings, hot
     job_id = submit(settings, "once")
     assert run_attempt(runtime(settings), job_id) is Outcome.SUCCEEDED
     before = audit_count(settings)
-    assert hot.claim(job_id=job_id, worker="w1", lease_until=utcnow() + LEASE, now=utcnow(),
-                     events=lambda _c: pytest.fail("a job that is not claimable has no request")) is None  # fmt: skip
+    assert (
+        hot.claim(
+            job_id=job_id,
+            worker="w1",
+            lease_until=utcnow() + LEASE,
+            now=utcnow(),
+            events=lambda _c: pytest.fail("a job that is not claimable has no request"),
+        )
+        is None
+    )
     assert audit_count(settings) == before
 
 
@@ -163,8 +203,10 @@ def test_the_hot_path_anchors_the_chain_head_every_n_events(settings: Settings) 
     anchors = integrity.read_anchors(every_two.anchor_path)
     # 3 jobs x 4 events, of which the submits (3) went through the ORM: every commit that crossed an even seq
     # anchored its last event, whichever path made it.
-    assert anchors and max(a.seq for a in anchors) == 12
-    assert verified(every_two).ok and verified(every_two).anchors == len(anchors)
+    assert anchors
+    assert max(a.seq for a in anchors) == 12
+    assert verified(every_two).ok
+    assert verified(every_two).anchors == len(anchors)
     reset()
 
 

@@ -93,9 +93,23 @@ def test_a_file_one_byte_over_50_mb_is_refused_without_reading_it(root: Path) ->
 
 @pytest.mark.parametrize(
     "address",
-    ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "0.0.0.0", "100.64.0.1",
-     "::1", "fd00:ec2::254", "fe80::1", "::ffff:127.0.0.1", "::ffff:10.0.0.1", "224.0.0.1", "240.0.0.1"],
-)  # fmt: skip
+    [
+        "127.0.0.1",
+        "10.1.2.3",
+        "172.16.0.1",
+        "192.168.1.1",
+        "169.254.169.254",
+        "0.0.0.0",  # noqa: S104 - an address to refuse, not one to bind
+        "100.64.0.1",
+        "::1",
+        "fd00:ec2::254",
+        "fe80::1",
+        "::ffff:127.0.0.1",
+        "::ffff:10.0.0.1",
+        "224.0.0.1",
+        "240.0.0.1",
+    ],
+)
 def test_non_public_addresses_are_refused(address: str) -> None:
     with pytest.raises(ResolutionFailed, match="non-public address"):
         check_address(address)
@@ -124,18 +138,76 @@ def test_a_fetch_of_a_private_address_in_any_spelling_is_refused_before_connecti
 # Every special-purpose block of IANA's IPv4 and IPv6 registries (and multicast), at its edges, in the
 # spellings an attacker has: 6to4, Teredo, NAT64, IPv4-mapped, -compatible and -translated forms.
 SPECIAL = [
-    "0.0.0.0", "0.255.255.255", "10.0.0.1", "100.64.0.1", "100.127.255.254", "100.100.100.200", "127.0.0.1",
-    "127.255.255.254", "169.254.169.254", "172.16.0.1", "172.31.255.255", "192.0.0.1", "192.0.0.8", "192.0.0.9",
-    "192.0.0.170", "192.0.0.255", "192.0.2.1", "192.31.196.1", "192.52.193.1", "192.88.99.1", "192.168.0.1",
-    "192.175.48.1", "198.18.0.1", "198.19.255.255", "198.51.100.1", "203.0.113.1", "224.0.0.1", "239.255.255.250",
-    "240.0.0.1", "255.255.255.255",
-    "::", "::1", "::127.0.0.1", "::a9fe:a9fe", "::8.8.8.8", "::ffff:127.0.0.1", "::ffff:7f00:1", "::ffff:10.0.0.1",
-    "0:0:0:0:0:ffff:169.254.169.254", "::ffff:0:7f00:1", "::ffff:0:808:808", "64:ff9b::127.0.0.1",
-    "64:ff9b::a9fe:a9fe", "64:ff9b::c000:8", "64:ff9b:1::808:808", "100::1", "100:0:0:1::1",
-    "2001::1", "2001:0:4136:e378:8000:63bf:3fff:fdd2", "2001:2::1", "2001:10::1", "2001:20::1", "2001:1ff::1",
-    "2001:db8::1", "2002:7f00:1::", "2002:808:808::1", "2620:4f:8000::1", "3fff::1", "3fff:fff::1", "5f00::1",
-    "fc00::1", "fd00:ec2::254", "fe80::1", "fe80::1%eth0", "febf::1", "fec0::1", "ff02::1", "4000::1", "::2",
-]  # fmt: skip
+    "0.0.0.0",  # noqa: S104 - an address to refuse, not one to bind
+    "0.255.255.255",
+    "10.0.0.1",
+    "100.64.0.1",
+    "100.127.255.254",
+    "100.100.100.200",
+    "127.0.0.1",
+    "127.255.255.254",
+    "169.254.169.254",
+    "172.16.0.1",
+    "172.31.255.255",
+    "192.0.0.1",
+    "192.0.0.8",
+    "192.0.0.9",
+    "192.0.0.170",
+    "192.0.0.255",
+    "192.0.2.1",
+    "192.31.196.1",
+    "192.52.193.1",
+    "192.88.99.1",
+    "192.168.0.1",
+    "192.175.48.1",
+    "198.18.0.1",
+    "198.19.255.255",
+    "198.51.100.1",
+    "203.0.113.1",
+    "224.0.0.1",
+    "239.255.255.250",
+    "240.0.0.1",
+    "255.255.255.255",
+    "::",
+    "::1",
+    "::127.0.0.1",
+    "::a9fe:a9fe",
+    "::8.8.8.8",
+    "::ffff:127.0.0.1",
+    "::ffff:7f00:1",
+    "::ffff:10.0.0.1",
+    "0:0:0:0:0:ffff:169.254.169.254",
+    "::ffff:0:7f00:1",
+    "::ffff:0:808:808",
+    "64:ff9b::127.0.0.1",
+    "64:ff9b::a9fe:a9fe",
+    "64:ff9b::c000:8",
+    "64:ff9b:1::808:808",
+    "100::1",
+    "100:0:0:1::1",
+    "2001::1",
+    "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+    "2001:2::1",
+    "2001:10::1",
+    "2001:20::1",
+    "2001:1ff::1",
+    "2001:db8::1",
+    "2002:7f00:1::",
+    "2002:808:808::1",
+    "2620:4f:8000::1",
+    "3fff::1",
+    "3fff:fff::1",
+    "5f00::1",
+    "fc00::1",
+    "fd00:ec2::254",
+    "fe80::1",
+    "fe80::1%eth0",
+    "febf::1",
+    "fec0::1",
+    "ff02::1",
+    "4000::1",
+    "::2",
+]
 
 
 @pytest.mark.parametrize("address", SPECIAL)
@@ -146,9 +218,21 @@ def test_every_special_purpose_address_is_refused_whatever_its_spelling(address:
 
 @pytest.mark.parametrize(
     "address",
-    ["8.8.8.8", "93.184.216.34", "1.1.1.1", "192.0.1.1", "100.128.0.1", "198.20.0.1", "223.255.255.254",
-     "2606:4700:4700::1111", "2a00:1450:4001:80b::200e", "2001:200::1", "::ffff:8.8.8.8", "64:ff9b::808:808"],
-)  # fmt: skip
+    [
+        "8.8.8.8",
+        "93.184.216.34",
+        "1.1.1.1",
+        "192.0.1.1",
+        "100.128.0.1",
+        "198.20.0.1",
+        "223.255.255.254",
+        "2606:4700:4700::1111",
+        "2a00:1450:4001:80b::200e",
+        "2001:200::1",
+        "::ffff:8.8.8.8",
+        "64:ff9b::808:808",
+    ],
+)
 def test_public_addresses_and_ipv4_forms_of_public_ones_may_be_fetched(address: str) -> None:
     check_address(address)
 
@@ -196,10 +280,18 @@ def test_a_fetch_of_a_special_purpose_address_never_reaches_connect(url: str) ->
 
 @pytest.mark.parametrize(
     "url",
-    ["https://h.example:abc/x.png", "https://h.example:65536/x.png", "https://h.example:0/x.png",
-     "https://[::1/x.png", "https://a b.example/x.png", "https://h\\x.example/x.png", "http://h.example/x.png",
-     "ftp://h.example/x.png", "https://u:p@h.example/x.png"],
-)  # fmt: skip
+    [
+        "https://h.example:abc/x.png",
+        "https://h.example:65536/x.png",
+        "https://h.example:0/x.png",
+        "https://[::1/x.png",
+        "https://a b.example/x.png",
+        "https://h\\x.example/x.png",
+        "http://h.example/x.png",
+        "ftp://h.example/x.png",
+        "https://u:p@h.example/x.png",
+    ],
+)
 def test_a_url_that_cannot_be_parsed_fails_the_resolution_in_the_worker(url: str) -> None:
     def never(*_: object) -> Response:
         raise AssertionError("no connection may be made")
@@ -264,10 +356,17 @@ def test_redirects_are_followed_checked_and_limited_in_size() -> None:
 
 def test_a_streamed_body_is_byte_for_byte_the_plain_encoding(root: Path, tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path, image_roots=str(root))
-    messages = [{"role": "user", "content": [{"type": "text", "text": "Compare \u00e9"},
-                 {"type": "image_url", "image_url": {"url": str(root / "ok.png"), "detail": "low"}},
-                 {"type": "image_url", "image_url": {"url": "https://x.example/a.jpg"}},
-                 {"type": "image_url", "image_url": {"url": str(root / "ok.jpg")}}]}]  # fmt: skip
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Compare \u00e9"},
+                {"type": "image_url", "image_url": {"url": str(root / "ok.png"), "detail": "low"}},
+                {"type": "image_url", "image_url": {"url": "https://x.example/a.jpg"}},
+                {"type": "image_url", "image_url": {"url": str(root / "ok.jpg")}},
+            ],
+        }
+    ]
     body = build_body("a1", messages, settings)
     assert isinstance(body, StreamingBody)
     streamed = b"".join(iter(lambda: body.read(8192), b""))
@@ -275,7 +374,8 @@ def test_a_streamed_body_is_byte_for_byte_the_plain_encoding(root: Path, tmp_pat
     parts = expected_messages[0]["content"]
     parts[1]["image_url"]["url"] = data_uri("png", png_bytes(64, 48))
     parts[3]["image_url"]["url"] = data_uri("jpeg", jpeg_bytes(320, 240))
-    assert streamed == encode_request("a1", expected_messages) and len(body) == len(streamed)
+    assert streamed == encode_request("a1", expected_messages)
+    assert len(body) == len(streamed)
     assert base64.b64decode(json.loads(streamed)["messages"][0]["content"][1]["image_url"]["url"].split(",")[1]) == (
         png_bytes(64, 48)
     )
@@ -301,4 +401,5 @@ def test_a_pdf_is_cut_at_the_page_limit_each_page_a_png(root: Path, tmp_path: Pa
     assert len(parts) == 3
     for part in parts:
         data = base64.b64decode(part["image_url"]["url"].split(",", 1)[1])
-        assert data.startswith(b"\x89PNG") and data[16:24] == (144).to_bytes(4, "big") + (72).to_bytes(4, "big")
+        assert data.startswith(b"\x89PNG")
+        assert data[16:24] == (144).to_bytes(4, "big") + (72).to_bytes(4, "big")

@@ -33,12 +33,24 @@ def test_a_running_producer_encrypts_with_the_rotated_key_within_the_documented_
     on_file = settings.with_(encryption_keys=Secret(""))
     Keyring({"k0": b"\x01" * 32}, "k0").save(on_file.keyring_path)  # as an operator provides one
     env = {**os.environ, **on_file.to_env()}
-    producer = subprocess.Popen([sys.executable, "-c", PRODUCER, "6"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)  # fmt: skip
+    producer = subprocess.Popen(
+        [sys.executable, "-c", PRODUCER, "6"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         time.sleep(1.5)  # it is up and encrypting with k0
-        rotate = subprocess.run([sys.executable, "-m", "qbgw", "keys", "rotate"], env=env, cwd=ROOT,
-                                capture_output=True, text=True, timeout=60)  # fmt: skip
+        rotate = subprocess.run(
+            [sys.executable, "-m", "qbgw", "keys", "rotate"],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         rotated_at = time.time()
         assert rotate.returncode == 0, rotate.stderr
         out, err = producer.communicate(timeout=60)
@@ -52,7 +64,8 @@ def test_a_running_producer_encrypts_with_the_rotated_key_within_the_documented_
     assert len(rows) == len(out.split()) >= 40
     # Every job stored after the rotation command returned is under the new key, however long the producer ran.
     later = [row for row in rows if _epoch(row.created_at) > rotated_at]
-    assert len(later) >= 20 and {Keyring.key_id_of(row.payload) for row in later} == {new}
+    assert len(later) >= 20
+    assert {Keyring.key_id_of(row.payload) for row in later} == {new}
     # And the rotation left nothing under the old key (it waited out FOLLOW_SECONDS before its last pass).
     assert set(count_by_key(settings=on_file)) == {new}
     assert FOLLOW_SECONDS <= 1.0  # what the README promises

@@ -33,8 +33,11 @@ def test_upgrade_builds_both_tables_and_alembic_check_finds_no_drift(
     # `alembic check` is the command an operator would run; it exits non-zero on drift.
     result = subprocess.run(
         [sys.executable, "-m", "alembic", "-c", str(ROOT / "alembic.ini"), "check"],
-        env={"QBGW_DATABASE_URL": url, "PATH": "/usr/bin:/bin"}, cwd=ROOT, capture_output=True, text=True,
-    )  # fmt: skip
+        env={"QBGW_DATABASE_URL": url, "PATH": "/usr/bin:/bin"},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     assert "No new upgrade operations detected" in result.stdout + result.stderr
 

@@ -42,10 +42,9 @@ def test_the_exporter_counts_jobs_by_status_queue_depth_and_checkpoint_age(setti
     def value(name: str, **labels: str) -> float | None:
         return registry.get_sample_value(name, labels)
 
-    assert {s: value("qbgw_jobs", status=s) for s in ("queued", "running", "retrying", "succeeded", "failed",
-                                                      "cancelled")} == {
-        "queued": 1, "running": 0, "retrying": 0, "succeeded": 1, "failed": 0, "cancelled": 1
-    }  # fmt: skip
+    assert {
+        s: value("qbgw_jobs", status=s) for s in ("queued", "running", "retrying", "succeeded", "failed", "cancelled")
+    } == {"queued": 1, "running": 0, "retrying": 0, "succeeded": 1, "failed": 0, "cancelled": 1}
     assert (value("qbgw_oldest_waiting_job_age_seconds") or 0) > 0
     assert value("qbgw_queue_depth", queue=settings.queue) == 3  # run_attempt above did not take a message
     assert value("qbgw_queue_depth", queue=settings.effective_batch_queue) == 0
@@ -57,8 +56,11 @@ def test_the_exporter_counts_jobs_by_status_queue_depth_and_checkpoint_age(setti
 
 
 def test_the_exporter_says_what_it_cannot_read_instead_of_failing(embedded_settings: Settings) -> None:
-    away = embedded_settings.with_(database_url="postgresql+psycopg://postgres@127.0.0.1:1/none",
-                                   broker_url="redis://127.0.0.1:1/0", connect_timeout=1.0)  # fmt: skip
+    away = embedded_settings.with_(
+        database_url="postgresql+psycopg://postgres@127.0.0.1:1/none",
+        broker_url="redis://127.0.0.1:1/0",
+        connect_timeout=1.0,
+    )
     registry = metrics.registry_for(fleet=FleetCollector(runtime(away)), workers=False)
     assert registry.get_sample_value("qbgw_up", {"part": "database"}) == 0
     assert registry.get_sample_value("qbgw_up", {"part": "broker"}) == 0
@@ -85,25 +87,29 @@ def test_health_passes_with_one_ok_line_per_dependency(settings: Settings, emu: 
     result = health(ready(settings))
     assert result.exit_code == EXIT["ok"], result.output
     lines = result.stdout.splitlines()
-    assert [line.split()[:2] for line in lines] == [["ok", n] for n in ("database", "broker", "upstream", "audit",
-                                                                         "keys")]  # fmt: skip
+    assert [line.split()[:2] for line in lines] == [
+        ["ok", n] for n in ("database", "broker", "upstream", "audit", "keys")
+    ]
     assert "credentials accepted, gateway feature on" in lines[2]
     report = json.loads(health(settings, "--json", "--skip", "upstream").stdout)
-    assert report["ok"] is True and [c["name"] for c in report["checks"]] == ["database", "broker", "audit", "keys"]
+    assert report["ok"] is True
+    assert [c["name"] for c in report["checks"]] == ["database", "broker", "audit", "keys"]
 
 
 def failing(result: Result, name: str) -> str:
     """The one FAIL line, which must name ``name``; every other check passed."""
     assert result.exit_code == EXIT["unhealthy"], result.output
     failed = [line for line in result.stdout.splitlines() if line.startswith("FAIL")]
-    assert len(failed) == 1 and failed[0].split()[1] == name, result.stdout
+    assert len(failed) == 1, result.stdout
+    assert failed[0].split()[1] == name, result.stdout
     return failed[0]
 
 
 def test_health_names_an_unreachable_database(embedded_settings: Settings, emu: Emulator) -> None:
     broken = ready(embedded_settings).with_(database_url="postgresql+psycopg://postgres@127.0.0.1:1/qbgw")
     line = failing(health(broken, "--skip", "keys"), "database")
-    assert "cannot reach database postgresql+psycopg://postgres@127.0.0.1:1/qbgw" in line and "fix:" in line
+    assert "cannot reach database postgresql+psycopg://postgres@127.0.0.1:1/qbgw" in line
+    assert "fix:" in line
 
 
 def test_health_names_a_database_that_is_not_migrated(
@@ -111,12 +117,14 @@ def test_health_names_a_database_that_is_not_migrated(
 ) -> None:
     empty = ready(embedded_settings).with_(database_url=f"sqlite:///{tmp_path / 'empty.db'}")
     line = failing(health(empty), "database")
-    assert "is at revision none, not" in line and "run `qbgw db upgrade`" in line
+    assert "is at revision none, not" in line
+    assert "run `qbgw db upgrade`" in line
 
 
 def test_health_names_an_unreachable_broker(embedded_settings: Settings, emu: Emulator) -> None:
     line = failing(health(ready(embedded_settings).with_(broker_url="redis://127.0.0.1:1/0")), "broker")
-    assert "cannot reach broker redis://" in line and "127.0.0.1:1" in line
+    assert "cannot reach broker redis://" in line
+    assert "127.0.0.1:1" in line
 
 
 @pytest.mark.parametrize(
@@ -136,7 +144,8 @@ def test_health_names_an_upstream_that_is_down_refuses_the_token_or_has_the_feat
     else:
         settings = settings.with_(**change)
     line = failing(health(settings), "upstream")
-    assert expected in line and "fix:" in line
+    assert expected in line
+    assert "fix:" in line
 
 
 def test_health_names_a_stale_or_missing_audit_checkpoint(embedded_settings: Settings, emu: Emulator) -> None:
@@ -154,6 +163,7 @@ def test_health_names_a_stale_or_missing_audit_checkpoint(embedded_settings: Set
 def test_health_names_a_missing_or_lost_encryption_key(embedded_settings: Settings, emu: Emulator) -> None:
     settings = ready(embedded_settings)
     line = failing(health(settings.with_(encryption_keys=Secret(OTHER_KEY))), "keys")
-    assert "stored jobs are encrypted with key(s) ktest" in line and "restore QBGW_ENCRYPTION_KEYS" in line
+    assert "stored jobs are encrypted with key(s) ktest" in line
+    assert "restore QBGW_ENCRYPTION_KEYS" in line
     line = failing(health(settings.with_(encryption_keys=Secret(""))), "keys")
     assert "no encryption key" in line

@@ -45,16 +45,17 @@ def test_a_job_is_stored_then_announced_with_only_its_id(settings: Settings) -> 
     assert counts(settings) == (1, 1)
     (message,) = broker_files(settings)
     assert job_id.encode() in message
-    assert b"Zebulon" not in message and b"Quartermaine" not in message
+    assert b"Zebulon" not in message
+    assert b"Quartermaine" not in message
 
 
 def test_the_same_idempotency_key_gives_the_same_job(settings: Settings) -> None:
     first = producer.submit(ASSISTANT, MESSAGES, idempotency_key="order-17", settings=settings)
     again = producer.submit(ASSISTANT, MESSAGES, idempotency_key="order-17", settings=settings)
-    assert first == again and counts(settings) == (1, 1)
+    assert first == again
+    assert counts(settings) == (1, 1)
     with pytest.raises(IdempotencyConflict):
-        producer.submit(ASSISTANT, [{"role": "user", "content": "else"}], idempotency_key="order-17",
-                        settings=settings)  # fmt: skip
+        producer.submit(ASSISTANT, [{"role": "user", "content": "else"}], idempotency_key="order-17", settings=settings)
 
 
 @pytest.mark.parametrize(
@@ -63,17 +64,29 @@ def test_the_same_idempotency_key_gives_the_same_job(settings: Settings) -> None
         ("", MESSAGES, InvalidMessages, "smart_chat_assistant_id: required"),
         (ASSISTANT, [], InvalidMessages, "messages: required"),
         (ASSISTANT, [{"role": "nurse", "content": "x"}], InvalidMessages, "messages[0].role: 'nurse'"),
-        (ASSISTANT, [{"role": "user", "content": [{"type": "image_url", "image_url": {
-            "url": "data:image/png;base64,R0lGODlhAQABAAAAACw="}}]}], InvalidImage, "not a jpeg or png"),
+        (
+            ASSISTANT,
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": "data:image/png;base64,R0lGODlhAQABAAAAACw="}}
+                    ],
+                }
+            ],
+            InvalidImage,
+            "not a jpeg or png",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_input_is_refused_and_nothing_is_stored(
     settings: Settings, assistant: str, messages: list[dict[str, Any]], kind: type[Exception], message: str
 ) -> None:
     with pytest.raises(kind) as caught:
         producer.submit(assistant, messages, settings=settings)
     assert message in str(caught.value)
-    assert counts(settings) == (0, 0) and broker_files(settings) == []
+    assert counts(settings) == (0, 0)
+    assert broker_files(settings) == []
 
 
 def _deep(levels: int) -> object:
@@ -94,33 +107,64 @@ PNG_AS_GIF = "data:image/gif;base64," + base64.b64encode(png_bytes(4, 4)).decode
 @pytest.mark.parametrize(
     ("assistant", "messages", "keys", "kind", "message"),
     [
-        (ASSISTANT, [{"role": "user", "content": "a\ud800b"}], {}, InvalidMessages,
-         "messages[0].content: not encodable as UTF-8: a lone surrogate (U+D800) at index 1"),
+        (
+            ASSISTANT,
+            [{"role": "user", "content": "a\ud800b"}],
+            {},
+            InvalidMessages,
+            "messages[0].content: not encodable as UTF-8: a lone surrogate (U+D800) at index 1",
+        ),
         (ASSISTANT, MESSAGES, {"custom_id": "c\udfff"}, InvalidMessages, "custom_id: not encodable as UTF-8"),
-        (ASSISTANT, MESSAGES, {"idempotency_key": "\udc80k"}, InvalidMessages,
-         "idempotency_key: not encodable as UTF-8: a lone surrogate (U+DC80) at index 0"),
+        (
+            ASSISTANT,
+            MESSAGES,
+            {"idempotency_key": "\udc80k"},
+            InvalidMessages,
+            "idempotency_key: not encodable as UTF-8: a lone surrogate (U+DC80) at index 0",
+        ),
         (ASSISTANT + "\n", MESSAGES, {}, InvalidMessages, "smart_chat_assistant_id: must be at most 128 characters"),
-        (ASSISTANT, [{"role": "user", "content": "hi", "name": _deep(5000)}], {}, InvalidMessages,
-         "messages[0].name: must be 1 to 64 letters"),
+        (
+            ASSISTANT,
+            [{"role": "user", "content": "hi", "name": _deep(5000)}],
+            {},
+            InvalidMessages,
+            "messages[0].name: must be 1 to 64 letters",
+        ),
         (ASSISTANT, [{"role": "user", "content": "hi", "name": 123}], {}, InvalidMessages, "messages[0].name:"),
-        (ASSISTANT, _image("https://h.example:abc/x.png"), {}, InvalidImage,
-         "messages[0].content[1].image_url.url: the port 'abc' of an https URL is not a number from 1 to 65535"),
+        (
+            ASSISTANT,
+            _image("https://h.example:abc/x.png"),
+            {},
+            InvalidImage,
+            "messages[0].content[1].image_url.url: the port 'abc' of an https URL is not a number from 1 to 65535",
+        ),
         (ASSISTANT, _image("https://[::1/x.png"), {}, InvalidImage, "lacks its closing ']'"),
         (ASSISTANT, _image(PNG_AS_GIF), {}, InvalidImage, "data uri declares 'image/gif'"),
         (ASSISTANT, _image("http://127.0.0.1/x.png"), {}, InvalidImage, "the scheme 'http' is not accepted"),
-        (ASSISTANT, [{"role": "user", "content": "x" * 2001}], {}, InvalidMessages,
-         "messages: 2001 bytes of text (data URIs included) is over the request limit of 2000 bytes"),
+        (
+            ASSISTANT,
+            [{"role": "user", "content": "x" * 2001}],
+            {},
+            InvalidMessages,
+            "messages: 2001 bytes of text (data URIs included) is over the request limit of 2000 bytes",
+        ),
     ],
-)  # fmt: skip
+)
 def test_input_that_was_accepted_or_crashed_is_refused_before_anything_is_stored(
-    settings: Settings, assistant: str, messages: list[dict[str, Any]], keys: dict[str, str],
-    kind: type[Exception], message: str,
-) -> None:  # fmt: skip
+    settings: Settings,
+    assistant: str,
+    messages: list[dict[str, Any]],
+    keys: dict[str, str],
+    kind: type[Exception],
+    message: str,
+) -> None:
     limited = settings.with_(max_request_bytes=2000)
     with pytest.raises(kind) as caught:
         producer.submit(assistant, messages, settings=limited, **keys)  # type: ignore[arg-type]
-    assert message in str(caught.value) and PHI not in str(caught.value)
-    assert counts(settings) == (0, 0) and broker_files(settings) == []
+    assert message in str(caught.value)
+    assert PHI not in str(caught.value)
+    assert counts(settings) == (0, 0)
+    assert broker_files(settings) == []
 
 
 @pytest.mark.parametrize("field", ["custom_id", "idempotency_key"])
@@ -162,7 +206,8 @@ def test_on_redis_the_message_carries_only_the_job_id(settings: Settings, redis_
     client = redis_lib.Redis.from_url(redis_url)
     try:
         (raw,) = client.lrange(on_redis.queue, 0, -1)
-        assert job_id.encode() in raw and b"Zebulon" not in raw
+        assert job_id.encode() in raw
+        assert b"Zebulon" not in raw
     finally:
         client.delete(on_redis.queue)
         client.close()

@@ -37,7 +37,8 @@ def test_the_redis_script_decides_as_the_python_reference(redis_url: str) -> Non
         if step % 37 == 20:
             retry_after, fresh = rng.choice([None, None, 0.5, 2.0]), rng.random() < 0.4
             assert redis_limiter.cool_down(retry_after, fresh=fresh, now=clock.now) == pytest.approx(
-                reference.cool_down(retry_after, fresh=fresh), abs=1e-5)  # fmt: skip
+                reference.cool_down(retry_after, fresh=fresh), abs=1e-5
+            )
         horizon, lead = rng.choice([0.05, 0.45, 5.0]), rng.choice([0.0, 0.0, 0.02])
         got = redis_limiter.acquire(budgets, horizon=horizon, lead=lead, now=clock.now)
         want = reference.acquire(budgets, horizon=horizon, lead=lead)
@@ -55,14 +56,16 @@ def test_a_cooldown_set_by_one_worker_holds_another(redis_url: str) -> None:
     one, other = RedisLimiter(redis_url, scope), RedisLimiter(redis_url, scope)
     until = one.cool_down(2.0)
     held = other.acquire([Budget("global", 100)], horizon=10)
-    assert held.reason == COOLDOWN and held.wait == pytest.approx(until - time.time(), abs=0.05)
+    assert held.reason == COOLDOWN
+    assert held.wait == pytest.approx(until - time.time(), abs=0.05)
     assert other.cooldown_until() == pytest.approx(until, abs=1e-5)
 
 
 def test_without_redis_calls_go_ahead_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
     limiter = RedisLimiter("redis://127.0.0.1:1/0", "nowhere")
     grant = limiter.acquire([Budget("global", 1)], horizon=1)
-    assert grant.reserved and grant.wait == 0
+    assert grant.reserved
+    assert grant.wait == 0
     assert "cannot reach Redis" in caplog.text
 
 
@@ -85,8 +88,12 @@ print(json.dumps(slots))
 def test_four_processes_share_one_budget(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     where = request.getfixturevalue("redis_url") if kind == "redis" else str(tmp_path)
     scope, start = f"test-{uuid.uuid4().hex}", time.time() + 1.0
-    procs = [subprocess.Popen([sys.executable, "-c", _FLEET_MEMBER, kind, where, scope, repr(start)],
-                              stdout=subprocess.PIPE, cwd=ROOT) for _ in range(4)]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _FLEET_MEMBER, kind, where, scope, repr(start)], stdout=subprocess.PIPE, cwd=ROOT
+        )
+        for _ in range(4)
+    ]
     slots = [t for proc in procs for t in json.loads(proc.communicate(timeout=60)[0])]
     assert len(slots) == 120
     # Four processes at once, yet one budget: rate + burst - 1 on the limiter's clock, and one more at most
@@ -114,10 +121,13 @@ def test_a_job_over_the_budget_is_rescheduled_as_throttled_not_failed(settings: 
     assert run_attempt(runtime(settings), second) is Outcome.THROTTLED
     view = get_job(second, settings=settings)
     assert (view.status, view.attempts, view.throttled, view.error) == (JobStatus.QUEUED, 0, RATE_LIMIT, None)
-    assert view.next_attempt_at is not None and before < view.next_attempt_at < before + timedelta(seconds=1.6)
+    assert view.next_attempt_at is not None
+    assert before < view.next_attempt_at < before + timedelta(seconds=1.6)
     throttled = [e for e in job_events(second, settings=settings) if e.action == "job.throttled"]
-    assert len(throttled) == 1 and throttled[0].outcome == "throttled"
-    assert throttled[0].detail["reason"] == RATE_LIMIT and throttled[0].detail["slot"] == "reserved"
+    assert len(throttled) == 1
+    assert throttled[0].outcome == "throttled"
+    assert throttled[0].detail["reason"] == RATE_LIMIT
+    assert throttled[0].detail["slot"] == "reserved"
     # One interval (1 s) after the first job's place, which was up to a lead (<= 0.5 s) ahead of it.
     assert 500 <= throttled[0].detail["wait_ms"] <= 1550
     assert emu.stats()["requests"] == 1  # nothing was sent for it
@@ -133,10 +143,16 @@ def test_a_short_wait_is_slept_in_the_thread_and_noted_on_the_response(settings:
     jobs = [_submit(settings, f"job {i}") for i in range(3)]
     assert [run_attempt(runtime(settings), j) for j in jobs] == [Outcome.SUCCEEDED] * 3
     arrivals = emu.arrivals()
-    assert arrivals[1] - arrivals[0] >= 0.19 and arrivals[2] - arrivals[1] >= 0.19  # 1/5 s apart, at least
-    waits = [e.detail.get("throttled_ms", 0) for j in jobs[1:] for e in job_events(j, settings=settings)
-             if e.action == "attempt.response"]  # fmt: skip
-    assert any(waits) and all(w <= 210 for w in waits), waits  # slept for in the thread, and said so
+    assert arrivals[1] - arrivals[0] >= 0.19
+    assert arrivals[2] - arrivals[1] >= 0.19
+    waits = [
+        e.detail.get("throttled_ms", 0)
+        for j in jobs[1:]
+        for e in job_events(j, settings=settings)
+        if e.action == "attempt.response"
+    ]
+    assert any(waits), waits  # slept for in the thread, and said so
+    assert all(w <= 210 for w in waits), waits
 
 
 def test_a_429_pauses_the_next_job_too(settings: Settings, emu: Emulator) -> None:
@@ -147,7 +163,8 @@ def test_a_429_pauses_the_next_job_too(settings: Settings, emu: Emulator) -> Non
     time.sleep(0.06)  # past the cooldown cache of a worker that checks nothing else
     assert run_attempt(runtime(settings), other) is Outcome.THROTTLED
     view = get_job(other, settings=settings)
-    assert view.throttled == COOLDOWN and view.attempts == 0
+    assert view.throttled == COOLDOWN
+    assert view.attempts == 0
     assert emu.stats()["requests"] == 1
 
 
@@ -167,8 +184,17 @@ def test_the_sweeper_dispatches_a_throttled_job_when_due_not_before(settings: Se
     job_id, now = _submit(settings, "wait for it"), utcnow()
     grace = timedelta(seconds=settings.sweep_grace)
     with runtime(settings).transaction() as session:  # a long wait: no countdown, the sweeper's job
-        moved = store.throttle(session=session, job_id=job_id, until=now + timedelta(seconds=600), reason=RATE_LIMIT,
-                               wait=600, reserved=False, announced=False, actor="t", now=now)  # fmt: skip
+        moved = store.throttle(
+            session=session,
+            job_id=job_id,
+            until=now + timedelta(seconds=600),
+            reason=RATE_LIMIT,
+            wait=600,
+            reserved=False,
+            announced=False,
+            actor="t",
+            now=now,
+        )
         assert moved == (True, None)
     with runtime(settings).transaction() as session:
         assert store.due_for_dispatch(session=session, now=now + timedelta(seconds=599), grace=grace) == []
@@ -177,8 +203,17 @@ def test_the_sweeper_dispatches_a_throttled_job_when_due_not_before(settings: Se
     # Announced with a countdown, it is not taken for lost while its time has not come (plus the grace).
     later = now + timedelta(seconds=601)
     with runtime(settings).transaction() as session:
-        moved = store.throttle(session=session, job_id=job_id, until=later + timedelta(seconds=30), reason=RATE_LIMIT,
-                               wait=30, reserved=True, announced=True, actor="t", now=later)  # fmt: skip
+        moved = store.throttle(
+            session=session,
+            job_id=job_id,
+            until=later + timedelta(seconds=30),
+            reason=RATE_LIMIT,
+            wait=30,
+            reserved=True,
+            announced=True,
+            actor="t",
+            now=later,
+        )
         assert moved == (True, None)
     with runtime(settings).transaction() as session:
         early = later + timedelta(seconds=30) + grace - timedelta(seconds=1)
@@ -193,8 +228,13 @@ def _app_session(settings: Settings) -> Settings:
     from qbgw.settings import Secret
 
     app = EmulatorConfig()
-    return settings.with_(auth="application", token=Secret(""), application_id=app.application_id,
-                          auth_key=app.auth_key, auth_secret=Secret(app.auth_secret))  # fmt: skip
+    return settings.with_(
+        auth="application",
+        token=Secret(""),
+        application_id=app.application_id,
+        auth_key=app.auth_key,
+        auth_secret=Secret(app.auth_secret),
+    )
 
 
 def test_a_session_creation_takes_a_slot_in_the_budget(settings: Settings, emu: Emulator) -> None:
@@ -218,10 +258,15 @@ def test_a_429_to_a_session_creation_pauses_the_fleet(settings: Settings, emu: E
     # The claimed attempt finds the fleet cooling down before it can send: held back, its attempt given back.
     assert run_attempt(runtime(settings), job_id) is Outcome.THROTTLED
     assert runtime(settings).limiter.cooldown_until() == pytest.approx(before + 3, abs=0.5)
-    assert emu.stats()["requests"] == 0 and emu.stats()["sessions_created"] == 0
+    assert emu.stats()["requests"] == 0
+    assert emu.stats()["sessions_created"] == 0
     view = get_job(job_id, settings=settings)
     assert (view.status, view.throttled, view.attempts, view.max_attempts) == (
-        JobStatus.RETRYING, COOLDOWN, 1, settings.max_attempts + 1)  # fmt: skip
+        JobStatus.RETRYING,
+        COOLDOWN,
+        1,
+        settings.max_attempts + 1,
+    )
     actions = [e.action for e in job_events(job_id, settings=settings)]
     assert actions[-2:] == ["attempt.request", "attempt.unsent"]
 

@@ -56,27 +56,37 @@ def raw_rows(url: str) -> list[dict[str, Any]]:
 def write_a_varied_chain(settings: Settings) -> None:
     """Events with every kind of column: nulls and numbers, detail, a batch, a token fingerprint, non-ASCII and
     characters JSON escapes."""
-    done = producer.submit(ASSISTANT, [{"role": "user", "content": "Hi"}], actor="Zoë — клиника \"7\"\\\t",
-                           settings=settings)  # fmt: skip
+    done = producer.submit(
+        ASSISTANT, [{"role": "user", "content": "Hi"}], actor='Zoë — клиника "7"\\\t', settings=settings
+    )
     run_attempt(runtime(settings), done)
     get_job(done, reader="nurse ü", settings=settings)
     failed = producer.submit(ASSISTANT, [{"role": "user", "content": "[[emulator:fail=400]]"}], settings=settings)
     run_attempt(runtime(settings), failed)
     waiting = producer.submit(ASSISTANT, [{"role": "user", "content": "later"}], settings=settings)
     cancel(waiting, actor="operator", settings=settings)
-    batch = submit_batch(['{"custom_id": "a", "messages": [{"role": "user", "content": "q"}]}'],
-                         assistant_id=ASSISTANT, settings=settings)  # fmt: skip
+    batch = submit_batch(
+        ['{"custom_id": "a", "messages": [{"role": "user", "content": "q"}]}'],
+        assistant_id=ASSISTANT,
+        settings=settings,
+    )
     cancel_batch(batch.id, actor="operator", settings=settings)
     with runtime(settings).transaction() as session:
-        audit.record(session=session, action=audit.Action.AUDIT_QUERIED, job_id=None, actor="auditor",
-                     detail={"note": "ünïcode \u2028 and \x01", "n": 1.5, "nested": {"b": [1, None]}})  # fmt: skip
+        audit.record(
+            session=session,
+            action=audit.Action.AUDIT_QUERIED,
+            job_id=None,
+            actor="auditor",
+            detail={"note": "ünïcode \u2028 and \x01", "n": 1.5, "nested": {"b": [1, None]}},
+        )
 
 
 def test_the_readme_reproduces_every_row_hash_of_a_real_chain(settings: Settings) -> None:
     reference = readme_reference()
     write_a_varied_chain(settings)
     rows = raw_rows(settings.effective_database_url)
-    assert len(rows) >= 15 and {row["action"] for row in rows} >= {"batch.created", "job.failed", "job.cancelled"}
+    assert len(rows) >= 15
+    assert {row["action"] for row in rows} >= {"batch.created", "job.failed", "job.cancelled"}
     prev = reference["GENESIS"]
     for row in rows:
         assert reference["row_hash_v3"](prev, row) == row["row_hash"], f"event seq {row['seq']}"
@@ -94,8 +104,10 @@ def test_the_readme_reproduces_formats_v1_and_v2_before_their_boundaries(setting
     v2_from, v3_from = 4, 8
     with as_owner(owner_url) as db:  # rewrite the first events as formats v1 and v2 made them (qbgw's own code)
         chained = _rechain(db, v2_from, v3_from)
-        db.execute(text("UPDATE audit_chain_head SET row_hash = :h, v2_from = :a, v3_from = :b"),
-                   {"h": chained, "a": v2_from, "b": v3_from})  # fmt: skip
+        db.execute(
+            text("UPDATE audit_chain_head SET row_hash = :h, v2_from = :a, v3_from = :b"),
+            {"h": chained, "a": v2_from, "b": v3_from},
+        )
     rows = raw_rows(settings.effective_database_url)
     assert reference["first_bad_seq"](rows, v2_from=v2_from, v3_from=v3_from) is None
     assert reference["first_bad_seq"](rows) == 1  # read as v3, the older events fail
@@ -131,4 +143,5 @@ def test_a_readme_that_drifts_from_the_code_fails(settings: Settings) -> None:
     assert block is not None
     drifted: dict[str, Any] = {}
     exec(block.group(1).replace('b"qbgw-audit-v3-content\\x00"', 'b"qbgw-audit-v3-content"'), drifted)  # noqa: S102
-    assert drifted["first_bad_seq"](rows) == 1 and reference["first_bad_seq"](rows) is None
+    assert drifted["first_bad_seq"](rows) == 1
+    assert reference["first_bad_seq"](rows) is None

@@ -39,8 +39,13 @@ def test_a_user_session_signs_nested_keys_as_user_brackets_sorted_with_the_rest(
 
 
 def test_the_current_docs_example_and_the_signature_field_is_left_out() -> None:
-    params = {"timestamp": 1572434294, "signature": "ignored", "nonce": 33432, "auth_key": "bbfeCwWtz8dqF4F",
-              "application_id": 716730}  # fmt: skip
+    params = {
+        "timestamp": 1572434294,
+        "signature": "ignored",
+        "nonce": 33432,
+        "auth_key": "bbfeCwWtz8dqF4F",
+        "application_id": 716730,
+    }
     expected = "application_id=716730&auth_key=bbfeCwWtz8dqF4F&nonce=33432&timestamp=1572434294"
     assert auth.signing_string(params) == expected
     assert auth.sign(params, "another secret") == hmac_sha1(expected, "another secret")
@@ -58,8 +63,10 @@ def credentials(login: str = "") -> auth.Credentials:
 
 def test_a_session_request_is_signed_with_a_fresh_nonce_and_timestamp_each_time() -> None:
     first, second = auth.session_request(credentials()), auth.session_request(credentials())
-    assert first["nonce"] != second["nonce"] and isinstance(first["timestamp"], int)
-    assert first["application_id"] == 22 and "user" not in first
+    assert first["nonce"] != second["nonce"]
+    assert isinstance(first["timestamp"], int)
+    assert first["application_id"] == 22
+    assert "user" not in first
     for body in (first, second):
         unsigned = {k: v for k, v in body.items() if k != "signature"}
         assert body["signature"] == hmac_sha1(auth.signing_string(unsigned))
@@ -73,7 +80,8 @@ def test_a_user_session_request_with_the_docs_nonce_and_timestamp_is_the_docs_ve
 
 def test_the_expiration_header_is_read_as_utc() -> None:
     assert auth.parse_expiration("2017-11-29 07:11:18 UTC") == calendar.timegm((2017, 11, 29, 7, 11, 18))
-    assert auth.parse_expiration("tomorrow") is None and auth.parse_expiration(None) is None
+    assert auth.parse_expiration("tomorrow") is None
+    assert auth.parse_expiration(None) is None
 
 
 @pytest.mark.parametrize(
@@ -99,7 +107,7 @@ def settings(**changes: object) -> Settings:
         (
             {"auth": "user", "application_id": "22", "auth_key": "k", "auth_secret": Secret("s")},
             "QBGW_USER_LOGIN, QBGW_USER_PASSWORD",
-        ),  # fmt: skip
+        ),
         ({"auth": "apikey"}, "QBGW_API_KEY"),
     ],
 )
@@ -110,13 +118,15 @@ def test_missing_credentials_are_a_config_error_naming_the_variables(changes: di
 
 def test_a_static_token_stays_the_default_provider() -> None:
     provider = auth.token_provider(settings(token=Secret("tok")))
-    assert isinstance(provider, StaticToken) and provider.headers() == {"QB-Token": "tok"}
+    assert isinstance(provider, StaticToken)
+    assert provider.headers() == {"QB-Token": "tok"}
 
 
 def test_an_api_key_goes_in_the_authorization_header_and_is_what_the_audit_fingerprints() -> None:
     provider = auth.token_provider(settings(auth="apikey", api_key=Secret("key-123")))
     assert provider.headers() == {"Authorization": "ApiKey key-123"}
-    assert provider.current() == Secret("key-123") and not provider.can_renew
+    assert provider.current() == Secret("key-123")
+    assert not provider.can_renew
     with pytest.raises(AuthenticationFailed, match="QBGW_API_KEY"):
         provider.renew()
 
@@ -134,9 +144,20 @@ def test_the_shared_session_lives_where_every_worker_of_the_broker_sees_it(broke
 
 def test_no_secret_shows_in_a_repr() -> None:
     secrets = ("AuthSecretK3y", "amigo30pass", "key-123")
-    app = settings(auth="user", application_id="22", auth_key="k", auth_secret=Secret(SECRET),
-                   user_login="amigo30", user_password=Secret("amigo30pass"), api_key=Secret("key-123"))  # fmt: skip
-    shown = [repr(app), repr(auth.credentials_of(app)), repr(auth.token_provider(app)),
-             repr(auth.token_provider(app.with_(auth="apikey"))),
-             repr(SessionInfo(Secret("tok-abc"), "22", 7, 1.0, 0.0))]  # fmt: skip
+    app = settings(
+        auth="user",
+        application_id="22",
+        auth_key="k",
+        auth_secret=Secret(SECRET),
+        user_login="amigo30",
+        user_password=Secret("amigo30pass"),
+        api_key=Secret("key-123"),
+    )
+    shown = [
+        repr(app),
+        repr(auth.credentials_of(app)),
+        repr(auth.token_provider(app)),
+        repr(auth.token_provider(app.with_(auth="apikey"))),
+        repr(SessionInfo(Secret("tok-abc"), "22", 7, 1.0, 0.0)),
+    ]
     assert not [text for text in shown for secret in (*secrets, "tok-abc") if secret in text]

@@ -69,45 +69,71 @@ def test_a_line_without_an_assistant_uses_the_default_and_without_a_default_is_i
         (ours("c", model="gpt-4o"), "unknown field(s) model"),
         (openai("c", method="GET"), "method: 'GET'; only POST is accepted"),
         (openai("c", url="/v1/chat/completions"), "url: '/v1/chat/completions'; only /ai/ai_extensions/ai_gateway"),
-        (openai("c", {"messages": HELLO, "model": "gpt-4o", "smart_chat_assistant_id": ASSISTANT}),
-         "body: unknown field(s) model; accepted: messages, smart_chat_assistant_id"),
+        (
+            openai("c", {"messages": HELLO, "model": "gpt-4o", "smart_chat_assistant_id": ASSISTANT}),
+            "body: unknown field(s) model; accepted: messages, smart_chat_assistant_id",
+        ),
         (json.dumps({"custom_id": "c", "url": "/ai/ai_extensions/ai_gateway"}), "body: required, an object"),
         (ours("c", smart_chat_assistant_id="bad id!"), "smart_chat_assistant_id: must be at most 128 characters"),
-        (ours("c", messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/etc/x.png"}}]}]),
-         "messages[0].content[0].image_url.url: local files are not allowed"),
+        (
+            ours(
+                "c", messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/etc/x.png"}}]}]
+            ),
+            "messages[0].content[0].image_url.url: local files are not allowed",
+        ),
     ],
-)  # fmt: skip
+)
 def test_each_kind_of_bad_line_is_named_with_its_line_number_and_nothing_passes(bad: str, reason: str) -> None:
     with pytest.raises(InvalidBatch) as caught:
         parse([ours("first"), "", bad, ours("last")])
     assert len(caught.value.problems) == 1
     number, text = caught.value.problems[0]
-    assert number == 3 and reason in text  # blank lines still count
-    assert f"line 3: {text}" in str(caught.value) and "1 of 3 line(s) invalid; nothing was stored" in str(caught.value)
+    assert number == 3
+    assert reason in text
+    assert f"line 3: {text}" in str(caught.value)
+    assert "1 of 3 line(s) invalid; nothing was stored" in str(caught.value)
 
 
 @pytest.mark.parametrize(
     ("bad", "reason"),
     [
-        ('{"custom_id": "c", "messages": ' + "[" * 100_000 + "]" * 100_000 + "}",
-         "not valid JSON for a request: nested too deeply to parse"),
+        (
+            '{"custom_id": "c", "messages": ' + "[" * 100_000 + "]" * 100_000 + "}",
+            "not valid JSON for a request: nested too deeply to parse",
+        ),
         ("[" * 100_000, "not valid JSON for a request: nested too deeply to parse"),
         ('{"custom_id": ' + "1" * 5000 + "}", "not valid JSON for a request: a number too long to read"),
-        (ours("c", messages=[{"role": "user", "content": "hi", "name": [[["x"]]]}]),
-         "messages[0].name: must be 1 to 64 letters, digits, _ or -"),
+        (
+            ours("c", messages=[{"role": "user", "content": "hi", "name": [[["x"]]]}]),
+            "messages[0].name: must be 1 to 64 letters, digits, _ or -",
+        ),
         (json.dumps({"custom_id": 42, "messages": HELLO}), "custom_id: must be a string, got int"),
-        (json.dumps({"custom_id": "c", "smart_chat_assistant_id": ["a"], "messages": HELLO}),
-         "smart_chat_assistant_id: must be a string, got list"),
-        (openai("c", {"messages": HELLO, "smart_chat_assistant_id": 5}), "body.smart_chat_assistant_id: must be a "
-                                                                         "string, got int"),
+        (
+            json.dumps({"custom_id": "c", "smart_chat_assistant_id": ["a"], "messages": HELLO}),
+            "smart_chat_assistant_id: must be a string, got list",
+        ),
+        (
+            openai("c", {"messages": HELLO, "smart_chat_assistant_id": 5}),
+            "body.smart_chat_assistant_id: must be a string, got int",
+        ),
         (openai("c", method=["POST"]), "method: must be a string, got list"),
         (ours("c\udc80"), "custom_id: not encodable as UTF-8: a lone surrogate (U+DC80) at index 1"),
         (ours("c", messages=[{"role": "user", "content": "ok \ud800"}]), "messages[0].content: not encodable as UTF-8"),
-        (ours("c", messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {
-            "url": data_uri("gif", png_bytes(2, 2))}}]}]), "image_url.url: data uri declares 'image/gif'"),
+        (
+            ours(
+                "c",
+                messages=[
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": data_uri("gif", png_bytes(2, 2))}}],
+                    }
+                ],
+            ),
+            "image_url.url: data uri declares 'image/gif'",
+        ),
         (ours("c", smart_chat_assistant_id=ASSISTANT + "\n"), "smart_chat_assistant_id: must be at most 128"),
     ],
-)  # fmt: skip
+)
 def test_a_line_that_used_to_crash_or_pass_is_that_lines_problem(bad: str, reason: str) -> None:
     with pytest.raises(InvalidBatch) as caught:
         parse([ours("first"), bad, ours("last")])
@@ -146,7 +172,8 @@ def test_json_lines_split_at_line_feeds_only_so_line_numbers_stay_true(tmp_path:
     path = tmp_path / "in.jsonl"
     path.write_bytes(("\r\n".join(rows[:3]) + "\n" + "\n".join(rows[3:]) + "\n").encode())
     lines = read_lines(path)
-    assert len(lines) == 1 + len(SEPARATORS) and lines == rows
+    assert len(lines) == 1 + len(SEPARATORS)
+    assert lines == rows
     parsed = parse(lines, skip=True)
     # U+2028, U+2029 and U+0085 may stand raw in a JSON string; control characters may not (RFC 8259).
     assert [x.custom_id for x in parsed.lines] == ["first", "in-0", "in-1", "in-2"]
@@ -164,7 +191,8 @@ def test_a_duplicate_custom_id_names_the_line_it_repeats() -> None:
 def test_skip_invalid_keeps_the_valid_lines_and_reports_the_others() -> None:
     parsed = parse([ours("a"), "{", ours("b", messages=[{"role": "doctor", "content": "x"}]), ours("c")], skip=True)
     assert [x.custom_id for x in parsed.lines] == ["a", "c"]
-    assert [n for n, _ in parsed.problems] == [2, 3] and "'doctor' is not one of" in parsed.problems[1][1]
+    assert [n for n, _ in parsed.problems] == [2, 3]
+    assert "'doctor' is not one of" in parsed.problems[1][1]
 
 
 @pytest.mark.parametrize("lines", [[], ["", "  "], ["{", "[]"]])
@@ -177,10 +205,13 @@ def test_the_error_lists_twenty_problems_and_counts_the_rest_and_survives_pickle
     with pytest.raises(InvalidBatch) as caught:
         parse(["{"] * 25 + [ours("ok")])
     error = caught.value
-    assert len(error.problems) == 25 and "line 20:" in str(error) and "line 21:" not in str(error)
+    assert len(error.problems) == 25
+    assert "line 20:" in str(error)
+    assert "line 21:" not in str(error)
     assert "... and 5 more" in str(error)
     back = pickle.loads(pickle.dumps(error))
-    assert back.problems == error.problems and str(back) == str(error)
+    assert back.problems == error.problems
+    assert str(back) == str(error)
 
 
 def test_image_shorthand_makes_one_line_per_file_named_by_the_file(tmp_path: Path) -> None:
@@ -189,7 +220,8 @@ def test_image_shorthand_makes_one_line_per_file_named_by_the_file(tmp_path: Pat
     lines = image_lines(str(tmp_path / "*.png"), "Describe {name} ({stem})")
     assert [x["custom_id"] for x in lines] == ["a.png", "b.png"]
     part = lines[0]["messages"][0]["content"]
-    assert part[0]["text"] == "Describe a.png (a)" and part[1]["image_url"]["url"] == str(tmp_path / "a.png")
+    assert part[0]["text"] == "Describe a.png (a)"
+    assert part[1]["image_url"]["url"] == str(tmp_path / "a.png")
     assert [x["custom_id"] for x in image_lines(str(tmp_path), "x")] == ["a.png", "b.png"]  # a folder: all of it
     assert len(parse(lines, default=ASSISTANT, roots=(tmp_path,)).lines) == 2
     with pytest.raises(InvalidBatch) as outside:
@@ -215,10 +247,24 @@ def test_a_bad_window_is_a_usage_error(text: str) -> None:
 def view(status: BatchStatus, succeeded: int, failed: int, cancelled: int, pending: int) -> BatchView:
     now = datetime(2026, 11, 25, tzinfo=UTC)
     total = succeeded + failed + cancelled + pending
-    return BatchView(id="b1", status=status, actor="t", assistant_id=None, total=total, skipped=0,
-                     succeeded=succeeded, failed=failed, cancelled=cancelled, pending=pending, created_at=now,
-                     in_progress_at=now, completed_at=None, cancelled_at=None, expired_at=None,
-                     expires_at=now)  # fmt: skip
+    return BatchView(
+        id="b1",
+        status=status,
+        actor="t",
+        assistant_id=None,
+        total=total,
+        skipped=0,
+        succeeded=succeeded,
+        failed=failed,
+        cancelled=cancelled,
+        pending=pending,
+        created_at=now,
+        in_progress_at=now,
+        completed_at=None,
+        cancelled_at=None,
+        expired_at=None,
+        expires_at=now,
+    )
 
 
 @pytest.mark.parametrize(
@@ -227,11 +273,13 @@ def view(status: BatchStatus, succeeded: int, failed: int, cancelled: int, pendi
         (view(BatchStatus.COMPLETED, 50, 0, 0, 0), "completed: all 50 succeeded"),
         (view(BatchStatus.COMPLETED, 47, 3, 0, 0), "completed with 3 failures (47 succeeded)"),
         (view(BatchStatus.COMPLETED, 48, 1, 1, 0), "completed with 1 failure and 1 cancelled (48 succeeded)"),
-        (view(BatchStatus.IN_PROGRESS, 20, 2, 0, 28),
-         "in_progress: 22 of 50 done (20 succeeded, 2 failed, 0 cancelled), 28 pending"),
+        (
+            view(BatchStatus.IN_PROGRESS, 20, 2, 0, 28),
+            "in_progress: 22 of 50 done (20 succeeded, 2 failed, 0 cancelled), 28 pending",
+        ),
         (view(BatchStatus.EXPIRED, 10, 0, 39, 1), "expired: 10 succeeded, 0 failed, 39 cancelled, 1 still finishing"),
     ],
-)  # fmt: skip
+)
 def test_a_completed_batch_with_failures_never_reads_as_a_plain_success(batch: BatchView, summary: str) -> None:
     assert batch.summary == summary
     assert batch.all_succeeded is (summary == "completed: all 50 succeeded")
@@ -247,7 +295,8 @@ def test_progress_is_a_bar_on_a_terminal_and_a_line_every_few_seconds_elsewhere(
         progress(view(BatchStatus.IN_PROGRESS, done, 0, 0, 100 - done))
     progress(view(BatchStatus.COMPLETED, 100, 0, 0, 0))
     lines = out.getvalue().splitlines()
-    assert len(lines) == 2 and "\r" not in out.getvalue()  # the first poll, then the end; not one per poll
+    assert len(lines) == 2
+    assert "\r" not in out.getvalue()
     assert lines[1] == "batch b1: completed: 100/100 done, 0 failed, 16.7/s"
     bar = line(view(BatchStatus.IN_PROGRESS, 30, 3, 0, 67), 10.0, bar=True)
     assert bar == "[##########....................] 33/100 done, 3 failed, 10.0/s, ~7s left"

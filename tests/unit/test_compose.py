@@ -60,7 +60,8 @@ def test_workers_and_the_exporter_have_health_checks() -> None:
 def test_every_setting_the_compose_file_names_exists() -> None:
     text = (ROOT / "docker-compose.yml").read_text()
     named = set(re.findall(r"\bQBGW_[A-Z_]+\b", text))
-    assert named and named <= SETTING_NAMES, named - SETTING_NAMES
+    assert named
+    assert named <= SETTING_NAMES, named - SETTING_NAMES
 
 
 def test_the_environment_parses_into_settings() -> None:
@@ -70,7 +71,8 @@ def test_the_environment_parses_into_settings() -> None:
         assert env[name].startswith("${" + name + ":?"), f"{name} must be required, not defaulted"
         env[name] = value
     settings = Settings.from_env(env)
-    assert settings.database_url.startswith("postgresql+psycopg://") and settings.broker_url.startswith("redis://")
+    assert settings.database_url.startswith("postgresql+psycopg://")
+    assert settings.broker_url.startswith("redis://")
 
 
 def test_the_build_context_has_what_the_dockerfile_copies() -> None:
@@ -96,9 +98,11 @@ def test_the_migration_runs_as_the_owner_and_grants_the_role_the_workers_connect
     command = SERVICES["migrate"]["command"]
     app = command[command.index("--app-role") + 1]
     owner = user(SERVICES["migrate"]["environment"])
-    assert command[1:3] == ["db", "upgrade"] and owner != app
+    assert command[1:3] == ["db", "upgrade"]
+    assert owner != app
     assert user(SERVICES["worker"]["environment"]) == user(SERVICES["exporter"]["environment"]) == app
     init = SERVICES["postgres"]["volumes"][1].split(":")[0]
     script = (ROOT / init).read_text()
-    assert f'-v owner="${{DB_OWNER:-{owner}}}"' in script and f'-v app="${{DB_APP:-{app}}}"' in script
+    assert f'-v owner="${{DB_OWNER:-{owner}}}"' in script
+    assert f'-v app="${{DB_APP:-{app}}}"' in script
     assert "SUPERUSER" not in script  # the owner must not be one

@@ -146,7 +146,8 @@ def test_what_is_not_an_envelope_fails(envelope: str, reason: str) -> None:
 def test_decryption_failed_is_a_picklable_qbgw_error() -> None:
     error = DecryptionFailed("jobs.payload of row 1", "authentication failed")
     copy = pickle.loads(pickle.dumps(error))
-    assert isinstance(copy, QbgwError) and type(copy) is DecryptionFailed
+    assert isinstance(copy, QbgwError)
+    assert type(copy) is DecryptionFailed
     assert str(copy) == str(error) == "cannot decrypt jobs.payload of row 1: authentication failed"
     assert (copy.where, copy.reason) == (error.where, error.reason)
 
@@ -156,7 +157,8 @@ def test_a_custom_aad_is_not_echoed() -> None:
     envelope = ring.encrypt("x", aad="tenant=Jane Doe")
     with pytest.raises(DecryptionFailed) as info:
         ring.decrypt(envelope, aad="tenant=John Doe")
-    assert "Doe" not in str(info.value) and str(info.value).startswith("cannot decrypt a value:")
+    assert "Doe" not in str(info.value)
+    assert str(info.value).startswith("cannot decrypt a value:")
 
 
 # --- the keyring -------------------------------------------------------------------------------
@@ -183,9 +185,11 @@ def test_repr_and_str_never_show_key_material() -> None:
     assert repr(ring) == "Keyring(primary='k2', keys=['k1', 'k2'])"
     for text in (repr(ring), str(ring), f"{ring}"):
         for key in (K1, K2):
-            assert b64(key) not in text and base64.urlsafe_b64encode(key).decode() not in text
+            assert b64(key) not in text
+            assert base64.urlsafe_b64encode(key).decode() not in text
             assert key.hex() not in text
-    assert ring.key_ids == ("k1", "k2") and ring.primary == "k2"
+    assert ring.key_ids == ("k1", "k2")
+    assert ring.primary == "k2"
 
 
 def test_a_keyring_refuses_to_be_pickled() -> None:
@@ -198,8 +202,10 @@ def test_an_old_key_still_decrypts_after_rotation() -> None:
     before = old.encrypt("old row", aad=AAD)
     new, key_id = old.with_new_primary()
     assert re.fullmatch(r"k\d{8}T\d{6}", key_id)
-    assert new.primary == key_id and new.key_ids == ("k1", key_id)
-    assert old.primary == "k1" and old.key_ids == ("k1",)  # the original is unchanged
+    assert new.primary == key_id
+    assert new.key_ids == ("k1", key_id)
+    assert old.primary == "k1"
+    assert old.key_ids == ("k1",)
     assert new.decrypt(before, aad=AAD) == "old row"
     after = new.encrypt("new row", aad=AAD)
     assert Keyring.key_id_of(after) == key_id
@@ -212,8 +218,10 @@ def test_a_colliding_key_id_gets_a_random_suffix(monkeypatch: pytest.MonkeyPatch
     second, id2 = first.with_new_primary()
     third, id3 = second.with_new_primary()
     assert id1 == "k20261125T185501"
-    assert re.fullmatch(r"k20261125T185501-[0-9a-f]{6}", id2) and re.fullmatch(r"k20261125T185501-[0-9a-f]{6}", id3)
-    assert len({id1, id2, id3}) == 3 and len(third.key_ids) == 4
+    assert re.fullmatch(r"k20261125T185501-[0-9a-f]{6}", id2)
+    assert re.fullmatch(r"k20261125T185501-[0-9a-f]{6}", id3)
+    assert len({id1, id2, id3}) == 3
+    assert len(third.key_ids) == 4
 
 
 def test_save_and_load_round_trip_with_mode_0600(tmp_path: Path) -> None:
@@ -224,7 +232,8 @@ def test_save_and_load_round_trip_with_mode_0600(tmp_path: Path) -> None:
     assert json.loads(path.read_text()) == {"version": 1, "primary": "k2", "keys": {"k1": b64(K1), "k2": b64(K2)}}
     assert os.listdir(path.parent) == ["keyring.json"]  # no temp file left behind
     loaded = Keyring.load(path)
-    assert loaded.primary == "k2" and loaded.key_ids == ("k1", "k2")
+    assert loaded.primary == "k2"
+    assert loaded.key_ids == ("k1", "k2")
     assert loaded.decrypt(ring.encrypt("x", aad=AAD), aad=AAD) == "x"
 
 
@@ -254,7 +263,8 @@ def test_a_running_worker_learns_a_rotated_key_on_decrypt(tmp_path: Path) -> Non
     envelope = rotated.encrypt("written after rotation", aad=AAD)
     assert key_id not in worker.key_ids
     assert worker.decrypt(envelope, aad=AAD) == "written after rotation"
-    assert worker.primary == key_id and worker.key_ids == ("k1", key_id)
+    assert worker.primary == key_id
+    assert worker.key_ids == ("k1", key_id)
     assert worker.reload() is False  # nothing changed since
 
 
@@ -322,7 +332,8 @@ def test_load_names_the_file_and_the_problem(tmp_path: Path, content: bytes, pro
     with pytest.raises(ConfigError) as info:
         Keyring.load(path)
     message = str(info.value)
-    assert str(path) in message and problem in message
+    assert str(path) in message
+    assert problem in message
     assert b64(K1) not in message
 
 
@@ -344,7 +355,8 @@ def test_load_of_an_unreadable_file(tmp_path: Path) -> None:
 
 def test_from_spec_takes_the_first_key_as_primary() -> None:
     ring = Keyring.from_spec(f" k2 : {b64(K2)} , k1:{b64(K1)},")
-    assert ring.primary == "k2" and ring.key_ids == ("k2", "k1")
+    assert ring.primary == "k2"
+    assert ring.key_ids == ("k2", "k1")
     assert Keyring.from_spec(f"k1:{b64(K1)}").decrypt(Keyring({"k1": K1}, "k1").encrypt("x", aad=AAD), aad=AAD) == "x"
     assert ring.reload() is False  # not built from a file
 
@@ -369,7 +381,8 @@ def test_from_spec_errors_never_quote_the_key(spec: str, problem: str) -> None:
     with pytest.raises(ConfigError) as info:
         Keyring.from_spec(spec)
     message = str(info.value)
-    assert problem in message and message.startswith("QBGW_ENCRYPTION_KEYS")
+    assert problem in message
+    assert message.startswith("QBGW_ENCRYPTION_KEYS")
     for key in (K1, K2, K1[:24]):
         assert b64(key)[:12] not in message
 
@@ -390,7 +403,8 @@ def test_open_keyring_prefers_the_file_over_creating(tmp_path: Path, caplog: pyt
     before = path.read_bytes()
     with caplog.at_level(logging.WARNING, logger="qbgw.crypto"):
         ring = open_keyring(spec="  ", path=path, create=True)
-    assert ring.key_ids == ("file",) and path.read_bytes() == before
+    assert ring.key_ids == ("file",)
+    assert path.read_bytes() == before
     assert not caplog.records
 
 
@@ -399,11 +413,15 @@ def test_open_keyring_creates_a_0600_file_and_warns(tmp_path: Path, caplog: pyte
     with caplog.at_level(logging.WARNING, logger="qbgw.crypto"):
         ring = open_keyring(spec="", path=path, create=True)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert Keyring.load(path).key_ids == ring.key_ids and len(ring.key_ids) == 1
+    assert Keyring.load(path).key_ids == ring.key_ids
+    assert len(ring.key_ids) == 1
     [record] = caplog.records
-    assert record.name == "qbgw.crypto" and record.levelno == logging.WARNING
+    assert record.name == "qbgw.crypto"
+    assert record.levelno == logging.WARNING
     message = record.getMessage()
-    assert str(path) in message and "unreadable" in message and "QBGW_ENCRYPTION_KEYS" in message
+    assert str(path) in message
+    assert "unreadable" in message
+    assert "QBGW_ENCRYPTION_KEYS" in message
     assert "secrets manager" in message
     envelope = ring.encrypt("x", aad=AAD)
     assert open_keyring(spec="", path=path, create=True).decrypt(envelope, aad=AAD) == "x"  # the same key next time
@@ -421,7 +439,8 @@ def test_open_keyring_without_create_says_how_to_configure(tmp_path: Path) -> No
     path = tmp_path / "keyring.json"
     with pytest.raises(ConfigError, match="no encryption key is configured") as info:
         open_keyring(spec="", path=path, create=False)
-    assert "QBGW_ENCRYPTION_KEYS" in str(info.value) and str(path) in str(info.value)
+    assert "QBGW_ENCRYPTION_KEYS" in str(info.value)
+    assert str(path) in str(info.value)
     assert not path.exists()
 
 
@@ -453,4 +472,5 @@ def test_a_damaged_keyring_file_keeps_the_keys_in_memory(tmp_path: Path) -> None
     path.write_text("{not json")
     time.sleep(FOLLOW_SECONDS + 0.05)
     envelope = producer.encrypt("still works", aad=AAD)
-    assert Keyring.key_id_of(envelope) == "k1" and producer.decrypt(envelope, aad=AAD) == "still works"
+    assert Keyring.key_id_of(envelope) == "k1"
+    assert producer.decrypt(envelope, aad=AAD) == "still works"

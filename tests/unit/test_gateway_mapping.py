@@ -22,8 +22,12 @@ def body(data: object) -> bytes:
     ("status", "content", "kind", "reasons"),
     [
         (400, body({"errors": ["messages is invalid"]}), errors.UpstreamRejected, ("messages is invalid",)),
-        (401, body({"errors": {"base": ["Required session does not exist"]}}), errors.AuthenticationFailed,
-         ("Required session does not exist",)),
+        (
+            401,
+            body({"errors": {"base": ["Required session does not exist"]}}),
+            errors.AuthenticationFailed,
+            ("Required session does not exist",),
+        ),
         (403, body({"errors": ["Forbidden"]}), errors.UpstreamRejected, ("Forbidden",)),
         (404, body({"errors": ["Not found"]}), errors.UpstreamRejected, ("Not found",)),
         (405, body({"errors": ["feature off"]}), errors.FeatureDisabled, ("feature off",)),
@@ -39,14 +43,15 @@ def body(data: object) -> bytes:
         (200, b"not json", errors.MalformedResponse, ()),
         (302, b"", errors.UpstreamRejected, ()),
     ],
-)  # fmt: skip
+)
 def test_each_status_maps_to_one_error_class(
     status: int, content: bytes, kind: type[errors.GatewayError], reasons: tuple[str, ...]
 ) -> None:
     answer, error = interpret(status, content, {})
     assert answer is None
     assert type(error) is kind
-    assert error.status == status and error.reasons == reasons
+    assert error.status == status
+    assert error.reasons == reasons
     assert f"HTTP {status}" in str(error)
 
 
@@ -59,7 +64,9 @@ def test_error_reasons_reads_both_documented_shapes_and_garbage() -> None:
     assert error_reasons({"errors": {"base": ["Required session does not exist"]}}) == (
         "Required session does not exist",
     )
-    assert error_reasons(None) == () and error_reasons([1]) == () and error_reasons({"x": 1}) == ()
+    assert error_reasons(None) == ()
+    assert error_reasons([1]) == ()
+    assert error_reasons({"x": 1}) == ()
 
 
 @pytest.mark.parametrize(
@@ -83,7 +90,8 @@ def test_retry_after_takes_seconds_or_an_http_date(header: str | None, seconds: 
 
 def test_a_429_carries_its_retry_after() -> None:
     _, error = interpret(429, b"{}", {"Retry-After": "3"})
-    assert isinstance(error, errors.RateLimited) and error.retry_after == 3.0
+    assert isinstance(error, errors.RateLimited)
+    assert error.retry_after == 3.0
 
 
 class RaisingAdapter(BaseAdapter):
@@ -112,7 +120,9 @@ def test_transport_errors_are_translated_once(exc: Exception, kind: type[errors.
     session.mount("https://", RaisingAdapter(exc))
     client = GatewayClient("https://gw.example", Secret("t"), timeout=(1, 1), session=session)
     exchange = client.send(b"{}")
-    assert type(exchange.error) is kind and exchange.status is None and exchange.answer is None
+    assert type(exchange.error) is kind
+    assert exchange.status is None
+    assert exchange.answer is None
 
 
 def test_the_client_repr_hides_the_token() -> None:

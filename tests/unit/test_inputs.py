@@ -51,8 +51,9 @@ def test_a_missing_file_is_a_clear_error(tmp_path: Path) -> None:
 def test_text_and_images_make_one_user_message(tmp_path: Path) -> None:
     path = tmp_path / "scan.png"
     path.write_bytes(png_bytes(3, 2))
-    request = build_request(None, text=("What is this?",), images=(str(path), "https://x.example/a.jpg"),
-                            system="Be brief")  # fmt: skip
+    request = build_request(
+        None, text=("What is this?",), images=(str(path), "https://x.example/a.jpg"), system="Be brief"
+    )
     developer, user = request.messages
     assert developer == {"role": "developer", "content": "Be brief"}
     text, inline, remote = user["content"]
@@ -103,15 +104,18 @@ HI = [{"role": "user", "content": "Hi"}]
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"model": "gpt-4o", "temperature": 0.2}, "b.json: unknown field(s) model, temperature; accepted: custom_id, "
-                                                  "idempotency_key, messages, smart_chat_assistant_id"),
+        (
+            {"model": "gpt-4o", "temperature": 0.2},
+            "b.json: unknown field(s) model, temperature; accepted: custom_id, "
+            "idempotency_key, messages, smart_chat_assistant_id",
+        ),
         ({"custom_id": 42}, "b.json: custom_id: must be a string, got int"),
         ({"custom_id": ["a"]}, "b.json: custom_id: must be a string, got list"),
         ({"idempotency_key": {"k": 1}}, "b.json: idempotency_key: must be a string, got dict"),
         ({"smart_chat_assistant_id": 7}, "b.json: smart_chat_assistant_id: must be a string, got int"),
         ({"messages": "Hi"}, "b.json: messages: must be a list, got str"),
     ],
-)  # fmt: skip
+)
 def test_a_request_file_with_unknown_or_mistyped_fields_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fields: dict[str, object], message: str
 ) -> None:

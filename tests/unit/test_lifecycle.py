@@ -48,7 +48,9 @@ def test_only_the_table_s_transitions_are_allowed(current: JobStatus, new: JobSt
 
 def test_success_and_cancellation_are_forever_and_only_replay_leaves_failed() -> None:
     assert TERMINAL == {S.SUCCEEDED, S.FAILED, S.CANCELLED}
-    assert not ALLOWED[S.SUCCEEDED] and not ALLOWED[S.CANCELLED] and ALLOWED[S.FAILED] == {S.QUEUED}
+    assert not ALLOWED[S.SUCCEEDED]
+    assert not ALLOWED[S.CANCELLED]
+    assert ALLOWED[S.FAILED] == {S.QUEUED}
     assert CLAIMABLE == {S.QUEUED, S.RETRYING}
 
 
@@ -63,11 +65,12 @@ def test_backoff_is_full_jitter_under_the_exponential_ceiling(
     waits = [backoff_delay(attempt, base=base, cap=cap, rng=rng) for _ in range(2000)]
     assert all(0.0 <= w <= ceiling for w in waits)
     # Full jitter spreads over the whole range, not just near the ceiling.
-    assert min(waits) < 0.1 * ceiling and max(waits) > 0.9 * ceiling
+    assert min(waits) < 0.1 * ceiling
+    assert max(waits) > 0.9 * ceiling
 
 
 def test_backoff_rejects_attempt_zero() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="attempt numbers start at 1"):
         backoff_delay(0, base=1, cap=1)
 
 
@@ -134,13 +137,15 @@ def test_a_retry_never_comes_before_retry_after(retry_after: float) -> None:
     rng = random.Random(1)
     for _ in range(200):
         decision = decide(error, attempt=1, max_attempts=3, elapsed=0, policy=POLICY, rng=rng)
-        assert decision.step is Step.RETRY and decision.delay >= retry_after
+        assert decision.step is Step.RETRY
+        assert decision.delay >= retry_after
 
 
 def test_a_retry_after_past_the_deadline_fails_the_job_with_the_reason() -> None:
     error = errors.RateLimited("gateway answered HTTP 429", 429, (), 60.0)
     decision = decide(error, attempt=1, max_attempts=3, elapsed=50.0, policy=POLICY)
-    assert decision.step is Step.FAIL and "deadline of 100s" in decision.reason
+    assert decision.step is Step.FAIL
+    assert "deadline of 100s" in decision.reason
 
 
 def test_spent_attempts_say_how_many_in_the_reason() -> None:
@@ -157,19 +162,35 @@ def test_spent_attempts_say_how_many_in_the_reason() -> None:
     ],
 )
 def test_an_expired_session_is_renewed_once(can_renew: bool, renewed_before: bool, step: Step, reason: str) -> None:
-    decision = decide(SESSION, attempt=1, max_attempts=3, elapsed=0, policy=POLICY,
-                      can_reauthenticate=can_renew, reauthenticated=renewed_before)  # fmt: skip
-    assert decision.step is step and reason in decision.reason
+    decision = decide(
+        SESSION,
+        attempt=1,
+        max_attempts=3,
+        elapsed=0,
+        policy=POLICY,
+        can_reauthenticate=can_renew,
+        reauthenticated=renewed_before,
+    )
+    assert decision.step is step
+    assert reason in decision.reason
 
 
 def test_a_token_another_worker_replaced_is_retried_at_once_without_spending_the_renewal() -> None:
     stale = errors.StaleSession("gateway answered HTTP 401", 401, (SESSION_GONE,))
     for renewed_before in (False, True):  # even right after this job's own renewal
-        decision = decide(stale, attempt=2, max_attempts=3, elapsed=0, policy=POLICY, can_reauthenticate=True,
-                          reauthenticated=renewed_before)  # fmt: skip
+        decision = decide(
+            stale,
+            attempt=2,
+            max_attempts=3,
+            elapsed=0,
+            policy=POLICY,
+            can_reauthenticate=True,
+            reauthenticated=renewed_before,
+        )
         assert decision == Decision(Step.RETRY, delay=0.0)
     spent = decide(stale, attempt=3, max_attempts=3, elapsed=0, policy=POLICY, can_reauthenticate=True)
-    assert spent.step is Step.FAIL and spent.reason.startswith("gave up after 3 attempts")
+    assert spent.step is Step.FAIL
+    assert spent.reason.startswith("gave up after 3 attempts")
 
 
 FAULT = "InternalError: unexpected UnicodeEncodeError while claiming the job"
@@ -188,10 +209,18 @@ FAULT = "InternalError: unexpected UnicodeEncodeError while claiming the job"
     ],
 )
 def test_the_fault_table(faults: int, attempt: int | None, elapsed: float, step: Step, reason: str) -> None:
-    decision = decide_fault(FAULT, faults, max_faults=3, attempt=attempt, max_attempts=3, elapsed=elapsed,
-                            policy=RetryPolicy(max_attempts=3, base=1.0, cap=1.0, deadline=100.0),
-                            rng=random.Random(5))  # fmt: skip
-    assert decision.step is step and decision.reason == reason
+    decision = decide_fault(
+        FAULT,
+        faults,
+        max_faults=3,
+        attempt=attempt,
+        max_attempts=3,
+        elapsed=elapsed,
+        policy=RetryPolicy(max_attempts=3, base=1.0, cap=1.0, deadline=100.0),
+        rng=random.Random(5),
+    )
+    assert decision.step is step
+    assert decision.reason == reason
     if step is Step.RETRY:
         assert 0 <= decision.delay <= 1.0
 
@@ -199,6 +228,11 @@ def test_the_fault_table(faults: int, attempt: int | None, elapsed: float, step:
 def test_a_fault_waits_longer_the_more_it_repeats() -> None:
     policy = RetryPolicy(base=1.0, cap=60.0)
     rng = random.Random(7)
-    ceilings = [max(decide_fault(FAULT, n, max_faults=9, attempt=None, max_attempts=5, elapsed=0, policy=policy,
-                                 rng=rng).delay for _ in range(300)) for n in (1, 2, 3)]  # fmt: skip
+    ceilings = [
+        max(
+            decide_fault(FAULT, n, max_faults=9, attempt=None, max_attempts=5, elapsed=0, policy=policy, rng=rng).delay
+            for _ in range(300)
+        )
+        for n in (1, 2, 3)
+    ]
     assert ceilings[0] <= 1.0 < ceilings[1] <= 2.0 < ceilings[2] <= 4.0

@@ -54,7 +54,8 @@ def test_a_secret_in_the_message_or_in_its_args_is_redacted(out: tuple[logging.L
     logger.info("calling with %s as an argument, key %s", SECRET, KEY)
     logger.info("a dict argument %(token)s", {"token": SECRET})
     text = stream.getvalue()
-    assert SECRET not in text and KEY not in text
+    assert SECRET not in text
+    assert KEY not in text
     assert [line["message"] for line in lines(stream)] == [
         f"calling with {REDACTED} inline",
         f"calling with {REDACTED} as an argument, key {REDACTED}",
@@ -69,7 +70,8 @@ def test_a_secret_in_an_exception_is_redacted(out: tuple[logging.Logger, io.Stri
     except RuntimeError:
         logger.exception("call failed")
     (line,) = lines(stream)
-    assert SECRET not in stream.getvalue() and "RuntimeError: refused token" in str(line["exc"])
+    assert SECRET not in stream.getvalue()
+    assert "RuntimeError: refused token" in str(line["exc"])
 
 
 @pytest.mark.parametrize(
@@ -89,19 +91,33 @@ def test_credential_shapes_and_inline_images_are_redacted_without_knowing_the_va
     logger, stream = out
     logger.warning(message)
     (line,) = lines(stream)
-    assert kept in str(line["message"]) and gone not in stream.getvalue()
+    assert kept in str(line["message"])
+    assert gone not in stream.getvalue()
 
 
 def test_allowed_extras_become_fields_and_any_other_extra_is_redacted(out: tuple[logging.Logger, io.StringIO]) -> None:
     logger, stream = out
-    extra = {"job_id": "j-1", "attempt": 2, "outcome": "retrying", "http_status": 503, "latency_ms": 12,
-             "worker": "host:1", "messages": "Patient Zbrovsky"}  # fmt: skip
+    extra = {
+        "job_id": "j-1",
+        "attempt": 2,
+        "outcome": "retrying",
+        "http_status": 503,
+        "latency_ms": 12,
+        "worker": "host:1",
+        "messages": "Patient Zbrovsky",
+    }
     logger.info("job %s attempt %d: retrying", "j-1", 2, extra=extra)
     (line,) = lines(stream)
     assert {k: line[k] for k in ("job_id", "attempt", "outcome", "http_status", "latency_ms", "worker")} == {
-        "job_id": "j-1", "attempt": 2, "outcome": "retrying", "http_status": 503, "latency_ms": 12, "worker": "host:1"
-    }  # fmt: skip
-    assert set(line) >= {"ts", "level", "logger", "message"} and "messages" not in line
+        "job_id": "j-1",
+        "attempt": 2,
+        "outcome": "retrying",
+        "http_status": 503,
+        "latency_ms": 12,
+        "worker": "host:1",
+    }
+    assert set(line) >= {"ts", "level", "logger", "message"}
+    assert "messages" not in line
     assert "Zbrovsky" not in stream.getvalue()
 
 
@@ -115,9 +131,12 @@ def test_an_unknown_extra_is_redacted_for_text_formats_too() -> None:
 
 def test_the_settings_name_every_secret_they_hold() -> None:
     settings = Settings(
-        token=Secret(SECRET), encryption_keys=Secret(f"k1:{KEY},k2:{'C' * 43}="), anchor_key=Secret("ab" * 32),
-        database_url="postgresql+psycopg://qbgw:db-pass-1234@db/qbgw", broker_url="redis://:redis-pass-99@r:6379/0",
-    )  # fmt: skip
+        token=Secret(SECRET),
+        encryption_keys=Secret(f"k1:{KEY},k2:{'C' * 43}="),
+        anchor_key=Secret("ab" * 32),
+        database_url="postgresql+psycopg://qbgw:db-pass-1234@db/qbgw",
+        broker_url="redis://:redis-pass-99@r:6379/0",
+    )
     found = set(settings.secret_values)
     assert {SECRET, KEY, "C" * 43 + "=", "ab" * 32, "db-pass-1234", "redis-pass-99"} <= found
 
@@ -131,7 +150,8 @@ def test_configure_installs_one_filtered_handler_in_the_chosen_format() -> None:
         assert configure(settings, "INFO", stream=stream) == "text"
         assert configure(settings.with_(log_format="json"), "INFO", stream=stream) == "json"
         ours = [h for h in root.handlers if getattr(h, "_qbgw_handler", False)]
-        assert len(ours) == 1 and isinstance(ours[0].formatter, JsonFormatter)
+        assert len(ours) == 1
+        assert isinstance(ours[0].formatter, JsonFormatter)
         logging.getLogger("qbgw.anything").warning("token %s", SECRET)
         assert json.loads(stream.getvalue())["message"] == f"token {REDACTED}"
         assert configure(settings.with_(log_format="auto"), "INFO", stream=stream) == "json"  # not a terminal
@@ -175,7 +195,8 @@ def test_captured_output_becomes_one_record_per_line_and_a_thread_death_one_reco
     said = [(r.name, r.getMessage()) for r in root_records]
     assert said[:3] == [("py.stdout", "half a line"), ("py.stdout", "and another"), ("py.stderr", "on stderr")]
     (death,) = [r for r in root_records if r.name == "qbgw"]
-    assert death.getMessage() == "thread doomed died: ZeroDivisionError" and death.exc_info is not None
+    assert death.getMessage() == "thread doomed died: ZeroDivisionError"
+    assert death.exc_info is not None
 
 
 def test_a_line_said_in_a_signal_handler_is_logged_by_a_thread(root_records: list[logging.LogRecord]) -> None:

@@ -18,10 +18,12 @@ def value(name: str, **labels: str) -> float:
 
 
 def test_an_attempt_counts_by_outcome_and_status_and_observes_its_latency() -> None:
-    before = (value("qbgw_attempts_total", outcome="retrying", http_status="503"),
-              value("qbgw_attempts_total", outcome="failed", http_status="none"),
-              value("qbgw_retries_total", reason="UpstreamServerError"),
-              value("qbgw_attempt_duration_seconds_count"))  # fmt: skip
+    before = (
+        value("qbgw_attempts_total", outcome="retrying", http_status="503"),
+        value("qbgw_attempts_total", outcome="failed", http_status="none"),
+        value("qbgw_retries_total", reason="UpstreamServerError"),
+        value("qbgw_attempt_duration_seconds_count"),
+    )
     metrics.attempt(Outcome.RETRYING, 503, 250, "UpstreamServerError")
     metrics.attempt(Outcome.FAILED)  # nothing sent: no status, no latency
     assert value("qbgw_attempts_total", outcome="retrying", http_status="503") == before[0] + 1
@@ -44,4 +46,5 @@ def test_every_exported_name_is_in_the_readme_table() -> None:
     readme = (ROOT / "docs" / "operations.md").read_text()  # the metrics table
     documented = set(re.findall(r"^\| `(qbgw_\w+)`", readme, re.M))
     counters = {n + "_total" if n + "_total" in documented else n for n in exported}
-    assert counters and counters <= documented, counters - documented
+    assert counters
+    assert counters <= documented, counters - documented

@@ -87,7 +87,8 @@ def test_an_assistant_budget_holds_its_assistant_without_draining_the_fleet() ->
     limiter = MemoryLimiter(clock=clock)
     settings = Settings(rate_limit=10, rate_burst=1, rate_limit_assistants="noisy=2")
     noisy, quiet = budgets_for(settings, "noisy"), budgets_for(settings, "quiet")
-    assert [b.name for b in noisy] == ["global", "assistant:noisy"] and [b.name for b in quiet] == ["global"]
+    assert [b.name for b in noisy] == ["global", "assistant:noisy"]
+    assert [b.name for b in quiet] == ["global"]
     assert limiter.acquire(noisy, horizon=10).wait == 0
     refused = [limiter.acquire(noisy, horizon=0.2) for _ in range(5)]
     assert all(not g.reserved and g.wait == pytest.approx(0.5, abs=1e-4) for g in refused)
@@ -151,9 +152,14 @@ def test_a_bad_assistant_budget_names_the_entry_and_the_format(raw: str) -> None
 
 @pytest.mark.parametrize(
     ("name", "value", "says"),
-    [("RATE_LIMIT", "-1", "0 or more"), ("RATE_LIMIT", "lots", "must be a float"), ("RATE_BURST", "0", "at least 1"),
-     ("RATE_COOLDOWN", "0", "positive"), ("RATE_MAX_SLEEP", "-0.5", "0 or more")],
-)  # fmt: skip
+    [
+        ("RATE_LIMIT", "-1", "0 or more"),
+        ("RATE_LIMIT", "lots", "must be a float"),
+        ("RATE_BURST", "0", "at least 1"),
+        ("RATE_COOLDOWN", "0", "positive"),
+        ("RATE_MAX_SLEEP", "-0.5", "0 or more"),
+    ],
+)
 def test_bad_rate_settings_are_refused_by_name(name: str, value: str, says: str) -> None:
     with pytest.raises(ConfigError, match=f"QBGW_{name}.*{says}"):
         Settings.from_env({f"QBGW_{name}": value})

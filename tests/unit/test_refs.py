@@ -67,7 +67,7 @@ def test_an_https_url_with_a_host_and_port_that_can_be_connected_to_passes(url: 
         ("https://user:pw@h.example/x.png", "must not carry credentials"),
         ("https://@h.example/x.png", "must not carry credentials"),
     ],
-)  # fmt: skip
+)
 def test_an_https_url_whose_host_or_port_cannot_be_parsed_is_refused_at_submit(url: str, reason: str) -> None:
     with pytest.raises(InvalidImage) as caught:
         refs.check(url, POLICY)
@@ -76,9 +76,15 @@ def test_an_https_url_whose_host_or_port_cannot_be_parsed_is_refused_at_submit(u
 
 @pytest.mark.parametrize(
     ("url", "scheme"),
-    [("http://127.0.0.1/x.png", "http"), ("ftp://host/x.png", "ftp"), ("s3://bucket/x.png", "s3"),
-     ("javascript:alert(1)", "javascript"), ("gopher://h:70/_x", "gopher"), ("HTTP://h/x.png", "HTTP")],
-)  # fmt: skip
+    [
+        ("http://127.0.0.1/x.png", "http"),
+        ("ftp://host/x.png", "ftp"),
+        ("s3://bucket/x.png", "s3"),
+        ("javascript:alert(1)", "javascript"),
+        ("gopher://h:70/_x", "gopher"),
+        ("HTTP://h/x.png", "HTTP"),
+    ],
+)
 def test_a_refused_scheme_is_named_with_the_accepted_ones(url: str, scheme: str) -> None:
     with pytest.raises(InvalidImage) as caught:
         refs.check(url, POLICY)
@@ -111,8 +117,13 @@ def test_a_data_uri_must_declare_jpeg_or_png_and_hold_what_it_declares(uri: str,
 
 
 @pytest.mark.parametrize(
-    "uri", [data_uri("png", PNG), data_uri("jpeg", JPEG), data_uri("PNG", PNG), "data:image/png;name=a.png;base64,"
-            + data_uri("png", PNG).partition(",")[2]],
-)  # fmt: skip
+    "uri",
+    [
+        data_uri("png", PNG),
+        data_uri("jpeg", JPEG),
+        data_uri("PNG", PNG),
+        "data:image/png;name=a.png;base64," + data_uri("png", PNG).partition(",")[2],
+    ],
+)
 def test_a_data_uri_that_declares_what_it_holds_passes(uri: str) -> None:
     refs.check(uri, POLICY)

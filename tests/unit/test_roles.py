@@ -21,14 +21,18 @@ def test_nothing_may_delete_truncate_or_alter_and_the_log_is_insert_only() -> No
 
 def test_the_statements_revoke_each_object_before_granting_it_so_a_rerun_is_exact() -> None:
     statements = roles.grant_statements(
-        "qbgw app", database="qbgw", schema="public", sequences=["public.audit_events_id_seq"],
+        "qbgw app",
+        database="qbgw",
+        schema="public",
+        sequences=["public.audit_events_id_seq"],
         dialect=postgresql.dialect(),
-    )  # fmt: skip
+    )
     grants = [s for s in statements if s.startswith("GRANT")]
     revokes = [s for s in statements if s.startswith("REVOKE ALL")]
     assert len(grants) == len(revokes) == len(statements) // 2
     for revoke, grant in zip(statements[::2], statements[1::2], strict=True):
-        assert revoke.startswith("REVOKE ALL ON ") and grant.startswith("GRANT ")
+        assert revoke.startswith("REVOKE ALL ON ")
+        assert grant.startswith("GRANT ")
         assert revoke.split(" FROM ")[0].split(" ON ")[1] == grant.split(" TO ")[0].split(" ON ")[1]
     assert 'GRANT SELECT, INSERT ON TABLE public.audit_events TO "qbgw app"' in statements
     assert 'GRANT EXECUTE ON FUNCTION public.qbgw_audit_seal(jsonb) TO "qbgw app"' in statements

@@ -12,7 +12,8 @@ from qbgw.settings import Secret, Settings
 def test_the_defaults_are_the_embedded_default(tmp_path: Path) -> None:
     settings = Settings.from_env({"QBGW_DATA_DIR": str(tmp_path)})
     assert settings.effective_database_url == f"sqlite:///{tmp_path}/qbgw.db"
-    assert settings.is_embedded_broker and settings.broker_dir == tmp_path / "broker"
+    assert settings.is_embedded_broker
+    assert settings.broker_dir == tmp_path / "broker"
     assert settings.base_url == "https://api.quickblox.com"
 
 
@@ -27,7 +28,8 @@ def test_values_are_parsed_from_prefixed_variables() -> None:
             "UNRELATED": "x",
         }
     )
-    assert settings.read_timeout == 90.0 and settings.max_attempts == 7
+    assert settings.read_timeout == 90.0
+    assert settings.max_attempts == 7
     assert settings.token.reveal() == "abc123"
     assert not settings.is_embedded_broker
 
@@ -51,7 +53,8 @@ def test_a_bad_setting_is_named_in_a_clear_error(env: dict[str, str], message: s
 def test_the_token_never_shows_in_repr_str_or_pickle() -> None:
     settings = Settings.from_env({"QBGW_TOKEN": "s3cr3t-token-value"})
     assert "s3cr3t" not in repr(settings)
-    assert "s3cr3t" not in str(settings.token) and "s3cr3t" not in f"{settings.token}"
+    assert "s3cr3t" not in str(settings.token)
+    assert "s3cr3t" not in f"{settings.token}"
     with pytest.raises(TypeError):
         pickle.dumps(settings)
 
@@ -104,14 +107,17 @@ def test_operations_settings_are_checked(env: dict[str, str], message: str) -> N
 
 def test_metrics_are_off_and_logs_follow_the_terminal_by_default() -> None:
     settings = Settings.from_env({})
-    assert settings.metrics_port == 0 and settings.metrics_host == "127.0.0.1" and settings.log_format == "auto"
+    assert settings.metrics_port == 0
+    assert settings.metrics_host == "127.0.0.1"
+    assert settings.log_format == "auto"
 
 
 def test_the_request_limit_is_one_documented_setting_that_every_path_is_given() -> None:
     from qbgw.images import resolve as images
 
     settings = Settings.from_env({"QBGW_MAX_REQUEST_BYTES": "1000"})
-    assert settings.max_request_bytes == 1000 and images.policy(settings).max_request_bytes == 1000
+    assert settings.max_request_bytes == 1000
+    assert images.policy(settings).max_request_bytes == 1000
     assert Settings().max_request_bytes == 72 * 1024 * 1024
     with pytest.raises(ConfigError, match="QBGW_MAX_REQUEST_BYTES must be at least 1"):
         Settings.from_env({"QBGW_MAX_REQUEST_BYTES": "0"})

@@ -114,8 +114,16 @@ def read_anchors(path: Path) -> list[Anchor]:
     for number, text in enumerate(path.read_text().splitlines(), start=1):
         try:
             data = json.loads(text)
-            anchors.append(Anchor(int(data["seq"]), str(data["row_hash"]), str(data["at"]), str(data["mac"]), number,
-                                  str(data.get("kind", "head"))))  # fmt: skip
+            anchors.append(
+                Anchor(
+                    int(data["seq"]),
+                    str(data["row_hash"]),
+                    str(data["at"]),
+                    str(data["mac"]),
+                    number,
+                    str(data.get("kind", "head")),
+                )
+            )
         except (ValueError, KeyError, TypeError):
             anchors.append(Anchor(-1, "", "", "", number))  # unreadable: fails its signature check
     return anchors
@@ -134,10 +142,13 @@ def last_anchor(path: Path, *, tail: int = 4096) -> Anchor | None:
         if text.strip():
             try:
                 data = json.loads(text)
-                return Anchor(int(data["seq"]), str(data["row_hash"]), str(data["at"]), str(data["mac"]),
-                              kind=str(data.get("kind", "head")))  # fmt: skip
+                return Anchor(
+                    int(data["seq"]),
+                    str(data["row_hash"]),
+                    str(data["at"]),
+                    str(data["mac"]),
+                    kind=str(data.get("kind", "head")),
+                )
             except (ValueError, KeyError, TypeError):
                 return None
     return None
-
-

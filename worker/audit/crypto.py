@@ -189,13 +189,13 @@ class Keyring:
             if time.monotonic() - self._looked_at < FOLLOW_SECONDS:
                 return  # another thread looked meanwhile
             self._looked_at = time.monotonic()
-            assert self._path is not None
-            if _identity(self._path) == self._file:
+            if self._path is None or _identity(self._path) == self._file:
                 return
             try:
                 if self.reload():
-                    logger.info("the keyring file %s changed: encrypting with key %s from now on", self._path,
-                                self.primary)  # fmt: skip
+                    logger.info(
+                        "the keyring file %s changed: encrypting with key %s from now on", self._path, self.primary
+                    )
             except ConfigError as exc:  # a half-written or damaged file: keep the keys in memory
                 logger.warning("cannot re-read the keyring (%s); still encrypting with key %s", exc, self.primary)
 

@@ -17,10 +17,27 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-__all__ = ["GENESIS", "Action", "AuditRecord", "Sealed", "event", "record", "add", "digest", "fingerprint",
-           "chain_hash",
-           "chain_hash_v1", "chain_hash_v2", "content_hash", "link_hash", "stamp", "PENDING", "READS", "CHAINED",
-           "CONTENT"]  # fmt: skip
+__all__ = [
+    "GENESIS",
+    "Action",
+    "AuditRecord",
+    "Sealed",
+    "event",
+    "record",
+    "add",
+    "digest",
+    "fingerprint",
+    "chain_hash",
+    "chain_hash_v1",
+    "chain_hash_v2",
+    "content_hash",
+    "link_hash",
+    "stamp",
+    "PENDING",
+    "READS",
+    "CHAINED",
+    "CONTENT",
+]
 
 
 #: The "previous hash" of the first event.
@@ -69,8 +86,9 @@ class Action(StrEnum):
 
 
 #: Actions that record a read, not a change.
-READS = frozenset({Action.RESULT_READ, Action.AUDIT_QUERIED, Action.AUDIT_EXPORTED, Action.AUDIT_VERIFIED,
-                   Action.BATCH_EXPORTED})  # fmt: skip
+READS = frozenset(
+    {Action.RESULT_READ, Action.AUDIT_QUERIED, Action.AUDIT_EXPORTED, Action.AUDIT_VERIFIED, Action.BATCH_EXPORTED}
+)
 
 
 def digest(data: bytes) -> str:
@@ -84,9 +102,26 @@ def fingerprint(secret: str) -> str:
 
 
 #: The columns a row's hash covers (with the previous hash), in the order of the canonical form.
-CHAINED = ("seq", "occurred_at", "action", "job_id", "batch_id", "assistant_id", "attempt", "actor", "token_fp",
-           "outcome", "http_status", "error_class", "latency_ms", "request_digest", "request_bytes",
-           "response_digest", "response_bytes", "detail")  # fmt: skip
+CHAINED = (
+    "seq",
+    "occurred_at",
+    "action",
+    "job_id",
+    "batch_id",
+    "assistant_id",
+    "attempt",
+    "actor",
+    "token_fp",
+    "outcome",
+    "http_status",
+    "error_class",
+    "latency_ms",
+    "request_digest",
+    "request_bytes",
+    "response_digest",
+    "response_bytes",
+    "detail",
+)
 
 
 #: What format v2's content hash covers: every chained column but the position (seq).
@@ -190,13 +225,23 @@ def event(
     """One event's columns, not chained yet; ``request``/``response`` are (digest, size). Its time
     (``occurred_at``) and its place (``seq``) are given when its transaction commits (:func:`seal`)."""
     return {
-        "action": str(action), "job_id": job_id, "batch_id": batch_id, "assistant_id": assistant_id,
-        "attempt": attempt, "actor": actor, "token_fp": token_fp, "outcome": outcome, "http_status": http_status,
-        "error_class": error_class, "latency_ms": latency_ms,
-        "request_digest": request[0] if request else None, "request_bytes": request[1] if request else None,
-        "response_digest": response[0] if response else None, "response_bytes": response[1] if response else None,
+        "action": str(action),
+        "job_id": job_id,
+        "batch_id": batch_id,
+        "assistant_id": assistant_id,
+        "attempt": attempt,
+        "actor": actor,
+        "token_fp": token_fp,
+        "outcome": outcome,
+        "http_status": http_status,
+        "error_class": error_class,
+        "latency_ms": latency_ms,
+        "request_digest": request[0] if request else None,
+        "request_bytes": request[1] if request else None,
+        "response_digest": response[0] if response else None,
+        "response_bytes": response[1] if response else None,
         "detail": json.dumps(detail, sort_keys=True) if detail else None,
-    }  # fmt: skip
+    }
 
 
 def record(*, session: Session, **fields: Any) -> None:
@@ -224,5 +269,3 @@ class Sealed:
     first: int
     last: int
     row_hash: str
-
-

@@ -66,8 +66,9 @@ def _bad_signature(anchors: list[Anchor], key: bytes) -> Problem | None:
 def _broken_link(seq: int, skips_one: bool) -> Problem:
     if skips_one:  # seq follows seq - 2 directly: the event between was not in the original chain
         return Problem(seq - 1, f"event seq {seq - 1} was inserted: event seq {seq} follows event seq {seq - 2}")
-    return Problem(seq, f"event seq {seq} does not follow event seq {seq - 1}: events were reordered, or one "
-                        f"was deleted before it")  # fmt: skip
+    return Problem(
+        seq, f"event seq {seq} does not follow event seq {seq - 1}: events were reordered, or one was deleted before it"
+    )
 
 
 def _walk(
@@ -88,8 +89,11 @@ def _walk(
             return seq - 1, Problem(seq, f"event seq {seq} was altered: its contents do not match its hash")
         anchor = anchors.get(seq)
         if anchor is not None and anchor.row_hash != prev:
-            return seq, Problem(seq, f"the log does not match the signed anchor at seq {seq} (signed {anchor.at}): "
-                                     f"the events after seq {matched} up to seq {seq} were rewritten")  # fmt: skip
+            return seq, Problem(
+                seq,
+                f"the log does not match the signed anchor at seq {seq} (signed {anchor.at}): "
+                f"the events after seq {matched} up to seq {seq} were rewritten",
+            )
         if anchor is not None:
             matched = seq
         expected += 1

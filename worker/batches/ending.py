@@ -37,8 +37,12 @@ def expire_overdue(rt: Runtime) -> list[str]:
         overdue = batch_store.overdue(session=session, now=utcnow())
         unswept = batch_store.unswept(session=session)
     for batch_id, status in unswept:
-        _cancel_unfinished(rt, batch_id, batch_store.EXPIRY_ACTOR if status == BatchStatus.EXPIRED else "operator",
-                           expired=status == BatchStatus.EXPIRED)  # fmt: skip
+        _cancel_unfinished(
+            rt,
+            batch_id,
+            batch_store.EXPIRY_ACTOR if status == BatchStatus.EXPIRED else "operator",
+            expired=status == BatchStatus.EXPIRED,
+        )
     return [batch_id for batch_id in overdue if end(rt, batch_id, BatchStatus.EXPIRED, batch_store.EXPIRY_ACTOR)]
 
 
@@ -71,7 +75,6 @@ def _cancel_unfinished(rt: Runtime, batch_id: str, actor: str, *, expired: bool)
             ids = batch_store.unfinished_jobs(session=session, batch_id=batch_id, limit=batch_store.CHUNK)
             if not ids:
                 return cancelled
-            cancelled += batch_store.cancel_jobs(session=session, job_ids=ids, actor=actor, expired=expired,
-                                                 now=utcnow())  # fmt: skip
-
-
+            cancelled += batch_store.cancel_jobs(
+                session=session, job_ids=ids, actor=actor, expired=expired, now=utcnow()
+            )

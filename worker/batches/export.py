@@ -24,8 +24,19 @@ __all__ = ["BatchResult", "results", "write_jsonl", "write_csv", "write_inputs",
 
 #: The statuses ``failed_only`` selects: every job that ended without an answer.
 NOT_ANSWERED = (JobStatus.FAILED, JobStatus.CANCELLED)
-CSV_COLUMNS = ("custom_id", "job_id", "status", "answer", "error_class", "http_status", "error", "attempts",
-               "created_at", "finished_at", "seconds")  # fmt: skip
+CSV_COLUMNS = (
+    "custom_id",
+    "job_id",
+    "status",
+    "answer",
+    "error_class",
+    "http_status",
+    "error",
+    "attempts",
+    "created_at",
+    "finished_at",
+    "seconds",
+)
 
 
 @dataclass(frozen=True)
@@ -56,10 +67,16 @@ class BatchResult:
         if self.error is not None or self.error_class is not None:
             error = {"class": self.error_class, "message": self.error, "http_status": self.http_status}
         return {
-            "custom_id": self.custom_id, "job_id": self.job_id, "status": str(self.status), "answer": self.answer,
-            "error": error, "attempts": self.attempts, "created_at": self.created_at.isoformat(),
-            "finished_at": self.finished_at.isoformat() if self.finished_at else None, "seconds": self.seconds,
-        }  # fmt: skip
+            "custom_id": self.custom_id,
+            "job_id": self.job_id,
+            "status": str(self.status),
+            "answer": self.answer,
+            "error": error,
+            "attempts": self.attempts,
+            "created_at": self.created_at.isoformat(),
+            "finished_at": self.finished_at.isoformat() if self.finished_at else None,
+            "seconds": self.seconds,
+        }
 
     def as_row(self) -> dict[str, Any]:
         data = self.as_dict()
@@ -85,15 +102,30 @@ def results(session: Session, batch_id: str, *, failed_only: bool, reader: str) 
     """
     expired = batch_store.get(session=session, batch_id=batch_id).status == BatchStatus.EXPIRED
     statuses = NOT_ANSWERED if failed_only else None
-    found = [_result(session, job, failed_only, expired)
-             for job in batch_store.jobs_of(session=session, batch_id=batch_id, statuses=statuses)]  # fmt: skip
+    found = [
+        _result(session, job, failed_only, expired)
+        for job in batch_store.jobs_of(session=session, batch_id=batch_id, statuses=statuses)
+    ]
     for result in found:
         if result.answer is not None or result.error is not None or result.messages is not None:
-            audit.record(session=session, action=audit.Action.RESULT_READ, job_id=result.job_id, actor=reader,
-                         batch_id=batch_id, assistant_id=result.assistant_id, outcome=str(result.status),
-                         detail={"via": "batch export"})  # fmt: skip
-    audit.record(session=session, action=audit.Action.BATCH_EXPORTED, job_id=None, batch_id=batch_id, actor=reader,
-                 detail={"jobs": len(found), "failed_only": failed_only})  # fmt: skip
+            audit.record(
+                session=session,
+                action=audit.Action.RESULT_READ,
+                job_id=result.job_id,
+                actor=reader,
+                batch_id=batch_id,
+                assistant_id=result.assistant_id,
+                outcome=str(result.status),
+                detail={"via": "batch export"},
+            )
+    audit.record(
+        session=session,
+        action=audit.Action.BATCH_EXPORTED,
+        job_id=None,
+        batch_id=batch_id,
+        actor=reader,
+        detail={"jobs": len(found), "failed_only": failed_only},
+    )
     return found
 
 
@@ -108,11 +140,19 @@ def _result(session: Session, job: Job, with_messages: bool, expired: bool) -> B
         payload = open_text(session, "payload", job.id, job.payload)
         messages = json.loads(payload)["messages"] if payload is not None else None
     return BatchResult(
-        custom_id=job.custom_id or job.id, job_id=job.id, status=status, assistant_id=job.assistant_id,
-        answer=open_text(session, "answer", job.id, job.answer), error=error, error_class=error_class,
-        http_status=job.http_status, attempts=job.attempts, created_at=job.created_at, finished_at=job.finished_at,
+        custom_id=job.custom_id or job.id,
+        job_id=job.id,
+        status=status,
+        assistant_id=job.assistant_id,
+        answer=open_text(session, "answer", job.id, job.answer),
+        error=error,
+        error_class=error_class,
+        http_status=job.http_status,
+        attempts=job.attempts,
+        created_at=job.created_at,
+        finished_at=job.finished_at,
         messages=messages,
-    )  # fmt: skip
+    )
 
 
 def write_jsonl(results: list[BatchResult], out: IO[str]) -> int:

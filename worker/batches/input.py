@@ -116,8 +116,10 @@ def _parse_line(number: int, item: str | dict[str, Any], default_assistant: str 
 def _decode(item: str | dict[str, Any], limit: int) -> dict[str, Any]:
     if isinstance(item, str):
         if len(item) > limit:  # characters: never more than its UTF-8 bytes
-            raise InvalidMessages(f"the line's {len(item)} characters are over the request limit of {limit} "
-                                  "bytes (QBGW_MAX_REQUEST_BYTES)")  # fmt: skip
+            raise InvalidMessages(
+                f"the line's {len(item)} characters are over the request limit of {limit} "
+                "bytes (QBGW_MAX_REQUEST_BYTES)"
+            )
         item = load_json(item, one_line=True)
     if not isinstance(item, dict):
         raise InvalidMessages(f"must be a JSON object, got {type(item).__name__}")

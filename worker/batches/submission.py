@@ -40,9 +40,16 @@ def _store_jobs(rt: Runtime, batch_id: str, lines: Sequence[BatchLine], actor: s
 
 
 def _new_job(rt: Runtime, batch_id: str, line: BatchLine, actor: str) -> store.NewJob:
-    return store.NewJob(id=str(uuid.uuid4()), assistant_id=line.assistant_id, messages=line.messages,
-                        custom_id=line.custom_id, idempotency_key=None, actor=actor,
-                        max_attempts=rt.settings.max_attempts, batch_id=batch_id)  # fmt: skip
+    return store.NewJob(
+        id=str(uuid.uuid4()),
+        assistant_id=line.assistant_id,
+        messages=line.messages,
+        custom_id=line.custom_id,
+        idempotency_key=None,
+        actor=actor,
+        max_attempts=rt.settings.max_attempts,
+        batch_id=batch_id,
+    )
 
 
 def _producer(rt: Runtime, stack: ExitStack) -> Any:
@@ -74,9 +81,16 @@ def store_batch(rt: Runtime, parsed: ParsedBatch, *, assistant_id: str | None, w
     """
     batch_id = str(uuid.uuid4())
     with rt.transaction() as session:
-        batch_store.create_batch(session=session, batch_id=batch_id, actor=actor, assistant_id=assistant_id,
-                                 total=len(parsed.lines), skipped=len(parsed.problems), window=window,
-                                 now=utcnow())  # fmt: skip
+        batch_store.create_batch(
+            session=session,
+            batch_id=batch_id,
+            actor=actor,
+            assistant_id=assistant_id,
+            total=len(parsed.lines),
+            skipped=len(parsed.problems),
+            window=window,
+            now=utcnow(),
+        )
     _store_jobs(rt, batch_id, parsed.lines, actor)
     with rt.transaction() as session:
         batch_store.start(session=session, batch_id=batch_id, now=utcnow())

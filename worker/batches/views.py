@@ -89,9 +89,20 @@ def settled(session: Session, batches: list[Batch]) -> list[BatchView]:
 
 def view_of(batch: Batch, counts: Counts) -> BatchView:
     return BatchView(
-        id=batch.id, status=BatchStatus(batch.status), actor=batch.actor, assistant_id=batch.assistant_id,
-        total=batch.total, skipped=batch.skipped, succeeded=counts.succeeded, failed=counts.failed,
-        cancelled=counts.cancelled, pending=counts.pending, created_at=batch.created_at,
-        in_progress_at=batch.in_progress_at, completed_at=batch.completed_at, cancelled_at=batch.cancelled_at,
-        expired_at=batch.expired_at, expires_at=batch.expires_at,
-    )  # fmt: skip
+        id=batch.id,
+        status=BatchStatus(batch.status),
+        actor=batch.actor,
+        assistant_id=batch.assistant_id,
+        total=batch.total,
+        skipped=batch.skipped,
+        succeeded=counts.succeeded,
+        failed=counts.failed,
+        cancelled=counts.cancelled,
+        pending=counts.pending,
+        created_at=batch.created_at,
+        in_progress_at=batch.in_progress_at,
+        completed_at=batch.completed_at,
+        cancelled_at=batch.cancelled_at,
+        expired_at=batch.expired_at,
+        expires_at=batch.expires_at,
+    )

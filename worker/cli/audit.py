@@ -25,8 +25,10 @@ TABLE = ("seq", "occurred_at", "action", "job_id", "attempt", "actor", "outcome"
 
 
 def _when(value: str | None) -> datetime | None:
-    if value is None:
-        return None
+    return None if value is None else _time(value)
+
+
+def _time(value: str) -> datetime:
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
@@ -53,20 +55,46 @@ def _age(value: str) -> timedelta:
 @click.option("--since", help="From this time (ISO 8601, UTC if no zone).")
 @click.option("--until", help="Before this time.")
 @click.option("--limit", type=int, default=1000, show_default=True)
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
-              help="table for reading; jsonl or csv export (audited as an export).")  # fmt: skip
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(FORMATS),
+    default="table",
+    show_default=True,
+    help="table for reading; jsonl or csv export (audited as an export).",
+)
 @click.option("--actor", "reader", help="Who is querying, for the audit trail (default QBGW_ACTOR).")
 @click.pass_context
 @handled
-def audit(ctx: click.Context, job: str | None, batch: str | None, assistant: str | None, actor: str | None,
-          action: str | None, outcome: str | None, since: str | None, until: str | None, limit: int,
-          fmt: str, reader: str | None) -> None:  # fmt: skip
+def audit(
+    ctx: click.Context,
+    job: str | None,
+    batch: str | None,
+    assistant: str | None,
+    actor: str | None,
+    action: str | None,
+    outcome: str | None,
+    since: str | None,
+    until: str | None,
+    limit: int,
+    fmt: str,
+    reader: str | None,
+) -> None:
     """Query the audit log (and verify it, anchor it: see the subcommands)."""
     if ctx.invoked_subcommand is not None:
         return
 
-    query = AuditFilter(job_id=job, batch_id=batch, assistant_id=assistant, actor=actor, action=action,
-                        outcome=outcome, since=_when(since), until=_when(until), limit=limit)  # fmt: skip
+    query = AuditFilter(
+        job_id=job,
+        batch_id=batch,
+        assistant_id=assistant,
+        actor=actor,
+        action=action,
+        outcome=outcome,
+        since=_when(since),
+        until=_when(until),
+        limit=limit,
+    )
     events = audit_query(query, export=fmt != "table", reader=reader, settings=load_settings())
     _print_events([e.as_dict() for e in events], fmt)
 
@@ -77,12 +105,11 @@ def audit(ctx: click.Context, job: str | None, batch: str | None, assistant: str
 def audit_verify(reader: str | None) -> None:
     """Recompute the hash chain and check it against the signed anchors (exit 9 if broken)."""
     report = verify_log(reader=reader, settings=load_settings())
-    anchors = f"{report.anchors} anchor(s)"
-    if report.ok:
+    anchors, problem = f"{report.anchors} anchor(s)", report.problem
+    if problem is None:
         click.echo(f"ok: {report.events} events, chain intact, {anchors} match ({report.seconds:.2f}s)")
         return
-    assert report.problem is not None
-    click.echo(f"TAMPERED: {report.problem.message} (checked {report.events} events, {anchors})", err=True)
+    click.echo(f"TAMPERED: {problem.message} (checked {report.events} events, {anchors})", err=True)
     sys.exit(9)
 
 
@@ -103,9 +130,7 @@ def audit_drop(before: str, yes: bool, actor: str | None) -> None:
     """Drop audit events older than the retention period (needs the database owner)."""
     if not yes:
         raise click.UsageError("dropping audit events cannot be undone: add --yes to confirm")
-    when = _when(before)
-    assert when is not None
-    dropped = drop_audit_before(before=when, actor=actor or "operator", settings=load_settings())
+    dropped = drop_audit_before(before=_time(before), actor=actor or "operator", settings=load_settings())
     click.echo(f"dropped {dropped.events} event(s) through seq {dropped.through_seq}; the chain now starts there")
 
 
@@ -113,14 +138,17 @@ def audit_drop(before: str, yes: bool, actor: str | None) -> None:
 def keys() -> None:
     """Encryption keys for PHI at rest."""
 
+
 @keys.command("rotate")
 @click.option("--actor", help="Who is rotating, for the audit trail.")
 @handled
 def keys_rotate(actor: str | None) -> None:
     """Add a new primary key to the keyring file and re-encrypt everything to it (jobs keep running)."""
     rotation = rotate_keys(actor=actor or "operator", settings=load_settings())
-    click.echo(f"primary key {rotation.old_primary} -> {rotation.new_primary}; "
-               f"{rotation.values_reencrypted} value(s) re-encrypted")  # fmt: skip
+    click.echo(
+        f"primary key {rotation.old_primary} -> {rotation.new_primary}; "
+        f"{rotation.values_reencrypted} value(s) re-encrypted"
+    )
 
 
 @keys.command("status")

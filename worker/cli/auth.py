@@ -19,6 +19,7 @@ __all__ = ["auth"]
 def auth() -> None:
     """QuickBlox authentication (QBGW_AUTH and its credentials)."""
 
+
 @auth.command("check")
 @handled
 def check() -> None:

@@ -43,6 +43,7 @@ def parse_window(value: str) -> timedelta:
 def batch() -> None:
     """Batches: many jobs from a JSON Lines file (or a folder of images), followed and exported together."""
 
+
 @batch.command("submit")
 @click.argument("file", required=False, type=click.Path(dir_okay=False, allow_dash=True))
 @click.option("--images", help="A folder or glob of .png/.jpg/.pdf files: one job each (custom_id = file name).")
@@ -54,8 +55,17 @@ def batch() -> None:
 @click.option("--wait", "wait_", is_flag=True, help="Then wait for the batch, showing progress.")
 @click.option("--timeout", type=float, default=None, help="With --wait: give up after this many seconds.")
 @handled
-def batch_submit(file: str | None, images: str | None, prompt: str | None, assistant: str | None, window: str,
-                 skip_invalid: bool, actor: str | None, wait_: bool, timeout: float | None) -> None:  # fmt: skip
+def batch_submit(
+    file: str | None,
+    images: str | None,
+    prompt: str | None,
+    assistant: str | None,
+    window: str,
+    skip_invalid: bool,
+    actor: str | None,
+    wait_: bool,
+    timeout: float | None,
+) -> None:
     """Validate every line of FILE (JSON Lines; '-' for stdin), store the jobs, queue them; prints the batch id.
 
     A line is {"custom_id", "smart_chat_assistant_id"?, "messages"} or OpenAI's batch shape
@@ -67,8 +77,14 @@ def batch_submit(file: str | None, images: str | None, prompt: str | None, assis
         raise click.UsageError("--images needs --prompt")
     settings = load_settings()
     source: Any = file if images is None else batch_input.image_lines(images, prompt or "")
-    view = submit_batch(source, assistant_id=assistant, window=parse_window(window), skip_invalid=skip_invalid,
-                        actor=actor, settings=settings)  # fmt: skip
+    view = submit_batch(
+        source,
+        assistant_id=assistant,
+        window=parse_window(window),
+        skip_invalid=skip_invalid,
+        actor=actor,
+        settings=settings,
+    )
     for number, reason in view.problems:
         click.echo(f"skipped line {number}: {reason}", err=True)
     click.echo(view.id)

@@ -23,7 +23,7 @@ from ..settings import Secret, Settings
 __all__ = ["run_demo", "demo_jobs"]
 
 ASSISTANT = "65d5f3473d5d68095462165d"
-TOKEN = "demo-token"
+TOKEN = "demo-token"  # noqa: S105 - the demo emulator's own token
 
 
 def demo_jobs() -> list[tuple[str, list[dict[str, Any]]]]:
@@ -35,15 +35,19 @@ def demo_jobs() -> list[tuple[str, list[dict[str, Any]]]]:
         return {"type": "image_url", "image_url": {"url": uri}}
 
     return [
-        ("text", [{"role": "developer", "content": "You are a concise clinical assistant."},
-                  {"role": "user", "content": "Summarise: mild headache since Monday, no fever."}]),
+        (
+            "text",
+            [
+                {"role": "developer", "content": "You are a concise clinical assistant."},
+                {"role": "user", "content": "Summarise: mild headache since Monday, no fever."},
+            ],
+        ),
         ("png image", [{"role": "user", "content": [{"type": "text", "text": "What is in this scan?"}, image(png)]}]),
         ("jpeg image", [{"role": "user", "content": [{"type": "text", "text": "Describe this photo."}, image(jpeg)]}]),
-        ("two 503s, then an answer",
-         [{"role": "user", "content": "Is this retried? [[emulator:fail=503x2]]"}]),
+        ("two 503s, then an answer", [{"role": "user", "content": "Is this retried? [[emulator:fail=503x2]]"}]),
         ("405: gateway feature off", [{"role": "user", "content": "Hello [[emulator:fail=405]]"}]),
         ("two images", [{"role": "user", "content": [{"type": "text", "text": "Compare."}, image(png), image(jpeg)]}]),
-    ]  # fmt: skip
+    ]
 
 
 def run_demo(settings: Settings, *, jobs: int = 6, out: Callable[[str], None] = print) -> list[JobView]:
@@ -74,7 +78,7 @@ def _start_worker(settings: Settings) -> subprocess.Popen[bytes]:
     command = [sys.executable, "-m", "qbgw", "worker", "--loglevel", "INFO"]
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     with open(settings.data_dir / "demo-worker.log", "ab") as log:
-        return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)  # noqa: S603 - our own -m qbgw
 
 
 def _report(title: str, job_id: str, settings: Settings, out: Callable[[str], None]) -> JobView:

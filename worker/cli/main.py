@@ -62,9 +62,19 @@ def cli(verbose: bool) -> None:
 @click.option("--wait", "wait_", is_flag=True, help="Wait for the answer and print it.")
 @click.option("--timeout", type=float, default=None, help="With --wait: give up after this many seconds.")
 @handled
-def submit(file: str | None, text: tuple[str, ...], image: tuple[str, ...], system: str | None,
-           assistant: str | None, custom_id: str | None, idempotency_key: str | None,
-           actor: str | None, require_broker: bool, wait_: bool, timeout: float | None) -> None:  # fmt: skip
+def submit(
+    file: str | None,
+    text: tuple[str, ...],
+    image: tuple[str, ...],
+    system: str | None,
+    assistant: str | None,
+    custom_id: str | None,
+    idempotency_key: str | None,
+    actor: str | None,
+    require_broker: bool,
+    wait_: bool,
+    timeout: float | None,
+) -> None:
     """Queue a job. Messages come from FILE (JSON; '-' for stdin) or from --text/--image.
 
     FILE holds a list of OpenAI-format messages, or an object with "messages" (and optionally
@@ -224,8 +234,12 @@ def replay(job_ids: tuple[str, ...], actor: str | None) -> None:
 @click.option("--fault-seed", type=int, default=None, help="Seed the random faults, for a reproducible run.")
 @click.option("--hang-seconds", type=click.FloatRange(min=0), default=30.0, help="How long a 'hang' fault waits.")
 @click.option("--retry-after", type=click.IntRange(min=0), default=1, help="Retry-After of a '429-retry-after' fault.")
-@click.option("--rate-limit", type=click.IntRange(min=0), default=0,
-              help="The plan's calls per second: beyond it, 429 Too Many Requests (0: no limit).")
+@click.option(
+    "--rate-limit",
+    type=click.IntRange(min=0),
+    default=0,
+    help="The plan's calls per second: beyond it, 429 Too Many Requests (0: no limit).",
+)
 @click.option(
     "--session-idle",
     type=click.FloatRange(min=0, min_open=True),
@@ -233,9 +247,21 @@ def replay(job_ids: tuple[str, ...], actor: str | None) -> None:
     show_default=True,
     help="Seconds after its last use that a session token made by POST /session.json expires.",
 )
-def emulator(host: str, port: int, token: tuple[str, ...], assistant: tuple[str, ...], any_assistant: bool,
-             latency: float, feature_off: bool, fault_rate: float, fault_seed: int | None, hang_seconds: float,
-             retry_after: int, rate_limit: int, session_idle: float) -> None:  # fmt: skip
+def emulator(
+    host: str,
+    port: int,
+    token: tuple[str, ...],
+    assistant: tuple[str, ...],
+    any_assistant: bool,
+    latency: float,
+    feature_off: bool,
+    fault_rate: float,
+    fault_seed: int | None,
+    hang_seconds: float,
+    retry_after: int,
+    rate_limit: int,
+    session_idle: float,
+) -> None:
     """Run the QuickBlox HIPAA AI Gateway emulator (for development and tests).
 
     --fault-rate gives a valid request a random fault (429 with or without Retry-After, 500, 502, 503, hang,
@@ -261,6 +287,7 @@ def emulator(host: str, port: int, token: tuple[str, ...], assistant: tuple[str,
 @cli.group()
 def db() -> None:
     """Database schema commands."""
+
 
 @db.command("upgrade")
 @click.option("--revision", default="head", show_default=True)
@@ -294,8 +321,7 @@ def db_roles(app_role: str, create_role: bool, print_only: bool) -> None:
 
 def _grant(settings: Settings, app_role: str, *, create: bool) -> None:
 
-    grants = roles.apply(settings.effective_database_url, app_role, create=create,
-                         password=settings.app_role_password)  # fmt: skip
+    grants = roles.apply(settings.effective_database_url, app_role, create=create, password=settings.app_role_password)
     made = "created, and granted" if grants.created else "granted"
     click.echo(f"role {app_role} {made}: " + "; ".join(f"{t} {', '.join(p)}" for t, p in roles.TABLES.items()))
     for warning in grants.warnings:

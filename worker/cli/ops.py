@@ -22,13 +22,22 @@ __all__ = ["health", "metrics"]
 
 
 @click.command()
-@click.option("--skip", multiple=True, type=click.Choice(["database", "broker", "upstream", "audit", "keys"]),
-              help="Leave out a check (repeatable).")  # fmt: skip
-@click.option("--timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
-              help="Seconds each check may take.")  # fmt: skip
-@click.option("--max-checkpoint-age", type=click.FloatRange(min=1), default=None,
-              help="Oldest acceptable audit checkpoint, in seconds (default 3 x QBGW_AUDIT_ANCHOR_SECONDS "
-                   "+ QBGW_SWEEP_INTERVAL).")  # fmt: skip
+@click.option(
+    "--skip",
+    multiple=True,
+    type=click.Choice(["database", "broker", "upstream", "audit", "keys"]),
+    help="Leave out a check (repeatable).",
+)
+@click.option(
+    "--timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True, help="Seconds each check may take."
+)
+@click.option(
+    "--max-checkpoint-age",
+    type=click.FloatRange(min=1),
+    default=None,
+    help="Oldest acceptable audit checkpoint, in seconds (default 3 x QBGW_AUDIT_ANCHOR_SECONDS "
+    "+ QBGW_SWEEP_INTERVAL).",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object instead of lines.")
 @handled
 def health(skip: tuple[str, ...], timeout: float, max_checkpoint_age: float | None, as_json: bool) -> None:
@@ -50,6 +59,7 @@ def health(skip: tuple[str, ...], timeout: float, max_checkpoint_age: float | No
 @click.group()
 def metrics() -> None:
     """Prometheus metrics (see the README's Operations section for the names)."""
+
 
 @metrics.command("serve")
 @click.option("--host", default=None, help="Address to bind (default QBGW_METRICS_HOST).")

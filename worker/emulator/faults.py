@@ -165,7 +165,7 @@ class Ledger:
 
     def __init__(self, seed: int | None = None) -> None:
         self._lock = threading.Lock()
-        self._random = random.Random(seed)
+        self._random = random.Random(seed)  # noqa: S311 - reproducible fault draws, not secrets
         self._clear()
 
     def _clear(self) -> None:

@@ -129,7 +129,7 @@ class EmulatorConfig:
     # Sessions (``worker.emulator_session``): the application's credentials, its users and API keys.
     application_id: str = "22"
     auth_key: str = "wJHd4cQSxpQGWx5"
-    auth_secret: str = "emulator-auth-secret"
+    auth_secret: str = "emulator-auth-secret"  # noqa: S105 - the emulator's documented test credentials
     users: tuple[tuple[str, str], ...] = (("amigo30", "amigo30pass"),)  # (login, password)
     api_keys: frozenset[str] = frozenset({"emulator-api-key"})
     session_idle_seconds: float = 7200.0  # an issued token expires this long after its last use
@@ -307,8 +307,12 @@ def _guarded(call: Callable[[], _Reply | None]) -> _Reply | None:
 
 def _config_json(config: EmulatorConfig) -> dict[str, object]:
     fields = dataclasses.asdict(config)
-    return {**fields, "tokens": sorted(config.tokens), "assistants": sorted(config.assistants),
-            **session_config_json(config)}  # fmt: skip
+    return {
+        **fields,
+        "tokens": sorted(config.tokens),
+        "assistants": sorted(config.assistants),
+        **session_config_json(config),
+    }
 
 
 class _Server(ThreadingHTTPServer):

@@ -218,9 +218,15 @@ class Sessions:
             token = secrets.token_hex(20)
             session: dict[str, object] = {
                 "application_id": int(app_id) if app_id.isascii() and app_id.isdigit() else app_id,
-                "token": token, "ts": body["timestamp"], "nonce": body["nonce"], "user_id": user_id,
-                "created_at": _iso(now), "updated_at": _iso(now), "id": self._created, "_id": str(self._created),
-            }  # fmt: skip
+                "token": token,
+                "ts": body["timestamp"],
+                "nonce": body["nonce"],
+                "user_id": user_id,
+                "created_at": _iso(now),
+                "updated_at": _iso(now),
+                "id": self._created,
+                "_id": str(self._created),
+            }
             self._issued[token] = _Issued(session, now)
         return json_reply(201, {"session": session})
 

@@ -53,11 +53,17 @@ def fault_of(exc: Exception, stage: str) -> store.Fault:
     is an InternalError named by its class and stage."""
     detail = {"exception": type(exc).__name__, "stage": stage}
     if isinstance(exc, DecryptionFailed):
-        return store.Fault("DecryptionFailed", f"DecryptionFailed: {exc}; restore the key it was encrypted with "
-                           "(see `qbgw keys status`), then `qbgw replay` the job", detail)  # fmt: skip
+        return store.Fault(
+            "DecryptionFailed",
+            f"DecryptionFailed: {exc}; restore the key it was encrypted with "
+            "(see `qbgw keys status`), then `qbgw replay` the job",
+            detail,
+        )
     what = type(exc).__name__ if not isinstance(exc, QbgwError) else f"{type(exc).__name__} ({exc})"
-    reason = (f"InternalError: unexpected {what} while {stage}: a bug, or stored input that cannot be sent; "
-              "the worker's log names where")  # fmt: skip
+    reason = (
+        f"InternalError: unexpected {what} while {stage}: a bug, or stored input that cannot be sent; "
+        "the worker's log names where"
+    )
     return store.Fault("InternalError", reason, detail)
 
 
@@ -71,27 +77,62 @@ def record(rt: Runtime, job_id: str, exc: Exception, progress: Progress) -> str:
     settings = rt.settings
     rule = functools.partial(_decide, fault.reason, max_faults=settings.max_faults, policy=settings.retry_policy)
     with rt.transaction() as session:
-        recorded = store.record_fault(session=session, job_id=job_id, claim=progress.claim, worker=rt.identity,
-                                      fault=fault, rule=rule, now=utcnow(),
-                                      announced=lambda delay: delay <= settings.countdown_limit)  # fmt: skip
+        recorded = store.record_fault(
+            session=session,
+            job_id=job_id,
+            claim=progress.claim,
+            worker=rt.identity,
+            fault=fault,
+            rule=rule,
+            now=utcnow(),
+            announced=lambda delay: delay <= settings.countdown_limit,
+        )
     if recorded is None:
-        log.error("job %s: unexpected %s while %s; the job had moved on, nothing recorded", job_id, describe(exc),
-                  progress.stage, extra={"job_id": job_id, "error_class": fault.error_class})  # fmt: skip
+        log.error(
+            "job %s: unexpected %s while %s; the job had moved on, nothing recorded",
+            job_id,
+            describe(exc),
+            progress.stage,
+            extra={"job_id": job_id, "error_class": fault.error_class},
+        )
         return "skipped"
     status, decision, batch_id = recorded
-    log.error("job %s: unexpected %s while %s: %s", job_id, describe(exc), progress.stage,
-              f"{status} (in {decision.delay:.1f}s)" if decision.step is Step.RETRY else str(status),
-              extra={"job_id": job_id, "outcome": str(status), "error_class": fault.error_class,
-                     "worker": rt.identity})  # fmt: skip
+    log.error(
+        "job %s: unexpected %s while %s: %s",
+        job_id,
+        describe(exc),
+        progress.stage,
+        f"{status} (in {decision.delay:.1f}s)" if decision.step is Step.RETRY else str(status),
+        extra={"job_id": job_id, "outcome": str(status), "error_class": fault.error_class, "worker": rt.identity},
+    )
     if decision.step is Step.RETRY and decision.delay <= settings.countdown_limit:
         failure = announce(rt, job_id, countdown=decision.delay, batch_id=batch_id)
         if failure is not None:
-            log.warning("job %s: could not publish its message (%s); the sweeper will", job_id, failure,
-                        extra={"job_id": job_id})  # fmt: skip
+            log.warning(
+                "job %s: could not publish its message (%s); the sweeper will",
+                job_id,
+                failure,
+                extra={"job_id": job_id},
+            )
     return "failed" if status is JobStatus.FAILED else str(status)
 
 
-def _decide(reason: str, faults: int, attempt: int | None, max_attempts: int, elapsed: float, *,
-            max_faults: int, policy: lifecycle.RetryPolicy) -> lifecycle.Decision:  # fmt: skip
-    return lifecycle.decide_fault(reason, faults, max_faults=max_faults, attempt=attempt, max_attempts=max_attempts,
-                                  elapsed=elapsed, policy=policy)  # fmt: skip
+def _decide(
+    reason: str,
+    faults: int,
+    attempt: int | None,
+    max_attempts: int,
+    elapsed: float,
+    *,
+    max_faults: int,
+    policy: lifecycle.RetryPolicy,
+) -> lifecycle.Decision:
+    return lifecycle.decide_fault(
+        reason,
+        faults,
+        max_faults=max_faults,
+        attempt=attempt,
+        max_attempts=max_attempts,
+        elapsed=elapsed,
+        policy=policy,
+    )

@@ -18,7 +18,6 @@ from collections.abc import Callable
 __all__ = ["HeapTrimmer", "malloc_trim"]
 
 
-
 def malloc_trim() -> Callable[[], int] | None:
     """glibc's ``malloc_trim(0)``, or None where the C library has none."""
     name = ctypes.util.find_library("c")

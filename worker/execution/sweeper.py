@@ -61,17 +61,24 @@ def sweep(rt: Runtime, *, grace: float | None = None) -> SweepReport:
         try:  # a batch's jobs go back to the batch queue, behind interactive ones
             publish(rt.celery, job_id, queue=rt.settings.queue_for(in_batch=job_id in in_batches))
         except Exception as exc:  # the broker is down: the next sweep after the grace tries again
-            log.warning("job %s: could not publish (%s)", job_id, type(exc).__name__,
-                        extra={"job_id": job_id, "error_class": type(exc).__name__})  # fmt: skip
+            log.warning(
+                "job %s: could not publish (%s)",
+                job_id,
+                type(exc).__name__,
+                extra={"job_id": job_id, "error_class": type(exc).__name__},
+            )
             continue
         published.append(job_id)
     expired = expire_overdue(rt)
     metrics.swept(recovered=len(recovered), dispatched=len(published), expired=len(expired))
     if recovered or published or expired:
-        log.info("sweep: %d interrupted attempt(s) recovered, %d job(s) dispatched, %d batch(es) expired",
-                 len(recovered), len(published), len(expired),
-                 extra={"recovered": len(recovered), "dispatched": len(published),
-                        "expired": len(expired)})  # fmt: skip
+        log.info(
+            "sweep: %d interrupted attempt(s) recovered, %d job(s) dispatched, %d batch(es) expired",
+            len(recovered),
+            len(published),
+            len(expired),
+            extra={"recovered": len(recovered), "dispatched": len(published), "expired": len(expired)},
+        )
     return SweepReport(recovered=recovered, dispatched=published, expired=expired)
 
 

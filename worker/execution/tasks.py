@@ -75,6 +75,7 @@ _OUTCOME = {
 
 def register(app: Celery) -> None:
     """Register the qbgw task on ``app``."""
+
     @app.task(name=TASK_NAME, bind=True, max_retries=None)  # type: ignore[untyped-decorator]
     def run_job(self: Task[Any, Any], job_id: str, slot_at: float | None = None) -> str:
         try:
@@ -86,12 +87,20 @@ def register(app: Celery) -> None:
             # database is back (the job is still in it), so no message loops forever.
             metrics.store_unavailable()
             if self.request.retries >= STORE_RETRY_LIMIT:
-                log.warning("job %s: database unavailable for %d tries; its message is dropped and the sweeper "
-                            "will publish the job again", job_id, self.request.retries + 1,
-                            extra={"job_id": job_id})  # fmt: skip
+                log.warning(
+                    "job %s: database unavailable for %d tries; its message is dropped and the sweeper "
+                    "will publish the job again",
+                    job_id,
+                    self.request.retries + 1,
+                    extra={"job_id": job_id},
+                )
                 return "store-unavailable"
-            log.warning("job %s: database unavailable, retrying in %.0fs", job_id, STORE_RETRY_SECONDS,
-                        extra={"job_id": job_id, "delay_s": STORE_RETRY_SECONDS})  # fmt: skip
+            log.warning(
+                "job %s: database unavailable, retrying in %.0fs",
+                job_id,
+                STORE_RETRY_SECONDS,
+                extra={"job_id": job_id, "delay_s": STORE_RETRY_SECONDS},
+            )
             raise self.retry(exc=exc, countdown=STORE_RETRY_SECONDS) from None
 
 
@@ -107,7 +116,7 @@ def run_attempt(rt: Runtime, job_id: str, *, slot_at: float | None = None) -> Ou
         return _attempt(rt, job_id, slot_at, progress)
     except StoreUnavailable:
         raise
-    except Exception as exc:  # noqa: BLE001 - the guard: whatever it is, the job must still end
+    except Exception as exc:  # the guard: whatever it is, the job must still end
         return faults.record(rt, job_id, exc, progress)
 
 
@@ -119,8 +128,11 @@ def _attempt(rt: Runtime, job_id: str, slot_at: float | None, progress: faults.P
     progress.stage = "claiming the job"
     claimed = _claim(rt, job_id)
     if claimed is None:
-        log.debug("job %s: nothing to do (duplicate delivery, not due, or finished)", job_id,
-                  extra={"job_id": job_id, "outcome": Outcome.SKIPPED.value})  # fmt: skip
+        log.debug(
+            "job %s: nothing to do (duplicate delivery, not due, or finished)",
+            job_id,
+            extra={"job_id": job_id, "outcome": Outcome.SKIPPED.value},
+        )
         metrics.attempt(Outcome.SKIPPED)
         return Outcome.SKIPPED
     claim, body = claimed
@@ -150,11 +162,23 @@ def _attempt(rt: Runtime, job_id: str, slot_at: float | None, progress: faults.P
     progress.stage = "after recording the outcome"  # the claim stays: a fault now finds the job moved on
     error_class = type(exchange.error).__name__ if exchange.error is not None else None
     metrics.attempt(outcome, exchange.status, exchange.latency_ms, error_class)
-    log.info("job %s attempt %d: %s (HTTP %s, %d ms)", job_id, claim.attempt, outcome,
-             exchange.status or "-", exchange.latency_ms,
-             extra={"job_id": job_id, "attempt": claim.attempt, "outcome": outcome.value,
-                    "http_status": exchange.status, "latency_ms": exchange.latency_ms, "error_class": error_class,
-                    "worker": rt.identity})  # fmt: skip
+    log.info(
+        "job %s attempt %d: %s (HTTP %s, %d ms)",
+        job_id,
+        claim.attempt,
+        outcome,
+        exchange.status or "-",
+        exchange.latency_ms,
+        extra={
+            "job_id": job_id,
+            "attempt": claim.attempt,
+            "outcome": outcome.value,
+            "http_status": exchange.status,
+            "latency_ms": exchange.latency_ms,
+            "error_class": error_class,
+            "worker": rt.identity,
+        },
+    )
     if outcome is Outcome.RETRYING and decision.delay <= rt.settings.countdown_limit:
         _announce_later(rt, job_id, decision.delay, batch_id=claim.batch_id)
     return outcome
@@ -229,9 +253,17 @@ def _reschedule(rt: Runtime, job_id: str, grant: Grant, *, slot_at: float | None
     now, reason = utcnow(), grant.reason or RATE_LIMIT
     countdown, until, announced = _come_back(rt, grant, now, lead=_LEAD.seconds if slot_at is not None else None)
     with rt.transaction() as session:
-        moved, batch_id = store.throttle(session=session, job_id=job_id, until=until, reason=reason, wait=grant.wait,
-                               reserved=slot_at is not None, announced=announced, actor=rt.identity,
-                               now=now)  # fmt: skip
+        moved, batch_id = store.throttle(
+            session=session,
+            job_id=job_id,
+            until=until,
+            reason=reason,
+            wait=grant.wait,
+            reserved=slot_at is not None,
+            announced=announced,
+            actor=rt.identity,
+            now=now,
+        )
     if not moved:
         metrics.attempt(Outcome.SKIPPED)
         return Outcome.SKIPPED
@@ -250,7 +282,7 @@ def _come_back(rt: Runtime, grant: Grant, now: datetime, *, lead: float | None) 
     if lead is not None:
         countdown = max(0.0, grant.wait - lead)
     else:
-        countdown = grant.wait + random.uniform(0.0, min(1.0, grant.wait / 4))
+        countdown = grant.wait + random.uniform(0.0, min(1.0, grant.wait / 4))  # noqa: S311 - spreading, not a secret
     until = now + timedelta(seconds=max(0.0, countdown - _EARLY))
     return countdown, until, countdown <= rt.settings.countdown_limit
 
@@ -259,13 +291,15 @@ def _come_back(rt: Runtime, grant: Grant, now: datetime, *, lead: float | None) 
 _EARLY = 0.25
 
 
-def _announce_later(rt: Runtime, job_id: str, countdown: float, *, batch_id: str | None,
-                    slot_at: float | None = None) -> None:  # fmt: skip
+def _announce_later(
+    rt: Runtime, job_id: str, countdown: float, *, batch_id: str | None, slot_at: float | None = None
+) -> None:
     """Publish the job's message for ``countdown`` seconds from now; if the broker fails, the sweeper will."""
     failure = announce(rt, job_id, countdown=countdown, slot_at=slot_at, batch_id=batch_id)
     if failure is not None:
-        log.warning("job %s: could not publish its message (%s); the sweeper will", job_id, failure,
-                    extra={"job_id": job_id})  # fmt: skip
+        log.warning(
+            "job %s: could not publish its message (%s); the sweeper will", job_id, failure, extra={"job_id": job_id}
+        )
 
 
 def _send_in_slot(rt: Runtime, claim: store.Claim, body: bytes | images.StreamingBody) -> Exchange | Grant:
@@ -287,8 +321,16 @@ def _release_unsent(rt: Runtime, claim: store.Claim, grant: Grant) -> Outcome:
     now, reason = utcnow(), grant.reason or RATE_LIMIT
     countdown, until, announced = _come_back(rt, grant, now, lead=None)
     with rt.transaction() as session:
-        status = store.release_unsent(session=session, claim=claim, worker=rt.identity, until=until, reason=reason,
-                                      wait=grant.wait, announced=announced, now=now)  # fmt: skip
+        status = store.release_unsent(
+            session=session,
+            claim=claim,
+            worker=rt.identity,
+            until=until,
+            reason=reason,
+            wait=grant.wait,
+            announced=announced,
+            now=now,
+        )
     log.info("job %s attempt %d: held back, not sent (%s for %.1fs)", claim.job_id, claim.attempt, reason, grant.wait)
     metrics.throttled(grant.wait)
     if status is not JobStatus.RETRYING:
@@ -330,9 +372,15 @@ def _claim(rt: Runtime, job_id: str) -> tuple[store.Claim, bytes | images.Stream
 
 def _request_event(rt: Runtime, claim: store.Claim, body: bytes | images.StreamingBody) -> dict[str, Any]:
     digest = audit.digest(body) if isinstance(body, bytes) else body.digest()
-    return audit.event(action=audit.Action.ATTEMPT_REQUEST, job_id=claim.job_id, actor=rt.identity,
-                       attempt=claim.attempt, request=(digest, len(body)), assistant_id=claim.assistant_id,
-                       token_fp=_token_fp(rt))  # fmt: skip
+    return audit.event(
+        action=audit.Action.ATTEMPT_REQUEST,
+        job_id=claim.job_id,
+        actor=rt.identity,
+        attempt=claim.attempt,
+        request=(digest, len(body)),
+        assistant_id=claim.assistant_id,
+        token_fp=_token_fp(rt),
+    )
 
 
 def _finish_unresolved(rt: Runtime, claim: store.Claim, error: ResolutionFailed) -> Outcome:
@@ -340,9 +388,19 @@ def _finish_unresolved(rt: Runtime, claim: store.Claim, error: ResolutionFailed)
     exchange = Exchange(None, error, None, 0, None, None)
     outcome = _record(rt, claim, exchange, Decision(Step.FAIL, reason=str(error)))
     metrics.attempt(outcome)  # nothing was sent: no status, no latency
-    log.info("job %s attempt %d: %s (an image reference could not be resolved)", claim.job_id, claim.attempt, outcome,
-             extra={"job_id": claim.job_id, "attempt": claim.attempt, "outcome": outcome.value,
-                    "error_class": "ResolutionFailed", "worker": rt.identity})  # fmt: skip
+    log.info(
+        "job %s attempt %d: %s (an image reference could not be resolved)",
+        claim.job_id,
+        claim.attempt,
+        outcome,
+        extra={
+            "job_id": claim.job_id,
+            "attempt": claim.attempt,
+            "outcome": outcome.value,
+            "error_class": "ResolutionFailed",
+            "worker": rt.identity,
+        },
+    )
     return outcome
 
 
@@ -356,8 +414,11 @@ def _stale_or_not(rt: Runtime, exchange: Exchange) -> Exchange:
     tokens = rt.gateway.tokens
     if not tokens.can_renew or not tokens.superseded():
         return exchange
-    stale = StaleSession(f"{error.message} for a session token already replaced by another worker; retried with "
-                         "the shared session", error.status, error.reasons)  # fmt: skip
+    stale = StaleSession(
+        f"{error.message} for a session token already replaced by another worker; retried with the shared session",
+        error.status,
+        error.reasons,
+    )
     return dataclasses.replace(exchange, error=stale)
 
 
@@ -387,15 +448,27 @@ def _renew_session(rt: Runtime, claim: store.Claim) -> None:
         rt.gateway.tokens.renew()
     except GatewayError as exc:
         kind = type(exc).__name__
-        log.warning("job %s: session renewal failed (%s)", claim.job_id, kind,
-                    extra={"job_id": claim.job_id, "attempt": claim.attempt, "error_class": kind})  # fmt: skip
+        log.warning(
+            "job %s: session renewal failed (%s)",
+            claim.job_id,
+            kind,
+            extra={"job_id": claim.job_id, "attempt": claim.attempt, "error_class": kind},
+        )
         outcome, detail = "failed", {"error_class": type(exc).__name__}
     else:
         outcome, detail = "renewed", {}
     with rt.transaction() as session:
-        audit.record(session=session, action=audit.Action.SESSION_RENEWED, job_id=claim.job_id, actor=rt.identity,
-                     attempt=claim.attempt, assistant_id=claim.assistant_id, outcome=outcome,
-                     token_fp=_token_fp(rt), detail=detail)  # fmt: skip
+        audit.record(
+            session=session,
+            action=audit.Action.SESSION_RENEWED,
+            job_id=claim.job_id,
+            actor=rt.identity,
+            attempt=claim.attempt,
+            assistant_id=claim.assistant_id,
+            outcome=outcome,
+            token_fp=_token_fp(rt),
+            detail=detail,
+        )
 
 
 def _token_fp(rt: Runtime) -> str:
@@ -410,9 +483,13 @@ def _record(rt: Runtime, claim: store.Claim, exchange: Exchange, decision: Decis
         try:
             if decision.step is Step.SUCCEED and (hot := rt.hot_path) is not None:  # the common case, PostgreSQL
                 now = utcnow()
-                assert exchange.answer is not None
-                if hot.succeed(claim=claim, worker=rt.identity, answer=exchange.answer, now=now,
-                               response_event=_exchange_event(rt.identity, claim, exchange)):  # fmt: skip
+                if hot.succeed(
+                    claim=claim,
+                    worker=rt.identity,
+                    answer=exchange.answer_text(),
+                    now=now,
+                    response_event=_exchange_event(rt.identity, claim, exchange),
+                ):
                     return Outcome.SUCCEEDED
                 # It wrote nothing (a cancel arrived, or the lease was taken over): store tells which.
             with rt.transaction() as session:
@@ -430,22 +507,25 @@ def _record_in(session: Session, rt: Runtime, claim: store.Claim, exchange: Exch
     audit.add(session, _exchange_event(rt.identity, claim, exchange))
     worker = rt.identity
     if decision.step is Step.SUCCEED:
-        assert exchange.answer is not None
-        status = store.record_success(session=session, claim=claim, worker=worker, answer=exchange.answer, now=now)
+        answer = exchange.answer_text()
+        status = store.record_success(session=session, claim=claim, worker=worker, answer=answer, now=now)
         return _OUTCOME[status]
-    assert exchange.error is not None
     retrying = decision.step is Step.RETRY
     status = store.record_failure(
-        session=session, claim=claim, worker=worker, error=exchange.error,
-        reason=_reason(exchange, decision), retry_at=now + timedelta(seconds=decision.delay) if retrying else None,
-        announced=decision.delay <= rt.settings.countdown_limit, now=now,
-    )  # fmt: skip
+        session=session,
+        claim=claim,
+        worker=worker,
+        error=exchange.failure(),
+        reason=_reason(exchange, decision),
+        retry_at=now + timedelta(seconds=decision.delay) if retrying else None,
+        announced=decision.delay <= rt.settings.countdown_limit,
+        now=now,
+    )
     return _OUTCOME[status]
 
 
 def _reason(exchange: Exchange, decision: Decision) -> str:
-    error = exchange.error
-    assert error is not None
+    error = exchange.failure()
     text = decision.reason or str(error)
     if error.reasons and not decision.reason.startswith("the gateway rejected"):
         text = f"{text}: {'; '.join(error.reasons)}"
@@ -477,5 +557,3 @@ def _exchange_detail(exchange: Exchange) -> dict[str, Any] | None:
     if exchange.throttled >= 0.001:  # waited for a slot in the fleet's rate limit before sending
         detail["throttled_ms"] = round(exchange.throttled * 1000)
     return detail or None
-
-

@@ -12,8 +12,15 @@ from dataclasses import dataclass
 from ..errors import InvalidImage
 from ..settings import MAX_IMAGE_BYTES, MAX_REQUEST_BYTES
 
-__all__ = ["MAX_IMAGE_BYTES", "MAX_REQUEST_BYTES", "DECLARED_TYPES", "ImageInfo", "sniff", "parse_data_uri",
-           "check_declared"]  # fmt: skip
+__all__ = [
+    "MAX_IMAGE_BYTES",
+    "MAX_REQUEST_BYTES",
+    "DECLARED_TYPES",
+    "ImageInfo",
+    "sniff",
+    "parse_data_uri",
+    "check_declared",
+]
 
 #: The media types a data URI may declare, and the kind its bytes must then be. ``image/jpg`` is not
 #: among them: it is not a registered type, and a data URI is sent to the gateway as it is.

@@ -20,8 +20,18 @@ from urllib.parse import unquote, urlsplit
 from ..errors import InvalidImage
 from .info import MAX_IMAGE_BYTES, MAX_REQUEST_BYTES, check_declared, parse_data_uri, sniff
 
-__all__ = ["Policy", "Kind", "LocalFile", "kind_of", "scheme_of", "check", "https_target", "inspect_local",
-           "local_path", "HEADER_BYTES"]  # fmt: skip
+__all__ = [
+    "Policy",
+    "Kind",
+    "LocalFile",
+    "kind_of",
+    "scheme_of",
+    "check",
+    "https_target",
+    "inspect_local",
+    "local_path",
+    "HEADER_BYTES",
+]
 
 #: Enough of a file to find a jpeg's frame header behind large EXIF blocks.
 HEADER_BYTES = 512 * 1024

@@ -47,50 +47,56 @@ Opener = Callable[[str, str, str, float], Response]
 
 
 # The IANA IPv4 Special-Purpose Address Registry (RFC 6890, with the blocks added since), and multicast.
-_SPECIAL_V4 = tuple((ipaddress.IPv4Network(block), name) for block, name in (
-    ("0.0.0.0/8", "this network (RFC 791)"),
-    ("10.0.0.0/8", "private use (RFC 1918)"),
-    ("100.64.0.0/10", "shared address space (RFC 6598)"),
-    ("127.0.0.0/8", "loopback (RFC 1122)"),
-    ("169.254.0.0/16", "link local, cloud metadata (RFC 3927)"),
-    ("172.16.0.0/12", "private use (RFC 1918)"),
-    ("192.0.0.0/24", "IETF protocol assignments (RFC 6890)"),
-    ("192.0.2.0/24", "documentation (RFC 5737)"),
-    ("192.31.196.0/24", "AS112-v4 (RFC 7535)"),
-    ("192.52.193.0/24", "AMT (RFC 7450)"),
-    ("192.88.99.0/24", "6to4 relay anycast, deprecated (RFC 7526)"),
-    ("192.168.0.0/16", "private use (RFC 1918)"),
-    ("192.175.48.0/24", "AS112 direct delegation (RFC 7534)"),
-    ("198.18.0.0/15", "benchmarking (RFC 2544)"),
-    ("198.51.100.0/24", "documentation (RFC 5737)"),
-    ("203.0.113.0/24", "documentation (RFC 5737)"),
-    ("224.0.0.0/4", "multicast (RFC 5771)"),
-    ("255.255.255.255/32", "limited broadcast (RFC 919)"),
-    ("240.0.0.0/4", "reserved (RFC 1112)"),
-))  # fmt: skip
+_SPECIAL_V4 = tuple(
+    (ipaddress.IPv4Network(block), name)
+    for block, name in (
+        ("0.0.0.0/8", "this network (RFC 791)"),
+        ("10.0.0.0/8", "private use (RFC 1918)"),
+        ("100.64.0.0/10", "shared address space (RFC 6598)"),
+        ("127.0.0.0/8", "loopback (RFC 1122)"),
+        ("169.254.0.0/16", "link local, cloud metadata (RFC 3927)"),
+        ("172.16.0.0/12", "private use (RFC 1918)"),
+        ("192.0.0.0/24", "IETF protocol assignments (RFC 6890)"),
+        ("192.0.2.0/24", "documentation (RFC 5737)"),
+        ("192.31.196.0/24", "AS112-v4 (RFC 7535)"),
+        ("192.52.193.0/24", "AMT (RFC 7450)"),
+        ("192.88.99.0/24", "6to4 relay anycast, deprecated (RFC 7526)"),
+        ("192.168.0.0/16", "private use (RFC 1918)"),
+        ("192.175.48.0/24", "AS112 direct delegation (RFC 7534)"),
+        ("198.18.0.0/15", "benchmarking (RFC 2544)"),
+        ("198.51.100.0/24", "documentation (RFC 5737)"),
+        ("203.0.113.0/24", "documentation (RFC 5737)"),
+        ("224.0.0.0/4", "multicast (RFC 5771)"),
+        ("255.255.255.255/32", "limited broadcast (RFC 919)"),
+        ("240.0.0.0/4", "reserved (RFC 1112)"),
+    )
+)
 # The IANA IPv6 Special-Purpose Address Registry (RFC 6890, as of its 2025 update), the deprecated blocks of
 # the addressing architecture, and multicast; the first match names the reason. 6to4, Teredo and
 # IPv4-compatible addresses are refused outright, whatever IPv4 address they carry.
-_SPECIAL_V6 = tuple((ipaddress.IPv6Network(block), name) for block, name in (
-    ("::/128", "unspecified (RFC 4291)"),
-    ("::1/128", "loopback (RFC 4291)"),
-    ("::/96", "IPv4-compatible, deprecated (RFC 4291)"),
-    ("::ffff:0:0:0/96", "IPv4-translated (RFC 2765)"),
-    ("64:ff9b:1::/48", "local-use IPv4/IPv6 translation (RFC 8215)"),
-    ("100::/64", "discard only (RFC 6666)"),
-    ("100:0:0:1::/64", "dummy prefix (IANA registry, 2025)"),
-    ("2001::/32", "Teredo (RFC 4380)"),
-    ("2001::/23", "IETF protocol assignments (RFC 2928)"),
-    ("2001:db8::/32", "documentation (RFC 3849)"),
-    ("2002::/16", "6to4 (RFC 3056)"),
-    ("2620:4f:8000::/48", "AS112 direct delegation (RFC 7534)"),
-    ("3fff::/20", "documentation (RFC 9637)"),
-    ("5f00::/16", "SRv6 segment identifiers (RFC 9602)"),
-    ("fc00::/7", "unique local (RFC 4193)"),
-    ("fe80::/10", "link local (RFC 4291)"),
-    ("fec0::/10", "site local, deprecated (RFC 3879)"),
-    ("ff00::/8", "multicast (RFC 4291)"),
-))  # fmt: skip
+_SPECIAL_V6 = tuple(
+    (ipaddress.IPv6Network(block), name)
+    for block, name in (
+        ("::/128", "unspecified (RFC 4291)"),
+        ("::1/128", "loopback (RFC 4291)"),
+        ("::/96", "IPv4-compatible, deprecated (RFC 4291)"),
+        ("::ffff:0:0:0/96", "IPv4-translated (RFC 2765)"),
+        ("64:ff9b:1::/48", "local-use IPv4/IPv6 translation (RFC 8215)"),
+        ("100::/64", "discard only (RFC 6666)"),
+        ("100:0:0:1::/64", "dummy prefix (IANA registry, 2025)"),
+        ("2001::/32", "Teredo (RFC 4380)"),
+        ("2001::/23", "IETF protocol assignments (RFC 2928)"),
+        ("2001:db8::/32", "documentation (RFC 3849)"),
+        ("2002::/16", "6to4 (RFC 3056)"),
+        ("2620:4f:8000::/48", "AS112 direct delegation (RFC 7534)"),
+        ("3fff::/20", "documentation (RFC 9637)"),
+        ("5f00::/16", "SRv6 segment identifiers (RFC 9602)"),
+        ("fc00::/7", "unique local (RFC 4193)"),
+        ("fe80::/10", "link local (RFC 4291)"),
+        ("fec0::/10", "site local, deprecated (RFC 3879)"),
+        ("ff00::/8", "multicast (RFC 4291)"),
+    )
+)
 # IPv6 forms that carry an IPv4 address to connect to: judged by that address.
 _EMBEDS_V4 = (
     (ipaddress.IPv6Network("::ffff:0:0/96"), "IPv4-mapped (RFC 4291)"),
@@ -215,8 +221,13 @@ def _open(url: str, address: str, host: str, timeout: float) -> Response:
     session.trust_env = False  # a proxy would undo the address check
     session.mount("https://", _PinnedAdapter(host))
     try:
-        response = session.get(urlunsplit(parts._replace(netloc=netloc)), headers={"Host": parts.netloc},
-                               timeout=(min(5.0, timeout), timeout), allow_redirects=False, stream=True)  # fmt: skip
+        response = session.get(
+            urlunsplit(parts._replace(netloc=netloc)),
+            headers={"Host": parts.netloc},
+            timeout=(min(5.0, timeout), timeout),
+            allow_redirects=False,
+            stream=True,
+        )
     except requests.RequestException as exc:
         session.close()
         raise ResolutionFailed(f"fetching the image failed ({type(exc).__name__})") from None

@@ -23,13 +23,21 @@ __all__ = ["policy", "needs_resolution", "build_body", "StreamingBody"]
 
 def policy(settings: Settings) -> refs.Policy:
     """What a request may carry under ``settings``: the one policy of the Python API, the CLI and batches."""
-    return refs.Policy(roots=settings.image_root_paths, max_pixels=settings.max_image_pixels,
-                       max_request_bytes=settings.max_request_bytes)  # fmt: skip
+    return refs.Policy(
+        roots=settings.image_root_paths,
+        max_pixels=settings.max_image_pixels,
+        max_request_bytes=settings.max_request_bytes,
+    )
 
 
 def _urls(messages: list[dict[str, Any]]) -> list[str]:
-    return [p["image_url"]["url"] for m in messages if isinstance(m["content"], list)
-            for p in m["content"] if p["type"] == "image_url"]  # fmt: skip
+    return [
+        p["image_url"]["url"]
+        for m in messages
+        if isinstance(m["content"], list)
+        for p in m["content"]
+        if p["type"] == "image_url"
+    ]
 
 
 def needs_resolution(messages: list[dict[str, Any]], settings: Settings) -> bool:

@@ -67,8 +67,11 @@ class FleetCollector(Collector):
                 "qbgw_audit_checkpoint_seq", "The audit event sequence number the last anchor signs", value=anchor.seq
             )
         yield up
-        yield GaugeMetricFamily("qbgw_scrape_duration_seconds", "How long this scrape of the database's view took",
-                                value=time.perf_counter() - started)  # fmt: skip
+        yield GaugeMetricFamily(
+            "qbgw_scrape_duration_seconds",
+            "How long this scrape of the database's view took",
+            value=time.perf_counter() - started,
+        )
 
 
 def _job_gauges(snapshot: Any) -> Iterable[Metric]:

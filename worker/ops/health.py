@@ -58,8 +58,9 @@ def check_health(
     settings: Settings, *, skip: Iterable[str] = (), timeout: float = 5.0, max_checkpoint_age: float | None = None
 ) -> list[Check]:
     """Run every check not in ``skip``; each returns a Check and none raises."""
-    quick = settings.with_(connect_timeout=min(settings.connect_timeout, timeout),
-                           read_timeout=min(settings.read_timeout, timeout))  # fmt: skip
+    quick = settings.with_(
+        connect_timeout=min(settings.connect_timeout, timeout), read_timeout=min(settings.read_timeout, timeout)
+    )
     runs: dict[str, Callable[[], Check]] = {
         "database": lambda: _database(quick, timeout),
         "broker": lambda: _broker(quick, timeout),
@@ -89,8 +90,9 @@ def _database(settings: Settings, timeout: float) -> Check:
     except errors.StoreUnavailable as exc:
         return Check("database", False, str(exc), f"is the database running and {PREFIX}DATABASE_URL right?")
     if current != head:
-        return Check("database", False, f"{where} is at revision {current or 'none'}, not {head}",
-                     "run `qbgw db upgrade`")  # fmt: skip
+        return Check(
+            "database", False, f"{where} is at revision {current or 'none'}, not {head}", "run `qbgw db upgrade`"
+        )
     return Check("database", True, f"{where} reachable, schema at {head}")
 
 
@@ -111,27 +113,46 @@ def _broker(settings: Settings, timeout: float) -> Check:
 def _upstream(settings: Settings) -> Check:
 
     base = settings.base_url
-    client = GatewayClient(base, token_provider(settings, _keyring_or_none(settings)),
-                           timeout=(settings.connect_timeout, settings.read_timeout), pool_size=1)  # fmt: skip
+    client = GatewayClient(
+        base,
+        token_provider(settings, _keyring_or_none(settings)),
+        timeout=(settings.connect_timeout, settings.read_timeout),
+        pool_size=1,
+    )
     try:
         exchange = client.send(PROBE_BODY)
     finally:
         client.close()
     error, status = exchange.error, exchange.status
     if error is None or status in _PROBE_REFUSED:
-        return Check("upstream", True, f"{base} reachable, credentials accepted, gateway feature on "
-                                       f"(HTTP {status} to the probe, {exchange.latency_ms} ms)")  # fmt: skip
+        return Check(
+            "upstream",
+            True,
+            f"{base} reachable, credentials accepted, gateway feature on "
+            f"(HTTP {status} to the probe, {exchange.latency_ms} ms)",
+        )
     if status == 405:
-        return Check("upstream", False, f"{base} answered HTTP 405: the AI gateway feature is off for this "
-                                        "application (a plan change?)",
-                     "turn the HIPAA AI Gateway on for the application (QuickBlox dashboard or support); "
-                     "then `qbgw failed` and `qbgw replay` the jobs that failed with FeatureDisabled")  # fmt: skip
+        return Check(
+            "upstream",
+            False,
+            f"{base} answered HTTP 405: the AI gateway feature is off for this application (a plan change?)",
+            "turn the HIPAA AI Gateway on for the application (QuickBlox dashboard or support); "
+            "then `qbgw failed` and `qbgw replay` the jobs that failed with FeatureDisabled",
+        )
     if status in (401, 403) or (status is None and isinstance(error, errors.PermanentGatewayError)):
-        return Check("upstream", False, f"{base} refused the credentials: {error}",
-                     f"a {PREFIX}TOKEN expires 2 hours after its last use: set a fresh one, or use "
-                     f"{PREFIX}AUTH=application or user; `qbgw auth check` says more")  # fmt: skip
-    return Check("upstream", False, f"{base} is unreachable or failing: {error}",
-                 f"check {PREFIX}BASE_URL and the network; jobs meanwhile are retried with backoff")  # fmt: skip
+        return Check(
+            "upstream",
+            False,
+            f"{base} refused the credentials: {error}",
+            f"a {PREFIX}TOKEN expires 2 hours after its last use: set a fresh one, or use "
+            f"{PREFIX}AUTH=application or user; `qbgw auth check` says more",
+        )
+    return Check(
+        "upstream",
+        False,
+        f"{base} is unreachable or failing: {error}",
+        f"check {PREFIX}BASE_URL and the network; jobs meanwhile are retried with backoff",
+    )
 
 
 def _keyring_or_none(settings: Settings) -> Callable[[], Any] | None:
@@ -148,9 +169,11 @@ def _audit(settings: Settings, max_age: float | None) -> Check:
 
     limit = max_age if max_age is not None else 3 * settings.audit_anchor_seconds + settings.sweep_interval
     anchor = last_anchor(settings.anchor_path)
-    writes = (f"a worker's sweeper signs one every {PREFIX}AUDIT_ANCHOR_SECONDS ({settings.audit_anchor_seconds:g}s) "
-              f"when {PREFIX}SWEEP_INTERVAL > 0; is a worker running, and can it write the file? "
-              "(`qbgw audit anchor` signs one now)")  # fmt: skip
+    writes = (
+        f"a worker's sweeper signs one every {PREFIX}AUDIT_ANCHOR_SECONDS ({settings.audit_anchor_seconds:g}s) "
+        f"when {PREFIX}SWEEP_INTERVAL > 0; is a worker running, and can it write the file? "
+        "(`qbgw audit anchor` signs one now)"
+    )
     if anchor is None:
         return Check("audit", False, f"no audit checkpoint (anchor) in {settings.anchor_path}", writes)
     age = time.time() - anchor.timestamp()
@@ -179,6 +202,5 @@ def _keys(settings: Settings, timeout: float, *, skip_database: bool) -> Check:
         return Check("keys", True, f"{found} (not compared with the database: it cannot be read)")
     missing = sorted(needed - set(keyring.key_ids))
     if missing:
-        return Check("keys", False, f"{found}, but stored jobs are encrypted with key(s) {', '.join(missing)}",
-                     restore)  # fmt: skip
+        return Check("keys", False, f"{found}, but stored jobs are encrypted with key(s) {', '.join(missing)}", restore)
     return Check("keys", True, f"{found}; the stored jobs' keys are present")

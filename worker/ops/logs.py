@@ -29,17 +29,35 @@ from typing import Any, TextIO
 from ..settings import Settings
 
 __all__ = [
-    "ALLOWED_FIELDS", "JsonFormatter", "RedactingFilter", "SignalSafeLines", "TextFormatter", "capture_output",
-    "configure", "REDACTED",
-]  # fmt: skip
+    "ALLOWED_FIELDS",
+    "JsonFormatter",
+    "RedactingFilter",
+    "SignalSafeLines",
+    "TextFormatter",
+    "capture_output",
+    "configure",
+    "REDACTED",
+]
 
 REDACTED = "[redacted]"
 
 #: The ``extra`` fields a log record may carry to a handler (and that the JSON format prints).
 ALLOWED_FIELDS = (
-    "job_id", "batch_id", "attempt", "status", "outcome", "http_status", "error_class", "latency_ms",
-    "worker", "queue", "recovered", "dispatched", "expired", "delay_s",
-)  # fmt: skip
+    "job_id",
+    "batch_id",
+    "attempt",
+    "status",
+    "outcome",
+    "http_status",
+    "error_class",
+    "latency_ms",
+    "worker",
+    "queue",
+    "recovered",
+    "dispatched",
+    "expired",
+    "delay_s",
+)
 
 #: Attributes every LogRecord has (and what formatters add): never treated as an ``extra``.
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName"}
@@ -257,8 +275,9 @@ class _LineLog(io.TextIOBase):
 
 def _bare_record(logger: str, text: str) -> str:
     """``text`` as one JSON line without going through any handler (for when the handler is what failed)."""
-    record = logging.makeLogRecord({"name": logger, "levelno": logging.ERROR, "levelname": "ERROR",
-                                    "msg": _redactor.redact(text.strip("\n"))})  # fmt: skip
+    record = logging.makeLogRecord(
+        {"name": logger, "levelno": logging.ERROR, "levelname": "ERROR", "msg": _redactor.redact(text.strip("\n"))}
+    )
     return JsonFormatter().format(record) + "\n"
 
 
@@ -274,5 +293,6 @@ def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
 
 
 def _log_unraisable(args: Any) -> None:
-    logging.getLogger("qbgw").warning("%s: %r", args.err_msg or "Exception ignored in", args.object,
-                                      exc_info=args.exc_value)  # fmt: skip
+    logging.getLogger("qbgw").warning(
+        "%s: %r", args.err_msg or "Exception ignored in", args.object, exc_info=args.exc_value
+    )

@@ -116,8 +116,9 @@ def ping_broker(app: Celery, *, timeout: float) -> None:
             raise BrokerUnavailable(f"cannot reach broker {where}: {type(exc).__name__}: {exc}") from exc
 
 
-def publish(app: Celery, job_id: str, *, countdown: float | None = None, slot_at: float | None = None,
-            queue: str | None = None) -> None:  # fmt: skip
+def publish(
+    app: Celery, job_id: str, *, countdown: float | None = None, slot_at: float | None = None, queue: str | None = None
+) -> None:
     """Ring the doorbell for ``job_id``: a message that carries the id and nothing else (but, for a job
     the rate limiter rescheduled, the time of the slot it reserved for it: Unix seconds), in ``queue``
     (None: the interactive one; a batch's jobs go back to the batch queue)."""

@@ -73,6 +73,7 @@ class Runtime:
     def hot_path(self) -> HotPath | None:
         """On PostgreSQL, an attempt's claim and success straight on psycopg (``worker.hotpath``); None
         elsewhere, where they go through ``worker.store`` like everything else."""
+
         def build() -> tuple[HotPath | None]:
             return (hotpath.hot_path_for(self.session_factory.kw["bind"], self.keyring, self.settings),)
 
@@ -86,8 +87,9 @@ class Runtime:
 
         def build() -> Keyring:
             settings = self.settings
-            return open_keyring(spec=settings.encryption_keys.reveal(), path=settings.keyring_path,
-                                create=not settings.database_url)  # fmt: skip
+            return open_keyring(
+                spec=settings.encryption_keys.reveal(), path=settings.keyring_path, create=not settings.database_url
+            )
 
         keyring: Keyring = self._once("keyring", build)
         return keyring

@@ -14,8 +14,14 @@ from .context import Runtime
 __all__ = ["announce", "check_broker"]
 
 
-def announce(rt: Runtime, job_id: str, *, countdown: float | None = None, slot_at: float | None = None,
-             batch_id: str | None = None) -> str | None:  # fmt: skip
+def announce(
+    rt: Runtime,
+    job_id: str,
+    *,
+    countdown: float | None = None,
+    slot_at: float | None = None,
+    batch_id: str | None = None,
+) -> str | None:
     """Publish the job's message; if the broker fails, mark the job for the sweeper instead.
 
     Returns None when published, else the broker error's class name (the job is safe: the next

@@ -19,9 +19,25 @@ from ..lifecycle import TERMINAL, JobStatus
 from ..store import jobs as store
 from .models import Batch, Job
 
-__all__ = ["BatchStatus", "Counts", "create_batch", "insert_jobs", "start", "get", "recent", "counts", "settle",
-           "jobs_of", "unfinished_jobs", "cancel_jobs", "end", "overdue", "unswept", "EXPIRY_ACTOR",
-           "CHUNK"]  # fmt: skip
+__all__ = [
+    "BatchStatus",
+    "Counts",
+    "create_batch",
+    "insert_jobs",
+    "start",
+    "get",
+    "recent",
+    "counts",
+    "settle",
+    "jobs_of",
+    "unfinished_jobs",
+    "cancel_jobs",
+    "end",
+    "overdue",
+    "unswept",
+    "EXPIRY_ACTOR",
+    "CHUNK",
+]
 
 #: Jobs per transaction when a batch is stored or its jobs are cancelled (and per round of publishing).
 CHUNK = 500
@@ -59,15 +75,39 @@ class Counts:
 
 
 def create_batch(
-    *, session: Session, batch_id: str, actor: str, assistant_id: str | None, total: int, skipped: int,
-    window: timedelta, now: datetime,
-) -> None:  # fmt: skip
+    *,
+    session: Session,
+    batch_id: str,
+    actor: str,
+    assistant_id: str | None,
+    total: int,
+    skipped: int,
+    window: timedelta,
+    now: datetime,
+) -> None:
     """Insert the batch (status validating) with its ``batch.created`` event."""
-    session.add(Batch(id=batch_id, status=BatchStatus.VALIDATING, actor=actor, assistant_id=assistant_id, total=total,
-                      skipped=skipped, created_at=now, expires_at=now + window, updated_at=now))  # fmt: skip
-    audit.record(session=session, action=audit.Action.BATCH_CREATED, job_id=None, batch_id=batch_id, actor=actor,
-                 assistant_id=assistant_id, detail={"jobs": total, "skipped_lines": skipped,
-                                                    "window_seconds": int(window.total_seconds())})  # fmt: skip
+    session.add(
+        Batch(
+            id=batch_id,
+            status=BatchStatus.VALIDATING,
+            actor=actor,
+            assistant_id=assistant_id,
+            total=total,
+            skipped=skipped,
+            created_at=now,
+            expires_at=now + window,
+            updated_at=now,
+        )
+    )
+    audit.record(
+        session=session,
+        action=audit.Action.BATCH_CREATED,
+        job_id=None,
+        batch_id=batch_id,
+        actor=actor,
+        assistant_id=assistant_id,
+        detail={"jobs": total, "skipped_lines": skipped, "window_seconds": int(window.total_seconds())},
+    )
 
 
 def insert_jobs(*, session: Session, jobs: Sequence[store.NewJob], announced: bool, now: datetime) -> None:
@@ -79,13 +119,24 @@ def insert_jobs(*, session: Session, jobs: Sequence[store.NewJob], announced: bo
     rows = []
     for new in jobs:
         payload, digest = new.payload, new.payload_digest()
-        rows.append({
-            "id": new.id, "status": str(JobStatus.QUEUED), "assistant_id": new.assistant_id,
-            "payload": store.seal_text(session, "payload", new.id, payload), "payload_digest": digest,
-            "custom_id": new.custom_id, "idempotency_key": None, "actor": new.actor, "attempts": 0,
-            "max_attempts": new.max_attempts, "created_at": now, "updated_at": now,
-            "announced_at": now if announced else None, "batch_id": new.batch_id,
-        })  # fmt: skip
+        rows.append(
+            {
+                "id": new.id,
+                "status": str(JobStatus.QUEUED),
+                "assistant_id": new.assistant_id,
+                "payload": store.seal_text(session, "payload", new.id, payload),
+                "payload_digest": digest,
+                "custom_id": new.custom_id,
+                "idempotency_key": None,
+                "actor": new.actor,
+                "attempts": 0,
+                "max_attempts": new.max_attempts,
+                "created_at": now,
+                "updated_at": now,
+                "announced_at": now if announced else None,
+                "batch_id": new.batch_id,
+            }
+        )
         store.audit_submitted(session, new, payload, digest)
     session.execute(insert(Job), rows)
 
@@ -143,8 +194,11 @@ def settle(*, session: Session, batch: Batch, counts: Counts, now: datetime) -> 
     if done == (batch.status == BatchStatus.COMPLETED):
         return
     last = session.scalar(select(func.max(Job.finished_at)).where(Job.batch_id == batch.id)) if done else None
-    values = {"status": BatchStatus.COMPLETED if done else BatchStatus.IN_PROGRESS,
-              "completed_at": (last or now) if done else None, "updated_at": now}  # fmt: skip
+    values = {
+        "status": BatchStatus.COMPLETED if done else BatchStatus.IN_PROGRESS,
+        "completed_at": (last or now) if done else None,
+        "updated_at": now,
+    }
     _compare_and_set(session, batch, (batch.status,), values)
 
 
@@ -152,9 +206,11 @@ def _compare_and_set(session: Session, batch: Batch, expected: Sequence[str], va
     """Change the batch row only if its status is still one of ``expected``; True if it did. ``batch`` then
     holds what the row holds."""
     changed = session.execute(
-        update(Batch).where(Batch.id == batch.id, Batch.status.in_([str(s) for s in expected])).values(**values)
+        update(Batch)
+        .where(Batch.id == batch.id, Batch.status.in_([str(s) for s in expected]))
+        .values(**values)
         .execution_options(synchronize_session=False)
-    )  # fmt: skip
+    )
     session.refresh(batch)
     return bool(changed.rowcount == 1)  # type: ignore[attr-defined]
 
@@ -208,8 +264,15 @@ def end(*, session: Session, batch: Batch, status: BatchStatus, actor: str, pend
     if not _compare_and_set(session, batch, RUNNING, {"status": status, "updated_at": now, **stamp}):
         return False
     action = audit.Action.BATCH_EXPIRED if status is BatchStatus.EXPIRED else audit.Action.BATCH_CANCELLED
-    audit.record(session=session, action=action, job_id=None, batch_id=batch.id, actor=actor, outcome=str(status),
-                 detail={"jobs_to_cancel": pending})  # fmt: skip
+    audit.record(
+        session=session,
+        action=action,
+        job_id=None,
+        batch_id=batch.id,
+        actor=actor,
+        outcome=str(status),
+        detail={"jobs_to_cancel": pending},
+    )
     return True
 
 
@@ -224,9 +287,12 @@ def unswept(*, session: Session) -> list[tuple[str, str]]:
     cancel: the end was decided, and the run that cancels its jobs did not finish (a crash)."""
     ended = [str(BatchStatus.CANCELLED), str(BatchStatus.EXPIRED)]
     rows = session.execute(
-        select(Batch.id, Batch.status).where(Batch.status.in_(ended)).where(
-            select(Job.id).where(Job.batch_id == Batch.id, Job.status.in_(_PENDING), Job.cancel_requested_at.is_(None))
+        select(Batch.id, Batch.status)
+        .where(Batch.status.in_(ended))
+        .where(
+            select(Job.id)
+            .where(Job.batch_id == Batch.id, Job.status.in_(_PENDING), Job.cancel_requested_at.is_(None))
             .exists()
         )
-    )  # fmt: skip
+    )
     return [(str(row.id), str(row.status)) for row in rows]

@@ -22,8 +22,22 @@ from ..lifecycle import utcnow
 from ..settings import Settings
 from .models import GENESIS, AuditChainHead, AuditEvent
 
-__all__ = ["seal", "seal_at_commit", "seal_argument", "install_commit_seal", "install_hooks", "discard", "Staged",
-           "COMMIT_SEALS", "SEAL_AND_COMMIT_SQL", "events_for_job", "to_record", "head", "Anchorer", "verify"]
+__all__ = [
+    "seal",
+    "seal_at_commit",
+    "seal_argument",
+    "install_commit_seal",
+    "install_hooks",
+    "discard",
+    "Staged",
+    "COMMIT_SEALS",
+    "SEAL_AND_COMMIT_SQL",
+    "events_for_job",
+    "to_record",
+    "head",
+    "Anchorer",
+    "verify",
+]
 
 
 def seal(session: Session) -> Sealed | None:

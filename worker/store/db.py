@@ -82,7 +82,7 @@ def _drop_if_closed(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
     new one (DisconnectionError). No round trip: one poll of the socket, zero timeout."""
     try:
         fd = dbapi_connection.fileno()
-    except Exception:  # noqa: BLE001 - closed already, or a driver without fileno(): let the pool decide
+    except Exception:  # closed already, or a driver without fileno(): let the pool decide
         raise DisconnectionError("connection closed") from None
     readable, _, _ = select.select([fd], [], [], 0)
     if readable:

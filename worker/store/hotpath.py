@@ -53,14 +53,24 @@ def _compile(statement: ClauseElement, dialect: Dialect) -> tuple[str, dict[str,
     """``statement`` as psycopg SQL (``%(name)s`` placeholders) and the values of its constant parameters."""
     compiled = cast(SQLCompiler, statement.compile(dialect=dialect))
     sql = compiled.string
-    constants = {name: bind.value for name, bind in compiled.binds.items()
-                 if not bind.required and f"%({name})s" in sql}  # fmt: skip
+    constants = {
+        name: bind.value for name, bind in compiled.binds.items() if not bind.required and f"%({name})s" in sql
+    }
     return sql, constants
 
 
 #: The success's changes, one parameter each (``store.finish_parameters`` and ``store.success_values``).
-_SUCCESS_KEYS = ("status", "claimed_by", "lease_expires_at", "updated_at", "answer", "error", "error_class",
-                 "http_status", "finished_at")  # fmt: skip
+_SUCCESS_KEYS = (
+    "status",
+    "claimed_by",
+    "lease_expires_at",
+    "updated_at",
+    "answer",
+    "error",
+    "error_class",
+    "http_status",
+    "finished_at",
+)
 
 
 class HotPath:
@@ -75,19 +85,25 @@ class HotPath:
         update_sql, self._succeed_constants = _compile(update, engine.dialect)
         # The UPDATE runs to completion whether or not the SELECT reads it (a data-modifying CTE), and the
         # seal's argument reads its RETURNING rows first: the events are sealed only if the row matched.
-        self._succeed_sql = (
-            f"WITH u AS ({update_sql} RETURNING 1) "
+        self._succeed_sql = (  # our own compiled statement, no input in it: the values travel as parameters
+            f"WITH u AS ({update_sql} RETURNING 1) "  # noqa: S608
             "SELECT (SELECT count(*) FROM u) AS matched, s.first_seq, s.last_seq, s.last_hash "
             "FROM qbgw_audit_seal(CASE WHEN (SELECT count(*) FROM u) = 1 THEN %(b_events)s::jsonb "
             "ELSE '[]'::jsonb END) AS s"
         )
 
-    def claim(self, *, job_id: str, worker: str, lease_until: datetime, now: datetime,
-              events: RequestEvents) -> store.Claim | None:  # fmt: skip
+    def claim(
+        self, *, job_id: str, worker: str, lease_until: datetime, now: datetime, events: RequestEvents
+    ) -> store.Claim | None:
         """Take the job for one attempt (as ``store.claim``) and commit it with ``events(claim)``. None: nothing
         to do (a duplicate delivery, not due, or finished). If ``events`` raises, nothing is changed."""
-        params = {**self._claim_constants, "b_id": job_id, "b_worker": worker, "b_lease_until": lease_until,
-                  "b_now": now}  # fmt: skip
+        params = {
+            **self._claim_constants,
+            "b_id": job_id,
+            "b_worker": worker,
+            "b_lease_until": lease_until,
+            "b_now": now,
+        }
         with self._connection() as connection, psycopg.ClientCursor(connection, row_factory=namedtuple_row) as cur:
             cur.execute(self._claim_sql, params)  # BEGIN, then the compare-and-set: one round trip
             cur.nextset()
@@ -105,17 +121,23 @@ class HotPath:
         audit_sealed(self.settings, sealed)
         return claim
 
-    def succeed(self, *, claim: store.Claim, worker: str, answer: str, response_event: dict[str, Any],
-                now: datetime) -> JobStatus | None:  # fmt: skip
+    def succeed(
+        self, *, claim: store.Claim, worker: str, answer: str, response_event: dict[str, Any], now: datetime
+    ) -> JobStatus | None:
         """Store the answer and finish the job with its events (as ``store.record_success``), if this worker
         still holds it and nobody asked to cancel it. None: nothing was written; record the outcome through
         ``worker.store``, which tells a cancel from a lost lease."""
         sealed_answer = self.keyring.encrypt(answer, aad=aad_for("jobs", "answer", claim.job_id))
-        where, changes = store.finish_parameters(claim, worker, JobStatus.SUCCEEDED, now,
-                                                 store.success_values(sealed_answer, now))  # fmt: skip
+        where, changes = store.finish_parameters(
+            claim, worker, JobStatus.SUCCEEDED, now, store.success_values(sealed_answer, now)
+        )
         events = [response_event, store.succeeded_event(claim, worker)]
-        params = {**self._succeed_constants, **where, **{f"v_{key}": changes[key] for key in _SUCCESS_KEYS},
-                  "b_events": seal_argument(events)}  # fmt: skip
+        params = {
+            **self._succeed_constants,
+            **where,
+            **{f"v_{key}": changes[key] for key in _SUCCESS_KEYS},
+            "b_events": seal_argument(events),
+        }
         with self._connection() as connection, connection.cursor(row_factory=namedtuple_row) as cur:
             cur.execute(self._succeed_sql, params)  # one statement in autocommit: one round trip
             row: Any = cur.fetchone()

@@ -126,14 +126,22 @@ def create_job(*, session: Session, new: NewJob, now: datetime) -> tuple[str, bo
             return existing.id, False
     session.add(
         Job(
-            id=new.id, status=JobStatus.QUEUED, assistant_id=new.assistant_id,
+            id=new.id,
+            status=JobStatus.QUEUED,
+            assistant_id=new.assistant_id,
             payload=seal_text(session, "payload", new.id, payload),
-            payload_digest=payload_digest, custom_id=new.custom_id, idempotency_key=new.idempotency_key,
-            actor=new.actor, attempts=0, max_attempts=new.max_attempts, created_at=now, updated_at=now,
+            payload_digest=payload_digest,
+            custom_id=new.custom_id,
+            idempotency_key=new.idempotency_key,
+            actor=new.actor,
+            attempts=0,
+            max_attempts=new.max_attempts,
+            created_at=now,
+            updated_at=now,
             announced_at=now,  # the producer publishes right after the commit; on failure it clears this
             batch_id=new.batch_id,
         )
-    )  # fmt: skip
+    )
     try:
         session.flush()
     except IntegrityError as exc:
@@ -167,15 +175,32 @@ def _claim_statement() -> Update:
         update(_JOBS)
         # The statuses inline (our own constants), not an expanding parameter: worker.hotpath compiles this
         # statement to plain SQL once.
-        .where(jobs.id == bindparam("b_id"), jobs.status.in_([literal_column(f"'{s}'") for s in _CLAIMABLE]),
-               jobs.next_attempt_at.is_(None) | (jobs.next_attempt_at <= now))  # fmt: skip
+        .where(
+            jobs.id == bindparam("b_id"),
+            jobs.status.in_([literal_column(f"'{s}'") for s in _CLAIMABLE]),
+            jobs.next_attempt_at.is_(None) | (jobs.next_attempt_at <= now),
+        )
         .values(
-            status=JobStatus.RUNNING.value, attempts=jobs.attempts + 1, claimed_by=bindparam("b_worker"),
-            lease_expires_at=bindparam("b_lease_until", type_=jobs.updated_at.type), next_attempt_at=None,
-            throttle_reason=None, last_attempt_at=now, updated_at=now, started_at=func.coalesce(jobs.started_at, now),
-        )  # fmt: skip
-        .returning(jobs.attempts, jobs.assistant_id, jobs.payload, jobs.max_attempts, jobs.actor, jobs.created_at,
-                   jobs.error_class, jobs.batch_id)  # fmt: skip
+            status=JobStatus.RUNNING.value,
+            attempts=jobs.attempts + 1,
+            claimed_by=bindparam("b_worker"),
+            lease_expires_at=bindparam("b_lease_until", type_=jobs.updated_at.type),
+            next_attempt_at=None,
+            throttle_reason=None,
+            last_attempt_at=now,
+            updated_at=now,
+            started_at=func.coalesce(jobs.started_at, now),
+        )
+        .returning(
+            jobs.attempts,
+            jobs.assistant_id,
+            jobs.payload,
+            jobs.max_attempts,
+            jobs.actor,
+            jobs.created_at,
+            jobs.error_class,
+            jobs.batch_id,
+        )
     )
 
 
@@ -200,18 +225,30 @@ def claim_from_row(job_id: str, row: Any, keyring: Keyring) -> Claim:
     """The Claim of a row :data:`_CLAIM` returned (its payload decrypted with ``keyring``)."""
     payload = keyring.decrypt(row.payload, aad=aad_for("jobs", "payload", job_id)) if row.payload else "{}"
     return Claim(
-        job_id=job_id, attempt=row.attempts, assistant_id=row.assistant_id,
-        messages=json.loads(payload)["messages"], max_attempts=row.max_attempts, actor=row.actor,
-        created_at=row.created_at.astimezone(UTC), previous_error=row.error_class, batch_id=row.batch_id,
-    )  # fmt: skip
+        job_id=job_id,
+        attempt=row.attempts,
+        assistant_id=row.assistant_id,
+        messages=json.loads(payload)["messages"],
+        max_attempts=row.max_attempts,
+        actor=row.actor,
+        created_at=row.created_at.astimezone(UTC),
+        previous_error=row.error_class,
+        batch_id=row.batch_id,
+    )
 
 
 def record_success(*, session: Session, claim: Claim, worker: str, answer: str, now: datetime) -> JobStatus | None:
     """Store the answer and finish the job. Returns the status it ended in (cancelled if a
     cancel arrived during the call: the answer is then not kept), or None if this worker no
     longer holds the job."""
-    if _finish(session, claim, worker, JobStatus.SUCCEEDED, now,
-               **success_values(seal_text(session, "answer", claim.job_id, answer), now)):  # fmt: skip
+    if _finish(
+        session,
+        claim,
+        worker,
+        JobStatus.SUCCEEDED,
+        now,
+        **success_values(seal_text(session, "answer", claim.job_id, answer), now),
+    ):
         audit.add(session, succeeded_event(claim, worker))
         return JobStatus.SUCCEEDED
     return _cancel_if_requested(session, claim, worker, now)
@@ -244,8 +281,11 @@ def record_failure(
     sweeper publishes one when the retry is due.
     """
     status = JobStatus.RETRYING if retry_at is not None else JobStatus.FAILED
-    values: dict[str, Any] = {"error": seal_text(session, "error", claim.job_id, reason),
-                              "error_class": type(error).__name__, "http_status": error.status}  # fmt: skip
+    values: dict[str, Any] = {
+        "error": seal_text(session, "error", claim.job_id, reason),
+        "error_class": type(error).__name__,
+        "http_status": error.status,
+    }
     if retry_at is not None:
         values.update(next_attempt_at=retry_at, announced_at=now if announced else None)
     else:
@@ -254,8 +294,16 @@ def record_failure(
         return _cancel_if_requested(session, claim, worker, now, **values)
     action = audit.Action.RETRY_SCHEDULED if retry_at else audit.Action.FAILED
     detail = {"next_attempt_at": retry_at.isoformat(), "by": "broker" if announced else "sweeper"} if retry_at else None
-    _event(session, action, claim, worker, outcome=str(status), http_status=error.status,
-           error_class=type(error).__name__, detail=detail)  # fmt: skip
+    _event(
+        session,
+        action,
+        claim,
+        worker,
+        outcome=str(status),
+        http_status=error.status,
+        error_class=type(error).__name__,
+        detail=detail,
+    )
     return status
 
 
@@ -268,8 +316,18 @@ def claimable_assistant(*, session: Session, job_id: str, now: datetime) -> str 
     )
 
 
-def throttle(*, session: Session, job_id: str, until: datetime, reason: str, wait: float, reserved: bool,
-             announced: bool, actor: str, now: datetime) -> tuple[bool, str | None]:
+def throttle(
+    *,
+    session: Session,
+    job_id: str,
+    until: datetime,
+    reason: str,
+    wait: float,
+    reserved: bool,
+    announced: bool,
+    actor: str,
+    now: datetime,
+) -> tuple[bool, str | None]:
     """The fleet's rate limit (or a 429 cooldown) makes the job wait until ``until``: it keeps its status
     (queued or retrying; no attempt is spent) with ``next_attempt_at`` and ``throttle_reason`` set, and
     the wait is audited as ``job.throttled``. Returns (moved, the job's batch id): not moved if the job
@@ -279,33 +337,65 @@ def throttle(*, session: Session, job_id: str, until: datetime, reason: str, wai
     """
     taken = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status.in_(_CLAIMABLE),
-               (Job.next_attempt_at.is_(None)) | (Job.next_attempt_at <= now))  # fmt: skip
+        .where(
+            Job.id == job_id, Job.status.in_(_CLAIMABLE), (Job.next_attempt_at.is_(None)) | (Job.next_attempt_at <= now)
+        )
         .values(next_attempt_at=until, throttle_reason=reason, announced_at=now if announced else None, updated_at=now)
         .returning(Job.attempts, Job.assistant_id, Job.batch_id)
         .execution_options(synchronize_session=False)
     ).first()
     if taken is None:
         return False, None
-    audit.record(session=session, action=audit.Action.THROTTLED, job_id=job_id, actor=actor, outcome="throttled",
-                 attempt=taken.attempts + 1, assistant_id=taken.assistant_id, batch_id=taken.batch_id,
-                 detail={"reason": reason, "wait_ms": round(wait * 1000), "until": until.isoformat(),
-                         "slot": "reserved" if reserved else "not reserved"})  # fmt: skip
+    audit.record(
+        session=session,
+        action=audit.Action.THROTTLED,
+        job_id=job_id,
+        actor=actor,
+        outcome="throttled",
+        attempt=taken.attempts + 1,
+        assistant_id=taken.assistant_id,
+        batch_id=taken.batch_id,
+        detail={
+            "reason": reason,
+            "wait_ms": round(wait * 1000),
+            "until": until.isoformat(),
+            "slot": "reserved" if reserved else "not reserved",
+        },
+    )
     return True, taken.batch_id
 
 
-def release_unsent(*, session: Session, claim: Claim, worker: str, until: datetime, reason: str, wait: float,
-                   announced: bool, now: datetime) -> JobStatus | None:  # fmt: skip
+def release_unsent(
+    *,
+    session: Session,
+    claim: Claim,
+    worker: str,
+    until: datetime,
+    reason: str,
+    wait: float,
+    announced: bool,
+    now: datetime,
+) -> JobStatus | None:
     """The attempt was held back before sending (a cooldown began after the claim): the job waits until
     ``until`` as retrying, throttled, and gets its attempt back (``max_attempts`` + 1; the attempt number
     is not reused, so the audit trail stays unambiguous). Returns the status it is in, or None if this
     worker lost it."""
-    values: dict[str, Any] = {"next_attempt_at": until, "throttle_reason": reason, "max_attempts": Job.max_attempts + 1,
-                              "announced_at": now if announced else None}  # fmt: skip
+    values: dict[str, Any] = {
+        "next_attempt_at": until,
+        "throttle_reason": reason,
+        "max_attempts": Job.max_attempts + 1,
+        "announced_at": now if announced else None,
+    }
     if not _finish(session, claim, worker, JobStatus.RETRYING, now, **values):
         return _cancel_if_requested(session, claim, worker, now)
-    _event(session, audit.Action.ATTEMPT_UNSENT, claim, worker, outcome="throttled",
-           detail={"reason": reason, "wait_ms": round(wait * 1000), "until": until.isoformat()})  # fmt: skip
+    _event(
+        session,
+        audit.Action.ATTEMPT_UNSENT,
+        claim,
+        worker,
+        outcome="throttled",
+        detail={"reason": reason, "wait_ms": round(wait * 1000), "until": until.isoformat()},
+    )
     return JobStatus.RETRYING
 
 
@@ -324,9 +414,17 @@ class Fault:
 FaultRule = Callable[[int, int | None, int, float], Decision]
 
 
-def record_fault(*, session: Session, job_id: str, claim: Claim | None, worker: str, fault: Fault,
-                 rule: FaultRule, announced: Callable[[float], bool],
-                 now: datetime) -> tuple[JobStatus, Decision, str | None] | None:  # fmt: skip
+def record_fault(
+    *,
+    session: Session,
+    job_id: str,
+    claim: Claim | None,
+    worker: str,
+    fault: Fault,
+    rule: FaultRule,
+    announced: Callable[[float], bool],
+    now: datetime,
+) -> tuple[JobStatus, Decision, str | None] | None:
     """Record ``fault`` on the job: as the outcome of this worker's attempt (``claim``), or, with no claim (it
     came before one), on the waiting job. Audited as ``attempt.error`` with the fault's class; the job then
     waits a backoff (``next_attempt_at``) or fails, as ``rule`` decides. ``announced(delay)`` says whether a
@@ -336,33 +434,57 @@ def record_fault(*, session: Session, job_id: str, claim: Claim | None, worker: 
     finished, another worker holds it, or it does not exist): then nothing was written.
     """
     row = session.execute(
-        select(Job.status, Job.attempts, Job.max_attempts, Job.claimed_by, Job.faults, Job.error_class,
-               Job.created_at, Job.cancel_requested_at, Job.assistant_id, Job.batch_id)
-        .where(Job.id == job_id).with_for_update()
-    ).first()  # fmt: skip
+        select(
+            Job.status,
+            Job.attempts,
+            Job.max_attempts,
+            Job.claimed_by,
+            Job.faults,
+            Job.error_class,
+            Job.created_at,
+            Job.cancel_requested_at,
+            Job.assistant_id,
+            Job.batch_id,
+        )
+        .where(Job.id == job_id)
+        .with_for_update()
+    ).first()
     if row is None:
         return None
     held = claim is not None and (row.status, row.attempts, row.claimed_by) == ("running", claim.attempt, worker)
     if not held and (claim is not None or row.status not in _CLAIMABLE):
         return None
     faults = row.faults + 1 if row.error_class == fault.error_class else 1
-    decision = rule(faults, row.attempts if held else None, row.max_attempts,
-                    (now - row.created_at.astimezone(UTC)).total_seconds())  # fmt: skip
+    decision = rule(
+        faults, row.attempts if held else None, row.max_attempts, (now - row.created_at.astimezone(UTC)).total_seconds()
+    )
     retrying = decision.step is Step.RETRY
-    values: dict[str, Any] = {"error": seal_text(session, "error", job_id, decision.reason or fault.reason),
-                              "error_class": fault.error_class, "http_status": None, "faults": faults}  # fmt: skip
+    values: dict[str, Any] = {
+        "error": seal_text(session, "error", job_id, decision.reason or fault.reason),
+        "error_class": fault.error_class,
+        "http_status": None,
+        "faults": faults,
+    }
     if retrying:
-        values.update(next_attempt_at=now + timedelta(seconds=decision.delay),
-                      announced_at=now if announced(decision.delay) else None)  # fmt: skip
+        values.update(
+            next_attempt_at=now + timedelta(seconds=decision.delay),
+            announced_at=now if announced(decision.delay) else None,
+        )
     else:
         values.update(finished_at=now)
     attempt = row.attempts if held else row.attempts + 1
-    event = audit.event(action=audit.Action.ATTEMPT_ERROR, job_id=job_id, actor=worker, attempt=attempt,
-                        assistant_id=row.assistant_id, batch_id=row.batch_id, outcome="fault",
-                        error_class=fault.error_class,
-                        detail={**fault.detail, "faults": faults, "claimed": held})  # fmt: skip
-    if held:
-        assert claim is not None
+    event = audit.event(
+        action=audit.Action.ATTEMPT_ERROR,
+        job_id=job_id,
+        actor=worker,
+        attempt=attempt,
+        assistant_id=row.assistant_id,
+        batch_id=row.batch_id,
+        outcome="fault",
+        error_class=fault.error_class,
+        detail={**fault.detail, "faults": faults, "claimed": held},
+    )
+    if held and claim is not None:
         status = _fault_held(session, claim, worker, now, retrying, values)
     else:
         status = _fault_waiting(session, job_id, row, now, retrying, values)
@@ -372,36 +494,49 @@ def record_fault(*, session: Session, job_id: str, claim: Claim | None, worker: 
     follow = {JobStatus.RETRYING: audit.Action.RETRY_SCHEDULED, JobStatus.FAILED: audit.Action.FAILED}.get(status)
     if follow is not None and (held or status is JobStatus.FAILED):
         detail = {"next_attempt_at": values["next_attempt_at"].isoformat()} if retrying else None
-        audit.record(session=session, action=follow, job_id=job_id, actor=worker, attempt=attempt,
-                     assistant_id=row.assistant_id, batch_id=row.batch_id, outcome=str(status),
-                     error_class=fault.error_class, detail=detail)  # fmt: skip
+        audit.record(
+            session=session,
+            action=follow,
+            job_id=job_id,
+            actor=worker,
+            attempt=attempt,
+            assistant_id=row.assistant_id,
+            batch_id=row.batch_id,
+            outcome=str(status),
+            error_class=fault.error_class,
+            detail=detail,
+        )
     return status, decision, row.batch_id
 
 
-def _fault_held(session: Session, claim: Claim, worker: str, now: datetime, retrying: bool,
-                values: dict[str, Any]) -> JobStatus | None:  # fmt: skip
+def _fault_held(
+    session: Session, claim: Claim, worker: str, now: datetime, retrying: bool, values: dict[str, Any]
+) -> JobStatus | None:
     status = JobStatus.RETRYING if retrying else JobStatus.FAILED
     if _finish(session, claim, worker, status, now, **values):
         return status
     kept = {k: values[k] for k in ("error", "error_class", "http_status", "faults")}
-    if _finish(session, claim, worker, JobStatus.CANCELLED, now, cancelled=True, next_attempt_at=None,
-               finished_at=now, **kept):  # fmt: skip
+    if _finish(
+        session, claim, worker, JobStatus.CANCELLED, now, cancelled=True, next_attempt_at=None, finished_at=now, **kept
+    ):
         _event(session, audit.Action.CANCELLED, claim, worker, outcome="cancelled")
         return JobStatus.CANCELLED
     return None
 
 
-def _fault_waiting(session: Session, job_id: str, row: Any, now: datetime, retrying: bool,
-                   values: dict[str, Any]) -> JobStatus | None:  # fmt: skip
+def _fault_waiting(
+    session: Session, job_id: str, row: Any, now: datetime, retrying: bool, values: dict[str, Any]
+) -> JobStatus | None:
     current = JobStatus(row.status)
     status = current if retrying else JobStatus.FAILED
     if status is not current:
         check_transition(current, status)
     taken = session.execute(
-        update(Job).where(Job.id == job_id, Job.status == current.value, Job.attempts == row.attempts)
+        update(Job)
+        .where(Job.id == job_id, Job.status == current.value, Job.attempts == row.attempts)
         .values(status=status.value, throttle_reason=None, updated_at=now, **values)
         .execution_options(synchronize_session=False)
-    )  # fmt: skip
+    )
     return status if taken.rowcount == 1 else None  # type: ignore[attr-defined]
 
 
@@ -461,8 +596,9 @@ def _finish(
     return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
 
-def finish_parameters(claim: Claim, worker: str, status: JobStatus, now: datetime,
-                      values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+def finish_parameters(
+    claim: Claim, worker: str, status: JobStatus, now: datetime, values: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """The compare-and-set of a finish: which row (this worker's attempt, still running) and the changes."""
     check_transition(JobStatus.RUNNING, status)
     where = {"b_id": claim.job_id, "b_attempt": claim.attempt, "b_worker": worker}
@@ -471,8 +607,9 @@ def finish_parameters(claim: Claim, worker: str, status: JobStatus, now: datetim
 
 def _cancel_if_requested(session: Session, claim: Claim, worker: str, now: datetime, **values: Any) -> JobStatus | None:
     kept = {k: v for k, v in values.items() if k in ("error", "error_class", "http_status")}
-    if not _finish(session, claim, worker, JobStatus.CANCELLED, now, cancelled=True, next_attempt_at=None,
-                   finished_at=now, **kept):  # fmt: skip
+    if not _finish(
+        session, claim, worker, JobStatus.CANCELLED, now, cancelled=True, next_attempt_at=None, finished_at=now, **kept
+    ):
         return None
     _event(session, audit.Action.CANCELLED, claim, worker, outcome="cancelled")
     return JobStatus.CANCELLED
@@ -483,8 +620,14 @@ def _event(session: Session, action: audit.Action, claim: Claim, worker: str, **
 
 
 def _event_of(action: audit.Action, claim: Claim, worker: str, **fields: Any) -> dict[str, Any]:
-    return audit.event(action=action, job_id=claim.job_id, actor=worker, attempt=claim.attempt,
-                       assistant_id=claim.assistant_id, **fields)  # fmt: skip
+    return audit.event(
+        action=action,
+        job_id=claim.job_id,
+        actor=worker,
+        attempt=claim.attempt,
+        assistant_id=claim.assistant_id,
+        **fields,
+    )
 
 
 def cancel(*, session: Session, job_id: str, actor: str, now: datetime) -> JobStatus:
@@ -506,14 +649,26 @@ def cancel(*, session: Session, job_id: str, actor: str, now: datetime) -> JobSt
         raise JobStateConflict(f"job {job_id} already {status}; only a waiting or running job can be cancelled")
     if status is JobStatus.RUNNING:
         job.cancel_requested_at = job.updated_at = now
-        audit.record(session=session, action=audit.Action.CANCEL_REQUESTED, job_id=job_id, actor=actor,
-                     attempt=job.attempts, batch_id=job.batch_id)  # fmt: skip
+        audit.record(
+            session=session,
+            action=audit.Action.CANCEL_REQUESTED,
+            job_id=job_id,
+            actor=actor,
+            attempt=job.attempts,
+            batch_id=job.batch_id,
+        )
         return status
     check_transition(status, JobStatus.CANCELLED)
     job.status, job.finished_at, job.next_attempt_at, job.updated_at = JobStatus.CANCELLED, now, None, now
     job.cancel_requested_at = now
-    audit.record(session=session, action=audit.Action.CANCELLED, job_id=job_id, actor=actor, outcome="cancelled",
-                 batch_id=job.batch_id)  # fmt: skip
+    audit.record(
+        session=session,
+        action=audit.Action.CANCELLED,
+        job_id=job_id,
+        actor=actor,
+        outcome="cancelled",
+        batch_id=job.batch_id,
+    )
     return JobStatus.CANCELLED
 
 
@@ -530,8 +685,14 @@ def replay(*, session: Session, job_id: str, actor: str, extra_attempts: int, no
     if job.status != JobStatus.FAILED:
         raise JobStateConflict(f"job {job_id} is {job.status}; only a failed job can be replayed")
     check_transition(JobStatus.FAILED, JobStatus.QUEUED)
-    audit.record(session=session, action=audit.Action.REPLAYED, job_id=job_id, actor=actor, attempt=job.attempts,
-                 detail={"previous_error_class": job.error_class, "previous_http_status": job.http_status})  # fmt: skip
+    audit.record(
+        session=session,
+        action=audit.Action.REPLAYED,
+        job_id=job_id,
+        actor=actor,
+        attempt=job.attempts,
+        detail={"previous_error_class": job.error_class, "previous_http_status": job.http_status},
+    )
     job.status, job.max_attempts = JobStatus.QUEUED, job.attempts + extra_attempts
     job.finished_at = job.next_attempt_at = None
     job.announced_at = job.updated_at = now
@@ -561,7 +722,7 @@ def recover_interrupted(*, session: Session, now: datetime, limit: int = 500) ->
                 Job.status == JobStatus.RUNNING,
                 Job.attempts == row.attempts,
                 Job.lease_expires_at <= now,
-            )  # fmt: skip
+            )
             .values(
                 status=status,
                 claimed_by=None,
@@ -571,16 +732,29 @@ def recover_interrupted(*, session: Session, now: datetime, limit: int = 500) ->
                 error_class="Interrupted",
                 http_status=None,
                 **values,
-            )  # fmt: skip
+            )
             .execution_options(synchronize_session=False)
         )
         if taken.rowcount != 1:  # type: ignore[attr-defined]
             continue
-        audit.record(session=session, action=audit.Action.ATTEMPT_INTERRUPTED, job_id=row.id, actor="sweeper",
-                     attempt=row.attempts, outcome="interrupted", detail={"worker": row.claimed_by})  # fmt: skip
+        audit.record(
+            session=session,
+            action=audit.Action.ATTEMPT_INTERRUPTED,
+            job_id=row.id,
+            actor="sweeper",
+            attempt=row.attempts,
+            outcome="interrupted",
+            detail={"worker": row.claimed_by},
+        )
         follow = {JobStatus.RETRYING: audit.Action.RETRY_SCHEDULED, JobStatus.FAILED: audit.Action.FAILED}
-        audit.record(session=session, action=follow.get(status, audit.Action.CANCELLED), job_id=row.id,
-                     actor="sweeper", attempt=row.attempts, outcome=str(status))  # fmt: skip
+        audit.record(
+            session=session,
+            action=follow.get(status, audit.Action.CANCELLED),
+            job_id=row.id,
+            actor="sweeper",
+            attempt=row.attempts,
+            outcome=str(status),
+        )
         if status is JobStatus.RETRYING:
             retrying.append(row.id)
     return retrying

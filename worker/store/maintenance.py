@@ -17,8 +17,16 @@ from ..lifecycle import TERMINAL, utcnow
 from .jobs import open_text, seal_text
 from .models import AuditEvent, Job
 
-__all__ = ["PHI_COLUMNS", "CHUNK", "Reencrypted", "reencrypt_chunk", "purge_chunk", "count_by_key", "last_before",
-           "delete_through"]
+__all__ = [
+    "PHI_COLUMNS",
+    "CHUNK",
+    "Reencrypted",
+    "reencrypt_chunk",
+    "purge_chunk",
+    "count_by_key",
+    "last_before",
+    "delete_through",
+]
 
 #: The encrypted columns of a job.
 PHI_COLUMNS = ("payload", "answer", "error")
@@ -40,9 +48,11 @@ def reencrypt_chunk(session: Session, *, key_id: str, after_id: str) -> Reencryp
     prefix = f"v1:{key_id}:"
     stale = or_(*(getattr(Job, c).is_not(None) & ~getattr(Job, c).startswith(prefix) for c in PHI_COLUMNS))
     rows = session.execute(
-        select(Job.id, *(getattr(Job, c) for c in PHI_COLUMNS)).where(Job.id > after_id, stale).order_by(Job.id)
+        select(Job.id, *(getattr(Job, c) for c in PHI_COLUMNS))
+        .where(Job.id > after_id, stale)
+        .order_by(Job.id)
         .limit(CHUNK)
-    ).all()  # fmt: skip
+    ).all()
     changed = sum(_reencrypt_row(session, row, prefix) for row in rows)
     return Reencrypted(changed, len(rows), rows[-1].id if rows else after_id)
 
@@ -65,17 +75,28 @@ def _reencrypt_row(session: Session, row: Row[Any], prefix: str) -> int:
 def purge_chunk(session: Session, *, cutoff: datetime, actor: str) -> int:
     """Erase the PHI of up to CHUNK finished jobs that finished before ``cutoff`` (status, timestamps and the
     audit trail stay), each purge audited; returns how many (0: none is left)."""
-    ids = list(session.scalars(
-        select(Job.id).where(Job.status.in_([str(s) for s in TERMINAL]), Job.finished_at < cutoff,
-                             Job.purged_at.is_(None)).limit(CHUNK)
-    ))  # fmt: skip
+    ids = list(
+        session.scalars(
+            select(Job.id)
+            .where(Job.status.in_([str(s) for s in TERMINAL]), Job.finished_at < cutoff, Job.purged_at.is_(None))
+            .limit(CHUNK)
+        )
+    )
     if ids:
         now = utcnow()
-        session.execute(update(Job).where(Job.id.in_(ids)).values(payload=None, answer=None, error=None,
-                                                                  purged_at=now, updated_at=now))  # fmt: skip
+        session.execute(
+            update(Job)
+            .where(Job.id.in_(ids))
+            .values(payload=None, answer=None, error=None, purged_at=now, updated_at=now)
+        )
     for job_id in ids:
-        audit.record(session=session, action=audit.Action.PURGED, job_id=job_id, actor=actor,
-                     detail={"cutoff": cutoff.isoformat()})  # fmt: skip
+        audit.record(
+            session=session,
+            action=audit.Action.PURGED,
+            job_id=job_id,
+            actor=actor,
+            detail={"cutoff": cutoff.isoformat()},
+        )
     return len(ids)
 
 
@@ -93,9 +114,11 @@ def count_by_key(session: Session) -> dict[str, int]:
 def last_before(session: Session, before: datetime) -> tuple[int, str] | None:
     """(seq, row hash) of the last audit event that occurred before ``before``, or None."""
     row = session.execute(
-        select(AuditEvent.seq, AuditEvent.row_hash).where(AuditEvent.occurred_at < before)
-        .order_by(AuditEvent.seq.desc()).limit(1)
-    ).first()  # fmt: skip
+        select(AuditEvent.seq, AuditEvent.row_hash)
+        .where(AuditEvent.occurred_at < before)
+        .order_by(AuditEvent.seq.desc())
+        .limit(1)
+    ).first()
     return None if row is None else (int(row.seq), str(row.row_hash))
 
 

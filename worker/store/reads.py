@@ -21,8 +21,18 @@ from .chain import events_for_job, to_record
 from .jobs import open_text
 from .models import AuditEvent, Batch, Job
 
-__all__ = ["JobView", "AuditFilter", "FleetSnapshot", "read_job", "status_of", "failed", "query_audit", "job_trail",
-           "fleet_snapshot", "key_ids_in_use"]
+__all__ = [
+    "JobView",
+    "AuditFilter",
+    "FleetSnapshot",
+    "read_job",
+    "status_of",
+    "failed",
+    "query_audit",
+    "job_trail",
+    "fleet_snapshot",
+    "key_ids_in_use",
+]
 
 
 @dataclass(frozen=True)
@@ -98,8 +108,13 @@ def query_audit(session: Session, query: AuditFilter, *, export: bool, reader: s
     rows = session.scalars(select(AuditEvent).where(*query.where()).order_by(AuditEvent.seq).limit(query.limit))
     found = [to_record(row) for row in rows]
     action = audit.Action.AUDIT_EXPORTED if export else audit.Action.AUDIT_QUERIED
-    audit.record(session=session, action=action, job_id=None, actor=reader,
-                 detail={"filter": query.describe(), "events": len(found)})  # fmt: skip
+    audit.record(
+        session=session,
+        action=action,
+        job_id=None,
+        actor=reader,
+        detail={"filter": query.describe(), "events": len(found)},
+    )
     return found
 
 
@@ -112,16 +127,27 @@ def job_trail(session: Session, job_id: str, *, reader: str, include_reads: bool
     if session.get(Job, job_id) is None:
         raise JobNotFound(job_id)
     events = events_for_job(session=session, job_id=job_id)
-    audit.record(session=session, action=audit.Action.AUDIT_QUERIED, job_id=None, actor=reader,
-                 detail={"filter": {"job_id": job_id}, "events": len(events)})  # fmt: skip
+    audit.record(
+        session=session,
+        action=audit.Action.AUDIT_QUERIED,
+        job_id=None,
+        actor=reader,
+        detail={"filter": {"job_id": job_id}, "events": len(events)},
+    )
     return events if include_reads else [e for e in events if e.action not in audit.READS]
 
 
 def _read(session: Session, job: Job, reader: str) -> JobView:
     view = _view(session, job)
     if view.answer is not None or view.error is not None:
-        audit.record(session=session, action=audit.Action.RESULT_READ, job_id=job.id, actor=reader,
-                     assistant_id=job.assistant_id, outcome=str(view.status))  # fmt: skip
+        audit.record(
+            session=session,
+            action=audit.Action.RESULT_READ,
+            job_id=job.id,
+            actor=reader,
+            assistant_id=job.assistant_id,
+            outcome=str(view.status),
+        )
     return view
 
 
@@ -147,8 +173,9 @@ def fleet_snapshot(session: Session) -> FleetSnapshot:
     counts = {status: n for status, n in session.execute(select(Job.status, func.count()).group_by(Job.status))}
     # A queued job's updated_at is when it was queued (submitted, or replayed).
     queued = session.scalar(select(func.min(Job.updated_at)).where(Job.status == JobStatus.QUEUED))
-    due = session.scalar(select(func.min(Job.next_attempt_at))
-                         .where(Job.status == JobStatus.RETRYING, Job.next_attempt_at <= now))  # fmt: skip
+    due = session.scalar(
+        select(func.min(Job.next_attempt_at)).where(Job.status == JobStatus.RETRYING, Job.next_attempt_at <= now)
+    )
     open_batches = Batch.status.in_((BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS))
     batches = session.scalar(select(func.count()).select_from(Batch).where(open_batches))
     since = min((t for t in (queued, due) if t is not None), default=now)
@@ -170,10 +197,12 @@ def key_ids_in_use(url: str, *, timeout: float) -> set[str]:
     unfinished = Job.status.in_((JobStatus.QUEUED, JobStatus.RETRYING, JobStatus.RUNNING))
     try:
         with db.session_scope(db.make_session_factory(engine)) as session:
-            newest = session.scalar(select(Job.payload).where(Job.payload.is_not(None))
-                                    .order_by(Job.created_at.desc()).limit(1))  # fmt: skip
-            waiting = session.scalar(select(Job.payload).where(unfinished, Job.payload.is_not(None))
-                                     .order_by(Job.created_at).limit(1))  # fmt: skip
+            newest = session.scalar(
+                select(Job.payload).where(Job.payload.is_not(None)).order_by(Job.created_at.desc()).limit(1)
+            )
+            waiting = session.scalar(
+                select(Job.payload).where(unfinished, Job.payload.is_not(None)).order_by(Job.created_at).limit(1)
+            )
     finally:
         engine.dispose()
     return {Keyring.key_id_of(stored) for stored in (newest, waiting) if stored}

@@ -43,8 +43,10 @@ FUNCTIONS = ("qbgw_audit_seal(jsonb)",)
 TABLE_PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER")
 
 #: Who is connected, who owns table ``:t``, and whether the one may act as the other (a member, or a superuser).
-OWNER_SQL = ("SELECT current_user, pg_get_userbyid(relowner), pg_has_role(relowner, 'USAGE') FROM pg_class "
-             "WHERE oid = CAST(:t AS regclass)")  # fmt: skip
+OWNER_SQL = (
+    "SELECT current_user, pg_get_userbyid(relowner), pg_has_role(relowner, 'USAGE') FROM pg_class "
+    "WHERE oid = CAST(:t AS regclass)"
+)
 
 
 @dataclass(frozen=True)
@@ -67,10 +69,12 @@ def grant_statements(role: str, *, database: str, schema: str, sequences: Sequen
     whatever it had before (each object's grants are revoked first), so running them again changes nothing."""
     quote = dialect.identifier_preparer.quote
     who = quote(role)
-    statements = [f"REVOKE ALL ON DATABASE {quote(database)} FROM {who}",
-                  f"GRANT CONNECT ON DATABASE {quote(database)} TO {who}",
-                  f"REVOKE ALL ON SCHEMA {quote(schema)} FROM {who}",
-                  f"GRANT USAGE ON SCHEMA {quote(schema)} TO {who}"]  # fmt: skip
+    statements = [
+        f"REVOKE ALL ON DATABASE {quote(database)} FROM {who}",
+        f"GRANT CONNECT ON DATABASE {quote(database)} TO {who}",
+        f"REVOKE ALL ON SCHEMA {quote(schema)} FROM {who}",
+        f"GRANT USAGE ON SCHEMA {quote(schema)} TO {who}",
+    ]
     for table, allowed in TABLES.items():
         name = f"{quote(schema)}.{quote(table)}"
         statements += [f"REVOKE ALL ON TABLE {name} FROM {who}", f"GRANT {', '.join(allowed)} ON TABLE {name} TO {who}"]
@@ -133,10 +137,12 @@ def privileges(connection: Connection, role: str) -> dict[str, set[str]]:
     held: dict[str, set[str]] = {}
     for table in TABLES:
         rows = connection.execute(
-            text("SELECT p FROM unnest(CAST(:ps AS text[])) AS p "
-                 "WHERE has_table_privilege(CAST(:r AS name), CAST(:t AS text), p)"),
+            text(
+                "SELECT p FROM unnest(CAST(:ps AS text[])) AS p "
+                "WHERE has_table_privilege(CAST(:r AS name), CAST(:t AS text), p)"
+            ),
             {"ps": list(TABLE_PRIVILEGES), "r": role, "t": table},
-        )  # fmt: skip
+        )
         held[table] = {str(p) for (p,) in rows}
     return held
 
@@ -152,17 +158,21 @@ def require_owner(session: Session, *, table: str, command: str) -> None:
         return
     me, owner, owns = session.execute(text(OWNER_SQL), {"t": table}).one()
     if not owns:
-        raise ConfigError(f"{command} needs the owner of {table} ({owner}): only the owner can lift its "
-                          f"append-only triggers. QBGW_DATABASE_URL connects as {me}, an application role; "
-                          "run it with the owner's URL")  # fmt: skip
+        raise ConfigError(
+            f"{command} needs the owner of {table} ({owner}): only the owner can lift its "
+            f"append-only triggers. QBGW_DATABASE_URL connects as {me}, an application role; "
+            "run it with the owner's URL"
+        )
 
 
 def _engine(url: str) -> Engine:
     engine = make_engine(url)
     if engine.dialect.name != "postgresql":
         engine.dispose()
-        raise ConfigError(f"database roles apply to PostgreSQL only; {describe_url(url)} has none (on SQLite, "
-                          "the file's permissions decide who can read and write it)")  # fmt: skip
+        raise ConfigError(
+            f"database roles apply to PostgreSQL only; {describe_url(url)} has none (on SQLite, "
+            "the file's permissions decide who can read and write it)"
+        )
     return engine
 
 
@@ -171,16 +181,23 @@ def _check(connection: Connection, role: str, url: str, *, create: bool) -> bool
     role that cannot grant on it, and a role whose grants would mean nothing (a superuser, the owner)."""
     current, head = schema.current_revision_of(connection), schema.head_revision(url)
     if current != head:
-        raise ConfigError(f"the database is at revision {current or 'none'}, not {head}: run `qbgw db upgrade` "
-                          "first (the grants name the tables of the code's schema)")  # fmt: skip
+        raise ConfigError(
+            f"the database is at revision {current or 'none'}, not {head}: run `qbgw db upgrade` "
+            "first (the grants name the tables of the code's schema)"
+        )
     me, owner, owns = connection.execute(text(OWNER_SQL), {"t": "audit_events"}).one()
     if not owns:  # PostgreSQL would only warn "no privileges were granted", and grant nothing
-        raise ConfigError(f"{me} cannot grant on qbgw's tables: they belong to {owner}; run this with the URL of "
-                          f"{owner} (the role that ran `qbgw db upgrade`)")  # fmt: skip
+        raise ConfigError(
+            f"{me} cannot grant on qbgw's tables: they belong to {owner}; run this with the URL of "
+            f"{owner} (the role that ran `qbgw db upgrade`)"
+        )
     found = connection.execute(
-        text("SELECT rolsuper, pg_has_role(oid, (SELECT relowner FROM pg_class WHERE oid = 'audit_events'::regclass),"
-             " 'MEMBER') FROM pg_roles WHERE rolname = :r"), {"r": role}
-    ).first()  # fmt: skip
+        text(
+            "SELECT rolsuper, pg_has_role(oid, (SELECT relowner FROM pg_class WHERE oid = 'audit_events'::regclass),"
+            " 'MEMBER') FROM pg_roles WHERE rolname = :r"
+        ),
+        {"r": role},
+    ).first()
     connection.rollback()
     if found is None:
         if not create:
@@ -189,8 +206,10 @@ def _check(connection: Connection, role: str, url: str, *, create: bool) -> bool
     superuser, member = found
     if superuser or member:
         what = "a superuser" if superuser else f"{owner}, the owner of qbgw's tables, or a member of it"
-        raise ConfigError(f"{role} is {what}: it could alter the audit log whatever it is granted; give workers "
-                          "and producers a role of their own")  # fmt: skip
+        raise ConfigError(
+            f"{role} is {what}: it could alter the audit log whatever it is granted; give workers "
+            "and producers a role of their own"
+        )
     return True
 
 
@@ -211,25 +230,37 @@ def _create_role(connection: Connection, role: str, password: Secret | None) -> 
         raw.rollback()  # made meanwhile by someone else: it exists, which is all this wanted
     except errors.InsufficientPrivilege:
         raw.rollback()
-        raise ConfigError(f"cannot create role {role}: the connected role lacks CREATEROLE; have a superuser run "
-                          f"CREATE ROLE {role} LOGIN, then run this without --create-role") from None  # fmt: skip
+        raise ConfigError(
+            f"cannot create role {role}: the connected role lacks CREATEROLE; have a superuser run "
+            f"CREATE ROLE {role} LOGIN, then run this without --create-role"
+        ) from None
 
 
 def _statements(connection: Connection, role: str) -> list[str]:
     database, namespace = connection.execute(
-        text("SELECT current_database(), n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-             "WHERE c.oid = 'audit_events'::regclass")
-    ).one()  # fmt: skip
+        text(
+            "SELECT current_database(), n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE c.oid = 'audit_events'::regclass"
+        )
+    ).one()
     inserted = [table for table, allowed in TABLES.items() if "INSERT" in allowed]
-    sequences = connection.execute(
-        text("SELECT DISTINCT pg_get_serial_sequence(CAST(CAST(a.attrelid AS regclass) AS text), a.attname) AS s "
-             "FROM pg_attribute a WHERE a.attrelid = ANY(CAST(:ts AS regclass[])) AND a.attnum > 0 "
-             "AND NOT a.attisdropped AND pg_get_serial_sequence(CAST(CAST(a.attrelid AS regclass) AS text), "
-             "a.attname) IS NOT NULL ORDER BY s"), {"ts": inserted}
-    ).scalars().all()  # fmt: skip
+    sequences = (
+        connection.execute(
+            text(
+                "SELECT DISTINCT pg_get_serial_sequence(CAST(CAST(a.attrelid AS regclass) AS text), a.attname) AS s "
+                "FROM pg_attribute a WHERE a.attrelid = ANY(CAST(:ts AS regclass[])) AND a.attnum > 0 "
+                "AND NOT a.attisdropped AND pg_get_serial_sequence(CAST(CAST(a.attrelid AS regclass) AS text), "
+                "a.attname) IS NOT NULL ORDER BY s"
+            ),
+            {"ts": inserted},
+        )
+        .scalars()
+        .all()
+    )
     connection.rollback()
-    return grant_statements(role, database=database, schema=namespace, sequences=list(sequences),
-                            dialect=connection.dialect)  # fmt: skip
+    return grant_statements(
+        role, database=database, schema=namespace, sequences=list(sequences), dialect=connection.dialect
+    )
 
 
 def _excess(connection: Connection, role: str) -> list[str]:
@@ -238,14 +269,21 @@ def _excess(connection: Connection, role: str) -> list[str]:
     for table, held in privileges(connection, role).items():
         extra = sorted(held - set(TABLES[table]))
         if extra:
-            warnings.append(f"{role} can also {', '.join(extra)} on {table} (granted to PUBLIC or to a role it "
-                            "belongs to): revoke it there")  # fmt: skip
+            warnings.append(
+                f"{role} can also {', '.join(extra)} on {table} (granted to PUBLIC or to a role it "
+                "belongs to): revoke it there"
+            )
     creates = connection.execute(
-        text("SELECT has_schema_privilege(:r, n.oid, 'CREATE') FROM pg_class c "
-             "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = 'audit_events'::regclass"), {"r": role}
-    ).scalar_one()  # fmt: skip
+        text(
+            "SELECT has_schema_privilege(:r, n.oid, 'CREATE') FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = 'audit_events'::regclass"
+        ),
+        {"r": role},
+    ).scalar_one()
     if creates:
-        warnings.append(f"{role} can create tables in qbgw's schema (PostgreSQL 14 and older grant that to PUBLIC): "
-                        "REVOKE CREATE ON SCHEMA public FROM PUBLIC")  # fmt: skip
+        warnings.append(
+            f"{role} can create tables in qbgw's schema (PostgreSQL 14 and older grant that to PUBLIC): "
+            "REVOKE CREATE ON SCHEMA public FROM PUBLIC"
+        )
     connection.rollback()
     return warnings

@@ -17,8 +17,15 @@ from ..errors import ConfigError, StoreUnavailable
 from ..settings import Settings
 from .db import describe_url, make_engine
 
-__all__ = ["alembic_config", "upgrade", "current_revision", "current_revision_of", "head_revision", "ensure_current",
-           "probe"]  # fmt: skip
+__all__ = [
+    "alembic_config",
+    "upgrade",
+    "current_revision",
+    "current_revision_of",
+    "head_revision",
+    "ensure_current",
+    "probe",
+]
 
 ROOT = Path(__file__).resolve().parents[2]  # worker/store/schema.py -> the checkout
 

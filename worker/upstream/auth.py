@@ -168,8 +168,13 @@ def _session_of(reply: HttpReply, now: float, token: Secret | None = None) -> Se
         )
     user_id = session.get("user_id")
     expires = parse_expiration(reply.headers.get(EXPIRY_HEADER)) or now + SESSION_LIFETIME
-    return SessionInfo(token or Secret(session["token"]), str(session.get("application_id", "")),
-                       user_id if isinstance(user_id, int) else 0, expires, now)  # fmt: skip
+    return SessionInfo(
+        token or Secret(session["token"]),
+        str(session.get("application_id", "")),
+        user_id if isinstance(user_id, int) else 0,
+        expires,
+        now,
+    )
 
 
 def _hint(status: int, kind: str) -> str:
@@ -207,8 +212,16 @@ class SessionToken:
 
     can_renew = True
 
-    def __init__(self, credentials: Credentials, base_url: str, *, timeout: tuple[float, float],
-                 cache: SessionCache, margin: float, gate: Gate | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        credentials: Credentials,
+        base_url: str,
+        *,
+        timeout: tuple[float, float],
+        cache: SessionCache,
+        margin: float,
+        gate: Gate | None = None,
+    ) -> None:
         self.credentials = credentials
         self._gate = gate  # the fleet's rate limit: session creation counts against the plan too
         self._base_url = base_url
@@ -368,8 +381,13 @@ def credentials_of(settings: Settings) -> Credentials:
     """Raises ConfigError when the settings lack what ``QBGW_AUTH`` needs."""
     require_credentials(settings)
     login = settings.user_login if settings.auth == "user" else ""
-    return Credentials(settings.application_id, settings.auth_key, settings.auth_secret, login,
-                       settings.user_password if login else Secret(""))  # fmt: skip
+    return Credentials(
+        settings.application_id,
+        settings.auth_key,
+        settings.auth_secret,
+        login,
+        settings.user_password if login else Secret(""),
+    )
 
 
 def shared_cache(settings: Settings, keyring: Keyring) -> SessionCache:
@@ -382,8 +400,9 @@ def shared_cache(settings: Settings, keyring: Keyring) -> SessionCache:
     return MemoryCache()
 
 
-def token_provider(settings: Settings, keyring: Callable[[], Keyring] | None = None,
-                   gate: Gate | None = None) -> TokenProvider:  # fmt: skip
+def token_provider(
+    settings: Settings, keyring: Callable[[], Keyring] | None = None, gate: Gate | None = None
+) -> TokenProvider:
     """The provider ``QBGW_AUTH`` names. ``keyring`` (the runtime's) encrypts shared sessions; ``gate`` (the
     fleet's rate limit) admits each session creation.
 
@@ -397,8 +416,14 @@ def token_provider(settings: Settings, keyring: Callable[[], Keyring] | None = N
         return ApiKeyToken(settings.api_key)
     credentials = credentials_of(settings)
     cache = shared_cache(settings, keyring()) if keyring is not None else MemoryCache()
-    return SessionToken(credentials, settings.base_url, timeout=(settings.connect_timeout, settings.read_timeout),
-                        cache=cache, margin=settings.session_renew_margin, gate=gate)  # fmt: skip
+    return SessionToken(
+        credentials,
+        settings.base_url,
+        timeout=(settings.connect_timeout, settings.read_timeout),
+        cache=cache,
+        margin=settings.session_renew_margin,
+        gate=gate,
+    )
 
 
 @dataclass(frozen=True)
@@ -418,9 +443,13 @@ class AuthReport:
         if self.expires_at is not None:
             when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.expires_at))
             expires = f"{when} (in {self.expires_at - time.time():.0f} s; each call moves it later)"
-        return [f"provider: {self.kind} ({PREFIX}AUTH) at {self.base_url}",
-                f"application: {self.application_id or '-'}", f"as: {'-' if self.user_id is None else who}",
-                f"token fingerprint: {self.token_fingerprint}", f"expires: {expires}"]  # fmt: skip
+        return [
+            f"provider: {self.kind} ({PREFIX}AUTH) at {self.base_url}",
+            f"application: {self.application_id or '-'}",
+            f"as: {'-' if self.user_id is None else who}",
+            f"token fingerprint: {self.token_fingerprint}",
+            f"expires: {expires}",
+        ]
 
 
 def check_auth(settings: Settings) -> AuthReport:
@@ -434,11 +463,18 @@ def check_auth(settings: Settings) -> AuthReport:
     require_credentials(settings)
     timeout = (settings.connect_timeout, settings.read_timeout)
     if settings.auth == "apikey":
-        return AuthReport("apikey", settings.base_url, settings.application_id, None, None,
-                          fingerprint(settings.api_key.reveal()))  # fmt: skip
+        return AuthReport(
+            "apikey", settings.base_url, settings.application_id, None, None, fingerprint(settings.api_key.reveal())
+        )
     if settings.auth == "static":
         info = describe_session(settings.base_url, settings.token, timeout=timeout)
     else:
         info = create_session(settings.base_url, credentials_of(settings), timeout=timeout)
-    return AuthReport(settings.auth, settings.base_url, info.application_id, info.user_id, info.expires_at,
-                      fingerprint(info.token.reveal()))  # fmt: skip
+    return AuthReport(
+        settings.auth,
+        settings.base_url,
+        info.application_id,
+        info.user_id,
+        info.expires_at,
+        fingerprint(info.token.reveal()),
+    )

@@ -62,6 +62,18 @@ class Exchange:
     #: Seconds the call waited for a slot in the fleet's rate limit before it was sent.
     throttled: float = 0.0
 
+    def answer_text(self) -> str:
+        """The answer. Raises InvalidTransition if there is none (a caller recording a success without one)."""
+        if self.answer is None:
+            raise errors.InvalidTransition("an exchange without an answer cannot be recorded as a success")
+        return self.answer
+
+    def failure(self) -> errors.GatewayError:
+        """The error. Raises InvalidTransition if there is none (a caller recording a failure with an answer)."""
+        if self.error is None:
+            raise errors.InvalidTransition("an exchange with an answer cannot be recorded as a failure")
+        return self.error
+
 
 class BodyStream(Protocol):
     """A request body read block by block, whose length is known in advance."""

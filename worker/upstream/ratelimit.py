@@ -47,8 +47,20 @@ import redis
 
 from ..settings import Settings
 
-__all__ = ["Budget", "Grant", "Limiter", "RedisLimiter", "FileLimiter", "MemoryLimiter", "decide", "limiter_for",
-           "budgets_for", "planned", "RATE_LIMIT", "COOLDOWN"]  # fmt: skip
+__all__ = [
+    "Budget",
+    "Grant",
+    "Limiter",
+    "RedisLimiter",
+    "FileLimiter",
+    "MemoryLimiter",
+    "decide",
+    "limiter_for",
+    "budgets_for",
+    "planned",
+    "RATE_LIMIT",
+    "COOLDOWN",
+]
 
 log = logging.getLogger("qbgw.ratelimit")
 
@@ -56,6 +68,7 @@ log = logging.getLogger("qbgw.ratelimit")
 def _script(name: str) -> str:
     """A Lua script shipped beside this module (package data): each decision in Redis is one of them."""
     return (resources.files(__package__) / name).read_text(encoding="utf-8")
+
 
 #: Why a call waits (in the audit trail, the job's status and the logs).
 RATE_LIMIT = "rate limit"
@@ -107,8 +120,14 @@ class Grant:
 GO = Grant(0.0, True)
 
 
-def decide(tats: Sequence[float], budgets: Sequence[Budget], cooldown_until: float, now: float,
-           horizon: float, lead: float = 0.0) -> tuple[Grant, list[float] | None]:  # fmt: skip
+def decide(
+    tats: Sequence[float],
+    budgets: Sequence[Budget],
+    cooldown_until: float,
+    now: float,
+    horizon: float,
+    lead: float = 0.0,
+) -> tuple[Grant, list[float] | None]:
     """GCRA over several budgets at once: the grant, and the budgets' new TATs (None: nothing reserved).
 
     ``tats`` are the stored theoretical arrival times (0 when none). The slot is never sooner than
@@ -329,6 +348,7 @@ class _CooldownView:
     def forget(self) -> None:
         self._read_at = -_COOLDOWN_CACHE_SECONDS
 
+
 _ACQUIRE = _script("acquire.lua")
 
 _ADMIT = _script("admit.lua")
@@ -343,8 +363,15 @@ class RedisLimiter:
     worker that cannot reach it is not taking new jobs anyway.
     """
 
-    def __init__(self, url: str, scope: str, *, cooldown_base: float = 2.0, cooldown_cap: float = 60.0,
-                 client: redis.Redis | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        url: str,
+        scope: str,
+        *,
+        cooldown_base: float = 2.0,
+        cooldown_cap: float = 60.0,
+        client: redis.Redis | None = None,
+    ) -> None:
         self._client: redis.Redis = client or redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
         self._errors: tuple[type[Exception], ...] = (redis.RedisError,)
         self._prefix = f"qbgw:rl:{scope}:"
@@ -358,8 +385,9 @@ class RedisLimiter:
     def __repr__(self) -> str:
         return f"RedisLimiter({self._prefix!r})"
 
-    def acquire(self, budgets: Sequence[Budget], *, horizon: float, lead: float = 0.0,
-                now: float | None = None) -> Grant:  # fmt: skip
+    def acquire(
+        self, budgets: Sequence[Budget], *, horizon: float, lead: float = 0.0, now: float | None = None
+    ) -> Grant:
         if not budgets and now is None:
             return _cooldown_grant(self.cooldown_until(), time.time(), horizon)
         keys = [self._prefix + "cooldown", *(self._prefix + "tat:" + b.name for b in budgets)]
@@ -387,8 +415,14 @@ class RedisLimiter:
 
     def cool_down(self, retry_after: float | None, *, fresh: bool = False, now: float | None = None) -> float:
         keys = [self._prefix + "cooldown", self._prefix + "streak", self._prefix + "streak_at"]
-        args: list[str | int] = ["" if retry_after is None else repr(retry_after), repr(self._base), repr(self._cap),
-                                 "" if now is None else repr(now), _STREAK_SECONDS, "1" if fresh else "0"]  # fmt: skip
+        args: list[str | int] = [
+            "" if retry_after is None else repr(retry_after),
+            repr(self._base),
+            repr(self._cap),
+            "" if now is None else repr(now),
+            _STREAK_SECONDS,
+            "1" if fresh else "0",
+        ]
         try:
             until = float(self._cool(keys=keys, args=args))
         except self._errors as exc:
@@ -411,8 +445,9 @@ class RedisLimiter:
     def _complain(self, exc: Exception) -> None:
         if time.monotonic() - self._complained > 60:
             self._complained = time.monotonic()
-            log.warning("the fleet rate limiter cannot reach Redis (%s); calls go ahead unthrottled",
-                        type(exc).__name__)  # fmt: skip
+            log.warning(
+                "the fleet rate limiter cannot reach Redis (%s); calls go ahead unthrottled", type(exc).__name__
+            )
 
 
 def scope_of(settings: Settings) -> str:

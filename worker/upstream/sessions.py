@@ -78,8 +78,15 @@ def _aad(key: str) -> str:
 
 def _encode(info: SessionInfo, keyring: Keyring, key: str) -> str:
     token = keyring.encrypt(info.token.reveal(), aad=_aad(key))
-    return json.dumps({"token": token, "application_id": info.application_id, "user_id": info.user_id,
-                       "expires_at": info.expires_at, "noted_at": info.noted_at})  # fmt: skip
+    return json.dumps(
+        {
+            "token": token,
+            "application_id": info.application_id,
+            "user_id": info.user_id,
+            "expires_at": info.expires_at,
+            "noted_at": info.noted_at,
+        }
+    )
 
 
 def _decode(raw: str | bytes | None, keyring: Keyring, key: str) -> SessionInfo | None:
@@ -88,8 +95,13 @@ def _decode(raw: str | bytes | None, keyring: Keyring, key: str) -> SessionInfo 
         return None
     try:
         doc = json.loads(raw)
-        info = SessionInfo(Secret(keyring.decrypt(doc["token"], aad=_aad(key))), str(doc["application_id"]),
-                           int(doc["user_id"]), float(doc["expires_at"]), float(doc["noted_at"]))  # fmt: skip
+        info = SessionInfo(
+            Secret(keyring.decrypt(doc["token"], aad=_aad(key))),
+            str(doc["application_id"]),
+            int(doc["user_id"]),
+            float(doc["expires_at"]),
+            float(doc["noted_at"]),
+        )
     except (ValueError, KeyError, TypeError, DecryptionFailed) as exc:
         # A rotated-away key or a damaged entry: make a new session rather than fail the job.
         log.warning("ignoring an unreadable cached session (%s)", type(exc).__name__)
@@ -227,8 +239,9 @@ class RedisCache:
 
     @contextmanager
     def lock(self, key: str) -> Iterator[None]:
-        lock = self._client.lock(f"qbgw:session:{key}:lock", timeout=self._hold, sleep=0.05,
-                                 blocking_timeout=self._hold + 5)  # fmt: skip
+        lock = self._client.lock(
+            f"qbgw:session:{key}:lock", timeout=self._hold, sleep=0.05, blocking_timeout=self._hold + 5
+        )
         try:
             acquired = bool(lock.acquire())
         except self._errors as exc:
