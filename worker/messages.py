@@ -26,7 +26,6 @@ __all__ = [
     "validate_assistant_id",
     "validate_key",
     "validate_messages",
-    "image_urls",
 ]
 
 ROLES = ("system", "developer", "user", "assistant")
@@ -242,17 +241,6 @@ def _names(keys: Iterable[object]) -> str:
     shown = sorted(key if isinstance(key, str) and _PLAIN.fullmatch(key) else _show(key) for key in keys)
     more = f" and {len(shown) - 10} more" if len(shown) > 10 else ""
     return ", ".join(shown[:10]) + more
-
-
-def image_urls(messages: list[dict[str, Any]]) -> list[str]:
-    """Every image URL of validated messages, in order."""
-    return [
-        part["image_url"]["url"]
-        for message in messages
-        if isinstance(message["content"], list)
-        for part in message["content"]
-        if part["type"] == "image_url"
-    ]
 
 
 def _show(value: object) -> str:

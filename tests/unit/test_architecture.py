@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
 import grimp
@@ -56,8 +57,8 @@ def test_no_module_imports_in_a_cycle() -> None:
 
 def test_every_folder_of_the_package_is_installed_under_qbgw() -> None:
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    assert config["package-dir"] == {"qbgw": "worker"}
-    folders = {
+    assert config["package-dir"] == {"qbgw": "worker", "qbgw.migrations": "migrations"}
+    folders = {"qbgw.migrations"} | {
         "qbgw" + "".join("." + part for part in path.parent.relative_to(ROOT / "worker").parts)
         for path in (ROOT / "worker").rglob("__init__.py")
     }
@@ -84,6 +85,20 @@ def test_the_package_folder_imported_by_its_own_name_refuses_with_the_reason() -
     done = subprocess.run([sys.executable, "-c", "import worker"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert "import it as qbgw" in done.stderr
+
+
+def test_a_wheel_carries_the_package_its_scripts_and_its_migrations(tmp_path: Path) -> None:
+    # A plain (non-editable) install must migrate the embedded default on first use, as the demo does.
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                           str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    (wheel,) = tmp_path.glob("qbgw-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+    assert {"qbgw/__init__.py", "qbgw/upstream/acquire.lua", "qbgw/py.typed", "qbgw/migrations/env.py",
+            "qbgw/migrations/script.py.mako"} <= names  # fmt: skip
+    assert len([n for n in names if n.startswith("qbgw/migrations/versions/") and n.endswith(".py")]) >= 10
+    assert not [n for n in names if n.startswith("worker/")]
 
 
 def test_python_m_qbgw_and_celery_a_qbgw_work() -> None:

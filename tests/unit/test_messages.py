@@ -5,8 +5,8 @@ from typing import Any
 import pytest
 
 from qbgw.errors import InvalidImage, InvalidMessages
-from qbgw.images.refs import Policy
-from qbgw.messages import image_urls, validate_assistant_id, validate_messages
+from qbgw.images.refs import Policy, image_urls
+from qbgw.messages import validate_assistant_id, validate_messages
 from tests.images import data_uri, jpeg_bytes, png_bytes
 
 PNG = data_uri("png", png_bytes(4, 3))

@@ -15,12 +15,14 @@ import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from ..errors import InvalidImage
 from .info import MAX_IMAGE_BYTES, MAX_REQUEST_BYTES, check_declared, parse_data_uri, sniff
 
 __all__ = [
+    "image_urls",
     "Policy",
     "Kind",
     "LocalFile",
@@ -257,3 +259,14 @@ def _tail(path: Path, size: int) -> bytes:
     with path.open("rb") as handle:
         handle.seek(max(0, size - TAIL_BYTES))
         return handle.read()
+
+
+def image_urls(messages: list[dict[str, Any]]) -> list[str]:
+    """Every image URL of validated messages, in order."""
+    return [
+        part["image_url"]["url"]
+        for message in messages
+        if isinstance(message["content"], list)
+        for part in message["content"]
+        if part["type"] == "image_url"
+    ]

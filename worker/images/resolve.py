@@ -30,20 +30,12 @@ def policy(settings: Settings) -> refs.Policy:
     )
 
 
-def _urls(messages: list[dict[str, Any]]) -> list[str]:
-    return [
-        p["image_url"]["url"]
-        for m in messages
-        if isinstance(m["content"], list)
-        for p in m["content"]
-        if p["type"] == "image_url"
-    ]
-
-
 def needs_resolution(messages: list[dict[str, Any]], settings: Settings) -> bool:
     """True if some reference must be turned into bytes before the call."""
     fetch = settings.fetch_remote_images
-    return any(refs.kind_of(u) == refs.Kind.LOCAL or (fetch and u.startswith("https://")) for u in _urls(messages))
+    return any(
+        refs.kind_of(u) == refs.Kind.LOCAL or (fetch and u.startswith("https://")) for u in refs.image_urls(messages)
+    )
 
 
 def build_body(assistant_id: str, messages: list[dict[str, Any]], settings: Settings) -> bytes | StreamingBody:

@@ -1,10 +1,12 @@
 """Schema: Alembic from code (``qbgw db upgrade``) and the "is this database migrated?" check.
 
-The migrations live in the top-level ``migrations/`` folder beside ``alembic.ini``.
+The migrations live in the top-level ``migrations/`` folder of the checkout, installed with the package as
+``qbgw.migrations``: an editable install and a wheel find them alike.
 """
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
 from alembic import command
@@ -27,20 +29,22 @@ __all__ = [
     "probe",
 ]
 
-ROOT = Path(__file__).resolve().parents[2]  # worker/store/schema.py -> the checkout
+#: Where the migrations are (the package that carries them: ``qbgw.migrations``).
+MIGRATIONS = f"{__package__.rpartition('.')[0]}.migrations"
 
 
 def alembic_config(url: str) -> Config:
-    """An Alembic config for ``url`` that finds ``migrations/`` wherever qbgw is checked out.
+    """An Alembic config for ``url`` that finds the migrations wherever qbgw is installed.
 
     Raises:
-        ConfigError: the migrations folder is not beside the package (a non-editable install).
+        ConfigError: the installation lacks its migrations (a damaged install).
     """
-    ini = ROOT / "alembic.ini"
-    if not (ROOT / "migrations" / "env.py").is_file():
-        raise ConfigError(f"migrations not found under {ROOT}; install qbgw from its source tree (pip install -e .)")
-    config = Config(str(ini))
-    config.set_main_option("script_location", str(ROOT / "migrations"))
+    folder = Path(str(resources.files(MIGRATIONS)))
+    if not (folder / "env.py").is_file():
+        raise ConfigError(f"qbgw's migrations are missing from {folder}: reinstall qbgw")
+    config = Config()  # alembic.ini is for the `alembic` command in a checkout; qbgw needs no file
+    config.set_main_option("script_location", str(folder))
+    config.set_main_option("path_separator", "os")
     # ConfigParser interpolation would choke on a "%" in a password.
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return config
