@@ -13,6 +13,7 @@ from click.testing import CliRunner, Result
 from qbgw.cli.main import EXIT, cli
 from qbgw.emulator.server import Emulator
 from qbgw.execution.tasks import run_attempt
+from qbgw.queries import job_events
 from qbgw.runtime.locator import runtime
 from qbgw.settings import Settings
 from tests.conftest import ASSISTANT
@@ -56,9 +57,11 @@ def test_submit_text_then_status_and_result(env: dict[str, str], embedded_settin
     assert status["status"] == "succeeded"
     assert status["custom_id"] == "cli-1"
     assert "answer" not in status
-    result = qbgw(env, "result", job_id)
+    result = qbgw(env, "result", job_id, "--actor", "dr-cli")
     assert result.exit_code == 0
     assert 'you said "Hello from the CLI"' in result.stdout
+    reads = [e for e in job_events(job_id, include_reads=True, settings=embedded_settings) if e.action == "result.read"]
+    assert reads[-1].actor == "dr-cli"  # who read it is the reader the CLI was given
     events = [json.loads(line) for line in qbgw(env, "events", job_id).stdout.splitlines()]
     assert [e["action"] for e in events][-1] == "job.succeeded"
 

@@ -104,10 +104,11 @@ def submit(
 
 @cli.command()
 @click.argument("job_id")
+@click.option("--actor", "reader", help="Who is reading, for the audit trail (default QBGW_ACTOR).")
 @handled
-def status(job_id: str) -> None:
-    """Show a job's status, timestamps, attempts and error (not its answer)."""
-    view = get_job(job_id, settings=_settings()).as_dict()
+def status(job_id: str, reader: str | None) -> None:
+    """Show a job's status, timestamps, attempts and error (not its answer); reading the error is audited."""
+    view = get_job(job_id, reader=reader, settings=_settings()).as_dict()
     view.pop("answer")
     click.echo(json.dumps(view, indent=2, ensure_ascii=False))
 
@@ -116,15 +117,20 @@ def status(job_id: str) -> None:
 @click.argument("job_id")
 @click.option("--wait", "wait_", is_flag=True, help="Wait until the job is finished.")
 @click.option("--timeout", type=float, default=None, help="With --wait: give up after this many seconds.")
+@click.option("--actor", "reader", help="Who is reading, for the audit trail (default QBGW_ACTOR).")
 @handled
-def result(job_id: str, wait_: bool, timeout: float | None) -> None:
-    """Print a job's answer (exit 1 if it failed, 6 if it is not finished)."""
-    _print_result(job_id, _settings(), wait=wait_, timeout=timeout)
+def result(job_id: str, wait_: bool, timeout: float | None, reader: str | None) -> None:
+    """Print a job's answer (exit 1 if it failed, 6 if it is not finished); the read is audited."""
+    _print_result(job_id, _settings(), wait=wait_, timeout=timeout, reader=reader)
 
 
-def _print_result(job_id: str, settings: Settings, *, wait: bool, timeout: float | None) -> None:
-
-    view = wait_for_job(job_id, timeout=timeout, settings=settings) if wait else get_job(job_id, settings=settings)
+def _print_result(
+    job_id: str, settings: Settings, *, wait: bool, timeout: float | None, reader: str | None = None
+) -> None:
+    if wait:
+        view = wait_for_job(job_id, timeout=timeout, reader=reader, settings=settings)
+    else:
+        view = get_job(job_id, reader=reader, settings=settings)
     if view.status == "succeeded":
         click.echo(view.answer)
         return
@@ -199,10 +205,11 @@ def cancel(job_id: str, actor: str | None) -> None:
 @cli.command()
 @click.option("--limit", type=int, default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("--actor", "reader", help="Who is reading, for the audit trail (default QBGW_ACTOR).")
 @handled
-def failed(limit: int, as_json: bool) -> None:
-    """List failed jobs with their reasons, most recent first."""
-    for view in failed_jobs(limit=limit, settings=_settings()):
+def failed(limit: int, as_json: bool, reader: str | None) -> None:
+    """List failed jobs with their reasons, most recent first (each read is audited)."""
+    for view in failed_jobs(limit=limit, reader=reader, settings=_settings()):
         if as_json:
             click.echo(json.dumps(view.as_dict(), ensure_ascii=False))
         else:
