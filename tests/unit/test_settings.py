@@ -121,9 +121,9 @@ def test_the_request_limit_is_one_documented_setting_that_every_path_is_given() 
     assert Settings().max_request_bytes == 72 * 1024 * 1024
     with pytest.raises(ConfigError, match="QBGW_MAX_REQUEST_BYTES must be at least 1"):
         Settings.from_env({"QBGW_MAX_REQUEST_BYTES": "0"})
-    readme = (Path(__file__).parents[2] / "README.md").read_text()
-    table = readme[readme.index("## Configuration") : readme.index("### Why a filesystem broker")]
-    assert "| `QBGW_MAX_REQUEST_BYTES` |" in table
+    page = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text(encoding="utf-8")
+    tables = page[page.index("<!-- settings reference: generated") : page.index("<!-- end of the generated")]
+    assert "| `QBGW_MAX_REQUEST_BYTES` |" in tables
 
 
 def test_settings_made_by_the_constructor_are_validated_too() -> None:

@@ -1,6 +1,6 @@
-"""The README's hash formula is the specification: its reference block, run as an auditor would run it (plain
-Python over rows read with the bare driver, no qbgw), reproduces every ``row_hash`` of real chains qbgw wrote,
-on SQLite and PostgreSQL, in formats v3, v2 and v1."""
+"""The audit page's hash formula is the specification: its reference block (docs/audit.md, "Checking the chain
+without qbgw"), run as an auditor would run it (plain Python over rows read with the bare driver, no qbgw),
+reproduces every ``row_hash`` of real chains qbgw wrote, on SQLite and PostgreSQL, in formats v3, v2 and v1."""
 
 from __future__ import annotations
 
@@ -23,17 +23,23 @@ from qbgw.runtime.locator import runtime
 from qbgw.settings import Settings
 from tests.conftest import ASSISTANT, ROOT, as_owner
 
-HEADING = "**Checking the chain without qbgw.**"
+SPEC = ROOT / "docs" / "audit.md"
+HEADING = "## Checking the chain without qbgw"
 
 
-def readme_reference() -> dict[str, Any]:
-    """The first python block after the README's heading, executed: what an auditor would copy."""
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    assert HEADING in readme, "the README lost its reference implementation of the audit hashes"
-    block = re.search(r"```python\n(.*?)```", readme[readme.index(HEADING) :], re.S)
+def spec_block() -> str:
+    """The first python block after the audit page's heading: what an auditor would copy."""
+    page = SPEC.read_text(encoding="utf-8")
+    assert HEADING in page, "docs/audit.md lost its reference implementation of the audit hashes"
+    block = re.search(r"```python\n(.*?)```", page[page.index(HEADING) :], re.S)
     assert block is not None, "no python block after the heading"
+    return block.group(1)
+
+
+def spec_reference() -> dict[str, Any]:
+    """The reference block, executed."""
     namespace: dict[str, Any] = {}
-    exec(compile(block.group(1), "README.md", "exec"), namespace)  # noqa: S102 - the README's own code
+    exec(compile(spec_block(), "docs/audit.md", "exec"), namespace)  # noqa: S102 - the docs' own code
     return namespace
 
 
@@ -81,8 +87,8 @@ def write_a_varied_chain(settings: Settings) -> None:
         )
 
 
-def test_the_readme_reproduces_every_row_hash_of_a_real_chain(settings: Settings) -> None:
-    reference = readme_reference()
+def test_the_specification_reproduces_every_row_hash_of_a_real_chain(settings: Settings) -> None:
+    reference = spec_reference()
     write_a_varied_chain(settings)
     rows = raw_rows(settings.effective_database_url)
     assert len(rows) >= 15
@@ -98,8 +104,10 @@ def test_the_readme_reproduces_every_row_hash_of_a_real_chain(settings: Settings
     assert admin.verify_log(settings=settings).ok  # and qbgw agrees
 
 
-def test_the_readme_reproduces_formats_v1_and_v2_before_their_boundaries(settings: Settings, owner_url: str) -> None:
-    reference = readme_reference()
+def test_the_specification_reproduces_formats_v1_and_v2_before_their_boundaries(
+    settings: Settings, owner_url: str
+) -> None:
+    reference = spec_reference()
     write_a_varied_chain(settings)
     v2_from, v3_from = 4, 8
     with as_owner(owner_url) as db:  # rewrite the first events as formats v1 and v2 made them (qbgw's own code)
@@ -133,15 +141,14 @@ def _rechain(db: Any, v2_from: int, v3_from: int) -> str:
 
 
 @pytest.mark.parametrize("backend", ["sqlite"])
-def test_a_readme_that_drifts_from_the_code_fails(settings: Settings) -> None:
-    """The check above is not vacuous: the README's formula as it stood before (no 0x00 after the tag) fails."""
-    reference = readme_reference()
+def test_a_specification_that_drifts_from_the_code_fails(settings: Settings) -> None:
+    """The check above is not vacuous: the formula as it once stood (no 0x00 after the tag) fails."""
+    reference = spec_reference()
     write_a_varied_chain(settings)
     rows = raw_rows(settings.effective_database_url)
-    source = (ROOT / "README.md").read_text(encoding="utf-8")
-    block = re.search(r"```python\n(.*?)```", source[source.index(HEADING) :], re.S)
-    assert block is not None
+    block = spec_block()
+    assert 'b"qbgw-audit-v3-content\\x00"' in block
     drifted: dict[str, Any] = {}
-    exec(block.group(1).replace('b"qbgw-audit-v3-content\\x00"', 'b"qbgw-audit-v3-content"'), drifted)  # noqa: S102
+    exec(block.replace('b"qbgw-audit-v3-content\\x00"', 'b"qbgw-audit-v3-content"'), drifted)  # noqa: S102
     assert drifted["first_bad_seq"](rows) == 1
     assert reference["first_bad_seq"](rows) is None
