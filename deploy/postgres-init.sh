@@ -1,5 +1,5 @@
 #!/bin/sh
-# The database roles of the README's "Database roles", made once by the postgres image (as its superuser,
+# The database roles of docs/audit.md's "Database roles", made once by the postgres image (as its superuser,
 # from /docker-entrypoint-initdb.d) when its volume is new: qbgw_owner owns the database and migrates it, and is
 # not a superuser; workers connect as qbgw_app, which `qbgw db upgrade --app-role qbgw_app` (the migrate
 # service, as qbgw_owner) grants exactly its share.

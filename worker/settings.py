@@ -81,7 +81,7 @@ def _default_data_dir() -> Path:
     return base / "qbgw"
 
 
-#: Why a gevent worker is refused (measured by ``bench.pools``; see the README's Performance section).
+#: Why a gevent worker is refused (measured by ``bench.pools``; see docs/performance.md).
 GEVENT_REFUSED = (
     "QBGW_POOL=gevent is not supported: Celery runs a gevent worker with its synchronous loop, which "
     "(acks_late, Redis broker) takes new messages only every 2 s once its prefetch window is full, so a "

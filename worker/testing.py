@@ -15,7 +15,7 @@ trail under it::
             h.drain()
             assert qbgw.get_job(job_id).status == "succeeded"
 
-The emulator answers as the real gateway is documented to (see ``worker.emulator``); directives in a
+The emulator answers as the real gateway is documented to (see ``qbgw.emulator``); directives in a
 message's text script faults, e.g. ``[[emulator:fail=503x2]]`` (two 503s, then an answer).
 """
 
@@ -56,7 +56,8 @@ class Harness:
 
     def drain(self, *, timeout: float = 30.0) -> int:
         """Run every job that waits (queued, or retrying) in this process until none is left: each retry as
-        soon as it is due. Returns how many attempts ran (deliveries that found nothing to do are not counted).
+        soon as it is due. Returns how many deliveries made an attempt or met a fault (those that found nothing to
+        do, or were held back by the rate limit or a 429 pause, are not counted).
 
         Raises:
             TimeoutError: jobs still wait after ``timeout`` seconds (a retry scheduled further away).
@@ -69,7 +70,7 @@ class Harness:
             now = utcnow()
             due = [job_id for job_id, at in waiting if at is None or at <= now]
             for job_id in due:
-                ran += run_attempt(rt, job_id) != "skipped"
+                ran += run_attempt(rt, job_id) not in ("skipped", "throttled")
             if not waiting:
                 self._forget_messages()
                 return ran
@@ -92,7 +93,7 @@ def harness(
     data_dir: str | os.PathLike[str], *, environ: bool = True, emulator: EmulatorConfig | None = None, **settings: Any
 ) -> Iterator[Harness]:
     """A private qbgw for a test: SQLite in ``data_dir``, an in-memory broker, the emulator in a thread, a
-    random encryption key; ``settings`` override any :class:`~worker.settings.Settings` field (short backoffs
+    random encryption key; ``settings`` override any ``qbgw.Settings`` field (short backoffs
     by default, so retries drain fast). With ``environ`` (the default) the ``QBGW_*`` variables are set to
     match for the duration (and restored after), so code that calls ``qbgw.submit(...)`` without
     ``settings=`` uses the harness too."""

@@ -68,7 +68,7 @@ def test_a_running_producer_encrypts_with_the_rotated_key_within_the_documented_
     assert {Keyring.key_id_of(row.payload) for row in later} == {new}
     # And the rotation left nothing under the old key (it waited out FOLLOW_SECONDS before its last pass).
     assert set(count_by_key(settings=on_file)) == {new}
-    assert FOLLOW_SECONDS <= 1.0  # what the README promises
+    assert FOLLOW_SECONDS <= 1.0  # what docs/audit.md promises
 
 
 def _epoch(value: object) -> float:

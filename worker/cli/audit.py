@@ -1,6 +1,6 @@
 """CLI for auditors and operators: ``qbgw audit``, ``qbgw keys``, ``qbgw purge``.
 
-Registered on the main ``qbgw`` group by ``worker.cli``; each command is a few lines over a
+Registered on the main ``qbgw`` group by ``qbgw.cli``; each command is a few lines over a
 library call. Every query and export is itself audited, with ``--actor`` (or QBGW_ACTOR).
 """
 

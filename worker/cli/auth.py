@@ -1,4 +1,4 @@
-"""CLI: ``qbgw auth check``, over ``worker.auth.check_auth``: create a session with the configured
+"""CLI: ``qbgw auth check``, over ``qbgw.admin.check_auth``: create a session with the configured
 credentials and say who it is and until when, never the token (only its fingerprint)."""
 
 from __future__ import annotations

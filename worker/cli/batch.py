@@ -1,7 +1,7 @@
 """CLI for batches: ``qbgw batch submit|status|wait|list|cancel|results``.
 
-Registered on the main ``qbgw`` group by ``worker.cli``; each command is a few lines over
-``worker.batches`` / ``worker.batch_export``. Progress goes to stderr, results to stdout.
+Registered on the main ``qbgw`` group by ``qbgw.cli``; each command is a few lines over
+``qbgw.batches`` / ``qbgw.batches.export``. Progress goes to stderr, results to stdout.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ __all__ = ["main", "EXIT"]
 def cli(verbose: bool) -> None:
     """qbgw: queue jobs for the QuickBlox HIPAA AI Gateway, run them, read the results.
 
-    Settings come from QBGW_* environment variables (see the README).
+    Settings come from QBGW_* environment variables (see docs/configuration.md).
     """
     try:
         settings: Settings | None = Settings.from_env()

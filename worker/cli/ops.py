@@ -58,7 +58,7 @@ def health(skip: tuple[str, ...], timeout: float, max_checkpoint_age: float | No
 
 @click.group()
 def metrics() -> None:
-    """Prometheus metrics (see the README's Operations section for the names)."""
+    """Prometheus metrics (docs/operations.md lists the names)."""
 
 
 @metrics.command("serve")

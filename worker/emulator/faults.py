@@ -1,4 +1,4 @@
-"""Faults of the gateway emulator (``worker.emulator``): its replies, the scripted directives, the random
+"""Faults of the gateway emulator (``qbgw.emulator``): its replies, the scripted directives, the random
 faults and the thread-safe accounting that shows whether clients behave. Stdlib only.
 
 Random fault kinds (``FAULT_KINDS``), each chosen uniformly from ``EmulatorConfig.fault_kinds``:

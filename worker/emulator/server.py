@@ -27,7 +27,7 @@ or malformed directive is a 400. Names:
 Precedence: reset, fail, html, malformed.
 
 Random faults (``EmulatorConfig.fault_rate``, ``fault_seed``, ``fault_kinds``, ``hang_seconds``,
-``retry_after``; the kinds are described in ``worker.emulator_faults``): one draw per POST to the gateway
+``retry_after``; the kinds are described in ``qbgw.emulator.faults``): one draw per POST to the gateway
 path, from a ``random.Random`` seeded with ``fault_seed`` (again on reset() and when the seed is
 reconfigured), so a sequential run repeats its decisions. With probability ``fault_rate`` a kind is
 chosen uniformly; ``reset-before`` acts at once, before the body is read (so it can hit any POST, even
@@ -58,7 +58,7 @@ Assumptions (not in the QuickBlox docs):
 - Over 80 MiB of body: 413 ``{"errors": ["Request body too large"]}`` and the connection closed; a
   chunked body: 411. GET (or any other method) on the gateway path: 404, not 405.
 - With a valid token the answer carries ``QB-Token-ExpirationDate`` ("%Y-%m-%d %H:%M:%S UTC"; now + 2 h for a
-  configured token). Sessions (POST/GET /session.json, issued tokens, API keys): ``worker.emulator_session``.
+  configured token). Sessions (POST/GET /session.json, issued tokens, API keys): ``qbgw.emulator.sessions``.
 - Every POST to the gateway path counts in stats and arrivals, whatever its outcome (a reset, a hang);
   the configured latency delays every gateway answer or reset, never a control call.
 - A random 502 carries the html page of a proxy, not JSON; a random 429 says ``Too Many Requests``.
@@ -126,7 +126,7 @@ class EmulatorConfig:
     # answers 429 "Too Many Requests" (0: no limit), and the Retry-After of those 429s (0: none, as QuickBlox).
     rate_limit: int = 0
     rate_limit_retry_after: int = 0
-    # Sessions (``worker.emulator_session``): the application's credentials, its users and API keys.
+    # Sessions (``qbgw.emulator.sessions``): the application's credentials, its users and API keys.
     application_id: str = "22"
     auth_key: str = "wJHd4cQSxpQGWx5"
     auth_secret: str = "emulator-auth-secret"  # noqa: S105 - the emulator's documented test credentials

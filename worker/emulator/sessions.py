@@ -1,6 +1,6 @@
-"""Sessions of the gateway emulator (``worker.emulator``): ``POST /session.json`` with the documented
+"""Sessions of the gateway emulator (``qbgw.emulator``): ``POST /session.json`` with the documented
 signature check, ``GET /session.json``, the tokens it issued (expiring after an idle time) and API keys.
-Stdlib only; the signature is computed here independently of the client's ``worker.auth``.
+Stdlib only; the signature is computed here independently of the client's ``qbgw.upstream.auth``.
 
 Assumptions (not in the QuickBlox docs):
 

@@ -1,7 +1,7 @@
 """Service: start a Celery worker process for qbgw (``qbgw worker``) and say how it ended.
 
 It waits for the database to be reachable, routes every line the process would print into the log, keeps
-kombu's Redis transport from crashing on a broker restart (``worker.broker_guard``), and returns the exit code
+kombu's Redis transport from crashing on a broker restart (``qbgw.runtime.broker_guard``), and returns the exit code
 of Celery's worker, which Celery itself drops.
 """
 

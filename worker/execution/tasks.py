@@ -108,7 +108,7 @@ def run_attempt(rt: Runtime, job_id: str, *, slot_at: float | None = None) -> Ou
     """One attempt at ``job_id``: a place in the fleet's rate-limit plan, claim, resolve references, a slot
     to send in, call, record. ``slot_at``: the place the plan gave the job when it rescheduled it.
 
-    Any exception that is not an expected outcome is recorded on the job as a fault (``worker.faults``):
+    Any exception that is not an expected outcome is recorded on the job as a fault (``qbgw.execution.faults``):
     the job waits and is tried again, and fails after QBGW_MAX_FAULTS in a row. Raises StoreUnavailable
     when the database cannot be reached."""
     progress = faults.Progress()
@@ -345,7 +345,7 @@ def _release_unsent(rt: Runtime, claim: store.Claim, grant: Grant) -> Outcome:
 def _claim(rt: Runtime, job_id: str) -> tuple[store.Claim, bytes | images.StreamingBody | None] | None:
     """Claim the job and, in the same transaction, audit the request it will send: (claim, body), or
     (claim, None) when images must be fetched first (the claim is then committed alone). None: nothing
-    to do. On PostgreSQL through ``worker.hotpath``, elsewhere through ``worker.store``."""
+    to do. On PostgreSQL through ``qbgw.store.hotpath``, elsewhere through ``qbgw.store.jobs``."""
     now = utcnow()
     bodies: list[bytes] = []
 

@@ -1,4 +1,4 @@
-"""Metrics: every Prometheus metric qbgw exports is named here, and only here (the README's table
+"""Metrics: every Prometheus metric qbgw exports is named here, and only here (docs/operations.md's table
 lists them). Two kinds:
 
 - worker metrics, counted in the process that does the work (attempts, latency, retries,

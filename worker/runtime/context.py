@@ -71,8 +71,8 @@ class Runtime:
 
     @property
     def hot_path(self) -> HotPath | None:
-        """On PostgreSQL, an attempt's claim and success straight on psycopg (``worker.hotpath``); None
-        elsewhere, where they go through ``worker.store`` like everything else."""
+        """On PostgreSQL, an attempt's claim and success straight on psycopg (``qbgw.store.hotpath``); None
+        elsewhere, where they go through ``qbgw.store.jobs`` like everything else."""
 
         def build() -> tuple[HotPath | None]:
             return (hotpath.hot_path_for(self.session_factory.kw["bind"], self.keyring, self.settings),)
@@ -121,7 +121,7 @@ class Runtime:
 
     @property
     def limiter(self) -> Limiter:
-        """The fleet's shared budget of upstream calls (``worker.ratelimit``)."""
+        """The fleet's shared budget of upstream calls (``qbgw.upstream.ratelimit``)."""
         limiter: Limiter = self._once("limiter", lambda: limiter_for(self.settings))
         return limiter
 

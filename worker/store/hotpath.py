@@ -11,11 +11,11 @@ switched to autocommit for the duration:
 * a success is one statement, atomic as every statement is: the compare-and-set UPDATE in a CTE, and
   ``qbgw_audit_seal`` of the ``attempt.response`` and ``job.succeeded`` events if, and only if, it matched
   a row. One round trip. When it matched nothing (a cancel arrived, the lease was taken over) it wrote
-  nothing, and the caller records the outcome through ``worker.store`` as on any other database.
+  nothing, and the caller records the outcome through ``qbgw.store.jobs`` as on any other database.
 
-The statements are ``worker.store``'s own Core statements compiled for PostgreSQL once, and the events
+The statements are ``qbgw.store.jobs``'s own Core statements compiled for PostgreSQL once, and the events
 and values come from the same functions, so the two paths write the same rows. Failures, retries and
-everything else go through ``worker.store`` in a Session, as on SQLite.
+everything else go through ``qbgw.store.jobs`` in a Session, as on SQLite.
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ class HotPath:
     ) -> JobStatus | None:
         """Store the answer and finish the job with its events (as ``store.record_success``), if this worker
         still holds it and nobody asked to cancel it. None: nothing was written; record the outcome through
-        ``worker.store``, which tells a cancel from a lost lease."""
+        ``qbgw.store.jobs``, which tells a cancel from a lost lease."""
         sealed_answer = self.keyring.encrypt(answer, aad=aad_for("jobs", "answer", claim.job_id))
         where, changes = store.finish_parameters(
             claim, worker, JobStatus.SUCCEEDED, now, store.success_values(sealed_answer, now)
@@ -187,7 +187,7 @@ def audit_sealed(settings: Settings, row: Any) -> None:
 
 def hot_path_for(engine: Engine, keyring: Keyring, settings: Settings) -> HotPath | None:
     """The hot path for ``engine`` if it is PostgreSQL on psycopg with the server-side seal (the runtime's
-    engines are, once migrated); None elsewhere (SQLite): everything then goes through ``worker.store``."""
+    engines are, once migrated); None elsewhere (SQLite): everything then goes through ``qbgw.store.jobs``."""
     if engine.dialect.name != "postgresql" or engine.dialect.driver != "psycopg":
         return None
     if not getattr(engine.dialect, COMMIT_SEALS, False):

@@ -173,7 +173,7 @@ def _claim_statement() -> Update:
     now = bindparam("b_now", type_=jobs.updated_at.type)
     return (
         update(_JOBS)
-        # The statuses inline (our own constants), not an expanding parameter: worker.hotpath compiles this
+        # The statuses inline (our own constants), not an expanding parameter: qbgw.store.hotpath compiles this
         # statement to plain SQL once.
         .where(
             jobs.id == bindparam("b_id"),
@@ -255,7 +255,7 @@ def record_success(*, session: Session, claim: Claim, worker: str, answer: str, 
 
 
 def success_values(sealed_answer: str | None, now: datetime) -> dict[str, Any]:
-    """What a success writes besides the status (``worker.hotpath`` writes the same on PostgreSQL)."""
+    """What a success writes besides the status (``qbgw.store.hotpath`` writes the same on PostgreSQL)."""
     return {"answer": sealed_answer, "error": None, "error_class": None, "http_status": 200, "finished_at": now}
 
 

@@ -1,6 +1,6 @@
 """Auth: how a worker gets its QuickBlox credentials: the session signature, ``POST /session.json``, and
 the token providers the gateway client asks (static token, application or user session, API key).
-HTTP goes through ``worker.gateway``; shared sessions live in ``worker.session_cache``.
+HTTP goes through ``qbgw.upstream.gateway``; shared sessions live in ``qbgw.upstream.sessions``.
 """
 
 from __future__ import annotations

@@ -112,7 +112,7 @@ class StaticToken:
 
 
 class TokenProvider(Protocol):
-    """Where the gateway's credentials come from (see ``worker.auth``).
+    """Where the gateway's credentials come from (see ``qbgw.upstream.auth``).
 
     ``current`` is the token (or key) the next call uses, fingerprinted in the audit log; ``headers`` are
     the HTTP headers that carry it; ``renew`` makes a new session after a 401 (when ``can_renew``);

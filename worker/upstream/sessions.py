@@ -1,4 +1,4 @@
-"""Session cache: where the workers of one deployment share their QuickBlox session (``worker.auth``).
+"""Session cache: where the workers of one deployment share their QuickBlox session (``qbgw.upstream.auth``).
 
 Redis when the broker is Redis; a file in the data directory, locked with ``flock``, on the embedded
 default (whose workers share one machine); process memory otherwise. Tokens are stored encrypted.
