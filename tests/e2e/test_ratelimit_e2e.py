@@ -17,6 +17,13 @@ from tests.conftest import ASSISTANT, wait_until
 from tests.unit.test_ratelimit import worst_window
 
 Start = Callable[..., Any]
+JITTER = 0.1  # seconds of spread allowed between a call's slot and its arrival at the emulator
+
+
+def _gaps(arrivals: list[float]) -> list[int]:
+    """Milliseconds between consecutive arrivals, for the message of a failed bound."""
+    times = sorted(arrivals)
+    return [round((b - a) * 1000) for a, b in zip(times, times[1:], strict=False)]
 
 
 def _submit(settings: Settings, texts: list[str]) -> list[str]:
@@ -35,7 +42,13 @@ def test_four_workers_stay_within_one_budget(stack: Settings, emu: Emulator, wor
     assert [v.status for v in views] == [JobStatus.SUCCEEDED] * jobs
     arrivals = emu.arrivals()
     assert len(arrivals) == jobs  # every call got through at the first attempt: no 429, no retry
-    assert worst_window(arrivals) <= limit + burst
+    # The limiter lets at most limit + burst - 1 calls go in any second (exactly, on grant times: see
+    # tests/integration/test_ratelimit.py). Between a slot and its arrival here lie a thread's wake-up, the
+    # socket and the emulator's own thread, on a loaded CI machine; if that delay varies by at most JITTER,
+    # arrivals in any window of 1 - JITTER seconds came from slots within one second, so the same bound
+    # holds for them. A budget per process instead of one for the fleet would show about 4 times as many.
+    shrunk = worst_window(arrivals, width=1.0 - JITTER)
+    assert shrunk <= limit + burst - 1, (shrunk, worst_window(arrivals), _gaps(arrivals))
     assert max(arrivals) - min(arrivals) >= (jobs - burst) / limit - 0.1
     # The waits are throttling, in the audit trail: slept for in the thread, or rescheduled.
     events = [e for job_id in ids for e in job_events(job_id, settings=settings)]
