@@ -77,6 +77,10 @@ def test_error_reasons_reads_both_documented_shapes_and_garbage() -> None:
         ("Wed, 25 Nov 2026 12:00:30 GMT", 30.0),
         ("Wed, 25 Nov 2026 11:00:00 GMT", 0.0),
         ("soon", None),
+        ("86400", 3600.0),  # a day would hold the fleet: an hour is the most honoured
+        ("9" * 400, 3600.0),  # float() of this is inf
+        ("Wed, 25 Nov 2099 12:00:00 GMT", 3600.0),
+        ("Wed, 25 Nov 9999 23:59:59 +1400", 3600.0),
         ("²", None),  # a Unicode digit: str.isdigit() says yes, float() would raise
         ("١٢", None),
         ("", None),

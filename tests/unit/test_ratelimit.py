@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import math
 import random
+import time
 
 import pytest
 
-from qbgw.errors import ConfigError
+from qbgw.errors import ConfigError, RateLimited
 from qbgw.settings import Settings, parse_assistant_rates
-from qbgw.upstream.ratelimit import COOLDOWN, RATE_LIMIT, Budget, Gate, MemoryLimiter, budgets_for, cooldown_length
+from qbgw.upstream.ratelimit import (
+    COOLDOWN,
+    RATE_LIMIT,
+    Budget,
+    Gate,
+    MemoryLimiter,
+    budgets_for,
+    cooldown_length,
+    take_slot,
+)
 
 
 class Clock:
@@ -140,6 +150,44 @@ def test_the_gate_takes_a_slot_for_a_session_creation() -> None:
     gate = Gate(limiter, Settings(rate_limit=20, rate_burst=1))
     assert gate.wait() == pytest.approx(0.0, abs=0.01)
     assert gate.wait() == pytest.approx(0.05, abs=0.02)
+
+
+def test_a_long_cooldown_does_not_hold_a_session_creation_past_the_gate_bound() -> None:
+    limiter = MemoryLimiter()
+    gate = Gate(limiter, Settings(rate_limit=20, rate_burst=1))
+    limiter.cool_down(retry_after=3000.0)
+    started = time.monotonic()
+    with pytest.raises(RateLimited) as caught:
+        gate.wait(longest=0.2)
+    assert time.monotonic() - started < 1.0  # it neither slept the hour nor looped in 10 s steps
+    assert caught.value.retry_after is not None
+    assert caught.value.retry_after > 2900
+    assert "rate limit" in str(caught.value)
+
+
+def test_a_retry_after_beyond_an_hour_is_read_as_an_hour() -> None:
+    clock = Clock()
+    limiter = MemoryLimiter(clock=clock)
+    assert limiter.cool_down(retry_after=10**9) - clock.now == pytest.approx(3600.0)
+    assert cooldown_length(float("inf"), 1, base=2, cap=5) == 3600.0
+
+
+def test_a_wall_clock_step_back_does_not_stretch_the_wait_for_a_slot(monkeypatch: pytest.MonkeyPatch) -> None:
+    limiter = MemoryLimiter()
+    budget = [Budget("global", rate=20, burst=1)]
+    take_slot(limiter, budget, give_up=5)  # the next slot is 50 ms ahead
+    real_time = time.time
+    calls = {"n": 0}
+
+    def stepping() -> float:  # the wall clock steps an hour back once the slot was granted
+        calls["n"] += 1
+        return real_time() - (3600.0 if calls["n"] > 2 else 0.0)
+
+    monkeypatch.setattr(time, "time", stepping)
+    started = time.monotonic()
+    grant = take_slot(limiter, budget, give_up=5)
+    assert time.monotonic() - started < 5.5
+    assert grant.wait < 5.5
 
 
 @pytest.mark.parametrize("raw", ["x", "a=", "=3", "a=-1", "a=fast", "a=nan", "a=inf"])

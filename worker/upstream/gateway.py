@@ -279,20 +279,26 @@ def error_reasons(body: Any) -> tuple[str, ...]:
     return ()
 
 
+RETRY_AFTER_MAX = 3600.0
+"""The longest pause a ``Retry-After`` can ask for: a larger value (or a date years ahead) would hold
+every job of the fleet; an hour is honoured, more is read as an hour."""
+
+
 def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date)."""
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date), at most an hour."""
     if not value:
         return None
     value = value.strip()
     if value.isascii() and value.isdigit():
-        return float(value)
+        return min(float(value), RETRY_AFTER_MAX)  # float() of 400 digits is inf: min() bounds it
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        delta = (when - (now or datetime.now(UTC))).total_seconds()
+    except (TypeError, ValueError, OverflowError):
         return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+    return min(max(0.0, delta), RETRY_AFTER_MAX)
 
 
 def _map_transport_error(exc: requests.RequestException, what: str = "gateway") -> errors.GatewayError:

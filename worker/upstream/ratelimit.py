@@ -45,7 +45,9 @@ from typing import Any, Protocol
 
 import redis
 
+from ..errors import RateLimited
 from ..settings import Settings
+from .gateway import RETRY_AFTER_MAX
 
 __all__ = [
     "Budget",
@@ -152,7 +154,7 @@ def decide(
 def cooldown_length(retry_after: float | None, streak: int, *, base: float, cap: float) -> float:
     """Seconds to pause after a 429: the upstream's Retry-After, else ``base`` doubled per 429 in a row."""
     if retry_after is not None:
-        return max(0.0, retry_after)
+        return min(max(0.0, retry_after), RETRY_AFTER_MAX)
     return min(cap, base * float(2 ** min(max(streak - 1, 0), 30)))
 
 
@@ -497,20 +499,25 @@ def take_slot(limiter: Limiter, budgets: Sequence[Budget], *, give_up: float) ->
     a little more instead. Returns the grant, with ``wait`` the seconds spent in all; not ``reserved`` when
     they would pass ``give_up`` (a cooldown holds the fleet): then nothing was logged, do not send.
     """
-    started = time.time()
+    # The slot is a Unix time (the fleet shares it); the wait for it is measured on this process's
+    # monotonic clock, so a wall-clock step (NTP, a VM resumed) cannot stretch or skip it.
+    started = time.monotonic()
     grant = limiter.acquire(budgets, horizon=give_up)
     if not grant.reserved:
         return Grant(grant.wait, False, grant.reason, grant.at)
+    at = grant.at or time.time()
+    delay = min(max(0.0, at - time.time()), give_up)
     while True:
-        at = grant.at or time.time()
-        if at > time.time():
-            time.sleep(at - time.time())
+        if delay > 0:
+            time.sleep(delay)
         wait = limiter.admit(budgets)
+        spent = time.monotonic() - started
         if wait <= 0:
-            return Grant(time.time() - started, True, grant.reason, at)
-        if time.time() - started + wait > give_up:
-            return Grant(time.time() - started + wait, False, grant.reason, at)
-        grant = Grant(wait, True, grant.reason or RATE_LIMIT, time.time() + wait)
+            return Grant(spent, True, grant.reason, at)
+        if spent + wait > give_up:
+            return Grant(spent + wait, False, grant.reason, at)
+        delay, at = wait, time.time() + wait
+        grant = Grant(wait, True, grant.reason or RATE_LIMIT, at)
 
 
 class Gate:
@@ -520,16 +527,28 @@ class Gate:
         self._limiter = limiter
         self._budgets = budgets_for(settings, None)
 
-    def wait(self) -> float:
-        """Block until this call may go (a session is needed now; it is rare). Returns the seconds waited."""
-        waited = 0.0
+    def wait(self, *, longest: float | None = None) -> float:
+        """Block until this call may go (a session is needed now; it is rare). Returns the seconds waited.
+
+        Waits at most ``longest`` seconds (default :data:`GATE_MAX_WAIT`): a cooldown of an hour must not
+        hold a worker thread for an hour. Past it, raises :class:`~qbgw.errors.RateLimited` with the time
+        still to wait, and the attempt that needed the session is retried as a rate-limited one."""
+        longest = GATE_MAX_WAIT if longest is None else longest
+        started = time.monotonic()
         while True:
-            grant = take_slot(self._limiter, self._budgets, give_up=_GATE_HORIZON)
-            waited += grant.wait
+            left = longest - (time.monotonic() - started)
+            grant = take_slot(self._limiter, self._budgets, give_up=max(0.0, min(_GATE_HORIZON, left)))
             if grant.reserved:
-                return waited
-            time.sleep(min(grant.wait, _GATE_HORIZON))
-            waited += min(grant.wait, _GATE_HORIZON)
+                return time.monotonic() - started
+            left = longest - (time.monotonic() - started)
+            if grant.wait > left:
+                raise RateLimited(
+                    f"the fleet's rate limit holds session creation for {grant.wait:.1f} s more "
+                    f"(a caller waits at most {longest:.0f} s)",
+                    status=None,
+                    retry_after=grant.wait,
+                )
+            time.sleep(max(0.0, min(grant.wait, left)))
 
     def rate_limited(self, retry_after: float | None) -> None:
         until = self._limiter.cool_down(retry_after)
@@ -537,3 +556,4 @@ class Gate:
 
 
 _GATE_HORIZON = 10.0
+GATE_MAX_WAIT = 30.0
