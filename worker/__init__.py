@@ -16,6 +16,7 @@ if __name__ != "qbgw":  # the repository's folder imported by its own name: a se
         "worker/ folder to that name), never as worker"
     )
 
+from .access import Principal, Role, create_key, list_keys, revoke_key, rotate_key
 from .admin import anchor_now, check_auth, purge_phi, rotate_keys, sweep, verify_log
 from .audit.events import AuditRecord
 from .audit.verify import VerifyReport
@@ -49,6 +50,7 @@ from .errors import (
     StaleSession,
     StoreUnavailable,
     TransientGatewayError,
+    Unauthenticated,
     UpstreamRejected,
     UpstreamServerError,
     UpstreamTimeout,
@@ -66,6 +68,7 @@ from .queries import (
     get_batch,
     get_job,
     job_events,
+    job_metadata,
     job_status,
     list_batches,
     wait_for_batch,
@@ -81,6 +84,7 @@ __all__ = [
     # producing and reading
     "submit",
     "get_job",
+    "job_metadata",
     "wait_for_job",
     "job_events",
     "job_status",
@@ -114,6 +118,13 @@ __all__ = [
     "Secret",
     "check_auth",
     "AuthReport",
+    # API keys of qbgw serve
+    "create_key",
+    "rotate_key",
+    "revoke_key",
+    "list_keys",
+    "Role",
+    "Principal",
     # errors
     "QbgwError",
     "ConfigError",
@@ -122,6 +133,7 @@ __all__ = [
     "InvalidImage",
     "IdempotencyConflict",
     "InvalidBatch",
+    "Unauthenticated",
     "JobNotFound",
     "BatchNotFound",
     "JobStateConflict",

@@ -10,6 +10,7 @@ job at once on a ``PermanentGatewayError``; no caller inspects status codes itse
     │   ├── InvalidImage ....................... an image is not jpeg/png, too large, or unreadable
     │   ├── IdempotencyConflict ................ an idempotency key reused for a different job
     │   └── InvalidBatch ....................... lines of a batch are invalid (line numbers and reasons)
+    ├── Unauthenticated ........................ an API key is missing, malformed, unknown, expired or revoked
     ├── JobNotFound (also LookupError) ......... no job has this id
     ├── BatchNotFound (also LookupError) ....... no batch has this id
     ├── JobStateConflict ....................... the job's status does not allow the operation
@@ -48,6 +49,7 @@ __all__ = [
     "InvalidImage",
     "IdempotencyConflict",
     "InvalidBatch",
+    "Unauthenticated",
     "JobNotFound",
     "BatchNotFound",
     "JobStateConflict",
@@ -114,6 +116,18 @@ class InvalidBatch(InputError):
         if len(self.problems) > self.SHOWN:
             lines.append(f"  ... and {len(self.problems) - self.SHOWN} more")
         return "\n".join(lines)
+
+
+class Unauthenticated(QbgwError):
+    """An API key was missing, malformed, unknown, expired or revoked; ``reason`` says which (for the audit
+    event and the operator; the HTTP answer says only that the key is not accepted)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"API key not accepted: {self.reason}"
 
 
 class JobNotFound(QbgwError, LookupError):

@@ -26,6 +26,7 @@ __all__ = [
     "AuditFilter",
     "get_job",
     "job_status",
+    "job_metadata",
     "wait_for_job",
     "job_events",
     "failed_jobs",
@@ -52,6 +53,18 @@ def get_job(job_id: str, *, reader: str | None = None, settings: Settings | None
     rt = runtime(settings)
     with rt.transaction() as session:
         return reads.read_job(session, job_id, _reader(rt, reader))
+
+
+def job_metadata(job_id: str, *, settings: Settings | None = None) -> tuple[JobView, str | None]:
+    """The job without its PHI (``answer`` and ``error`` are None, so the read is not audited), and the id of
+    its batch (None when submitted alone).
+
+    Raises:
+        JobNotFound: no job has this id.
+        StoreUnavailable: the database cannot be reached.
+    """
+    with runtime(settings).transaction() as session:
+        return reads.job_metadata(session, job_id)
 
 
 def job_status(job_id: str, *, settings: Settings | None = None) -> JobStatus:

@@ -83,6 +83,11 @@ class Action(StrEnum):
     BATCH_EXPIRED = "batch.expired"
     #: Someone exported a batch's results (each job's read is also a result.read).
     BATCH_EXPORTED = "batch.exported"
+    #: An API key of ``qbgw serve`` was created (with rotation: for the same principal), or revoked.
+    API_KEY_CREATED = "apikey.created"
+    API_KEY_REVOKED = "apikey.revoked"
+    #: A request to ``qbgw serve`` presented no key, or one that is unknown, expired or revoked (never the secret).
+    AUTH_FAILED = "auth.failed"
 
 
 #: Actions that record a read, not a change.

@@ -18,6 +18,7 @@ from ..cli import audit as cli_audit
 from ..cli import auth as cli_auth
 from ..cli import batch as cli_batch
 from ..cli import ops as cli_ops
+from ..cli import serve as cli_serve
 from ..control import cancel as cancel_job
 from ..control import replay as replay_job
 from ..emulator.server import EmulatorConfig, serve
@@ -350,6 +351,8 @@ cli.add_command(cli_auth.auth)
 cli.add_command(cli_batch.batch)
 cli.add_command(cli_ops.health)
 cli.add_command(cli_ops.metrics)
+cli.add_command(cli_serve.serve)
+cli.add_command(cli_serve.api_keys)
 
 
 def main(argv: list[str] | None = None) -> None:

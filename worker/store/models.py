@@ -188,3 +188,22 @@ class AuditChainHead(Base):
     v3_from: Mapped[int] = mapped_column(BigInteger, default=1, server_default="1")
     #: The time the last seal gave its events: the next seal's is never earlier.
     last_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class ApiKey(Base):
+    """A key of ``qbgw serve``: who presents it is ``principal`` in role ``role``. Only a hash of the secret is
+    kept (the secret is 256 random bits, so a plain sha256 cannot be reversed or guessed)."""
+
+    __tablename__ = "api_keys"
+
+    #: The key's public id: the part of the presented key before its secret (``qbgw_<id>_<secret>``).
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    #: The principal: the actor of every audit event a request with this key causes ("key:<name>").
+    name: Mapped[str] = mapped_column(String(64), index=True)
+    role: Mapped[str] = mapped_column(String(16))
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    created_by: Mapped[str] = mapped_column(String(128))
+    #: After this the key is refused (NULL: never). Rotation sets it on the key it replaces.
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

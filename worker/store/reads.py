@@ -27,6 +27,7 @@ __all__ = [
     "FleetSnapshot",
     "read_job",
     "status_of",
+    "job_metadata",
     "failed",
     "query_audit",
     "job_trail",
@@ -85,6 +86,16 @@ def read_job(session: Session, job_id: str, reader: str) -> JobView:
     if job is None:
         raise JobNotFound(job_id)
     return _read(session, job, reader)
+
+
+def job_metadata(session: Session, job_id: str) -> tuple[JobView, str | None]:
+    """The job without its PHI (``answer`` and ``error`` are None; not audited) and its batch id.
+
+    Raises JobNotFound."""
+    job = session.get(Job, job_id)
+    if job is None:
+        raise JobNotFound(job_id)
+    return _view(session, job, phi=False), job.batch_id
 
 
 def status_of(session: Session, job_id: str) -> JobStatus:
@@ -221,6 +232,8 @@ class AuditFilter:
     since: datetime | None = None
     until: datetime | None = None
     limit: int = 1000
+    #: Only events after this position in the chain: a cursor, the last ``seq`` of the previous page.
+    after_seq: int | None = None
 
     def where(self) -> list[Any]:
         columns = ("job_id", "batch_id", "assistant_id", "actor", "action", "outcome")
@@ -229,6 +242,8 @@ class AuditFilter:
             clauses.append(AuditEvent.occurred_at >= self.since)
         if self.until is not None:
             clauses.append(AuditEvent.occurred_at < self.until)
+        if self.after_seq is not None:
+            clauses.append(AuditEvent.seq > self.after_seq)
         return clauses
 
     def describe(self) -> dict[str, Any]:
@@ -238,7 +253,7 @@ class AuditFilter:
 _WAITING = frozenset({JobStatus.QUEUED, JobStatus.RETRYING})
 
 
-def _view(session: Session, job: Job) -> JobView:
+def _view(session: Session, job: Job, *, phi: bool = True) -> JobView:
     return JobView(
         id=job.id,
         status=JobStatus(job.status),
@@ -248,8 +263,8 @@ def _view(session: Session, job: Job) -> JobView:
         actor=job.actor,
         attempts=job.attempts,
         max_attempts=job.max_attempts,
-        answer=open_text(session, "answer", job.id, job.answer),
-        error=open_text(session, "error", job.id, job.error),
+        answer=open_text(session, "answer", job.id, job.answer) if phi else None,
+        error=open_text(session, "error", job.id, job.error) if phi else None,
         error_class=job.error_class,
         http_status=job.http_status,
         created_at=job.created_at,

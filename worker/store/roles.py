@@ -32,6 +32,8 @@ TABLES: dict[str, tuple[str, ...]] = {
     "audit_events": ("SELECT", "INSERT"),
     # The seal locks the one head row (FOR UPDATE) and moves it; the migration made the row.
     "audit_chain_head": ("SELECT", "UPDATE"),
+    # qbgw serve reads keys; `qbgw api-keys` creates them and revokes or expires them (never deletes).
+    "api_keys": ("SELECT", "INSERT", "UPDATE"),
     # Every process checks the schema's revision before it starts.
     "alembic_version": ("SELECT",),
 }

@@ -1,0 +1,297 @@
+"""``qbgw serve`` over a real socket, with a real worker, on both stacks: the jobs API, long-polls woken by
+the database, every role against every endpoint, audit actors proven by the key, and bad input."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qbgw import access, queries
+from qbgw.settings import Settings
+from qbgw.store.reads import AuditFilter
+from tests.conftest import ASSISTANT
+from tests.e2e.api_server import Server, start_server
+from tests.images import data_uri, png_bytes
+
+JOB = {"assistant_id": ASSISTANT, "messages": [{"role": "user", "content": "What is a normal resting heart rate?"}]}
+#: A line of a batch body (the batch format's own field names).
+LINE = {"smart_chat_assistant_id": ASSISTANT, "messages": JOB["messages"]}
+
+
+@pytest.fixture
+def server(stack: Settings, tmp_path: Path, worker_process: Callable[..., Any]) -> Iterator[Server]:
+    worker_process(stack)
+    running = start_server(stack, tmp_path)
+    yield running
+    running.close()
+
+
+def submit(server: Server, who: str = "sub", body: dict[str, Any] | None = None) -> str:
+    answer = server.client(who).post("/v1/jobs", json=body or JOB)
+    assert answer.status_code == 202, answer.text
+    return str(answer.json()["id"])
+
+
+def finished(server: Server, job_id: str, who: str = "sub") -> dict[str, Any]:
+    answer = server.client(who).get(f"/v1/jobs/{job_id}", params={"wait": 30})
+    assert answer.status_code == 200, answer.text
+    data: dict[str, Any] = answer.json()
+    assert data["done"], data
+    return data
+
+
+def test_submit_long_poll_and_read_the_result(server: Server) -> None:
+    client = server.client("sub")
+    answer = client.post("/v1/jobs", json={**JOB, "custom_id": "visit-1"})
+    assert answer.status_code == 202
+    job_id = answer.json()["id"]
+    assert answer.headers["location"] == f"/v1/jobs/{job_id}"
+    status = finished(server, job_id)
+    assert status["status"] == "succeeded"
+    assert status["custom_id"] == "visit-1"
+    assert "answer" not in status  # the status never carries PHI
+    assert "error" not in status
+    result = client.get(f"/v1/jobs/{job_id}/result")
+    assert result.status_code == 200
+    assert "normal resting heart rate" in result.json()["answer"]
+
+
+def test_every_audit_event_a_request_causes_has_the_key_as_actor(server: Server) -> None:
+    job_id = submit(server, "sub")
+    finished(server, job_id)
+    assert server.client("reader").get(f"/v1/jobs/{job_id}/result").status_code == 200
+    trail = queries.job_events(job_id, include_reads=True, settings=server.settings)
+    actors = {(e.action, e.actor) for e in trail}
+    assert ("job.submitted", "key:sub") in actors
+    assert ("result.read", "key:reader") in actors
+    listed = server.client("auditor").get("/v1/audit/events", params={"action": "audit.queried", "limit": 5})
+    assert listed.status_code == 200
+    mine = queries.audit_query(AuditFilter(action="audit.queried"), settings=server.settings)
+    assert any(e.actor == "key:auditor" for e in mine)
+
+
+def test_a_long_poll_is_woken_by_the_database(server: Server, stack: Settings) -> None:
+    """The answer comes when the job ends, not at the next recheck: on PostgreSQL a NOTIFY wakes the wait (a
+    recheck would come after 5 s); on SQLite the bounded poll re-reads within 0.5 s."""
+    job_id = submit(server)
+    started = time.monotonic()
+    data = finished(server, job_id)
+    assert data["status"] == "succeeded"
+    assert time.monotonic() - started < 4.5
+
+
+def test_a_long_poll_ends_at_its_deadline_with_the_current_status(server: Server) -> None:
+    slow = {**JOB, "messages": [{"role": "user", "content": "[[emulator:sleep=3]] please"}]}
+    job_id = submit(server, body=slow)
+    answer = server.client("sub").get(f"/v1/jobs/{job_id}", params={"wait": 0.5})
+    assert answer.status_code == 200
+    assert answer.json()["done"] is False
+
+
+# ---- the role matrix: every role against every endpoint ----
+
+R = ("sub", "sub2", "reader", "auditor", "admin")
+
+
+def _row(*codes: int) -> dict[str, int]:
+    return dict(zip(R, codes, strict=True))
+
+
+#: endpoint -> what each principal gets, for a finished job submitted by "sub". sub2 is another submitter:
+#: "sub"'s job does not exist for it (404, not 403).
+MATRIX: list[tuple[str, str, dict[str, int]]] = [
+    ("POST", "/v1/jobs", _row(202, 202, 403, 403, 403)),
+    ("GET", "/v1/jobs/{job}", _row(200, 404, 200, 200, 200)),
+    ("GET", "/v1/jobs/{job}/result", _row(200, 404, 200, 403, 403)),
+    ("GET", "/v1/jobs/{job}/events", _row(200, 404, 403, 200, 200)),
+    ("POST", "/v1/jobs/{job}/cancel", _row(409, 404, 403, 403, 409)),  # it succeeded: nothing to cancel
+    ("POST", "/v1/jobs/{job}/replay", _row(403, 403, 403, 403, 409)),  # it did not fail: nothing to replay
+    ("GET", "/v1/audit/events", _row(403, 403, 403, 200, 403)),
+    ("POST", "/v1/audit/verify", _row(403, 403, 403, 200, 200)),
+    ("GET", "/v1/batches/{batch}", _row(200, 404, 200, 200, 200)),
+    ("GET", "/v1/batches/{batch}/results", _row(200, 404, 200, 403, 403)),
+    ("POST", "/v1/batches", _row(202, 202, 403, 403, 403)),
+]
+
+
+def test_every_role_against_every_endpoint(server: Server) -> None:
+    job_id = submit(server, "sub")
+    finished(server, job_id)
+    lines = "".join(json.dumps({"custom_id": f"c{i}", **LINE}) + "\n" for i in range(2))
+    batch = server.client("sub").post("/v1/batches", content=lines)
+    assert batch.status_code == 202, batch.text
+    batch_id = batch.json()["id"]
+    seen: dict[tuple[str, str, str], int] = {}
+    expected: dict[tuple[str, str, str], int] = {}
+    for row, (method, path, codes) in enumerate(MATRIX):
+        url = path.format(job=job_id, batch=batch_id)
+        for who, code in codes.items():
+            if method == "POST" and path == "/v1/jobs":
+                answer = server.client(who).post(url, json=JOB)
+            elif method == "POST" and path == "/v1/batches":
+                answer = server.client(who).post(url, content=lines)
+            else:
+                answer = server.client(who).request(method, url)
+            seen[(method, path, who)] = answer.status_code
+            expected[(method, path, who)] = code
+            if answer.status_code >= 400:
+                assert answer.headers["content-type"].startswith("application/problem+json"), (method, path, who)
+        for key in (None, "qbgw_0123456789ab_" + "x" * 43, "not-a-key"):
+            headers = {} if key is None else {"Authorization": f"Bearer {key}"}
+            answer = server.client(None, source=f"127.0.1.{row + 1}").request(method, url, headers=headers)
+            seen[(method, path, str(key))] = answer.status_code
+            expected[(method, path, str(key))] = 401
+    wrong = {k: (seen[k], v) for k, v in expected.items() if seen[k] != v}
+    assert not wrong, f"(got, expected) by (method, path, principal): {wrong}"
+
+
+def test_expired_and_revoked_keys_are_refused_and_every_refusal_is_audited(server: Server) -> None:
+    row, secret = access.create_key("short", "reader", expires_in=access.parse_duration("1s"), settings=server.settings)
+    client = server.client(None, source="127.0.3.1")
+    headers = {"Authorization": f"Bearer {secret}"}
+    assert client.get("/v1/jobs/none", headers=headers).status_code == 404  # accepted: the job does not exist
+    time.sleep(1.2)
+    refused = client.get("/v1/jobs/none", headers=headers)
+    assert refused.status_code == 401
+    assert refused.headers["www-authenticate"].startswith("Bearer")
+    _, revoked = access.create_key("gone", "reader", settings=server.settings)
+    gone_id = revoked.split("_")[1]  # qbgw_<id>_<secret>
+    assert client.get("/v1/jobs/none", headers={"Authorization": f"Bearer {revoked}"}).status_code == 404
+    access.revoke_key(gone_id, settings=server.settings)
+    assert client.get("/v1/jobs/none", headers={"Authorization": f"Bearer {revoked}"}).status_code == 401
+    failures = queries.audit_query(AuditFilter(action="auth.failed"), settings=server.settings)
+    reasons = {(e.detail.get("key_id"), e.detail.get("reason")) for e in failures}
+    assert (row.id, "expired key") in reasons
+    assert (gone_id, "revoked key") in reasons
+    for event in failures:
+        for presented in (secret, revoked):
+            assert presented.split("_", 2)[2] not in json.dumps(event.as_dict())  # never the presented secret
+
+
+def test_repeated_failures_from_one_source_are_slowed_down(server: Server) -> None:
+    client = server.client(None, source="127.0.2.1")
+    codes = [
+        client.get("/v1/jobs/x", headers={"Authorization": "Bearer qbgw_deadbeef00_" + "y" * 43}).status_code
+        for _ in range(11)
+    ]
+    assert codes[:9] == [401] * 9
+    assert codes[9:] == [429, 429]
+    slowed = client.get("/v1/jobs/x", headers={"Authorization": "Bearer not-a-key"})
+    assert slowed.status_code == 429
+    assert int(slowed.headers["retry-after"]) >= 1
+    # A valid key from that address still passes (users behind one NAT), and other addresses are untouched.
+    assert client.get("/v1/jobs/x", headers={"Authorization": f"Bearer {server.keys['sub']}"}).status_code == 404
+    assert server.client(None, source="127.0.2.2").get("/v1/jobs/x").status_code == 401
+
+
+# ---- bad input: problem details naming the field ----
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "says"),
+    [
+        ({"assistant_id": ASSISTANT}, "messages", "required"),
+        ({"messages": JOB["messages"]}, "smart_chat_assistant_id", "required"),
+        ({**JOB, "temperature": 0.2}, "temperature", "not a field of a job"),
+        ({**JOB, "messages": [{"role": "user", "content": 5}]}, "messages[0].content", "must be"),
+        ({**JOB, "custom_id": ""}, "custom_id", "non-empty"),
+        (
+            {
+                **JOB,
+                "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "ftp://x"}}]}],
+            },
+            None,
+            "",
+        ),
+    ],
+)
+def test_bad_jobs_get_problem_details_naming_the_field(
+    server: Server, body: dict[str, Any], field: str | None, says: str
+) -> None:
+    before = len(queries.audit_query(AuditFilter(action="job.submitted"), settings=server.settings))
+    answer = server.client("sub").post("/v1/jobs", json=body)
+    assert answer.status_code == 422, answer.text
+    assert answer.headers["content-type"].startswith("application/problem+json")
+    problem = answer.json()
+    assert problem["status"] == 422
+    assert problem["type"].startswith("urn:qbgw:problem:")
+    if field is not None:
+        assert problem["errors"][0]["field"] == field
+        assert says in problem["errors"][0]["detail"]
+    after = len(queries.audit_query(AuditFilter(action="job.submitted"), settings=server.settings))
+    assert after == before  # nothing was stored
+
+
+def test_bodies_that_are_not_json_objects_or_too_large(server: Server) -> None:
+    client = server.client("sub")
+    assert client.post("/v1/jobs", content=b"{nope").json()["errors"][0]["field"] == "body"
+    assert client.post("/v1/jobs", json=[1, 2]).status_code == 422
+    huge = b"x" * (server.settings.max_request_bytes + 70_000)
+    answer = client.post("/v1/jobs", content=huge)
+    assert answer.status_code == 413
+    assert "at most" in answer.json()["detail"]
+    assert client.get("/v1/jobs/x", params={"wait": 600}).status_code == 422
+    assert client.get("/v1/jobs/x", params={"wait": "soon"}).json()["errors"][0]["field"] == "wait"
+
+
+def test_an_idempotency_key_is_per_principal(server: Server) -> None:
+    first = server.client("sub").post("/v1/jobs", json=JOB, headers={"Idempotency-Key": "order-7"})
+    again = server.client("sub").post("/v1/jobs", json=JOB, headers={"Idempotency-Key": "order-7"})
+    other = server.client("sub2").post("/v1/jobs", json=JOB, headers={"Idempotency-Key": "order-7"})
+    assert first.json()["id"] == again.json()["id"]
+    assert other.json()["id"] != first.json()["id"]  # never another principal's job
+    changed = server.client("sub").post(
+        "/v1/jobs",
+        json={**JOB, "messages": [{"role": "user", "content": "another question"}]},
+        headers={"Idempotency-Key": "order-7"},
+    )
+    assert changed.status_code == 409
+
+
+def test_an_image_job_and_a_batch_through_the_api(server: Server) -> None:
+    client = server.client("sub")
+    image = {
+        "assistant_id": ASSISTANT,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Describe."},
+                    {"type": "image_url", "image_url": {"url": data_uri("png", png_bytes(32, 32))}},
+                ],
+            }
+        ],
+    }
+    job_id = submit(server, body=image)
+    assert finished(server, job_id)["status"] == "succeeded"
+    lines = "".join(json.dumps({"custom_id": f"line-{i}", **LINE}) + "\n" for i in range(3))
+    created = client.post("/v1/batches", content=lines)
+    assert created.status_code == 202, created.text
+    batch_id = created.json()["id"]
+    deadline = time.monotonic() + 60
+    while client.get(f"/v1/batches/{batch_id}").json()["status"] != "completed":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    results = client.get(f"/v1/batches/{batch_id}/results")
+    rows = [json.loads(line) for line in results.text.splitlines()]
+    assert sorted(r["custom_id"] for r in rows) == ["line-0", "line-1", "line-2"]
+    bad = client.post("/v1/batches", content='{"custom_id": "a"}\nnot json\n')
+    assert bad.status_code == 422
+    assert {e["line"] for e in bad.json()["errors"]} == {1, 2}
+
+
+def test_health_ready_and_the_openapi_document(server: Server) -> None:
+    client = server.client(None, source="127.0.4.1")
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200, ready.text
+    assert {c["name"] for c in ready.json()["checks"]} == {"database", "broker"}
+    spec = client.get("/openapi.json").json()
+    for path in ("/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/result", "/v1/audit/events", "/v1/batches"):
+        assert path in spec["paths"]
+    assert client.get("/docs").status_code == 200

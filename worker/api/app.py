@@ -1,0 +1,611 @@
+"""The HTTP front door (``qbgw serve``): the Python API over HTTP, behind API keys and roles.
+
+Every handler is a few lines over a facade call (:mod:`qbgw.producer`, :mod:`qbgw.queries`,
+:mod:`qbgw.control`, :mod:`qbgw.admin`), with the authenticated principal as the actor: over HTTP no
+caller names itself. Validation is the facade's; this module translates its errors into problem details
+(:mod:`qbgw.api.problems`). Blocking facade calls run in the server's thread pool; a long-poll waits on
+the event loop, woken by the database (:mod:`qbgw.runtime.waiter`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import tempfile
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__, access, admin, control, errors, producer, queries
+from ..access import PERMISSIONS, Principal
+from ..batches import export
+from ..lifecycle import TERMINAL
+from ..messages import validate_key
+from ..ops.health import check_health
+from ..runtime.waiter import JobWaiter
+from ..settings import Settings
+from ..store.reads import AuditFilter, JobView
+from .problems import from_error, problem
+
+__all__ = ["create_app", "MAX_BATCH_BODY", "MAX_WAIT", "FAILURE_WINDOW", "FAILURES_ALLOWED"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: The largest batch body accepted (OpenAI's Batch API takes files up to 200 MB).
+MAX_BATCH_BODY = 200 * 1024 * 1024
+#: The longest long-poll: ``?wait=`` above this is refused.
+MAX_WAIT = 60.0
+#: Failed authentications from one address within FAILURE_WINDOW seconds before it is slowed down (429).
+FAILURES_ALLOWED, FAILURE_WINDOW = 10, 60.0
+#: How long a failed authentication past that limit is held before its 429 (on the event loop: no thread waits).
+FAILURE_DELAY = 1.0
+#: The fields a job's JSON body may have.
+JOB_FIELDS = frozenset({"assistant_id", "smart_chat_assistant_id", "messages", "custom_id"})
+
+
+class Refused(Exception):
+    """An answer decided before any facade call (authentication, role, ownership, body size)."""
+
+    def __init__(self, response: Response, delay: float = 0.0) -> None:
+        self.response = response
+        #: Seconds to hold the answer (on the event loop, not in a thread) before sending it.
+        self.delay = delay
+
+
+_JOB_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["assistant_id", "messages"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "assistant_id": {"type": "string", "description": "the Smart Chat assistant's id"},
+                        "smart_chat_assistant_id": {"type": "string", "description": "the same, by the gateway's name"},
+                        "messages": {
+                            "type": "array",
+                            "description": "OpenAI-format messages; image_url parts with https, data: or file "
+                            "references (jpeg or png, at most 50 MB)",
+                            "items": {"type": "object"},
+                        },
+                        "custom_id": {"type": "string", "maxLength": 255},
+                    },
+                },
+                "example": {
+                    "assistant_id": "65d5f3473d5d68095462165d",
+                    "messages": [{"role": "user", "content": "Summarise the visit note."}],
+                    "custom_id": "visit-42",
+                },
+            }
+        },
+    },
+    "parameters": [
+        {
+            "name": "Idempotency-Key",
+            "in": "header",
+            "required": False,
+            "schema": {"type": "string", "maxLength": 255},
+            "description": "the same key with the same body returns the first job (per API key's principal)",
+        }
+    ],
+}
+
+_BATCH_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/jsonl": {
+                "schema": {"type": "string", "format": "binary"},
+                "example": '{"custom_id": "a", "messages": [{"role": "user", "content": "Hi"}]}\n',
+            }
+        },
+    }
+}
+
+router = APIRouter()
+
+
+class _Failures:
+    """Failed authentications per source address, to slow down guessing (per server process)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, deque[float]] = {}
+
+    def blocked_for(self, source: str) -> float:
+        times = self._seen.get(source)
+        if not times:
+            return 0.0
+        now = time.monotonic()
+        while times and times[0] < now - FAILURE_WINDOW:
+            times.popleft()
+        if len(times) < FAILURES_ALLOWED:
+            return 0.0
+        return max(0.0, times[0] + FAILURE_WINDOW - now)
+
+    def add(self, source: str) -> None:
+        if len(self._seen) > 100_000:  # a flood of sources: forget the oldest rather than grow without bound
+            self._seen.clear()
+        self._seen.setdefault(source, deque(maxlen=FAILURES_ALLOWED * 2)).append(time.monotonic())
+
+
+@dataclass
+class _Context:
+    settings: Settings
+    waiter: JobWaiter
+    failures: _Failures
+
+
+def _ctx(request: Request) -> _Context:
+    ctx: _Context = request.app.state.ctx
+    return ctx
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The ASGI application of ``qbgw serve`` (settings from the environment when None)."""
+    settings = settings or Settings.from_env()
+    waiter = JobWaiter(settings.effective_database_url)
+    failures = _Failures()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        waiter.start(asyncio.get_running_loop())
+        yield
+        waiter.stop()
+
+    app = FastAPI(
+        title="qbgw",
+        version=__version__,
+        summary="Jobs for the QuickBlox HIPAA AI Gateway: submit, wait, read results, audit.",
+        lifespan=lifespan,
+    )
+    app.state.ctx = _Context(settings, waiter, failures)
+    app.include_router(router)
+
+    # ---- errors: problem details everywhere ----
+
+    @app.exception_handler(Refused)
+    async def _refused(_: Request, exc: Refused) -> Response:
+        return exc.response
+
+    @app.exception_handler(errors.QbgwError)
+    async def _qbgw(_: Request, exc: errors.QbgwError) -> Response:
+        return from_error(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> Response:
+        found = [
+            {"field": ".".join(str(p) for p in e.get("loc", ())[1:]) or None, "detail": e.get("msg", "")}
+            for e in exc.errors()
+        ]
+        return problem(422, "invalid-request", "The request is invalid", errors_=found)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> Response:
+        titles = {404: "Not found", 405: "Method not allowed"}
+        return problem(
+            exc.status_code,
+            "not-found" if exc.status_code == 404 else "http",
+            titles.get(exc.status_code, str(exc.detail)),
+            headers=dict(exc.headers or {}),
+        )
+
+    return app
+
+
+# ---- who is asking ----
+
+
+def authenticate(request: Request) -> Principal:
+    settings, failures = _ctx(request).settings, _ctx(request).failures
+    source = request.client.host if request.client else ""
+    header = request.headers.get("authorization", "")
+    scheme, _, presented = header.partition(" ")
+    key = presented.strip() if scheme.lower() == "bearer" else None
+    try:
+        return access.authenticate(key, source=source, settings=settings)
+    except errors.Unauthenticated as exc:
+        failures.add(source)
+        wait = failures.blocked_for(source)
+        if wait > 0:
+            # Guessing from this address: a valid key still passes (many users may share one NAT), but each
+            # further failure waits and is told when to try again.
+            raise Refused(
+                problem(
+                    429,
+                    "too-many-failures",
+                    "Too many failed authentications from this address",
+                    f"try again in {wait:.0f} s",
+                    headers={"Retry-After": str(max(1, int(wait + 0.999)))},
+                ),
+                delay=min(wait, FAILURE_DELAY),
+            ) from None
+        raise Refused(
+            problem(
+                401,
+                "unauthenticated",
+                "A valid API key is required",
+                "send Authorization: Bearer <key>; the key given is missing, malformed, unknown, expired or revoked"
+                if exc.reason != "no key"
+                else "send Authorization: Bearer <key> (qbgw api-keys create makes one)",
+                headers={"WWW-Authenticate": 'Bearer realm="qbgw"'},
+            )
+        ) from None
+
+
+def allowed(principal: Principal, permission: str) -> str:
+    scope = PERMISSIONS[permission].get(principal.role)
+    if scope is None:
+        raise Refused(
+            problem(
+                403,
+                "forbidden",
+                "This key's role does not allow this",
+                f"role {principal.role.value!r} may not {permission.replace('.', ' ')}",
+            )
+        )
+    return scope
+
+
+async def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    return await run_in_threadpool(fn, *args, **kwargs)
+
+
+async def who(request: Request, permission: str) -> tuple[Principal, str]:
+    try:
+        principal = await call(authenticate, request)
+    except Refused as refused:
+        if refused.delay > 0:
+            await asyncio.sleep(refused.delay)
+        raise
+    return principal, allowed(principal, permission)
+
+
+async def job_for(request: Request, principal: Principal, scope: str, job_id: str) -> tuple[JobView, str | None]:
+    view, batch_id = await call(queries.job_metadata, job_id, settings=_ctx(request).settings)
+    if scope == "own" and view.actor != principal.actor:
+        raise errors.JobNotFound(job_id)  # another principal's job does not exist for this one
+    return view, batch_id
+
+
+async def body_bytes(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise Refused(_too_large(limit))
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise Refused(_too_large(limit))
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+# ---- health ----
+
+
+@router.get("/healthz", tags=["health"])
+async def healthz() -> dict[str, str]:
+    """The server process is alive (no dependency is checked)."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", tags=["health"])
+async def readyz(request: Request) -> Response:
+    """The database is reachable and migrated, and the broker is reachable: 200, else 503 naming what is not."""
+    checks = await call(check_health, _ctx(request).settings, skip=("upstream", "audit", "keys"), timeout=3.0)
+    ok = all(c.ok for c in checks)
+    body = {"status": "ready" if ok else "not ready", "checks": [c.as_dict() for c in checks]}
+    return JSONResponse(body, status_code=200 if ok else 503)
+
+
+# ---- jobs ----
+
+
+@router.post("/v1/jobs", status_code=202, tags=["jobs"], openapi_extra=_JOB_BODY)
+async def submit_job(request: Request) -> Response:
+    """Queue a gateway job (the body of ``qbgw.submit``): 202 with its id and a Location to poll."""
+    principal, _ = await who(request, "jobs.submit")
+    data = _json_object(await body_bytes(request, _ctx(request).settings.max_request_bytes + 65536))
+    unknown = sorted(set(data) - JOB_FIELDS)
+    if unknown:
+        raise errors.InvalidMessages(
+            f"{unknown[0]}: not a field of a job; a job has assistant_id (or smart_chat_assistant_id), "
+            "messages and custom_id"
+        )
+    assistant = data.get("assistant_id", data.get("smart_chat_assistant_id"))
+    idempotency = request.headers.get("idempotency-key")
+    scoped = None
+    if idempotency is not None:
+        validate_key("Idempotency-Key", idempotency)
+        # Keys are per principal: another key's identical Idempotency-Key is another job, never this one's.
+        scoped = "api:" + hashlib.sha256(f"{principal.actor}\x00{idempotency}".encode()).hexdigest()
+    try:
+        job_id = await call(
+            producer.submit,
+            assistant,  # validated by submit
+            data.get("messages"),
+            custom_id=data.get("custom_id"),
+            idempotency_key=scoped,
+            actor=principal.actor,
+            settings=_ctx(request).settings,
+        )
+        queued = True
+    except errors.NotAnnounced as exc:  # stored; the sweeper publishes it
+        job_id, queued = exc.job_id, False
+    view, batch_id = await call(queries.job_metadata, job_id, settings=_ctx(request).settings)
+    body = _status(view, batch_id)
+    body["announced"] = queued
+    return JSONResponse(body, status_code=202, headers={"Location": f"/v1/jobs/{job_id}"})
+
+
+@router.get("/v1/jobs/{job_id}", tags=["jobs"])
+async def get_job(request: Request, job_id: str, wait: float = 0.0) -> Response:
+    """The job's status and metadata, never its messages nor answer. ``wait``: up to that many seconds
+    (at most 60) until the job has ended, woken by the database."""
+    principal, scope = await who(request, "jobs.status")
+    if not 0 <= wait <= MAX_WAIT:
+        raise errors.InputError(f"wait: must be between 0 and {MAX_WAIT:g} seconds, got {wait:g}")
+    waiter = _ctx(request).waiter
+    deadline = time.monotonic() + wait
+    polls = 0
+    while True:
+        with waiter.watch(job_id) as ended:
+            view, batch_id = await job_for(request, principal, scope, job_id)
+            left = deadline - time.monotonic()
+            if view.status in TERMINAL or left <= 0:
+                return JSONResponse(_status(view, batch_id))
+            try:
+                await asyncio.wait_for(ended.wait(), timeout=min(left, waiter.interval(polls)))
+            except TimeoutError:
+                pass
+            polls += 1
+
+
+@router.get("/v1/jobs/{job_id}/result", tags=["jobs"])
+async def get_result(request: Request, job_id: str) -> Response:
+    """The answer, or the error, of a job that has ended: a read of PHI, audited with the key's principal.
+    409 while the job has not ended."""
+    principal, scope = await who(request, "jobs.result")
+    view, _ = await job_for(request, principal, scope, job_id)
+    if view.status not in TERMINAL:
+        return problem(409, "not-finished", "The job has not ended", f"it is {view.status}", job_id=job_id)
+    full = await call(queries.get_job, job_id, reader=principal.actor, settings=_ctx(request).settings)
+    error = None
+    if full.error is not None or full.error_class is not None:
+        error = {"class": full.error_class, "message": full.error, "http_status": full.http_status}
+    return JSONResponse(
+        {
+            "id": full.id,
+            "status": str(full.status),
+            "custom_id": full.custom_id,
+            "answer": full.answer,
+            "error": error,
+            "finished_at": _iso(full.finished_at),
+        }
+    )
+
+
+@router.post("/v1/jobs/{job_id}/cancel", tags=["jobs"])
+async def cancel_job(request: Request, job_id: str) -> Response:
+    """Cancel a job: ``cancelled`` at once, or ``running`` (cancelled when its attempt ends). 409 when it
+    has already succeeded or failed."""
+    principal, scope = await who(request, "jobs.cancel")
+    await job_for(request, principal, scope, job_id)
+    status = await call(control.cancel, job_id, actor=principal.actor, settings=_ctx(request).settings)
+    return JSONResponse({"id": job_id, "status": str(status)})
+
+
+@router.post("/v1/jobs/{job_id}/replay", tags=["jobs"])
+async def replay_job(request: Request, job_id: str) -> Response:
+    """Queue a failed job again with a fresh budget of attempts (admin). 409 unless it failed."""
+    principal, scope = await who(request, "jobs.replay")
+    await job_for(request, principal, scope, job_id)
+    attempt = await call(control.replay, job_id, actor=principal.actor, settings=_ctx(request).settings)
+    return JSONResponse({"id": job_id, "status": "queued", "next_attempt": attempt})
+
+
+@router.get("/v1/jobs/{job_id}/events", tags=["jobs"])
+async def job_events(request: Request, job_id: str) -> Response:
+    """The job's audit trail, oldest first (no PHI: digests and sizes). The query is audited."""
+    principal, scope = await who(request, "jobs.events")
+    await job_for(request, principal, scope, job_id)
+    events = await call(
+        queries.job_events, job_id, include_reads=True, reader=principal.actor, settings=_ctx(request).settings
+    )
+    return JSONResponse({"data": [e.as_dict() for e in events]})
+
+
+# ---- batches ----
+
+
+@router.post("/v1/batches", status_code=202, tags=["batches"], openapi_extra=_BATCH_BODY)
+async def submit_batch(
+    request: Request,
+    assistant_id: str | None = None,
+    completion_window: str = "24h",
+    skip_invalid: bool = False,
+) -> Response:
+    """A batch from a JSON Lines body (the lines of ``qbgw batch submit``), streamed to a temporary file
+    of at most 200 MB; every line is validated before anything is stored."""
+    principal, _ = await who(request, "batches.submit")
+    window = access.parse_duration(completion_window, "completion_window")
+    handle, path = tempfile.mkstemp(prefix="qbgw-batch-", suffix=".jsonl")
+    try:
+        size = 0
+        with os.fdopen(handle, "wb") as spool:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > MAX_BATCH_BODY:
+                    raise Refused(_too_large(MAX_BATCH_BODY))
+                spool.write(chunk)
+        if size == 0:
+            raise errors.InvalidBatch("the body is empty: send one JSON object per line")
+        view = await call(
+            producer.submit_batch,
+            path,
+            assistant_id=assistant_id,
+            window=window,
+            skip_invalid=skip_invalid,
+            actor=principal.actor,
+            settings=_ctx(request).settings,
+        )
+    finally:
+        os.unlink(path)
+    body = view.as_dict()
+    body["problems"] = [{"line": n, "detail": reason} for n, reason in view.problems]
+    return JSONResponse(body, status_code=202, headers={"Location": f"/v1/batches/{view.id}"})
+
+
+async def batch_for(request: Request, principal: Principal, scope: str, batch_id: str) -> Any:
+    view = await call(queries.get_batch, batch_id, settings=_ctx(request).settings)
+    if scope == "own" and view.actor != principal.actor:
+        raise errors.BatchNotFound(batch_id)
+    return view
+
+
+@router.get("/v1/batches/{batch_id}", tags=["batches"])
+async def get_batch(request: Request, batch_id: str) -> Response:
+    """The batch's status and counts (no PHI)."""
+    principal, scope = await who(request, "batches.status")
+    view = await batch_for(request, principal, scope, batch_id)
+    return JSONResponse(view.as_dict())
+
+
+@router.get("/v1/batches/{batch_id}/results", tags=["batches"])
+async def batch_results(request: Request, batch_id: str, format: str = "jsonl", failed_only: bool = False) -> Response:
+    """Every job's answer or error, by custom_id: JSON Lines (``format=jsonl``) or CSV. Audited per job."""
+    principal, scope = await who(request, "batches.results")
+    if format not in ("jsonl", "csv"):
+        raise errors.InputError(f"format: {format!r} is not accepted; use jsonl or csv")
+    await batch_for(request, principal, scope, batch_id)
+    results = await call(
+        queries.batch_results,
+        batch_id,
+        failed_only=failed_only,
+        reader=principal.actor,
+        settings=_ctx(request).settings,
+    )
+
+    def lines() -> Any:
+        import io
+
+        out = io.StringIO()
+        writer = export.write_jsonl if format == "jsonl" else export.write_csv
+        writer(results, out)
+        yield out.getvalue()
+
+    media = "application/jsonl" if format == "jsonl" else "text/csv"
+    return StreamingResponse(lines(), media_type=media)
+
+
+@router.post("/v1/batches/{batch_id}/cancel", tags=["batches"])
+async def cancel_batch(request: Request, batch_id: str) -> Response:
+    """Cancel every job of the batch not finished yet; finished ones keep their results."""
+    principal, scope = await who(request, "batches.cancel")
+    await batch_for(request, principal, scope, batch_id)
+    view = await call(control.cancel_batch, batch_id, actor=principal.actor, settings=_ctx(request).settings)
+    return JSONResponse(view.as_dict())
+
+
+# ---- audit ----
+
+
+@router.get("/v1/audit/events", tags=["audit"])
+async def audit_events(
+    request: Request,
+    job_id: str | None = None,
+    batch_id: str | None = None,
+    assistant_id: str | None = None,
+    actor: str | None = None,
+    action: str | None = None,
+    outcome: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    after_seq: int | None = None,
+    limit: int = 100,
+) -> Response:
+    """Audit events oldest first, filtered as ``qbgw audit``; ``next_cursor`` (a seq) gives the next page
+    as ``after_seq``. The query is itself audited."""
+    principal, _ = await who(request, "audit.events")
+    if not 1 <= limit <= 1000:
+        raise errors.InputError(f"limit: must be between 1 and 1000, got {limit}")
+    for name, when in (("since", since), ("until", until)):
+        if when is not None and when.tzinfo is None:
+            raise errors.InputError(f"{name}: give a time zone (2026-12-05T10:00:00Z), got {when.isoformat()}")
+    query = AuditFilter(
+        job_id=job_id,
+        batch_id=batch_id,
+        assistant_id=assistant_id,
+        actor=actor,
+        action=action,
+        outcome=outcome,
+        since=since,
+        until=until,
+        limit=limit,
+        after_seq=after_seq,
+    )
+    events = await call(queries.audit_query, query, reader=principal.actor, settings=_ctx(request).settings)
+    cursor = events[-1].seq if len(events) == limit else None
+    return JSONResponse({"data": [e.as_dict() for e in events], "next_cursor": cursor})
+
+
+@router.post("/v1/audit/verify", tags=["audit"])
+async def audit_verify(request: Request) -> Response:
+    """Verify the whole chain against the signed anchors (audited). 200 either way; ``ok`` says."""
+    principal, _ = await who(request, "audit.verify")
+    report = await call(admin.verify_log, reader=principal.actor, settings=_ctx(request).settings)
+    found = report.problem
+    return JSONResponse(
+        {
+            "ok": report.ok,
+            "events": report.events,
+            "anchors": report.anchors,
+            "seconds": report.seconds,
+            "problem": None if found is None else {"seq": found.seq, "detail": str(found)},
+        }
+    )
+
+
+def _too_large(limit: int) -> Response:
+    return problem(413, "too-large", "The request body is too large", f"at most {limit} bytes are accepted")
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    import json
+
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise errors.InvalidMessages(f"body: not valid JSON ({exc.__class__.__name__}); send a JSON object") from None
+    if not isinstance(data, dict):
+        raise errors.InvalidMessages(f"body: must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _iso(when: datetime | None) -> str | None:
+    return None if when is None else when.isoformat()
+
+
+def _status(view: JobView, batch_id: str | None) -> dict[str, Any]:
+    data = view.as_dict()
+    for phi in ("answer", "error", "idempotency_key"):
+        data.pop(phi, None)
+    data["submitted_by"] = data.pop("actor")
+    data["batch_id"] = batch_id
+    data["done"] = view.done
+    return data

@@ -1,0 +1,126 @@
+"""Long-polls woken by the database: a job's end wakes the requests waiting for it.
+
+On PostgreSQL one listener thread per server process holds a connection that ``LISTEN``s on
+``qbgw_job_ended`` (a trigger NOTIFYs it when a job's status becomes terminal, at commit); each
+notification wakes the waiters of that job. A waiter still re-reads the job every few seconds, so a
+listener connection that dropped (and reconnects) costs latency, never a wait past its deadline. SQLite has
+no NOTIFY: there the waiter re-reads on a bounded poll (50 ms, growing to 500 ms).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator
+
+from sqlalchemy import make_url
+
+__all__ = ["JobWaiter", "CHANNEL"]
+
+log = logging.getLogger(__name__)
+
+#: The channel the jobs table's trigger notifies, with the job id as payload.
+CHANNEL = "qbgw_job_ended"
+#: How often a waiter re-reads the job while the listener is connected (a safety net, not the mechanism).
+RECHECK = 5.0
+#: The bounded poll without a listener (SQLite, or while PostgreSQL's listener reconnects).
+POLL_FIRST, POLL_MAX = 0.05, 0.5
+
+
+class JobWaiter:
+    """Wakes the waiters of a job when it ends (see the module's docstring)."""
+
+    def __init__(self, database_url: str) -> None:
+        url = make_url(database_url)
+        self._dsn = (
+            url.set(drivername="postgresql").render_as_string(hide_password=False)
+            if url.get_backend_name() == "postgresql"
+            else None
+        )
+        self._waiting: dict[str, set[asyncio.Event]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.listening = False
+        #: Notifications received (for tests and metrics).
+        self.woken = 0
+
+    @property
+    def notifies(self) -> bool:
+        """True where the database can wake waiters (PostgreSQL)."""
+        return self._dsn is not None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        if self._dsn is not None and self._thread is None:
+            self._thread = threading.Thread(target=self._listen, name="qbgw-job-listener", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=3)
+
+    @contextlib.contextmanager
+    def watch(self, job_id: str) -> Iterator[asyncio.Event]:
+        """An event set when ``job_id`` ends; register it *before* reading the job's status, so an end between
+        the read and the wait is not missed."""
+        event = asyncio.Event()
+        self._waiting.setdefault(job_id, set()).add(event)
+        try:
+            yield event
+        finally:
+            waiters = self._waiting.get(job_id)
+            if waiters is not None:
+                waiters.discard(event)
+                if not waiters:
+                    del self._waiting[job_id]
+
+    def interval(self, polls: int) -> float:
+        """How long a waiter sleeps before re-reading, after ``polls`` reads."""
+        if self.listening:
+            return RECHECK
+        return min(POLL_MAX, POLL_FIRST * (1.5**polls))
+
+    def _wake(self, job_id: str) -> None:
+        self.woken += 1
+        for event in self._waiting.get(job_id, ()):
+            event.set()
+
+    def _wake_all(self) -> None:
+        for events in self._waiting.values():
+            for event in events:
+                event.set()
+
+    def _listen(self) -> None:
+        import psycopg
+
+        assert self._dsn is not None  # noqa: S101 - started only with a PostgreSQL URL
+        backoff = 0.5
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(self._dsn, autocommit=True, connect_timeout=5) as connection:
+                    connection.execute(f"LISTEN {CHANNEL}")
+                    self.listening = True
+                    backoff = 0.5
+                    # Waiters that slept on the long interval while the listener was away re-read now.
+                    self._call(self._wake_all)
+                    while not self._stop.is_set():
+                        for note in connection.notifies(timeout=1.0):
+                            self._call(self._wake, note.payload)
+            except Exception as exc:  # the database went away: poll until the listener is back
+                if self.listening:
+                    log.warning("the job listener lost its connection (%s); polling until it is back", exc)
+                self.listening = False
+                self._call(self._wake_all)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+        self.listening = False
+
+    def _call(self, fn: object, *args: object) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(fn, *args)  # type: ignore[arg-type]
