@@ -174,7 +174,9 @@ def _truncate(url: str) -> None:
     try:
         with engine.begin() as connection:
             connection.execute(text("SET LOCAL session_replication_role = replica"))
-            connection.execute(text("TRUNCATE jobs, batches, audit_events, api_keys"))
+            connection.execute(
+                text("TRUNCATE jobs, batches, audit_events, api_keys, webhook_secrets, webhook_deliveries")
+            )
             connection.execute(
                 text(
                     f"UPDATE audit_chain_head SET seq = 0, row_hash = '{GENESIS}', v2_from = 1, "

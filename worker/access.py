@@ -16,9 +16,11 @@ from enum import StrEnum
 from .audit.events import Action, record
 from .errors import InputError, Unauthenticated
 from .lifecycle import utcnow
+from .messages import validate_webhook_url
 from .runtime.locator import runtime
 from .settings import Settings
 from .store import keys as key_store
+from .store import webhooks
 from .store.keys import KeyRow
 
 __all__ = [
@@ -32,6 +34,8 @@ __all__ = [
     "list_keys",
     "authenticate",
     "parse_duration",
+    "default_webhook",
+    "webhook_secret",
 ]
 
 
@@ -66,6 +70,8 @@ PERMISSIONS: dict[str, dict[Role, str]] = {
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _DURATION = re.compile(r"^(\d{1,6})([smhdw])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+#: The longest duration accepted (a key's lifetime, an overlap, a batch's window).
+MAX_DURATION = timedelta(days=3650)
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,10 @@ class Principal:
     name: str
     role: Role
     key_id: str
+    #: The key's default webhook URL (for jobs and batches submitted without one).
+    webhook_url: str | None = None
+    #: When the key stops being accepted (None: never, unless revoked).
+    expires_at: datetime | None = None
 
     @property
     def actor(self) -> str:
@@ -84,10 +94,13 @@ class Principal:
 
 def parse_duration(text: str, what: str = "duration") -> timedelta:
     """``90d``, ``12h``, ``30m``, ``45s`` or ``2w``."""
-    match = _DURATION.match(text.strip())
+    match = _DURATION.match(text.strip()) if isinstance(text, str) else None
     if not match or int(match.group(1)) == 0:
         raise InputError(f"{what}: {text!r} is not a duration; use a positive number and a unit: 90d, 12h, 30m, 2w")
-    return timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
+    seconds = int(match.group(1)) * _UNITS[match.group(2)]
+    if seconds > MAX_DURATION.total_seconds():
+        raise InputError(f"{what}: {text!r} is longer than the longest accepted, {MAX_DURATION.days}d (10 years)")
+    return timedelta(seconds=seconds)
 
 
 def _check_name(name: str) -> str:
@@ -115,10 +128,13 @@ def create_key(
     role: str,
     *,
     expires_in: timedelta | None = None,
+    webhook_url: str | None = None,
     actor: str | None = None,
     settings: Settings | None = None,
 ) -> tuple[KeyRow, str]:
-    """Create a key for a new principal; returns it and the key itself, which is shown only now.
+    """Create a key for a new principal; returns it and the key itself, which is shown only now. ``webhook_url``:
+    where the ends of the jobs and batches it submits without one are POSTed. The principal gets a webhook
+    signing secret if it has none (:func:`webhook_secret` shows it).
 
     Raises:
         InputError: the name or role is not accepted, or the name already has an active key (rotate it).
@@ -127,10 +143,19 @@ def create_key(
     _check_name(name)
     checked = _check_role(role)
     rt = runtime(settings)
+    hook = (
+        None if webhook_url is None else validate_webhook_url(webhook_url, development=rt.settings.webhooks_development)
+    )
     now = utcnow()
     with rt.transaction() as session:
-        if any(k.state(now) == "active" for k in key_store.by_name(session, name)):
+        earlier = key_store.by_name(session, name)
+        if any(k.state(now) == "active" for k in earlier):
             raise InputError(f"name: {name!r} already has an active key; rotate it (qbgw api-keys rotate) or revoke it")
+        if earlier:
+            raise InputError(
+                f"name: {name!r} was used by key {earlier[-1].id} ({earlier[-1].state(now)}); a name is a principal "
+                "and owns its jobs, so it is never given to another party: choose a new name"
+            )
         row, secret = key_store.create(
             session,
             name=name,
@@ -138,7 +163,10 @@ def create_key(
             created_by=_operator(actor, rt.settings),
             now=now,
             expires_at=None if expires_in is None else now + expires_in,
+            webhook_url=hook,
         )
+        if not webhooks.signing_secrets(session, f"key:{name}", now):
+            webhooks.add_secret(session, principal=f"key:{name}", now=now, overlap=None)
         record(
             session=session,
             action=Action.API_KEY_CREATED,
@@ -179,6 +207,7 @@ def rotate_key(
             created_by=_operator(actor, rt.settings),
             now=now,
             expires_at=None if expires_in is None else now + expires_in,
+            webhook_url=key_store.webhook_url(session, active[-1].id),
         )
         record(
             session=session,
@@ -222,6 +251,45 @@ def revoke_key(key_id: str, *, actor: str | None = None, settings: Settings | No
         return found[0] if after is None else after[0]
 
 
+def default_webhook(principal: Principal, *, settings: Settings | None = None) -> str | None:
+    """The webhook URL the principal's key names for jobs submitted without one."""
+    with runtime(settings).transaction() as session:
+        return key_store.webhook_url(session, principal.key_id)
+
+
+def webhook_secret(
+    name: str,
+    *,
+    rotate: bool = False,
+    overlap: timedelta = timedelta(hours=24),
+    actor: str | None = None,
+    settings: Settings | None = None,
+) -> str:
+    """The principal's current webhook signing secret (``whsec_...``); with ``rotate``, a new one, the old ones
+    still signing for ``overlap`` (a delivery carries a signature per secret meanwhile). Making one is audited.
+
+    Raises:
+        InputError: the name is not accepted.
+    """
+    _check_name(name)
+    rt = runtime(settings)
+    now = utcnow()
+    principal = f"key:{name}"
+    with rt.transaction() as session:
+        current = webhooks.signing_secrets(session, principal, now)
+        if current and not rotate:
+            return current[0]
+        secret = webhooks.add_secret(session, principal=principal, now=now, overlap=overlap if current else None)
+        record(
+            session=session,
+            action=Action.WEBHOOK_SECRET_ROTATED,
+            job_id=None,
+            actor=_operator(actor, rt.settings),
+            detail={"principal": name, "old_secrets_expire_at": _iso(now + overlap) if current else None},
+        )
+        return secret
+
+
 def list_keys(*, settings: Settings | None = None) -> list[KeyRow]:
     """Every key, active or not (never a secret)."""
     with runtime(settings).transaction() as session:
@@ -248,7 +316,8 @@ def authenticate(presented: str | None, *, source: str = "", settings: Settings 
             else:
                 state = found[0].state(now)
                 if state == "active":
-                    return Principal(found[0].name, Role(found[0].role), found[0].id)
+                    hook = key_store.webhook_url(session, found[0].id)
+                    return Principal(found[0].name, Role(found[0].role), found[0].id, hook, found[0].expires_at)
                 reason = f"{state} key"
         detail = {"source": source[:64], "reason": reason}
         if parts is not None:

@@ -93,6 +93,12 @@ def _reencrypt_pass(*, settings: Settings, key_id: str) -> int:
             chunk = maintenance.reencrypt_chunk(session, key_id=key_id, after_id=after)
         changed, after = changed + chunk.changed, chunk.last_id
         if chunk.rows < maintenance.CHUNK:
+            break
+    while True:  # webhook URLs and signing secrets
+        with rt.transaction() as session:
+            done = maintenance.reencrypt_others(session, key_id=key_id)
+        changed += done
+        if done == 0:
             return changed
 
 

@@ -64,6 +64,9 @@ def _waiter(settings: Settings | None) -> JobWaiter:
     loop = asyncio.get_running_loop()
     url = runtime(settings).settings.effective_database_url
     with _lock:
+        for other in [other for other in list(_waiters.keys()) if other.is_closed()]:
+            for ended in _waiters.pop(other).values():
+                ended.stop()  # its listener thread and connection end with the loop that closed
         per_loop = _waiters.setdefault(loop, {})
         found = per_loop.get(url)
         if found is None:

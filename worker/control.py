@@ -4,16 +4,22 @@ of the facade: each call resolves ``settings`` (the environment when None) into 
 
 from __future__ import annotations
 
+from .audit.events import Action
+from .audit.events import record as audit_record
 from .batches import ending
 from .batches.views import BatchView
+from .errors import InputError
+from .execution.webhooks import publish as publish_webhook
 from .lifecycle import JobStatus, utcnow
 from .runtime.dispatch import announce
 from .runtime.locator import runtime
 from .settings import Settings
 from .store import jobs as store
+from .store import webhooks as webhook_store
 from .store.batches import BatchStatus
+from .store.webhooks import Delivery
 
-__all__ = ["cancel", "replay", "cancel_batch"]
+__all__ = ["cancel", "replay", "cancel_batch", "redeliver_webhook"]
 
 
 def cancel(job_id: str, *, actor: str | None = None, settings: Settings | None = None) -> JobStatus:
@@ -66,3 +72,38 @@ def cancel_batch(batch_id: str, *, actor: str | None = None, settings: Settings 
     rt = runtime(settings)
     ending.end(rt, batch_id, BatchStatus.CANCELLED, actor or rt.settings.actor or "operator")
     return ending.current(rt, batch_id)
+
+
+def redeliver_webhook(delivery_id: str, *, actor: str | None = None, settings: Settings | None = None) -> Delivery:
+    """Queue a failed webhook delivery again, with a fresh retry window (audited). Returns it as it is now.
+
+    Raises:
+        InputError: no delivery has this id, or it has not failed.
+        StoreUnavailable: the database cannot be reached.
+    """
+    rt = runtime(settings)
+    with rt.transaction() as session:
+        found = webhook_store.get(session, delivery_id)
+        if found is None:
+            raise InputError(
+                f"delivery id: no webhook delivery has the id {delivery_id!r}; qbgw webhooks failed lists them"
+            )
+        if not webhook_store.redeliver(session, delivery_id, now=utcnow()):
+            raise InputError(
+                f"delivery {delivery_id} is {found.status}, not failed: only a failed delivery is redelivered"
+            )
+        audit_record(
+            session=session,
+            action=Action.WEBHOOK_REDELIVERED,
+            job_id=found.job_id,
+            batch_id=found.batch_id,
+            actor=actor or rt.settings.actor or "operator",
+            detail={"delivery_id": delivery_id, "event": found.event},
+        )
+    try:
+        publish_webhook(rt, delivery_id)
+    except Exception:  # noqa: S110 - the broker is away: the next sweep publishes it (it is pending)
+        pass
+    with rt.transaction() as session:
+        now = webhook_store.get(session, delivery_id)
+    return now or found

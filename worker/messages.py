@@ -100,6 +100,39 @@ def validate_assistant_id(assistant_id: object) -> str:
     return assistant_id
 
 
+#: The longest webhook URL accepted.
+MAX_WEBHOOK_URL = 2048
+
+
+def validate_webhook_url(value: object, *, development: bool = False, name: str = "webhook_url") -> str:
+    """Raises InvalidMessages unless ``value`` is an https:// URL with a host (http:// too with ``development``),
+    at most MAX_WEBHOOK_URL characters, without user info. Where it points is checked when it is called (the
+    same guard as image fetching: no private, loopback or link-local address outside development)."""
+    from urllib.parse import urlsplit
+
+    if not isinstance(value, str) or not value or len(value) > MAX_WEBHOOK_URL:
+        raise InvalidMessages(f"{name}: must be a URL of at most {MAX_WEBHOOK_URL} characters")
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError as exc:
+        raise InvalidMessages(f"{name}: not a URL ({exc})") from None
+    schemes = ("https", "http") if development else ("https",)
+    if parts.scheme not in schemes:
+        accepted = (
+            "https:// (http:// only with QBGW_WEBHOOKS_DEVELOPMENT)" if not development else "https:// or http://"
+        )
+        raise InvalidMessages(f"{name}: must be {accepted}, got {parts.scheme or 'no scheme'}")
+    if not parts.hostname:
+        raise InvalidMessages(f"{name}: has no host")
+    if parts.username is not None or parts.password is not None:
+        raise InvalidMessages(f"{name}: must not carry a user name or password; sign with the webhook secret instead")
+    if port == 0:
+        raise InvalidMessages(f"{name}: port 0 is not a port")
+    _check_encodable(name, value)
+    return value
+
+
 def validate_key(name: str, value: object) -> str:
     """Raises InvalidMessages unless ``value`` (a ``custom_id`` or ``idempotency_key``) is a non-empty
     string of at most MAX_KEY characters, all encodable as UTF-8."""

@@ -19,12 +19,13 @@ from .batches.views import BatchView
 from .errors import InvalidMessages, NotAnnounced, StoreUnavailable
 from .images.resolve import policy
 from .lifecycle import utcnow
-from .messages import validate_assistant_id, validate_key, validate_messages
+from .messages import validate_assistant_id, validate_key, validate_messages, validate_webhook_url
 from .runtime.context import Runtime
 from .runtime.dispatch import announce, check_broker
 from .runtime.locator import runtime
 from .settings import Settings
 from .store import jobs as store
+from .store import webhooks
 from .store.reads import status_of
 
 __all__ = ["submit", "submit_batch", "check_broker", "Source"]
@@ -41,6 +42,7 @@ def submit(
     idempotency_key: str | None = None,
     actor: str | None = None,
     require_broker: bool = False,
+    webhook_url: str | None = None,
     settings: Settings | None = None,
 ) -> str:
     """Store a gateway job and queue it; returns its id.
@@ -70,9 +72,12 @@ def submit(
         actor=actor or rt.settings.actor or "producer",
         max_attempts=rt.settings.max_attempts,
     )
+    hook = (
+        None if webhook_url is None else validate_webhook_url(webhook_url, development=rt.settings.webhooks_development)
+    )
     if require_broker:
         check_broker(rt)
-    job_id, created = _store(rt, new)
+    job_id, created = _store(rt, new, hook)
     if created or _still_queued(rt, job_id):
         failure = announce(rt, job_id)
         if failure is not None:
@@ -80,11 +85,15 @@ def submit(
     return job_id
 
 
-def _store(rt: Runtime, new: store.NewJob) -> tuple[str, bool]:
+def _store(rt: Runtime, new: store.NewJob, webhook_url: str | None = None) -> tuple[str, bool]:
     for _ in range(3):
         try:
             with rt.transaction() as session:
-                return store.create_job(session=session, new=new, now=utcnow())
+                now = utcnow()
+                job_id, created = store.create_job(session=session, new=new, now=now)
+                if created and webhook_url is not None:  # in the job's transaction: it never ends without it
+                    webhooks.add_waiting(session, url=webhook_url, principal=new.actor, now=now, job_id=job_id)
+                return job_id, created
         except store.KeyRace:
             continue  # the other insert has committed: the next look-up finds it
     raise StoreUnavailable("idempotency key contended by three concurrent submissions; try again")
@@ -104,6 +113,7 @@ def submit_batch(
     window: timedelta | float = DEFAULT_WINDOW,
     skip_invalid: bool = False,
     actor: str | None = None,
+    webhook_url: str | None = None,
     settings: Settings | None = None,
 ) -> BatchView:
     """Validate every line, store the batch's jobs and queue them; returns the batch.
@@ -123,13 +133,16 @@ def submit_batch(
     span = window if isinstance(window, timedelta) else timedelta(seconds=window)
     if span <= timedelta(0):
         raise InvalidMessages("window: must be positive")
+    hook = (
+        None if webhook_url is None else validate_webhook_url(webhook_url, development=rt.settings.webhooks_development)
+    )
     default = assistant_id or rt.settings.assistant_id or None
     raw = batch_input.read_lines(source) if isinstance(source, str | os.PathLike) else source
     parsed = batch_input.parse_lines(
         raw, default_assistant=default, policy=policy(rt.settings), skip_invalid=skip_invalid
     )
     batch_id = store_batch(
-        rt, parsed, assistant_id=default, window=span, actor=actor or rt.settings.actor or "producer"
+        rt, parsed, assistant_id=default, window=span, actor=actor or rt.settings.actor or "producer", webhook_url=hook
     )
     return replace(current(rt, batch_id), problems=tuple(parsed.problems))
 

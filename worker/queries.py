@@ -18,8 +18,9 @@ from .runtime.context import Runtime
 from .runtime.locator import runtime
 from .settings import Settings
 from .store import batches as batch_store
-from .store import reads
+from .store import reads, webhooks
 from .store.reads import AuditFilter, JobView
+from .store.webhooks import Delivery
 
 __all__ = [
     "JobView",
@@ -35,6 +36,7 @@ __all__ = [
     "list_batches",
     "wait_for_batch",
     "batch_results",
+    "failed_webhooks",
 ]
 
 
@@ -82,25 +84,45 @@ def wait_for_job(
     job_id: str,
     *,
     timeout: float | None = None,
-    poll: float = 0.05,
+    poll: float | None = None,
     reader: str | None = None,
     settings: Settings | None = None,
 ) -> JobView:
     """Block until the job is finished (or ``timeout`` seconds pass) and return its state. Blocks: never call
-    it in a web request handler.
+    it in a web request handler (use :mod:`qbgw.aio`).
+
+    On PostgreSQL the wait is woken by the database when the job ends (``LISTEN/NOTIFY``: this process keeps one
+    listening connection from its first wait on); elsewhere, or with ``poll`` given, the job is re-read every
+    ``poll`` seconds (default 5 ms, growing by half each time up to 0.5 s).
 
     Raises:
         JobNotFound: no job has this id.
         TimeoutError: ``timeout`` passed first.
         StoreUnavailable: the database cannot be reached.
     """
+    rt = runtime(settings)
     deadline = None if timeout is None else time.monotonic() + timeout
-    delay = poll
-    while (status := job_status(job_id, settings=settings)) not in TERMINAL:
-        if deadline is not None and time.monotonic() >= deadline:
-            raise TimeoutError(f"job {job_id} is still {status} after {timeout:g}s")
-        time.sleep(delay)
-        delay = min(delay * 1.5, 1.0)
+    waiter = rt.job_waiter if poll is None and rt.settings.effective_database_url.startswith("postgresql") else None
+    delay = poll if poll is not None else 0.005
+    while True:
+        if waiter is not None:
+            with waiter.watch_sync(job_id) as ended:
+                status = job_status(job_id, settings=settings)
+                if status in TERMINAL:
+                    break
+                pause = waiter.interval(0) if waiter.listening else delay
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"job {job_id} is still {status} after {timeout:g}s")
+                ended.wait(pause if left is None else min(pause, left))
+        else:
+            status = job_status(job_id, settings=settings)
+            if status in TERMINAL:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"job {job_id} is still {status} after {timeout:g}s")
+            time.sleep(delay if deadline is None else max(0.0, min(delay, deadline - time.monotonic())))
+        delay = min(delay * 1.5, 0.5)
     return get_job(job_id, reader=reader, settings=settings)
 
 
@@ -210,3 +232,14 @@ def batch_results(
     rt = runtime(settings)
     with rt.transaction() as session:
         return export.results(session, batch_id, failed_only=failed_only, reader=_reader(rt, reader))
+
+
+def failed_webhooks(*, limit: int = 100, settings: Settings | None = None) -> list[Delivery]:
+    """Webhook deliveries that failed (refused, or no 2xx within QBGW_WEBHOOK_RETRY_WINDOW), newest first; no
+    URL or body (no PHI is read).
+
+    Raises:
+        StoreUnavailable: the database cannot be reached.
+    """
+    with runtime(settings).transaction() as session:
+        return webhooks.failed(session, limit=limit)

@@ -207,6 +207,13 @@ class Settings:
     """The most PDF pages rendered per document (each becomes a PNG image part)."""
     pdf_dpi: float = 110.0
     """The resolution PDF pages are rendered at (dots per inch)."""
+    # --- Webhooks of qbgw serve (see docs/webhooks.md) ---
+    webhooks_development: bool = False
+    """Allow http:// and private or loopback webhook URLs (a receiver on this machine): development and tests only."""
+    webhook_backoff: float = 5.0
+    """The first wait before a failed webhook delivery is tried again, in seconds; it doubles, up to an hour."""
+    webhook_retry_window: float = 86400.0
+    """How long a webhook delivery is retried, in seconds from its event, before it is marked failed."""
     # --- One rate limit for the fleet (see worker/ratelimit.py) ---
     rate_limit: float = 0.0
     """Upstream calls per second for every worker together (gateway and session creation); 0: no limit."""
@@ -312,7 +319,7 @@ class Settings:
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be a positive number of seconds")
-        for name in ("rate_cooldown", "rate_cooldown_max"):
+        for name in ("rate_cooldown", "rate_cooldown_max", "webhook_backoff", "webhook_retry_window"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be a positive number of seconds")
         for name in (

@@ -10,7 +10,7 @@ from datetime import timedelta
 
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import text, update
+from sqlalchemy import select, text, update
 
 from qbgw import admin, producer, queries
 from qbgw.admin import count_by_key, purge_phi, rotate_keys
@@ -152,6 +152,37 @@ def test_keys_rotate_while_jobs_keep_running(settings: Settings) -> None:
     rotated = audit_query(AuditFilter(action="key.rotated"), settings=on_file)
     assert rotated[0].actor == "security-officer"
     assert rotated[0].detail["new_primary"] == rotation.new_primary
+
+
+def test_key_rotation_reencrypts_webhook_urls_and_signing_secrets(settings: Settings) -> None:
+    from qbgw import access, producer
+    from qbgw.store.models import ApiKey, WebhookDelivery, WebhookSecret
+
+    on_file = settings.with_(encryption_keys=Secret(""), webhooks_development=True)
+    if on_file.database_url:
+        Keyring({"k0": b"\x01" * 32}, "k0").save(on_file.keyring_path)
+    _, key = access.create_key("web", "submitter", webhook_url="https://hooks.example/a?t=1", settings=on_file)
+    secret = access.webhook_secret("web", settings=on_file)
+    producer.submit(
+        ASSISTANT,
+        [{"role": "user", "content": "x"}],
+        webhook_url="http://127.0.0.1:9/h",
+        actor="key:web",
+        settings=on_file,
+    )
+    rotation = rotate_keys(actor="security-officer", settings=on_file)
+    prefix = f"v1:{rotation.new_primary}:"
+    with runtime(on_file).transaction() as session:
+        stored = [
+            *session.scalars(select(ApiKey.webhook_url)),
+            *session.scalars(select(WebhookSecret.secret)),
+            *session.scalars(select(WebhookDelivery.url)),
+        ]
+    assert len(stored) == 3
+    assert all(value.startswith(prefix) for value in stored), stored
+    assert access.webhook_secret("web", settings=on_file) == secret  # still readable, under the new key
+    principal = access.authenticate(key, settings=on_file)
+    assert access.default_webhook(principal, settings=on_file) == "https://hooks.example/a?t=1"
 
 
 def test_purge_erases_phi_and_keeps_the_chain_verifiable(settings: Settings) -> None:

@@ -44,12 +44,49 @@ def test_every_qbgw_service_runs_a_real_command_with_real_options(name: str) -> 
     assert command.make_context("qbgw", list(rest), resilient_parsing=False) is not None
 
 
-@pytest.mark.parametrize("name", [n for n, s in SERVICES.items() if "build" in s and "healthcheck" in s])
+#: Services whose health check is an HTTP GET made with the image's Python (it has no curl).
+HTTP_CHECKED = {"api"}
+
+
+@pytest.mark.parametrize(
+    "name", [n for n, s in SERVICES.items() if "build" in s and "healthcheck" in s and n not in HTTP_CHECKED]
+)
 def test_every_qbgw_health_check_runs_a_real_command(name: str) -> None:
     kind, program, *args = SERVICES[name]["healthcheck"]["test"]
     assert (kind, program) == ("CMD", "qbgw")
     command, rest = _resolve(args)
     assert command.make_context("qbgw", list(rest), resilient_parsing=False) is not None
+
+
+def test_the_api_service_serves_on_its_published_port_with_the_workers_environment() -> None:
+    api = SERVICES["api"]
+    program, *args = api["command"]
+    command, rest = _resolve(args)
+    assert (program, command.name) == ("qbgw", "serve")
+    options = command.make_context("qbgw", list(rest), resilient_parsing=False).params
+    assert options["host"] == "0.0.0.0"  # noqa: S104 - reachable from outside its container, as it must be
+    assert options["workers"] == 2
+    assert api["ports"] == [f"{options['port']}:{options['port']}"]
+    assert api["environment"] == SERVICES["worker"]["environment"]
+    assert api["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    # POST /v1/audit/verify reads the anchors the workers write: the same volume, mounted read-only.
+    anchors = COMPOSE["x-qbgw-env"]["QBGW_AUDIT_ANCHOR_FILE"].rsplit("/", 1)[0]
+    assert f"audit-anchors:{anchors}:ro" in api["volumes"]
+
+
+def test_the_api_health_check_gets_healthz_on_the_served_port() -> None:
+    from qbgw.api.app import create_app
+
+    api = SERVICES["api"]
+    kind, program, flag, code = api["healthcheck"]["test"]
+    assert (kind, program, flag) == ("CMD", "python", "-c")
+    port = api["command"][api["command"].index("--port") + 1]
+    match = re.fullmatch(r"import urllib\.request; urllib\.request\.urlopen\('(http://[^']+)', timeout=\d+\)", code)
+    assert match is not None, code
+    assert match.group(1) == f"http://127.0.0.1:{port}/healthz"
+    compile(code, "healthcheck", "exec")
+    paths = create_app(Settings()).openapi()["paths"]
+    assert "get" in paths["/healthz"]
 
 
 def test_workers_and_the_exporter_have_health_checks() -> None:

@@ -19,11 +19,12 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -52,8 +53,10 @@ MAX_WAIT = 60.0
 FAILURES_ALLOWED, FAILURE_WINDOW = 10, 60.0
 #: How long a failed authentication past that limit is held before its 429 (on the event loop: no thread waits).
 FAILURE_DELAY = 1.0
+#: How long a key that authenticated is taken without asking the database again (revocation's delay).
+CACHE_SECONDS = 5.0
 #: The fields a job's JSON body may have.
-JOB_FIELDS = frozenset({"assistant_id", "smart_chat_assistant_id", "messages", "custom_id"})
+JOB_FIELDS = frozenset({"assistant_id", "smart_chat_assistant_id", "messages", "custom_id", "webhook_url"})
 
 
 class Refused(Exception):
@@ -84,6 +87,10 @@ _JOB_BODY: dict[str, Any] = {
                             "items": {"type": "object"},
                         },
                         "custom_id": {"type": "string", "maxLength": 255},
+                        "webhook_url": {
+                            "type": "string",
+                            "description": "POSTed (signed, no PHI) when the job ends; default: the key's",
+                        },
                     },
                 },
                 "example": {
@@ -120,6 +127,32 @@ _BATCH_BODY: dict[str, Any] = {
 router = APIRouter()
 
 
+class _Keys:
+    """Keys that authenticated in the last CACHE_SECONDS, by a hash of the presented key: a request with one skips
+    the database. A revoked or expired key is thus refused within CACHE_SECONDS (per server process)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[float, Principal]] = {}
+
+    @staticmethod
+    def _slot(presented: str) -> str:
+        return hashlib.sha256(presented.encode()).hexdigest()
+
+    def get(self, presented: str) -> Principal | None:
+        found = self._seen.get(self._slot(presented))
+        if found is None or found[0] < time.monotonic():
+            return None
+        return found[1]
+
+    def put(self, presented: str, principal: Principal) -> None:
+        if len(self._seen) > 10_000:
+            self._seen.clear()
+        keep = CACHE_SECONDS
+        if principal.expires_at is not None:  # never past the key's own expiry
+            keep = min(keep, (principal.expires_at - datetime.now(UTC)).total_seconds())
+        self._seen[self._slot(presented)] = (time.monotonic() + keep, principal)
+
+
 class _Failures:
     """Failed authentications per source address, to slow down guessing (per server process)."""
 
@@ -148,6 +181,7 @@ class _Context:
     settings: Settings
     waiter: JobWaiter
     failures: _Failures
+    keys: _Keys
 
 
 def _ctx(request: Request) -> _Context:
@@ -173,36 +207,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Jobs for the QuickBlox HIPAA AI Gateway: submit, wait, read results, audit.",
         lifespan=lifespan,
     )
-    app.state.ctx = _Context(settings, waiter, failures)
+    app.state.ctx = _Context(settings, waiter, failures, _Keys())
+
+    _secure_openapi(app)
     app.include_router(router)
 
-    # ---- errors: problem details everywhere ----
-
-    @app.exception_handler(Refused)
-    async def _refused(_: Request, exc: Refused) -> Response:
-        return exc.response
-
-    @app.exception_handler(errors.QbgwError)
-    async def _qbgw(_: Request, exc: errors.QbgwError) -> Response:
-        return from_error(exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> Response:
-        found = [
-            {"field": ".".join(str(p) for p in e.get("loc", ())[1:]) or None, "detail": e.get("msg", "")}
-            for e in exc.errors()
-        ]
-        return problem(422, "invalid-request", "The request is invalid", errors_=found)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> Response:
-        titles = {404: "Not found", 405: "Method not allowed"}
-        return problem(
-            exc.status_code,
-            "not-found" if exc.status_code == 404 else "http",
-            titles.get(exc.status_code, str(exc.detail)),
-            headers=dict(exc.headers or {}),
-        )
+    _install_handlers(app)
 
     return app
 
@@ -217,7 +227,10 @@ def authenticate(request: Request) -> Principal:
     scheme, _, presented = header.partition(" ")
     key = presented.strip() if scheme.lower() == "bearer" else None
     try:
-        return access.authenticate(key, source=source, settings=settings)
+        principal = access.authenticate(key, source=source, settings=settings)
+        if key:
+            _ctx(request).keys.put(key, principal)
+        return principal
     except errors.Unauthenticated as exc:
         failures.add(source)
         wait = failures.blocked_for(source)
@@ -265,13 +278,27 @@ async def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     return await run_in_threadpool(fn, *args, **kwargs)
 
 
-async def who(request: Request, permission: str) -> tuple[Principal, str]:
+async def who_any(request: Request) -> Principal:
+    """The caller's principal, whatever the endpoint (raises Refused)."""
+    key = _presented(request)
+    cached = _ctx(request).keys.get(key) if key else None
+    if cached is not None:
+        return cached
     try:
-        principal = await call(authenticate, request)
+        return await call(authenticate, request)
     except Refused as refused:
         if refused.delay > 0:
             await asyncio.sleep(refused.delay)
         raise
+
+
+def _presented(request: Request) -> str | None:
+    scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+    return presented.strip() if scheme.lower() == "bearer" and presented.strip() else None
+
+
+async def who(request: Request, permission: str) -> tuple[Principal, str]:
+    principal = await who_any(request)
     return principal, allowed(principal, permission)
 
 
@@ -309,7 +336,10 @@ async def readyz(request: Request) -> Response:
     """The database is reachable and migrated, and the broker is reachable: 200, else 503 naming what is not."""
     checks = await call(check_health, _ctx(request).settings, skip=("upstream", "audit", "keys"), timeout=3.0)
     ok = all(c.ok for c in checks)
-    body = {"status": "ready" if ok else "not ready", "checks": [c.as_dict() for c in checks]}
+    for check in checks:  # the details (hosts, revisions, queue depths) go to the log, not to anyone who asks
+        if not check.ok:
+            log.warning("not ready: %s", check.line())
+    body = {"status": "ready" if ok else "not ready", "checks": [{"name": c.name, "ok": c.ok} for c in checks]}
     return JSONResponse(body, status_code=200 if ok else 503)
 
 
@@ -320,7 +350,8 @@ async def readyz(request: Request) -> Response:
 async def submit_job(request: Request) -> Response:
     """Queue a gateway job (the body of ``qbgw.submit``): 202 with its id and a Location to poll."""
     principal, _ = await who(request, "jobs.submit")
-    data = _json_object(await body_bytes(request, _ctx(request).settings.max_request_bytes + 65536))
+    settings = _ctx(request).settings
+    data = _json_object(await body_bytes(request, settings.max_request_bytes + 65536))
     unknown = sorted(set(data) - JOB_FIELDS)
     if unknown:
         raise errors.InvalidMessages(
@@ -334,6 +365,7 @@ async def submit_job(request: Request) -> Response:
         validate_key("Idempotency-Key", idempotency)
         # Keys are per principal: another key's identical Idempotency-Key is another job, never this one's.
         scoped = "api:" + hashlib.sha256(f"{principal.actor}\x00{idempotency}".encode()).hexdigest()
+    hook = data.get("webhook_url") or principal.webhook_url
     try:
         job_id = await call(
             producer.submit,
@@ -341,14 +373,23 @@ async def submit_job(request: Request) -> Response:
             data.get("messages"),
             custom_id=data.get("custom_id"),
             idempotency_key=scoped,
+            webhook_url=hook,
             actor=principal.actor,
             settings=_ctx(request).settings,
         )
         queued = True
     except errors.NotAnnounced as exc:  # stored; the sweeper publishes it
         job_id, queued = exc.job_id, False
-    view, batch_id = await call(queries.job_metadata, job_id, settings=_ctx(request).settings)
-    body = _status(view, batch_id)
+    except errors.IdempotencyConflict:  # name the key the client sent, not the one stored for its principal
+        raise errors.IdempotencyConflict(
+            f"Idempotency-Key {idempotency!r} already names another job of this key, with a different assistant or "
+            "messages; use a new key for a new job"
+        ) from None
+    if idempotency is None:  # a new job: what it is now is known without reading it back
+        body: dict[str, Any] = {"id": job_id, "status": "queued", "custom_id": data.get("custom_id"), "done": False}
+    else:  # maybe the first job of this key, in whatever state it is now
+        view, _ = await call(queries.job_metadata, job_id, settings=_ctx(request).settings)
+        body = {"id": job_id, "status": str(view.status), "custom_id": view.custom_id, "done": view.done}
     body["announced"] = queued
     return JSONResponse(body, status_code=202, headers={"Location": f"/v1/jobs/{job_id}"})
 
@@ -439,11 +480,13 @@ async def submit_batch(
     assistant_id: str | None = None,
     completion_window: str = "24h",
     skip_invalid: bool = False,
+    webhook_url: str | None = None,
 ) -> Response:
     """A batch from a JSON Lines body (the lines of ``qbgw batch submit``), streamed to a temporary file
     of at most 200 MB; every line is validated before anything is stored."""
     principal, _ = await who(request, "batches.submit")
     window = access.parse_duration(completion_window, "completion_window")
+    hook = webhook_url or principal.webhook_url
     handle, path = tempfile.mkstemp(prefix="qbgw-batch-", suffix=".jsonl")
     try:
         size = 0
@@ -461,6 +504,7 @@ async def submit_batch(
             assistant_id=assistant_id,
             window=window,
             skip_invalid=skip_invalid,
+            webhook_url=hook,
             actor=principal.actor,
             settings=_ctx(request).settings,
         )
@@ -579,6 +623,66 @@ async def audit_verify(request: Request) -> Response:
             "problem": None if found is None else {"seq": found.seq, "detail": str(found)},
         }
     )
+
+
+def _install_handlers(app: FastAPI) -> None:
+    """Every error as a problem detail."""
+
+    @app.exception_handler(Refused)
+    async def _refused(_: Request, exc: Refused) -> Response:
+        return exc.response
+
+    @app.exception_handler(errors.QbgwError)
+    async def _qbgw(_: Request, exc: errors.QbgwError) -> Response:
+        return from_error(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+        # Who is asking comes first: a caller without a valid key learns nothing about the parameters.
+        if request.url.path.startswith("/v1/"):
+            try:
+                await who_any(request)
+            except Refused as refused:
+                return refused.response
+        found = [
+            {"field": ".".join(str(p) for p in e.get("loc", ())[1:]) or None, "detail": e.get("msg", "")}
+            for e in exc.errors()
+        ]
+        return problem(422, "invalid-request", "The request is invalid", errors_=found)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> Response:
+        log.error("unexpected %s answering a request", type(exc).__name__)
+        return problem(500, "internal", "Internal error", "the operator is told; nothing was changed by this answer")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> Response:
+        titles = {404: "Not found", 405: "Method not allowed"}
+        return problem(
+            exc.status_code,
+            "not-found" if exc.status_code == 404 else "http",
+            titles.get(exc.status_code, str(exc.detail)),
+            headers=dict(exc.headers or {}),
+        )
+
+
+def _secure_openapi(app: FastAPI) -> None:
+    """The OpenAPI document names the bearer key every /v1 operation needs (the docs page's Authorize)."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "apiKey": {"type": "http", "scheme": "bearer", "description": "a key from `qbgw api-keys create`"}
+            }
+            for path, operations in schema["paths"].items():
+                if path.startswith("/v1/"):
+                    for operation in operations.values():
+                        operation["security"] = [{"apiKey": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _too_large(limit: int) -> Response:

@@ -88,6 +88,12 @@ class Action(StrEnum):
     API_KEY_REVOKED = "apikey.revoked"
     #: A request to ``qbgw serve`` presented no key, or one that is unknown, expired or revoked (never the secret).
     AUTH_FAILED = "auth.failed"
+    #: One attempt to POST a webhook (its outcome: delivered, pending: tried again later, failed).
+    WEBHOOK_ATTEMPT = "webhook.attempt"
+    #: An operator queued a failed webhook delivery again.
+    WEBHOOK_REDELIVERED = "webhook.redelivered"
+    #: A principal's webhook signing secret was made or rotated (never the secret).
+    WEBHOOK_SECRET_ROTATED = "webhook.secret_rotated"  # noqa: S105 - an event name
 
 
 #: Actions that record a read, not a change.

@@ -18,6 +18,7 @@ from ..runtime.app import publish_many
 from ..runtime.context import Runtime
 from ..store import batches as batch_store
 from ..store import jobs as store
+from ..store import webhooks
 from .input import BatchLine, ParsedBatch
 
 __all__ = ["DEFAULT_WINDOW", "store_batch"]
@@ -73,7 +74,15 @@ def _publish(rt: Runtime, producer: Any, job_ids: list[str]) -> bool:
         return False
 
 
-def store_batch(rt: Runtime, parsed: ParsedBatch, *, assistant_id: str | None, window: timedelta, actor: str) -> str:
+def store_batch(
+    rt: Runtime,
+    parsed: ParsedBatch,
+    *,
+    assistant_id: str | None,
+    window: timedelta,
+    actor: str,
+    webhook_url: str | None = None,
+) -> str:
     """Store the batch of ``parsed`` lines (validated) and announce its jobs; returns its id.
 
     Raises:
@@ -91,6 +100,8 @@ def store_batch(rt: Runtime, parsed: ParsedBatch, *, assistant_id: str | None, w
             window=window,
             now=utcnow(),
         )
+        if webhook_url is not None:  # with the batch: it never ends without its webhook
+            webhooks.add_waiting(session, url=webhook_url, principal=actor, now=utcnow(), batch_id=batch_id)
     _store_jobs(rt, batch_id, parsed.lines, actor)
     with rt.transaction() as session:
         batch_store.start(session=session, batch_id=batch_id, now=utcnow())

@@ -353,6 +353,7 @@ cli.add_command(cli_ops.health)
 cli.add_command(cli_ops.metrics)
 cli.add_command(cli_serve.serve)
 cli.add_command(cli_serve.api_keys)
+cli.add_command(cli_serve.webhooks)
 
 
 def main(argv: list[str] | None = None) -> None:

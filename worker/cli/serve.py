@@ -7,12 +7,12 @@ from datetime import UTC, datetime
 
 import click
 
-from .. import access
+from .. import access, control, queries
 from ..store.keys import KeyRow
 from .kit import handled, logged
 from .kit import load_settings as _settings
 
-__all__ = ["serve", "api_keys"]
+__all__ = ["serve", "api_keys", "webhooks"]
 
 
 @click.command()
@@ -71,12 +71,15 @@ def _show(row: KeyRow, as_json: bool) -> str:
 @click.option("--name", required=True, help="The principal: the actor of every audit event its requests cause.")
 @click.option("--role", required=True, type=click.Choice([r.value for r in access.Role]), help="What it may do.")
 @click.option("--expires", help="Lifetime: 90d, 12h, 2w (default: no expiry).")
+@click.option("--webhook-url", help="Where the ends of its jobs and batches are POSTed when they name no URL.")
 @click.option("--actor", help="Who is creating it, for the audit trail (default QBGW_ACTOR).")
 @handled
-def create(name: str, role: str, expires: str | None, actor: str | None) -> None:
+def create(name: str, role: str, expires: str | None, webhook_url: str | None, actor: str | None) -> None:
     """Create a key and print it once (stdout: only the key)."""
     lifetime = access.parse_duration(expires, "--expires") if expires else None
-    row, secret = access.create_key(name, role, expires_in=lifetime, actor=actor, settings=_settings())
+    row, secret = access.create_key(
+        name, role, expires_in=lifetime, webhook_url=webhook_url, actor=actor, settings=_settings()
+    )
     click.echo(f"created key {row.id} for {name} ({role}); it is shown only now:", err=True)
     click.echo(secret)
 
@@ -117,3 +120,58 @@ def revoke(key_id: str, actor: str | None) -> None:
     """Revoke a key at once (its id, as `qbgw api-keys list` shows)."""
     row = access.revoke_key(key_id, actor=actor, settings=_settings())
     click.echo(_show(row, False))
+
+
+@api_keys.command("webhook-secret")
+@click.option("--name", required=True, help="The principal (key name) whose webhooks it signs.")
+@click.option("--rotate", is_flag=True, help="Make a new secret; the old ones keep signing for --overlap.")
+@click.option("--overlap", default="24h", show_default=True, help="With --rotate: how long the old ones still sign.")
+@click.option("--actor", help="Who is asking, for the audit trail.")
+@handled
+def webhook_secret(name: str, rotate: bool, overlap: str, actor: str | None) -> None:
+    """Print the principal's webhook signing secret (whsec_...), made if it has none; --rotate for a new one."""
+    click.echo(
+        access.webhook_secret(
+            name, rotate=rotate, overlap=access.parse_duration(overlap, "--overlap"), actor=actor, settings=_settings()
+        )
+    )
+
+
+@click.group("webhooks")
+def webhooks() -> None:
+    """Webhook deliveries: the failed ones, and sending them again."""
+
+
+@webhooks.command("failed")
+@click.option("--limit", type=int, default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@handled
+def failed(limit: int, as_json: bool) -> None:
+    """Deliveries that failed (refused, or no 2xx within QBGW_WEBHOOK_RETRY_WINDOW), newest first."""
+    for delivery in queries.failed_webhooks(limit=limit, settings=_settings()):
+        if as_json:
+            click.echo(json.dumps(delivery.as_dict()))
+        else:
+            subject = delivery.job_id or delivery.batch_id
+            click.echo(
+                f"{delivery.id}  {delivery.event}  {subject}  attempts={delivery.attempts}  "
+                f"last={delivery.last_status or '-'} {delivery.last_error or ''}".rstrip()
+            )
+
+
+@webhooks.command("redeliver")
+@click.argument("delivery_ids", nargs=-1)
+@click.option("--all-failed", is_flag=True, help="Every failed delivery (up to 10,000).")
+@click.option("--actor", help="Who is redelivering, for the audit trail.")
+@handled
+def redeliver(delivery_ids: tuple[str, ...], all_failed: bool, actor: str | None) -> None:
+    """Queue failed deliveries again, each with a fresh retry window (audited)."""
+    settings = _settings()
+    ids = list(delivery_ids)
+    if all_failed:
+        ids += [d.id for d in queries.failed_webhooks(limit=10_000, settings=settings)]
+    if not ids:
+        raise click.UsageError("name delivery ids (qbgw webhooks failed lists them), or pass --all-failed")
+    for delivery_id in dict.fromkeys(ids):
+        delivery = control.redeliver_webhook(delivery_id, actor=actor, settings=settings)
+        click.echo(f"{delivery.id} {delivery.status}")

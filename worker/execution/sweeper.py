@@ -24,6 +24,7 @@ from ..runtime.locator import runtime
 from ..settings import Settings
 from ..store import jobs as store
 from ..store.chain import Anchorer
+from . import webhooks
 
 __all__ = ["SweepReport", "sweep", "Sweeper"]
 
@@ -70,6 +71,10 @@ def sweep(rt: Runtime, *, grace: float | None = None) -> SweepReport:
             continue
         published.append(job_id)
     expired = expire_overdue(rt)
+    try:
+        webhooks.promote(rt)
+    except QbgwError as exc:
+        log.warning("sweep: webhooks not promoted (%s)", exc)
     metrics.swept(recovered=len(recovered), dispatched=len(published), expired=len(expired))
     if recovered or published or expired:
         log.info(

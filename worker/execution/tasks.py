@@ -39,7 +39,7 @@ from ..runtime.locator import runtime
 from ..store import jobs as store
 from ..upstream.gateway import Exchange, encode_request
 from ..upstream.ratelimit import RATE_LIMIT, Budget, Grant, budgets_for, planned, take_slot
-from . import faults
+from . import faults, webhooks
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -76,10 +76,16 @@ _OUTCOME = {
 def register(app: Celery) -> None:
     """Register the qbgw task on ``app``."""
 
+    webhooks.register(app)
+
     @app.task(name=TASK_NAME, bind=True, max_retries=None)  # type: ignore[untyped-decorator]
     def run_job(self: Task[Any, Any], job_id: str, slot_at: float | None = None) -> str:
         try:
-            return str(run_attempt(runtime(self.app.qbgw_settings), job_id, slot_at=slot_at))
+            rt = runtime(self.app.qbgw_settings)
+            outcome = run_attempt(rt, job_id, slot_at=slot_at)
+            if outcome in _ENDED:
+                _announce_end(rt, job_id)
+            return str(outcome)
         except StoreUnavailable as exc:
             # The database is the source of truth and it is not there: keep the job's message alive (a new
             # one, later) rather than drop it. Nothing was sent upstream yet. Bounded: after
@@ -102,6 +108,17 @@ def register(app: Celery) -> None:
                 extra={"job_id": job_id, "delay_s": STORE_RETRY_SECONDS},
             )
             raise self.retry(exc=exc, countdown=STORE_RETRY_SECONDS) from None
+
+
+_ENDED = frozenset({Outcome.SUCCEEDED, Outcome.FAILED, Outcome.CANCELLED})
+
+
+def _announce_end(rt: Runtime, job_id: str) -> None:
+    """The job ended: its webhook, if it has one, goes now rather than at the next sweep (which would send it)."""
+    try:
+        webhooks.promote(rt, job_ids=[job_id])
+    except Exception as exc:  # the sweeper promotes it; never fail a finished job over its webhook
+        log.warning("job %s: webhook not queued yet (%s)", job_id, type(exc).__name__, extra={"job_id": job_id})
 
 
 def run_attempt(rt: Runtime, job_id: str, *, slot_at: float | None = None) -> Outcome | str:

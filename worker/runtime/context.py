@@ -27,6 +27,7 @@ from ..upstream.auth import token_provider
 from ..upstream.gateway import GatewayClient
 from ..upstream.ratelimit import Gate, Limiter, limiter_for
 from .app import create_celery_app
+from .waiter import JobWaiter
 
 __all__ = ["Runtime"]
 
@@ -125,6 +126,19 @@ class Runtime:
         limiter: Limiter = self._once("limiter", lambda: limiter_for(self.settings))
         return limiter
 
+    @property
+    def job_waiter(self) -> JobWaiter:
+        """This process's listener for jobs' ends (PostgreSQL LISTEN, one connection, started on first use), for
+        the synchronous API's waits; on SQLite it only says how long to sleep between reads."""
+
+        def build() -> JobWaiter:
+            waiter = JobWaiter(self.settings.effective_database_url)
+            waiter.start(None)
+            return waiter
+
+        made: JobWaiter = self._once("job_waiter", build)
+        return made
+
     def abandon(self) -> None:
         """In a forked child: drop the parent's connections without closing them under it."""
         with self._lock:
@@ -138,5 +152,7 @@ class Runtime:
             made, self._made = self._made, {}
         if "gateway" in made:
             made["gateway"].close()
+        if "job_waiter" in made:
+            made["job_waiter"].stop()
         if "session_factory" in made:
             made["session_factory"].kw["bind"].dispose()

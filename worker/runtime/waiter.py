@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import weakref
 from collections.abc import Iterator
 
 from sqlalchemy import make_url
@@ -40,7 +41,11 @@ class JobWaiter:
             else None
         )
         self._waiting: dict[str, set[asyncio.Event]] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
+        #: Threads blocked in :meth:`watch_sync` (the synchronous API): set from the listener thread directly.
+        self._blocked: dict[str, set[threading.Event]] = {}
+        self._blocked_lock = threading.Lock()
+        # Weakly: a waiter must not keep a closed loop (and itself) alive; its thread ends when the loop closes.
+        self._loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.listening = False
@@ -52,8 +57,10 @@ class JobWaiter:
         """True where the database can wake waiters (PostgreSQL)."""
         return self._dsn is not None
 
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Start listening (PostgreSQL); ``loop``: the event loop of the asyncio waiters (None: threads only, and
+        the listener lives as long as the process)."""
+        self._loop = None if loop is None else weakref.ref(loop)
         if self._dsn is not None and self._thread is None:
             self._thread = threading.Thread(target=self._listen, name="qbgw-job-listener", daemon=True)
             self._thread.start()
@@ -77,6 +84,29 @@ class JobWaiter:
                 waiters.discard(event)
                 if not waiters:
                     del self._waiting[job_id]
+
+    @contextlib.contextmanager
+    def watch_sync(self, job_id: str) -> Iterator[threading.Event]:
+        """:meth:`watch` for a thread: an event set when ``job_id`` ends."""
+        event = threading.Event()
+        with self._blocked_lock:
+            self._blocked.setdefault(job_id, set()).add(event)
+        try:
+            yield event
+        finally:
+            with self._blocked_lock:
+                waiters = self._blocked.get(job_id)
+                if waiters is not None:
+                    waiters.discard(event)
+                    if not waiters:
+                        del self._blocked[job_id]
+
+    def _wake_threads(self, job_id: str | None) -> None:
+        with self._blocked_lock:
+            groups = list(self._blocked.values()) if job_id is None else [self._blocked.get(job_id, set())]
+            for events in groups:
+                for event in events:
+                    event.set()
 
     def interval(self, polls: int) -> float:
         """How long a waiter sleeps before re-reading, after ``polls`` reads."""
@@ -107,20 +137,33 @@ class JobWaiter:
                     backoff = 0.5
                     # Waiters that slept on the long interval while the listener was away re-read now.
                     self._call(self._wake_all)
-                    while not self._stop.is_set():
+                    self._wake_threads(None)
+                    while not self._stop.is_set() and not self.orphaned:
                         for note in connection.notifies(timeout=1.0):
+                            self._wake_threads(note.payload)
                             self._call(self._wake, note.payload)
+                    if self.orphaned:
+                        break
             except Exception as exc:  # the database went away: poll until the listener is back
+                if self.orphaned:
+                    break
                 if self.listening:
                     log.warning("the job listener lost its connection (%s); polling until it is back", exc)
                 self.listening = False
                 self._call(self._wake_all)
+                self._wake_threads(None)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
         self.listening = False
 
+    @property
+    def orphaned(self) -> bool:
+        """The loop it wakes has closed (or is gone): nothing can wait on it any more."""
+        loop = self._loop() if self._loop is not None else None
+        return self._loop is not None and (loop is None or loop.is_closed())
+
     def _call(self, fn: object, *args: object) -> None:
-        loop = self._loop
+        loop = self._loop() if self._loop is not None else None
         if loop is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
                 loop.call_soon_threadsafe(fn, *args)  # type: ignore[arg-type]

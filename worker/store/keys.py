@@ -12,9 +12,23 @@ from datetime import datetime
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from ..audit.crypto import Keyring, aad_for
+from .jobs import KEYRING
 from .models import ApiKey
 
-__all__ = ["KeyRow", "PREFIX", "create", "find", "by_name", "revoke", "expire_by", "split", "matches", "all_keys"]
+__all__ = [
+    "KeyRow",
+    "PREFIX",
+    "create",
+    "find",
+    "by_name",
+    "revoke",
+    "expire_by",
+    "split",
+    "matches",
+    "all_keys",
+    "webhook_url",
+]
 
 #: Every key starts so, which lets a secret scanner (and a person) tell a qbgw key from other strings.
 PREFIX = "qbgw_"
@@ -64,7 +78,14 @@ def matches(stored_hash: str, secret: str) -> bool:
 
 
 def create(
-    session: Session, *, name: str, role: str, created_by: str, now: datetime, expires_at: datetime | None
+    session: Session,
+    *,
+    name: str,
+    role: str,
+    created_by: str,
+    now: datetime,
+    expires_at: datetime | None,
+    webhook_url: str | None = None,
 ) -> tuple[KeyRow, str]:
     """Store a new key; returns it and the full key to show once."""
     key_id = secrets.token_hex(6)
@@ -78,10 +99,25 @@ def create(
         created_by=created_by,
         expires_at=expires_at,
         revoked_at=None,
+        webhook_url=None if webhook_url is None else _seal(session, key_id, webhook_url),
     )
     session.add(key)
     session.flush()
     return _row(key), f"{PREFIX}{key_id}_{secret}"
+
+
+def _seal(session: Session, key_id: str, url: str) -> str:
+    keyring: Keyring = session.info[KEYRING]
+    return keyring.encrypt(url, aad=aad_for("api_keys", "webhook_url", key_id))
+
+
+def webhook_url(session: Session, key_id: str) -> str | None:
+    """The key's default webhook URL (decrypted), if it has one."""
+    key = session.get(ApiKey, key_id)
+    if key is None or key.webhook_url is None:
+        return None
+    keyring: Keyring = session.info[KEYRING]
+    return keyring.decrypt(key.webhook_url, aad=aad_for("api_keys", "webhook_url", key_id))
 
 
 def find(session: Session, key_id: str) -> tuple[KeyRow, str] | None:

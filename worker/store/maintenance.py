@@ -12,10 +12,10 @@ from sqlalchemy import Row, delete, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from ..audit import events as audit
-from ..audit.crypto import Keyring
+from ..audit.crypto import Keyring, aad_for
 from ..lifecycle import TERMINAL, utcnow
-from .jobs import open_text, seal_text
-from .models import AuditEvent, Job
+from .jobs import KEYRING, open_text, seal_text
+from .models import ApiKey, AuditEvent, Job, WebhookDelivery, WebhookSecret
 
 __all__ = [
     "PHI_COLUMNS",
@@ -55,6 +55,33 @@ def reencrypt_chunk(session: Session, *, key_id: str, after_id: str) -> Reencryp
     ).all()
     changed = sum(_reencrypt_row(session, row, prefix) for row in rows)
     return Reencrypted(changed, len(rows), rows[-1].id if rows else after_id)
+
+
+#: Encrypted columns outside the jobs table: (model, table, column), each re-encrypted by key rotation too.
+OTHER_SEALED = (
+    (WebhookDelivery, "webhook_deliveries", "url"),
+    (WebhookSecret, "webhook_secrets", "secret"),
+    (ApiKey, "api_keys", "webhook_url"),
+)
+
+
+def reencrypt_others(session: Session, *, key_id: str) -> int:
+    """Re-encrypt, under ``key_id``, up to CHUNK values of each encrypted column outside the jobs table (webhook
+    URLs and signing secrets) held under another key; returns how many changed (0: none is left)."""
+    prefix = f"v1:{key_id}:"
+    changed = 0
+    for model, table, column in OTHER_SEALED:
+        field = getattr(model, column)
+        rows = session.execute(
+            select(model.id, field).where(field.is_not(None), ~field.startswith(prefix)).limit(CHUNK)
+        ).all()
+        keyring: Keyring = session.info[KEYRING]
+        for row_id, stored in rows:
+            aad = aad_for(table, column, row_id)
+            fresh = keyring.encrypt(keyring.decrypt(stored, aad=aad), aad=aad)
+            result = session.execute(update(model).where(model.id == row_id, field == stored).values({column: fresh}))
+            changed += int(result.rowcount)  # type: ignore[attr-defined]
+    return changed
 
 
 def _reencrypt_row(session: Session, row: Row[Any], prefix: str) -> int:

@@ -207,3 +207,50 @@ class ApiKey(Base):
     #: After this the key is refused (NULL: never). Rotation sets it on the key it replaces.
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: The webhook URL of the jobs this key submits without one (encrypted: a URL may carry a token).
+    webhook_url: Mapped[str | None] = mapped_column(Text)
+
+
+class WebhookSecret(Base):
+    """A principal's webhook signing secret (encrypted). While a rotation overlaps, several are unexpired and
+    a delivery carries one signature per secret (Standard Webhooks)."""
+
+    __tablename__ = "webhook_secrets"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    #: The key name (principal) whose deliveries it signs.
+    principal: Mapped[str] = mapped_column(String(64), index=True)
+    secret: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class WebhookDelivery(Base):
+    """One event to POST to a receiver: made ``waiting`` with its job or batch, ``pending`` when that ends, then
+    ``delivered`` (a 2xx) or ``failed`` (refused, or no 2xx within the retry window). Its id is the
+    ``webhook-id``: the same on every attempt, so a receiver can drop a duplicate."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_webhook_deliveries_status_next", "status", "next_attempt_at"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    job_id: Mapped[str | None] = mapped_column(String(36), index=True)
+    batch_id: Mapped[str | None] = mapped_column(String(36), index=True)
+    #: The key name (principal) that asked for it: its signing secrets sign the delivery.
+    principal: Mapped[str] = mapped_column(String(64))
+    #: The receiver's URL (encrypted).
+    url: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))
+    #: The event type once known ("job.succeeded", "batch.completed", ...).
+    event: Mapped[str | None] = mapped_column(String(32))
+    #: The JSON body, fixed when the event became pending (no PHI: ids, status, custom_id).
+    body: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    pending_since: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: An attempt holds the delivery until then (two messages for it: one attempt).
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(String(255))
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -34,6 +34,9 @@ TABLES: dict[str, tuple[str, ...]] = {
     "audit_chain_head": ("SELECT", "UPDATE"),
     # qbgw serve reads keys; `qbgw api-keys` creates them and revokes or expires them (never deletes).
     "api_keys": ("SELECT", "INSERT", "UPDATE"),
+    # Signing secrets are added and expired (rotation), deliveries made, leased and finished; never deleted.
+    "webhook_secrets": ("SELECT", "INSERT", "UPDATE"),
+    "webhook_deliveries": ("SELECT", "INSERT", "UPDATE"),
     # Every process checks the schema's revision before it starts.
     "alembic_version": ("SELECT",),
 }

@@ -1,0 +1,225 @@
+"""``qbgw.aio``, the Python API for async web apps, on both database backends (the embedded broker): submit then
+wait returns the answered job, a wait's timeout never blocks the event loop, an unknown id is JobNotFound, and
+on PostgreSQL a job ended by another transaction wakes a waiter by NOTIFY, not at its recheck.
+
+No worker process runs: a job's attempt is made in a thread of this process (``run_attempt``, as a worker and
+``qbgw.testing``'s drain do), on another database connection, so its end is another transaction's commit.
+Each test drives its own event loop with ``asyncio.run``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, text
+
+import qbgw
+from qbgw import aio, producer
+from qbgw.errors import JobNotFound
+from qbgw.execution.tasks import run_attempt
+from qbgw.lifecycle import JobStatus
+from qbgw.runtime.locator import runtime
+from qbgw.runtime.waiter import CHANNEL, RECHECK, JobWaiter
+from qbgw.settings import Settings
+from tests.conftest import ASSISTANT, PG_ADMIN_URL
+
+LISTENER = "qbgw-job-listener"  # the name of JobWaiter's listener thread
+
+
+def messages(text: str = "What is a normal resting heart rate?") -> list[dict[str, Any]]:
+    return [{"role": "user", "content": text}]
+
+
+def listener_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name == LISTENER and t.is_alive()}
+
+
+@pytest.fixture(autouse=True)
+def _stop_listeners() -> Iterator[None]:
+    """Stop the listener threads this test's event loops started, so none outlives the test (and its database)."""
+    before = listener_threads()
+    yield
+    for per_loop in list(aio._waiters.values()):
+        for waiter in per_loop.values():
+            waiter.stop()
+    aio._waiters.clear()
+    for thread in listener_threads() - before:
+        thread.join(timeout=5)
+
+
+def test_submit_then_wait_returns_the_answered_job(settings: Settings) -> None:
+    async def scenario() -> tuple[str, qbgw.JobView, qbgw.JobView]:
+        job_id = await aio.submit(ASSISTANT, messages(), custom_id="visit-9", actor="app:clinic", settings=settings)
+        queued = await aio.status(job_id, settings=settings)
+        waiting = asyncio.create_task(aio.wait(job_id, timeout=30, reader="app:nurse", settings=settings))
+        await asyncio.to_thread(run_attempt, runtime(settings), job_id)  # a worker's attempt, in another thread
+        return job_id, queued, await waiting
+
+    job_id, queued, view = asyncio.run(scenario())
+    assert queued.status is JobStatus.QUEUED
+    assert queued.answer is None  # the status carries no PHI
+    assert view.id == job_id
+    assert view.status is JobStatus.SUCCEEDED
+    assert view.done
+    assert view.custom_id == "visit-9"
+    assert view.actor == "app:clinic"
+    assert "normal resting heart rate" in (view.answer or "")
+    assert view.error is None
+    reads = [e for e in qbgw.job_events(job_id, include_reads=True, settings=settings) if e.action == "result.read"]
+    assert [e.actor for e in reads] == ["app:nurse"]  # wait's get is one audited read, by the reader named
+
+
+def test_wait_on_a_job_that_has_ended_returns_at_once(settings: Settings) -> None:
+    job_id = producer.submit(ASSISTANT, messages("[[emulator:fail=400]] hi"), settings=settings)
+    run_attempt(runtime(settings), job_id)
+
+    async def scenario() -> tuple[float, qbgw.JobView]:
+        started = time.monotonic()
+        view = await aio.wait(job_id, timeout=10, settings=settings)
+        return time.monotonic() - started, view
+
+    took, view = asyncio.run(scenario())
+    assert view.status is JobStatus.FAILED
+    assert view.http_status == 400
+    assert view.error
+    assert took < 2.0
+
+
+def test_a_wait_that_times_out_raises_timeout_error_and_never_blocks_the_event_loop(settings: Settings) -> None:
+    """The job never runs (no worker). While wait() waits 1.5 s, a task on the same loop ticks every 10 ms: if
+    wait() blocked the loop (a database read, or a sleep, on the loop's thread), the ticks would stop for that
+    long. They keep coming: many ticks, and no gap between two of them longer than a fraction of the wait."""
+    timeout = 1.5
+
+    async def scenario() -> tuple[BaseException | None, float, list[float]]:
+        job_id = await aio.submit(ASSISTANT, messages(), settings=settings)
+        ticks: list[float] = []
+        stop = asyncio.Event()
+
+        async def ticker() -> None:
+            while not stop.is_set():
+                ticks.append(time.monotonic())
+                await asyncio.sleep(0.01)
+
+        ticking = asyncio.create_task(ticker())
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        raised: BaseException | None = None
+        try:
+            await aio.wait(job_id, timeout=timeout, settings=settings)
+        except TimeoutError as exc:
+            raised = exc
+        took = time.monotonic() - started
+        stop.set()
+        await ticking
+        assert (await aio.status(job_id, settings=settings)).status is JobStatus.QUEUED  # a wait changes nothing
+        return raised, took, [t for t in ticks if started <= t <= started + took]
+
+    raised, took, ticks = asyncio.run(scenario())
+    assert isinstance(raised, TimeoutError), "wait() past its timeout must raise TimeoutError"
+    assert "still queued after 1.5s" in str(raised)
+    assert timeout - 0.05 <= took < timeout + 1.0
+    gaps = [b - a for a, b in zip(ticks, ticks[1:], strict=False)]
+    assert len(ticks) >= 50, f"only {len(ticks)} ticks in {took:.2f} s: the loop was blocked"
+    assert max(gaps) < 0.25, f"the loop stalled for {max(gaps):.3f} s during wait()"
+
+
+def test_wait_on_an_unknown_id_raises_job_not_found(settings: Settings) -> None:
+    async def scenario() -> None:
+        with pytest.raises(JobNotFound):
+            await aio.wait("no-such-job", timeout=5, settings=settings)
+        with pytest.raises(JobNotFound):
+            await aio.wait("no-such-job", settings=settings)  # nor without a timeout: it does not wait for one
+        with pytest.raises(JobNotFound):
+            await aio.get("no-such-job", settings=settings)
+
+    asyncio.run(asyncio.wait_for(scenario(), timeout=10))
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_on_postgresql_a_job_ended_by_another_transaction_wakes_the_waiter(settings: Settings) -> None:
+    """NOTIFY is the mechanism, not the recheck. Once the waiter's listener is connected, a waiter re-reads the
+    job only every RECHECK (5 s). The job is then cancelled by another transaction (``qbgw.cancel`` in another
+    thread, on another connection); the trigger NOTIFYs at its commit. The wait returns in well under 3 s after
+    the cancel: had the notification not woken it, it would have slept until its 5 s recheck."""
+    assert RECHECK == 5.0
+
+    async def scenario() -> tuple[float, qbgw.JobView, int, JobWaiter]:
+        job_id = await aio.submit(ASSISTANT, messages(), settings=settings)
+        waiter = aio._waiter(settings)  # this loop's waiter (private): the test must know it listens
+        waiting = asyncio.create_task(aio.wait(job_id, timeout=30, settings=settings))
+        deadline = time.monotonic() + 10
+        while not waiter.listening:
+            assert time.monotonic() < deadline, "the listener did not connect within 10 s"
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.5)  # the waiter has re-read the job since and sleeps on the 5 s recheck now
+        assert not waiting.done()
+        assert waiter.interval(0) == RECHECK
+        woken = waiter.woken
+        started = time.monotonic()
+        status = await asyncio.to_thread(qbgw.cancel, job_id, actor="another-process", settings=settings)
+        assert status is JobStatus.CANCELLED
+        view = await waiting
+        return time.monotonic() - started, view, waiter.woken - woken, waiter
+
+    took, view, notifications, waiter = asyncio.run(scenario())
+    assert view.status is JobStatus.CANCELLED
+    assert notifications >= 1, "no NOTIFY reached the listener"
+    assert took < 3.0, f"the waiter woke {took:.2f} s after the cancel: at its recheck, not by NOTIFY"
+    assert waiter.notifies
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_an_event_loop_that_has_closed_leaves_no_listener_nor_connection_behind(settings: Settings) -> None:
+    """A sync program that calls ``asyncio.run(qbgw.aio.wait(...))`` now and then (a script, a Celery task, a
+    test suite with a loop per test) runs one event loop after another. Each loop gets a JobWaiter with a
+    listener thread holding a PostgreSQL connection; once the loop has closed nothing can use it, so it must
+    not stay behind, else every asyncio.run costs one more connection until max_connections is spent."""
+    job_id = producer.submit(ASSISTANT, messages(), settings=settings)
+    qbgw.cancel(job_id, settings=settings)
+    before = listener_threads()
+    loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+
+    async def once() -> None:
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        waiter = aio._waiter(settings)
+        deadline = time.monotonic() + 10
+        while not waiter.listening and time.monotonic() < deadline:  # the listener connected: a connection held
+            await asyncio.sleep(0.02)
+        assert (await aio.wait(job_id, timeout=5, settings=settings)).status is JobStatus.CANCELLED
+
+    for _ in range(3):
+        asyncio.run(once())
+    time.sleep(1.5)  # a listener checks for its stop every second
+    gc.collect()
+    left = listener_threads() - before
+    connections = _listening_connections(settings)
+    alive = sum(ref() is not None for ref in loops)
+    assert (len(left), connections, alive) == (0, 0, 0), (
+        f"after 3 asyncio.run(qbgw.aio.wait(...)) that have returned: {len(left)} listener thread(s) still run, "
+        f"{connections} connection(s) still LISTEN {CHANNEL}, {alive} closed event loop(s) still referenced "
+        "(qbgw/aio.py _waiter: a JobWaiter per loop is started and never stopped; the WeakKeyDictionary's value "
+        "holds its loop, so the entry never goes)"
+    )
+
+
+def _listening_connections(settings: Settings) -> int:
+    """Connections to this database that LISTEN (their last statement), seen by a superuser."""
+    database = settings.effective_database_url.rsplit("/", 1)[1]
+    engine = create_engine(PG_ADMIN_URL)
+    try:
+        with engine.connect() as connection:
+            found = connection.scalar(
+                text("SELECT count(*) FROM pg_stat_activity WHERE datname = :d AND query = :q"),
+                {"d": database, "q": f"LISTEN {CHANNEL}"},
+            )
+            return int(found or 0)
+    finally:
+        engine.dispose()
