@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from .execution.tasks import register
 from .runtime.app import create_celery_app
+from .runtime.broker_guard import guard_redis_channels
 from .settings import Settings
 
 __all__ = ["app"]
 
 app = create_celery_app(Settings.from_env())
 register(app)  # `celery -A qbgw.celery_entry worker` runs it too
+guard_redis_channels()  # and rides out a Redis restart as `qbgw worker` does (see qbgw.runtime.broker_guard)

@@ -29,3 +29,16 @@ def test_a_channel_whose_connection_was_closed_raises_a_connection_error() -> No
     with pytest.raises(redis.ConnectionError, match="is closed"):
         channel._connparams()
     assert issubclass(redis.ConnectionError, tuple(connection.connection_errors))
+
+
+def test_celerys_own_worker_command_gets_the_guard_too() -> None:
+    """`celery -A qbgw.celery_entry worker` imports that module, not `qbgw worker`: the guard must come with it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import kombu.transport.redis as r; import qbgw.celery_entry; "
+        "print(getattr(r.Channel._connparams, '_qbgw_guarded', False))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.strip() == "True"

@@ -231,6 +231,8 @@ class SessionToken:
         self._key = credentials.cache_key(base_url)
         self._session: SessionInfo | None = None
         self._mutex = threading.Lock()  # one creation per process at a time
+        # Guards every swap of self._session: observe() must not put back a session another thread replaced.
+        self._swap = threading.Lock()
         self._seen = threading.local()  # the token this thread last sent: the one a 401 is about
         self._written_expiry = 0.0
         self._failed: tuple[float, errors.GatewayError] | None = None  # (until when, the error) of a creation
@@ -276,7 +278,8 @@ class SessionToken:
             shared = self._usable(self._cache.get(self._key), sent)
             if shared is None:
                 return False
-            self._session, self._version = shared, version
+            with self._swap:
+                self._session, self._version = shared, version
         self._seen.token = shared.token
         return True
 
@@ -285,7 +288,10 @@ class SessionToken:
         when, info = parse_expiration(expires), self._session
         if when is None or info is None or info.token.reveal() != token or when == info.expires_at:
             return
-        info = self._session = info.expiring_at(when, time.time())
+        with self._swap:
+            if self._session is not info:  # replaced meanwhile (a renewal): the old token's expiry is no news
+                return
+            info = self._session = info.expiring_at(when, time.time())
         if when < self._written_expiry or when - self._written_expiry >= _WRITE_BACK_SECONDS:
             with self._cache.lock(self._key):
                 shared = self._cache.get(self._key)
@@ -303,7 +309,8 @@ class SessionToken:
                 with self._cache.lock(self._key):
                     info = self._usable(self._cache.get(self._key), stale) or self._create()
                     version = self._cache.version(self._key)
-            self._session, self._version = info, version
+            with self._swap:
+                self._session, self._version = info, version
             return info
 
     def _create(self) -> SessionInfo:
