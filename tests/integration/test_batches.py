@@ -372,3 +372,31 @@ def test_an_end_whose_run_stopped_short_is_finished_by_the_next_sweep(
     assert done.status is BatchStatus.CANCELLED
     assert done.cancelled == 5
     assert done.done
+
+
+def test_a_batch_cancelled_while_it_is_still_being_stored_stores_the_rest_cancelled(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: the chunks stored after the cancel were queued and published, and ran.
+    from qbgw.batches import submission
+    from qbgw.store import batches as batch_store
+
+    monkeypatch.setattr(batch_store, "CHUNK", 3)
+    real = submission._publish
+
+    def publish_then_cancel(rt: Any, producer: Any, ids: list[str]) -> bool:
+        done = real(rt, producer, ids)
+        with rt.transaction() as session:
+            batch_id = session.scalar(select(Job.batch_id).where(Job.id == ids[0]))
+        cancel_batch(batch_id, actor="ops", settings=settings)  # between the first chunk and the second
+        monkeypatch.setattr(submission, "_publish", real)
+        return done
+
+    monkeypatch.setattr(submission, "_publish", publish_then_cancel)
+    view = submit_batch(lines(7), assistant_id=ASSISTANT, settings=settings)
+    assert view.status is BatchStatus.CANCELLED
+    assert (view.total, view.cancelled, view.pending) == (7, 7, 0)
+    assert len(list((settings.broker_dir / "queue").glob("*.msg"))) == 3  # only the first chunk was published
+    cancelled = audit_query(AuditFilter(batch_id=view.id, action="job.cancelled"), settings=settings)
+    assert len(cancelled) == 7
+    assert {e.actor for e in cancelled} == {"ops"}

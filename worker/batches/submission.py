@@ -19,6 +19,7 @@ from ..runtime.context import Runtime
 from ..store import batches as batch_store
 from ..store import jobs as store
 from ..store import webhooks
+from ..store.batches import BatchStatus
 from .input import BatchLine, ParsedBatch
 
 __all__ = ["DEFAULT_WINDOW", "store_batch"]
@@ -35,7 +36,21 @@ def _store_jobs(rt: Runtime, batch_id: str, lines: Sequence[BatchLine], actor: s
         for start in range(0, len(lines), batch_store.CHUNK):
             jobs = [_new_job(rt, batch_id, line, actor) for line in lines[start : start + batch_store.CHUNK]]
             with rt.transaction() as session:
-                batch_store.insert_jobs(session=session, jobs=jobs, announced=producer is not None, now=utcnow())
+                # Locked: a cancel (or expiry) decided while the batch is still being stored is seen here, and
+                # the rest of its jobs are stored cancelled by the same actor, never queued to run.
+                batch = batch_store.get(session=session, batch_id=batch_id, lock=True)
+                ended = batch.status in (BatchStatus.CANCELLED, BatchStatus.EXPIRED)
+                batch_store.insert_jobs(
+                    session=session, jobs=jobs, announced=producer is not None and not ended, now=utcnow()
+                )
+                if ended:
+                    by = batch_store.ended_by(session=session, batch_id=batch_id) or actor
+                    expired = batch.status == BatchStatus.EXPIRED
+                    batch_store.cancel_jobs(
+                        session=session, job_ids=[j.id for j in jobs], actor=by, expired=expired, now=utcnow()
+                    )
+            if ended:
+                continue
             if producer is not None and not _publish(rt, producer, [job.id for job in jobs]):
                 producer = None  # the broker failed: store the rest unannounced, for the sweeper
 

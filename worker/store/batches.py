@@ -17,7 +17,7 @@ from ..audit import events as audit
 from ..errors import BatchNotFound, JobStateConflict
 from ..lifecycle import TERMINAL, JobStatus
 from ..store import jobs as store
-from .models import Batch, Job
+from .models import AuditEvent, Batch, Job
 
 __all__ = [
     "BatchStatus",
@@ -274,6 +274,17 @@ def end(*, session: Session, batch: Batch, status: BatchStatus, actor: str, pend
         detail={"jobs_to_cancel": pending},
     )
     return True
+
+
+def ended_by(*, session: Session, batch_id: str) -> str | None:
+    """Who cancelled (or expired) the batch: the actor of its batch.cancelled or batch.expired event."""
+    actions = [str(audit.Action.BATCH_CANCELLED), str(audit.Action.BATCH_EXPIRED)]
+    return session.scalar(
+        select(AuditEvent.actor)
+        .where(AuditEvent.batch_id == batch_id, AuditEvent.action.in_(actions))
+        .order_by(AuditEvent.seq.desc())
+        .limit(1)
+    )
 
 
 def overdue(*, session: Session, now: datetime) -> list[str]:
