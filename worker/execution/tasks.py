@@ -114,8 +114,11 @@ _ENDED = frozenset({Outcome.SUCCEEDED, Outcome.FAILED, Outcome.CANCELLED})
 
 
 def _announce_end(rt: Runtime, job_id: str) -> None:
-    """The job ended: its webhook, if it has one, goes now rather than at the next sweep (which would send it)."""
+    """The job ended: its webhook, if it has one, goes now rather than at the next sweep (which would send it).
+    Costs a transaction only while some delivery waits (:func:`webhooks.any_waiting`, read once a second)."""
     try:
+        if not webhooks.any_waiting(rt):
+            return
         webhooks.promote(rt, job_ids=[job_id])
     except Exception as exc:  # the sweeper promotes it; never fail a finished job over its webhook
         log.warning("job %s: webhook not queued yet (%s)", job_id, type(exc).__name__, extra={"job_id": job_id})

@@ -85,6 +85,25 @@ def promote(rt: Runtime, *, job_ids: list[str] | None = None, publish_due: bool 
     return published
 
 
+#: How long "no delivery waits" is believed before the database is asked again.
+WAITING_RECHECK = 1.0
+_waiting_seen: dict[int, tuple[float, bool]] = {}
+
+
+def any_waiting(rt: Runtime) -> bool:
+    """Whether any delivery waits for its job's end, read at most once a second per runtime: a worker that
+    runs jobs without webhooks pays nothing per job. A job with a webhook that ends within that second of a
+    "no" has it sent by the next sweep instead."""
+    now = time.monotonic()
+    seen = _waiting_seen.get(id(rt))
+    if seen is not None and now - seen[0] < WAITING_RECHECK:
+        return seen[1]
+    with rt.transaction() as session:
+        waiting = store.any_waiting(session)
+    _waiting_seen[id(rt)] = (now, waiting)
+    return waiting
+
+
 def retry_delay(attempts: int, base: float) -> float:
     """Seconds before attempt ``attempts + 1``: ``base`` doubled per attempt made, at most an hour."""
     return float(min(3600.0, base * (2 ** min(max(attempts - 1, 0), 20))))

@@ -33,6 +33,7 @@ __all__ = [
     "add_waiting",
     "promote",
     "waiting_batches",
+    "any_waiting",
     "promote_batch",
     "due",
     "lease",
@@ -143,6 +144,16 @@ def promote(session: Session, *, now: datetime, job_ids: list[str] | None = None
         if _make_pending(session, delivery_id, f"job.{status}", _body(f"job.{status}", subject, now), now):
             promoted.append(delivery_id)
     return promoted
+
+
+def any_waiting(session: Session) -> bool:
+    """Whether any job's delivery waits for its end."""
+    found = session.scalar(
+        select(WebhookDelivery.id)
+        .where(WebhookDelivery.status == WAITING, WebhookDelivery.job_id.is_not(None))
+        .limit(1)
+    )
+    return found is not None
 
 
 def waiting_batches(session: Session, limit: int = 100) -> list[str]:
