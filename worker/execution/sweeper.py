@@ -118,3 +118,8 @@ class Sweeper:
                 log.warning("sweep failed: %s", exc, extra={"error_class": type(exc).__name__})
             except OSError as exc:
                 log.warning("could not write an audit anchor: %s", exc)
+            except Exception as exc:  # a bug in one sweep must not end the sweeping: jobs depend on it to end
+                metrics.swept(failed=True)
+                log.error(
+                    "sweep failed unexpectedly: %s", type(exc).__name__, extra={"error_class": type(exc).__name__}
+                )
