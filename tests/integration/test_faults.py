@@ -175,3 +175,21 @@ def test_a_fault_on_a_job_that_moved_on_writes_nothing(settings: Settings) -> No
     assert faults.record(runtime(settings), job_id, late, faults.Progress()) == "skipped"
     assert job_events(job_id, settings=settings) == before
     assert get_job(job_id, settings=settings).status is JobStatus.SUCCEEDED
+
+
+def test_a_read_only_database_is_unavailable_and_its_connection_is_dropped(
+    production_settings: Settings,
+) -> None:
+    """A server that takes no writes (a standby after a failover): StoreUnavailable, as for an outage, not a raw
+    driver error (the worker would count it as the job's fault; the HTTP API would answer 500); and the pool
+    drops that connection, so the next transaction, on a new one, works."""
+    from qbgw.errors import StoreUnavailable
+
+    settings = production_settings.with_(db_pool_size=1)
+    rt = runtime(settings)
+    with rt.transaction() as session:  # this pooled connection now refuses writes, as a standby's would
+        session.execute(text("SET SESSION default_transaction_read_only = on"))
+    with pytest.raises(StoreUnavailable, match="read-only"):
+        producer.submit(ASSISTANT, [{"role": "user", "content": "x"}], settings=settings)
+    job_id = producer.submit(ASSISTANT, [{"role": "user", "content": "x"}], settings=settings)
+    assert get_job(job_id, settings=settings).status == "queued"

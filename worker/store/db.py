@@ -73,7 +73,20 @@ def make_engine(url: str, *, connect_timeout: float | None = None, pool_size: in
         event.listen(engine, "begin", _sqlite_begin_immediate)
     else:
         event.listen(engine, "checkout", _drop_if_closed)
+        event.listen(engine, "handle_error", _read_only_is_away)
     return engine
+
+
+#: SQLSTATE read_only_sql_transaction: the server takes no writes (a standby after a failover, a primary
+#: demoted, default_transaction_read_only set); this connection will not work again.
+READ_ONLY = "25006"
+
+
+def _read_only_is_away(context: Any) -> None:
+    """A connection to a server that takes no writes is treated as lost: the pool drops it (so the next one is
+    made anew, to wherever the address points now), and the caller gets StoreUnavailable, as for an outage."""
+    if getattr(context.original_exception, "sqlstate", None) == READ_ONLY:
+        context.is_disconnect = True
 
 
 def _drop_if_closed(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
