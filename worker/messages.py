@@ -133,11 +133,19 @@ def validate_webhook_url(value: object, *, development: bool = False, name: str 
     return value
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def validate_key(name: str, value: object) -> str:
     """Raises InvalidMessages unless ``value`` (a ``custom_id`` or ``idempotency_key``) is a non-empty
     string of at most MAX_KEY characters, all encodable as UTF-8."""
     if not isinstance(value, str) or not value.strip() or len(value) > MAX_KEY:
         raise InvalidMessages(f"{name}: must be a non-empty string of at most {MAX_KEY} characters")
+    control = _CONTROL.search(value)
+    if control is not None:  # PostgreSQL text cannot hold NUL, and no one means a control character in an id
+        raise InvalidMessages(
+            f"{name}: must not contain control characters; found U+{ord(control[0]):04X} at index {control.start()}"
+        )
     _check_encodable(name, value)
     return value
 

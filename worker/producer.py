@@ -72,9 +72,7 @@ def submit(
         actor=actor or rt.settings.actor or "producer",
         max_attempts=rt.settings.max_attempts,
     )
-    hook = (
-        None if webhook_url is None else validate_webhook_url(webhook_url, development=rt.settings.webhooks_development)
-    )
+    hook = _webhook(rt, webhook_url, new.actor)
     if require_broker:
         check_broker(rt)
     job_id, created = _store(rt, new, hook)
@@ -83,6 +81,18 @@ def submit(
         if failure is not None:
             raise NotAnnounced(job_id, failure)
     return job_id
+
+
+def _webhook(rt: Runtime, url: str | None, actor: str) -> str | None:
+    """The checked webhook URL; its deliveries are signed with the secrets of principal ``actor``, which must be
+    a key's (``key:<name>``): `qbgw api-keys webhook-secret --name <name>` shows them."""
+    if url is None:
+        return None
+    if not actor.startswith("key:") or len(actor) <= len("key:"):
+        raise InvalidMessages(
+            f"webhook_url: needs actor='key:<name>' (the principal whose signing secret signs it), got {actor!r}"
+        )
+    return validate_webhook_url(url, development=rt.settings.webhooks_development)
 
 
 def _store(rt: Runtime, new: store.NewJob, webhook_url: str | None = None) -> tuple[str, bool]:
@@ -133,9 +143,7 @@ def submit_batch(
     span = window if isinstance(window, timedelta) else timedelta(seconds=window)
     if span <= timedelta(0):
         raise InvalidMessages("window: must be positive")
-    hook = (
-        None if webhook_url is None else validate_webhook_url(webhook_url, development=rt.settings.webhooks_development)
-    )
+    hook = _webhook(rt, webhook_url, actor or rt.settings.actor or "producer")
     default = assistant_id or rt.settings.assistant_id or None
     raw = batch_input.read_lines(source) if isinstance(source, str | os.PathLike) else source
     parsed = batch_input.parse_lines(

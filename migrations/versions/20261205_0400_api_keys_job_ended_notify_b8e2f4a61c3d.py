@@ -57,7 +57,7 @@ def upgrade() -> None:
     op.create_table(
         "webhook_secrets",
         sa.Column("id", sa.String(36), primary_key=True),
-        sa.Column("principal", sa.String(64), nullable=False),
+        sa.Column("principal", sa.String(128), nullable=False),
         sa.Column("secret", sa.Text(), nullable=False),
         sa.Column("created_at", TS, nullable=False),
         sa.Column("expires_at", TS, nullable=True),
@@ -68,7 +68,7 @@ def upgrade() -> None:
         sa.Column("id", sa.String(36), primary_key=True),
         sa.Column("job_id", sa.String(36), nullable=True),
         sa.Column("batch_id", sa.String(36), nullable=True),
-        sa.Column("principal", sa.String(64), nullable=False),
+        sa.Column("principal", sa.String(128), nullable=False),
         sa.Column("url", sa.Text(), nullable=False),
         sa.Column("status", sa.String(16), nullable=False),
         sa.Column("event", sa.String(32), nullable=True),

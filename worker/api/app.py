@@ -13,7 +13,9 @@ import asyncio
 import hashlib
 import logging
 import os
+import re
 import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -53,6 +55,9 @@ MAX_WAIT = 60.0
 FAILURES_ALLOWED, FAILURE_WINDOW = 10, 60.0
 #: How long a failed authentication past that limit is held before its 429 (on the event loop: no thread waits).
 FAILURE_DELAY = 1.0
+_ID = re.compile(r"^[0-9A-Za-z-]{1,64}$")
+#: The largest seq a cursor may name (PostgreSQL's bigint).
+MAX_SEQ = 2**63 - 1
 #: How long a key that authenticated is taken without asking the database again (revocation's delay).
 CACHE_SECONDS = 5.0
 #: The fields a job's JSON body may have.
@@ -158,22 +163,25 @@ class _Failures:
 
     def __init__(self) -> None:
         self._seen: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()  # requests are authenticated in the server's thread pool
 
     def blocked_for(self, source: str) -> float:
-        times = self._seen.get(source)
-        if not times:
-            return 0.0
-        now = time.monotonic()
-        while times and times[0] < now - FAILURE_WINDOW:
-            times.popleft()
-        if len(times) < FAILURES_ALLOWED:
-            return 0.0
-        return max(0.0, times[0] + FAILURE_WINDOW - now)
+        with self._lock:
+            times = self._seen.get(source)
+            if not times:
+                return 0.0
+            now = time.monotonic()
+            while times and times[0] < now - FAILURE_WINDOW:
+                times.popleft()
+            if len(times) < FAILURES_ALLOWED:
+                return 0.0
+            return max(0.0, times[0] + FAILURE_WINDOW - now)
 
     def add(self, source: str) -> None:
-        if len(self._seen) > 100_000:  # a flood of sources: forget the oldest rather than grow without bound
-            self._seen.clear()
-        self._seen.setdefault(source, deque(maxlen=FAILURES_ALLOWED * 2)).append(time.monotonic())
+        with self._lock:
+            if len(self._seen) > 100_000:  # a flood of sources: forget them rather than grow without bound
+                self._seen.clear()
+            self._seen.setdefault(source, deque(maxlen=FAILURES_ALLOWED * 2)).append(time.monotonic())
 
 
 @dataclass
@@ -223,6 +231,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 def authenticate(request: Request) -> Principal:
     settings, failures = _ctx(request).settings, _ctx(request).failures
     source = request.client.host if request.client else ""
+    held = failures.blocked_for(source)
+    if held > 0:  # guessing from this address: refused before the database (a valid key in the cache passed)
+        raise Refused(_throttled(held), delay=min(held, FAILURE_DELAY))
     header = request.headers.get("authorization", "")
     scheme, _, presented = header.partition(" ")
     key = presented.strip() if scheme.lower() == "bearer" else None
@@ -234,19 +245,8 @@ def authenticate(request: Request) -> Principal:
     except errors.Unauthenticated as exc:
         failures.add(source)
         wait = failures.blocked_for(source)
-        if wait > 0:
-            # Guessing from this address: a valid key still passes (many users may share one NAT), but each
-            # further failure waits and is told when to try again.
-            raise Refused(
-                problem(
-                    429,
-                    "too-many-failures",
-                    "Too many failed authentications from this address",
-                    f"try again in {wait:.0f} s",
-                    headers={"Retry-After": str(max(1, int(wait + 0.999)))},
-                ),
-                delay=min(wait, FAILURE_DELAY),
-            ) from None
+        if wait > 0:  # this failure crossed the limit: it and the rest of the window are answered 429
+            raise Refused(_throttled(wait), delay=min(wait, FAILURE_DELAY)) from None
         raise Refused(
             problem(
                 401,
@@ -302,7 +302,14 @@ async def who(request: Request, permission: str) -> tuple[Principal, str]:
     return principal, allowed(principal, permission)
 
 
+def _plausible(identifier: str) -> bool:
+    """Whether a path's id could name a job or batch (a UUID's characters); anything else is simply not found."""
+    return bool(_ID.match(identifier))
+
+
 async def job_for(request: Request, principal: Principal, scope: str, job_id: str) -> tuple[JobView, str | None]:
+    if not _plausible(job_id):
+        raise errors.JobNotFound(job_id[:64])
     view, batch_id = await call(queries.job_metadata, job_id, settings=_ctx(request).settings)
     if scope == "own" and view.actor != principal.actor:
         raise errors.JobNotFound(job_id)  # another principal's job does not exist for this one
@@ -351,7 +358,8 @@ async def submit_job(request: Request) -> Response:
     """Queue a gateway job (the body of ``qbgw.submit``): 202 with its id and a Location to poll."""
     principal, _ = await who(request, "jobs.submit")
     settings = _ctx(request).settings
-    data = _json_object(await body_bytes(request, settings.max_request_bytes + 65536))
+    raw = await body_bytes(request, settings.max_request_bytes + 65536)
+    data = await call(_json_object, raw)  # up to ~75 MB of JSON: parsed off the event loop
     unknown = sorted(set(data) - JOB_FIELDS)
     if unknown:
         raise errors.InvalidMessages(
@@ -516,6 +524,8 @@ async def submit_batch(
 
 
 async def batch_for(request: Request, principal: Principal, scope: str, batch_id: str) -> Any:
+    if not _plausible(batch_id):
+        raise errors.BatchNotFound(batch_id[:64])
     view = await call(queries.get_batch, batch_id, settings=_ctx(request).settings)
     if scope == "own" and view.actor != principal.actor:
         raise errors.BatchNotFound(batch_id)
@@ -588,6 +598,13 @@ async def audit_events(
     principal, _ = await who(request, "audit.events")
     if not 1 <= limit <= 1000:
         raise errors.InputError(f"limit: must be between 1 and 1000, got {limit}")
+    if after_seq is not None and not 0 <= after_seq <= MAX_SEQ:
+        raise errors.InputError(f"after_seq: must be a seq from 0 to {MAX_SEQ}, got {after_seq}")
+    filters = {"job_id": job_id, "batch_id": batch_id, "assistant_id": assistant_id, "actor": actor}
+    filters.update(action=action, outcome=outcome)
+    for name, value in filters.items():
+        if value is not None and (len(value) > 255 or re.search(r"[\x00-\x1f\x7f]", value)):
+            raise errors.InputError(f"{name}: at most 255 characters, without control characters")
     for name, when in (("since", since), ("until", until)):
         if when is not None and when.tzinfo is None:
             raise errors.InputError(f"{name}: give a time zone (2026-12-05T10:00:00Z), got {when.isoformat()}")
@@ -650,10 +667,16 @@ def _install_handlers(app: FastAPI) -> None:
         ]
         return problem(422, "invalid-request", "The request is invalid", errors_=found)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> Response:
-        log.error("unexpected %s answering a request", type(exc).__name__)
-        return problem(500, "internal", "Internal error", "the operator is told; nothing was changed by this answer")
+    @app.middleware("http")
+    async def _contain(request: Request, call_next: Callable[[Request], Any]) -> Response:
+        # Here rather than an exception handler for Exception: Starlette re-raises after such a handler, and the
+        # server's log would get the traceback, with the SQL statement and its parameters in it.
+        try:
+            answer: Response = await call_next(request)
+            return answer
+        except Exception as exc:
+            log.error("unexpected %s answering %s %s", type(exc).__name__, request.method, request.url.path)
+            return problem(500, "internal", "Internal error", "the operator is told")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> Response:
@@ -683,6 +706,16 @@ def _secure_openapi(app: FastAPI) -> None:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _throttled(wait: float) -> Response:
+    return problem(
+        429,
+        "too-many-failures",
+        "Too many failed authentications from this address",
+        f"try again in {wait:.0f} s",
+        headers={"Retry-After": str(max(1, int(wait + 0.999)))},
+    )
 
 
 def _too_large(limit: int) -> Response:

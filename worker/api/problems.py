@@ -69,9 +69,8 @@ def from_error(exc: errors.QbgwError) -> JSONResponse:
         return problem(409, "state-conflict", "The job's status does not allow this", str(exc))
     if isinstance(exc, errors.StoreUnavailable | errors.BrokerUnavailable):
         what = "database" if isinstance(exc, errors.StoreUnavailable) else "broker"
-        return problem(
-            503, "unavailable", f"The {what} is unavailable; try again", str(exc), headers={"Retry-After": "5"}
-        )
+        log.warning("answering 503: %s", exc)  # the driver's words (hosts, ports, users) stay in the log
+        return problem(503, "unavailable", f"The {what} is unavailable; try again", headers={"Retry-After": "5"})
     if isinstance(exc, errors.IntegrityError):
         log.error("integrity error answering a request: %s", type(exc).__name__)
         return problem(500, "integrity", "Stored data failed its integrity check; the operator is told")

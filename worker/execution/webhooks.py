@@ -14,19 +14,23 @@ custom_id and batch id; the receiver fetches the result with its key.
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import logging
+import socket
+import ssl
+import threading
 import time
 from datetime import datetime, timedelta
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import SplitResult, urlsplit
 
-import requests
 from celery import Celery
 from standardwebhooks import Webhook
 
 from ..audit.events import Action, record
 from ..batches.ending import current
 from ..errors import ResolutionFailed
-from ..images.remote import pinned_session, resolve
+from ..images.remote import resolve
 from ..lifecycle import utcnow
 from ..runtime.context import Runtime
 from ..store import webhooks as store
@@ -41,6 +45,8 @@ USER_AGENT = "qbgw-webhooks/1"
 #: How long an attempt holds a delivery (longer than its timeouts): a worker that died mid-POST releases it.
 LEASE = timedelta(seconds=60)
 CONNECT_TIMEOUT, READ_TIMEOUT = 5.0, 15.0
+#: The longest one attempt may take, all of it (well under LEASE, so no second attempt starts beside it).
+TOTAL_TIMEOUT = 20.0
 #: Retries sooner than this are published with a countdown; later ones are left to the sweeper.
 COUNTDOWN_MAX = 60.0
 
@@ -55,7 +61,8 @@ def register(app: Celery) -> None:
 
 
 def publish(rt: Runtime, delivery_id: str, *, countdown: float | None = None) -> None:
-    rt.celery.send_task(WEBHOOK_TASK, args=[delivery_id], countdown=countdown, queue=rt.settings.queue)
+    # Behind interactive jobs (workers read their queue first): receivers, slow or not, never hold jobs back.
+    rt.celery.send_task(WEBHOOK_TASK, args=[delivery_id], countdown=countdown, queue=rt.settings.effective_batch_queue)
 
 
 def promote(rt: Runtime, *, job_ids: list[str] | None = None, publish_due: bool = True) -> list[str]:
@@ -118,7 +125,7 @@ def deliver(rt: Runtime, delivery_id: str) -> str:
             return "skipped"
         delivery, url = leased
         secrets = store.signing_secrets(session, delivery.principal, now)
-        if not secrets:  # a principal without a secret yet gets one; `qbgw webhooks secret` shows it
+        if not secrets:  # a principal without a secret yet gets one; `qbgw api-keys webhook-secret` shows it
             secrets = [store.add_secret(session, principal=delivery.principal, now=now, overlap=None)]
     started = time.monotonic()
     status, error = _post(rt, delivery, url, secrets, now)
@@ -131,11 +138,18 @@ def deliver(rt: Runtime, delivery_id: str) -> str:
         window_ends = (delivery.pending_since or delivery.created_at) + timedelta(
             seconds=rt.settings.webhook_retry_window
         )
-        if finished + timedelta(seconds=delay) <= window_ends:
-            retry_at = finished + timedelta(seconds=delay)
+        if finished < window_ends:  # the last try is at the window's end, not a backoff before it
+            retry_at = min(finished + timedelta(seconds=delay), window_ends)
     with rt.transaction() as session:
         new = store.finish(
-            session, delivery_id, now=finished, delivered=done, status=status, error=error, retry_at=retry_at
+            session,
+            delivery_id,
+            attempt=delivery.attempts,
+            now=finished,
+            delivered=done,
+            status=status,
+            error=error,
+            retry_at=retry_at,
         )
         record(
             session=session,
@@ -150,7 +164,7 @@ def deliver(rt: Runtime, delivery_id: str) -> str:
             error_class=None if done else (error or "")[:64].split(":")[0] or None,
             detail={"delivery_id": delivery_id, "event": delivery.event, "host": urlsplit(url).hostname},
         )
-    if retry_at is not None:
+    if retry_at is not None and new == store.PENDING:
         wait = (retry_at - utcnow()).total_seconds()
         if wait <= COUNTDOWN_MAX:
             try:
@@ -183,29 +197,64 @@ def _post(
         "webhook-signature": signature,
     }
     parts = urlsplit(url)
+    https = parts.scheme == "https"
+    port = parts.port or (443 if https else 80)
     try:
         if rt.settings.webhooks_development:
-            session = requests.Session()
-            session.trust_env = False
-            target = url
+            address = parts.hostname or ""
+        elif not https:
+            return None, "refused: only https:// webhook URLs are called (QBGW_WEBHOOKS_DEVELOPMENT is off)"
         else:
-            if parts.scheme != "https":
-                return None, "refused: only https:// webhook URLs are called (QBGW_WEBHOOKS_DEVELOPMENT is off)"
-            address = resolve(parts.hostname or "", parts.port or 443)[0]
-            netloc = f"[{address}]" if ":" in address else address
-            target = urlunsplit(parts._replace(netloc=netloc + (f":{parts.port}" if parts.port else "")))
-            headers["Host"] = parts.netloc
-            session = pinned_session(parts.hostname or "")
+            address = resolve(parts.hostname or "", port)[0]  # every address checked; this one is used
     except ResolutionFailed as exc:
+        if "cannot resolve" in str(exc) or "resolves to no address" in str(exc):
+            return None, f"DNS: {exc}"  # a resolver's bad moment: tried again later
         return None, f"refused: {exc}"
     try:
-        with session:
-            answer = session.post(
-                target, data=body, headers=headers, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT), allow_redirects=False
-            )
-            answer.close()
-    except requests.RequestException as exc:
+        status = _send(parts, address, port, body, headers)
+    except TimeoutError:
+        return None, f"Timeout: no answer within {TOTAL_TIMEOUT:g} s"
+    except (OSError, http.client.HTTPException) as exc:
         return None, f"{type(exc).__name__}: the receiver could not be reached"
-    if 200 <= answer.status_code < 300:
-        return answer.status_code, None
-    return answer.status_code, f"HTTP {answer.status_code}"
+    if 200 <= status < 300:
+        return status, None
+    return status, f"HTTP {status}"
+
+
+def _send(parts: SplitResult, address: str, port: int, body: bytes, headers: dict[str, str]) -> int:
+    """POST on a connection of our own to ``address`` (TLS verifying the URL's host name); returns the status.
+
+    requests' timeouts bound each socket read, not the call: a receiver that sends a byte every few seconds
+    would hold the thread (and, past the lease, a second one) for ever. A watchdog shuts the socket down at
+    TOTAL_TIMEOUT, which ends any read at once; no proxy is used (it would undo the address check).
+    """
+    sock = socket.create_connection((address, port), timeout=CONNECT_TIMEOUT)
+    timed_out = threading.Event()
+
+    def stop() -> None:
+        timed_out.set()
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+    watchdog = threading.Timer(TOTAL_TIMEOUT, stop)
+    watchdog.daemon = True
+    watchdog.start()
+    connection = http.client.HTTPConnection(parts.hostname or address, port, timeout=READ_TIMEOUT)
+    try:
+        if parts.scheme == "https":
+            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=parts.hostname)
+        sock.settimeout(READ_TIMEOUT)
+        connection.sock = sock
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        connection.request("POST", path, body=body, headers=headers)
+        answer = connection.getresponse()
+        return int(answer.status)  # the body is not read: the status says it all
+    except (OSError, http.client.HTTPException):
+        if timed_out.is_set():
+            raise TimeoutError from None
+        raise
+    finally:
+        watchdog.cancel()
+        connection.close()
+        with contextlib.suppress(OSError):
+            sock.close()

@@ -212,15 +212,6 @@ class _PinnedAdapter(HTTPAdapter):
         super().init_poolmanager(*args, **kwargs)
 
 
-def pinned_session(host: str) -> requests.Session:
-    """A session for https:// requests to a checked address (in the URL's place) whose TLS still verifies
-    ``host``; ignores proxy variables (a proxy would undo the address check)."""
-    session = requests.Session()
-    session.trust_env = False
-    session.mount("https://", _PinnedAdapter(host))
-    return session
-
-
 def _open(url: str, address: str, host: str, timeout: float) -> Response:
     parts = urlsplit(url)
     netloc = f"[{address}]" if ":" in address else address

@@ -219,7 +219,7 @@ class WebhookSecret(Base):
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     #: The key name (principal) whose deliveries it signs.
-    principal: Mapped[str] = mapped_column(String(64), index=True)
+    principal: Mapped[str] = mapped_column(String(128), index=True)
     secret: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -237,7 +237,7 @@ class WebhookDelivery(Base):
     job_id: Mapped[str | None] = mapped_column(String(36), index=True)
     batch_id: Mapped[str | None] = mapped_column(String(36), index=True)
     #: The key name (principal) that asked for it: its signing secrets sign the delivery.
-    principal: Mapped[str] = mapped_column(String(64))
+    principal: Mapped[str] = mapped_column(String(128))
     #: The receiver's URL (encrypted).
     url: Mapped[str] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16))

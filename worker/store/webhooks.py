@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from ..audit.crypto import Keyring, aad_for
 from ..lifecycle import TERMINAL
 from .jobs import KEYRING
-from .models import Job, WebhookDelivery, WebhookSecret
+from .models import Batch, Job, WebhookDelivery, WebhookSecret
 
 __all__ = [
     "Delivery",
@@ -48,6 +48,8 @@ __all__ = [
 ]
 
 WAITING, PENDING, DELIVERED, FAILED = "waiting", "pending", "delivered", "failed"
+#: What an attempt's end is when a newer attempt had taken the delivery (never a delivery's status).
+SUPERSEDED = "superseded"
 
 
 @dataclass(frozen=True)
@@ -157,10 +159,19 @@ def any_waiting(session: Session) -> bool:
 
 
 def waiting_batches(session: Session, limit: int = 100) -> list[str]:
-    """The batches whose end a delivery waits for."""
+    """Batches whose end a delivery waits for and that have ended, or whose jobs have all ended (a read settles
+    those to completed): never the ones still running, however many there are."""
+    unfinished = (
+        select(Job.id)
+        .where(Job.batch_id == WebhookDelivery.batch_id, Job.status.not_in([str(s) for s in TERMINAL]))
+        .exists()
+    )
     query = (
         select(WebhookDelivery.batch_id)
+        .join(Batch, Batch.id == WebhookDelivery.batch_id)
         .where(WebhookDelivery.status == WAITING, WebhookDelivery.job_id.is_(None))
+        .where(or_(Batch.status.in_(["completed", "cancelled", "expired"]), ~unfinished))
+        .order_by(WebhookDelivery.created_at)
         .limit(limit)
     )
     return [b for b in session.scalars(query).all() if b is not None]
@@ -228,17 +239,23 @@ def finish(
     session: Session,
     delivery_id: str,
     *,
+    attempt: int,
     now: datetime,
     delivered: bool,
     status: int | None,
     error: str | None,
     retry_at: datetime | None,
 ) -> str:
-    """Record an attempt's end; returns the delivery's new status."""
+    """Record the end of attempt ``attempt``; returns the delivery's new status, or SUPERSEDED when a newer
+    attempt took the delivery meanwhile (this one outlived its lease): then nothing is changed."""
     new = DELIVERED if delivered else (PENDING if retry_at is not None else FAILED)
-    session.execute(
+    done = session.execute(
         update(WebhookDelivery)
-        .where(WebhookDelivery.id == delivery_id)
+        .where(
+            WebhookDelivery.id == delivery_id,
+            WebhookDelivery.status == PENDING,
+            WebhookDelivery.attempts == attempt,
+        )
         .values(
             status=new,
             lease_until=None,
@@ -248,7 +265,7 @@ def finish(
             delivered_at=now if delivered else None,
         )
     )
-    return new
+    return new if done.rowcount == 1 else SUPERSEDED  # type: ignore[attr-defined]
 
 
 def get(session: Session, delivery_id: str) -> Delivery | None:
