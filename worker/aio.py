@@ -66,7 +66,7 @@ def _waiter(settings: Settings | None) -> JobWaiter:
     with _lock:
         for other in [other for other in list(_waiters.keys()) if other.is_closed()]:
             for ended in _waiters.pop(other).values():
-                ended.stop()  # its listener thread and connection end with the loop that closed
+                ended.stop(wait=False)  # its listener and connection end with the closed loop; this one runs on
         per_loop = _waiters.setdefault(loop, {})
         found = per_loop.get(url)
         if found is None:

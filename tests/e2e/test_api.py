@@ -308,6 +308,15 @@ def test_an_image_job_and_a_batch_through_the_api(server: Server) -> None:
     results = client.get(f"/v1/batches/{batch_id}/results")
     rows = [json.loads(line) for line in results.text.splitlines()]
     assert sorted(r["custom_id"] for r in rows) == ["line-0", "line-1", "line-2"]
+    many = "".join(json.dumps({"custom_id": f"m-{i:03d}", **LINE}) + "\r\n" for i in range(205))  # CRLF lines too
+    big = client.post("/v1/batches", content=many.encode())
+    assert big.status_code == 202, big.text
+    as_csv = client.get(f"/v1/batches/{big.json()['id']}/results", params={"format": "csv"}).text.splitlines()
+    assert as_csv[0].startswith("custom_id")  # one header, then a row per job, sent in chunks of 200
+    assert [row.split(",")[0] for row in as_csv[1:]] == [f"m-{i:03d}" for i in range(205)]
+    as_jsonl = client.get(f"/v1/batches/{big.json()['id']}/results").text.splitlines()
+    assert len(as_jsonl) == 205
+    assert client.post("/v1/batches", content=b"\xff\xfe{}\n").json()["type"].endswith("invalid-batch")
     bad = client.post("/v1/batches", content='{"custom_id": "a"}\nnot json\n')
     assert bad.status_code == 422
     assert {e["line"] for e in bad.json()["errors"]} == {1, 2}

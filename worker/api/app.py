@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import logging
-import os
 import re
-import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -34,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__, access, admin, control, errors, producer, queries
 from ..access import PERMISSIONS, Principal
 from ..batches import export
+from ..batches.input import split_lines
 from ..lifecycle import TERMINAL
 from ..messages import validate_key
 from ..ops.health import check_health
@@ -495,29 +495,30 @@ async def submit_batch(
     principal, _ = await who(request, "batches.submit")
     window = access.parse_duration(completion_window, "completion_window")
     hook = webhook_url or principal.webhook_url
-    handle, path = tempfile.mkstemp(prefix="qbgw-batch-", suffix=".jsonl")
+    # In memory, never in a file: the lines hold message text (PHI), and a spool file outlives a crash.
+    received, size = bytearray(), 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BATCH_BODY:
+            raise Refused(_too_large(MAX_BATCH_BODY))
+        received += chunk
+    if size == 0:
+        raise errors.InvalidBatch("the body is empty: send one JSON object per line")
     try:
-        size = 0
-        with os.fdopen(handle, "wb") as spool:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > MAX_BATCH_BODY:
-                    raise Refused(_too_large(MAX_BATCH_BODY))
-                spool.write(chunk)
-        if size == 0:
-            raise errors.InvalidBatch("the body is empty: send one JSON object per line")
-        view = await call(
-            producer.submit_batch,
-            path,
-            assistant_id=assistant_id,
-            window=window,
-            skip_invalid=skip_invalid,
-            webhook_url=hook,
-            actor=principal.actor,
-            settings=_ctx(request).settings,
-        )
-    finally:
-        os.unlink(path)
+        text = received.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise errors.InvalidBatch(f"the body is not UTF-8 (byte {exc.start})") from None
+    del received
+    view = await call(
+        producer.submit_batch,
+        split_lines(text),
+        assistant_id=assistant_id,
+        window=window,
+        skip_invalid=skip_invalid,
+        webhook_url=hook,
+        actor=principal.actor,
+        settings=_ctx(request).settings,
+    )
     body = view.as_dict()
     body["problems"] = [{"line": n, "detail": reason} for n, reason in view.problems]
     return JSONResponse(body, status_code=202, headers={"Location": f"/v1/batches/{view.id}"})
@@ -555,13 +556,17 @@ async def batch_results(request: Request, batch_id: str, format: str = "jsonl", 
         settings=_ctx(request).settings,
     )
 
-    def lines() -> Any:
-        import io
-
-        out = io.StringIO()
+    def lines() -> Iterator[str]:  # row by row: the answer is never one more copy of every result in memory
         writer = export.write_jsonl if format == "jsonl" else export.write_csv
-        writer(results, out)
-        yield out.getvalue()
+        for start in range(0, max(len(results), 1), 200):
+            out = io.StringIO()
+            if start == 0 or format == "jsonl":
+                writer(results[start : start + 200], out)
+            else:  # one CSV header, on the first chunk only
+                csv_rows = io.StringIO()
+                writer(results[start : start + 200], csv_rows)
+                out.write(csv_rows.getvalue().split("\r\n", 1)[1])
+            yield out.getvalue()
 
     media = "application/jsonl" if format == "jsonl" else "text/csv"
     return StreamingResponse(lines(), media_type=media)

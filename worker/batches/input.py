@@ -153,6 +153,11 @@ def read_lines(path: str | os.PathLike[str]) -> list[str]:
         text = _read_stdin() if str(path) == "-" else _read(Path(path))
     except (OSError, UnicodeDecodeError) as exc:
         raise InvalidBatch(f"{path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from None
+    return split_lines(text)
+
+
+def split_lines(text: str) -> list[str]:
+    """JSON Lines text cut into its lines, as :func:`read_lines` reads them."""
     lines = text.split("\n")
     if lines[-1] == "":
         lines.pop()  # the newline that ends the last line

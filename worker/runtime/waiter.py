@@ -65,9 +65,10 @@ class JobWaiter:
             self._thread = threading.Thread(target=self._listen, name="qbgw-job-listener", daemon=True)
             self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, *, wait: bool = True) -> None:
+        """Stop listening; ``wait``: until the listener thread has ended (up to 3 s; never on an event loop)."""
         self._stop.set()
-        if self._thread is not None:
+        if wait and self._thread is not None:
             self._thread.join(timeout=3)
 
     @contextlib.contextmanager
