@@ -193,3 +193,27 @@ def test_a_read_only_database_is_unavailable_and_its_connection_is_dropped(
         producer.submit(ASSISTANT, [{"role": "user", "content": "x"}], settings=settings)
     job_id = producer.submit(ASSISTANT, [{"role": "user", "content": "x"}], settings=settings)
     assert get_job(job_id, settings=settings).status == "queued"
+
+
+def test_deliveries_that_come_before_the_jobs_time_do_not_count_its_fault_again(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: each early message (a duplicate, or a sweeper's) met the same fault before the claim and counted
+    # it again, so QBGW_MAX_FAULTS was reached within seconds instead of over the backoffs.
+    from qbgw.execution import tasks
+
+    slow = settings.with_(backoff_base=3600.0, backoff_max=3600.0)
+
+    def broken(*_: Any, **__: Any) -> None:
+        raise RuntimeError("a bug before the claim")
+
+    monkeypatch.setattr(tasks, "_admit", broken)
+    job_id = producer.submit(ASSISTANT, [{"role": "user", "content": "Hi"}], settings=slow)
+    for _ in range(3):
+        run_attempt(runtime(slow), job_id)
+    with runtime(slow).transaction() as session:
+        faults, status = session.execute(text("SELECT faults, status FROM jobs WHERE id = :id"), {"id": job_id}).one()
+    assert faults == 1
+    assert status in ("queued", "retrying")
+    errors = [e for e in job_events(job_id, settings=slow) if e.action == "attempt.error"]
+    assert len(errors) == 1

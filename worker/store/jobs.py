@@ -445,6 +445,7 @@ def record_fault(
             Job.cancel_requested_at,
             Job.assistant_id,
             Job.batch_id,
+            Job.next_attempt_at,
         )
         .where(Job.id == job_id)
         .with_for_update()
@@ -453,6 +454,10 @@ def record_fault(
         return None
     held = claim is not None and (row.status, row.attempts, row.claimed_by) == ("running", claim.attempt, worker)
     if not held and (claim is not None or row.status not in _CLAIMABLE):
+        return None
+    if not held and row.next_attempt_at is not None and row.next_attempt_at.astimezone(UTC) > now:
+        # A message that came before the job's time (a duplicate, or one published early): its fault is the
+        # same one the job already waits out, not another in a row. The job's own try, when due, counts.
         return None
     faults = row.faults + 1 if row.error_class == fault.error_class else 1
     decision = rule(
