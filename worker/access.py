@@ -34,7 +34,6 @@ __all__ = [
     "list_keys",
     "authenticate",
     "parse_duration",
-    "default_webhook",
     "webhook_secret",
 ]
 
@@ -249,12 +248,6 @@ def revoke_key(key_id: str, *, actor: str | None = None, settings: Settings | No
             )
         after = key_store.find(session, key_id)
         return found[0] if after is None else after[0]
-
-
-def default_webhook(principal: Principal, *, settings: Settings | None = None) -> str | None:
-    """The webhook URL the principal's key names for jobs submitted without one."""
-    with runtime(settings).transaction() as session:
-        return key_store.webhook_url(session, principal.key_id)
 
 
 def webhook_secret(

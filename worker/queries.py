@@ -6,8 +6,10 @@ process's runtime.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 
 from .audit.events import AuditRecord
 from .batches import ending, export
@@ -102,26 +104,20 @@ def wait_for_job(
     """
     rt = runtime(settings)
     deadline = None if timeout is None else time.monotonic() + timeout
-    waiter = rt.job_waiter if poll is None and rt.settings.effective_database_url.startswith("postgresql") else None
+    waiter = rt.job_waiter if poll is None else None
+    if waiter is not None and not waiter.notifies:
+        waiter = None  # SQLite: nothing to listen to, the reads are the wait
     delay = poll if poll is not None else 0.005
     while True:
-        if waiter is not None:
-            with waiter.watch_sync(job_id) as ended:
-                status = job_status(job_id, settings=settings)
-                if status in TERMINAL:
-                    break
-                pause = waiter.interval(0) if waiter.listening else delay
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise TimeoutError(f"job {job_id} is still {status} after {timeout:g}s")
-                ended.wait(pause if left is None else min(pause, left))
-        else:
+        with waiter.watch_sync(job_id) if waiter is not None else nullcontext(threading.Event()) as ended:
             status = job_status(job_id, settings=settings)
             if status in TERMINAL:
                 break
-            if deadline is not None and time.monotonic() >= deadline:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
                 raise TimeoutError(f"job {job_id} is still {status} after {timeout:g}s")
-            time.sleep(delay if deadline is None else max(0.0, min(delay, deadline - time.monotonic())))
+            pause = waiter.interval(0) if waiter is not None and waiter.listening else delay
+            ended.wait(pause if left is None else min(pause, left))  # set early only by the listener
         delay = min(delay * 1.5, 0.5)
     return get_job(job_id, reader=reader, settings=settings)
 

@@ -182,7 +182,7 @@ def test_key_rotation_reencrypts_webhook_urls_and_signing_secrets(settings: Sett
     assert all(value.startswith(prefix) for value in stored), stored
     assert access.webhook_secret("web", settings=on_file) == secret  # still readable, under the new key
     principal = access.authenticate(key, settings=on_file)
-    assert access.default_webhook(principal, settings=on_file) == "https://hooks.example/a?t=1"
+    assert principal.webhook_url == "https://hooks.example/a?t=1"  # decrypted under the new key
 
 
 def test_purge_erases_phi_and_keeps_the_chain_verifiable(settings: Settings) -> None:

@@ -234,9 +234,7 @@ def authenticate(request: Request) -> Principal:
     held = failures.blocked_for(source)
     if held > 0:  # guessing from this address: refused before the database (a valid key in the cache passed)
         raise Refused(_throttled(held), delay=min(held, FAILURE_DELAY))
-    header = request.headers.get("authorization", "")
-    scheme, _, presented = header.partition(" ")
-    key = presented.strip() if scheme.lower() == "bearer" else None
+    key = _presented(request)
     try:
         principal = access.authenticate(key, source=source, settings=settings)
         if key:
@@ -460,28 +458,17 @@ async def submit_batch(
     skip_invalid: bool = False,
     webhook_url: str | None = None,
 ) -> Response:
-    """A batch from a JSON Lines body (the lines of ``qbgw batch submit``), streamed to a temporary file
-    of at most 200 MB; every line is validated before anything is stored."""
+    """A batch from a JSON Lines body (the lines of ``qbgw batch submit``) of at most 200 MB, held in memory as
+    it arrives (never in a file: the lines hold message text); every line is validated before anything is
+    stored."""
     principal, _ = await who(request, "batches.submit")
     window = access.parse_duration(completion_window, "completion_window")
     hook = webhook_url or principal.webhook_url
-    # In memory, never in a file: the lines hold message text (PHI), and a spool file outlives a crash.
-    received, size = bytearray(), 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BATCH_BODY:
-            raise Refused(_too_large(MAX_BATCH_BODY))
-        received += chunk
-    if size == 0:
-        raise errors.InvalidBatch("the body is empty: send one JSON object per line")
-    try:
-        text = received.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise errors.InvalidBatch(f"the body is not UTF-8 (byte {exc.start})") from None
-    del received
+    received = await body_bytes(request, MAX_BATCH_BODY)
+    # Decoding, cutting and checking up to 200 MB happen in the thread pool, off the event loop.
     view = await call(
-        producer.submit_batch,
-        split_lines(text),
+        _submit_batch,
+        received,
         assistant_id=assistant_id,
         window=window,
         skip_invalid=skip_invalid,
@@ -717,6 +704,17 @@ def _submit(
             f"Idempotency-Key {idempotency!r} already names another job of this key, with a different assistant or "
             "messages; use a new key for a new job"
         ) from None
+
+
+def _submit_batch(received: bytes, **options: Any) -> Any:
+    """The batch of a JSONL body: decoded and cut into lines, then :func:`qbgw.submit_batch`."""
+    if not received:
+        raise errors.InvalidBatch("the body is empty: send one JSON object per line")
+    try:
+        text = received.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise errors.InvalidBatch(f"the body is not UTF-8 (byte {exc.start})") from None
+    return producer.submit_batch(split_lines(text), **options)
 
 
 def _throttled(wait: float) -> Response:

@@ -228,10 +228,9 @@ def lease(session: Session, delivery_id: str, *, now: datetime, hold: timedelta)
     )
     if taken.rowcount != 1:  # type: ignore[attr-defined]
         return None
-    row = session.get(WebhookDelivery, delivery_id)
+    row = session.get(WebhookDelivery, delivery_id, populate_existing=True)  # as the UPDATE left it
     if row is None:
         return None
-    session.refresh(row)
     return _delivery(row), unseal(session, "webhook_deliveries", "url", row.id, row.url)
 
 
