@@ -173,3 +173,45 @@ def test_a_worker_on_an_unmigrated_database_exits_7_at_once(
         with admin.connect() as connection:
             connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+def test_a_broker_lost_while_a_batch_is_published_leaves_its_jobs_to_the_sweeper(
+    restartable_settings: Settings, private_redis: PrivateRedis, monkeypatch: Any
+) -> None:
+    # Redis dies after the first chunk of 500 is published (the second chunk is stored, then its pipeline
+    # fails): the failed chunk and every later one are stored unannounced, nothing is lost, and a sweep once
+    # Redis is back publishes each of them.
+    from qbgw.admin import sweep
+    from qbgw.store import batches as batch_store
+    from qbgw.store.models import Job
+
+    settings = restartable_settings
+    real, chunks = batch_store.insert_jobs, []
+
+    def insert_then_lose_the_broker(**kwargs: Any) -> None:
+        chunks.append(len(kwargs["jobs"]))
+        if len(chunks) == 2:
+            private_redis.kill()
+        real(**kwargs)
+
+    monkeypatch.setattr(batch_store, "insert_jobs", insert_then_lose_the_broker)
+    lines = [f'{{"custom_id": "c{i}", "messages": [{{"role": "user", "content": "note {i}"}}]}}' for i in range(1_200)]
+    view = producer.submit_batch(lines, assistant_id=ASSISTANT, settings=settings)
+    assert chunks == [500, 500, 200]
+    assert view.total == 1_200
+    engine = create_engine(settings.database_url)
+    try:
+        with engine.connect() as connection:
+            rows = connection.execute(text(f"SELECT id, announced_at IS NULL FROM {Job.__tablename__}")).all()
+    finally:
+        engine.dispose()
+    unannounced = {job_id for job_id, waiting in rows if waiting}
+    assert len(rows) == 1_200
+    assert len(unannounced) == 700
+    private_redis.start()
+    dispatched: set[str] = set()
+    for _ in range(10):  # a sweep publishes a bounded number of jobs
+        dispatched |= set(sweep(settings=settings, grace=0).dispatched)
+        if unannounced <= dispatched:
+            break
+    assert unannounced <= dispatched

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 from typing import Any
 
 import pytest
@@ -19,6 +20,7 @@ from qbgw.errors import (
     NotAnnounced,
     StoreUnavailable,
 )
+from qbgw.runtime.app import PUBLISH_PIPELINE, TASK_NAME, publish_many
 from qbgw.runtime.locator import runtime
 from qbgw.settings import Settings
 from qbgw.store.models import AuditEvent, Job
@@ -229,3 +231,28 @@ def test_on_redis_a_backlog_covers_stale_jobs_though_the_batch_queue_was_never_d
         assert client.llen(production_settings.queue) == 3
     finally:
         client.close()
+
+
+def test_a_batch_of_messages_goes_to_redis_in_pipelines_each_message_whole(production_settings: Settings) -> None:
+    # More than two pipelines' worth, so the split between them is crossed; every job id arrives exactly once,
+    # in a message Celery's own protocol 2 reader would take (headers and body agree on the id).
+    app = runtime(production_settings).celery
+    ids = [f"00000000-0000-4000-8000-{i:012d}" for i in range(2 * PUBLISH_PIPELINE + 17)]
+    with app.producer_or_acquire() as shared:
+        assert shared.supports_batch_publish
+        publish_many(app, ids, shared)
+    client = redis_lib.Redis.from_url(production_settings.broker_url)
+    try:
+        raws = client.lrange(production_settings.queue, 0, -1)
+    finally:
+        client.close()
+    seen = []
+    for raw in raws:
+        envelope = json.loads(raw)
+        args, kwargs, _embed = json.loads(base64.b64decode(envelope["body"]))
+        assert envelope["headers"]["id"] == envelope["headers"]["root_id"] == args[0]
+        assert envelope["headers"]["task"] == TASK_NAME
+        assert kwargs == {}
+        assert envelope["properties"]["correlation_id"] == args[0]
+        seen.append(args[0])
+    assert sorted(seen) == ids
