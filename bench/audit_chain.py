@@ -38,11 +38,13 @@ import psycopg
 from psycopg import sql
 
 from bench.chaos import scratch_database
-from qbgw.store.chain import SEAL_AND_COMMIT_SQL, seal_argument
+from qbgw.settings import Secret
+from qbgw.store.chain import SEAL_AND_COMMIT_SQL, SEAL_BLOCK, STAGE_AND_COMMIT_SQL, seal_argument
 
 #: The unchained copy of audit_events (same columns, no triggers, no head).
 PLAIN = "bench_plain_events"
 WORK = "bench_chain_work"
+KEY = Secret("kc:" + "C" * 43 + "=")
 
 
 def _event(writer: int) -> dict[str, object]:
@@ -84,6 +86,7 @@ def _writer(dsn: str, writer: int, mode: str, gate: Gate, counts: list[int]) -> 
         "integer, detail text); COMMIT"
     ).format(sql.Identifier(PLAIN), sql.Literal(payload))
     seal = SEAL_AND_COMMIT_SQL.format(sql.Literal(payload))
+    stage = STAGE_AND_COMMIT_SQL.format(sql.Literal(payload))
     done = 0
     with psycopg.connect(dsn) as connection:
         cursor = connection.cursor()
@@ -92,7 +95,7 @@ def _writer(dsn: str, writer: int, mode: str, gate: Gate, counts: list[int]) -> 
         until = gate.start.value + gate.seconds
         while time.monotonic() < until:
             cursor.execute(f"UPDATE {WORK} SET n = n + 1 WHERE id = %s", (writer,))
-            cursor.execute(seal if mode == "chain" else plain)
+            cursor.execute({"chain": seal, "block": stage, "plain": plain}[mode])
             connection.commit()  # the query committed; this only ends psycopg's view of the transaction
             done += 1
     counts[writer] = done
@@ -118,44 +121,94 @@ def _process(dsn: str, writers: range, mode: str, gate: Gate, out: Any) -> None:
     out.put(sum(counts))
 
 
-def run(dsn: str, mode: str, writers: int, processes: int, seconds: float) -> float:
-    """Transactions per second over ``seconds`` with ``writers`` connections in ``processes`` processes."""
+@dataclass
+class Result:
+    """Transactions per second the writers committed, and (block mode) events per second the sealer chained
+    while they ran, with what it had left when they stopped (and how long it took to chain it)."""
+
+    committed: float
+    chained: float
+    backlog: int = 0
+    drain_s: float = 0.0
+
+
+class BlockSealer:
+    """The block sealer as a worker runs it (``qbgw_audit_seal_pending``, blocks of ``SEAL_BLOCK``), in a
+    thread of this process on its own connection, counting the events it chains."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn, self.chained, self._stop = dsn, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        with psycopg.connect(self.dsn, autocommit=True) as connection:
+            while not self._stop.is_set():
+                row = connection.execute(
+                    "SELECT first_seq, last_seq, sealed_rows FROM qbgw_audit_seal_pending(%s)", (SEAL_BLOCK,)
+                ).fetchone()
+                if row is not None and row[1] is not None:
+                    self.chained += int(row[1]) - int(row[0]) + 1
+                if row is None or row[2] < SEAL_BLOCK:
+                    self._stop.wait(0.05)  # a worker's sealer waits QBGW_AUDIT_SEAL_INTERVAL (0.2 s)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run(dsns: list[str], mode: str, writers: int, processes: int, seconds: float) -> Result:
+    """Transactions per second over ``seconds`` with ``writers`` connections in ``processes`` processes (process
+    ``p`` connecting to ``dsns[p]``)."""
+    dsn = dsns[0]
     ctx = multiprocessing.get_context("spawn")
     out, gate = ctx.Queue(), Gate(ctx.Queue(), ctx.Event(), ctx.Value("d", 0.0), seconds)
     per = -(-writers // processes)
     procs = [
-        ctx.Process(target=_process, args=(dsn, range(p * per, min(writers, (p + 1) * per)), mode, gate, out))
+        ctx.Process(target=_process, args=(dsns[p], range(p * per, min(writers, (p + 1) * per)), mode, gate, out))
         for p in range(processes)
     ]
     for proc in procs:
         proc.start()
     for _ in range(writers):
         gate.ready.get(timeout=120)
+    sealer = BlockSealer(dsn) if mode == "block" else None
     gate.start.value = time.monotonic()  # CLOCK_MONOTONIC: one clock for every process on the machine
     gate.go.set()
     total = sum(out.get(timeout=seconds + 60) for _ in procs)
     for proc in procs:
         proc.join()
-    return total / seconds
+    if sealer is None:
+        return Result(total / seconds, total / seconds)
+    chained = sealer.chained
+    with psycopg.connect(dsn) as connection:
+        row = connection.execute("SELECT count(*) FROM audit_pending").fetchone()
+    backlog = int(row[0]) if row else 0
+    started = time.monotonic()
+    while True:  # then the rest, as the sealer would go on doing
+        with psycopg.connect(dsn) as connection:
+            left = connection.execute("SELECT count(*) FROM audit_pending").fetchone()
+        if not left or left[0] == 0:
+            break
+        time.sleep(0.01)
+    sealer.stop()
+    return Result(total / seconds, chained / seconds, backlog, time.monotonic() - started)
 
 
 class DelayProxy:
     """A TCP forwarder to PostgreSQL that holds every chunk ``delay`` seconds in each direction (order kept,
-    bandwidth not limited): the round trip of a database some way off."""
+    bandwidth not limited): the round trip of a database some way off. It runs in a process of its own (one
+    per writer process: one Python thread forwarding 64 connections was the bottleneck, not the database)."""
 
     def __init__(self, target_port: int, delay: float) -> None:
-        self.delay, self.target_port, self.port = delay, target_port, 0
-        self._ready = threading.Event()
-        self._loop = asyncio.new_event_loop()
-        threading.Thread(target=self._run, daemon=True).start()
-        self._ready.wait(10)
+        self.delay, self.target_port = delay, target_port
 
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        server = self._loop.run_until_complete(asyncio.start_server(self._link, "127.0.0.1", 0))
-        self.port = server.sockets[0].getsockname()[1]
-        self._ready.set()
-        self._loop.run_forever()
+    def serve(self, ports: Any) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        server = loop.run_until_complete(asyncio.start_server(self._link, "127.0.0.1", 0))
+        ports.put(server.sockets[0].getsockname()[1])
+        loop.run_forever()
 
     async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
@@ -184,28 +237,35 @@ class DelayProxy:
             queue.put_nowait((0.0, b""))
             await sender
 
-    def close(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
+
+def _serve_proxy(target_port: int, delay: float, ports: Any) -> None:
+    DelayProxy(target_port, delay).serve(ports)
 
 
 @contextmanager
-def distance(delay_ms: float) -> Iterator[int | None]:
+def distance(delay_ms: float, count: int) -> Iterator[list[int | None]]:
+    """``count`` ports, each a DelayProxy of its own to PostgreSQL (None each: no delay, connect directly)."""
     if delay_ms <= 0:
-        yield None
+        yield [None] * count
         return
-    proxy = DelayProxy(5432, delay_ms / 1000)
+    ctx = multiprocessing.get_context("spawn")
+    ports = ctx.Queue()
+    procs = [ctx.Process(target=_serve_proxy, args=(5432, delay_ms / 1000, ports), daemon=True) for _ in range(count)]
+    for proc in procs:
+        proc.start()
     try:
-        yield proxy.port
+        yield [ports.get(timeout=60) for _ in procs]
     finally:
-        proxy.close()
+        for proc in procs:
+            proc.kill()
 
 
 @dataclass
 class Row:
     delay_ms: float
-    chain: list[float]
-    plain: list[float]
-    single: list[float]
+    chain: list[Result]
+    block: list[Result]
+    plain: list[Result]
 
 
 def prepare(url: str, writers: int) -> None:
@@ -222,6 +282,24 @@ def prepare(url: str, writers: int) -> None:
         print(f"PostgreSQL synchronous_commit={setting[0] if setting else '?'} fsync={fsync[0] if fsync else '?'}")
 
 
+def verify(url: str) -> str:
+    """The chain the runs built, walked as ``qbgw audit verify`` walks it (no anchors: a scratch database)."""
+    from qbgw.audit.verify import check
+    from qbgw.runtime.locator import runtime
+    from qbgw.settings import Settings
+    from qbgw.store import chain
+
+    settings = Settings(database_url=url, encryption_keys=KEY)
+    with runtime(settings).transaction() as session:
+        rows = chain._rows(session)
+        report = check(rows, [], b"", v2_from=1, v3_from=1)
+    return f"{report.events:,} events, {'intact' if report.ok else 'BROKEN: ' + str(report.problem)}"
+
+
+def _m(results: list[Result], what: str) -> float:
+    return statistics.median(getattr(r, what) for r in results)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--writers", type=int, default=64)
@@ -236,31 +314,33 @@ def main() -> None:
         prepare(url, args.writers)
         for delay in delays:
             row = Row(delay, [], [], [])
-            with distance(delay) as port:
-                dsn = _dsn(url, port)
-                for _ in range(args.reps):  # interleaved, so both see the same machine
+            with distance(delay, args.processes) as ports:
+                dsn = [_dsn(url, port) for port in ports]
+                for _ in range(args.reps):  # interleaved, so all see the same machine
                     row.chain.append(run(dsn, "chain", args.writers, args.processes, args.seconds))
+                    row.block.append(run(dsn, "block", args.writers, args.processes, args.seconds))
                     row.plain.append(run(dsn, "plain", args.writers, args.processes, args.seconds))
-                    row.single.append(run(dsn, "chain", 1, 1, args.seconds))
             rows.append(row)
+        print(f"chain after every run: {verify(url)}")
     print(
         f"\n{args.writers} writers in {args.processes} processes, {args.seconds:g} s each, medians of {args.reps}; "
-        "one transaction = UPDATE + one event\n"
+        "one transaction = UPDATE + one audit event; synchronous_commit on\n"
     )
     print(
-        "added delay each way | chained seals/s | unchained same writes/s | chain / unchained | "
-        "1 writer seals/s | fleet jobs/s ceiling (3 seals/job)"
+        "delay each way | commit seal: seals/s | block: staged/s, chained/s, backlog left, drained in | "
+        "unchained writes/s | block / commit | fleet jobs/s (3 seals/job): commit, block"
     )
     for row in rows:
-        chain, plain, single = (statistics.median(v) for v in (row.chain, row.plain, row.single))
+        chain, plain = _m(row.chain, "committed"), _m(row.plain, "committed")
+        staged, chained = _m(row.block, "committed"), _m(row.block, "chained")
+        backlog, drain = _m(row.block, "backlog"), _m(row.block, "drain_s")
+        block = min(staged, chained) if backlog > staged else staged  # a sealer that falls behind caps it
         print(
-            f"{row.delay_ms:>17g} ms | {chain:>22,.0f} | {plain:>23,.0f} | {chain / plain:>17.2f} | "
-            f"{single:>16,.0f} | {chain / 3:,.0f}"
+            f"{row.delay_ms:>11g} ms | {chain:>20,.0f} | {staged:>7,.0f}, {chained:>7,.0f}, {backlog:>6,.0f}, "
+            f"{drain:>5.2f} s | {plain:>18,.0f} | {block / chain:>14.1f}x | {chain / 3:,.0f}, {block / 3:,.0f}"
         )
-        print(
-            f"{'':>20} runs: chain {', '.join(f'{x:,.0f}' for x in row.chain)}; "
-            f"unchained {', '.join(f'{x:,.0f}' for x in row.plain)}"
-        )
+        for name, results in (("commit", row.chain), ("block", row.block), ("unchained", row.plain)):
+            print(f"{'':>14} {name} runs: {', '.join(f'{r.committed:,.0f}' for r in results)}")
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if "tests/e2e/" in item.nodeid:
             item.add_marker(pytest.mark.e2e)
         stack = params.get("stack")
-        if fixtures & _POSTGRES or params.get("backend") == "postgres" or stack == "redis+postgres":
+        if fixtures & _POSTGRES or str(params.get("backend", "")).startswith("postgres") or stack == "redis+postgres":
             item.add_marker(pytest.mark.postgres)
         if fixtures & _REDIS or stack == "redis+postgres":
             item.add_marker(pytest.mark.redis)
@@ -175,7 +175,9 @@ def _truncate(url: str) -> None:
         with engine.begin() as connection:
             connection.execute(text("SET LOCAL session_replication_role = replica"))
             connection.execute(
-                text("TRUNCATE jobs, batches, audit_events, api_keys, webhook_secrets, webhook_deliveries")
+                text(
+                    "TRUNCATE jobs, batches, audit_events, audit_pending, api_keys, webhook_secrets, webhook_deliveries"
+                )
             )
             connection.execute(
                 text(
@@ -216,10 +218,11 @@ def base_settings(tmp_path: Path, emu: Emulator) -> Settings:
 def settings(backend: str, tmp_path: Path, emu: Emulator, request: pytest.FixtureRequest) -> Settings:
     """Settings on the given database backend (the broker is the embedded one)."""
     base = base_settings(tmp_path, emu)
-    if backend == "postgres":
+    if backend.startswith("postgres"):
         pg: PgDatabase = request.getfixturevalue("pg")
         _truncate(pg.admin)
-        return base.with_(database_url=pg.app)
+        # "postgres-block": audit events staged at commit and chained by the block sealer (QBGW_AUDIT_SEAL).
+        return base.with_(database_url=pg.app, audit_seal="block" if backend == "postgres-block" else "commit")
     return base
 
 
@@ -227,7 +230,7 @@ def settings(backend: str, tmp_path: Path, emu: Emulator, request: pytest.Fixtur
 def owner_url(settings: Settings, backend: str, request: pytest.FixtureRequest) -> str:
     """The database of ``settings`` as its owner: the same SQLite file, or PostgreSQL's owner role (who may
     lift the append-only triggers, as an attacker with the owner's password could)."""
-    if backend == "postgres":
+    if backend.startswith("postgres"):
         return str(request.getfixturevalue("pg").owner)
     return settings.effective_database_url
 

@@ -170,6 +170,12 @@ class Settings:
     events."""
     audit_anchor_seconds: float = 60.0
     """An anchor is also written at least every this many seconds (by each worker's sweeper), even when idle."""
+    audit_seal: str = "commit"
+    """How audit events join the chain: "commit" (each transaction's at its COMMIT, under the chain head's lock)
+    or "block" (PostgreSQL: staged without the lock, chained by each worker's sealer in blocks, every
+    QBGW_AUDIT_SEAL_INTERVAL; for fleets whose commits the one lock would cap; see docs/audit.md)."""
+    audit_seal_interval: float = 0.2
+    """Block sealing: seconds between a worker's sealer runs (staged events wait at most about this long)."""
     audit_retention_days: int = 2190
     """Audit events younger than this many days can never be dropped (HIPAA: six years)."""
     # --- QuickBlox authentication (see worker/auth.py) ---
@@ -294,6 +300,7 @@ class Settings:
             ("auth", ("static", "application", "user", "apikey")),
             ("pool", ("threads", "prefork", "solo")),
             ("log_format", ("auto", "json", "text")),
+            ("audit_seal", ("commit", "block")),
         ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(
@@ -303,6 +310,12 @@ class Settings:
             self.assistant_rates  # noqa: B018 - parsed now, so a typo fails at start, not at the first job
         except ValueError as exc:
             raise ConfigError(f"{PREFIX}RATE_LIMIT_ASSISTANTS: {exc}") from None
+        if self.audit_seal == "block" and not self.effective_database_url.startswith("postgresql"):
+            raise ConfigError(
+                f"{PREFIX}AUDIT_SEAL=block needs PostgreSQL ({PREFIX}DATABASE_URL=postgresql+psycopg://...): "
+                "it lifts the one chain-head lock that a fleet's commits share, and SQLite writes one transaction "
+                f"at a time anyway; use {PREFIX}AUDIT_SEAL=commit"
+            )
         if not self.base_url.startswith(("http://", "https://")):
             raise ConfigError(f"{PREFIX}BASE_URL must start with http:// or https://; got {self.base_url!r}")
 
@@ -316,6 +329,7 @@ class Settings:
             "retry_deadline",
             "lease_margin",
             "visibility_timeout",
+            "audit_seal_interval",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be a positive number of seconds")

@@ -93,3 +93,45 @@ def test_the_worker_log_holds_no_token_and_no_message_text(
     assert job_id in log  # the log does say what happened to which job...
     assert TOKEN not in log
     assert "Oduya" not in log
+
+
+def test_with_block_sealing_a_workers_sealer_chains_every_event(
+    production_settings: Settings, worker_process: Callable[..., Any]
+) -> None:
+    # QBGW_AUDIT_SEAL=block on PostgreSQL + Redis: the worker's commits stage their events and its own sealer
+    # chains them (nobody reads the chain meanwhile); a retried job's whole trail is there, and it verifies.
+    from sqlalchemy import create_engine, func, select
+
+    from qbgw.admin import verify_log
+    from qbgw.store.models import AuditEvent, AuditPending
+    from tests.conftest import wait_until
+
+    block = production_settings.with_(audit_seal="block", audit_seal_interval=0.1)
+    worker_process(block)
+    ids = [submit(block, f"block sealing {n} [[emulator:fail=503x1]]") for n in range(10)]
+    for job_id in ids:
+        assert wait_for_job(job_id, timeout=60, settings=block).status is JobStatus.SUCCEEDED
+    engine = create_engine(block.database_url)
+    seen: list[tuple[int | None, int | None]] = []
+
+    def settled() -> bool:
+        with engine.connect() as connection:
+            staged = connection.scalar(select(func.count()).select_from(AuditPending))
+            chained = connection.scalar(select(func.count()).select_from(AuditEvent))
+        seen.append((staged, chained))
+        # at least: submitted, 2 x (request, response), a retry, succeeded
+        return staged == 0 and (chained or 0) >= 10 * 7
+
+    try:
+        wait_until(settled, timeout=30)
+    except AssertionError:
+        raise AssertionError(f"(staged, chained) at the end: {seen[-1]}") from None
+    finally:
+        engine.dispose()
+    trails = [job_events(job_id, include_reads=True, settings=block) for job_id in ids]
+    assert sum(len(t) for t in trails) == seen[-1][1]  # every event of theirs chained by the sealer, none else
+    trail = [(e.action, e.attempt) for e in trails[0]]
+    assert trail[0] == ("job.submitted", None)
+    assert [action for action, _ in trail[-2:]] == ["job.succeeded", "result.read"]
+    assert [a for action, a in trail if action == "attempt.request"] == [1, 2]
+    assert verify_log(settings=block).ok

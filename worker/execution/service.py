@@ -24,6 +24,7 @@ from ..runtime.locator import runtime
 from ..settings import Settings
 from ..store import schema
 from .heap import HeapTrimmer
+from .sealer import Sealer
 from .sweeper import Sweeper
 from .tasks import register
 
@@ -94,6 +95,7 @@ def _run(rt: Runtime, settings: Settings, *, loglevel: str, quiet: bool) -> int:
         server = metrics.serve(metrics.registry_for(), settings.metrics_host, settings.metrics_port)
         log.info("metrics on http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
     sweeper = Sweeper(settings, settings.sweep_interval).start() if settings.sweep_interval else None
+    sealer = Sealer(settings).start() if settings.audit_seal == "block" else None
     trimmer = HeapTrimmer.start_if_possible(settings.heap_trim_interval)
     controllers: list[Any] = []
 
@@ -115,6 +117,8 @@ def _run(rt: Runtime, settings: Settings, *, loglevel: str, quiet: bool) -> int:
             trimmer.stop()
         if sweeper is not None:
             sweeper.stop()
+        if sealer is not None:
+            sealer.stop()
         if server is not None:
             server.shutdown()
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from psycopg import sql
-from sqlalchemy import Engine, event, insert, select
+from sqlalchemy import Engine, event, insert, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..audit.anchors import Anchor, after_seal, write_anchor
@@ -25,6 +25,10 @@ from .models import GENESIS, AuditChainHead, AuditEvent
 __all__ = [
     "seal",
     "seal_at_commit",
+    "settle",
+    "SEAL_BLOCK",
+    "STAGE_AND_COMMIT_SQL",
+    "COMMIT_STAGES",
     "seal_argument",
     "install_commit_seal",
     "install_hooks",
@@ -87,6 +91,21 @@ COMMIT_SEALS = "qbgw_commit_seals"
 #: (quoted by psycopg), as the simple protocol takes no parameters.
 SEAL_AND_COMMIT_SQL = sql.SQL("SELECT first_seq, last_seq, last_hash FROM qbgw_audit_seal({}::jsonb); COMMIT")
 
+#: Block sealing (``QBGW_AUDIT_SEAL=block``): the events are staged in ``audit_pending`` by the COMMIT's query
+#: instead (``qbgw_audit_stage``: the same argument and columns, all NULL), with no lock, for the sealer.
+STAGE_AND_COMMIT_SQL = sql.SQL("SELECT first_seq, last_seq, last_hash FROM qbgw_audit_stage({}::jsonb); COMMIT")
+
+#: Set on a dialect whose commits stage events for the block sealer instead of sealing them.
+COMMIT_STAGES = "qbgw_commit_stages"
+
+#: Staged rows a sealer chains per transaction (one head lock and one flush for all of them).
+SEAL_BLOCK = 500
+
+_ANY_PENDING = text("SELECT 1 FROM audit_pending ORDER BY id LIMIT 1")
+_SEAL_PENDING = text(
+    "SELECT first_seq, last_seq, last_hash, sealed_rows FROM qbgw_audit_seal_pending(CAST(:rows AS integer))"
+)
+
 
 def seal_at_commit(session: Session) -> Sealed | Staged | None:
     """Called just before the transaction commits: on PostgreSQL (with :func:`install_commit_seal`),
@@ -115,14 +134,16 @@ def seal_argument(pending: list[dict[str, Any]]) -> str:
     return json.dumps(rows, separators=(",", ":"))
 
 
-def install_commit_seal(engine: Engine) -> None:
+def install_commit_seal(engine: Engine, *, block: bool = False) -> None:
     """On PostgreSQL, make ``engine``'s COMMIT seal the events staged by :func:`seal_at_commit`:
     ``qbgw_audit_seal(...)`` and COMMIT go out together (one query), so the chain head is locked
-    only while the server runs them, never while this process waits for the GIL."""
+    only while the server runs them, never while this process waits for the GIL. With ``block``, the COMMIT
+    stages them in ``audit_pending`` instead (``qbgw_audit_stage``), for :func:`settle` to chain."""
     dialect = engine.dialect
     if dialect.name != "postgresql" or getattr(dialect, COMMIT_SEALS, False):
         return
     plain_commit, plain_rollback = dialect.do_commit, dialect.do_rollback
+    seal_and_commit = STAGE_AND_COMMIT_SQL if block else SEAL_AND_COMMIT_SQL
 
     def do_commit(connection: Any) -> None:
         staged: Staged | None = connection.info.pop(STAGED, None)
@@ -133,9 +154,9 @@ def install_commit_seal(engine: Engine) -> None:
         # trip too, but its client side cost 2.5x the CPU of one query (measured), 14% of a worker's.
         # An error in the seal aborts the rest of the query: the COMMIT does not run, the caller rolls back.
         cursor = connection.dbapi_connection.cursor()
-        cursor.execute(SEAL_AND_COMMIT_SQL.format(sql.Literal(staged.payload)))
+        cursor.execute(seal_and_commit.format(sql.Literal(staged.payload)))
         first, last, row_hash = cursor.fetchone()
-        staged.sealed = Sealed(int(first), int(last), str(row_hash))
+        staged.sealed = None if last is None else Sealed(int(first), int(last), str(row_hash))
 
     def do_rollback(connection: Any) -> None:
         connection.info.pop(STAGED, None)  # the events describe nothing that happened
@@ -144,6 +165,37 @@ def install_commit_seal(engine: Engine) -> None:
     dialect.do_commit = do_commit  # type: ignore[method-assign, assignment]
     dialect.do_rollback = do_rollback  # type: ignore[method-assign, assignment]
     setattr(dialect, COMMIT_SEALS, True)
+    setattr(dialect, COMMIT_STAGES, block)
+
+
+def settle(session: Session) -> Sealed | None:
+    """Chain every event staged for the block sealer (``QBGW_AUDIT_SEAL=block``) before ``session`` reads the
+    chain, in blocks of :data:`SEAL_BLOCK` transactions; None when nothing was staged, or when this database
+    never stages (the events of a committed transaction are then chained already).
+
+    The head stays locked until ``session``'s transaction ends (keep that transaction short), so what it reads
+    next is the whole chain: every event committed before it. Its commit anchors the head when due (see
+    :func:`install_hooks`). Events staged by processes in block mode are sealed by any process, whatever its
+    own mode: a reader or a verification in commit mode settles them too.
+    """
+    bind = session.get_bind()
+    if bind.dialect.name != "postgresql" or session.execute(_ANY_PENDING).first() is None:
+        return None  # (no lock taken: a commit-mode fleet's readers never wait for the head)
+    first: int | None = None
+    last: Sealed | None = None
+    while True:
+        row = session.execute(_SEAL_PENDING, {"rows": SEAL_BLOCK}).one()
+        if row.last_seq is not None:
+            first = int(row.first_seq) if first is None else first
+            last = Sealed(first, int(row.last_seq), str(row.last_hash))
+        if row.sealed_rows < SEAL_BLOCK:
+            break
+    if last is not None:
+        session.info[_SETTLED] = last
+    return last
+
+
+_SETTLED = "qbgw_settled"
 
 
 def discard(session: Session) -> None:
@@ -154,6 +206,7 @@ def discard(session: Session) -> None:
 def events_for_job(*, session: Session, job_id: str) -> list[AuditRecord]:
     """The job's events, oldest first (including those this transaction has not sealed yet)."""
     seal(session)
+    settle(session)
     rows = session.scalars(select(AuditEvent).where(AuditEvent.job_id == job_id).order_by(AuditEvent.seq))
     return [to_record(row) for row in rows]
 
@@ -189,7 +242,7 @@ def install_hooks(factory: sessionmaker[Session], settings: Settings) -> None:
 
     bind = factory.kw.get("bind")
     if bind is not None:
-        install_commit_seal(bind)
+        install_commit_seal(bind, block=settings.audit_seal == "block")
 
     def before_commit(session: Session) -> None:
         session.info[_SEALED] = seal_at_commit(session)
@@ -197,9 +250,11 @@ def install_hooks(factory: sessionmaker[Session], settings: Settings) -> None:
     def after_commit(session: Session) -> None:
         sealed = session.info.pop(_SEALED, None)
         after_seal(settings, sealed.sealed if isinstance(sealed, Staged) else sealed)
+        after_seal(settings, session.info.pop(_SETTLED, None))
 
     def after_rollback(session: Session) -> None:
         session.info.pop(_SEALED, None)
+        session.info.pop(_SETTLED, None)
         discard(session)
 
     event.listen(factory, "before_commit", before_commit)
@@ -209,6 +264,7 @@ def install_hooks(factory: sessionmaker[Session], settings: Settings) -> None:
 
 def head(session: Session) -> tuple[int, str]:
     """The chain's last (seq, hash) as the events say (not the head row, which is a cache)."""
+    settle(session)
     row = session.execute(select(AuditEvent.seq, AuditEvent.row_hash).order_by(AuditEvent.seq.desc()).limit(1)).first()
     return (row.seq, row.row_hash) if row else (0, GENESIS)
 

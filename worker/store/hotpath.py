@@ -40,7 +40,7 @@ from ..audit.events import Sealed
 from ..lifecycle import JobStatus
 from ..settings import Settings
 from . import jobs as store
-from .chain import COMMIT_SEALS, SEAL_AND_COMMIT_SQL, seal_argument
+from .chain import COMMIT_SEALS, COMMIT_STAGES, SEAL_AND_COMMIT_SQL, STAGE_AND_COMMIT_SQL, seal_argument
 from .db import unavailable
 
 __all__ = ["HotPath", "hot_path_for"]
@@ -79,6 +79,10 @@ class HotPath:
 
     def __init__(self, engine: Engine, keyring: Keyring, settings: Settings) -> None:
         self.engine, self.keyring, self.settings = engine, keyring, settings
+        # Block sealing stages the events instead (the same argument and result columns, all NULL).
+        block = getattr(engine.dialect, COMMIT_STAGES, False)
+        self._seal_function = "qbgw_audit_stage" if block else "qbgw_audit_seal"
+        self._seal_and_commit = STAGE_AND_COMMIT_SQL if block else SEAL_AND_COMMIT_SQL
         claim_sql, self._claim_constants = _compile(store._CLAIM, engine.dialect)
         self._claim_sql = "BEGIN; " + claim_sql
         update = store._FINISH[False].values({key: bindparam(f"v_{key}") for key in _SUCCESS_KEYS})
@@ -88,7 +92,7 @@ class HotPath:
         self._succeed_sql = (  # our own compiled statement, no input in it: the values travel as parameters
             f"WITH u AS ({update_sql} RETURNING 1) "  # noqa: S608
             "SELECT (SELECT count(*) FROM u) AS matched, s.first_seq, s.last_seq, s.last_hash "
-            "FROM qbgw_audit_seal(CASE WHEN (SELECT count(*) FROM u) = 1 THEN %(b_events)s::jsonb "
+            f"FROM {self._seal_function}(CASE WHEN (SELECT count(*) FROM u) = 1 THEN %(b_events)s::jsonb "
             "ELSE '[]'::jsonb END) AS s"
         )
 
@@ -116,7 +120,7 @@ class HotPath:
             if not pending:
                 cur.execute("COMMIT")
                 return claim
-            cur.execute(SEAL_AND_COMMIT_SQL.format(sql.Literal(seal_argument(pending))))
+            cur.execute(self._seal_and_commit.format(sql.Literal(seal_argument(pending))))
             sealed = cur.fetchone()
         audit_sealed(self.settings, sealed)
         return claim

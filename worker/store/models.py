@@ -9,13 +9,26 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, DateTime, ForeignKey, Index, Integer, MetaData, String, Text, TypeDecorator
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from ..audit.events import GENESIS
 
-__all__ = ["Base", "Batch", "Job", "AuditEvent", "AuditChainHead", "UTCDateTime", "GENESIS"]
+__all__ = ["Base", "Batch", "Job", "AuditEvent", "AuditChainHead", "AuditPending", "UTCDateTime", "GENESIS"]
 
 
 NAMING_CONVENTION = {
@@ -171,6 +184,17 @@ class AuditEvent(Base):
     response_bytes: Mapped[int | None] = mapped_column(Integer)
     #: JSON of non-PHI facts (e.g. the retry delay); never message text or answers.
     detail: Mapped[str | None] = mapped_column(Text)
+
+
+class AuditPending(Base):
+    """Events staged for the sealer (``QBGW_AUDIT_SEAL=block``, PostgreSQL): one row per transaction, its
+    events as ``qbgw_audit_seal`` takes them, deleted in the transaction that chains them. Empty otherwise."""
+
+    __tablename__ = "audit_pending"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    staged_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=text("CURRENT_TIMESTAMP"))
+    events: Mapped[Any] = mapped_column(JSON().with_variant(JSONB(), "postgresql"))
 
 
 class AuditChainHead(Base):

@@ -32,6 +32,9 @@ TABLES: dict[str, tuple[str, ...]] = {
     "audit_events": ("SELECT", "INSERT"),
     # The seal locks the one head row (FOR UPDATE) and moves it; the migration made the row.
     "audit_chain_head": ("SELECT", "UPDATE"),
+    # Block sealing (QBGW_AUDIT_SEAL=block) stages a transaction's events here; only qbgw_audit_seal_pending
+    # (SECURITY DEFINER) deletes a staged row, in the transaction that chains it.
+    "audit_pending": ("SELECT", "INSERT"),
     # qbgw serve reads keys; `qbgw api-keys` creates them and revokes or expires them (never deletes).
     "api_keys": ("SELECT", "INSERT", "UPDATE"),
     # Signing secrets are added and expired (rotation), deliveries made, leased and finished; never deleted.
@@ -41,8 +44,9 @@ TABLES: dict[str, tuple[str, ...]] = {
     "alembic_version": ("SELECT",),
 }
 
-#: Functions the application calls: the seal, SECURITY INVOKER, so it runs with the table grants above.
-FUNCTIONS = ("qbgw_audit_seal(jsonb)",)
+#: Functions the application calls: the seal and the stage, SECURITY INVOKER, so they run with the table grants
+#: above; the block sealer, SECURITY DEFINER, as the one way a staged row leaves audit_pending (chained).
+FUNCTIONS = ("qbgw_audit_seal(jsonb)", "qbgw_audit_stage(jsonb)", "qbgw_audit_seal_pending(integer)")
 
 #: Every privilege a table can carry (``has_table_privilege`` names), for the check after granting.
 TABLE_PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER")

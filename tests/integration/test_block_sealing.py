@@ -1,0 +1,143 @@
+"""Block sealing (QBGW_AUDIT_SEAL=block, PostgreSQL): a transaction's audit events are staged with its change,
+without the chain head's lock, and chained later in blocks; nothing is lost, nothing is chained twice, the
+application role cannot remove a staged event, and readers see the whole chain."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, func, select, text
+from sqlalchemy.exc import DBAPIError
+
+from qbgw import admin, producer, queries
+from qbgw.audit import events as audit
+from qbgw.errors import ConfigError
+from qbgw.execution.sealer import Sealer
+from qbgw.execution.tasks import run_attempt
+from qbgw.runtime.locator import runtime
+from qbgw.settings import Settings
+from qbgw.store import chain
+from qbgw.store.models import AuditEvent, AuditPending
+from tests.conftest import ASSISTANT, wait_until
+
+BLOCK = pytest.mark.parametrize("backend", ["postgres-block"])
+
+
+def counts(settings: Settings) -> tuple[int, int]:
+    """(events chained, transactions staged), read without settling."""
+    engine = create_engine(settings.database_url)
+    try:
+        with engine.connect() as connection:
+            chained = connection.scalar(select(func.count()).select_from(AuditEvent)) or 0
+            staged = connection.scalar(select(func.count()).select_from(AuditPending)) or 0
+    finally:
+        engine.dispose()
+    return chained, staged
+
+
+def note(settings: Settings, actor: str, n: int = 1) -> None:
+    with runtime(settings).transaction() as session:
+        for _ in range(n):
+            audit.record(session=session, action=audit.Action.AUDIT_QUERIED, job_id=None, actor=actor, detail={})
+
+
+@BLOCK
+def test_events_are_staged_at_commit_and_chained_by_a_settle(settings: Settings) -> None:
+    job_id = producer.submit(ASSISTANT, [{"role": "user", "content": "staged"}], settings=settings)
+    run_attempt(runtime(settings), job_id)
+    chained, staged = counts(settings)
+    assert chained == 0  # no commit took the head's lock
+    assert staged >= 3  # submitted; the claim's request; the outcome (each transaction one row)
+    with runtime(settings).transaction() as session:
+        sealed = chain.settle(session)
+    assert sealed is not None
+    assert sealed.first == 1
+    assert counts(settings) == (sealed.last, 0)
+    actions = [e.action for e in queries.job_events(job_id, settings=settings)]
+    assert actions[0] == "job.submitted"
+    assert actions[-1] == "job.succeeded"
+    assert admin.verify_log(settings=settings).ok
+
+
+@BLOCK
+def test_readers_see_what_was_staged_without_waiting_for_a_sealer(settings: Settings) -> None:
+    job_id = producer.submit(ASSISTANT, [{"role": "user", "content": "read me"}], settings=settings)
+    assert [e.action for e in queries.job_events(job_id, settings=settings)] == ["job.submitted"]
+    found = queries.audit_query(queries.AuditFilter(job_id=job_id), settings=settings)
+    assert [e.action for e in found] == ["job.submitted"]
+
+
+@BLOCK
+def test_a_rolled_back_transaction_stages_nothing(settings: Settings) -> None:
+    def fail() -> None:
+        with runtime(settings).transaction() as session:
+            audit.record(session=session, action=audit.Action.AUDIT_QUERIED, job_id=None, actor="gone", detail={})
+            raise RuntimeError("rolled back")
+
+    with pytest.raises(RuntimeError):
+        fail()
+    assert counts(settings) == (0, 0)
+
+
+@BLOCK
+@pytest.mark.parametrize("statement", ["DELETE FROM audit_pending", "UPDATE audit_pending SET events = '[]'"])
+def test_the_application_role_cannot_remove_or_change_a_staged_event(settings: Settings, statement: str) -> None:
+    note(settings, "kept")
+    engine = create_engine(settings.database_url)  # the application role, as every worker connects
+    try:
+        with pytest.raises(DBAPIError, match="permission denied|never changed"), engine.begin() as connection:
+            connection.execute(text(statement))
+    finally:
+        engine.dispose()
+    assert counts(settings) == (0, 1)
+    assert [e.actor for e in queries.audit_query(settings=settings)][0] == "kept"
+
+
+@BLOCK
+def test_a_fleet_of_both_modes_writing_at_once_makes_one_intact_chain(settings: Settings) -> None:
+    # Writers in block mode and in commit mode at the same time, a sealer running: every event chained once.
+    commit_mode = settings.with_(audit_seal="commit")
+    sealer = Sealer(settings.with_(audit_seal_interval=0.01)).start()
+    errors: list[BaseException] = []
+
+    def write(s: Settings, name: str) -> None:
+        try:
+            for _ in range(25):
+                note(s, name, n=2)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(s, f"w{i}")) for i, s in enumerate([settings, commit_mode] * 4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    sealer.stop()  # a last run: what was staged before is chained
+    assert errors == []
+    assert counts(settings) == (8 * 25 * 2, 0)
+    with runtime(settings).transaction() as session:
+        seqs = session.scalars(select(AuditEvent.seq).order_by(AuditEvent.seq)).all()
+    assert seqs == list(range(1, 401))
+    report = admin.verify_log(settings=settings)
+    assert report.ok
+    assert report.events == 400
+
+
+@BLOCK
+def test_the_sealer_thread_chains_staged_events_within_its_interval(settings: Settings) -> None:
+    quick = settings.with_(audit_seal_interval=0.05)
+    sealer = Sealer(quick).start()
+    try:
+        note(quick, "sealed by the thread", n=3)
+        wait_until(lambda: counts(quick) == (3, 0), timeout=10)
+    finally:
+        sealer.stop()
+
+
+def test_block_sealing_is_refused_on_sqlite(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="AUDIT_SEAL=block needs PostgreSQL"):
+        Settings(data_dir=tmp_path, audit_seal="block")
+    with pytest.raises(ConfigError, match="AUDIT_SEAL must be one of commit, block"):
+        Settings(data_dir=tmp_path, audit_seal="later")
