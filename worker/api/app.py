@@ -61,7 +61,7 @@ MAX_SEQ = 2**63 - 1
 #: How long a key that authenticated is taken without asking the database again (revocation's delay).
 CACHE_SECONDS = 5.0
 #: The fields a job's JSON body may have.
-JOB_FIELDS = frozenset({"assistant_id", "smart_chat_assistant_id", "messages", "custom_id", "webhook_url"})
+JOB_FIELDS = frozenset({"assistant_id", "smart_chat_assistant_id", "messages", "custom_id", "webhook_url", "subject"})
 
 
 class Refused(Exception):
@@ -92,6 +92,7 @@ _JOB_BODY: dict[str, Any] = {
                             "items": {"type": "object"},
                         },
                         "custom_id": {"type": "string", "maxLength": 255},
+                        "subject": {"type": "string", "maxLength": 255},
                         "webhook_url": {
                             "type": "string",
                             "description": "POSTed (signed, no PHI) when the job ends; default: the key's",
@@ -679,7 +680,7 @@ def _submit(
     if unknown:
         raise errors.InvalidMessages(
             f"{unknown[0]}: not a field of a job; a job has assistant_id (or smart_chat_assistant_id), "
-            "messages, custom_id and webhook_url"
+            "messages, custom_id, subject and webhook_url"
         )
     scoped = None
     if idempotency is not None:
@@ -691,6 +692,7 @@ def _submit(
             data.get("assistant_id", data.get("smart_chat_assistant_id")),  # type: ignore[arg-type]
             data.get("messages"),  # type: ignore[arg-type]
             custom_id=data.get("custom_id"),
+            subject=data.get("subject"),
             idempotency_key=scoped,
             webhook_url=data.get("webhook_url") or principal.webhook_url,
             actor=principal.actor,

@@ -14,7 +14,7 @@ from typing import Any
 from .anchors import Anchor
 from .events import GENESIS, chain_hash, chain_hash_v1, chain_hash_v2
 
-__all__ = ["Problem", "VerifyReport", "check"]
+__all__ = ["Problem", "VerifyReport", "check", "check_span"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,32 @@ def check(
     if problem is None:
         last_good, problem = _walk(iter(rows), by_seq, base, v2_from, v3_from)
         count = last_good - base.seq
+    return VerifyReport(count, len(anchors), problem, time.perf_counter() - started)
+
+
+def check_span(
+    rows: Iterable[Any],
+    anchors: list[Anchor],
+    key: bytes,
+    *,
+    after: tuple[int, str],
+    last: int,
+    v2_from: int = 1,
+    v3_from: int = 1,
+) -> VerifyReport:
+    """Walk a span of the chain: ``rows`` are the events after ``after`` (seq, row_hash of the event before the
+    span, as stored) up to seq ``last``, in seq order. Checks every anchor's signature, each event's hash and link,
+    that none is missing, and the head anchors signed within the span; an anchor past ``last`` is not looked at."""
+    started = time.perf_counter()
+    problem = _bad_signature(anchors, key)
+    within = {a.seq: a for a in anchors if a.kind == "head" and after[0] < a.seq <= last}
+    count = 0
+    if problem is None:
+        base = Anchor(after[0], after[1], "", "")
+        good, problem = _walk(iter(rows), within, base, v2_from, v3_from)
+        count = good - after[0]
+        if problem is None and good < last:
+            problem = Problem(good + 1, f"event seq {good + 1} is missing: the span ends at seq {good}, not {last}")
     return VerifyReport(count, len(anchors), problem, time.perf_counter() - started)
 
 
