@@ -125,7 +125,8 @@ def fill_subjects(session: Session, pending: list[dict[str, Any]]) -> None:
     for start in range(0, len(listed), 500):
         chunk = listed[start : start + 500]
         wanted.update({job_id: None for job_id in chunk})
-        wanted.update(session.execute(select(Job.id, Job.subject_index).where(Job.id.in_(chunk))).tuples().all())
+        for job_id, index in session.execute(select(Job.id, Job.subject_index).where(Job.id.in_(chunk))):
+            wanted[job_id] = index
     for staged in pending:
         if "subject_index" not in staged:
             job_id = staged.get("job_id")
