@@ -122,28 +122,29 @@ def access_report(
     with rt.transaction() as session:
         found = subjects.subject_jobs(session, index)
         events = subjects.subject_events(session, index, [j.job_id for j in found], start=start, end=end)
-        verified = subjects.verify_period(session, anchors, key, start=start, end=end)
+        shown = [e.seq for e in events]
+        verified = subjects.verify_period(session, anchors, key, shown, start=start, end=end)
+        last_full = subjects.last_verification(session)
     by_job: dict[str, list[AuditRecord]] = {}
     for e in events:
         by_job.setdefault(e.job_id or "", []).append(e)
     jobs = tuple(_summary(job, tuple(by_job.get(job.job_id, ()))) for job in found)
-    shown = [j for j in jobs if j.events or _within(j.submitted_at, start, end)]
-    detail = _chain_detail(verified, start, end)
-    report = AccessReport(
-        index, start, end, utcnow(), reader, tuple(shown), tuple(by_job.get("", ())), verified.ok, detail
-    )
+    listed = [j for j in jobs if j.events or _within(j.submitted_at, start, end)]
+    ok = verified.ok and (last_full is None or last_full[1] == "intact")
+    detail = _chain_detail(verified, len(shown), last_full)
+    report = AccessReport(index, start, end, utcnow(), reader, tuple(listed), tuple(by_job.get("", ())), ok, detail)
     with rt.transaction() as session:
         audit.record(
             session=session,
             action=audit.Action.ACCESS_REPORTED,
             job_id=None,
             actor=reader,
-            outcome="intact" if verified.ok else "tampered",
+            outcome="intact" if ok else "tampered",
             subject_index=index,
             detail={
                 "from": None if start is None else start.isoformat(),
                 "to": None if end is None else end.isoformat(),
-                "jobs": len(shown),
+                "jobs": len(listed),
                 "events": len(events),
             },
         )
@@ -180,14 +181,18 @@ def _summary(job: subjects.SubjectJob, events: tuple[AuditRecord, ...]) -> JobSu
     )
 
 
-def _chain_detail(verified: VerifyReport, start: datetime | None, end: datetime | None) -> str:
-    period = f"from {start.isoformat() if start else 'the first event'} to {end.isoformat() if end else 'now'}"
-    if verified.ok:
-        return (
-            f"intact: {verified.events} event(s) {period} recomputed and linked, {verified.anchors} anchor(s) checked"
-        )
-    problem = verified.problem.message if verified.problem else "unknown"
-    return f"TAMPERED {period}: {problem}"
+def _chain_detail(verified: VerifyReport, shown: int, last_full: tuple[datetime, str] | None) -> str:
+    full = "never" if last_full is None else f"{last_full[1]} at {last_full[0].isoformat(timespec='seconds')}"
+    since = f"last full verification (qbgw audit verify): {full}"
+    if verified.problem is not None:
+        return f"TAMPERED: {verified.problem.message}; {since}"
+    checked = (
+        f"{shown} shown event(s) recomputed and linked to their neighbours, none of the period's "
+        f"{verified.events} event(s) missing, {verified.anchors} signed anchor(s) checked"
+    )
+    if last_full is not None and last_full[1] != "intact":
+        return f"TAMPERED: {since}; {checked}"
+    return f"intact: {checked}; {since}"
 
 
 _WORDS = {

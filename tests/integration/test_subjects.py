@@ -244,6 +244,31 @@ def test_a_changed_subject_index_is_caught_by_verify_and_by_the_report(keyed: Se
     assert f"event seq {seq} was altered" in report.chain_detail
 
 
+def test_the_report_finds_a_deleted_event_of_another_subject_and_a_failed_full_verification(
+    keyed: Settings, owner_url: str
+) -> None:
+    _story(keyed)
+    with runtime(keyed).transaction() as session:
+        other = session.scalars(
+            select(AuditEvent.seq).where(AuditEvent.subject_index == _index(keyed, "MRN-0000-OTHER"))
+        ).first()
+    assert qbgw.access_report(SUBJECT, settings=keyed).chain_ok
+    with as_owner(owner_url) as db:
+        if db.dialect.name == "postgresql":
+            db.execute(text("ALTER TABLE audit_events DISABLE TRIGGER USER"))
+        db.execute(text("DELETE FROM audit_events WHERE seq = :seq"), {"seq": other})
+        if db.dialect.name == "postgresql":
+            db.execute(text("ALTER TABLE audit_events ENABLE TRIGGER USER"))
+    report = qbgw.access_report(SUBJECT, settings=keyed)
+    assert not report.chain_ok
+    assert "1 event(s) between seq 1 and" in report.chain_detail
+    assert not admin.verify_log(settings=keyed).ok  # the full walk, recorded: later reports say so
+    assert (
+        "last full verification (qbgw audit verify): tampered"
+        in qbgw.access_report(SUBJECT, settings=keyed).chain_detail
+    )
+
+
 def test_the_subject_never_appears_in_clear_in_the_database_the_logs_or_the_broker(
     keyed: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -4,7 +4,6 @@ and walks the chain over the report's period. Takes a session; never sees the su
 
 from __future__ import annotations
 
-from collections.abc import Generator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -14,9 +13,9 @@ from sqlalchemy.orm import Session
 
 from ..audit.anchors import Anchor
 from ..audit.events import CHAINED, OPTIONAL, AuditRecord
-from ..audit.verify import VerifyReport, check_span
+from ..audit.verify import Span, VerifyReport, check_span
 from .chain import to_record
-from .models import GENESIS, AuditChainHead, AuditEvent, Job
+from .models import AuditChainHead, AuditEvent, Job
 
 __all__ = ["SubjectJob", "subject_jobs", "subject_events", "verify_period"]
 
@@ -76,34 +75,56 @@ def subject_events(
 
 
 def verify_period(
-    session: Session, anchors: list[Anchor], key: bytes, *, start: datetime | None, end: datetime | None
+    session: Session,
+    anchors: list[Anchor],
+    key: bytes,
+    shown: list[int],
+    *,
+    start: datetime | None,
+    end: datetime | None,
 ) -> VerifyReport:
-    """Walk the chain over [start, end) (every event in it, each hash and link, the signed anchors among them)."""
-    span = select(func.min(AuditEvent.seq), func.max(AuditEvent.seq))
+    """The chain over [start, end) checked by index, without a walk (``audit.verify.check_span``): the shown
+    events (``shown``: their seqs) recomputed and linked, no event missing, the signed anchors matched."""
+    span_query = select(func.min(AuditEvent.seq), func.max(AuditEvent.seq))
     if start is not None:
-        span = span.where(AuditEvent.occurred_at >= start)
+        span_query = span_query.where(AuditEvent.occurred_at >= start)
     if end is not None:
-        span = span.where(AuditEvent.occurred_at < end)
-    first, last = session.execute(span).one()
+        span_query = span_query.where(AuditEvent.occurred_at < end)
+    first, last = session.execute(span_query).one()
     starts = session.execute(select(AuditChainHead.v2_from, AuditChainHead.v3_from).where(AuditChainHead.id == 1))
     v2_from, v3_from = starts.first() or (1, 1)
-    if first is None:
-        return check_span([], anchors, key, after=(0, GENESIS), last=0)
-    before = session.execute(select(AuditEvent.seq, AuditEvent.row_hash).where(AuditEvent.seq == first - 1)).first()
-    bases = [a for a in anchors if a.kind == "base" and a.seq == first - 1]
-    after = (first - 1, before.row_hash if before else (bases[0].row_hash if bases else GENESIS))
-    rows = _rows(session, first, last)
-    try:
-        return check_span(rows, anchors, key, after=after, last=last, v2_from=v2_from, v3_from=v3_from)
-    finally:
-        rows.close()
-
-
-def _rows(session: Session, first: int, last: int) -> Generator[Any]:
+    first, last = min([first or 0, *shown] or [0]), max([last or 0, *shown] or [0])
+    if first == 0:
+        first = 1
+    count = session.scalar(select(func.count()).select_from(AuditEvent).where(AuditEvent.seq.between(first, last)))
+    at_anchors = [a.seq for a in anchors if a.kind == "head" and first <= a.seq <= last]
+    stored: dict[int, str] = {}
+    for chunk in _chunks(at_anchors):
+        query = select(AuditEvent.seq, AuditEvent.row_hash).where(AuditEvent.seq.in_(chunk))
+        stored.update({seq: row_hash for seq, row_hash in session.execute(query)})
+    wanted = sorted({n for seq in shown for n in (seq - 1, seq, seq + 1)})
     columns = [getattr(AuditEvent, name) for name in (*CHAINED, *OPTIONAL, "prev_hash", "row_hash")]
-    query = select(*columns).where(AuditEvent.seq.between(first, last)).order_by(AuditEvent.seq)
-    result = session.execute(query.execution_options(yield_per=20_000))
-    try:
-        yield from result.mappings()
-    finally:
-        result.close()
+    rows: dict[int, Any] = {}
+    for chunk in _chunks(wanted):
+        for row in session.execute(select(*columns).where(AuditEvent.seq.in_(chunk))).mappings():
+            rows[row["seq"]] = row
+    bases = [a for a in anchors if a.kind == "base"]
+    base = max(bases, key=lambda a: a.seq).row_hash if bases else None
+    span = Span(first, last, count or 0, stored, rows, tuple(shown), base)
+    return check_span(span, anchors, key, v2_from=v2_from, v3_from=v3_from)
+
+
+def _chunks(values: list[int], size: int = 500) -> list[list[int]]:
+    return [values[i : i + size] for i in range(0, len(values), size)]
+
+
+def last_verification(session: Session) -> tuple[datetime, str] | None:
+    """When the whole chain was last walked (``qbgw audit verify``: an ``audit.verified`` event), and its outcome."""
+    query = (
+        select(AuditEvent.occurred_at, AuditEvent.outcome)
+        .where(AuditEvent.action == "audit.verified")
+        .order_by(AuditEvent.occurred_at.desc())
+        .limit(1)
+    )
+    row = session.execute(query).first()
+    return None if row is None else (row[0], row[1] or "")
