@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, func, or_, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
 from ..audit.anchors import Anchor
@@ -37,11 +37,14 @@ class SubjectJob:
 def subject_jobs(session: Session, subject_index: str) -> list[SubjectJob]:
     """Every job whose subject has this blind index (the job rows' index, and their events': a job whose events
     carry it is listed even if its row was changed), oldest first."""
-    from_events = select(AuditEvent.job_id).where(
+    # Two indexed look-ups, not one OR (PostgreSQL would scan every job for it).
+    by_row = select(Job.id).where(Job.subject_index == subject_index)
+    by_events = select(AuditEvent.job_id).where(
         AuditEvent.subject_index == subject_index, AuditEvent.job_id.is_not(None)
     )
-    query = select(Job).where(or_(Job.subject_index == subject_index, Job.id.in_(from_events)))
-    rows = session.scalars(query.order_by(Job.created_at, Job.id))
+    ids = sorted({*session.scalars(by_row), *session.scalars(by_events)})
+    rows = [job for chunk in _chunks(ids) for job in session.scalars(select(Job).where(Job.id.in_(chunk)))]
+    rows.sort(key=lambda job: (job.created_at, job.id))
     return [
         SubjectJob(
             job.id,
@@ -85,12 +88,7 @@ def verify_period(
 ) -> VerifyReport:
     """The chain over [start, end) checked by index, without a walk (``audit.verify.check_span``): the shown
     events (``shown``: their seqs) recomputed and linked, no event missing, the signed anchors matched."""
-    span_query = select(func.min(AuditEvent.seq), func.max(AuditEvent.seq))
-    if start is not None:
-        span_query = span_query.where(AuditEvent.occurred_at >= start)
-    if end is not None:
-        span_query = span_query.where(AuditEvent.occurred_at < end)
-    first, last = session.execute(span_query).one()
+    first, last = _ends(session, start, end)
     starts = session.execute(select(AuditChainHead.v2_from, AuditChainHead.v3_from).where(AuditChainHead.id == 1))
     v2_from, v3_from = starts.first() or (1, 1)
     first, last = min([first or 0, *shown] or [0]), max([last or 0, *shown] or [0])
@@ -114,7 +112,19 @@ def verify_period(
     return check_span(span, anchors, key, v2_from=v2_from, v3_from=v3_from)
 
 
-def _chunks(values: list[int], size: int = 500) -> list[list[int]]:
+def _ends(session: Session, start: datetime | None, end: datetime | None) -> tuple[int | None, int | None]:
+    """The first and last seq of [start, end): by the time index (an event's time follows its seq), where a
+    min(seq) filtered on the time would walk the seq index through every event before the period."""
+    first = select(AuditEvent.seq).order_by(AuditEvent.occurred_at, AuditEvent.seq).limit(1)
+    last = select(AuditEvent.seq).order_by(AuditEvent.occurred_at.desc(), AuditEvent.seq.desc()).limit(1)
+    if start is not None:
+        first, last = first.where(AuditEvent.occurred_at >= start), last.where(AuditEvent.occurred_at >= start)
+    if end is not None:
+        first, last = first.where(AuditEvent.occurred_at < end), last.where(AuditEvent.occurred_at < end)
+    return session.scalar(first), session.scalar(last)
+
+
+def _chunks(values: list[Any], size: int = 500) -> list[list[Any]]:
     return [values[i : i + size] for i in range(0, len(values), size)]
 
 
