@@ -356,7 +356,7 @@ def throttle(
             Job.id == job_id, Job.status.in_(_CLAIMABLE), (Job.next_attempt_at.is_(None)) | (Job.next_attempt_at <= now)
         )
         .values(next_attempt_at=until, throttle_reason=reason, announced_at=now if announced else None, updated_at=now)
-        .returning(Job.attempts, Job.assistant_id, Job.batch_id)
+        .returning(Job.attempts, Job.assistant_id, Job.batch_id, Job.subject_index)
         .execution_options(synchronize_session=False)
     ).first()
     if taken is None:
@@ -370,6 +370,7 @@ def throttle(
         attempt=taken.attempts + 1,
         assistant_id=taken.assistant_id,
         batch_id=taken.batch_id,
+        subject_index=taken.subject_index,
         detail={
             "reason": reason,
             "wait_ms": round(wait * 1000),
@@ -461,6 +462,7 @@ def record_fault(
             Job.assistant_id,
             Job.batch_id,
             Job.next_attempt_at,
+            Job.subject_index,
         )
         .where(Job.id == job_id)
         .with_for_update()
@@ -503,6 +505,7 @@ def record_fault(
         outcome="fault",
         error_class=fault.error_class,
         detail={**fault.detail, "faults": faults, "claimed": held},
+        subject_index=row.subject_index,
     )
     if held and claim is not None:
         status = _fault_held(session, claim, worker, now, retrying, values)
@@ -525,6 +528,7 @@ def record_fault(
             outcome=str(status),
             error_class=fault.error_class,
             detail=detail,
+            subject_index=row.subject_index,
         )
     return status, decision, row.batch_id
 
