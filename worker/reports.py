@@ -74,7 +74,7 @@ class AccessReport:
     generated_at: datetime
     actor: str
     jobs: tuple[JobSummary, ...]
-    #: Events carrying the subject's index that belong to no job (earlier access reports).
+    #: Events that belong to no job: earlier access reports of the subject, exports of its jobs' batches.
     other_events: tuple[AuditRecord, ...]
     chain_ok: bool
     chain_detail: str
@@ -121,7 +121,7 @@ def access_report(
     anchors, key = read_anchors(rt.settings.anchor_path), anchor_key(rt.settings)
     with rt.transaction() as session:
         found = subjects.subject_jobs(session, index)
-        events = subjects.subject_events(session, index, [j.job_id for j in found], start=start, end=end)
+        events = subjects.subject_events(session, index, found, start=start, end=end)
         shown = [e.seq for e in events]
         verified = subjects.verify_period(session, anchors, key, shown, start=start, end=end)
         last_full = subjects.last_verification(session)

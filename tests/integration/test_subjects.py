@@ -56,6 +56,7 @@ def _story(settings: Settings) -> dict[str, str]:
     with runtime(settings).transaction() as session:
         in_batch = session.scalars(select(Job.id).where(Job.batch_id == batch.id)).one()
     run_attempt(runtime(settings), in_batch)
+    queries.batch_results(batch.id, reader="key:exporter", settings=settings)
     admin.purge_phi(older_than=timedelta(0), actor="operator", settings=settings)
     return {"ran": ran, "cancelled": cancelled, "other": other, "in_batch": in_batch}
 
@@ -167,6 +168,8 @@ def test_the_access_report_tells_everything_done_with_the_subjects_jobs(keyed: S
         (jobs["ran"], "job.purged"),
         (jobs["cancelled"], "job.cancelled"),
         (jobs["in_batch"], "attempt.request"),
+        (jobs["in_batch"], "result.read"),
+        ("", "batch.exported"),
     } <= kinds
     assert not any(r["job_id"] == jobs["other"] for r in rows)
     response = next(r for r in rows if r["job_id"] == jobs["ran"] and r["kind"] == "attempt.response")

@@ -61,13 +61,24 @@ def subject_jobs(session: Session, subject_index: str) -> list[SubjectJob]:
 
 
 def subject_events(
-    session: Session, subject_index: str, job_ids: list[str], *, start: datetime | None, end: datetime | None
+    session: Session,
+    subject_index: str,
+    jobs: list[SubjectJob],
+    *,
+    start: datetime | None,
+    end: datetime | None,
 ) -> list[AuditRecord]:
-    """The events in [start, end) that carry the index or belong to one of ``job_ids``, in chain order."""
-    where: list[Any] = [AuditEvent.subject_index == subject_index]
+    """The events in [start, end) that carry the index or belong to one of ``jobs``, and the exports
+    (``batch.exported``) of their batches, in chain order."""
+    conditions: list[Any] = [AuditEvent.subject_index == subject_index]
+    conditions += [AuditEvent.job_id.in_(chunk) for chunk in _chunks([j.job_id for j in jobs])]
+    batches = sorted({j.batch_id for j in jobs if j.batch_id is not None})
+    conditions += [
+        (AuditEvent.action == "batch.exported") & AuditEvent.batch_id.in_(chunk) for chunk in _chunks(batches)
+    ]
     found: dict[int, AuditRecord] = {}
-    for chunk in [None, *(job_ids[i : i + 500] for i in range(0, len(job_ids), 500))]:
-        query: Select[Any] = select(AuditEvent).where(*where if chunk is None else [AuditEvent.job_id.in_(chunk)])
+    for condition in conditions:
+        query: Select[Any] = select(AuditEvent).where(condition)
         if start is not None:
             query = query.where(AuditEvent.occurred_at >= start)
         if end is not None:
