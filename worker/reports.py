@@ -134,21 +134,18 @@ def access_report(
     detail = _chain_detail(verified, len(shown), last_full)
     report = AccessReport(index, start, end, utcnow(), reader, tuple(listed), tuple(by_job.get("", ())), ok, detail)
     with rt.transaction() as session:
-        audit.record(
-            session=session,
-            action=audit.Action.ACCESS_REPORTED,
-            job_id=None,
+        subjects.record_report(
+            session,
             actor=reader,
-            outcome="intact" if ok else "tampered",
             subject_index=index,
-            detail={
-                "from": None if start is None else start.isoformat(),
-                "to": None if end is None else end.isoformat(),
-                "jobs": len(listed),
-                "events": len(events),
-            },
+            intact=ok,
+            detail={"from": _iso(start), "to": _iso(end), "jobs": len(listed), "events": len(events)},
         )
     return report
+
+
+def _iso(when: datetime | None) -> str | None:
+    return None if when is None else when.isoformat()
 
 
 def _check_period(start: datetime | None, end: datetime | None) -> None:

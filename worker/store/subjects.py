@@ -11,13 +11,14 @@ from typing import Any
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
+from ..audit import events as audit
 from ..audit.anchors import Anchor
 from ..audit.events import CHAINED, OPTIONAL, AuditRecord
 from ..audit.verify import Span, VerifyReport, check_span
 from .chain import to_record
 from .models import AuditChainHead, AuditEvent, Job
 
-__all__ = ["SubjectJob", "subject_jobs", "subject_events", "verify_period"]
+__all__ = ["SubjectJob", "subject_jobs", "subject_events", "verify_period", "last_verification", "record_report"]
 
 
 @dataclass(frozen=True)
@@ -149,3 +150,17 @@ def last_verification(session: Session) -> tuple[datetime, str] | None:
     )
     row = session.execute(query).first()
     return None if row is None else (row[0], row[1] or "")
+
+
+def record_report(session: Session, *, actor: str, subject_index: str, intact: bool, detail: dict[str, Any]) -> None:
+    """An access report's own event: the caller, the subject's blind index (never the subject), the outcome of its
+    chain check, the period and the counts."""
+    audit.record(
+        session=session,
+        action=audit.Action.ACCESS_REPORTED,
+        job_id=None,
+        actor=actor,
+        outcome="intact" if intact else "tampered",
+        subject_index=subject_index,
+        detail=detail,
+    )
