@@ -49,6 +49,7 @@ from .errors import (
     ResolutionFailed,
     StaleSession,
     StoreUnavailable,
+    SubjectKeyMissing,
     TransientGatewayError,
     Unauthenticated,
     UpstreamRejected,
@@ -74,6 +75,7 @@ from .queries import (
     wait_for_batch,
     wait_for_job,
 )
+from .reports import AccessReport, JobSummary, access_report, render_csv, render_html, render_jsonl, render_table
 from .settings import Secret, Settings
 from .store.batches import BatchStatus
 from .upstream.auth import AuthReport
@@ -103,6 +105,13 @@ __all__ = [
     "JobView",
     "JobStatus",
     "AuditRecord",
+    "access_report",
+    "AccessReport",
+    "JobSummary",
+    "render_csv",
+    "render_jsonl",
+    "render_table",
+    "render_html",
     # batches
     "submit_batch",
     "get_batch",
@@ -142,6 +151,7 @@ __all__ = [
     "IntegrityError",
     "DecryptionFailed",
     "StoreUnavailable",
+    "SubjectKeyMissing",
     "BrokerUnavailable",
     "NotAnnounced",
     "GatewayError",

@@ -64,6 +64,7 @@ PERMISSIONS: dict[str, dict[Role, str]] = {
     "batches.cancel": {Role.SUBMITTER: "own", Role.ADMIN: "any"},
     "audit.events": {Role.AUDITOR: "any"},
     "audit.verify": {Role.AUDITOR: "any", Role.ADMIN: "any"},
+    "audit.access_report": {Role.AUDITOR: "any"},
 }
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")

@@ -35,6 +35,7 @@ async def submit(
     custom_id: str | None = None,
     idempotency_key: str | None = None,
     actor: str | None = None,
+    subject: str | None = None,
     settings: Settings | None = None,
 ) -> str:
     """:func:`qbgw.submit` without blocking the loop; the same arguments, errors and result."""
@@ -45,6 +46,7 @@ async def submit(
         custom_id=custom_id,
         idempotency_key=idempotency_key,
         actor=actor,
+        subject=subject,
         settings=settings,
     )
 

@@ -5,6 +5,7 @@ job at once on a ``PermanentGatewayError``; no caller inspects status codes itse
 
     QbgwError
     ├── ConfigError ............................ a setting is missing or malformed
+    │   └── SubjectKeyMissing .................. a subject was given, but no subject key is configured
     ├── InputError (also ValueError) ........... bad input from a producer; nothing was stored
     │   ├── InvalidMessages .................... the messages list breaks the OpenAI shape
     │   ├── InvalidImage ....................... an image is not jpeg/png, too large, or unreadable
@@ -44,6 +45,7 @@ from __future__ import annotations
 __all__ = [
     "QbgwError",
     "ConfigError",
+    "SubjectKeyMissing",
     "InputError",
     "InvalidMessages",
     "InvalidImage",
@@ -82,6 +84,10 @@ class QbgwError(Exception):
 
 class ConfigError(QbgwError):
     """A setting is missing or malformed; raised when the settings are built."""
+
+
+class SubjectKeyMissing(ConfigError):
+    """A job's subject (or an access report's) needs QBGW_SUBJECT_KEY, and none is configured."""
 
 
 class InputError(QbgwError, ValueError):

@@ -26,6 +26,8 @@ __all__ = [
     "validate_assistant_id",
     "validate_key",
     "validate_messages",
+    "validate_subject",
+    "MAX_SUBJECT",
 ]
 
 ROLES = ("system", "developer", "user", "assistant")
@@ -33,7 +35,7 @@ PART_TYPES = ("text", "image_url")
 IMAGE_DETAILS = ("auto", "low", "high")
 MESSAGE_FIELDS = ("role", "content", "name")
 #: The fields of one request (``qbgw submit FILE``); a batch line has its own, see ``batch_input``.
-REQUEST_FIELDS = ("smart_chat_assistant_id", "messages", "custom_id", "idempotency_key")
+REQUEST_FIELDS = ("smart_chat_assistant_id", "messages", "custom_id", "idempotency_key", "subject")
 MAX_ASSISTANT_ID = 128
 MAX_KEY = 255
 # Always fullmatch: with match() and "$", a final "\n" would pass.
@@ -48,6 +50,7 @@ _PLAIN = re.compile(r"[A-Za-z0-9_.-]{1,40}")
 _FIELD_TYPES: dict[str, tuple[type, str]] = {
     "smart_chat_assistant_id": (str, "a string"),
     "custom_id": (str, "a string"),
+    "subject": (str, "a string"),
     "idempotency_key": (str, "a string"),
     "messages": (list, "a list"),
     "method": (str, "a string"),
@@ -148,6 +151,36 @@ def validate_key(name: str, value: object) -> str:
         )
     _check_encodable(name, value)
     return value
+
+
+#: Unicode's control characters (category Cc: C0, DEL and C1).
+_ANY_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+#: The longest subject accepted (characters, after normalisation).
+MAX_SUBJECT = 255
+
+
+def validate_subject(value: object, name: str = "subject") -> str:
+    """The normalised subject (a patient's record number, or any reference the customer uses to say whom a job is
+    about): ``value`` with leading and trailing whitespace removed (``str.strip()``: spaces, tabs, line breaks and
+    other Unicode whitespace), nothing else changed (case and inner spaces are kept). The error never echoes it.
+
+    Raises:
+        InvalidMessages: ``value`` is not a string, is empty once stripped, is over MAX_SUBJECT characters, holds a
+            control character, or cannot be encoded as UTF-8.
+    """
+    accepted = f"a non-empty string of at most {MAX_SUBJECT} characters, without control characters"
+    if not isinstance(value, str):
+        raise InvalidMessages(f"{name}: must be {accepted}, got {_kind(value)}")
+    subject = value.strip()
+    if not subject:
+        raise InvalidMessages(f"{name}: must be {accepted}; got an empty one")
+    if len(subject) > MAX_SUBJECT:
+        raise InvalidMessages(f"{name}: must be {accepted}; got {len(subject)} characters")
+    control = _ANY_CONTROL.search(subject)
+    if control is not None:
+        raise InvalidMessages(f"{name}: must be {accepted}; found U+{ord(control[0]):04X} at index {control.start()}")
+    _check_encodable(name, subject)
+    return subject
 
 
 def validate_messages(messages: object, policy: Policy | None = None) -> list[dict[str, Any]]:

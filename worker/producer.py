@@ -19,7 +19,7 @@ from .batches.views import BatchView
 from .errors import InvalidMessages, NotAnnounced, StoreUnavailable
 from .images.resolve import policy
 from .lifecycle import utcnow
-from .messages import validate_assistant_id, validate_key, validate_messages, validate_webhook_url
+from .messages import validate_assistant_id, validate_key, validate_messages, validate_subject, validate_webhook_url
 from .runtime.context import Runtime
 from .runtime.dispatch import announce, check_broker
 from .runtime.locator import runtime
@@ -43,6 +43,7 @@ def submit(
     actor: str | None = None,
     require_broker: bool = False,
     webhook_url: str | None = None,
+    subject: str | None = None,
     settings: Settings | None = None,
 ) -> str:
     """Store a gateway job and queue it; returns its id.
@@ -50,11 +51,13 @@ def submit(
     A repeated ``idempotency_key`` with the same assistant and messages returns the first
     job's id and creates nothing. If the broker cannot take the message, the job stays stored
     and a sweeper dispatches it (``NotAnnounced`` tells the caller so); with ``require_broker``
-    the broker is checked first and nothing is stored when it is down.
+    the broker is checked first and nothing is stored when it is down. ``subject`` says whom the job is
+    about (a patient's record number, ...): stored encrypted, with its blind index (see ``qbgw.access_report``).
 
     Raises:
-        InvalidMessages: the assistant id, messages, custom id or key are malformed, a string is not
+        InvalidMessages: the assistant id, messages, custom id, key or subject are malformed, a string is not
             encodable as UTF-8, or the messages are over QBGW_MAX_REQUEST_BYTES.
+        ConfigError: a subject is given and no subject key is configured (QBGW_SUBJECT_KEY).
         InvalidImage: an image reference is refused, or an inline image is not the jpeg/png it declares.
         IdempotencyConflict: the key already names a different job.
         StoreUnavailable: the database cannot be reached (nothing was stored).
@@ -63,6 +66,7 @@ def submit(
             ``.job_id``; a sweeper dispatches it).
     """
     rt = runtime(settings)
+    about = None if subject is None else validate_subject(subject)
     new = store.NewJob(
         id=str(uuid.uuid4()),
         assistant_id=validate_assistant_id(assistant_id),
@@ -71,6 +75,8 @@ def submit(
         idempotency_key=_optional_key("idempotency_key", idempotency_key),
         actor=actor or rt.settings.actor or "producer",
         max_attempts=rt.settings.max_attempts,
+        subject=about,
+        subject_index=None if about is None else rt.subject_key.index(about),
     )
     hook = _webhook(rt, webhook_url, new.actor)
     if require_broker:
@@ -137,6 +143,7 @@ def submit_batch(
         InvalidBatch: a line is invalid (unless ``skip_invalid``: then it is skipped and named in
             ``problems``), or no line is valid; nothing was stored.
         InvalidMessages: ``window`` is not positive.
+        ConfigError: a line has a subject and no subject key is configured (QBGW_SUBJECT_KEY); nothing was stored.
         StoreUnavailable: the database cannot be reached.
     """
     rt = runtime(settings)
@@ -149,6 +156,8 @@ def submit_batch(
     parsed = batch_input.parse_lines(
         raw, default_assistant=default, policy=policy(rt.settings), skip_invalid=skip_invalid
     )
+    if any(line.subject is not None for line in parsed.lines):
+        rt.subject_key  # noqa: B018 - a missing key is refused before anything is stored
     batch_id = store_batch(
         rt, parsed, assistant_id=default, window=span, actor=actor or rt.settings.actor or "producer", webhook_url=hook
     )

@@ -163,6 +163,9 @@ class Settings:
     """The keyring file (rotated by `qbgw keys rotate`); empty: keyring.json in the data directory."""
     anchor_key: Secret = field(default_factory=lambda: Secret(""))
     """Signs the audit chain's anchors (HMAC-SHA256); empty: a key generated in the data directory."""
+    subject_key: Secret = field(default_factory=lambda: Secret(""))
+    """Keys the blind index of a job's subject (HMAC-SHA256; at least 32 characters, not the PHI key); empty: a key
+    generated in the data directory (embedded default only: PostgreSQL needs it set)."""
     audit_anchor_file: str = ""
     """Where signed chain heads are appended, outside the database; empty: in the data directory."""
     audit_anchor_events: int = 1000

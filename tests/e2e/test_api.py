@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from qbgw import access, queries
-from qbgw.settings import Settings
+from qbgw.settings import Secret, Settings
 from qbgw.store.reads import AuditFilter
 from tests.conftest import ASSISTANT, wait_until
 from tests.e2e.api_server import Server, start_server
@@ -23,8 +23,13 @@ JOB = {"assistant_id": ASSISTANT, "messages": [{"role": "user", "content": "What
 LINE = {"smart_chat_assistant_id": ASSISTANT, "messages": JOB["messages"]}
 
 
+#: The blind index key of subjects (PostgreSQL needs one given; the embedded default would make its own).
+SUBJECT_KEY = Secret("e2e-subject-key-" + "q" * 32)
+
+
 @pytest.fixture
 def server(stack: Settings, tmp_path: Path, worker_process: Callable[..., Any]) -> Iterator[Server]:
+    stack = stack.with_(subject_key=SUBJECT_KEY)
     worker_process(stack)
     running = start_server(stack, tmp_path)
     yield running
@@ -113,6 +118,7 @@ MATRIX: list[tuple[str, str, dict[str, int]]] = [
     ("POST", "/v1/jobs/{job}/replay", _row(403, 403, 403, 403, 409)),  # it did not fail: nothing to replay
     ("GET", "/v1/audit/events", _row(403, 403, 403, 200, 403)),
     ("POST", "/v1/audit/verify", _row(403, 403, 403, 200, 200)),
+    ("POST", "/v1/audit/access-report", _row(403, 403, 403, 200, 403)),
     ("GET", "/v1/batches/{batch}", _row(200, 404, 200, 200, 200)),
     ("GET", "/v1/batches/{batch}/results", _row(200, 404, 200, 403, 403)),
     ("POST", "/v1/batches", _row(202, 202, 403, 403, 403)),
@@ -135,6 +141,8 @@ def test_every_role_against_every_endpoint(server: Server) -> None:
                 answer = server.client(who).post(url, json=JOB)
             elif method == "POST" and path == "/v1/batches":
                 answer = server.client(who).post(url, content=lines)
+            elif path == "/v1/audit/access-report":
+                answer = server.client(who).post(url, json={"subject": "MRN-MATRIX"})
             else:
                 answer = server.client(who).request(method, url)
             seen[(method, path, who)] = answer.status_code
@@ -210,6 +218,10 @@ def test_repeated_failures_from_one_source_are_slowed_down(server: Server) -> No
         ({**JOB, "temperature": 0.2}, "temperature", "not a field of a job"),
         ({**JOB, "messages": [{"role": "user", "content": 5}]}, "messages[0].content", "must be"),
         ({**JOB, "custom_id": ""}, "custom_id", "non-empty"),
+        ({**JOB, "subject": " "}, "subject", "non-empty"),
+        ({**JOB, "subject": "M" * 256}, "subject", "at most 255 characters"),
+        ({**JOB, "subject": "MRN\u000742"}, "subject", "U+0007"),
+        ({**JOB, "subject": 42}, "subject", "got int"),
         (
             {
                 **JOB,
@@ -332,3 +344,87 @@ def test_health_ready_and_the_openapi_document(server: Server) -> None:
     for path in ("/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/result", "/v1/audit/events", "/v1/batches"):
         assert path in spec["paths"]
     assert client.get("/docs").status_code == 200
+
+
+# ---- subjects and the access report ----
+
+SUBJECT = "MRN-E2E-5521"
+
+
+def test_an_auditor_gets_the_access_report_of_a_subject_and_the_subject_stays_out_of_logs(server: Server) -> None:
+    job_id = submit(server, "sub", {**JOB, "subject": SUBJECT, "custom_id": "visit-7"})
+    line = json.dumps({"custom_id": "b1", **LINE, "subject": f" {SUBJECT} "}) + "\n"
+    batch = server.client("sub").post("/v1/batches", content=line)
+    assert batch.status_code == 202, batch.text
+    finished(server, job_id)
+    assert server.client("reader").get(f"/v1/jobs/{job_id}/result").status_code == 200
+    auditor = server.client("auditor")
+    answer = auditor.post("/v1/audit/access-report", json={"subject": SUBJECT})
+    assert answer.status_code == 200, answer.text
+    report = answer.json()
+    assert report["chain_ok"] is True, report["chain_detail"]
+    assert SUBJECT not in answer.text
+    assert len(report["jobs"]) == 2
+    first = next(j for j in report["jobs"] if j["job_id"] == job_id)
+    assert first["submitted_by"] == "key:sub"
+    assert first["readers"] == ["key:reader"]
+    assert first["disclosures"] == 1
+    kinds = {(r["kind"], r["actor"]) for r in report["rows"] if r["job_id"] == job_id}
+    assert {("job.submitted", "key:sub"), ("result.read", "key:reader")} <= kinds
+    assert any(kind == "attempt.request" for kind, _ in kinds)
+    for fmt, media in (("csv", "text/csv"), ("jsonl", "application/jsonl"), ("html", "text/html")):
+        rendered = auditor.post("/v1/audit/access-report", json={"subject": SUBJECT, "format": fmt})
+        assert rendered.status_code == 200, rendered.text
+        assert rendered.headers["content-type"].startswith(media)
+        assert job_id in rendered.text
+        assert SUBJECT not in rendered.text
+    later = auditor.post("/v1/audit/access-report", json={"subject": SUBJECT, "from": "2999-01-01T00:00:00Z"})
+    assert later.json()["jobs"] == []
+    for who in ("sub", "reader", "admin"):
+        refused = server.client(who).post("/v1/audit/access-report", json={"subject": SUBJECT})
+        assert refused.status_code == 403
+    ran = queries.audit_query(AuditFilter(action="audit.access_report"), settings=server.settings)
+    assert {e.actor for e in ran} == {"key:auditor"}
+    assert all(e.subject_index == report["subject_index"] for e in ran)
+    assert SUBJECT not in server.log.read_text(encoding="utf-8", errors="replace")
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "says"),
+    [
+        ({}, "subject", "must be a non-empty string"),
+        ({"subject": ""}, "subject", "got an empty one"),
+        ({"subject": "A\u0000B"}, "subject", "U+0000"),
+        ({"subject": "M" * 300}, "subject", "got 300 characters"),
+        ({"subject": "MRN-1", "from": "yesterday"}, "from", "ISO 8601"),
+        ({"subject": "MRN-1", "format": "pdf"}, "format", "json, jsonl, csv, html"),
+        ({"subject": "MRN-1", "patient": "x"}, "patient", "not a field of a report"),
+    ],
+)
+def test_a_bad_access_report_request_names_the_field(
+    server: Server, body: dict[str, Any], field: str, says: str
+) -> None:
+    answer = server.client("auditor").post("/v1/audit/access-report", json=body)
+    assert answer.status_code == 422, answer.text
+    problem = answer.json()
+    assert problem["errors"][0]["field"] == field
+    assert says in problem["errors"][0]["detail"]
+
+
+def test_without_a_subject_key_postgres_refuses_subjects_clearly(stack: Settings, tmp_path: Path) -> None:
+    running = start_server(stack, tmp_path)  # the stack's own settings: no QBGW_SUBJECT_KEY
+    try:
+        answer = running.client("sub").post("/v1/jobs", json={**JOB, "subject": SUBJECT})
+        report = running.client("auditor").post("/v1/audit/access-report", json={"subject": SUBJECT})
+        if stack.database_url:
+            for refused in (answer, report):
+                assert refused.status_code == 500, refused.text
+                assert refused.json()["type"].endswith("subjects-unconfigured")
+                assert "QBGW_SUBJECT_KEY" in refused.json()["detail"]
+            assert queries.audit_query(AuditFilter(action="job.submitted"), settings=stack) == []
+        else:  # the embedded default keeps a key of its own
+            assert answer.status_code == 202, answer.text
+            assert report.status_code == 200, report.text
+            assert len(report.json()["jobs"]) == 1
+    finally:
+        running.close()

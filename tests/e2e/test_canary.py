@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from prometheus_client import generate_latest
 from sqlalchemy import create_engine, inspect, text
 
-from qbgw import producer
+from qbgw import access_report, producer
 from qbgw.cli.main import cli
 from qbgw.errors import IdempotencyConflict, InvalidMessages, JobNotFound, QbgwError
 from qbgw.lifecycle import JobStatus
@@ -27,7 +27,7 @@ from qbgw.ops.exporter import FleetCollector
 from qbgw.queries import failed_jobs, get_job, job_events, wait_for_job
 from qbgw.runtime import locator as runtime_module
 from qbgw.runtime.locator import runtime
-from qbgw.settings import Settings
+from qbgw.settings import Secret, Settings
 from tests.conftest import ASSISTANT, TOKEN
 from tests.e2e.test_operations import free_port
 
@@ -73,9 +73,12 @@ def test_no_phi_or_token_reaches_any_sink(
     monitor.start()
     monitor.ready.wait(5)
     port = free_port()
-    settings = production_settings.with_(log_format="json", metrics_port=port)
+    # The record number is also the first job's subject: encrypted, blind-indexed, never in clear anywhere.
+    settings = production_settings.with_(log_format="json", metrics_port=port, subject_key=Secret("c" * 40))
     worker_process(settings)
-    ok = producer.submit(ASSISTANT, [{"role": "user", "content": PHI}], actor="clinic", settings=settings)
+    ok = producer.submit(
+        ASSISTANT, [{"role": "user", "content": PHI}], actor="clinic", subject=CANARIES[2], settings=settings
+    )
     retried = producer.submit(
         ASSISTANT, [{"role": "user", "content": f"{PHI} [[emulator:fail=503x1]]"}], settings=settings
     )
@@ -93,6 +96,7 @@ def test_no_phi_or_token_reaches_any_sink(
     assert CANARIES[0] in (view.answer or "")
     failed_jobs(settings=settings)
     job_events(ok, settings=settings)
+    assert [j.job_id for j in access_report(CANARIES[2], actor="privacy", settings=settings).jobs] == [ok]
 
     texts = []
     for attempt in (

@@ -20,7 +20,7 @@ from qbgw.execution.tasks import run_attempt
 from qbgw.producer import submit_batch
 from qbgw.queries import get_job
 from qbgw.runtime.locator import runtime
-from qbgw.settings import Settings
+from qbgw.settings import Secret, Settings
 from tests.conftest import ASSISTANT, ROOT, as_owner
 
 SPEC = ROOT / "docs" / "audit.md"
@@ -77,6 +77,9 @@ def write_a_varied_chain(settings: Settings) -> None:
         settings=settings,
     )
     cancel_batch(batch.id, actor="operator", settings=settings)
+    keyed = settings.with_(subject_key=Secret("s" * 40))  # a job about a subject: its events carry its index
+    about = producer.submit(ASSISTANT, [{"role": "user", "content": "Hi"}], subject="MRN 7", settings=keyed)
+    run_attempt(runtime(keyed), about)
     with runtime(settings).transaction() as session:
         audit.record(
             session=session,
@@ -101,6 +104,13 @@ def test_the_specification_reproduces_every_row_hash_of_a_real_chain(settings: S
     forged = [dict(row) for row in rows]
     forged[6]["actor"] = "someone else"
     assert reference["first_bad_seq"](forged) == rows[6]["seq"]
+    indexed = [n for n, row in enumerate(rows) if row["subject_index"] is not None]
+    assert len(indexed) >= 4  # the subject's job.submitted, attempt.request, attempt.response, job.succeeded
+    forged = [dict(row) for row in rows]
+    forged[indexed[1]]["subject_index"] = "0" * 64
+    assert reference["first_bad_seq"](forged) == rows[indexed[1]]["seq"]
+    forged[indexed[1]]["subject_index"] = None  # dropped: caught too
+    assert reference["first_bad_seq"](forged) == rows[indexed[1]]["seq"]
     assert admin.verify_log(settings=settings).ok  # and qbgw agrees
 
 

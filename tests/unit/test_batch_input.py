@@ -145,7 +145,7 @@ def test_the_same_field_rule_as_a_single_submit_file_names_unknown_fields_and_th
     with pytest.raises(InvalidBatch) as caught:
         parse([ours("a", temperature=0, model="gpt-4o")])
     assert caught.value.problems == (
-        (1, "unknown field(s) model, temperature; accepted: custom_id, messages, smart_chat_assistant_id"),
+        (1, "unknown field(s) model, temperature; accepted: custom_id, messages, smart_chat_assistant_id, subject"),
     )
 
 

@@ -107,7 +107,7 @@ HI = [{"role": "user", "content": "Hi"}]
         (
             {"model": "gpt-4o", "temperature": 0.2},
             "b.json: unknown field(s) model, temperature; accepted: custom_id, "
-            "idempotency_key, messages, smart_chat_assistant_id",
+            "idempotency_key, messages, smart_chat_assistant_id, subject",
         ),
         ({"custom_id": 42}, "b.json: custom_id: must be a string, got int"),
         ({"custom_id": ["a"]}, "b.json: custom_id: must be a string, got list"),

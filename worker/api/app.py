@@ -30,7 +30,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import __version__, access, admin, control, errors, producer, queries
+from .. import __version__, access, admin, control, errors, producer, queries, reports
 from ..access import PERMISSIONS, Principal
 from ..batches import export
 from ..batches.input import split_lines
@@ -61,7 +61,7 @@ MAX_SEQ = 2**63 - 1
 #: How long a key that authenticated is taken without asking the database again (revocation's delay).
 CACHE_SECONDS = 5.0
 #: The fields a job's JSON body may have.
-JOB_FIELDS = frozenset({"assistant_id", "smart_chat_assistant_id", "messages", "custom_id", "webhook_url"})
+JOB_FIELDS = frozenset({"assistant_id", "smart_chat_assistant_id", "messages", "custom_id", "webhook_url", "subject"})
 
 
 class Refused(Exception):
@@ -92,6 +92,7 @@ _JOB_BODY: dict[str, Any] = {
                             "items": {"type": "object"},
                         },
                         "custom_id": {"type": "string", "maxLength": 255},
+                        "subject": {"type": "string", "maxLength": 255},
                         "webhook_url": {
                             "type": "string",
                             "description": "POSTed (signed, no PHI) when the job ends; default: the key's",
@@ -115,6 +116,27 @@ _JOB_BODY: dict[str, Any] = {
             "description": "the same key with the same body returns the first job (per API key's principal)",
         }
     ],
+}
+
+_REPORT_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["subject"],
+                    "properties": {
+                        "subject": {"type": "string", "maxLength": 255, "description": "whom the jobs are about"},
+                        "from": {"type": "string", "format": "date-time"},
+                        "to": {"type": "string", "format": "date-time"},
+                        "format": {"type": "string", "enum": ["json", "jsonl", "csv", "html"], "default": "json"},
+                    },
+                },
+                "example": {"subject": "MRN-0042", "from": "2026-11-01T00:00:00Z", "format": "json"},
+            }
+        },
+    }
 }
 
 _BATCH_BODY: dict[str, Any] = {
@@ -604,6 +626,81 @@ async def audit_verify(request: Request) -> Response:
     )
 
 
+#: What a report body may hold, and the media type of each format.
+REPORT_FIELDS = frozenset({"subject", "from", "to", "format"})
+REPORT_TYPES = {
+    "json": "application/json",
+    "jsonl": "application/jsonl",
+    "csv": "text/csv; charset=utf-8",
+    "html": "text/html; charset=utf-8",
+}
+
+
+@router.post("/v1/audit/access-report", tags=["audit"], openapi_extra=_REPORT_BODY)
+async def audit_access_report(request: Request) -> Response:
+    """The access report of a subject (in the body, never in the URL): its jobs, their disclosures to the gateway,
+    the reads of their results, with the chain's verification over the period. Auditors only; audited."""
+    principal, _ = await who(request, "audit.access_report")
+    raw = await body_bytes(request, 65536)
+    report, fmt = await call(_access_report, raw, principal.actor, _ctx(request).settings)
+    if fmt == "json":
+        return JSONResponse(_report_json(report))
+    render = {"jsonl": reports.render_jsonl, "csv": reports.render_csv, "html": reports.render_html}[fmt]
+    return Response(render(report), media_type=REPORT_TYPES[fmt], headers={"Cache-Control": "no-store"})
+
+
+def _access_report(raw: bytes, actor: str, settings: Settings) -> tuple[reports.AccessReport, str]:
+    data = _json_object(raw)
+    unknown = sorted(set(data) - REPORT_FIELDS)
+    if unknown:
+        raise errors.InvalidMessages(f"{unknown[0]}: not a field of a report; it has subject, from, to and format")
+    fmt = data.get("format") or "json"
+    if fmt not in REPORT_TYPES:
+        raise errors.InvalidMessages(f"format: must be one of {', '.join(REPORT_TYPES)}")
+    start, end = (_report_time(name, data.get(name)) for name in ("from", "to"))
+    return reports.access_report(data.get("subject"), start=start, end=end, actor=actor, settings=settings), fmt  # type: ignore[arg-type]
+
+
+def _report_time(name: str, value: object) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        parsed = None
+    if parsed is None:
+        raise errors.InvalidMessages(f"{name}: must be an ISO 8601 time, e.g. 2026-11-25T18:00:00Z")
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _report_json(report: reports.AccessReport) -> dict[str, Any]:
+    jobs = [
+        {
+            "job_id": j.job_id,
+            "submitted_at": j.submitted_at.isoformat(),
+            "submitted_by": j.submitted_by,
+            "assistant_id": j.assistant_id,
+            "status": j.status,
+            "custom_id": j.custom_id,
+            "batch_id": j.batch_id,
+            "purged": j.purged,
+            "disclosures": j.disclosures,
+            "reads": j.reads,
+            "readers": list(j.readers),
+        }
+        for j in report.jobs
+    ]
+    return {
+        "subject_index": report.subject_index,
+        "from": _iso(report.start),
+        "to": _iso(report.end),
+        "chain_ok": report.chain_ok,
+        "chain_detail": report.chain_detail,
+        "jobs": jobs,
+        "rows": report.rows(),
+    }
+
+
 def _install_handlers(app: FastAPI) -> None:
     """Every error as a problem detail."""
 
@@ -679,7 +776,7 @@ def _submit(
     if unknown:
         raise errors.InvalidMessages(
             f"{unknown[0]}: not a field of a job; a job has assistant_id (or smart_chat_assistant_id), "
-            "messages, custom_id and webhook_url"
+            "messages, custom_id, subject and webhook_url"
         )
     scoped = None
     if idempotency is not None:
@@ -691,6 +788,7 @@ def _submit(
             data.get("assistant_id", data.get("smart_chat_assistant_id")),  # type: ignore[arg-type]
             data.get("messages"),  # type: ignore[arg-type]
             custom_id=data.get("custom_id"),
+            subject=data.get("subject"),
             idempotency_key=scoped,
             webhook_url=data.get("webhook_url") or principal.webhook_url,
             actor=principal.actor,

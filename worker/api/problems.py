@@ -75,7 +75,14 @@ def from_error(exc: errors.QbgwError) -> JSONResponse:
         log.error("integrity error answering a request: %s", type(exc).__name__)
         return problem(500, "integrity", "Stored data failed its integrity check; the operator is told")
     if isinstance(exc, errors.ConfigError):
-        log.error("configuration error answering a request: %s", exc)
-        return problem(500, "configuration", "The server is misconfigured; the operator is told")
+        return _misconfigured(exc)
     log.error("unexpected %s answering a request", type(exc).__name__)
     return problem(500, "internal", "Internal error")
+
+
+def _misconfigured(exc: errors.ConfigError) -> JSONResponse:
+    log.error("configuration error answering a request: %s", exc)
+    if isinstance(exc, errors.SubjectKeyMissing):
+        detail = "this server has no subject key (QBGW_SUBJECT_KEY): subjects cannot be stored or searched"
+        return problem(500, "subjects-unconfigured", "Subjects are not configured on this server", detail)
+    return problem(500, "configuration", "The server is misconfigured; the operator is told")

@@ -37,6 +37,8 @@ __all__ = [
     "READS",
     "CHAINED",
     "CONTENT",
+    "OPTIONAL",
+    "UNKNOWN",
 ]
 
 
@@ -69,6 +71,8 @@ class Action(StrEnum):
     AUDIT_QUERIED = "audit.queried"
     AUDIT_EXPORTED = "audit.exported"
     AUDIT_VERIFIED = "audit.verified"
+    #: Someone ran an access report for a subject (the event carries its blind index, never the subject).
+    ACCESS_REPORTED = "audit.access_report"
     #: Events older than the retention period were dropped (by an explicit, owner-run command).
     AUDIT_DROPPED = "audit.dropped"
     KEY_ROTATED = "key.rotated"
@@ -98,7 +102,14 @@ class Action(StrEnum):
 
 #: Actions that record a read, not a change.
 READS = frozenset(
-    {Action.RESULT_READ, Action.AUDIT_QUERIED, Action.AUDIT_EXPORTED, Action.AUDIT_VERIFIED, Action.BATCH_EXPORTED}
+    {
+        Action.RESULT_READ,
+        Action.AUDIT_QUERIED,
+        Action.AUDIT_EXPORTED,
+        Action.AUDIT_VERIFIED,
+        Action.ACCESS_REPORTED,
+        Action.BATCH_EXPORTED,
+    }
 )
 
 
@@ -143,8 +154,16 @@ CONTENT_V2 = tuple(name for name in CHAINED if name != "seq")
 CONTENT = tuple(name for name in CHAINED if name not in ("seq", "occurred_at"))
 
 
+#: A column the canonical form holds only when it is not NULL, so that every event written before it existed
+#: keeps its hash, and one that has it cannot lose or change it unseen.
+OPTIONAL = ("subject_index",)
+
+
 def _canonical(row: Mapping[str, Any], names: tuple[str, ...]) -> bytes:
     fields = {name: row.get(name) for name in names}
+    for name in OPTIONAL:
+        if row.get(name) is not None:
+            fields[name] = row[name]
     if "occurred_at" in fields:
         fields["occurred_at"] = stamp(fields["occurred_at"])
     return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode()
@@ -209,11 +228,21 @@ class AuditRecord:
     response_digest: str | None
     response_bytes: int | None
     detail: dict[str, Any]
+    #: The blind index of the job's subject, if it has one (never the subject).
+    subject_index: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         data = dict(self.__dict__)
         data["occurred_at"] = self.occurred_at.isoformat()
         return data
+
+
+class Unknown:
+    """The type of :data:`UNKNOWN`."""
+
+
+#: An event's subject index the seal must look up (the job's), as opposed to None: it has none.
+UNKNOWN = Unknown()
 
 
 def event(
@@ -232,10 +261,13 @@ def event(
     assistant_id: str | None = None,
     batch_id: str | None = None,
     token_fp: str | None = None,
+    subject_index: str | None | Unknown = UNKNOWN,
 ) -> dict[str, Any]:
     """One event's columns, not chained yet; ``request``/``response`` are (digest, size). Its time
-    (``occurred_at``) and its place (``seq``) are given when its transaction commits (:func:`seal`)."""
-    return {
+    (``occurred_at``) and its place (``seq``) are given when its transaction commits (:func:`seal`).
+    ``subject_index``: the blind index of the job's subject when the caller knows it (None: the job has none);
+    left out, the seal reads it from the job (``store.chain``)."""
+    built = {
         "action": str(action),
         "job_id": job_id,
         "batch_id": batch_id,
@@ -253,6 +285,9 @@ def event(
         "response_bytes": response[1] if response else None,
         "detail": json.dumps(detail, sort_keys=True) if detail else None,
     }
+    if not isinstance(subject_index, Unknown):
+        built["subject_index"] = subject_index
+    return built
 
 
 def record(*, session: Session, **fields: Any) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 from .anchors import Anchor
 from .events import GENESIS, chain_hash, chain_hash_v1, chain_hash_v2
 
-__all__ = ["Problem", "VerifyReport", "check"]
+__all__ = ["Problem", "Span", "VerifyReport", "check", "check_span"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,68 @@ def check(
         last_good, problem = _walk(iter(rows), by_seq, base, v2_from, v3_from)
         count = last_good - base.seq
     return VerifyReport(count, len(anchors), problem, time.perf_counter() - started)
+
+
+@dataclass(frozen=True)
+class Span:
+    """What a period of the chain looks like in the database, read by index (no walk): its first and last seq,
+    how many events it holds, the stored hash at each anchored seq in it, and the shown events with their
+    neighbours (each a mapping of the chained columns and ``prev_hash``, ``row_hash``), by seq."""
+
+    first: int
+    last: int
+    count: int
+    stored: dict[int, str]
+    rows: dict[int, Any]
+    shown: tuple[int, ...]
+    #: The hash the event before ``first`` has (the genesis, or the base a drop left), when it is not in ``rows``.
+    base_hash: str | None = None
+
+
+def check_span(span: Span, anchors: list[Anchor], key: bytes, *, v2_from: int = 1, v3_from: int = 1) -> VerifyReport:
+    """The period check of an access report: every anchor's signature; no event missing between the period's
+    first and last seq; the stored hash at each signed anchor in the period is the signed one (a chain rewritten
+    from any event on differs there); and each shown event recomputed and linked to both its neighbours. An
+    event outside the report altered without its hash being recomputed is found by :func:`check` only."""
+    started = time.perf_counter()
+    problem = _bad_signature(anchors, key) or _gap(span) or _unanchored(span, anchors)
+    if problem is None:
+        problem = next(filter(None, (_shown(span, seq, v2_from, v3_from) for seq in span.shown)), None)
+    return VerifyReport(span.count, len(anchors), problem, time.perf_counter() - started)
+
+
+def _gap(span: Span) -> Problem | None:
+    expected = span.last - span.first + 1 if span.count else 0
+    if span.count == expected:
+        return None
+    return Problem(None, f"{expected - span.count} event(s) between seq {span.first} and {span.last} are missing")
+
+
+def _unanchored(span: Span, anchors: list[Anchor]) -> Problem | None:
+    for anchor in sorted(anchors, key=lambda a: a.seq):
+        if (
+            anchor.kind == "head"
+            and span.first <= anchor.seq <= span.last
+            and span.stored.get(anchor.seq) != anchor.row_hash
+        ):
+            return Problem(
+                anchor.seq,
+                f"the log does not match the signed anchor at seq {anchor.seq} (signed {anchor.at}): "
+                "events up to it were rewritten",
+            )
+    return None
+
+
+def _shown(span: Span, seq: int, v2_from: int, v3_from: int) -> Problem | None:
+    row, before, after = span.rows[seq], span.rows.get(seq - 1), span.rows.get(seq + 1)
+    prev = before["row_hash"] if before is not None else (span.base_hash or GENESIS)
+    if row["prev_hash"] != prev:
+        return _broken_link(seq, False)
+    if _hash(prev, row, seq, v2_from, v3_from) != row["row_hash"]:
+        return Problem(seq, f"event seq {seq} was altered: its contents do not match its hash")
+    if after is not None and after["prev_hash"] != row["row_hash"]:
+        return _broken_link(seq + 1, False)
+    return None
 
 
 def _bad_signature(anchors: list[Anchor], key: bytes) -> Problem | None:

@@ -15,15 +15,23 @@ from typing import Any
 
 from ..errors import InputError, InvalidBatch, InvalidMessages
 from ..images.refs import Policy
-from ..messages import MAX_KEY, check_fields, load_json, validate_assistant_id, validate_key, validate_messages
+from ..messages import (
+    MAX_KEY,
+    check_fields,
+    load_json,
+    validate_assistant_id,
+    validate_key,
+    validate_messages,
+    validate_subject,
+)
 
 __all__ = ["BatchLine", "ParsedBatch", "parse_lines", "read_lines", "image_lines", "GATEWAY_URL", "MAX_LINES"]
 
 #: The ``url`` of an OpenAI-style batch line: the gateway's path.
 GATEWAY_URL = "/ai/ai_extensions/ai_gateway"
 MAX_LINES = 50_000
-OURS = frozenset({"custom_id", "smart_chat_assistant_id", "messages"})
-OPENAI = frozenset({"custom_id", "method", "url", "body"})
+OURS = frozenset({"custom_id", "smart_chat_assistant_id", "messages", "subject"})
+OPENAI = frozenset({"custom_id", "method", "url", "body", "subject"})
 BODY = frozenset({"smart_chat_assistant_id", "messages"})
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".pdf"})
 _PLACEHOLDER = re.compile(r"\{(name|stem|path)\}")
@@ -37,9 +45,14 @@ class BatchLine:
     custom_id: str
     assistant_id: str
     messages: list[dict[str, Any]]
+    #: Whom the job is about (normalised), if the line says.
+    subject: str | None = None
 
     def as_input(self) -> dict[str, Any]:
-        return {"custom_id": self.custom_id, "smart_chat_assistant_id": self.assistant_id, "messages": self.messages}
+        line = {"custom_id": self.custom_id, "smart_chat_assistant_id": self.assistant_id, "messages": self.messages}
+        if self.subject is not None:
+            line["subject"] = self.subject
+        return line
 
 
 @dataclass(frozen=True)
@@ -110,6 +123,7 @@ def _parse_line(number: int, item: str | dict[str, Any], default_assistant: str 
         validate_key("custom_id", custom_id),
         validate_assistant_id(assistant),
         validate_messages(body.get("messages"), policy),
+        None if data.get("subject") is None else validate_subject(data["subject"]),
     )
 
 

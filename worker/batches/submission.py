@@ -65,6 +65,8 @@ def _new_job(rt: Runtime, batch_id: str, line: BatchLine, actor: str) -> store.N
         actor=actor,
         max_attempts=rt.settings.max_attempts,
         batch_id=batch_id,
+        subject=line.subject,
+        subject_index=None if line.subject is None else rt.subject_key.index(line.subject),
     )
 
 

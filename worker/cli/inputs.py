@@ -26,6 +26,7 @@ class Request:
     assistant_id: str | None = None
     custom_id: str | None = None
     idempotency_key: str | None = None
+    subject: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -59,6 +60,7 @@ def build_request(
             assistant_id=request.assistant_id,
             custom_id=request.custom_id,
             idempotency_key=request.idempotency_key,
+            subject=request.subject,
         )
     return request
 
@@ -81,6 +83,7 @@ def _from_json(file: str, max_bytes: int) -> Request:
             assistant_id=data.get("smart_chat_assistant_id"),
             custom_id=data.get("custom_id"),
             idempotency_key=data.get("idempotency_key"),
+            subject=data.get("subject"),
         )
     raise InvalidMessages(f'{name}: expected a JSON list of messages or an object with "messages"')
 

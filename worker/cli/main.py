@@ -59,6 +59,7 @@ def cli(verbose: bool) -> None:
 @click.option("--custom-id", help="Your own id for the job, kept with it.")
 @click.option("--idempotency-key", help="Submitting the same key again returns the first job.")
 @click.option("--actor", help="Who is submitting, for the audit trail.")
+@click.option("--subject", help="Whom the job is about (a patient's record number, ...): stored encrypted, searchable.")
 @click.option("--require-broker", is_flag=True, help="Store nothing unless the broker takes the message now.")
 @click.option("--wait", "wait_", is_flag=True, help="Wait for the answer and print it.")
 @click.option("--timeout", type=float, default=None, help="With --wait: give up after this many seconds.")
@@ -72,6 +73,7 @@ def submit(
     custom_id: str | None,
     idempotency_key: str | None,
     actor: str | None,
+    subject: str | None,
     require_broker: bool,
     wait_: bool,
     timeout: float | None,
@@ -79,7 +81,7 @@ def submit(
     """Queue a job. Messages come from FILE (JSON; '-' for stdin) or from --text/--image.
 
     FILE holds a list of OpenAI-format messages, or an object with "messages" (and optionally
-    "smart_chat_assistant_id", "custom_id", "idempotency_key"). Prints the job id.
+    "smart_chat_assistant_id", "custom_id", "idempotency_key", "subject"). Prints the job id.
     """
     settings = _settings()
     request = inputs.build_request(file, text=text, images=image, system=system, max_bytes=settings.max_request_bytes)
@@ -92,6 +94,7 @@ def submit(
             idempotency_key=request.idempotency_key if idempotency_key is None else idempotency_key,
             actor=actor,
             require_broker=require_broker,
+            subject=request.subject if subject is None else subject,
             settings=settings,
         )
     except errors.NotAnnounced as exc:

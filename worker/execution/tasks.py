@@ -399,6 +399,7 @@ def _request_event(rt: Runtime, claim: store.Claim, body: bytes | images.Streami
         attempt=claim.attempt,
         request=(digest, len(body)),
         assistant_id=claim.assistant_id,
+        subject_index=claim.subject_index,
         token_fp=_token_fp(rt),
     )
 
@@ -485,6 +486,7 @@ def _renew_session(rt: Runtime, claim: store.Claim) -> None:
             actor=rt.identity,
             attempt=claim.attempt,
             assistant_id=claim.assistant_id,
+            subject_index=claim.subject_index,
             outcome=outcome,
             token_fp=_token_fp(rt),
             detail=detail,
@@ -561,6 +563,7 @@ def _exchange_event(actor: str, claim: store.Claim, exchange: Exchange) -> dict[
         actor=actor,
         attempt=claim.attempt,
         assistant_id=claim.assistant_id,
+        subject_index=claim.subject_index,
         outcome=kind,
         http_status=exchange.status,
         error_class=type(error).__name__ if error else None,

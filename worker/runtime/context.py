@@ -19,6 +19,7 @@ from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..audit.crypto import Keyring, open_keyring
+from ..audit.subjects import SubjectKey, subject_key
 from ..settings import Settings
 from ..store import chain, db, hotpath, schema
 from ..store.hotpath import HotPath
@@ -94,6 +95,17 @@ class Runtime:
 
         keyring: Keyring = self._once("keyring", build)
         return keyring
+
+    @property
+    def subject_key(self) -> SubjectKey:
+        """The key of subjects' blind index (``qbgw.audit.subjects``): QBGW_SUBJECT_KEY; the embedded default makes
+        one on first use; any other database needs it set (ConfigError, asked for only when a subject is used)."""
+
+        def build() -> SubjectKey:
+            return subject_key(self.settings, create=not self.settings.database_url)
+
+        key: SubjectKey = self._once("subject_key", build)
+        return key
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:

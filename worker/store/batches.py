@@ -136,6 +136,8 @@ def insert_jobs(*, session: Session, jobs: Sequence[store.NewJob], announced: bo
                 "updated_at": now,
                 "announced_at": now if announced else None,
                 "batch_id": new.batch_id,
+                "subject": store.seal_subject(session, new),
+                "subject_index": new.subject_index,
             }
         )
         store.audit_submitted(session, new, payload, digest)

@@ -14,13 +14,14 @@ from typing import Any
 from psycopg import sql
 from sqlalchemy import Engine, event, insert, select, text
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm.util import identity_key
 
 from ..audit.anchors import Anchor, after_seal, write_anchor
-from ..audit.events import CHAINED, CONTENT, PENDING, AuditRecord, Sealed, content_hash, link_hash, stamp
+from ..audit.events import CHAINED, CONTENT, OPTIONAL, PENDING, AuditRecord, Sealed, content_hash, link_hash, stamp
 from ..audit.verify import VerifyReport, check
 from ..lifecycle import utcnow
 from ..settings import Settings
-from .models import GENESIS, AuditChainHead, AuditEvent
+from .models import GENESIS, AuditChainHead, AuditEvent, Job
 
 __all__ = [
     "seal",
@@ -30,6 +31,7 @@ __all__ = [
     "STAGE_AND_COMMIT_SQL",
     "COMMIT_STAGES",
     "seal_argument",
+    "fill_subjects",
     "install_commit_seal",
     "install_hooks",
     "discard",
@@ -54,6 +56,7 @@ def seal(session: Session) -> Sealed | None:
     pending = session.info.pop(PENDING, None)
     if not pending:
         return None
+    fill_subjects(session, pending)
     contents = [content_hash(event) for event in pending]
     head = session.execute(select(AuditChainHead).where(AuditChainHead.id == 1).with_for_update()).scalar_one()
     # The time under the lock, never behind the chain's last (a clock stepped back): occurred_at follows seq.
@@ -117,9 +120,36 @@ def seal_at_commit(session: Session) -> Sealed | Staged | None:
     pending = session.info.pop(PENDING, None)
     if not pending:
         return None
+    fill_subjects(session, pending)
     staged = Staged(seal_argument(pending))
     session.connection().connection.info[STAGED] = staged
     return staged
+
+
+def fill_subjects(session: Session, pending: list[dict[str, Any]]) -> None:
+    """Give each event whose maker left its subject index out (``audit.events.UNKNOWN``) its job's: from a job
+    this session holds, else read in one query per 500 jobs (events without a job have none)."""
+    wanted: dict[str, str | None] = {}
+    missing: set[str] = set()
+    for staged in pending:
+        job_id = staged.get("job_id")
+        if "subject_index" in staged or job_id is None or job_id in wanted:
+            continue
+        held = session.identity_map.get(identity_key(Job, job_id))
+        if held is not None and "subject_index" in held.__dict__:
+            wanted[job_id] = held.subject_index
+        else:
+            missing.add(job_id)
+    listed = sorted(missing)
+    for start in range(0, len(listed), 500):
+        chunk = listed[start : start + 500]
+        wanted.update({job_id: None for job_id in chunk})
+        for job_id, index in session.execute(select(Job.id, Job.subject_index).where(Job.id.in_(chunk))):
+            wanted[job_id] = index
+    for staged in pending:
+        if "subject_index" not in staged:
+            job_id = staged.get("job_id")
+            staged["subject_index"] = None if job_id is None else wanted.get(job_id)
 
 
 def seal_argument(pending: list[dict[str, Any]]) -> str:
@@ -129,6 +159,7 @@ def seal_argument(pending: list[dict[str, Any]]) -> str:
     rows = []
     for i, pending_event in enumerate(pending):
         row = {name: pending_event[name] for name in CONTENT}
+        row["subject_index"] = pending_event.get("subject_index")
         row["i"], row["c"] = i, content_hash(pending_event)
         rows.append(row)
     return json.dumps(rows, separators=(",", ":"))
@@ -231,6 +262,7 @@ def to_record(row: AuditEvent) -> AuditRecord:
         response_digest=row.response_digest,
         response_bytes=row.response_bytes,
         detail=json.loads(row.detail) if row.detail else {},
+        subject_index=row.subject_index,
     )
 
 
@@ -297,7 +329,7 @@ def verify(session: Session, anchors: list[Anchor], key: bytes) -> VerifyReport:
 
 
 def _rows(session: Session, after: int = 0) -> Generator[Any]:
-    columns = [getattr(AuditEvent, name) for name in (*CHAINED, "prev_hash", "row_hash")]
+    columns = [getattr(AuditEvent, name) for name in (*CHAINED, *OPTIONAL, "prev_hash", "row_hash")]
     query = select(*columns).where(AuditEvent.seq > after).order_by(AuditEvent.seq)
     result = session.execute(query.execution_options(yield_per=20_000))
     try:

@@ -79,6 +79,9 @@ class NewJob:
     actor: str
     max_attempts: int
     batch_id: str | None = None
+    #: Whom the job is about (validated, normalised), and its blind index; both or neither.
+    subject: str | None = None
+    subject_index: str | None = None
 
     @cached_property
     def payload(self) -> str:
@@ -103,6 +106,8 @@ class Claim:
     previous_error: str | None
     #: The batch the job belongs to (its messages go to the batch queue), if any.
     batch_id: str | None = None
+    #: The blind index of the job's subject, if it has one (its events carry it).
+    subject_index: str | None = None
 
 
 def create_job(*, session: Session, new: NewJob, now: datetime) -> tuple[str, bool]:
@@ -140,6 +145,8 @@ def create_job(*, session: Session, new: NewJob, now: datetime) -> tuple[str, bo
             updated_at=now,
             announced_at=now,  # the producer publishes right after the commit; on failure it clears this
             batch_id=new.batch_id,
+            subject=seal_subject(session, new),
+            subject_index=new.subject_index,
         )
     )
     try:
@@ -161,7 +168,13 @@ def audit_submitted(session: Session, new: NewJob, payload: str, payload_digest:
         batch_id=new.batch_id,
         request=(payload_digest, len(payload)),
         detail={"assistant_id": new.assistant_id, "custom_id": new.custom_id, "messages": len(new.messages)},
+        subject_index=new.subject_index,
     )
+
+
+def seal_subject(session: Session, new: NewJob) -> str | None:
+    """The job's subject encrypted like its payload (bound to its row), or None."""
+    return None if new.subject is None else seal_text(session, "subject", new.id, new.subject)
 
 
 #: The jobs table, for Core statements built once (below).
@@ -200,6 +213,7 @@ def _claim_statement() -> Update:
             jobs.created_at,
             jobs.error_class,
             jobs.batch_id,
+            jobs.subject_index,
         )
     )
 
@@ -234,6 +248,7 @@ def claim_from_row(job_id: str, row: Any, keyring: Keyring) -> Claim:
         created_at=row.created_at.astimezone(UTC),
         previous_error=row.error_class,
         batch_id=row.batch_id,
+        subject_index=row.subject_index,
     )
 
 
@@ -341,7 +356,7 @@ def throttle(
             Job.id == job_id, Job.status.in_(_CLAIMABLE), (Job.next_attempt_at.is_(None)) | (Job.next_attempt_at <= now)
         )
         .values(next_attempt_at=until, throttle_reason=reason, announced_at=now if announced else None, updated_at=now)
-        .returning(Job.attempts, Job.assistant_id, Job.batch_id)
+        .returning(Job.attempts, Job.assistant_id, Job.batch_id, Job.subject_index)
         .execution_options(synchronize_session=False)
     ).first()
     if taken is None:
@@ -355,6 +370,7 @@ def throttle(
         attempt=taken.attempts + 1,
         assistant_id=taken.assistant_id,
         batch_id=taken.batch_id,
+        subject_index=taken.subject_index,
         detail={
             "reason": reason,
             "wait_ms": round(wait * 1000),
@@ -446,6 +462,7 @@ def record_fault(
             Job.assistant_id,
             Job.batch_id,
             Job.next_attempt_at,
+            Job.subject_index,
         )
         .where(Job.id == job_id)
         .with_for_update()
@@ -488,6 +505,7 @@ def record_fault(
         outcome="fault",
         error_class=fault.error_class,
         detail={**fault.detail, "faults": faults, "claimed": held},
+        subject_index=row.subject_index,
     )
     if held and claim is not None:
         status = _fault_held(session, claim, worker, now, retrying, values)
@@ -510,6 +528,7 @@ def record_fault(
             outcome=str(status),
             error_class=fault.error_class,
             detail=detail,
+            subject_index=row.subject_index,
         )
     return status, decision, row.batch_id
 
@@ -631,6 +650,7 @@ def _event_of(action: audit.Action, claim: Claim, worker: str, **fields: Any) ->
         actor=worker,
         attempt=claim.attempt,
         assistant_id=claim.assistant_id,
+        subject_index=claim.subject_index,
         **fields,
     )
 

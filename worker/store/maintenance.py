@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 #: The encrypted columns of a job.
-PHI_COLUMNS = ("payload", "answer", "error")
+PHI_COLUMNS = ("payload", "answer", "error", "subject")
 #: Jobs per transaction.
 CHUNK = 200
 
@@ -114,7 +114,7 @@ def purge_chunk(session: Session, *, cutoff: datetime, actor: str) -> int:
         session.execute(
             update(Job)
             .where(Job.id.in_(ids))
-            .values(payload=None, answer=None, error=None, purged_at=now, updated_at=now)
+            .values(payload=None, answer=None, error=None, subject=None, purged_at=now, updated_at=now)
         )
     for job_id in ids:
         audit.record(

@@ -142,6 +142,10 @@ class Job(Base):
     purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     #: The batch the job was submitted in, if any.
     batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id"), index=True)
+    #: Whom the job is about (a patient's record number, ...): PHI, encrypted; NULL when none, or once purged.
+    subject: Mapped[str | None] = mapped_column(Text)
+    #: The subject's keyed blind index (``qbgw.audit.subjects``), kept after a purge: finds the job by equality.
+    subject_index: Mapped[str | None] = mapped_column(String(64), index=True)
 
 
 class AuditEvent(Base):
@@ -158,6 +162,7 @@ class AuditEvent(Base):
         Index("ix_audit_events_batch_id_seq", "batch_id", "seq"),
         Index("ix_audit_events_outcome_seq", "outcome", "seq"),
         Index("ix_audit_events_action_occurred_at", "action", "occurred_at"),
+        Index("ix_audit_events_subject_index_seq", "subject_index", "seq"),
     )
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
@@ -184,6 +189,8 @@ class AuditEvent(Base):
     response_bytes: Mapped[int | None] = mapped_column(Integer)
     #: JSON of non-PHI facts (e.g. the retry delay); never message text or answers.
     detail: Mapped[str | None] = mapped_column(Text)
+    #: The blind index of the job's subject (never the subject), when it has one; hashed only when not NULL.
+    subject_index: Mapped[str | None] = mapped_column(String(64))
 
 
 class AuditPending(Base):
