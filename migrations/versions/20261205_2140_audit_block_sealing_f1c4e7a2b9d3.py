@@ -10,7 +10,7 @@ from ``audit_pending`` in the same transaction. The sealer function is SECURITY 
 role may stage (INSERT) and read, never delete or change a staged row.
 
 Revision ID: f1c4e7a2b9d3
-Revises: b8e2f4a61c3d
+Revises: c7d2a9e4f1b6
 Create Date: 2026-12-05 21:40:00+00:00
 """
 
@@ -23,7 +23,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision: str = "f1c4e7a2b9d3"
-down_revision: str | None = "b8e2f4a61c3d"
+down_revision: str | None = "c7d2a9e4f1b6"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -141,3 +141,22 @@ def test_block_sealing_is_refused_on_sqlite(tmp_path: Path) -> None:
         Settings(data_dir=tmp_path, audit_seal="block")
     with pytest.raises(ConfigError, match="AUDIT_SEAL must be one of commit, block"):
         Settings(data_dir=tmp_path, audit_seal="later")
+
+
+@BLOCK
+def test_a_subjects_blind_index_is_staged_chained_and_covered_by_the_hash(settings: Settings, owner_url: str) -> None:
+    from qbgw.settings import Secret
+    from tests.conftest import as_owner
+
+    keyed = settings.with_(subject_key=Secret("s" * 40))
+    job_id = producer.submit(ASSISTANT, [{"role": "user", "content": "about"}], subject="MRN-1", settings=keyed)
+    run_attempt(runtime(keyed), job_id)
+    index = runtime(keyed).subject_key.index("MRN-1")
+    assert {e.subject_index for e in queries.job_events(job_id, settings=keyed)} == {index}
+    assert admin.verify_log(settings=keyed).ok
+    with as_owner(owner_url) as db:
+        db.execute(text("UPDATE audit_events SET subject_index = :x WHERE seq = 1"), {"x": "0" * 64})
+    report = admin.verify_log(settings=keyed)
+    assert not report.ok
+    assert report.problem is not None
+    assert report.problem.seq == 1
