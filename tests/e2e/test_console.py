@@ -1,0 +1,273 @@
+"""The browser console (``/console`` on ``qbgw serve``) in a real headless Chromium (Debian's, driven by
+Playwright; no browser is downloaded), against a real server and worker on both stacks. The screenshots of
+docs/console.md are taken here (on the embedded stack)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from qbgw import queries, users
+from qbgw.settings import Settings
+from qbgw.store.reads import AuditFilter
+from tests.conftest import ASSISTANT, ROOT, require_service
+from tests.e2e.api_server import Server, start_server
+
+CHROMIUM = "/usr/bin/chromium"
+SHOTS = ROOT / "docs" / "console"
+PASSWORD = "correct horse battery staple"
+#: The console's people: one per role.
+PEOPLE = {"alice": "auditor", "rita": "reader", "adam": "admin"}
+TEXT = "What is a normal resting heart rate?"
+
+
+@pytest.fixture(scope="module")
+def chromium() -> Iterator[Any]:
+    require_service("Debian's chromium (apt-get install chromium)", Path(CHROMIUM).exists())
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    with playwright_api.sync_playwright() as driver:
+        browser = driver.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        yield browser
+        browser.close()
+
+
+def _server(stack: Settings, tmp_path: Path, worker_process: Callable[..., Any], **changes: Any) -> Server:
+    settings = stack.with_(**changes) if changes else stack
+    worker_process(settings)
+    for name, role in PEOPLE.items():
+        users.create_user(name, role, PASSWORD, actor="test-setup", settings=settings)
+    return start_server(settings, tmp_path)
+
+
+@pytest.fixture
+def server(stack: Settings, tmp_path: Path, worker_process: Callable[..., Any]) -> Iterator[Server]:
+    running = _server(stack, tmp_path, worker_process)
+    yield running
+    running.close()
+
+
+@pytest.fixture
+def page(chromium: Any, server: Server) -> Iterator[Any]:
+    context = chromium.new_context(base_url=server.url, viewport={"width": 1360, "height": 900}, accept_downloads=True)
+    yield context.new_page()
+    context.close()
+
+
+def shoot(page: Any, stack: Settings, name: str) -> None:
+    """A screenshot for docs/console.md (once: on the embedded stack)."""
+    if not stack.database_url:
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def sign_in(page: Any, name: str, password: str = PASSWORD) -> None:
+    page.goto("/console/login")
+    page.fill("input[name=name]", name)
+    page.fill("input[name=password]", password)
+    page.click("button[type=submit]")
+
+
+def jobs(server: Server) -> list[str]:
+    """Three jobs that succeed, one after a 503, one the gateway refuses; all finished."""
+    client = server.client("sub")
+    bodies = [TEXT, TEXT, TEXT, "[[emulator:fail=503x1]] " + TEXT, "[[emulator:fail=400]] " + TEXT]
+    ids = []
+    for text in bodies:
+        answer = client.post(
+            "/v1/jobs", json={"assistant_id": ASSISTANT, "messages": [{"role": "user", "content": text}]}
+        )
+        assert answer.status_code == 202, answer.text
+        ids.append(answer.json()["id"])
+    for job_id in ids:
+        assert client.get(f"/v1/jobs/{job_id}", params={"wait": 30}).json()["done"]
+    return ids
+
+
+def viewed(server: Server, actor: str) -> set[str]:
+    found = queries.audit_query(AuditFilter(action="console.viewed", actor=actor), settings=server.settings)
+    return {e.detail["page"] for e in found}
+
+
+def test_an_auditor_signs_in_searches_opens_a_timeline_exports_and_verifies(
+    server: Server, page: Any, stack: Settings
+) -> None:
+    ids = jobs(server)
+    page.goto("/console/")
+    assert page.url.endswith("/console/login")  # no session: sign in first
+    shoot(page, stack, "sign-in")
+    sign_in(page, "alice")
+    assert page.url.endswith("/console/")
+    assert page.inner_text("#jobs-succeeded") == "4"
+    assert page.inner_text("#jobs-failed") == "1"
+    assert page.locator("svg.chart").count() == 3
+    shoot(page, stack, "dashboard")
+
+    # search: every job.submitted, then one job's events
+    page.click("text=Audit events")
+    page.fill("input[name=action]", "job.submitted")
+    page.click("button:has-text('Search')")
+    rows = page.locator("#events tbody tr")
+    assert rows.count() == 5
+    assert "job.submitted" in rows.first.inner_text()
+    page.fill("input[name=action]", "")
+    page.fill("input[name=job_id]", ids[3])
+    page.click("button:has-text('Search')")
+    found = page.inner_text("#events")
+    assert "job.retry_scheduled" in found
+    assert "503" in found
+    assert "job.succeeded" in found
+    assert TEXT not in page.content()  # digests and sizes only
+    shoot(page, stack, "events")
+
+    # the job's timeline, from a link of the search
+    page.locator("#events tbody tr a").first.click()
+    assert page.url.endswith(f"/console/jobs/{ids[3]}")
+    timeline = page.inner_text("#timeline")
+    for action in ("job.submitted", "attempt.request", "attempt.response", "job.retry_scheduled", "job.succeeded"):
+        assert action in timeline
+    assert page.locator("#reveal").count() == 0  # an auditor is never offered the answer
+    shoot(page, stack, "timeline")
+
+    # export the search as CSV: one row per event of that job
+    page.goto(f"/console/events?job_id={ids[3]}")
+    with page.expect_download() as download:
+        page.click("#export-csv")
+    rows_csv = list(csv.DictReader(io.StringIO(Path(download.value.path()).read_text())))
+    assert rows_csv
+    assert {r["job_id"] for r in rows_csv} == {ids[3]}
+    assert "job.succeeded" in {r["action"] for r in rows_csv}
+    exported = queries.audit_query(AuditFilter(action="audit.exported", actor="user:alice"), settings=server.settings)
+    assert exported
+
+    # an auditor asking for the answer anyway (a forged form, with the right CSRF token) is refused, and audited
+    csrf = page.get_attribute("form[action='/console/logout'] input[name=csrf]", "value")
+    refused = page.request.post(f"/console/jobs/{ids[0]}/reveal", form={"csrf": csrf})
+    assert refused.status == 403
+    assert "An auditor never sees message text or answers" in refused.text()
+    reads = queries.audit_query(AuditFilter(action="result.read", actor="user:alice"), settings=server.settings)
+    assert reads == []
+
+    # a form posted without its CSRF token: refused, nothing done
+    forged = page.request.post("/console/chain/verify", form={})
+    assert forged.status == 403
+    assert "security token (CSRF)" in forged.text()
+    refusals = queries.audit_query(AuditFilter(action="console.refused", actor="user:alice"), settings=server.settings)
+    assert any("CSRF" in e.detail["reason"] for e in refusals)
+
+    # the chain: verify now, in the background, its progress polled by the page
+    page.goto("/console/chain")
+    page.click("#verify")
+    page.wait_for_function("document.getElementById('progress-text').textContent.startsWith('Intact')")
+    page.reload()
+    assert page.inner_text("#last-outcome") == "intact"
+    shoot(page, stack, "chain")
+
+    assert {"dashboard", "events", "job", "export", "chain"} <= viewed(server, "user:alice")
+
+
+def test_a_reader_reveals_an_answer_by_an_audited_action(server: Server, page: Any, stack: Settings) -> None:
+    job_id = jobs(server)[0]
+    sign_in(page, "rita")
+    page.goto("/console/jobs")
+    page.fill("input[name=id]", job_id)
+    page.click("button:has-text('Open')")
+    assert page.inner_text("#status") == "succeeded"
+    assert TEXT not in page.content()  # not until the reader asks
+    assert not queries.audit_query(AuditFilter(action="result.read", actor="user:rita"), settings=server.settings)
+    shoot(page, stack, "job")
+    page.click("#reveal")
+    assert "normal resting heart rate" in page.inner_text("#answer")
+    shoot(page, stack, "answer")
+    reads = queries.audit_query(AuditFilter(action="result.read", actor="user:rita"), settings=server.settings)
+    assert [e.job_id for e in reads] == [job_id]
+    # a reader does not search the audit trail
+    assert page.goto("/console/events").status == 403
+    assert "may not open" in page.inner_text("#refusal")
+    shoot(page, stack, "refused")
+    assert "job" in viewed(server, "user:rita")
+
+
+def test_an_api_key_is_refused_by_the_console(server: Server) -> None:
+    for path in ("/console/", "/console/login", "/console/events"):
+        answer = httpx.get(server.url + path, headers={"Authorization": f"Bearer {server.keys['auditor']}"})
+        assert answer.status_code == 403
+        assert "does not accept API keys" in answer.text
+        assert "default-src 'self'" in answer.headers["content-security-policy"]
+
+
+def test_idle_sign_out_lockout_and_headers(
+    stack: Settings, tmp_path: Path, worker_process: Callable[..., Any], chromium: Any
+) -> None:
+    server = _server(stack, tmp_path, worker_process, console_idle_timeout=3.0, console_max_failures=3)
+    context = chromium.new_context(base_url=server.url, viewport={"width": 1360, "height": 900})
+    try:
+        page = context.new_page()
+        answer = page.goto("/console/login")
+        headers = answer.all_headers()
+        policy = headers["content-security-policy"]
+        assert "default-src 'self'" in policy
+        assert "frame-ancestors 'none'" in policy
+        assert "unsafe-inline" not in policy
+        assert headers["x-content-type-options"] == "nosniff"
+        assert headers["cache-control"] == "no-store"
+        sign_in(page, "adam")
+        assert page.url.endswith("/console/")
+        cookie = next(c for c in context.cookies() if c["name"] == "qbgw_console")
+        assert cookie["httpOnly"]
+        assert cookie["sameSite"] == "Strict"
+        # idle: the page reloads itself after the limit, and the server has ended the session
+        page.wait_for_url(re.compile(r"/console/login\?ended=idle"), timeout=15_000)
+        assert "without activity" in page.inner_text("#notice")
+        shoot(page, stack, "signed-out")
+        ended = queries.audit_query(
+            AuditFilter(action="console.signed_out", actor="user:adam"), settings=server.settings
+        )
+        assert [e.detail["reason"] for e in ended] == ["idle"]
+
+        # lockout: three wrong passwords lock the user; the right one is then refused too
+        for _ in range(3):
+            sign_in(page, "alice", "not the password at all")
+            assert "not right" in page.inner_text("#error") or "locked" in page.inner_text("#error")
+        sign_in(page, "alice")
+        assert "locked" in page.inner_text("#error")
+        assert page.url.endswith("/console/login")
+        shoot(page, stack, "locked")
+        failures = queries.audit_query(AuditFilter(action="console.signin_failed"), settings=server.settings)
+        assert [e.detail["reason"] for e in failures][-1] == "locked user"
+        assert all(PASSWORD not in str(e.detail) and "not the password" not in str(e.detail) for e in failures)
+    finally:
+        context.close()
+        server.close()
+
+
+def test_a_source_is_locked_out_after_repeated_failures(server: Server) -> None:
+    """Past QBGW_CONSOLE_MAX_FAILURES x 4 failures from one address, even a right password from it is refused."""
+    transport = httpx.HTTPTransport(local_address="127.0.0.9")
+    with httpx.Client(base_url=server.url, transport=transport, follow_redirects=False) as client:
+
+        def attempt(name: str, password: str) -> httpx.Response:
+            form = client.get("/console/login").text
+            csrf = re.search(r'name="csrf" value="([^"]+)"', form)
+            assert csrf is not None
+            return client.post("/console/login", data={"csrf": csrf.group(1), "name": name, "password": password})
+
+        for n in range(20):
+            assert attempt(f"nobody{n}", "wrong password here").status_code == 401
+        refused = attempt("rita", PASSWORD)
+        assert refused.status_code == 401
+        assert "Too many failed sign-ins from this computer" in refused.text
+        # without its CSRF token, a sign-in is refused before any password is checked
+        assert client.post("/console/login", data={"name": "rita", "password": PASSWORD}).status_code == 403
+    # another address is not locked
+    with httpx.Client(base_url=server.url, follow_redirects=False) as other:
+        csrf = re.search(r'name="csrf" value="([^"]+)"', other.get("/console/login").text)
+        assert csrf is not None
+        ok = other.post("/console/login", data={"csrf": csrf.group(1), "name": "rita", "password": PASSWORD})
+        assert ok.status_code == 303
