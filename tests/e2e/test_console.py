@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -143,8 +144,12 @@ def test_an_auditor_signs_in_searches_opens_a_timeline_exports_and_verifies(
     assert rows_csv
     assert {r["job_id"] for r in rows_csv} == {ids[3]}
     assert "job.succeeded" in {r["action"] for r in rows_csv}
+    jsonl = page.request.get(page.get_attribute("#export-jsonl", "href"))
+    assert jsonl.headers["content-type"].startswith("application/jsonl")
+    lines = [json.loads(line) for line in jsonl.text().splitlines()]
+    assert [e["seq"] for e in lines] == [int(r["seq"]) for r in rows_csv]
     exported = queries.audit_query(AuditFilter(action="audit.exported", actor="user:alice"), settings=server.settings)
-    assert exported
+    assert len(exported) == 2
 
     # an auditor asking for the answer anyway (a forged form, with the right CSRF token) is refused, and audited
     csrf = page.get_attribute("form[action='/console/logout'] input[name=csrf]", "value")
