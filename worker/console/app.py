@@ -161,6 +161,7 @@ def _render(request: Request, template: str, status: int = 200, **values: Any) -
     console = _c(request)
     values.setdefault("signed", None)
     values.setdefault("idle", int(console.settings.console_idle_timeout))
+    values["idle_text"] = _minutes(console.settings.console_idle_timeout)
     values["pages"] = PAGES
     values["access_report_wired"] = ACCESS_REPORT_WIRED
     html = console.templates.get_template(template).render(**values)
@@ -271,7 +272,7 @@ async def login_page(request: Request) -> Response:
 
 
 def _minutes(seconds: float) -> str:
-    return f"{seconds / 60:g} minutes" if seconds >= 120 else f"{seconds:g} seconds"
+    return f"{seconds / 60:.3g} minutes" if seconds >= 120 else f"{seconds:.3g} seconds"
 
 
 def _set_cookie(request: Request, answer: Response, name: str, value: str) -> None:
