@@ -174,6 +174,11 @@ def test_an_auditor_signs_in_searches_opens_a_timeline_exports_and_verifies(
     page.goto("/console/chain")
     page.click("#verify")
     page.wait_for_function("document.getElementById('progress-text').textContent.startsWith('Intact')")
+    progress = page.request.get("/console/chain/progress.json").json()
+    assert progress["state"] == "done"
+    assert progress["ok"] is True
+    assert progress["checked"] == progress["total"] > 0
+    assert progress["by"] == "user:alice"
     page.reload()
     assert page.inner_text("#last-outcome") == "intact"
     shoot(page, stack, "chain")

@@ -54,7 +54,9 @@ def test_no_submitter_no_short_password_and_a_name_is_never_reused(settings: Set
     refused = CliRunner().invoke(cli, ["users", "create", "--name", "sam", "--role", "submitter"], input=PASSWORD)
     assert refused.exit_code != 0
     users.create_user("sam", "reader", PASSWORD, settings=settings)
-    users.disable_user("sam", actor="security", settings=settings)
+    disabled = CliRunner().invoke(cli, ["users", "disable", "sam", "--actor", "security"], env=settings.to_env())
+    assert disabled.exit_code == 0, disabled.output
+    assert "disabled" in disabled.stdout
     with pytest.raises(InputError, match="never given to anyone else"):
         users.create_user("sam", "reader", PASSWORD, settings=settings)
     with pytest.raises(users.SignInRefused, match="disabled user"):
@@ -83,7 +85,11 @@ def test_failures_lock_the_user_and_are_audited_without_the_password(settings: S
     assert failed[0].detail["source"] == "10.0.0.9"
     assert all(e.actor == "anonymous" for e in failed)
     assert "wrong password!" not in json.dumps([e.as_dict() for e in failed])
-    users.reset_password("bob", PASSWORD + "!", actor="security", settings=settings)  # unlocks
+    reset = CliRunner().invoke(cli, ["users", "reset-password", "bob"], input=PASSWORD + "!\n", env=settings.to_env())
+    assert reset.exit_code == 0, reset.output  # a new password unlocks
+    assert [e.actor for e in queries.audit_query(AuditFilter(action="user.password_reset"), settings=settings)] == [
+        "operator"
+    ]
     assert users.sign_in("bob", PASSWORD + "!", settings=settings).user.name == "bob"
 
 
