@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hmac
 import secrets
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -290,11 +291,13 @@ def current(
     page: str | None = None,
     detail: dict[str, Any] | None = None,
     job_id: str | None = None,
+    roles: Collection[Role] | None = None,
     settings: Settings | None = None,
 ) -> Signed:
     """The signed-in user of a session token; the session is touched (its idle time starts again), and with
-    ``page``, the view is audited (``console.viewed``, the user as actor) in the same transaction. A session idle
-    longer than QBGW_CONSOLE_IDLE_TIMEOUT is ended here (``console.signed_out``, reason "idle").
+    ``page``, the view is audited (``console.viewed``, the user as actor) in the same transaction, unless the
+    user's role is not in ``roles`` (the caller refuses the page then). A session idle longer than
+    QBGW_CONSOLE_IDLE_TIMEOUT is ended here (``console.signed_out``, reason "idle").
 
     Raises:
         SessionEnded: no token, an unknown or ended session, an idle one, or a disabled user's.
@@ -322,7 +325,7 @@ def current(
             )
         else:
             row.last_seen_at = now
-            if page is not None:
+            if page is not None and (roles is None or Role(found[0].role) in roles):
                 record(
                     session=session,
                     action=Action.CONSOLE_VIEWED,

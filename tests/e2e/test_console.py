@@ -215,7 +215,9 @@ def test_a_reader_reveals_an_answer_by_an_audited_action(server: Server, page: A
     assert page.goto("/console/events").status == 403
     assert "may not open" in page.inner_text("#refusal")
     shoot(page, stack, "refused")
-    assert "job" in viewed(server, "user:rita")
+    assert viewed(server, "user:rita") == {"dashboard", "job"}  # a refused page is a refusal, not a view
+    refusals = queries.audit_query(AuditFilter(action="console.refused", actor="user:rita"), settings=server.settings)
+    assert [e.detail["reason"] for e in refusals] == ["role reader may not open events"]
 
 
 def test_an_api_key_is_refused_by_the_console(server: Server) -> None:

@@ -197,6 +197,7 @@ async def _signed(
             page=page if view else None,
             detail=detail,
             job_id=job_id,
+            roles=PAGES[page],
             settings=_c(request).settings,
         )
     except users.SessionEnded as ended:
