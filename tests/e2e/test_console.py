@@ -266,6 +266,7 @@ def test_idle_sign_out_lockout_and_headers(
     stack: Settings, tmp_path: Path, worker_process: Callable[..., Any], chromium: Any
 ) -> None:
     server = _server(stack, tmp_path, worker_process, console_idle_timeout=3.0, console_max_failures=3)
+    job_id = jobs(server)[0]
     context = chromium.new_context(base_url=server.url, viewport={"width": 1360, "height": 900})
     try:
         page = context.new_page()
@@ -277,17 +278,24 @@ def test_idle_sign_out_lockout_and_headers(
         assert "unsafe-inline" not in policy
         assert headers["x-content-type-options"] == "nosniff"
         assert headers["cache-control"] == "no-store"
-        sign_in(page, "adam")
+        sign_in(page, "rita")
         assert page.url.endswith("/console/")
         cookie = next(c for c in context.cookies() if c["name"] == "qbgw_console")
         assert cookie["httpOnly"]
         assert cookie["sameSite"] == "Strict"
-        # idle: the page reloads itself after the limit, and the server has ended the session
+        # idle, on the page of an answer (a POST's): the page leaves itself after the limit, and the server has
+        # ended the session; the answer is no longer on the screen
+        page.goto("/console/jobs")
+        page.fill("input[name=id]", job_id)
+        page.click("button:has-text('Open')")
+        page.click("#reveal")
+        assert "normal resting heart rate" in page.inner_text("#answer")
         page.wait_for_url(re.compile(r"/console/login\?ended=idle"), timeout=15_000)
+        assert "normal resting heart rate" not in page.content()
         assert "without activity" in page.inner_text("#notice")
         shoot(page, stack, "signed-out")
         ended = queries.audit_query(
-            AuditFilter(action="console.signed_out", actor="user:adam"), settings=server.settings
+            AuditFilter(action="console.signed_out", actor="user:rita"), settings=server.settings
         )
         assert [e.detail["reason"] for e in ended] == ["idle"]
 

@@ -1,16 +1,12 @@
 // qbgw console: the only script (served by the app; no inline script is allowed by the page's policy).
 "use strict";
 (function () {
-  // Sign out when idle: after the server's idle limit, reload; the server has ended the session by then and
-  // answers with the sign-in page, so nothing stays on the screen.
+  // Sign out when idle: after the server's idle limit, leave the page for the console's home (a GET, never a
+  // form sent again, and the page left out of the history): the server has ended the session by then and
+  // answers with the sign-in page, so nothing, an answer least of all, stays on the screen.
   var idle = parseInt(document.body.dataset.idle || "0", 10);
   if (idle > 0) {
-    var timer = null;
-    var arm = function () {
-      if (timer) { clearTimeout(timer); }
-      timer = setTimeout(function () { window.location.reload(); }, (idle + 1) * 1000);
-    };
-    arm();
+    setTimeout(function () { window.location.replace(document.body.dataset.home); }, (idle + 1) * 1000);
   }
   // "Verify now": poll the progress while the background verification runs.
   var box = document.getElementById("progress");
