@@ -176,7 +176,8 @@ def _truncate(url: str) -> None:
             connection.execute(text("SET LOCAL session_replication_role = replica"))
             connection.execute(
                 text(
-                    "TRUNCATE jobs, batches, audit_events, audit_pending, api_keys, webhook_secrets, webhook_deliveries"
+                    "TRUNCATE jobs, batches, audit_events, audit_pending, api_keys, webhook_secrets, "
+                    "webhook_deliveries, console_users, console_sessions"
                 )
             )
             connection.execute(

@@ -6,6 +6,7 @@ environment when None) into this process's runtime and drives the core.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -181,8 +182,14 @@ def head_hash(settings: Settings | None = None) -> str:
         return chain.head(session)[1]
 
 
-def verify_log(*, reader: str | None = None, settings: Settings | None = None) -> VerifyReport:
-    """Verify the whole audit log against the anchor file; the verification is audited.
+def verify_log(
+    *,
+    reader: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    settings: Settings | None = None,
+) -> VerifyReport:
+    """Verify the whole audit log against the anchor file; the verification is audited. ``progress(checked,
+    total)`` is called as events are read (every few thousand, and at the end).
 
     Raises:
         StoreUnavailable: the database cannot be reached.
@@ -194,7 +201,7 @@ def verify_log(*, reader: str | None = None, settings: Settings | None = None) -
     with rt.transaction() as session:  # events staged for the block sealer are chained first, in a short
         chain.settle(session)  # transaction: the walk below must not hold the chain head's lock
     with rt.transaction() as session:
-        report = chain.verify(session, anchors, key)
+        report = chain.verify(session, anchors, key, progress)
     with rt.transaction() as session:
         outcome = "intact" if report.ok else "tampered"
         detail: dict[str, int | None] = {"events": report.events, "anchors": report.anchors}

@@ -223,6 +223,15 @@ class Settings:
     """The first wait before a failed webhook delivery is tried again, in seconds; it doubles, up to an hour."""
     webhook_retry_window: float = 86400.0
     """How long a webhook delivery is retried, in seconds from its event, before it is marked failed."""
+    # --- The browser console of qbgw serve, /console (see docs/console.md) ---
+    console_idle_timeout: float = 900.0
+    """A console session idle this many seconds is signed out (HIPAA 164.312(a)(2)(iii): 15 minutes)."""
+    console_max_failures: int = 5
+    """Failed console sign-ins in a row (per user, and per source address) before it is locked out."""
+    console_lockout: float = 900.0
+    """How long a locked-out console user, or source address, is refused, in seconds."""
+    console_behind_tls: bool = False
+    """The server is reached over TLS through a proxy: the console's cookie is marked Secure even over plain HTTP."""
     # --- One rate limit for the fleet (see worker/ratelimit.py) ---
     rate_limit: float = 0.0
     """Upstream calls per second for every worker together (gateway and session creation); 0: no limit."""
@@ -336,7 +345,14 @@ class Settings:
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be a positive number of seconds")
-        for name in ("rate_cooldown", "rate_cooldown_max", "webhook_backoff", "webhook_retry_window"):
+        for name in (
+            "rate_cooldown",
+            "rate_cooldown_max",
+            "webhook_backoff",
+            "webhook_retry_window",
+            "console_idle_timeout",
+            "console_lockout",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be a positive number of seconds")
         for name in (
@@ -357,6 +373,7 @@ class Settings:
             "audit_anchor_events",
             "rate_burst",
             "max_request_bytes",
+            "console_max_failures",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be at least 1")

@@ -34,6 +34,7 @@ from .. import __version__, access, admin, control, errors, producer, queries, r
 from ..access import PERMISSIONS, Principal
 from ..batches import export
 from ..batches.input import split_lines
+from ..console import create_console
 from ..lifecycle import TERMINAL
 from ..messages import validate_key
 from ..ops.health import check_health
@@ -241,6 +242,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     _secure_openapi(app)
     app.include_router(router)
+    # The browser console: people signed in with a password, never API keys (docs/console.md).
+    app.mount("/console", create_console(settings))
 
     _install_handlers(app)
 

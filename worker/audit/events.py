@@ -98,6 +98,19 @@ class Action(StrEnum):
     WEBHOOK_REDELIVERED = "webhook.redelivered"
     #: A principal's webhook signing secret was made or rotated (never the secret).
     WEBHOOK_SECRET_ROTATED = "webhook.secret_rotated"  # noqa: S105 - an event name
+    #: A console user was created (``qbgw users create``), disabled, or given a new password (never the password).
+    USER_CREATED = "user.created"
+    USER_DISABLED = "user.disabled"
+    USER_PASSWORD_RESET = "user.password_reset"  # noqa: S105 - an event name
+    #: A console sign-in succeeded, or failed (the reason and the source address; never the password presented).
+    CONSOLE_SIGNED_IN = "console.signed_in"
+    CONSOLE_SIGNIN_FAILED = "console.signin_failed"
+    #: A console session ended: signed out by its user, or after QBGW_CONSOLE_IDLE_TIMEOUT idle.
+    CONSOLE_SIGNED_OUT = "console.signed_out"
+    #: A signed-in user viewed a console page (detail: the page and its non-PHI parameters).
+    CONSOLE_VIEWED = "console.viewed"
+    #: The console refused a request: a form without its CSRF token, a role without the right, an API key.
+    CONSOLE_REFUSED = "console.refused"
 
 
 #: Actions that record a read, not a change.
@@ -109,6 +122,7 @@ READS = frozenset(
         Action.AUDIT_VERIFIED,
         Action.ACCESS_REPORTED,
         Action.BATCH_EXPORTED,
+        Action.CONSOLE_VIEWED,
     }
 )
 

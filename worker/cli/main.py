@@ -19,6 +19,7 @@ from ..cli import auth as cli_auth
 from ..cli import batch as cli_batch
 from ..cli import ops as cli_ops
 from ..cli import serve as cli_serve
+from ..cli import users as cli_users
 from ..control import cancel as cancel_job
 from ..control import replay as replay_job
 from ..emulator.server import EmulatorConfig, serve
@@ -357,6 +358,7 @@ cli.add_command(cli_ops.metrics)
 cli.add_command(cli_serve.serve)
 cli.add_command(cli_serve.api_keys)
 cli.add_command(cli_serve.webhooks)
+cli.add_command(cli_users.users_group)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -316,16 +316,34 @@ class Anchorer:
         return write_anchor(self.settings, *head(session))
 
 
-def verify(session: Session, anchors: list[Anchor], key: bytes) -> VerifyReport:
-    """Recompute the whole chain in order and check it against ``anchors`` (``audit.verify.check``)."""
+def verify(
+    session: Session, anchors: list[Anchor], key: bytes, progress: Callable[[int, int], None] | None = None
+) -> VerifyReport:
+    """Recompute the whole chain in order and check it against ``anchors`` (``audit.verify.check``).
+    ``progress(checked, last_seq)`` is called every :data:`PROGRESS_EVERY` events read, and at the end."""
     starts = session.execute(select(AuditChainHead.v2_from, AuditChainHead.v3_from).where(AuditChainHead.id == 1))
     v2_from, v3_from = starts.first() or (1, 1)
     after = max((a.seq for a in anchors if a.kind == "base"), default=0)
     rows = _rows(session, after=after)
+    counted = rows if progress is None else _counted(rows, progress, int(head(session)[0]) - after)
     try:
-        return check(rows, anchors, key, v2_from=v2_from, v3_from=v3_from)
+        return check(counted, anchors, key, v2_from=v2_from, v3_from=v3_from)
     finally:
         rows.close()  # closes the server-side cursor when the walk stops early
+
+
+#: How often a verification reports its progress, in events.
+PROGRESS_EVERY = 2000
+
+
+def _counted(rows: Iterator[Any], progress: Callable[[int, int], None], total: int) -> Generator[Any]:
+    done = 0
+    for row in rows:
+        yield row
+        done += 1
+        if done % PROGRESS_EVERY == 0:
+            progress(done, total)
+    progress(done, total)
 
 
 def _rows(session: Session, after: int = 0) -> Generator[Any]:

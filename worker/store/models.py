@@ -28,7 +28,18 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from ..audit.events import GENESIS
 
-__all__ = ["Base", "Batch", "Job", "AuditEvent", "AuditChainHead", "AuditPending", "UTCDateTime", "GENESIS"]
+__all__ = [
+    "Base",
+    "Batch",
+    "Job",
+    "AuditEvent",
+    "AuditChainHead",
+    "AuditPending",
+    "ConsoleUser",
+    "ConsoleSession",
+    "UTCDateTime",
+    "GENESIS",
+]
 
 
 NAMING_CONVENTION = {
@@ -285,3 +296,37 @@ class WebhookDelivery(Base):
     last_status: Mapped[int | None] = mapped_column(Integer)
     last_error: Mapped[str | None] = mapped_column(String(255))
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class ConsoleUser(Base):
+    """A person who signs in to the browser console (``qbgw users``). Only an argon2 hash of the password is
+    kept. Never deleted: a disabled user's name stays taken, since the audit trail names them."""
+
+    __tablename__ = "console_users"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    #: auditor, reader or admin (never submitter: the console submits nothing).
+    role: Mapped[str] = mapped_column(String(16))
+    password_hash: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    created_by: Mapped[str] = mapped_column(String(128))
+    password_set_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    disabled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: Failed sign-ins in a row; at QBGW_CONSOLE_MAX_FAILURES the user is locked until ``locked_until``.
+    failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    locked_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class ConsoleSession(Base):
+    """A signed-in console session. ``id`` is a sha256 of the cookie's token (the token itself is never
+    stored); it ends on sign-out, after QBGW_CONSOLE_IDLE_TIMEOUT idle, or when its user is disabled."""
+
+    __tablename__ = "console_sessions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_name: Mapped[str] = mapped_column(String(64), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: The address it signed in from.
+    source: Mapped[str] = mapped_column(String(64))

@@ -40,6 +40,10 @@ TABLES: dict[str, tuple[str, ...]] = {
     # Signing secrets are added and expired (rotation), deliveries made, leased and finished; never deleted.
     "webhook_secrets": ("SELECT", "INSERT", "UPDATE"),
     "webhook_deliveries": ("SELECT", "INSERT", "UPDATE"),
+    # Console users are created, disabled and given new passwords (`qbgw users`), their failures counted;
+    # sessions are started, touched and ended. Never deleted: a name stays taken, an ended session ended.
+    "console_users": ("SELECT", "INSERT", "UPDATE"),
+    "console_sessions": ("SELECT", "INSERT", "UPDATE"),
     # Every process checks the schema's revision before it starts.
     "alembic_version": ("SELECT",),
 }
