@@ -44,7 +44,7 @@ def chromium() -> Iterator[Any]:
 
 
 def _server(stack: Settings, tmp_path: Path, worker_process: Callable[..., Any] | None, **changes: Any) -> Server:
-    settings = stack.with_(**changes) if changes else stack
+    settings = stack.with_(**{"subject_key": SUBJECT_KEY, **changes})
     if worker_process is not None:
         worker_process(settings)
     for name, role in PEOPLE.items():
@@ -54,7 +54,7 @@ def _server(stack: Settings, tmp_path: Path, worker_process: Callable[..., Any] 
 
 @pytest.fixture
 def server(stack: Settings, tmp_path: Path, worker_process: Callable[..., Any]) -> Iterator[Server]:
-    running = _server(stack, tmp_path, worker_process, subject_key=SUBJECT_KEY)
+    running = _server(stack, tmp_path, worker_process)
     yield running
     running.close()
 
