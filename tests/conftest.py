@@ -25,6 +25,8 @@ from qbgw.store.models import GENESIS
 
 PG_ADMIN_URL = os.environ.get("QBGW_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("QBGW_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
+#: A RabbitMQ only the tests use: queues of a test's own in its default vhost, deleted after the test.
+RABBITMQ_URL = os.environ.get("QBGW_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
 TOKEN = "tok-canary-5f1c9e27d3"
 #: A fixed PHI key for tests (the embedded default would generate one; PostgreSQL needs one given).
 TEST_KEYS = "ktest:" + "A" * 43 + "="
@@ -34,21 +36,27 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: Fixtures (and parameters) that mean a test needs a server; the markers are given from them, so they are true.
 _POSTGRES = {"pg", "pg_database", "production_settings", "restartable_settings", "owner_settings"}
-_REDIS = {"redis_url", "production_settings", "private_redis"}
+_REDIS = {"redis_url", "production_settings", "private_redis", "rabbitmq_settings"}
+_RABBITMQ = {"rabbitmq_url", "rabbitmq_settings"}
+#: The stacks of tests/e2e (the ``stack`` fixture's parameters) that run on PostgreSQL, on Redis, on RabbitMQ.
+_ON_POSTGRES = {"redis+postgres", "rabbitmq+postgres"}
+_ON_REDIS = _ON_POSTGRES  # RabbitMQ's stack keeps the fleet's shared state in Redis (QBGW_REDIS_URL)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark every test by what it runs on: ``e2e`` (real processes), ``postgres``, ``redis``."""
+    """Mark every test by what it runs on: ``e2e`` (real processes), ``postgres``, ``redis``, ``rabbitmq``."""
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
         params = getattr(getattr(item, "callspec", None), "params", {})
         if "tests/e2e/" in item.nodeid:
             item.add_marker(pytest.mark.e2e)
         stack = params.get("stack")
-        if fixtures & _POSTGRES or params.get("backend") == "postgres" or stack == "redis+postgres":
+        if fixtures & _POSTGRES or params.get("backend") == "postgres" or stack in _ON_POSTGRES:
             item.add_marker(pytest.mark.postgres)
-        if fixtures & _REDIS or stack == "redis+postgres":
+        if fixtures & _REDIS or stack in _ON_REDIS:
             item.add_marker(pytest.mark.redis)
+        if fixtures & _RABBITMQ or stack == "rabbitmq+postgres":
+            item.add_marker(pytest.mark.rabbitmq)
 
 
 def require_service(name: str, reachable: bool) -> None:
@@ -278,6 +286,35 @@ def production_settings(tmp_path: Path, emu: Emulator, pg: PgDatabase, redis_url
     client = redis.Redis.from_url(redis_url)
     client.delete(settings.queue)
     client.close()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url() -> str:
+    require_service("RabbitMQ on 127.0.0.1:5672", _port_open("127.0.0.1", 5672))
+    return RABBITMQ_URL
+
+
+def delete_amqp_queues(url: str, names: tuple[str, ...]) -> None:
+    """Delete a test's queues and their exchanges from RabbitMQ (durable: they would outlive the test)."""
+    from kombu import Connection
+
+    with Connection(url, connect_timeout=5) as connection:
+        channel = connection.channel()
+        for name in names:
+            channel.queue_delete(name)
+            channel.exchange_delete(name)
+
+
+@pytest.fixture
+def rabbitmq_settings(
+    tmp_path: Path, emu: Emulator, pg: PgDatabase, redis_url: str, rabbitmq_url: str
+) -> Iterator[Settings]:
+    """PostgreSQL (as the application role) + RabbitMQ as the broker + Redis for the fleet's shared state
+    (QBGW_REDIS_URL: rate limit, cooldown, session), with queues of this test's own."""
+    _truncate(pg.admin)
+    settings = base_settings(tmp_path, emu).with_(database_url=pg.app, broker_url=rabbitmq_url, redis_url=redis_url)
+    yield settings
+    delete_amqp_queues(rabbitmq_url, settings.queues)
 
 
 @pytest.fixture
