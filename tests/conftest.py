@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Connection, Engine, create_engine, make_url, text
@@ -25,6 +26,10 @@ from qbgw.store.models import GENESIS
 
 PG_ADMIN_URL = os.environ.get("QBGW_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("QBGW_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
+#: "host:port" of a PgBouncer in transaction pooling mode in front of that PostgreSQL (``.ci/run`` starts one on
+#: 127.0.0.1:6432): when set, the application role (workers, producers, readers) connects through it, as a
+#: fleet does in production; the owner and the superuser still connect directly (migrations, DDL, tampering).
+PGBOUNCER = os.environ.get("QBGW_TEST_PGBOUNCER", "")
 #: A RabbitMQ only the tests use: queues of a test's own in its default vhost, deleted after the test.
 RABBITMQ_URL = os.environ.get("QBGW_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
 TOKEN = "tok-canary-5f1c9e27d3"
@@ -118,8 +123,17 @@ class PgDatabase:
     admin: str
     #: Owns the database and migrated it (not a superuser): `qbgw audit drop`, tampering, migrations.
     owner: str
-    #: The application role, granted by `qbgw db roles`: what workers, producers and readers use.
+    #: The application role, granted by `qbgw db roles`: what workers, producers and readers use (through
+    #: PgBouncer when QBGW_TEST_PGBOUNCER is set).
     app: str
+    #: The application role connecting directly, for LISTEN, when ``app`` goes through PgBouncer ("": ``app``).
+    listen: str = ""
+    #: ``app`` goes through PgBouncer in transaction mode.
+    pooled: bool = False
+
+    def for_app(self) -> dict[str, Any]:
+        """The settings that make a process connect as the application role (through PgBouncer, if set)."""
+        return {"database_url": self.app, "listen_database_url": self.listen, "db_transaction_pooling": self.pooled}
 
 
 def _create_role(admin: Engine, name: str) -> None:
@@ -156,6 +170,10 @@ def pg() -> Iterator[PgDatabase]:
 
     schema.upgrade(urls.owner)
     roles.apply(urls.owner, APP_ROLE)
+    if PGBOUNCER:
+        host, _, port = PGBOUNCER.rpartition(":")
+        through = on_database.set(username=APP_ROLE, host=host, port=int(port))
+        urls = PgDatabase(urls.admin, urls.owner, through.render_as_string(hide_password=False), urls.app, True)
     yield urls
     runtime_module.reset()
     with admin.connect() as connection:
@@ -227,7 +245,7 @@ def settings(backend: str, tmp_path: Path, emu: Emulator, request: pytest.Fixtur
     if backend == "postgres":
         pg: PgDatabase = request.getfixturevalue("pg")
         _truncate(pg.admin)
-        return base.with_(database_url=pg.app)
+        return base.with_(**pg.for_app())
     return base
 
 
@@ -279,7 +297,7 @@ def embedded_settings(tmp_path: Path, emu: Emulator) -> Settings:
 def production_settings(tmp_path: Path, emu: Emulator, pg: PgDatabase, redis_url: str) -> Iterator[Settings]:
     """PostgreSQL, as the application role, + Redis, with a queue of this test's own."""
     _truncate(pg.admin)
-    settings = base_settings(tmp_path, emu).with_(database_url=pg.app, broker_url=redis_url)
+    settings = base_settings(tmp_path, emu).with_(**pg.for_app(), broker_url=redis_url)
     yield settings
     import redis
 
@@ -312,7 +330,7 @@ def rabbitmq_settings(
     """PostgreSQL (as the application role) + RabbitMQ as the broker + Redis for the fleet's shared state
     (QBGW_REDIS_URL: rate limit, cooldown, session), with queues of this test's own."""
     _truncate(pg.admin)
-    settings = base_settings(tmp_path, emu).with_(database_url=pg.app, broker_url=rabbitmq_url, redis_url=redis_url)
+    settings = base_settings(tmp_path, emu).with_(**pg.for_app(), broker_url=rabbitmq_url, redis_url=redis_url)
     yield settings
     delete_amqp_queues(rabbitmq_url, settings.queues)
 

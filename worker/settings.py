@@ -120,6 +120,12 @@ class Settings:
     app_role_password: Secret = field(default_factory=lambda: Secret(""))
     """The password `qbgw db roles --create-role` gives the application role it creates (or @file); only that command
     reads it."""
+    listen_database_url: str = ""
+    """A direct PostgreSQL URL for the one connection per process that waits for jobs' ends (`LISTEN`), when
+    QBGW_DATABASE_URL goes through PgBouncer in transaction mode, where LISTEN hears nothing; empty: that URL."""
+    db_transaction_pooling: bool = False
+    """QBGW_DATABASE_URL goes through a pooler in transaction mode (PgBouncer `pool_mode = transaction`): psycopg then
+    prepares no statement on the server (they would be missing on the next transaction's server connection)."""
     broker_url: str = ""
     """Celery broker URL; empty means the filesystem broker under `{data_dir}/broker`."""
     redis_url: str = ""
@@ -447,6 +453,11 @@ class Settings:
         return self.database_url or f"sqlite:///{self.data_dir / 'qbgw.db'}"
 
     @property
+    def effective_listen_url(self) -> str:
+        """Where a process LISTENs for jobs' ends: QBGW_LISTEN_DATABASE_URL, else the database."""
+        return self.listen_database_url or self.effective_database_url
+
+    @property
     def effective_broker_url(self) -> str:
         # An explicit host keeps kombu from warning "No hostname was supplied".
         return self.broker_url or "filesystem://localhost/"
@@ -474,7 +485,8 @@ class Settings:
         each key of QBGW_ENCRYPTION_KEYS, and the password of a database or broker URL."""
         found = [v.reveal() for f in fields(self) if isinstance(v := getattr(self, f.name), Secret) and v]
         found += [part.partition(":")[2] for part in self.encryption_keys.reveal().split(",")]
-        found += [_url_password(url) for url in (self.database_url, self.broker_url, self.redis_url)]
+        urls = (self.database_url, self.listen_database_url, self.broker_url, self.redis_url)
+        found += [_url_password(url) for url in urls]
         return tuple(sorted({s.strip() for s in found if len(s.strip()) >= 6}, key=len, reverse=True))
 
 

@@ -49,4 +49,4 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
 def restartable_settings(tmp_path: Path, emu: Emulator, pg: PgDatabase, private_redis: PrivateRedis) -> Settings:
     """PostgreSQL (as the application role, like every e2e test) + the test's own Redis."""
     _truncate(pg.admin)
-    return base_settings(tmp_path, emu).with_(database_url=pg.app, broker_url=private_redis.url)
+    return base_settings(tmp_path, emu).with_(**pg.for_app(), broker_url=private_redis.url)

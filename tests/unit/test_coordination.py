@@ -85,3 +85,18 @@ def test_the_redis_password_is_a_secret_the_logs_blot_out() -> None:
     settings = Settings(broker_url=AMQP, redis_url=REDIS, token=Secret("t"))
     assert "redispass99" in settings.secret_values
     assert "hunter2secret" in settings.secret_values
+
+
+def test_behind_pgbouncer_the_listener_has_its_own_url_and_its_password_is_a_secret() -> None:
+    direct = "postgresql+psycopg://app:listenpass77@db:5432/qbgw"
+    settings = Settings.from_env(
+        {
+            "QBGW_DATABASE_URL": "postgresql+psycopg://app:listenpass77@pgbouncer:6432/qbgw",
+            "QBGW_LISTEN_DATABASE_URL": direct,
+            "QBGW_DB_TRANSACTION_POOLING": "true",
+        }
+    )
+    assert settings.effective_listen_url == direct
+    assert settings.db_transaction_pooling is True
+    assert "listenpass77" in settings.secret_values
+    assert Settings(database_url="postgresql+psycopg://a@db/x").effective_listen_url == "postgresql+psycopg://a@db/x"
