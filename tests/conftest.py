@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Connection, Engine, create_engine, make_url, text
@@ -25,6 +26,12 @@ from qbgw.store.models import GENESIS
 
 PG_ADMIN_URL = os.environ.get("QBGW_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("QBGW_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
+#: "host:port" of a PgBouncer in transaction pooling mode in front of that PostgreSQL (``.ci/run`` starts one on
+#: 127.0.0.1:6432): when set, the application role (workers, producers, readers) connects through it, as a
+#: fleet does in production; the owner and the superuser still connect directly (migrations, DDL, tampering).
+PGBOUNCER = os.environ.get("QBGW_TEST_PGBOUNCER", "")
+#: A RabbitMQ only the tests use: queues of a test's own in its default vhost, deleted after the test.
+RABBITMQ_URL = os.environ.get("QBGW_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
 TOKEN = "tok-canary-5f1c9e27d3"
 #: A fixed PHI key for tests (the embedded default would generate one; PostgreSQL needs one given).
 TEST_KEYS = "ktest:" + "A" * 43 + "="
@@ -34,21 +41,27 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: Fixtures (and parameters) that mean a test needs a server; the markers are given from them, so they are true.
 _POSTGRES = {"pg", "pg_database", "production_settings", "restartable_settings", "owner_settings"}
-_REDIS = {"redis_url", "production_settings", "private_redis"}
+_REDIS = {"redis_url", "production_settings", "private_redis", "rabbitmq_settings"}
+_RABBITMQ = {"rabbitmq_url", "rabbitmq_settings"}
+#: The stacks of tests/e2e (the ``stack`` fixture's parameters) that run on PostgreSQL, on Redis, on RabbitMQ.
+_ON_POSTGRES = {"redis+postgres", "rabbitmq+postgres"}
+_ON_REDIS = _ON_POSTGRES  # RabbitMQ's stack keeps the fleet's shared state in Redis (QBGW_REDIS_URL)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark every test by what it runs on: ``e2e`` (real processes), ``postgres``, ``redis``."""
+    """Mark every test by what it runs on: ``e2e`` (real processes), ``postgres``, ``redis``, ``rabbitmq``."""
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
         params = getattr(getattr(item, "callspec", None), "params", {})
         if "tests/e2e/" in item.nodeid:
             item.add_marker(pytest.mark.e2e)
         stack = params.get("stack")
-        if fixtures & _POSTGRES or str(params.get("backend", "")).startswith("postgres") or stack == "redis+postgres":
+        if fixtures & _POSTGRES or str(params.get("backend", "")).startswith("postgres") or stack in _ON_POSTGRES:
             item.add_marker(pytest.mark.postgres)
-        if fixtures & _REDIS or stack == "redis+postgres":
+        if fixtures & _REDIS or stack in _ON_REDIS:
             item.add_marker(pytest.mark.redis)
+        if fixtures & _RABBITMQ or stack == "rabbitmq+postgres":
+            item.add_marker(pytest.mark.rabbitmq)
 
 
 def require_service(name: str, reachable: bool) -> None:
@@ -110,8 +123,17 @@ class PgDatabase:
     admin: str
     #: Owns the database and migrated it (not a superuser): `qbgw audit drop`, tampering, migrations.
     owner: str
-    #: The application role, granted by `qbgw db roles`: what workers, producers and readers use.
+    #: The application role, granted by `qbgw db roles`: what workers, producers and readers use (through
+    #: PgBouncer when QBGW_TEST_PGBOUNCER is set).
     app: str
+    #: The application role connecting directly, for LISTEN, when ``app`` goes through PgBouncer ("": ``app``).
+    listen: str = ""
+    #: ``app`` goes through PgBouncer in transaction mode.
+    pooled: bool = False
+
+    def for_app(self) -> dict[str, Any]:
+        """The settings that make a process connect as the application role (through PgBouncer, if set)."""
+        return {"database_url": self.app, "listen_database_url": self.listen, "db_transaction_pooling": self.pooled}
 
 
 def _create_role(admin: Engine, name: str) -> None:
@@ -148,6 +170,11 @@ def pg() -> Iterator[PgDatabase]:
 
     schema.upgrade(urls.owner)
     roles.apply(urls.owner, APP_ROLE)
+    if PGBOUNCER:
+        host, _, port = PGBOUNCER.rpartition(":")
+        require_service(f"PgBouncer on {PGBOUNCER} (QBGW_TEST_PGBOUNCER)", _port_open(host, int(port)))
+        through = on_database.set(username=APP_ROLE, host=host, port=int(port))
+        urls = PgDatabase(urls.admin, urls.owner, through.render_as_string(hide_password=False), urls.app, True)
     yield urls
     runtime_module.reset()
     with admin.connect() as connection:
@@ -223,7 +250,7 @@ def settings(backend: str, tmp_path: Path, emu: Emulator, request: pytest.Fixtur
         pg: PgDatabase = request.getfixturevalue("pg")
         _truncate(pg.admin)
         # "postgres-block": audit events staged at commit and chained by the block sealer (QBGW_AUDIT_SEAL).
-        return base.with_(database_url=pg.app, audit_seal="block" if backend == "postgres-block" else "commit")
+        return base.with_(**pg.for_app(), audit_seal="block" if backend == "postgres-block" else "commit")
     return base
 
 
@@ -275,13 +302,42 @@ def embedded_settings(tmp_path: Path, emu: Emulator) -> Settings:
 def production_settings(tmp_path: Path, emu: Emulator, pg: PgDatabase, redis_url: str) -> Iterator[Settings]:
     """PostgreSQL, as the application role, + Redis, with a queue of this test's own."""
     _truncate(pg.admin)
-    settings = base_settings(tmp_path, emu).with_(database_url=pg.app, broker_url=redis_url)
+    settings = base_settings(tmp_path, emu).with_(**pg.for_app(), broker_url=redis_url)
     yield settings
     import redis
 
     client = redis.Redis.from_url(redis_url)
     client.delete(settings.queue)
     client.close()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url() -> str:
+    require_service("RabbitMQ on 127.0.0.1:5672", _port_open("127.0.0.1", 5672))
+    return RABBITMQ_URL
+
+
+def delete_amqp_queues(url: str, names: tuple[str, ...]) -> None:
+    """Delete a test's queues and their exchanges from RabbitMQ (durable: they would outlive the test)."""
+    from kombu import Connection
+
+    with Connection(url, connect_timeout=5) as connection:
+        channel = connection.channel()
+        for name in names:
+            channel.queue_delete(name)
+            channel.exchange_delete(name)
+
+
+@pytest.fixture
+def rabbitmq_settings(
+    tmp_path: Path, emu: Emulator, pg: PgDatabase, redis_url: str, rabbitmq_url: str
+) -> Iterator[Settings]:
+    """PostgreSQL (as the application role) + RabbitMQ as the broker + Redis for the fleet's shared state
+    (QBGW_REDIS_URL: rate limit, cooldown, session), with queues of this test's own."""
+    _truncate(pg.admin)
+    settings = base_settings(tmp_path, emu).with_(**pg.for_app(), broker_url=rabbitmq_url, redis_url=redis_url)
+    yield settings
+    delete_amqp_queues(rabbitmq_url, settings.queues)
 
 
 @pytest.fixture

@@ -64,7 +64,7 @@ async def status(job_id: str, *, settings: Settings | None = None) -> JobView:
 
 def _waiter(settings: Settings | None) -> JobWaiter:
     loop = asyncio.get_running_loop()
-    url = runtime(settings).settings.effective_database_url
+    url = runtime(settings).settings.effective_listen_url
     with _lock:
         for other in [other for other in list(_waiters.keys()) if other.is_closed()]:
             for ended in _waiters.pop(other).values():

@@ -90,6 +90,20 @@ GEVENT_REFUSED = (
 )
 
 
+#: URLs redis-py connects to (``unix://``: a Redis socket).
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+#: Settings that mean a budget for the whole fleet (refused where the workers share no state).
+_SHARED_BY_THE_FLEET = ("rate_limit", "rate_limit_per_assistant", "rate_limit_assistants")
+
+
+def _describe(url: str) -> str:
+    """A URL's scheme and host, never its password: for an error message."""
+    scheme, _, rest = url.partition("://")
+    host = rest.rpartition("@")[2].split("/", 1)[0]
+    return f"{scheme}://{host}" if rest else repr(url)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything qbgw can be told, with the embedded default filled in.
@@ -106,8 +120,17 @@ class Settings:
     app_role_password: Secret = field(default_factory=lambda: Secret(""))
     """The password `qbgw db roles --create-role` gives the application role it creates (or @file); only that command
     reads it."""
+    listen_database_url: str = ""
+    """A direct PostgreSQL URL for the one connection per process that waits for jobs' ends (`LISTEN`), when
+    QBGW_DATABASE_URL goes through PgBouncer in transaction mode, where LISTEN hears nothing; empty: that URL."""
+    db_transaction_pooling: bool = False
+    """QBGW_DATABASE_URL goes through a pooler in transaction mode (PgBouncer `pool_mode = transaction`): psycopg then
+    prepares no statement on the server (they would be missing on the next transaction's server connection)."""
     broker_url: str = ""
     """Celery broker URL; empty means the filesystem broker under `{data_dir}/broker`."""
+    redis_url: str = ""
+    """The Redis every worker shares the rate limit, the cooldown after a 429 and the QuickBlox session in; empty: the
+    broker when it is Redis. Required with any other broker (RabbitMQ) when a rate limit or a session is set."""
     base_url: str = DEFAULT_BASE_URL
     """The gateway's base URL (a dedicated host for enterprise accounts); requests go to
     `{base_url}/ai/ai_extensions/ai_gateway`."""
@@ -330,6 +353,28 @@ class Settings:
             )
         if not self.base_url.startswith(("http://", "https://")):
             raise ConfigError(f"{PREFIX}BASE_URL must start with http:// or https://; got {self.base_url!r}")
+        self._check_coordination()
+
+    def _check_coordination(self) -> None:
+        """A fleet-wide rate limit or a shared session needs a place every worker shares: refused, not
+        weakened to one per process, when there is none (a RabbitMQ broker and no QBGW_REDIS_URL)."""
+        if self.redis_url and not self.redis_url.startswith(REDIS_SCHEMES):
+            raise ConfigError(
+                f"{PREFIX}REDIS_URL must be a Redis URL ({', '.join(REDIS_SCHEMES)}...); "
+                f"got {_describe(self.redis_url)}"
+            )
+        if self.coordination_url or self.is_embedded_broker:
+            return
+        needs = [f"{PREFIX}{name.upper()}" for name in _SHARED_BY_THE_FLEET if getattr(self, name) not in ("", 0, 0.0)]
+        if self.auth in ("application", "user"):
+            needs.append(f"{PREFIX}AUTH={self.auth} (one QuickBlox session for every worker)")
+        if needs:
+            raise ConfigError(
+                f"{', '.join(needs)} must hold for the whole fleet, but the broker ({_describe(self.broker_url)}) is "
+                "neither Redis nor the filesystem, so the workers share no state: each process would keep its own "
+                f"limit (10 workers would send 10 times the plan) and its own session. Set {PREFIX}REDIS_URL to a "
+                "Redis every worker reaches (redis://host:6379/0); the broker may stay as it is"
+            )
 
     def _check_ranges(self) -> None:
         for name in (
@@ -442,6 +487,11 @@ class Settings:
         return self.database_url or f"sqlite:///{self.data_dir / 'qbgw.db'}"
 
     @property
+    def effective_listen_url(self) -> str:
+        """Where a process LISTENs for jobs' ends: QBGW_LISTEN_DATABASE_URL, else the database."""
+        return self.listen_database_url or self.effective_database_url
+
+    @property
     def effective_broker_url(self) -> str:
         # An explicit host keeps kombu from warning "No hostname was supplied".
         return self.broker_url or "filesystem://localhost/"
@@ -455,12 +505,22 @@ class Settings:
         return self.effective_broker_url.startswith("filesystem://")
 
     @property
+    def coordination_url(self) -> str:
+        """The Redis the workers share their rate limit, 429 cooldown and session in: QBGW_REDIS_URL, else the
+        broker when it is Redis; empty when there is none (the embedded default shares files instead)."""
+        if self.redis_url:
+            return self.redis_url
+        broker = self.effective_broker_url
+        return broker if broker.startswith(REDIS_SCHEMES) else ""
+
+    @property
     def secret_values(self) -> tuple[str, ...]:
         """Every secret these settings hold, revealed, for the log filter to blot out: whole values,
         each key of QBGW_ENCRYPTION_KEYS, and the password of a database or broker URL."""
         found = [v.reveal() for f in fields(self) if isinstance(v := getattr(self, f.name), Secret) and v]
         found += [part.partition(":")[2] for part in self.encryption_keys.reveal().split(",")]
-        found += [_url_password(url) for url in (self.database_url, self.broker_url)]
+        urls = (self.database_url, self.listen_database_url, self.broker_url, self.redis_url)
+        found += [_url_password(url) for url in urls]
         return tuple(sorted({s.strip() for s in found if len(s.strip()) >= 6}, key=len, reverse=True))
 
 

@@ -1,4 +1,4 @@
-"""End-to-end fixtures: the two stacks every pipeline test runs on, and a Redis of a test's own."""
+"""End-to-end fixtures: the stacks the pipeline tests run on, and a Redis of a test's own."""
 
 from __future__ import annotations
 
@@ -13,12 +13,24 @@ from qbgw.emulator.server import Emulator
 from qbgw.settings import Settings
 from tests.conftest import PgDatabase, _truncate, base_settings, require_service
 
+#: Every stack's fixture of settings, by the ``stack`` parameter's name.
+_STACKS = {
+    "embedded": "embedded_settings",
+    "redis+postgres": "production_settings",
+    "rabbitmq+postgres": "rabbitmq_settings",
+}
+
+#: The third stack, for the pipeline, reliability and rate-limit tests: ``@all_stacks`` on a test that takes
+#: ``stack`` runs it on PostgreSQL + RabbitMQ (the broker) + Redis (QBGW_REDIS_URL, the shared state) too.
+ALL_STACKS = list(_STACKS)
+all_stacks = pytest.mark.parametrize("stack", ALL_STACKS, indirect=True)
+
 
 @pytest.fixture(params=["embedded", "redis+postgres"])
 def stack(request: pytest.FixtureRequest) -> Settings:
-    """The embedded default (SQLite + filesystem broker), then PostgreSQL + Redis."""
-    name = "embedded_settings" if request.param == "embedded" else "production_settings"
-    settings: Settings = request.getfixturevalue(name)
+    """The embedded default (SQLite + filesystem broker), then PostgreSQL + Redis (and, for a test marked
+    ``@all_stacks``, PostgreSQL + RabbitMQ + Redis)."""
+    settings: Settings = request.getfixturevalue(_STACKS[request.param])
     return settings
 
 
@@ -37,4 +49,4 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
 def restartable_settings(tmp_path: Path, emu: Emulator, pg: PgDatabase, private_redis: PrivateRedis) -> Settings:
     """PostgreSQL (as the application role, like every e2e test) + the test's own Redis."""
     _truncate(pg.admin)
-    return base_settings(tmp_path, emu).with_(database_url=pg.app, broker_url=private_redis.url)
+    return base_settings(tmp_path, emu).with_(**pg.for_app(), broker_url=private_redis.url)

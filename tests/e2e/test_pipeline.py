@@ -1,5 +1,5 @@
-"""A real ``qbgw worker`` process: on the embedded default (SQLite + filesystem broker) and on
-PostgreSQL + Redis, with the emulator over a socket."""
+"""A real ``qbgw worker`` process: on the embedded default (SQLite + filesystem broker), on PostgreSQL + Redis
+and on PostgreSQL + RabbitMQ (+ Redis for the shared state), with the emulator over a socket."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from qbgw.runtime.app import publish
 from qbgw.runtime.locator import runtime
 from qbgw.settings import Settings
 from tests.conftest import ASSISTANT, TOKEN
+from tests.e2e.conftest import all_stacks
 from tests.images import data_uri, jpeg_bytes, png_bytes
 
 
@@ -21,6 +22,7 @@ def submit(settings: Settings, content: Any) -> str:
     return producer.submit(ASSISTANT, [{"role": "user", "content": content}], settings=settings)
 
 
+@all_stacks
 def test_text_and_image_jobs_are_answered(stack: Settings, worker_process: Callable[..., Any]) -> None:
     worker_process(stack)
     png, jpeg = data_uri("png", png_bytes(64, 48)), data_uri("jpeg", jpeg_bytes(320, 240))
@@ -42,6 +44,7 @@ def test_text_and_image_jobs_are_answered(stack: Settings, worker_process: Calla
     assert "jpeg 320x240" in (image_view.answer or "")
 
 
+@all_stacks
 def test_two_503s_then_success_on_the_third_attempt(stack: Settings, worker_process: Callable[..., Any]) -> None:
     worker_process(stack)
     job_id = submit(stack, "flaky upstream [[emulator:fail=503x2]]")
@@ -55,6 +58,7 @@ def test_two_503s_then_success_on_the_third_attempt(stack: Settings, worker_proc
     assert responses == [(1, 503), (2, 503), (3, 200)]
 
 
+@all_stacks
 def test_a_405_fails_at_once_with_the_reason(stack: Settings, worker_process: Callable[..., Any]) -> None:
     worker_process(stack)
     job_id = submit(stack, "feature is off [[emulator:fail=405]]")
@@ -65,6 +69,7 @@ def test_a_405_fails_at_once_with_the_reason(stack: Settings, worker_process: Ca
     assert "HTTP 405" in (view.error or "")
 
 
+@all_stacks
 def test_the_same_message_delivered_twice_yields_one_result(
     stack: Settings, worker_process: Callable[..., Any], emu: Emulator
 ) -> None:
@@ -80,6 +85,7 @@ def test_the_same_message_delivered_twice_yields_one_result(
     assert emu.stats()["requests"] == 1
 
 
+@all_stacks
 def test_the_worker_log_holds_no_token_and_no_message_text(
     stack: Settings, worker_process: Callable[..., Any], tmp_path: Any
 ) -> None:

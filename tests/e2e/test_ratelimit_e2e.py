@@ -1,11 +1,14 @@
 """The fleet rate limit through real worker processes: four workers share one budget, and a 429 one of
-them gets pauses all of them. On the embedded default (a file) and on PostgreSQL + Redis (a Lua script)."""
+them gets pauses all of them. On the embedded default (a file), on PostgreSQL + Redis (a Lua script) and on
+PostgreSQL + RabbitMQ, the budget in the Redis of QBGW_REDIS_URL."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
 from typing import Any
+
+import redis
 
 from qbgw import producer
 from qbgw.emulator.server import Emulator
@@ -14,6 +17,7 @@ from qbgw.queries import job_events, wait_for_job
 from qbgw.settings import Settings
 from qbgw.upstream.ratelimit import COOLDOWN
 from tests.conftest import ASSISTANT, wait_until
+from tests.e2e.conftest import all_stacks
 from tests.unit.test_ratelimit import worst_window
 
 Start = Callable[..., Any]
@@ -30,6 +34,7 @@ def _submit(settings: Settings, texts: list[str]) -> list[str]:
     return [producer.submit(ASSISTANT, [{"role": "user", "content": t}], settings=settings) for t in texts]
 
 
+@all_stacks
 def test_four_workers_stay_within_one_budget(stack: Settings, emu: Emulator, worker_process: Start) -> None:
     limit, burst, jobs = 20, 2, 100
     # A lease margin with room for a slot's wait (a send waits at most half of it; see tasks._send_in_slot).
@@ -42,6 +47,12 @@ def test_four_workers_stay_within_one_budget(stack: Settings, emu: Emulator, wor
     assert [v.status for v in views] == [JobStatus.SUCCEEDED] * jobs
     arrivals = emu.arrivals()
     assert len(arrivals) == jobs  # every call got through at the first attempt: no 429, no retry
+    if settings.coordination_url:  # the broker's Redis, or QBGW_REDIS_URL beside RabbitMQ: the budget is there
+        client = redis.Redis.from_url(settings.coordination_url)
+        try:
+            assert client.keys(f"qbgw:rl:{settings.rate_scope}:tat:*")
+        finally:
+            client.close()
     # The limiter lets at most limit + burst - 1 calls go in any second (exactly, on grant times: see
     # tests/integration/test_ratelimit.py). Between a slot and its arrival here lie a thread's wake-up, the
     # socket and the emulator's own thread, on a loaded CI machine; if that delay varies by at most JITTER,
@@ -58,6 +69,7 @@ def test_four_workers_stay_within_one_budget(stack: Settings, emu: Emulator, wor
     assert not [e for e in events if e.action in ("job.failed", "job.retry_scheduled")]
 
 
+@all_stacks
 def test_a_429_to_one_worker_pauses_the_fleet(stack: Settings, emu: Emulator, worker_process: Start) -> None:
     settings = stack.with_(rate_scope=uuid.uuid4().hex)  # no limit set: the shared cooldown works alone
     for _ in range(2):

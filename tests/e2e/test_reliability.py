@@ -1,5 +1,5 @@
 """Nothing lost, nothing run into two results: real worker processes, killed and starved, on the
-embedded default and on PostgreSQL + Redis."""
+embedded default, on PostgreSQL + Redis and on PostgreSQL + RabbitMQ (+ Redis for the shared state)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from qbgw.runtime.app import backlog
 from qbgw.runtime.locator import runtime
 from qbgw.settings import Settings
 from tests.conftest import ASSISTANT, wait_until
+from tests.e2e.conftest import all_stacks
 
 
 def submit(settings: Settings, text: str) -> str:
@@ -25,6 +26,7 @@ def times(settings: Settings, job_id: str, action: str) -> list[float]:
     return [e.occurred_at.timestamp() for e in job_events(job_id, settings=settings) if e.action == action]
 
 
+@all_stacks
 def test_no_retry_is_sent_before_retry_after(stack: Settings, worker_process: Callable[..., Any]) -> None:
     worker_process(stack)
     job_id = submit(stack, "slow down [[emulator:fail=429x1]] [[emulator:retry-after=2]]")
@@ -38,6 +40,7 @@ def test_no_retry_is_sent_before_retry_after(stack: Settings, worker_process: Ca
     assert second_request - first_response >= 2.0
 
 
+@all_stacks
 def test_a_wait_longer_than_a_countdown_is_kept_in_the_database(
     stack: Settings, worker_process: Callable[..., Any]
 ) -> None:
@@ -57,6 +60,7 @@ def test_a_wait_longer_than_a_countdown_is_kept_in_the_database(
     assert times(stack, job_id, "attempt.request")[1] - times(stack, job_id, "attempt.response")[0] >= 6.0
 
 
+@all_stacks
 def test_a_worker_killed_mid_call_loses_nothing(
     stack: Settings, worker_process: Callable[..., Any], emu: Emulator
 ) -> None:
@@ -76,6 +80,7 @@ def test_a_worker_killed_mid_call_loses_nothing(
     assert len([a for a in actions if a[0] == "attempt.request"]) == emu.stats()["requests"] == 2
 
 
+@all_stacks
 def test_a_cancelled_job_is_never_called_or_answered(
     stack: Settings, worker_process: Callable[..., Any], emu: Emulator
 ) -> None:
@@ -97,6 +102,7 @@ def test_a_cancelled_job_is_never_called_or_answered(
     assert cancels[0].actor == "nurse-7"
 
 
+@all_stacks
 def test_a_failed_job_replayed_succeeds_on_a_new_attempt(stack: Settings, worker_process: Callable[..., Any]) -> None:
     worker_process(stack)
     job_id = submit(stack, "bad the first time [[emulator:fail=400x1]]")
@@ -135,6 +141,7 @@ def test_a_worker_that_loses_its_database_keeps_the_message_and_finishes_later(
         proxy.close()
 
 
+@all_stacks
 def test_an_idle_worker_still_signs_anchors_every_t_seconds(
     stack: Settings, worker_process: Callable[..., Any]
 ) -> None:

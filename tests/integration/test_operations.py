@@ -127,6 +127,20 @@ def test_health_names_an_unreachable_broker(embedded_settings: Settings, emu: Em
     assert "127.0.0.1:1" in line
 
 
+def test_health_on_rabbitmq_pings_the_fleets_redis_too(rabbitmq_settings: Settings, emu: Emulator) -> None:
+    settings = ready(rabbitmq_settings)
+    result = health(settings, "--skip", "upstream")
+    assert result.exit_code == EXIT["ok"], result.output
+    broker = next(line for line in result.stdout.splitlines() if line.split()[1] == "broker")
+    assert "shared state in redis://127.0.0.1:6379/" in broker
+    line = failing(
+        health(settings.with_(redis_url="redis://:pw-hidden-1@127.0.0.1:1/0"), "--skip", "upstream"), "broker"
+    )
+    assert "cannot reach the fleet's Redis redis://" in line
+    assert "QBGW_REDIS_URL right?" in line
+    assert "pw-hidden-1" not in line
+
+
 @pytest.mark.parametrize(
     ("change", "expected"),
     [

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from qbgw.cli.main import cli
+from qbgw.errors import ConfigError
 from qbgw.settings import PREFIX, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -143,3 +144,25 @@ def test_the_migration_runs_as_the_owner_and_grants_the_role_the_workers_connect
     assert f'-v owner="${{DB_OWNER:-{owner}}}"' in script
     assert f'-v app="${{DB_APP:-{app}}}"' in script
     assert "SUPERUSER" not in script  # the owner must not be one
+
+
+def test_the_rabbitmq_override_keeps_the_fleet_limit_in_redis() -> None:
+    """docker-compose.rabbitmq.yml: compose merges each service's environment over the base file's; the merged
+    settings parse (not refused: QBGW_REDIS_URL holds the limit) and every qbgw service gets them."""
+    override = yaml.safe_load((ROOT / "docker-compose.rabbitmq.yml").read_text())
+    base = {k: re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(v)) for k, v in COMPOSE["x-qbgw-env"].items()}
+    base |= {"QBGW_ENCRYPTION_KEYS": "k1:" + "A" * 43 + "=", "QBGW_ANCHOR_KEY": "ab" * 32}
+    changes = {k: re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(v)) for k, v in override["x-rabbitmq-env"].items()}
+    assert set(re.findall(r"\bQBGW_[A-Z_]+\b", (ROOT / "docker-compose.rabbitmq.yml").read_text())) <= SETTING_NAMES
+    settings = Settings.from_env(base | changes)
+    assert settings.broker_url.startswith("amqp://")
+    assert settings.rate_limit > 0
+    assert settings.coordination_url == "redis://redis:6379/0"
+    without = {k: v for k, v in (base | changes).items() if k != "QBGW_REDIS_URL"}
+    with pytest.raises(ConfigError, match="Set QBGW_REDIS_URL"):
+        Settings.from_env(without)
+    qbgw_services = {name for name, service in SERVICES.items() if "environment" in service and "build" in service}
+    assert {name for name in override["services"] if name != "rabbitmq"} == qbgw_services
+    for name in qbgw_services:
+        assert override["services"][name]["environment"] == override["x-rabbitmq-env"], name
+    assert "rabbitmq" in override["services"]

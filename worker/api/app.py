@@ -223,7 +223,7 @@ def _ctx(request: Request) -> _Context:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The ASGI application of ``qbgw serve`` (settings from the environment when None)."""
     settings = settings or Settings.from_env()
-    waiter = JobWaiter(settings.effective_database_url)
+    waiter = JobWaiter(settings.effective_listen_url)
     failures = _Failures()
 
     @asynccontextmanager

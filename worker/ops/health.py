@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import redis
+
 from .. import errors
 from ..audit.anchors import last_anchor
 from ..audit.crypto import open_keyring
@@ -104,9 +106,24 @@ def _broker(settings: Settings, timeout: float) -> Check:
         queues = settings.queues
         depths = [f"{backlog(app, q, unknown_queue=0)} waiting in {q}" for q in queues]
     except errors.BrokerUnavailable as exc:
-        return Check("broker", False, str(exc), f"is Redis running and {PREFIX}BROKER_URL right?")
+        return Check("broker", False, str(exc), f"is the broker running and {PREFIX}BROKER_URL right?")
     finally:
         app.close()
+    if settings.redis_url:  # the fleet's shared state, apart from the broker
+        where = describe_url(settings.redis_url)
+        client = redis.Redis.from_url(settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        try:
+            client.ping()
+        except redis.RedisError as exc:
+            return Check(
+                "broker",
+                False,
+                f"cannot reach the fleet's Redis {where} ({type(exc).__name__}: {exc})",
+                f"is that Redis running and {PREFIX}REDIS_URL right?",
+            )
+        finally:
+            client.close()
+        depths.append(f"shared state in {where}")
     return Check("broker", True, f"reachable: {', '.join(depths)}")
 
 

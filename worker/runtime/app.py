@@ -46,6 +46,7 @@ def create_celery_app(settings: Settings) -> Celery:
         task_ignore_result=True,
         result_backend=None,
         task_acks_late=True,
+        task_default_delivery_mode="persistent",
         task_reject_on_worker_lost=True,
         # One message per free thread: a prefetched message waits for nothing but is lost to
         # the other workers while it sits here.
@@ -64,8 +65,14 @@ def create_celery_app(settings: Settings) -> Celery:
 
 
 def _queues(settings: Settings) -> list[Any]:
+    """The two queues, each bound to a direct exchange of its name. On RabbitMQ both are durable and every
+    message persistent (``task_default_delivery_mode``: Celery's default, stated), so a broker restart
+    keeps what waits; a classic queue (docs/operations.md says what a quorum queue would change)."""
     names = settings.queues
-    return [Queue(name, Exchange(name), routing_key=name) for name in names]  # type: ignore[no-untyped-call]
+    return [
+        Queue(name, Exchange(name, durable=True), routing_key=name, durable=True)  # type: ignore[no-untyped-call]
+        for name in names
+    ]
 
 
 def _transport_options(settings: Settings) -> dict[str, Any]:
@@ -85,7 +92,13 @@ def _transport_options(settings: Settings) -> dict[str, Any]:
             "polling_interval": EMBEDDED_POLL_SECONDS,
         }
     # A message unacknowledged this long is delivered again (Redis). Settings guarantee it
-    # exceeds an attempt's lease, and no countdown is longer than a quarter of it.
+    # exceeds an attempt's lease, and no countdown is longer than a quarter of it. RabbitMQ has no
+    # visibility timeout: it delivers again what a closed connection left unacknowledged, and
+    # ignores these options (its consumer_timeout must outlast a lease: docs/operations.md).
+    if settings.effective_broker_url.startswith(("amqp://", "amqps://", "pyamqp://")):
+        # RabbitMQ confirms each publish: without it a message written to a connection the broker has
+        # closed (a restart) is lost without an error, and the job waits for the sweeper's grace.
+        return {"confirm_publish": True}
     return {
         "visibility_timeout": settings.visibility_timeout,
         "socket_connect_timeout": settings.connect_timeout,

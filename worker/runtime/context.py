@@ -61,7 +61,11 @@ class Runtime:
         return factory
 
     def _build_session_factory(self) -> sessionmaker[Session]:
-        engine = db.make_engine(self.settings.effective_database_url, pool_size=self.settings.effective_db_pool_size)
+        engine = db.make_engine(
+            self.settings.effective_database_url,
+            pool_size=self.settings.effective_db_pool_size,
+            prepare=not self.settings.db_transaction_pooling,
+        )
         try:
             schema.ensure_current(engine, self.settings)
         except BaseException:
@@ -144,7 +148,7 @@ class Runtime:
         the synchronous API's waits; on SQLite it only says how long to sleep between reads."""
 
         def build() -> JobWaiter:
-            waiter = JobWaiter(self.settings.effective_database_url)
+            waiter = JobWaiter(self.settings.effective_listen_url)
             waiter.start(None)
             return waiter
 

@@ -38,11 +38,13 @@ def describe_url(url: str) -> str:
 MAX_OVERFLOW = 4
 
 
-def make_engine(url: str, *, connect_timeout: float | None = None, pool_size: int = 10) -> Engine:
+def make_engine(url: str, *, connect_timeout: float | None = None, pool_size: int = 10, prepare: bool = True) -> Engine:
     """An engine for ``url``; SQLite files get WAL mode and a busy timeout. ``connect_timeout`` bounds a new
     server connection (PostgreSQL), for probes that must answer quickly. ``pool_size``: connections kept
     open (a worker process passes its concurrency: a pool smaller than the threads checking out closes and
-    reopens the overflow connections all the time).
+    reopens the overflow connections all the time). ``prepare=False``: psycopg prepares no statement on the
+    server, for a pooler in transaction mode (PgBouncer hands each transaction any server connection, where a
+    statement prepared on another is missing: ``prepared statement "_pg3_0" does not exist``).
 
     Raises:
         ConfigError: the URL cannot be parsed or names a driver that is not installed.
@@ -62,8 +64,13 @@ def make_engine(url: str, *, connect_timeout: float | None = None, pool_size: in
         # session_scope raises StoreUnavailable, which the worker retries (the task with a new message,
         # the outcome in place).
         kwargs.update(pool_size=pool_size, max_overflow=MAX_OVERFLOW)
-        if connect_timeout is not None and parsed.get_backend_name() == "postgresql":
-            kwargs["connect_args"] = {"connect_timeout": max(1, round(connect_timeout))}
+        if parsed.get_backend_name() == "postgresql":
+            connect_args: dict[str, Any] = {}
+            if connect_timeout is not None:
+                connect_args["connect_timeout"] = max(1, round(connect_timeout))
+            if not prepare:
+                connect_args["prepare_threshold"] = None
+            kwargs["connect_args"] = connect_args
     try:
         engine = create_engine(parsed, **kwargs)
     except (ArgumentError, ImportError) as exc:

@@ -398,10 +398,11 @@ def credentials_of(settings: Settings) -> Credentials:
 
 
 def shared_cache(settings: Settings, keyring: Keyring) -> SessionCache:
-    """Redis when the broker is Redis, a file in the data directory on the embedded default, else memory."""
-    if settings.effective_broker_url.startswith(("redis://", "rediss://", "unix://")):
+    """Redis (``QBGW_REDIS_URL``, else the broker when it is Redis), a file in the data directory on the
+    embedded default, else memory (Settings refuse a session kind of ``QBGW_AUTH`` there)."""
+    if settings.coordination_url:
         hold = settings.connect_timeout + settings.read_timeout + 5
-        return RedisCache(settings.effective_broker_url, keyring, hold_seconds=hold)
+        return RedisCache(settings.coordination_url, keyring, hold_seconds=hold)
     if settings.is_embedded_broker:
         return FileCache(settings.data_dir / "sessions", keyring)
     return MemoryCache()

@@ -4,10 +4,12 @@ QuickBlox counts API calls per application and second (Basic 80, Starter 120, Gr
 creation counts too) and answers 429 beyond that. Celery's ``rate_limit`` is per worker process, so N
 workers would send N times the limit; here every worker of a deployment draws from one budget:
 
-- **Redis** (the broker is Redis): the state lives in Redis and each decision is one Lua script, so it is
-  atomic across every worker on every host, on Redis's own clock (``TIME``);
+- **Redis** (``QBGW_REDIS_URL``, else the broker when it is Redis): the state lives in Redis and each
+  decision is one Lua script, so it is atomic across every worker on every host, on Redis's own clock
+  (``TIME``);
 - **a file** (the embedded default, whose workers share one machine): the same decision under ``flock``;
-- **process memory** for any other broker (the limit then holds per process only; a warning says so).
+- **process memory** for any other broker without ``QBGW_REDIS_URL``: only when no budget is set (a budget
+  would hold per process only, so the settings refuse it at start) and the 429 cooldown is per process.
 
 The algorithm is GCRA (the "generic cell rate algorithm", a token bucket kept as one timestamp per
 budget: the theoretical arrival time, TAT). A budget of ``rate`` calls per second with a ``burst`` of B
@@ -200,8 +202,8 @@ class _Cooldown:
 
 
 class MemoryLimiter:
-    """One process's memory: the limit holds per process only (for a broker that is neither Redis nor the
-    filesystem, and for tests). ``clock`` is injectable for tests."""
+    """One process's memory: the state of one process only (the cooldown where the workers share nothing,
+    and tests). ``clock`` is injectable for tests."""
 
     def __init__(self, *, cooldown_base: float = 2.0, cooldown_cap: float = 60.0, clock: Any = time.time) -> None:
         self._state: State = {}
@@ -361,8 +363,9 @@ _COOL_DOWN = _script("cool_down.lua")
 class RedisLimiter:
     """The budgets in Redis (``qbgw:rl:<scope>:...``), each decision one atomic script on Redis's clock.
 
-    Redis trouble is logged (once a minute) and the call goes ahead: the broker is the same Redis, so a
-    worker that cannot reach it is not taking new jobs anyway.
+    Redis trouble is logged (once a minute) and the call goes ahead: when the broker is the same Redis, a
+    worker that cannot reach it is not taking new jobs anyway; with a Redis of its own (``QBGW_REDIS_URL``
+    beside RabbitMQ) the workers keep working unthrottled until it is back (docs/rate-limits.md).
     """
 
     def __init__(
@@ -461,15 +464,19 @@ def scope_of(settings: Settings) -> str:
 
 
 def limiter_for(settings: Settings) -> Limiter:
-    """Redis when the broker is Redis, a file in the data directory on the embedded default, else memory."""
+    """Redis (``QBGW_REDIS_URL``, else the broker when it is Redis), a file in the data directory on the
+    embedded default, else this process's memory: then no budget is set (Settings refuse one where the
+    workers share nothing) and only the cooldown after a 429 is the process's own."""
     base, cap = settings.rate_cooldown, settings.rate_cooldown_max
     scope = scope_of(settings)
-    if settings.effective_broker_url.startswith(("redis://", "rediss://", "unix://")):
-        return RedisLimiter(settings.effective_broker_url, scope, cooldown_base=base, cooldown_cap=cap)
+    if settings.coordination_url:
+        return RedisLimiter(settings.coordination_url, scope, cooldown_base=base, cooldown_cap=cap)
     if settings.is_embedded_broker:
         return FileLimiter(settings.data_dir, scope, cooldown_base=base, cooldown_cap=cap)
-    if settings.rate_limit or settings.rate_limit_per_assistant or settings.rate_limit_assistants:
-        log.warning("the rate limit is kept per worker process: the broker is neither Redis nor the filesystem")
+    log.info(
+        "the cooldown after a 429 is kept per worker process: the broker is neither Redis nor the filesystem "
+        "and QBGW_REDIS_URL is not set"
+    )
     return MemoryLimiter(cooldown_base=base, cooldown_cap=cap)
 
 

@@ -1,7 +1,9 @@
 """Session cache: where the workers of one deployment share their QuickBlox session (``qbgw.upstream.auth``).
 
-Redis when the broker is Redis; a file in the data directory, locked with ``flock``, on the embedded
-default (whose workers share one machine); process memory otherwise. Tokens are stored encrypted.
+Redis (``QBGW_REDIS_URL``, else the broker when it is Redis); a file in the data directory, locked with
+``flock``, on the embedded default (whose workers share one machine); process memory otherwise (only for
+tests and a static token: the settings refuse a session where the workers share nothing). Tokens are
+stored encrypted.
 
 Each cache also answers a cheap question before every send, ``version(key)``: has the shared session been
 replaced since I last read it? A ``stat`` of the file; for Redis a read of the entry at most every
@@ -110,7 +112,7 @@ def _decode(raw: str | bytes | None, keyring: Keyring, key: str) -> SessionInfo 
 
 
 class MemoryCache:
-    """One process's memory: for a broker other than Redis or the filesystem, and for tests."""
+    """One process's memory: for tests (the settings refuse a shared session where there is no Redis)."""
 
     def __init__(self) -> None:
         self._entries: dict[str, SessionInfo] = {}
@@ -190,7 +192,7 @@ class FileCache:
 
 
 class RedisCache:
-    """``qbgw:session:<key>`` in the broker's Redis, expiring with the session; created under a Redis
+    """``qbgw:session:<key>`` in the fleet's Redis, expiring with the session; created under a Redis
     lock (SET NX PX with a random token, released by a compare-and-delete script: redis-py's ``Lock``).
 
     Redis trouble is logged, not raised: the worker then makes its own session, as without a cache.
