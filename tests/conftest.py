@@ -175,7 +175,10 @@ def _truncate(url: str) -> None:
         with engine.begin() as connection:
             connection.execute(text("SET LOCAL session_replication_role = replica"))
             connection.execute(
-                text("TRUNCATE jobs, batches, audit_events, api_keys, webhook_secrets, webhook_deliveries")
+                text(
+                    "TRUNCATE jobs, batches, audit_events, api_keys, webhook_secrets, webhook_deliveries, files, "
+                    "openai_batches"
+                )
             )
             connection.execute(
                 text(

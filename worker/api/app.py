@@ -197,8 +197,10 @@ def _ctx(request: Request) -> _Context:
     return ctx
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """The ASGI application of ``qbgw serve`` (settings from the environment when None)."""
+def create_app(settings: Settings | None = None, routers: tuple[APIRouter, ...] = ()) -> FastAPI:
+    """The ASGI application of qbgw's own endpoints (settings from the environment when None); ``routers`` come
+    first, so a route of theirs answers before one of ours with the same path (``qbgw serve`` runs
+    :func:`qbgw.api.create_app`, which adds the OpenAI-compatible ones)."""
     settings = settings or Settings.from_env()
     waiter = JobWaiter(settings.effective_database_url)
     failures = _Failures()
@@ -218,6 +220,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.ctx = _Context(settings, waiter, failures, _Keys())
 
     _secure_openapi(app)
+    for extra in routers:
+        app.include_router(extra)
     app.include_router(router)
 
     _install_handlers(app)

@@ -94,11 +94,25 @@ class Action(StrEnum):
     WEBHOOK_REDELIVERED = "webhook.redelivered"
     #: A principal's webhook signing secret was made or rotated (never the secret).
     WEBHOOK_SECRET_ROTATED = "webhook.secret_rotated"  # noqa: S105 - an event name
+    #: A file was uploaded through the OpenAI-compatible ``/v1/files`` (its digest and size, never its content).
+    FILE_UPLOADED = "file.uploaded"
+    #: Someone read a file's content (PHI): the file itself, or a batch's input read to create the batch.
+    FILE_READ = "file.read"
+    #: A file's content and name were erased: by its owner or an admin (deleted), or by the retention policy.
+    FILE_DELETED = "file.deleted"
+    FILE_PURGED = "file.purged"
 
 
 #: Actions that record a read, not a change.
 READS = frozenset(
-    {Action.RESULT_READ, Action.AUDIT_QUERIED, Action.AUDIT_EXPORTED, Action.AUDIT_VERIFIED, Action.BATCH_EXPORTED}
+    {
+        Action.RESULT_READ,
+        Action.AUDIT_QUERIED,
+        Action.AUDIT_EXPORTED,
+        Action.AUDIT_VERIFIED,
+        Action.BATCH_EXPORTED,
+        Action.FILE_READ,
+    }
 )
 
 

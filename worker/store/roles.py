@@ -37,6 +37,10 @@ TABLES: dict[str, tuple[str, ...]] = {
     # Signing secrets are added and expired (rotation), deliveries made, leased and finished; never deleted.
     "webhook_secrets": ("SELECT", "INSERT", "UPDATE"),
     "webhook_deliveries": ("SELECT", "INSERT", "UPDATE"),
+    # OpenAI-compatible files are uploaded, read, and erased by a delete or a purge (content set to NULL, the row
+    # kept); an OpenAI batch's row is inserted with its batch and read.
+    "files": ("SELECT", "INSERT", "UPDATE"),
+    "openai_batches": ("SELECT", "INSERT"),
     # Every process checks the schema's revision before it starts.
     "alembic_version": ("SELECT",),
 }
