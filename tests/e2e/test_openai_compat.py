@@ -298,6 +298,14 @@ def test_qbgw_batches_and_openai_batches_share_the_path(server: Server) -> None:
     unknown = server.client("sub").get("/v1/batches/batch_" + "0" * 32)
     assert unknown.status_code == 404
     assert unknown.json()["error"]["code"] == "not_found"
+    # A part of the upload the server would not honour is refused by name, not dropped.
+    extra = server.client("sub").post(
+        "/v1/files",
+        files={"file": ("a.jsonl", b"{}\n")},
+        data={"purpose": "batch", "expires_after[anchor]": "created_at"},
+    )
+    assert extra.status_code == 400
+    assert extra.json()["error"]["param"] == "expires_after[anchor]"
     nobody = httpx.get(server.url + "/v1/files", timeout=10)
     assert nobody.status_code == 401
     assert nobody.json()["error"]["type"] == "authentication_error"

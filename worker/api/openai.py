@@ -219,6 +219,9 @@ def _upload(raw: bytes, content_type: str, actor: str, settings: Any) -> compat.
     parts = _multipart(raw, content_type)
     if "file" not in parts:
         raise errors.InputError("file: required, the part holding the JSON Lines file")
+    unknown = sorted(set(parts) - {"file", "purpose"})
+    if unknown:  # expires_after and the like: refused by name, never dropped
+        raise errors.InputError(f"{unknown[0]}: not supported; a file upload has the parts file and purpose")
     purpose = parts.get("purpose", (None, b""))[1].decode("utf-8", "replace")
     filename, content = parts["file"]
     return compat.upload_file(content, filename=filename, purpose=purpose, actor=actor, settings=settings)

@@ -38,9 +38,9 @@ TABLES: dict[str, tuple[str, ...]] = {
     "webhook_secrets": ("SELECT", "INSERT", "UPDATE"),
     "webhook_deliveries": ("SELECT", "INSERT", "UPDATE"),
     # OpenAI-compatible files are uploaded, read, and erased by a delete or a purge (content set to NULL, the row
-    # kept); an OpenAI batch's row is inserted with its batch and read.
+    # kept); an OpenAI batch's row is inserted with its batch and read. Key rotation re-encrypts both (UPDATE).
     "files": ("SELECT", "INSERT", "UPDATE"),
-    "openai_batches": ("SELECT", "INSERT"),
+    "openai_batches": ("SELECT", "INSERT", "UPDATE"),
     # Every process checks the schema's revision before it starts.
     "alembic_version": ("SELECT",),
 }
