@@ -52,6 +52,8 @@ MAX_FILE_BYTES = 200 * 1024 * 1024
 ENDPOINTS = (batch_input.CHAT_URL, batch_input.GATEWAY_URL)
 PURPOSES = ("batch",)
 MAX_METADATA = 16
+#: The longest page of a list.
+MAX_PAGE = 10_000
 _FILE_ID = re.compile(r"^file-[0-9a-f]{32}$")
 _BATCH_ID = re.compile(r"^batch_[0-9a-f]{32}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -106,6 +108,8 @@ def _find(session: Session, file_id: str, owner: str | None) -> File:
     row = file_store.get_file(session, file_id)
     if owner is not None and row.actor != owner:
         raise FileNotFound(file_id)  # another principal's file does not exist for this one
+    if row.deleted_at is not None:  # deleted or purged: the row stays for the audit trail, the file is gone
+        raise FileNotFound(file_id)
     return row
 
 
@@ -148,7 +152,7 @@ def file_info(file_id: str, *, owner: str | None = None, settings: Settings | No
     """A file's metadata (no content is read). ``owner``: only that principal's files exist.
 
     Raises:
-        FileNotFound: no such file (or another principal's).
+        FileNotFound: no such file (or another principal's), or it was deleted or purged.
     """
     with runtime(settings).transaction() as session:
         return _info(session, _find(session, file_id, owner))
@@ -169,7 +173,8 @@ def file_content(file_id: str, *, reader: str, owner: str | None = None, setting
 
 
 def delete_file(file_id: str, *, actor: str, owner: str | None = None, settings: Settings | None = None) -> FileInfo:
-    """Erase a file's content and name (audited ``file.deleted``); a file already erased is not found.
+    """Erase a file's content and name (audited ``file.deleted``); the row stays (id, size, times), the file is
+    not found from then on.
 
     Raises:
         FileNotFound: no such file, another principal's, or deleted already.
@@ -190,9 +195,9 @@ def list_files(
     newest_first: bool = True,
     settings: Settings | None = None,
 ) -> list[FileInfo]:
-    """Files not deleted, of ``owner`` when given, a page of ``limit`` after the file ``after``."""
-    if not 1 <= limit <= 10_000:
-        raise InputError(f"limit: must be between 1 and 10000, got {limit}")
+    """Files not deleted nor purged, of ``owner`` when given: a page of ``limit`` after the file ``after``."""
+    if not 1 <= limit <= MAX_PAGE + 1:  # one more than a page: whether there is another
+        raise InputError(f"limit: must be between 1 and {MAX_PAGE}, got {limit}")
     with runtime(settings).transaction() as session:
         rows = file_store.list_files(
             session, actor=owner, purpose=purpose, after=after, limit=limit, newest_first=newest_first
@@ -299,8 +304,8 @@ def list_batches(
     *, owner: str | None = None, after: str | None = None, limit: int = 20, settings: Settings | None = None
 ) -> list[OpenAIBatchInfo]:
     """OpenAI batches newest first (of ``owner`` when given), a page of ``limit`` after the batch ``after``."""
-    if not 1 <= limit <= 100:
-        raise InputError(f"limit: must be between 1 and 100, got {limit}")
+    if not 1 <= limit <= MAX_PAGE + 1:
+        raise InputError(f"limit: must be between 1 and {MAX_PAGE}, got {limit}")
     after_id = None if after is None else batch_id_of(after)
     rt = runtime(settings)
     with rt.transaction() as session:

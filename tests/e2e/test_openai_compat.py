@@ -309,3 +309,44 @@ def test_qbgw_batches_and_openai_batches_share_the_path(server: Server) -> None:
     nobody = httpx.get(server.url + "/v1/files", timeout=10)
     assert nobody.status_code == 401
     assert nobody.json()["error"]["type"] == "authentication_error"
+
+
+def test_every_role_against_the_openai_endpoints(server: Server) -> None:
+    """Expected status per principal, for a file and a finished batch of "sub" (sub2: another submitter)."""
+    client = sdk(server, "sub")
+    uploaded = client.files.create(file=("m.jsonl", jsonl([chat_line("a", "hi")])), purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    done = poll(client, batch.id, {"completed"})
+    other = client.files.create(file=("n.jsonl", jsonl([chat_line("b", "hi")])), purpose="batch")
+    who = ("sub", "sub2", "reader", "auditor", "admin")
+    matrix: list[tuple[str, str, tuple[int, ...]]] = [
+        ("GET", "/v1/files", (200, 200, 200, 200, 200)),
+        ("GET", f"/v1/files/{uploaded.id}", (200, 404, 200, 200, 200)),
+        ("GET", f"/v1/files/{uploaded.id}/content", (200, 404, 200, 403, 403)),
+        ("GET", f"/v1/files/{done.output_file_id}/content", (200, 404, 200, 403, 403)),
+        ("GET", "/v1/batches", (200, 200, 200, 200, 200)),
+        ("GET", f"/v1/batches/{batch.id}", (200, 404, 200, 200, 200)),
+        ("POST", f"/v1/batches/{batch.id}/cancel", (200, 404, 403, 403, 200)),  # an ended batch stays as it was
+        ("POST", "/v1/batches", (200, 404, 403, 403, 403)),  # from sub's file: sub2's does not exist for it
+        ("POST", "/v1/chat/completions", (200, 200, 403, 403, 403)),
+        ("POST", "/v1/files", (200, 200, 403, 403, 403)),
+        ("DELETE", f"/v1/files/{other.id}", (200, 404, 403, 403, 404)),  # admin after sub: deleted already
+    ]
+    seen, expected = {}, {}
+    for method, path, codes in matrix:
+        for name, code in zip(who, codes, strict=True):
+            http = server.client(name)
+            if path == "/v1/batches" and method == "POST":
+                answer = http.post(path, json={"input_file_id": other.id, "endpoint": "/v1/chat/completions"})
+            elif path == "/v1/chat/completions":
+                answer = http.post(path, json={"model": ASSISTANT, "messages": [{"role": "user", "content": "hi"}]})
+            elif path == "/v1/files" and method == "POST":
+                answer = http.post(path, files={"file": ("x.jsonl", b"{}\n")}, data={"purpose": "batch"})
+            else:
+                answer = http.request(method, path)
+            seen[(method, path, name)] = answer.status_code
+            expected[(method, path, name)] = code
+            if answer.status_code >= 400:
+                assert set(answer.json()["error"]) >= {"message", "type", "param", "code"}, answer.text
+    assert seen == expected
+    assert client.batches.retrieve(batch.id).status == "completed"

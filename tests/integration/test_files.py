@@ -68,7 +68,9 @@ def test_a_deleted_file_is_erased_and_gone(settings: Settings) -> None:
     with pytest.raises(FileNotFound):
         compat.delete_file(info.id, actor="key:web", settings=settings)
     assert [e.actor for e in audit_query(AuditFilter(action="file.deleted"), settings=settings)] == ["key:web"]
-    assert compat.list_files(settings=settings) == [compat.file_info(info.id, settings=settings)]
+    assert compat.list_files(settings=settings) == []
+    with pytest.raises(FileNotFound):
+        compat.file_info(info.id, settings=settings)
 
 
 def test_purge_erases_files_older_than_the_cutoff(settings: Settings) -> None:

@@ -13,4 +13,4 @@ __all__ = ["create_app"]
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The ASGI application of ``qbgw serve``: qbgw's endpoints and the OpenAI-compatible ones (docs/openai.md)."""
-    return app.create_app(settings, routers=(openai.router,))
+    return app.create_app(settings, routers=(openai.router,), alternates=openai.ALTERNATES)

@@ -4,8 +4,9 @@ in the shapes the official ``openai`` SDKs parse, behind the same keys and roles
 ``POST /v1/batches`` is shared with qbgw's own JSON Lines batches: a body sent as ``application/json`` is
 OpenAI's (``input_file_id``, ``endpoint``, ...), anything else is qbgw's. An OpenAI batch's id is ``batch_``
 and 32 hex digits, a qbgw batch's a UUID, so ``GET /v1/batches/{id}`` and ``.../cancel`` answer each in its own
-shape. Errors here have OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``; another principal's
-file or batch is 404, as if it did not exist.
+shape: qbgw's handlers of those paths hand OpenAI's requests to :data:`ALTERNATES`. Errors here have OpenAI's
+shape, ``{"error": {"message", "type", "param", "code"}}``; another principal's file or batch is 404, as if it
+did not exist.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from ..store.batches import BatchStatus
 from . import app as door
 from .problems import field_of, from_error
 
-__all__ = ["router", "CHAT_WAIT", "MAX_UPLOAD"]
+__all__ = ["router", "ALTERNATES", "CHAT_WAIT", "MAX_UPLOAD"]
 
 router = APIRouter()
 
@@ -246,6 +247,8 @@ async def list_files(
 ) -> Response:
     """The files this key may see (a submitter: its own), newest first (``order=asc``: oldest first)."""
     principal, scope = await door.who(request, "files.status")
+    if not 1 <= limit <= compat.MAX_PAGE:
+        raise errors.InputError(f"limit: must be between 1 and {compat.MAX_PAGE}, got {limit}")
     if order not in ("asc", "desc"):
         raise errors.InputError(f"order: {order[:10]!r} is not accepted; use asc or desc")
     found = await door.call(
@@ -504,32 +507,18 @@ async def create_batch(request: Request) -> Response:
     return JSONResponse(_batch(info))
 
 
-@router.post("/v1/batches", status_code=202, tags=["batches", "openai"], openapi_extra=door._BATCH_BODY)
-async def submit_batch(
-    request: Request,
-    assistant_id: str | None = None,
-    completion_window: str = "24h",
-    skip_invalid: bool = False,
-    webhook_url: str | None = None,
-) -> Response:
-    """A batch: OpenAI's (a JSON body naming an uploaded ``input_file_id``; Content-Type application/json) or
-    qbgw's (a JSON Lines body, any other Content-Type, see ``qbgw batch submit``)."""
-    kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if kind == "application/json":
-        return await create_batch(request)
-    return await door.submit_batch(request, assistant_id, completion_window, skip_invalid, webhook_url)
-
-
 @router.get("/v1/batches", tags=["openai"])
 @openai_errors
 async def list_batches(request: Request, after: str | None = None, limit: int = 20) -> Response:
     """The OpenAI batches this key may see (a submitter: its own), newest first."""
     principal, scope = await door.who(request, "batches.status")
+    if not 1 <= limit <= 100:
+        raise errors.InputError(f"limit: must be between 1 and 100, got {limit}")
     found = await door.call(
         compat.list_batches,
         owner=_owner(principal, scope),
         after=after,
-        limit=min(limit, 100) + 1 if limit >= 1 else limit,
+        limit=limit + 1,
         settings=door._ctx(request).settings,
     )
     data = [_batch(info) for info in found[:limit]]
@@ -556,14 +545,6 @@ async def _retrieve_batch(request: Request, openai_id: str) -> Response:
     return JSONResponse(_batch(info))
 
 
-@router.get("/v1/batches/{batch_id}", tags=["batches", "openai"])
-async def get_batch(request: Request, batch_id: str) -> Response:
-    """A batch: in OpenAI's shape for an id ``batch_...``, in qbgw's for a UUID."""
-    if batch_id.startswith("batch_"):
-        return await _retrieve_batch(request, batch_id)
-    return await door.get_batch(request, batch_id)
-
-
 @openai_errors
 async def _cancel_batch(request: Request, openai_id: str) -> Response:
     principal, scope = await door.who(request, "batches.cancel")
@@ -573,15 +554,6 @@ async def _cancel_batch(request: Request, openai_id: str) -> Response:
     await door.call(control.cancel_batch, batch_id, actor=principal.actor, settings=settings)
     info = await door.call(compat.get_batch, batch_id, settings=settings)
     return JSONResponse(_batch(info))
-
-
-@router.post("/v1/batches/{batch_id}/cancel", tags=["batches", "openai"])
-async def cancel_batch(request: Request, batch_id: str) -> Response:
-    """Cancel a batch: its unfinished requests are cancelled, finished ones keep their results (OpenAI's shape for
-    an id ``batch_...``)."""
-    if batch_id.startswith("batch_"):
-        return await _cancel_batch(request, batch_id)
-    return await door.cancel_batch(request, batch_id)
 
 
 # ---- chat completions ----
@@ -660,3 +632,11 @@ async def chat_completions(request: Request) -> Response:
         code=view.error_class,
         headers=final,
     )
+
+
+#: The requests to qbgw's own batch paths that are OpenAI's (see ``app.ALTERNATES``).
+ALTERNATES: dict[str, Callable[..., Awaitable[Response]]] = {
+    "batches.create": create_batch,
+    "batches.retrieve": _retrieve_batch,
+    "batches.cancel": _cancel_batch,
+}

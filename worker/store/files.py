@@ -96,9 +96,9 @@ def get_file(session: Session, file_id: str) -> File:
 def list_files(
     session: Session, *, actor: str | None, purpose: str | None, after: str | None, limit: int, newest_first: bool
 ) -> list[File]:
-    """Files (of ``actor`` when given), ordered by creation time then id; ``after``: the id the previous page
-    ended with."""
-    query = select(File)
+    """Files not deleted nor purged (of ``actor`` when given), ordered by creation time then id; ``after``: the id
+    the previous page ended with."""
+    query = select(File).where(File.deleted_at.is_(None))
     if actor is not None:
         query = query.where(File.actor == actor)
     if purpose is not None:
