@@ -6,6 +6,7 @@ with an image, refused parameters, validation at create time, and a file invisib
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -306,6 +307,21 @@ def test_qbgw_batches_and_openai_batches_share_the_path(server: Server) -> None:
     )
     assert extra.status_code == 400
     assert extra.json()["error"]["param"] == "expires_after[anchor]"
+    # An upload declared over the limit is refused before its body is read (413, in OpenAI's shape).
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as raw:
+        raw.sendall(
+            b"POST /v1/files HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + server.keys["sub"].encode() + b"\r\n"
+            b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 300000000\r\n\r\n"
+        )
+        answer = b""
+        while b"}}" not in answer:  # the body's JSON ends the answer
+            chunk = raw.recv(65536)
+            assert chunk, answer
+            answer += chunk
+    head, _, body = answer.decode().partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.1 413"), head
+    assert json.loads(body)["error"]["type"] == "invalid_request_error"
     nobody = httpx.get(server.url + "/v1/files", timeout=10)
     assert nobody.status_code == 401
     assert nobody.json()["error"]["type"] == "authentication_error"
