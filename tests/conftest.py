@@ -204,7 +204,7 @@ def _truncate(url: str) -> None:
             connection.execute(
                 text(
                     "TRUNCATE jobs, batches, audit_events, audit_pending, api_keys, webhook_secrets, "
-                    "webhook_deliveries, console_users, console_sessions"
+                    "webhook_deliveries, console_users, console_sessions, files, openai_batches"
                 )
             )
             connection.execute(

@@ -62,6 +62,11 @@ PERMISSIONS: dict[str, dict[Role, str]] = {
     "batches.status": {Role.SUBMITTER: "own", Role.READER: "any", Role.AUDITOR: "any", Role.ADMIN: "any"},
     "batches.results": {Role.SUBMITTER: "own", Role.READER: "any"},
     "batches.cancel": {Role.SUBMITTER: "own", Role.ADMIN: "any"},
+    # The OpenAI-compatible endpoints (docs/openai.md): a file's content is PHI, its metadata is not.
+    "files.upload": {Role.SUBMITTER: "any"},
+    "files.status": {Role.SUBMITTER: "own", Role.READER: "any", Role.AUDITOR: "any", Role.ADMIN: "any"},
+    "files.content": {Role.SUBMITTER: "own", Role.READER: "any"},
+    "files.delete": {Role.SUBMITTER: "own", Role.ADMIN: "any"},
     "audit.events": {Role.AUDITOR: "any"},
     "audit.verify": {Role.AUDITOR: "any", Role.ADMIN: "any"},
     "audit.access_report": {Role.AUDITOR: "any"},

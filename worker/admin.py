@@ -21,6 +21,7 @@ from .lifecycle import utcnow
 from .runtime.locator import runtime
 from .settings import Settings
 from .store import chain, maintenance, roles
+from .store import files as file_store
 from .upstream import auth
 
 __all__ = [
@@ -104,16 +105,23 @@ def _reencrypt_pass(*, settings: Settings, key_id: str) -> int:
 
 
 def purge_phi(*, older_than: timedelta, actor: str = "operator", settings: Settings | None = None) -> int:
-    """Erase the PHI of finished jobs older than ``older_than`` (finished before now - that); returns how many.
+    """Erase the PHI of finished jobs older than ``older_than`` (finished before now - that), and the content and
+    name of files uploaded before then (OpenAI-compatible ``/v1/files``); returns how many jobs and files.
 
     Status, timestamps and the whole audit trail stay: the chain still verifies, and each
-    purge is audited per job.
+    purge is audited per job (``job.purged``) and per file (``file.purged``).
     """
     rt = runtime(settings)
     cutoff, purged = utcnow() - older_than, 0
     while True:
         with rt.transaction() as session:
             done = maintenance.purge_chunk(session, cutoff=cutoff, actor=actor)
+        if not done:
+            break
+        purged += done
+    while True:
+        with rt.transaction() as session:
+            done = file_store.purge_chunk(session, cutoff=cutoff, actor=actor, now=utcnow())
         if not done:
             return purged
         purged += done

@@ -14,6 +14,7 @@ job at once on a ``PermanentGatewayError``; no caller inspects status codes itse
     ├── Unauthenticated ........................ an API key is missing, malformed, unknown, expired or revoked
     ├── JobNotFound (also LookupError) ......... no job has this id
     ├── BatchNotFound (also LookupError) ....... no batch has this id
+    ├── FileNotFound (also LookupError) ........ no file has this id (OpenAI-compatible /v1/files)
     ├── JobStateConflict ....................... the job's status does not allow the operation
     ├── InvalidTransition (also RuntimeError) .. a status change the table forbids: a bug
     ├── InternalError .......................... an unexpected exception met a job in the worker
@@ -54,6 +55,7 @@ __all__ = [
     "Unauthenticated",
     "JobNotFound",
     "BatchNotFound",
+    "FileNotFound",
     "JobStateConflict",
     "InvalidTransition",
     "InternalError",
@@ -145,6 +147,14 @@ class JobNotFound(QbgwError, LookupError):
 
     def __str__(self) -> str:
         return f"no such job: {self.job_id}"
+
+
+class FileNotFound(QbgwError, LookupError):
+    """No file has the given id (or it is another principal's)."""
+
+    def __init__(self, file_id: str) -> None:
+        super().__init__(file_id)
+        self.file_id = file_id
 
 
 class BatchNotFound(QbgwError, LookupError):

@@ -28,6 +28,9 @@ __all__ = [
     "validate_messages",
     "validate_subject",
     "MAX_SUBJECT",
+    "CHAT_SUPPORTED",
+    "CHAT_DEFAULTS",
+    "chat_request",
 ]
 
 ROLES = ("system", "developer", "user", "assistant")
@@ -58,6 +61,11 @@ _FIELD_TYPES: dict[str, tuple[type, str]] = {
     "body": (dict, "an object"),
 }
 _UTF8_CHUNK = 1 << 20
+#: The fields of an OpenAI chat completion request the gateway honours: ``model`` (the Smart Chat assistant's id)
+#: and ``messages``.
+CHAT_SUPPORTED = ("model", "messages")
+#: Fields accepted only with the value that changes nothing (the gateway gives one answer, not streamed).
+CHAT_DEFAULTS: dict[str, object] = {"n": 1, "stream": False}
 
 
 def check_fields(data: dict[Any, Any], accepted: Collection[str], where: str = "") -> dict[Any, Any]:
@@ -329,3 +337,35 @@ def _show(value: object) -> str:
 
 def _kind(value: object) -> str:
     return "null" if value is None else type(value).__name__
+
+
+def chat_request(body: object, where: str = "") -> tuple[object, object]:
+    """(model, messages) of an OpenAI chat completion request; every other parameter is refused by name, since
+    the gateway cannot honour it (the assistant's settings decide the model, sampling and tools). A null value
+    counts as not given; ``n: 1`` and ``stream: false`` are accepted.
+
+    Raises:
+        InvalidMessages: ``<where>.<param>: ...`` naming the first parameter refused (sorted), or a missing model.
+    """
+    prefix = where + "." if where else ""
+    if not isinstance(body, dict):
+        raise InvalidMessages(f"{where or 'body'}: must be an object with model and messages, got {_kind(body)}")
+    for key in sorted(body, key=str):
+        value = body[key]
+        if key in CHAT_SUPPORTED or value is None:
+            continue
+        if key in CHAT_DEFAULTS and value == CHAT_DEFAULTS[key] and type(value) is type(CHAT_DEFAULTS[key]):
+            continue
+        if key in CHAT_DEFAULTS:
+            raise InvalidMessages(
+                f"{prefix}{key}: only {json.dumps(CHAT_DEFAULTS[key])} is supported by the gateway, got "
+                + (json.dumps(value) if isinstance(value, bool | int | float) else _show(value))
+            )
+        raise InvalidMessages(
+            f"{prefix}{_show(key) if not isinstance(key, str) else key}: not supported by the gateway (the Smart Chat "
+            "assistant's own settings decide the model, sampling and tools); remove it. Supported: model, messages"
+        )
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidMessages(f"{prefix}model: required, the Smart Chat assistant's id (a string)")
+    return model, body.get("messages")

@@ -264,5 +264,5 @@ def test_keys_and_purge_commands(env: dict[str, str], embedded_settings: Setting
     assert qbgw(env, "keys", "status").stdout.split() == ["ktest", "2"]  # payload and answer
     assert qbgw(env, "purge", "--older-than", "soon").exit_code == 2
     assert qbgw(env, "purge", "--older-than", "²d").exit_code == 2  # a Unicode digit: no traceback
-    assert qbgw(env, "purge", "--older-than", "0s").stdout.strip() == "purged the PHI of 1 job(s)"
+    assert qbgw(env, "purge", "--older-than", "0s").stdout.strip() == "purged the PHI of 1 job(s) and file(s)"
     assert qbgw(env, "result", job_id).exit_code == 0

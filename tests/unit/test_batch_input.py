@@ -35,6 +35,12 @@ def openai(custom_id: str, body: dict[str, Any] | None = None, **extra: Any) -> 
     return json.dumps({**line, **extra})
 
 
+def chat(custom_id: str, **params: Any) -> str:
+    """A line written for OpenAI's chat completions (model: the assistant's id)."""
+    body = {"model": ASSISTANT, "messages": HELLO, **params}
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body})
+
+
 def parse(lines: list[Any], *, default: str | None = None, skip: bool = False, roots: tuple[Path, ...] = ()) -> Any:
     return parse_lines(lines, default_assistant=default, policy=Policy(roots=roots), skip_invalid=skip)
 
@@ -43,6 +49,18 @@ def test_both_line_formats_give_the_same_job() -> None:
     parsed = parse([ours("a"), openai("b")])
     assert parsed.problems == []
     assert parsed.lines == [BatchLine(1, "a", ASSISTANT, HELLO), BatchLine(2, "b", ASSISTANT, HELLO)]
+
+
+def test_a_chat_completions_line_maps_model_to_the_assistant_and_takes_the_harmless_defaults() -> None:
+    parsed = parse([chat("a"), chat("b", n=1, stream=False, temperature=None)])
+    assert parsed.lines == [BatchLine(1, "a", ASSISTANT, HELLO), BatchLine(2, "b", ASSISTANT, HELLO)]
+
+
+def test_an_endpoint_holds_every_line_to_its_url() -> None:
+    with pytest.raises(InvalidBatch) as caught:
+        parse_lines([chat("a"), openai("b")], default_assistant=None, policy=Policy(), endpoint="/v1/chat/completions")
+    assert [n for n, _ in caught.value.problems] == [2]
+    assert caught.value.problems[0][1].startswith("url: '/ai/ai_extensions/ai_gateway'; every line of this batch")
 
 
 def test_a_line_without_an_assistant_uses_the_default_and_without_a_default_is_invalid() -> None:
@@ -68,7 +86,11 @@ def test_a_line_without_an_assistant_uses_the_default_and_without_a_default_is_i
         (ours("c", messages=[]), "messages: required, a non-empty list"),
         (ours("c", model="gpt-4o"), "unknown field(s) model"),
         (openai("c", method="GET"), "method: 'GET'; only POST is accepted"),
-        (openai("c", url="/v1/chat/completions"), "url: '/v1/chat/completions'; only /ai/ai_extensions/ai_gateway"),
+        (openai("c", url="/v1/embeddings"), "url: '/v1/embeddings'; only /ai/ai_extensions/ai_gateway or /v1/chat"),
+        (openai("c", url="/v1/chat/completions"), "body.smart_chat_assistant_id: not supported by the gateway"),
+        (chat("c", temperature=0.2), "body.temperature: not supported by the gateway"),
+        (chat("c", n=2), "body.n: only 1 is supported by the gateway, got 2"),
+        (chat("c", model=None), "body.model: required, the Smart Chat assistant's id"),
         (
             openai("c", {"messages": HELLO, "model": "gpt-4o", "smart_chat_assistant_id": ASSISTANT}),
             "body: unknown field(s) model; accepted: messages, smart_chat_assistant_id",

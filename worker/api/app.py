@@ -17,9 +17,9 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -147,7 +147,24 @@ _BATCH_BODY: dict[str, Any] = {
             "application/jsonl": {
                 "schema": {"type": "string", "format": "binary"},
                 "example": '{"custom_id": "a", "messages": [{"role": "user", "content": "Hi"}]}\n',
-            }
+            },
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "description": "an OpenAI batch from an uploaded file (docs/openai.md), answered 200",
+                    "required": ["input_file_id", "endpoint"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "input_file_id": {"type": "string", "description": "a file uploaded with purpose=batch"},
+                        "endpoint": {
+                            "type": "string",
+                            "enum": ["/v1/chat/completions", "/ai/ai_extensions/ai_gateway"],
+                        },
+                        "completion_window": {"type": "string", "default": "24h"},
+                        "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
+                    },
+                }
+            },
         },
     }
 }
@@ -207,12 +224,19 @@ class _Failures:
             self._seen.setdefault(source, deque(maxlen=FAILURES_ALLOWED * 2)).append(time.monotonic())
 
 
+#: The requests to our batch paths that another dialect answers (docs/openai.md): a POST /v1/batches whose body is
+#: application/json ("batches.create"), and GET /v1/batches/{id} and POST /v1/batches/{id}/cancel of an id
+#: ``batch_...`` ("batches.retrieve", "batches.cancel"), a qbgw batch's id being a UUID.
+ALTERNATES = ("batches.create", "batches.retrieve", "batches.cancel")
+
+
 @dataclass
 class _Context:
     settings: Settings
     waiter: JobWaiter
     failures: _Failures
     keys: _Keys
+    alternates: dict[str, Callable[..., Awaitable[Response]]] = field(default_factory=dict)
 
 
 def _ctx(request: Request) -> _Context:
@@ -220,8 +244,14 @@ def _ctx(request: Request) -> _Context:
     return ctx
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """The ASGI application of ``qbgw serve`` (settings from the environment when None)."""
+def create_app(
+    settings: Settings | None = None,
+    routers: tuple[APIRouter, ...] = (),
+    alternates: Mapping[str, Callable[..., Awaitable[Response]]] | None = None,
+) -> FastAPI:
+    """The ASGI application of qbgw's own endpoints (settings from the environment when None), with ``routers``
+    beside them, and ``alternates``: handlers for the requests to a path of ours that are another dialect's
+    (see ALTERNATES). ``qbgw serve`` runs :func:`qbgw.api.create_app`, which adds the OpenAI-compatible ones."""
     settings = settings or Settings.from_env()
     waiter = JobWaiter(settings.effective_listen_url)
     failures = _Failures()
@@ -238,12 +268,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Jobs for the QuickBlox HIPAA AI Gateway: submit, wait, read results, audit.",
         lifespan=lifespan,
     )
-    app.state.ctx = _Context(settings, waiter, failures, _Keys())
+    app.state.ctx = _Context(settings, waiter, failures, _Keys(), dict(alternates or {}))
 
     _secure_openapi(app)
     app.include_router(router)
     # The browser console: people signed in with a password, never API keys (docs/console.md).
     app.mount("/console", create_console(settings))
+    for extra in routers:
+        app.include_router(extra)
 
     _install_handlers(app)
 
@@ -485,7 +517,11 @@ async def submit_batch(
 ) -> Response:
     """A batch from a JSON Lines body (the lines of ``qbgw batch submit``) of at most 200 MB, held in memory as
     it arrives (never in a file: the lines hold message text); every line is validated before anything is
-    stored."""
+    stored. A body sent as application/json is an OpenAI batch made from an uploaded file (docs/openai.md)."""
+    openai = _ctx(request).alternates.get("batches.create")
+    kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if openai is not None and kind == "application/json":
+        return await openai(request)
     principal, _ = await who(request, "batches.submit")
     window = access.parse_duration(completion_window, "completion_window")
     hook = webhook_url or principal.webhook_url
@@ -517,7 +553,10 @@ async def batch_for(request: Request, principal: Principal, scope: str, batch_id
 
 @router.get("/v1/batches/{batch_id}", tags=["batches"])
 async def get_batch(request: Request, batch_id: str) -> Response:
-    """The batch's status and counts (no PHI)."""
+    """The batch's status and counts (no PHI); an OpenAI batch's id (``batch_...``) answers in OpenAI's shape."""
+    openai = _ctx(request).alternates.get("batches.retrieve")
+    if openai is not None and batch_id.startswith("batch_"):
+        return await openai(request, batch_id)
     principal, scope = await who(request, "batches.status")
     view = await batch_for(request, principal, scope, batch_id)
     return JSONResponse(view.as_dict())
@@ -556,7 +595,11 @@ async def batch_results(request: Request, batch_id: str, format: str = "jsonl", 
 
 @router.post("/v1/batches/{batch_id}/cancel", tags=["batches"])
 async def cancel_batch(request: Request, batch_id: str) -> Response:
-    """Cancel every job of the batch not finished yet; finished ones keep their results."""
+    """Cancel every job of the batch not finished yet; finished ones keep their results (an OpenAI batch's id,
+    ``batch_...``: in OpenAI's shape)."""
+    openai = _ctx(request).alternates.get("batches.cancel")
+    if openai is not None and batch_id.startswith("batch_"):
+        return await openai(request, batch_id)
     principal, scope = await who(request, "batches.cancel")
     await batch_for(request, principal, scope, batch_id)
     view = await call(control.cancel_batch, batch_id, actor=principal.actor, settings=_ctx(request).settings)

@@ -111,6 +111,13 @@ class Action(StrEnum):
     CONSOLE_VIEWED = "console.viewed"
     #: The console refused a request: a form without its CSRF token, a role without the right, an API key.
     CONSOLE_REFUSED = "console.refused"
+    #: A file was uploaded through the OpenAI-compatible ``/v1/files`` (its digest and size, never its content).
+    FILE_UPLOADED = "file.uploaded"
+    #: Someone read a file's content (PHI): the file itself, or a batch's input read to create the batch.
+    FILE_READ = "file.read"
+    #: A file's content and name were erased: by its owner or an admin (deleted), or by the retention policy.
+    FILE_DELETED = "file.deleted"
+    FILE_PURGED = "file.purged"
 
 
 #: Actions that record a read, not a change.
@@ -123,6 +130,7 @@ READS = frozenset(
         Action.ACCESS_REPORTED,
         Action.BATCH_EXPORTED,
         Action.CONSOLE_VIEWED,
+        Action.FILE_READ,
     }
 )
 

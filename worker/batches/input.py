@@ -17,6 +17,7 @@ from ..errors import InputError, InvalidBatch, InvalidMessages
 from ..images.refs import Policy
 from ..messages import (
     MAX_KEY,
+    chat_request,
     check_fields,
     load_json,
     validate_assistant_id,
@@ -25,10 +26,21 @@ from ..messages import (
     validate_subject,
 )
 
-__all__ = ["BatchLine", "ParsedBatch", "parse_lines", "read_lines", "image_lines", "GATEWAY_URL", "MAX_LINES"]
+__all__ = [
+    "BatchLine",
+    "ParsedBatch",
+    "parse_lines",
+    "read_lines",
+    "image_lines",
+    "GATEWAY_URL",
+    "CHAT_URL",
+    "MAX_LINES",
+]
 
 #: The ``url`` of an OpenAI-style batch line: the gateway's path.
 GATEWAY_URL = "/ai/ai_extensions/ai_gateway"
+#: The ``url`` of a line written for OpenAI's chat completions: its body's ``model`` is the assistant's id.
+CHAT_URL = "/v1/chat/completions"
 MAX_LINES = 50_000
 OURS = frozenset({"custom_id", "smart_chat_assistant_id", "messages", "subject"})
 OPENAI = frozenset({"custom_id", "method", "url", "body", "subject"})
@@ -64,9 +76,15 @@ class ParsedBatch:
 
 
 def parse_lines(
-    raw: Iterable[str | dict[str, Any]], *, default_assistant: str | None, policy: Policy, skip_invalid: bool = False
+    raw: Iterable[str | dict[str, Any]],
+    *,
+    default_assistant: str | None,
+    policy: Policy,
+    skip_invalid: bool = False,
+    endpoint: str | None = None,
 ) -> ParsedBatch:
-    """Validate every line (a JSON text or an already parsed object); blank lines are ignored.
+    """Validate every line (a JSON text or an already parsed object); blank lines are ignored. ``endpoint``: the
+    ``url`` every line must name (an OpenAI batch's endpoint; None: any accepted one).
 
     Raises:
         InvalidBatch: a line is invalid (unless ``skip_invalid``), no line is valid, or there are
@@ -81,7 +99,7 @@ def parse_lines(
         if len(lines) + len(problems) >= MAX_LINES:
             raise InvalidBatch(f"batch rejected: more than {MAX_LINES} lines; split it; nothing was stored")
         try:
-            line = _parse_line(number, item, default_assistant, policy)
+            line = _parse_line(number, item, default_assistant, policy, endpoint)
             if line.custom_id in seen:
                 raise InvalidMessages(f"custom_id {line.custom_id!r} repeats line {seen[line.custom_id]}")
         except InputError as exc:
@@ -107,8 +125,16 @@ def _judge(lines: list[BatchLine], problems: list[tuple[int, str]], skip_invalid
         raise InvalidBatch(f"batch rejected: none of its {total} line(s) is valid; nothing was stored", tuple(problems))
 
 
-def _parse_line(number: int, item: str | dict[str, Any], default_assistant: str | None, policy: Policy) -> BatchLine:
+def _parse_line(
+    number: int, item: str | dict[str, Any], default_assistant: str | None, policy: Policy, endpoint: str | None
+) -> BatchLine:
     data = _decode(item, policy.max_request_bytes)
+    if endpoint is not None and data.get("url") != endpoint:
+        url = data.get("url")
+        raise InvalidMessages(
+            f"url: {url[:80] if isinstance(url, str) else url!r}; every line of this batch must have url {endpoint!r}, "
+            "the batch's endpoint"
+        )
     body = _openai_body(data) if ("body" in data or "url" in data or "method" in data) else check_fields(data, OURS)
     custom_id = data.get("custom_id")
     if custom_id is None:
@@ -145,9 +171,12 @@ def _openai_body(data: dict[str, Any]) -> dict[str, Any]:
     method, url = data.get("method"), data.get("url")
     if method not in (None, "POST"):
         raise InvalidMessages(f"method: {method[:20]!r}; only POST is accepted")
-    if url not in (None, GATEWAY_URL):
-        raise InvalidMessages(f"url: {url[:80]!r}; only {GATEWAY_URL} is accepted")
+    if url not in (None, GATEWAY_URL, CHAT_URL):
+        raise InvalidMessages(f"url: {url[:80]!r}; only {GATEWAY_URL} or {CHAT_URL} is accepted")
     body = data.get("body")
+    if url == CHAT_URL:  # OpenAI's chat completion body: model is the assistant's id; nothing else is honoured
+        model, messages = chat_request(body, "body")
+        return {"smart_chat_assistant_id": model, "messages": messages}
     if not isinstance(body, dict):
         raise InvalidMessages("body: required, an object with smart_chat_assistant_id and messages")
     return check_fields(body, BODY, "body")

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from datetime import timedelta
 from typing import Any
+
+from sqlalchemy.orm import Session
 
 from ..lifecycle import utcnow
 from ..runtime.app import publish_many
@@ -99,8 +101,10 @@ def store_batch(
     window: timedelta,
     actor: str,
     webhook_url: str | None = None,
+    with_batch: Callable[[Session, str], None] | None = None,
 ) -> str:
-    """Store the batch of ``parsed`` lines (validated) and announce its jobs; returns its id.
+    """Store the batch of ``parsed`` lines (validated) and announce its jobs; returns its id. ``with_batch``: called
+    with the session and the batch's id in the transaction that creates the batch (rows that belong to it).
 
     Raises:
         StoreUnavailable: the database cannot be reached (a batch left ``validating`` has the jobs stored so far).
@@ -119,6 +123,8 @@ def store_batch(
         )
         if webhook_url is not None:  # with the batch: it never ends without its webhook
             webhooks.add_waiting(session, url=webhook_url, principal=actor, now=utcnow(), batch_id=batch_id)
+        if with_batch is not None:
+            with_batch(session, batch_id)
     _store_jobs(rt, batch_id, parsed.lines, actor)
     with rt.transaction() as session:
         batch_store.start(session=session, batch_id=batch_id, now=utcnow())

@@ -201,12 +201,12 @@ def keys_status() -> None:
 @click.option("--actor", help="Who is purging, for the audit trail.")
 @handled
 def purge(older: str, actor: str | None) -> None:
-    """Erase the PHI (messages, answers, error texts) of finished jobs older than an age.
+    """Erase the PHI (messages, answers, error texts) of finished jobs older than an age, and uploaded files.
 
     Job status, timestamps and the audit trail are kept, and the chain still verifies.
     """
     count = purge_phi(older_than=_age(older), actor=actor or "operator", settings=load_settings())
-    click.echo(f"purged the PHI of {count} job(s)")
+    click.echo(f"purged the PHI of {count} job(s) and file(s)")
 
 
 def _print_events(rows: list[dict[str, Any]], fmt: str) -> None:

@@ -33,7 +33,7 @@ def serve(host: str, port: int, workers: int, log_level: str) -> None:
             "qbgw serve: no active API key yet; create one with: qbgw api-keys create --name NAME --role ROLE", err=True
         )
     uvicorn.run(
-        "qbgw.api.app:create_app",
+        "qbgw.api:create_app",
         factory=True,
         host=host,
         port=port,

@@ -15,7 +15,7 @@ from ..audit import events as audit
 from ..audit.crypto import Keyring, aad_for
 from ..lifecycle import TERMINAL, utcnow
 from .jobs import KEYRING, open_text, seal_text
-from .models import ApiKey, AuditEvent, Job, WebhookDelivery, WebhookSecret
+from .models import ApiKey, AuditEvent, File, Job, OpenAIBatch, WebhookDelivery, WebhookSecret
 
 __all__ = [
     "PHI_COLUMNS",
@@ -62,6 +62,9 @@ OTHER_SEALED = (
     (WebhookDelivery, "webhook_deliveries", "url"),
     (WebhookSecret, "webhook_secrets", "secret"),
     (ApiKey, "api_keys", "webhook_url"),
+    (File, "files", "content"),
+    (File, "files", "filename"),
+    (OpenAIBatch, "openai_batches", "metadata_"),
 )
 
 
@@ -72,14 +75,15 @@ def reencrypt_others(session: Session, *, key_id: str) -> int:
     changed = 0
     for model, table, column in OTHER_SEALED:
         field = getattr(model, column)
+        key = getattr(model, "batch_id" if model is OpenAIBatch else "id")
         rows = session.execute(
-            select(model.id, field).where(field.is_not(None), ~field.startswith(prefix)).limit(CHUNK)
+            select(key, field).where(field.is_not(None), ~field.startswith(prefix)).limit(CHUNK)
         ).all()
         keyring: Keyring = session.info[KEYRING]
         for row_id, stored in rows:
-            aad = aad_for(table, column, row_id)
+            aad = aad_for(table, column.rstrip("_"), row_id)  # metadata_ is the column "metadata"
             fresh = keyring.encrypt(keyring.decrypt(stored, aad=aad), aad=aad)
-            result = session.execute(update(model).where(model.id == row_id, field == stored).values({column: fresh}))
+            result = session.execute(update(model).where(key == row_id, field == stored).values({field: fresh}))
             changed += int(result.rowcount)  # type: ignore[attr-defined]
     return changed
 

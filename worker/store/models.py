@@ -39,6 +39,8 @@ __all__ = [
     "ConsoleSession",
     "UTCDateTime",
     "GENESIS",
+    "File",
+    "OpenAIBatch",
 ]
 
 
@@ -330,3 +332,40 @@ class ConsoleSession(Base):
     ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     #: The address it signed in from.
     source: Mapped[str] = mapped_column(String(64))
+
+
+class File(Base):
+    """A file uploaded through the OpenAI-compatible ``/v1/files`` (a batch's input lines): PHI, so its content
+    and name are encrypted; deleting or purging it erases both (the row, without PHI, stays for the trail)."""
+
+    __tablename__ = "files"
+
+    #: ``file-`` and 32 hex digits.
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    #: Who uploaded it ("key:<name>"): another submitter's file does not exist for a submitter.
+    actor: Mapped[str] = mapped_column(String(128), index=True)
+    purpose: Mapped[str] = mapped_column(String(32))
+    #: The name the client gave (encrypted: a file name may name a patient).
+    filename: Mapped[str | None] = mapped_column(Text)
+    #: Its size in bytes, as uploaded.
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    #: The content (UTF-8 text, encrypted); NULL once deleted or purged.
+    content: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    #: When its owner deleted it, or the retention policy purged it (content and name erased).
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class OpenAIBatch(Base):
+    """What an OpenAI-style ``POST /v1/batches`` adds to a qbgw batch: the input file and endpoint it named, and
+    its metadata (encrypted: free text a client may fill with anything)."""
+
+    __tablename__ = "openai_batches"
+
+    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id"), primary_key=True)
+    input_file_id: Mapped[str] = mapped_column(String(40))
+    endpoint: Mapped[str] = mapped_column(String(64))
+    completion_window: Mapped[str] = mapped_column(String(16))
+    metadata_: Mapped[str | None] = mapped_column("metadata", Text)
+    actor: Mapped[str] = mapped_column(String(128), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)

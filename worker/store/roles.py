@@ -44,6 +44,10 @@ TABLES: dict[str, tuple[str, ...]] = {
     # sessions are started, touched and ended. Never deleted: a name stays taken, an ended session ended.
     "console_users": ("SELECT", "INSERT", "UPDATE"),
     "console_sessions": ("SELECT", "INSERT", "UPDATE"),
+    # OpenAI-compatible files are uploaded, read, and erased by a delete or a purge (content set to NULL, the row
+    # kept); an OpenAI batch's row is inserted with its batch and read. Key rotation re-encrypts both (UPDATE).
+    "files": ("SELECT", "INSERT", "UPDATE"),
+    "openai_batches": ("SELECT", "INSERT", "UPDATE"),
     # Every process checks the schema's revision before it starts.
     "alembic_version": ("SELECT",),
 }

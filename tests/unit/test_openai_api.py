@@ -1,0 +1,44 @@
+"""The OpenAI-compatible routes in the OpenAPI document of ``qbgw serve`` (one operation per path and method: the
+shared POST /v1/batches documents both bodies), and the chat request rule that refuses parameters by name."""
+
+from __future__ import annotations
+
+import pytest
+
+from qbgw.api import create_app
+from qbgw.errors import InvalidMessages
+from qbgw.messages import chat_request
+from qbgw.settings import Settings
+
+
+def test_the_openapi_document_has_each_operation_once_with_both_batch_bodies() -> None:
+    paths = create_app(Settings()).openapi()["paths"]  # a duplicate operation id would warn: an error here
+    for path in ("/v1/files", "/v1/files/{file_id}", "/v1/files/{file_id}/content", "/v1/chat/completions"):
+        assert path in paths, path
+    assert set(paths["/v1/files"]) == {"get", "post"}
+    assert set(paths["/v1/batches"]) == {"get", "post"}
+    assert set(paths["/v1/batches"]["post"]["requestBody"]["content"]) == {"application/jsonl", "application/json"}
+    assert paths["/v1/chat/completions"]["post"]["security"] == [{"apiKey": []}]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"model": "a", "messages": [], "temperature": 0}, "temperature"),
+        ({"model": "a", "messages": [], "stream": True}, "stream"),
+        ({"model": "a", "messages": [], "n": 3}, "n"),
+        ({"model": "a", "messages": [], "tools": [], "top_p": 1}, "tools"),
+        ({"messages": []}, "model"),
+    ],
+)
+def test_a_chat_request_names_the_first_parameter_refused(body: dict[str, object], field: str) -> None:
+    with pytest.raises(InvalidMessages) as caught:
+        chat_request(body)
+    assert str(caught.value).startswith(f"{field}: ")
+
+
+def test_a_chat_request_takes_model_messages_and_harmless_defaults() -> None:
+    body = {"model": "a1", "messages": [1], "n": 1, "stream": False, "temperature": None}
+    assert chat_request(body) == ("a1", [1])
+    with pytest.raises(InvalidMessages, match="only 1 is supported"):
+        chat_request({"model": "a1", "messages": [1], "n": True})  # a bool is not the number 1
