@@ -91,15 +91,19 @@ async def wait(
     polls = 0
     while True:
         with waiter.watch(job_id) as ended:
-            view = await status(job_id, settings=settings)
-            if view.status in TERMINAL:
+            current = await asyncio.to_thread(queries.job_status, job_id, settings=settings)
+            if current in TERMINAL:
                 return await get(job_id, reader=reader, settings=settings)
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                raise TimeoutError(f"job {job_id} is still {view.status} after {timeout:g}s")
+                raise TimeoutError(f"job {job_id} is still {current} after {timeout:g}s")
             pause = waiter.interval(polls) if left is None else min(left, waiter.interval(polls))
             try:
                 await asyncio.wait_for(ended.wait(), timeout=pause)
             except TimeoutError:
                 pass
             polls += 1
+        if ended.ended:  # the database said the job ended: read it at once
+            view = await get(job_id, reader=reader, settings=settings)
+            if view.done:  # (else it was replayed meanwhile: wait on)
+                return view

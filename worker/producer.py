@@ -102,6 +102,9 @@ def _webhook(rt: Runtime, url: str | None, actor: str) -> str | None:
 
 
 def _store(rt: Runtime, new: store.NewJob, webhook_url: str | None = None) -> tuple[str, bool]:
+    hot = rt.hot_path  # PostgreSQL: a job without a key or webhook is one statement (no look-up, no race)
+    if hot is not None and new.idempotency_key is None and webhook_url is None:
+        return hot.create_job(new, utcnow()), True
     for _ in range(3):
         try:
             with rt.transaction() as session:

@@ -20,7 +20,7 @@ from qbgw.execution.tasks import Outcome, run_attempt
 from qbgw.lifecycle import JobStatus, utcnow
 from qbgw.queries import get_job, job_events
 from qbgw.runtime.locator import reset, runtime
-from qbgw.settings import Settings
+from qbgw.settings import Secret, Settings
 from qbgw.store import chain, hotpath
 from qbgw.store import jobs as store
 from qbgw.store.models import AuditEvent, Job
@@ -99,11 +99,13 @@ def test_the_hot_path_writes_the_rows_and_events_the_store_path_writes(
 ) -> None:
     fast = submit(settings, "the same question")
     assert run_attempt(runtime(settings), fast) is Outcome.SUCCEEDED
+    fast_view = get_job(fast, reader="alice", settings=settings)  # the read, hot too
     reset()
     monkeypatch.setattr(hotpath, "hot_path_for", lambda *_args: None)  # the same worker, through worker.store
     assert runtime(settings).hot_path is None
     slow = submit(settings, "the same question")
     assert run_attempt(runtime(settings), slow) is Outcome.SUCCEEDED
+    slow_view = get_job(slow, reader="alice", settings=settings)
 
     assert job_row(settings, fast) == job_row(settings, slow)
     assert comparable(settings, fast) == comparable(settings, slow)
@@ -113,10 +115,80 @@ def test_the_hot_path_writes_the_rows_and_events_the_store_path_writes(
         "attempt.response",
         "job.succeeded",
     ]
-    assert get_job(fast, settings=settings).answer == get_job(slow, settings=settings).answer
+    assert fast_view.answer == slow_view.answer
+    assert view_fields(fast_view) == view_fields(slow_view)
+    assert fast_view.created_at.tzinfo is not None
+    assert fast_view.created_at.utcoffset() == timedelta(0)
+    reads = [
+        (e.action, e.actor, e.assistant_id, e.outcome)
+        for job in (fast, slow)
+        for e in job_events(job, include_reads=True, settings=settings)
+        if e.action == "result.read"
+    ]
+    assert reads == [("result.read", "alice", ASSISTANT, "succeeded")] * 2
     report = verified(settings)
     assert report.ok
-    assert report.events >= 8
+    assert report.events >= 10
+
+
+def view_fields(view: Any) -> dict[str, Any]:
+    """A view without what differs between two jobs (id, times)."""
+    data = view.as_dict()
+    return {k: v for k, v in data.items() if k != "id" and not k.endswith("_at")}
+
+
+def new_job_row(settings: Settings, job_id: str) -> dict[str, Any]:
+    """Every column of a new job's row but its id and times; the sealed columns decrypted."""
+    with runtime(settings).transaction() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        row = {c.name: getattr(job, c.name) for c in Job.__table__.c if c.name != "id" and not c.name.endswith("_at")}
+        for column in ("payload", "subject"):
+            row[column] = store.open_text(session, column, job_id, row[column])
+        row["times"] = (job.created_at == job.updated_at == job.announced_at, job.finished_at)
+        return row
+
+
+def test_a_new_job_is_inserted_as_the_store_path_inserts_it(
+    settings: Settings, hot: hotpath.HotPath, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The submit's one statement (a job without an idempotency key) writes the row and event the ORM writes."""
+    settings = settings.with_(subject_key=Secret("k" * 40))
+    messages = [{"role": "user", "content": "about a patient"}]
+    fast = producer.submit(ASSISTANT, messages, custom_id="c-1", subject="MRN-1", actor="key:web", settings=settings)
+    reset()
+    monkeypatch.setattr(hotpath, "hot_path_for", lambda *_args: None)
+    slow = producer.submit(ASSISTANT, messages, custom_id="c-1", subject="MRN-1", actor="key:web", settings=settings)
+    fast_row = new_job_row(settings, fast)
+    assert fast_row == new_job_row(settings, slow)
+    assert fast_row["subject"] == "MRN-1"
+    assert fast_row["subject_index"]
+    assert fast_row["times"] == (True, None)
+    assert comparable(settings, fast) == comparable(settings, slow)
+    submitted = [e for e in job_events(fast, settings=settings) if e.action == "job.submitted"]
+    assert len(submitted) == 1
+    assert submitted[0].subject_index == fast_row["subject_index"]
+    assert verified(settings).ok
+
+
+def test_the_hot_reads_say_what_the_store_reads_say(settings: Settings, hot: hotpath.HotPath) -> None:
+    from qbgw.errors import JobNotFound
+    from qbgw.queries import job_metadata, job_status
+
+    job_id = submit(settings, "not run yet")
+    events = audit_count(settings)
+    assert hot.status_of(job_id) is JobStatus.QUEUED
+    assert job_status(job_id, settings=settings) is JobStatus.QUEUED
+    view, batch_id = job_metadata(job_id, settings=settings)
+    assert view.status is JobStatus.QUEUED
+    assert view.answer is None
+    assert batch_id is None
+    assert get_job(job_id, settings=settings).answer is None
+    assert audit_count(settings) == events, "nothing was disclosed: no read event"
+    for read in (hot.status_of, hot.job_metadata, lambda j: hot.read_job(j, "alice")):
+        with pytest.raises(JobNotFound):
+            read("00000000-0000-0000-0000-000000000000")
+    assert audit_count(settings) == events
 
 
 def test_a_success_that_misses_its_compare_and_set_writes_nothing(settings: Settings, hot: hotpath.HotPath) -> None:
@@ -201,8 +273,7 @@ def test_the_hot_path_anchors_the_chain_head_every_n_events(settings: Settings) 
         assert run_attempt(runtime(every_two), submit(every_two, f"job {n}")) is Outcome.SUCCEEDED
     assert runtime(every_two).hot_path is not None
     anchors = integrity.read_anchors(every_two.anchor_path)
-    # 3 jobs x 4 events, of which the submits (3) went through the ORM: every commit that crossed an even seq
-    # anchored its last event, whichever path made it.
+    # 3 jobs x 4 events: every commit that crossed an even seq anchored its last event.
     assert anchors
     assert max(a.seq for a in anchors) == 12
     assert verified(every_two).ok

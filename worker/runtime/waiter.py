@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 from sqlalchemy import make_url
 
-__all__ = ["JobWaiter", "CHANNEL"]
+__all__ = ["JobWaiter", "Wake", "AsyncWake", "CHANNEL"]
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,18 @@ CHANNEL = "qbgw_job_ended"
 RECHECK = 5.0
 #: The bounded poll without a listener (SQLite, or while PostgreSQL's listener reconnects).
 POLL_FIRST, POLL_MAX = 0.05, 0.5
+
+
+class Wake(threading.Event):
+    """What a thread waits on: set when its job ended (``ended``), or to make it read the job again."""
+
+    ended = False
+
+
+class AsyncWake(asyncio.Event):
+    """:class:`Wake` for a coroutine."""
+
+    ended = False
 
 
 class JobWaiter:
@@ -40,9 +52,9 @@ class JobWaiter:
             if url.get_backend_name() == "postgresql"
             else None
         )
-        self._waiting: dict[str, set[asyncio.Event]] = {}
+        self._waiting: dict[str, set[AsyncWake]] = {}
         #: Threads blocked in :meth:`watch_sync` (the synchronous API): set from the listener thread directly.
-        self._blocked: dict[str, set[threading.Event]] = {}
+        self._blocked: dict[str, set[Wake]] = {}
         self._blocked_lock = threading.Lock()
         # Weakly: a waiter must not keep a closed loop (and itself) alive; its thread ends when the loop closes.
         self._loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
@@ -72,10 +84,11 @@ class JobWaiter:
             self._thread.join(timeout=3)
 
     @contextlib.contextmanager
-    def watch(self, job_id: str) -> Iterator[asyncio.Event]:
-        """An event set when ``job_id`` ends; register it *before* reading the job's status, so an end between
-        the read and the wait is not missed."""
-        event = asyncio.Event()
+    def watch(self, job_id: str) -> Iterator[AsyncWake]:
+        """An event set when ``job_id`` ends (its ``ended`` then True), or when the listener reconnected
+        (``ended`` False); register it *before* reading the job's status, so an end between the read and the
+        wait is not missed."""
+        event = AsyncWake()
         self._waiting.setdefault(job_id, set()).add(event)
         try:
             yield event
@@ -87,9 +100,10 @@ class JobWaiter:
                     del self._waiting[job_id]
 
     @contextlib.contextmanager
-    def watch_sync(self, job_id: str) -> Iterator[threading.Event]:
-        """:meth:`watch` for a thread: an event set when ``job_id`` ends."""
-        event = threading.Event()
+    def watch_sync(self, job_id: str) -> Iterator[Wake]:
+        """:meth:`watch` for a thread: an event set when ``job_id`` ends (its ``ended`` then True), or when the
+        listener reconnected (``ended`` False: read the job again)."""
+        event = Wake()
         with self._blocked_lock:
             self._blocked.setdefault(job_id, set()).add(event)
         try:
@@ -107,6 +121,7 @@ class JobWaiter:
             groups = list(self._blocked.values()) if job_id is None else [self._blocked.get(job_id, set())]
             for events in groups:
                 for event in events:
+                    event.ended = event.ended or job_id is not None
                     event.set()
 
     def interval(self, polls: int) -> float:
@@ -118,6 +133,7 @@ class JobWaiter:
     def _wake(self, job_id: str) -> None:
         self.woken += 1
         for event in self._waiting.get(job_id, ()):
+            event.ended = True
             event.set()
 
     def _wake_all(self) -> None:

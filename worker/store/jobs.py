@@ -129,26 +129,7 @@ def create_job(*, session: Session, new: NewJob, now: datetime) -> tuple[str, bo
                     "with a different assistant or messages"
                 )
             return existing.id, False
-    session.add(
-        Job(
-            id=new.id,
-            status=JobStatus.QUEUED,
-            assistant_id=new.assistant_id,
-            payload=seal_text(session, "payload", new.id, payload),
-            payload_digest=payload_digest,
-            custom_id=new.custom_id,
-            idempotency_key=new.idempotency_key,
-            actor=new.actor,
-            attempts=0,
-            max_attempts=new.max_attempts,
-            created_at=now,
-            updated_at=now,
-            announced_at=now,  # the producer publishes right after the commit; on failure it clears this
-            batch_id=new.batch_id,
-            subject=seal_subject(session, new),
-            subject_index=new.subject_index,
-        )
-    )
+    session.add(Job(**new_job_values(new, payload_digest, session.info[KEYRING], now)))
     try:
         session.flush()
     except IntegrityError as exc:
@@ -159,8 +140,12 @@ def create_job(*, session: Session, new: NewJob, now: datetime) -> tuple[str, bo
 
 def audit_submitted(session: Session, new: NewJob, payload: str, payload_digest: str) -> None:
     """The ``job.submitted`` event of a job being inserted (one job, or a batch's bulk insert)."""
-    audit.record(
-        session=session,
+    audit.add(session, submitted_event(new, payload, payload_digest))
+
+
+def submitted_event(new: NewJob, payload: str, payload_digest: str) -> dict[str, Any]:
+    """The ``job.submitted`` event of ``new`` (its canonical ``payload`` and that payload's digest)."""
+    return audit.event(
         action=audit.Action.SUBMITTED,
         job_id=new.id,
         actor=new.actor,
@@ -170,6 +155,31 @@ def audit_submitted(session: Session, new: NewJob, payload: str, payload_digest:
         detail={"assistant_id": new.assistant_id, "custom_id": new.custom_id, "messages": len(new.messages)},
         subject_index=new.subject_index,
     )
+
+
+def new_job_values(new: NewJob, payload_digest: str, keyring: Keyring, now: datetime) -> dict[str, Any]:
+    """The row of a new job (status queued, announced now), its payload and subject encrypted with ``keyring``,
+    as :func:`create_job` inserts it (``qbgw.store.hotpath`` inserts the same)."""
+    subject = None if new.subject is None else keyring.encrypt(new.subject, aad=aad_for("jobs", "subject", new.id))
+    return {
+        "id": new.id,
+        "status": JobStatus.QUEUED.value,
+        "assistant_id": new.assistant_id,
+        "payload": keyring.encrypt(new.payload, aad=aad_for("jobs", "payload", new.id)),
+        "payload_digest": payload_digest,
+        "custom_id": new.custom_id,
+        "idempotency_key": new.idempotency_key,
+        "actor": new.actor,
+        "attempts": 0,
+        "faults": 0,
+        "max_attempts": new.max_attempts,
+        "created_at": now,
+        "updated_at": now,
+        "announced_at": now,  # the producer publishes right after the commit; on failure it clears this
+        "batch_id": new.batch_id,
+        "subject": subject,
+        "subject_index": new.subject_index,
+    }
 
 
 def seal_subject(session: Session, new: NewJob) -> str | None:

@@ -5,20 +5,20 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from ..audit import events as audit
-from ..audit.crypto import Keyring
+from ..audit.crypto import Keyring, aad_for
 from ..errors import JobNotFound
 from ..lifecycle import TERMINAL, JobStatus, utcnow
 from . import db
 from .batches import BatchStatus
 from .chain import events_for_job, settle, to_record
-from .jobs import open_text
+from .jobs import KEYRING
 from .models import AuditEvent, Batch, Job
 
 __all__ = [
@@ -151,16 +151,25 @@ def job_trail(session: Session, job_id: str, *, reader: str, include_reads: bool
 
 def _read(session: Session, job: Job, reader: str) -> JobView:
     view = _view(session, job)
-    if view.answer is not None or view.error is not None:
-        audit.record(
-            session=session,
-            action=audit.Action.RESULT_READ,
-            job_id=job.id,
-            actor=reader,
-            assistant_id=job.assistant_id,
-            outcome=str(view.status),
-        )
+    event = read_event(view, job, reader)
+    if event is not None:
+        audit.add(session, event)
     return view
+
+
+def read_event(view: JobView, job: Any, reader: str) -> dict[str, Any] | None:
+    """The ``result.read`` event of ``view`` (read from ``job``, a row with the jobs table's columns) by
+    ``reader``: None when the view holds no PHI (no answer, no error), so nothing was disclosed."""
+    if view.answer is None and view.error is None:
+        return None
+    return audit.event(
+        action=audit.Action.RESULT_READ,
+        job_id=view.id,
+        actor=reader,
+        assistant_id=view.assistant_id,
+        outcome=str(view.status),
+        subject_index=job.subject_index,
+    )
 
 
 @dataclass(frozen=True)
@@ -255,6 +264,18 @@ _WAITING = frozenset({JobStatus.QUEUED, JobStatus.RETRYING})
 
 
 def _view(session: Session, job: Job, *, phi: bool = True) -> JobView:
+    return view_of(job, session.info[KEYRING] if phi else None)
+
+
+def view_of(job: Any, keyring: Keyring | None) -> JobView:
+    """``job`` (an ORM row, or any row with the jobs table's columns) as a view; its answer and error
+    decrypted with ``keyring`` (None: without them, no PHI)."""
+
+    def opened(column: str, stored: str | None) -> str | None:
+        if keyring is None or stored is None:
+            return None
+        return keyring.decrypt(stored, aad=aad_for("jobs", column, job.id))
+
     return JobView(
         id=job.id,
         status=JobStatus(job.status),
@@ -264,14 +285,19 @@ def _view(session: Session, job: Job, *, phi: bool = True) -> JobView:
         actor=job.actor,
         attempts=job.attempts,
         max_attempts=job.max_attempts,
-        answer=open_text(session, "answer", job.id, job.answer) if phi else None,
-        error=open_text(session, "error", job.id, job.error) if phi else None,
+        answer=opened("answer", job.answer),
+        error=opened("error", job.error),
         error_class=job.error_class,
         http_status=job.http_status,
-        created_at=job.created_at,
-        started_at=job.started_at,
-        last_attempt_at=job.last_attempt_at,
-        next_attempt_at=job.next_attempt_at,
-        finished_at=job.finished_at,
+        created_at=_utc(job.created_at),
+        started_at=_utc(job.started_at),
+        last_attempt_at=_utc(job.last_attempt_at),
+        next_attempt_at=_utc(job.next_attempt_at),
+        finished_at=_utc(job.finished_at),
         throttled=job.throttle_reason if job.status in _WAITING else None,
     )
+
+
+def _utc(value: Any) -> Any:
+    """A timestamp in UTC (a raw row's are in the connection's time zone; the ORM's are UTC already)."""
+    return None if value is None else value.astimezone(UTC)
