@@ -207,7 +207,7 @@ def verify_log(
     anchors = read_anchors(rt.settings.anchor_path)
     key = anchor_key(rt.settings)
     with rt.transaction() as session:  # events staged for the block sealer are chained first, in a short
-        chain.settle(session)  # transaction: the walk below must not hold the chain head's lock
+        chain.chain_staged(session)  # transaction: the walk below must not hold the chain head's lock
     with rt.transaction() as session:
         report = chain.verify(session, anchors, key, progress)
     with rt.transaction() as session:

@@ -120,7 +120,7 @@ def access_report(
     reader = actor or rt.settings.actor or "auditor"
     anchors, key = read_anchors(rt.settings.anchor_path), anchor_key(rt.settings)
     with rt.transaction() as session:
-        chain.settle(session)  # events staged for the block sealer are chained first: the report misses none
+        chain.chain_staged(session)  # events staged for the block sealer are chained first: the report misses none
         found = subjects.subject_jobs(session, index)
         events = subjects.subject_events(session, index, found, start=start, end=end)
         shown = [e.seq for e in events]

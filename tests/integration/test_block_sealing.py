@@ -26,7 +26,7 @@ BLOCK = pytest.mark.parametrize("backend", ["postgres-block"])
 
 
 def counts(settings: Settings) -> tuple[int, int]:
-    """(events chained, transactions staged), read without settling."""
+    """(events chained, transactions staged), read without chaining what is staged."""
     engine = create_engine(settings.database_url)
     try:
         with engine.connect() as connection:
@@ -44,14 +44,14 @@ def note(settings: Settings, actor: str, n: int = 1) -> None:
 
 
 @BLOCK
-def test_events_are_staged_at_commit_and_chained_by_a_settle(settings: Settings) -> None:
+def test_events_are_staged_at_commit_and_chained_by_chain_staged(settings: Settings) -> None:
     job_id = producer.submit(ASSISTANT, [{"role": "user", "content": "staged"}], settings=settings)
     run_attempt(runtime(settings), job_id)
     chained, staged = counts(settings)
     assert chained == 0  # no commit took the head's lock
     assert staged >= 3  # submitted; the claim's request; the outcome (each transaction one row)
     with runtime(settings).transaction() as session:
-        sealed = chain.settle(session)
+        sealed = chain.chain_staged(session)
     assert sealed is not None
     assert sealed.first == 1
     assert counts(settings) == (sealed.last, 0)

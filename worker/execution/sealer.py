@@ -22,7 +22,7 @@ log = logging.getLogger("qbgw.sealer")
 
 
 class Sealer:
-    """Runs :func:`qbgw.store.chain.settle` every ``settings.audit_seal_interval`` seconds in a daemon thread."""
+    """Runs :func:`qbgw.store.chain.chain_staged` every ``settings.audit_seal_interval`` seconds in a daemon thread."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -43,7 +43,7 @@ class Sealer:
             stopping = self._stop.wait(self.settings.audit_seal_interval)
             try:
                 with runtime(self.settings).transaction() as session:
-                    chain.settle(session)
+                    chain.chain_staged(session)
             except QbgwError as exc:  # the database is away; staged events wait for the next run
                 log.warning("sealing staged audit events failed: %s", exc, extra={"error_class": type(exc).__name__})
             except Exception as exc:  # a bug in one run must not end the sealing

@@ -282,7 +282,7 @@ def end(*, session: Session, batch: Batch, status: BatchStatus, actor: str, pend
 def ended_by(*, session: Session, batch_id: str) -> str | None:
     """Who cancelled (or expired) the batch: the actor of its batch.cancelled or batch.expired event."""
     actions = [str(audit.Action.BATCH_CANCELLED), str(audit.Action.BATCH_EXPIRED)]
-    chain.settle(session)
+    chain.chain_staged(session)
     return session.scalar(
         select(AuditEvent.actor)
         .where(AuditEvent.batch_id == batch_id, AuditEvent.action.in_(actions))

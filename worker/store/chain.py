@@ -26,7 +26,7 @@ from .models import GENESIS, AuditChainHead, AuditEvent, Job
 __all__ = [
     "seal",
     "seal_at_commit",
-    "settle",
+    "chain_staged",
     "SEAL_BLOCK",
     "STAGE_AND_COMMIT_SQL",
     "COMMIT_STAGES",
@@ -169,7 +169,7 @@ def install_commit_seal(engine: Engine, *, block: bool = False) -> None:
     """On PostgreSQL, make ``engine``'s COMMIT seal the events staged by :func:`seal_at_commit`:
     ``qbgw_audit_seal(...)`` and COMMIT go out together (one query), so the chain head is locked
     only while the server runs them, never while this process waits for the GIL. With ``block``, the COMMIT
-    stages them in ``audit_pending`` instead (``qbgw_audit_stage``), for :func:`settle` to chain."""
+    stages them in ``audit_pending`` instead (``qbgw_audit_stage``), for :func:`chain_staged` to chain."""
     dialect = engine.dialect
     if dialect.name != "postgresql" or getattr(dialect, COMMIT_SEALS, False):
         return
@@ -199,7 +199,7 @@ def install_commit_seal(engine: Engine, *, block: bool = False) -> None:
     setattr(dialect, COMMIT_STAGES, block)
 
 
-def settle(session: Session) -> Sealed | None:
+def chain_staged(session: Session) -> Sealed | None:
     """Chain every event staged for the block sealer (``QBGW_AUDIT_SEAL=block``) before ``session`` reads the
     chain, in blocks of :data:`SEAL_BLOCK` transactions; None when nothing was staged, or when this database
     never stages (the events of a committed transaction are then chained already).
@@ -207,7 +207,7 @@ def settle(session: Session) -> Sealed | None:
     The head stays locked until ``session``'s transaction ends (keep that transaction short), so what it reads
     next is the whole chain: every event committed before it. Its commit anchors the head when due (see
     :func:`install_hooks`). Events staged by processes in block mode are sealed by any process, whatever its
-    own mode: a reader or a verification in commit mode settles them too.
+    own mode: a reader or a verification in commit mode chains them too.
     """
     bind = session.get_bind()
     if bind.dialect.name != "postgresql" or session.execute(_ANY_PENDING).first() is None:
@@ -222,11 +222,11 @@ def settle(session: Session) -> Sealed | None:
         if row.sealed_rows < SEAL_BLOCK:
             break
     if last is not None:
-        session.info[_SETTLED] = last
+        session.info[_CHAINED_STAGED] = last
     return last
 
 
-_SETTLED = "qbgw_settled"
+_CHAINED_STAGED = "qbgw_chained_staged"
 
 
 def discard(session: Session) -> None:
@@ -237,7 +237,7 @@ def discard(session: Session) -> None:
 def events_for_job(*, session: Session, job_id: str) -> list[AuditRecord]:
     """The job's events, oldest first (including those this transaction has not sealed yet)."""
     seal(session)
-    settle(session)
+    chain_staged(session)
     rows = session.scalars(select(AuditEvent).where(AuditEvent.job_id == job_id).order_by(AuditEvent.seq))
     return [to_record(row) for row in rows]
 
@@ -282,11 +282,11 @@ def install_hooks(factory: sessionmaker[Session], settings: Settings) -> None:
     def after_commit(session: Session) -> None:
         sealed = session.info.pop(_SEALED, None)
         after_seal(settings, sealed.sealed if isinstance(sealed, Staged) else sealed)
-        after_seal(settings, session.info.pop(_SETTLED, None))
+        after_seal(settings, session.info.pop(_CHAINED_STAGED, None))
 
     def after_rollback(session: Session) -> None:
         session.info.pop(_SEALED, None)
-        session.info.pop(_SETTLED, None)
+        session.info.pop(_CHAINED_STAGED, None)
         discard(session)
 
     event.listen(factory, "before_commit", before_commit)
@@ -296,7 +296,7 @@ def install_hooks(factory: sessionmaker[Session], settings: Settings) -> None:
 
 def head(session: Session) -> tuple[int, str]:
     """The chain's last (seq, hash) as the events say (not the head row, which is a cache)."""
-    settle(session)
+    chain_staged(session)
     row = session.execute(select(AuditEvent.seq, AuditEvent.row_hash).order_by(AuditEvent.seq.desc()).limit(1)).first()
     return (row.seq, row.row_hash) if row else (0, GENESIS)
 
