@@ -37,6 +37,7 @@ def logged(settings: Settings) -> Settings:
     for n in range(JOBS):
         job_id = producer.submit(ASSISTANT, [{"role": "user", "content": f"job {n}"}], settings=settings)
         run_attempt(runtime(settings), job_id)
+    chain_staged(settings)
     with runtime(settings).transaction() as session:
         integrity.write_anchor(settings, *chain.head(session))
     return settings
@@ -44,8 +45,7 @@ def logged(settings: Settings) -> Settings:
 
 def chain_staged(settings: Settings) -> None:
     """Chain what block sealing staged (a worker's sealer would); nothing to do otherwise."""
-    with runtime(settings).transaction() as session:
-        chain.chain_staged(session)
+    runtime(settings).chain_staged()
 
 
 def check(settings: Settings) -> integrity.VerifyReport:
@@ -55,6 +55,7 @@ def check(settings: Settings) -> integrity.VerifyReport:
 
 
 def last_seq(settings: Settings) -> int:
+    chain_staged(settings)
     with runtime(settings).transaction() as session:
         return chain.head(session)[0]
 

@@ -111,8 +111,10 @@ class Sweeper:
                 rt = runtime(self.settings)  # per sweep: a forked child finds its own
                 sweep(rt)
                 rt.keyring.reload()  # a rotated key is used from now on
-                with rt.transaction() as session:
-                    self._anchorer.tick(session)
+                if self._anchorer.due():
+                    rt.chain_staged()  # the anchor covers what block sealing staged; its transaction takes no lock
+                    with rt.transaction() as session:
+                        self._anchorer.tick(session)
             except QbgwError as exc:  # the database or broker is away; the next sweep tries again
                 metrics.swept(failed=True)
                 log.warning("sweep failed: %s", exc, extra={"error_class": type(exc).__name__})
