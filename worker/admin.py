@@ -186,7 +186,9 @@ def sweep(*, settings: Settings | None = None, grace: float | None = None) -> Sw
 
 def head_hash(settings: Settings | None = None) -> str:
     """The chain's last hash (tests and tools)."""
-    with runtime(settings).transaction() as session:
+    rt = runtime(settings)
+    rt.chain_staged()
+    with rt.transaction() as session:
         return chain.head(session)[1]
 
 
@@ -206,8 +208,7 @@ def verify_log(
     rt = runtime(settings)
     anchors = read_anchors(rt.settings.anchor_path)
     key = anchor_key(rt.settings)
-    with rt.transaction() as session:  # events staged for the block sealer are chained first, in a short
-        chain.settle(session)  # transaction: the walk below must not hold the chain head's lock
+    rt.chain_staged()  # events staged for the block sealer are chained first: the walk holds no lock
     with rt.transaction() as session:
         report = chain.verify(session, anchors, key, progress)
     with rt.transaction() as session:
@@ -234,6 +235,7 @@ def anchor_now(*, settings: Settings | None = None) -> Anchor:
         OSError: the anchor file cannot be written.
     """
     rt = runtime(settings)
+    rt.chain_staged()  # the anchor covers every event committed before the call
     with rt.transaction() as session:
         return write_anchor(rt.settings, *chain.head(session))
 

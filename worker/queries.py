@@ -162,6 +162,7 @@ def audit_query(
         StoreUnavailable: the database cannot be reached.
     """
     rt = runtime(settings)
+    rt.chain_staged()  # events staged for the block sealer are chained first, in a transaction of their own
     with rt.transaction() as session:
         return reads.query_audit(session, query or AuditFilter(), export=export, reader=_reader(rt, reader))
 
@@ -177,6 +178,7 @@ def job_events(
         StoreUnavailable: the database cannot be reached.
     """
     rt = runtime(settings)
+    rt.chain_staged()  # events staged for the block sealer are chained first, in a transaction of their own
     with rt.transaction() as session:
         return reads.job_trail(session, job_id, reader=_reader(rt, reader), include_reads=include_reads)
 

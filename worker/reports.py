@@ -25,7 +25,7 @@ from .lifecycle import utcnow
 from .messages import validate_subject
 from .runtime.locator import runtime
 from .settings import Settings
-from .store import chain, subjects
+from .store import subjects
 
 __all__ = [
     "AccessReport",
@@ -119,8 +119,8 @@ def access_report(
     _check_period(start, end)
     reader = actor or rt.settings.actor or "auditor"
     anchors, key = read_anchors(rt.settings.anchor_path), anchor_key(rt.settings)
+    rt.chain_staged()  # events staged for the block sealer are chained first (committed): the report misses none
     with rt.transaction() as session:
-        chain.settle(session)  # events staged for the block sealer are chained first: the report misses none
         found = subjects.subject_jobs(session, index)
         events = subjects.subject_events(session, index, found, start=start, end=end)
         shown = [e.seq for e in events]

@@ -37,24 +37,25 @@ def logged(settings: Settings) -> Settings:
     for n in range(JOBS):
         job_id = producer.submit(ASSISTANT, [{"role": "user", "content": f"job {n}"}], settings=settings)
         run_attempt(runtime(settings), job_id)
+    chain_staged(settings)
     with runtime(settings).transaction() as session:
         integrity.write_anchor(settings, *chain.head(session))
     return settings
 
 
-def settle(settings: Settings) -> None:
+def chain_staged(settings: Settings) -> None:
     """Chain what block sealing staged (a worker's sealer would); nothing to do otherwise."""
-    with runtime(settings).transaction() as session:
-        chain.settle(session)
+    runtime(settings).chain_staged()
 
 
 def check(settings: Settings) -> integrity.VerifyReport:
-    settle(settings)  # as admin.verify_log does
+    chain_staged(settings)  # as admin.verify_log does
     with runtime(settings).transaction() as session:
         return chain.verify(session, integrity.read_anchors(settings.anchor_path), integrity.anchor_key(settings))
 
 
 def last_seq(settings: Settings) -> int:
+    chain_staged(settings)
     with runtime(settings).transaction() as session:
         return chain.head(session)[0]
 
@@ -251,7 +252,7 @@ def test_events_in_older_formats_before_their_boundaries_still_verify(settings: 
     with runtime(settings).transaction() as session:
         for _ in range(4):
             _note(session, "older-to-be")
-    settle(settings)
+    chain_staged(settings)
     with as_owner(owner_url) as db:  # rewrite 1-2 as format v1 made them and 3-4 as v2, with the boundaries
         prev = "0" * 64
         for seq, rehash in (
@@ -286,7 +287,7 @@ def test_event_times_follow_the_chain_order_whatever_the_writers_noted(settings:
         time.sleep(0.01)
         with runtime(settings).transaction() as other:
             _note(other, "began second, commits first")
-    settle(settings)
+    chain_staged(settings)
     with runtime(settings).transaction() as session:
         times = session.execute(select(AuditEvent.seq, AuditEvent.occurred_at).order_by(AuditEvent.seq)).all()
     assert [t for _, t in times] == sorted(t for _, t in times)

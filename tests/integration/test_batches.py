@@ -374,10 +374,12 @@ def test_an_end_whose_run_stopped_short_is_finished_by_the_next_sweep(
     assert done.done
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgres", "postgres-block"])
 def test_a_batch_cancelled_while_it_is_still_being_stored_stores_the_rest_cancelled(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Before: the chunks stored after the cancel were queued and published, and ran.
+    # Before: the chunks stored after the cancel were queued and published, and ran. In block mode the cancel's
+    # event is still staged when the storing sees the end: the actor is read once it is chained.
     from qbgw.batches import submission
     from qbgw.store import batches as batch_store
 

@@ -5,20 +5,22 @@ application role cannot remove a staged event, and readers see the whole chain."
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.exc import DBAPIError
 
-from qbgw import admin, producer, queries
+from qbgw import admin, producer, queries, reports
 from qbgw.audit import events as audit
 from qbgw.errors import ConfigError
 from qbgw.execution.sealer import Sealer
 from qbgw.execution.tasks import run_attempt
 from qbgw.runtime.locator import runtime
-from qbgw.settings import Settings
-from qbgw.store import chain
+from qbgw.settings import Secret, Settings
+from qbgw.store import chain, reads, subjects
 from qbgw.store.models import AuditEvent, AuditPending
 from tests.conftest import ASSISTANT, wait_until
 
@@ -26,7 +28,7 @@ BLOCK = pytest.mark.parametrize("backend", ["postgres-block"])
 
 
 def counts(settings: Settings) -> tuple[int, int]:
-    """(events chained, transactions staged), read without settling."""
+    """(events chained, transactions staged), read without chaining what is staged."""
     engine = create_engine(settings.database_url)
     try:
         with engine.connect() as connection:
@@ -44,14 +46,14 @@ def note(settings: Settings, actor: str, n: int = 1) -> None:
 
 
 @BLOCK
-def test_events_are_staged_at_commit_and_chained_by_a_settle(settings: Settings) -> None:
+def test_events_are_staged_at_commit_and_chained_by_chain_staged(settings: Settings) -> None:
     job_id = producer.submit(ASSISTANT, [{"role": "user", "content": "staged"}], settings=settings)
     run_attempt(runtime(settings), job_id)
     chained, staged = counts(settings)
     assert chained == 0  # no commit took the head's lock
     assert staged >= 3  # submitted; the claim's request; the outcome (each transaction one row)
     with runtime(settings).transaction() as session:
-        sealed = chain.settle(session)
+        sealed = chain.chain_staged(session)
     assert sealed is not None
     assert sealed.first == 1
     assert counts(settings) == (sealed.last, 0)
@@ -67,6 +69,67 @@ def test_readers_see_what_was_staged_without_waiting_for_a_sealer(settings: Sett
     assert [e.action for e in queries.job_events(job_id, settings=settings)] == ["job.submitted"]
     found = queries.audit_query(queries.AuditFilter(job_id=job_id), settings=settings)
     assert [e.action for e in found] == ["job.submitted"]
+
+
+def head_is_free(owner_url: str) -> bool:
+    """Whether another transaction could take the chain head's lock now (NOWAIT: refused at once if held)."""
+    engine = create_engine(owner_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(text("SELECT 1 FROM audit_chain_head WHERE id = 1 FOR UPDATE NOWAIT"))
+    except DBAPIError as exc:
+        if "could not obtain lock" in str(exc):
+            return False
+        raise
+    finally:
+        engine.dispose()
+    return True
+
+
+#: Readers of the chain: (what to run inside the reader's transaction, after its reads; the read itself, which
+#: says whether it saw the job's staged ``job.submitted``).
+READERS: dict[str, tuple[tuple[Any, str], Callable[[Settings, str], bool]]] = {
+    "audit query": (
+        (reads, "query_audit"),
+        lambda s, job: (
+            [e.action for e in queries.audit_query(queries.AuditFilter(job_id=job), settings=s)] == ["job.submitted"]
+        ),
+    ),
+    "job trail": (
+        (reads, "job_trail"),
+        lambda s, job: [e.action for e in queries.job_events(job, settings=s)] == ["job.submitted"],
+    ),
+    "access report": (
+        (subjects, "last_verification"),
+        lambda s, job: [r["kind"] for r in reports.access_report("MRN-1", settings=s).rows()] == ["job.submitted"],
+    ),
+    "anchor": ((admin, "write_anchor"), lambda s, job: admin.anchor_now(settings=s).seq == 1),
+    "verification": ((chain, "verify"), lambda s, job: admin.verify_log(settings=s).events == 1),
+}
+
+
+@BLOCK
+@pytest.mark.parametrize("reader", list(READERS))
+def test_a_reader_chains_staged_events_in_a_transaction_of_their_own_and_never_holds_the_head(
+    settings: Settings, owner_url: str, monkeypatch: pytest.MonkeyPatch, reader: str
+) -> None:
+    # Before: the reader chained them in its own transaction, so the head stayed locked (every writer of the
+    # fleet waiting) until the read (a long audit query, a report) ended.
+    keyed = settings.with_(subject_key=Secret("s" * 40))
+    job_id = producer.submit(ASSISTANT, [{"role": "user", "content": "about"}], subject="MRN-1", settings=keyed)
+    assert counts(keyed) == (0, 1)
+    (module, name), read = READERS[reader]
+    inner = getattr(module, name)
+    during: list[tuple[bool, tuple[int, int]]] = []
+
+    def probed(*args: Any, **kwargs: Any) -> Any:
+        result = inner(*args, **kwargs)
+        during.append((head_is_free(owner_url), counts(keyed)))  # the reader's transaction is still open
+        return result
+
+    monkeypatch.setattr(module, name, probed)
+    assert read(keyed, job_id)  # what was staged before the read is in it
+    assert during == [(True, (1, 0))]  # chained and committed before; the head free while the reader reads
 
 
 @BLOCK

@@ -33,28 +33,43 @@ DEFAULT_WINDOW = timedelta(hours=24)
 
 
 def _store_jobs(rt: Runtime, batch_id: str, lines: Sequence[BatchLine], actor: str) -> None:
+    ended: tuple[str, bool] | None = None  # (who ended the batch, whether it expired): an end is for good
     with ExitStack() as stack:
         producer = _producer(rt, stack)
         for start in range(0, len(lines), batch_store.CHUNK):
             jobs = [_new_job(rt, batch_id, line, actor) for line in lines[start : start + batch_store.CHUNK]]
-            with rt.transaction() as session:
-                # Locked: a cancel (or expiry) decided while the batch is still being stored is seen here, and
-                # the rest of its jobs are stored cancelled by the same actor, never queued to run.
-                batch = batch_store.get(session=session, batch_id=batch_id, lock=True)
-                ended = batch.status in (BatchStatus.CANCELLED, BatchStatus.EXPIRED)
-                batch_store.insert_jobs(
-                    session=session, jobs=jobs, announced=producer is not None and not ended, now=utcnow()
-                )
-                if ended:
-                    by = batch_store.ended_by(session=session, batch_id=batch_id) or actor
-                    expired = batch.status == BatchStatus.EXPIRED
+            if ended is None:
+                ended = _store_queued(rt, batch_id, jobs, announced=producer is not None, actor=actor)
+            if ended is not None:
+                by, expired = ended
+                with rt.transaction() as session:
+                    batch_store.insert_jobs(session=session, jobs=jobs, announced=False, now=utcnow())
                     batch_store.cancel_jobs(
                         session=session, job_ids=[j.id for j in jobs], actor=by, expired=expired, now=utcnow()
                     )
-            if ended:
                 continue
             if producer is not None and not _publish(rt, producer, [job.id for job in jobs]):
                 producer = None  # the broker failed: store the rest unannounced, for the sweeper
+
+
+def _store_queued(
+    rt: Runtime, batch_id: str, jobs: Sequence[store.NewJob], *, announced: bool, actor: str
+) -> tuple[str, bool] | None:
+    """Store ``jobs`` queued, unless the batch has ended (cancelled or expired, for good): then store nothing and
+    return who ended it (``actor`` if its event says nobody) and whether it expired."""
+    with rt.transaction() as session:
+        # Locked: a cancel (or expiry) decided while the batch is still being stored is seen here, and
+        # the rest of its jobs are stored cancelled by the same actor, never queued to run.
+        batch = batch_store.get(session=session, batch_id=batch_id, lock=True)
+        if batch.status not in (BatchStatus.CANCELLED, BatchStatus.EXPIRED):
+            batch_store.insert_jobs(session=session, jobs=jobs, announced=announced, now=utcnow())
+            return None
+        expired = batch.status == BatchStatus.EXPIRED
+    # Who ended it is in the end's event, which block sealing may hold staged: chained first, apart, so that
+    # neither the batch's lock nor the storing of jobs is ever held with the chain head's.
+    rt.chain_staged()
+    with rt.transaction() as session:
+        return batch_store.ended_by(session=session, batch_id=batch_id) or actor, expired
 
 
 def _new_job(rt: Runtime, batch_id: str, line: BatchLine, actor: str) -> store.NewJob:

@@ -9,44 +9,30 @@ it joins the chain, and so the anchors, at the next run.
 from __future__ import annotations
 
 import logging
-import threading
 
 from ..errors import QbgwError
 from ..runtime.locator import runtime
 from ..settings import Settings
-from ..store import chain
+from .periodic import Periodic
 
 __all__ = ["Sealer"]
 
 log = logging.getLogger("qbgw.sealer")
 
 
-class Sealer:
-    """Runs :func:`qbgw.store.chain.settle` every ``settings.audit_seal_interval`` seconds in a daemon thread."""
+class Sealer(Periodic):
+    """Runs :meth:`qbgw.runtime.context.Runtime.chain_staged` every ``settings.audit_seal_interval`` seconds in a
+    daemon thread, and once more when stopped, so what this worker staged before it stopped is chained."""
 
     def __init__(self, settings: Settings) -> None:
+        super().__init__(settings.audit_seal_interval, name="qbgw-sealer", last_run=True)
         self.settings = settings
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="qbgw-sealer", daemon=True)
 
-    def start(self) -> Sealer:
-        self._thread.start()
-        return self
+    def step(self) -> None:
+        try:
+            runtime(self.settings).chain_staged()
+        except QbgwError as exc:  # the database is away; staged events wait for the next run
+            log.warning("sealing staged audit events failed: %s", exc, extra={"error_class": type(exc).__name__})
 
-    def stop(self) -> None:
-        """Stop after a last run, so what this worker staged before it stopped is chained."""
-        self._stop.set()
-        self._thread.join(timeout=30)
-
-    def _run(self) -> None:
-        while True:
-            stopping = self._stop.wait(self.settings.audit_seal_interval)
-            try:
-                with runtime(self.settings).transaction() as session:
-                    chain.settle(session)
-            except QbgwError as exc:  # the database is away; staged events wait for the next run
-                log.warning("sealing staged audit events failed: %s", exc, extra={"error_class": type(exc).__name__})
-            except Exception as exc:  # a bug in one run must not end the sealing
-                log.error("sealing staged audit events failed unexpectedly: %s", type(exc).__name__)
-            if stopping:
-                return
+    def failed_unexpectedly(self, exc: Exception) -> None:
+        log.error("sealing staged audit events failed unexpectedly: %s", type(exc).__name__)

@@ -10,7 +10,6 @@ runs it once or on a schedule.
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -25,6 +24,7 @@ from ..settings import Settings
 from ..store import jobs as store
 from ..store.chain import Anchorer
 from . import webhooks
+from .periodic import Periodic
 
 __all__ = ["SweepReport", "sweep", "Sweeper"]
 
@@ -87,39 +87,29 @@ def sweep(rt: Runtime, *, grace: float | None = None) -> SweepReport:
     return SweepReport(recovered=recovered, dispatched=published, expired=expired)
 
 
-class Sweeper:
+class Sweeper(Periodic):
     """Runs :func:`sweep` every ``interval`` seconds in a daemon thread until stopped."""
 
     def __init__(self, settings: Settings, interval: float) -> None:
+        super().__init__(interval, name="qbgw-sweeper")
         self.settings = settings
-        self.interval = interval
-        self._stop = threading.Event()
         self._anchorer = Anchorer(settings)
-        self._thread = threading.Thread(target=self._run, name="qbgw-sweeper", daemon=True)
 
-    def start(self) -> Sweeper:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                rt = runtime(self.settings)  # per sweep: a forked child finds its own
-                sweep(rt)
-                rt.keyring.reload()  # a rotated key is used from now on
+    def step(self) -> None:
+        try:
+            rt = runtime(self.settings)  # per sweep: a forked child finds its own
+            sweep(rt)
+            rt.keyring.reload()  # a rotated key is used from now on
+            if self._anchorer.due():
+                rt.chain_staged()  # the anchor covers what block sealing staged; its transaction takes no lock
                 with rt.transaction() as session:
                     self._anchorer.tick(session)
-            except QbgwError as exc:  # the database or broker is away; the next sweep tries again
-                metrics.swept(failed=True)
-                log.warning("sweep failed: %s", exc, extra={"error_class": type(exc).__name__})
-            except OSError as exc:
-                log.warning("could not write an audit anchor: %s", exc)
-            except Exception as exc:  # a bug in one sweep must not end the sweeping: jobs depend on it to end
-                metrics.swept(failed=True)
-                log.error(
-                    "sweep failed unexpectedly: %s", type(exc).__name__, extra={"error_class": type(exc).__name__}
-                )
+        except QbgwError as exc:  # the database or broker is away; the next sweep tries again
+            metrics.swept(failed=True)
+            log.warning("sweep failed: %s", exc, extra={"error_class": type(exc).__name__})
+        except OSError as exc:
+            log.warning("could not write an audit anchor: %s", exc)
+
+    def failed_unexpectedly(self, exc: Exception) -> None:  # jobs depend on the sweeping to end
+        metrics.swept(failed=True)
+        log.error("sweep failed unexpectedly: %s", type(exc).__name__, extra={"error_class": type(exc).__name__})

@@ -117,6 +117,21 @@ class Runtime:
         with db.session_scope(self.session_factory) as session:
             yield session
 
+    def chain_staged(self) -> None:
+        """Chain the events staged for the block sealer (``QBGW_AUDIT_SEAL=block``) in a short transaction of its
+        own, committed before this returns: a read begun afterwards sees every event committed before the call,
+        and its own transaction never takes the chain head's lock (which would stop every writer until the read
+        ends). Nothing is opened on a database that never stages (SQLite); on PostgreSQL with nothing staged, the
+        transaction only looks at ``audit_pending``.
+
+        Raises:
+            StoreUnavailable: the database cannot be reached.
+        """
+        if not chain.may_stage(self.session_factory.kw["bind"]):
+            return
+        with self.transaction() as session:
+            chain.chain_staged(session)
+
     @property
     def celery(self) -> Celery:
         app: Celery = self._once("celery", lambda: create_celery_app(self.settings))

@@ -17,7 +17,6 @@ from ..audit import events as audit
 from ..errors import BatchNotFound, JobStateConflict
 from ..lifecycle import TERMINAL, JobStatus
 from ..store import jobs as store
-from . import chain
 from .models import AuditEvent, Batch, Job
 
 __all__ = [
@@ -280,9 +279,10 @@ def end(*, session: Session, batch: Batch, status: BatchStatus, actor: str, pend
 
 
 def ended_by(*, session: Session, batch_id: str) -> str | None:
-    """Who cancelled (or expired) the batch: the actor of its batch.cancelled or batch.expired event."""
+    """Who cancelled (or expired) the batch: the actor of its batch.cancelled or batch.expired event. In block
+    mode that event may still be staged: the caller chains staged events first, before this transaction
+    (``Runtime.chain_staged``)."""
     actions = [str(audit.Action.BATCH_CANCELLED), str(audit.Action.BATCH_EXPIRED)]
-    chain.settle(session)
     return session.scalar(
         select(AuditEvent.actor)
         .where(AuditEvent.batch_id == batch_id, AuditEvent.action.in_(actions))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from psycopg import sql
-from sqlalchemy import Engine, event, insert, select, text
+from sqlalchemy import Connection, Engine, event, insert, select, text
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.util import identity_key
 
@@ -26,7 +26,8 @@ from .models import GENESIS, AuditChainHead, AuditEvent, Job
 __all__ = [
     "seal",
     "seal_at_commit",
-    "settle",
+    "chain_staged",
+    "may_stage",
     "SEAL_BLOCK",
     "STAGE_AND_COMMIT_SQL",
     "COMMIT_STAGES",
@@ -169,7 +170,7 @@ def install_commit_seal(engine: Engine, *, block: bool = False) -> None:
     """On PostgreSQL, make ``engine``'s COMMIT seal the events staged by :func:`seal_at_commit`:
     ``qbgw_audit_seal(...)`` and COMMIT go out together (one query), so the chain head is locked
     only while the server runs them, never while this process waits for the GIL. With ``block``, the COMMIT
-    stages them in ``audit_pending`` instead (``qbgw_audit_stage``), for :func:`settle` to chain."""
+    stages them in ``audit_pending`` instead (``qbgw_audit_stage``), for :func:`chain_staged` to chain."""
     dialect = engine.dialect
     if dialect.name != "postgresql" or getattr(dialect, COMMIT_SEALS, False):
         return
@@ -199,18 +200,24 @@ def install_commit_seal(engine: Engine, *, block: bool = False) -> None:
     setattr(dialect, COMMIT_STAGES, block)
 
 
-def settle(session: Session) -> Sealed | None:
-    """Chain every event staged for the block sealer (``QBGW_AUDIT_SEAL=block``) before ``session`` reads the
-    chain, in blocks of :data:`SEAL_BLOCK` transactions; None when nothing was staged, or when this database
-    never stages (the events of a committed transaction are then chained already).
+def may_stage(bind: Engine | Connection) -> bool:
+    """Whether events can be staged for the block sealer on this database: PostgreSQL only (SQLite always seals
+    at commit). Staged rows may come from any process of the fleet in block mode, whatever this one's mode."""
+    return bind.dialect.name == "postgresql"
 
-    The head stays locked until ``session``'s transaction ends (keep that transaction short), so what it reads
-    next is the whole chain: every event committed before it. Its commit anchors the head when due (see
-    :func:`install_hooks`). Events staged by processes in block mode are sealed by any process, whatever its
-    own mode: a reader or a verification in commit mode settles them too.
+
+def chain_staged(session: Session) -> Sealed | None:
+    """Chain every event staged for the block sealer (``QBGW_AUDIT_SEAL=block``), in blocks of
+    :data:`SEAL_BLOCK` transactions; None when nothing was staged, or when this database never stages (the
+    events of a committed transaction are then chained already).
+
+    The head stays locked until ``session``'s transaction ends, so give it a transaction of its own and commit
+    at once (the sealer does; readers call ``Runtime.chain_staged`` before they open theirs): a read in a
+    later transaction then sees the whole chain, every event committed before this call. Its commit anchors
+    the head when due (see :func:`install_hooks`). Events staged by processes in block mode are chained by any
+    process, whatever its own mode: a reader or a verification in commit mode chains them too.
     """
-    bind = session.get_bind()
-    if bind.dialect.name != "postgresql" or session.execute(_ANY_PENDING).first() is None:
+    if not may_stage(session.get_bind()) or session.execute(_ANY_PENDING).first() is None:
         return None  # (no lock taken: a commit-mode fleet's readers never wait for the head)
     first: int | None = None
     last: Sealed | None = None
@@ -222,11 +229,11 @@ def settle(session: Session) -> Sealed | None:
         if row.sealed_rows < SEAL_BLOCK:
             break
     if last is not None:
-        session.info[_SETTLED] = last
+        session.info[_CHAINED_STAGED] = last
     return last
 
 
-_SETTLED = "qbgw_settled"
+_CHAINED_STAGED = "qbgw_chained_staged"
 
 
 def discard(session: Session) -> None:
@@ -235,9 +242,9 @@ def discard(session: Session) -> None:
 
 
 def events_for_job(*, session: Session, job_id: str) -> list[AuditRecord]:
-    """The job's events, oldest first (including those this transaction has not sealed yet)."""
+    """The job's events, oldest first (including those this transaction has not sealed yet). Events staged for
+    the block sealer are not read: the caller chains them first, before this transaction (``Runtime.chain_staged``)."""
     seal(session)
-    settle(session)
     rows = session.scalars(select(AuditEvent).where(AuditEvent.job_id == job_id).order_by(AuditEvent.seq))
     return [to_record(row) for row in rows]
 
@@ -282,11 +289,11 @@ def install_hooks(factory: sessionmaker[Session], settings: Settings) -> None:
     def after_commit(session: Session) -> None:
         sealed = session.info.pop(_SEALED, None)
         after_seal(settings, sealed.sealed if isinstance(sealed, Staged) else sealed)
-        after_seal(settings, session.info.pop(_SETTLED, None))
+        after_seal(settings, session.info.pop(_CHAINED_STAGED, None))
 
     def after_rollback(session: Session) -> None:
         session.info.pop(_SEALED, None)
-        session.info.pop(_SETTLED, None)
+        session.info.pop(_CHAINED_STAGED, None)
         discard(session)
 
     event.listen(factory, "before_commit", before_commit)
@@ -295,8 +302,9 @@ def install_hooks(factory: sessionmaker[Session], settings: Settings) -> None:
 
 
 def head(session: Session) -> tuple[int, str]:
-    """The chain's last (seq, hash) as the events say (not the head row, which is a cache)."""
-    settle(session)
+    """The chain's last (seq, hash) as the events say (not the head row, which is a cache). Events staged for the
+    block sealer count once chained: the caller chains them first, before this transaction
+    (``Runtime.chain_staged``)."""
     row = session.execute(select(AuditEvent.seq, AuditEvent.row_hash).order_by(AuditEvent.seq.desc()).limit(1)).first()
     return (row.seq, row.row_hash) if row else (0, GENESIS)
 
@@ -309,8 +317,12 @@ class Anchorer:
         self.settings = settings
         self._last = 0.0
 
+    def due(self) -> bool:
+        """Whether the next :meth:`tick` writes an anchor."""
+        return time.monotonic() - self._last >= self.settings.audit_anchor_seconds
+
     def tick(self, session: Session) -> Anchor | None:
-        if time.monotonic() - self._last < self.settings.audit_anchor_seconds:
+        if not self.due():
             return None
         self._last = time.monotonic()
         return write_anchor(self.settings, *head(session))

@@ -17,7 +17,7 @@ from ..errors import JobNotFound
 from ..lifecycle import TERMINAL, JobStatus, utcnow
 from . import db
 from .batches import BatchStatus
-from .chain import events_for_job, settle, to_record
+from .chain import events_for_job, to_record
 from .jobs import KEYRING
 from .models import AuditEvent, Batch, Job
 
@@ -115,8 +115,8 @@ def failed(session: Session, *, limit: int, reader: str) -> list[JobView]:
 
 def query_audit(session: Session, query: AuditFilter, *, export: bool, reader: str) -> list[audit.AuditRecord]:
     """Audit events matching ``query``, oldest first; the query is audited after the events it returns
-    (``audit.exported`` when ``export``)."""
-    settle(session)
+    (``audit.exported`` when ``export``). Events staged for the block sealer are not read: the caller chains them
+    first, before this transaction (``Runtime.chain_staged``)."""
     rows = session.scalars(select(AuditEvent).where(*query.where()).order_by(AuditEvent.seq).limit(query.limit))
     found = [to_record(row) for row in rows]
     action = audit.Action.AUDIT_EXPORTED if export else audit.Action.AUDIT_QUERIED
