@@ -28,6 +28,7 @@ median over reps of each rep's median or p99). The machine is small and noisy: r
     .venv/bin/python -m bench.api                      # 3 reps, ~5 min
     .venv/bin/python -m bench.api --quick              # a smoke run, < 1 min
     .venv/bin/python -m bench.api --stack embedded --reps 1
+    .venv/bin/python -m bench.api --audit-seal block   # the audit events staged, chained by the sealer
 """
 
 from __future__ import annotations
@@ -94,6 +95,8 @@ class ApiConfig:
     sequential: int = 200
     reps: int = 3
     stack: str = "postgres"
+    #: QBGW_AUDIT_SEAL of every qbgw process (PostgreSQL): "commit" (the default) or "block".
+    audit_seal: str = "commit"
     serve_log_level: str = "info"
     parts: tuple[str, ...] = PARTS
     timeout: float = 600.0
@@ -567,7 +570,7 @@ def table(rows: list[Row]) -> list[str]:
 def stack_settings(config: ApiConfig, bench: Bench) -> Settings:
     if config.stack == "embedded":
         return bench_settings(bench.config, bench.emu.url, bench.folder / "embedded")
-    return bench.settings
+    return bench.settings.with_(audit_seal=config.audit_seal)
 
 
 def run(config: ApiConfig, say: Say = print) -> list[Row]:
@@ -605,6 +608,12 @@ def parse_args(argv: Sequence[str] | None = None) -> ApiConfig:
     parser.add_argument("--stack", choices=("postgres", "embedded"), default="postgres")
     parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated, of latency,accept")
     parser.add_argument(
+        "--audit-seal",
+        choices=("commit", "block"),
+        default="commit",
+        help="QBGW_AUDIT_SEAL of the qbgw processes (PostgreSQL only; default commit)",
+    )
+    parser.add_argument(
         "--serve-log-level",
         choices=("debug", "info", "warning"),
         default="info",
@@ -616,6 +625,8 @@ def parse_args(argv: Sequence[str] | None = None) -> ApiConfig:
     parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
     if set(parts) - set(PARTS) or not parts:
         parser.error(f"--parts: of {','.join(PARTS)}")
+    if args.audit_seal == "block" and args.stack == "embedded":
+        parser.error("--audit-seal block: PostgreSQL only (the embedded stack seals at commit)")
     quick = args.quick
     return ApiConfig(
         jobs=args.jobs or (300 if quick else 2000),
@@ -624,6 +635,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ApiConfig:
         sequential=args.sequential or (30 if quick else 200),
         reps=args.reps or (1 if quick else 3),
         stack=args.stack,
+        audit_seal=args.audit_seal,
         serve_log_level=args.serve_log_level,
         parts=parts,
         timeout=args.timeout,
