@@ -21,7 +21,7 @@ from .runtime.waiter import Wake
 from .settings import Settings
 from .store import batches as batch_store
 from .store import reads, webhooks
-from .store.reads import AuditFilter, JobView
+from .store.reads import Admit, AuditFilter, JobView
 from .store.webhooks import Delivery
 
 __all__ = [
@@ -54,12 +54,20 @@ def get_job(job_id: str, *, reader: str | None = None, settings: Settings | None
         StoreUnavailable: the database cannot be reached.
         DecryptionFailed: a stored value was moved or altered, or its key is gone.
     """
+    return read_admitted(job_id, None, reader=reader, settings=settings)
+
+
+def read_admitted(
+    job_id: str, admit: Admit | None, *, reader: str | None = None, settings: Settings | None = None
+) -> JobView:
+    """:func:`get_job`, after ``admit`` has seen the job without its PHI (and not refused by raising): one read
+    where a check (whose job is it? has it ended?) would otherwise take a read of its own."""
     rt = runtime(settings)
     hot = rt.hot_path  # PostgreSQL: one query, and the read's event sealed in one statement
     if hot is not None:
-        return hot.read_job(job_id, _reader(rt, reader))
+        return hot.read_job(job_id, _reader(rt, reader), admit)
     with rt.transaction() as session:
-        return reads.read_job(session, job_id, _reader(rt, reader))
+        return reads.read_job(session, job_id, _reader(rt, reader), admit)
 
 
 def job_metadata(job_id: str, *, settings: Settings | None = None) -> tuple[JobView, str | None]:

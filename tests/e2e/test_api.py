@@ -66,6 +66,20 @@ def test_submit_long_poll_and_read_the_result(server: Server) -> None:
     assert "normal resting heart rate" in result.json()["answer"]
 
 
+def test_a_result_before_the_end_is_a_409_and_reads_nothing(server: Server) -> None:
+    client = server.client("sub")
+    slow = {**JOB, "messages": [{"role": "user", "content": "take your time [[emulator:sleep=3x1]]"}]}
+    job_id = client.post("/v1/jobs", json=slow).json()["id"]
+    early = client.get(f"/v1/jobs/{job_id}/result")
+    assert early.status_code == 409, early.text
+    assert early.json()["type"].endswith("not-finished")
+    assert server.client("sub2").get(f"/v1/jobs/{job_id}/result").status_code == 404  # not its: no 409
+    assert finished(server, job_id)["status"] == "succeeded"
+    assert client.get(f"/v1/jobs/{job_id}/result").status_code == 200
+    trail = queries.job_events(job_id, include_reads=True, settings=server.settings)
+    assert [e.actor for e in trail if e.action == "result.read"] == ["key:sub"]
+
+
 def test_every_audit_event_a_request_causes_has_the_key_as_actor(server: Server) -> None:
     job_id = submit(server, "sub")
     finished(server, job_id)

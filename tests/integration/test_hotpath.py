@@ -293,3 +293,36 @@ def test_an_unreachable_database_is_store_unavailable(settings: Settings, hot: h
             path.claim(job_id="x", worker="w1", lease_until=utcnow() + LEASE, now=utcnow(), events=lambda _c: [])
     finally:
         dead.dispose()
+
+
+@pytest.mark.parametrize("path", ["hot", "store"])
+def test_a_read_its_check_refuses_is_not_audited(
+    settings: Settings, hot: hotpath.HotPath, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    """``queries.read_admitted`` (GET /v1/jobs/{id}/result's one read): the check sees the job without its
+    PHI, and a refusal leaves no ``result.read`` event; an admitted read is audited as any other."""
+    from qbgw.errors import JobNotFound
+    from qbgw.queries import read_admitted
+
+    if path == "store":
+        reset()
+        monkeypatch.setattr(hotpath, "hot_path_for", lambda *_args: None)
+    job_id = submit(settings, "whose is it")
+    assert run_attempt(runtime(settings), job_id) is Outcome.SUCCEEDED
+    events = audit_count(settings)
+    seen: list[Any] = []
+
+    def refuse(view: Any) -> None:
+        seen.append((view.status, view.answer, view.actor))
+        raise JobNotFound(job_id)
+
+    with pytest.raises(JobNotFound):
+        read_admitted(job_id, refuse, reader="mallory", settings=settings)
+    assert seen == [(JobStatus.SUCCEEDED, None, "producer")]
+    assert audit_count(settings) == events
+    view = read_admitted(job_id, seen.append, reader="alice", settings=settings)
+    assert view.answer
+    assert audit_count(settings) == events + 1
+    assert [
+        e.actor for e in job_events(job_id, include_reads=True, settings=settings) if e.action == "result.read"
+    ] == ["alice"]

@@ -456,10 +456,19 @@ async def get_result(request: Request, job_id: str) -> Response:
     """The answer, or the error, of a job that has ended: a read of PHI, audited with the key's principal.
     409 while the job has not ended."""
     principal, scope = await who(request, "jobs.result")
-    view, _ = await job_for(request, principal, scope, job_id)
-    if view.status not in TERMINAL:
-        return problem(409, "not-finished", "The job has not ended", f"it is {view.status}", job_id=job_id)
-    full = await call(queries.get_job, job_id, reader=principal.actor, settings=_ctx(request).settings)
+    if not _plausible(job_id):
+        raise errors.JobNotFound(job_id[:64])
+
+    def admit(view: JobView) -> None:  # whose it is and whether it ended, seen in the same read
+        if scope == "own" and view.actor != principal.actor:
+            raise errors.JobNotFound(job_id)  # another principal's job does not exist for this one
+        if view.status not in TERMINAL:
+            raise _NotEnded(view.status)
+
+    try:
+        full = await call(queries.read_admitted, job_id, admit, reader=principal.actor, settings=_ctx(request).settings)
+    except _NotEnded as running:
+        return problem(409, "not-finished", "The job has not ended", f"it is {running.status}", job_id=job_id)
     error = None
     if full.error is not None or full.error_class is not None:
         error = {"class": full.error_class, "message": full.error, "http_status": full.http_status}
@@ -473,6 +482,12 @@ async def get_result(request: Request, job_id: str) -> Response:
             "finished_at": _iso(full.finished_at),
         }
     )
+
+
+class _NotEnded(Exception):
+    def __init__(self, status: str) -> None:
+        super().__init__(status)
+        self.status = status
 
 
 @router.post("/v1/jobs/{job_id}/cancel", tags=["jobs"])

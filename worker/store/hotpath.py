@@ -48,7 +48,7 @@ from ..settings import Settings
 from . import jobs as store
 from .chain import COMMIT_SEALS, COMMIT_STAGES, SEAL_AND_COMMIT_SQL, STAGE_AND_COMMIT_SQL, seal_argument
 from .db import READ_ONLY, unavailable
-from .reads import JobView, read_event, view_of
+from .reads import Admit, JobView, read_event, view_of
 
 __all__ = ["HotPath", "hot_path_for"]
 
@@ -169,16 +169,18 @@ class HotPath:
             raise JobNotFound(job_id)
         return view_of(job, None), job.batch_id
 
-    def read_job(self, job_id: str, reader: str) -> JobView:
-        """The job with its answer or error (as ``reads.read_job``): when it holds either, the ``result.read``
-        event by ``reader`` is sealed (committed) before the view is returned. Raises JobNotFound and
-        DecryptionFailed."""
+    def read_job(self, job_id: str, reader: str, admit: Admit | None = None) -> JobView:
+        """The job with its answer or error (as ``reads.read_job``, ``admit`` too): when it holds either, the
+        ``result.read`` event by ``reader`` is sealed (committed) before the view is returned. Raises
+        JobNotFound and DecryptionFailed."""
         with self._connection() as connection:
             with connection.cursor(row_factory=namedtuple_row) as cur:
                 cur.execute(self._job_sql, {"b_id": job_id})
                 job: Any = cur.fetchone()
             if job is None:
                 raise JobNotFound(job_id)
+            if admit is not None:
+                admit(view_of(job, None))
             view = view_of(job, self.keyring)
             event = read_event(view, job, reader)
             if event is None:

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -75,8 +76,10 @@ class JobView:
         return data
 
 
-def read_job(session: Session, job_id: str, reader: str) -> JobView:
-    """The job's current state, its answer or error included (that read is audited as ``reader``).
+def read_job(session: Session, job_id: str, reader: str, admit: Admit | None = None) -> JobView:
+    """The job's current state, its answer or error included (that read is audited as ``reader``). ``admit``
+    sees the job without its PHI first, and may refuse the read by raising (nothing is then decrypted or
+    audited).
 
     Raises:
         JobNotFound: no job has this id (never reported as "pending").
@@ -85,7 +88,13 @@ def read_job(session: Session, job_id: str, reader: str) -> JobView:
     job = session.get(Job, job_id)
     if job is None:
         raise JobNotFound(job_id)
+    if admit is not None:
+        admit(_view(session, job, phi=False))
     return _read(session, job, reader)
+
+
+#: A check of a job (seen without its PHI) before it is read with it: raises to refuse the read.
+Admit = Callable[[JobView], None]
 
 
 def job_metadata(session: Session, job_id: str) -> tuple[JobView, str | None]:
