@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import threading
+import logging
 from collections.abc import Callable
 
+from .periodic import Periodic
+
 __all__ = ["HeapTrimmer", "malloc_trim"]
+
+log = logging.getLogger("qbgw.worker")
 
 
 def malloc_trim() -> Callable[[], int] | None:
@@ -31,14 +35,13 @@ def malloc_trim() -> Callable[[], int] | None:
     return lambda: int(trim(0))
 
 
-class HeapTrimmer:
+class HeapTrimmer(Periodic):
     """Calls ``malloc_trim(0)`` every ``interval`` seconds in a daemon thread until stopped."""
 
     def __init__(self, interval: float, trim: Callable[[], int]) -> None:
-        self.interval, self._trim = interval, trim
+        super().__init__(interval, name="qbgw-heap-trim")
+        self._trim = trim
         self.trims = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="qbgw-heap-trim", daemon=True)
 
     @classmethod
     def start_if_possible(cls, interval: float) -> HeapTrimmer | None:
@@ -46,15 +49,11 @@ class HeapTrimmer:
         trim = malloc_trim() if interval > 0 else None
         if trim is None:
             return None
-        trimmer = cls(interval, trim)
-        trimmer._thread.start()
-        return trimmer
+        return cls(interval, trim).start()
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+    def step(self) -> None:
+        self._trim()
+        self.trims += 1
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._trim()
-            self.trims += 1
+    def failed_unexpectedly(self, exc: Exception) -> None:
+        log.error("the heap trim failed (%s: %s); trying again in %.0fs", type(exc).__name__, exc, self.interval)
