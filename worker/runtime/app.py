@@ -17,6 +17,7 @@ from kombu.entity import Exchange, Queue
 
 from ..errors import BrokerUnavailable
 from ..settings import Settings
+from .filebroker import FileTransport
 
 __all__ = ["TASK_NAME", "create_celery_app", "publish", "publish_many", "task_messages", "backlog", "ping_broker"]
 
@@ -57,6 +58,8 @@ def create_celery_app(settings: Settings) -> Celery:
         worker_send_task_events=False,
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=settings.connect_timeout,
+        # The embedded broker: kombu's filesystem transport, with messages that appear in the folder whole.
+        broker_transport=FileTransport if settings.is_embedded_broker else None,
         broker_transport_options=_transport_options(settings),
         task_publish_retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
     )
