@@ -77,7 +77,7 @@ from qbgw.lifecycle import TERMINAL, JobStatus
 from qbgw.queries import job_status
 from qbgw.runtime.locator import runtime
 from qbgw.settings import Settings
-from qbgw.store.models import Job
+from qbgw.store.models import AuditEvent, Job
 
 PARTS = ("latency", "accept")
 #: Untimed calls each driving thread makes first (its connection, the server's and the producer's pools).
@@ -375,13 +375,56 @@ def via_http(client: httpx.Client, custom_id: str) -> Timing:
     return time.perf_counter() - started, submitted - started
 
 
-def via_python(settings: Settings, custom_id: str) -> Timing:
-    started = time.perf_counter()
+def via_python(settings: Settings, custom_id: str, stamps: list[Stamp]) -> Timing:
+    started, wall = time.perf_counter(), time.time()
     job_id = qbgw.submit(ASSISTANT, _message(f"latency {custom_id}"), custom_id=custom_id, settings=settings)
     submitted = time.perf_counter()
     view = qbgw.wait_for_job(job_id, timeout=30, settings=settings)
+    ended = time.perf_counter()
     _check(view.status == JobStatus.SUCCEEDED and bool(view.answer), f"job {job_id} is {view.status}")
-    return time.perf_counter() - started, submitted - started
+    stamps.append(Stamp(job_id, wall, wall + (submitted - started), wall + (ended - started)))
+    return ended - started, submitted - started
+
+
+@dataclass(frozen=True)
+class Stamp:
+    """A job of the Python way: when its submit began and returned, and when its wait returned (Unix seconds)."""
+
+    job_id: str
+    started: float
+    submitted: float
+    ended: float
+
+
+#: The stages of the Python way, between the client's clock and the audit events' seal times (PostgreSQL's
+#: clock_timestamp() when each commit sealed them: the same machine's clock).
+STAGES = (
+    "submit() call",
+    "to the claim's commit (broker, Celery, claim)",
+    "to the outcome's commit (gateway call, record)",
+    "to the answer in hand (NOTIFY, audited read)",
+)
+
+
+def stages(settings: Settings, stamps: list[Stamp]) -> dict[str, list[float]]:
+    """Each stage's seconds per job (see STAGES), from the jobs' attempt.request and job.succeeded events."""
+    ids = [stamp.job_id for stamp in stamps]
+    seals: dict[tuple[str, str], float] = {}
+    with runtime(settings).transaction() as session:
+        wanted = AuditEvent.action.in_(("attempt.request", "job.succeeded"))
+        for job_id, action, at in session.execute(
+            select(AuditEvent.job_id, AuditEvent.action, AuditEvent.occurred_at).where(
+                AuditEvent.job_id.in_(ids), wanted
+            )
+        ):
+            seals[(str(job_id), action)] = at.timestamp()
+    found: dict[str, list[float]] = {name: [] for name in STAGES}
+    for stamp in stamps:
+        claimed, succeeded = seals[(stamp.job_id, "attempt.request")], seals[(stamp.job_id, "job.succeeded")]
+        points = (stamp.started, stamp.submitted, claimed, succeeded, stamp.ended)
+        for name, (a, b) in zip(STAGES, itertools.pairwise(points), strict=True):
+            found[name].append(b - a)
+    return found
 
 
 async def _via_aio(settings: Settings, custom_id: str) -> Timing:
@@ -406,27 +449,31 @@ def via_polling(settings: Settings, custom_id: str) -> Timing:
     return time.perf_counter() - started, submitted - started
 
 
-def qbgw_latencies(bench: Bench, settings: Settings, server: Server, loop: asyncio.Runner) -> dict[str, list[Timing]]:
+def qbgw_latencies(
+    bench: Bench, settings: Settings, server: Server, loop: asyncio.Runner
+) -> tuple[dict[str, list[Timing]], list[Stamp]]:
     """``--sequential`` jobs each way, one at a time, the ways interleaved (their order rotating), with one
-    ``qbgw worker`` process running; ``loop`` runs the qbgw.aio calls."""
+    ``qbgw worker`` process running; ``loop`` runs the qbgw.aio calls. With the Python way's stamps."""
     tag = f"seq-{uuid.uuid4().hex[:8]}"
     times: dict[str, list[Timing]] = {way: [] for way in WAYS}
+    stamps: list[Stamp] = []
     with qbgw_workers(bench, settings) as fleet, server.client() as client:
         _warm_pipeline(settings, fleet, 120)
         ways: dict[str, Callable[[str], Timing]] = {
             "http": lambda cid: via_http(client, cid),
-            "python": lambda cid: via_python(settings, cid),
+            "python": lambda cid: via_python(settings, cid, stamps),
             "aio": lambda cid: loop.run(_via_aio(settings, cid)),
             "poll 2 ms": lambda cid: via_polling(settings, cid),
         }
         for way, measure in ways.items():  # untimed: connections, the aio waiter's listener
             measure(f"{tag}-warm-{way}")
+        stamps.clear()
         for n in range(bench.config.sequential):
             order = list(ways)
             for way in order[n % len(order) :] + order[: n % len(order)]:
                 times[way].append(ways[way](f"{tag}:{way}:{n}"))
             fleet.check_alive()
-    return times
+    return times, stamps
 
 
 @dataclass
@@ -472,9 +519,13 @@ def part_latency(bench: Bench, settings: Settings, server: Server, say: Say) -> 
 
 
 def _latency_rep(bench: Bench, settings: Settings, server: Server, loop: asyncio.Runner, found: Latencies) -> None:
-    for way, timings in qbgw_latencies(bench, settings, server, loop).items():
+    times, stamps = qbgw_latencies(bench, settings, server, loop)
+    for way, timings in times.items():
         found.add(way, [total for total, _ in timings])
         found.add(f"{way} submit", [submit for _, submit in timings])
+    if settings.audit_seal == "commit":  # block sealing chains the events later: their times are not the commits'
+        for name, seconds in stages(settings, stamps).items():
+            found.add(f"stage {name}", seconds)
     for name, times in minimal_latencies(bench).items():
         found.add(name, times)
 
@@ -553,6 +604,10 @@ def latency_rows(found: Latencies, stack: str) -> list[Row]:
             value = found.ms(f"{way} submit", q)
             if value is not None:
                 rows.append((f"  of which the submit call, {label}: {way}", f"{value:.1f}", "", ""))
+    for name in STAGES:  # medians of each stage; they need not add up to the median total
+        value = found.ms(f"stage {name}", 0.5)
+        if value is not None:
+            rows.append((f"  python way, stage median: {name}", f"{value:.2f}", "", ""))
     return rows
 
 

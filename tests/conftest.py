@@ -362,6 +362,10 @@ def worker_process(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[by
         return proc
 
     yield start
+    # A worker that ended by itself with an error while nobody waited for it (a test that expects an exit waits
+    # for it, and so sees its code first) is a failure, even when the test passed without it: a flaky e2e test
+    # once hid two workers dead of the same crash (kombu's filesystem transport, qbgw.runtime.filebroker).
+    died = [(n, code) for n, proc in enumerate(started) if proc.returncode is None and (code := proc.poll() or 0) > 0]
     for proc in started:
         proc.terminate()
     for proc in started:
@@ -370,6 +374,12 @@ def worker_process(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[by
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+    if died:
+        logs = "\n".join(
+            f"--- worker {n} exited with {code}:\n" + (tmp_path / f"worker-{n}.log").read_text(errors="replace")[-3000:]
+            for n, code in died
+        )
+        pytest.fail(f"{len(died)} worker(s) ended by themselves during the test\n{logs}")
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 20.0, interval: float = 0.05) -> None:
