@@ -20,6 +20,7 @@ from .errors import InvalidMessages, NotAnnounced, StoreUnavailable
 from .images.resolve import policy
 from .lifecycle import utcnow
 from .messages import validate_assistant_id, validate_key, validate_messages, validate_subject, validate_webhook_url
+from .runtime.app import publish_many
 from .runtime.context import Runtime
 from .runtime.dispatch import announce, check_broker
 from .runtime.locator import runtime
@@ -66,17 +67,14 @@ def submit(
             ``.job_id``; a sweeper dispatches it).
     """
     rt = runtime(settings)
-    about = None if subject is None else validate_subject(subject)
-    new = store.NewJob(
-        id=str(uuid.uuid4()),
-        assistant_id=validate_assistant_id(assistant_id),
-        messages=validate_messages(messages, policy(rt.settings)),
-        custom_id=_optional_key("custom_id", custom_id),
-        idempotency_key=_optional_key("idempotency_key", idempotency_key),
+    new = new_job(
+        rt,
+        assistant_id,
+        messages,
+        custom_id=custom_id,
+        idempotency_key=idempotency_key,
         actor=actor or rt.settings.actor or "producer",
-        max_attempts=rt.settings.max_attempts,
-        subject=about,
-        subject_index=None if about is None else rt.subject_key.index(about),
+        subject=subject,
     )
     hook = _webhook(rt, webhook_url, new.actor)
     if require_broker:
@@ -87,6 +85,65 @@ def submit(
         if failure is not None:
             raise NotAnnounced(job_id, failure)
     return job_id
+
+
+def new_job(
+    rt: Runtime,
+    assistant_id: str,
+    messages: list[dict[str, Any]],
+    *,
+    custom_id: str | None,
+    idempotency_key: str | None,
+    actor: str,
+    subject: str | None,
+) -> store.NewJob:
+    """A new job, validated as :func:`submit` validates it (its errors), not stored yet."""
+    about = None if subject is None else validate_subject(subject)
+    return store.NewJob(
+        id=str(uuid.uuid4()),
+        assistant_id=validate_assistant_id(assistant_id),
+        messages=validate_messages(messages, policy(rt.settings)),
+        custom_id=_optional_key("custom_id", custom_id),
+        idempotency_key=_optional_key("idempotency_key", idempotency_key),
+        actor=actor,
+        max_attempts=rt.settings.max_attempts,
+        subject=about,
+        subject_index=None if about is None else rt.subject_key.index(about),
+    )
+
+
+def store_together(rt: Runtime, news: list[store.NewJob]) -> bool:
+    """Store jobs made by :func:`new_job` without an idempotency key, all or none (one statement on PostgreSQL,
+    one transaction elsewhere), then publish their messages together; returns whether they were published (if
+    not, the jobs are marked for the sweeper, which publishes them). What ``qbgw serve`` does with the POSTs
+    that arrive while it stores the previous ones (``qbgw.api.intake``).
+
+    Raises:
+        StoreUnavailable: the database cannot be reached (nothing was stored).
+    """
+    if any(new.idempotency_key is not None for new in news):
+        raise ValueError("store_together: jobs with an idempotency key go through submit()")
+    now, hot = utcnow(), rt.hot_path
+    if hot is not None:
+        hot.create_jobs(news, now)
+    else:
+        with rt.transaction() as session:
+            for new in news:
+                store.create_job(session=session, new=new, now=now)
+    ids = [new.id for new in news]
+    if len(ids) == 1:
+        return announce(rt, ids[0]) is None
+    try:
+        with rt.celery.producer_or_acquire() as publisher:
+            publish_many(rt.celery, ids, publisher, queue=rt.settings.queue_for(in_batch=False))
+        return True
+    except Exception:  # kombu's errors differ per transport; the sweeper publishes them
+        try:
+            with rt.transaction() as session:
+                store.mark_unannounced(session=session, job_ids=ids)
+        except StoreUnavailable:
+            pass  # announced_at stays set: the sweep grace publishes them
+        return False
 
 
 def _webhook(rt: Runtime, url: str | None, actor: str) -> str | None:

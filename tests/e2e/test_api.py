@@ -4,6 +4,7 @@ the database, every role against every endpoint, audit actors proven by the key,
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -78,6 +79,35 @@ def test_a_result_before_the_end_is_a_409_and_reads_nothing(server: Server) -> N
     assert client.get(f"/v1/jobs/{job_id}/result").status_code == 200
     trail = queries.job_events(job_id, include_reads=True, settings=server.settings)
     assert [e.actor for e in trail if e.action == "result.read"] == ["key:sub"]
+
+
+def test_concurrent_posts_each_get_their_own_job(server: Server) -> None:
+    """Concurrent POSTs are stored in groups (qbgw.api.intake): each still gets its own job, answer and event."""
+    posts = 24
+    answers: list[Any] = [None] * posts
+    start = threading.Barrier(posts)
+
+    def post(n: int) -> None:
+        client = server.client("sub" if n % 2 else "sub2")
+        start.wait()
+        answers[n] = client.post("/v1/jobs", json={**JOB, "custom_id": f"together-{n}"})
+
+    threads = [threading.Thread(target=post, args=(n,)) for n in range(posts)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert [a.status_code for a in answers] == [202] * posts, [a.text for a in answers if a.status_code != 202]
+    ids = [a.json()["id"] for a in answers]
+    assert len(set(ids)) == posts
+    assert [a.json()["custom_id"] for a in answers] == [f"together-{n}" for n in range(posts)]
+    for n, job_id in enumerate(ids):
+        owner = "sub" if n % 2 else "sub2"
+        assert finished(server, job_id, who=owner)["custom_id"] == f"together-{n}"
+        trail = queries.job_events(job_id, settings=server.settings)
+        assert [(e.action, e.actor) for e in trail if e.action == "job.submitted"] == [
+            ("job.submitted", f"key:{owner}")
+        ]
 
 
 def test_every_audit_event_a_request_causes_has_the_key_as_actor(server: Server) -> None:

@@ -39,9 +39,12 @@ from ..console import create_console
 from ..lifecycle import TERMINAL
 from ..messages import validate_key
 from ..ops.health import check_health
+from ..runtime.context import Runtime
+from ..runtime.locator import runtime
 from ..runtime.waiter import JobWaiter
 from ..settings import Settings
 from ..store.reads import AuditFilter, JobView
+from .intake import Intake
 from .problems import from_error, problem
 
 __all__ = ["create_app", "MAX_BATCH_BODY", "MAX_WAIT", "FAILURE_WINDOW", "FAILURES_ALLOWED"]
@@ -238,6 +241,15 @@ class _Context:
     failures: _Failures
     keys: _Keys
     alternates: dict[str, Callable[..., Awaitable[Response]]] = field(default_factory=dict)
+    _intake: Intake | None = None
+    _intake_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def intake(self, rt: Runtime) -> Intake:
+        """This process's intake for ``rt`` (made at its first POST, and again if the runtime was replaced)."""
+        with self._intake_lock:
+            if self._intake is None or self._intake.runtime is not rt:
+                self._intake = Intake(rt)
+            return self._intake
 
 
 def _ctx(request: Request) -> _Context:
@@ -418,7 +430,7 @@ async def submit_job(request: Request) -> Response:
     idempotency = request.headers.get("idempotency-key")
     # One hop to the thread pool for all of it: the JSON (up to ~75 MB) is parsed off the event loop, and the
     # hop itself is a measurable part of a POST (bench/api.py).
-    job_id, queued, data = await call(_submit, raw, principal, idempotency, settings)
+    job_id, queued, data = await call(_submit, raw, principal, idempotency, _ctx(request))
     if idempotency is None:  # a new job: what it is now is known without reading it back
         body: dict[str, Any] = {"id": job_id, "status": "queued", "custom_id": data.get("custom_id"), "done": False}
     else:  # maybe the first job of this key, in whatever state it is now
@@ -849,9 +861,11 @@ def _secure_openapi(app: FastAPI) -> None:
 
 
 def _submit(
-    raw: bytes, principal: Principal, idempotency: str | None, settings: Settings
+    raw: bytes, principal: Principal, idempotency: str | None, ctx: _Context
 ) -> tuple[str, bool, dict[str, Any]]:
-    """Parse and submit a job's body for ``principal``: (job id, announced, the body)."""
+    """Parse and submit a job's body for ``principal``: (job id, announced, the body). A job without an
+    Idempotency-Key or a webhook is stored with the POSTs that arrive meanwhile (:mod:`qbgw.api.intake`)."""
+    settings = ctx.settings
     data = _json_object(raw)
     unknown = sorted(set(data) - JOB_FIELDS)
     if unknown:
@@ -864,6 +878,19 @@ def _submit(
         validate_key("Idempotency-Key", idempotency)
         # Keys are per principal: another key's identical Idempotency-Key is another job, never this one's.
         scoped = "api:" + hashlib.sha256(f"{principal.actor}\x00{idempotency}".encode()).hexdigest()
+    webhook = data.get("webhook_url") or principal.webhook_url
+    if scoped is None and webhook is None:
+        rt = runtime(settings)
+        new = producer.new_job(
+            rt,
+            data.get("assistant_id", data.get("smart_chat_assistant_id")),  # type: ignore[arg-type]
+            data.get("messages"),  # type: ignore[arg-type]
+            custom_id=data.get("custom_id"),
+            idempotency_key=None,
+            actor=principal.actor,
+            subject=data.get("subject"),
+        )
+        return new.id, ctx.intake(rt).submit(new), data
     try:
         job_id = producer.submit(
             data.get("assistant_id", data.get("smart_chat_assistant_id")),  # type: ignore[arg-type]
@@ -871,7 +898,7 @@ def _submit(
             custom_id=data.get("custom_id"),
             subject=data.get("subject"),
             idempotency_key=scoped,
-            webhook_url=data.get("webhook_url") or principal.webhook_url,
+            webhook_url=webhook,
             actor=principal.actor,
             settings=settings,
         )

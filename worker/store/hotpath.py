@@ -25,6 +25,7 @@ here 0.15 and 0.5 (``bench.api``'s latency part reads both once per job).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -101,6 +102,9 @@ _NEW_JOB_KEYS = (
     "subject_index",
 )
 
+#: Of those, the timestamps (sent as ISO 8601 text in a batch's JSON).
+_TIMES = frozenset({"created_at", "updated_at", "announced_at"})
+
 #: What a view of the job does not need (the messages, up to QBGW_MAX_REQUEST_BYTES, and the sealed subject).
 _NOT_VIEWED = frozenset({"payload", "subject"})
 
@@ -125,6 +129,12 @@ class HotPath:
         )
         # The INSERT runs whether or not the SELECT reads it (a data-modifying CTE); if it fails, nothing is sealed.
         self._create_sql = f"WITH i AS ({insert_sql}) {self._seal_sql}"
+        columns = ", ".join(_NEW_JOB_KEYS)
+        typed = ", ".join(f"{key} {jobs.c[key].type.compile(dialect=engine.dialect)}" for key in _NEW_JOB_KEYS)
+        self._create_many_sql = (  # our own column names and types: the rows travel as one parameter
+            f"WITH i AS (INSERT INTO jobs ({columns}) SELECT {columns} "  # noqa: S608
+            f"FROM jsonb_to_recordset(%(b_rows)s::jsonb) AS r({typed})) {self._seal_sql}"
+        )
         claim_sql, self._claim_constants = _compile(store._CLAIM, engine.dialect)
         self._claim_sql = "BEGIN; " + claim_sql
         update = store._FINISH[False].values({key: bindparam(f"v_{key}") for key in _SUCCESS_KEYS})
@@ -150,6 +160,21 @@ class HotPath:
             sealed = cur.fetchone()
         audit_sealed(self.settings, sealed)
         return new.id
+
+    def create_jobs(self, news: list[store.NewJob], now: datetime) -> None:
+        """Insert ``news`` with their ``job.submitted`` events, in one statement (as :meth:`create_job` for
+        each, in one transaction: all or none)."""
+        rows, events = [], []
+        for new in news:
+            payload, digest = new.payload, new.payload_digest()
+            values = store.new_job_values(new, digest, self.keyring, now)
+            rows.append({key: values[key].isoformat() if key in _TIMES else values[key] for key in _NEW_JOB_KEYS})
+            events.append(store.submitted_event(new, payload, digest))
+        params = {"b_rows": json.dumps(rows, separators=(",", ":")), "b_events": seal_argument(events)}
+        with self._connection() as connection, connection.cursor(row_factory=namedtuple_row) as cur:
+            cur.execute(self._create_many_sql, params)  # one statement in autocommit: one round trip
+            sealed = cur.fetchone()
+        audit_sealed(self.settings, sealed)
 
     def status_of(self, job_id: str) -> JobStatus:
         """Only the job's status (as ``reads.status_of``). Raises JobNotFound."""

@@ -1,0 +1,144 @@
+"""The server's intake (worker/api/intake.py): concurrent jobs stored and published in groups, each with its
+own row and event, all of a group or none of it, and no POST left waiting."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import redis as redis_lib
+from sqlalchemy import func, select
+
+from qbgw import producer
+from qbgw.api.intake import Intake
+from qbgw.audit import anchors as integrity
+from qbgw.errors import StoreUnavailable
+from qbgw.queries import job_events
+from qbgw.runtime.locator import runtime
+from qbgw.settings import Secret, Settings
+from qbgw.store import chain
+from qbgw.store import jobs as store
+from qbgw.store.models import Job
+from tests.conftest import ASSISTANT
+
+THREADS = 24
+
+
+def new_jobs(settings: Settings, count: int, **fields: Any) -> list[store.NewJob]:
+    rt = runtime(settings)
+    return [
+        producer.new_job(
+            rt,
+            ASSISTANT,
+            [{"role": "user", "content": f"question {n}"}],
+            custom_id=f"c-{n}",
+            idempotency_key=None,
+            actor="key:web",
+            subject=fields.get("subject"),
+        )
+        for n in range(count)
+    ]
+
+
+def together(intake: Intake, jobs: list[store.NewJob]) -> list[bool | BaseException]:
+    """Each job handed to ``intake`` from a thread of its own, all released at once; what each got back."""
+    results: list[bool | BaseException] = [False] * len(jobs)
+    start = threading.Barrier(len(jobs))
+
+    def post(n: int) -> None:
+        start.wait()
+        try:
+            results[n] = intake.submit(jobs[n])
+        except Exception as exc:
+            results[n] = exc
+
+    threads = [threading.Thread(target=post, args=(n,)) for n in range(len(jobs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads), "a POST was left waiting"
+    return results
+
+
+def stored(settings: Settings) -> int:
+    with runtime(settings).transaction() as session:
+        return int(session.scalar(select(func.count()).select_from(Job)) or 0)
+
+
+def test_concurrent_jobs_are_stored_in_groups_each_with_its_row_and_event(settings: Settings) -> None:
+    keyed = settings.with_(subject_key=Secret("s" * 40))
+    jobs = new_jobs(keyed, THREADS, subject="MRN-7")
+    intake = Intake(runtime(keyed))
+    assert together(intake, jobs) == [True] * THREADS
+    assert intake.jobs == THREADS
+    assert intake.groups < THREADS, "concurrent jobs share a group"
+    assert stored(keyed) == THREADS
+    with runtime(keyed).transaction() as session:
+        for job in jobs:
+            row = session.get(Job, job.id)
+            assert row is not None
+            assert row.custom_id == job.custom_id
+            assert row.actor == "key:web"
+            assert store.open_text(session, "payload", job.id, row.payload) == job.payload
+            assert store.open_text(session, "subject", job.id, row.subject) == "MRN-7"
+            assert row.subject_index == job.subject_index
+    for job in jobs:
+        (submitted,) = [e for e in job_events(job.id, settings=keyed) if e.action == "job.submitted"]
+        assert submitted.actor == "key:web"
+        assert submitted.subject_index == job.subject_index
+    runtime(keyed).chain_staged()
+    with runtime(keyed).transaction() as session:
+        report = chain.verify(session, integrity.read_anchors(keyed.anchor_path), integrity.anchor_key(keyed))
+    assert report.ok, report
+    assert report.events == 2 * THREADS  # each job's job.submitted, and each job_events query above
+
+
+def test_every_job_of_a_group_is_published(production_settings: Settings) -> None:
+    intake = Intake(runtime(production_settings))
+    assert together(intake, new_jobs(production_settings, THREADS)) == [True] * THREADS
+    client = redis_lib.Redis.from_url(production_settings.broker_url)
+    try:
+        assert client.llen(production_settings.queue) == THREADS
+    finally:
+        client.close()
+
+
+def test_a_group_that_cannot_be_stored_fails_each_of_its_jobs_and_the_next_ones_go_on(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    intake = Intake(runtime(settings))
+    real: Callable[..., bool] = producer.store_together
+    failing = threading.Event()
+    failing.set()
+
+    def flaky(rt: Any, jobs: list[store.NewJob]) -> bool:
+        if failing.is_set():
+            raise StoreUnavailable("database unavailable: the test's")
+        return real(rt, jobs)
+
+    monkeypatch.setattr(producer, "store_together", flaky)
+    results = together(intake, new_jobs(settings, THREADS))
+    assert all(isinstance(r, StoreUnavailable) for r in results), results
+    assert stored(settings) == 0
+    failing.clear()  # the database is back: the intake was not left thinking a group is being stored
+    assert together(intake, new_jobs(settings, 3)) == [True] * 3
+    assert stored(settings) == 3
+
+
+def test_jobs_with_an_idempotency_key_are_not_stored_together(settings: Settings) -> None:
+    rt = runtime(settings)
+    keyed = producer.new_job(
+        rt,
+        ASSISTANT,
+        [{"role": "user", "content": "x"}],
+        custom_id=None,
+        idempotency_key="k-1",
+        actor="a",
+        subject=None,
+    )
+    with pytest.raises(ValueError, match="idempotency key"):
+        producer.store_together(rt, [keyed])
+    assert stored(settings) == 0
