@@ -124,7 +124,9 @@ def store_together(rt: Runtime, news: list[store.NewJob]) -> bool:
     if any(new.idempotency_key is not None for new in news):
         raise ValueError("store_together: jobs with an idempotency key go through submit()")
     now, hot = utcnow(), rt.hot_path
-    if hot is not None:
+    if hot is not None and len(news) == 1:
+        hot.create_job(news[0], now)  # its values as parameters, not inside one JSON text
+    elif hot is not None:
         hot.create_jobs(news, now)
     else:
         with rt.transaction() as session:

@@ -142,3 +142,21 @@ def test_jobs_with_an_idempotency_key_are_not_stored_together(settings: Settings
     with pytest.raises(ValueError, match="idempotency key"):
         producer.store_together(rt, [keyed])
     assert stored(settings) == 0
+
+
+def test_large_jobs_are_stored_in_groups_of_bounded_size(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    from qbgw.api import intake as intake_module
+
+    monkeypatch.setattr(intake_module, "MAX_GROUP_BYTES", 1)  # every job is over it: a group each
+    sizes: list[int] = []
+    real: Callable[..., bool] = producer.store_together
+
+    def counting(rt: Any, jobs: list[store.NewJob]) -> bool:
+        sizes.append(len(jobs))
+        return real(rt, jobs)
+
+    monkeypatch.setattr(producer, "store_together", counting)
+    intake = Intake(runtime(settings))
+    assert together(intake, new_jobs(settings, 8)) == [True] * 8
+    assert sizes == [1] * 8
+    assert stored(settings) == 8

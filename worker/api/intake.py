@@ -21,15 +21,20 @@ from .. import producer
 from ..runtime.context import Runtime
 from ..store.jobs import NewJob
 
-__all__ = ["Intake", "MAX_GROUP"]
+__all__ = ["Intake", "MAX_GROUP", "MAX_GROUP_BYTES"]
 
-#: The most jobs stored in one statement (a POST's messages may be large: QBGW_MAX_REQUEST_BYTES each).
+#: The most jobs stored in one statement ...
 MAX_GROUP = 64
+#: ... and the most bytes of their messages (a POST's may be large, inline images: QBGW_MAX_REQUEST_BYTES): a
+#: job that would pass it waits for the next group (a job larger than this is a group of its own).
+MAX_GROUP_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(eq=False)
 class _Waiting:
     job: NewJob
+    #: Its messages' size (the canonical payload, made here, in its own thread, not under the lock).
+    size: int
     done: threading.Event = field(default_factory=threading.Event)
     #: Set by the group before ``done``: this one stores the next group.
     leads: bool = False
@@ -53,7 +58,7 @@ class Intake:
         """Store ``job`` (made by ``producer.new_job``, without an idempotency key) with whichever jobs wait with
         it, and publish their messages; returns whether its message was published (if not, the sweeper
         publishes it). Raises what ``producer.store_together`` raises (nothing of its group was stored)."""
-        waiting = _Waiting(job)
+        waiting = _Waiting(job, len(job.payload))
         with self._lock:
             self._queue.append(waiting)
             leads = not self._storing
@@ -68,7 +73,13 @@ class Intake:
     def _store_next(self) -> None:
         """Store the queue's first group (this thread's own job is in it), then hand on to the next waiting one."""
         with self._lock:
-            group, self._queue = self._queue[: self._max], self._queue[self._max :]
+            size, taken = 0, 0
+            for waiting in self._queue[: self._max]:
+                size += waiting.size
+                if taken and size > MAX_GROUP_BYTES:
+                    break
+                taken += 1
+            group, self._queue = self._queue[:taken], self._queue[taken:]
         try:
             announced = producer.store_together(self.runtime, [w.job for w in group])
             for waiting in group:
