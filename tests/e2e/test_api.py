@@ -86,9 +86,11 @@ def test_concurrent_posts_each_get_their_own_job(server: Server) -> None:
     posts = 24
     answers: list[Any] = [None] * posts
     start = threading.Barrier(posts)
+    # Made here, once each: the threads share them (an httpx.Client is thread-safe), and none is left unclosed.
+    clients = {who: server.client(who) for who in ("sub", "sub2")}
 
     def post(n: int) -> None:
-        client = server.client("sub" if n % 2 else "sub2")
+        client = clients["sub" if n % 2 else "sub2"]
         start.wait()
         answers[n] = client.post("/v1/jobs", json={**JOB, "custom_id": f"together-{n}"})
 
