@@ -10,7 +10,7 @@ import uuid
 from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import create_engine, text
 
 from qbgw import producer
 from qbgw.emulator.server import Emulator
@@ -21,7 +21,7 @@ from qbgw.queries import get_job, job_events
 from qbgw.runtime.locator import runtime
 from qbgw.settings import Settings
 from qbgw.store import jobs as store
-from tests.conftest import ASSISTANT
+from tests.conftest import ASSISTANT, PgDatabase
 
 
 def store_unchecked(settings: Settings, messages: list[dict[str, Any]]) -> str:
@@ -178,7 +178,7 @@ def test_a_fault_on_a_job_that_moved_on_writes_nothing(settings: Settings) -> No
 
 
 def test_a_read_only_database_is_unavailable_and_its_connection_is_dropped(
-    production_settings: Settings,
+    production_settings: Settings, pg: PgDatabase
 ) -> None:
     """A server that takes no writes (a standby after a failover): StoreUnavailable, as for an outage, not a raw
     driver error (the worker would count it as the job's fault; the HTTP API would answer 500); and the pool
@@ -189,10 +189,45 @@ def test_a_read_only_database_is_unavailable_and_its_connection_is_dropped(
     rt = runtime(settings)
     with rt.transaction() as session:  # this pooled connection now refuses writes, as a standby's would
         session.execute(text("SET SESSION default_transaction_read_only = on"))
-    with pytest.raises(StoreUnavailable, match="read-only"):
-        producer.submit(ASSISTANT, [{"role": "user", "content": "x"}], settings=settings)
+        backend = session.execute(text("SELECT pg_backend_pid()")).scalar_one()
+    try:
+        with pytest.raises(StoreUnavailable, match="read-only"):
+            producer.submit(ASSISTANT, [{"role": "user", "content": "x"}], settings=settings)
+        if not pg.pooled:  # our connection was the server's session, and closing it ended that session
+            assert _backend_ends(pg.admin, backend)
+    finally:
+        # Through PgBouncer in transaction mode a SET SESSION outlives our connection: it stays on PgBouncer's
+        # server connection, which would hand the read-only session to the next test. End that session.
+        _terminate(pg.admin, backend)
     job_id = producer.submit(ASSISTANT, [{"role": "user", "content": "x"}], settings=settings)
     assert get_job(job_id, settings=settings).status == "queued"
+
+
+def _backend_ends(admin_url: str, pid: int, within: float = 5.0) -> bool:
+    """Whether the server session ``pid`` ends within ``within`` seconds (a backend exits just after its
+    client closes the connection)."""
+    engine = create_engine(admin_url)
+    try:
+        deadline = time.monotonic() + within
+        while True:
+            with engine.connect() as connection:
+                alive = connection.execute(text("SELECT count(*) FROM pg_stat_activity WHERE pid = :p"), {"p": pid})
+                if alive.scalar_one() == 0:
+                    return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+    finally:
+        engine.dispose()
+
+
+def _terminate(admin_url: str, pid: int) -> None:
+    engine = create_engine(admin_url)
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+    finally:
+        engine.dispose()
 
 
 def test_deliveries_that_come_before_the_jobs_time_do_not_count_its_fault_again(
