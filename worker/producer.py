@@ -20,9 +20,8 @@ from .errors import InvalidMessages, NotAnnounced, StoreUnavailable
 from .images.resolve import policy
 from .lifecycle import utcnow
 from .messages import validate_assistant_id, validate_key, validate_messages, validate_subject, validate_webhook_url
-from .runtime.app import publish_many
 from .runtime.context import Runtime
-from .runtime.dispatch import announce, check_broker
+from .runtime.dispatch import announce, announce_many, check_broker
 from .runtime.locator import runtime
 from .settings import Settings
 from .store import jobs as store
@@ -135,17 +134,7 @@ def store_together(rt: Runtime, news: list[store.NewJob]) -> bool:
     ids = [new.id for new in news]
     if len(ids) == 1:
         return announce(rt, ids[0]) is None
-    try:
-        with rt.celery.producer_or_acquire() as publisher:
-            publish_many(rt.celery, ids, publisher, queue=rt.settings.queue_for(in_batch=False))
-        return True
-    except Exception:  # kombu's errors differ per transport; the sweeper publishes them
-        try:
-            with rt.transaction() as session:
-                store.mark_unannounced(session=session, job_ids=ids)
-        except StoreUnavailable:
-            pass  # announced_at stays set: the sweep grace publishes them
-        return False
+    return announce_many(rt, ids, queue=rt.settings.queue_for(in_batch=False))
 
 
 def _webhook(rt: Runtime, url: str | None, actor: str) -> str | None:

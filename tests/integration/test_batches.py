@@ -384,17 +384,17 @@ def test_a_batch_cancelled_while_it_is_still_being_stored_stores_the_rest_cancel
     from qbgw.store import batches as batch_store
 
     monkeypatch.setattr(batch_store, "CHUNK", 3)
-    real = submission._publish
+    real = submission.announce_many
 
-    def publish_then_cancel(rt: Any, producer: Any, ids: list[str]) -> bool:
-        done = real(rt, producer, ids)
+    def publish_then_cancel(rt: Any, ids: list[str], **options: Any) -> bool:
+        done = real(rt, ids, **options)
         with rt.transaction() as session:
             batch_id = session.scalar(select(Job.batch_id).where(Job.id == ids[0]))
         cancel_batch(batch_id, actor="ops", settings=settings)  # between the first chunk and the second
-        monkeypatch.setattr(submission, "_publish", real)
+        monkeypatch.setattr(submission, "announce_many", real)
         return done
 
-    monkeypatch.setattr(submission, "_publish", publish_then_cancel)
+    monkeypatch.setattr(submission, "announce_many", publish_then_cancel)
     view = submit_batch(lines(7), assistant_id=ASSISTANT, settings=settings)
     assert view.status is BatchStatus.CANCELLED
     assert (view.total, view.cancelled, view.pending) == (7, 7, 0)

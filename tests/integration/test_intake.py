@@ -106,6 +106,15 @@ def test_every_job_of_a_group_is_published(production_settings: Settings) -> Non
         client.close()
 
 
+def test_a_group_the_broker_refuses_is_stored_and_left_for_the_sweeper(settings: Settings) -> None:
+    down = settings.with_(broker_url="redis://127.0.0.1:1/0")
+    jobs = new_jobs(down, 3)
+    assert producer.store_together(runtime(down), jobs) is False
+    with runtime(down).transaction() as session:
+        unannounced = session.scalars(select(Job.id).where(Job.announced_at.is_(None))).all()
+    assert sorted(unannounced) == sorted(job.id for job in jobs)
+
+
 def test_a_group_that_cannot_be_stored_fails_each_of_its_jobs_and_the_next_ones_go_on(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:

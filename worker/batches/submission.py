@@ -16,8 +16,8 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from ..lifecycle import utcnow
-from ..runtime.app import publish_many
 from ..runtime.context import Runtime
+from ..runtime.dispatch import announce_many
 from ..store import batches as batch_store
 from ..store import jobs as store
 from ..store import webhooks
@@ -48,7 +48,9 @@ def _store_jobs(rt: Runtime, batch_id: str, lines: Sequence[BatchLine], actor: s
                         session=session, job_ids=[j.id for j in jobs], actor=by, expired=expired, now=utcnow()
                     )
                 continue
-            if producer is not None and not _publish(rt, producer, [job.id for job in jobs]):
+            if producer is not None and not announce_many(
+                rt, [job.id for job in jobs], queue=rt.settings.effective_batch_queue, producer=producer
+            ):
                 producer = None  # the broker failed: store the rest unannounced, for the sweeper
 
 
@@ -95,17 +97,6 @@ def _producer(rt: Runtime, stack: ExitStack) -> Any:
             "broker unavailable (%s): the batch's jobs are stored for the sweeper to publish", type(exc).__name__
         )
         return None
-
-
-def _publish(rt: Runtime, producer: Any, job_ids: list[str]) -> bool:
-    try:
-        publish_many(rt.celery, job_ids, producer, queue=rt.settings.effective_batch_queue)
-        return True
-    except Exception as exc:  # kombu's errors differ per transport
-        log.warning("broker failed (%s): %d job(s) left for the sweeper to publish", type(exc).__name__, len(job_ids))
-        with rt.transaction() as session:
-            store.mark_unannounced(session=session, job_ids=job_ids)
-        return False
 
 
 def store_batch(

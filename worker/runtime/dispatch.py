@@ -4,14 +4,19 @@ for the sweeper. The message carries the job id only; the database is the source
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 from kombu.utils.url import maybe_sanitize_url
 
 from ..errors import BrokerUnavailable, StoreUnavailable
 from ..store import jobs as store
-from .app import publish
+from .app import publish, publish_many
 from .context import Runtime
 
-__all__ = ["announce", "check_broker"]
+__all__ = ["announce", "announce_many", "check_broker"]
+
+log = logging.getLogger("qbgw.dispatch")
 
 
 def announce(
@@ -39,6 +44,28 @@ def announce(
     except StoreUnavailable:
         pass
     return failure
+
+
+def announce_many(rt: Runtime, job_ids: list[str], *, queue: str | None, producer: Any = None) -> bool:
+    """Publish the messages of many stored jobs on ``queue`` (``publish_many``), through ``producer`` if given
+    (``app.producer_or_acquire()``), else one acquired for the call; if the broker fails, mark them all for the
+    sweeper instead. Returns whether they were published (after a failure some may have been: a duplicate
+    message is harmless, the claim makes it a no-op)."""
+    try:
+        if producer is not None:
+            publish_many(rt.celery, job_ids, producer, queue=queue)
+        else:
+            with rt.celery.producer_or_acquire() as acquired:
+                publish_many(rt.celery, job_ids, acquired, queue=queue)
+        return True
+    except Exception as exc:  # kombu's errors differ per transport
+        log.warning("broker failed (%s): %d job(s) left for the sweeper to publish", type(exc).__name__, len(job_ids))
+    try:
+        with rt.transaction() as session:
+            store.mark_unannounced(session=session, job_ids=job_ids)
+    except StoreUnavailable:
+        pass  # announced_at stays set: the sweep grace publishes them
+    return False
 
 
 def check_broker(rt: Runtime) -> None:
