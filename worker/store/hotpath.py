@@ -81,30 +81,6 @@ _SUCCESS_KEYS = (
 )
 
 
-#: The columns of a new job's row (``store.new_job_values``).
-_NEW_JOB_KEYS = (
-    "id",
-    "status",
-    "assistant_id",
-    "payload",
-    "payload_digest",
-    "custom_id",
-    "idempotency_key",
-    "actor",
-    "attempts",
-    "faults",
-    "max_attempts",
-    "created_at",
-    "updated_at",
-    "announced_at",
-    "batch_id",
-    "subject",
-    "subject_index",
-)
-
-#: Of those, the timestamps (sent as ISO 8601 text in a batch's JSON).
-_TIMES = frozenset({"created_at", "updated_at", "announced_at"})
-
 #: What a view of the job does not need (the messages, up to QBGW_MAX_REQUEST_BYTES, and the sealed subject).
 _NOT_VIEWED = frozenset({"payload", "subject"})
 
@@ -124,17 +100,8 @@ class HotPath:
         viewed = [c for c in jobs.c if c.name not in _NOT_VIEWED]
         self._job_sql, _ = _compile(select(*viewed).where(jobs.c.id == bindparam("b_id")), engine.dialect)
         self._seal_sql = f"SELECT first_seq, last_seq, last_hash FROM {self._seal_function}(%(b_events)s::jsonb)"  # noqa: S608
-        insert_sql, _ = _compile(
-            insert(jobs).values({key: bindparam(f"v_{key}") for key in _NEW_JOB_KEYS}), engine.dialect
-        )
-        # The INSERT runs whether or not the SELECT reads it (a data-modifying CTE); if it fails, nothing is sealed.
-        self._create_sql = f"WITH i AS ({insert_sql}) {self._seal_sql}"
-        columns = ", ".join(_NEW_JOB_KEYS)
-        typed = ", ".join(f"{key} {jobs.c[key].type.compile(dialect=engine.dialect)}" for key in _NEW_JOB_KEYS)
-        self._create_many_sql = (  # our own column names and types: the rows travel as one parameter
-            f"WITH i AS (INSERT INTO jobs ({columns}) SELECT {columns} "  # noqa: S608
-            f"FROM jsonb_to_recordset(%(b_rows)s::jsonb) AS r({typed})) {self._seal_sql}"
-        )
+        #: The two INSERTs of new jobs, made at the first one from the keys of ``store.new_job_values``.
+        self._new_job_sql: tuple[tuple[str, ...], str, str] | None = None
         claim_sql, self._claim_constants = _compile(store._CLAIM, engine.dialect)
         self._claim_sql = "BEGIN; " + claim_sql
         update = store._FINISH[False].values({key: bindparam(f"v_{key}") for key in _SUCCESS_KEYS})
@@ -153,10 +120,11 @@ class HotPath:
         idempotency key: the caller sends a job with a key through ``store.create_job``)."""
         payload, digest = new.payload, new.payload_digest()
         values = store.new_job_values(new, digest, self.keyring, now)
-        params = {f"v_{key}": values[key] for key in _NEW_JOB_KEYS}
+        create_sql, _ = self._new_job_statements(tuple(values))
+        params = {f"v_{key}": value for key, value in values.items()}
         params["b_events"] = seal_argument([store.submitted_event(new, payload, digest)])
         with self._connection() as connection, connection.cursor(row_factory=namedtuple_row) as cur:
-            cur.execute(self._create_sql, params)  # one statement in autocommit: one round trip
+            cur.execute(create_sql, params)  # one statement in autocommit: one round trip
             sealed = cur.fetchone()
         audit_sealed(self.settings, sealed)
         return new.id
@@ -168,13 +136,36 @@ class HotPath:
         for new in news:
             payload, digest = new.payload, new.payload_digest()
             values = store.new_job_values(new, digest, self.keyring, now)
-            rows.append({key: values[key].isoformat() if key in _TIMES else values[key] for key in _NEW_JOB_KEYS})
+            rows.append({key: v.isoformat() if isinstance(v, datetime) else v for key, v in values.items()})
             events.append(store.submitted_event(new, payload, digest))
+        _, create_many_sql = self._new_job_statements(tuple(rows[0]))
         params = {"b_rows": json.dumps(rows, separators=(",", ":")), "b_events": seal_argument(events)}
         with self._connection() as connection, connection.cursor(row_factory=namedtuple_row) as cur:
-            cur.execute(self._create_many_sql, params)  # one statement in autocommit: one round trip
+            cur.execute(create_many_sql, params)  # one statement in autocommit: one round trip
             sealed = cur.fetchone()
         audit_sealed(self.settings, sealed)
+
+    def _new_job_statements(self, keys: tuple[str, ...]) -> tuple[str, str]:
+        """The INSERT of one new job (its values as parameters) and of many (their rows as one JSON parameter),
+        each with the seal of their events, for the columns ``keys``: compiled once."""
+        made = self._new_job_sql
+        if made is None or made[0] != keys:
+            jobs = store._JOBS
+            insert_sql, _ = _compile(
+                insert(jobs).values({key: bindparam(f"v_{key}") for key in keys}), self.engine.dialect
+            )
+            columns = ", ".join(keys)
+            typed = ", ".join(f"{key} {jobs.c[key].type.compile(dialect=self.engine.dialect)}" for key in keys)
+            made = self._new_job_sql = (
+                keys,
+                # The INSERT runs whether or not the SELECT reads it (a data-modifying CTE); if it fails, nothing
+                # is sealed.
+                f"WITH i AS ({insert_sql}) {self._seal_sql}",
+                # Our own column names and types: the rows travel as one parameter.
+                f"WITH i AS (INSERT INTO jobs ({columns}) SELECT {columns} "  # noqa: S608
+                f"FROM jsonb_to_recordset(%(b_rows)s::jsonb) AS r({typed})) {self._seal_sql}",
+            )
+        return made[1], made[2]
 
     def status_of(self, job_id: str) -> JobStatus:
         """Only the job's status (as ``reads.status_of``). Raises JobNotFound."""
