@@ -81,6 +81,30 @@ def test_a_result_before_the_end_is_a_409_and_reads_nothing(server: Server) -> N
     assert [e.actor for e in trail if e.action == "result.read"] == ["key:sub"]
 
 
+def test_a_result_can_be_waited_for_in_one_request(server: Server) -> None:
+    """``GET /result?wait=`` answers once the job ends (woken by the database), or 409 at its deadline; another
+    principal's job is a 404 at once, not after the wait; a wait that ended without the answer reads nothing."""
+    client = server.client("sub")
+    slow = {**JOB, "messages": [{"role": "user", "content": "take your time [[emulator:sleep=2x1]]"}]}
+    job_id = client.post("/v1/jobs", json=slow).json()["id"]
+    started = time.monotonic()
+    assert server.client("sub2").get(f"/v1/jobs/{job_id}/result", params={"wait": 30}).status_code == 404
+    assert time.monotonic() - started < 1.5  # refused before any wait
+    early = client.get(f"/v1/jobs/{job_id}/result", params={"wait": 0.3})
+    assert early.status_code == 409, early.text
+    assert early.json()["type"].endswith("not-finished")
+    answer = client.get(f"/v1/jobs/{job_id}/result", params={"wait": 30})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["status"] == "succeeded"
+    assert answer.json()["answer"]
+    trail = queries.job_events(job_id, include_reads=True, settings=server.settings)
+    assert [e.actor for e in trail if e.action == "result.read"] == ["key:sub"]  # the one that got it
+    for wait in (-1, 61, "soon"):
+        refused = client.get(f"/v1/jobs/{job_id}/result", params={"wait": wait})
+        assert refused.status_code in (400, 422), refused.text
+        assert "wait" in refused.text
+
+
 def test_concurrent_posts_each_get_their_own_job(server: Server) -> None:
     """Concurrent POSTs are stored in groups (qbgw.api.intake): each still gets its own job, answer and event."""
     posts = 24

@@ -445,17 +445,32 @@ async def get_job(request: Request, job_id: str, wait: float = 0.0) -> Response:
     """The job's status and metadata, never its messages nor answer. ``wait``: up to that many seconds
     (at most 60) until the job has ended, woken by the database."""
     principal, scope = await who(request, "jobs.status")
+    _check_wait(wait)
+
+    async def attempt() -> tuple[bool, tuple[JobView, str | None]]:
+        view, batch_id = await job_for(request, principal, scope, job_id)
+        return view.status in TERMINAL, (view, batch_id)
+
+    view, batch_id = await _long_poll(request, job_id, wait, attempt)
+    return JSONResponse(_status(view, batch_id))
+
+
+def _check_wait(wait: float) -> None:
     if not 0 <= wait <= MAX_WAIT:
         raise errors.InputError(f"wait: must be between 0 and {MAX_WAIT:g} seconds, got {wait:g}")
+
+
+async def _long_poll(request: Request, job_id: str, wait: float, attempt: Callable[[], Awaitable[tuple[bool, T]]]) -> T:
+    """What ``attempt`` found once it says it is done, or when ``wait`` seconds have passed: tried again each
+    time the job's end (or the listener's return) wakes the request, or at the waiter's interval."""
     waiter = _ctx(request).waiter
-    deadline = time.monotonic() + wait
-    polls = 0
+    deadline, polls = time.monotonic() + wait, 0
     while True:
-        with waiter.watch(job_id) as ended:
-            view, batch_id = await job_for(request, principal, scope, job_id)
+        with waiter.watch(job_id) as ended:  # before the read: an end between the read and the wait wakes it
+            done, found = await attempt()
             left = deadline - time.monotonic()
-            if view.status in TERMINAL or left <= 0:
-                return JSONResponse(_status(view, batch_id))
+            if done or left <= 0:
+                return found
             try:
                 await asyncio.wait_for(ended.wait(), timeout=min(left, waiter.interval(polls)))
             except TimeoutError:
@@ -464,10 +479,12 @@ async def get_job(request: Request, job_id: str, wait: float = 0.0) -> Response:
 
 
 @router.get("/v1/jobs/{job_id}/result", tags=["jobs"])
-async def get_result(request: Request, job_id: str) -> Response:
+async def get_result(request: Request, job_id: str, wait: float = 0.0) -> Response:
     """The answer, or the error, of a job that has ended: a read of PHI, audited with the key's principal.
-    409 while the job has not ended."""
+    ``wait``: up to that many seconds (at most 60) until the job has ended, woken by the database; 409 if it
+    has not ended by then."""
     principal, scope = await who(request, "jobs.result")
+    _check_wait(wait)
     if not _plausible(job_id):
         raise errors.JobNotFound(job_id[:64])
 
@@ -477,10 +494,17 @@ async def get_result(request: Request, job_id: str) -> Response:
         if view.status not in TERMINAL:
             raise _NotEnded(view.status)
 
-    try:
-        full = await call(queries.read_admitted, job_id, admit, reader=principal.actor, settings=_ctx(request).settings)
-    except _NotEnded as running:
-        return problem(409, "not-finished", "The job has not ended", f"it is {running.status}", job_id=job_id)
+    settings = _ctx(request).settings
+
+    async def attempt() -> tuple[bool, JobView | str]:
+        try:
+            return True, await call(queries.read_admitted, job_id, admit, reader=principal.actor, settings=settings)
+        except _NotEnded as running:  # nothing was read out, nor audited
+            return False, running.status
+
+    full = await _long_poll(request, job_id, wait, attempt)
+    if isinstance(full, str):
+        return problem(409, "not-finished", "The job has not ended", f"it is {full}", job_id=job_id)
     error = None
     if full.error is not None or full.error_class is not None:
         error = {"class": full.error_class, "message": full.error, "http_status": full.http_status}
