@@ -15,11 +15,14 @@ processes and the minimal hand-written task are ``bench.throughput``'s.
    issue): HTTP acceptance per server CPU second >= 0.7 of submit()'s per CPU second of its process.
 2. **submit -> result**, one job at a time, ``--sequential`` (200) jobs per rep, with one real ``qbgw worker``
    process: (a) HTTP: ``POST /v1/jobs``, ``GET /v1/jobs/{id}?wait=30``, ``GET /v1/jobs/{id}/result``;
-   (b) ``qbgw.submit`` + ``qbgw.wait_for_job``; (c) ``qbgw.aio.submit`` + ``qbgw.aio.wait``; and, for
-   reference, ``bench.throughput``'s own way (``submit`` then ``job_status`` every 2 ms). The four are
-   interleaved job by job. Beside them, in each rep, ``bench.throughput``'s minimal task (POST + INSERT,
-   publish-to-row-visible, polled every 2 ms) with its INSERT-only and no-op variants. Goal: at most 1.2x the
-   minimal task. (On ``--stack embedded`` the minimal task still runs on PostgreSQL + Redis.)
+   (a') HTTP in two requests: ``POST /v1/jobs``, ``GET /v1/jobs/{id}/result?wait=30``; (b) ``qbgw.submit`` +
+   ``qbgw.wait_for_job``; (c) ``qbgw.aio.submit`` + ``qbgw.aio.wait``; and, for reference,
+   ``bench.throughput``'s own way (``submit`` then ``job_status`` every 2 ms). The five are interleaved job by
+   job. Beside them, in each rep, ``bench.throughput``'s minimal task (POST + INSERT,
+   publish-to-row-visible, polled every 2 ms) with its INSERT-only and no-op variants, and the audited minimal
+   task (the same with a hash-chained audit event committed at each of a job's four steps, submit to answer
+   read: the floor of the design, without qbgw). Goal: at most 1.2x the minimal task. (On ``--stack
+   embedded`` the minimal tasks still run on PostgreSQL + Redis.)
 
 Part 2 runs first: part 1 leaves its jobs queued, for no worker to take.
 Each part is repeated ``--reps`` (3) times; the table shows medians over reps (a latency figure: the
@@ -353,7 +356,7 @@ def part_accept(config: ApiConfig, settings: Settings, server: Server, say: Say)
 
 #: How each way reports one job: (submit -> result seconds, of which the submit call).
 Timing = tuple[float, float]
-WAYS = ("http", "python", "aio", "poll 2 ms")
+WAYS = ("http", "http result-wait", "python", "aio", "poll 2 ms")
 
 
 def _check(ok: bool, what: str) -> None:
@@ -371,6 +374,19 @@ def via_http(client: httpx.Client, custom_id: str) -> Timing:
     status = client.get(f"/v1/jobs/{job_id}", params={"wait": 30})
     _check(status.status_code == 200 and status.json()["status"] == "succeeded", f"job {job_id}: {status.text[:300]}")
     result = client.get(f"/v1/jobs/{job_id}/result")
+    _check(result.status_code == 200 and bool(result.json()["answer"]), f"result of {job_id}: {result.text[:300]}")
+    return time.perf_counter() - started, submitted - started
+
+
+def via_http_result_wait(client: httpx.Client, custom_id: str) -> Timing:
+    """The answer in two requests: the POST, and the result read long-polled until the job ends."""
+    started = time.perf_counter()
+    body = {"assistant_id": ASSISTANT, "messages": _message(f"latency {custom_id}"), "custom_id": custom_id}
+    posted = client.post("/v1/jobs", json=body)
+    submitted = time.perf_counter()
+    _check(posted.status_code == 202, f"POST /v1/jobs answered {posted.status_code}: {posted.text[:300]}")
+    job_id = posted.json()["id"]
+    result = client.get(f"/v1/jobs/{job_id}/result", params={"wait": 30})
     _check(result.status_code == 200 and bool(result.json()["answer"]), f"result of {job_id}: {result.text[:300]}")
     return time.perf_counter() - started, submitted - started
 
@@ -461,6 +477,7 @@ def qbgw_latencies(
         _warm_pipeline(settings, fleet, 120)
         ways: dict[str, Callable[[str], Timing]] = {
             "http": lambda cid: via_http(client, cid),
+            "http result-wait": lambda cid: via_http_result_wait(client, cid),
             "python": lambda cid: via_python(settings, cid, stamps),
             "aio": lambda cid: loop.run(_via_aio(settings, cid)),
             "poll 2 ms": lambda cid: via_polling(settings, cid),
@@ -512,7 +529,7 @@ def part_latency(bench: Bench, settings: Settings, server: Server, say: Say) -> 
             line = ", ".join(
                 f"{name} {1000 * _quantile(found.reps[name][-1], 0.5):.1f}/"
                 f"{1000 * _quantile(found.reps[name][-1], 0.99):.1f}"
-                for name in (*WAYS, "minimal", "insert-only", "no-op")
+                for name in (*WAYS, "minimal", "audited", "insert-only", "no-op")
             )
             say(f"  rep {rep} median/p99 ms: {line}")
     return found
@@ -579,15 +596,19 @@ def accept_rows(config: ApiConfig, runs: dict[str, list[Acceptance]]) -> list[Ro
 def latency_rows(found: Latencies, stack: str) -> list[Row]:
     labels = {
         "http": "HTTP: POST, GET ?wait=30, GET /result",
+        "http result-wait": "HTTP: POST, GET /result?wait=30",
         "python": "qbgw.submit + qbgw.wait_for_job",
         "aio": "qbgw.aio.submit + qbgw.aio.wait",
         "poll 2 ms": "qbgw.submit + job_status every 2 ms (bench.throughput's way)",
     }
     rows: list[Row] = []
     for label, q in (("median", 0.5), ("p99", 0.99)):
-        minimal = found.ms("minimal", q)
+        minimal, audited = found.ms("minimal", q), found.ms("audited", q)
         insert_only, noop = found.ms("insert-only", q), found.ms("no-op", q)
-        anchors = f"minimal task {minimal:.1f}; insert-only {insert_only:.1f}; no-op {noop:.1f}"
+        anchors = (
+            f"minimal task {minimal:.1f}; audited minimal {audited:.1f}; insert-only {insert_only:.1f}; "
+            f"no-op {noop:.1f}"
+        )
         if stack != "postgres":
             anchors += " (on PostgreSQL + Redis)"
         for way in WAYS:
@@ -596,8 +617,14 @@ def latency_rows(found: Latencies, stack: str) -> list[Row]:
                 continue
             ratio = value / minimal
             goal = f"; {_goal(ratio, LATENCY_GOAL, False)}" if way != "poll 2 ms" else ""
+            floor = f"; {value / audited:.2f}x audited" if audited else ""
             rows.append(
-                (f"submit -> result ms, {label}: {labels[way]}", f"{value:.1f}", anchors, f"{ratio:.2f}x{goal}")
+                (
+                    f"submit -> result ms, {label}: {labels[way]}",
+                    f"{value:.1f}",
+                    anchors,
+                    f"{ratio:.2f}x{goal}{floor}",
+                )
             )
             anchors = ""
         for way in WAYS:

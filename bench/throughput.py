@@ -55,7 +55,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -647,12 +647,20 @@ def minimal_burst(bench: Bench, workers: int = 1, *, live: bool = False) -> Burs
 
 
 def minimal_latencies(bench: Bench) -> dict[str, list[float]]:
-    """Publish-to-visible seconds, one at a time, of the minimal task, the INSERT-only task and a no-op."""
+    """Publish-to-visible seconds, one at a time, of the minimal task, the INSERT-only task and a no-op; and
+    submit-to-answer seconds of the minimal task with an audited design's four commits (``audited``: see
+    ``bench.minimal_app``), its end found the minimal task's way."""
     app, keys = _minimal_publisher(bench), redis.Redis.from_url(bench.redis_url)
-    times: dict[str, list[float]] = {"minimal": [], "insert-only": [], "no-op": []}
-    with minimal_workers(bench) as fleet:
+    times: dict[str, list[float]] = {"minimal": [], "insert-only": [], "no-op": [], "audited": []}
+    with minimal_workers(bench) as fleet, ExitStack() as stack:
         _warm_minimal(bench, app, fleet)
+        audited = stack.enter_context(minimal_app.connect(bench.database_url))
+        for n in range(3):  # untimed: the audited task's statements and connections
+            _audited_job(bench, app, audited, f"warm {n}")
         for n in range(bench.config.sequential):
+            started = time.perf_counter()
+            _audited_job(bench, app, audited, f"sequential {n}")
+            times["audited"].append(time.perf_counter() - started)
             for name, task in (("minimal", minimal_app.CALL), ("insert-only", minimal_app.INSERT_ONLY)):
                 row, started = f"seq-{uuid.uuid4().hex}:{n}", time.perf_counter()
                 app.send_task(task, args=[row, f"sequential {n}"] if task == minimal_app.CALL else [row])
@@ -666,6 +674,23 @@ def minimal_latencies(bench: Bench) -> dict[str, list[float]]:
             times["no-op"].append(time.perf_counter() - started)
     keys.close()
     return times
+
+
+def _audited_job(bench: Bench, app: Any, connection: Any, content: str) -> None:
+    """One audited minimal task, submitted, run, its end found by a read every 2 ms, and its answer read."""
+    row = f"audited-{uuid.uuid4().hex}"
+    minimal_app.submit_audited(connection, row, content)
+    app.send_task(minimal_app.CALL_AUDITED, args=[row])
+    while not _audited_done(bench, row):
+        time.sleep(0.002)
+    if not minimal_app.read_audited(connection, row):
+        raise RuntimeError(f"audited minimal task {row}: no answer")
+
+
+def _audited_done(bench: Bench, row: str) -> bool:
+    with bench.engine.connect() as connection:
+        query = text(f"SELECT 1 FROM {minimal_app.JOBS} WHERE id = :id AND done_at IS NOT NULL")
+        return connection.execute(query, {"id": row}).first() is not None
 
 
 def _row_exists(bench: Bench, row: str) -> bool:
@@ -974,7 +999,7 @@ def _latency_rows(r: Results) -> list[Row]:
         return rows
     for label, q in (("median", 0.5), ("p99", 0.99)):
         value = {name: 1000 * _quantile(times, q) for name, times in r.latencies.items()}
-        anchors = "; ".join(f"{name} {value[name]:.1f}" for name in ("minimal", "insert-only", "no-op"))
+        anchors = "; ".join(f"{name} {value[name]:.1f}" for name in ("minimal", "audited", "insert-only", "no-op"))
         rows.append(
             (
                 f"submit -> result ms, upstream at once, {label}",
@@ -1026,7 +1051,8 @@ def bench_environment(config: Config, say: Say, prefix: str) -> Iterator[Bench]:
             engine = create_engine(database_url)
             try:
                 with engine.begin() as connection:
-                    connection.execute(text(minimal_app.TABLE_DDL))
+                    for ddl in (minimal_app.TABLE_DDL, *minimal_app.AUDITED_DDL):
+                        connection.execute(text(ddl))
                 settings = bench_settings(config, emu.url, folder / "data", database_url, private.url)
                 yield Bench(config, emu, private.url, database_url, folder, engine, say, settings)
             finally:
