@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import pytest
+
+from qbgw.runtime import app as app_module
 from qbgw.runtime.app import TASK_NAME, create_celery_app, task_messages
 from qbgw.settings import Settings
 
@@ -20,3 +24,13 @@ def test_each_templated_message_equals_celerys_own(tmp_path: Path) -> None:
         assert message.body == expected.body
         assert message.sent_event == expected.sent_event
     assert list(task_messages(app, [])) == []
+
+
+def test_the_template_is_made_once_per_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its ``origin`` header names the process: a forked worker makes its own."""
+    app = create_celery_app(Settings(data_dir=tmp_path / "data"))
+    first = app_module._template(app)
+    assert app_module._template(app) is first
+    parent = os.getpid()
+    monkeypatch.setattr(os, "getpid", lambda: parent + 1)
+    assert app_module._template(app) is not first
