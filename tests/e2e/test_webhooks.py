@@ -109,8 +109,12 @@ def test_a_job_end_is_posted_signed_and_without_phi(server: Server, receiver: Re
     assert event["data"] == {"id": job_id, "status": "succeeded", "custom_id": "v-9", "batch_id": None}
     assert b"heart rate" not in body  # no message text, no answer
     assert headers["webhook-id"]
-    attempts = queries.audit_query(AuditFilter(action="webhook.attempt", job_id=job_id), settings=server.settings)
-    assert [(e.outcome, e.http_status, e.actor) for e in attempts] == [("delivered", 204, "webhooks")]
+
+    def attempts() -> list[Any]:  # the attempt is recorded once the receiver's answer is back: a moment after
+        return queries.audit_query(AuditFilter(action="webhook.attempt", job_id=job_id), settings=server.settings)
+
+    wait_until(lambda: len(attempts()) >= 1, timeout=10)
+    assert [(e.outcome, e.http_status, e.actor) for e in attempts()] == [("delivered", 204, "webhooks")]
     time.sleep(1.5)  # a sweep or two later: still exactly one delivery
     assert len(receiver.received) == 1
 
