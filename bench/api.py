@@ -365,30 +365,33 @@ def _check(ok: bool, what: str) -> None:
 
 
 def via_http(client: httpx.Client, custom_id: str) -> Timing:
-    started = time.perf_counter()
-    body = {"assistant_id": ASSISTANT, "messages": _message(f"latency {custom_id}"), "custom_id": custom_id}
-    posted = client.post("/v1/jobs", json=body)
-    submitted = time.perf_counter()
-    _check(posted.status_code == 202, f"POST /v1/jobs answered {posted.status_code}: {posted.text[:300]}")
-    job_id = posted.json()["id"]
+    """The answer in three requests: the POST, the status long-polled until the job ends, the result."""
+    started, job_id, submitted = _post(client, custom_id)
     status = client.get(f"/v1/jobs/{job_id}", params={"wait": 30})
     _check(status.status_code == 200 and status.json()["status"] == "succeeded", f"job {job_id}: {status.text[:300]}")
-    result = client.get(f"/v1/jobs/{job_id}/result")
-    _check(result.status_code == 200 and bool(result.json()["answer"]), f"result of {job_id}: {result.text[:300]}")
+    _result(client.get(f"/v1/jobs/{job_id}/result"), job_id)
     return time.perf_counter() - started, submitted - started
 
 
 def via_http_result_wait(client: httpx.Client, custom_id: str) -> Timing:
     """The answer in two requests: the POST, and the result read long-polled until the job ends."""
+    started, job_id, submitted = _post(client, custom_id)
+    _result(client.get(f"/v1/jobs/{job_id}/result", params={"wait": 30}), job_id)
+    return time.perf_counter() - started, submitted - started
+
+
+def _post(client: httpx.Client, custom_id: str) -> tuple[float, str, float]:
+    """POST a job: (when the POST began, the job's id, when its answer came)."""
     started = time.perf_counter()
     body = {"assistant_id": ASSISTANT, "messages": _message(f"latency {custom_id}"), "custom_id": custom_id}
     posted = client.post("/v1/jobs", json=body)
     submitted = time.perf_counter()
     _check(posted.status_code == 202, f"POST /v1/jobs answered {posted.status_code}: {posted.text[:300]}")
-    job_id = posted.json()["id"]
-    result = client.get(f"/v1/jobs/{job_id}/result", params={"wait": 30})
+    return started, str(posted.json()["id"]), submitted
+
+
+def _result(result: httpx.Response, job_id: str) -> None:
     _check(result.status_code == 200 and bool(result.json()["answer"]), f"result of {job_id}: {result.text[:300]}")
-    return time.perf_counter() - started, submitted - started
 
 
 def via_python(settings: Settings, custom_id: str, stamps: list[Stamp]) -> Timing:
