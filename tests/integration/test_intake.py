@@ -169,3 +169,78 @@ def test_large_jobs_are_stored_in_groups_of_bounded_size(settings: Settings, mon
     assert together(intake, new_jobs(settings, 8)) == [True] * 8
     assert sizes == [1] * 8
     assert stored(settings) == 8
+
+
+def test_coroutines_wait_on_their_loop_and_are_stored_in_groups(settings: Settings) -> None:
+    """``submit_async`` (what ``POST /v1/jobs`` awaits): many coroutines of one event loop, each its own answer,
+    stored in fewer groups than jobs by the storer thread, the loop free meanwhile."""
+    import asyncio
+
+    intake = Intake(runtime(settings))
+    jobs = new_jobs(settings, THREADS)
+    ticks = 0
+
+    async def ticking() -> None:  # runs only while the loop is free
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    async def main() -> list[bool]:
+        ticker = asyncio.create_task(ticking())
+        try:
+            return await asyncio.gather(*(intake.submit_async(job) for job in jobs))
+        finally:
+            ticker.cancel()
+
+    assert asyncio.run(main()) == [True] * THREADS
+    assert intake.jobs == THREADS
+    assert intake.groups < THREADS
+    assert ticks > 100, f"the loop was blocked while the jobs were stored ({ticks} turns)"
+    assert stored(settings) == THREADS
+
+
+def test_a_coroutine_that_goes_away_still_has_its_job_stored_and_the_others_are_answered(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    intake = Intake(runtime(settings))
+    real: Callable[..., bool] = producer.store_together
+    storing = threading.Event()
+    release = threading.Event()
+
+    def slow(rt: Any, jobs: list[store.NewJob]) -> bool:
+        storing.set()
+        release.wait(10)
+        return real(rt, jobs)
+
+    monkeypatch.setattr(producer, "store_together", slow)
+    first, gone, kept = new_jobs(settings, 3)
+
+    async def main() -> tuple[bool, bool]:
+        leading = asyncio.create_task(intake.submit_async(first))
+        await asyncio.to_thread(storing.wait, 10)  # the first group is being stored; the next two wait
+        leaving = asyncio.create_task(intake.submit_async(gone))
+        staying = asyncio.create_task(intake.submit_async(kept))
+        await asyncio.sleep(0)
+        leaving.cancel()  # its client went away
+        release.set()
+        return await leading, await staying
+
+    assert asyncio.run(main()) == (True, True)
+    assert stored(settings) == 3  # the one that went away had been handed over: it is stored
+
+
+def test_a_closed_intake_stores_what_it_holds_then_its_storer_ends(settings: Settings) -> None:
+    intake = Intake(runtime(settings))
+    assert together(intake, new_jobs(settings, 3)) == [True] * 3
+    storer = intake._storer
+    assert storer is not None
+    assert storer.is_alive()
+    intake.close()
+    storer.join(timeout=10)
+    assert not storer.is_alive()
+    with pytest.raises(RuntimeError, match="closed"):
+        intake.submit(new_jobs(settings, 1)[0])
+    assert stored(settings) == 3

@@ -43,6 +43,7 @@ from ..runtime.context import Runtime
 from ..runtime.locator import runtime
 from ..runtime.waiter import JobWaiter
 from ..settings import Settings
+from ..store.jobs import NewJob
 from ..store.reads import AuditFilter, JobView
 from .intake import Intake
 from .problems import from_error, problem
@@ -248,6 +249,8 @@ class _Context:
         """This process's intake for ``rt`` (made at its first POST, and again if the runtime was replaced)."""
         with self._intake_lock:
             if self._intake is None or self._intake.runtime is not rt:
+                if self._intake is not None:
+                    self._intake.close()  # its storer stores what it was handed, then ends
                 self._intake = Intake(rt)
             return self._intake
 
@@ -425,16 +428,25 @@ async def readyz(request: Request) -> Response:
 async def submit_job(request: Request) -> Response:
     """Queue a gateway job (the body of ``qbgw.submit``): 202 with its id and a Location to poll."""
     principal, _ = await who(request, "jobs.submit")
-    settings = _ctx(request).settings
-    raw = await body_bytes(request, settings.max_request_bytes + 65536)
+    ctx = _ctx(request)
+    raw = await body_bytes(request, ctx.settings.max_request_bytes + 65536)
     idempotency = request.headers.get("idempotency-key")
-    # One hop to the thread pool for all of it: the JSON (up to ~75 MB) is parsed off the event loop, and the
-    # hop itself is a measurable part of a POST (bench/api.py).
-    job_id, queued, data = await call(_submit, raw, principal, idempotency, _ctx(request))
+    # A small text-only body is validated here, on the event loop: a hop to the thread pool and back costs
+    # more than that (bench/api.py). A large body (its JSON, its inline images) or one naming images (files
+    # to read) is validated in a thread.
+    if len(raw) <= ON_LOOP_BYTES and _text_only(data := _job_body(raw)):
+        job = _prepare(data, principal, idempotency, ctx.settings)
+    else:
+        job = await call(lambda: _prepare(_job_body(raw), principal, idempotency, ctx.settings))
+    if job.new is not None:  # stored with the POSTs that arrive meanwhile, by this process's intake
+        job_id, queued = job.new.id, await ctx.intake(runtime(ctx.settings)).submit_async(job.new)
+    else:
+        job_id, queued = await call(_submit_alone, job, principal, idempotency, ctx.settings)
+    data = job.data
     if idempotency is None:  # a new job: what it is now is known without reading it back
         body: dict[str, Any] = {"id": job_id, "status": "queued", "custom_id": data.get("custom_id"), "done": False}
     else:  # maybe the first job of this key, in whatever state it is now
-        view, _ = await call(queries.job_metadata, job_id, settings=_ctx(request).settings)
+        view, _ = await call(queries.job_metadata, job_id, settings=ctx.settings)
         body = {"id": job_id, "status": str(view.status), "custom_id": view.custom_id, "done": view.done}
     body["announced"] = queued
     return JSONResponse(body, status_code=202, headers={"Location": f"/v1/jobs/{job_id}"})
@@ -884,12 +896,22 @@ def _secure_openapi(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def _submit(
-    raw: bytes, principal: Principal, idempotency: str | None, ctx: _Context
-) -> tuple[str, bool, dict[str, Any]]:
-    """Parse and submit a job's body for ``principal``: (job id, announced, the body). A job without an
-    Idempotency-Key or a webhook is stored with the POSTs that arrive meanwhile (:mod:`qbgw.api.intake`)."""
-    settings = ctx.settings
+#: The largest ``POST /v1/jobs`` body validated on the event loop when it is text only (see ``submit_job``).
+ON_LOOP_BYTES = 64 * 1024
+
+
+@dataclass
+class _Job:
+    """A ``POST /v1/jobs`` body, validated: ``new`` when it is stored by the intake; else the Idempotency-Key
+    scoped to its principal, or the webhook URL, it is stored with (by ``submit()``)."""
+
+    data: dict[str, Any]
+    new: NewJob | None = None
+    scoped: str | None = None
+    webhook: str | None = None
+
+
+def _job_body(raw: bytes) -> dict[str, Any]:
     data = _json_object(raw)
     unknown = sorted(set(data) - JOB_FIELDS)
     if unknown:
@@ -897,38 +919,65 @@ def _submit(
             f"{unknown[0]}: not a field of a job; a job has assistant_id (or smart_chat_assistant_id), "
             "messages, custom_id, subject and webhook_url"
         )
+    return data
+
+
+def _text_only(data: dict[str, Any]) -> bool:
+    """Whether the job's messages hold text parts only (nothing to decode or read): a guess made before they are
+    validated, so anything unexpected is False (validated in a thread, where the errors are the same)."""
+    messages = data.get("messages")
+    if not isinstance(messages, list):
+        return False
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            if not all(isinstance(part, dict) and part.get("type") == "text" for part in content):
+                return False
+        elif not isinstance(content, str):
+            return False
+    return True
+
+
+def _prepare(data: dict[str, Any], principal: Principal, idempotency: str | None, settings: Settings) -> _Job:
+    """Validate a job's body for ``principal``. One without an Idempotency-Key or a webhook is made here, as
+    ``submit()`` makes it, and stored by the intake (:mod:`qbgw.api.intake`)."""
     scoped = None
     if idempotency is not None:
         validate_key("Idempotency-Key", idempotency)
         # Keys are per principal: another key's identical Idempotency-Key is another job, never this one's.
         scoped = "api:" + hashlib.sha256(f"{principal.actor}\x00{idempotency}".encode()).hexdigest()
     webhook = data.get("webhook_url") or principal.webhook_url
-    if scoped is None and webhook is None:
-        rt = runtime(settings)
-        new = producer.new_job(
-            rt,
-            data.get("assistant_id", data.get("smart_chat_assistant_id")),  # type: ignore[arg-type]
-            data.get("messages"),  # type: ignore[arg-type]
-            custom_id=data.get("custom_id"),
-            idempotency_key=None,
-            actor=principal.actor,
-            subject=data.get("subject"),
-        )
-        return new.id, ctx.intake(rt).submit(new), data
+    if scoped is not None or webhook is not None:
+        return _Job(data, scoped=scoped, webhook=webhook)
+    new = producer.new_job(
+        runtime(settings),
+        data.get("assistant_id", data.get("smart_chat_assistant_id")),  # type: ignore[arg-type]
+        data.get("messages"),  # type: ignore[arg-type]
+        custom_id=data.get("custom_id"),
+        idempotency_key=None,
+        actor=principal.actor,
+        subject=data.get("subject"),
+    )
+    return _Job(data, new=new)
+
+
+def _submit_alone(job: _Job, principal: Principal, idempotency: str | None, settings: Settings) -> tuple[str, bool]:
+    """Submit a job with an Idempotency-Key or a webhook: (its id, announced)."""
+    data = job.data
     try:
         job_id = producer.submit(
             data.get("assistant_id", data.get("smart_chat_assistant_id")),  # type: ignore[arg-type]
             data.get("messages"),  # type: ignore[arg-type]
             custom_id=data.get("custom_id"),
             subject=data.get("subject"),
-            idempotency_key=scoped,
-            webhook_url=webhook,
+            idempotency_key=job.scoped,
+            webhook_url=job.webhook,
             actor=principal.actor,
             settings=settings,
         )
-        return job_id, True, data
+        return job_id, True
     except errors.NotAnnounced as exc:  # stored; the sweeper publishes it
-        return exc.job_id, False, data
+        return exc.job_id, False
     except errors.IdempotencyConflict:  # name the key the client sent, not the one stored for its principal
         raise errors.IdempotencyConflict(
             f"Idempotency-Key {idempotency!r} already names another job of this key, with a different assistant or "

@@ -1,27 +1,35 @@
 """Intake: the jobs of concurrent ``POST /v1/jobs`` stored and published together (a group commit).
 
-Each POST validates its job in its own thread, then hands it here and waits. The first to arrive while
-nothing is being stored stores at once, alone; the POSTs that arrive meanwhile wait for it, and the next of
-them stores all of them together (``producer.store_together``: one statement on PostgreSQL, one round trip
-to the broker), then hands on to the next group. Nobody waits on a timer: alone, a POST costs what
-``submit()`` costs; under load, each group shares one database round trip, one seal of the audit chain and
-one broker round trip (``bench/api.py``). A job with an idempotency key or a webhook is not grouped (it is
-stored by ``submit()``, with its key's look-up or its webhook in its transaction).
+A POST validates its job (on the event loop for a text-only body, in a thread otherwise) and hands it here.
+One storer thread per process takes whatever jobs are waiting, up to a group's bounds, and stores them
+together (``producer.store_together``: one statement on PostgreSQL, one round trip to the broker), then
+settles each POST's wait and takes the next group. Nobody waits on a timer: alone, a POST costs what
+``submit()`` costs plus one wake of the storer; under load, each group shares one database round trip, one
+seal of the audit chain and one broker round trip, and a POST waits on the event loop, not in a thread of its
+own (``bench/api.py``). A job with an idempotency key or a webhook is not grouped (it is stored by
+``submit()``, with its key's look-up or its webhook in its transaction).
 
 All or none: a group whose statement fails fails for each of its POSTs (the database is away: each answers
-503, nothing was stored).
+503, nothing was stored). A POST whose client goes away while it waits is still stored (it was handed over);
+nobody is told.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
 import threading
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass
 
 from .. import producer
 from ..runtime.context import Runtime
 from ..store.jobs import NewJob
 
 __all__ = ["Intake", "MAX_GROUP", "MAX_GROUP_BYTES"]
+
+log = logging.getLogger(__name__)
 
 #: The most jobs stored in one statement ...
 MAX_GROUP = 64
@@ -33,23 +41,28 @@ MAX_GROUP_BYTES = 4 * 1024 * 1024
 @dataclass(eq=False)
 class _Waiting:
     job: NewJob
-    #: Its messages' size (the canonical payload, made here, in its own thread, not under the lock).
+    #: Its messages' size (the canonical payload, made by the POST, not under the lock).
     size: int
-    done: threading.Event = field(default_factory=threading.Event)
-    #: Set by the group before ``done``: this one stores the next group.
-    leads: bool = False
+    #: A thread's wait (``submit``) ...
+    done: threading.Event | None = None
+    #: ... or a coroutine's (``submit_async``): its future, set on its loop.
+    loop: asyncio.AbstractEventLoop | None = None
+    future: asyncio.Future[bool] | None = None
     announced: bool = False
     error: BaseException | None = None
 
 
 class Intake:
-    """Stores the jobs handed to :meth:`submit` by concurrent threads in groups (see the module's text)."""
+    """Stores the jobs handed to :meth:`submit` (by threads) and :meth:`submit_async` (by coroutines) in groups,
+    in a storer thread of its own (see the module's text)."""
 
     def __init__(self, rt: Runtime, *, max_group: int = MAX_GROUP) -> None:
         self.runtime, self._max = rt, max_group
-        self._lock = threading.Lock()
-        self._queue: list[_Waiting] = []
-        self._storing = False
+        self._ready = threading.Condition(threading.Lock())
+        self._queue: deque[_Waiting] = deque()
+        self._storer: threading.Thread | None = None
+        self._pid = 0
+        self._closed = False
         #: Groups stored and jobs in them (for tests and the bench).
         self.groups = 0
         self.jobs = 0
@@ -58,46 +71,95 @@ class Intake:
         """Store ``job`` (made by ``producer.new_job``, without an idempotency key) with whichever jobs wait with
         it, and publish their messages; returns whether its message was published (if not, the sweeper
         publishes it). Raises what ``producer.store_together`` raises (nothing of its group was stored)."""
-        waiting = _Waiting(job, len(job.payload))
-        with self._lock:
-            self._queue.append(waiting)
-            leads = not self._storing
-            self._storing = True
-        if not leads:
-            waiting.done.wait()
-            if not waiting.leads:
-                return _outcome(waiting)
-        self._store_next()
+        waiting = _Waiting(job, len(job.payload), done=threading.Event())
+        self._hand(waiting)
+        waiting.done.wait()  # type: ignore[union-attr]
         return _outcome(waiting)
 
-    def _store_next(self) -> None:
-        """Store the queue's first group (this thread's own job is in it), then hand on to the next waiting one."""
-        with self._lock:
-            size, taken = 0, 0
-            for waiting in self._queue[: self._max]:
-                size += waiting.size
-                if taken and size > MAX_GROUP_BYTES:
-                    break
-                taken += 1
-            group, self._queue = self._queue[:taken], self._queue[taken:]
+    async def submit_async(self, job: NewJob) -> bool:
+        """:meth:`submit` for a coroutine: its event loop is free while the job is stored."""
+        loop = asyncio.get_running_loop()
+        waiting = _Waiting(job, len(job.payload), loop=loop, future=loop.create_future())
+        self._hand(waiting)
+        await waiting.future  # type: ignore[misc]
+        return _outcome(waiting)
+
+    def close(self) -> None:
+        """No more jobs: the storer stores those already handed over, then ends."""
+        with self._ready:
+            self._closed = True
+            self._ready.notify()
+
+    def _hand(self, waiting: _Waiting) -> None:
+        with self._ready:
+            if self._closed:
+                raise RuntimeError("this intake is closed")
+            self._queue.append(waiting)
+            if self._storer is None or self._pid != os.getpid() or not self._storer.is_alive():
+                self._pid = os.getpid()  # (a forked child has none of its parent's threads)
+                self._storer = threading.Thread(target=self._store_all, name="qbgw-intake", daemon=True)
+                self._storer.start()
+            else:
+                self._ready.notify()  # cheap when the storer is busy storing: nobody waits on it then
+
+    def _store_all(self) -> None:
+        while True:
+            with self._ready:
+                while not self._queue and not self._closed:
+                    self._ready.wait()
+                if not self._queue:
+                    return
+                group = self._take()
+            try:
+                self._store(group)
+            except BaseException:  # never leave a POST waiting, whatever happened
+                log.exception("intake: storing a group of %d jobs failed", len(group))
+                for waiting in group:
+                    if waiting.error is None and not waiting.announced:
+                        waiting.error = RuntimeError("the intake failed to store this job")
+                _settle(group)
+
+    def _take(self) -> list[_Waiting]:
+        """The queue's first group: at most ``max_group`` jobs and MAX_GROUP_BYTES bytes (at least one job)."""
+        size, group = 0, list[_Waiting]()
+        while self._queue and len(group) < self._max:
+            size += self._queue[0].size
+            if group and size > MAX_GROUP_BYTES:
+                break
+            group.append(self._queue.popleft())
+        return group
+
+    def _store(self, group: list[_Waiting]) -> None:
         try:
             announced = producer.store_together(self.runtime, [w.job for w in group])
             for waiting in group:
                 waiting.announced = announced
-        except BaseException as exc:  # each POST of the group answers with it
+        except Exception as exc:  # each POST of the group answers with it
             for waiting in group:
                 waiting.error = exc
-        with self._lock:
-            self.groups, self.jobs = self.groups + 1, self.jobs + len(group)
-            following = self._queue[0] if self._queue else None
-            if following is None:
-                self._storing = False
-            else:
-                following.leads = True
-        for waiting in group:
+        self.groups, self.jobs = self.groups + 1, self.jobs + len(group)
+        _settle(group)
+
+
+def _settle(group: list[_Waiting]) -> None:
+    """Wake each waiter of ``group``: a thread's event, and one call per event loop for its coroutines."""
+    loops: dict[asyncio.AbstractEventLoop, list[_Waiting]] = {}
+    for waiting in group:
+        if waiting.done is not None:
             waiting.done.set()
-        if following is not None:
-            following.done.set()
+        elif waiting.loop is not None:
+            loops.setdefault(waiting.loop, []).append(waiting)
+    for loop, waitings in loops.items():
+        try:
+            loop.call_soon_threadsafe(_wake, waitings)
+        except RuntimeError:  # its loop has closed: nobody is left to tell
+            pass
+
+
+def _wake(waitings: list[_Waiting]) -> None:
+    for waiting in waitings:
+        if waiting.future is not None and not waiting.future.done():  # (cancelled: its client went away)
+            waiting.future.set_result(True)
 
 
 def _outcome(waiting: _Waiting) -> bool:
