@@ -21,7 +21,11 @@ from tests.e2e.conftest import all_stacks
 from tests.unit.test_ratelimit import worst_window
 
 Start = Callable[..., Any]
-JITTER = 0.1  # seconds of spread allowed between a call's slot and its arrival at the emulator
+#: Seconds of spread allowed between a call's admission (logged in the fleet's send log, where the bound is exact:
+#: tests/integration/test_ratelimit.py) and its arrival at the emulator. CI on a 2-CPU machine, with four workers
+#: of 8 threads and the broker busy, showed stalls of about 0.3 s between the two, then a burst (the failures of
+#: 2026-12-05 and -06, each on RabbitMQ: gaps of 302 ms, then 25, 5, 3 ms): 0.1 was too tight for that machine.
+JITTER = 0.4
 
 
 def _gaps(arrivals: list[float]) -> list[int]:
@@ -53,11 +57,12 @@ def test_four_workers_stay_within_one_budget(stack: Settings, emu: Emulator, wor
             assert client.keys(f"qbgw:rl:{settings.rate_scope}:tat:*")
         finally:
             client.close()
-    # The limiter lets at most limit + burst - 1 calls go in any second (exactly, on grant times: see
-    # tests/integration/test_ratelimit.py). Between a slot and its arrival here lie a thread's wake-up, the
-    # socket and the emulator's own thread, on a loaded CI machine; if that delay varies by at most JITTER,
-    # arrivals in any window of 1 - JITTER seconds came from slots within one second, so the same bound
-    # holds for them. A budget per process instead of one for the fleet would show about 4 times as many.
+    # The limiter lets at most limit + burst - 1 calls go in any second (exactly, on its send log: see
+    # tests/integration/test_ratelimit.py). Between a call's admission and its arrival here lie the sending
+    # thread, the socket and the emulator's own thread, on a loaded CI machine; if that delay varies by at most
+    # JITTER, arrivals in any window of 1 - JITTER seconds were admitted within one second, so the same bound
+    # holds for them. A budget per process instead of one for the fleet would put about 4 times as many calls
+    # in a window (about 48 in 0.6 s, against the bound of 21).
     shrunk = worst_window(arrivals, width=1.0 - JITTER)
     assert shrunk <= limit + burst - 1, (shrunk, worst_window(arrivals), _gaps(arrivals))
     assert max(arrivals) - min(arrivals) >= (jobs - burst) / limit - 0.1
