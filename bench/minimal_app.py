@@ -64,23 +64,32 @@ AUDITED_DDL = (
     "hash bytea NOT NULL)",
     f"INSERT INTO {HEAD} VALUES (true, 0, decode('00', 'hex')) ON CONFLICT DO NOTHING",
 )
-#: Appends the event ``event`` to the chain: in the same statement (and transaction) as what it records.
-_CHAIN = (
-    f"head AS (UPDATE {HEAD} SET seq = seq + 1, hash = sha256(hash || convert_to(%(event)s, 'UTF8')) WHERE one "
-    f"RETURNING seq, hash), ev AS (INSERT INTO {AUDIT} (seq, hash, event) SELECT seq, hash, %(event)s FROM head)"
-)
+
+
+def _chain(job: str) -> str:
+    """CTEs appending the event ``event`` to the chain, in the same statement (and transaction) as what it records:
+    only when the CTE ``job`` found (or made) the job's row, so a duplicate delivery or a missing row records
+    nothing."""
+    return (
+        f"head AS (UPDATE {HEAD} SET seq = seq + 1, hash = sha256(hash || convert_to(%(event)s, 'UTF8')) "
+        f"WHERE one AND EXISTS (SELECT 1 FROM {job}) RETURNING seq, hash), "
+        f"ev AS (INSERT INTO {AUDIT} (seq, hash, event) SELECT seq, hash, %(event)s FROM head)"
+    )
+
+
 _SUBMIT = (
-    f"WITH job AS (INSERT INTO {JOBS} (id, content, state) VALUES (%(id)s, %(content)s, 'queued')), {_CHAIN} SELECT 1"
+    f"WITH job AS (INSERT INTO {JOBS} (id, content, state) VALUES (%(id)s, %(content)s, 'queued') RETURNING id), "
+    f"{_chain('job')} SELECT 1"
 )
 _CLAIM = (
     f"WITH job AS (UPDATE {JOBS} SET state = 'running' WHERE id = %(id)s AND state = 'queued' RETURNING content), "
-    f"{_CHAIN} SELECT content FROM job"
+    f"{_chain('job')} SELECT content FROM job"
 )
 _FINISH = (
-    f"WITH job AS (UPDATE {JOBS} SET state = 'done', answer = %(answer)s, done_at = %(done_at)s WHERE id = %(id)s), "
-    f"{_CHAIN} SELECT 1"
+    f"WITH job AS (UPDATE {JOBS} SET state = 'done', answer = %(answer)s, done_at = %(done_at)s WHERE id = %(id)s "
+    f"RETURNING id), {_chain('job')} SELECT 1"
 )
-_READ = f"WITH {_CHAIN} SELECT answer FROM {JOBS} WHERE id = %(id)s"
+_READ = f"WITH job AS (SELECT answer FROM {JOBS} WHERE id = %(id)s), {_chain('job')} SELECT answer FROM job"
 
 _local = threading.local()
 _shared: dict[str, Any] = {}
@@ -160,7 +169,7 @@ def _post(content: str) -> str:
 
 
 def make_app(broker_url: str, queue: str) -> Celery:
-    """The app, configured as qbgw configures its own, with the three tasks registered."""
+    """The app, configured as qbgw configures its own, with the four tasks registered."""
     celery = Celery("bench_minimal", broker=broker_url, set_as_current=False)
     celery.conf.update(
         task_default_queue=queue,
