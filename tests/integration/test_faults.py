@@ -189,7 +189,10 @@ def test_a_read_only_database_is_unavailable_and_its_connection_is_dropped(
     rt = runtime(settings)
     with rt.transaction() as session:  # this pooled connection now refuses writes, as a standby's would
         session.execute(text("SET SESSION default_transaction_read_only = on"))
-        backend = session.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        # The server session, by its pid and start (a pid alone could be reused by another session by then).
+        backend = tuple(
+            session.execute(text("SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()")).one()
+        )
     try:
         with pytest.raises(StoreUnavailable, match="read-only"):
             producer.submit(ASSISTANT, [{"role": "user", "content": "x"}], settings=settings)
@@ -203,15 +206,21 @@ def test_a_read_only_database_is_unavailable_and_its_connection_is_dropped(
     assert get_job(job_id, settings=settings).status == "queued"
 
 
-def _backend_ends(admin_url: str, pid: int, within: float = 5.0) -> bool:
-    """Whether the server session ``pid`` ends within ``within`` seconds (a backend exits just after its
-    client closes the connection)."""
+#: Matches one server session by its pid and start time, given as a tuple ``backend`` (pid, backend_start).
+_SESSION = "pid = :p AND backend_start = :s"
+
+
+def _backend_ends(admin_url: str, backend: tuple[Any, ...], within: float = 5.0) -> bool:
+    """Whether the server session ``backend`` (pid, start) ends within ``within`` seconds (a backend exits just
+    after its client closes the connection)."""
     engine = create_engine(admin_url)
     try:
         deadline = time.monotonic() + within
         while True:
             with engine.connect() as connection:
-                alive = connection.execute(text("SELECT count(*) FROM pg_stat_activity WHERE pid = :p"), {"p": pid})
+                alive = connection.execute(
+                    text(f"SELECT count(*) FROM pg_stat_activity WHERE {_SESSION}"), {"p": backend[0], "s": backend[1]}
+                )
                 if alive.scalar_one() == 0:
                     return True
             if time.monotonic() > deadline:
@@ -221,11 +230,14 @@ def _backend_ends(admin_url: str, pid: int, within: float = 5.0) -> bool:
         engine.dispose()
 
 
-def _terminate(admin_url: str, pid: int) -> None:
+def _terminate(admin_url: str, backend: tuple[Any, ...]) -> None:
     engine = create_engine(admin_url)
     try:
         with engine.connect() as connection:
-            connection.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+            connection.execute(
+                text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE {_SESSION}"),
+                {"p": backend[0], "s": backend[1]},
+            )
     finally:
         engine.dispose()
 
