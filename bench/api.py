@@ -24,6 +24,11 @@ processes and the minimal hand-written task are ``bench.throughput``'s.
    read: the floor of the design, without qbgw). Goal: at most 1.2x the minimal task. (On ``--stack
    embedded`` the minimal tasks still run on PostgreSQL + Redis.)
 
+3. **a lone POST** (``--parts lone``, not in the default run): ``--sequential`` jobs, one at a time, with no
+   worker running: ``POST /v1/jobs`` through ``httpx`` and through a bare ``http.client`` connection (what the
+   client library costs), and ``qbgw.submit()`` in this process, interleaved; and ``GET /healthz`` through
+   both clients (the HTTP round trip alone).
+
 Part 2 runs first: part 1 leaves its jobs queued, for no worker to take.
 Each part is repeated ``--reps`` (3) times; the table shows medians over reps (a latency figure: the
 median over reps of each rep's median or p99). The machine is small and noisy: read medians and ratios.
@@ -32,6 +37,7 @@ median over reps of each rep's median or p99). The machine is small and noisy: r
     .venv/bin/python -m bench.api --quick              # a smoke run, < 1 min
     .venv/bin/python -m bench.api --stack embedded --reps 1
     .venv/bin/python -m bench.api --audit-seal block   # the audit events staged, chained by the sealer
+    .venv/bin/python -m bench.api --parts lone --server-workers 1   # what one POST costs, by its parts
 """
 
 from __future__ import annotations
@@ -83,6 +89,8 @@ from qbgw.settings import Settings
 from qbgw.store.models import AuditEvent, Job
 
 PARTS = ("latency", "accept")
+#: Parts run only when asked for.
+EXTRA_PARTS = ("lone",)
 #: Untimed calls each driving thread makes first (its connection, the server's and the producer's pools).
 WARM_CALLS = 5
 #: Goals of the issue.
@@ -649,6 +657,93 @@ def table(rows: list[Row]) -> list[str]:
     return lines
 
 
+# --- part 3: a lone POST ---------------------------------------------------------------------------
+
+LONE_WAYS = ("httpx POST", "http.client POST", "submit()", "httpx GET /healthz", "http.client GET /healthz")
+
+
+def _lone_calls(server: Server, settings: Settings, client: httpx.Client, bare: Any) -> dict[str, Action]:
+    """Each way of part 3, given a tag (``bare``: an ``http.client.HTTPConnection`` to the server)."""
+    import json
+
+    headers = {"Authorization": f"Bearer {server.key}", "Content-Type": "application/json"}
+
+    def body(tag: str) -> bytes:
+        return json.dumps({"assistant_id": ASSISTANT, "messages": _message(f"lone {tag}")}).encode()
+
+    def checked(way: str, status: int, expected: int, text: object) -> None:
+        if status != expected:
+            raise RuntimeError(f"{way} answered {status}: {str(text)[:300]}")
+
+    def httpx_post(tag: str) -> None:
+        answer = client.post("/v1/jobs", content=body(tag), headers={"Content-Type": "application/json"})
+        checked("POST /v1/jobs", answer.status_code, 202, answer.text)
+
+    def bare_call(method: str, path: str, payload: bytes | None, expected: int) -> None:
+        bare.request(method, path, body=payload, headers=headers)
+        answer = bare.getresponse()
+        checked(f"{method} {path}", answer.status, expected, answer.read())
+
+    def submit(tag: str) -> None:
+        producer.submit(ASSISTANT, _message(f"lone {tag}"), settings=settings)
+
+    def healthz(_: str) -> None:
+        answer = client.get("/healthz")
+        checked("GET /healthz", answer.status_code, 200, answer.text)
+
+    return {
+        "httpx POST": httpx_post,
+        "http.client POST": lambda tag: bare_call("POST", "/v1/jobs", body(tag), 202),
+        "submit()": submit,
+        "httpx GET /healthz": healthz,
+        "http.client GET /healthz": lambda _: bare_call("GET", "/healthz", None, 200),
+    }
+
+
+def part_lone(config: ApiConfig, settings: Settings, server: Server, say: Say) -> dict[str, list[float]]:
+    """Each rep's median seconds of ``config.sequential`` calls per way, the ways interleaved call by call."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    address = urlsplit(server.url)
+    bare = http.client.HTTPConnection(address.hostname or "127.0.0.1", address.port)
+    client = server.client()
+    found: dict[str, list[float]] = {way: [] for way in LONE_WAYS}
+    try:
+        calls = _lone_calls(server, settings, client, bare)
+        for n in range(WARM_CALLS * 4):
+            for call in calls.values():
+                call(f"warm {n}")
+        for rep in range(1, config.reps + 1):
+            times: dict[str, list[float]] = {way: [] for way in LONE_WAYS}
+            for n in range(config.sequential):
+                for way, call in calls.items():
+                    started = time.perf_counter()
+                    call(f"{rep}:{n}")
+                    times[way].append(time.perf_counter() - started)
+            for way in LONE_WAYS:
+                found[way].append(_quantile(times[way], 0.5))
+            say("  rep " + str(rep) + " median ms: " + ", ".join(f"{w} {1000 * found[w][-1]:.2f}" for w in LONE_WAYS))
+    finally:
+        bare.close()
+        client.close()
+    return found
+
+
+def lone_rows(found: dict[str, list[float]]) -> list[Row]:
+    ms = {way: 1000 * _median(values) for way, values in found.items()}
+    submit = ms["submit()"]
+    return [
+        (f"a lone job, ms, median of reps' medians: {way}", f"{ms[way]:.2f}", f"qbgw.submit() {submit:.2f}", ratio)
+        for way, ratio in (
+            ("httpx POST", f"{ms['httpx POST'] / submit:.2f}x submit()"),
+            ("http.client POST", f"{ms['http.client POST'] / submit:.2f}x submit()"),
+            ("httpx GET /healthz", "the HTTP round trip alone, through httpx"),
+            ("http.client GET /healthz", "the HTTP round trip alone, through http.client"),
+        )
+    ]
+
+
 # --- run -------------------------------------------------------------------------------------------
 
 
@@ -677,6 +772,9 @@ def run(config: ApiConfig, say: Say = print) -> list[Row]:
                 say(f"  ({time.monotonic() - started:.0f}s)")
             if "latency" in config.parts:
                 rows += rows_latency
+            if "lone" in config.parts:
+                say(f"3. a lone POST, {config.sequential} per way x {config.reps} reps, no worker")
+                rows += lone_rows(part_lone(config, settings, server, say))
             errors = [line for line in server.log.read_text(errors="replace").splitlines() if "Traceback" in line]
             if errors:
                 raise RuntimeError(f"the server logged {len(errors)} tracebacks; see {server.log}")
@@ -691,7 +789,9 @@ def parse_args(argv: Sequence[str] | None = None) -> ApiConfig:
     parser.add_argument("--server-workers", type=int, default=2, help="qbgw serve --workers (default 2)")
     parser.add_argument("--sequential", type=int, help="one-at-a-time jobs per way and rep in part 2 (default 200)")
     parser.add_argument("--stack", choices=("postgres", "embedded"), default="postgres")
-    parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated, of latency,accept")
+    parser.add_argument(
+        "--parts", default=",".join(PARTS), help="comma-separated, of latency,accept (the default) and lone"
+    )
     parser.add_argument(
         "--audit-seal",
         choices=("commit", "block"),
@@ -708,8 +808,8 @@ def parse_args(argv: Sequence[str] | None = None) -> ApiConfig:
     parser.add_argument("--timeout", type=float, default=600.0, help="longest wait for one burst (s)")
     args = parser.parse_args(argv)
     parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
-    if set(parts) - set(PARTS) or not parts:
-        parser.error(f"--parts: of {','.join(PARTS)}")
+    if set(parts) - set(PARTS) - set(EXTRA_PARTS) or not parts:
+        parser.error(f"--parts: of {','.join(PARTS + EXTRA_PARTS)}")
     if args.audit_seal == "block" and args.stack == "embedded":
         parser.error("--audit-seal block: PostgreSQL only (the embedded stack seals at commit)")
     quick = args.quick
