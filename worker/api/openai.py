@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime
@@ -586,25 +585,18 @@ async def chat_completions(request: Request) -> Response:
     raw = await door.body_bytes(request, context.settings.max_request_bytes + 65536)
     job_id, model = await door.call(_submit_chat, raw, principal, context.settings)
     header = {JOB_HEADER: job_id}
-    deadline, polls = time.monotonic() + CHAT_WAIT, 0
-    while True:
-        with context.waiter.watch(job_id) as ended:
-            status = await door.call(queries.job_status, job_id, settings=context.settings)
-            left = deadline - time.monotonic()
-            if status in TERMINAL:
-                break
-            if left <= 0:
-                raise OpenAIError(
-                    504,
-                    f"the job has not ended within {CHAT_WAIT:g} s; it goes on: GET /v1/jobs/{job_id}",
-                    code="timeout",
-                    headers={**header, "x-should-retry": "false"},
-                )
-            try:
-                await asyncio.wait_for(ended.wait(), timeout=min(left, context.waiter.interval(polls)))
-            except TimeoutError:
-                pass
-            polls += 1
+
+    async def attempt() -> tuple[bool, JobStatus]:
+        status = await door.call(queries.job_status, job_id, settings=context.settings)
+        return status in TERMINAL, status
+
+    if await door._long_poll(request, job_id, CHAT_WAIT, attempt) not in TERMINAL:
+        raise OpenAIError(
+            504,
+            f"the job has not ended within {CHAT_WAIT:g} s; it goes on: GET /v1/jobs/{job_id}",
+            code="timeout",
+            headers={**header, "x-should-retry": "false"},
+        )
     view = await door.call(queries.get_job, job_id, reader=principal.actor, settings=context.settings)
     if view.status is JobStatus.SUCCEEDED:
         result = BatchResult(
