@@ -4,6 +4,7 @@ with the wait shortened."""
 
 from __future__ import annotations
 
+import base64
 import time
 
 import pytest
@@ -12,6 +13,7 @@ from fastapi.testclient import TestClient
 from qbgw import access, queries
 from qbgw.api import create_app
 from qbgw.api import openai as compat
+from qbgw.images.samples import png_bytes
 from qbgw.lifecycle import JobStatus
 from qbgw.settings import Settings
 from tests.conftest import ASSISTANT
@@ -34,3 +36,45 @@ def test_a_chat_completion_not_answered_in_time_is_a_504_naming_the_job_that_goe
     assert f"GET /v1/jobs/{job_id}" in answer.json()["error"]["message"]
     assert waited >= 0.5
     assert queries.job_status(job_id, settings=settings) is JobStatus.QUEUED  # it goes on
+
+
+PNG = "data:image/png;base64," + base64.b64encode(png_bytes(4, 4)).decode()
+IMAGE = [{"type": "text", "text": "an image: validated in a thread"}, {"type": "image_url", "image_url": {"url": PNG}}]
+
+
+@pytest.mark.parametrize(
+    ("content", "webhook"),
+    [
+        ("text only: validated on the event loop, stored by the intake", None),
+        (
+            [
+                {"type": "text", "text": "an image: validated in a thread"},
+                {"type": "image_url", "image_url": {"url": PNG}},
+            ],
+            None,
+        ),
+        ("a key with a webhook: stored by submit(), with its delivery", "https://hooks.example.org/qbgw"),
+    ],
+)
+def test_each_way_a_chat_completion_is_stored_records_the_job_as_submit_does(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, content: object, webhook: str | None
+) -> None:
+    from sqlalchemy import select
+
+    from qbgw.runtime.locator import runtime
+    from qbgw.store.models import WebhookDelivery
+
+    monkeypatch.setattr(compat, "CHAT_WAIT", 0.2)
+    _, key = access.create_key("chat", "submitter", webhook_url=webhook, actor="test-setup", settings=settings)
+    body = {"model": ASSISTANT, "messages": [{"role": "user", "content": content}]}
+    with TestClient(create_app(settings), headers={"Authorization": f"Bearer {key}"}) as client:
+        answer = client.post("/v1/chat/completions", json=body)
+    assert answer.status_code == 504, answer.text
+    job_id = answer.headers[compat.JOB_HEADER]
+    view = queries.get_job(job_id, settings=settings)
+    assert (view.status, view.actor, view.assistant_id) == (JobStatus.QUEUED, "key:chat", ASSISTANT)
+    (submitted,) = [e for e in queries.job_events(job_id, settings=settings) if e.action == "job.submitted"]
+    assert submitted.actor == "key:chat"
+    with runtime(settings).transaction() as session:
+        deliveries = session.scalars(select(WebhookDelivery.job_id).where(WebhookDelivery.job_id == job_id)).all()
+    assert len(deliveries) == (webhook is not None)

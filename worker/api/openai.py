@@ -28,7 +28,9 @@ from ..access import Principal
 from ..batches.export import BatchResult
 from ..batches.views import BatchView
 from ..lifecycle import TERMINAL, JobStatus
+from ..runtime.locator import runtime
 from ..store.batches import BatchStatus
+from ..store.jobs import NewJob
 from . import app as door
 from .problems import field_of, from_error
 
@@ -558,12 +560,32 @@ async def _cancel_batch(request: Request, openai_id: str) -> Response:
 # ---- chat completions ----
 
 
-def _submit_chat(raw: bytes, principal: Principal, settings: Any) -> tuple[str, str]:
+def _chat_job(data: dict[str, Any], principal: Principal, settings: Any) -> tuple[str, NewJob | None]:
+    """The model of a chat completion request, and its job made as ``submit()`` makes it, for the intake; None
+    when the key has a webhook (the job is then stored by ``submit()``, with it: :func:`_submit_chat`)."""
     from ..messages import chat_request
 
-    model, messages = chat_request(_json_body(raw))
+    model, messages = chat_request(data)
+    if principal.webhook_url is not None:
+        return str(model), None
+    new = producer.new_job(
+        runtime(settings),
+        model,  # type: ignore[arg-type]
+        messages,  # type: ignore[arg-type]
+        custom_id=None,
+        idempotency_key=None,
+        actor=principal.actor,
+        subject=None,
+    )
+    return str(model), new
+
+
+def _submit_chat(data: dict[str, Any], principal: Principal, settings: Any) -> str:
+    from ..messages import chat_request
+
+    model, messages = chat_request(data)
     try:
-        job_id = producer.submit(
+        return producer.submit(
             model,  # type: ignore[arg-type]
             messages,  # type: ignore[arg-type]
             actor=principal.actor,
@@ -571,8 +593,7 @@ def _submit_chat(raw: bytes, principal: Principal, settings: Any) -> tuple[str, 
             settings=settings,
         )
     except errors.NotAnnounced as exc:  # stored; the sweeper publishes it
-        job_id = exc.job_id
-    return job_id, str(model)
+        return exc.job_id
 
 
 @router.post("/v1/chat/completions", tags=["openai"])
@@ -583,7 +604,17 @@ async def chat_completions(request: Request) -> Response:
     principal, _ = await door.who(request, "jobs.submit")
     context = door._ctx(request)
     raw = await door.body_bytes(request, context.settings.max_request_bytes + 65536)
-    job_id, model = await door.call(_submit_chat, raw, principal, context.settings)
+    settings = context.settings
+    # As POST /v1/jobs: a small text-only body is validated on the event loop, and its job stored by the intake.
+    if len(raw) <= door.ON_LOOP_BYTES and door._text_only(data := _json_body(raw)):
+        model, new = _chat_job(data, principal, settings)
+    else:
+        data, (model, new) = await door.call(lambda: (body := _json_body(raw), _chat_job(body, principal, settings)))
+    if new is not None:
+        job_id = new.id
+        await context.intake(runtime(settings)).submit_async(new)
+    else:
+        job_id = await door.call(_submit_chat, data, principal, settings)
     header = {JOB_HEADER: job_id}
 
     async def attempt() -> tuple[bool, JobStatus]:
