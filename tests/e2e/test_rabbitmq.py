@@ -110,3 +110,6 @@ def test_workers_ride_out_a_rabbitmq_restart_with_jobs_in_flight(
     assert [w.poll() for w in workers] == [None, None]
     for n in range(2):
         assert "Unrecoverable error" not in log_of(tmp_path, n)
+        # The prefetch is not lowered and raised again from the pool's threads (worker/runtime/app.py): a
+        # worker with calls in flight at the reconnect would log this if it were.
+        assert "Temporarily reducing the prefetch count" not in log_of(tmp_path, n)

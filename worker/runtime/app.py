@@ -53,6 +53,12 @@ def create_celery_app(settings: Settings) -> Celery:
         # One message per free thread: a prefetched message waits for nothing but is lost to
         # the other workers while it sits here.
         worker_prefetch_multiplier=1,
+        # After a reconnect with tasks in flight, Celery lowers the prefetch and raises it again from each
+        # task's ack callback, which on the threads pool runs in the pool's threads: several of them send
+        # basic.qos on the one AMQP connection at once (the consumer's mutex is a no-op in the event loop),
+        # and a worker could wedge, silently, until RabbitMQ dropped it for missed heartbeats (3 min). Off:
+        # a reconnected worker asks for its full prefetch at once (docs/operations.md).
+        worker_enable_prefetch_count_reduction=False,
         worker_concurrency=settings.concurrency,
         worker_pool=settings.pool,
         worker_hijack_root_logger=False,
