@@ -50,3 +50,12 @@ def restartable_settings(tmp_path: Path, emu: Emulator, pg: PgDatabase, private_
     """PostgreSQL (as the application role, like every e2e test) + the test's own Redis."""
     _truncate(pg.admin)
     return base_settings(tmp_path, emu).with_(**pg.for_app(), broker_url=private_redis.url)
+
+
+@pytest.fixture
+def node() -> str:
+    """The node program (the Node.js client tests): skipped without it, failed under CI."""
+    found = shutil.which("node")
+    require_service("the node program", found is not None)
+    assert found is not None
+    return found

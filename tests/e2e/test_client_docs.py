@@ -172,14 +172,6 @@ def shell() -> None:
 
 
 @pytest.fixture
-def node() -> str:
-    found = shutil.which("node")
-    require_service("the node program", found is not None)
-    assert found is not None
-    return found
-
-
-@pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     """Where the pages' code runs (it writes result.json, visits.jsonl, qbgw-client.mjs, ...)."""
     folder = tmp_path / "client"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,20 +15,12 @@ import pytest
 
 from qbgw import access, queries
 from qbgw.settings import Settings
-from tests.conftest import ASSISTANT, ROOT, require_service
+from tests.conftest import ASSISTANT, ROOT
 from tests.e2e.api_server import Server, start_server
 from tests.images import png_bytes
 
 CLIENT = ROOT / "tests" / "e2e" / "node" / "client.mjs"
 WIDTH, HEIGHT = 64, 48
-
-
-@pytest.fixture
-def node() -> str:
-    found = shutil.which("node")
-    require_service("the node program", found is not None)
-    assert found is not None
-    return found
 
 
 @pytest.fixture
