@@ -67,8 +67,16 @@ def test_each_way_a_chat_completion_is_stored_records_the_job_as_submit_does(
     monkeypatch.setattr(compat, "CHAT_WAIT", 0.2)
     _, key = access.create_key("chat", "submitter", webhook_url=webhook, actor="test-setup", settings=settings)
     body = {"model": ASSISTANT, "messages": [{"role": "user", "content": content}]}
-    with TestClient(create_app(settings), headers={"Authorization": f"Bearer {key}"}) as client:
+    app = create_app(settings)
+    with TestClient(app, headers={"Authorization": f"Bearer {key}"}) as client:
         answer = client.post("/v1/chat/completions", json=body)
+        intake = app.state.ctx._intake
+    assert app.state.ctx._intake is None  # the server stopped: its intake was closed ...
+    if intake is not None:
+        assert intake._storer is not None
+        intake._storer.join(timeout=10)
+        assert not intake._storer.is_alive()  # ... and its storer ended
+    assert (intake is not None) == (webhook is None)  # a webhook's job is stored by submit()
     assert answer.status_code == 504, answer.text
     job_id = answer.headers[compat.JOB_HEADER]
     view = queries.get_job(job_id, settings=settings)

@@ -244,3 +244,29 @@ def test_a_closed_intake_stores_what_it_holds_then_its_storer_ends(settings: Set
     with pytest.raises(RuntimeError, match="closed"):
         intake.submit(new_jobs(settings, 1)[0])
     assert stored(settings) == 3
+
+
+class _Unexpected(BaseException):
+    """Not an Exception: what no except clause of the store path expects."""
+
+
+def test_a_storer_that_fails_unexpectedly_answers_every_post_and_goes_on(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    intake = Intake(runtime(settings))
+    real: Callable[..., bool] = producer.store_together
+    failing = threading.Event()
+    failing.set()
+
+    def broken(rt: Any, jobs: list[store.NewJob]) -> bool:
+        if failing.is_set():
+            raise _Unexpected()
+        return real(rt, jobs)
+
+    monkeypatch.setattr(producer, "store_together", broken)
+    results = together(intake, new_jobs(settings, 6))
+    assert all(isinstance(r, RuntimeError) and "failed to store" in str(r) for r in results), results
+    assert stored(settings) == 0
+    failing.clear()
+    assert together(intake, new_jobs(settings, 3)) == [True] * 3
+    assert stored(settings) == 3

@@ -245,6 +245,13 @@ class _Context:
     _intake: Intake | None = None
     _intake_lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def close(self) -> None:
+        """The server stops: the intake's storer ends once it has stored what it was handed."""
+        with self._intake_lock:
+            if self._intake is not None:
+                self._intake.close()
+                self._intake = None
+
     def intake(self, rt: Runtime) -> Intake:
         """This process's intake for ``rt`` (made at its first POST, and again if the runtime was replaced)."""
         with self._intake_lock:
@@ -277,6 +284,7 @@ def create_app(
         waiter.start(asyncio.get_running_loop())
         yield
         waiter.stop()
+        app.state.ctx.close()
 
     app = FastAPI(
         title="qbgw",
@@ -434,10 +442,11 @@ async def submit_job(request: Request) -> Response:
     # A small text-only body is validated here, on the event loop: a hop to the thread pool and back costs
     # more than that (bench/api.py). A large body (its JSON, its inline images) or one naming images (files
     # to read) is validated in a thread.
-    if len(raw) <= ON_LOOP_BYTES and _text_only(data := _job_body(raw)):
+    data = _job_body(raw) if len(raw) <= ON_LOOP_BYTES else None
+    if data is not None and _text_only(data) and data.get("subject") is None:  # (a subject reads its key file)
         job = _prepare(data, principal, idempotency, ctx.settings)
     else:
-        job = await call(lambda: _prepare(_job_body(raw), principal, idempotency, ctx.settings))
+        job = await call(lambda: _prepare(data or _job_body(raw), principal, idempotency, ctx.settings))
     if job.new is not None:  # stored with the POSTs that arrive meanwhile, by this process's intake
         job_id, queued = job.new.id, await ctx.intake(runtime(ctx.settings)).submit_async(job.new)
     else:
@@ -958,6 +967,7 @@ def _prepare(data: dict[str, Any], principal: Principal, idempotency: str | None
         actor=principal.actor,
         subject=data.get("subject"),
     )
+    new.payload  # noqa: B018 (its canonical JSON, made here: in a thread when the body is large)
     return _Job(data, new=new)
 
 

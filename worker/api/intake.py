@@ -1,7 +1,8 @@
-"""Intake: the jobs of concurrent ``POST /v1/jobs`` stored and published together (a group commit).
+"""Intake: the jobs of concurrent ``POST /v1/jobs`` (and ``POST /v1/chat/completions``) stored and published
+together (a group commit).
 
-A POST validates its job (on the event loop for a text-only body, in a thread otherwise) and hands it here.
-One storer thread per process takes whatever jobs are waiting, up to a group's bounds, and stores them
+A POST validates its job (on the event loop for a small text-only body, in a thread otherwise) and hands it
+here. One storer thread per process takes whatever jobs are waiting, up to a group's bounds, and stores them
 together (``producer.store_together``: one statement on PostgreSQL, one round trip to the broker), then
 settles each POST's wait and takes the next group. Nobody waits on a timer: alone, a POST costs what
 ``submit()`` costs plus one wake of the storer; under load, each group shares one database round trip, one
@@ -11,14 +12,14 @@ own (``bench/api.py``). A job with an idempotency key or a webhook is not groupe
 
 All or none: a group whose statement fails fails for each of its POSTs (the database is away: each answers
 503, nothing was stored). A POST whose client goes away while it waits is still stored (it was handed over);
-nobody is told.
+nobody is told. An intake belongs to the process that made it (``qbgw serve`` spawns its server processes:
+each makes its own).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -41,7 +42,8 @@ MAX_GROUP_BYTES = 4 * 1024 * 1024
 @dataclass(eq=False)
 class _Waiting:
     job: NewJob
-    #: Its messages' size (the canonical payload, made by the POST, not under the lock).
+    #: Its messages' size (the canonical payload: made by the POST before it hands the job over, in the thread
+    #: that validated it when the body was large).
     size: int
     #: A thread's wait (``submit``) ...
     done: threading.Event | None = None
@@ -61,7 +63,6 @@ class Intake:
         self._ready = threading.Condition(threading.Lock())
         self._queue: deque[_Waiting] = deque()
         self._storer: threading.Thread | None = None
-        self._pid = 0
         self._closed = False
         #: Groups stored and jobs in them (for tests and the bench).
         self.groups = 0
@@ -70,7 +71,8 @@ class Intake:
     def submit(self, job: NewJob) -> bool:
         """Store ``job`` (made by ``producer.new_job``, without an idempotency key) with whichever jobs wait with
         it, and publish their messages; returns whether its message was published (if not, the sweeper
-        publishes it). Raises what ``producer.store_together`` raises (nothing of its group was stored)."""
+        publishes it). Raises what ``producer.store_together`` raises (nothing of its group was stored), or
+        RuntimeError when the intake is closed or its storer failed (then nothing of the group was stored)."""
         waiting = _Waiting(job, len(job.payload), done=threading.Event())
         self._hand(waiting)
         waiting.done.wait()  # type: ignore[union-attr]
@@ -94,13 +96,13 @@ class Intake:
         with self._ready:
             if self._closed:
                 raise RuntimeError("this intake is closed")
+            # The storer is started before the job is queued: a thread that cannot start leaves nothing behind.
+            if self._storer is None or not self._storer.is_alive():
+                storer = threading.Thread(target=self._store_all, name="qbgw-intake", daemon=True)
+                storer.start()
+                self._storer = storer
             self._queue.append(waiting)
-            if self._storer is None or self._pid != os.getpid() or not self._storer.is_alive():
-                self._pid = os.getpid()  # (a forked child has none of its parent's threads)
-                self._storer = threading.Thread(target=self._store_all, name="qbgw-intake", daemon=True)
-                self._storer.start()
-            else:
-                self._ready.notify()  # cheap when the storer is busy storing: nobody waits on it then
+            self._ready.notify()  # cheap when the storer is busy storing: nobody waits on it then
 
     def _store_all(self) -> None:
         while True:
@@ -113,11 +115,11 @@ class Intake:
             try:
                 self._store(group)
             except BaseException:  # never leave a POST waiting, whatever happened
-                log.exception("intake: storing a group of %d jobs failed", len(group))
                 for waiting in group:
-                    if waiting.error is None and not waiting.announced:
-                        waiting.error = RuntimeError("the intake failed to store this job")
-                _settle(group)
+                    waiting.announced, waiting.error = False, RuntimeError("the intake failed to store this job")
+                log.exception("intake: storing a group of %d jobs failed", len(group))
+            finally:
+                _settle(group)  # once, whatever happened
 
     def _take(self) -> list[_Waiting]:
         """The queue's first group: at most ``max_group`` jobs and MAX_GROUP_BYTES bytes (at least one job)."""
@@ -138,7 +140,6 @@ class Intake:
             for waiting in group:
                 waiting.error = exc
         self.groups, self.jobs = self.groups + 1, self.jobs + len(group)
-        _settle(group)
 
 
 def _settle(group: list[_Waiting]) -> None:
@@ -154,6 +155,8 @@ def _settle(group: list[_Waiting]) -> None:
             loop.call_soon_threadsafe(_wake, waitings)
         except RuntimeError:  # its loop has closed: nobody is left to tell
             pass
+        except Exception:  # the other loops' waiters are still woken
+            log.exception("intake: waking %d waiters failed", len(waitings))
 
 
 def _wake(waitings: list[_Waiting]) -> None:

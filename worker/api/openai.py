@@ -577,6 +577,7 @@ def _chat_job(data: dict[str, Any], principal: Principal, settings: Any) -> tupl
         actor=principal.actor,
         subject=None,
     )
+    new.payload  # noqa: B018 (its canonical JSON, made here: in a thread when the body is large)
     return str(model), new
 
 
@@ -606,10 +607,14 @@ async def chat_completions(request: Request) -> Response:
     raw = await door.body_bytes(request, context.settings.max_request_bytes + 65536)
     settings = context.settings
     # As POST /v1/jobs: a small text-only body is validated on the event loop, and its job stored by the intake.
-    if len(raw) <= door.ON_LOOP_BYTES and door._text_only(data := _json_body(raw)):
+    parsed = _json_body(raw) if len(raw) <= door.ON_LOOP_BYTES else None
+    if parsed is not None and door._text_only(parsed):
+        data = parsed
         model, new = _chat_job(data, principal, settings)
     else:
-        data, (model, new) = await door.call(lambda: (body := _json_body(raw), _chat_job(body, principal, settings)))
+        data, (model, new) = await door.call(
+            lambda: (body := parsed or _json_body(raw), _chat_job(body, principal, settings))
+        )
     if new is not None:
         job_id = new.id
         await context.intake(runtime(settings)).submit_async(new)
