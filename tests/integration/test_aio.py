@@ -177,6 +177,41 @@ def test_on_postgresql_a_job_ended_by_another_transaction_wakes_the_waiter(setti
 
 
 @pytest.mark.parametrize("backend", ["postgres"])
+def test_a_job_nobody_in_the_loop_waits_for_does_not_wake_the_loop(settings: Settings) -> None:
+    """Every job's end is notified to every listening process. A loop is handed only the ends its coroutines wait
+    for: a job nobody waits for is counted by the listener (``woken``) but costs the loop nothing
+    (``loop_wakes``); a job a coroutine waits for still wakes it at once."""
+
+    async def scenario() -> tuple[int, int, int, int, qbgw.JobView]:
+        unwatched = await aio.submit(ASSISTANT, messages(), settings=settings)
+        watched = await aio.submit(ASSISTANT, messages(), settings=settings)
+        waiter = aio._waiter(settings)
+        deadline = time.monotonic() + 10
+        while not waiter.listening:
+            assert time.monotonic() < deadline, "the listener did not connect within 10 s"
+            await asyncio.sleep(0.02)
+        woken, loop_wakes = waiter.woken, waiter.loop_wakes
+        await asyncio.to_thread(qbgw.cancel, unwatched, actor="another-process", settings=settings)
+        while waiter.woken == woken:
+            assert time.monotonic() < deadline, "the cancel's NOTIFY did not reach the listener"
+            await asyncio.sleep(0.01)
+        after_unwatched = (waiter.woken - woken, waiter.loop_wakes - loop_wakes)
+        waiting = asyncio.create_task(aio.wait(watched, timeout=30, settings=settings))
+        await asyncio.sleep(0.2)  # the wait has registered and read the job: it sleeps on the recheck now
+        started = time.monotonic()
+        await asyncio.to_thread(qbgw.cancel, watched, actor="another-process", settings=settings)
+        view = await waiting
+        assert time.monotonic() - started < 3.0, "the watched job's end did not wake its waiter"
+        return *after_unwatched, waiter.woken - woken, waiter.loop_wakes - loop_wakes, view
+
+    notes, loop_wakes, notes_after, loop_wakes_after, view = asyncio.run(scenario())
+    assert (notes, loop_wakes) == (1, 0), "a job nobody in the loop waits for was handed to the loop"
+    assert notes_after == 2
+    assert loop_wakes_after == 1
+    assert view.status is JobStatus.CANCELLED
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
 def test_an_event_loop_that_has_closed_leaves_no_listener_nor_connection_behind(settings: Settings) -> None:
     """A sync program that calls ``asyncio.run(qbgw.aio.wait(...))`` now and then (a script, a Celery task, a
     test suite with a loop per test) runs one event loop after another. Each loop gets a JobWaiter with a

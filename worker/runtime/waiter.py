@@ -61,8 +61,9 @@ class JobWaiter:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.listening = False
-        #: Notifications received (for tests and metrics).
+        #: Notifications received, and of them those handed to the event loop (a coroutine waited for the job).
         self.woken = 0
+        self.loop_wakes = 0
 
     @property
     def notifies(self) -> bool:
@@ -131,10 +132,23 @@ class JobWaiter:
         return min(POLL_MAX, POLL_FIRST * (1.5**polls))
 
     def _wake(self, job_id: str) -> None:
-        self.woken += 1
         for event in self._waiting.get(job_id, ()):
             event.ended = True
             event.set()
+
+    def _notified(self, job_id: str) -> None:
+        """A job ended (the listener thread): wake its threads, and its coroutines through their loop only if one
+        of them waits for it. Every job's end is notified to every server process, most of them waiting for
+        none: waking their loops for nothing would cost each one a loop turn per job.
+
+        Not missing one: a coroutine registers in ``_waiting`` before it reads the job, and a notification
+        arrives after the end's commit. So either this test sees its registration, or its read comes after
+        the commit and finds the job ended. (A dict's membership test is atomic: the GIL.)"""
+        self.woken += 1
+        self._wake_threads(job_id)
+        if job_id in self._waiting:
+            self.loop_wakes += 1
+            self._call(self._wake, job_id)
 
     def _wake_all(self) -> None:
         for events in self._waiting.values():
@@ -157,8 +171,7 @@ class JobWaiter:
                     self._wake_threads(None)
                     while not self._stop.is_set() and not self.orphaned:
                         for note in connection.notifies(timeout=1.0):
-                            self._wake_threads(note.payload)
-                            self._call(self._wake, note.payload)
+                            self._notified(note.payload)
                     if self.orphaned:
                         break
             except Exception as exc:  # the database went away: poll until the listener is back
