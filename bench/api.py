@@ -15,14 +15,15 @@ processes and the minimal hand-written task are ``bench.throughput``'s.
    issue): HTTP acceptance per server CPU second >= 0.7 of submit()'s per CPU second of its process.
 2. **submit -> result**, one job at a time, ``--sequential`` (200) jobs per rep, with one real ``qbgw worker``
    process: (a) HTTP: ``POST /v1/jobs``, ``GET /v1/jobs/{id}?wait=30``, ``GET /v1/jobs/{id}/result``;
-   (a') HTTP in two requests: ``POST /v1/jobs``, ``GET /v1/jobs/{id}/result?wait=30``; (b) ``qbgw.submit`` +
-   ``qbgw.wait_for_job``; (c) ``qbgw.aio.submit`` + ``qbgw.aio.wait``; and, for reference,
-   ``bench.throughput``'s own way (``submit`` then ``job_status`` every 2 ms). The five are interleaved job by
-   job. Beside them, in each rep, ``bench.throughput``'s minimal task (POST + INSERT,
-   publish-to-row-visible, polled every 2 ms) with its INSERT-only and no-op variants, and the audited minimal
-   task (the same with a hash-chained audit event committed at each of a job's four steps, submit to answer
-   read: the floor of the design, without qbgw). Goal: at most 1.2x the minimal task. (On ``--stack
-   embedded`` the minimal tasks still run on PostgreSQL + Redis.)
+   (a') HTTP in two requests: ``POST /v1/jobs``, ``GET /v1/jobs/{id}/result?wait=30``; (a'') HTTP in one
+   request: ``POST /v1/chat/completions``; (b) ``qbgw.submit`` + ``qbgw.wait_for_job``; (c) ``qbgw.aio.submit``
+   + ``qbgw.aio.wait``; and, for reference, ``bench.throughput``'s own way (``submit`` then ``job_status``
+   every 2 ms). Interleaved with them job by job, with their own worker running throughout beside qbgw's:
+   ``bench.throughput``'s minimal task (POST + INSERT, publish-to-row-visible, polled every 2 ms) with its
+   INSERT-only and no-op variants, and the audited minimal task (the same with a hash-chained audit event
+   committed at each of a job's four steps, submit to answer read: the floor of the design, without qbgw).
+   Goal: at most 1.2x the minimal task. (On ``--stack embedded`` the minimal tasks still run on PostgreSQL +
+   Redis.)
 
 3. **a lone POST** (``--parts lone``, not in the default run): ``--sequential`` jobs, one at a time, with no
    worker running: ``POST /v1/jobs`` through ``httpx`` and through a bare ``http.client`` connection (what the
@@ -67,16 +68,18 @@ import qbgw.aio
 from bench.chaos import _free_port
 from bench.throughput import (
     ASSISTANT,
+    BASELINES,
     Bench,
     Config,
     Workers,
     _quantile,
     _warm_pipeline,
+    baseline_steps,
     bench_environment,
     bench_settings,
     cpu_seconds,
     machine_cpu,
-    minimal_latencies,
+    minimal_workers,
     process_tree,
     qbgw_workers,
     wait_until,
@@ -364,7 +367,9 @@ def part_accept(config: ApiConfig, settings: Settings, server: Server, say: Say)
 
 #: How each way reports one job: (submit -> result seconds, of which the submit call).
 Timing = tuple[float, float]
-WAYS = ("http", "http result-wait", "python", "aio", "poll 2 ms")
+WAYS = ("http", "http result-wait", "http chat", "python", "aio", "poll 2 ms")
+#: The ways without a submit call of their own (the job is queued and answered in one request).
+ONE_REQUEST = frozenset({"http chat"})
 
 
 def _check(ok: bool, what: str) -> None:
@@ -386,6 +391,18 @@ def via_http_result_wait(client: httpx.Client, custom_id: str) -> Timing:
     started, job_id, submitted = _post(client, custom_id)
     _result(client.get(f"/v1/jobs/{job_id}/result", params={"wait": 30}), job_id)
     return time.perf_counter() - started, submitted - started
+
+
+def via_http_chat(client: httpx.Client, custom_id: str) -> Timing:
+    """The answer in one request: ``POST /v1/chat/completions`` queues the job and answers when it has ended
+    (no submit call of its own: see ONE_REQUEST)."""
+    started = time.perf_counter()
+    body = {"model": ASSISTANT, "messages": _message(f"latency {custom_id}")}
+    answer = client.post("/v1/chat/completions", json=body)
+    ended = time.perf_counter()
+    _check(answer.status_code == 200, f"POST /v1/chat/completions answered {answer.status_code}: {answer.text[:300]}")
+    _check(bool(answer.json()["choices"][0]["message"]["content"]), f"chat completion without an answer: {answer.text}")
+    return ended - started, ended - started
 
 
 def _post(client: httpx.Client, custom_id: str) -> tuple[float, str, float]:
@@ -478,17 +495,26 @@ def via_polling(settings: Settings, custom_id: str) -> Timing:
 
 def qbgw_latencies(
     bench: Bench, settings: Settings, server: Server, loop: asyncio.Runner
-) -> tuple[dict[str, list[Timing]], list[Stamp]]:
-    """``--sequential`` jobs each way, one at a time, the ways interleaved (their order rotating), with one
-    ``qbgw worker`` process running; ``loop`` runs the qbgw.aio calls. With the Python way's stamps."""
+) -> tuple[dict[str, list[Timing]], dict[str, list[float]], list[Stamp]]:
+    """``--sequential`` jobs each way, and of each of ``bench.throughput``'s baselines, one at a time, interleaved
+    job by job (their order rotating), with one ``qbgw worker`` process and the minimal task's worker running
+    throughout, so that both meet the same machine; ``loop`` runs the qbgw.aio calls. With the Python way's
+    stamps."""
     tag = f"seq-{uuid.uuid4().hex[:8]}"
     times: dict[str, list[Timing]] = {way: [] for way in WAYS}
+    baselines: dict[str, list[float]] = {name: [] for name in BASELINES}
     stamps: list[Stamp] = []
-    with qbgw_workers(bench, settings) as fleet, server.client() as client:
+    with (
+        qbgw_workers(bench, settings) as fleet,
+        minimal_workers(bench) as minimal_fleet,
+        baseline_steps(bench, minimal_fleet) as steps,
+        server.client() as client,
+    ):
         _warm_pipeline(settings, fleet, 120)
         ways: dict[str, Callable[[str], Timing]] = {
             "http": lambda cid: via_http(client, cid),
             "http result-wait": lambda cid: via_http_result_wait(client, cid),
+            "http chat": lambda cid: via_http_chat(client, cid),
             "python": lambda cid: via_python(settings, cid, stamps),
             "aio": lambda cid: loop.run(_via_aio(settings, cid)),
             "poll 2 ms": lambda cid: via_polling(settings, cid),
@@ -496,12 +522,16 @@ def qbgw_latencies(
         for way, measure in ways.items():  # untimed: connections, the aio waiter's listener
             measure(f"{tag}-warm-{way}")
         stamps.clear()
+        order = [*ways, *steps]
         for n in range(bench.config.sequential):
-            order = list(ways)
-            for way in order[n % len(order) :] + order[: n % len(order)]:
-                times[way].append(ways[way](f"{tag}:{way}:{n}"))
+            for name in order[n % len(order) :] + order[: n % len(order)]:
+                if name in ways:
+                    times[name].append(ways[name](f"{tag}:{name}:{n}"))
+                else:
+                    baselines[name].append(steps[name](f"sequential {n}"))
             fleet.check_alive()
-    return times, stamps
+            minimal_fleet.check_alive()
+    return times, baselines, stamps
 
 
 @dataclass
@@ -547,15 +577,15 @@ def part_latency(bench: Bench, settings: Settings, server: Server, say: Say) -> 
 
 
 def _latency_rep(bench: Bench, settings: Settings, server: Server, loop: asyncio.Runner, found: Latencies) -> None:
-    times, stamps = qbgw_latencies(bench, settings, server, loop)
+    times, baselines, stamps = qbgw_latencies(bench, settings, server, loop)
     for way, timings in times.items():
         found.add(way, [total for total, _ in timings])
         found.add(f"{way} submit", [submit for _, submit in timings])
     if settings.audit_seal == "commit":  # block sealing chains the events later: their times are not the commits'
         for name, seconds in stages(settings, stamps).items():
             found.add(f"stage {name}", seconds)
-    for name, times in minimal_latencies(bench).items():
-        found.add(name, times)
+    for name, seconds in baselines.items():
+        found.add(name, seconds)
 
 
 # --- report ----------------------------------------------------------------------------------------
@@ -608,6 +638,7 @@ def latency_rows(found: Latencies, stack: str) -> list[Row]:
     labels = {
         "http": "HTTP: POST, GET ?wait=30, GET /result",
         "http result-wait": "HTTP: POST, GET /result?wait=30",
+        "http chat": "HTTP: POST /v1/chat/completions (one request)",
         "python": "qbgw.submit + qbgw.wait_for_job",
         "aio": "qbgw.aio.submit + qbgw.aio.wait",
         "poll 2 ms": "qbgw.submit + job_status every 2 ms (bench.throughput's way)",
@@ -640,7 +671,7 @@ def latency_rows(found: Latencies, stack: str) -> list[Row]:
             anchors = ""
         for way in WAYS:
             value = found.ms(f"{way} submit", q)
-            if value is not None:
+            if value is not None and way not in ONE_REQUEST:
                 rows.append((f"  of which the submit call, {label}: {way}", f"{value:.1f}", "", ""))
     for name in STAGES:  # medians of each stage; they need not add up to the median total
         value = found.ms(f"stage {name}", 0.5)

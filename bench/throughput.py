@@ -650,30 +650,58 @@ def minimal_latencies(bench: Bench) -> dict[str, list[float]]:
     """Publish-to-visible seconds, one at a time, of the minimal task, the INSERT-only task and a no-op; and
     submit-to-answer seconds of the minimal task with an audited design's four commits (``audited``: see
     ``bench.minimal_app``), its end found the minimal task's way."""
+    times: dict[str, list[float]] = {name: [] for name in BASELINES}
+    with minimal_workers(bench) as fleet, baseline_steps(bench, fleet) as steps:
+        for n in range(bench.config.sequential):
+            for name, step in steps.items():
+                times[name].append(step(f"sequential {n}"))
+    return times
+
+
+#: The baselines of a submit-to-result latency, each timed by one call of its step (see ``baseline_steps``).
+BASELINES = ("minimal", "insert-only", "no-op", "audited")
+
+
+@contextmanager
+def baseline_steps(bench: Bench, fleet: Workers) -> Iterator[dict[str, Callable[[str], float]]]:
+    """For each of BASELINES, a step that runs one job on ``fleet`` (``minimal_workers``, warmed here) and
+    returns its seconds, from its submit until its end was seen (a read every 2 ms)."""
     app, keys = _minimal_publisher(bench), redis.Redis.from_url(bench.redis_url)
-    times: dict[str, list[float]] = {"minimal": [], "insert-only": [], "no-op": [], "audited": []}
-    with minimal_workers(bench) as fleet, ExitStack() as stack:
+    with ExitStack() as stack:
+        stack.callback(keys.close)
         _warm_minimal(bench, app, fleet)
         audited = stack.enter_context(minimal_app.connect(bench.database_url))
         for n in range(3):  # untimed: the audited task's statements and connections
             _audited_job(bench, app, audited, f"warm {n}")
-        for n in range(bench.config.sequential):
+
+        def timed_audited(content: str) -> float:
             started = time.perf_counter()
-            _audited_job(bench, app, audited, f"sequential {n}")
-            times["audited"].append(time.perf_counter() - started)
-            for name, task in (("minimal", minimal_app.CALL), ("insert-only", minimal_app.INSERT_ONLY)):
-                row, started = f"seq-{uuid.uuid4().hex}:{n}", time.perf_counter()
-                app.send_task(task, args=[row, f"sequential {n}"] if task == minimal_app.CALL else [row])
+            _audited_job(bench, app, audited, content)
+            return time.perf_counter() - started
+
+        def timed_row(task: str) -> Callable[[str], float]:
+            def step(content: str) -> float:
+                row, started = f"seq-{uuid.uuid4().hex}", time.perf_counter()
+                app.send_task(task, args=[row, content] if task == minimal_app.CALL else [row])
                 while not _row_exists(bench, row):
                     time.sleep(0.002)
-                times[name].append(time.perf_counter() - started)
+                return time.perf_counter() - started
+
+            return step
+
+        def timed_noop(_: str) -> float:
             key, started = f"noop-{uuid.uuid4().hex}", time.perf_counter()
             app.send_task(minimal_app.NOOP, args=[key])
             while not keys.exists(key):
                 time.sleep(0.002)
-            times["no-op"].append(time.perf_counter() - started)
-    keys.close()
-    return times
+            return time.perf_counter() - started
+
+        yield {
+            "minimal": timed_row(minimal_app.CALL),
+            "insert-only": timed_row(minimal_app.INSERT_ONLY),
+            "no-op": timed_noop,
+            "audited": timed_audited,
+        }
 
 
 def _audited_job(bench: Bench, app: Any, connection: Any, content: str) -> None:
