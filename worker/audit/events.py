@@ -210,10 +210,19 @@ def chain_hash_v2(prev_hash: str, row: Mapping[str, Any]) -> str:
     return hashlib.sha256(f"qbgw-audit-v2|{prev_hash}|{int(row['seq'])}|{content}".encode()).hexdigest()
 
 
+#: What the current format's (v3) content hash hashes before the event's canonical JSON.
+CONTENT_TAG = b"qbgw-audit-v3-content\x00"
+
+
 def content_hash(row: Mapping[str, Any]) -> str:
     """The current format (v3), part one: the event's canonical JSON without its seq and its time; needs no
     lock."""
-    return hashlib.sha256(b"qbgw-audit-v3-content\x00" + _canonical(row, CONTENT)).hexdigest()
+    return hashlib.sha256(CONTENT_TAG + _canonical(row, CONTENT)).hexdigest()
+
+
+def canonical_content(row: Mapping[str, Any]) -> str:
+    """The canonical JSON that :func:`content_hash` hashes (after CONTENT_TAG)."""
+    return _canonical(row, CONTENT).decode()
 
 
 def link_hash(prev_hash: str, seq: int, occurred_at: str, content: str) -> str:

@@ -37,6 +37,7 @@ from ..runtime.context import Runtime
 from ..runtime.dispatch import announce
 from ..runtime.locator import runtime
 from ..store import jobs as store
+from ..store.hotpath import HotPath, Unreadable, request_event
 from ..upstream.gateway import Exchange, encode_request
 from ..upstream.ratelimit import RATE_LIMIT, Budget, Grant, budgets_for, planned, take_slot
 from . import faults, webhooks
@@ -146,7 +147,11 @@ def _attempt(rt: Runtime, job_id: str, slot_at: float | None, progress: faults.P
         return admitted
     started = time.monotonic()
     progress.stage = "claiming the job"
-    claimed = _claim(rt, job_id)
+    try:
+        claimed = _claim(rt, job_id)
+    except Unreadable as unreadable:  # claimed, its request on the record: the fault ends this attempt
+        progress.claim = unreadable.claim
+        raise unreadable.error from None
     if claimed is None:
         log.debug(
             "job %s: nothing to do (duplicate delivery, not due, or finished)",
@@ -363,9 +368,10 @@ def _release_unsent(rt: Runtime, claim: store.Claim, grant: Grant) -> Outcome:
 
 
 def _claim(rt: Runtime, job_id: str) -> tuple[store.Claim, bytes | images.StreamingBody | None] | None:
-    """Claim the job and, in the same transaction, audit the request it will send: (claim, body), or
+    """Claim the job and audit the request it will send, both committed before it is sent: (claim, body), or
     (claim, None) when images must be fetched first (the claim is then committed alone). None: nothing
-    to do. On PostgreSQL through ``qbgw.store.hotpath``, elsewhere through ``qbgw.store.jobs``."""
+    to do. On PostgreSQL through ``qbgw.store.hotpath`` (:func:`_claim_requested`), elsewhere through
+    ``qbgw.store.jobs``, in one transaction."""
     now = utcnow()
     bodies: list[bytes] = []
 
@@ -378,6 +384,9 @@ def _claim(rt: Runtime, job_id: str) -> tuple[store.Claim, bytes | images.Stream
     hot = rt.hot_path
     if hot is not None:
         lease_until = now + timedelta(seconds=rt.settings.lease_seconds)
+        claimed = _claim_requested(rt, hot, job_id, lease_until, now) if hot.requests_in_claim else None
+        if claimed is not None:
+            return claimed
         claim = hot.claim(job_id=job_id, worker=rt.identity, lease_until=lease_until, now=now, events=request_events)
     else:
         with rt.transaction() as session:
@@ -390,18 +399,32 @@ def _claim(rt: Runtime, job_id: str) -> tuple[store.Claim, bytes | images.Stream
     return claim, bodies[0] if bodies else None
 
 
+def _claim_requested(
+    rt: Runtime, hot: HotPath, job_id: str, lease_until: datetime, now: datetime
+) -> tuple[store.Claim, bytes] | None:
+    """:func:`_claim` in one round trip, for a job whose body was digested at submit: the claim seals its request
+    event. None: nothing was written (no digest, or not claimable). Raises Unreadable (see HotPath)."""
+    claimed = hot.claim_requested(
+        job_id=job_id, worker=rt.identity, lease_until=lease_until, now=now, token_fp=_token_fp(rt)
+    )
+    if claimed is None:
+        return None
+    claim, sealed = claimed
+    body = encode_request(claim.assistant_id, claim.messages)  # (a digest is stored only for a body no setting changes)
+    if sealed != (audit.digest(body), len(body)):  # a submitter that built it otherwise (another version?)
+        log.warning(
+            "job %s attempt %d: the body differs from the one digested at submit; its request is recorded again",
+            job_id,
+            claim.attempt,
+            extra={"job_id": job_id, "attempt": claim.attempt},
+        )
+        hot.seal([_request_event(rt, claim, body)])
+    return claim, body
+
+
 def _request_event(rt: Runtime, claim: store.Claim, body: bytes | images.StreamingBody) -> dict[str, Any]:
     digest = audit.digest(body) if isinstance(body, bytes) else body.digest()
-    return audit.event(
-        action=audit.Action.ATTEMPT_REQUEST,
-        job_id=claim.job_id,
-        actor=rt.identity,
-        attempt=claim.attempt,
-        request=(digest, len(body)),
-        assistant_id=claim.assistant_id,
-        subject_index=claim.subject_index,
-        token_fp=_token_fp(rt),
-    )
+    return request_event(claim, rt.identity, _token_fp(rt), (digest, len(body)))
 
 
 def _finish_unresolved(rt: Runtime, claim: store.Claim, error: ResolutionFailed) -> Outcome:

@@ -137,6 +137,8 @@ def insert_jobs(*, session: Session, jobs: Sequence[store.NewJob], announced: bo
                 "batch_id": new.batch_id,
                 "subject": store.seal_subject(session, new),
                 "subject_index": new.subject_index,
+                "request_digest": None if new.request is None else new.request[0],
+                "request_bytes": None if new.request is None else new.request[1],
             }
         )
         store.audit_submitted(session, new, payload, digest)

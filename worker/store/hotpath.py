@@ -26,6 +26,7 @@ here 0.15 and 0.5 (``bench.api``'s latency part reads both once per job).
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -42,7 +43,7 @@ from sqlalchemy.sql.compiler import SQLCompiler
 
 from ..audit.anchors import after_seal
 from ..audit.crypto import Keyring, aad_for
-from ..audit.events import Sealed
+from ..audit.events import CONTENT_TAG, Action, Sealed, canonical_content, content_hash, event
 from ..errors import JobNotFound
 from ..lifecycle import JobStatus
 from ..settings import Settings
@@ -51,7 +52,9 @@ from .chain import COMMIT_SEALS, COMMIT_STAGES, SEAL_AND_COMMIT_SQL, STAGE_AND_C
 from .db import READ_ONLY, unavailable
 from .reads import Admit, JobView, read_event, view_of
 
-__all__ = ["HotPath", "hot_path_for"]
+__all__ = ["HotPath", "Unreadable", "hot_path_for", "request_event"]
+
+log = logging.getLogger(__name__)
 
 #: Events for the claim's transaction, made from the claim (none: commit the claim alone).
 RequestEvents = Callable[[store.Claim], list[dict[str, Any]]]
@@ -85,6 +88,15 @@ _SUCCESS_KEYS = (
 _NOT_VIEWED = frozenset({"payload", "subject"})
 
 
+class Unreadable(Exception):
+    """A claim committed with its request event, whose payload then could not be read (``error``): the attempt
+    is ``claim``'s, and ``error`` its fault; nothing was sent."""
+
+    def __init__(self, claim: store.Claim, error: Exception) -> None:
+        super().__init__(f"job {claim.job_id} attempt {claim.attempt}: the payload cannot be read")
+        self.claim, self.error = claim, error
+
+
 class HotPath:
     """The claim and the success of an attempt on PostgreSQL (see the module's text). Thread-safe: each call
     checks a connection out of ``engine``'s pool."""
@@ -104,6 +116,13 @@ class HotPath:
         self._new_job_sql: tuple[tuple[str, ...], str, str] | None = None
         claim_sql, self._claim_constants = _compile(store._CLAIM, engine.dialect)
         self._claim_sql = "BEGIN; " + claim_sql
+        digested = store._CLAIM.where(
+            store._JOBS.c.request_digest.is_not(None), store._JOBS.c.request_bytes.is_not(None)
+        )
+        self._claim_requested_sql = _claim_requested_sql(_compile(digested, engine.dialect)[0], self._seal_function)
+        #: Whether claims seal their request event in their own statement (off after a content hash the database
+        #: made was not the one this process makes: see :meth:`claim_requested`).
+        self.requests_in_claim = True
         update = store._FINISH[False].values({key: bindparam(f"v_{key}") for key in _SUCCESS_KEYS})
         update_sql, self._succeed_constants = _compile(update, engine.dialect)
         # The UPDATE runs to completion whether or not the SELECT reads it (a data-modifying CTE), and the
@@ -236,6 +255,64 @@ class HotPath:
         audit_sealed(self.settings, sealed)
         return claim
 
+    def claim_requested(
+        self, *, job_id: str, worker: str, lease_until: datetime, now: datetime, token_fp: str
+    ) -> tuple[store.Claim, tuple[str, int]] | None:
+        """Take the job for one attempt (as ``store.claim``) if it has a request digest stored at submit
+        (``jobs.request_digest``), and in the same statement seal its ``attempt.request`` event, made by the
+        database from the row: one round trip. Returns the claim and the (digest, size) its event records. None:
+        nothing was written (the job is not claimable, or has no digest: images to resolve, a large payload, a
+        job older than the column); :meth:`claim` then takes it, if it is claimable.
+
+        The event is the one ``qbgw.execution.tasks`` makes, by ``worker`` with ``token_fp``: its canonical JSON
+        is made here with holes for what only the row knows, filled by the database; the content hash the
+        database computed is checked against this process's own for the same event.
+
+        Raises Unreadable when the payload of the job it claimed cannot be read (it no longer decrypts): the
+        claim and its request event are committed, nothing can be sent."""
+        holes = _request_template(job_id, worker, token_fp)
+        if holes is None:  # a value that could be mistaken for a hole: not through the template
+            return None
+        params = {
+            **self._claim_constants,
+            **holes,
+            "b_id": job_id,
+            "b_worker": worker,
+            "b_lease_until": lease_until,
+            "b_now": now,
+            "e_token_fp": token_fp,
+        }
+        with self._connection() as connection, connection.cursor(row_factory=namedtuple_row) as cur:
+            cur.execute(self._claim_requested_sql, params)  # one statement in autocommit: one round trip
+            row: Any = cur.fetchone()
+        if row is None:
+            return None
+        audit_sealed(self.settings, row)
+        request = (str(row.request_digest), int(row.request_bytes))
+        try:
+            claim = store.claim_from_row(job_id, row, self.keyring)
+        except Exception as exc:  # (DecryptionFailed): the attempt is claimed and can only end in a fault
+            raise Unreadable(store.unread_claim(job_id, row, []), exc) from exc
+        expected = content_hash(request_event(claim, worker, token_fp, request))
+        if row.content != expected:  # never seen: a database whose JSON differs; the chain's verify will say
+            self.requests_in_claim = False
+            log.error(
+                "job %s: the request event sealed by the database has content hash %s where this process makes "
+                "%s; claims seal their request events from this process from now on",
+                job_id,
+                row.content,
+                expected,
+                extra={"job_id": job_id},
+            )
+        return claim, request
+
+    def seal(self, events: list[dict[str, Any]]) -> None:
+        """Seal ``events`` in a transaction of their own (one statement: one round trip)."""
+        with self._connection() as connection, connection.cursor(row_factory=namedtuple_row) as cur:
+            cur.execute(self._seal_sql, {"b_events": seal_argument(events)})
+            sealed = cur.fetchone()
+        audit_sealed(self.settings, sealed)
+
     def succeed(
         self, *, claim: store.Claim, worker: str, answer: str, response_event: dict[str, Any], now: datetime
     ) -> JobStatus | None:
@@ -287,6 +364,92 @@ class HotPath:
             _give_back(pooled, connection)
             raise
         _give_back(pooled, connection)
+
+
+#: The values of a request event only the claimed row knows, as holes in its canonical JSON: a string no
+#: other value of the event holds (a control character, which JSON escapes), replaced by the database.
+_HOLES = {
+    name: "\x01" + mark
+    for name, mark in (("assistant", "A"), ("attempt", "N"), ("digest", "D"), ("bytes", "B"), ("subject", "S"))
+}
+
+
+def request_event(claim: store.Claim, worker: str, token_fp: str, request: tuple[Any, Any]) -> dict[str, Any]:
+    """The ``attempt.request`` event of ``claim``'s attempt by ``worker``, sending the body ``request`` (its
+    digest and size); ``qbgw.execution.tasks`` records the same."""
+    return event(
+        action=Action.ATTEMPT_REQUEST,
+        job_id=claim.job_id,
+        actor=worker,
+        attempt=claim.attempt,
+        request=request,
+        assistant_id=claim.assistant_id,
+        subject_index=claim.subject_index,
+        token_fp=token_fp,
+    )
+
+
+def _request_template(job_id: str, worker: str, token_fp: str) -> dict[str, Any] | None:
+    """The request event's canonical JSON with holes, without and with a subject, and each hole as it is
+    spelled there (``h_*``); None if a known value holds a hole's marker (it would be filled too)."""
+    if any("\x01" in value for value in (job_id, worker, token_fp)):
+        return None
+    spelled = {name: json.dumps(hole) for name, hole in _HOLES.items()}
+    texts = []
+    for subject in (None, _HOLES["subject"]):
+        holed = store.Claim(
+            job_id=job_id,
+            attempt=cast(int, _HOLES["attempt"]),
+            assistant_id=_HOLES["assistant"],
+            messages=[],
+            max_attempts=0,
+            actor="",
+            created_at=datetime.min,
+            previous_error=None,
+            subject_index=subject,
+        )
+        text = canonical_content(request_event(holed, worker, token_fp, (_HOLES["digest"], _HOLES["bytes"])))
+        texts.append(text)
+    for name, hole in spelled.items():
+        if texts[1].count(hole) != 1 or texts[0].count(hole) != (name != "subject"):
+            return None
+    return {
+        "e_tag": CONTENT_TAG,
+        "e_plain": texts[0],
+        "e_subject": texts[1],
+        "e_action": str(Action.ATTEMPT_REQUEST),
+        **{f"h_{name}": hole for name, hole in spelled.items()},
+    }
+
+
+def _claim_requested_sql(claim_sql: str, seal_function: str) -> str:
+    """The claim (``claim_sql``: of a job with a request digest), and the seal of its request event made from the
+    row: one statement. The hash is ``content_hash``'s: sha256 of CONTENT_TAG and the canonical JSON, its holes
+    filled with the row's values as JSON spells them (``to_json``: the escapes of Python's ``json.dumps(...,
+    ensure_ascii=False)``; integers as digits)."""
+    filled = (
+        "replace(replace(replace(replace(replace("
+        "CASE WHEN c.subject_index IS NULL THEN %(e_plain)s::text ELSE %(e_subject)s::text END, "
+        "%(h_assistant)s::text, to_json(c.assistant_id)::text), "
+        "%(h_attempt)s::text, c.attempts::text), "
+        "%(h_digest)s::text, to_json(c.request_digest)::text), "
+        "%(h_bytes)s::text, c.request_bytes::text), "
+        "%(h_subject)s::text, coalesce(to_json(c.subject_index)::text, ''))"
+    )
+    event = (
+        "jsonb_build_array(jsonb_build_object('i', 0, 'action', %(e_action)s::text, 'job_id', %(b_id)s::text, "
+        "'assistant_id', c.assistant_id, 'attempt', c.attempts, 'actor', %(b_worker)s::text, "
+        "'token_fp', %(e_token_fp)s::text, 'request_digest', c.request_digest, 'request_bytes', c.request_bytes, "
+        "'subject_index', c.subject_index, 'c', e.content))"
+    )
+    return (  # our own compiled statement and function name; every value travels as a parameter
+        f"WITH c AS ({claim_sql}), "  # noqa: S608
+        f"e AS (SELECT encode(sha256(%(e_tag)s::bytea || convert_to({filled}, 'UTF8')), 'hex') AS content FROM c), "
+        # The seal in a target list, once per claimed row (none when the claim missed: no lock on the head).
+        "s AS MATERIALIZED (SELECT (sealed).first_seq, (sealed).last_seq, (sealed).last_hash FROM "
+        f"(SELECT {seal_function}({event}) AS sealed FROM c CROSS JOIN e) AS x) "
+        "SELECT c.*, e.content, s.first_seq, s.last_seq, s.last_hash FROM c CROSS JOIN e CROSS JOIN s"
+    )
 
 
 def _give_back(pooled: Any, connection: psycopg.Connection[Any]) -> None:

@@ -159,6 +159,10 @@ class Job(Base):
     subject: Mapped[str | None] = mapped_column(Text)
     #: The subject's keyed blind index (``qbgw.audit.subjects``), kept after a purge: finds the job by equality.
     subject_index: Mapped[str | None] = mapped_column(String(64), index=True)
+    #: The sha256 and size of the body every attempt sends, when it is known at submit (no image reference to
+    #: resolve): a claim on PostgreSQL seals its ``attempt.request`` event from them (``qbgw.store.hotpath``).
+    request_digest: Mapped[str | None] = mapped_column(String(64))
+    request_bytes: Mapped[int | None] = mapped_column(Integer)
 
 
 class AuditEvent(Base):
