@@ -384,7 +384,7 @@ def _claim(rt: Runtime, job_id: str) -> tuple[store.Claim, bytes | images.Stream
     hot = rt.hot_path
     if hot is not None:
         lease_until = now + timedelta(seconds=rt.settings.lease_seconds)
-        claimed = _claim_requested(rt, hot, job_id, lease_until, now) if hot.requests_in_claim else None
+        claimed = _claim_requested(rt, hot, job_id, lease_until, now) if hot.events_in_statements else None
         if claimed is not None:
             return claimed
         claim = hot.claim(job_id=job_id, worker=rt.identity, lease_until=lease_until, now=now, events=request_events)

@@ -6,8 +6,10 @@ they cost six round trips (psycopg sends a BEGIN of its own before a transaction
 about a third of a worker's Python CPU (the Session's machinery: py-spy). Here, on a pooled connection
 switched to autocommit for the duration:
 
-* the claim is one simple-protocol query, ``BEGIN; UPDATE ... RETURNING ...``, and the request event is
-  sealed with the COMMIT (``SELECT ... qbgw_audit_seal(...); COMMIT``): two round trips;
+* the claim of a job whose request digest was stored at submit is one statement: the compare-and-set UPDATE
+  in a CTE and the seal of its request event, made by the database from the row (below). Any other claim
+  is one simple-protocol query, ``BEGIN; UPDATE ... RETURNING ...``, and the request event is sealed with
+  the COMMIT (``SELECT ... qbgw_audit_seal(...); COMMIT``): two round trips;
 * a success is one statement, atomic as every statement is: the compare-and-set UPDATE in a CTE, and
   ``qbgw_audit_seal`` of the ``attempt.response`` and ``job.succeeded`` events if, and only if, it matched
   a row. One round trip. When it matched nothing (a cancel arrived, the lease was taken over) it wrote
@@ -18,9 +20,14 @@ and values come from the same functions, so the two paths write the same rows. F
 everything else go through ``qbgw.store.jobs`` in a Session, as on SQLite.
 
 The reads a waiting producer makes go here too: a job's status (one query), and the job with its answer (one
-query, then, when it holds PHI, its ``result.read`` event sealed in one statement before the answer is given
-back: the read is on the record before anything is disclosed). Through a Session they cost 0.7 and 1.75 ms;
-here 0.15 and 0.5 (``bench.api``'s latency part reads both once per job).
+statement that, when the job holds PHI, also seals its ``result.read`` event: the read is on the record before
+the answer leaves the database). Through a Session they cost 0.7 and 1.75 ms; here 0.15 and 0.5
+(``bench.api``'s latency part reads both once per job).
+
+Two events are made by the database in the statement that claims or reads (:meth:`HotPath.claim_requested`,
+:meth:`HotPath.read_job`): this process makes the event's canonical JSON with holes for what only the row
+knows, PostgreSQL fills them with ``to_json`` of the row's values and hashes it with the content hash's tag;
+the process then checks that hash against its own (``_check``).
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ from ..settings import Settings
 from . import jobs as store
 from .chain import COMMIT_SEALS, COMMIT_STAGES, SEAL_AND_COMMIT_SQL, STAGE_AND_COMMIT_SQL, seal_argument
 from .db import READ_ONLY, unavailable
-from .reads import Admit, JobView, read_event, view_of
+from .reads import Admit, JobView, read_event, result_read_event, view_of
 
 __all__ = ["HotPath", "Unreadable", "hot_path_for", "request_event"]
 
@@ -120,9 +127,10 @@ class HotPath:
             store._JOBS.c.request_digest.is_not(None), store._JOBS.c.request_bytes.is_not(None)
         )
         self._claim_requested_sql = _claim_requested_sql(_compile(digested, engine.dialect)[0], self._seal_function)
-        #: Whether claims seal their request event in their own statement (off after a content hash the database
-        #: made was not the one this process makes: see :meth:`claim_requested`).
-        self.requests_in_claim = True
+        self._read_sql = _read_sql(self._job_sql, self._seal_function)
+        #: Whether a claim's request event and a read's ``result.read`` event are made by the database in the
+        #: statement that claims or reads (off after a content hash it made was not this process's: ``_check``).
+        self.events_in_statements = True
         update = store._FINISH[False].values({key: bindparam(f"v_{key}") for key in _SUCCESS_KEYS})
         update_sql, self._succeed_constants = _compile(update, engine.dialect)
         # The UPDATE runs to completion whether or not the SELECT reads it (a data-modifying CTE), and the
@@ -206,8 +214,13 @@ class HotPath:
 
     def read_job(self, job_id: str, reader: str, admit: Admit | None = None) -> JobView:
         """The job with its answer or error (as ``reads.read_job``, ``admit`` too): when it holds either, the
-        ``result.read`` event by ``reader`` is sealed (committed) before the view is returned. Raises
-        JobNotFound and DecryptionFailed."""
+        ``result.read`` event by ``reader`` is sealed (committed) before the view is returned. Without ``admit``,
+        in one statement that seals the event the database makes from the row (:func:`_read_sql`), then
+        decrypts: a value that no longer decrypts has its read on the record too. Raises JobNotFound and
+        DecryptionFailed."""
+        holes = _read_template(job_id, reader) if admit is None and self.events_in_statements else None
+        if holes is not None:
+            return self._read_at_once(job_id, reader, holes)
         with self._connection() as connection:
             with connection.cursor(row_factory=namedtuple_row) as cur:
                 cur.execute(self._job_sql, {"b_id": job_id})
@@ -225,6 +238,34 @@ class HotPath:
                 sealed = cur.fetchone()
         audit_sealed(self.settings, sealed)
         return view
+
+    def _read_at_once(self, job_id: str, reader: str, holes: dict[str, Any]) -> JobView:
+        with self._connection() as connection, connection.cursor(row_factory=namedtuple_row) as cur:
+            cur.execute(self._read_sql, {**holes, "b_id": job_id, "e_actor": reader})
+            job: Any = cur.fetchone()
+        if job is None:
+            raise JobNotFound(job_id)
+        if job.content is None:
+            return view_of(job, self.keyring)
+        audit_sealed(self.settings, job)
+        expected = content_hash(result_read_event(job_id, reader, job.assistant_id, str(job.status), job.subject_index))
+        self._check(job_id, "result.read", job.content, expected)
+        return view_of(job, self.keyring)
+
+    def _check(self, job_id: str, action: str, made: str, expected: str) -> None:
+        """The content hash the database made for an event against this process's own for it."""
+        if made == expected:
+            return
+        self.events_in_statements = False  # never seen: a database whose JSON differs; the chain's verify will say
+        log.error(
+            "job %s: the %s event sealed by the database has content hash %s where this process makes %s; "
+            "this process makes its events itself from now on",
+            job_id,
+            action,
+            made,
+            expected,
+            extra={"job_id": job_id},
+        )
 
     def claim(
         self, *, job_id: str, worker: str, lease_until: datetime, now: datetime, events: RequestEvents
@@ -293,17 +334,9 @@ class HotPath:
             claim = store.claim_from_row(job_id, row, self.keyring)
         except Exception as exc:  # (DecryptionFailed): the attempt is claimed and can only end in a fault
             raise Unreadable(store.unread_claim(job_id, row, []), exc) from exc
-        expected = content_hash(request_event(claim, worker, token_fp, request))
-        if row.content != expected:  # never seen: a database whose JSON differs; the chain's verify will say
-            self.requests_in_claim = False
-            log.error(
-                "job %s: the request event sealed by the database has content hash %s where this process makes "
-                "%s; claims seal their request events from this process from now on",
-                job_id,
-                row.content,
-                expected,
-                extra={"job_id": job_id},
-            )
+        self._check(
+            job_id, "attempt.request", row.content, content_hash(request_event(claim, worker, token_fp, request))
+        )
         return claim, request
 
     def seal(self, events: list[dict[str, Any]]) -> None:
@@ -370,7 +403,14 @@ class HotPath:
 #: other value of the event holds (a control character, which JSON escapes), replaced by the database.
 _HOLES = {
     name: "\x01" + mark
-    for name, mark in (("assistant", "A"), ("attempt", "N"), ("digest", "D"), ("bytes", "B"), ("subject", "S"))
+    for name, mark in (
+        ("assistant", "A"),
+        ("attempt", "N"),
+        ("digest", "D"),
+        ("bytes", "B"),
+        ("outcome", "O"),
+        ("subject", "S"),
+    )
 }
 
 
@@ -389,14 +429,33 @@ def request_event(claim: store.Claim, worker: str, token_fp: str, request: tuple
     )
 
 
-def _request_template(job_id: str, worker: str, token_fp: str) -> dict[str, Any] | None:
-    """The request event's canonical JSON with holes, without and with a subject, and each hole as it is
-    spelled there (``h_*``); None if a known value holds a hole's marker (it would be filled too)."""
-    if any("\x01" in value for value in (job_id, worker, token_fp)):
+def _holed(
+    build: Callable[[str | None], dict[str, Any]], holes: tuple[str, ...], action: str, known: tuple[str, ...]
+) -> dict[str, Any] | None:
+    """Parameters for a statement that seals the event ``build(subject hole or None)`` makes, with ``holes``
+    (names of _HOLES) for what only the row knows: its canonical JSON without and with a subject (``e_plain``,
+    ``e_subject``), each hole as it is spelled there (``h_*``), the hash's tag and the action. None if a
+    ``known`` value holds a hole's marker (it would be filled too)."""
+    if any("\x01" in value for value in known):
         return None
-    spelled = {name: json.dumps(hole) for name, hole in _HOLES.items()}
-    texts = []
-    for subject in (None, _HOLES["subject"]):
+    spelled = {name: json.dumps(_HOLES[name]) for name in (*holes, "subject")}
+    plain, subject = (canonical_content(build(s)) for s in (None, _HOLES["subject"]))
+    for name, hole in spelled.items():
+        if subject.count(hole) != 1 or plain.count(hole) != (name != "subject"):
+            return None
+    return {
+        "e_tag": CONTENT_TAG,
+        "e_plain": plain,
+        "e_subject": subject,
+        "e_action": action,
+        **{f"h_{name}": hole for name, hole in spelled.items()},
+    }
+
+
+def _request_template(job_id: str, worker: str, token_fp: str) -> dict[str, Any] | None:
+    """:func:`_holed` for the request event of a claim of ``job_id`` by ``worker``."""
+
+    def build(subject: str | None) -> dict[str, Any]:
         holed = store.Claim(
             job_id=job_id,
             attempt=cast(int, _HOLES["attempt"]),
@@ -408,18 +467,45 @@ def _request_template(job_id: str, worker: str, token_fp: str) -> dict[str, Any]
             previous_error=None,
             subject_index=subject,
         )
-        text = canonical_content(request_event(holed, worker, token_fp, (_HOLES["digest"], _HOLES["bytes"])))
-        texts.append(text)
-    for name, hole in spelled.items():
-        if texts[1].count(hole) != 1 or texts[0].count(hole) != (name != "subject"):
-            return None
-    return {
-        "e_tag": CONTENT_TAG,
-        "e_plain": texts[0],
-        "e_subject": texts[1],
-        "e_action": str(Action.ATTEMPT_REQUEST),
-        **{f"h_{name}": hole for name, hole in spelled.items()},
-    }
+        return request_event(holed, worker, token_fp, (_HOLES["digest"], _HOLES["bytes"]))
+
+    holes = ("assistant", "attempt", "digest", "bytes")
+    return _holed(build, holes, str(Action.ATTEMPT_REQUEST), (job_id, worker, token_fp))
+
+
+def _read_template(job_id: str, reader: str) -> dict[str, Any] | None:
+    """:func:`_holed` for the ``result.read`` event of ``job_id`` by ``reader``."""
+
+    def build(subject: str | None) -> dict[str, Any]:
+        return result_read_event(job_id, reader, _HOLES["assistant"], _HOLES["outcome"], subject)
+
+    return _holed(build, ("assistant", "outcome"), str(Action.RESULT_READ), (job_id, reader))
+
+
+def _read_sql(job_sql: str, seal_function: str) -> str:
+    """The job (``job_sql``: its viewed columns) and, when it holds an answer or an error, the seal of its
+    ``result.read`` event made from the row (:func:`_claim_requested_sql`'s way): one statement, so the read is
+    on the record before its answer leaves the database."""
+    filled = (
+        "replace(replace(replace("
+        "CASE WHEN j.subject_index IS NULL THEN %(e_plain)s::text ELSE %(e_subject)s::text END, "
+        "%(h_assistant)s::text, to_json(j.assistant_id)::text), "
+        "%(h_outcome)s::text, to_json(j.status)::text), "
+        "%(h_subject)s::text, coalesce(to_json(j.subject_index)::text, ''))"
+    )
+    event = (
+        "jsonb_build_array(jsonb_build_object('i', 0, 'action', %(e_action)s::text, 'job_id', %(b_id)s::text, "
+        "'assistant_id', j.assistant_id, 'actor', %(e_actor)s::text, 'outcome', j.status, "
+        "'subject_index', j.subject_index, 'c', e.content))"
+    )
+    return (  # our own compiled statement and function name; every value travels as a parameter
+        f"WITH j AS ({job_sql}), "  # noqa: S608
+        f"e AS (SELECT encode(sha256(%(e_tag)s::bytea || convert_to({filled}, 'UTF8')), 'hex') AS content FROM j "
+        "WHERE j.answer IS NOT NULL OR j.error IS NOT NULL), "
+        "s AS MATERIALIZED (SELECT (sealed).first_seq, (sealed).last_seq, (sealed).last_hash FROM "
+        f"(SELECT {seal_function}({event}) AS sealed FROM j CROSS JOIN e) AS x) "
+        "SELECT j.*, e.content, s.first_seq, s.last_seq, s.last_hash FROM j LEFT JOIN e ON true LEFT JOIN s ON true"
+    )
 
 
 def _claim_requested_sql(claim_sql: str, seal_function: str) -> str:

@@ -171,13 +171,20 @@ def read_event(view: JobView, job: Any, reader: str) -> dict[str, Any] | None:
     ``reader``: None when the view holds no PHI (no answer, no error), so nothing was disclosed."""
     if view.answer is None and view.error is None:
         return None
+    return result_read_event(view.id, reader, view.assistant_id, str(view.status), job.subject_index)
+
+
+def result_read_event(
+    job_id: str, reader: str, assistant_id: str, outcome: str, subject_index: str | None
+) -> dict[str, Any]:
+    """The ``result.read`` event of a job's answer or error (``outcome``: the job's status) by ``reader``."""
     return audit.event(
         action=audit.Action.RESULT_READ,
-        job_id=view.id,
+        job_id=job_id,
         actor=reader,
-        assistant_id=view.assistant_id,
-        outcome=str(view.status),
-        subject_index=job.subject_index,
+        assistant_id=assistant_id,
+        outcome=outcome,
+        subject_index=subject_index,
     )
 
 

@@ -1,8 +1,11 @@
-"""A claim that seals its own request event (PostgreSQL): the body a text-only job will send is digested at submit
+"""Events the database makes in the statement that claims or reads (PostgreSQL).
+
+A claim seals its own request event: the body a text-only job will send is digested at submit
 (``jobs.request_digest``), and a worker's claim has the database make the ``attempt.request`` event from the row,
-in the claim's one statement. The event must be the one this process would make, byte for byte of its canonical
-form (the chain's verify recomputes every content hash); a job without a digest, or with one that does not match
-what is sent, still has the request it sends on the record before it is sent."""
+in the claim's one statement. A read of an answer seals its ``result.read`` event the same way. Each event must be
+the one this process would make, byte for byte of its canonical form (the chain's verify recomputes every content
+hash); a job without a digest, or with one that does not match what is sent, still has the request it sends on
+the record before it is sent."""
 
 from __future__ import annotations
 
@@ -18,12 +21,13 @@ from qbgw import producer
 from qbgw.audit import anchors as integrity
 from qbgw.audit import events as audit
 from qbgw.emulator.server import Emulator
+from qbgw.errors import DecryptionFailed
 from qbgw.execution.tasks import Outcome, run_attempt
 from qbgw.lifecycle import JobStatus, utcnow
 from qbgw.queries import get_job, job_events
 from qbgw.runtime.locator import reset, runtime
 from qbgw.settings import Secret, Settings
-from qbgw.store import chain, hotpath
+from qbgw.store import chain, hotpath, reads
 from qbgw.store import jobs as store
 from qbgw.store.models import AuditEvent, Job
 from qbgw.upstream.gateway import encode_request
@@ -102,7 +106,7 @@ def test_the_claim_seals_the_request_event_this_process_would_seal(
     found, sealed = claimed
     assert sealed == (audit.digest(body), len(body))
     assert found.attempt == 1
-    assert runtime(settings).hot_path.requests_in_claim  # type: ignore[union-attr]  # the hashes agreed
+    assert runtime(settings).hot_path.events_in_statements  # type: ignore[union-attr]  # the hashes agreed
 
     [request] = requests_of(settings, job_id)
     expected = hotpath.request_event(found, worker, "", sealed)
@@ -187,8 +191,8 @@ def test_a_content_hash_the_database_made_otherwise_turns_the_one_statement_clai
         assert claim(settings, job_id) is not None
     hot = runtime(settings).hot_path
     assert hot is not None
-    assert not hot.requests_in_claim
-    assert "the request event sealed by the database has content hash" in caplog.text
+    assert not hot.events_in_statements
+    assert "the attempt.request event sealed by the database has content hash" in caplog.text
     monkeypatch.undo()
     later = text_job(settings, "later")
     assert run_attempt(runtime(settings), later) is Outcome.SUCCEEDED  # through the two-statement claim
@@ -240,5 +244,83 @@ def test_a_payload_that_no_longer_decrypts_after_its_claim_ends_the_attempt_as_a
     each[-1][-1] = ("job.failed", tries)
     assert actions == [("job.submitted", None), *[pair for attempt in each for pair in attempt]]
     assert emu.stats()["requests"] == 0
+    assert verified(settings).ok
+    reset()
+
+
+def finished(settings: Settings, subject: str | None = None) -> str:
+    job_id = text_job(settings, subject=subject)
+    assert run_attempt(runtime(settings), job_id) is Outcome.SUCCEEDED
+    return job_id
+
+
+def reads_of(settings: Settings, job_id: str) -> list[audit.AuditRecord]:
+    runtime(settings).chain_staged()
+    return [e for e in job_events(job_id, include_reads=True, settings=settings) if e.action == "result.read"]
+
+
+@BOTH_SEALS
+@pytest.mark.parametrize("subject", [None, "MRN-7"])
+def test_a_read_seals_the_read_event_this_process_would_seal(settings: Settings, subject: str | None) -> None:
+    settings = settings.with_(subject_key=Secret("k" * 40))
+    job_id = finished(settings, subject)
+    view = get_job(job_id, reader=AWKWARD, settings=settings)
+    assert view.answer
+    [read] = reads_of(settings, job_id)
+    expected = reads.result_read_event(job_id, AWKWARD, ASSISTANT, "succeeded", read.subject_index)
+    assert {k: getattr(read, k) for k in expected if k != "detail"} == {
+        k: v for k, v in expected.items() if k != "detail"
+    }
+    assert (read.subject_index is None) == (subject is None)
+    hot = runtime(settings).hot_path
+    assert hot is not None
+    assert hot.events_in_statements
+    assert verified(settings).ok
+    reset()
+
+
+@POSTGRES
+def test_a_read_of_a_job_without_an_answer_records_nothing_and_locks_nothing(settings: Settings) -> None:
+    job_id = text_job(settings)
+    with runtime(settings).transaction() as session:
+        head = session.execute(text("SELECT seq FROM audit_chain_head")).scalar()
+    view = get_job(job_id, reader="alice", settings=settings)
+    assert (view.answer, view.error) == (None, None)
+    with runtime(settings).transaction() as session:
+        assert session.execute(text("SELECT seq FROM audit_chain_head")).scalar() == head
+    assert reads_of(settings, job_id) == []
+    reset()
+
+
+@POSTGRES
+def test_an_answer_that_no_longer_decrypts_is_not_given_and_its_read_is_on_the_record(settings: Settings) -> None:
+    """The read is sealed in the statement that reads, before anything is decrypted: a damaged answer is refused
+    (DecryptionFailed), and the attempt to read it stays on the record."""
+    job_id = finished(settings)
+    with runtime(settings).transaction() as session:
+        stored = session.execute(text("SELECT answer FROM jobs WHERE id = :id"), {"id": job_id}).scalar_one()
+        flipped = stored[:-3] + ("A" if stored[-3] != "A" else "B") + stored[-2:]
+        session.execute(text("UPDATE jobs SET answer = :a WHERE id = :id"), {"a": flipped, "id": job_id})
+    with pytest.raises(DecryptionFailed):
+        get_job(job_id, reader="alice", settings=settings)
+    assert [(e.actor, e.outcome) for e in reads_of(settings, job_id)] == [("alice", "succeeded")]
+    reset()
+
+
+@POSTGRES
+def test_a_read_s_content_hash_made_otherwise_turns_the_one_statement_events_off(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    job_id = finished(settings)
+    monkeypatch.setattr(hotpath, "content_hash", lambda _event: "not the database's")
+    with caplog.at_level(logging.ERROR, logger="qbgw.store.hotpath"):
+        assert get_job(job_id, reader="alice", settings=settings).answer
+    hot = runtime(settings).hot_path
+    assert hot is not None
+    assert not hot.events_in_statements
+    assert "the result.read event sealed by the database has content hash" in caplog.text
+    monkeypatch.undo()
+    assert get_job(job_id, reader="bob", settings=settings).answer  # made by this process now
+    assert [e.actor for e in reads_of(settings, job_id)] == ["alice", "bob"]
     assert verified(settings).ok
     reset()
