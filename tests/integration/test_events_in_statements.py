@@ -22,12 +22,13 @@ from qbgw.audit import anchors as integrity
 from qbgw.audit import events as audit
 from qbgw.emulator.server import Emulator
 from qbgw.errors import DecryptionFailed
+from qbgw.execution import tasks
 from qbgw.execution.tasks import Outcome, run_attempt
 from qbgw.lifecycle import JobStatus, utcnow
 from qbgw.queries import get_job, job_events
 from qbgw.runtime.locator import reset, runtime
 from qbgw.settings import Secret, Settings
-from qbgw.store import chain, hotpath, reads
+from qbgw.store import chain, hotpath, maintenance, reads
 from qbgw.store import jobs as store
 from qbgw.store.models import AuditEvent, Job
 from qbgw.upstream.gateway import encode_request
@@ -322,5 +323,53 @@ def test_a_read_s_content_hash_made_otherwise_turns_the_one_statement_events_off
     monkeypatch.undo()
     assert get_job(job_id, reader="bob", settings=settings).answer  # made by this process now
     assert [e.actor for e in reads_of(settings, job_id)] == ["alice", "bob"]
+    assert verified(settings).ok
+    reset()
+
+
+@POSTGRES
+def test_a_purged_job_is_not_claimed_by_the_one_statement_and_purging_erases_its_digest(settings: Settings) -> None:
+    """A purge erases the messages and the digest made from them; and a job whose payload is gone (replayed
+    after a purge, say) is never claimed with a request event for a body that cannot be built."""
+    done = finished(settings)
+    with runtime(settings).transaction() as session:
+        session.execute(
+            text("UPDATE jobs SET finished_at = finished_at - interval '400 days' WHERE id = :id"), {"id": done}
+        )
+        assert maintenance.purge_chunk(session, cutoff=utcnow() - timedelta(days=1), actor="retention") == 1
+    assert stored_request(settings, done) == (None, None)
+
+    queued = text_job(settings)
+    body = the_body(settings, queued)
+    with runtime(settings).transaction() as session:  # its payload gone, its digest (still) there
+        session.execute(text("UPDATE jobs SET payload = NULL WHERE id = :id"), {"id": queued})
+    assert stored_request(settings, queued) == (audit.digest(body), len(body))
+    assert claim(settings, queued) is None
+    assert requests_of(settings, queued) == []
+    reset()
+
+
+@POSTGRES
+def test_an_error_after_the_one_statement_claim_is_the_attempt_s_fault(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not left running until its lease runs out: the attempt ends at once, its fault on the record."""
+    job_id = text_job(settings)
+
+    def broken(*_args: Any) -> bytes:
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(tasks, "encode_request", broken)
+    assert run_attempt(runtime(settings), job_id) == "retrying"
+    monkeypatch.undo()
+    events = [(e.action, e.attempt, e.error_class) for e in job_events(job_id, settings=settings)]
+    assert events[:3] == [
+        ("job.submitted", None, None),
+        ("attempt.request", 1, None),
+        ("attempt.error", 1, "InternalError"),
+    ]
+    with runtime(settings).transaction() as session:
+        row = session.execute(text("SELECT status, claimed_by FROM jobs WHERE id = :id"), {"id": job_id}).one()
+    assert row == ("retrying", None)
     assert verified(settings).ok
     reset()

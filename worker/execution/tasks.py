@@ -37,7 +37,7 @@ from ..runtime.context import Runtime
 from ..runtime.dispatch import announce
 from ..runtime.locator import runtime
 from ..store import jobs as store
-from ..store.hotpath import HotPath, Unreadable, request_event
+from ..store.hotpath import HotPath, Unsendable, request_event
 from ..upstream.gateway import Exchange, encode_request
 from ..upstream.ratelimit import RATE_LIMIT, Budget, Grant, budgets_for, planned, take_slot
 from . import faults, webhooks
@@ -149,9 +149,9 @@ def _attempt(rt: Runtime, job_id: str, slot_at: float | None, progress: faults.P
     progress.stage = "claiming the job"
     try:
         claimed = _claim(rt, job_id)
-    except Unreadable as unreadable:  # claimed, its request on the record: the fault ends this attempt
-        progress.claim = unreadable.claim
-        raise unreadable.error from None
+    except Unsendable as unsendable:  # claimed, its request on the record: the fault ends this attempt
+        progress.claim = unsendable.claim
+        raise unsendable.error from None
     if claimed is None:
         log.debug(
             "job %s: nothing to do (duplicate delivery, not due, or finished)",
@@ -403,22 +403,27 @@ def _claim_requested(
     rt: Runtime, hot: HotPath, job_id: str, lease_until: datetime, now: datetime
 ) -> tuple[store.Claim, bytes] | None:
     """:func:`_claim` in one round trip, for a job whose body was digested at submit: the claim seals its request
-    event. None: nothing was written (no digest, or not claimable). Raises Unreadable (see HotPath)."""
+    event. None: nothing was written (no digest, or not claimable). Raises Unsendable (see HotPath)."""
     claimed = hot.claim_requested(
         job_id=job_id, worker=rt.identity, lease_until=lease_until, now=now, token_fp=_token_fp(rt)
     )
     if claimed is None:
         return None
     claim, sealed = claimed
-    body = encode_request(claim.assistant_id, claim.messages)  # (a digest is stored only for a body no setting changes)
-    if sealed != (audit.digest(body), len(body)):  # a submitter that built it otherwise (another version?)
-        log.warning(
-            "job %s attempt %d: the body differs from the one digested at submit; its request is recorded again",
-            job_id,
-            claim.attempt,
-            extra={"job_id": job_id, "attempt": claim.attempt},
-        )
-        hot.seal([_request_event(rt, claim, body)])
+    try:
+        body = encode_request(claim.assistant_id, claim.messages)  # (digested at submit: no setting changes it)
+        if sealed != (audit.digest(body), len(body)):  # a submitter that built it otherwise (another version?)
+            log.warning(
+                "job %s attempt %d: the body differs from the one digested at submit; its request is recorded again",
+                job_id,
+                claim.attempt,
+                extra={"job_id": job_id, "attempt": claim.attempt},
+            )
+            hot.seal([_request_event(rt, claim, body)])
+    except StoreUnavailable:
+        raise  # (the lease runs out, and the sweeper takes the job back)
+    except Exception as exc:  # the claim is committed: the fault is this attempt's
+        raise Unsendable(claim, exc) from exc
     return claim, body
 
 

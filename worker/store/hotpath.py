@@ -59,7 +59,7 @@ from .chain import COMMIT_SEALS, COMMIT_STAGES, SEAL_AND_COMMIT_SQL, STAGE_AND_C
 from .db import READ_ONLY, unavailable
 from .reads import Admit, JobView, read_event, result_read_event, view_of
 
-__all__ = ["HotPath", "Unreadable", "hot_path_for", "request_event"]
+__all__ = ["HotPath", "Unsendable", "hot_path_for", "request_event"]
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +95,12 @@ _SUCCESS_KEYS = (
 _NOT_VIEWED = frozenset({"payload", "subject"})
 
 
-class Unreadable(Exception):
-    """A claim committed with its request event, whose payload then could not be read (``error``): the attempt
-    is ``claim``'s, and ``error`` its fault; nothing was sent."""
+class Unsendable(Exception):
+    """A claim committed with its request event, after which its request could not be made (``error``: the
+    payload no longer decrypts, say): the attempt is ``claim``'s and ``error`` its fault; nothing was sent."""
 
     def __init__(self, claim: store.Claim, error: Exception) -> None:
-        super().__init__(f"job {claim.job_id} attempt {claim.attempt}: the payload cannot be read")
+        super().__init__(f"job {claim.job_id} attempt {claim.attempt}: its request cannot be made")
         self.claim, self.error = claim, error
 
 
@@ -123,8 +123,8 @@ class HotPath:
         self._new_job_sql: tuple[tuple[str, ...], str, str] | None = None
         claim_sql, self._claim_constants = _compile(store._CLAIM, engine.dialect)
         self._claim_sql = "BEGIN; " + claim_sql
-        digested = store._CLAIM.where(
-            store._JOBS.c.request_digest.is_not(None), store._JOBS.c.request_bytes.is_not(None)
+        digested = store._CLAIM.where(  # a job with its body digested and its messages still there (not purged)
+            jobs.c.request_digest.is_not(None), jobs.c.request_bytes.is_not(None), jobs.c.payload.is_not(None)
         )
         self._claim_requested_sql = _claim_requested_sql(_compile(digested, engine.dialect)[0], self._seal_function)
         self._read_sql = _read_sql(self._job_sql, self._seal_function)
@@ -309,7 +309,7 @@ class HotPath:
         is made here with holes for what only the row knows, filled by the database; the content hash the
         database computed is checked against this process's own for the same event.
 
-        Raises Unreadable when the payload of the job it claimed cannot be read (it no longer decrypts): the
+        Raises Unsendable when the payload of the job it claimed cannot be read (it no longer decrypts): the
         claim and its request event are committed, nothing can be sent."""
         holes = _request_template(job_id, worker, token_fp)
         if holes is None:  # a value that could be mistaken for a hole: not through the template
@@ -328,12 +328,12 @@ class HotPath:
             row: Any = cur.fetchone()
         if row is None:
             return None
-        audit_sealed(self.settings, row)
         request = (str(row.request_digest), int(row.request_bytes))
         try:
+            audit_sealed(self.settings, row)
             claim = store.claim_from_row(job_id, row, self.keyring)
         except Exception as exc:  # (DecryptionFailed): the attempt is claimed and can only end in a fault
-            raise Unreadable(store.unread_claim(job_id, row, []), exc) from exc
+            raise Unsendable(store.unread_claim(job_id, row, []), exc) from exc
         self._check(
             job_id, "attempt.request", row.content, content_hash(request_event(claim, worker, token_fp, request))
         )

@@ -118,7 +118,17 @@ def purge_chunk(session: Session, *, cutoff: datetime, actor: str) -> int:
         session.execute(
             update(Job)
             .where(Job.id.in_(ids))
-            .values(payload=None, answer=None, error=None, subject=None, purged_at=now, updated_at=now)
+            .values(
+                payload=None,
+                answer=None,
+                error=None,
+                subject=None,
+                # the body's digest is derived from the messages: it goes with them (the audit events keep theirs)
+                request_digest=None,
+                request_bytes=None,
+                purged_at=now,
+                updated_at=now,
+            )
         )
     for job_id in ids:
         audit.record(
