@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from datetime import timedelta
 from typing import Any
 
@@ -371,5 +372,32 @@ def test_an_error_after_the_one_statement_claim_is_the_attempt_s_fault(
     with runtime(settings).transaction() as session:
         row = session.execute(text("SELECT status, claimed_by FROM jobs WHERE id = :id"), {"id": job_id}).one()
     assert row == ("retrying", None)
+    assert verified(settings).ok
+    reset()
+
+
+@POSTGRES
+def test_two_workers_claiming_one_job_at_once_record_one_request(settings: Settings) -> None:
+    """Two deliveries of one job, claimed by two threads on two connections at the same moment: one claim, one
+    request event, its chain intact."""
+
+    def race(job_id: str, worker: str, start: threading.Barrier, found: list[Any]) -> None:
+        start.wait()
+        found.append(claim(settings, job_id, worker=worker))
+
+    for n in range(5):
+        job_id = text_job(settings, f"raced {n}")
+        start, found = threading.Barrier(2), []
+        threads = [threading.Thread(target=race, args=(job_id, f"w{i}", start, found)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert sorted(result is None for result in found) == [False, True]
+        [request] = requests_of(settings, job_id)
+        assert request.attempt == 1
+        with runtime(settings).transaction() as session:
+            claimed_by = session.execute(text("SELECT claimed_by FROM jobs WHERE id = :id"), {"id": job_id}).scalar()
+        assert request.actor == claimed_by
     assert verified(settings).ok
     reset()

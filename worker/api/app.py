@@ -967,8 +967,7 @@ def _prepare(data: dict[str, Any], principal: Principal, idempotency: str | None
         actor=principal.actor,
         subject=data.get("subject"),
     )
-    new.payload  # noqa: B018 (its canonical JSON, made here: in a thread when the body is large)
-    return _Job(data, new=new)
+    return _Job(data, new=new.made())
 
 
 def _submit_alone(job: _Job, principal: Principal, idempotency: str | None, settings: Settings) -> tuple[str, bool]:

@@ -577,8 +577,7 @@ def _chat_job(data: dict[str, Any], principal: Principal, settings: Any) -> tupl
         actor=principal.actor,
         subject=None,
     )
-    new.payload  # noqa: B018 (its canonical JSON, made here: in a thread when the body is large)
-    return str(model), new
+    return str(model), new.made()
 
 
 def _submit_chat(data: dict[str, Any], principal: Principal, settings: Any) -> str:

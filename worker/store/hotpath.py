@@ -430,15 +430,15 @@ def request_event(claim: store.Claim, worker: str, token_fp: str, request: tuple
 
 
 def _holed(
-    build: Callable[[str | None], dict[str, Any]], holes: tuple[str, ...], action: str, known: tuple[str, ...]
+    build: Callable[[str | None], dict[str, Any]], fills: dict[str, str], action: str, known: tuple[str, ...]
 ) -> dict[str, Any] | None:
-    """Parameters for a statement that seals the event ``build(subject hole or None)`` makes, with ``holes``
-    (names of _HOLES) for what only the row knows: its canonical JSON without and with a subject (``e_plain``,
-    ``e_subject``), each hole as it is spelled there (``h_*``), the hash's tag and the action. None if a
-    ``known`` value holds a hole's marker (it would be filled too)."""
+    """Parameters for a statement made by :func:`_sealing_ctes` that seals the event ``build(subject hole or
+    None)`` makes, with holes (``fills``' names, of _HOLES) for what only the row knows: its canonical JSON
+    without and with a subject (``e_plain``, ``e_subject``), each hole as it is spelled there (``h_*``), the
+    hash's tag and the action. None if a ``known`` value holds a hole's marker (it would be filled too)."""
     if any("\x01" in value for value in known):
         return None
-    spelled = {name: json.dumps(_HOLES[name]) for name in (*holes, "subject")}
+    spelled = {name: json.dumps(_HOLES[name]) for name in (*fills, "subject")}
     plain, subject = (canonical_content(build(s)) for s in (None, _HOLES["subject"]))
     for name, hole in spelled.items():
         if subject.count(hole) != 1 or plain.count(hole) != (name != "subject"):
@@ -450,6 +450,18 @@ def _holed(
         "e_action": action,
         **{f"h_{name}": hole for name, hole in spelled.items()},
     }
+
+
+#: What fills each hole of the request event, from the claimed row ``c``: JSON as Python's ``json.dumps(...,
+#: ensure_ascii=False)`` spells it (``to_json`` escapes the same characters; integers are their digits).
+_REQUEST_FILLS = {
+    "assistant": "to_json(c.assistant_id)::text",
+    "attempt": "c.attempts::text",
+    "digest": "to_json(c.request_digest)::text",
+    "bytes": "c.request_bytes::text",
+}
+#: The same for the ``result.read`` event, from the read row ``j``.
+_READ_FILLS = {"assistant": "to_json(j.assistant_id)::text", "outcome": "to_json(j.status)::text"}
 
 
 def _request_template(job_id: str, worker: str, token_fp: str) -> dict[str, Any] | None:
@@ -469,8 +481,7 @@ def _request_template(job_id: str, worker: str, token_fp: str) -> dict[str, Any]
         )
         return request_event(holed, worker, token_fp, (_HOLES["digest"], _HOLES["bytes"]))
 
-    holes = ("assistant", "attempt", "digest", "bytes")
-    return _holed(build, holes, str(Action.ATTEMPT_REQUEST), (job_id, worker, token_fp))
+    return _holed(build, _REQUEST_FILLS, str(Action.ATTEMPT_REQUEST), (job_id, worker, token_fp))
 
 
 def _read_template(job_id: str, reader: str) -> dict[str, Any] | None:
@@ -479,61 +490,54 @@ def _read_template(job_id: str, reader: str) -> dict[str, Any] | None:
     def build(subject: str | None) -> dict[str, Any]:
         return result_read_event(job_id, reader, _HOLES["assistant"], _HOLES["outcome"], subject)
 
-    return _holed(build, ("assistant", "outcome"), str(Action.RESULT_READ), (job_id, reader))
+    return _holed(build, _READ_FILLS, str(Action.RESULT_READ), (job_id, reader))
+
+
+def _sealing_ctes(row: str, fills: dict[str, str], columns: str, seal_function: str, when: str = "true") -> str:
+    """Two CTEs after the CTE ``row`` (one row, or none): ``e``, the content hash of the event :func:`_holed`
+    templated, its holes filled (``fills``, then the subject index) and hashed as ``content_hash`` hashes
+    (sha256 of CONTENT_TAG and the canonical JSON), for a row where ``when`` holds; and ``s``, the seal of
+    that event (``columns``: its columns as ``jsonb_build_object`` pairs, the content hash added) and what
+    it returns. The seal is in a target list: called once per row of ``e``, and not at all (no lock on the
+    chain's head) when there is none."""
+    filled = f"CASE WHEN {row}.subject_index IS NULL THEN %(e_plain)s::text ELSE %(e_subject)s::text END"
+    for name, value in (*fills.items(), ("subject", f"coalesce(to_json({row}.subject_index)::text, '')")):
+        filled = f"replace({filled}, %(h_{name})s::text, {value})"
+    event = f"jsonb_build_array(jsonb_build_object({columns}, 'c', e.content))"
+    return (  # our own names and expressions; every value travels as a parameter
+        f"e AS (SELECT encode(sha256(%(e_tag)s::bytea || convert_to({filled}, 'UTF8')), 'hex') AS content "  # noqa: S608
+        f"FROM {row} WHERE {when}), "
+        "s AS MATERIALIZED (SELECT (sealed).first_seq, (sealed).last_seq, (sealed).last_hash FROM "
+        f"(SELECT {seal_function}({event}) AS sealed FROM {row} CROSS JOIN e) AS x) "
+    )
 
 
 def _read_sql(job_sql: str, seal_function: str) -> str:
     """The job (``job_sql``: its viewed columns) and, when it holds an answer or an error, the seal of its
-    ``result.read`` event made from the row (:func:`_claim_requested_sql`'s way): one statement, so the read is
-    on the record before its answer leaves the database."""
-    filled = (
-        "replace(replace(replace("
-        "CASE WHEN j.subject_index IS NULL THEN %(e_plain)s::text ELSE %(e_subject)s::text END, "
-        "%(h_assistant)s::text, to_json(j.assistant_id)::text), "
-        "%(h_outcome)s::text, to_json(j.status)::text), "
-        "%(h_subject)s::text, coalesce(to_json(j.subject_index)::text, ''))"
+    ``result.read`` event made from the row: one statement, so the read is on the record before its answer
+    leaves the database."""
+    columns = (
+        "'i', 0, 'action', %(e_action)s::text, 'job_id', %(b_id)s::text, 'assistant_id', j.assistant_id, "
+        "'actor', %(e_actor)s::text, 'outcome', j.status, 'subject_index', j.subject_index"
     )
-    event = (
-        "jsonb_build_array(jsonb_build_object('i', 0, 'action', %(e_action)s::text, 'job_id', %(b_id)s::text, "
-        "'assistant_id', j.assistant_id, 'actor', %(e_actor)s::text, 'outcome', j.status, "
-        "'subject_index', j.subject_index, 'c', e.content))"
-    )
+    sealing = _sealing_ctes("j", _READ_FILLS, columns, seal_function, "j.answer IS NOT NULL OR j.error IS NOT NULL")
     return (  # our own compiled statement and function name; every value travels as a parameter
-        f"WITH j AS ({job_sql}), "  # noqa: S608
-        f"e AS (SELECT encode(sha256(%(e_tag)s::bytea || convert_to({filled}, 'UTF8')), 'hex') AS content FROM j "
-        "WHERE j.answer IS NOT NULL OR j.error IS NOT NULL), "
-        "s AS MATERIALIZED (SELECT (sealed).first_seq, (sealed).last_seq, (sealed).last_hash FROM "
-        f"(SELECT {seal_function}({event}) AS sealed FROM j CROSS JOIN e) AS x) "
+        f"WITH j AS ({job_sql}), {sealing}"  # noqa: S608
         "SELECT j.*, e.content, s.first_seq, s.last_seq, s.last_hash FROM j LEFT JOIN e ON true LEFT JOIN s ON true"
     )
 
 
 def _claim_requested_sql(claim_sql: str, seal_function: str) -> str:
     """The claim (``claim_sql``: of a job with a request digest), and the seal of its request event made from the
-    row: one statement. The hash is ``content_hash``'s: sha256 of CONTENT_TAG and the canonical JSON, its holes
-    filled with the row's values as JSON spells them (``to_json``: the escapes of Python's ``json.dumps(...,
-    ensure_ascii=False)``; integers as digits)."""
-    filled = (
-        "replace(replace(replace(replace(replace("
-        "CASE WHEN c.subject_index IS NULL THEN %(e_plain)s::text ELSE %(e_subject)s::text END, "
-        "%(h_assistant)s::text, to_json(c.assistant_id)::text), "
-        "%(h_attempt)s::text, c.attempts::text), "
-        "%(h_digest)s::text, to_json(c.request_digest)::text), "
-        "%(h_bytes)s::text, c.request_bytes::text), "
-        "%(h_subject)s::text, coalesce(to_json(c.subject_index)::text, ''))"
+    row: one statement."""
+    columns = (
+        "'i', 0, 'action', %(e_action)s::text, 'job_id', %(b_id)s::text, 'assistant_id', c.assistant_id, "
+        "'attempt', c.attempts, 'actor', %(b_worker)s::text, 'token_fp', %(e_token_fp)s::text, "
+        "'request_digest', c.request_digest, 'request_bytes', c.request_bytes, 'subject_index', c.subject_index"
     )
-    event = (
-        "jsonb_build_array(jsonb_build_object('i', 0, 'action', %(e_action)s::text, 'job_id', %(b_id)s::text, "
-        "'assistant_id', c.assistant_id, 'attempt', c.attempts, 'actor', %(b_worker)s::text, "
-        "'token_fp', %(e_token_fp)s::text, 'request_digest', c.request_digest, 'request_bytes', c.request_bytes, "
-        "'subject_index', c.subject_index, 'c', e.content))"
-    )
+    sealing = _sealing_ctes("c", _REQUEST_FILLS, columns, seal_function)
     return (  # our own compiled statement and function name; every value travels as a parameter
-        f"WITH c AS ({claim_sql}), "  # noqa: S608
-        f"e AS (SELECT encode(sha256(%(e_tag)s::bytea || convert_to({filled}, 'UTF8')), 'hex') AS content FROM c), "
-        # The seal in a target list, once per claimed row (none when the claim missed: no lock on the head).
-        "s AS MATERIALIZED (SELECT (sealed).first_seq, (sealed).last_seq, (sealed).last_hash FROM "
-        f"(SELECT {seal_function}({event}) AS sealed FROM c CROSS JOIN e) AS x) "
+        f"WITH c AS ({claim_sql}), {sealing}"  # noqa: S608
         "SELECT c.*, e.content, s.first_seq, s.last_seq, s.last_hash FROM c CROSS JOIN e CROSS JOIN s"
     )
 

@@ -107,6 +107,12 @@ class NewJob:
             return None
         return audit.digest(body), len(body)
 
+    def made(self) -> NewJob:
+        """This job with what storing it derives from its messages made now (its canonical payload, its request
+        digest): where the caller chooses (the server: in a thread when the body is large), not in the store."""
+        _ = self.payload, self.request
+        return self
+
 
 #: The largest payload whose request body is digested at submit: a small job's attempts then claim and audit
 #: their request in one round trip on PostgreSQL (``qbgw.store.hotpath``); a larger one's as before.
