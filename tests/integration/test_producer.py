@@ -20,7 +20,7 @@ from qbgw.errors import (
     NotAnnounced,
     StoreUnavailable,
 )
-from qbgw.runtime.app import PUBLISH_PIPELINE, TASK_NAME, publish_many
+from qbgw.runtime.app import PUBLISH_PIPELINE, TASK_NAME, _ring_on_redis, publish_many, task_messages
 from qbgw.runtime.locator import runtime
 from qbgw.settings import Settings
 from qbgw.store.models import AuditEvent, Job
@@ -256,3 +256,66 @@ def test_a_batch_of_messages_goes_to_redis_in_pipelines_each_message_whole(produ
         assert envelope["properties"]["correlation_id"] == args[0]
         seen.append(args[0])
     assert sorted(seen) == ids
+
+
+def _on_redis(settings: Settings, queue: str) -> list[dict[str, Any]]:
+    client = redis_lib.Redis.from_url(settings.broker_url)
+    try:
+        return [json.loads(raw) for raw in reversed(client.lrange(queue, 0, -1))]  # oldest first
+    finally:
+        client.close()
+
+
+def _without_ids(envelope: dict[str, Any], job_id: str) -> dict[str, Any]:
+    """The envelope with its job id and its delivery tag (a uuid per message) put aside."""
+    text = json.dumps(envelope).replace(job_id, "<job>")
+    found = json.loads(text)
+    found["body"] = json.loads(base64.b64decode(envelope["body"]).decode().replace(job_id, "<job>"))
+    assert found["properties"].pop("delivery_tag")
+    return found
+
+
+@pytest.mark.parametrize("queue", ["interactive", "batch"])
+def test_on_redis_a_job_message_is_the_one_celery_itself_would_send(production_settings: Settings, queue: str) -> None:
+    # A single job's message is pushed straight through kombu's channel (runtime.app._ring_on_redis): it must
+    # be, field for field, the message Celery's send_task_message makes of the same task message and queue.
+    app = runtime(production_settings).celery
+    name = production_settings.queue if queue == "interactive" else production_settings.effective_batch_queue
+    celery_id, direct_id = "11111111-2222-4333-8444-555555555555", "66666666-7777-4888-8999-aaaaaaaaaaaa"
+    try:
+        with app.producer_or_acquire() as producer:
+            (message,) = task_messages(app, [celery_id])
+            app.amqp.send_task_message(producer, TASK_NAME, message, queue=app.amqp.queues[name])
+            assert _ring_on_redis(app, producer, app.amqp.queues[name], direct_id)  # (not the usual way)
+        celery_sent, direct_sent = _on_redis(production_settings, name)
+    finally:
+        client = redis_lib.Redis.from_url(production_settings.broker_url)
+        client.delete(name)
+        client.close()
+    assert celery_sent["headers"]["id"] == celery_id
+    assert direct_sent["headers"]["id"] == direct_id
+    assert _without_ids(direct_sent, direct_id) == _without_ids(celery_sent, celery_id)
+    assert direct_sent["properties"]["delivery_tag"] != celery_sent["properties"]["delivery_tag"]
+
+
+def test_on_redis_a_failed_direct_push_publishes_the_usual_way(
+    production_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The channel refuses the direct push once (a dropped connection, say): the job's message still goes, through
+    # Celery's own publish and its retries.
+    from kombu.transport.redis import Channel
+
+    calls: list[str] = []
+    real = Channel.basic_publish
+
+    def refuse_once(self: Channel, message: Any, exchange: str, routing_key: str, **kwargs: Any) -> Any:
+        calls.append(routing_key)
+        if len(calls) == 1:
+            raise redis_lib.ConnectionError("connection dropped")
+        return real(self, message, exchange, routing_key, **kwargs)
+
+    monkeypatch.setattr(Channel, "basic_publish", refuse_once)
+    job_id = producer.submit(ASSISTANT, MESSAGES, settings=production_settings)
+    assert len(calls) == 2
+    (sent,) = _on_redis(production_settings, production_settings.queue)
+    assert sent["headers"]["id"] == job_id

@@ -7,20 +7,25 @@ mid-task leaves its message to be delivered again; the claim step makes that har
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 from celery import Celery
 from celery.utils.saferepr import saferepr
-from kombu.entity import Exchange, Queue
+from kombu import serialization
+from kombu.entity import DELIVERY_MODES, Exchange, Queue
+from kombu.transport.redis import Channel as RedisChannel
 
 from ..errors import BrokerUnavailable
 from ..settings import Settings
 from .filebroker import FileTransport
 
 __all__ = ["TASK_NAME", "create_celery_app", "publish", "publish_many", "task_messages", "backlog", "ping_broker"]
+
+log = logging.getLogger(__name__)
 
 #: The one task; its only argument is the job id.
 TASK_NAME = "qbgw.run_job"
@@ -168,9 +173,11 @@ def publish_many(app: Celery, job_ids: list[str], producer: Any, *, queue: str |
     the messages of earlier pipelines were published, those of the failing one may or may not have been.
     """
     target = app.amqp.queues[queue or app.conf.task_default_queue]
-    if len(job_ids) == 1:  # a plain publish: no pipeline to set up (with the template made once, a quarter
-        (message,) = task_messages(app, job_ids)  # less CPU than send_task's, which builds each message anew)
-        app.amqp.send_task_message(producer, TASK_NAME, message, queue=target)
+    if len(job_ids) == 1:  # a plain publish: no pipeline to set up
+        if _ring_on_redis(app, producer, target, job_ids[0]):
+            return
+        (message,) = task_messages(app, job_ids)  # (with the template made once, a quarter less CPU than
+        app.amqp.send_task_message(producer, TASK_NAME, message, queue=target)  # send_task's)
         return
     declare: list[Any] | None = None  # the first message declares the queue (and its binding)
     # kombu's Producer.batch: one round trip per pipeline instead of one per message on Redis (72% of a
@@ -180,6 +187,74 @@ def publish_many(app: Celery, job_ids: list[str], producer: Any, *, queue: str |
         for message in task_messages(app, job_ids):
             app.amqp.send_task_message(producer, TASK_NAME, message, queue=target, declare=declare)
             declare = []
+
+
+def _ring_on_redis(app: Celery, producer: Any, queue: Queue, job_id: str) -> bool:
+    """Publish ``job_id``'s message on Redis straight through the producer's kombu channel: the message
+    ``send_task_message`` sends, made and pushed by the channel itself (``prepare_message``, ``basic_publish``:
+    kombu's own format) from a serialized template (:func:`_wire_template`), without the layers above the
+    channel (Celery's routing and publish signals, kombu's serializer and its retry wrapper). A publish is on
+    the path of every job's latency (``bench/steps.py``). False, with nothing sent, where that does not apply
+    (another transport, compression); False after an error too, and the caller publishes the usual way, with
+    its retries (a message pushed twice is harmless: the claim)."""
+    if not isinstance(producer.channel, RedisChannel) or app.conf.task_compression or queue.exchange.type != "direct":
+        return False
+    channel: Any = producer.channel  # (kombu is untyped)
+    wire = _wire_template(app, queue)
+    try:
+        declared: set[str] = producer.__dict__.setdefault("_qbgw_declared", set())
+        if queue.name not in declared:  # as send_task_message: kombu declares a queue once per connection
+            producer.maybe_declare(queue)
+            declared.add(queue.name)
+        message = channel.prepare_message(
+            wire.body.replace(_TEMPLATE_ID, job_id),
+            0,
+            wire.content_type,
+            wire.content_encoding,
+            {**wire.headers, "id": job_id, "root_id": job_id, "argsrepr": _argsrepr(app, job_id)},
+            {**wire.properties, "correlation_id": job_id},
+        )
+        # The anonymous exchange, as send_task_message routes to a direct exchange: the queue is the key.
+        channel.basic_publish(message, exchange="", routing_key=queue.name)
+    except Exception as exc:  # the transport's errors; the usual way retries and reconnects, or raises
+        log.debug("job %s: the direct publish failed (%s); publishing the usual way", job_id, exc)
+        return False
+    return True
+
+
+class _Wire(NamedTuple):
+    """A job's message as the channel takes it, for the template's job id: the serialized body and its type."""
+
+    body: str
+    content_type: str
+    content_encoding: str
+    headers: dict[str, Any]
+    properties: dict[str, Any]
+
+
+def _wire_template(app: Celery, queue: Queue) -> _Wire:
+    """:func:`_template` serialized as ``Producer.publish`` serializes it (``task_serializer``), with the
+    properties ``send_task_message`` gives it for ``queue`` (its delivery mode); made once per app, process
+    and queue."""
+    made: tuple[int, dict[str, _Wire]] | None = getattr(app, "_qbgw_wire_templates", None)
+    if made is None or made[0] != os.getpid():
+        made = (os.getpid(), {})
+        app._qbgw_wire_templates = made
+    wire = made[1].get(queue.name)
+    if wire is None:
+        template = _template(app)
+        content_type, encoding, body = serialization.dumps(  # type: ignore[no-untyped-call]
+            template.body, serializer=app.conf.task_serializer
+        )
+        mode = queue.exchange.delivery_mode or app.conf.task_default_delivery_mode
+        wire = made[1][queue.name] = _Wire(
+            body if isinstance(body, str) else body.decode(encoding),
+            content_type,
+            encoding,
+            dict(template.headers),
+            {**template.properties, "delivery_mode": DELIVERY_MODES.get(mode, mode)},
+        )
+    return wire
 
 
 def task_messages(app: Celery, job_ids: list[str]) -> Iterator[Any]:

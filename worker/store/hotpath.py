@@ -32,6 +32,7 @@ the process then checks that hash against its own (``_check``).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -466,10 +467,16 @@ _READ_FILLS = {"assistant": "to_json(j.assistant_id)::text", "outcome": "to_json
 
 def _request_template(job_id: str, worker: str, token_fp: str) -> dict[str, Any] | None:
     """:func:`_holed` for the request event of a claim of ``job_id`` by ``worker``."""
+    return _for_job(_request_base(worker, token_fp), job_id)
+
+
+@functools.lru_cache(maxsize=64)
+def _request_base(worker: str, token_fp: str) -> dict[str, Any] | None:
+    """:func:`_request_template` for any job (its id :data:`_JOB_MARK`): made once per worker and token."""
 
     def build(subject: str | None) -> dict[str, Any]:
         holed = store.Claim(
-            job_id=job_id,
+            job_id=_JOB_MARK,
             attempt=cast(int, _HOLES["attempt"]),
             assistant_id=_HOLES["assistant"],
             messages=[],
@@ -481,16 +488,43 @@ def _request_template(job_id: str, worker: str, token_fp: str) -> dict[str, Any]
         )
         return request_event(holed, worker, token_fp, (_HOLES["digest"], _HOLES["bytes"]))
 
-    return _holed(build, _REQUEST_FILLS, str(Action.ATTEMPT_REQUEST), (job_id, worker, token_fp))
+    return _job_marked(_holed(build, _REQUEST_FILLS, str(Action.ATTEMPT_REQUEST), (worker, token_fp)))
 
 
 def _read_template(job_id: str, reader: str) -> dict[str, Any] | None:
     """:func:`_holed` for the ``result.read`` event of ``job_id`` by ``reader``."""
+    return _for_job(_read_base(reader), job_id)
+
+
+@functools.lru_cache(maxsize=256)
+def _read_base(reader: str) -> dict[str, Any] | None:
+    """:func:`_read_template` for any job (its id :data:`_JOB_MARK`): made once per reader."""
 
     def build(subject: str | None) -> dict[str, Any]:
-        return result_read_event(job_id, reader, _HOLES["assistant"], _HOLES["outcome"], subject)
+        return result_read_event(_JOB_MARK, reader, _HOLES["assistant"], _HOLES["outcome"], subject)
 
-    return _holed(build, _READ_FILLS, str(Action.RESULT_READ), (job_id, reader))
+    return _job_marked(_holed(build, _READ_FILLS, str(Action.RESULT_READ), (reader,)))
+
+
+#: The job id in a template made once for every job, and as its canonical JSON spells it.
+_JOB_MARK = "\x01J"
+_JOB_SPELLED = json.dumps(_JOB_MARK, ensure_ascii=False)
+
+
+def _job_marked(holes: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``holes`` if the job's mark is in each of its two JSON texts exactly once (else None)."""
+    if holes is None or any(holes[text].count(_JOB_SPELLED) != 1 for text in ("e_plain", "e_subject")):
+        return None
+    return holes
+
+
+def _for_job(holes: dict[str, Any] | None, job_id: str) -> dict[str, Any] | None:
+    """A template made for any job (:data:`_JOB_MARK`), for ``job_id``: the id put in its place in both JSON
+    texts, spelled as the canonical JSON spells it. None if the id holds a hole's marker."""
+    if holes is None or "\x01" in job_id:
+        return None
+    spelled = json.dumps(job_id, ensure_ascii=False)
+    return {**holes, **{text: holes[text].replace(_JOB_SPELLED, spelled) for text in ("e_plain", "e_subject")}}
 
 
 def _sealing_ctes(row: str, fills: dict[str, str], columns: str, seal_function: str, when: str = "true") -> str:
