@@ -132,3 +132,42 @@ def test_transport_errors_are_translated_once(exc: Exception, kind: type[errors.
 def test_the_client_repr_hides_the_token() -> None:
     client = GatewayClient("https://gw.example", Secret("very-secret"), timeout=(1, 2))
     assert "very-secret" not in repr(client)
+
+
+def _as_sent(prepared: requests.PreparedRequest) -> tuple[object, ...]:
+    return (prepared.method, prepared.url, dict(prepared.headers), prepared.body, prepared.hooks)
+
+
+@pytest.mark.parametrize("kind", ["bytes", "stream", "empty"])
+def test_a_call_is_prepared_as_session_request_prepares_it(kind: str) -> None:
+    # GatewayClient copies a request prepared once instead of preparing each one (Session.request): the copy must
+    # be the request Session.request would send, headers (the session's own merged in), body and length included.
+    from qbgw.images.body import StreamingBody
+
+    session = requests.Session()
+    session.headers["X-Session-Wide"] = "kept"
+    client = GatewayClient("https://gw.example/", Secret("tok"), timeout=(1, 1), session=session)
+    credentials = {"QB-Token": "tok-123"}
+
+    def make() -> bytes | StreamingBody:
+        if kind == "stream":
+            return StreamingBody([b'{"a":"', b"x" * 70_000, b'"}'])
+        return b"" if kind == "empty" else b'{"smart_chat_assistant_id":"a","messages":[]}'
+
+    headers = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": "qbgw/0.1"}
+    expected = session.prepare_request(
+        requests.Request("POST", client.url, data=make(), headers={**headers, **credentials})
+    )
+    made = client._prepared(make(), credentials)
+    assert made is not None
+    sent, wanted = _as_sent(made), _as_sent(expected)
+    if kind == "stream":  # each body is its own object: compare what they hold
+        assert isinstance(made.body, StreamingBody)
+        assert isinstance(expected.body, StreamingBody)
+        assert made.body.read() == expected.body.read()
+        sent, wanted = sent[:3] + sent[4:], wanted[:3] + wanted[4:]
+    assert sent == wanted
+    assert made.headers["QB-Token"] == "tok-123"
+    assert "QB-Token" not in client._template.headers  # the template is never changed
+    session.cookies.set("sid", "1")  # a gateway that set a cookie: Session.request prepares the call (and sends it)
+    assert client._prepared(make(), credentials) is None

@@ -159,6 +159,9 @@ class GatewayClient:
             session.mount("http://", adapter)
             _read_environment_once(session, self.url)
         self._session = session
+        #: The POST as ``Session.request`` prepares it (the session's headers merged in), without a token or a
+        #: body: :meth:`_prepared` copies it per call rather than prepare each request anew.
+        self._template = session.prepare_request(requests.Request("POST", self.url, headers=_HEADERS))
 
     def __repr__(self) -> str:
         return f"GatewayClient({self.url!r}, timeout={self._timeout})"
@@ -174,12 +177,18 @@ class GatewayClient:
             credentials = self.tokens.headers()
         except errors.GatewayError as exc:
             return Exchange(None, exc, None, _since(started), None, None)
-        headers = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": USER_AGENT}
-        headers.update(credentials)
         try:
-            response = self._session.post(
-                self.url, data=body, headers=headers, timeout=self._timeout, allow_redirects=False
-            )
+            prepared = self._prepared(body, credentials)
+            if prepared is None:  # the session holds cookies: Session.request adds them
+                response = self._session.post(
+                    self.url,
+                    data=body,
+                    headers={**_HEADERS, **credentials},
+                    timeout=self._timeout,
+                    allow_redirects=False,
+                )
+            else:
+                response = self._session.send(prepared, timeout=self._timeout, allow_redirects=False)
             content = response.content
         except requests.RequestException as exc:
             return Exchange(None, _map_transport_error(exc), None, _since(started), None, None)
@@ -190,6 +199,22 @@ class GatewayClient:
             self.tokens.observe(credentials.get("QB-Token", ""), response.headers[EXPIRY_HEADER])
         answer, error = interpret(response.status_code, content, response.headers)
         return Exchange(answer, error, response.status_code, latency, digest(content), len(content))
+
+    def _prepared(self, body: bytes | BodyStream, credentials: dict[str, str]) -> requests.PreparedRequest | None:
+        """The request ``Session.request`` would prepare for ``body`` with ``credentials``, made from the
+        template (a fifth of a call's CPU is spent preparing a request anew: merging the session's settings,
+        parsing the URL); None when the session has cookies to send (a gateway that set one)."""
+        if self._session.cookies:
+            return None
+        prepared = self._template.copy()
+        prepared.headers.pop("Content-Length", None)  # (the template's, for no body) made again for this body
+        prepared.headers.update(credentials)
+        prepared.prepare_body(body, None)
+        return prepared
+
+
+#: The headers of every gateway call (the token's are added per call).
+_HEADERS = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": USER_AGENT}
 
 
 def _read_environment_once(session: requests.Session, url: str) -> None:
