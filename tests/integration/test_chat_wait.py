@@ -86,3 +86,49 @@ def test_each_way_a_chat_completion_is_stored_records_the_job_as_submit_does(
     with runtime(settings).transaction() as session:
         deliveries = session.scalars(select(WebhookDelivery.job_id).where(WebhookDelivery.job_id == job_id)).all()
     assert len(deliveries) == (webhook is not None)
+
+
+def test_a_chat_completion_woken_by_its_job_s_end_reads_the_answer_without_reading_the_status_again(
+    production_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On PostgreSQL the job's end is notified: the answer is read at once (one audited read), not after a second
+    # status read. The job ends only after the request's first status read, so the wake is the notification's.
+    import threading
+
+    from qbgw.execution import tasks
+    from qbgw.runtime.locator import runtime
+
+    settings = production_settings
+    status_reads: list[str] = []
+    first_read = threading.Event()
+    real_status, real_get = queries.job_status, queries.get_job
+    answered: list[str] = []
+
+    def job_status(job_id: str, **kwargs: object) -> JobStatus:
+        found = real_status(job_id, **kwargs)  # type: ignore[arg-type]
+        status_reads.append(job_id)
+        first_read.set()
+        return found
+
+    def get_job(job_id: str, **kwargs: object) -> object:
+        answered.append(job_id)
+        return real_get(job_id, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(queries, "job_status", job_status)
+    monkeypatch.setattr(queries, "get_job", get_job)
+    _, key = access.create_key("chat", "submitter", actor="test-setup", settings=settings)
+    body = {"model": ASSISTANT, "messages": [{"role": "user", "content": "answer me"}]}
+    with TestClient(create_app(settings), headers={"Authorization": f"Bearer {key}"}) as client:
+        done: list[object] = []
+        request = threading.Thread(target=lambda: done.append(client.post("/v1/chat/completions", json=body)))
+        request.start()
+        assert first_read.wait(10)
+        (job_id,) = set(status_reads)
+        time.sleep(0.05)  # the request is waiting now
+        assert tasks.run_attempt(runtime(settings), job_id) == tasks.Outcome.SUCCEEDED
+        request.join(10)
+    (answer,) = done
+    assert answer.status_code == 200, answer.text  # type: ignore[attr-defined]
+    assert answer.json()["choices"][0]["message"]["content"]  # type: ignore[attr-defined]
+    assert status_reads == [job_id]  # the first read only
+    assert answered == [job_id]

@@ -481,14 +481,23 @@ def _check_wait(wait: float) -> None:
         raise errors.InputError(f"wait: must be between 0 and {MAX_WAIT:g} seconds, got {wait:g}")
 
 
-async def _long_poll(request: Request, job_id: str, wait: float, attempt: Callable[[], Awaitable[tuple[bool, T]]]) -> T:
+async def _long_poll(
+    request: Request,
+    job_id: str,
+    wait: float,
+    attempt: Callable[[], Awaitable[tuple[bool, T]]],
+    ended_attempt: Callable[[], Awaitable[tuple[bool, T]]] | None = None,
+) -> T:
     """What ``attempt`` found once it says it is done, or when ``wait`` seconds have passed: tried again each
-    time the job's end (or the listener's return) wakes the request, or at the waiter's interval."""
+    time the job's end (or the listener's return) wakes the request, or at the waiter's interval. When the
+    database said the job ended, ``ended_attempt`` is made instead, if given (the read that follows an end,
+    without first reading the status again)."""
     waiter = _ctx(request).waiter
     deadline, polls = time.monotonic() + wait, 0
+    notified = False
     while True:
         with waiter.watch(job_id) as ended:  # before the read: an end between the read and the wait wakes it
-            done, found = await attempt()
+            done, found = await (ended_attempt() if notified and ended_attempt is not None else attempt())
             left = deadline - time.monotonic()
             if done or left <= 0:
                 return found
@@ -496,6 +505,7 @@ async def _long_poll(request: Request, job_id: str, wait: float, attempt: Callab
                 await asyncio.wait_for(ended.wait(), timeout=min(left, waiter.interval(polls)))
             except TimeoutError:
                 pass
+            notified = ended.ended
             polls += 1
 
 

@@ -31,6 +31,7 @@ from ..lifecycle import TERMINAL, JobStatus
 from ..runtime.locator import runtime
 from ..store.batches import BatchStatus
 from ..store.jobs import NewJob
+from ..store.reads import JobView
 from . import app as door
 from .problems import field_of, from_error
 
@@ -621,18 +622,27 @@ async def chat_completions(request: Request) -> Response:
         job_id = await door.call(_submit_chat, data, principal, settings)
     header = {JOB_HEADER: job_id}
 
-    async def attempt() -> tuple[bool, JobStatus]:
+    async def attempt() -> tuple[bool, JobStatus | JobView]:
         status = await door.call(queries.job_status, job_id, settings=context.settings)
         return status in TERMINAL, status
 
-    if await door._long_poll(request, job_id, CHAT_WAIT, attempt) not in TERMINAL:
+    async def read() -> tuple[bool, JobStatus | JobView]:  # the database said it ended: the answer at once
+        view = await door.call(queries.get_job, job_id, reader=principal.actor, settings=context.settings)
+        return view.status in TERMINAL, view  # (not ended: replayed meanwhile; the wait goes on)
+
+    found = await door._long_poll(request, job_id, CHAT_WAIT, attempt, read)
+    if (found.status if isinstance(found, JobView) else found) not in TERMINAL:
         raise OpenAIError(
             504,
             f"the job has not ended within {CHAT_WAIT:g} s; it goes on: GET /v1/jobs/{job_id}",
             code="timeout",
             headers={**header, "x-should-retry": "false"},
         )
-    view = await door.call(queries.get_job, job_id, reader=principal.actor, settings=context.settings)
+    view = (
+        found
+        if isinstance(found, JobView)
+        else await door.call(queries.get_job, job_id, reader=principal.actor, settings=context.settings)
+    )
     if view.status is JobStatus.SUCCEEDED:
         result = BatchResult(
             custom_id=job_id,
