@@ -21,7 +21,7 @@ from .runtime.waiter import Wake
 from .settings import Settings
 from .store import batches as batch_store
 from .store import reads, webhooks
-from .store.reads import Admit, AuditFilter, JobView
+from .store.reads import Admit, AuditFilter, Expect, JobView
 from .store.webhooks import Delivery
 
 __all__ = [
@@ -58,14 +58,20 @@ def get_job(job_id: str, *, reader: str | None = None, settings: Settings | None
 
 
 def read_admitted(
-    job_id: str, admit: Admit | None, *, reader: str | None = None, settings: Settings | None = None
+    job_id: str,
+    admit: Admit | None,
+    *,
+    reader: str | None = None,
+    settings: Settings | None = None,
+    expect: Expect | None = None,
 ) -> JobView:
     """:func:`get_job`, after ``admit`` has seen the job without its PHI (and not refused by raising): one read
-    where a check (whose job is it? has it ended?) would otherwise take a read of its own."""
+    where a check (whose job is it? has it ended?) would otherwise take a read of its own. ``expect``: what
+    ``admit`` lets through, for PostgreSQL to check in the one statement that reads and audits."""
     rt = runtime(settings)
     hot = rt.hot_path  # PostgreSQL: one query, and the read's event sealed in one statement
     if hot is not None:
-        return hot.read_job(job_id, _reader(rt, reader), admit)
+        return hot.read_job(job_id, _reader(rt, reader), admit, expect)
     with rt.transaction() as session:
         return reads.read_job(session, job_id, _reader(rt, reader), admit)
 

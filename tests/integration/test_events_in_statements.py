@@ -22,10 +22,10 @@ from qbgw import producer
 from qbgw.audit import anchors as integrity
 from qbgw.audit import events as audit
 from qbgw.emulator.server import Emulator
-from qbgw.errors import DecryptionFailed
+from qbgw.errors import DecryptionFailed, JobNotFound
 from qbgw.execution import tasks
 from qbgw.execution.tasks import Outcome, run_attempt
-from qbgw.lifecycle import JobStatus, utcnow
+from qbgw.lifecycle import TERMINAL, JobStatus, utcnow
 from qbgw.queries import get_job, job_events
 from qbgw.runtime.locator import reset, runtime
 from qbgw.settings import Secret, Settings
@@ -399,5 +399,72 @@ def test_two_workers_claiming_one_job_at_once_record_one_request(settings: Setti
         with runtime(settings).transaction() as session:
             claimed_by = session.execute(text("SELECT claimed_by FROM jobs WHERE id = :id"), {"id": job_id}).scalar()
         assert request.actor == claimed_by
+    assert verified(settings).ok
+    reset()
+
+
+class NotEnded(Exception):
+    pass
+
+
+def owned_by(owner: str) -> reads.Admit:
+    """GET /result's admit: the owner's job, ended (else it raises)."""
+
+    def admit(view: reads.JobView) -> None:
+        if view.actor != owner:
+            raise JobNotFound(view.id)
+        if view.status not in TERMINAL:
+            raise NotEnded(view.status)
+
+    return admit
+
+
+def statements_during(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every statement a psycopg cursor executes from now on (the hot path's)."""
+    import psycopg
+
+    seen: list[str] = []
+    real = psycopg.Cursor.execute
+
+    def execute(self: psycopg.Cursor[Any], query: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append(str(query))
+        return real(self, query, *args, **kwargs)
+
+    monkeypatch.setattr(psycopg.Cursor, "execute", execute)
+    return seen
+
+
+@BOTH_SEALS
+def test_a_read_its_admit_lets_through_is_one_statement_and_one_refused_records_nothing(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GET /result states what its admit lets through (reads.Expect): PostgreSQL checks it in the statement that
+    # reads and audits. A job it refuses (another's, not ended) is neither read out nor on the record, and the
+    # admit raises its own error.
+    from qbgw.queries import read_admitted
+
+    ended = producer.submit(ASSISTANT, [{"role": "user", "content": "q"}], actor="key:alice", settings=settings)
+    assert run_attempt(runtime(settings), ended) is Outcome.SUCCEEDED
+    queued = producer.submit(ASSISTANT, [{"role": "user", "content": "q"}], actor="key:alice", settings=settings)
+    as_alice, as_bob = reads.Expect(owner="key:alice", ended=True), reads.Expect(owner="key:bob", ended=True)
+    seen = statements_during(monkeypatch)
+    with pytest.raises(JobNotFound):
+        read_admitted(ended, owned_by("key:bob"), reader="key:bob", settings=settings, expect=as_bob)
+    with pytest.raises(NotEnded):
+        read_admitted(queued, owned_by("key:alice"), reader="key:alice", settings=settings, expect=as_alice)
+    assert len(seen) == 2  # one statement each
+    assert reads_of(settings, ended) == []
+    assert reads_of(settings, queued) == []
+    seen.clear()
+    view = read_admitted(ended, owned_by("key:alice"), reader="key:alice", settings=settings, expect=as_alice)
+    assert view.answer
+    assert len(seen) == 1  # read, audited, in one statement
+    assert [e.actor for e in reads_of(settings, ended)] == ["key:alice"]
+    # An admit that lets through what its Expect did not (they disagree): read the long way, with the admit.
+    seen.clear()
+    view = read_admitted(ended, lambda _view: None, reader="key:carol", settings=settings, expect=as_bob)
+    assert view.answer
+    assert len(seen) == 3  # the refused statement, then the read and the seal
+    assert [e.actor for e in reads_of(settings, ended)] == ["key:alice", "key:carol"]
     assert verified(settings).ok
     reset()

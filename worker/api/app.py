@@ -44,7 +44,7 @@ from ..runtime.locator import runtime
 from ..runtime.waiter import JobWaiter
 from ..settings import Settings
 from ..store.jobs import NewJob
-from ..store.reads import AuditFilter, JobView
+from ..store.reads import AuditFilter, Expect, JobView
 from .intake import Intake
 from .problems import from_error, problem
 
@@ -526,10 +526,14 @@ async def get_result(request: Request, job_id: str, wait: float = 0.0) -> Respon
             raise _NotEnded(view.status)
 
     settings = _ctx(request).settings
+    expect = Expect(owner=principal.actor if scope == "own" else None, ended=True)  # what admit lets through
 
     async def attempt() -> tuple[bool, JobView | str]:
         try:
-            return True, await call(queries.read_admitted, job_id, admit, reader=principal.actor, settings=settings)
+            found = await call(
+                queries.read_admitted, job_id, admit, reader=principal.actor, settings=settings, expect=expect
+            )
+            return True, found
         except _NotEnded as running:  # nothing was read out, nor audited
             return False, running.status
 

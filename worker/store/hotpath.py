@@ -53,12 +53,12 @@ from ..audit.anchors import after_seal
 from ..audit.crypto import Keyring, aad_for
 from ..audit.events import CONTENT_TAG, Action, Sealed, canonical_content, content_hash, event
 from ..errors import JobNotFound
-from ..lifecycle import JobStatus
+from ..lifecycle import TERMINAL, JobStatus
 from ..settings import Settings
 from . import jobs as store
 from .chain import COMMIT_SEALS, COMMIT_STAGES, SEAL_AND_COMMIT_SQL, STAGE_AND_COMMIT_SQL, seal_argument
 from .db import READ_ONLY, unavailable
-from .reads import Admit, JobView, read_event, result_read_event, view_of
+from .reads import Admit, Expect, JobView, read_event, result_read_event, view_of
 
 __all__ = ["HotPath", "Unsendable", "hot_path_for", "request_event"]
 
@@ -213,15 +213,18 @@ class HotPath:
             raise JobNotFound(job_id)
         return view_of(job, None), job.batch_id
 
-    def read_job(self, job_id: str, reader: str, admit: Admit | None = None) -> JobView:
+    def read_job(self, job_id: str, reader: str, admit: Admit | None = None, expect: Expect | None = None) -> JobView:
         """The job with its answer or error (as ``reads.read_job``, ``admit`` too): when it holds either, the
         ``result.read`` event by ``reader`` is sealed (committed) before the view is returned. Without ``admit``,
-        in one statement that seals the event the database makes from the row (:func:`_read_sql`), then
-        decrypts: a value that no longer decrypts has its read on the record too. Raises JobNotFound and
-        DecryptionFailed."""
-        holes = _read_template(job_id, reader) if admit is None and self.events_in_statements else None
+        or with the ``expect`` that states what it lets through, in one statement that seals the event the
+        database makes from the row (:func:`_read_sql`), then decrypts: a value that no longer decrypts has its
+        read on the record too. Raises JobNotFound, DecryptionFailed, and what ``admit`` raises."""
+        at_once = (admit is None or expect is not None) and self.events_in_statements
+        holes = _read_template(job_id, reader) if at_once else None
         if holes is not None:
-            return self._read_at_once(job_id, reader, holes)
+            view = self._read_at_once(job_id, reader, holes, admit, expect)
+            if view is not None:
+                return view
         with self._connection() as connection:
             with connection.cursor(row_factory=namedtuple_row) as cur:
                 cur.execute(self._job_sql, {"b_id": job_id})
@@ -240,12 +243,27 @@ class HotPath:
         audit_sealed(self.settings, sealed)
         return view
 
-    def _read_at_once(self, job_id: str, reader: str, holes: dict[str, Any]) -> JobView:
+    def _read_at_once(
+        self, job_id: str, reader: str, holes: dict[str, Any], admit: Admit | None, expect: Expect | None
+    ) -> JobView | None:
+        """:meth:`read_job` in one statement. A job that does not meet ``expect`` is neither sealed nor read out:
+        ``admit`` sees it and raises its error; None if it lets it through after all (read it the long way)."""
+        params = {
+            **holes,
+            "b_id": job_id,
+            "e_actor": reader,
+            "x_owner": expect.owner if expect is not None else None,
+            "x_ended": [str(status) for status in TERMINAL] if expect is not None and expect.ended else None,
+        }
         with self._connection() as connection, connection.cursor(row_factory=namedtuple_row) as cur:
-            cur.execute(self._read_sql, {**holes, "b_id": job_id, "e_actor": reader})
+            cur.execute(self._read_sql, params)
             job: Any = cur.fetchone()
         if job is None:
             raise JobNotFound(job_id)
+        if not job.admitted:
+            if admit is not None:
+                admit(view_of(job, None))
+            return None
         if job.content is None:
             return view_of(job, self.keyring)
         audit_sealed(self.settings, job)
@@ -547,17 +565,24 @@ def _sealing_ctes(row: str, fills: dict[str, str], columns: str, seal_function: 
 
 
 def _read_sql(job_sql: str, seal_function: str) -> str:
-    """The job (``job_sql``: its viewed columns) and, when it holds an answer or an error, the seal of its
-    ``result.read`` event made from the row: one statement, so the read is on the record before its answer
-    leaves the database."""
+    """The job (``job_sql``: its viewed columns) and, when it holds an answer or an error and is what the
+    reader's Admit lets through (``x_owner``, ``x_ended``: ``reads.Expect``, NULL for anything; the row's
+    ``admitted``), the seal of its ``result.read`` event made from the row: one statement, so the read is on the
+    record before its answer leaves the database."""
     columns = (
         "'i', 0, 'action', %(e_action)s::text, 'job_id', %(b_id)s::text, 'assistant_id', j.assistant_id, "
         "'actor', %(e_actor)s::text, 'outcome', j.status, 'subject_index', j.subject_index"
     )
-    sealing = _sealing_ctes("j", _READ_FILLS, columns, seal_function, "j.answer IS NOT NULL OR j.error IS NOT NULL")
+    admitted = (  # what the reader's Admit lets through (reads.Expect): NULL, anything
+        "(%(x_owner)s::text IS NULL OR j.actor = %(x_owner)s::text) "
+        "AND (%(x_ended)s::text[] IS NULL OR j.status = ANY(%(x_ended)s::text[]))"
+    )
+    when = f"({admitted}) AND (j.answer IS NOT NULL OR j.error IS NOT NULL)"
+    sealing = _sealing_ctes("j", _READ_FILLS, columns, seal_function, when)
     return (  # our own compiled statement and function name; every value travels as a parameter
         f"WITH j AS ({job_sql}), {sealing}"  # noqa: S608
-        "SELECT j.*, e.content, s.first_seq, s.last_seq, s.last_hash FROM j LEFT JOIN e ON true LEFT JOIN s ON true"
+        f"SELECT j.*, ({admitted}) AS admitted, e.content, s.first_seq, s.last_seq, s.last_hash "
+        "FROM j LEFT JOIN e ON true LEFT JOIN s ON true"
     )
 
 

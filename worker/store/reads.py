@@ -97,6 +97,16 @@ def read_job(session: Session, job_id: str, reader: str, admit: Admit | None = N
 Admit = Callable[[JobView], None]
 
 
+@dataclass(frozen=True)
+class Expect:
+    """What an :data:`Admit` lets through, stated for a database to check in the statement that reads (and
+    audits) the job: that ``owner`` submitted it (None: anyone) and, if ``ended``, that it has ended. A job
+    that does not meet it is shown to the Admit, to refuse it with its own error."""
+
+    owner: str | None = None
+    ended: bool = False
+
+
 def job_metadata(session: Session, job_id: str) -> tuple[JobView, str | None]:
     """The job without its PHI (``answer`` and ``error`` are None; not audited) and its batch id.
 
