@@ -319,3 +319,16 @@ def test_on_redis_a_failed_direct_push_publishes_the_usual_way(
     assert len(calls) == 2
     (sent,) = _on_redis(production_settings, production_settings.queue)
     assert sent["headers"]["id"] == job_id
+
+
+def test_a_producer_not_connected_yet_publishes_the_usual_way_with_its_retry_policy(settings: Settings) -> None:
+    # The direct push is only for a producer whose connection is up: connecting is left to the usual publish,
+    # whose retry policy bounds it (the direct push would connect with kombu's default retries instead).
+    app = runtime(settings.with_(broker_url="redis://127.0.0.1:1/0")).celery
+    with app.producer_or_acquire() as producer:
+        assert not producer.connection.connected
+        assert (
+            _ring_on_redis(app, producer, app.amqp.queues[settings.queue], "11111111-2222-4333-8444-555555555555")
+            is False
+        )
+        assert not producer.connection.connected  # it did not try

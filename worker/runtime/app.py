@@ -195,11 +195,13 @@ def _ring_on_redis(app: Celery, producer: Any, queue: Queue, job_id: str) -> boo
     kombu's own format) from a serialized template (:func:`_wire_template`), without the layers above the
     channel (Celery's routing and publish signals, kombu's serializer and its retry wrapper). A publish is on
     the path of every job's latency (``bench/steps.py``). False, with nothing sent, where that does not apply
-    (another transport, compression); False after an error too, and the caller publishes the usual way, with
-    its retries (a message pushed twice is harmless: the claim)."""
-    if not isinstance(producer.channel, RedisChannel) or app.conf.task_compression or queue.exchange.type != "direct":
+    (another transport, compression, a producer not connected yet); False after an error too, and the caller
+    publishes the usual way, with its retries (a message pushed twice is harmless: the claim)."""
+    if not producer.connection.connected:  # the usual publish connects, with its retry policy
         return False
     channel: Any = producer.channel  # (kombu is untyped)
+    if not _on_redis(channel) or app.conf.task_compression or queue.exchange.type != "direct":
+        return False
     wire = _wire_template(app, queue)
     try:
         declared: set[str] = producer.__dict__.setdefault("_qbgw_declared", set())
@@ -220,6 +222,10 @@ def _ring_on_redis(app: Celery, producer: Any, queue: Queue, job_id: str) -> boo
         log.debug("job %s: the direct publish failed (%s); publishing the usual way", job_id, exc)
         return False
     return True
+
+
+def _on_redis(channel: object) -> bool:
+    return isinstance(channel, RedisChannel)
 
 
 class _Wire(NamedTuple):
