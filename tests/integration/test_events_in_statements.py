@@ -466,5 +466,8 @@ def test_a_read_its_admit_lets_through_is_one_statement_and_one_refused_records_
     assert view.answer
     assert len(seen) == 3  # the refused statement, then the read and the seal
     assert [e.actor for e in reads_of(settings, ended)] == ["key:alice", "key:carol"]
+    # An Expect states what an admit lets through: without an admit there is nothing to check.
+    assert read_admitted(ended, None, reader="key:dave", settings=settings, expect=as_bob).answer
+    assert [e.actor for e in reads_of(settings, ended)] == ["key:alice", "key:carol", "key:dave"]
     assert verified(settings).ok
     reset()

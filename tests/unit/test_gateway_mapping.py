@@ -145,6 +145,7 @@ def test_a_call_is_prepared_as_session_request_prepares_it(kind: str) -> None:
     from qbgw.images.body import StreamingBody
 
     session = requests.Session()
+    session.trust_env = False  # as the client's own session (settings read from the environment once)
     session.headers["X-Session-Wide"] = "kept"
     client = GatewayClient("https://gw.example/", Secret("tok"), timeout=(1, 1), session=session)
     credentials = {"QB-Token": "tok-123"}
@@ -170,4 +171,7 @@ def test_a_call_is_prepared_as_session_request_prepares_it(kind: str) -> None:
     assert made.headers["QB-Token"] == "tok-123"
     assert "QB-Token" not in client._template.headers  # the template is never changed
     session.cookies.set("sid", "1")  # a gateway that set a cookie: Session.request prepares the call (and sends it)
+    assert client._prepared(make(), credentials) is None
+    session.cookies.clear()
+    session.trust_env = True  # a session that reads the environment per call: Session.request does that
     assert client._prepared(make(), credentials) is None

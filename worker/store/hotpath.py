@@ -219,6 +219,7 @@ class HotPath:
         or with the ``expect`` that states what it lets through, in one statement that seals the event the
         database makes from the row (:func:`_read_sql`), then decrypts: a value that no longer decrypts has its
         read on the record too. Raises JobNotFound, DecryptionFailed, and what ``admit`` raises."""
+        expect = expect if admit is not None else None  # (what an admit lets through: nothing to check without one)
         at_once = (admit is None or expect is not None) and self.events_in_statements
         holes = _read_template(job_id, reader) if at_once else None
         if holes is not None:
