@@ -4,6 +4,7 @@ own row and event, all of a group or none of it, and no POST left waiting."""
 from __future__ import annotations
 
 import threading
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -144,10 +145,17 @@ def test_a_group_that_cannot_be_stored_fails_each_of_its_jobs_and_the_next_ones_
     monkeypatch.setattr(producer, "store_together", flaky)
     results = together(intake, new_jobs(settings, THREADS))
     assert all(isinstance(r, answer) and says in str(r) for r in results), results
+    # Each POST raised an error of its own: one instance raised in every waiter would carry all their frames.
+    assert len({id(r) for r in results}) == THREADS
+    assert all(isinstance(r, BaseException) and r.__traceback__ is not None for r in results)
+    tracebacks = [len(traceback.extract_tb(r.__traceback__)) for r in results if isinstance(r, BaseException)]
+    assert max(tracebacks) == min(tracebacks), tracebacks
     assert stored(settings) == 0
+    assert (intake.groups, intake.jobs) == (0, 0), "a group that failed was counted as stored"
     failing.clear()  # the database is back: the intake was not left thinking a group is being stored
     assert together(intake, new_jobs(settings, 3)) == [True] * 3
     assert stored(settings) == 3
+    assert intake.jobs == 3
 
 
 def test_jobs_with_an_idempotency_key_are_not_stored_together(settings: Settings) -> None:

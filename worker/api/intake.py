@@ -19,6 +19,7 @@ each makes its own).
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import threading
 from collections import deque
@@ -64,7 +65,7 @@ class Intake:
         self._queue: deque[_Waiting] = deque()
         self._storer: threading.Thread | None = None
         self._closed = False
-        #: Groups stored and jobs in them (for tests and the bench).
+        #: Groups stored and jobs in them (for tests and the bench; a group that failed is not counted).
         self.groups = 0
         self.jobs = 0
 
@@ -134,11 +135,12 @@ class Intake:
     def _store(self, group: list[_Waiting]) -> None:
         try:
             announced = producer.store_together(self.runtime, [w.job for w in group])
-            for waiting in group:
-                waiting.announced = announced
-        except Exception as exc:  # each POST of the group answers with it
+        except Exception as exc:  # each POST of the group answers with it (an error of its own: _outcome)
             for waiting in group:
                 waiting.error = exc
+            return
+        for waiting in group:
+            waiting.announced = announced
         self.groups, self.jobs = self.groups + 1, self.jobs + len(group)
 
 
@@ -167,5 +169,17 @@ def _wake(waitings: list[_Waiting]) -> None:
 
 def _outcome(waiting: _Waiting) -> bool:
     if waiting.error is not None:
-        raise waiting.error
+        raise _own(waiting.error) from waiting.error
     return waiting.announced
+
+
+def _own(error: BaseException) -> BaseException:
+    """The group's error for one of its waiters: of the same class, with the same arguments, and a traceback of
+    its own. Raising the group's one instance in each waiter would grow its traceback with every raise, and
+    mix the waiters' frames into one another's reports."""
+    try:
+        own = copy.copy(error)
+    except Exception:  # an error whose class cannot be made again from its arguments
+        own = RuntimeError(f"the intake failed to store this job: {error}")
+    own.__traceback__ = None
+    return own
