@@ -45,7 +45,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import itertools
+import json
 import os
 import resource
 import signal
@@ -59,6 +61,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode, urlsplit
 
 import httpx
 from sqlalchemy import func, select
@@ -141,6 +144,10 @@ class Server:
         """A keep-alive client with the submitter's key."""
         headers = {"Authorization": f"Bearer {self.key}"}
         return httpx.Client(base_url=self.url, headers=headers, timeout=60)
+
+    def bare_client(self) -> BareClient:
+        """A keep-alive ``http.client`` connection with the submitter's key."""
+        return BareClient(self.url, self.key)
 
     @property
     def supervisor(self) -> int:
@@ -367,9 +374,19 @@ def part_accept(config: ApiConfig, settings: Settings, server: Server, say: Say)
 
 #: How each way reports one job: (submit -> result seconds, of which the submit call).
 Timing = tuple[float, float]
-WAYS = ("http", "http result-wait", "http chat", "python", "aio", "poll 2 ms")
+WAYS = (
+    "http",
+    "http result-wait",
+    "http chat",
+    "http.client",
+    "http.client result-wait",
+    "http.client chat",
+    "python",
+    "aio",
+    "poll 2 ms",
+)
 #: The ways without a submit call of their own (the job is queued and answered in one request).
-ONE_REQUEST = frozenset({"http chat"})
+ONE_REQUEST = frozenset({"http chat", "http.client chat"})
 
 
 def _check(ok: bool, what: str) -> None:
@@ -377,7 +394,58 @@ def _check(ok: bool, what: str) -> None:
         raise RuntimeError(what)
 
 
-def via_http(client: httpx.Client, custom_id: str) -> Timing:
+@dataclass
+class BareAnswer:
+    status_code: int
+    content: bytes
+
+    @property
+    def text(self) -> str:
+        return self.content.decode(errors="replace")
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+
+class BareClient:
+    """A keep-alive ``http.client`` connection with the submitter's key: the HTTP ways of part 2 through a lean
+    client, beside httpx (which adds about 0.4-0.7 ms of its own per request: part 3). What a client costs is
+    the client's, not the server's; a Node or Go client pays its own library's share."""
+
+    def __init__(self, url: str, key: str) -> None:
+        address = urlsplit(url)
+        self._connection = http.client.HTTPConnection(address.hostname or "127.0.0.1", address.port, timeout=60)
+        self._headers = {"Authorization": f"Bearer {key}"}
+
+    def _call(self, method: str, path: str, body: bytes | None, headers: dict[str, str]) -> BareAnswer:
+        self._connection.request(method, path, body=body, headers=headers)
+        answer = self._connection.getresponse()
+        return BareAnswer(answer.status, answer.read())
+
+    def get(self, path: str, params: dict[str, Any] | None = None) -> BareAnswer:
+        return self._call("GET", f"{path}?{urlencode(params)}" if params else path, None, self._headers)
+
+    def post(self, path: str, json: Any) -> BareAnswer:
+        body = _dumps(json).encode()
+        return self._call("POST", path, body, {**self._headers, "Content-Type": "application/json"})
+
+    def close(self) -> None:
+        self._connection.close()
+
+    def __enter__(self) -> BareClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+_dumps = json.dumps  # (BareClient.post's argument is named json, as httpx's)
+
+#: Either client of the HTTP ways: the same calls, ``get(path, params=)`` and ``post(path, json=)``.
+HttpClient = httpx.Client | BareClient
+
+
+def via_http(client: HttpClient, custom_id: str) -> Timing:
     """The answer in three requests: the POST, the status long-polled until the job ends, the result."""
     started, job_id, submitted = _post(client, custom_id)
     status = client.get(f"/v1/jobs/{job_id}", params={"wait": 30})
@@ -386,14 +454,14 @@ def via_http(client: httpx.Client, custom_id: str) -> Timing:
     return time.perf_counter() - started, submitted - started
 
 
-def via_http_result_wait(client: httpx.Client, custom_id: str) -> Timing:
+def via_http_result_wait(client: HttpClient, custom_id: str) -> Timing:
     """The answer in two requests: the POST, and the result read long-polled until the job ends."""
     started, job_id, submitted = _post(client, custom_id)
     _result(client.get(f"/v1/jobs/{job_id}/result", params={"wait": 30}), job_id)
     return time.perf_counter() - started, submitted - started
 
 
-def via_http_chat(client: httpx.Client, custom_id: str) -> Timing:
+def via_http_chat(client: HttpClient, custom_id: str) -> Timing:
     """The answer in one request: ``POST /v1/chat/completions`` queues the job and answers when it has ended
     (no submit call of its own: see ONE_REQUEST)."""
     started = time.perf_counter()
@@ -405,7 +473,7 @@ def via_http_chat(client: httpx.Client, custom_id: str) -> Timing:
     return ended - started, ended - started
 
 
-def _post(client: httpx.Client, custom_id: str) -> tuple[float, str, float]:
+def _post(client: HttpClient, custom_id: str) -> tuple[float, str, float]:
     """POST a job: (when the POST began, the job's id, when its answer came)."""
     started = time.perf_counter()
     body = {"assistant_id": ASSISTANT, "messages": _message(f"latency {custom_id}"), "custom_id": custom_id}
@@ -415,7 +483,7 @@ def _post(client: httpx.Client, custom_id: str) -> tuple[float, str, float]:
     return started, str(posted.json()["id"]), submitted
 
 
-def _result(result: httpx.Response, job_id: str) -> None:
+def _result(result: httpx.Response | BareAnswer, job_id: str) -> None:
     _check(result.status_code == 200 and bool(result.json()["answer"]), f"result of {job_id}: {result.text[:300]}")
 
 
@@ -509,12 +577,16 @@ def qbgw_latencies(
         minimal_workers(bench) as minimal_fleet,
         baseline_steps(bench, minimal_fleet) as steps,
         server.client() as client,
+        server.bare_client() as bare,
     ):
         _warm_pipeline(settings, fleet, 120)
         ways: dict[str, Callable[[str], Timing]] = {
             "http": lambda cid: via_http(client, cid),
             "http result-wait": lambda cid: via_http_result_wait(client, cid),
             "http chat": lambda cid: via_http_chat(client, cid),
+            "http.client": lambda cid: via_http(bare, cid),
+            "http.client result-wait": lambda cid: via_http_result_wait(bare, cid),
+            "http.client chat": lambda cid: via_http_chat(bare, cid),
             "python": lambda cid: via_python(settings, cid, stamps),
             "aio": lambda cid: loop.run(_via_aio(settings, cid)),
             "poll 2 ms": lambda cid: via_polling(settings, cid),
@@ -636,9 +708,12 @@ def accept_rows(config: ApiConfig, runs: dict[str, list[Acceptance]]) -> list[Ro
 
 def latency_rows(found: Latencies, stack: str) -> list[Row]:
     labels = {
-        "http": "HTTP: POST, GET ?wait=30, GET /result",
-        "http result-wait": "HTTP: POST, GET /result?wait=30",
-        "http chat": "HTTP: POST /v1/chat/completions (one request)",
+        "http": "HTTP through httpx: POST, GET ?wait=30, GET /result",
+        "http result-wait": "HTTP through httpx: POST, GET /result?wait=30",
+        "http chat": "HTTP through httpx: POST /v1/chat/completions (one request)",
+        "http.client": "HTTP through http.client: POST, GET ?wait=30, GET /result",
+        "http.client result-wait": "HTTP through http.client: POST, GET /result?wait=30",
+        "http.client chat": "HTTP through http.client: POST /v1/chat/completions",
         "python": "qbgw.submit + qbgw.wait_for_job",
         "aio": "qbgw.aio.submit + qbgw.aio.wait",
         "poll 2 ms": "qbgw.submit + job_status every 2 ms (bench.throughput's way)",
@@ -695,8 +770,6 @@ LONE_WAYS = ("httpx POST", "http.client POST", "submit()", "httpx GET /healthz",
 
 def _lone_calls(server: Server, settings: Settings, client: httpx.Client, bare: Any) -> dict[str, Action]:
     """Each way of part 3, given a tag (``bare``: an ``http.client.HTTPConnection`` to the server)."""
-    import json
-
     headers = {"Authorization": f"Bearer {server.key}", "Content-Type": "application/json"}
 
     def body(tag: str) -> bytes:
@@ -733,9 +806,6 @@ def _lone_calls(server: Server, settings: Settings, client: httpx.Client, bare: 
 
 def part_lone(config: ApiConfig, settings: Settings, server: Server, say: Say) -> dict[str, list[float]]:
     """Each rep's median seconds of ``config.sequential`` calls per way, the ways interleaved call by call."""
-    import http.client
-    from urllib.parse import urlsplit
-
     address = urlsplit(server.url)
     bare = http.client.HTTPConnection(address.hostname or "127.0.0.1", address.port)
     client = server.client()
