@@ -10,6 +10,7 @@ SQLite), the mechanism of ``GET /v1/jobs/{id}?wait=``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
 import weakref
@@ -98,12 +99,16 @@ async def wait(
             if left is not None and left <= 0:
                 raise TimeoutError(f"job {job_id} is still {current} after {timeout:g}s")
             pause = waiter.interval(polls) if left is None else min(left, waiter.interval(polls))
-            try:
-                await asyncio.wait_for(ended.wait(), timeout=pause)
-            except TimeoutError:
-                pass
+            # The listener reads the job as its end is notified (one wake of this loop, with the answer).
+            read = await waiter.wait_end(
+                ended, pause, functools.partial(queries.get_job, job_id, reader=reader, settings=settings)
+            )
             polls += 1
-        if ended.ended:  # the database said the job ended: read it at once
+        if read is not None:
+            view = read.result()  # (raises what the read raised)
+            if view.done:
+                return view
+        elif ended.ended:  # the database said the job ended: read it at once
             view = await get(job_id, reader=reader, settings=settings)
             if view.done:  # (else it was replayed meanwhile: wait on)
                 return view

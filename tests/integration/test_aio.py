@@ -258,3 +258,121 @@ def _listening_connections(settings: Settings) -> int:
             return int(found or 0)
     finally:
         engine.dispose()
+
+
+def _await_listening(waiter: JobWaiter) -> None:
+    deadline = time.monotonic() + 10
+    while not waiter.listening:
+        assert time.monotonic() < deadline, "the listener did not connect within 10 s"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_the_listener_reads_the_ended_job_for_the_waiting_coroutine_once(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A coroutine waiting for a job gives the listener its read: as the end's NOTIFY arrives, a reader thread of
+    the waiter reads the job, and the loop is woken once, with the answer (not once for the end and again for
+    a read it would start itself). One read, one ``result.read`` event."""
+    real_get = qbgw.queries.get_job
+    threads: list[str] = []
+
+    def get_job(*args: Any, **kwargs: Any) -> qbgw.JobView:
+        threads.append(threading.current_thread().name)
+        return real_get(*args, **kwargs)
+
+    monkeypatch.setattr(qbgw.queries, "get_job", get_job)
+
+    async def scenario() -> tuple[str, qbgw.JobView, int]:
+        job_id = await aio.submit(ASSISTANT, messages(), settings=settings)
+        waiter = aio._waiter(settings)
+        await asyncio.to_thread(_await_listening, waiter)
+        waiting = asyncio.create_task(aio.wait(job_id, timeout=30, reader="app:nurse", settings=settings))
+        await asyncio.sleep(0.3)  # it has read the job's status, and waits
+        loop_wakes = waiter.loop_wakes
+        await asyncio.to_thread(run_attempt, runtime(settings), job_id)
+        return job_id, await waiting, waiter.loop_wakes - loop_wakes
+
+    job_id, view, loop_wakes = asyncio.run(scenario())
+    assert view.status is JobStatus.SUCCEEDED
+    assert view.answer
+    assert len(threads) == 1, threads
+    assert threads[0].startswith("qbgw-ended-read"), threads
+    assert loop_wakes == 1
+    reads = [e for e in qbgw.job_events(job_id, include_reads=True, settings=settings) if e.action == "result.read"]
+    assert [e.actor for e in reads] == ["app:nurse"]
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_what_the_listeners_read_raises_reaches_the_waiting_coroutine(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def get_job(*_: Any, **__: Any) -> qbgw.JobView:
+        raise JobNotFound("purged meanwhile")
+
+    async def scenario() -> None:
+        job_id = await aio.submit(ASSISTANT, messages(), settings=settings)
+        await asyncio.to_thread(_await_listening, aio._waiter(settings))
+        monkeypatch.setattr(qbgw.queries, "get_job", get_job)  # (the wait reads the status, then waits)
+        waiting = asyncio.create_task(aio.wait(job_id, timeout=30, settings=settings))
+        await asyncio.sleep(0.3)
+        await asyncio.to_thread(qbgw.cancel, job_id, actor="another-process", settings=settings)
+        with pytest.raises(JobNotFound, match="purged meanwhile"):
+            await asyncio.wait_for(waiting, timeout=3)  # (at once: not at the 5 s recheck)
+
+    asyncio.run(scenario())
+
+
+def test_a_wakes_end_is_claimed_once_by_the_listener_or_by_its_coroutine() -> None:
+    """The listener starts a coroutine's read only if the coroutine is not done waiting (its timeout), and a
+    coroutine done waiting reads only if the listener has not started it: one of the two, never both."""
+    from concurrent.futures import Future
+
+    from qbgw.runtime.waiter import AsyncWake
+
+    async def scenario() -> None:
+        first = AsyncWake()
+        read: Future[Any] = Future()
+        assert first.claim(read)  # the listener
+        assert not first.claim()  # the coroutine, done waiting: the listener's read is there
+        assert first.read is read
+        second = AsyncWake()
+        assert second.claim()  # the coroutine first
+        assert not second.claim(Future())  # the listener starts nothing
+        assert second.read is None
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_a_coroutine_whose_wait_times_out_as_the_listener_reads_gets_that_read(settings: Settings) -> None:
+    """The listener has claimed the end and its read is still being made when the coroutine's wait times out:
+    the coroutine waits for that read (it does not make a second one), without blocking its loop."""
+    from concurrent.futures import Future
+
+    async def scenario() -> None:
+        waiter = aio._waiter(settings)
+        await asyncio.to_thread(_await_listening, waiter)
+        with waiter.watch("job-1") as ended:
+            slow: Future[Any] = Future()
+            calls: list[str] = []
+
+            def on_end() -> str:
+                calls.append("read")
+                return "the coroutine's own read"
+
+            async def listener_claims() -> None:
+                await asyncio.sleep(0.05)
+                assert ended.claim(slow)  # the listener's claim, its read not made yet
+                await asyncio.sleep(0.3)
+                slow.set_running_or_notify_cancel()
+                slow.set_result("the listener's read")
+
+            claiming = asyncio.create_task(listener_claims())
+            read = await waiter.wait_end(ended, 0.1, on_end)
+            await claiming
+        assert read is slow
+        assert read.result() == "the listener's read"
+        assert calls == []
+
+    asyncio.run(scenario())

@@ -389,7 +389,11 @@ def _plausible(identifier: str) -> bool:
 async def job_for(request: Request, principal: Principal, scope: str, job_id: str) -> tuple[JobView, str | None]:
     if not _plausible(job_id):
         raise errors.JobNotFound(job_id[:64])
-    view, batch_id = await call(queries.job_metadata, job_id, settings=_ctx(request).settings)
+    return await call(_job_for, principal, scope, job_id, _ctx(request).settings)
+
+
+def _job_for(principal: Principal, scope: str, job_id: str, settings: Settings) -> tuple[JobView, str | None]:
+    view, batch_id = queries.job_metadata(job_id, settings=settings)
     if scope == "own" and view.actor != principal.actor:
         raise errors.JobNotFound(job_id)  # another principal's job does not exist for this one
     return view, batch_id
@@ -468,8 +472,12 @@ async def get_job(request: Request, job_id: str, wait: float = 0.0) -> Response:
     principal, scope = await who(request, "jobs.status")
     _check_wait(wait)
 
-    async def attempt() -> tuple[bool, tuple[JobView, str | None]]:
-        view, batch_id = await job_for(request, principal, scope, job_id)
+    if not _plausible(job_id):
+        raise errors.JobNotFound(job_id[:64])
+    settings = _ctx(request).settings
+
+    def attempt() -> tuple[bool, tuple[JobView, str | None]]:
+        view, batch_id = _job_for(principal, scope, job_id, settings)
         return view.status in TERMINAL, (view, batch_id)
 
     view, batch_id = await _long_poll(request, job_id, wait, attempt)
@@ -485,26 +493,30 @@ async def _long_poll(
     request: Request,
     job_id: str,
     wait: float,
-    attempt: Callable[[], Awaitable[tuple[bool, T]]],
-    ended_attempt: Callable[[], Awaitable[tuple[bool, T]]] | None = None,
+    attempt: Callable[[], tuple[bool, T]],
+    ended_attempt: Callable[[], tuple[bool, T]] | None = None,
 ) -> T:
-    """What ``attempt`` found once it says it is done, or when ``wait`` seconds have passed: tried again each
-    time the job's end (or the listener's return) wakes the request, or at the waiter's interval. When the
-    database said the job ended, ``ended_attempt`` is made instead, if given (the read that follows an end,
-    without first reading the status again)."""
+    """What ``attempt`` (a blocking read, made in a thread) found once it says it is done, or when ``wait``
+    seconds have passed: tried again each time the job's end (or the listener's return) wakes the request, or at
+    the waiter's interval. When the database said the job ended, ``ended_attempt`` is made instead, if given
+    (the read that follows an end, without first reading the status again): while the request waits, the
+    listener is given that read, to start as the end's notification arrives (``JobWaiter.watch``)."""
     waiter = _ctx(request).waiter
     deadline, polls = time.monotonic() + wait, 0
     notified = False
+    on_end = ended_attempt or attempt
     while True:
         with waiter.watch(job_id) as ended:  # before the read: an end between the read and the wait wakes it
-            done, found = await (ended_attempt() if notified and ended_attempt is not None else attempt())
+            done, found = await call(ended_attempt if notified and ended_attempt is not None else attempt)
             left = deadline - time.monotonic()
             if done or left <= 0:
                 return found
-            try:
-                await asyncio.wait_for(ended.wait(), timeout=min(left, waiter.interval(polls)))
-            except TimeoutError:
-                pass
+            # Given to the listener only while waiting: a read it started during the attempt would be a second.
+            read = await waiter.wait_end(ended, min(left, waiter.interval(polls)), on_end)
+            if read is not None:
+                done, found = read.result()  # (raises what the read raised)
+                if done or deadline - time.monotonic() <= 0:
+                    return found
             notified = ended.ended
             polls += 1
 
@@ -528,12 +540,9 @@ async def get_result(request: Request, job_id: str, wait: float = 0.0) -> Respon
     settings = _ctx(request).settings
     expect = Expect(owner=principal.actor if scope == "own" else None, ended=True)  # what admit lets through
 
-    async def attempt() -> tuple[bool, JobView | str]:
+    def attempt() -> tuple[bool, JobView | str]:
         try:
-            found = await call(
-                queries.read_admitted, job_id, admit, reader=principal.actor, settings=settings, expect=expect
-            )
-            return True, found
+            return True, queries.read_admitted(job_id, admit, reader=principal.actor, settings=settings, expect=expect)
         except _NotEnded as running:  # nothing was read out, nor audited
             return False, running.status
 

@@ -622,12 +622,12 @@ async def chat_completions(request: Request) -> Response:
         job_id = await door.call(_submit_chat, data, principal, settings)
     header = {JOB_HEADER: job_id}
 
-    async def attempt() -> tuple[bool, JobStatus | JobView]:
-        status = await door.call(queries.job_status, job_id, settings=context.settings)
+    def attempt() -> tuple[bool, JobStatus | JobView]:
+        status = queries.job_status(job_id, settings=context.settings)
         return status in TERMINAL, status
 
-    async def read() -> tuple[bool, JobStatus | JobView]:  # the database said it ended: the answer at once
-        view = await door.call(queries.get_job, job_id, reader=principal.actor, settings=context.settings)
+    def read() -> tuple[bool, JobStatus | JobView]:  # the database said it ended: the answer at once
+        view = queries.get_job(job_id, reader=principal.actor, settings=context.settings)
         return view.status in TERMINAL, view  # (not ended: replayed meanwhile; the wait goes on)
 
     found = await door._long_poll(request, job_id, CHAT_WAIT, attempt, read)

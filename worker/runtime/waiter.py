@@ -5,16 +5,25 @@ On PostgreSQL one listener thread per server process holds a connection that ``L
 notification wakes the waiters of that job. A waiter still re-reads the job every few seconds, so a
 listener connection that dropped (and reconnects) costs latency, never a wait past its deadline. SQLite has
 no NOTIFY: there the waiter re-reads on a bounded poll (50 ms, growing to 500 ms).
+
+A coroutine may give its watch the read to make once the job has ended (``on_end``): the listener thread then
+hands it to the waiter's own reader threads as soon as the notification arrives, and the event loop is woken
+once, with the answer read, instead of twice (the end, then the read's return from a thread it started). Of
+the listener and the coroutine (whose wait timed out meanwhile) only one starts that read: see
+:meth:`AsyncWake.claim`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from sqlalchemy import make_url
 
@@ -22,12 +31,16 @@ __all__ = ["JobWaiter", "Wake", "AsyncWake", "CHANNEL"]
 
 log = logging.getLogger(__name__)
 
+R = TypeVar("R")
+
 #: The channel the jobs table's trigger notifies, with the job id as payload.
 CHANNEL = "qbgw_job_ended"
 #: How often a waiter re-reads the job while the listener is connected (a safety net, not the mechanism).
 RECHECK = 5.0
 #: The bounded poll without a listener (SQLite, or while PostgreSQL's listener reconnects).
 POLL_FIRST, POLL_MAX = 0.05, 0.5
+#: Threads that make the coroutines' reads on a job's end (``on_end``), per waiter.
+READERS = 4
 
 
 class Wake(threading.Event):
@@ -37,9 +50,28 @@ class Wake(threading.Event):
 
 
 class AsyncWake(asyncio.Event):
-    """:class:`Wake` for a coroutine."""
+    """:class:`Wake` for a coroutine; with ``on_end``, the read the listener starts when the job ends (its
+    outcome in ``read``, the event set once it is made)."""
 
     ended = False
+
+    def __init__(self, on_end: Callable[[], Any] | None = None) -> None:
+        super().__init__()
+        self.on_end = on_end
+        #: The read ``on_end`` started by the listener (None: not started).
+        self.read: Future[Any] | None = None
+        self._claimed = False
+        self._claim = threading.Lock()
+
+    def claim(self, read: Future[Any] | None = None) -> bool:
+        """Whether the caller is the first to claim this wake's end: the listener, with the ``read`` it will make
+        (``on_end``), or the coroutine, done waiting. Exactly one of the two gets True: the coroutine that gets
+        False finds ``read`` set."""
+        with self._claim:
+            if self._claimed:
+                return False
+            self._claimed, self.read = True, read
+            return True
 
 
 class JobWaiter:
@@ -64,6 +96,8 @@ class JobWaiter:
         #: Notifications received, and of them those handed to the event loop (a coroutine waited for the job).
         self.woken = 0
         self.loop_wakes = 0
+        #: The reader threads of ``on_end`` (started on first use).
+        self._readers: ThreadPoolExecutor | None = None
 
     @property
     def notifies(self) -> bool:
@@ -83,12 +117,14 @@ class JobWaiter:
         self._stop.set()
         if wait and self._thread is not None:
             self._thread.join(timeout=3)
+        if self._readers is not None:
+            self._readers.shutdown(wait=False)
 
     @contextlib.contextmanager
     def watch(self, job_id: str) -> Iterator[AsyncWake]:
         """An event set when ``job_id`` ends (its ``ended`` then True), or when the listener reconnected
         (``ended`` False); register it *before* reading the job's status, so an end between the read and the
-        wait is not missed."""
+        wait is not missed. Wait on it with :meth:`wait_end`, which can give the listener the read to make."""
         event = AsyncWake()
         self._waiting.setdefault(job_id, set()).add(event)
         try:
@@ -99,6 +135,23 @@ class JobWaiter:
                 waiters.discard(event)
                 if not waiters:
                     del self._waiting[job_id]
+
+    async def wait_end(self, event: AsyncWake, timeout: float | None, on_end: Callable[[], R]) -> Future[R] | None:
+        """Wait on ``event`` (of :meth:`watch`) up to ``timeout`` seconds, ``on_end`` given to the listener meanwhile
+        (when it listens): the read the listener started, made, if it did; else None, and ``event.ended`` says
+        whether the job ended."""
+        if self.listening:
+            event.on_end = on_end
+        try:
+            await asyncio.wait_for(event.wait(), timeout=timeout)
+        except TimeoutError:
+            pass
+        if event.on_end is None or event.claim():
+            return None
+        read = event.read  # the listener's (set with its claim)
+        if read is not None and not read.done():
+            await asyncio.wait([asyncio.wrap_future(read)])
+        return read
 
     @contextlib.contextmanager
     def watch_sync(self, job_id: str) -> Iterator[Wake]:
@@ -131,10 +184,38 @@ class JobWaiter:
             return RECHECK
         return min(POLL_MAX, POLL_FIRST * (1.5**polls))
 
-    def _wake(self, job_id: str) -> None:
-        for event in self._waiting.get(job_id, ()):
+    @staticmethod
+    def _wake(events: list[AsyncWake]) -> None:
+        for event in events:
             event.ended = True
             event.set()
+
+    def _read_on_end(self, job_id: str) -> tuple[int, list[AsyncWake]]:
+        """Start the ``on_end`` reads of ``job_id``'s coroutines (the listener thread): how many were started,
+        and the coroutines to wake now (those without such a read: they read once woken)."""
+        started, others = 0, []
+        for event in list(self._waiting.get(job_id, ())):  # (a set of the loop's: copied at once, under the GIL)
+            on_end = event.on_end
+            if on_end is None:
+                others.append(event)
+                continue
+            read: Future[Any] = Future()
+            if not event.claim(read):  # the coroutine is done waiting: it reads, if it needs to
+                continue
+            started += 1
+            event.ended = True
+            read.add_done_callback(functools.partial(self._read_made, event))
+            try:
+                if self._readers is None:
+                    self._readers = ThreadPoolExecutor(READERS, thread_name_prefix="qbgw-ended-read")
+                self._readers.submit(_make, read, on_end)
+            except Exception as exc:  # (the waiter stopped meanwhile): the coroutine is told
+                if read.set_running_or_notify_cancel():
+                    read.set_exception(exc)
+        return started, others
+
+    def _read_made(self, event: AsyncWake, _: Future[Any]) -> None:
+        self._call(event.set)
 
     def _notified(self, job_id: str) -> None:
         """A job ended (the listener thread): wake its threads, and its coroutines through their loop only if one
@@ -147,8 +228,10 @@ class JobWaiter:
         self.woken += 1
         self._wake_threads(job_id)
         if job_id in self._waiting:
-            self.loop_wakes += 1
-            self._call(self._wake, job_id)
+            started, others = self._read_on_end(job_id)
+            self.loop_wakes += started + bool(others)  # each read wakes the loop once it is made
+            if others:
+                self._call(self._wake, others)
 
     def _wake_all(self) -> None:
         for events in self._waiting.values():
@@ -197,3 +280,13 @@ class JobWaiter:
         if loop is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
                 loop.call_soon_threadsafe(fn, *args)  # type: ignore[arg-type]
+
+
+def _make(read: Future[Any], on_end: Callable[[], Any]) -> None:
+    """Make ``on_end``'s read (a reader thread), its outcome in ``read``."""
+    if not read.set_running_or_notify_cancel():
+        return
+    try:
+        read.set_result(on_end())
+    except BaseException as exc:  # what the read raised goes to the coroutine that waits for it
+        read.set_exception(exc)
