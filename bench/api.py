@@ -16,9 +16,11 @@ processes and the minimal hand-written task are ``bench.throughput``'s.
 2. **submit -> result**, one job at a time, ``--sequential`` (200) jobs per rep, with one real ``qbgw worker``
    process: (a) HTTP: ``POST /v1/jobs``, ``GET /v1/jobs/{id}?wait=30``, ``GET /v1/jobs/{id}/result``;
    (a') HTTP in two requests: ``POST /v1/jobs``, ``GET /v1/jobs/{id}/result?wait=30``; (a'') HTTP in one
-   request: ``POST /v1/chat/completions``; (b) ``qbgw.submit`` + ``qbgw.wait_for_job``; (c) ``qbgw.aio.submit``
-   + ``qbgw.aio.wait``; and, for reference, ``bench.throughput``'s own way (``submit`` then ``job_status``
-   every 2 ms). Interleaved with them job by job, with their own worker running throughout beside qbgw's:
+   request: ``POST /v1/chat/completions``; each of the three through httpx and through a bare keep-alive
+   ``http.client`` connection (``BareClient``: what the server costs, without httpx's own share);
+   (b) ``qbgw.submit`` + ``qbgw.wait_for_job``; (c) ``qbgw.aio.submit`` + ``qbgw.aio.wait``; and, for
+   reference, ``bench.throughput``'s own way (``submit`` then ``job_status`` every 2 ms). Interleaved with
+   them job by job, with their own worker running throughout beside qbgw's:
    ``bench.throughput``'s minimal task (POST + INSERT, publish-to-row-visible, polled every 2 ms) with its
    INSERT-only and no-op variants, and the audited minimal task (the same with a hash-chained audit event
    committed at each of a job's four steps, submit to answer read: the floor of the design, without qbgw).
