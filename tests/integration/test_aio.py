@@ -376,3 +376,44 @@ def test_a_coroutine_whose_wait_times_out_as_the_listener_reads_gets_that_read(s
         assert calls == []
 
     asyncio.run(scenario())
+
+
+def test_a_coroutine_cancelled_while_it_waits_leaves_the_listener_no_read_to_start() -> None:
+    """A wait cancelled (its caller's own timeout, say) claims its end on the way out: a notification that
+    arrives next starts no read for nobody (an audited read of an answer nobody receives)."""
+    from concurrent.futures import Future
+
+    waiter = JobWaiter("sqlite:///unused.db")
+    waiter.listening = True  # (as if it listened: the read is given to the listener)
+
+    async def scenario() -> None:
+        with waiter.watch("job-1") as ended:
+            waiting = asyncio.create_task(waiter.wait_end(ended, 30, lambda: "read"))
+            await asyncio.sleep(0.05)
+            assert ended.on_end is not None
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            assert not ended.claim(Future()), "the listener could still start a read"
+
+    asyncio.run(scenario())
+
+
+def test_a_stopped_waiter_wakes_its_coroutines_to_read_themselves() -> None:
+    """Once the waiter is stopped its reader threads take no read: a job's end still wakes the coroutine, which
+    then reads by itself."""
+    waiter = JobWaiter("sqlite:///unused.db")
+    waiter.listening = True
+
+    async def scenario() -> None:
+        waiter.start(asyncio.get_running_loop())
+        waiter.stop()
+        with waiter.watch("job-1") as ended:
+            waiting = asyncio.create_task(waiter.wait_end(ended, 30, lambda: "read"))
+            await asyncio.sleep(0.05)
+            await asyncio.to_thread(waiter._notified, "job-1")
+            read = await asyncio.wait_for(waiting, timeout=3)
+        assert read is None
+        assert ended.ended
+
+    asyncio.run(scenario())

@@ -98,6 +98,8 @@ class JobWaiter:
         self.loop_wakes = 0
         #: The reader threads of ``on_end`` (started on first use).
         self._readers: ThreadPoolExecutor | None = None
+        self._readers_lock = threading.Lock()
+        self._readers_closed = False
 
     @property
     def notifies(self) -> bool:
@@ -117,8 +119,10 @@ class JobWaiter:
         self._stop.set()
         if wait and self._thread is not None:
             self._thread.join(timeout=3)
-        if self._readers is not None:
-            self._readers.shutdown(wait=False)
+        with self._readers_lock:
+            self._readers_closed = True
+            if self._readers is not None:
+                self._readers.shutdown(wait=False)
 
     @contextlib.contextmanager
     def watch(self, job_id: str) -> Iterator[AsyncWake]:
@@ -146,6 +150,9 @@ class JobWaiter:
             await asyncio.wait_for(event.wait(), timeout=timeout)
         except TimeoutError:
             pass
+        except BaseException:  # cancelled: the listener must not start a read for nobody now
+            event.claim()
+            raise
         if event.on_end is None or event.claim():
             return None
         read = event.read  # the listener's (set with its claim)
@@ -200,18 +207,22 @@ class JobWaiter:
                 others.append(event)
                 continue
             read: Future[Any] = Future()
-            if not event.claim(read):  # the coroutine is done waiting: it reads, if it needs to
-                continue
-            started += 1
-            event.ended = True
-            read.add_done_callback(functools.partial(self._read_made, event))
-            try:
+            with self._readers_lock:
+                if self._readers_closed:  # stopped: woken to read itself, as a coroutine without a read
+                    others.append(event)
+                    continue
+                if not event.claim(read):  # the coroutine is done waiting: it reads, if it needs to
+                    continue
                 if self._readers is None:
                     self._readers = ThreadPoolExecutor(READERS, thread_name_prefix="qbgw-ended-read")
-                self._readers.submit(_make, read, on_end)
-            except Exception as exc:  # (the waiter stopped meanwhile): the coroutine is told
-                if read.set_running_or_notify_cancel():
-                    read.set_exception(exc)
+                started += 1
+                event.ended = True
+                read.add_done_callback(functools.partial(self._read_made, event))
+                try:
+                    self._readers.submit(_make, read, on_end)
+                except RuntimeError as exc:  # the interpreter is shutting down: the coroutine is told
+                    if read.set_running_or_notify_cancel():
+                        read.set_exception(exc)
         return started, others
 
     def _read_made(self, event: AsyncWake, _: Future[Any]) -> None:
