@@ -400,6 +400,7 @@ def _job_for(principal: Principal, scope: str, job_id: str, settings: Settings) 
 
 
 async def body_bytes(request: Request, limit: int) -> bytes:
+    """The request's body, refused (413) once it passes ``limit`` bytes."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise Refused(_too_large(limit))
@@ -621,8 +622,9 @@ async def submit_batch(
     principal, _ = await who(request, "batches.submit")
     window = access.parse_duration(completion_window, "completion_window")
     hook = webhook_url or principal.webhook_url
-    received = await body_bytes(request, MAX_BATCH_BODY)
-    # Decoding, cutting and checking up to 200 MB happen in the thread pool, off the event loop.
+    # Decoding, cutting and checking up to 200 MB happen in the thread pool, off the event loop; the body is
+    # handed over (not kept here), so that it is let go of once decoded.
+    received = [await body_bytes(request, MAX_BATCH_BODY)]
     view = await call(
         _submit_batch,
         received,
@@ -1017,15 +1019,21 @@ def _submit_alone(job: _Job, principal: Principal, idempotency: str | None, sett
         ) from None
 
 
-def _submit_batch(received: bytes, **options: Any) -> Any:
-    """The batch of a JSONL body: decoded and cut into lines, then :func:`qbgw.submit_batch`."""
-    if not received:
+def _submit_batch(received: list[bytes], **options: Any) -> Any:
+    """The batch of a JSONL body (handed over in a list, emptied here): decoded and cut into lines, then
+    :func:`qbgw.submit_batch`. Each form is let go of once the next is made: the bytes once decoded, the text
+    once cut into lines (up to 200 MB each)."""
+    raw = received.pop()
+    if not raw:
         raise errors.InvalidBatch("the body is empty: send one JSON object per line")
     try:
-        text = received.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise errors.InvalidBatch(f"the body is not UTF-8 (byte {exc.start})") from None
-    return producer.submit_batch(split_lines(text), **options)
+    del raw
+    lines = split_lines(text)
+    del text
+    return producer.submit_batch(lines, **options)
 
 
 def _throttled(wait: float) -> Response:
