@@ -417,3 +417,85 @@ def test_a_stopped_waiter_wakes_its_coroutines_to_read_themselves() -> None:
         assert ended.ended
 
     asyncio.run(scenario())
+
+
+def test_a_cancelled_wait_takes_back_the_read_the_listener_has_not_started() -> None:
+    """The listener claimed the end and queued its read, then the wait is cancelled: the read, not started yet,
+    is cancelled too (an audited read nobody would receive)."""
+    from concurrent.futures import Future
+
+    waiter = JobWaiter("sqlite:///unused.db")
+    waiter.listening = True
+
+    async def scenario() -> Future[Any]:
+        with waiter.watch("job-1") as ended:
+            waiting = asyncio.create_task(waiter.wait_end(ended, 30, lambda: "read"))
+            await asyncio.sleep(0.05)
+            queued: Future[Any] = Future()
+            assert ended.claim(queued)  # the listener's claim; no reader has taken the read yet
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+        return queued
+
+    assert asyncio.run(scenario()).cancelled()
+
+
+def test_a_long_poll_whose_listener_read_finds_the_job_going_on_reads_it_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The listener's read after an end finds the job not ended (replayed meanwhile): the long-poll goes on with a
+    status read, not with a second read of the answer for the same end."""
+    import types
+
+    from qbgw.api import app as door
+
+    waiter = JobWaiter("sqlite:///unused.db")
+    monkeypatch.setattr(door, "_ctx", lambda _request: types.SimpleNamespace(waiter=waiter))
+    calls: list[str] = []
+
+    def attempt() -> tuple[bool, str]:
+        calls.append("status")
+        return False, "running"
+
+    def read() -> tuple[bool, str]:
+        calls.append("read")
+        return False, "running (replayed)"
+
+    async def scenario() -> str:
+        waiter.start(asyncio.get_running_loop())
+        waiter.listening = True
+        try:
+            ending = threading.Timer(0.2, waiter._notified, args=("job-1",))
+            ending.start()
+            return await door._long_poll(None, "job-1", 0.6, attempt, read)  # type: ignore[arg-type]
+        finally:
+            waiter.stop(wait=False)
+
+    assert asyncio.run(scenario()) == "running"
+    assert calls.count("read") == 1, calls
+
+
+def test_a_read_the_listener_cannot_start_is_left_to_the_coroutine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No reader thread can start (``can't start new thread``): the coroutine is woken, told the job ended, and
+    makes the read itself, instead of answering with the listener's error."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def refuse(*_: Any, **__: Any) -> Any:
+        raise RuntimeError("can't start new thread")
+
+    waiter = JobWaiter("sqlite:///unused.db")
+    waiter._readers = ThreadPoolExecutor(1)
+    monkeypatch.setattr(waiter._readers, "submit", refuse)
+
+    async def scenario() -> tuple[Any, bool]:
+        waiter.start(asyncio.get_running_loop())
+        waiter.listening = True
+        try:
+            with waiter.watch("job-1") as ended:
+                waiting = asyncio.create_task(waiter.wait_end(ended, 30, lambda: "read"))
+                await asyncio.sleep(0.05)
+                await asyncio.to_thread(waiter._notified, "job-1")
+                return await asyncio.wait_for(waiting, timeout=3), ended.ended
+        finally:
+            waiter.stop(wait=False)
+
+    assert asyncio.run(scenario()) == (None, True)

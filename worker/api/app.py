@@ -518,7 +518,7 @@ async def _long_poll(
                 done, found = read.result()  # (raises what the read raised)
                 if done or deadline - time.monotonic() <= 0:
                     return found
-            notified = ended.ended
+            notified = ended.ended and read is None  # (the listener's read was the one after the end)
             polls += 1
 
 

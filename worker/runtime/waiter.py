@@ -40,7 +40,7 @@ RECHECK = 5.0
 #: The bounded poll without a listener (SQLite, or while PostgreSQL's listener reconnects).
 POLL_FIRST, POLL_MAX = 0.05, 0.5
 #: Threads that make the coroutines' reads on a job's end (``on_end``), per waiter.
-READERS = 4
+READERS = 8
 
 
 class Wake(threading.Event):
@@ -119,10 +119,7 @@ class JobWaiter:
         self._stop.set()
         if wait and self._thread is not None:
             self._thread.join(timeout=3)
-        with self._readers_lock:
-            self._readers_closed = True
-            if self._readers is not None:
-                self._readers.shutdown(wait=False)
+        self._close_readers()
 
     @contextlib.contextmanager
     def watch(self, job_id: str) -> Iterator[AsyncWake]:
@@ -150,14 +147,21 @@ class JobWaiter:
             await asyncio.wait_for(event.wait(), timeout=timeout)
         except TimeoutError:
             pass
-        except BaseException:  # cancelled: the listener must not start a read for nobody now
-            event.claim()
+        except BaseException:  # cancelled: no read for nobody (one already made cannot be taken back)
+            if not event.claim():
+                _drop(event.read)
             raise
         if event.on_end is None or event.claim():
             return None
         read = event.read  # the listener's (set with its claim)
         if read is not None and not read.done():
-            await asyncio.wait([asyncio.wrap_future(read)])
+            try:
+                await asyncio.wait([asyncio.wrap_future(read)])
+            except BaseException:
+                _drop(read)
+                raise
+        if read is not None and not read.cancelled() and isinstance(read.exception(), _NotStarted):
+            return None  # the listener could not start it: the coroutine reads by itself (``event.ended``)
         return read
 
     @contextlib.contextmanager
@@ -220,9 +224,10 @@ class JobWaiter:
                 read.add_done_callback(functools.partial(self._read_made, event))
                 try:
                     self._readers.submit(_make, read, on_end)
-                except RuntimeError as exc:  # the interpreter is shutting down: the coroutine is told
+                except Exception as exc:  # no thread to make it (shutting down, or none could start)
+                    log.warning("the job listener could not start a read (%s): its waiter reads by itself", exc)
                     if read.set_running_or_notify_cancel():
-                        read.set_exception(exc)
+                        read.set_exception(_NotStarted())
         return started, others
 
     def _read_made(self, event: AsyncWake, _: Future[Any]) -> None:
@@ -279,6 +284,13 @@ class JobWaiter:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
         self.listening = False
+        self._close_readers()  # (stopped, or its loop closed: nobody is left to read for)
+
+    def _close_readers(self) -> None:
+        with self._readers_lock:
+            self._readers_closed = True
+            if self._readers is not None:
+                self._readers.shutdown(wait=False)
 
     @property
     def orphaned(self) -> bool:
@@ -291,6 +303,16 @@ class JobWaiter:
         if loop is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
                 loop.call_soon_threadsafe(fn, *args)  # type: ignore[arg-type]
+
+
+class _NotStarted(Exception):
+    """A read the listener claimed but could not start: the coroutine makes it."""
+
+
+def _drop(read: Future[Any] | None) -> None:
+    """Cancel ``read`` if no reader has started it yet (its coroutine went away)."""
+    if read is not None:
+        read.cancel()
 
 
 def _make(read: Future[Any], on_end: Callable[[], Any]) -> None:
