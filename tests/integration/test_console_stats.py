@@ -118,8 +118,12 @@ def test_hours_are_utc_hours_whatever_the_sessions_time_zone(settings: Settings)
     """A session in Asia/Kolkata (UTC+5:30) would cut its hours at :30 UTC if the database truncated local time."""
     rows = _events()
     _seed(settings, rows)
-    separator = "&" if "?" in settings.database_url else "?"
-    kolkata = settings.with_(database_url=f"{settings.database_url}{separator}options=-c%20timezone%3DAsia/Kolkata")
+    # Straight to PostgreSQL (PgBouncer refuses the options startup parameter, and its transaction mode would
+    # not keep a SET): the listener's direct URL when the tests go through PgBouncer.
+    direct = settings.effective_listen_url
+    separator = "&" if "?" in direct else "?"
+    options = "options=-c%20timezone%3DAsia/Kolkata"
+    kolkata = settings.with_(database_url=f"{direct}{separator}{options}", db_transaction_pooling=False)
     with runtime(kolkata).transaction() as session:
         assert session.connection().exec_driver_sql("SHOW timezone").scalar() == "Asia/Kolkata"
     _check(stats.dashboard(SINCE, UNTIL, settings=kolkata), rows)
