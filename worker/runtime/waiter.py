@@ -55,9 +55,10 @@ class AsyncWake(asyncio.Event):
 
     ended = False
 
-    def __init__(self, on_end: Callable[[], Any] | None = None) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.on_end = on_end
+        #: The read to make when the job ends (set by :meth:`JobWaiter.wait_end` while the coroutine waits).
+        self.on_end: Callable[[], Any] | None = None
         #: The read ``on_end`` started by the listener (None: not started).
         self.read: Future[Any] | None = None
         self._claimed = False
