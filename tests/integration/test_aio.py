@@ -363,9 +363,9 @@ def test_a_coroutine_whose_wait_times_out_as_the_listener_reads_gets_that_read(s
 
             async def listener_claims() -> None:
                 await asyncio.sleep(0.05)
-                assert ended.claim(slow)  # the listener's claim, its read not made yet
+                assert ended.claim(slow)  # the listener's claim
+                assert slow.set_running_or_notify_cancel()  # a reader thread has started it, not made it yet
                 await asyncio.sleep(0.3)
-                slow.set_running_or_notify_cancel()
                 slow.set_result("the listener's read")
 
             claiming = asyncio.create_task(listener_claims())
@@ -376,6 +376,41 @@ def test_a_coroutine_whose_wait_times_out_as_the_listener_reads_gets_that_read(s
         assert calls == []
 
     asyncio.run(scenario())
+
+
+def test_a_wait_that_times_out_with_the_listeners_read_still_queued_reads_by_itself() -> None:
+    """A burst of ends fills the reader threads: the listener claimed this coroutine's end, but its read waits in
+    the queue when the coroutine's wait times out. The coroutine takes the read back and is told the job ended
+    (it reads by itself, at once), instead of overrunning its wait by the queue of other jobs' reads."""
+    from concurrent.futures import Future
+
+    waiter = JobWaiter("sqlite:///unused.db")
+    waiter.listening = True
+
+    async def scenario() -> tuple[Any, bool, float, Future[Any]]:
+        with waiter.watch("job-1") as ended:
+            queued: Future[Any] = Future()
+
+            async def listener_claims() -> None:
+                await asyncio.sleep(0.05)
+                ended.ended = True
+                assert ended.claim(queued)  # claimed, and queued behind other reads: no reader has taken it
+
+            claiming = asyncio.create_task(listener_claims())
+            started = time.monotonic()
+            try:  # (bounded: a coroutine that waits for the queued read would wait for ever here)
+                read = await asyncio.wait_for(waiter.wait_end(ended, 0.2, lambda: "read"), timeout=2)
+            except TimeoutError:
+                pytest.fail("the coroutine waited for a read still in the queue, past its own wait")
+            took = time.monotonic() - started
+            await claiming
+        return read, ended.ended, took, queued
+
+    read, ended, took, queued = asyncio.run(scenario())
+    assert read is None, "the coroutine waited for a read still in the queue"
+    assert ended, "the coroutine was not told the job ended"
+    assert queued.cancelled(), "the queued read would still be made (a second read of the same end)"
+    assert took < 1.0
 
 
 def test_a_coroutine_cancelled_while_it_waits_leaves_the_listener_no_read_to_start() -> None:

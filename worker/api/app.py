@@ -501,7 +501,7 @@ async def _long_poll(
     seconds have passed: tried again each time the job's end (or the listener's return) wakes the request, or at
     the waiter's interval. When the database said the job ended, ``ended_attempt`` is made instead, if given
     (the read that follows an end, without first reading the status again): while the request waits, the
-    listener is given that read, to start as the end's notification arrives (``JobWaiter.watch``)."""
+    listener is given that read, to start as the end's notification arrives (``JobWaiter.wait_end``)."""
     waiter = _ctx(request).waiter
     deadline, polls = time.monotonic() + wait, 0
     notified = False

@@ -155,6 +155,10 @@ class JobWaiter:
         if event.on_end is None or event.claim():
             return None
         read = event.read  # the listener's (set with its claim)
+        if read is not None and read.cancel():
+            # The wait timed out with the read still queued behind other ends' reads (a burst): the coroutine
+            # takes it back and reads by itself, rather than overrun its wait by the queue.
+            return None
         if read is not None and not read.done():
             try:
                 await asyncio.wait([asyncio.wrap_future(read)])
@@ -216,12 +220,12 @@ class JobWaiter:
                 if self._readers_closed:  # stopped: woken to read itself, as a coroutine without a read
                     others.append(event)
                     continue
+                event.ended = True  # (before the claim: a coroutine that finds the claim taken knows the job ended)
                 if not event.claim(read):  # the coroutine is done waiting: it reads, if it needs to
                     continue
                 if self._readers is None:
                     self._readers = ThreadPoolExecutor(READERS, thread_name_prefix="qbgw-ended-read")
                 started += 1
-                event.ended = True
                 read.add_done_callback(functools.partial(self._read_made, event))
                 try:
                     self._readers.submit(_make, read, on_end)
