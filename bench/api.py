@@ -770,46 +770,31 @@ def table(rows: list[Row]) -> list[str]:
 LONE_WAYS = ("httpx POST", "http.client POST", "submit()", "httpx GET /healthz", "http.client GET /healthz")
 
 
-def _lone_calls(server: Server, settings: Settings, client: httpx.Client, bare: Any) -> dict[str, Action]:
-    """Each way of part 3, given a tag (``bare``: an ``http.client.HTTPConnection`` to the server)."""
-    headers = {"Authorization": f"Bearer {server.key}", "Content-Type": "application/json"}
+def _lone_calls(server: Server, settings: Settings, client: httpx.Client, bare: BareClient) -> dict[str, Action]:
+    """Each way of part 3, given a tag: the same calls through httpx and through ``BareClient``."""
 
-    def body(tag: str) -> bytes:
-        return json.dumps({"assistant_id": ASSISTANT, "messages": _message(f"lone {tag}")}).encode()
+    def job(tag: str) -> dict[str, Any]:
+        return {"assistant_id": ASSISTANT, "messages": _message(f"lone {tag}")}
 
-    def checked(way: str, status: int, expected: int, text: object) -> None:
-        if status != expected:
-            raise RuntimeError(f"{way} answered {status}: {str(text)[:300]}")
-
-    def httpx_post(tag: str) -> None:
-        answer = client.post("/v1/jobs", content=body(tag), headers={"Content-Type": "application/json"})
-        checked("POST /v1/jobs", answer.status_code, 202, answer.text)
-
-    def bare_call(method: str, path: str, payload: bytes | None, expected: int) -> None:
-        bare.request(method, path, body=payload, headers=headers)
-        answer = bare.getresponse()
-        checked(f"{method} {path}", answer.status, expected, answer.read())
+    def checked(way: str, answer: httpx.Response | BareAnswer, expected: int) -> None:
+        if answer.status_code != expected:
+            raise RuntimeError(f"{way} answered {answer.status_code}: {answer.text[:300]}")
 
     def submit(tag: str) -> None:
         producer.submit(ASSISTANT, _message(f"lone {tag}"), settings=settings)
 
-    def healthz(_: str) -> None:
-        answer = client.get("/healthz")
-        checked("GET /healthz", answer.status_code, 200, answer.text)
-
     return {
-        "httpx POST": httpx_post,
-        "http.client POST": lambda tag: bare_call("POST", "/v1/jobs", body(tag), 202),
+        "httpx POST": lambda tag: checked("POST /v1/jobs", client.post("/v1/jobs", json=job(tag)), 202),
+        "http.client POST": lambda tag: checked("POST /v1/jobs", bare.post("/v1/jobs", json=job(tag)), 202),
         "submit()": submit,
-        "httpx GET /healthz": healthz,
-        "http.client GET /healthz": lambda _: bare_call("GET", "/healthz", None, 200),
+        "httpx GET /healthz": lambda _: checked("GET /healthz", client.get("/healthz"), 200),
+        "http.client GET /healthz": lambda _: checked("GET /healthz", bare.get("/healthz"), 200),
     }
 
 
 def part_lone(config: ApiConfig, settings: Settings, server: Server, say: Say) -> dict[str, list[float]]:
     """Each rep's median seconds of ``config.sequential`` calls per way, the ways interleaved call by call."""
-    address = urlsplit(server.url)
-    bare = http.client.HTTPConnection(address.hostname or "127.0.0.1", address.port)
+    bare = server.bare_client()
     client = server.client()
     found: dict[str, list[float]] = {way: [] for way in LONE_WAYS}
     try:
