@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -111,6 +111,16 @@ def test_an_empty_period_has_its_hours_and_no_percentiles(settings: Settings) ->
     assert all(not counts for _, counts in board.hours)
     assert board.attempts == 0
     assert board.latency_all == {"p50": None, "p90": None, "p99": None}
+
+
+def test_a_period_given_in_another_time_zone_is_the_same_period_in_utc_hours(settings: Settings) -> None:
+    """The same instants written in UTC+5:30 (whose hours start at :30 UTC) give the same UTC hours and counts."""
+    rows = _events()
+    _seed(settings, rows)
+    kolkata = timezone(timedelta(hours=5, minutes=30))
+    board = stats.dashboard(SINCE.astimezone(kolkata), UNTIL.astimezone(kolkata), settings=settings)
+    assert [h for h, _ in board.hours] == [SINCE + timedelta(hours=h) for h in range(4)]
+    _check(board, rows)
 
 
 @pytest.mark.parametrize("backend", ["postgres"])

@@ -56,6 +56,10 @@ def percentile(values: list[int], p: float) -> float | None:
     return float(values[int(rank) - 1])
 
 
+def _in_utc(when: datetime) -> datetime:
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+
+
 def _hour(when: datetime) -> datetime:
     return when.replace(minute=0, second=0, microsecond=0)
 
@@ -70,7 +74,10 @@ def dashboard(since: datetime, until: datetime, *, settings: Settings | None = N
 
     Counted by the database, grouped by hour: the rows of a month of a busy fleet never come to this process.
     PostgreSQL also takes the latency percentiles (``percentile_disc``, the nearest rank, as :func:`percentile`);
-    SQLite has none, so there each attempt's latency is read (the embedded default's scale)."""
+    SQLite has none, so there each attempt's latency is read (the embedded default's scale).
+
+    ``since`` and ``until`` may be in any time zone (naive: UTC); the hours are UTC's."""
+    since, until = _in_utc(since), _in_utc(until)
     board = Dashboard(since, until)
     ends: dict[datetime, Counter[str]] = {}
     latencies: dict[datetime, dict[str, float | None]] = {}
