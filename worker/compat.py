@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from .access import parse_duration
+from .audit.events import digest as audit_digest
 from .batches import input as batch_input
 from .batches.ending import current
 from .batches.submission import store_batch
@@ -121,16 +122,29 @@ def upload_file(
     Raises:
         InputError: the purpose is not ``batch``, the file is empty, over MAX_FILE_BYTES, or not UTF-8 text.
     """
+    return upload_handed([content], filename=filename, purpose=purpose, actor=actor, settings=settings)
+
+
+def upload_handed(
+    handed: list[bytes], *, filename: str | None, purpose: str, actor: str, settings: Settings | None = None
+) -> FileInfo:
+    """:func:`upload_file` of the content in ``handed``, which it takes out of the list: the bytes are let go of
+    once decoded (when the caller kept no other reference), so a large file is not held as bytes and as text
+    while it is encrypted."""
+    content = handed.pop()
     if purpose not in PURPOSES:
         raise InputError(f"purpose: {str(purpose)[:40]!r} is not accepted; use 'batch'")
     if not content:
         raise InputError("file: the file is empty; upload JSON Lines, one request per line")
-    if len(content) > MAX_FILE_BYTES:
-        raise InputError(f"file: {len(content)} bytes; at most {MAX_FILE_BYTES} bytes are accepted")
+    size = len(content)
+    if size > MAX_FILE_BYTES:
+        raise InputError(f"file: {size} bytes; at most {MAX_FILE_BYTES} bytes are accepted")
     try:
         text = content.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InputError(f"file: not UTF-8 text (byte {exc.start}); upload JSON Lines") from None
+    digest = audit_digest(content)
+    del content
     name = _CONTROL.sub("", filename or "upload.jsonl")[:255] or "upload.jsonl"
     rt = runtime(settings)
     with rt.transaction() as session:
@@ -141,7 +155,8 @@ def upload_file(
             purpose=purpose,
             filename=name,
             content=text,
-            size=len(content),
+            size=size,
+            digest=digest,
             now=utcnow(),
         )
         session.flush()

@@ -399,18 +399,22 @@ def _job_for(principal: Principal, scope: str, job_id: str, settings: Settings) 
     return view, batch_id
 
 
-async def body_bytes(request: Request, limit: int) -> bytes:
-    """The request's body, refused (413) once it passes ``limit`` bytes."""
+async def body_chunks(request: Request, limit: int) -> AsyncIterator[bytes]:
+    """The request's body as it arrives, refused (413) once it passes ``limit`` bytes (or declares more)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise Refused(_too_large(limit))
-    chunks, size = [], 0
+    size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
             raise Refused(_too_large(limit))
-        chunks.append(chunk)
-    return b"".join(chunks)
+        yield chunk
+
+
+async def body_bytes(request: Request, limit: int) -> bytes:
+    """The request's body, refused (413) once it passes ``limit`` bytes."""
+    return b"".join([chunk async for chunk in body_chunks(request, limit)])
 
 
 # ---- health ----

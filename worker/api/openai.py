@@ -173,72 +173,96 @@ def _may_read(principal: Principal, permission: str) -> bool:
         return False
 
 
-def _multipart(raw: bytes, content_type: str) -> dict[str, tuple[str | None, bytes]]:
-    """The parts of a multipart/form-data body, by name: (file name, bytes), in memory (never a temporary file)."""
-    kind, options = parse_options_header(content_type)
-    boundary = options.get(b"boundary")
-    if kind != b"multipart/form-data" or not boundary:
-        raise errors.InputError("file: send multipart/form-data with a file part and a purpose part")
-    parts: dict[str, tuple[str | None, bytes]] = {}
-    state: dict[str, Any] = {"field": b"", "value": b"", "headers": {}, "data": []}
+class _Multipart:
+    """A multipart/form-data body parsed as it arrives (:meth:`write` each chunk): its parts by name, (file name,
+    bytes), in memory (never a temporary file), without the whole body held beside them."""
 
-    def on_header_field(data: bytes, start: int, end: int) -> None:
-        state["field"] += data[start:end]
+    def __init__(self, content_type: str) -> None:
+        kind, options = parse_options_header(content_type)
+        boundary = options.get(b"boundary")
+        if kind != b"multipart/form-data" or not boundary:
+            raise errors.InputError("file: send multipart/form-data with a file part and a purpose part")
+        self.parts: dict[str, tuple[str | None, bytes]] = {}
+        self._field, self._value = b"", b""
+        self._headers: dict[bytes, bytes] = {}
+        self._data: list[bytes] = []
+        callbacks: Any = {
+            "on_header_field": self._on_header_field,
+            "on_header_value": self._on_header_value,
+            "on_header_end": self._on_header_end,
+            "on_part_data": self._on_part_data,
+            "on_part_end": self._on_part_end,
+        }
+        self._parser = MultipartParser(boundary, callbacks)
 
-    def on_header_value(data: bytes, start: int, end: int) -> None:
-        state["value"] += data[start:end]
+    def write(self, chunk: bytes) -> None:
+        try:
+            self._parser.write(chunk)
+        except Exception as exc:  # python-multipart's errors: a malformed body
+            raise errors.InputError(f"file: the multipart body is malformed ({type(exc).__name__})") from None
 
-    def on_header_end() -> None:
-        state["headers"][state["field"].lower()] = state["value"]
-        state["field"], state["value"] = b"", b""
+    def finish(self) -> dict[str, tuple[str | None, bytes]]:
+        try:
+            self._parser.finalize()
+        except Exception as exc:
+            raise errors.InputError(f"file: the multipart body is malformed ({type(exc).__name__})") from None
+        return self.parts
 
-    def on_part_data(data: bytes, start: int, end: int) -> None:
-        state["data"].append(data[start:end])
+    def _on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._field += data[start:end]
 
-    def on_part_end() -> None:
-        _, disposition = parse_options_header(state["headers"].get(b"content-disposition", b""))
+    def _on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._value += data[start:end]
+
+    def _on_header_end(self) -> None:
+        self._headers[self._field.lower()] = self._value
+        self._field, self._value = b"", b""
+
+    def _on_part_data(self, data: bytes, start: int, end: int) -> None:
+        self._data.append(data[start:end])
+
+    def _on_part_end(self) -> None:
+        _, disposition = parse_options_header(self._headers.get(b"content-disposition", b""))
         name = disposition.get(b"name", b"").decode("utf-8", "replace")
         filename = disposition.get(b"filename")
-        parts[name] = (None if filename is None else filename.decode("utf-8", "replace"), b"".join(state["data"]))
-        state["headers"], state["data"] = {}, []
-
-    callbacks: Any = {
-        "on_header_field": on_header_field,
-        "on_header_value": on_header_value,
-        "on_header_end": on_header_end,
-        "on_part_data": on_part_data,
-        "on_part_end": on_part_end,
-    }
-    parser = MultipartParser(boundary, callbacks)
-    try:
-        parser.write(raw)
-        parser.finalize()
-    except Exception as exc:  # python-multipart's errors: a malformed body
-        raise errors.InputError(f"file: the multipart body is malformed ({type(exc).__name__})") from None
-    return parts
+        data, self._headers, self._data = self._data, {}, []
+        content = b"".join(data)
+        del data[:]  # (the pieces go as the part is joined)
+        self.parts[name] = (None if filename is None else filename.decode("utf-8", "replace"), content)
 
 
-def _upload(raw: bytes, content_type: str, actor: str, settings: Any) -> compat.FileInfo:
-    parts = _multipart(raw, content_type)
+async def _parts(request: Request) -> list[dict[str, tuple[str | None, bytes]]]:
+    """The multipart body's parts, parsed as the body arrives (413 past MAX_UPLOAD), in a list to hand over."""
+    form = _Multipart(request.headers.get("content-type", ""))
+    async for chunk in door.body_chunks(request, MAX_UPLOAD):
+        form.write(chunk)
+    return [form.finish()]
+
+
+def _upload(handed: list[dict[str, tuple[str | None, bytes]]], actor: str, settings: Any) -> compat.FileInfo:
+    """Store the uploaded file of the parts in ``handed`` (taken out of it: the file's bytes are let go of once
+    decoded)."""
+    parts = handed.pop()
     if "file" not in parts:
         raise errors.InputError("file: required, the part holding the JSON Lines file")
     unknown = sorted(set(parts) - {"file", "purpose"})
     if unknown:  # expires_after and the like: refused by name, never dropped
         raise errors.InputError(f"{unknown[0]}: not supported; a file upload has the parts file and purpose")
     purpose = parts.get("purpose", (None, b""))[1].decode("utf-8", "replace")
-    filename, content = parts["file"]
-    return compat.upload_file(content, filename=filename, purpose=purpose, actor=actor, settings=settings)
+    filename = parts["file"][0]
+    content = [parts.pop("file")[1]]  # (the list holds the only reference)
+    del parts
+    return compat.upload_handed(content, filename=filename, purpose=purpose, actor=actor, settings=settings)
 
 
 @router.post("/v1/files", tags=["openai"])
 @openai_errors
 async def upload_file(request: Request) -> Response:
-    """Upload a JSON Lines file for a batch (multipart: ``file`` and ``purpose=batch``), at most 200 MB, held in
-    memory as it arrives and stored encrypted."""
+    """Upload a JSON Lines file for a batch (multipart: ``file`` and ``purpose=batch``), at most 200 MB, parsed
+    in memory as it arrives and stored encrypted."""
     principal, _ = await door.who(request, "files.upload")
     settings = door._ctx(request).settings
-    raw = await door.body_bytes(request, MAX_UPLOAD)
-    info = await door.call(_upload, raw, request.headers.get("content-type", ""), principal.actor, settings)
+    info = await door.call(_upload, await _parts(request), principal.actor, settings)
     return JSONResponse(_file(info, show_name=True))
 
 

@@ -60,9 +60,19 @@ def filename_of(session: Session, row: File) -> str | None:
 
 
 def add_file(
-    session: Session, *, file_id: str, actor: str, purpose: str, filename: str, content: str, size: int, now: datetime
+    session: Session,
+    *,
+    file_id: str,
+    actor: str,
+    purpose: str,
+    filename: str,
+    content: str,
+    size: int,
+    digest: str,
+    now: datetime,
 ) -> File:
-    """Store a file (content and name encrypted) and audit the upload with its digest and size."""
+    """Store a file (content and name encrypted) and audit the upload with its digest (of the bytes uploaded:
+    ``audit.digest``) and size."""
     row = File(
         id=file_id,
         actor=actor,
@@ -79,7 +89,7 @@ def add_file(
         action=audit.Action.FILE_UPLOADED,
         job_id=None,
         actor=actor,
-        request=(audit.digest(content.encode()), size),
+        request=(digest, size),
         detail={"file_id": file_id, "purpose": purpose},
     )
     return row
