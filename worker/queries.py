@@ -7,7 +7,7 @@ process's runtime.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from contextlib import nullcontext
 
 from .audit.events import AuditRecord
@@ -245,11 +245,17 @@ def wait_for_batch(
 
 
 def batch_results(
-    batch_id: str, *, failed_only: bool = False, reader: str | None = None, settings: Settings | None = None
+    batch_id: str,
+    *,
+    failed_only: bool = False,
+    statuses: Collection[JobStatus] | None = None,
+    reader: str | None = None,
+    settings: Settings | None = None,
 ) -> list[BatchResult]:
     """Every job of the batch sorted by custom_id, finished or not (partial results of a running, cancelled or
-    expired batch included); with ``failed_only``, the failed and cancelled jobs with their messages. The read
-    is audited: one ``result.read`` per job, one ``batch.exported``.
+    expired batch included); with ``failed_only``, the failed and cancelled jobs with their messages; with
+    ``statuses``, only the jobs in those statuses (only those reads are audited). The read is audited: one
+    ``result.read`` per job read, one ``batch.exported``.
 
     Raises:
         BatchNotFound: no batch has this id.
@@ -258,7 +264,7 @@ def batch_results(
     """
     rt = runtime(settings)
     with rt.transaction() as session:
-        return export.results(session, batch_id, failed_only=failed_only, reader=_reader(rt, reader))
+        return export.results(session, batch_id, failed_only=failed_only, reader=_reader(rt, reader), statuses=statuses)
 
 
 def failed_webhooks(*, limit: int = 100, settings: Settings | None = None) -> list[Delivery]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,11 @@ def test_a_200_line_batch_from_upload_to_output_and_error_files(server: Server) 
     # Reading the file and the results was audited with the key's principal.
     reads = queries.audit_query(AuditFilter(action="file.read"), settings=server.settings)
     assert {e.actor for e in reads} == {"key:sub"}
+    # Each file read (and audited) its own jobs only: every job once, the failed ones by the error file.
+    results = queries.audit_query(AuditFilter(action="result.read", actor="key:sub"), settings=server.settings)
+    read = Counter(e.job_id for e in results)
+    assert sorted(read.values()) == [1] * 200, read.most_common(3)
+    assert {e.job_id for e in results if e.outcome == "failed"} == {line["response"]["request_id"] for line in errors}
 
 
 def test_a_batch_cancelled_midway(server: Server) -> None:

@@ -434,12 +434,16 @@ def _line(result: BatchResult, endpoint: str, expired: bool) -> dict[str, Any]:
 
 async def _results_file(request: Request, principal: Principal, info: compat.OpenAIBatchInfo, file_id: str) -> Response:
     batch_id = compat.batch_id_of(info.id)
-    results = await door.call(
-        queries.batch_results, batch_id, reader=principal.actor, settings=door._ctx(request).settings
+    # Only the file's own jobs are read (and audited as read): the output file's answers, the error file's errors.
+    statuses = (JobStatus.SUCCEEDED,) if file_id.startswith("file-output-") else (JobStatus.FAILED, JobStatus.CANCELLED)
+    chosen = await door.call(
+        queries.batch_results,
+        batch_id,
+        statuses=statuses,
+        reader=principal.actor,
+        settings=door._ctx(request).settings,
     )
-    wanted = JobStatus.SUCCEEDED if file_id.startswith("file-output-") else None
     expired = info.view.status is BatchStatus.EXPIRED
-    chosen = [r for r in results if (r.status is JobStatus.SUCCEEDED) == (wanted is not None) and r.status in TERMINAL]
 
     def lines() -> Iterator[str]:
         for start in range(0, len(chosen), 200):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 from typing import IO, Any
@@ -90,21 +91,30 @@ class BatchResult:
         return {"custom_id": self.custom_id, "smart_chat_assistant_id": self.assistant_id, "messages": self.messages}
 
 
-def results(session: Session, batch_id: str, *, failed_only: bool, reader: str) -> list[BatchResult]:
+def results(
+    session: Session,
+    batch_id: str,
+    *,
+    failed_only: bool,
+    reader: str,
+    statuses: Collection[JobStatus] | None = None,
+) -> list[BatchResult]:
     """Every job of the batch sorted by custom_id, finished or not (partial results of a running,
     cancelled or expired batch included); with ``failed_only``, the failed and cancelled jobs
-    with their messages. The read is audited in ``session``: one ``result.read`` per job, one
-    ``batch.exported``.
+    with their messages; with ``statuses``, only the jobs in those (without their messages). The
+    read is audited in ``session``: one ``result.read`` per job read, one ``batch.exported``.
 
     Raises:
         BatchNotFound: no batch has this id.
         DecryptionFailed: a stored value was moved or altered, or its key is gone.
     """
     expired = batch_store.get(session=session, batch_id=batch_id).status == BatchStatus.EXPIRED
-    statuses = NOT_ANSWERED if failed_only else None
+    if failed_only:
+        statuses = NOT_ANSWERED
+    chosen = None if statuses is None else list(statuses)
     found = [
         _result(session, job, failed_only, expired)
-        for job in batch_store.jobs_of(session=session, batch_id=batch_id, statuses=statuses)
+        for job in batch_store.jobs_of(session=session, batch_id=batch_id, statuses=chosen)
     ]
     for result in found:
         if result.answer is not None or result.error is not None or result.messages is not None:
@@ -124,7 +134,8 @@ def results(session: Session, batch_id: str, *, failed_only: bool, reader: str) 
         job_id=None,
         batch_id=batch_id,
         actor=reader,
-        detail={"jobs": len(found), "failed_only": failed_only},
+        detail={"jobs": len(found), "failed_only": failed_only}
+        | ({} if statuses is None or failed_only else {"statuses": sorted(str(status) for status in statuses)}),
     )
     return found
 
