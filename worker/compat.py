@@ -90,6 +90,11 @@ def openai_batch_id(batch_id: str) -> str:
     return "batch_" + uuid.UUID(batch_id).hex
 
 
+def is_openai_batch_id(value: str) -> bool:
+    """Whether ``value`` has the shape of an OpenAI batch's id (``batch_`` and 32 hex digits)."""
+    return bool(_BATCH_ID.match(value))
+
+
 def batch_id_of(openai_id: str) -> str:
     """The qbgw batch's id of an OpenAI batch id. Raises BatchNotFound for anything that is not one."""
     if not isinstance(openai_id, str) or not _BATCH_ID.match(openai_id):

@@ -99,15 +99,14 @@ def load_json(text: str, *, one_line: bool = False) -> Any:
         raise InvalidMessages("not valid JSON for a request: a number too long to read") from None
 
 
-def validate_assistant_id(assistant_id: object) -> str:
-    """Raises InvalidMessages unless ``assistant_id`` is a short printable id."""
+def validate_assistant_id(assistant_id: object, field: str = "smart_chat_assistant_id") -> str:
+    """Raises InvalidMessages (naming ``field``, the caller's name for it) unless ``assistant_id`` is a short
+    printable id."""
     if not isinstance(assistant_id, str) or not assistant_id.strip():
-        raise InvalidMessages("smart_chat_assistant_id: required, a non-empty string")
-    _check_encodable("smart_chat_assistant_id", assistant_id)
+        raise InvalidMessages(f"{field}: required, a non-empty string")
+    _check_encodable(field, assistant_id)
     if len(assistant_id) > MAX_ASSISTANT_ID or not _ASSISTANT_ID.fullmatch(assistant_id):
-        raise InvalidMessages(
-            f"smart_chat_assistant_id: must be at most {MAX_ASSISTANT_ID} characters of letters, digits and _ . : -"
-        )
+        raise InvalidMessages(f"{field}: must be at most {MAX_ASSISTANT_ID} characters of letters, digits and _ . : -")
     return assistant_id
 
 

@@ -4,12 +4,14 @@ the database, every role against every endpoint, audit actors proven by the key,
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from qbgw import access, queries
@@ -284,7 +286,11 @@ def test_repeated_failures_from_one_source_are_slowed_down(server: Server) -> No
     ("body", "field", "says"),
     [
         ({"assistant_id": ASSISTANT}, "messages", "required"),
-        ({"messages": JOB["messages"]}, "smart_chat_assistant_id", "required"),
+        ({"messages": JOB["messages"]}, "assistant_id", "required"),
+        ({**JOB, "assistant_id": "a b"}, "assistant_id", "letters, digits"),
+        ({"smart_chat_assistant_id": 5, "messages": JOB["messages"]}, "smart_chat_assistant_id", "required"),
+        ({**JOB, "smart_chat_assistant_id": "another"}, "smart_chat_assistant_id", "differs from assistant_id"),
+        ({**JOB, "custom_id": "   "}, "custom_id", "non-empty"),
         ({**JOB, "temperature": 0.2}, "temperature", "not a field of a job"),
         ({**JOB, "messages": [{"role": "user", "content": 5}]}, "messages[0].content", "must be"),
         ({**JOB, "custom_id": ""}, "custom_id", "non-empty"),
@@ -414,6 +420,62 @@ def test_health_ready_and_the_openapi_document(server: Server) -> None:
     for path in ("/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/result", "/v1/audit/events", "/v1/batches"):
         assert path in spec["paths"]
     assert client.get("/docs").status_code == 200
+
+
+def _operation(spec: dict[str, Any], method: str, path: str) -> dict[str, Any]:
+    for template, operations in spec["paths"].items():
+        if re.fullmatch(re.sub(r"\\{[a-z_]+\\}", "[^/]+", re.escape(template)), path) and method in operations:
+            found: dict[str, Any] = operations[method]
+            return found
+    raise AssertionError(f"{method.upper()} {path}: not in the OpenAPI document")
+
+
+def test_every_answer_is_described_by_the_openapi_document(server: Server) -> None:
+    """Successes and refusals of every kind, each checked against its operation in /openapi.json: the status is
+    declared, with the content type the server sent (a problem detail, OpenAI's error, JSON Lines, CSV)."""
+    spec = server.client(None).get("/openapi.json").json()
+    assert "HTTPValidationError" not in json.dumps(spec)  # FastAPI's 422, which the server never sends
+    job_id = submit(server)
+    finished(server, job_id)
+    batch = server.client("sub").post("/v1/batches", content=json.dumps({"custom_id": "d1", **LINE}) + "\n")
+    assert batch.status_code == 202, batch.text
+    batch_id = batch.json()["id"]
+    unknown = "00000000-0000-4000-8000-000000000000"
+    sub, reader, auditor, nobody = (server.client(who) for who in ("sub", "reader", "auditor", None))
+    seen: list[tuple[str, str, httpx.Response]] = [
+        ("post", "/v1/jobs", nobody.post("/v1/jobs", json=JOB)),
+        ("post", "/v1/jobs", sub.post("/v1/jobs", json={"messages": JOB["messages"]})),
+        ("get", f"/v1/jobs/{job_id}", sub.get(f"/v1/jobs/{job_id}", params={"wait": "soon"})),
+        ("get", f"/v1/jobs/{unknown}", sub.get(f"/v1/jobs/{unknown}")),
+        ("get", f"/v1/jobs/{job_id}/result", sub.get(f"/v1/jobs/{job_id}/result")),
+        ("post", f"/v1/jobs/{job_id}/cancel", reader.post(f"/v1/jobs/{job_id}/cancel")),
+        ("post", f"/v1/jobs/{job_id}/replay", server.client("admin").post(f"/v1/jobs/{job_id}/replay")),
+        ("get", f"/v1/batches/{batch_id}/results", sub.get(f"/v1/batches/{batch_id}/results")),
+        ("get", f"/v1/batches/{batch_id}/results", sub.get(f"/v1/batches/{batch_id}/results?format=csv")),
+        ("get", "/v1/batches/batch_123", sub.get("/v1/batches/batch_123")),
+        ("get", "/v1/batches/batch_" + "0" * 32, sub.get("/v1/batches/batch_" + "0" * 32)),
+        ("get", "/v1/audit/events", auditor.get("/v1/audit/events", params={"limit": 0})),
+        ("post", "/v1/audit/access-report", auditor.post("/v1/audit/access-report", content=b"x" * 70000)),
+        ("get", "/v1/files", sub.get("/v1/files", params={"limit": "ten"})),
+        ("get", "/v1/files", sub.get("/v1/files", params={"limit": 0})),
+        ("get", "/v1/files", reader.get("/v1/files")),
+    ]
+    statuses = set()
+    for method, path, answer in seen:
+        declared = _operation(spec, method, path)["responses"]
+        status = str(answer.status_code)
+        assert status in declared, f"{method.upper()} {path}: {status} is not declared ({sorted(declared)})"
+        kind = answer.headers["content-type"].split(";")[0]
+        assert kind in declared[status]["content"], f"{method.upper()} {path} {status}: {kind} is not declared"
+        statuses.add(status)
+    assert statuses >= {"200", "400", "401", "403", "404", "409", "413", "422"}, statuses
+    # A batch id that is not an OpenAI one (batch_ and 32 hex digits) is qbgw's: a problem detail.
+    assert sub.get("/v1/batches/batch_123").headers["content-type"].startswith("application/problem+json")
+    # Both names of the assistant, the same id (or one null), are one job.
+    both = sub.post("/v1/jobs", json={**JOB, "smart_chat_assistant_id": ASSISTANT})
+    assert both.status_code == 202, both.text
+    null = sub.post("/v1/jobs", json={**LINE, "assistant_id": None})
+    assert null.status_code == 202, null.text
 
 
 # ---- subjects and the access report ----

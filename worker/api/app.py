@@ -31,13 +31,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .. import __version__, access, admin, control, errors, producer, queries, reports
+from .. import __version__, access, admin, compat, control, errors, producer, queries, reports
 from ..access import PERMISSIONS, Principal
 from ..batches import export
 from ..batches.input import split_lines
 from ..console import create_console
 from ..lifecycle import TERMINAL
-from ..messages import validate_key
+from ..messages import validate_assistant_id, validate_key
 from ..ops.health import check_health
 from ..runtime.context import Runtime
 from ..runtime.locator import runtime
@@ -45,8 +45,9 @@ from ..runtime.waiter import JobWaiter
 from ..settings import Settings
 from ..store.jobs import NewJob
 from ..store.reads import AuditFilter, Expect, JobView
+from .document import describe_errors
 from .intake import Intake
-from .problems import from_error, problem
+from .problems import NOT_FOUND, from_error, problem
 
 __all__ = ["create_app", "MAX_BATCH_BODY", "MAX_WAIT", "FAILURE_WINDOW", "FAILURES_ALLOWED"]
 
@@ -657,7 +658,7 @@ async def batch_for(request: Request, principal: Principal, scope: str, batch_id
 async def get_batch(request: Request, batch_id: str) -> Response:
     """The batch's status and counts (no PHI); an OpenAI batch's id (``batch_...``) answers in OpenAI's shape."""
     openai = _ctx(request).alternates.get("batches.retrieve")
-    if openai is not None and batch_id.startswith("batch_"):
+    if openai is not None and compat.is_openai_batch_id(batch_id):
         return await openai(request, batch_id)
     principal, scope = await who(request, "batches.status")
     view = await batch_for(request, principal, scope, batch_id)
@@ -700,7 +701,7 @@ async def cancel_batch(request: Request, batch_id: str) -> Response:
     """Cancel every job of the batch not finished yet; finished ones keep their results (an OpenAI batch's id,
     ``batch_...``: in OpenAI's shape)."""
     openai = _ctx(request).alternates.get("batches.cancel")
-    if openai is not None and batch_id.startswith("batch_"):
+    if openai is not None and compat.is_openai_batch_id(batch_id):
         return await openai(request, batch_id)
     principal, scope = await who(request, "batches.cancel")
     await batch_for(request, principal, scope, batch_id)
@@ -877,12 +878,13 @@ def _install_handlers(app: FastAPI) -> None:
     app.add_middleware(_Contain)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> Response:
-        titles = {404: "Not found", 405: "Method not allowed"}
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        titles = {404: NOT_FOUND, 405: "Method not allowed"}
         return problem(
             exc.status_code,
             "not-found" if exc.status_code == 404 else "http",
             titles.get(exc.status_code, str(exc.detail)),
+            f"no such path: {request.url.path[:200]}" if exc.status_code == 404 else None,
             headers=dict(exc.headers or {}),
         )
 
@@ -915,8 +917,19 @@ class _Contain:
                 await problem(500, "internal", "Internal error", "the operator is told")(scope, receive, send)
 
 
+#: The query parameters' bounds, for the OpenAPI document (the checks are the handlers' own).
+_BOUNDS: dict[tuple[str, str], tuple[float, float]] = {
+    ("*", "wait"): (0, MAX_WAIT),
+    ("/v1/audit/events", "limit"): (1, 1000),
+    ("/v1/audit/events", "after_seq"): (0, MAX_SEQ),
+    ("/v1/files", "limit"): (1, compat.MAX_PAGE),
+    ("/v1/batches", "limit"): (1, 100),
+}
+
+
 def _secure_openapi(app: FastAPI) -> None:
-    """The OpenAPI document names the bearer key every /v1 operation needs (the docs page's Authorize)."""
+    """The OpenAPI document names the bearer key every /v1 operation needs (the docs page's Authorize), and the
+    errors each answers, in the shape it sends them (:mod:`qbgw.api.document`)."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -928,6 +941,7 @@ def _secure_openapi(app: FastAPI) -> None:
                 if path.startswith("/v1/"):
                     for operation in operations.values():
                         operation["security"] = [{"apiKey": []}]
+            describe_errors(schema, _BOUNDS)
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -957,6 +971,15 @@ def _job_body(raw: bytes) -> dict[str, Any]:
             f"{unknown[0]}: not a field of a job; a job has assistant_id (or smart_chat_assistant_id), "
             "messages, custom_id, subject and webhook_url"
         )
+    # The assistant, by either name (null: not given); an error names the field the client sent.
+    given = [name for name in ("assistant_id", "smart_chat_assistant_id") if data.get(name) is not None]
+    if len(given) == 2 and data["assistant_id"] != data["smart_chat_assistant_id"]:
+        raise errors.InvalidMessages(
+            "smart_chat_assistant_id: differs from assistant_id; give the assistant once, by either name"
+        )
+    name = given[0] if given else "assistant_id"
+    data["assistant_id"] = validate_assistant_id(data.get(name), field=name)
+    data.pop("smart_chat_assistant_id", None)
     return data
 
 

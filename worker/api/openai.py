@@ -118,7 +118,8 @@ def _from_error(exc: errors.QbgwError) -> OpenAIError:
     answer = from_error(exc)  # 5xx: the same words (and logging) as qbgw's own endpoints
     found = json.loads(bytes(answer.body))
     headers = {k: v for k, v in answer.headers.items() if k.lower() == "retry-after"}
-    return OpenAIError(answer.status_code, str(found.get("title")), code="unavailable", headers=headers)
+    message = ": ".join(str(found[k]) for k in ("title", "detail") if found.get(k))
+    return OpenAIError(answer.status_code, message, code="unavailable", headers=headers)
 
 
 def openai_errors(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:

@@ -41,6 +41,10 @@ def problem(
     return JSONResponse(body, status_code=status, media_type="application/problem+json", headers=headers)
 
 
+#: The title of every 404 (RFC 9457: a title does not change from occurrence to occurrence; ``detail`` says which).
+NOT_FOUND = "Not found"
+
+
 def field_of(message: str) -> tuple[str | None, str]:
     """("messages[0].content", "must be ...") from an input error's text "messages[0].content: must be ..."."""
     match = _FIELD.match(message)
@@ -62,15 +66,16 @@ def from_error(exc: errors.QbgwError) -> JSONResponse:
             422, "invalid-request", "The request is invalid", str(exc), errors_=[{"field": field, "detail": reason}]
         )
     if isinstance(exc, errors.JobNotFound):
-        return problem(404, "not-found", "No such job", str(exc))
+        return problem(404, "not-found", NOT_FOUND, str(exc))
     if isinstance(exc, errors.BatchNotFound):
-        return problem(404, "not-found", "No such batch", str(exc))
+        return problem(404, "not-found", NOT_FOUND, str(exc))
     if isinstance(exc, errors.JobStateConflict):
         return problem(409, "state-conflict", "The job's status does not allow this", str(exc))
     if isinstance(exc, errors.StoreUnavailable | errors.BrokerUnavailable):
         what = "database" if isinstance(exc, errors.StoreUnavailable) else "broker"
         log.warning("answering 503: %s", exc)  # the driver's words (hosts, ports, users) stay in the log
-        return problem(503, "unavailable", f"The {what} is unavailable; try again", headers={"Retry-After": "5"})
+        title, detail = "A service the server needs is unavailable", f"the {what} is unavailable; try again"
+        return problem(503, "unavailable", title, detail, headers={"Retry-After": "5"})
     if isinstance(exc, errors.IntegrityError):
         log.error("integrity error answering a request: %s", type(exc).__name__)
         return problem(500, "integrity", "Stored data failed its integrity check; the operator is told")
