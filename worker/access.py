@@ -16,7 +16,7 @@ from enum import StrEnum
 from .audit.events import Action, record
 from .errors import InputError, Unauthenticated
 from .lifecycle import utcnow
-from .messages import validate_webhook_url
+from .messages import resolve_actor, validate_webhook_url
 from .runtime.locator import runtime
 from .settings import Settings
 from .store import keys as key_store
@@ -125,7 +125,7 @@ def _check_role(role: str) -> Role:
 
 
 def _operator(actor: str | None, settings: Settings) -> str:
-    return actor or settings.actor or "operator"
+    return resolve_actor(actor, settings.actor, "operator")
 
 
 def create_key(

@@ -18,6 +18,7 @@ from .errors import ConfigError, JobStateConflict
 from .execution.sweeper import SweepReport
 from .execution.sweeper import sweep as sweep_once
 from .lifecycle import utcnow
+from .messages import resolve_actor
 from .runtime.locator import runtime
 from .settings import Settings
 from .store import chain, maintenance, roles
@@ -220,7 +221,7 @@ def verify_log(
             session=session,
             action=audit.Action.AUDIT_VERIFIED,
             job_id=None,
-            actor=reader or rt.settings.actor or "auditor",
+            actor=resolve_actor(reader, rt.settings.actor, "auditor", "reader"),
             outcome=outcome,
             detail=detail,
         )

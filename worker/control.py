@@ -11,6 +11,7 @@ from .batches.views import BatchView
 from .errors import InputError
 from .execution.webhooks import publish as publish_webhook
 from .lifecycle import JobStatus, utcnow
+from .messages import resolve_actor
 from .runtime.dispatch import announce
 from .runtime.locator import runtime
 from .settings import Settings
@@ -34,7 +35,7 @@ def cancel(job_id: str, *, actor: str | None = None, settings: Settings | None =
     rt = runtime(settings)
     with rt.transaction() as session:
         return store.cancel(
-            session=session, job_id=job_id, actor=actor or rt.settings.actor or "operator", now=utcnow()
+            session=session, job_id=job_id, actor=resolve_actor(actor, rt.settings.actor, "operator"), now=utcnow()
         )
 
 
@@ -53,7 +54,7 @@ def replay(job_id: str, *, actor: str | None = None, settings: Settings | None =
         attempt = store.replay(
             session=session,
             job_id=job_id,
-            actor=actor or rt.settings.actor or "operator",
+            actor=resolve_actor(actor, rt.settings.actor, "operator"),
             extra_attempts=rt.settings.max_attempts,
             now=utcnow(),
         )
@@ -70,7 +71,7 @@ def cancel_batch(batch_id: str, *, actor: str | None = None, settings: Settings 
         StoreUnavailable: the database cannot be reached.
     """
     rt = runtime(settings)
-    ending.end(rt, batch_id, BatchStatus.CANCELLED, actor or rt.settings.actor or "operator")
+    ending.end(rt, batch_id, BatchStatus.CANCELLED, resolve_actor(actor, rt.settings.actor, "operator"))
     return ending.current(rt, batch_id)
 
 
@@ -97,7 +98,7 @@ def redeliver_webhook(delivery_id: str, *, actor: str | None = None, settings: S
             action=Action.WEBHOOK_REDELIVERED,
             job_id=found.job_id,
             batch_id=found.batch_id,
-            actor=actor or rt.settings.actor or "operator",
+            actor=resolve_actor(actor, rt.settings.actor, "operator"),
             detail={"delivery_id": delivery_id, "event": found.event},
         )
     try:

@@ -160,6 +160,32 @@ def validate_key(name: str, value: object) -> str:
     return value
 
 
+#: The longest actor (the audit events' ``actor`` column).
+MAX_ACTOR = 128
+
+
+def resolve_actor(given: object, configured: str, default: str, name: str = "actor") -> str:
+    """Who an audit event names: ``given`` (a caller's ``actor=`` or ``reader=``), else ``configured``
+    (``QBGW_ACTOR``), else ``default``. Raises InvalidMessages, naming ``name``, unless ``given`` is None, empty,
+    or a string of at most MAX_ACTOR characters without control characters, encodable as UTF-8: an actor that
+    is not text would be stored as text, and the event's hash (of the value given) would no longer match it."""
+    if given is None or given == "":
+        return configured or default
+    if not isinstance(given, str):
+        raise InvalidMessages(
+            f"{name}: must be a string (who is acting, e.g. 'billing-app'), got {type(given).__name__}"
+        )
+    if not given.strip() or len(given) > MAX_ACTOR:
+        raise InvalidMessages(f"{name}: must be a non-empty string of at most {MAX_ACTOR} characters")
+    control = _ANY_CONTROL.search(given)
+    if control is not None:
+        raise InvalidMessages(
+            f"{name}: must not contain control characters; found U+{ord(control[0]):04X} at index {control.start()}"
+        )
+    _check_encodable(name, given)
+    return given
+
+
 #: Unicode's control characters (category Cc: C0, DEL and C1).
 _ANY_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 #: The longest subject accepted (characters, after normalisation).

@@ -19,7 +19,14 @@ from .batches.views import BatchView
 from .errors import InvalidMessages, NotAnnounced, StoreUnavailable
 from .images.resolve import policy
 from .lifecycle import utcnow
-from .messages import validate_assistant_id, validate_key, validate_messages, validate_subject, validate_webhook_url
+from .messages import (
+    resolve_actor,
+    validate_assistant_id,
+    validate_key,
+    validate_messages,
+    validate_subject,
+    validate_webhook_url,
+)
 from .runtime.context import Runtime
 from .runtime.dispatch import announce, announce_many, check_broker
 from .runtime.locator import runtime
@@ -72,7 +79,7 @@ def submit(
         messages,
         custom_id=custom_id,
         idempotency_key=idempotency_key,
-        actor=actor or rt.settings.actor or "producer",
+        actor=resolve_actor(actor, rt.settings.actor, "producer"),
         subject=subject,
     )
     hook = _webhook(rt, webhook_url, new.actor)
@@ -201,7 +208,7 @@ def submit_batch(
     span = window if isinstance(window, timedelta) else timedelta(seconds=window)
     if span <= timedelta(0):
         raise InvalidMessages("window: must be positive")
-    hook = _webhook(rt, webhook_url, actor or rt.settings.actor or "producer")
+    hook = _webhook(rt, webhook_url, resolve_actor(actor, rt.settings.actor, "producer"))
     default = assistant_id or rt.settings.assistant_id or None
     raw = batch_input.read_lines(source) if isinstance(source, str | os.PathLike) else source
     parsed = batch_input.parse_lines(
@@ -210,7 +217,12 @@ def submit_batch(
     if any(line.subject is not None for line in parsed.lines):
         rt.subject_key  # noqa: B018 - a missing key is refused before anything is stored
     batch_id = store_batch(
-        rt, parsed, assistant_id=default, window=span, actor=actor or rt.settings.actor or "producer", webhook_url=hook
+        rt,
+        parsed,
+        assistant_id=default,
+        window=span,
+        actor=resolve_actor(actor, rt.settings.actor, "producer"),
+        webhook_url=hook,
     )
     return replace(current(rt, batch_id), problems=tuple(parsed.problems))
 

@@ -15,6 +15,7 @@ from .batches import ending, export
 from .batches.export import BatchResult
 from .batches.views import BatchView, settled
 from .lifecycle import TERMINAL, JobStatus
+from .messages import resolve_actor
 from .runtime.context import Runtime
 from .runtime.locator import runtime
 from .runtime.waiter import Wake
@@ -43,7 +44,7 @@ __all__ = [
 
 
 def _reader(rt: Runtime, reader: str | None) -> str:
-    return reader or rt.settings.actor or "reader"
+    return resolve_actor(reader, rt.settings.actor, "reader", "reader")
 
 
 def get_job(job_id: str, *, reader: str | None = None, settings: Settings | None = None) -> JobView:

@@ -22,7 +22,7 @@ from .audit.events import AuditRecord
 from .audit.verify import VerifyReport
 from .errors import InvalidMessages
 from .lifecycle import utcnow
-from .messages import validate_subject
+from .messages import resolve_actor, validate_subject
 from .runtime.locator import runtime
 from .settings import Settings
 from .store import subjects
@@ -117,7 +117,7 @@ def access_report(
     rt = runtime(settings)
     index = rt.subject_key.index(validate_subject(subject))
     _check_period(start, end)
-    reader = actor or rt.settings.actor or "auditor"
+    reader = resolve_actor(actor, rt.settings.actor, "auditor")
     anchors, key = read_anchors(rt.settings.anchor_path), anchor_key(rt.settings)
     rt.chain_staged()  # events staged for the block sealer are chained first (committed): the report misses none
     with rt.transaction() as session:

@@ -104,6 +104,17 @@ def _describe(url: str) -> str:
     return f"{scheme}://{host}" if rest else repr(url)
 
 
+#: The Python types each kind of field accepts (an int for a float; a bool only for a bool).
+_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,),
+    "float": (int, float),
+    "str": (str,),
+    "bool": (bool,),
+    "Secret": (Secret,),
+    "Path": (Path,),
+}
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything qbgw can be told, with the embedded default filled in.
@@ -176,7 +187,7 @@ class Settings:
     batch_queue: str = ""
     """Batch jobs wait here; workers take interactive jobs first (empty: "<queue>-batch")."""
     actor: str = ""
-    """Who a producer is in the audit trail when the caller names nobody."""
+    """Who a producer is in the audit trail when the caller names nobody (at most 128 characters, no controls)."""
     assistant_id: str = ""
     """The smart_chat_assistant_id `qbgw submit` uses when none is given."""
     # --- Encryption and the audit trail ---
@@ -315,8 +326,11 @@ class Settings:
         return replace(self, **changes)
 
     def validate(self) -> None:
-        """Raises ConfigError for out-of-range values."""
+        """Raises ConfigError for values of the wrong type or out of range."""
+        self._check_types()
         self._check_ranges()
+        if len(self.actor) > 128 or any(ord(c) < 32 or 127 <= ord(c) < 160 for c in self.actor):
+            raise ConfigError(f"{PREFIX}ACTOR must be at most 128 characters, without control characters")
         if self.visibility_timeout <= self.lease_seconds:
             raise ConfigError(
                 f"{PREFIX}VISIBILITY_TIMEOUT ({self.visibility_timeout:g}s) must exceed an attempt's lease "
@@ -375,6 +389,21 @@ class Settings:
                 f"limit (10 workers would send 10 times the plan) and its own session. Set {PREFIX}REDIS_URL to a "
                 "Redis every worker reaches (redis://host:6379/0); the broker may stay as it is"
             )
+
+    def _check_types(self) -> None:
+        """A value of another type than its field's (``Settings(max_attempts="3")``) is refused by name, not met
+        later as a TypeError in a comparison, or stored as it came."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, str) and f.type in ("Path", "Secret"):  # a path or a secret given as text
+                value = Path(value) if f.type == "Path" else Secret(value)
+                object.__setattr__(self, f.name, value)
+            accepted = _TYPES[str(f.type)]
+            if isinstance(value, bool) and bool not in accepted or not isinstance(value, accepted):
+                names = " or ".join(kind.__name__ for kind in accepted)
+                raise ConfigError(
+                    f"{PREFIX}{f.name.upper()} (Settings.{f.name}) must be {names}, got {type(value).__name__}"
+                )
 
     def _check_ranges(self) -> None:
         for name in (

@@ -25,6 +25,7 @@ from .access import Role, _check_name
 from .audit.events import Action, record
 from .errors import InputError, QbgwError
 from .lifecycle import utcnow
+from .messages import resolve_actor
 from .runtime.locator import runtime
 from .settings import Settings
 from .store import users as user_store
@@ -128,7 +129,7 @@ def _check_password(password: str) -> str:
 
 
 def _operator(actor: str | None, settings: Settings) -> str:
-    return actor or settings.actor or "operator"
+    return resolve_actor(actor, settings.actor, "operator")
 
 
 def create_user(

@@ -63,7 +63,7 @@ def write_a_varied_chain(settings: Settings) -> None:
     """Events with every kind of column: nulls and numbers, detail, a batch, a token fingerprint, non-ASCII and
     characters JSON escapes."""
     done = producer.submit(
-        ASSISTANT, [{"role": "user", "content": "Hi"}], actor='Zoë — клиника "7"\\\t', settings=settings
+        ASSISTANT, [{"role": "user", "content": "Hi"}], actor='Zoë — клиника "7"\\', settings=settings
     )
     run_attempt(runtime(settings), done)
     get_job(done, reader="nurse ü", settings=settings)

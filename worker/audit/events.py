@@ -298,6 +298,8 @@ def event(
     (``occurred_at``) and its place (``seq``) are given when its transaction commits (:func:`seal`).
     ``subject_index``: the blind index of the job's subject when the caller knows it (None: the job has none);
     left out, the seal reads it from the job (``store.chain``)."""
+    if not isinstance(actor, str):  # hashed as given, stored as text: anything else would break the chain for good
+        raise TypeError(f"an audit event's actor must be a string, got {type(actor).__name__}")
     built = {
         "action": str(action),
         "job_id": job_id,
