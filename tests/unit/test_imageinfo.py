@@ -53,7 +53,7 @@ def test_jpeg_frame_header_inside_an_app_segment_is_not_taken_for_the_real_one()
 
 def test_gif_renamed_as_jpeg_is_rejected_naming_gif() -> None:
     gif = b"GIF89a" + struct.pack("<HH", 1, 1) + b"\x80\x00\x00" + bytes(10)
-    with pytest.raises(InvalidImage, match=r"^not a jpeg or png \(looks like gif; starts with GIF89a"):
+    with pytest.raises(InvalidImage, match=r"^not a jpeg or png \(looks like gif\)$"):
         sniff(gif)
 
 
@@ -70,9 +70,19 @@ def test_other_recognisable_formats_are_named(data: bytes, kind: str) -> None:
         sniff(data)
 
 
-def test_unrecognisable_bytes_are_rejected_showing_how_they_start() -> None:
-    with pytest.raises(InvalidImage, match=r"^not a jpeg or png \(starts with hello wo\.\.\.\)$"):
-        sniff(b"hello world")
+@pytest.mark.parametrize(
+    ("data", "looks"),
+    [
+        (b"JohnDoe MRN 0042 visit note", "text"),
+        ("Zo\u00eb \u2014 \u043a\u043b\u0438\u043d\u0438\u043a\u0430 \u2603 " * 5, "text"),
+        (b"\x00\x01\x02\x03\xff\xfe", "unrecognised binary data"),
+    ],
+)
+def test_unrecognisable_bytes_are_described_never_quoted(data: bytes | str, looks: str) -> None:
+    """A refused file may hold PHI: the error says what it looks like, not what it says."""
+    raw = data.encode() if isinstance(data, str) else data
+    with pytest.raises(InvalidImage, match=rf"^not a jpeg or png \(looks like {looks}\)$"):  # (nothing more)
+        sniff(raw)
 
 
 def test_invalid_image_is_an_input_error() -> None:

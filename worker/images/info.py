@@ -116,11 +116,20 @@ def _kind(data: bytes) -> str:
 
 
 def _not_jpeg_or_png(data: bytes) -> str:
-    start = repr(data[:8])[2:-1] + ("..." if len(data) > 8 else "")
-    other = _other_format(data)
-    if other:
-        return f"not a jpeg or png (looks like {other}; starts with {start})"
-    return f"not a jpeg or png (starts with {start})"
+    """What the bytes look like, never what they say: a refused file may hold PHI, and errors are shown and
+    logged."""
+    other = _other_format(data) or ("text" if _looks_like_text(data[:64]) else "unrecognised binary data")
+    return f"not a jpeg or png (looks like {other})"
+
+
+def _looks_like_text(head: bytes) -> bool:
+    for cut in range(4):  # (the head may end inside a character)
+        try:
+            text = head[: len(head) - cut].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        return all(c.isprintable() or c in "\t\r\n" for c in text)
+    return False
 
 
 def _other_format(data: bytes) -> str | None:
