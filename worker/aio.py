@@ -36,6 +36,8 @@ async def submit(
     custom_id: str | None = None,
     idempotency_key: str | None = None,
     actor: str | None = None,
+    require_broker: bool = False,
+    webhook_url: str | None = None,
     subject: str | None = None,
     settings: Settings | None = None,
 ) -> str:
@@ -47,6 +49,8 @@ async def submit(
         custom_id=custom_id,
         idempotency_key=idempotency_key,
         actor=actor,
+        require_broker=require_broker,
+        webhook_url=webhook_url,
         subject=subject,
         settings=settings,
     )

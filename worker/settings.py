@@ -34,6 +34,8 @@ __all__ = [
 
 #: Every setting is read from an environment variable with this prefix.
 PREFIX = "QBGW_"
+#: The shortest QBGW_SUBJECT_KEY accepted (a generated one is 64 hex digits: 256 bits).
+MIN_SUBJECT_KEY_CHARS = 32
 
 # The gateway doc says "Max image size: 50MB"; we read MB as MiB, the larger of the two readings, and
 # leave the stricter check to the gateway.
@@ -329,8 +331,7 @@ class Settings:
         """Raises ConfigError for values of the wrong type or out of range."""
         self._check_types()
         self._check_ranges()
-        if len(self.actor) > 128 or any(ord(c) < 32 or 127 <= ord(c) < 160 for c in self.actor):
-            raise ConfigError(f"{PREFIX}ACTOR must be at most 128 characters, without control characters")
+        self._check_texts()
         if self.visibility_timeout <= self.lease_seconds:
             raise ConfigError(
                 f"{PREFIX}VISIBILITY_TIMEOUT ({self.visibility_timeout:g}s) must exceed an attempt's lease "
@@ -389,6 +390,14 @@ class Settings:
                 f"limit (10 workers would send 10 times the plan) and its own session. Set {PREFIX}REDIS_URL to a "
                 "Redis every worker reaches (redis://host:6379/0); the broker may stay as it is"
             )
+
+    def _check_texts(self) -> None:
+        if self.subject_key and len(self.subject_key.reveal().strip()) < MIN_SUBJECT_KEY_CHARS:
+            raise ConfigError(
+                f"{PREFIX}SUBJECT_KEY: must be at least {MIN_SUBJECT_KEY_CHARS} characters (e.g. openssl rand -hex 32)"
+            )
+        if len(self.actor) > 128 or any(ord(c) < 32 or 127 <= ord(c) < 160 for c in self.actor):
+            raise ConfigError(f"{PREFIX}ACTOR must be at most 128 characters, without control characters")
 
     def _check_types(self) -> None:
         """A value of another type than its field's (``Settings(max_attempts="3")``) is refused by name, not met

@@ -534,3 +534,12 @@ def test_a_read_the_listener_cannot_start_is_left_to_the_coroutine(monkeypatch: 
             waiter.stop(wait=False)
 
     assert asyncio.run(scenario()) == (None, True)
+
+
+def test_aio_submit_takes_the_arguments_of_submit() -> None:
+    """``qbgw.aio.submit`` is ``qbgw.submit`` on the loop: the same parameters, with the same defaults."""
+    import inspect
+
+    assert inspect.signature(aio.submit).parameters.keys() == inspect.signature(qbgw.submit).parameters.keys()
+    for name, parameter in inspect.signature(qbgw.submit).parameters.items():
+        assert inspect.signature(aio.submit).parameters[name].default == parameter.default, name

@@ -4,6 +4,7 @@ import io
 import json
 from pathlib import Path
 
+import click
 import pytest
 
 from qbgw.cli.inputs import build_request
@@ -73,7 +74,7 @@ def test_a_relative_image_path_becomes_absolute(tmp_path: Path, monkeypatch: pyt
     [({}, "nothing to send"), ({"file": "x.json", "text": ("hi",)}, "not both")],
 )
 def test_ambiguous_or_empty_input_is_refused(kwargs: dict[str, object], message: str) -> None:
-    with pytest.raises(InvalidMessages, match=message):
+    with pytest.raises(click.UsageError, match=message):  # exit 2, as every usage mistake
         build_request(kwargs.pop("file", None), **kwargs)  # type: ignore[arg-type]
 
 

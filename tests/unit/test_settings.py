@@ -148,3 +148,30 @@ def test_the_configuration_page_is_the_settings_reference_and_every_setting_has_
     documented = reference()
     assert [d.variable for d in documented] == [f"QBGW_{f.upper()}" for f in Settings.__dataclass_fields__]
     assert all(len(d.meaning) > 15 for d in documented), [d.variable for d in documented if len(d.meaning) <= 15]
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"max_attempts": "3"}, "QBGW_MAX_ATTEMPTS (Settings.max_attempts) must be int, got str"),
+        ({"concurrency": True}, "QBGW_CONCURRENCY (Settings.concurrency) must be int, got bool"),
+        ({"read_timeout": "30"}, "QBGW_READ_TIMEOUT (Settings.read_timeout) must be int or float, got str"),
+        ({"actor": 5}, "QBGW_ACTOR (Settings.actor) must be str, got int"),
+        ({"actor": "a\nb"}, "QBGW_ACTOR must be at most 128 characters"),
+        ({"subject_key": Secret("short")}, "QBGW_SUBJECT_KEY: must be at least 32 characters"),
+    ],
+)
+def test_a_setting_of_the_wrong_type_or_shape_is_a_config_error_naming_it(
+    changes: dict[str, object], message: str
+) -> None:
+    """Made in code as well as from the environment: refused at once, by name, not met later as a TypeError."""
+    with pytest.raises(ConfigError) as refused:
+        Settings(**changes)  # type: ignore[arg-type]
+    assert message in str(refused.value)
+
+
+def test_a_path_or_a_secret_may_be_given_as_text(tmp_path: Path) -> None:
+    made = Settings(data_dir=str(tmp_path), subject_key="k" * 40)  # type: ignore[arg-type]
+    assert made.data_dir == tmp_path
+    assert isinstance(made.subject_key, Secret)
+    assert made.subject_key.reveal() == "k" * 40

@@ -16,14 +16,14 @@ import threading
 from pathlib import Path
 
 from ..errors import ConfigError, SubjectKeyMissing
-from ..settings import Settings
+from ..settings import MIN_SUBJECT_KEY_CHARS, Settings
 
 __all__ = ["MIN_KEY_CHARS", "SubjectKey", "subject_key", "subject_key_path"]
 
 log = logging.getLogger("qbgw.audit")
 
 #: The shortest QBGW_SUBJECT_KEY accepted (a generated one is 64 hex digits: 256 bits).
-MIN_KEY_CHARS = 32
+MIN_KEY_CHARS = MIN_SUBJECT_KEY_CHARS
 _TAG = b"qbgw-subject-v1\x00"
 _lock = threading.Lock()
 

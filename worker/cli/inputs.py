@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import click
+
 from ..errors import InvalidMessages
 from ..images.refs import scheme_of
 from ..messages import REQUEST_FIELDS, check_fields, load_json
@@ -43,17 +45,19 @@ def build_request(
 
     Raises:
         InvalidMessages: the file is unreadable, too large, or not JSON of an accepted shape (unknown
-            fields, a field of the wrong type), or nothing was given.
+            fields, a field of the wrong type).
+        click.UsageError: nothing was given, or both a file and --text/--image (exit 2, as every usage
+            mistake).
     """
     if file is not None and (text or images):
-        raise InvalidMessages("give either a messages FILE or --text/--image, not both")
+        raise click.UsageError("give either a messages FILE or --text/--image, not both")
     if file is not None:
         request = _from_json(file, max_bytes)
     elif text or images:
         parts = [{"type": "text", "text": t} for t in text] + [image_part(i) for i in images]
         request = Request(messages=[{"role": "user", "content": parts}])
     else:
-        raise InvalidMessages("nothing to send: give a messages FILE ('-' for stdin) or --text/--image")
+        raise click.UsageError("nothing to send: give a messages FILE ('-' for stdin) or --text/--image")
     if system:
         request = Request(
             messages=[{"role": "developer", "content": system}, *request.messages],
