@@ -267,4 +267,29 @@ def test_keys_and_purge_commands(env: dict[str, str], embedded_settings: Setting
     assert qbgw(env, "purge", "--older-than", "soon").exit_code == 2
     assert qbgw(env, "purge", "--older-than", "²d").exit_code == 2  # a Unicode digit: no traceback
     assert qbgw(env, "purge", "--older-than", "0s").stdout.strip() == "purged the PHI of 1 job(s) and file(s)"
-    assert qbgw(env, "result", job_id).exit_code == 0
+    purged = qbgw(env, "result", job_id)  # no answer to print: said so, not an empty line and exit 0
+    assert purged.exit_code == EXIT["job_failed"]
+    assert purged.stdout == ""
+    assert "succeeded, but its answer was purged" in purged.stderr
+
+
+def test_a_batch_job_shows_its_batch_and_a_limit_below_one_is_a_usage_error(
+    env: dict[str, str], embedded_settings: Settings
+) -> None:
+    from qbgw import producer
+    from qbgw.errors import InputError
+    from qbgw.queries import batch_results
+    from qbgw.store.reads import AuditFilter
+
+    line = {"custom_id": "a", "smart_chat_assistant_id": ASSISTANT, "messages": [{"role": "user", "content": "x"}]}
+    batch = producer.submit_batch([line], settings=embedded_settings)
+    job_id = batch_results(batch.id, settings=embedded_settings)[0].job_id
+    assert json.loads(qbgw(env, "status", job_id).stdout)["batch_id"] == batch.id
+    alone = qbgw(env, "submit", "--text", "alone").stdout.strip()
+    assert json.loads(qbgw(env, "status", alone).stdout)["batch_id"] is None
+    for limit in ("0", "-1"):
+        refused = qbgw(env, "audit", "--limit", limit)
+        assert refused.exit_code == EXIT["usage"], refused.stderr
+        assert "--limit" in refused.stderr
+    with pytest.raises(InputError, match="^limit: "):
+        AuditFilter(limit=0)

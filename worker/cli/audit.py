@@ -55,7 +55,7 @@ def _age(value: str) -> timedelta:
 @click.option("--outcome", help="Only this outcome, e.g. transient, permanent, succeeded.")
 @click.option("--since", help="From this time (ISO 8601, UTC if no zone).")
 @click.option("--until", help="Before this time.")
-@click.option("--limit", type=int, default=1000, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=1000, show_default=True)
 @click.option(
     "--format",
     "fmt",

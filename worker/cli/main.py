@@ -25,7 +25,7 @@ from ..control import replay as replay_job
 from ..emulator.server import EmulatorConfig, serve
 from ..execution.service import run_worker
 from ..ops import logs
-from ..queries import failed_jobs, get_job, job_events, wait_for_job
+from ..queries import failed_jobs, get_job, job_events, job_metadata, wait_for_job
 from ..settings import Settings
 from ..store import roles, schema
 from ..store.db import describe_url
@@ -113,8 +113,10 @@ def submit(
 @handled
 def status(job_id: str, reader: str | None) -> None:
     """Show a job's status, timestamps, attempts and error (not its answer); reading the error is audited."""
-    view = get_job(job_id, reader=reader, settings=_settings()).as_dict()
+    settings = _settings()
+    view = get_job(job_id, reader=reader, settings=settings).as_dict()
     view.pop("answer")
+    view["batch_id"] = job_metadata(job_id, settings=settings)[1]
     click.echo(json.dumps(view, indent=2, ensure_ascii=False))
 
 
@@ -125,7 +127,8 @@ def status(job_id: str, reader: str | None) -> None:
 @click.option("--actor", "reader", help="Who is reading, for the audit trail (default QBGW_ACTOR).")
 @handled
 def result(job_id: str, wait_: bool, timeout: float | None, reader: str | None) -> None:
-    """Print a job's answer (exit 1 if it failed, 6 if it is not finished); the read is audited."""
+    """Print a job's answer (exit 1 if it failed, was cancelled or its answer was purged, 6 if it is not
+    finished); the read is audited."""
     _print_result(job_id, _settings(), wait=wait_, timeout=timeout, reader=reader)
 
 
@@ -136,9 +139,12 @@ def _print_result(
         view = wait_for_job(job_id, timeout=timeout, reader=reader, settings=settings)
     else:
         view = get_job(job_id, reader=reader, settings=settings)
-    if view.status == "succeeded":
+    if view.status == "succeeded" and view.answer is not None:
         click.echo(view.answer)
         return
+    if view.status == "succeeded":  # (no answer: erased by qbgw purge)
+        click.echo(f"qbgw: job {job_id} succeeded, but its answer was purged (qbgw purge)", err=True)
+        sys.exit(EXIT["job_failed"])
     if view.done:
         click.echo(f"qbgw: job {job_id} {view.status}: {view.error or 'no reason recorded'}", err=True)
         sys.exit(EXIT["job_failed"])
@@ -208,7 +214,7 @@ def cancel(job_id: str, actor: str | None) -> None:
 
 
 @cli.command()
-@click.option("--limit", type=int, default=50, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.option("--actor", "reader", help="Who is reading, for the audit trail (default QBGW_ACTOR).")
 @handled

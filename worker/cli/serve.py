@@ -143,7 +143,7 @@ def webhooks() -> None:
 
 
 @webhooks.command("failed")
-@click.option("--limit", type=int, default=100, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @handled
 def failed(limit: int, as_json: bool) -> None:

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from ..audit import events as audit
 from ..audit.crypto import Keyring, aad_for
-from ..errors import JobNotFound
+from ..errors import InvalidMessages, JobNotFound
 from ..lifecycle import TERMINAL, JobStatus, utcnow
 from . import db
 from .batches import BatchStatus
@@ -270,6 +270,10 @@ class AuditFilter:
     limit: int = 1000
     #: Only events after this position in the chain: a cursor, the last ``seq`` of the previous page.
     after_seq: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1:
+            raise InvalidMessages(f"limit: must be a whole number of events, 1 or more; got {self.limit!r}")
 
     def where(self) -> list[Any]:
         columns = ("job_id", "batch_id", "assistant_id", "actor", "action", "outcome")
