@@ -172,6 +172,13 @@ def create_key(
         )
         if not webhooks.signing_secrets(session, f"key:{name}", now):
             webhooks.add_secret(session, principal=f"key:{name}", now=now, overlap=None)
+            record(
+                session=session,
+                action=Action.WEBHOOK_SECRET_ROTATED,
+                job_id=None,
+                actor=_operator(actor, rt.settings),
+                detail={"principal": name, "old_secrets_expire_at": None},
+            )
         record(
             session=session,
             action=Action.API_KEY_CREATED,
@@ -275,6 +282,10 @@ def webhook_secret(
     now = utcnow()
     principal = f"key:{name}"
     with rt.transaction() as session:
+        if not key_store.by_name(session, name):
+            raise InputError(
+                f"name: no key was ever made for {name!r} (qbgw api-keys list); a secret signs a key's webhooks"
+            )
         current = webhooks.signing_secrets(session, principal, now)
         if current and not rotate:
             return current[0]

@@ -32,6 +32,7 @@ from .runtime.dispatch import announce, announce_many, check_broker
 from .runtime.locator import runtime
 from .settings import Settings
 from .store import jobs as store
+from .store import keys as key_store
 from .store import webhooks
 from .store.reads import status_of
 
@@ -153,7 +154,14 @@ def _webhook(rt: Runtime, url: str | None, actor: str) -> str | None:
         raise InvalidMessages(
             f"webhook_url: needs actor='key:<name>' (the principal whose signing secret signs it), got {actor!r}"
         )
-    return validate_webhook_url(url, development=rt.settings.webhooks_development)
+    checked = validate_webhook_url(url, development=rt.settings.webhooks_development)
+    with rt.transaction() as session:  # a secret nobody was given would sign the deliveries
+        if not key_store.by_name(session, actor[len("key:") :]):
+            raise InvalidMessages(
+                f"webhook_url: actor {actor!r} names no key (qbgw api-keys list): its deliveries would be signed with "
+                "a secret no receiver has"
+            )
+    return checked
 
 
 def _store(rt: Runtime, new: store.NewJob, webhook_url: str | None = None) -> tuple[str, bool]:

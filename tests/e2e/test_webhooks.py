@@ -238,3 +238,27 @@ def test_a_key_default_webhook_applies_to_jobs_without_one(server: Server, recei
     assert answer.status_code == 202
     wait_until(lambda: len(receiver.received) >= 1, timeout=30)
     assert verify(server.settings, "hooked", *receiver.received[0])["data"]["id"] == answer.json()["id"]
+
+
+def test_an_openai_batch_asks_for_its_webhook_in_the_query(server: Server, receiver: Receiver) -> None:
+    """The SDK's body has no webhook field: ``?webhook_url=`` (``extra_query``) asks for the batch's event, as on
+    qbgw's own batches; the event names the qbgw batch, whose OpenAI id is ``batch_`` + its hex. The batch's
+    metadata (free text, stored as PHI) is shown to the submitter, not to an auditor."""
+    from tests.e2e.test_openai_compat import chat_line, jsonl, sdk
+
+    client = sdk(server, "sub")
+    uploaded = client.files.create(file=("w.jsonl", jsonl([chat_line("w1", "hi")])), purpose="batch")
+    batch = client.batches.create(
+        input_file_id=uploaded.id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        metadata={"ward": "4B"},
+        extra_query={"webhook_url": receiver.url},
+    )
+    wait_until(lambda: len(receiver.received) >= 1, timeout=60)
+    headers, body = receiver.received[0]
+    event = verify(server.settings, "sub", headers, body)
+    assert event["type"] == "batch.completed"
+    assert "batch_" + event["data"]["id"].replace("-", "") == batch.id
+    assert client.batches.retrieve(batch.id).metadata == {"ward": "4B"}
+    assert sdk(server, "auditor").batches.retrieve(batch.id).metadata is None

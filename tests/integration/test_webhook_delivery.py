@@ -11,9 +11,9 @@ from datetime import timedelta
 
 import pytest
 
-from qbgw import producer
+from qbgw import access, producer
 from qbgw.control import cancel_batch
-from qbgw.errors import InvalidMessages
+from qbgw.errors import InputError, InvalidMessages
 from qbgw.execution import webhooks
 from qbgw.lifecycle import utcnow
 from qbgw.runtime.locator import runtime
@@ -64,7 +64,12 @@ def test_a_receiver_that_drips_bytes_is_cut_at_the_total_timeout(monkeypatch: py
     assert time.monotonic() - started < 3.0  # each byte came within the read timeout: only the watchdog ends it
 
 
+def _key(settings: Settings, name: str = "web") -> None:
+    access.create_key(name, "submitter", settings=settings)
+
+
 def _delivery(settings: Settings) -> str:
+    _key(settings)
     job_id = producer.submit(
         ASSISTANT, MESSAGES, webhook_url="http://127.0.0.1:9/h", actor="key:web", settings=settings
     )
@@ -106,6 +111,7 @@ def test_an_attempt_that_outlived_its_lease_cannot_undo_a_newer_one(settings: Se
 
 
 def test_a_dns_failure_is_tried_again_not_failed(settings: Settings) -> None:
+    _key(settings)
     job_id = producer.submit(
         ASSISTANT, MESSAGES, webhook_url="https://no-such-host.invalid/hook", actor="key:web", settings=settings
     )
@@ -128,6 +134,7 @@ def test_the_last_try_is_at_the_end_of_the_window() -> None:
 
 def test_an_ended_batch_is_found_however_many_batches_still_run(settings: Settings) -> None:
     dev = settings.with_(webhooks_development=True)
+    _key(dev)
     ids = [
         producer.submit_batch(
             [{"custom_id": "a", "smart_chat_assistant_id": ASSISTANT, "messages": MESSAGES}],
@@ -145,3 +152,9 @@ def test_an_ended_batch_is_found_however_many_batches_still_run(settings: Settin
 def test_a_python_webhook_needs_a_key_principal(settings: Settings) -> None:
     with pytest.raises(InvalidMessages, match="actor"):
         producer.submit(ASSISTANT, MESSAGES, webhook_url="https://hooks.example/h", actor="billing", settings=settings)
+    with pytest.raises(InvalidMessages, match="names no key"):  # signed with a secret no receiver was given
+        producer.submit(
+            ASSISTANT, MESSAGES, webhook_url="https://hooks.example/h", actor="key:nobody", settings=settings
+        )
+    with pytest.raises(InputError, match="no key was ever made"):
+        access.webhook_secret("nobody", settings=settings)

@@ -42,3 +42,26 @@ def test_a_chat_request_takes_model_messages_and_harmless_defaults() -> None:
     assert chat_request(body) == ("a1", [1])
     with pytest.raises(InvalidMessages, match="only 1 is supported"):
         chat_request({"model": "a1", "messages": [1], "n": True})  # a bool is not the number 1
+
+
+def test_an_expired_batch_is_finalizing_until_its_running_requests_end() -> None:
+    """Its files are made once it has ended: a poll that stops at ``expired`` must find them."""
+    from types import SimpleNamespace
+
+    from qbgw.api.openai import _status
+    from qbgw.store.batches import BatchStatus
+
+    assert _status(SimpleNamespace(status=BatchStatus.EXPIRED, pending=3)) == "finalizing"  # type: ignore[arg-type]
+    assert _status(SimpleNamespace(status=BatchStatus.EXPIRED, pending=0)) == "expired"  # type: ignore[arg-type]
+
+
+def test_a_purged_answer_is_an_error_line_not_an_empty_success() -> None:
+    from types import SimpleNamespace
+
+    from qbgw.api.openai import _line
+    from qbgw.lifecycle import JobStatus
+
+    purged = SimpleNamespace(job_id="j-1", custom_id="c-1", status=JobStatus.SUCCEEDED, answer=None)
+    line = _line(purged, "/v1/chat/completions", False)  # type: ignore[arg-type]
+    assert line["response"] is None
+    assert line["error"]["code"] == "purged"

@@ -416,7 +416,12 @@ def _completion(result: BatchResult) -> dict[str, Any]:
 def _line(result: BatchResult, endpoint: str, expired: bool) -> dict[str, Any]:
     hexed = result.job_id.replace("-", "")
     line: dict[str, Any] = {"id": f"batch_req_{hexed}", "custom_id": result.custom_id, "response": None, "error": None}
-    if result.status is JobStatus.SUCCEEDED:
+    if result.status is JobStatus.SUCCEEDED and result.answer is None:  # erased by qbgw purge
+        line["error"] = {
+            "code": "purged",
+            "message": "the answer was erased by qbgw purge (qbgw job " + result.job_id + ")",
+        }
+    elif result.status is JobStatus.SUCCEEDED:
         body: dict[str, Any] = _completion(result) if endpoint == compat.ENDPOINTS[0] else {"answer": result.answer}
         line["response"] = {"status_code": 200, "request_id": result.job_id, "body": body}
     elif result.status is JobStatus.CANCELLED:
@@ -462,12 +467,14 @@ async def _results_file(request: Request, principal: Principal, info: compat.Ope
 def _status(view: BatchView) -> str:
     if view.status is BatchStatus.CANCELLED:
         return "cancelling" if view.pending else "cancelled"
-    if view.status is BatchStatus.EXPIRED:
-        return "expired"
+    if view.status is BatchStatus.EXPIRED:  # its jobs still running end first (their lines go in the files)
+        return "finalizing" if view.pending else "expired"
     return str(view.status)  # validating, in_progress, completed: the same words
 
 
-def _batch(info: compat.OpenAIBatchInfo) -> dict[str, Any]:
+def _batch(info: compat.OpenAIBatchInfo, *, show_metadata: bool = True) -> dict[str, Any]:
+    """The batch object; ``show_metadata``: False for a role that may not read content (metadata is the
+    submitter's free text, stored encrypted as PHI; hidden as a file's name is)."""
     view = info.view
     output_id, errors_id = _output_ids(view.id)
     ended = view.done
@@ -486,14 +493,14 @@ def _batch(info: compat.OpenAIBatchInfo) -> dict[str, Any]:
         "created_at": _epoch(view.created_at),
         "in_progress_at": _epoch(view.in_progress_at),
         "expires_at": _epoch(view.expires_at),
-        "finalizing_at": None,
+        "finalizing_at": _epoch(view.expired_at),
         "completed_at": _epoch(view.completed_at),
         "failed_at": None,
-        "expired_at": _epoch(view.expired_at),
+        "expired_at": _epoch(view.expired_at) if status == "expired" else None,
         "cancelling_at": _epoch(view.cancelled_at),
         "cancelled_at": _epoch(view.cancelled_at) if status == "cancelled" else None,
         "request_counts": {"total": view.total, "completed": view.succeeded, "failed": failed},
-        "metadata": info.metadata,
+        "metadata": info.metadata if show_metadata else None,
         # qbgw's own words beside OpenAI's (the SDKs keep unknown fields): the batch behind it and its summary.
         "qbgw": {"batch_id": view.id, "summary": view.summary, "cancelled": view.cancelled, "pending": view.pending},
     }
@@ -532,7 +539,8 @@ async def create_batch(request: Request) -> Response:
         metadata=data.get("metadata"),
         actor=principal.actor,
         owner=principal.actor,  # a batch is made only from the submitter's own file
-        webhook_url=principal.webhook_url,
+        # ?webhook_url= as on qbgw's own POST /v1/batches (the body is OpenAI's, which has no such field)
+        webhook_url=request.query_params.get("webhook_url") or principal.webhook_url,
         settings=door._ctx(request).settings,
     )
     return JSONResponse(_batch(info))
@@ -552,7 +560,8 @@ async def list_batches(request: Request, after: str | None = None, limit: int = 
         limit=limit + 1,
         settings=door._ctx(request).settings,
     )
-    data = [_batch(info) for info in found[:limit]]
+    show = _may_read(principal, "files.content")
+    data = [_batch(info, show_metadata=show) for info in found[:limit]]
     return JSONResponse(
         {
             "object": "list",
@@ -573,7 +582,7 @@ async def _retrieve_batch(request: Request, openai_id: str) -> Response:
         owner=_owner(principal, scope),
         settings=door._ctx(request).settings,
     )
-    return JSONResponse(_batch(info))
+    return JSONResponse(_batch(info, show_metadata=_may_read(principal, "files.content")))
 
 
 @openai_errors
@@ -584,7 +593,7 @@ async def _cancel_batch(request: Request, openai_id: str) -> Response:
     await door.call(compat.get_batch, batch_id, owner=_owner(principal, scope), settings=settings)
     await door.call(control.cancel_batch, batch_id, actor=principal.actor, settings=settings)
     info = await door.call(compat.get_batch, batch_id, settings=settings)
-    return JSONResponse(_batch(info))
+    return JSONResponse(_batch(info, show_metadata=_may_read(principal, "files.content")))
 
 
 # ---- chat completions ----

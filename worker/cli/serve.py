@@ -170,6 +170,9 @@ def redeliver(delivery_ids: tuple[str, ...], all_failed: bool, actor: str | None
     ids = list(delivery_ids)
     if all_failed:
         ids += [d.id for d in queries.failed_webhooks(limit=10_000, settings=settings)]
+    if not ids and all_failed:
+        click.echo("no failed deliveries", err=True)
+        return
     if not ids:
         raise click.UsageError("name delivery ids (qbgw webhooks failed lists them), or pass --all-failed")
     for delivery_id in dict.fromkeys(ids):
