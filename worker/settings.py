@@ -106,6 +106,67 @@ def _describe(url: str) -> str:
     return f"{scheme}://{host}" if rest else repr(url)
 
 
+#: The bounds of numeric settings: (fields, least, whether the least itself is refused, what is accepted).
+_RANGES: tuple[tuple[tuple[str, ...], float, bool, str], ...] = (
+    (
+        (
+            "connect_timeout",
+            "read_timeout",
+            "backoff_base",
+            "backoff_max",
+            "sweep_grace",
+            "retry_deadline",
+            "lease_margin",
+            "visibility_timeout",
+            "audit_seal_interval",
+            "audit_anchor_seconds",
+            "fetch_timeout",
+            "rate_cooldown",
+            "rate_cooldown_max",
+            "webhook_backoff",
+            "webhook_retry_window",
+            "console_idle_timeout",
+            "console_lockout",
+        ),
+        0,
+        True,
+        "a positive number of seconds",
+    ),
+    (
+        (
+            "audit_retention_days",
+            "sweep_interval",
+            "heap_trim_interval",
+            "db_pool_size",
+            "rate_limit",
+            "rate_limit_per_assistant",
+            "rate_max_sleep",
+            "session_renew_margin",
+        ),
+        0,
+        False,
+        "0 or more",
+    ),
+    (
+        (
+            "max_attempts",
+            "max_faults",
+            "concurrency",
+            "audit_anchor_events",
+            "rate_burst",
+            "max_request_bytes",
+            "console_max_failures",
+            "fetch_max_bytes",
+            "max_image_pixels",
+            "pdf_max_pages",
+        ),
+        1,
+        False,
+        "at least 1",
+    ),
+    (("pdf_dpi",), 0, True, "a positive number of dots per inch"),
+)
+
 #: The Python types each kind of field accepts (an int for a float; a bool only for a bool).
 _TYPES: dict[str, tuple[type, ...]] = {
     "int": (int,),
@@ -263,7 +324,7 @@ class Settings:
     console_idle_timeout: float = 900.0
     """A console session idle this many seconds is signed out (HIPAA 164.312(a)(2)(iii): 15 minutes)."""
     console_max_failures: int = 5
-    """Failed console sign-ins in a row (per user, and per source address) before it is locked out."""
+    """Failed console sign-ins in a row before a user is locked out (a source address: 4 times as many)."""
     console_lockout: float = 900.0
     """How long a locked-out console user, or source address, is refused, in seconds."""
     console_behind_tls: bool = False
@@ -415,51 +476,11 @@ class Settings:
                 )
 
     def _check_ranges(self) -> None:
-        for name in (
-            "connect_timeout",
-            "read_timeout",
-            "backoff_base",
-            "backoff_max",
-            "sweep_grace",
-            "retry_deadline",
-            "lease_margin",
-            "visibility_timeout",
-            "audit_seal_interval",
-        ):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{PREFIX}{name.upper()} must be a positive number of seconds")
-        for name in (
-            "rate_cooldown",
-            "rate_cooldown_max",
-            "webhook_backoff",
-            "webhook_retry_window",
-            "console_idle_timeout",
-            "console_lockout",
-        ):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{PREFIX}{name.upper()} must be a positive number of seconds")
-        for name in (
-            "audit_retention_days",
-            "sweep_interval",
-            "heap_trim_interval",
-            "db_pool_size",
-            "rate_limit",
-            "rate_limit_per_assistant",
-            "rate_max_sleep",
-        ):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{PREFIX}{name.upper()} must be 0 or more")
-        for name in (
-            "max_attempts",
-            "max_faults",
-            "concurrency",
-            "audit_anchor_events",
-            "rate_burst",
-            "max_request_bytes",
-            "console_max_failures",
-        ):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{PREFIX}{name.upper()} must be at least 1")
+        for names, least, above, words in _RANGES:
+            for name in names:
+                value = getattr(self, name)
+                if value < least or (above and value == least):
+                    raise ConfigError(f"{PREFIX}{name.upper()} must be {words}")
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"{PREFIX}METRICS_PORT must be a TCP port (1-65535), or 0 for no endpoint")
 
@@ -680,7 +701,7 @@ def _parse(name: str, raw: str, kind: Any) -> Any:
         if kind == "Path":
             return Path(raw).expanduser()
         if kind == "Secret":
-            return Secret(_read_secret(raw))
+            return Secret(_read_secret(var, raw))
         if kind == "float":
             value = float(raw)
             if not math.isfinite(value):
@@ -691,7 +712,7 @@ def _parse(name: str, raw: str, kind: Any) -> Any:
         if kind == "bool":
             return _bool(var, raw)
     except ValueError:
-        raise ConfigError(f"{var} must be a {kind}; got {raw!r}") from None
+        raise ConfigError(f"{var} must be {'an' if kind == 'int' else 'a'} {kind}; got {raw!r}") from None
     return raw
 
 
@@ -704,11 +725,11 @@ def _bool(var: str, raw: str) -> bool:
     raise ConfigError(f"{var} must be true or false; got {raw!r}")
 
 
-def _read_secret(raw: str) -> str:
+def _read_secret(var: str, raw: str) -> str:
     # "@/run/secrets/qb_token" reads the secret from a file, as docker secrets mount it.
     if raw.startswith("@"):
         try:
             return Path(raw[1:]).read_text(encoding="utf-8").strip()
         except OSError as exc:
-            raise ConfigError(f"cannot read secret file {raw[1:]}: {exc.strerror}") from None
+            raise ConfigError(f"{var}: cannot read secret file {raw[1:]}: {exc.strerror}") from None
     return raw

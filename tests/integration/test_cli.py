@@ -293,3 +293,9 @@ def test_a_batch_job_shows_its_batch_and_a_limit_below_one_is_a_usage_error(
         assert "--limit" in refused.stderr
     with pytest.raises(InputError, match="^limit: "):
         AuditFilter(limit=0)
+
+
+def test_health_with_an_unusable_database_url_is_a_configuration_error(env: dict[str, str]) -> None:
+    result = qbgw({**env, "QBGW_DATABASE_URL": "foo://bar"}, "health")
+    assert result.exit_code == EXIT["config"], result.stdout + result.stderr
+    assert "foo://bar" in result.stderr

@@ -155,10 +155,12 @@ def test_a_short_wait_is_slept_in_the_thread_and_noted_on_the_response(settings:
     assert all(w <= 210 for w in waits), waits
 
 
-def test_a_429_pauses_the_next_job_too(settings: Settings, emu: Emulator) -> None:
+def test_a_429_pauses_the_next_job_too(settings: Settings, emu: Emulator, caplog: pytest.LogCaptureFixture) -> None:
     settings = settings.with_(rate_scope=uuid.uuid4().hex)  # no limit set: the cooldown still holds
     hit = _submit(settings, "[[emulator:fail=429x1]] [[emulator:retry-after=3]]")
-    assert run_attempt(runtime(settings), hit) is Outcome.RETRYING
+    with caplog.at_level("WARNING", logger="qbgw.worker"):
+        assert run_attempt(runtime(settings), hit) is Outcome.RETRYING
+    assert "the upstream answered 429: every worker pauses its calls for" in caplog.text  # the runbook's words
     other = _submit(settings, "an innocent bystander")
     time.sleep(0.06)  # past the cooldown cache of a worker that checks nothing else
     assert run_attempt(runtime(settings), other) is Outcome.THROTTLED

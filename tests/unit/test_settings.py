@@ -159,6 +159,13 @@ def test_the_configuration_page_is_the_settings_reference_and_every_setting_has_
         ({"actor": 5}, "QBGW_ACTOR (Settings.actor) must be str, got int"),
         ({"actor": "a\nb"}, "QBGW_ACTOR must be at most 128 characters"),
         ({"subject_key": Secret("short")}, "QBGW_SUBJECT_KEY: must be at least 32 characters"),
+        ({"audit_anchor_seconds": 0}, "QBGW_AUDIT_ANCHOR_SECONDS must be a positive number of seconds"),
+        ({"fetch_timeout": -1}, "QBGW_FETCH_TIMEOUT must be a positive number of seconds"),
+        ({"max_image_pixels": 0}, "QBGW_MAX_IMAGE_PIXELS must be at least 1"),
+        ({"fetch_max_bytes": -1}, "QBGW_FETCH_MAX_BYTES must be at least 1"),
+        ({"pdf_max_pages": 0}, "QBGW_PDF_MAX_PAGES must be at least 1"),
+        ({"pdf_dpi": 0}, "QBGW_PDF_DPI must be a positive number of dots per inch"),
+        ({"session_renew_margin": -1}, "QBGW_SESSION_RENEW_MARGIN must be 0 or more"),
     ],
 )
 def test_a_setting_of_the_wrong_type_or_shape_is_a_config_error_naming_it(

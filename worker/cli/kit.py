@@ -29,7 +29,7 @@ EXIT = {
     "conflict": 8,
     "tampered": 9,
     "unhealthy": 10,
-    # `qbgw worker` stopped abnormally: an error Celery cannot recover from, or SIGINT/SIGQUIT. A warm
+    # `qbgw worker` stopped abnormally: an error Celery cannot recover from, or SIGINT. A warm
     # shutdown (SIGTERM) exits 0.
     "worker_failed": 11,
 }

@@ -169,8 +169,8 @@ def events(job_id: str) -> None:
 def worker(concurrency: int | None, pool: str | None, loglevel: str) -> None:
     """Run a worker: take jobs from the broker and call the gateway.
 
-    Exits 0 after SIGTERM (a warm shutdown), 11 when it stopped abnormally (an error Celery cannot recover
-    from, SIGINT, SIGQUIT), 7 when the settings or the schema are wrong. It waits for the database and the
+    Exits 0 after SIGTERM (a warm shutdown) or SIGQUIT (a cold one), 11 when it stopped abnormally (an error
+    Celery cannot recover from, SIGINT), 7 when the settings or the schema are wrong. It waits for the database and the
     broker while they cannot be reached.
     """
     settings = Settings.from_env()  # a ConfigError is logged (JSON when the log is), like every other error

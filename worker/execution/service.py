@@ -61,7 +61,7 @@ def worker_argv(settings: Settings, *, loglevel: str = "INFO", quiet: bool = Fal
 def run_worker(settings: Settings, *, loglevel: str = "INFO") -> int:
     """Run a worker in this process until it is stopped; returns Celery's exit code: 0 after a warm shutdown
     (SIGTERM, or a stop while still waiting for the database), non-zero when Celery stopped on an error it
-    cannot recover from (logged as "Unrecoverable error") or by SIGINT/SIGQUIT.
+    cannot recover from (logged as "Unrecoverable error") or by SIGINT (SIGQUIT, Celery's cold shutdown: 0).
 
     Raises:
         ConfigError: the database is not migrated (and is not the embedded default), its URL is unusable, or

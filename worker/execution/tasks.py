@@ -177,7 +177,8 @@ def _attempt(rt: Runtime, job_id: str, slot_at: float | None, progress: faults.P
         return _release_unsent(rt, claim, sent)
     exchange = sent
     if exchange.status == 429 and isinstance(exchange.error, RateLimited):  # the whole fleet pauses
-        rt.limiter.cool_down(exchange.error.retry_after, fresh=_ANSWERS.rate_limited())
+        until = rt.limiter.cool_down(exchange.error.retry_after, fresh=_ANSWERS.rate_limited())
+        log.warning("the upstream answered 429: every worker pauses its calls for %.1f s", until - time.time())
     elif exchange.status is not None:
         _ANSWERS.answered()
     progress.stage = "recording the outcome"

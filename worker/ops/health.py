@@ -59,7 +59,11 @@ class Check:
 def check_health(
     settings: Settings, *, skip: Iterable[str] = (), timeout: float = 5.0, max_checkpoint_age: float | None = None
 ) -> list[Check]:
-    """Run every check not in ``skip``; each returns a Check and none raises."""
+    """Run every check not in ``skip``; each returns a Check.
+
+    Raises:
+        ConfigError: the database's or the broker's URL is unusable (the settings are wrong).
+    """
     quick = settings.with_(
         connect_timeout=min(settings.connect_timeout, timeout), read_timeout=min(settings.read_timeout, timeout)
     )
@@ -77,7 +81,10 @@ def check_health(
         try:
             results.append(runs[name]())
         except Exception as exc:  # a check must say what broke, not crash the report
-            results.append(Check(name, False, f"the check itself failed: {type(exc).__name__}: {exc}"))
+            if isinstance(exc, errors.ConfigError) and name in ("database", "broker"):
+                raise  # its URL is unusable: the settings are wrong (exit 7), not the service
+            first = (str(exc).strip().splitlines() or [""])[0]  # one line (a driver's error can hold the SQL)
+            results.append(Check(name, False, f"the check itself failed: {type(exc).__name__}: {first}"))
     return results
 
 
