@@ -216,7 +216,8 @@ def submit_batch(
     span = window if isinstance(window, timedelta) else timedelta(seconds=window)
     if span <= timedelta(0):
         raise InvalidMessages("window: must be positive")
-    hook = _webhook(rt, webhook_url, resolve_actor(actor, rt.settings.actor, "producer"))
+    who = resolve_actor(actor, rt.settings.actor, "producer")
+    hook = _webhook(rt, webhook_url, who)
     default = assistant_id or rt.settings.assistant_id or None
     raw = batch_input.read_lines(source) if isinstance(source, str | os.PathLike) else source
     parsed = batch_input.parse_lines(
@@ -229,7 +230,7 @@ def submit_batch(
         parsed,
         assistant_id=default,
         window=span,
-        actor=resolve_actor(actor, rt.settings.actor, "producer"),
+        actor=who,
         webhook_url=hook,
     )
     return replace(current(rt, batch_id), problems=tuple(parsed.problems))
