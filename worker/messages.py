@@ -146,12 +146,12 @@ def validate_webhook_url(value: object, *, development: bool = False, name: str 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
-def validate_key(name: str, value: object) -> str:
-    """Raises InvalidMessages unless ``value`` (a ``custom_id`` or ``idempotency_key``) is a non-empty
-    string of at most MAX_KEY characters, all encodable as UTF-8."""
-    if not isinstance(value, str) or not value.strip() or len(value) > MAX_KEY:
-        raise InvalidMessages(f"{name}: must be a non-empty string of at most {MAX_KEY} characters")
-    control = _CONTROL.search(value)
+def validate_key(name: str, value: object, *, most: int = MAX_KEY, controls: re.Pattern[str] = _CONTROL) -> str:
+    """Raises InvalidMessages unless ``value`` (a ``custom_id`` or ``idempotency_key``; an actor) is a non-empty
+    string of at most ``most`` characters, none of ``controls``, all encodable as UTF-8."""
+    if not isinstance(value, str) or not value.strip() or len(value) > most:
+        raise InvalidMessages(f"{name}: must be a non-empty string of at most {most} characters")
+    control = controls.search(value)
     if control is not None:  # PostgreSQL text cannot hold NUL, and no one means a control character in an id
         raise InvalidMessages(
             f"{name}: must not contain control characters; found U+{ord(control[0]):04X} at index {control.start()}"
@@ -175,15 +175,7 @@ def resolve_actor(given: object, configured: str, default: str, name: str = "act
         raise InvalidMessages(
             f"{name}: must be a string (who is acting, e.g. 'billing-app'), got {type(given).__name__}"
         )
-    if not given.strip() or len(given) > MAX_ACTOR:
-        raise InvalidMessages(f"{name}: must be a non-empty string of at most {MAX_ACTOR} characters")
-    control = _ANY_CONTROL.search(given)
-    if control is not None:
-        raise InvalidMessages(
-            f"{name}: must not contain control characters; found U+{ord(control[0]):04X} at index {control.start()}"
-        )
-    _check_encodable(name, given)
-    return given
+    return validate_key(name, given, most=MAX_ACTOR, controls=_ANY_CONTROL)
 
 
 #: Unicode's control characters (category Cc: C0, DEL and C1).
