@@ -357,3 +357,37 @@ def test_a_source_is_locked_out_after_repeated_failures(server: Server) -> None:
         assert csrf is not None
         ok = other.post("/console/login", data={"csrf": csrf.group(1), "name": "rita", "password": PASSWORD})
         assert ok.status_code == 303
+
+
+def test_a_refused_sign_in_does_not_tell_which_names_exist(server: Server) -> None:
+    """A locked user, a disabled user and a name no user has get the same answer; only the audit trail says why."""
+    users.disable_user("adam", actor="test-setup", settings=server.settings)
+
+    def attempt(client: httpx.Client, name: str, password: str) -> httpx.Response:
+        form = client.get("/console/login").text
+        csrf = re.search(r'name="csrf" value="([^"]+)"', form)
+        assert csrf is not None
+        return client.post("/console/login", data={"csrf": csrf.group(1), "name": name, "password": password})
+
+    def error(answer: httpx.Response) -> str:
+        found = re.search(r'id="error"[^>]*>(.*?)<', answer.text, re.S)
+        assert answer.status_code == 401, answer.text
+        assert found is not None, answer.text
+        return found.group(1).strip()
+
+    # each from its own address, so the per-address limit is not what answers
+    answers = {}
+    for n, (name, password) in enumerate(
+        [("alice", "wrong"), ("alice", "wrong"), ("alice", "wrong"), ("alice", "wrong"), ("alice", "wrong")]
+        + [("alice", PASSWORD), ("adam", PASSWORD), ("nobody-here", PASSWORD), ("rita", "wrong")]
+    ):
+        transport = httpx.HTTPTransport(local_address=f"127.0.1.{n + 1}")
+        with httpx.Client(base_url=server.url, transport=transport, follow_redirects=False) as client:
+            answers[(n, name)] = error(attempt(client, name, password))
+    assert len(set(answers.values())) == 1, answers
+    assert "locked" in next(iter(answers.values()))
+    reasons = [
+        e.detail["reason"]
+        for e in queries.audit_query(AuditFilter(action="console.signin_failed"), settings=server.settings)
+    ]
+    assert reasons[-4:] == ["locked user", "disabled user", "unknown user", "wrong password"]

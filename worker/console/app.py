@@ -299,15 +299,15 @@ async def login(request: Request) -> Response:
         signed = await run_in_threadpool(
             users.sign_in, name, form.get("password", ""), source=source, settings=settings
         )
-    except users.SignInRefused as refused:
+    except users.SignInRefused:
         sources.add(source)
-        if refused.locked:
-            message = (
-                f"This user is locked after repeated failed sign-ins; try again in "
-                f"{_minutes(settings.console_lockout)}, or ask an administrator to reset the password."
-            )
-        else:
-            message = "The user name or password is not right (or the user is disabled)."
+        # One answer for every refusal (the audit event keeps the reason): telling a locked or disabled user
+        # so would tell anyone which names exist.
+        message = (
+            "The user name or password is not right, or the user is disabled, or locked after repeated failed "
+            f"sign-ins (a locked user can sign in again after {_minutes(settings.console_lockout)}, or an "
+            "administrator can reset the password)."
+        )
         return _login_failed(request, pre, name, message)
     answer = RedirectResponse(f"{PREFIX}/", 303)
     _set_cookie(request, answer, COOKIE, signed.token)
