@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import ipaddress
 import math
 import os
 import textwrap
@@ -329,6 +330,9 @@ class Settings:
     """How long a locked-out console user, or source address, is refused, in seconds."""
     console_behind_tls: bool = False
     """The server is reached over TLS through a proxy: the console's cookie is marked Secure even over plain HTTP."""
+    trusted_proxies: str = ""
+    """Proxies in front of qbgw serve whose X-Forwarded-For and X-Forwarded-Proto are believed: comma-separated
+    addresses or networks ("127.0.0.1", "10.0.0.0/8"); empty: none, a client's address is its TCP peer's."""
     # --- One rate limit for the fleet (see worker/ratelimit.py) ---
     rate_limit: float = 0.0
     """Upstream calls per second for every worker together (gateway and session creation); 0: no limit."""
@@ -427,6 +431,7 @@ class Settings:
                 "it lifts the one chain-head lock that a fleet's commits share, and SQLite writes one transaction "
                 f"at a time anyway; use {PREFIX}AUDIT_SEAL=commit"
             )
+        self.trusted_proxy_list  # noqa: B018 - parsed now, so a typo fails at start
         if not self.base_url.startswith(("http://", "https://")):
             raise ConfigError(f"{PREFIX}BASE_URL must start with http:// or https://; got {self.base_url!r}")
         self._check_coordination()
@@ -518,6 +523,24 @@ class Settings:
     @property
     def image_root_paths(self) -> tuple[Path, ...]:
         return tuple(Path(p).expanduser() for p in self.image_roots.split(os.pathsep) if p.strip())
+
+    @property
+    def trusted_proxy_list(self) -> list[str]:
+        """``trusted_proxies`` as a list, each an address or a network (ConfigError for anything else)."""
+        found = []
+        for entry in (e.strip() for e in self.trusted_proxies.split(",")):
+            if not entry:
+                continue
+            try:
+                ipaddress.ip_network(entry) if "/" in entry else ipaddress.ip_address(entry)
+            except ValueError:
+                raise ConfigError(
+                    f"{PREFIX}TRUSTED_PROXIES: {entry[:64]!r} is not an IP address or network; give addresses or "
+                    'networks, comma-separated ("127.0.0.1,10.0.0.0/8"; a network without host bits: 10.0.0.0/8, '
+                    "not 10.0.0.1/8)"
+                ) from None
+            found.append(entry)
+        return found
 
     @property
     def effective_batch_queue(self) -> str:

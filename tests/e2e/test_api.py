@@ -279,6 +279,29 @@ def test_repeated_failures_from_one_source_are_slowed_down(server: Server) -> No
     assert server.client(None, source="127.0.2.2").get("/v1/jobs/x").status_code == 401
 
 
+def test_a_trusted_proxys_forwarded_address_is_the_source(stack: Settings, tmp_path: Path) -> None:
+    """With QBGW_TRUSTED_PROXIES, the address a named proxy forwards is the client's (audit events, throttling);
+    anyone else's X-Forwarded-For is ignored."""
+    server = start_server(stack.with_(trusted_proxies="127.0.3.1"), tmp_path)
+    try:
+        bad = {"Authorization": "Bearer qbgw_deadbeef00_" + "y" * 43}
+        proxy, other = server.client(None, source="127.0.3.1"), server.client(None, source="127.0.3.2")
+        # the proxy appends the peer it saw to what the client sent: the last address is the one believed
+        forwarded = {**bad, "X-Forwarded-For": "198.51.100.9, 203.0.113.7"}
+        assert proxy.get("/v1/jobs/x", headers=forwarded).status_code == 401
+        assert other.get("/v1/jobs/x", headers={**bad, "X-Forwarded-For": "198.51.100.10"}).status_code == 401
+        sources = [
+            e.detail["source"] for e in queries.audit_query(AuditFilter(action="auth.failed"), settings=server.settings)
+        ]
+        assert sources[-2:] == ["203.0.113.7", "127.0.3.2"]
+        # one client behind the proxy slowed down does not slow down the proxy's other clients
+        codes = [proxy.get("/v1/jobs/x", headers=forwarded).status_code for _ in range(10)]
+        assert codes[-1] == 429
+        assert proxy.get("/v1/jobs/x", headers={**bad, "X-Forwarded-For": "203.0.113.8"}).status_code == 401
+    finally:
+        server.close()
+
+
 # ---- bad input: problem details naming the field ----
 
 

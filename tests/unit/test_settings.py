@@ -182,3 +182,17 @@ def test_a_path_or_a_secret_may_be_given_as_text(tmp_path: Path) -> None:
     assert made.data_dir == tmp_path
     assert isinstance(made.subject_key, Secret)
     assert made.subject_key.reveal() == "k" * 40
+
+
+def test_trusted_proxies_are_addresses_or_networks() -> None:
+    assert Settings(trusted_proxies="").trusted_proxy_list == []
+    assert Settings(trusted_proxies=" 127.0.0.1, 10.0.0.0/8,::1 ,").trusted_proxy_list == [
+        "127.0.0.1",
+        "10.0.0.0/8",
+        "::1",
+    ]
+    for bad, named in (("proxy.local", "proxy.local"), ("10.0.0.1/8", "10.0.0.1/8"), ("*", "'*'")):
+        with pytest.raises(ConfigError, match="QBGW_TRUSTED_PROXIES") as refused:
+            Settings(trusted_proxies=f"127.0.0.1,{bad}")
+        assert named in str(refused.value)
+        assert "10.0.0.0/8" in str(refused.value)

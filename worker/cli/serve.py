@@ -32,6 +32,8 @@ def serve(host: str, port: int, workers: int, log_level: str) -> None:
         click.echo(
             "qbgw serve: no active API key yet; create one with: qbgw api-keys create --name NAME --role ROLE", err=True
         )
+    # Forwarded headers only from the proxies named (uvicorn's own default would believe 127.0.0.1's).
+    proxies = settings.trusted_proxy_list
     uvicorn.run(
         "qbgw.api:create_app",
         factory=True,
@@ -39,7 +41,8 @@ def serve(host: str, port: int, workers: int, log_level: str) -> None:
         port=port,
         workers=workers,
         log_level=log_level,
-        proxy_headers=False,
+        proxy_headers=bool(proxies),
+        forwarded_allow_ips=proxies or None,
         server_header=False,
     )
 
