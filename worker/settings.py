@@ -601,7 +601,7 @@ class Settings:
         each key of QBGW_ENCRYPTION_KEYS, and the password of a database or broker URL."""
         found = [v.reveal() for f in fields(self) if isinstance(v := getattr(self, f.name), Secret) and v]
         found += [part.partition(":")[2] for part in self.encryption_keys.reveal().split(",")]
-        urls = (self.database_url, self.listen_database_url, self.broker_url, self.redis_url)
+        urls = [getattr(self, name) for name in URLS_WITH_CREDENTIALS]
         found += [_url_password(url) for url in urls]
         return tuple(sorted({s.strip() for s in found if len(s.strip()) >= 6}, key=len, reverse=True))
 
@@ -648,7 +648,9 @@ def reference() -> list[Documented]:
         found.append(
             Documented(
                 PREFIX + name.upper(),
-                _KINDS.get(ast.unparse(node.annotation), "text"),
+                "URL (text, or `@file`)"
+                if name in URLS_WITH_CREDENTIALS
+                else _KINDS.get(ast.unparse(node.annotation), "text"),
                 _shown_default(defaults[name]),
                 " ".join(str(doc).split()),
                 section,
@@ -717,6 +719,10 @@ def _url_password(url: str) -> str:
     return userinfo.partition(":")[2]
 
 
+#: The URLs that may carry a password: like a secret, "@/run/secrets/database_url" reads one from a file.
+URLS_WITH_CREDENTIALS = ("database_url", "listen_database_url", "broker_url", "redis_url")
+
+
 def _parse(name: str, raw: str, kind: Any) -> Any:
     var = PREFIX + name.upper()
     kind = str(kind)
@@ -725,6 +731,11 @@ def _parse(name: str, raw: str, kind: Any) -> Any:
             return Path(raw).expanduser()
         if kind == "Secret":
             return Secret(_read_secret(var, raw))
+        if name in URLS_WITH_CREDENTIALS:  # its password is a secret too: it may come from a file
+            url = _read_secret(var, raw)
+            if not url:  # not the empty default (SQLite, the filesystem broker) by a mistake in a file
+                raise ConfigError(f"{var}: secret file {raw[1:]} is empty; it must hold the URL")
+            return url
         if kind == "float":
             value = float(raw)
             if not math.isfinite(value):
@@ -755,4 +766,6 @@ def _read_secret(var: str, raw: str) -> str:
             return Path(raw[1:]).read_text(encoding="utf-8").strip()
         except OSError as exc:
             raise ConfigError(f"{var}: cannot read secret file {raw[1:]}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{var}: secret file {raw[1:]} is not UTF-8 text") from None
     return raw

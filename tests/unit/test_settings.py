@@ -196,3 +196,30 @@ def test_trusted_proxies_are_addresses_or_networks() -> None:
             Settings(trusted_proxies=f"127.0.0.1,{bad}")
         assert named in str(refused.value)
         assert "10.0.0.0/8" in str(refused.value)
+
+
+def test_a_url_with_a_password_may_come_from_a_file(tmp_path: Path) -> None:
+    """Docker secrets: QBGW_DATABASE_URL=@/run/secrets/database_url; the password stays out of repr and logs."""
+    url = "postgresql+psycopg://qbgw:s3cret-pass-word@db.internal:5432/qbgw"
+    (tmp_path / "database_url").write_text(url + "\n")
+    (tmp_path / "broker_url").write_text("redis://:broker-pass-word@cache:6379/0")
+    settings = Settings.from_env(
+        {"QBGW_DATABASE_URL": f"@{tmp_path / 'database_url'}", "QBGW_BROKER_URL": f"@{tmp_path / 'broker_url'}"}
+    )
+    assert settings.database_url == url
+    assert settings.broker_url == "redis://:broker-pass-word@cache:6379/0"
+    assert "s3cret-pass-word" in settings.secret_values
+    assert "broker-pass-word" in settings.secret_values
+    # an empty or missing file is an error, never the embedded default by accident
+    (tmp_path / "empty").write_text("\n")
+    (tmp_path / "latin1").write_bytes(b"postgresql://q:\xe9@h/d")
+    for raw, says in (
+        (f"@{tmp_path / 'empty'}", "is empty"),
+        (f"@{tmp_path / 'missing'}", "cannot read secret file"),
+        (f"@{tmp_path / 'latin1'}", "is not UTF-8 text"),
+    ):
+        with pytest.raises(ConfigError, match="QBGW_DATABASE_URL") as refused:
+            Settings.from_env({"QBGW_DATABASE_URL": raw})
+        assert says in str(refused.value)
+    # other text settings are taken as written
+    assert Settings.from_env({"QBGW_ACTOR": "@ops"}).actor == "@ops"
