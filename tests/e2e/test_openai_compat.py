@@ -115,7 +115,11 @@ def test_a_200_line_batch_from_upload_to_output_and_error_files(server: Server) 
     assert done.completed_at >= done.in_progress_at >= done.created_at
     assert done.output_file_id
     assert done.error_file_id
-    assert client.files.retrieve(done.output_file_id).purpose == "batch_output"
+    made = client.files.retrieve(done.output_file_id)
+    assert made.purpose == "batch_output"
+    assert made.bytes is None  # made when read (docs/openai.md)
+    with pytest.raises(openai.BadRequestError, match="made from its results when read"):
+        client.files.delete(done.output_file_id)
     output = lines_of(client.files.content(done.output_file_id).text)
     errors = lines_of(client.files.content(done.error_file_id).text)
     by_id = {line["custom_id"]: line for line in output + errors}
