@@ -208,8 +208,11 @@ def validate_subject(value: object, name: str = "subject") -> str:
     return subject
 
 
-def validate_messages(messages: object, policy: Policy | None = None) -> list[dict[str, Any]]:
-    """Check ``messages`` and return it unchanged (as a list of dicts).
+def validate_messages(
+    messages: object, policy: Policy | None = None, *, field: str = "messages"
+) -> list[dict[str, Any]]:
+    """Check ``messages`` and return it unchanged (as a list of dicts). ``field``: its name in errors, as the
+    caller's input names it (``body.messages`` in an OpenAI batch line).
 
     Raises:
         InvalidMessages: the list, a message, a part or a field has the wrong shape; a string holds a
@@ -218,12 +221,12 @@ def validate_messages(messages: object, policy: Policy | None = None) -> list[di
             png (or a PDF, for local files) of at most 50 MB and the pixel limit.
     """
     if not isinstance(messages, list) or not messages:
-        raise InvalidMessages("messages: required, a non-empty list of {role, content} objects")
+        raise InvalidMessages(f"{field}: required, a non-empty list of {{role, content}} objects")
     rules = policy or Policy()
     found = _Found()
     for index, message in enumerate(messages):
-        _check_message(f"messages[{index}]", message, found)
-    _check_texts(found.texts, rules.max_request_bytes)
+        _check_message(f"{field}[{index}]", message, found)
+    _check_texts(found.texts, rules.max_request_bytes, field)
     for where, url in found.images:
         try:
             check(url, rules)
@@ -292,24 +295,24 @@ def _check_part(where: str, part: object, role: str, found: _Found) -> None:
     found.images.append((f"{where}.url", url))
 
 
-def _check_texts(texts: list[tuple[str, str]], limit: int) -> None:
+def _check_texts(texts: list[tuple[str, str]], limit: int, field: str = "messages") -> None:
     """The request's size (characters first: free; then UTF-8 bytes, only if they could differ), and that
     every string is encodable. Raises InvalidMessages."""
     chars = sum(len(text) for _, text in texts)
     if chars > limit:
         exact = all(text.isascii() for _, text in texts)
-        raise _too_large(f"{chars}" if exact else f"at least {chars}", limit)
+        raise _too_large(f"{chars}" if exact else f"at least {chars}", limit, field)
     size = 0
     for where, text in texts:
         _check_encodable(where, text)
         size += _utf8_length(text)
     if size > limit:
-        raise _too_large(str(size), limit)
+        raise _too_large(str(size), limit, field)
 
 
-def _too_large(size: str, limit: int) -> InvalidMessages:
+def _too_large(size: str, limit: int, field: str) -> InvalidMessages:
     return InvalidMessages(
-        f"messages: {size} bytes of text (data URIs included) is over the request limit of {limit} bytes "
+        f"{field}: {size} bytes of text (data URIs included) is over the request limit of {limit} bytes "
         "(QBGW_MAX_REQUEST_BYTES)"
     )
 

@@ -97,6 +97,25 @@ def test_a_line_without_an_assistant_uses_the_default_and_without_a_default_is_i
         ),
         (json.dumps({"custom_id": "c", "url": "/ai/ai_extensions/ai_gateway"}), "body: required, an object"),
         (ours("c", smart_chat_assistant_id="bad id!"), "smart_chat_assistant_id: must be at most 128 characters"),
+        # an OpenAI line's request is its body: its fields are named inside it
+        (chat("c", model="bad id!"), "body.model: must be at most 128 characters"),
+        (chat("c", messages=[{"role": "doctor", "content": "x"}]), "body.messages[0].role: 'doctor' is not one of"),
+        (chat("c", messages=[]), "body.messages: required, a non-empty list"),
+        (
+            openai("c", {"smart_chat_assistant_id": "bad id!", "messages": HELLO}),
+            "body.smart_chat_assistant_id: must be at most",
+        ),
+        (
+            openai("c", {"smart_chat_assistant_id": ASSISTANT, "messages": [{"role": "user"}]}),
+            "body.messages[0].content: must be a string or a non-empty list of parts",
+        ),
+        (openai("c", {"messages": HELLO}), "body.smart_chat_assistant_id: required (the line has none"),
+        (
+            chat(
+                "c", messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/etc/x.png"}}]}]
+            ),
+            "body.messages[0].content[0].image_url.url: local files are not allowed",
+        ),
         (
             ours(
                 "c", messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/etc/x.png"}}]}]

@@ -135,20 +135,24 @@ def _parse_line(
             f"url: {url[:80] if isinstance(url, str) else url!r}; every line of this batch must have url {endpoint!r}, "
             "the batch's endpoint"
         )
-    body = _openai_body(data) if ("body" in data or "url" in data or "method" in data) else check_fields(data, OURS)
+    shaped = "body" in data or "url" in data or "method" in data  # OpenAI's line: the request is its body
+    body = _openai_body(data) if shaped else check_fields(data, OURS)
     custom_id = data.get("custom_id")
     if custom_id is None:
         raise InvalidMessages(f"custom_id: required, a non-empty string of at most {MAX_KEY} characters")
+    # Errors name a field as the line does: body.model or body.smart_chat_assistant_id, body.messages[0]...
+    inside = "body." if shaped else ""
+    named = inside + ("model" if data.get("url") == CHAT_URL else "smart_chat_assistant_id")
     assistant = body.get("smart_chat_assistant_id")
-    if assistant is None:
-        assistant = default_assistant
+    if assistant is None and default_assistant is not None:
+        assistant, named = default_assistant, "smart_chat_assistant_id"  # the batch's default, not the line's
     if assistant is None or assistant == "":
-        raise InvalidMessages("smart_chat_assistant_id: required (the line has none, and no default was given)")
+        raise InvalidMessages(f"{named}: required (the line has none, and no default was given)")
     return BatchLine(
         number,
         validate_key("custom_id", custom_id),
-        validate_assistant_id(assistant),
-        validate_messages(body.get("messages"), policy),
+        validate_assistant_id(assistant, field=named),
+        validate_messages(body.get("messages"), policy, field=inside + "messages"),
         None if data.get("subject") is None else validate_subject(data["subject"]),
     )
 
