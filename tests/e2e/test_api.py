@@ -13,11 +13,12 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import text
 
 from qbgw import access, queries
 from qbgw.settings import Secret, Settings
 from qbgw.store.reads import AuditFilter
-from tests.conftest import ASSISTANT, wait_until
+from tests.conftest import ASSISTANT, as_owner, wait_until
 from tests.e2e.api_server import Server, start_server
 from tests.images import data_uri, png_bytes
 
@@ -298,6 +299,25 @@ def test_a_trusted_proxys_forwarded_address_is_the_source(stack: Settings, tmp_p
         codes = [proxy.get("/v1/jobs/x", headers=forwarded).status_code for _ in range(10)]
         assert codes[-1] == 429
         assert proxy.get("/v1/jobs/x", headers={**bad, "X-Forwarded-For": "203.0.113.8"}).status_code == 401
+    finally:
+        server.close()
+
+
+def test_verify_names_the_tampered_event_in_words(
+    stack: Settings, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    server = start_server(stack, tmp_path)
+    try:
+        assert server.client("sub").post("/v1/jobs", json=JOB).status_code == 202
+        postgres = stack.effective_database_url.startswith("postgresql")
+        owner = str(request.getfixturevalue("pg").owner) if postgres else stack.effective_database_url
+        with as_owner(owner) as db:
+            seq = db.execute(text("SELECT max(seq) FROM audit_events WHERE action = 'job.submitted'")).scalar_one()
+            db.execute(text("UPDATE audit_events SET actor = 'nobody' WHERE seq = :seq"), {"seq": seq})
+        found = server.client("auditor").post("/v1/audit/verify").json()
+        assert found["ok"] is False
+        assert found["problem"]["seq"] == seq
+        assert found["problem"]["detail"].startswith(f"event seq {seq} was altered")
     finally:
         server.close()
 

@@ -53,15 +53,17 @@ def test_submit_text_then_status_and_result(env: dict[str, str], embedded_settin
     assert pending.exit_code == EXIT["timeout"]
     assert "is queued" in pending.stderr
     run_attempt(runtime(embedded_settings), job_id)
-    status = json.loads(qbgw(env, "status", job_id).stdout)
+    status = json.loads(qbgw(env, "status", job_id, "--actor", "st").stdout)
     assert status["status"] == "succeeded"
     assert status["custom_id"] == "cli-1"
+    assert status["error"] is None
     assert "answer" not in status
     result = qbgw(env, "result", job_id, "--actor", "dr-cli")
     assert result.exit_code == 0
     assert 'you said "Hello from the CLI"' in result.stdout
     reads = [e for e in job_events(job_id, include_reads=True, settings=embedded_settings) if e.action == "result.read"]
-    assert reads[-1].actor == "dr-cli"  # who read it is the reader the CLI was given
+    # who read it is the reader the CLI was given; the status, which showed no answer and no error, read nothing
+    assert [e.actor for e in reads] == ["dr-cli"]
     events = [json.loads(line) for line in qbgw(env, "events", job_id).stdout.splitlines()]
     assert [e["action"] for e in events][-1] == "job.succeeded"
 
@@ -83,6 +85,12 @@ def test_a_failed_job_exits_1_with_its_reason(env: dict[str, str], embedded_sett
     result = qbgw(env, "result", job_id)
     assert result.exit_code == EXIT["job_failed"]
     assert "failed: gateway answered HTTP 400" in result.stderr
+    # the status shows the error: that is a read, audited as the reader given
+    status = json.loads(qbgw(env, "status", job_id, "--actor", "st").stdout)
+    assert status["status"] == "failed"
+    assert "400" in status["error"]
+    reads = [e for e in job_events(job_id, include_reads=True, settings=embedded_settings) if e.action == "result.read"]
+    assert reads[-1].actor == "st"
 
 
 @pytest.mark.parametrize(

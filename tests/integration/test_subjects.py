@@ -270,6 +270,10 @@ def test_the_report_finds_a_deleted_event_of_another_subject_and_a_failed_full_v
         "last full verification (qbgw audit verify): tampered"
         in qbgw.access_report(SUBJECT, settings=keyed).chain_detail
     )
+    told = CliRunner().invoke(cli, ["audit", "access-report", "--subject", SUBJECT], env=keyed.to_env())
+    assert told.exit_code == 9
+    assert told.stderr.startswith("TAMPERED: ")
+    assert told.stderr.count("TAMPERED") == 1
 
 
 def test_the_subject_never_appears_in_clear_in_the_database_the_logs_or_the_broker(

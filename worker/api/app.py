@@ -770,7 +770,7 @@ async def audit_verify(request: Request) -> Response:
             "events": report.events,
             "anchors": report.anchors,
             "seconds": report.seconds,
-            "problem": None if found is None else {"seq": found.seq, "detail": str(found)},
+            "problem": None if found is None else {"seq": found.seq, "detail": found.message},
         }
     )
 

@@ -146,7 +146,7 @@ def audit_access_report(
         with open(output, "w", encoding="utf-8", newline="") as handle:
             handle.write(text)
     if not report.chain_ok:
-        click.echo(f"TAMPERED: {report.chain_detail}", err=True)
+        click.echo(report.chain_detail, err=True)  # "TAMPERED: ..." already
         sys.exit(9)
 
 

@@ -114,9 +114,11 @@ def submit(
 def status(job_id: str, reader: str | None) -> None:
     """Show a job's status, timestamps, attempts and error (not its answer); reading the error is audited."""
     settings = _settings()
-    view = get_job(job_id, reader=reader, settings=settings).as_dict()
+    found, batch_id = job_metadata(job_id, settings=settings)  # no PHI: not a read of the answer
+    # Only a job with an error has something to disclose here: only then is there a read to audit.
+    view = (found if found.error_class is None else get_job(job_id, reader=reader, settings=settings)).as_dict()
     view.pop("answer")
-    view["batch_id"] = job_metadata(job_id, settings=settings)[1]
+    view["batch_id"] = batch_id
     click.echo(json.dumps(view, indent=2, ensure_ascii=False))
 
 
