@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from sqlalchemy import create_engine, insert, select, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
@@ -15,6 +16,7 @@ from sqlalchemy.exc import DBAPIError
 from qbgw import admin, producer
 from qbgw.audit import anchors as integrity
 from qbgw.audit import events as audit
+from qbgw.cli.main import cli
 from qbgw.execution.tasks import run_attempt
 from qbgw.runtime.locator import runtime
 from qbgw.settings import Settings
@@ -294,3 +296,78 @@ def test_event_times_follow_the_chain_order_whatever_the_writers_noted(settings:
     with runtime(settings).transaction() as session:
         head = session.execute(select(AuditChainHead.last_at)).scalar_one()
     assert head == times[-1][1]
+
+
+def _stray(db: Connection, top: int) -> None:
+    """A row linked to the head, inserted past it by hand (no seal: the head row does not move)."""
+    forged = row(db, top)
+    forged.update(seq=top + 1, actor="intruder", prev_hash=forged["row_hash"])
+    forged["row_hash"] = audit.chain_hash(forged["prev_hash"], forged)
+    forged.pop("id")
+    db.execute(insert(AuditEvent.__table__).values(**forged))
+
+
+def test_a_row_past_the_head_is_named_and_never_anchored(logged: Settings, owner_url: str) -> None:
+    top = last_seq(logged)
+    with as_owner(owner_url) as db:
+        _stray(db, top)
+    problem = check(logged).problem
+    assert problem is not None
+    assert problem.seq == top + 1
+    assert f"inserted past the chain's head (seq {top})" in problem.message
+    # the anchorer signs the head the seals moved, not the table's highest row
+    assert admin.anchor_now(settings=logged).seq == top
+    # the verification is reported even though its own event cannot take the seq the stray row holds
+    report = admin.verify_log(settings=logged)
+    assert report.problem is not None
+    assert report.problem.seq == top + 1
+
+
+def test_a_truncated_tail_past_the_last_anchor_is_named_by_the_head(settings: Settings, owner_url: str) -> None:
+    for n in range(2):
+        run_attempt(
+            runtime(settings), producer.submit(ASSISTANT, [{"role": "user", "content": f"{n}"}], settings=settings)
+        )
+    top = last_seq(settings)
+    with as_owner(owner_url) as db:
+        db.execute(text("DELETE FROM audit_events WHERE seq > :s"), {"s": top - 2})
+    problem = check(settings).problem
+    assert problem is not None
+    assert problem.seq == top - 1
+    assert f"events seq {top - 1} to {top} are missing" in problem.message
+
+
+def test_a_line_removed_from_the_anchor_file_is_named(logged: Settings) -> None:
+    admin.anchor_now(settings=logged)
+    admin.anchor_now(settings=logged)
+    path = logged.anchor_path
+    lines = path.read_text().splitlines(keepends=True)
+    assert len(lines) == 3
+    assert all('"prev": ' in line for line in lines)
+    assert check(logged).ok
+    path.write_text(lines[0] + lines[2])  # the middle one
+    problem = check(logged).problem
+    assert problem is not None
+    assert problem.seq is None
+    assert "anchor line 2 does not follow line 1" in problem.message
+    path.write_text(lines[1] + lines[2])  # the first one
+    problem = check(logged).problem
+    assert problem is not None
+    assert "anchor line 1 links to a line before it that is not in the file" in problem.message
+    path.write_text(lines[0] + lines[1])  # the last one: nothing links to it (docs/audit.md says so)
+    assert check(logged).ok
+
+
+def test_verify_names_the_newest_anchor_and_warns_when_there_is_none(logged: Settings) -> None:
+    env = logged.to_env()
+    told = CliRunner().invoke(cli, ["audit", "verify"], env=env)
+    assert told.exit_code == 0, told.output
+    newest = integrity.last_anchor(logged.anchor_path)
+    assert newest is not None
+    assert f"the newest signs seq {newest.seq}, at {newest.at}" in told.stdout
+    assert "warning" not in told.stderr
+    logged.anchor_path.unlink()
+    told = CliRunner().invoke(cli, ["audit", "verify"], env=env)
+    assert told.exit_code == 0
+    assert told.stdout.startswith("ok: ")
+    assert "warning: no anchor: nothing outside the database vouches for these events" in told.stderr

@@ -7,6 +7,7 @@ to a file outside it, at least every N events and every T seconds (``audit.verif
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import hmac
 import json
@@ -14,7 +15,7 @@ import logging
 import os
 import secrets
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,9 @@ class Anchor:
     #: "head": the chain had this head; "base": events up to ``seq`` were dropped on purpose
     #: (``qbgw audit drop``), and the chain continues from ``row_hash``.
     kind: str = "head"
+    #: The signature of the line before it in the file ("" for the first line), signed with it, so that a line
+    #: removed from the file, or moved, is seen; None: a line of the first format (v1), linked to nothing.
+    prev: str | None = None
 
     def timestamp(self) -> float:
         """``at`` as Unix seconds (0.0 if unreadable)."""
@@ -52,6 +56,8 @@ class Anchor:
             return 0.0
 
     def message(self) -> bytes:
+        if self.prev is not None:
+            return f"qbgw-anchor-v2|{self.kind}|{self.prev}|{self.seq}|{self.row_hash}|{self.at}".encode()
         tag = "qbgw-anchor-v1" if self.kind == "head" else f"qbgw-anchor-v1|{self.kind}"
         return f"{tag}|{self.seq}|{self.row_hash}|{self.at}".encode()
 
@@ -86,24 +92,27 @@ def anchor_key(settings: Settings) -> bytes:
 
 
 def write_anchor(settings: Settings, seq: int, row_hash: str, *, kind: str = "head") -> Anchor:
-    """Append a signed anchor for (seq, row_hash) to the anchor file."""
-    at = utcnow().isoformat(timespec="microseconds")
-    unsigned = Anchor(seq, row_hash, at, "", kind=kind)
-    mac = hmac.new(anchor_key(settings), unsigned.message(), hashlib.sha256).hexdigest()
-    fields: dict[str, Any] = {"seq": seq, "row_hash": row_hash, "at": at, "mac": mac}
-    if kind != "head":
-        fields["kind"] = kind
-    line = json.dumps(fields) + "\n"
+    """Append a signed anchor for (seq, row_hash) to the anchor file, linked to the line before it (whose
+    signature it signs too): the file is locked from reading that line to the write, against other processes."""
+    key = anchor_key(settings)
     path = settings.anchor_path
     path.parent.mkdir(parents=True, exist_ok=True)
     with _file_lock:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         try:
-            os.write(fd, line.encode())  # one write of one short line: appends do not interleave
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            before = last_anchor(path)
+            at = utcnow().isoformat(timespec="microseconds")
+            unsigned = Anchor(seq, row_hash, at, "", kind=kind, prev="" if before is None else before.mac)
+            mac = hmac.new(key, unsigned.message(), hashlib.sha256).hexdigest()
+            fields: dict[str, Any] = {"seq": seq, "row_hash": row_hash, "at": at, "mac": mac, "prev": unsigned.prev}
+            if kind != "head":
+                fields["kind"] = kind
+            os.write(fd, (json.dumps(fields) + "\n").encode())  # one write of one short line
             os.fsync(fd)
         finally:
-            os.close(fd)
-    return Anchor(seq, row_hash, at, mac, kind=kind)
+            os.close(fd)  # and the lock with it
+    return replace(unsigned, mac=mac)
 
 
 def read_anchors(path: Path) -> list[Anchor]:
@@ -122,6 +131,7 @@ def read_anchors(path: Path) -> list[Anchor]:
                     str(data["mac"]),
                     number,
                     str(data.get("kind", "head")),
+                    None if data.get("prev") is None else str(data["prev"]),
                 )
             )
         except (ValueError, KeyError, TypeError):
@@ -148,6 +158,7 @@ def last_anchor(path: Path, *, tail: int = 4096) -> Anchor | None:
                     str(data["at"]),
                     str(data["mac"]),
                     kind=str(data.get("kind", "head")),
+                    prev=None if data.get("prev") is None else str(data["prev"]),
                 )
             except (ValueError, KeyError, TypeError):
                 return None

@@ -118,10 +118,26 @@ def _shown(span: Span, seq: int, v2_from: int, v3_from: int) -> Problem | None:
 
 
 def _bad_signature(anchors: list[Anchor], key: bytes) -> Problem | None:
+    """The first anchor line whose signature fails, or (a linked line, v2) that does not follow the line before it
+    in the file: a line removed, or lines moved. Lines cut off the end of the file leave no trace here."""
+    before: Anchor | None = None
     for anchor in anchors:
         expected = hmac.new(key, anchor.message(), hashlib.sha256).hexdigest()
         if anchor.seq < 0 or not hmac.compare_digest(expected, anchor.mac):
             return Problem(None, f"anchor line {anchor.line} has a bad signature: the anchor file was altered")
+        linked = "" if before is None else before.mac
+        if anchor.prev is not None and anchor.prev != linked:
+            if before is None:
+                found = (
+                    f"anchor line {anchor.line} links to a line before it that is not in the file: lines were removed"
+                )
+            else:
+                found = (
+                    f"anchor line {anchor.line} does not follow line {before.line}: a line of the anchor file was "
+                    "removed, or lines were moved"
+                )
+            return Problem(None, found)
+        before = anchor
     return None
 
 

@@ -16,6 +16,7 @@ import click
 
 from .. import reports
 from ..admin import anchor_now, count_by_key, drop_audit_before, purge_phi, rotate_keys, verify_log
+from ..audit.anchors import last_anchor
 from ..queries import AuditFilter, audit_query
 from .kit import handled, load_settings
 
@@ -105,10 +106,20 @@ def audit(
 @handled
 def audit_verify(reader: str | None) -> None:
     """Recompute the hash chain and check it against the signed anchors (exit 9 if broken)."""
-    report = verify_log(reader=reader, settings=load_settings())
+    settings = load_settings()
+    report = verify_log(reader=reader, settings=settings)
     anchors, problem = f"{report.anchors} anchor(s)", report.problem
     if problem is None:
-        click.echo(f"ok: {report.events} events, chain intact, {anchors} match ({report.seconds:.2f}s)")
+        newest = last_anchor(settings.anchor_path)
+        signed = "" if newest is None else f"; the newest signs seq {newest.seq}, at {newest.at}"
+        click.echo(f"ok: {report.events} events, chain intact, {anchors} match ({report.seconds:.2f}s){signed}")
+        if newest is None and report.events:
+            click.echo(
+                f"warning: no anchor: nothing outside the database vouches for these events ({settings.anchor_path} "
+                "is missing or empty; a worker's sweeper signs the head every QBGW_AUDIT_ANCHOR_SECONDS, "
+                "`qbgw audit anchor` at once)",
+                err=True,
+            )
         return
     click.echo(f"TAMPERED: {problem.message} (checked {report.events} events, {anchors})", err=True)
     sys.exit(9)

@@ -8,17 +8,17 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Generator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from psycopg import sql
-from sqlalchemy import Connection, Engine, event, insert, select, text
+from sqlalchemy import Connection, Engine, event, func, insert, select, text
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.util import identity_key
 
 from ..audit.anchors import Anchor, after_seal, write_anchor
 from ..audit.events import CHAINED, CONTENT, OPTIONAL, PENDING, AuditRecord, Sealed, content_hash, link_hash, stamp
-from ..audit.verify import VerifyReport, check
+from ..audit.verify import Problem, VerifyReport, check
 from ..lifecycle import utcnow
 from ..settings import Settings
 from .models import GENESIS, AuditChainHead, AuditEvent, Job
@@ -302,11 +302,25 @@ def install_hooks(factory: sessionmaker[Session], settings: Settings) -> None:
 
 
 def head(session: Session) -> tuple[int, str]:
-    """The chain's last (seq, hash) as the events say (not the head row, which is a cache). Events staged for the
-    block sealer count once chained: the caller chains them first, before this transaction
-    (``Runtime.chain_staged``)."""
-    row = session.execute(select(AuditEvent.seq, AuditEvent.row_hash).order_by(AuditEvent.seq.desc()).limit(1)).first()
-    return (row.seq, row.row_hash) if row else (0, GENESIS)
+    """The chain's last (seq, hash): the head row, which every seal updates under its lock, not the table's
+    highest seq, which any row inserted past the head (never sealed) would be: an anchor must not sign one.
+    Events staged for the block sealer count once chained: the caller chains them first, before this
+    transaction (``Runtime.chain_staged``)."""
+    row = session.execute(select(AuditChainHead.seq, AuditChainHead.row_hash).where(AuditChainHead.id == 1)).first()
+    if row is not None:
+        return int(row.seq), str(row.row_hash)
+    last = session.execute(select(AuditEvent.seq, AuditEvent.row_hash).order_by(AuditEvent.seq.desc()).limit(1)).first()
+    return (last.seq, last.row_hash) if last else (0, GENESIS)
+
+
+def past_head(session: Session) -> tuple[int, int | None]:
+    """The head's seq, and the first seq of a row stored past it (inserted, never sealed: a seal moves the head in
+    the transaction that inserts), or None; in one statement, so a commit in between cannot look like one."""
+    stray = select(func.min(AuditEvent.seq)).where(AuditEvent.seq > AuditChainHead.seq).scalar_subquery()
+    row = session.execute(select(AuditChainHead.seq, stray).where(AuditChainHead.id == 1)).first()
+    if row is None:  # no head row (never on a migrated database): the table's end is the chain's
+        return head(session)[0], None
+    return int(row[0]), None if row[1] is None else int(row[1])
 
 
 class Anchorer:
@@ -336,12 +350,25 @@ def verify(
     starts = session.execute(select(AuditChainHead.v2_from, AuditChainHead.v3_from).where(AuditChainHead.id == 1))
     v2_from, v3_from = starts.first() or (1, 1)
     after = max((a.seq for a in anchors if a.kind == "base"), default=0)
-    rows = _rows(session, after=after)
-    counted = rows if progress is None else _counted(rows, progress, int(head(session)[0]) - after)
+    # The chain ends at the head row, which every seal moves (the anchors, read before, are at or before it); a
+    # row past it was inserted, never sealed, linked or not. The walk stops at the head.
+    last, stray = past_head(session)
+    rows = _rows(session, after=after, through=last)
+    counted = rows if progress is None else _counted(rows, progress, last - after)
     try:
-        return check(counted, anchors, key, v2_from=v2_from, v3_from=v3_from)
+        report = check(counted, anchors, key, v2_from=v2_from, v3_from=v3_from)
     finally:
         rows.close()  # closes the server-side cursor when the walk stops early
+    walked = after + report.events
+    if report.ok and walked < last:  # the head row was moved by the seals that made them: they were there
+        found = Problem(walked + 1, f"events seq {walked + 1} to {last} are missing: the chain's head is seq {last}")
+        return replace(report, problem=found)
+    if report.ok and stray is not None:
+        found = Problem(
+            stray, f"event seq {stray} was inserted past the chain's head (seq {last}): no seal put it there"
+        )
+        return replace(report, problem=found)
+    return report
 
 
 #: How often a verification reports its progress, in events.
@@ -358,9 +385,11 @@ def _counted(rows: Iterator[Any], progress: Callable[[int, int], None], total: i
     progress(done, total)
 
 
-def _rows(session: Session, after: int = 0) -> Generator[Any]:
+def _rows(session: Session, after: int = 0, through: int | None = None) -> Generator[Any]:
     columns = [getattr(AuditEvent, name) for name in (*CHAINED, *OPTIONAL, "prev_hash", "row_hash")]
     query = select(*columns).where(AuditEvent.seq > after).order_by(AuditEvent.seq)
+    if through is not None:
+        query = query.where(AuditEvent.seq <= through)
     result = session.execute(query.execution_options(yield_per=20_000))
     try:
         yield from result.mappings()
