@@ -388,6 +388,16 @@ class Settings:
         # Every Settings is valid, however it was made: from_env, with_, or the constructor in a caller's code.
         self.validate()
 
+    def __repr__(self) -> str:
+        # The dataclass's own, but a URL's password blotted out, as a secret's value is (Secret's repr).
+        shown = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in URLS_WITH_CREDENTIALS and (password := _url_password(value)):
+                value = value.replace(f":{password}@", ":***@", 1)
+            shown.append(f"{f.name}={value!r}")
+        return f"Settings({', '.join(shown)})"
+
     def with_(self, **changes: Any) -> Settings:
         """A copy with some fields changed (validated, as every Settings is)."""
         return replace(self, **changes)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -295,12 +296,21 @@ def test_a_batch_job_shows_its_batch_and_a_limit_below_one_is_a_usage_error(
     assert json.loads(qbgw(env, "status", job_id).stdout)["batch_id"] == batch.id
     alone = qbgw(env, "submit", "--text", "alone").stdout.strip()
     assert json.loads(qbgw(env, "status", alone).stdout)["batch_id"] is None
-    for limit in ("0", "-1"):
+    for limit in ("0", "-1", "99999999999999999999"):
         refused = qbgw(env, "audit", "--limit", limit)
         assert refused.exit_code == EXIT["usage"], refused.stderr
         assert "--limit" in refused.stderr
-    with pytest.raises(InputError, match="^limit: "):
-        AuditFilter(limit=0)
+    naive = datetime(2026, 12, 1)  # without a time zone: refused by name
+    for bad, says in (
+        ({"limit": 0}, "^limit: "),
+        ({"limit": 10**30}, "^limit: must be a whole number of events from 1 to"),
+        ({"since": naive}, "^since: must be a datetime with a time zone .* got a naive datetime"),
+        ({"until": "2026-12-01"}, "^until: must be a datetime with a time zone .* got str"),
+        ({"after_seq": -1}, "^after_seq: "),
+        ({"job_id": 5}, "^job_id: must be a string; got int"),
+    ):
+        with pytest.raises(InputError, match=says):
+            AuditFilter(**bad)
 
 
 def test_health_with_an_unusable_database_url_is_a_configuration_error(env: dict[str, str]) -> None:

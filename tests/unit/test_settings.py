@@ -223,3 +223,19 @@ def test_a_url_with_a_password_may_come_from_a_file(tmp_path: Path) -> None:
         assert says in str(refused.value)
     # other text settings are taken as written
     assert Settings.from_env({"QBGW_ACTOR": "@ops"}).actor == "@ops"
+
+
+def test_the_repr_blots_out_every_password() -> None:
+    shown = repr(
+        Settings(
+            database_url="postgresql+psycopg://qbgw:pg-pass-word@db:5432/qbgw",
+            broker_url="redis://:broker-pass-word@cache:6379/0",
+            token=Secret("token-secret-value"),
+        )
+    )
+    assert "pg-pass-word" not in shown
+    assert "broker-pass-word" not in shown
+    assert "token-secret-value" not in shown
+    assert "postgresql+psycopg://qbgw:***@db:5432/qbgw" in shown
+    assert shown.startswith("Settings(")
+    assert "max_attempts=" in shown

@@ -18,6 +18,7 @@ from .. import reports
 from ..admin import anchor_now, count_by_key, drop_audit_before, purge_phi, rotate_keys, verify_log
 from ..audit.anchors import last_anchor
 from ..queries import AuditFilter, audit_query
+from ..store.reads import MAX_LIMIT
 from .kit import handled, load_settings
 
 __all__ = ["audit", "keys", "purge"]
@@ -56,7 +57,7 @@ def _age(value: str) -> timedelta:
 @click.option("--outcome", help="Only this outcome, e.g. transient, permanent, succeeded.")
 @click.option("--since", help="From this time (ISO 8601, UTC if no zone).")
 @click.option("--until", help="Before this time.")
-@click.option("--limit", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1, max=MAX_LIMIT), default=1000, show_default=True)
 @click.option(
     "--format",
     "fmt",

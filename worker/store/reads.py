@@ -255,6 +255,10 @@ def key_ids_in_use(url: str, *, timeout: float) -> set[str]:
     return {Keyring.key_id_of(stored) for stored in (newest, waiting) if stored}
 
 
+#: The most events one audit query returns.
+MAX_LIMIT = 1_000_000_000
+
+
 @dataclass(frozen=True)
 class AuditFilter:
     """What an audit query selects; every field is optional. Times are aware datetimes."""
@@ -272,8 +276,23 @@ class AuditFilter:
     after_seq: int | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1:
-            raise InvalidMessages(f"limit: must be a whole number of events, 1 or more; got {self.limit!r}")
+        if isinstance(self.limit, bool) or not isinstance(self.limit, int) or not 1 <= self.limit <= MAX_LIMIT:
+            raise InvalidMessages(
+                f"limit: must be a whole number of events from 1 to {MAX_LIMIT}; got {str(self.limit)[:40]}"
+            )
+        after = self.after_seq
+        if after is not None and (isinstance(after, bool) or not isinstance(after, int) or not 0 <= after < 2**63):
+            raise InvalidMessages(f"after_seq: must be a seq (a whole number, 0 or more); got {str(after)[:40]}")
+        for name in ("since", "until"):
+            when = getattr(self, name)
+            if when is not None and (not isinstance(when, datetime) or when.utcoffset() is None):
+                got = "a naive datetime" if isinstance(when, datetime) else type(when).__name__
+                raise InvalidMessages(
+                    f"{name}: must be a datetime with a time zone (datetime(2026, 12, 1, tzinfo=UTC)); got {got}"
+                )
+        for name in ("job_id", "batch_id", "assistant_id", "actor", "action", "outcome"):
+            if not isinstance(getattr(self, name), str | None):
+                raise InvalidMessages(f"{name}: must be a string; got {type(getattr(self, name)).__name__}")
 
     def where(self) -> list[Any]:
         columns = ("job_id", "batch_id", "assistant_id", "actor", "action", "outcome")
