@@ -218,6 +218,13 @@ def list_files(
     """Files not deleted nor purged, of ``owner`` when given: a page of ``limit`` after the file ``after``."""
     if not 1 <= limit <= MAX_PAGE + 1:  # one more than a page: whether there is another
         raise InputError(f"limit: must be between 1 and {MAX_PAGE}, got {limit}")
+    for name, value in (("purpose", purpose), ("after", after)):  # compared in SQL: text a column can hold
+        if value is not None and (
+            not isinstance(value, str)
+            or len(value) > 128
+            or any(ord(c) < 32 or 0xD800 <= ord(c) <= 0xDFFF for c in value)
+        ):
+            raise InputError(f"{name}: must be at most 128 characters of text, without control characters")
     with runtime(settings).transaction() as session:
         rows = file_store.list_files(
             session, actor=owner, purpose=purpose, after=after, limit=limit, newest_first=newest_first
@@ -233,6 +240,9 @@ def _check_metadata(metadata: object) -> dict[str, str] | None:
     for key, value in metadata.items():
         if not isinstance(key, str) or len(key) > 64 or not isinstance(value, str) or len(value) > 512:
             raise InputError("metadata: keys are strings of at most 64 characters, values strings of at most 512")
+        for text in (key, value):  # stored, then sent back as JSON: it must be Unicode text
+            if not text.isascii() and any("\ud800" <= c <= "\udfff" for c in text):
+                raise InputError(f"metadata: {key[:64]!r} holds a lone UTF-16 surrogate, which is not Unicode text")
     return metadata
 
 

@@ -322,6 +322,43 @@ def test_verify_names_the_tampered_event_in_words(
         server.close()
 
 
+def test_a_lone_surrogate_or_a_nul_is_refused_by_name_and_nothing_is_stored(server: Server) -> None:
+    """JSON may escape half of a UTF-16 pair ("\\ud800"): it is no Unicode text, so it could be stored and then never
+    be sent; each way in refuses it (422 here, OpenAI's 400 on its paths) before anything is stored."""
+
+    def raw(body: dict[str, Any]) -> bytes:
+        return json.dumps(body).encode()  # ensure_ascii: the surrogate travels as its escape
+
+    headers = {"Content-Type": "application/json"}
+    jobs_before = len(queries.audit_query(AuditFilter(action="job.submitted"), settings=server.settings))
+    for who, path, body in (
+        ("sub", "/v1/jobs", {**JOB, "custom_id": "c\ud800"}),
+        ("sub", "/v1/jobs", {**JOB, "\udfff": 1}),
+        ("auditor", "/v1/audit/access-report", {"subject": "MRN-1\ud800"}),
+    ):
+        answer = server.client(who).post(path, content=raw(body), headers=headers)
+        assert answer.status_code == 422, answer.text
+        assert "lone UTF-16 surrogate" in answer.json()["errors"][0]["detail"]
+    uploaded = server.client("sub").post("/v1/files", files={"file": ("in.jsonl", b"{}\n")}, data={"purpose": "batch"})
+    file_id = uploaded.json().get("id", "file-x")
+    for path, body in (
+        ("/v1/batches", {"input_file_id": file_id, "endpoint": "/v1/chat/completions", "metadata": {"k": "\ud800"}}),
+        ("/v1/batches", {"input_file_id": "file-\ud800", "endpoint": "/v1/chat/completions"}),
+        ("/v1/chat/completions", {"model": ASSISTANT, "messages": JOB["messages"], "\ud800": 1}),
+    ):
+        answer = server.client("sub").post(path, content=raw(body), headers=headers)
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["error"]["type"] == "invalid_request_error"
+        assert "surrogate" in answer.json()["error"]["message"]
+    for query in ("purpose=%00", "after=%00", "after=x%01y"):
+        answer = server.client("sub").get(f"/v1/files?{query}")
+        assert answer.status_code == 400, answer.text
+        assert "without control characters" in answer.json()["error"]["message"]
+    assert server.client("sub").get("/v1/batches?limit=100").status_code == 200
+    jobs_after = len(queries.audit_query(AuditFilter(action="job.submitted"), settings=server.settings))
+    assert jobs_after == jobs_before
+
+
 # ---- bad input: problem details naming the field ----
 
 
@@ -536,6 +573,7 @@ def test_an_auditor_gets_the_access_report_of_a_subject_and_the_subject_stays_ou
     auditor = server.client("auditor")
     answer = auditor.post("/v1/audit/access-report", json={"subject": SUBJECT})
     assert answer.status_code == 200, answer.text
+    assert answer.headers["qbgw-chain-ok"] == "true"
     report = answer.json()
     assert report["chain_ok"] is True, report["chain_detail"]
     assert SUBJECT not in answer.text
@@ -551,6 +589,7 @@ def test_an_auditor_gets_the_access_report_of_a_subject_and_the_subject_stays_ou
         rendered = auditor.post("/v1/audit/access-report", json={"subject": SUBJECT, "format": fmt})
         assert rendered.status_code == 200, rendered.text
         assert rendered.headers["content-type"].startswith(media)
+        assert rendered.headers["qbgw-chain-ok"] == "true"  # a CSV file has no place for chain_ok
         assert job_id in rendered.text
         assert SUBJECT not in rendered.text
     later = auditor.post("/v1/audit/access-report", json={"subject": SUBJECT, "from": "2999-01-01T00:00:00Z"})
@@ -573,6 +612,9 @@ def test_an_auditor_gets_the_access_report_of_a_subject_and_the_subject_stays_ou
         ({"subject": "M" * 300}, "subject", "got 300 characters"),
         ({"subject": "MRN-1", "from": "yesterday"}, "from", "ISO 8601"),
         ({"subject": "MRN-1", "format": "pdf"}, "format", "json, jsonl, csv, html"),
+        ({"subject": "MRN-1", "format": ["json"]}, "format", "json, jsonl, csv, html"),
+        ({"subject": "MRN-1", "format": {}}, "format", "json, jsonl, csv, html"),
+        ({"subject": "MRN-1", "format": 0}, "format", "json, jsonl, csv, html"),
         ({"subject": "MRN-1", "patient": "x"}, "patient", "not a field of a report"),
     ],
 )

@@ -792,20 +792,23 @@ async def audit_access_report(request: Request) -> Response:
     principal, _ = await who(request, "audit.access_report")
     raw = await body_bytes(request, 65536)
     report, fmt = await call(_access_report, raw, principal.actor, _ctx(request).settings)
+    # Every format says whether the chain held, in a header too (a CSV file has no place for it).
+    headers = {"Cache-Control": "no-store", "Qbgw-Chain-Ok": "true" if report.chain_ok else "false"}
     if fmt == "json":
-        return JSONResponse(_report_json(report))
+        return JSONResponse(_report_json(report), headers=headers)
     render = {"jsonl": reports.render_jsonl, "csv": reports.render_csv, "html": reports.render_html}[fmt]
-    return Response(render(report), media_type=REPORT_TYPES[fmt], headers={"Cache-Control": "no-store"})
+    return Response(render(report), media_type=REPORT_TYPES[fmt], headers=headers)
 
 
 def _access_report(raw: bytes, actor: str, settings: Settings) -> tuple[reports.AccessReport, str]:
-    data = _json_object(raw)
+    data = json_object(raw)
     unknown = sorted(set(data) - REPORT_FIELDS)
     if unknown:
         raise errors.InvalidMessages(f"{unknown[0]}: not a field of a report; it has subject, from, to and format")
-    fmt = data.get("format") or "json"
-    if fmt not in REPORT_TYPES:
-        raise errors.InvalidMessages(f"format: must be one of {', '.join(REPORT_TYPES)}")
+    fmt = data.get("format")
+    fmt = "json" if fmt is None else fmt
+    if not isinstance(fmt, str) or fmt not in REPORT_TYPES:
+        raise errors.InvalidMessages(f"format: must be one of {', '.join(REPORT_TYPES)} (or left out: json)")
     start, end = (_report_time(name, data.get(name)) for name in ("from", "to"))
     return reports.access_report(data.get("subject"), start=start, end=end, actor=actor, settings=settings), fmt  # type: ignore[arg-type]
 
@@ -964,7 +967,7 @@ class _Job:
 
 
 def _job_body(raw: bytes) -> dict[str, Any]:
-    data = _json_object(raw)
+    data = json_object(raw)
     unknown = sorted(set(data) - JOB_FIELDS)
     if unknown:
         raise errors.InvalidMessages(
@@ -1077,7 +1080,14 @@ def _too_large(limit: int) -> Response:
     return problem(413, "too-large", "The request body is too large", f"at most {limit} bytes are accepted")
 
 
-def _json_object(raw: bytes) -> dict[str, Any]:
+#: A JSON escape of a UTF-16 surrogate (a pair decodes to one character; a lone one stays a surrogate).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def json_object(raw: bytes) -> dict[str, Any]:
+    """A request body that must be a JSON object, parsed; InvalidMessages naming ``body`` for anything else,
+    a lone surrogate (``"\\ud800"``: JSON, but no Unicode text; it could be stored and then never be sent)
+    included."""
     import json
 
     try:
@@ -1086,7 +1096,28 @@ def _json_object(raw: bytes) -> dict[str, Any]:
         raise errors.InvalidMessages(f"body: not valid JSON ({exc.__class__.__name__}); send a JSON object") from None
     if not isinstance(data, dict):
         raise errors.InvalidMessages(f"body: must be a JSON object, got {type(data).__name__}")
+    if _SURROGATE_ESCAPE.search(raw) and _lone_surrogate(data):
+        raise errors.InvalidMessages(
+            "body: holds a lone UTF-16 surrogate (an escape like \\ud800 without its pair), which is not Unicode "
+            "text; send UTF-8 text"
+        )
     return data
+
+
+def _lone_surrogate(value: Any) -> bool:
+    """Whether a string anywhere in ``value`` (keys included) holds a lone surrogate."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if any("\ud800" <= c <= "\udfff" for c in item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def _iso(when: datetime | None) -> str | None:

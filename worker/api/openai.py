@@ -506,23 +506,13 @@ def _batch(info: compat.OpenAIBatchInfo, *, show_metadata: bool = True) -> dict[
     }
 
 
-def _json_body(raw: bytes) -> dict[str, Any]:
-    try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise errors.InputError("body: not valid JSON; send a JSON object") from None
-    if not isinstance(data, dict):
-        raise errors.InputError(f"body: must be a JSON object, got {type(data).__name__}")
-    return data
-
-
 BATCH_FIELDS = frozenset({"input_file_id", "endpoint", "completion_window", "metadata"})
 
 
 @openai_errors
 async def create_batch(request: Request) -> Response:
     principal, _ = await door.who(request, "batches.submit")
-    data = _json_body(await door.body_bytes(request, 65536))
+    data = door.json_object(await door.body_bytes(request, 65536))
     unknown = sorted(set(data) - BATCH_FIELDS)
     if unknown:
         raise errors.InputError(
@@ -645,13 +635,13 @@ async def chat_completions(request: Request) -> Response:
     raw = await door.body_bytes(request, context.settings.max_request_bytes + 65536)
     settings = context.settings
     # As POST /v1/jobs: a small text-only body is validated on the event loop, and its job stored by the intake.
-    parsed = _json_body(raw) if len(raw) <= door.ON_LOOP_BYTES else None
+    parsed = door.json_object(raw) if len(raw) <= door.ON_LOOP_BYTES else None
     if parsed is not None and door._text_only(parsed):
         data = parsed
         model, new = _chat_job(data, principal, settings)
     else:
         data, (model, new) = await door.call(
-            lambda: (body := parsed or _json_body(raw), _chat_job(body, principal, settings))
+            lambda: (body := parsed or door.json_object(raw), _chat_job(body, principal, settings))
         )
     if new is not None:
         job_id = new.id
