@@ -184,24 +184,36 @@ class _Keys:
 
     def __init__(self) -> None:
         self._seen: dict[str, tuple[float, Principal]] = {}
+        #: When each key was last accepted (from the cache or the database): a key in use passes the
+        #: throttle of its address, to be checked against the database, however long it has been in use.
+        self._used: dict[str, float] = {}
 
     @staticmethod
     def _slot(presented: str) -> str:
         return hashlib.sha256(presented.encode()).hexdigest()
 
     def get(self, presented: str) -> Principal | None:
-        found = self._seen.get(self._slot(presented))
+        slot = self._slot(presented)
+        found = self._seen.get(slot)
         if found is None or found[0] < time.monotonic():
             return None
+        self._used[slot] = time.monotonic()
         return found[1]
 
     def put(self, presented: str, principal: Principal) -> None:
         if len(self._seen) > 10_000:
             self._seen.clear()
+            self._used.clear()
         keep = CACHE_SECONDS
         if principal.expires_at is not None:  # never past the key's own expiry
             keep = min(keep, (principal.expires_at - datetime.now(UTC)).total_seconds())
-        self._seen[self._slot(presented)] = (time.monotonic() + keep, principal)
+        slot = self._slot(presented)
+        self._seen[slot] = (time.monotonic() + keep, principal)
+        self._used[slot] = time.monotonic()
+
+    def in_use(self, presented: str) -> bool:
+        """Accepted within the last CACHE_SECONDS."""
+        return time.monotonic() - self._used.get(self._slot(presented), -CACHE_SECONDS) < CACHE_SECONDS
 
 
 class _Failures:
@@ -314,9 +326,11 @@ def authenticate(request: Request) -> Principal:
     settings, failures = _ctx(request).settings, _ctx(request).failures
     source = request.client.host if request.client else ""
     held = failures.blocked_for(source)
-    if held > 0:  # guessing from this address: refused before the database (a valid key in the cache passed)
-        raise Refused(_throttled(held), delay=min(held, FAILURE_DELAY))
     key = _presented(request)
+    # Guessing from this address: refused before the database, but for a key accepted in the last CACHE_SECONDS
+    # (from anywhere; one in the cache passed already), which is checked against the database as usual.
+    if held > 0 and not (key and _ctx(request).keys.in_use(key)):
+        raise Refused(_throttled(held), delay=min(held, FAILURE_DELAY))
     try:
         principal = access.authenticate(key, source=source, settings=settings)
         if key:
