@@ -15,7 +15,7 @@ from collections.abc import Collection, Iterable
 from typing import Any
 
 from .errors import InvalidImage, InvalidMessages
-from .images.refs import Policy, check
+from .images.refs import Policy, check, https_target
 
 __all__ = [
     "ROLES",
@@ -140,6 +140,12 @@ def validate_webhook_url(value: object, *, development: bool = False, name: str 
     if port == 0:
         raise InvalidMessages(f"{name}: port 0 is not a port")
     _check_encodable(name, value)
+    if _CONTROL.search(value) or " " in value:
+        raise InvalidMessages(f"{name}: must not hold spaces or control characters (percent-encode them)")
+    try:  # the host as it is called: a name, an IPv4 or a bracketed IPv6 address (image URLs' rule)
+        https_target("https://" + value.split("://", 1)[1])
+    except InvalidImage as exc:
+        raise InvalidMessages(f"{name}: {str(exc).replace('an https URL', 'the URL')}") from None
     return value
 
 

@@ -363,6 +363,17 @@ def test_a_lone_surrogate_or_a_nul_is_refused_by_name_and_nothing_is_stored(serv
     assert jobs_after == jobs_before
 
 
+def test_a_webhook_urls_token_stays_out_of_the_access_log(server: Server) -> None:
+    secret = "WEBHOOK-SECRET-42"
+    query = "assistant_id=" + ASSISTANT + "&webhook_url=https%3A%2F%2Fhooks.example.org%2Fq%3Ftoken%3D" + secret
+    server.client("sub").post(f"/v1/batches?{query}", content=json.dumps({"custom_id": "w", **LINE}) + "\n")
+    server.client("sub").get(f"/v1/jobs/x?WEBHOOK_URL=https%3A%2F%2Fh.example.org%2F{secret}&a=b")
+    wait_until(lambda: server.log.read_text(errors="replace").lower().count("webhook_url=[redacted]") >= 2)
+    log = server.log.read_text(errors="replace")
+    assert secret not in log
+    assert "&a=b" in log  # the rest of the line stays
+
+
 # ---- bad input: problem details naming the field ----
 
 

@@ -220,6 +220,18 @@ def test_webhook_urls_are_checked_at_submit_and_guarded_when_called(
         assert "https://" in plain.json()["errors"][0]["detail"]
         creds = client.post("/v1/jobs", json={**JOB, "webhook_url": "https://u:p@example.com/hook"})
         assert creds.json()["errors"][0]["field"] == "webhook_url"
+        # a URL that could only fail when called is refused now, naming what is wrong
+        for bad, says in (
+            ("https://exa mple.com/", "spaces or control characters"),
+            ("https://example.com/\n", "spaces or control characters"),
+            ("https://a..b/", "is not a host name"),
+            ("https://-/", "is not a host name"),
+            ("https://ex%00ample.com/", "is not a host name"),
+        ):
+            refused = client.post("/v1/jobs", json={**JOB, "webhook_url": bad})
+            assert refused.status_code == 422, bad
+            assert refused.json()["errors"][0]["field"] == "webhook_url"
+            assert says in refused.json()["errors"][0]["detail"], refused.text
         # https to a loopback address passes the form check, and the guard refuses it when it is called: failed
         # at once (retrying cannot help), with the reason.
         inside = client.post("/v1/jobs", json={**JOB, "webhook_url": "https://127.0.0.1:9/hook"})

@@ -280,6 +280,19 @@ def _ctx(request: Request) -> _Context:
     return ctx
 
 
+class _SecretQuery(logging.Filter):
+    """The access log's line without the value of a query parameter that may carry a secret: a ``webhook_url``
+    (its token; it is stored encrypted, and must not be left in a log file in clear)."""
+
+    _VALUE = re.compile(r"((?:^|[?&])webhook_url=)[^&#]*", re.IGNORECASE)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str) and "=" in args[2]:
+            record.args = (*args[:2], self._VALUE.sub(r"\1[redacted]", args[2]), *args[3:])
+        return True
+
+
 def create_app(
     settings: Settings | None = None,
     routers: tuple[APIRouter, ...] = (),
@@ -291,6 +304,9 @@ def create_app(
     settings = settings or Settings.from_env()
     waiter = JobWaiter(settings.effective_listen_url)
     failures = _Failures()
+    access_log = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, _SecretQuery) for f in access_log.filters):
+        access_log.addFilter(_SecretQuery())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
