@@ -4,13 +4,20 @@ before any fetch; the good ones resolve into the exact bytes, with bounded memor
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
+import socket
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import requests
 
 from qbgw.errors import InvalidImage, ResolutionFailed
+from qbgw.images import remote
 from qbgw.images.body import StreamingBody
 from qbgw.images.remote import Limits, Response, check_address, fetch
 from qbgw.images.resolve import build_body, refs
@@ -403,3 +410,48 @@ def test_a_pdf_is_cut_at_the_page_limit_each_page_a_png(root: Path, tmp_path: Pa
         data = base64.b64decode(part["image_url"]["url"].split(",", 1)[1])
         assert data.startswith(b"\x89PNG")
         assert data[16:24] == (144).to_bytes(4, "big") + (72).to_bytes(4, "big")
+
+
+def _drip_server(body: bytes, every: float) -> tuple[str, Callable[[], None]]:
+    """A plain HTTP server on a free port that sends ``body`` one byte per ``every`` seconds."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    stop = threading.Event()
+
+    def serve() -> None:
+        connection, _ = listener.accept()
+        with connection:
+            connection.recv(65536)
+            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body))
+            for byte in body:
+                if stop.wait(every):
+                    return
+                with contextlib.suppress(OSError):
+                    connection.sendall(bytes([byte]))
+
+    threading.Thread(target=serve, daemon=True).start()
+    return f"http://127.0.0.1:{listener.getsockname()[1]}/", lambda: (stop.set(), listener.close())
+
+
+def test_a_body_that_trickles_in_is_cut_off_at_the_fetch_deadline() -> None:
+    """A read timeout is per read: a host sending a byte every half second must not hold a worker past its time."""
+    url, stop = _drip_server(png_bytes(4, 4), every=0.5)
+    session = requests.Session()
+    started = time.monotonic()
+    try:
+        with pytest.raises(ResolutionFailed, match="took longer than 1.5s"):
+            b"".join(remote._chunks(session.get(url, stream=True, timeout=5), session, 1.5))
+    finally:
+        stop()
+    assert time.monotonic() - started < 4  # not the body's length x 0.5 s
+
+
+def test_a_body_within_the_deadline_is_whole() -> None:
+    body = png_bytes(4, 4)
+    url, stop = _drip_server(body[:3], every=0.01)
+    session = requests.Session()
+    try:
+        assert b"".join(remote._chunks(session.get(url, stream=True, timeout=5), session, 5.0)) == body[:3]
+    finally:
+        stop()

@@ -10,8 +10,10 @@ the body is cut off at a size and a time limit. The second HTTP boundary after `
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -231,14 +233,38 @@ def _open(url: str, address: str, host: str, timeout: float) -> Response:
     except requests.RequestException as exc:
         session.close()
         raise ResolutionFailed(f"fetching the image failed ({type(exc).__name__})") from None
-    return Response(response.status_code, response.headers.get("Location"), _chunks(response, session))
+    except ValueError:  # requests reads a redirect's Location even when it does not follow it
+        session.close()
+        raise ResolutionFailed("refused to follow a redirect whose Location is not a URL") from None
+    return Response(response.status_code, response.headers.get("Location"), _chunks(response, session, timeout))
 
 
-def _chunks(response: requests.Response, session: requests.Session) -> Iterator[bytes]:
+def _chunks(response: requests.Response, session: requests.Session, timeout: float) -> Iterator[bytes]:
+    """The body, cut off ``timeout`` seconds from now however it trickles in: a read timeout is per read, so a
+    host sending a byte now and then would hold the worker for ever; a timer shuts the socket at the deadline."""
+    sock = getattr(getattr(response.raw, "connection", None), "sock", None)
+    expired = threading.Event()
+
+    def cut() -> None:
+        expired.set()
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked read, unlike close()
+
+    timer = threading.Timer(timeout, cut)
+    timer.daemon = True
+    timer.start()
     try:
         yield from response.iter_content(64 * 1024)
-    except requests.RequestException as exc:
-        raise ResolutionFailed(f"fetching the image failed ({type(exc).__name__})") from None
+    except Exception as exc:
+        if expired.is_set():
+            raise ResolutionFailed(f"fetching the image took longer than {timeout:g}s") from None
+        if isinstance(exc, requests.RequestException):
+            raise ResolutionFailed(f"fetching the image failed ({type(exc).__name__})") from None
+        raise
     finally:
+        timer.cancel()
         response.close()
         session.close()
+    if expired.is_set():  # the shut socket may read as a clean end: a cut body is no image
+        raise ResolutionFailed(f"fetching the image took longer than {timeout:g}s")
