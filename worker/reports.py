@@ -20,6 +20,7 @@ from .audit import events as audit
 from .audit.anchors import anchor_key, read_anchors
 from .audit.events import AuditRecord
 from .audit.verify import VerifyReport
+from .batches.export import spreadsheet_cell
 from .errors import InvalidMessages
 from .lifecycle import utcnow
 from .messages import resolve_actor, validate_subject
@@ -248,18 +249,13 @@ def render_jsonl(report: AccessReport) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _cell(value: str) -> str:
-    # A cell a spreadsheet would run as a formula is quoted (OWASP's CSV injection advice).
-    return "'" + value if value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
-
-
 def render_csv(report: AccessReport) -> str:
     """CSV: a header (time, job_id, kind, actor, detail) and one line per row; the summary is in render_jsonl."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(COLUMNS)
     for row in report.rows():
-        writer.writerow([_cell(row[c]) for c in COLUMNS])
+        writer.writerow([spreadsheet_cell(row[c]) for c in COLUMNS])
     return out.getvalue()
 
 

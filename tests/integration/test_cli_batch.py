@@ -163,3 +163,18 @@ def test_cancel_prints_what_is_kept(env: dict[str, str], embedded_settings: Sett
     cancelled = qbgw(env, "batch", "cancel", batch_id, "--actor", "nurse-7")
     assert cancelled.stdout.strip() == f"batch {batch_id} cancelled: 1 succeeded, 0 failed, 2 cancelled"
     assert qbgw(env, "batch", "wait", batch_id).exit_code == EXIT["job_failed"]
+
+
+def test_csv_exports_quote_what_a_spreadsheet_would_run(env: dict[str, str], tmp_path: Path) -> None:
+    formula = '=HYPERLINK("http://evil.example","x")'
+    line = {"custom_id": formula, "smart_chat_assistant_id": ASSISTANT, "messages": [{"role": "user", "content": "x"}]}
+    path = tmp_path / "in.jsonl"
+    path.write_text(json.dumps(line) + "\n")
+    submitted = qbgw(env, "batch", "submit", str(path), "--actor", "@SUM(1)")
+    assert submitted.exit_code == 0, submitted.output
+    batch_id = submitted.stdout.strip().splitlines()[-1]
+    table = list(csv.DictReader(io.StringIO(qbgw(env, "batch", "results", batch_id, "--format", "csv").stdout)))
+    assert table[0]["custom_id"] == "'" + formula
+    events = list(csv.DictReader(io.StringIO(qbgw(env, "audit", "--format", "csv", "--batch", batch_id).stdout)))
+    assert "'@SUM(1)" in {e["actor"] for e in events}
+    assert all(not e["actor"].startswith(("=", "+", "-", "@")) for e in events)

@@ -341,3 +341,14 @@ def test_progress_is_a_bar_on_a_terminal_and_a_line_every_few_seconds_elsewhere(
     assert lines[1] == "batch b1: completed: 100/100 done, 0 failed, 16.7/s"
     bar = line(view(BatchStatus.IN_PROGRESS, 30, 3, 0, 67), 10.0, bar=True)
     assert bar == "[##########....................] 33/100 done, 3 failed, 10.0/s, ~7s left"
+
+
+def test_csv_cells_a_spreadsheet_would_run_are_quoted() -> None:
+    from qbgw.batches.export import spreadsheet_cell
+
+    for formula in ('=HYPERLINK("http://evil","x")', "+1+1", "-2", "@SUM(1)", "\t=1", "\r=1"):
+        assert spreadsheet_cell(formula) == "'" + formula
+    for plain in ("visit-0001", "a=b", "", "'quoted"):
+        assert spreadsheet_cell(plain) == plain
+    assert spreadsheet_cell(-1) == -1  # a number is a number
+    assert spreadsheet_cell(None) is None

@@ -173,12 +173,20 @@ def write_jsonl(results: list[BatchResult], out: IO[str]) -> int:
     return len(results)
 
 
+def spreadsheet_cell(value: object) -> object:
+    """A CSV cell a spreadsheet will not run: text starting with = + - @ (or a tab or carriage return) is quoted
+    with a leading ', as OWASP's advice on CSV injection says; other values as they are."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
 def write_csv(results: list[BatchResult], out: IO[str]) -> int:
-    """A header and one row per job; returns how many rows were written."""
+    """A header and one row per job (text cells made safe for a spreadsheet); returns how many rows were written."""
     writer = csv.DictWriter(out, fieldnames=list(CSV_COLUMNS))
     writer.writeheader()
     for result in results:
-        writer.writerow(result.as_row())
+        writer.writerow({k: spreadsheet_cell(v) for k, v in result.as_row().items()})
     return len(results)
 
 

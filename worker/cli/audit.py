@@ -17,6 +17,7 @@ import click
 from .. import reports
 from ..admin import anchor_now, count_by_key, drop_audit_before, purge_phi, rotate_keys, verify_log
 from ..audit.anchors import last_anchor
+from ..batches.export import spreadsheet_cell
 from ..queries import AuditFilter, audit_query
 from ..store.reads import MAX_LIMIT
 from .kit import handled, load_settings
@@ -230,7 +231,8 @@ def _print_events(rows: list[dict[str, Any]], fmt: str) -> None:
         writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]) if rows else list(TABLE))
         writer.writeheader()
         for row in rows:
-            writer.writerow({**row, "detail": json.dumps(row.get("detail") or {})})
+            cells = {**row, "detail": json.dumps(row.get("detail") or {})}
+            writer.writerow({k: spreadsheet_cell(v) for k, v in cells.items()})
         return
     click.echo("  ".join(f"{c:<{_width(c)}}" for c in TABLE).rstrip())
     for row in rows:

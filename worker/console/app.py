@@ -38,6 +38,7 @@ from .. import admin, errors, queries, reports, users
 from ..access import Role
 from ..audit.anchors import read_anchors
 from ..audit.events import Action, AuditRecord
+from ..batches.export import spreadsheet_cell
 from ..lifecycle import utcnow
 from ..settings import Settings
 from ..store.reads import AuditFilter
@@ -448,7 +449,7 @@ def _csv(found: list[AuditRecord]) -> Iterator[str]:
         for e in found[start : start + 500]:
             row = e.as_dict()
             row["detail"] = json.dumps(row["detail"], sort_keys=True) if row["detail"] else ""
-            writer.writerow(["" if row[n] is None else row[n] for n in names])
+            writer.writerow(["" if row[n] is None else spreadsheet_cell(row[n]) for n in names])
         yield out.getvalue()
 
 
