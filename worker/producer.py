@@ -5,6 +5,7 @@ line validated first, then stored in chunks.
 
 from __future__ import annotations
 
+import math
 import os
 import uuid
 from collections.abc import Iterable
@@ -188,6 +189,29 @@ def _still_queued(rt: Runtime, job_id: str) -> bool:
         return status_of(session, job_id) == "queued"
 
 
+#: The longest batch window accepted.
+MAX_WINDOW = timedelta(days=365)
+
+
+def batch_window(window: object) -> timedelta:
+    """A batch's window, a timedelta or a number of seconds: positive, finite, at most MAX_WINDOW.
+
+    Raises:
+        InvalidMessages: naming ``window`` and what is accepted.
+    """
+    most = f"must be positive and at most {MAX_WINDOW.days} days ({MAX_WINDOW.total_seconds():.0f} seconds)"
+    if isinstance(window, int | float) and not isinstance(window, bool) and math.isfinite(window):
+        if not 0 < window <= MAX_WINDOW.total_seconds():
+            raise InvalidMessages(f"window: {most}; got {window:g} seconds")
+        return timedelta(seconds=window)
+    if isinstance(window, timedelta):
+        if not timedelta(0) < window <= MAX_WINDOW:
+            raise InvalidMessages(f"window: {most}; got {window}")
+        return window
+    shown = repr(window)[:40] if isinstance(window, float) else type(window).__name__
+    raise InvalidMessages(f"window: must be a timedelta or a finite number of seconds; got {shown}")
+
+
 def submit_batch(
     source: Source,
     *,
@@ -213,9 +237,7 @@ def submit_batch(
         StoreUnavailable: the database cannot be reached.
     """
     rt = runtime(settings)
-    span = window if isinstance(window, timedelta) else timedelta(seconds=window)
-    if span <= timedelta(0):
-        raise InvalidMessages("window: must be positive")
+    span = batch_window(window)
     who = resolve_actor(actor, rt.settings.actor, "producer")
     hook = _webhook(rt, webhook_url, who)
     default = assistant_id or rt.settings.assistant_id or None

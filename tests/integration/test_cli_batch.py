@@ -178,3 +178,38 @@ def test_csv_exports_quote_what_a_spreadsheet_would_run(env: dict[str, str], tmp
     events = list(csv.DictReader(io.StringIO(qbgw(env, "audit", "--format", "csv", "--batch", batch_id).stdout)))
     assert "'@SUM(1)" in {e["actor"] for e in events}
     assert all(not e["actor"].startswith(("=", "+", "-", "@")) for e in events)
+
+
+def test_a_bad_window_or_output_path_is_a_usage_error_before_anything_is_stored_or_read(
+    env: dict[str, str], embedded_settings: Settings, tmp_path: Path
+) -> None:
+    path = write(tmp_path / "in.jsonl", lines(1))
+    before = jobs_stored(embedded_settings)
+    for window in ("nan", "inf", "1e20", "99999999d", "0", "400d"):
+        refused = qbgw(env, "batch", "submit", path, "--window", window)
+        assert refused.exit_code == EXIT["usage"], (window, refused.output)
+        assert "--window" in refused.stderr
+    assert jobs_stored(embedded_settings) == before
+    batch_id = qbgw(env, "batch", "submit", path).stdout.strip().splitlines()[-1]
+    reads = audit_events(embedded_settings)
+    nowhere = tmp_path / "no" / "such" / "dir" / "out.jsonl"
+    refused = qbgw(env, "batch", "results", batch_id, "-o", str(nowhere))
+    assert refused.exit_code == EXIT["usage"], refused.output
+    assert "cannot write" in refused.stderr
+    assert audit_events(embedded_settings) == reads  # nothing read (nor disclosed) for nothing
+    missing = tmp_path / "out.jsonl"
+    assert qbgw(env, "batch", "results", "00000000-0000-0000-0000-000000000000", "-o", str(missing)).exit_code != 0
+    assert not missing.exists()
+
+
+def test_the_python_window_is_checked_by_name() -> None:
+    from datetime import timedelta
+
+    from qbgw.errors import InvalidMessages
+    from qbgw.producer import batch_window
+
+    assert batch_window(60) == timedelta(minutes=1)
+    assert batch_window(timedelta(hours=24)) == timedelta(hours=24)
+    for bad in ("24h", float("nan"), float("inf"), 1e20, 0, -5, None, True, timedelta(days=400)):
+        with pytest.raises(InvalidMessages, match="^window: "):
+            batch_window(bad)

@@ -656,6 +656,8 @@ async def submit_batch(
         return await openai(request)
     principal, _ = await who(request, "batches.submit")
     window = access.parse_duration(completion_window, "completion_window")
+    if window > producer.MAX_WINDOW:
+        raise errors.InvalidMessages(f"completion_window: at most {producer.MAX_WINDOW.days}d; got {completion_window}")
     hook = webhook_url or principal.webhook_url
     # Decoding, cutting and checking up to 200 MB happen in the thread pool, off the event loop; the body is
     # handed over (not kept here), so that it is let go of once decoded.

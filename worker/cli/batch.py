@@ -6,7 +6,10 @@ Registered on the main ``qbgw`` group by ``qbgw.cli``; each command is a few lin
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import os
 import sys
 from datetime import timedelta
 from typing import Any
@@ -16,7 +19,8 @@ import click
 from ..batches import export as batch_export
 from ..batches import input as batch_input
 from ..control import cancel_batch
-from ..producer import submit_batch
+from ..errors import InvalidMessages
+from ..producer import batch_window, submit_batch
 from ..queries import batch_results as read_batch_results
 from ..queries import get_batch, list_batches, wait_for_batch
 from .kit import EXIT, handled, load_settings
@@ -34,9 +38,12 @@ def parse_window(value: str) -> timedelta:
         seconds = float(number) * UNITS[unit]
     except ValueError:
         raise click.BadParameter(f"{value!r} is not a duration like 24h, 90m, 2d or 3600s") from None
-    if seconds <= 0:
-        raise click.BadParameter(f"{value!r}: the window must be positive")
-    return timedelta(seconds=seconds)
+    if not math.isfinite(seconds):
+        raise click.BadParameter(f"{value!r} is not a duration like 24h, 90m, 2d or 3600s")
+    try:
+        return batch_window(seconds)
+    except InvalidMessages as exc:
+        raise click.BadParameter(f"{value!r}: {str(exc).removeprefix('window: ')}") from None
 
 
 @click.group()
@@ -49,7 +56,13 @@ def batch() -> None:
 @click.option("--images", help="A folder or glob of .png/.jpg/.pdf files: one job each (custom_id = file name).")
 @click.option("--prompt", help='With --images: the user text, e.g. "Describe {name}" ({name}, {stem}, {path}).')
 @click.option("--assistant", "-a", help="smart_chat_assistant_id of lines without one (default QBGW_ASSISTANT_ID).")
-@click.option("--window", default="24h", show_default=True, help="Jobs not finished by then are cancelled.")
+@click.option(
+    "--window",
+    default="24h",
+    show_default=True,
+    callback=lambda _ctx, _param, value: parse_window(value),
+    help="Jobs not finished by then are cancelled (at most 365d).",
+)
 @click.option("--skip-invalid", is_flag=True, help="Submit the valid lines and report the invalid ones.")
 @click.option("--actor", help="Who is submitting, for the audit trail.")
 @click.option("--wait", "wait_", is_flag=True, help="Then wait for the batch, showing progress.")
@@ -60,7 +73,7 @@ def batch_submit(
     images: str | None,
     prompt: str | None,
     assistant: str | None,
-    window: str,
+    window: timedelta,
     skip_invalid: bool,
     actor: str | None,
     wait_: bool,
@@ -80,7 +93,7 @@ def batch_submit(
     view = submit_batch(
         source,
         assistant_id=assistant,
-        window=parse_window(window),
+        window=window,
         skip_invalid=skip_invalid,
         actor=actor,
         settings=settings,
@@ -159,11 +172,24 @@ def batch_results(batch_id: str, fmt: str, failed_only: bool, output: str | None
     """Export one line per job keyed by custom_id: the answer or the error, attempts, timings (audited)."""
     if failed_only and fmt != "jsonl":
         raise click.UsageError("--failed-only writes input lines, which are JSON Lines: drop --format csv")
-    results = read_batch_results(batch_id, failed_only=failed_only, reader=reader, settings=load_settings())
     write = {"jsonl": batch_export.write_jsonl, "csv": batch_export.write_csv}[fmt]
     if failed_only:
         write = batch_export.write_inputs
-    with click.open_file(output or "-", "w", encoding="utf-8") as out:
-        written = write(results, out)
+    # The file is opened before the results are read: reading them is an audited disclosure, which a path
+    # that cannot be written would make for nothing.
+    made = output is not None and not os.path.exists(output)
+    try:
+        opened = click.open_file(output or "-", "w", encoding="utf-8", lazy=False)
+    except OSError as exc:
+        raise click.BadParameter(f"cannot write {output}: {exc.strerror}", param_hint="'--output'") from None
+    try:
+        with opened as out:
+            results = read_batch_results(batch_id, failed_only=failed_only, reader=reader, settings=load_settings())
+            written = write(results, out)
+    except BaseException:
+        if made and output is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(output)  # not left behind, empty, by a batch that could not be read
+        raise
     if written < len(results):
         click.echo(f"qbgw: {len(results) - written} job(s) left out: their messages were purged", err=True)
