@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -372,6 +374,33 @@ def test_a_webhook_urls_token_stays_out_of_the_access_log(server: Server) -> Non
     log = server.log.read_text(errors="replace")
     assert secret not in log
     assert "&a=b" in log  # the rest of the line stays
+
+
+def test_a_long_poll_whose_client_hung_up_stops_and_the_server_stops_on_sigterm(
+    stack: Settings, tmp_path: Path
+) -> None:
+    """No worker runs: the chat completion would wait its 600 s. The client hangs up; the server stops waiting (it
+    would otherwise hold SIGTERM's shutdown until then) and reads nothing for no one."""
+    server = start_server(stack, tmp_path)
+    try:
+        host, port = server.url.removeprefix("http://").split(":")
+        body = json.dumps({"model": ASSISTANT, "messages": JOB["messages"]}).encode()
+        with socket.create_connection((host, int(port))) as raw:
+            raw.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + f"Authorization: Bearer {server.keys['sub']}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            wait_until(lambda: bool(queries.audit_query(AuditFilter(action="job.submitted"), settings=stack)))
+        time.sleep(6.5)  # the wait looks for a hang-up at least every 5 s
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=30) == -signal.SIGTERM  # uvicorn ends by the signal it caught
+        # nothing left to wait for: not the 10 s grace a request still waiting (for 600 s) would take
+        assert time.monotonic() - started < 6
+        assert queries.audit_query(AuditFilter(action="result.read"), settings=stack) == []
+    finally:
+        server.close()
 
 
 # ---- bad input: problem details naming the field ----

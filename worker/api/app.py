@@ -525,6 +525,10 @@ def _check_wait(wait: float) -> None:
         raise errors.InputError(f"wait: must be between 0 and {MAX_WAIT:g} seconds, got {wait:g}")
 
 
+class ClientGone(Exception):
+    """The client of a long-poll hung up: the wait ends without a last read (an audited one, maybe)."""
+
+
 async def _long_poll(
     request: Request,
     job_id: str,
@@ -555,6 +559,8 @@ async def _long_poll(
                     return found
             notified = ended.ended and read is None  # (the listener's read was the one after the end)
             polls += 1
+            if not notified and await request.is_disconnected():  # no one to answer: stop, and read nothing
+                raise ClientGone
 
 
 @router.get("/v1/jobs/{job_id}/result", tags=["jobs"])
@@ -891,6 +897,10 @@ def _install_handlers(app: FastAPI) -> None:
     @app.exception_handler(Refused)
     async def _refused(_: Request, exc: Refused) -> Response:
         return exc.response
+
+    @app.exception_handler(ClientGone)
+    async def _gone(_: Request, __: ClientGone) -> Response:
+        return Response(status_code=499)  # nginx's "client closed request": for the access log; no one reads it
 
     @app.exception_handler(errors.QbgwError)
     async def _qbgw(_: Request, exc: errors.QbgwError) -> Response:

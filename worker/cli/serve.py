@@ -14,6 +14,9 @@ from .kit import load_settings as _settings
 
 __all__ = ["serve", "api_keys", "webhooks"]
 
+#: Seconds ``qbgw serve`` gives its open requests to end after SIGTERM.
+SHUTDOWN_GRACE = 10
+
 
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every one).")
@@ -44,6 +47,8 @@ def serve(host: str, port: int, workers: int, log_level: str) -> None:
         proxy_headers=bool(proxies),
         forwarded_allow_ips=proxies or None,
         server_header=False,
+        # On SIGTERM, requests still waiting (a long-poll, a chat completion) get this long to end, then are cut.
+        timeout_graceful_shutdown=SHUTDOWN_GRACE,
     )
 
 
