@@ -371,3 +371,14 @@ def test_verify_names_the_newest_anchor_and_warns_when_there_is_none(logged: Set
     assert told.exit_code == 0
     assert told.stdout.startswith("ok: ")
     assert "warning: no anchor: nothing outside the database vouches for these events" in told.stderr
+
+
+def test_a_lost_anchor_key_is_named_not_replaced(logged: Settings) -> None:
+    if logged.anchor_key:
+        pytest.skip("the key is given in QBGW_ANCHOR_KEY here, not kept in a file")
+    key = logged.anchor_path.with_suffix(".key")
+    key.unlink()
+    told = CliRunner().invoke(cli, ["audit", "verify"], env=logged.to_env())
+    assert told.exit_code == 7, told.output
+    assert f"the audit anchor key {key} is missing" in told.stderr
+    assert not key.exists()  # not made anew: that would make every anchor look forged

@@ -82,6 +82,11 @@ def anchor_key(settings: Settings) -> bytes:
         return settings.anchor_key.reveal().encode()
     path = settings.anchor_path.with_suffix(".key")
     if not path.exists():
+        if last_anchor(settings.anchor_path) is not None:  # a new key would make every anchor look forged
+            raise ConfigError(
+                f"the audit anchor key {path} is missing, but {settings.anchor_path} holds anchors signed with it: "
+                "restore the key file from its backup (or set QBGW_ANCHOR_KEY to its content)"
+            )
         path.parent.mkdir(parents=True, exist_ok=True)
         with _file_lock:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
