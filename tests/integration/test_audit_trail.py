@@ -116,8 +116,13 @@ def test_the_cli_exports_json_lines_and_csv_and_verifies(settings: Settings) -> 
     )
     assert len(rows) == 4
     assert rows[0]["action"] == "job.submitted"
+    whole = runner.invoke(cli, ["audit", "--job", job_id, "--format", "jsonl"], env=env)
+    assert "there may be more" not in whole.stderr
+    cut = runner.invoke(cli, ["audit", "--job", job_id, "--format", "jsonl", "--limit", "2"], env=env)
+    assert len(cut.stdout.splitlines()) == 2
+    assert "qbgw: 2 events shown, the --limit; there may be more" in cut.stderr
     table = runner.invoke(cli, ["audit", "--action", "audit.exported"], env=env).stdout
-    assert table.count("audit.exported") == 2
+    assert table.count("audit.exported") == 4
     assert "auditor-2" in table
     verified = runner.invoke(cli, ["audit", "verify"], env=env)
     assert verified.exit_code == 0

@@ -402,3 +402,17 @@ def test_a_batch_cancelled_while_it_is_still_being_stored_stores_the_rest_cancel
     cancelled = audit_query(AuditFilter(batch_id=view.id, action="job.cancelled"), settings=settings)
     assert len(cancelled) == 7
     assert {e.actor for e in cancelled} == {"ops"}
+
+
+def test_an_audit_query_by_batch_has_every_event_of_its_jobs(settings: Settings) -> None:
+    """An attempt's event names its job, not its batch: --batch finds it through the job, so an export of a batch's
+    trail has its disclosures to the gateway."""
+    view = submit_batch(lines(2), assistant_id=ASSISTANT, settings=settings)
+    other = submit_batch(lines(1, prefix="other"), assistant_id=ASSISTANT, settings=settings)
+    run(settings, view.id)
+    run(settings, other.id)
+    found = audit_query(AuditFilter(batch_id=view.id), settings=settings)
+    ids = set(job_ids(settings, view.id).values())
+    assert {e.action for e in found} >= {"batch.created", "job.submitted", "attempt.request", "job.succeeded"}
+    assert sum(1 for e in found if e.action == "attempt.request") == 2
+    assert all(e.batch_id == view.id or e.job_id in ids for e in found)

@@ -118,3 +118,10 @@ def test_every_page_in_docs_is_in_the_navigation_and_every_entry_is_a_page() -> 
     assert sorted(nav) == sorted(set(nav)), "a page is in the navigation twice"
     assert set(pages) - set(nav) == set(), "pages missing from mkdocs.yml's nav"
     assert set(nav) - set(pages) == set(), "nav entries without a page"
+
+
+def test_every_audit_action_is_in_the_actions_table() -> None:
+    from qbgw.audit.events import Action
+
+    table = (DOCS / "audit.md").read_text(encoding="utf-8").split("### Actions", 1)[1].split("\n## ", 1)[0]
+    assert [a.value for a in Action if f"`{a.value}`" not in table] == []

@@ -101,6 +101,12 @@ def audit(
     )
     events = audit_query(query, export=fmt != "table", reader=reader, settings=load_settings())
     _print_events([e.as_dict() for e in events], fmt)
+    if len(events) == limit:  # there may be more: said, never cut off silently (stderr: an export stays whole)
+        click.echo(
+            f"qbgw: {limit} events shown, the --limit; there may be more: raise --limit, or narrow with --since "
+            f"(the last shown is seq {events[-1].seq}, at {events[-1].occurred_at.isoformat()})",
+            err=True,
+        )
 
 
 @audit.command("verify")

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from ..audit import events as audit
@@ -295,8 +295,11 @@ class AuditFilter:
                 raise InvalidMessages(f"{name}: must be a string; got {type(getattr(self, name)).__name__}")
 
     def where(self) -> list[Any]:
-        columns = ("job_id", "batch_id", "assistant_id", "actor", "action", "outcome")
+        columns = ("job_id", "assistant_id", "actor", "action", "outcome")
         clauses: list[Any] = [getattr(AuditEvent, c) == getattr(self, c) for c in columns if getattr(self, c)]
+        if self.batch_id:  # the batch's own events and those of its jobs (an attempt's event names its job only)
+            jobs = select(Job.id).where(Job.batch_id == self.batch_id)
+            clauses.append(or_(AuditEvent.batch_id == self.batch_id, AuditEvent.job_id.in_(jobs)))
         if self.since is not None:
             clauses.append(AuditEvent.occurred_at >= self.since)
         if self.until is not None:
