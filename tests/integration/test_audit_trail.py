@@ -222,6 +222,9 @@ def test_dropping_old_events_is_explicit_refused_within_retention_and_keeps_the_
     first = run_job(short)
     cutoff = utcnow()
     second = run_job(short, "kept")
+    nothing = CliRunner().invoke(cli, ["audit", "drop", "--before", "2020-01-01", "--yes"], env=short.to_env())
+    assert nothing.exit_code == 0, nothing.output
+    assert nothing.stdout.startswith("nothing to drop: no event occurred before 2020-01-01")
     dropped = drop_audit_before(before=cutoff, actor="records-officer", settings=short)
     assert dropped.events == 4
     assert dropped.through_seq == 4

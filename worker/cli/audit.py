@@ -187,6 +187,9 @@ def audit_drop(before: str, yes: bool, actor: str | None) -> None:
     if not yes:
         raise click.UsageError("dropping audit events cannot be undone: add --yes to confirm")
     dropped = drop_audit_before(before=_time(before), actor=actor or "operator", settings=load_settings())
+    if not dropped.events:
+        click.echo(f"nothing to drop: no event occurred before {before}")
+        return
     click.echo(f"dropped {dropped.events} event(s) through seq {dropped.through_seq}; the chain now starts there")
 
 
