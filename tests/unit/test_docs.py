@@ -125,3 +125,11 @@ def test_every_audit_action_is_in_the_actions_table() -> None:
 
     table = (DOCS / "audit.md").read_text(encoding="utf-8").split("### Actions", 1)[1].split("\n## ", 1)[0]
     assert [a.value for a in Action if f"`{a.value}`" not in table] == []
+
+
+def test_every_grant_of_the_application_role_is_in_the_grants_table() -> None:
+    from qbgw.store.roles import FUNCTIONS, TABLES
+
+    table = (DOCS / "audit.md").read_text(encoding="utf-8").split("What the application role gets:", 1)[1]
+    table = table.split("\n\n", 2)[1]
+    assert [name for name in (*TABLES, *FUNCTIONS) if f"`{name}`" not in table] == []
