@@ -337,6 +337,27 @@ def test_qbgw_batches_and_openai_batches_share_the_path(server: Server) -> None:
     assert nobody.json()["error"]["type"] == "authentication_error"
 
 
+def test_answers_made_before_an_openai_handler_runs_have_openais_shape_too(server: Server) -> None:
+    """A key refused, a parameter of the wrong type, a method or a path the dialect does not have: OpenAI's error
+    shape on its paths (docs/openai.md), not a problem detail."""
+    sub = server.client("sub")
+    for answer, status, kind in (
+        (server.client(None, source="127.0.4.1").get("/v1/files?limit=null"), 401, "authentication_error"),
+        (sub.get("/v1/files?limit=abc"), 400, "invalid_request_error"),
+        (sub.patch("/v1/chat/completions"), 405, "invalid_request_error"),
+        (sub.get("/v1/files/x/y"), 404, "invalid_request_error"),
+        (sub.get(f"/v1/batches/batch_{'0' * 32}/nothing"), 404, "invalid_request_error"),
+    ):
+        assert answer.status_code == status, answer.text
+        assert answer.headers["content-type"].startswith("application/json"), answer.headers
+        assert answer.json()["error"]["type"] == kind, answer.text
+        assert answer.json()["error"]["message"]
+    assert sub.get("/v1/files?limit=abc").json()["error"]["param"] == "limit"
+    assert "POST" in sub.patch("/v1/chat/completions").headers["allow"]
+    # qbgw's own paths keep their problem details
+    assert sub.get("/v1/jobs/x/y").headers["content-type"].startswith("application/problem+json")
+
+
 def test_every_role_against_the_openai_endpoints(server: Server) -> None:
     """Expected status per principal, for a file and a finished batch of "sub" (sub2: another submitter)."""
     client = sdk(server, "sub")

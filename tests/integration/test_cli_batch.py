@@ -138,6 +138,16 @@ def test_images_shorthand_submits_one_job_per_file_under_the_roots(
     assert [r["custom_id"] for r in rows] == ["a.png", "b.png"]
     assert 'you said "Describe a.png"' in rows[0]["answer"]
     assert "png 8x6" in rows[0]["answer"]
+    # a bad file is named by its name (there are no lines to look at); a misspelt placeholder is refused
+    (scans / "c.png").write_bytes(b"GIF89a" + b"\0" * 20)
+    refused = qbgw(rooted, "batch", "submit", "--images", pattern, "--prompt", "Describe {name}")
+    assert refused.exit_code == EXIT["bad_input"]
+    assert "line 3: c.png: " in refused.stderr
+    skipped = qbgw(rooted, "batch", "submit", "--images", pattern, "--prompt", "Describe {name}", "--skip-invalid")
+    assert "skipped c.png: " in skipped.stderr
+    typo = qbgw(rooted, "batch", "submit", "--images", pattern, "--prompt", "Describe {nam}")
+    assert typo.exit_code == EXIT["bad_input"]
+    assert "{nam} is not filled in by anything" in typo.stderr
 
 
 @pytest.mark.parametrize(
@@ -148,6 +158,8 @@ def test_images_shorthand_submits_one_job_per_file_under_the_roots(
         (["batch", "results", "nope"], "not_found", "no such batch: nope"),
         (["batch", "submit"], "usage", "give a JSON Lines FILE or --images"),
         (["batch", "submit", "--images", "/tmp/*.png"], "usage", "--images needs --prompt"),
+        (["batch", "submit", "x.jsonl", "--images", "/tmp/*.png"], "usage", "not both"),
+        (["batch", "submit", "x.jsonl", "--prompt", "Describe {name}"], "usage", "--prompt goes with --images"),
         (["batch", "submit", "x.jsonl", "--window", "soon"], "usage", "not a duration"),
     ],
 )

@@ -4,6 +4,8 @@ the access report finds the subject's jobs, attempts, reads, cancellations and p
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 from datetime import timedelta
 from pathlib import Path
@@ -325,3 +327,19 @@ def test_the_cli_submits_a_subject_and_prints_its_access_report(keyed: Settings,
     assert shown.exit_code == 0
     assert job_id in shown.output
     assert "chain_ok: True" in shown.output
+
+
+def test_a_failed_jobs_line_to_submit_again_keeps_its_subject(keyed: Settings) -> None:
+    from qbgw.batches import export as batch_export
+    from qbgw.queries import batch_results
+
+    line = {"custom_id": "x", "subject": SUBJECT, "messages": [{"role": "user", "content": "no [[emulator:fail=400]]"}]}
+    batch = producer.submit_batch([line], assistant_id=ASSISTANT, settings=keyed)
+    job_id = batch_results(batch.id, settings=keyed)[0].job_id
+    run_attempt(runtime(keyed), job_id)
+    failed = batch_results(batch.id, failed_only=True, settings=keyed)
+    out = io.StringIO()
+    assert batch_export.write_inputs(failed, out) == 1
+    again = json.loads(out.getvalue())
+    assert again["subject"] == SUBJECT
+    assert producer.submit_batch([again], assistant_id=ASSISTANT, settings=keyed).total == 1

@@ -894,9 +894,15 @@ def _report_json(report: reports.AccessReport) -> dict[str, Any]:
 def _install_handlers(app: FastAPI) -> None:
     """Every error as a problem detail."""
 
+    async def shaped(request: Request, answer: Response) -> Response:
+        # An answer made here for a path of another dialect (a key refused before its handler, a parameter of the
+        # wrong type, a method or path it does not have) in that dialect's shape (ALTERNATES["error.shape"]).
+        shape = _ctx(request).alternates.get("error.shape")
+        return answer if shape is None else await shape(request, answer)
+
     @app.exception_handler(Refused)
-    async def _refused(_: Request, exc: Refused) -> Response:
-        return exc.response
+    async def _refused(request: Request, exc: Refused) -> Response:
+        return await shaped(request, exc.response)
 
     @app.exception_handler(ClientGone)
     async def _gone(_: Request, __: ClientGone) -> Response:
@@ -913,25 +919,26 @@ def _install_handlers(app: FastAPI) -> None:
             try:
                 await who_any(request)
             except Refused as refused:
-                return refused.response
+                return await shaped(request, refused.response)
         found = [
             {"field": ".".join(str(p) for p in e.get("loc", ())[1:]) or None, "detail": e.get("msg", "")}
             for e in exc.errors()
         ]
-        return problem(422, "invalid-request", "The request is invalid", errors_=found)
+        return await shaped(request, problem(422, "invalid-request", "The request is invalid", errors_=found))
 
     app.add_middleware(_Contain)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
         titles = {404: NOT_FOUND, 405: "Method not allowed"}
-        return problem(
+        answer = problem(
             exc.status_code,
             "not-found" if exc.status_code == 404 else "http",
             titles.get(exc.status_code, str(exc.detail)),
             f"no such path: {request.url.path[:200]}" if exc.status_code == 404 else None,
             headers=dict(exc.headers or {}),
         )
+        return await shaped(request, answer)
 
 
 class _Contain:

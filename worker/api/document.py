@@ -119,8 +119,12 @@ def _describe(method: str, path: str, operation: dict[str, Any]) -> None:
         responses[status] = {"description": _WHY[status], "content": content}
     if dialect or key in _BOTH:  # OpenAI's dialect refuses a bad body or value with 400
         responses["400"] = {"description": _WHY["400"], "content": openai}
-    # A query parameter of the wrong type (limit=ten) is refused before any handler: a problem detail, always.
-    responses["422"] = {"description": _WHY["422"], "content": content if not dialect else problem}
+    # A query parameter of the wrong type (limit=ten) is refused before any handler: a problem detail, or on a path
+    # of OpenAI's dialect alone a 400 in its shape (declared above).
+    if dialect:
+        responses.pop("422", None)
+    else:
+        responses["422"] = {"description": _WHY["422"], "content": content}
     if key in _BODIES:
         success = next(code for code in responses if code.startswith("2"))
         responses[success]["content"] = {kind: {"schema": {"type": "string"}} for kind in _BODIES[key]}

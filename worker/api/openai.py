@@ -699,9 +699,43 @@ async def chat_completions(request: Request) -> Response:
     )
 
 
-#: The requests to qbgw's own batch paths that are OpenAI's (see ``app.ALTERNATES``).
+def _is_ours(path: str) -> bool:
+    """Whether a path is one of this dialect's alone (qbgw's /v1/batches decides by the request, in its handler)."""
+    if path.startswith(("/v1/files", "/v1/chat/completions")):
+        return True
+    parts = path.split("/")
+    return len(parts) > 3 and parts[2] == "batches" and compat.is_openai_batch_id(parts[3])
+
+
+async def _error_shape(request: Request, answer: Response) -> Response:
+    """A problem detail made before a handler of this dialect ran (a key refused, a parameter of the wrong type, a
+    method or path it does not have), in OpenAI's error shape; any other answer as it is."""
+    if not _is_ours(request.url.path) or not answer.headers.get("content-type", "").startswith(
+        "application/problem+json"
+    ):
+        return answer
+    try:
+        found = json.loads(bytes(answer.body))
+    except ValueError:
+        found = {}
+    listed = found.get("errors") or []
+    first = listed[0] if listed and isinstance(listed[0], dict) else {}
+    words = [str(found[k]) for k in ("title", "detail") if found.get(k)]
+    words += [f"{e.get('field')}: {e.get('detail')}" if e.get("field") else str(e.get("detail")) for e in listed[:5]]
+    status = 400 if answer.status_code == 422 else answer.status_code  # a bad value: OpenAI's 400
+    keep = ("retry-after", "www-authenticate", "allow")
+    headers = {k: v for k, v in answer.headers.items() if k.lower() in keep}
+    code = str(found.get("type", "")).rsplit(":", 1)[-1] or None
+    return OpenAIError(
+        status, ": ".join(words) or "refused", param=first.get("field"), code=code, headers=headers
+    ).response()
+
+
+#: The requests to qbgw's own batch paths that are OpenAI's (see ``app.ALTERNATES``), and how an answer made before
+#: one of this dialect's handlers ran is shaped ("error.shape").
 ALTERNATES: dict[str, Callable[..., Awaitable[Response]]] = {
     "batches.create": create_batch,
     "batches.retrieve": _retrieve_batch,
     "batches.cancel": _cancel_batch,
+    "error.shape": _error_shape,
 }

@@ -57,6 +57,8 @@ class BatchResult:
     created_at: datetime
     finished_at: datetime | None
     messages: list[dict[str, Any]] | None = None
+    #: Whom the job is about, read with ``messages`` (PHI: for the line that submits it again), else None.
+    subject: str | None = None
 
     @property
     def seconds(self) -> float | None:
@@ -88,7 +90,8 @@ class BatchResult:
         """The line that submits this job again (None if its messages were purged)."""
         if self.messages is None:
             return None
-        return {"custom_id": self.custom_id, "smart_chat_assistant_id": self.assistant_id, "messages": self.messages}
+        line = {"custom_id": self.custom_id, "smart_chat_assistant_id": self.assistant_id, "messages": self.messages}
+        return line if self.subject is None else {**line, "subject": self.subject}
 
 
 def results(
@@ -146,10 +149,11 @@ def _result(session: Session, job: Job, with_messages: bool, expired: bool) -> B
     if status is JobStatus.CANCELLED and error_class is None:
         error_class = "Expired" if expired else "Cancelled"
         error = error or ("the batch's completion window ended" if expired else "cancelled")
-    messages = None
+    messages = subject = None
     if with_messages:
         payload = open_text(session, "payload", job.id, job.payload)
         messages = json.loads(payload)["messages"] if payload is not None else None
+        subject = open_text(session, "subject", job.id, job.subject)  # so its resubmission stays in its reports
     return BatchResult(
         custom_id=job.custom_id or job.id,
         job_id=job.id,
@@ -163,6 +167,7 @@ def _result(session: Session, job: Job, with_messages: bool, expired: bool) -> B
         created_at=job.created_at,
         finished_at=job.finished_at,
         messages=messages,
+        subject=subject,
     )
 
 

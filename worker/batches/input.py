@@ -234,6 +234,12 @@ def image_lines(pattern: str, prompt: str) -> list[dict[str, Any]]:
     """
     if not prompt.strip():
         raise InvalidMessages("--prompt: required, a non-empty text ({name}, {stem} and {path} are filled in)")
+    unknown = sorted(set(re.findall(r"\{(\w*)\}", prompt)) - {"name", "stem", "path"})
+    if unknown:
+        raise InvalidMessages(
+            f"--prompt: {{{unknown[0]}}} is not filled in by anything; "
+            "the placeholders are {name}, {stem} and {path}"
+        )
     folder = Path(pattern).expanduser()
     matches = sorted(folder.iterdir()) if folder.is_dir() else sorted(Path(p) for p in glob.glob(str(folder)))
     files = [p.absolute() for p in matches if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]

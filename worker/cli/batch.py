@@ -19,7 +19,7 @@ import click
 from ..batches import export as batch_export
 from ..batches import input as batch_input
 from ..control import cancel_batch
-from ..errors import InvalidMessages
+from ..errors import InvalidBatch, InvalidMessages
 from ..producer import batch_window, submit_batch
 from ..queries import batch_results as read_batch_results
 from ..queries import get_batch, list_batches, wait_for_batch
@@ -53,7 +53,7 @@ def batch() -> None:
 
 @batch.command("submit")
 @click.argument("file", required=False, type=click.Path(dir_okay=False, allow_dash=True))
-@click.option("--images", help="A folder or glob of .png/.jpg/.pdf files: one job each (custom_id = file name).")
+@click.option("--images", help="A folder or glob of .png/.jpg/.jpeg/.pdf files: one job each (custom_id = file name).")
 @click.option("--prompt", help='With --images: the user text, e.g. "Describe {name}" ({name}, {stem}, {path}).')
 @click.option("--assistant", "-a", help="smart_chat_assistant_id of lines without one (default QBGW_ASSISTANT_ID).")
 @click.option(
@@ -84,22 +84,36 @@ def batch_submit(
     A line is {"custom_id", "smart_chat_assistant_id"?, "messages"} or OpenAI's batch shape
     {"custom_id", "method": "POST", "url": "/ai/ai_extensions/ai_gateway", "body": {...}}.
     """
-    if (file is None) == (images is None):
+    if file is None and images is None:
+        raise click.UsageError("give a JSON Lines FILE or --images (with --prompt)")
+    if file is not None and images is not None:
         raise click.UsageError("give a JSON Lines FILE or --images (with --prompt), not both")
     if images is not None and not prompt:
         raise click.UsageError("--images needs --prompt")
+    if prompt is not None and images is None:
+        raise click.UsageError("--prompt goes with --images (a FILE's lines carry their own messages)")
     settings = load_settings()
     source: Any = file if images is None else batch_input.image_lines(images, prompt or "")
-    view = submit_batch(
-        source,
-        assistant_id=assistant,
-        window=window,
-        skip_invalid=skip_invalid,
-        actor=actor,
-        settings=settings,
-    )
+
+    def where(number: int) -> str:  # with --images there are no lines to look at: a problem names its file
+        return f"line {number}" if images is None else str(source[number - 1]["custom_id"])
+
+    try:
+        view = submit_batch(
+            source,
+            assistant_id=assistant,
+            window=window,
+            skip_invalid=skip_invalid,
+            actor=actor,
+            settings=settings,
+        )
+    except InvalidBatch as exc:
+        if images is None:
+            raise
+        named = tuple((n, f"{where(n)}: {reason}") for n, reason in exc.problems)
+        raise InvalidBatch(exc.message, named) from None
     for number, reason in view.problems:
-        click.echo(f"skipped line {number}: {reason}", err=True)
+        click.echo(f"skipped {where(number)}: {reason}", err=True)
     click.echo(view.id)
     click.echo(f"batch {view.id}: {view.total} job(s) queued, {len(view.problems)} invalid line(s) skipped", err=True)
     if wait_:
