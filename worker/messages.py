@@ -89,7 +89,7 @@ def load_json(text: str, *, one_line: bool = False) -> Any:
     """Parse a person's JSON. Raises InvalidMessages ("not valid JSON: ...") with the position of a
     syntax error, and for nesting too deep for the parser or a number too long to read."""
     try:
-        return json.loads(text)
+        return json.loads(text.removeprefix("\ufeff"))  # a byte order mark, as some editors write: not JSON's
     except json.JSONDecodeError as exc:
         where = f"column {exc.colno}" if one_line else f"line {exc.lineno} column {exc.colno}"
         raise InvalidMessages(f"not valid JSON: {exc.msg} at {where}") from None

@@ -352,3 +352,20 @@ def test_csv_cells_a_spreadsheet_would_run_are_quoted() -> None:
         assert spreadsheet_cell(plain) == plain
     assert spreadsheet_cell(-1) == -1  # a number is a number
     assert spreadsheet_cell(None) is None
+
+
+def test_a_line_that_is_not_utf8_is_that_lines_problem_and_a_bom_is_no_problem(tmp_path: Path) -> None:
+    from qbgw.batches.input import read_lines
+
+    good = ours("a").encode()
+    bad = ours("b", messages=[{"role": "user", "content": "caf"}]).encode().replace(b"caf", b"caf\xe9")
+    (tmp_path / "latin1.jsonl").write_bytes(good + b"\n" + bad + b"\n" + ours("c").encode() + b"\n")
+    with pytest.raises(InvalidBatch) as caught:
+        parse(read_lines(tmp_path / "latin1.jsonl"))
+    assert len(caught.value.problems) == 1
+    number, reason = caught.value.problems[0]
+    assert number == 2
+    assert reason.startswith("not UTF-8 text: the byte 0xE9 at column ")
+    assert len(parse(read_lines(tmp_path / "latin1.jsonl"), skip=True).lines) == 2
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + good + b"\r\n" + ours("c").encode() + b"\r\n")
+    assert [line.custom_id for line in parse(read_lines(tmp_path / "bom.jsonl")).lines] == ["a", "c"]

@@ -47,6 +47,8 @@ OPENAI = frozenset({"custom_id", "method", "url", "body", "subject"})
 BODY = frozenset({"smart_chat_assistant_id", "messages"})
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".pdf"})
 _PLACEHOLDER = re.compile(r"\{(name|stem|path)\}")
+#: A byte that was not UTF-8, as ``surrogateescape`` keeps it.
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,12 @@ def _parse_line(
 
 def _decode(item: str | dict[str, Any], limit: int) -> dict[str, Any]:
     if isinstance(item, str):
+        stray = _NOT_UTF8.search(item)
+        if stray is not None:  # read with surrogateescape: the byte that is not UTF-8, where it is
+            raise InvalidMessages(
+                f"not UTF-8 text: the byte 0x{ord(stray.group()) - 0xDC00:02X} at column {stray.start() + 1}; "
+                "save the file as UTF-8"
+            )
         if len(item) > limit:  # characters: never more than its UTF-8 bytes
             raise InvalidMessages(
                 f"the line's {len(item)} characters are over the request limit of {limit} "
@@ -193,32 +201,37 @@ def read_lines(path: str | os.PathLike[str]) -> list[str]:
     a JSON string may hold U+2028, U+2029 or U+0085, and a stray form feed is its own line's problem,
     where ``str.splitlines`` would cut the line in two and shift every later line's number.
 
+    Bytes that are not UTF-8 are kept as they are (``surrogateescape``): the line holding them is refused by its
+    number, like any other bad line (``--skip-invalid`` skips it), not the whole file.
+
     Raises:
-        InvalidBatch: the file cannot be read or is not UTF-8.
+        InvalidBatch: the file cannot be read.
     """
     try:
         text = _read_stdin() if str(path) == "-" else _read(Path(path))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InvalidBatch(f"{path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from None
+    except OSError as exc:
+        raise InvalidBatch(f"{path}: cannot read: {exc.strerror or exc}") from None
     return split_lines(text)
 
 
 def split_lines(text: str) -> list[str]:
-    """JSON Lines text cut into its lines, as :func:`read_lines` reads them."""
-    lines = text.split("\n")
+    """JSON Lines text cut into its lines, as :func:`read_lines` reads them (a byte order mark before the first
+    line, which some editors write, is not part of it)."""
+    lines = text.removeprefix("\ufeff").split("\n")
     if lines[-1] == "":
         lines.pop()  # the newline that ends the last line
     return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
 def _read(path: Path) -> str:
-    with path.open(encoding="utf-8", newline="") as handle:  # newline="": no "\r" becomes a line break
+    # newline="": no "\r" becomes a line break; surrogateescape: a line that is not UTF-8 is that line's problem
+    with path.open(encoding="utf-8", errors="surrogateescape", newline="") as handle:
         return handle.read()
 
 
 def _read_stdin() -> str:
     stream = getattr(sys.stdin, "buffer", None)
-    return stream.read().decode("utf-8") if stream is not None else sys.stdin.read()
+    return stream.read().decode("utf-8", "surrogateescape") if stream is not None else sys.stdin.read()
 
 
 def image_lines(pattern: str, prompt: str) -> list[dict[str, Any]]:
