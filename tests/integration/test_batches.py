@@ -416,3 +416,22 @@ def test_an_audit_query_by_batch_has_every_event_of_its_jobs(settings: Settings)
     assert {e.action for e in found} >= {"batch.created", "job.submitted", "attempt.request", "job.succeeded"}
     assert sum(1 for e in found if e.action == "attempt.request") == 2
     assert all(e.batch_id == view.id or e.job_id in ids for e in found)
+
+
+def test_a_broker_down_while_a_batch_is_stored_is_one_warning_with_the_whole_count(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    from qbgw.store import batches as batch_store
+
+    down = settings.with_(broker_url="redis://127.0.0.1:1/13")
+    total = batch_store.CHUNK * 2 + 7
+    with caplog.at_level("WARNING"):
+        view = submit_batch(lines(total), assistant_id=ASSISTANT, settings=down)
+    assert view.total == total
+    counts = [r.getMessage() for r in caplog.records if "for the sweeper to publish" in r.getMessage()]
+    assert f"{total} of the batch's {total} job(s) stored for the sweeper to publish" in counts[-1], counts
+    with runtime(settings).transaction() as session:
+        waiting = session.scalar(
+            select(func.count()).select_from(Job).where(Job.batch_id == view.id, Job.announced_at.is_(None))
+        )
+    assert waiting == total

@@ -34,6 +34,7 @@ DEFAULT_WINDOW = timedelta(hours=24)
 
 def _store_jobs(rt: Runtime, batch_id: str, lines: Sequence[BatchLine], actor: str) -> None:
     ended: tuple[str, bool] | None = None  # (who ended the batch, whether it expired): an end is for good
+    unannounced = 0
     with ExitStack() as stack:
         producer = _producer(rt, stack)
         for start in range(0, len(lines), batch_store.CHUNK):
@@ -48,10 +49,17 @@ def _store_jobs(rt: Runtime, batch_id: str, lines: Sequence[BatchLine], actor: s
                         session=session, job_ids=[j.id for j in jobs], actor=by, expired=expired, now=utcnow()
                     )
                 continue
-            if producer is not None and not announce_many(
-                rt, [job.id for job in jobs], queue=rt.settings.effective_batch_queue, producer=producer
+            if producer is None:
+                unannounced += len(jobs)
+            elif not announce_many(
+                rt, [job.id for job in jobs], queue=rt.settings.effective_batch_queue, producer=producer, warn=False
             ):
                 producer = None  # the broker failed: store the rest unannounced, for the sweeper
+                unannounced += len(jobs)
+    if unannounced:  # one warning, with the whole count (not the chunk's)
+        log.warning(
+            "broker failed: %d of the batch's %d job(s) stored for the sweeper to publish", unannounced, len(lines)
+        )
 
 
 def _store_queued(

@@ -84,14 +84,7 @@ def batch_submit(
     A line is {"custom_id", "smart_chat_assistant_id"?, "messages"} or OpenAI's batch shape
     {"custom_id", "method": "POST", "url": "/ai/ai_extensions/ai_gateway", "body": {...}}.
     """
-    if file is None and images is None:
-        raise click.UsageError("give a JSON Lines FILE or --images (with --prompt)")
-    if file is not None and images is not None:
-        raise click.UsageError("give a JSON Lines FILE or --images (with --prompt), not both")
-    if images is not None and not prompt:
-        raise click.UsageError("--images needs --prompt")
-    if prompt is not None and images is None:
-        raise click.UsageError("--prompt goes with --images (a FILE's lines carry their own messages)")
+    _check_source(file, images, prompt)
     settings = load_settings()
     source: Any = file if images is None else batch_input.image_lines(images, prompt or "")
 
@@ -115,9 +108,30 @@ def batch_submit(
     for number, reason in view.problems:
         click.echo(f"skipped {where(number)}: {reason}", err=True)
     click.echo(view.id)
-    click.echo(f"batch {view.id}: {view.total} job(s) queued, {len(view.problems)} invalid line(s) skipped", err=True)
+    click.echo(_stored(view), err=True)
     if wait_:
         _wait(view.id, timeout)
+
+
+def _check_source(file: str | None, images: str | None, prompt: str | None) -> None:
+    if file is None and images is None:
+        raise click.UsageError("give a JSON Lines FILE or --images (with --prompt)")
+    if file is not None and images is not None:
+        raise click.UsageError("give a JSON Lines FILE or --images (with --prompt), not both")
+    if images is not None and not prompt:
+        raise click.UsageError("--images needs --prompt")
+    if prompt is not None and images is None:
+        raise click.UsageError("--prompt goes with --images (a FILE's lines carry their own messages)")
+
+
+def _stored(view: Any) -> str:
+    skipped = f"{len(view.problems)} invalid line(s) skipped"
+    if view.cancelled:  # cancelled (or expired) while it was being stored: its jobs were stored cancelled
+        return (
+            f"batch {view.id}: {view.total} job(s) stored, {view.cancelled} of them cancelled: the batch was "
+            f"{view.status} while it was being stored; {skipped}"
+        )
+    return f"batch {view.id}: {view.total} job(s) queued, {skipped}"
 
 
 @batch.command("status")

@@ -46,11 +46,13 @@ def announce(
     return failure
 
 
-def announce_many(rt: Runtime, job_ids: list[str], *, queue: str | None, producer: Any = None) -> bool:
+def announce_many(
+    rt: Runtime, job_ids: list[str], *, queue: str | None, producer: Any = None, warn: bool = True
+) -> bool:
     """Publish the messages of many stored jobs on ``queue`` (``publish_many``), through ``producer`` if given
     (``app.producer_or_acquire()``), else one acquired for the call; if the broker fails, mark them all for the
     sweeper instead. Returns whether they were published (after a failure some may have been: a duplicate
-    message is harmless, the claim makes it a no-op)."""
+    message is harmless, the claim makes it a no-op). ``warn``: log the failure (False: the caller counts)."""
     try:
         if producer is not None:
             publish_many(rt.celery, job_ids, producer, queue=queue)
@@ -59,7 +61,12 @@ def announce_many(rt: Runtime, job_ids: list[str], *, queue: str | None, produce
                 publish_many(rt.celery, job_ids, acquired, queue=queue)
         return True
     except Exception as exc:  # kombu's errors differ per transport
-        log.warning("broker failed (%s): %d job(s) left for the sweeper to publish", type(exc).__name__, len(job_ids))
+        if warn:
+            log.warning(
+                "broker failed (%s): %d job(s) left for the sweeper to publish", type(exc).__name__, len(job_ids)
+            )
+        else:
+            log.debug("broker failed (%s)", type(exc).__name__)
     try:
         with rt.transaction() as session:
             store.mark_unannounced(session=session, job_ids=job_ids)
