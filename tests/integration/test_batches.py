@@ -435,3 +435,22 @@ def test_a_broker_down_while_a_batch_is_stored_is_one_warning_with_the_whole_cou
             select(func.count()).select_from(Job).where(Job.batch_id == view.id, Job.announced_at.is_(None))
         )
     assert waiting == total
+
+
+def test_a_replayed_job_that_fails_again_moves_its_batchs_completed_at(settings: Settings) -> None:
+    from qbgw.control import replay
+
+    view = submit_batch(lines(2, fail=(1,)), assistant_id=ASSISTANT, settings=settings)
+    run(settings, view.id)
+    first = get_batch(view.id, settings=settings)
+    assert first.status == "completed"
+    assert first.completed_at is not None
+    failed = job_ids(settings, view.id)["row-001"]
+    time.sleep(0.05)
+    replay(failed, settings=settings)  # nobody reads the batch until the job has failed again
+    run_attempt(runtime(settings), failed)
+    again = get_batch(view.id, settings=settings)
+    assert again.status == "completed"
+    assert again.completed_at is not None
+    assert again.completed_at > first.completed_at
+    assert again.completed_at == get_job(failed, settings=settings).finished_at

@@ -76,6 +76,7 @@ def _write(root: Path, name: str, data: bytes) -> str:
     [
         ("gif.png", b"GIF89a\x01\x00\x01\x00\x00\x00\x00;", "not a jpeg or png"),
         ("truncated.png", png_bytes(64, 48)[:-20], "truncated png"),
+        ("trailing.png", png_bytes(64, 48) + b"x" * 10, r"png with 10 byte\(s\) after its IEND chunk"),
         ("truncated.jpg", jpeg_bytes(64, 48)[:-2], "truncated jpeg"),
         ("header-only.png", png_header(10, 10)[:20], "truncated png header"),
         ("bomb.png", png_header(100_000, 100_000, idat=b"x"), "pixels exceeds the limit"),

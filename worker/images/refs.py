@@ -250,6 +250,10 @@ def check_complete(kind: str, tail: bytes) -> None:
     """Raises InvalidImage if an image was cut short: a png must end with its IEND chunk, a
     jpeg with its end-of-image marker (a few trailing pad bytes are tolerated)."""
     if kind == "png" and not tail.endswith(_PNG_END):
+        end = tail.rfind(_PNG_END)
+        if end >= 0:  # complete, then something else: not a png as the gateway takes it
+            extra = len(tail) - end - len(_PNG_END)
+            raise InvalidImage(f"png with {extra} byte(s) after its IEND chunk: the file goes on after the image ends")
         raise InvalidImage("truncated png: it does not end with an IEND chunk")
     if kind == "jpeg" and b"\xff\xd9" not in tail[-64:]:
         raise InvalidImage("truncated jpeg: it does not end with an end-of-image marker")

@@ -26,7 +26,7 @@ from ..errors import GatewayError, IdempotencyConflict, JobNotFound, JobStateCon
 from ..images import refs
 from ..lifecycle import CLAIMABLE, Decision, JobStatus, Step, check_transition
 from ..upstream.gateway import encode_request
-from .models import Job
+from .models import Batch, Job
 
 __all__ = [
     "NewJob",
@@ -768,6 +768,12 @@ def replay(*, session: Session, job_id: str, actor: str, extra_attempts: int, no
     job.status, job.max_attempts = JobStatus.QUEUED, job.attempts + extra_attempts
     job.finished_at = job.next_attempt_at = None
     job.announced_at = job.updated_at = now
+    if job.batch_id is not None:  # its batch has a job pending again: in progress now, not when next read
+        session.execute(
+            update(Batch)
+            .where(Batch.id == job.batch_id, Batch.status == "completed")
+            .values(status="in_progress", completed_at=None, updated_at=now)
+        )
     return job.attempts + 1
 
 
