@@ -14,6 +14,7 @@ from .audit.events import AuditRecord
 from .batches import ending, export
 from .batches.export import BatchResult
 from .batches.views import BatchView, settled
+from .errors import InvalidMessages
 from .lifecycle import TERMINAL, JobStatus
 from .messages import resolve_actor
 from .runtime.context import Runtime
@@ -212,8 +213,11 @@ def list_batches(*, limit: int = 50, settings: Settings | None = None) -> list[B
     """The most recent batches first, with their counts.
 
     Raises:
+        InvalidMessages: ``limit`` is not a whole number from 1 to 100,000.
         StoreUnavailable: the database cannot be reached.
     """
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 100_000:
+        raise InvalidMessages(f"limit: must be a whole number of batches from 1 to 100000; got {str(limit)[:40]}")
     with runtime(settings).transaction() as session:
         return settled(session, batch_store.recent(session=session, limit=limit))
 

@@ -403,6 +403,19 @@ def test_a_long_poll_whose_client_hung_up_stops_and_the_server_stops_on_sigterm(
         server.close()
 
 
+def test_a_405_names_every_method_of_the_path_and_times_are_not_numbers(server: Server) -> None:
+    sub = server.client("sub")
+    assert set(sub.put("/v1/batches").headers["allow"].split(", ")) == {"GET", "POST"}
+    assert set(sub.put("/v1/files").headers["allow"].split(", ")) == {"GET", "POST"}
+    assert set(sub.put(f"/v1/files/file-{'0' * 24}").headers["allow"].split(", ")) == {"GET", "DELETE"}
+    for since in ("0.0", "1700000000", "1e9"):  # (some refused by the parameter's type first)
+        refused = server.client("auditor").get(f"/v1/audit/events?since={since}")
+        assert refused.status_code == 422, refused.text
+    unix = server.client("auditor").get("/v1/audit/events?since=1700000000").json()
+    assert "not a number" in unix["errors"][0]["detail"]
+    assert server.client("auditor").get("/v1/audit/events?since=2026-01-01T00:00:00Z").status_code == 200
+
+
 # ---- bad input: problem details naming the field ----
 
 

@@ -17,7 +17,7 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -27,8 +27,11 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__, access, admin, compat, control, errors, producer, queries, reports
@@ -777,6 +780,8 @@ async def audit_events(
         if value is not None and (len(value) > 255 or re.search(r"[\x00-\x1f\x7f]", value)):
             raise errors.InputError(f"{name}: at most 255 characters, without control characters")
     for name, when in (("since", since), ("until", until)):
+        if when is not None and re.fullmatch(r"[\d.eE+-]+", request.query_params.get(name, "")):  # not a Unix time
+            raise errors.InputError(f"{name}: an ISO 8601 time with a time zone (2026-12-05T10:00:00Z), not a number")
         if when is not None and when.tzinfo is None:
             raise errors.InputError(f"{name}: give a time zone (2026-12-05T10:00:00Z), got {when.isoformat()}")
     query = AuditFilter(
@@ -931,14 +936,33 @@ def _install_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
         titles = {404: NOT_FOUND, 405: "Method not allowed"}
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # every method of every route of this path, not only the first route's
+            allowed = {
+                method
+                for route in _routes(request.app.router.routes)
+                if isinstance(route, APIRoute) and route.matches(request.scope)[0] is Match.PARTIAL
+                for method in route.methods or ()
+            }
+            headers["Allow"] = ", ".join(sorted(allowed)) or headers.get("Allow", "")
         answer = problem(
             exc.status_code,
             "not-found" if exc.status_code == 404 else "http",
             titles.get(exc.status_code, str(exc.detail)),
             f"no such path: {request.url.path[:200]}" if exc.status_code == 404 else None,
-            headers=dict(exc.headers or {}),
+            headers=headers,
         )
         return await shaped(request, answer)
+
+
+def _routes(routes: Iterable[Any]) -> Iterator[Any]:
+    """Every route, those of included routers too (FastAPI keeps an included router whole; ours have no prefix)."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            yield from _routes(inner.routes)
+        else:
+            yield route
 
 
 class _Contain:
@@ -963,6 +987,8 @@ class _Contain:
 
         try:
             await self.app(scope, receive, sending)
+        except ClientDisconnect:  # the client hung up while sending its body: no one to answer, nothing wrong here
+            log.info("client hung up during %s %s", scope.get("method"), scope.get("path"))
         except Exception as exc:
             log.error("unexpected %s answering %s %s", type(exc).__name__, scope.get("method"), scope.get("path"))
             if not started:  # (else the answer is cut short: the server closes the connection)

@@ -167,7 +167,7 @@ def _wait(batch_id: str, timeout: float | None) -> None:
 
 
 @batch.command("list")
-@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1, max=100_000), default=20, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @handled
 def batch_list(limit: int, as_json: bool) -> None:
