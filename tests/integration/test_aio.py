@@ -476,6 +476,13 @@ def test_a_cancelled_wait_takes_back_the_read_the_listener_has_not_started() -> 
     assert asyncio.run(scenario()).cancelled()
 
 
+class _Connected:
+    """A request whose client is still there (what ``_long_poll`` asks of its request)."""
+
+    async def is_disconnected(self) -> bool:
+        return False
+
+
 def test_a_long_poll_whose_listener_read_finds_the_job_going_on_reads_it_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """The listener's read after an end finds the job not ended (replayed meanwhile): the long-poll goes on with a
     status read, not with a second read of the answer for the same end."""
@@ -501,7 +508,7 @@ def test_a_long_poll_whose_listener_read_finds_the_job_going_on_reads_it_once(mo
         try:
             ending = threading.Timer(0.2, waiter._notified, args=("job-1",))
             ending.start()
-            return await door._long_poll(None, "job-1", 0.6, attempt, read)  # type: ignore[arg-type]
+            return await door._long_poll(_Connected(), "job-1", 0.6, attempt, read)  # type: ignore[arg-type]
         finally:
             waiter.stop(wait=False)
 
