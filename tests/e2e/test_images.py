@@ -1,8 +1,9 @@
 """Images and documents by reference through a real worker: local jpeg, png and PDF files,
-an https URL, and a file that vanished between submit and the attempt."""
+an https URL, and a file that vanished or was replaced between submit and the attempt."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -62,3 +63,24 @@ def test_a_file_gone_before_the_attempt_fails_the_job_with_that_reason(
     assert view.error is not None
     assert "x.png does not exist" in view.error
     assert view.attempts == 1
+
+
+def test_a_file_replaced_before_the_attempt_fails_the_job_and_is_never_sent(
+    stack: Settings, worker_process: Callable[..., Any], tmp_path: Path
+) -> None:
+    root = tmp_path / "scans"
+    root.mkdir()
+    (root / "x.png").write_bytes(png_bytes(8, 8))
+    settings = stack.with_(image_roots=str(root))
+    job_id = producer.submit(ASSISTANT, [{"role": "user", "content": [image(str(root / "x.png"))]}], settings=settings)
+    # Another patient's scan saved under the same name before a worker took the job.
+    (root / "x.png.new").write_bytes(png_bytes(16, 16))
+    os.replace(root / "x.png.new", root / "x.png")
+    worker_process(settings)
+    view = wait_for_job(job_id, timeout=60, settings=settings)
+    assert view.status is JobStatus.FAILED
+    assert view.error_class == "ResolutionFailed"
+    assert view.error is not None
+    assert "x.png was replaced or rewritten after the job was submitted" in view.error
+    assert view.attempts == 1
+    assert view.http_status is None  # nothing reached the gateway

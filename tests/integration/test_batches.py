@@ -6,8 +6,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import time
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -463,3 +465,35 @@ def test_a_replayed_job_that_fails_again_moves_its_batchs_completed_at(settings:
     assert again.completed_at is not None
     assert again.completed_at > first.completed_at
     assert again.completed_at == get_job(failed, settings=settings).finished_at
+
+
+def test_a_batch_line_s_file_replaced_before_its_attempt_fails_that_job_only(
+    settings: Settings, tmp_path: Path
+) -> None:
+    from tests.images import png_bytes
+
+    root = tmp_path / "scans"
+    root.mkdir()
+    for name in ("a.png", "b.png"):
+        (root / name).write_bytes(png_bytes(8, 8))
+    settings = settings.with_(image_roots=str(root))
+    batch = [
+        json.dumps(
+            {
+                "custom_id": name,
+                "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(root / name)}}]}
+                ],
+            }
+        )
+        for name in ("a.png", "b.png")
+    ]
+    view = submit_batch(batch, assistant_id=ASSISTANT, settings=settings)
+    (root / "b.png.new").write_bytes(png_bytes(16, 16))
+    os.replace(root / "b.png.new", root / "b.png")
+    run(settings, view.id)
+    results = {r.custom_id: r for r in batch_results(view.id, settings=settings)}
+    assert results["a.png"].status is JobStatus.SUCCEEDED
+    assert results["b.png"].status is JobStatus.FAILED
+    assert results["b.png"].error_class == "ResolutionFailed"
+    assert "b.png was replaced or rewritten after the job was submitted" in (results["b.png"].error or "")

@@ -397,6 +397,82 @@ def test_a_file_that_vanished_before_the_attempt_fails_the_resolution(root: Path
         build_body("a1", messages, settings)
 
 
+def _replace(path: Path, data: bytes) -> None:
+    """Put another file at ``path``, as an editor or a scanner's software does (a new file moved over it), with a
+    modification time that differs from the old one's even on a file system with a coarse clock."""
+    before = path.stat().st_mtime_ns
+    fresh = path.with_name(path.name + ".new")
+    fresh.write_bytes(data)
+    os.utime(fresh, ns=(before + 10**9, before + 10**9))
+    os.replace(fresh, path)
+
+
+def _one_image(url: str) -> list[dict[str, object]]:
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]
+
+
+@pytest.mark.parametrize("name", ["ok.png", "doc.pdf"])
+def test_a_file_replaced_after_submit_is_refused_not_sent(root: Path, tmp_path: Path, name: str) -> None:
+    from tests.images import pdf_bytes
+
+    if name == "doc.pdf":
+        (root / name).write_bytes(pdf_bytes((144, 72)))
+    settings = Settings(data_dir=tmp_path, image_roots=str(root), pdf_dpi=72.0)
+    messages = _one_image(str(root / name))
+    files = refs.fingerprints(messages)
+    assert list(files) == [str(root / name)]
+    streamed = build_body("a1", messages, settings, files)  # the file as submitted: sent
+    assert isinstance(streamed, StreamingBody)
+    assert len(b"".join(iter(lambda: streamed.read(65536), b""))) == len(streamed)
+    _replace(root / name, png_bytes(64, 48) if name == "ok.png" else pdf_bytes((144, 72)))
+    with pytest.raises(ResolutionFailed, match=f"{name} was replaced or rewritten after the job was submitted"):
+        build_body("a1", messages, settings, files)
+    assert isinstance(build_body("a1", messages, settings), StreamingBody)  # a job stored without fingerprints
+
+
+def test_a_file_rewritten_in_place_after_submit_is_refused(root: Path, tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, image_roots=str(root))
+    messages = _one_image(f"file://{root}/ok.png")
+    files = refs.fingerprints(messages)
+    before = (root / "ok.png").stat().st_mtime_ns
+    (root / "ok.png").write_bytes(png_bytes(48, 64))  # the same size, other pixels, the same inode
+    os.utime(root / "ok.png", ns=(before + 1, before + 1))  # one nanosecond later
+    with pytest.raises(ResolutionFailed) as caught:
+        build_body("a1", messages, settings, files)
+    message = str(caught.value)
+    assert f"image reference file://{root}/ok.png:" in message
+    assert "submit it again to send it as it is" in message
+
+
+def test_a_file_replaced_between_the_check_and_the_send_is_not_streamed(root: Path, tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, image_roots=str(root))
+    messages = _one_image(str(root / "ok.png"))
+    files = refs.fingerprints(messages)
+    body = build_body("a1", messages, settings, files)
+    assert isinstance(body, StreamingBody)
+    _replace(root / "ok.png", png_bytes(64, 48))
+    with pytest.raises(ResolutionFailed, match="ok.png was replaced or rewritten"):
+        body.digest()
+
+
+def test_fingerprints_name_each_local_file_once_and_nothing_else(root: Path) -> None:
+    url = str(root / "ok.png")
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": url}},
+                {"type": "image_url", "image_url": {"url": url}},
+                {"type": "image_url", "image_url": {"url": "https://x.example/a.png"}},
+                {"type": "image_url", "image_url": {"url": data_uri("png", png_bytes(2, 2))}},
+            ],
+        }
+    ]
+    info = (root / "ok.png").stat()
+    assert refs.fingerprints(messages) == {url: [info.st_size, info.st_mtime_ns]}
+    assert refs.fingerprints([{"role": "user", "content": "no images"}]) == {}
+
+
 def test_a_pdf_is_cut_at_the_page_limit_each_page_a_png(root: Path, tmp_path: Path) -> None:
     from tests.images import pdf_bytes
 

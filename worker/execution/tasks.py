@@ -165,7 +165,7 @@ def _attempt(rt: Runtime, job_id: str, slot_at: float | None, progress: faults.P
     if body is None:  # images to fetch first: the claim is committed, the request is audited once built
         progress.stage = "resolving image references"
         try:
-            body = images.build_body(claim.assistant_id, claim.messages, rt.settings)
+            body = images.build_body(claim.assistant_id, claim.messages, rt.settings, claim.files)
         except ResolutionFailed as error:
             return _finish_unresolved(rt, claim, error)
         with rt.transaction() as session:

@@ -9,25 +9,43 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from ..errors import ResolutionFailed
+from .refs import Fingerprint, fingerprint
 
-__all__ = ["FileImage", "StreamingBody"]
+__all__ = ["FileImage", "StreamingBody", "replaced"]
 
 #: Bytes read from a file per base64 block (a multiple of 3, so blocks need no padding).
 BLOCK = 3 * 64 * 1024
 
 
+def replaced(path: Path, submitted: Fingerprint, now: Fingerprint) -> str:
+    """Why a local file is refused: it is not the file its job was submitted with (``refs.fingerprint``s)."""
+    return (
+        f"{path} was replaced or rewritten after the job was submitted ({submitted[0]} bytes modified "
+        f"{_when(submitted[1])} then, {now[0]} bytes modified {_when(now[1])} now): qbgw sends a file only as it "
+        "was at submit; submit it again to send it as it is"
+    )
+
+
+def _when(mtime_ns: int) -> str:
+    return datetime.fromtimestamp(mtime_ns / 1e9, UTC).isoformat(timespec="microseconds")
+
+
 @dataclass(frozen=True)
 class FileImage:
-    """A local image to stream as ``data:image/<kind>;base64,...`` (size checked when read)."""
+    """A local image to stream as ``data:image/<kind>;base64,...``: its size checked when read, and its
+    fingerprint (``stamp``, when the job has one) when it is opened and after it was read."""
 
     path: Path
     kind: str
     size: int
+    stamp: Fingerprint | None = None
 
     def encoded_length(self) -> int:
         return len(self.prefix()) + 4 * ((self.size + 2) // 3)
@@ -40,13 +58,19 @@ class FileImage:
         sent = 0
         try:
             with self.path.open("rb") as handle:
+                self._check(fingerprint(os.fstat(handle.fileno())))
                 while block := handle.read(BLOCK):
                     sent += len(block)
                     yield base64.b64encode(block)
+                after = fingerprint(os.fstat(handle.fileno()))
         except OSError as exc:
             raise ResolutionFailed(f"{self.path} could not be read: {exc.strerror}") from None
-        if sent != self.size:
+        if sent != self.size or (self.stamp is not None and after != self.stamp):
             raise ResolutionFailed(f"{self.path} changed while it was being sent")
+
+    def _check(self, now: Fingerprint) -> None:
+        if self.stamp is not None and now != self.stamp:
+            raise ResolutionFailed(replaced(self.path, self.stamp, now))
 
 
 Segment = bytes | FileImage

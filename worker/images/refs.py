@@ -32,6 +32,9 @@ __all__ = [
     "https_target",
     "inspect_local",
     "local_path",
+    "Fingerprint",
+    "fingerprint",
+    "fingerprints",
     "HEADER_BYTES",
 ]
 
@@ -101,13 +104,19 @@ def check(url: str, policy: Policy) -> None:
         inspect_local(url, policy)
 
 
+#: What tells one version of a file from another: its size and modification time in nanoseconds, as rsync's
+#: quick check (not its inode: a worker on another host may see the same shared file under another one).
+Fingerprint = tuple[int, int]
+
+
 @dataclass(frozen=True)
 class LocalFile:
-    """A local reference that passed every check: its real path, what it is, its size."""
+    """A local reference that passed every check: its real path, what it is, its size, its fingerprint."""
 
     path: Path
     kind: str  # "png", "jpeg" or "pdf"
     size: int
+    stamp: Fingerprint
 
 
 def inspect_local(url: str, policy: Policy) -> LocalFile:
@@ -116,14 +125,15 @@ def inspect_local(url: str, policy: Policy) -> LocalFile:
     Raises InvalidImage with the reason.
     """
     path = local_path(url, policy)
-    header, size = _header(path)
+    header, info = _header(path)
+    size = info.st_size
     if size > policy.max_bytes:
         raise InvalidImage(f"{size} bytes exceeds the 50 MB limit ({policy.max_bytes} bytes)")
     if header.startswith(PDF_MAGIC):
-        return LocalFile(path, "pdf", size)
+        return LocalFile(path, "pdf", size, fingerprint(info))
     kind = _sniff_header(path, header, size, policy)
     check_complete(kind, header[-TAIL_BYTES:] if size <= len(header) else _tail(path, size))
-    return LocalFile(path, kind, size)
+    return LocalFile(path, kind, size, fingerprint(info))
 
 
 def https_target(url: str) -> tuple[str, int]:
@@ -193,6 +203,17 @@ def local_path(url: str, policy: Policy) -> Path:
 
     Rejects NUL bytes, ``..`` (also percent-encoded), and symlinks that lead out of the roots.
     """
+    path = _named_path(url)
+    if not policy.roots:
+        raise InvalidImage("local files are not allowed: no image roots are configured (QBGW_IMAGE_ROOTS)")
+    real = Path(os.path.realpath(path))
+    if not any(real == root or root in real.parents for root in _real_roots(policy)):
+        raise InvalidImage(f"{path} is not under an allowed root ({os.pathsep.join(map(str, policy.roots))})")
+    return real
+
+
+def _named_path(url: str) -> Path:
+    """The absolute path a local reference names (not resolved, not checked against any root)."""
     raw = url
     if url.startswith("file://"):
         parts = urlsplit(url)
@@ -206,25 +227,43 @@ def local_path(url: str, policy: Policy) -> Path:
     path = Path(raw).expanduser()
     if not path.is_absolute():
         raise InvalidImage("a local path must be absolute")
-    if not policy.roots:
-        raise InvalidImage("local files are not allowed: no image roots are configured (QBGW_IMAGE_ROOTS)")
-    real = Path(os.path.realpath(path))
-    if not any(real == root or root in real.parents for root in _real_roots(policy)):
-        raise InvalidImage(f"{path} is not under an allowed root ({os.pathsep.join(map(str, policy.roots))})")
-    return real
+    return path
+
+
+def fingerprint(info: os.stat_result) -> Fingerprint:
+    """The fingerprint of a file from its ``stat``."""
+    return info.st_size, info.st_mtime_ns
+
+
+def fingerprints(messages: list[dict[str, Any]]) -> dict[str, list[int]]:
+    """The fingerprint of every local file ``messages`` name (already checked), by reference: stored with the
+    job, so that a worker sends a file only as it was when the job was submitted.
+
+    Raises InvalidImage if a file vanished since it was checked.
+    """
+    found: dict[str, list[int]] = {}
+    for url in image_urls(messages):
+        if kind_of(url) != Kind.LOCAL or url in found:
+            continue
+        path = _named_path(url)
+        try:
+            found[url] = list(fingerprint(os.stat(path)))
+        except OSError as exc:
+            raise InvalidImage(f"{path} cannot be read: {exc.strerror}") from None
+    return found
 
 
 def _real_roots(policy: Policy) -> list[Path]:
     return [Path(os.path.realpath(root)) for root in policy.roots]
 
 
-def _header(path: Path) -> tuple[bytes, int]:
+def _header(path: Path) -> tuple[bytes, os.stat_result]:
     try:
         info = path.stat()
         if not stat.S_ISREG(info.st_mode):
             raise InvalidImage(f"{path} is not a regular file")
         with path.open("rb") as handle:
-            return handle.read(HEADER_BYTES), info.st_size
+            return handle.read(HEADER_BYTES), info
     except FileNotFoundError:
         raise InvalidImage(f"{path} does not exist") from None
     except OSError as exc:

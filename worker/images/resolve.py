@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from typing import Any
 
 from ..errors import InvalidImage, ResolutionFailed
 from ..settings import Settings
 from ..upstream.gateway import encode_request
 from . import refs
-from .body import FileImage, Segment, StreamingBody
+from .body import FileImage, Segment, StreamingBody, replaced
 from .info import sniff
 from .pdf import render_pages
 from .remote import Limits, fetch
@@ -38,17 +39,23 @@ def needs_resolution(messages: list[dict[str, Any]], settings: Settings) -> bool
     )
 
 
-def build_body(assistant_id: str, messages: list[dict[str, Any]], settings: Settings) -> bytes | StreamingBody:
-    """The request body with every reference resolved.
+def build_body(
+    assistant_id: str,
+    messages: list[dict[str, Any]],
+    settings: Settings,
+    files: dict[str, list[int]] | None = None,
+) -> bytes | StreamingBody:
+    """The request body with every reference resolved. ``files``: the fingerprint of each local file as it was
+    at submit (``refs.fingerprints``); a file whose fingerprint differs now is refused, not sent.
 
     Raises:
-        ResolutionFailed: a file vanished, changed or left its root; a fetch was refused; a
-            PDF cannot be rendered.
+        ResolutionFailed: a file vanished, changed or left its root, or is not the file submitted; a fetch was
+            refused; a PDF cannot be rendered.
     """
     if not needs_resolution(messages, settings):
         return encode_request(assistant_id, messages)
     inline: list[list[Segment]] = []
-    resolved = [_resolve_message(m, settings, inline) for m in messages]
+    resolved = [_resolve_message(m, settings, inline, files or {}) for m in messages]
     text = encode_request(assistant_id, resolved).decode()
     segments: list[Segment] = []
     for n, pieces in enumerate(inline):
@@ -62,7 +69,9 @@ def _marker(n: int) -> str:
     return f"\x00qbgw-image-{n}\x00"
 
 
-def _resolve_message(message: dict[str, Any], settings: Settings, inline: list[list[Segment]]) -> dict[str, Any]:
+def _resolve_message(
+    message: dict[str, Any], settings: Settings, inline: list[list[Segment]], files: dict[str, list[int]]
+) -> dict[str, Any]:
     if not isinstance(message["content"], list):
         return message
     parts: list[dict[str, Any]] = []
@@ -70,7 +79,7 @@ def _resolve_message(message: dict[str, Any], settings: Settings, inline: list[l
         if part["type"] != "image_url":
             parts.append(part)
             continue
-        for pieces in _resolve_url(part["image_url"]["url"], settings):
+        for pieces in _resolve_url(part["image_url"]["url"], settings, files):
             if isinstance(pieces, str):
                 parts.append({"type": "image_url", "image_url": {**part["image_url"], "url": pieces}})
             else:
@@ -79,14 +88,14 @@ def _resolve_message(message: dict[str, Any], settings: Settings, inline: list[l
     return {**message, "content": parts}
 
 
-def _resolve_url(url: str, settings: Settings) -> list[str | list[Segment]]:
+def _resolve_url(url: str, settings: Settings, files: dict[str, list[int]]) -> list[str | list[Segment]]:
     kind = refs.kind_of(url)
     if kind == refs.Kind.DATA or (kind == refs.Kind.HTTPS and not settings.fetch_remote_images):
         return [url]
     if kind == refs.Kind.HTTPS:
         data = fetch(url, Limits(settings.fetch_max_bytes, settings.fetch_timeout))
         return [[_inline(data, settings)]]
-    return _resolve_local(url, settings)
+    return _resolve_local(url, settings, files.get(url))
 
 
 def _inline(data: bytes, settings: Settings) -> bytes:
@@ -98,16 +107,23 @@ def _inline(data: bytes, settings: Settings) -> bytes:
     return f"data:image/{info.kind};base64,".encode() + base64.b64encode(data)
 
 
-def _resolve_local(url: str, settings: Settings) -> list[str | list[Segment]]:
+def _resolve_local(url: str, settings: Settings, submitted: list[int] | None) -> list[str | list[Segment]]:
     try:
         found = refs.inspect_local(url, policy(settings))  # again: the file may have changed since submit
     except InvalidImage as exc:
         raise ResolutionFailed(f"image reference {url}: {exc}") from None
+    stamp = None if submitted is None else (submitted[0], submitted[1])
+    if stamp is not None and found.stamp != stamp:
+        raise ResolutionFailed(f"image reference {url}: {replaced(found.path, stamp, found.stamp)}")
     if found.kind != "pdf":
-        return [[FileImage(found.path, found.kind, found.size)]]
+        return [[FileImage(found.path, found.kind, found.size, stamp)]]
     try:
-        data = found.path.read_bytes()
+        with found.path.open("rb") as handle:
+            now = refs.fingerprint(os.fstat(handle.fileno()))
+            data = handle.read()
     except OSError as exc:
         raise ResolutionFailed(f"image reference {url}: {exc.strerror}") from None
+    if stamp is not None and now != stamp:
+        raise ResolutionFailed(f"image reference {url}: {replaced(found.path, stamp, now)}")
     pages = render_pages(data, max_pages=settings.pdf_max_pages, dpi=settings.pdf_dpi)
     return [[b"data:image/png;base64," + base64.b64encode(page)] for page in pages]

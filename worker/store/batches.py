@@ -124,7 +124,7 @@ def insert_jobs(*, session: Session, jobs: Sequence[store.NewJob], announced: bo
                 "id": new.id,
                 "status": str(JobStatus.QUEUED),
                 "assistant_id": new.assistant_id,
-                "payload": store.seal_text(session, "payload", new.id, payload),
+                "payload": store.seal_text(session, "payload", new.id, new.stored_payload),
                 "payload_digest": digest,
                 "custom_id": new.custom_id,
                 "idempotency_key": None,

@@ -89,6 +89,16 @@ class NewJob:
     def payload(self) -> str:
         return json.dumps({"messages": self.messages}, separators=(",", ":"), sort_keys=True)
 
+    @cached_property
+    def stored_payload(self) -> str:
+        """The payload as stored: the messages and, when they name local files, each file's fingerprint taken now
+        (just after the check), by which a worker refuses a file replaced or rewritten since. The digest (the
+        idempotency key's comparison, the ``job.submitted`` event) stays the messages' own."""
+        files = refs.fingerprints(self.messages)
+        if not files:
+            return self.payload
+        return json.dumps({"files": files, "messages": self.messages}, separators=(",", ":"), sort_keys=True)
+
     def payload_digest(self) -> str:
         return audit.digest(f"{self.assistant_id}\n{self.payload}".encode())
 
@@ -110,7 +120,7 @@ class NewJob:
     def made(self) -> NewJob:
         """This job with what storing it derives from its messages made now (its canonical payload, its request
         digest): where the caller chooses (the server: in a thread when the body is large), not in the store."""
-        _ = self.payload, self.request
+        _ = self.payload, self.request, self.stored_payload
         return self
 
 
@@ -136,6 +146,9 @@ class Claim:
     batch_id: str | None = None
     #: The blind index of the job's subject, if it has one (its events carry it).
     subject_index: str | None = None
+    #: The fingerprint of each local file the messages name, as it was at submit (none: a job stored before
+    #: fingerprints were, or without local files).
+    files: dict[str, list[int]] | None = None
 
 
 def create_job(*, session: Session, new: NewJob, now: datetime) -> tuple[str, bool]:
@@ -193,7 +206,7 @@ def new_job_values(new: NewJob, payload_digest: str, keyring: Keyring, now: date
         "id": new.id,
         "status": JobStatus.QUEUED.value,
         "assistant_id": new.assistant_id,
-        "payload": keyring.encrypt(new.payload, aad=aad_for("jobs", "payload", new.id)),
+        "payload": keyring.encrypt(new.stored_payload, aad=aad_for("jobs", "payload", new.id)),
         "payload_digest": payload_digest,
         "custom_id": new.custom_id,
         "idempotency_key": new.idempotency_key,
@@ -280,10 +293,13 @@ def claim(*, session: Session, job_id: str, worker: str, lease: timedelta, now: 
 def claim_from_row(job_id: str, row: Any, keyring: Keyring) -> Claim:
     """The Claim of a row :data:`_CLAIM` returned (its payload decrypted with ``keyring``)."""
     payload = keyring.decrypt(row.payload, aad=aad_for("jobs", "payload", job_id)) if row.payload else "{}"
-    return unread_claim(job_id, row, json.loads(payload)["messages"])
+    stored = json.loads(payload)
+    return unread_claim(job_id, row, stored["messages"], stored.get("files"))
 
 
-def unread_claim(job_id: str, row: Any, messages: list[dict[str, Any]]) -> Claim:
+def unread_claim(
+    job_id: str, row: Any, messages: list[dict[str, Any]], files: dict[str, list[int]] | None = None
+) -> Claim:
     """The Claim of a row :data:`_CLAIM` returned, with ``messages`` (none: its payload could not be read)."""
     return Claim(
         job_id=job_id,
@@ -296,6 +312,7 @@ def unread_claim(job_id: str, row: Any, messages: list[dict[str, Any]]) -> Claim
         previous_error=row.error_class,
         batch_id=row.batch_id,
         subject_index=row.subject_index,
+        files=files,
     )
 
 
