@@ -24,7 +24,7 @@ from .batches.views import BatchView
 from .errors import BatchNotFound, FileNotFound, InputError
 from .images.resolve import policy
 from .lifecycle import utcnow
-from .messages import validate_webhook_url
+from .messages import has_lone_surrogate, validate_webhook_url
 from .runtime.locator import runtime
 from .settings import Settings
 from .store import files as file_store
@@ -222,7 +222,8 @@ def list_files(
         if value is not None and (
             not isinstance(value, str)
             or len(value) > 128
-            or any(ord(c) < 32 or 0xD800 <= ord(c) <= 0xDFFF for c in value)
+            or any(ord(c) < 32 for c in value)
+            or has_lone_surrogate(value)
         ):
             raise InputError(f"{name}: must be at most 128 characters of text, without control characters")
     with runtime(settings).transaction() as session:
@@ -241,7 +242,7 @@ def _check_metadata(metadata: object) -> dict[str, str] | None:
         if not isinstance(key, str) or len(key) > 64 or not isinstance(value, str) or len(value) > 512:
             raise InputError("metadata: keys are strings of at most 64 characters, values strings of at most 512")
         for text in (key, value):  # stored, then sent back as JSON: it must be Unicode text
-            if not text.isascii() and any("\ud800" <= c <= "\udfff" for c in text):
+            if has_lone_surrogate(text):
                 raise InputError(f"metadata: {key[:64]!r} holds a lone UTF-16 surrogate, which is not Unicode text")
     return metadata
 

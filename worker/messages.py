@@ -26,6 +26,7 @@ __all__ = [
     "validate_assistant_id",
     "validate_key",
     "validate_messages",
+    "has_lone_surrogate",
     "validate_subject",
     "MAX_SUBJECT",
     "CHAT_SUPPORTED",
@@ -321,6 +322,11 @@ def _too_large(size: str, limit: int, field: str) -> InvalidMessages:
         f"{field}: {size} bytes of text (data URIs included) is over the request limit of {limit} bytes "
         "(QBGW_MAX_REQUEST_BYTES)"
     )
+
+
+def has_lone_surrogate(text: str) -> bool:
+    """Whether ``text`` holds a lone UTF-16 surrogate: a str, but no Unicode text (UTF-8 cannot encode it)."""
+    return _SURROGATE.search(text) is not None
 
 
 def _check_encodable(where: str, text: str) -> None:

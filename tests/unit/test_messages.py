@@ -198,3 +198,22 @@ def test_the_limit_counts_names_and_urls_and_is_checked_before_an_image_is_decod
 
 def test_the_default_limit_leaves_room_for_one_50_mb_image_as_base64() -> None:
     assert Policy().max_request_bytes == 72 * 1024 * 1024 > (50 * 1024 * 1024) * 4 // 3
+
+
+def test_one_test_for_a_lone_surrogate_serves_every_way_in() -> None:
+    from qbgw import compat
+    from qbgw.api.app import json_object
+    from qbgw.errors import InputError
+    from qbgw.messages import has_lone_surrogate
+
+    assert has_lone_surrogate("a\ud800b")
+    assert has_lone_surrogate("\udfff")
+    assert not has_lone_surrogate("a\U0001f600b")
+    assert not has_lone_surrogate("")
+    with pytest.raises(InputError, match="metadata: 'k' holds a lone UTF-16 surrogate"):
+        compat._check_metadata({"k": "v\udc80"})
+    with pytest.raises(InputError, match="purpose: must be at most 128 characters of text"):
+        compat.list_files(purpose="batch\ud800")
+    with pytest.raises(InvalidMessages, match="body: holds a lone UTF-16 surrogate"):
+        json_object(b'{"a": {"b": ["\\ud83d"]}}')
+    assert json_object(b'{"a": "\\ud83d\\ude00"}') == {"a": "\U0001f600"}

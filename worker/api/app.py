@@ -40,7 +40,7 @@ from ..batches import export
 from ..batches.input import split_lines
 from ..console import create_console
 from ..lifecycle import TERMINAL
-from ..messages import validate_assistant_id, validate_key
+from ..messages import has_lone_surrogate, validate_assistant_id, validate_key
 from ..ops.health import check_health
 from ..runtime.context import Runtime
 from ..runtime.locator import runtime
@@ -1185,7 +1185,7 @@ def _lone_surrogate(value: Any) -> bool:
     while stack:
         item = stack.pop()
         if isinstance(item, str):
-            if any("\ud800" <= c <= "\udfff" for c in item):
+            if has_lone_surrogate(item):
                 return True
         elif isinstance(item, dict):
             stack.extend(item.keys())
