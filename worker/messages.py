@@ -27,6 +27,8 @@ __all__ = [
     "validate_key",
     "validate_messages",
     "has_lone_surrogate",
+    "unique_keys",
+    "DuplicateKey",
     "validate_subject",
     "MAX_SUBJECT",
     "CHAT_SUPPORTED",
@@ -86,11 +88,31 @@ def check_fields(data: dict[Any, Any], accepted: Collection[str], where: str = "
     return data
 
 
+class DuplicateKey(ValueError):
+    """A JSON object names a key twice (JSON allows it; which one counts is each parser's guess)."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"the key {key[:64]!r} appears twice in one object; give each key once")
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads``'s ``object_pairs_hook``: an object as a dict, or DuplicateKey. Taking the last value, as
+    ``json`` does, read a request otherwise than a proxy or a log that took the first."""
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        seen: set[str] = set()
+        raise DuplicateKey(next(key for key, _ in pairs if key in seen or seen.add(key)))  # type: ignore[func-returns-value]
+    return data
+
+
 def load_json(text: str, *, one_line: bool = False) -> Any:
     """Parse a person's JSON. Raises InvalidMessages ("not valid JSON: ...") with the position of a
-    syntax error, and for nesting too deep for the parser or a number too long to read."""
-    try:
-        return json.loads(text.removeprefix("\ufeff"))  # a byte order mark, as some editors write: not JSON's
+    syntax error, and for nesting too deep for the parser, a number too long to read or a key given twice in
+    one object."""
+    try:  # a byte order mark, as some editors write, is not JSON's
+        return json.loads(text.removeprefix("\ufeff"), object_pairs_hook=unique_keys)
+    except DuplicateKey as exc:
+        raise InvalidMessages(f"not valid JSON for a request: {exc}") from None
     except json.JSONDecodeError as exc:
         where = f"column {exc.colno}" if one_line else f"line {exc.lineno} column {exc.colno}"
         raise InvalidMessages(f"not valid JSON: {exc.msg} at {where}") from None

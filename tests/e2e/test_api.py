@@ -365,6 +365,38 @@ def test_a_lone_surrogate_or_a_nul_is_refused_by_name_and_nothing_is_stored(serv
     assert jobs_after == jobs_before
 
 
+def test_a_key_given_twice_is_refused_in_both_dialects_and_nothing_is_stored(server: Server) -> None:
+    """JSON lets an object name a key twice and leaves which counts to the parser: a proxy or a log that took the
+    first value would have read another request than the one qbgw ran."""
+    headers = {"Content-Type": "application/json"}
+    jobs_before = len(queries.audit_query(AuditFilter(action="job.submitted"), settings=server.settings))
+    body = json.dumps(JOB)[:-1] + ', "assistant_id": "another"}'
+    answer = server.client("sub").post("/v1/jobs", content=body.encode(), headers=headers)
+    assert answer.status_code == 422, answer.text
+    assert "the key 'assistant_id' appears twice in one object" in answer.json()["errors"][0]["detail"]
+    inner = json.dumps({"model": ASSISTANT, "messages": [{"role": "user", "content": "a"}]})
+    inner = inner.replace('"content": "a"', '"content": "a", "content": "b"')
+    answer = server.client("sub").post("/v1/chat/completions", content=inner.encode(), headers=headers)
+    assert answer.status_code == 400, answer.text
+    assert "the key 'content' appears twice" in answer.json()["error"]["message"]
+    jobs_after = len(queries.audit_query(AuditFilter(action="job.submitted"), settings=server.settings))
+    assert jobs_after == jobs_before
+
+
+def test_an_encoded_slash_stays_in_its_segment(server: Server) -> None:
+    """``%2F`` is a character of the segment it is in (RFC 3986): ``/v1/jobs/ID%2Fresult`` names no job, and
+    reads nothing, rather than routing to ID's result as the servers' decoded path did."""
+    job_id = submit(server)
+    assert finished(server, job_id)["status"] == "succeeded"
+    for path in (f"/v1/jobs/{job_id}%2Fresult", f"/v1/jobs/{job_id}%2fresult", f"/v1%2Fjobs/{job_id}"):
+        answer = server.client("sub").get(path)
+        assert answer.status_code == 404, (path, answer.text)
+    assert server.client("sub").get(f"/v1/jobs/{job_id}/result").status_code == 200  # the real path still reads
+    assert server.client("sub").get(f"/v1/jobs/{job_id[:4]}%{ord(job_id[4]):02X}{job_id[5:]}").status_code == 200
+    trail = queries.job_events(job_id, include_reads=True, settings=server.settings)
+    assert [e.actor for e in trail if e.action == "result.read"] == ["key:sub"]
+
+
 def test_a_webhook_urls_token_stays_out_of_the_access_log(server: Server) -> None:
     secret = "WEBHOOK-SECRET-42"
     query = "assistant_id=" + ASSISTANT + "&webhook_url=https%3A%2F%2Fhooks.example.org%2Fq%3Ftoken%3D" + secret

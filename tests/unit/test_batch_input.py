@@ -369,3 +369,12 @@ def test_a_line_that_is_not_utf8_is_that_lines_problem_and_a_bom_is_no_problem(t
     assert len(parse(read_lines(tmp_path / "latin1.jsonl"), skip=True).lines) == 2
     (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + good + b"\r\n" + ours("c").encode() + b"\r\n")
     assert [line.custom_id for line in parse(read_lines(tmp_path / "bom.jsonl")).lines] == ["a", "c"]
+
+
+def test_a_line_that_names_a_key_twice_is_refused_by_its_number() -> None:
+    twice = ours("b")[:-1] + ', "custom_id": "c"}'
+    with pytest.raises(InvalidBatch) as caught:
+        parse([ours("a"), twice, ours("d")])
+    assert [n for n, _ in caught.value.problems] == [2]
+    assert "the key 'custom_id' appears twice in one object; give each key once" in caught.value.problems[0][1]
+    assert [x.custom_id for x in parse([ours("a"), twice, ours("d")], skip=True).lines] == ["a", "d"]
