@@ -14,7 +14,7 @@ from click.testing import CliRunner, Result
 from qbgw.cli.main import EXIT, cli
 from qbgw.emulator.server import Emulator
 from qbgw.execution.tasks import run_attempt
-from qbgw.queries import job_events
+from qbgw.queries import AuditFilter, audit_query, job_events
 from qbgw.runtime.locator import runtime
 from qbgw.settings import Settings
 from tests.conftest import ASSISTANT
@@ -67,6 +67,15 @@ def test_submit_text_then_status_and_result(env: dict[str, str], embedded_settin
     assert [e.actor for e in reads] == ["dr-cli"]
     events = [json.loads(line) for line in qbgw(env, "events", job_id).stdout.splitlines()]
     assert [e["action"] for e in events][-1] == "job.succeeded"
+    with_reads = [
+        json.loads(line) for line in qbgw(env, "events", job_id, "--reads", "--actor", "aud-1").stdout.splitlines()
+    ]
+    assert [(e["action"], e["actor"]) for e in with_reads][-1] == ("result.read", "dr-cli")
+    queried = audit_query(AuditFilter(action="audit.queried"), settings=embedded_settings)[-1]
+    assert (queried.actor, queried.detail["filter"]) == ("aud-1", {"job_id": job_id})  # on the record, by whom
+    refused = qbgw(env, "events", job_id, "--actor", "bell\x07")
+    assert refused.exit_code == EXIT["bad_input"], refused.output
+    assert "reader: must not contain control characters" in refused.stderr
 
 
 def test_submit_messages_from_stdin_and_an_image_file(env: dict[str, str], tmp_path: Path) -> None:

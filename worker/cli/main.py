@@ -156,10 +156,12 @@ def _print_result(
 
 @cli.command()
 @click.argument("job_id")
+@click.option("--reads", is_flag=True, help="Also who read the job's result (result.read events).")
+@click.option("--actor", "reader", help="Who is querying, for the audit trail (default QBGW_ACTOR).")
 @handled
-def events(job_id: str) -> None:
-    """Print a job's audit events as JSON Lines, oldest first."""
-    for event in job_events(job_id, settings=_settings()):
+def events(job_id: str, reads: bool, reader: str | None) -> None:
+    """Print a job's audit events as JSON Lines, oldest first. The query is itself audited."""
+    for event in job_events(job_id, include_reads=reads, reader=reader, settings=_settings()):
         click.echo(json.dumps(event.as_dict(), ensure_ascii=False))
 
 
