@@ -64,6 +64,22 @@ class JobSummary:
     #: The job's events in the report's period, oldest first.
     events: tuple[AuditRecord, ...]
 
+    def as_dict(self) -> dict[str, Any]:
+        """The summary as JSON-ready values (no events: those are the report's rows)."""
+        return {
+            "job_id": self.job_id,
+            "submitted_at": self.submitted_at.isoformat(),
+            "submitted_by": self.submitted_by,
+            "assistant_id": self.assistant_id,
+            "status": self.status,
+            "custom_id": self.custom_id,
+            "batch_id": self.batch_id,
+            "purged": self.purged,
+            "disclosures": self.disclosures,
+            "reads": self.reads,
+            "readers": list(self.readers),
+        }
+
 
 @dataclass(frozen=True)
 class AccessReport:
@@ -243,14 +259,17 @@ def _summary_fields(report: AccessReport) -> dict[str, Any]:
 
 
 def render_jsonl(report: AccessReport) -> str:
-    """JSON Lines: a first line ``{"report": {...}}`` (the summary and chain status), then one line per row."""
-    lines = [json.dumps({"report": _summary_fields(report)}, ensure_ascii=False)]
+    """JSON Lines: a first line ``{"report": {...}}`` (the summary and chain status, and ``job_summaries``: each
+    job's disclosures and readers), then one line per row."""
+    first = {**_summary_fields(report), "job_summaries": [j.as_dict() for j in report.jobs]}
+    lines = [json.dumps({"report": first}, ensure_ascii=False)]
     lines += [json.dumps(row, ensure_ascii=False) for row in report.rows()]
     return "\n".join(lines) + "\n"
 
 
 def render_csv(report: AccessReport) -> str:
-    """CSV: a header (time, job_id, kind, actor, detail) and one line per row; the summary is in render_jsonl."""
+    """CSV: a header (time, job_id, kind, actor, detail) and one line per row; the summary and each job's counts
+    are in render_jsonl (a job's disclosures are its ``attempt.request`` rows, its reads its ``result.read`` ones)."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(COLUMNS)
@@ -262,6 +281,12 @@ def render_csv(report: AccessReport) -> str:
 def render_table(report: AccessReport) -> str:
     """Plain text for a terminal: the summary, then the rows in aligned columns."""
     head = [f"{k}: {v}" for k, v in _summary_fields(report).items()]
+    head += [""] + [
+        f"job {j.job_id}: submitted {j.submitted_at.isoformat(timespec='seconds')} by {j.submitted_by}, "
+        f"{j.status}{' (purged)' if j.purged else ''}, sent {j.disclosures} time(s), read {j.reads} time(s)"
+        + (f" by {', '.join(j.readers)}" if j.readers else "")
+        for j in report.jobs
+    ]
     rows = report.rows()
     widths = {c: max([len(c), *(len(r[c]) for r in rows)]) for c in COLUMNS[:-1]}
     line = "  ".join(c.ljust(widths[c]) for c in COLUMNS[:-1]) + "  detail"

@@ -223,6 +223,20 @@ def test_renderings_are_complete_and_escaped(keyed: Settings) -> None:
     assert job_id in qbgw.render_table(report)
 
 
+def test_every_rendering_but_csv_gives_each_job_s_disclosures_and_readers(keyed: Settings) -> None:
+    job_id = producer.submit(ASSISTANT, MESSAGES, subject=SUBJECT, actor="front-desk", settings=keyed)
+    run_attempt(runtime(keyed), job_id)
+    qbgw.get_job(job_id, reader="dr-a", settings=keyed)
+    qbgw.get_job(job_id, reader="dr-b", settings=keyed)
+    report = qbgw.access_report(SUBJECT, settings=keyed)
+    (summary,) = json.loads(qbgw.render_jsonl(report).splitlines()[0])["report"]["job_summaries"]
+    assert summary["job_id"] == job_id
+    assert (summary["submitted_by"], summary["status"], summary["purged"]) == ("front-desk", "succeeded", False)
+    assert (summary["disclosures"], summary["reads"], summary["readers"]) == (1, 2, ["dr-a", "dr-b"])
+    assert f"job {job_id}: submitted " in qbgw.render_table(report)
+    assert "by front-desk, succeeded, sent 1 time(s), read 2 time(s) by dr-a, dr-b" in qbgw.render_table(report)
+
+
 def test_a_changed_subject_index_is_caught_by_verify_and_by_the_report(keyed: Settings, owner_url: str) -> None:
     job_id = producer.submit(ASSISTANT, MESSAGES, subject=SUBJECT, settings=keyed)
     run_attempt(runtime(keyed), job_id)

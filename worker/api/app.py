@@ -870,29 +870,13 @@ def _report_time(name: str, value: object) -> datetime | None:
 
 
 def _report_json(report: reports.AccessReport) -> dict[str, Any]:
-    jobs = [
-        {
-            "job_id": j.job_id,
-            "submitted_at": j.submitted_at.isoformat(),
-            "submitted_by": j.submitted_by,
-            "assistant_id": j.assistant_id,
-            "status": j.status,
-            "custom_id": j.custom_id,
-            "batch_id": j.batch_id,
-            "purged": j.purged,
-            "disclosures": j.disclosures,
-            "reads": j.reads,
-            "readers": list(j.readers),
-        }
-        for j in report.jobs
-    ]
     return {
         "subject_index": report.subject_index,
         "from": _iso(report.start),
         "to": _iso(report.end),
         "chain_ok": report.chain_ok,
         "chain_detail": report.chain_detail,
-        "jobs": jobs,
+        "jobs": [j.as_dict() for j in report.jobs],
         "rows": report.rows(),
     }
 
