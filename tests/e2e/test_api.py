@@ -90,11 +90,12 @@ def test_a_result_can_be_waited_for_in_one_request(server: Server) -> None:
     """``GET /result?wait=`` answers once the job ends (woken by the database), or 409 at its deadline; another
     principal's job is a 404 at once, not after the wait; a wait that ended without the answer reads nothing."""
     client = server.client("sub")
-    slow = {**JOB, "messages": [{"role": "user", "content": "take your time [[emulator:sleep=2x1]]"}]}
+    # The call takes 6 s: the 0.3 s wait below must end before the job does, even on a slow machine.
+    slow = {**JOB, "messages": [{"role": "user", "content": "take your time [[emulator:sleep=6x1]]"}]}
     job_id = client.post("/v1/jobs", json=slow).json()["id"]
     started = time.monotonic()
     assert server.client("sub2").get(f"/v1/jobs/{job_id}/result", params={"wait": 30}).status_code == 404
-    assert time.monotonic() - started < 1.5  # refused before any wait
+    assert time.monotonic() - started < 5  # refused before any wait (of 30 s), and before the job ended
     early = client.get(f"/v1/jobs/{job_id}/result", params={"wait": 0.3})
     assert early.status_code == 409, early.text
     assert early.json()["type"].endswith("not-finished")
@@ -234,11 +235,12 @@ def test_every_role_against_every_endpoint(server: Server) -> None:
 
 
 def test_expired_and_revoked_keys_are_refused_and_every_refusal_is_audited(server: Server) -> None:
-    row, secret = access.create_key("short", "reader", expires_in=access.parse_duration("1s"), settings=server.settings)
+    # Five seconds: the first request must come before the key expires, on a slow machine too.
+    row, secret = access.create_key("short", "reader", expires_in=access.parse_duration("5s"), settings=server.settings)
     client = server.client(None, source="127.0.3.1")
     headers = {"Authorization": f"Bearer {secret}"}
     assert client.get("/v1/jobs/none", headers=headers).status_code == 404  # accepted: the job does not exist
-    time.sleep(1.2)
+    wait_until(lambda: client.get("/v1/jobs/none", headers=headers).status_code == 401, timeout=15, interval=0.5)
     refused = client.get("/v1/jobs/none", headers=headers)
     assert refused.status_code == 401
     assert refused.headers["www-authenticate"].startswith("Bearer")
@@ -253,7 +255,7 @@ def test_expired_and_revoked_keys_are_refused_and_every_refusal_is_audited(serve
         timeout=10,
         interval=0.2,
     )
-    assert time.monotonic() - started < 5.0 + 1.0
+    assert time.monotonic() - started < 5.0 + 2.0
     failures = queries.audit_query(AuditFilter(action="auth.failed"), settings=server.settings)
     reasons = {(e.detail.get("key_id"), e.detail.get("reason")) for e in failures}
     assert (row.id, "expired key") in reasons

@@ -47,8 +47,10 @@ def test_a_worker_makes_one_session_and_renews_it_after_the_gateway_forgets_it(
     assert second.status is JobStatus.SUCCEEDED
     assert emu.stats()["sessions_created"] == 1
 
-    emu.reconfigure(session_idle_seconds=0.5)  # the session the worker holds is now forgotten when idle
-    emu.advance(1.0)
+    # The session the worker holds is now forgotten when idle for 5 s (long enough that the retry after the 401,
+    # through the broker and a new claim, finds the new session still alive on a slow machine).
+    emu.reconfigure(session_idle_seconds=5.0)
+    emu.advance(6.0)
     third, third_events = run(app_stack, "after the session expired")
     assert third.status is JobStatus.SUCCEEDED
     assert third.attempts == 2

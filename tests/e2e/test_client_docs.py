@@ -314,7 +314,7 @@ def test_the_node_page_runs_as_written(node: str, shell: None, server: Server, w
     assert polled.stdout == f"succeeded after 1 attempt(s): {answer_to('Summarise: a cough.')}\n"
 
     # waitForResult asks again on each 409 until the job has ended, and gives up at its deadline.
-    slow = submit(server, SLOW + " [[emulator:sleep=2x1]]")
+    slow = submit(server, SLOW + " [[emulator:sleep=5x1]]")  # still running when a fresh node process first asks
     (workdir / "result-wait.mjs").write_text(
         'import { QbgwClient } from "./qbgw-client.mjs";\n'
         "const client = new QbgwClient(process.env.QBGW_URL, process.env.QBGW_KEY);\n"
@@ -362,7 +362,7 @@ def test_the_python_page_runs_as_written(server: Server, workdir: Path) -> None:
     assert python_run(alternative, {"QBGW_KEY": server.keys["sub2"]}) == shown(PYTHON, "python-blocking")
 
     # wait_for_result asks again on a 409 (here with a wait shorter than the job), and past its deadline raises it.
-    slow = submit(server, SLOW + " [[emulator:sleep=2x1]]")
+    slow = submit(server, SLOW + " [[emulator:sleep=5x1]]")  # still running when a fresh python process first asks
     loop = replaced(helpers, 'params={"wait": 30}', 'params={"wait": 0.2}') + (
         "with httpx.Client(base_url=API, headers={'Authorization': f'Bearer {KEY}'}, timeout=45) as qbgw:\n"
         "    try:\n"

@@ -14,6 +14,7 @@ from qbgw import producer
 from qbgw.emulator.server import Emulator
 from qbgw.lifecycle import JobStatus
 from qbgw.queries import job_events, wait_for_job
+from qbgw.runtime.locator import runtime
 from qbgw.settings import Settings
 from qbgw.upstream.ratelimit import COOLDOWN
 from tests.conftest import ASSISTANT, wait_until
@@ -82,6 +83,8 @@ def test_a_429_to_one_worker_pauses_the_fleet(stack: Settings, emu: Emulator, wo
     (hit,) = _submit(settings, ["[[emulator:fail=429x1]] [[emulator:retry-after=3]] hit"])
     wait_until(lambda: emu.stats()["by_status"].get("429", 0) >= 1, timeout=60)
     answered_429 = emu.arrivals()[0]
+    # The worker has taken the 429 in (the fleet's cooldown is set), not only been answered it.
+    wait_until(lambda: runtime(settings).limiter.cooldown_until() > answered_429, timeout=30)
     bystanders = _submit(settings, [f"bystander {i}" for i in range(20)])
     views = [wait_for_job(job_id, timeout=60, settings=settings) for job_id in [hit, *bystanders]]
     assert [v.status for v in views] == [JobStatus.SUCCEEDED] * 21

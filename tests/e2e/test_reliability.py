@@ -86,7 +86,7 @@ def test_a_cancelled_job_is_never_called_or_answered(
 ) -> None:
     waiting = submit(stack, "cancel me before any worker")
     assert control.cancel(waiting, actor="nurse-7", settings=stack) is JobStatus.CANCELLED
-    running = submit(stack, "cancel me mid-call [[emulator:sleep=1.5]]")
+    running = submit(stack, "cancel me mid-call [[emulator:sleep=4]]")  # long enough to be seen running, cancelled
     worker_process(stack)
     wait_until(lambda: get_job(running, settings=stack).status is JobStatus.RUNNING, timeout=30)
     assert control.cancel(running, actor="nurse-7", settings=stack) is JobStatus.RUNNING

@@ -170,7 +170,8 @@ def test_a_batch_end_is_posted(server: Server, receiver: Receiver) -> None:
 def test_a_delivery_that_never_succeeds_fails_and_can_be_redelivered(
     hooked: Settings, tmp_path: Path, worker_process: Callable[..., Any], receiver: Receiver
 ) -> None:
-    server = _server(hooked.with_(webhook_retry_window=1.5), tmp_path, worker_process)
+    # A window that holds two deliveries and their backoff even when the first comes late on a slow machine.
+    server = _server(hooked.with_(webhook_retry_window=5.0), tmp_path, worker_process)
     try:
         receiver.status = lambda: 500
         job_id = server.client("sub").post("/v1/jobs", json={**JOB, "webhook_url": receiver.url}).json()["id"]

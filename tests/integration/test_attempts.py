@@ -88,8 +88,9 @@ def test_attempts_run_out_into_a_failure(settings: Settings) -> None:
 
 @pytest.mark.parametrize("backend", ["sqlite"])
 def test_a_read_timeout_is_retried_and_audited_as_an_error(settings: Settings) -> None:
-    fast = settings.with_(read_timeout=0.3)
-    job_id = submit(fast, "slow [[emulator:sleep=1x1]]")
+    # The first call outlasts the read timeout by far; the retry's must be answered within it on a slow machine too.
+    fast = settings.with_(read_timeout=2.0)
+    job_id = submit(fast, "slow [[emulator:sleep=5x1]]")
     assert run_attempt(runtime(fast), job_id) is Outcome.RETRYING
     assert attempt_when_due(fast, job_id) is Outcome.SUCCEEDED
     first_error = [e for e in job_events(job_id, settings=fast) if e.action == "attempt.error"]

@@ -332,7 +332,7 @@ def test_an_expiry_is_one_decision_a_reader_settling_between_its_chunks_cannot_t
     from qbgw.store import batches as batch_store
 
     monkeypatch.setattr(batch_store, "CHUNK", 3)
-    view = submit_batch(lines(7), assistant_id=ASSISTANT, window=0.3, settings=settings)
+    view = submit_batch(lines(7), assistant_id=ASSISTANT, window=60, settings=settings)
     real = batch_store.cancel_jobs
     readers: list[BatchStatus] = []
 
@@ -343,7 +343,7 @@ def test_an_expiry_is_one_decision_a_reader_settling_between_its_chunks_cannot_t
         return done
 
     monkeypatch.setattr(batch_store, "cancel_jobs", cancel_then_someone_reads)
-    time.sleep(0.35)
+    end_window(settings, view.id)
     assert sweep(settings=settings).expired == [view.id]
     final = get_batch(view.id, settings=settings)
     assert final.status is BatchStatus.EXPIRED

@@ -118,7 +118,11 @@ def test_a_chat_completion_woken_by_its_job_s_end_reads_the_answer_without_readi
     monkeypatch.setattr(queries, "get_job", get_job)
     _, key = access.create_key("chat", "submitter", actor="test-setup", settings=settings)
     body = {"model": ASSISTANT, "messages": [{"role": "user", "content": "answer me"}]}
-    with TestClient(create_app(settings), headers={"Authorization": f"Bearer {key}"}) as client:
+    app = create_app(settings)
+    with TestClient(app, headers={"Authorization": f"Bearer {key}"}) as client:
+        deadline = time.monotonic() + 10  # the listener connected: a job's end is notified (not found by a recheck)
+        while not app.state.ctx.waiter.listening and time.monotonic() < deadline:
+            time.sleep(0.02)
         done: list[object] = []
         request = threading.Thread(target=lambda: done.append(client.post("/v1/chat/completions", json=body)))
         request.start()

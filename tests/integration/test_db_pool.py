@@ -26,7 +26,13 @@ def test_a_connection_the_server_closed_while_pooled_is_replaced_not_used(pg_dat
         victim.close()  # back in the pool, idle
         holder.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
         holder.commit()
-        time.sleep(0.3)
+        # Terminating is asynchronous: wait until the backend is gone (its socket closed), not a fixed 0.3 s.
+        deadline = time.monotonic() + 10
+        alive = text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid")
+        while holder.execute(alive, {"pid": pid}).scalar() and time.monotonic() < deadline:
+            holder.rollback()  # a new snapshot of pg_stat_activity each time
+            time.sleep(0.05)
+        holder.rollback()
         with engine.connect() as fresh:  # no StoreUnavailable: the dead one is dropped at checkout
             assert fresh.execute(text("SELECT pg_backend_pid()")).scalar() not in (pid, None)
         holder.close()

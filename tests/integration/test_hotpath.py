@@ -212,7 +212,7 @@ def test_a_success_that_misses_its_compare_and_set_writes_nothing(settings: Sett
 def test_a_cancel_during_the_call_ends_the_job_cancelled_through_the_store(
     settings: Settings, hot: hotpath.HotPath
 ) -> None:
-    job_id = submit(settings, "cancel me [[emulator:sleep=1x1]]")
+    job_id = submit(settings, "cancel me [[emulator:sleep=4x1]]")  # long enough to be seen running and cancelled
     outcome: list[Outcome] = []
     attempt = threading.Thread(target=lambda: outcome.append(run_attempt(runtime(settings), job_id)))
     attempt.start()

@@ -55,9 +55,12 @@ def test_a_cooldown_set_by_one_worker_holds_another(redis_url: str) -> None:
     scope = f"test-{uuid.uuid4().hex}"
     one, other = RedisLimiter(redis_url, scope), RedisLimiter(redis_url, scope)
     until = one.cool_down(2.0)
+    asked = time.time()
     held = other.acquire([Budget("global", 100)], horizon=10)
+    answered = time.time()
     assert held.reason == COOLDOWN
-    assert held.wait == pytest.approx(until - time.time(), abs=0.05)
+    # the wait is counted from some moment between asking and the answer (a slow machine widens the two)
+    assert until - answered - 0.01 <= held.wait <= until - asked + 0.01
     assert other.cooldown_until() == pytest.approx(until, abs=1e-5)
 
 
@@ -79,7 +82,7 @@ time.sleep(max(0.0, start - time.time()))
 slots = []
 for _ in range(30):
     grant = limiter.acquire([Budget("global", 40, 2)], horizon=30)
-    slots.append(time.time() + grant.wait)
+    slots.append(grant.at)  # on the limiter's clock: not shifted by a pause of this process after the answer
 print(json.dumps(slots))
 """
 
@@ -105,9 +108,9 @@ def test_four_processes_share_one_budget(kind: str, tmp_path: Path, request: pyt
 def test_a_file_budget_survives_a_damaged_state_file(tmp_path: Path) -> None:
     limiter = FileLimiter(tmp_path, "s")
     (tmp_path / "ratelimit-s.json").write_text("{not json")
-    assert limiter.acquire([Budget("global", 10)], horizon=1).wait == 0
-    # the next slot, 1/10 s after the first: less the time between the two calls on a slow machine
-    assert 0.0 < limiter.acquire([Budget("global", 10)], horizon=1).wait <= 0.1 + 1e-6
+    assert limiter.acquire([Budget("global", 1)], horizon=2).wait == 0
+    # the next slot, 1 s after the first: less the time between the two calls on a slow machine
+    assert 0.0 < limiter.acquire([Budget("global", 1)], horizon=2).wait <= 1 + 1e-6
 
 
 def _submit(settings: Settings, text: str) -> str:
@@ -117,6 +120,7 @@ def _submit(settings: Settings, text: str) -> str:
 def test_a_job_over_the_budget_is_rescheduled_as_throttled_not_failed(settings: Settings, emu: Emulator) -> None:
     settings = settings.with_(rate_limit=1, rate_burst=1, rate_max_sleep=0.0, rate_scope=uuid.uuid4().hex)
     first, second = _submit(settings, "first"), _submit(settings, "second")
+    first_started = time.time()
     assert run_attempt(runtime(settings), first) is Outcome.SUCCEEDED
     before = utcnow()
     assert run_attempt(runtime(settings), second) is Outcome.THROTTLED
@@ -129,8 +133,9 @@ def test_a_job_over_the_budget_is_rescheduled_as_throttled_not_failed(settings: 
     assert throttled[0].outcome == "throttled"
     assert throttled[0].detail["reason"] == RATE_LIMIT
     assert throttled[0].detail["slot"] == "reserved"
-    # One interval (1 s) after the first job's place, which was up to a lead (<= 0.5 s) ahead of it.
-    assert 500 <= throttled[0].detail["wait_ms"] <= 1550
+    # One interval (1 s) after the first job's place, which was taken after first_started and up to a lead
+    # (<= 0.5 s) ahead of it; the second asked at `before` at the latest (a slow first attempt shortens the wait).
+    assert 1000 * (first_started + 1 - before.timestamp()) - 50 <= throttled[0].detail["wait_ms"] <= 1550
     assert emu.stats()["requests"] == 1  # nothing was sent for it
     assert run_attempt(runtime(settings), second) is Outcome.SKIPPED  # not due: an early duplicate does nothing
     time.sleep(max(0.0, (view.next_attempt_at - utcnow()).total_seconds()) + 0.05)
@@ -140,12 +145,14 @@ def test_a_job_over_the_budget_is_rescheduled_as_throttled_not_failed(settings: 
 
 
 def test_a_short_wait_is_slept_in_the_thread_and_noted_on_the_response(settings: Settings, emu: Emulator) -> None:
-    settings = settings.with_(rate_limit=5, rate_burst=1, rate_max_sleep=1.0, rate_scope=uuid.uuid4().hex)
+    # One call a second: an attempt (claim, audit, call, record) takes well under that even on a slow machine,
+    # so each next job finds its slot ahead and sleeps for it (at 5 a second, two slow attempts slept nothing).
+    settings = settings.with_(rate_limit=1, rate_burst=1, rate_max_sleep=1.0, rate_scope=uuid.uuid4().hex)
     jobs = [_submit(settings, f"job {i}") for i in range(3)]
     assert [run_attempt(runtime(settings), j) for j in jobs] == [Outcome.SUCCEEDED] * 3
     arrivals = emu.arrivals()
-    assert arrivals[1] - arrivals[0] >= 0.19
-    assert arrivals[2] - arrivals[1] >= 0.19
+    assert arrivals[1] - arrivals[0] >= 0.95
+    assert arrivals[2] - arrivals[1] >= 0.95
     waits = [
         e.detail.get("throttled_ms", 0)
         for j in jobs[1:]
@@ -153,7 +160,7 @@ def test_a_short_wait_is_slept_in_the_thread_and_noted_on_the_response(settings:
         if e.action == "attempt.response"
     ]
     assert any(waits), waits  # slept for in the thread, and said so
-    assert all(w <= 210 for w in waits), waits
+    assert all(w <= 1010 for w in waits), waits
 
 
 def test_a_429_pauses_the_next_job_too(settings: Settings, emu: Emulator, caplog: pytest.LogCaptureFixture) -> None:
@@ -247,7 +254,9 @@ def test_a_session_creation_takes_a_slot_in_the_budget(settings: Settings, emu: 
     assert run_attempt(runtime(settings), job_id) is Outcome.SUCCEEDED
     assert emu.stats()["sessions_created"] == 1
     response = next(e for e in job_events(job_id, settings=settings) if e.action == "attempt.response")
-    assert response.detail["throttled_ms"] >= 700  # the session took this second's call; the job waited for the next
+    # The session took this second's call; the job waited for the next (how long depends on how long creating the
+    # session and the attempt's own steps took, at most the second).
+    assert 0 < response.detail["throttled_ms"] <= 1050
 
 
 def test_a_429_to_a_session_creation_pauses_the_fleet(settings: Settings, emu: Emulator) -> None:
@@ -279,20 +288,26 @@ def test_a_429_after_answers_starts_a_new_streak_and_one_right_after_a_pause_dou
 ) -> None:
     from qbgw.execution import tasks
 
-    settings = settings.with_(rate_scope=uuid.uuid4().hex, rate_cooldown=0.3, rate_cooldown_max=10.0)
+    settings = settings.with_(rate_scope=uuid.uuid4().hex, rate_cooldown=1.0, rate_cooldown_max=10.0)
     limiter = runtime(settings).limiter
 
-    def pause_after_a_429() -> float:
+    def pause_after_a_429() -> tuple[float, float]:
+        """The pause's shortest and longest length: it began when the 429 came back, somewhere in the attempt
+        (bounded by the attempt's start and end, not guessed from its start: a slow attempt took over 0.1 s)."""
         job = _submit(settings, f"[[emulator:fail=429x1]] {uuid.uuid4().hex}")
         started = time.time()
         assert run_attempt(runtime(settings), job) is Outcome.RETRYING
+        after = time.time()
         until = limiter.cooldown_until()
         time.sleep(max(0.0, until - time.time()) + 0.05)  # the pause ends
-        return until - started
+        return until - after - 0.05, until - started + 0.05
+
+    def lasted(pause: float, bounds: tuple[float, float]) -> bool:
+        return bounds[0] <= pause <= bounds[1]
 
     tasks._ANSWERS.count = 0
-    assert pause_after_a_429() == pytest.approx(0.3, abs=0.1)
-    assert pause_after_a_429() == pytest.approx(0.6, abs=0.1)  # at once after the pause: the overload goes on
+    assert lasted(1.0, pause_after_a_429())
+    assert lasted(2.0, pause_after_a_429())  # at once after the pause: the overload goes on
     for n in range(tasks._Answers.FRESH_AFTER):  # then the upstream answers again, many times
         assert run_attempt(runtime(settings), _submit(settings, f"fine {n}")) is Outcome.SUCCEEDED
-    assert pause_after_a_429() == pytest.approx(0.3, abs=0.1)  # a 429 now is news: a new streak, not 1.2 s
+    assert lasted(1.0, pause_after_a_429())  # a 429 now is news: a new streak, not 4 s
