@@ -52,6 +52,7 @@ from ..store.reads import AuditFilter, Expect, JobView
 from .document import describe_errors
 from .intake import Intake
 from .problems import NOT_FOUND, from_error, problem
+from .shapes import describe_successes
 
 __all__ = ["create_app", "MAX_BATCH_BODY", "MAX_WAIT", "FAILURE_WINDOW", "FAILURES_ALLOWED"]
 
@@ -1019,6 +1020,7 @@ def _secure_openapi(app: FastAPI) -> None:
                     for operation in operations.values():
                         operation["security"] = [{"apiKey": []}]
             describe_errors(schema, _BOUNDS)
+            describe_successes(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 
