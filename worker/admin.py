@@ -52,12 +52,19 @@ class Rotation:
     values_reencrypted: int
 
 
+#: How long after every process has switched keys a rotation still looks for values under the old one: a
+#: transaction that encrypted before its process switched may commit this much later (a chunk of 500 jobs
+#: of a batch on a loaded database took over the half second the rotation waited before).
+LINGER_SECONDS = 5.0
+
+
 def rotate_keys(*, actor: str = "operator", settings: Settings | None = None, max_passes: int = 20) -> Rotation:
     """Add a new primary key to the keyring file and re-encrypt every stored value to it.
 
     Every running process that encrypts (producers, workers) switches to the new key within
     ``crypto.FOLLOW_SECONDS``; passes repeat until no value under an older key is left and that
-    time has passed, so a value another process encrypted just before it switched is re-encrypted too.
+    time and :data:`LINGER_SECONDS` more have passed, so a value another process encrypted just before it
+    switched, in a transaction that committed meanwhile (a chunk of a large batch), is re-encrypted too.
 
     Raises:
         ConfigError: the keys come from QBGW_ENCRYPTION_KEYS (rotate them there), or the
@@ -78,11 +85,11 @@ def rotate_keys(*, actor: str = "operator", settings: Settings | None = None, ma
     for _ in range(max_passes):
         done = _reencrypt_pass(settings=rt.settings, key_id=new_id)
         total += done
-        settling = FOLLOW_SECONDS + 0.5 - (time.monotonic() - saved)
+        settling = FOLLOW_SECONDS + LINGER_SECONDS - (time.monotonic() - saved)
         if done == 0 and settling <= 0:
             break
-        if done == 0:
-            time.sleep(settling)  # processes may still encrypt with the old key until then
+        if done == 0:  # processes may still encrypt with the old key, or commit what they did, until then
+            time.sleep(settling)
     with rt.transaction() as session:
         audit.record(
             session=session,

@@ -140,6 +140,36 @@ def test_verify_exits_9_naming_the_tampered_event(settings: Settings, owner_url:
     assert "event seq 2 was altered" in result.stderr
 
 
+def test_a_value_encrypted_before_the_switch_and_committed_seconds_later_is_reencrypted(settings: Settings) -> None:
+    """A transaction that encrypted with the old key before its process switched (a chunk of a large batch) and
+    committed 2 s after the new key was saved: the rotation, still looking, re-encrypts it (it looked for half a
+    second after every process had switched, and left the value under the old key)."""
+    import threading
+    import time
+
+    from qbgw.audit.crypto import aad_for
+
+    on_file = settings.with_(encryption_keys=Secret(""))
+    Keyring({"k0": b"\x01" * 32}, "k0").save(on_file.keyring_path)
+    job_id = producer.submit(ASSISTANT, [{"role": "user", "content": PHI}], settings=on_file)
+    before_switch = Keyring.load(on_file.keyring_path)  # what a process held before it followed the new key
+    late = before_switch.encrypt('{"messages":[]}', aad=aad_for("jobs", "payload", job_id))
+
+    def commit_late() -> None:
+        deadline = time.monotonic() + 30
+        while Keyring.load(on_file.keyring_path).primary == "k0" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(2.0)
+        with runtime(on_file).transaction() as session:
+            session.execute(update(Job).where(Job.id == job_id).values(payload=late))
+
+    committer = threading.Thread(target=commit_late)
+    committer.start()
+    rotation = rotate_keys(actor="security-officer", settings=on_file)
+    committer.join(30)
+    assert set(count_by_key(settings=on_file)) == {rotation.new_primary}
+
+
 def test_keys_rotate_while_jobs_keep_running(settings: Settings) -> None:
     on_file = settings.with_(encryption_keys=Secret(""), database_url=settings.database_url)
     if on_file.database_url:  # PostgreSQL needs a keyring file given; make one like an operator would
