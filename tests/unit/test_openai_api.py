@@ -65,3 +65,34 @@ def test_a_purged_answer_is_an_error_line_not_an_empty_success() -> None:
     line = _line(purged, "/v1/chat/completions", False)  # type: ignore[arg-type]
     assert line["response"] is None
     assert line["error"]["code"] == "purged"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"model": "a", "messages": []},
+        {"model": "a", "messages": [], "n": 1, "stream": False},
+        {"model": "a", "messages": [], "temperature": None, "n": None},
+        {"model": "a", "messages": [], "temperature": 0},
+        {"model": "a", "messages": [], "stream": True},
+        {"model": "a", "messages": [], "n": 2},
+        {"model": "a", "messages": [], "n": True},
+        {"messages": []},
+        {"model": 5, "messages": []},
+    ],
+)
+def test_the_documented_chat_body_accepts_what_the_server_accepts(body: dict[str, object]) -> None:
+    """/openapi.json's body of a chat completion and the server's rule agree (messages aside: their own check)."""
+    from jsonschema import Draft202012Validator
+
+    operation = create_app(Settings()).openapi()["paths"]["/v1/chat/completions"]["post"]
+    schema = operation["requestBody"]["content"]["application/json"]["schema"]
+    documented = Draft202012Validator(schema).is_valid(body)
+    try:
+        chat_request(body)
+        accepted = True
+    except InvalidMessages:
+        accepted = False
+    assert documented == accepted, (body, documented, accepted)
+    upload = create_app(Settings()).openapi()["paths"]["/v1/files"]["post"]["requestBody"]["content"]
+    assert upload["multipart/form-data"]["schema"]["required"] == ["file", "purpose"]

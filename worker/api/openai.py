@@ -45,6 +45,56 @@ CHAT_WAIT = 600.0
 #: The largest multipart body of POST /v1/files: the largest file and room for the form's other parts.
 MAX_UPLOAD = compat.MAX_FILE_BYTES + 65536
 JOB_HEADER = "x-qbgw-job-id"
+#: The bodies the document declares for the endpoints that read theirs themselves (multipart, or JSON walked
+#: by hand): a client generated from /openapi.json then sends them.
+_UPLOAD_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file", "purpose"],
+                    "properties": {
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": f"JSON Lines, UTF-8, at most {compat.MAX_FILE_BYTES} bytes",
+                        },
+                        "purpose": {"type": "string", "enum": list(compat.PURPOSES)},
+                    },
+                }
+            }
+        },
+    }
+}
+_CHAT_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["model", "messages"],
+                    "description": "Any other parameter is refused unless null: the assistant's own settings decide "
+                    "the model, sampling and tools",
+                    "properties": {
+                        "model": {"type": "string", "description": "the Smart Chat assistant's id"},
+                        "messages": {
+                            "type": "array",
+                            "description": "OpenAI-format messages (text and image_url parts)",
+                            "items": {"type": "object"},
+                        },
+                        "n": {"type": ["integer", "null"], "enum": [1, None]},
+                        "stream": {"type": ["boolean", "null"], "enum": [False, None]},
+                    },
+                    "additionalProperties": {"type": "null"},
+                },
+                "example": {"model": "65d5f3473d5d68095462165d", "messages": [{"role": "user", "content": "Hello"}]},
+            }
+        },
+    }
+}
 _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -256,7 +306,7 @@ def _upload(handed: list[dict[str, tuple[str | None, bytes]]], actor: str, setti
     return compat.upload_handed(content, filename=filename, purpose=purpose, actor=actor, settings=settings)
 
 
-@router.post("/v1/files", tags=["openai"])
+@router.post("/v1/files", tags=["openai"], openapi_extra=_UPLOAD_BODY)
 @openai_errors
 async def upload_file(request: Request) -> Response:
     """Upload a JSON Lines file for a batch (multipart: ``file`` and ``purpose=batch``), at most 200 MB, parsed
@@ -625,7 +675,7 @@ def _submit_chat(data: dict[str, Any], principal: Principal, settings: Any) -> s
         return exc.job_id
 
 
-@router.post("/v1/chat/completions", tags=["openai"])
+@router.post("/v1/chat/completions", tags=["openai"], openapi_extra=_CHAT_BODY)
 @openai_errors
 async def chat_completions(request: Request) -> Response:
     """A chat completion: ``model`` is the Smart Chat assistant's id; queued as a qbgw job (its id in the
