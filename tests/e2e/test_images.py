@@ -8,6 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from qbgw import producer
 from qbgw.lifecycle import JobStatus
 from qbgw.queries import wait_for_job
@@ -47,40 +49,38 @@ def test_local_files_a_pdf_and_a_url_arrive_intact(
     assert "Image 5: url image, not fetched." in answer
 
 
-def test_a_file_gone_before_the_attempt_fails_the_job_with_that_reason(
-    stack: Settings, worker_process: Callable[..., Any], tmp_path: Path
+def _vanish(path: Path) -> None:
+    path.unlink()
+
+
+def _replace(path: Path) -> None:
+    """Another patient's scan saved under the same name before a worker took the job."""
+    path.with_name("new.png").write_bytes(png_bytes(16, 16))
+    os.replace(path.with_name("new.png"), path)
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [(_vanish, "x.png does not exist"), (_replace, "x.png was replaced or rewritten after the job was submitted")],
+)
+def test_a_file_gone_or_replaced_before_the_attempt_fails_the_job_with_that_reason_and_is_never_sent(
+    stack: Settings,
+    worker_process: Callable[..., Any],
+    tmp_path: Path,
+    change: Callable[[Path], None],
+    reason: str,
 ) -> None:
     root = tmp_path / "scans"
     root.mkdir()
     (root / "x.png").write_bytes(png_bytes(8, 8))
     settings = stack.with_(image_roots=str(root))
     job_id = producer.submit(ASSISTANT, [{"role": "user", "content": [image(str(root / "x.png"))]}], settings=settings)
-    (root / "x.png").unlink()
+    change(root / "x.png")
     worker_process(settings)
     view = wait_for_job(job_id, timeout=60, settings=settings)
     assert view.status is JobStatus.FAILED
     assert view.error_class == "ResolutionFailed"
     assert view.error is not None
-    assert "x.png does not exist" in view.error
-    assert view.attempts == 1
-
-
-def test_a_file_replaced_before_the_attempt_fails_the_job_and_is_never_sent(
-    stack: Settings, worker_process: Callable[..., Any], tmp_path: Path
-) -> None:
-    root = tmp_path / "scans"
-    root.mkdir()
-    (root / "x.png").write_bytes(png_bytes(8, 8))
-    settings = stack.with_(image_roots=str(root))
-    job_id = producer.submit(ASSISTANT, [{"role": "user", "content": [image(str(root / "x.png"))]}], settings=settings)
-    # Another patient's scan saved under the same name before a worker took the job.
-    (root / "x.png.new").write_bytes(png_bytes(16, 16))
-    os.replace(root / "x.png.new", root / "x.png")
-    worker_process(settings)
-    view = wait_for_job(job_id, timeout=60, settings=settings)
-    assert view.status is JobStatus.FAILED
-    assert view.error_class == "ResolutionFailed"
-    assert view.error is not None
-    assert "x.png was replaced or rewritten after the job was submitted" in view.error
+    assert reason in view.error
     assert view.attempts == 1
     assert view.http_status is None  # nothing reached the gateway
