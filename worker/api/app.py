@@ -22,7 +22,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
-from urllib.parse import unquote
+from urllib.parse import unquote, unquote_plus
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -289,13 +289,27 @@ class _SecretQuery(logging.Filter):
     """The access log's line without the value of a query parameter that may carry a secret: a ``webhook_url``
     (its token; it is stored encrypted, and must not be left in a log file in clear)."""
 
-    _VALUE = re.compile(r"((?:^|[?&])webhook_url=)[^&#]*", re.IGNORECASE)
+    HIDDEN = "webhook_url"  # the parameter whose value may hold a token
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args
         if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str) and "=" in args[2]:
-            record.args = (*args[:2], self._VALUE.sub(r"\1[redacted]", args[2]), *args[3:])
+            record.args = (*args[:2], self.redacted(args[2]), *args[3:])
         return True
+
+    @classmethod
+    def redacted(cls, target: str) -> str:
+        """``target`` (a path and query) with the value of each parameter the server reads as ``webhook_url``
+        blotted out: its name compared as the server decodes it (``webhook%5Furl`` is ``webhook_url`` too)."""
+        path, mark, query = target.partition("?")
+        if not mark:
+            return target
+        pairs = []
+        for pair in query.split("&"):
+            name, equals, _ = pair.partition("=")
+            secret = equals and unquote_plus(name).strip().lower() == cls.HIDDEN
+            pairs.append(f"{name}=[redacted]" if secret else pair)
+        return path + mark + "&".join(pairs)
 
 
 def create_app(
