@@ -155,6 +155,17 @@ def test_a_200_line_batch_from_upload_to_output_and_error_files(server: Server) 
     read = Counter(e.job_id for e in results)
     assert sorted(read.values()) == [1] * 200, read.most_common(3)
     assert {e.job_id for e in results if e.outcome == "failed"} == {line["response"]["request_id"] for line in errors}
+    # Once purged, every line of both files keeps its ids and says so (the error file kept a stripped response).
+    from datetime import timedelta
+
+    from qbgw.admin import purge_phi
+
+    purge_phi(older_than=timedelta(seconds=0), actor="retention", settings=server.settings)
+    for file_id, before in ((done.output_file_id, output), (done.error_file_id, errors)):
+        after = lines_of(client.files.content(file_id).text)
+        assert [(line["id"], line["custom_id"]) for line in after] == [(b["id"], b["custom_id"]) for b in before]
+        assert {line["error"]["code"] for line in after} == {"purged"}
+        assert all(line["response"] is None for line in after)
 
 
 def test_a_batch_cancelled_midway(server: Server) -> None:

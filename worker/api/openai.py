@@ -466,10 +466,12 @@ def _completion(result: BatchResult) -> dict[str, Any]:
 def _line(result: BatchResult, endpoint: str, expired: bool) -> dict[str, Any]:
     hexed = result.job_id.replace("-", "")
     line: dict[str, Any] = {"id": f"batch_req_{hexed}", "custom_id": result.custom_id, "response": None, "error": None}
-    if result.status is JobStatus.SUCCEEDED and result.answer is None:  # erased by qbgw purge
+    erased = result.purged or (result.status is JobStatus.SUCCEEDED and result.answer is None)
+    if erased and result.status is not JobStatus.CANCELLED:  # (a cancellation's reason holds no PHI: kept)
+        what = "answer" if result.status is JobStatus.SUCCEEDED else "error"
         line["error"] = {
             "code": "purged",
-            "message": "the answer was erased by qbgw purge (qbgw job " + result.job_id + ")",
+            "message": f"the {what} was erased by qbgw purge (qbgw job {result.job_id})",
         }
     elif result.status is JobStatus.SUCCEEDED:
         body: dict[str, Any] = _completion(result) if endpoint == compat.ENDPOINTS[0] else {"answer": result.answer}

@@ -59,6 +59,8 @@ class BatchResult:
     messages: list[dict[str, Any]] | None = None
     #: Whom the job is about, read with ``messages`` (PHI: for the line that submits it again), else None.
     subject: str | None = None
+    #: Its PHI (messages, answer, error text) was erased by ``qbgw purge``.
+    purged: bool = False
 
     @property
     def seconds(self) -> float | None:
@@ -168,6 +170,7 @@ def _result(session: Session, job: Job, with_messages: bool, expired: bool) -> B
         finished_at=job.finished_at,
         messages=messages,
         subject=subject,
+        purged=job.purged_at is not None,
     )
 
 

@@ -118,7 +118,8 @@ class Job(Base):
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     status: Mapped[str] = mapped_column(String(16), index=True)
     assistant_id: Mapped[str] = mapped_column(String(128))
-    #: JSON: {"messages": [...]} exactly as submitted (PHI, encrypted; NULL once purged).
+    #: JSON: {"messages": [...]} exactly as submitted, and {"files": {reference: [size, mtime_ns]}} when they name
+    #: local files (PHI, encrypted; NULL once purged).
     payload: Mapped[str | None] = mapped_column(Text)
     #: sha256 of the canonical payload: tells a replayed idempotency key from a reused one.
     payload_digest: Mapped[str] = mapped_column(String(64))
