@@ -194,18 +194,23 @@ def rotate_key(
     *,
     overlap: timedelta = timedelta(hours=24),
     expires_in: timedelta | None = None,
+    webhook_url: str | None = None,
     actor: str | None = None,
     settings: Settings | None = None,
 ) -> tuple[KeyRow, str]:
     """A new key for principal ``name`` in the same role; its active keys keep working for ``overlap``, then
-    expire. Returns the new key and its secret (shown only now).
+    expire. Returns the new key and its secret (shown only now). ``webhook_url``: the new key's default webhook
+    (``""``: none); None keeps the one it had.
 
     Raises:
-        InputError: the name has no active key to rotate.
+        InputError: the name has no active key to rotate; the webhook URL is not accepted.
         StoreUnavailable: the database cannot be reached.
     """
     _check_name(name)
     rt = runtime(settings)
+    hook = None
+    if webhook_url:
+        hook = validate_webhook_url(webhook_url, development=rt.settings.webhooks_development)
     now = utcnow()
     with rt.transaction() as session:
         active = [k for k in key_store.by_name(session, name) if k.state(now) == "active"]
@@ -219,7 +224,7 @@ def rotate_key(
             created_by=_operator(actor, rt.settings),
             now=now,
             expires_at=None if expires_in is None else now + expires_in,
-            webhook_url=key_store.webhook_url(session, active[-1].id),
+            webhook_url=key_store.webhook_url(session, active[-1].id) if webhook_url is None else hook,
         )
         record(
             session=session,

@@ -275,3 +275,58 @@ def test_an_openai_batch_asks_for_its_webhook_in_the_query(server: Server, recei
     assert "batch_" + event["data"]["id"].replace("-", "") == batch.id
     assert client.batches.retrieve(batch.id).metadata == {"ward": "4B"}
     assert sdk(server, "auditor").batches.retrieve(batch.id).metadata is None
+
+
+def test_slow_receivers_hold_at_most_half_of_a_worker_s_threads(
+    hooked: Settings, tmp_path: Path, worker_process: Callable[..., Any]
+) -> None:
+    """Four deliveries to a receiver that answers nothing until the test lets it, on a worker of two threads: one
+    thread delivers (the others wait their turn, deferred), the other runs a job at once; before, both threads
+    waited out the receiver's 15 s read timeout and the job waited with them."""
+    gate = threading.Event()
+    open_now, most_open = [0], [0]
+    lock = threading.Lock()
+    arrived: list[float] = []
+
+    class Slow(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            with lock:
+                open_now[0] += 1
+                most_open[0] = max(most_open[0], open_now[0])
+                arrived.append(time.time())
+            gate.wait(30)
+            with lock:
+                open_now[0] -= 1
+            self.send_response(204)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    slow = ThreadingHTTPServer(("127.0.0.1", free_port()), Slow)
+    threading.Thread(target=slow.serve_forever, daemon=True).start()
+    worker_process(hooked, concurrency=2)
+    server = start_server(hooked, tmp_path)
+    try:
+        url = f"http://127.0.0.1:{slow.server_address[1]}/hook"
+        for _ in range(4):
+            posted = server.client("sub").post("/v1/jobs", json={**JOB, "webhook_url": url})
+            assert posted.status_code == 202, posted.text
+        wait_until(lambda: bool(arrived), timeout=60)
+        job = server.client("sub").post("/v1/jobs", json=JOB).json()["id"]
+        view = server.client("sub").get(f"/v1/jobs/{job}", params={"wait": 30}).json()
+        assert view["status"] == "succeeded", view
+        finished = queries.get_job(job, settings=server.settings).finished_at
+        assert finished is not None
+        # Done while the first delivery still waited (well before its 15 s read timeout), and only one was open.
+        assert finished.timestamp() < arrived[0] + 10
+        assert most_open[0] == 1
+        gate.set()
+        wait_until(lambda: len(arrived) >= 4, timeout=60)  # the deferred ones are delivered in their turn
+        assert most_open[0] == 1
+    finally:
+        gate.set()
+        server.close()
+        slow.shutdown()
+        slow.server_close()

@@ -104,3 +104,29 @@ def test_the_cli_reports_a_bad_duration_in_one_line(settings: Settings) -> None:
     assert result.exit_code != 0
     assert "Traceback" not in result.output
     assert "--expires" in result.stderr
+
+
+def test_a_rotation_keeps_replaces_or_drops_the_key_s_default_webhook(settings: Settings) -> None:
+    from qbgw.runtime.locator import runtime
+    from qbgw.store import keys as key_store
+
+    def default_of(row: access.KeyRow) -> str | None:
+        with runtime(settings).transaction() as session:
+            return key_store.webhook_url(session, row.id)
+
+    dev = settings.with_(webhooks_development=True)
+    first, _ = access.create_key("hooked", "submitter", webhook_url="http://127.0.0.1:9/h", settings=dev)
+    kept, _ = access.rotate_key("hooked", settings=settings)
+    assert default_of(kept) == "http://127.0.0.1:9/h"
+    with pytest.raises(InputError, match="webhook_url: must be https://"):  # development is off now
+        access.rotate_key("hooked", webhook_url="http://127.0.0.1:9/h2", settings=settings)
+    replaced, _ = access.rotate_key("hooked", webhook_url="https://app.example/hook", settings=settings)
+    assert default_of(replaced) == "https://app.example/hook"
+    dropped, _ = access.rotate_key("hooked", webhook_url="", settings=settings)
+    assert default_of(dropped) is None
+    result = CliRunner().invoke(
+        cli, ["api-keys", "rotate", "--name", "hooked", "--webhook-url", "https://b.example/h"], env=settings.to_env()
+    )
+    assert result.exit_code == 0, result.output
+    assert default_of(access.list_keys(settings=settings)[-1]) == "https://b.example/h"
+    assert first.id != dropped.id

@@ -19,7 +19,7 @@ from qbgw.lifecycle import utcnow
 from qbgw.runtime.locator import runtime
 from qbgw.settings import Settings
 from qbgw.store import webhooks as store
-from qbgw.store.models import Job
+from qbgw.store.models import Job, WebhookDelivery
 from tests.conftest import ASSISTANT
 
 MESSAGES = [{"role": "user", "content": "x"}]
@@ -108,6 +108,32 @@ def test_an_attempt_that_outlived_its_lease_cannot_undo_a_newer_one(settings: Se
     assert (done, late) == ("delivered", store.SUPERSEDED)
     assert row is not None
     assert row.status == "delivered"
+
+
+def test_a_lease_that_ran_out_is_taken_over_without_waiting_the_sweep_grace_again(settings: Settings) -> None:
+    """A worker died mid-attempt: the delivery is due again once its lease (60 s) has run out, not 60 s after that
+    too (the grace a message gets to arrive applies to when the delivery was due, not to when its lease ends)."""
+    dev = settings.with_(webhooks_development=True)
+    delivery_id = _delivery(dev)
+    rt = runtime(dev)
+    grace = timedelta(seconds=60)
+    with rt.transaction() as session:
+        row = session.get(WebhookDelivery, delivery_id)
+        assert row is not None
+        row.next_attempt_at = utcnow() - timedelta(minutes=10)  # due long ago; its attempt began 61 s ago
+        row.lease_until = utcnow() - timedelta(seconds=1)
+    with rt.transaction() as session:
+        assert store.due(session, now=utcnow(), grace=grace) == [delivery_id]
+        row = session.get(WebhookDelivery, delivery_id)
+        assert row is not None
+        row.lease_until = utcnow() + timedelta(seconds=5)  # still held
+    with rt.transaction() as session:
+        assert store.due(session, now=utcnow(), grace=grace) == []
+        row = session.get(WebhookDelivery, delivery_id)
+        assert row is not None
+        row.lease_until, row.next_attempt_at = None, utcnow() - timedelta(seconds=10)  # due 10 s ago: its message
+    with rt.transaction() as session:  # may still be on its way
+        assert store.due(session, now=utcnow(), grace=grace) == []
 
 
 def test_a_dns_failure_is_tried_again_not_failed(settings: Settings) -> None:

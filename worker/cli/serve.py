@@ -96,14 +96,16 @@ def create(name: str, role: str, expires: str | None, webhook_url: str | None, a
 @click.option("--name", required=True, help="The principal whose key is replaced (same role).")
 @click.option("--overlap", default="24h", show_default=True, help="How long the old keys keep working.")
 @click.option("--expires", help="The new key's lifetime (default: no expiry).")
+@click.option("--webhook-url", help="The new key's default webhook (\"\" for none; default: the old key's).")
 @click.option("--actor", help="Who is rotating, for the audit trail.")
 @handled
-def rotate(name: str, overlap: str, expires: str | None, actor: str | None) -> None:
+def rotate(name: str, overlap: str, expires: str | None, webhook_url: str | None, actor: str | None) -> None:
     """A new key for the same principal; the old ones expire after --overlap. Prints the new key once."""
     row, secret = access.rotate_key(
         name,
         overlap=access.parse_duration(overlap, "--overlap"),
         expires_in=access.parse_duration(expires, "--expires") if expires else None,
+        webhook_url=webhook_url,
         actor=actor,
         settings=_settings(),
     )

@@ -49,6 +49,25 @@ CONNECT_TIMEOUT, READ_TIMEOUT = 5.0, 15.0
 TOTAL_TIMEOUT = 20.0
 #: Retries sooner than this are published with a countdown; later ones are left to the sweeper.
 COUNTDOWN_MAX = 60.0
+#: How long a delivery that found its process's delivery slots all taken waits before it is tried again.
+DEFERRED = 5.0
+_slots: dict[int, threading.BoundedSemaphore] = {}
+_slots_lock = threading.Lock()
+
+
+def delivery_slots(concurrency: int) -> int:
+    """How many deliveries one worker process attempts at once: half its threads (at least one), so that slow
+    receivers, each holding a thread for up to TOTAL_TIMEOUT, leave the other half to jobs."""
+    return max(1, concurrency // 2)
+
+
+def _slots_of(rt: Runtime) -> threading.BoundedSemaphore:
+    with _slots_lock:
+        found = _slots.get(id(rt))
+        if found is None:
+            threads = rt.settings.concurrency if rt.settings.pool == "threads" else 1  # a prefork child runs one
+            found = _slots[id(rt)] = threading.BoundedSemaphore(delivery_slots(threads))
+        return found
 
 
 def register(app: Celery) -> None:
@@ -81,7 +100,8 @@ def promote(rt: Runtime, *, job_ids: list[str] | None = None, publish_due: bool 
     if publish_due and job_ids is None:
         with rt.transaction() as session:
             # A delivery pending for a while that no attempt took: its message was lost, or it was never sent.
-            due += [d for d in store.due(session, now=utcnow() - timedelta(seconds=rt.settings.sweep_grace))]
+            grace = timedelta(seconds=rt.settings.sweep_grace)
+            due += [d for d in store.due(session, now=utcnow(), grace=grace)]
     published = []
     for delivery_id in dict.fromkeys(due):
         try:
@@ -117,7 +137,23 @@ def retry_delay(attempts: int, base: float) -> float:
 
 
 def deliver(rt: Runtime, delivery_id: str) -> str:
-    """One attempt at a delivery; returns its status after it ("skipped": not due, or another attempt holds it)."""
+    """One attempt at a delivery; returns its status after it ("skipped": not due, or another attempt holds it;
+    "deferred": this process already attempts :func:`delivery_slots` deliveries, so it is published again to be
+    tried in DEFERRED seconds, no attempt spent)."""
+    slots = _slots_of(rt)
+    if not slots.acquire(blocking=False):
+        try:
+            publish(rt, delivery_id, countdown=DEFERRED)
+        except Exception as exc:  # the broker is away: the sweeper publishes it when due
+            log.warning("webhook %s: could not publish it again (%s)", delivery_id, type(exc).__name__)
+        return "deferred"
+    try:
+        return _attempt(rt, delivery_id)
+    finally:
+        slots.release()
+
+
+def _attempt(rt: Runtime, delivery_id: str) -> str:
     now = utcnow()
     with rt.transaction() as session:
         leased = store.lease(session, delivery_id, now=now, hold=LEASE)

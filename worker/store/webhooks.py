@@ -198,13 +198,14 @@ def _make_pending(session: Session, delivery_id: str, event: str, body: str, now
     return bool(done.rowcount == 1)  # type: ignore[attr-defined]
 
 
-def due(session: Session, *, now: datetime, limit: int = 500) -> list[str]:
-    """Pending deliveries whose next attempt is due and that no attempt holds."""
+def due(session: Session, *, now: datetime, grace: timedelta = timedelta(0), limit: int = 500) -> list[str]:
+    """Pending deliveries whose next attempt was due ``grace`` ago (its message had that long to arrive) and
+    that no attempt holds now (a lease that ran out is not given the grace again)."""
     query = (
         select(WebhookDelivery.id)
         .where(
             WebhookDelivery.status == PENDING,
-            WebhookDelivery.next_attempt_at <= now,
+            WebhookDelivery.next_attempt_at <= now - grace,
             or_(WebhookDelivery.lease_until.is_(None), WebhookDelivery.lease_until < now),
         )
         .order_by(WebhookDelivery.next_attempt_at)
