@@ -330,3 +330,9 @@ def test_slow_receivers_hold_at_most_half_of_a_worker_s_threads(
         server.close()
         slow.shutdown()
         slow.server_close()
+
+
+def test_a_job_s_webhook_url_in_the_query_is_refused_not_ignored(server: Server, receiver: Receiver) -> None:
+    answer = server.client("sub").post("/v1/jobs", params={"webhook_url": receiver.url}, json=JOB)
+    assert answer.status_code == 422, answer.text
+    assert "webhook_url: a job's goes in its JSON body, not the query" in answer.json()["detail"]

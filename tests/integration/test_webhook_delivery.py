@@ -57,11 +57,28 @@ def test_a_receiver_that_drips_bytes_is_cut_at_the_total_timeout(monkeypatch: py
     port, stop = _drip_server()
     started = time.monotonic()
     try:
-        with pytest.raises(TimeoutError):
+        with pytest.raises(webhooks._TooLong):
             webhooks._send(urlsplit(f"http://127.0.0.1:{port}/h"), "127.0.0.1", port, b"{}", {})
     finally:
         stop.set()
     assert time.monotonic() - started < 3.0  # each byte came within the read timeout: only the watchdog ends it
+
+
+def test_a_receiver_that_never_answers_is_a_read_timeout_not_the_total_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+    from urllib.parse import urlsplit
+
+    monkeypatch.setattr(webhooks, "READ_TIMEOUT", 0.5)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)
+    port = silent.getsockname()[1]
+    try:
+        with pytest.raises(TimeoutError) as caught:
+            webhooks._send(urlsplit(f"http://127.0.0.1:{port}/h"), "127.0.0.1", port, b"{}", {})
+        assert not isinstance(caught.value, webhooks._TooLong)  # said as "no answer within 5 s ... 15 s to a read"
+    finally:
+        silent.close()
 
 
 def _key(settings: Settings, name: str = "web") -> None:

@@ -495,6 +495,8 @@ async def readyz(request: Request) -> Response:
 async def submit_job(request: Request) -> Response:
     """Queue a gateway job (the body of ``qbgw.submit``): 202 with its id and a Location to poll."""
     principal, _ = await who(request, "jobs.submit")
+    if "webhook_url" in request.query_params:  # a batch's place for it, not a job's: it would be ignored
+        raise errors.InputError("webhook_url: a job's goes in its JSON body, not the query (the query is a batch's)")
     ctx = _ctx(request)
     raw = await body_bytes(request, ctx.settings.max_request_bytes + 65536)
     idempotency = request.headers.get("idempotency-key")

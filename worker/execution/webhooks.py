@@ -245,16 +245,22 @@ def _post(
     except ResolutionFailed as exc:
         if "cannot resolve" in str(exc) or "resolves to no address" in str(exc):
             return None, f"DNS: {exc}"  # a resolver's bad moment: tried again later
-        return None, f"refused: {exc}"
+        return None, "refused: " + str(exc).replace("refused to fetch from", "refused to call")
     try:
         status = _send(parts, address, port, body, headers)
-    except TimeoutError:
-        return None, f"Timeout: no answer within {TOTAL_TIMEOUT:g} s"
+    except _TooLong:
+        return None, f"Timeout: the attempt took over {TOTAL_TIMEOUT:g} s"
+    except TimeoutError:  # a connect or a read that waited out its own timeout
+        return None, f"Timeout: no answer within {CONNECT_TIMEOUT:g} s to connect or {READ_TIMEOUT:g} s to a read"
     except (OSError, http.client.HTTPException) as exc:
         return None, f"{type(exc).__name__}: the receiver could not be reached"
     if 200 <= status < 300:
         return status, None
     return status, f"HTTP {status}"
+
+
+class _TooLong(TimeoutError):
+    """The watchdog ended an attempt at TOTAL_TIMEOUT (not a single read at its READ_TIMEOUT)."""
 
 
 def _send(parts: SplitResult, address: str, port: int, body: bytes, headers: dict[str, str]) -> int:
@@ -287,7 +293,7 @@ def _send(parts: SplitResult, address: str, port: int, body: bytes, headers: dic
         return int(answer.status)  # the body is not read: the status says it all
     except (OSError, http.client.HTTPException):
         if timed_out.is_set():
-            raise TimeoutError from None
+            raise _TooLong from None
         raise
     finally:
         watchdog.cancel()
