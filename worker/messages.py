@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from collections.abc import Collection, Iterable
 from typing import Any
 
@@ -163,8 +164,9 @@ def validate_webhook_url(value: object, *, development: bool = False, name: str 
     if port == 0:
         raise InvalidMessages(f"{name}: port 0 is not a port")
     _check_encodable(name, value)
-    if _CONTROL.search(value) or " " in value:
-        raise InvalidMessages(f"{name}: must not hold spaces or control characters (percent-encode them)")
+    invisible = not value.isascii() and any(unicodedata.category(c) in _INVISIBLE for c in value)
+    if _CONTROL.search(value) or " " in value or invisible:
+        raise InvalidMessages(f"{name}: must not hold spaces, control or invisible characters (percent-encode them)")
     try:  # the host as it is called: a name, an IPv4 or a bracketed IPv6 address (image URLs' rule)
         https_target("https://" + value.split("://", 1)[1])
     except InvalidImage as exc:
@@ -173,6 +175,8 @@ def validate_webhook_url(value: object, *, development: bool = False, name: str 
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: Unicode's format characters (a zero-width space), other spaces and separators: unseen in a URL as shown.
+_INVISIBLE = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
 
 
 def validate_key(name: str, value: object, *, most: int = MAX_KEY, controls: re.Pattern[str] = _CONTROL) -> str:

@@ -223,8 +223,8 @@ def test_webhook_urls_are_checked_at_submit_and_guarded_when_called(
         assert creds.json()["errors"][0]["field"] == "webhook_url"
         # a URL that could only fail when called is refused now, naming what is wrong
         for bad, says in (
-            ("https://exa mple.com/", "spaces or control characters"),
-            ("https://example.com/\n", "spaces or control characters"),
+            ("https://exa mple.com/", "spaces, control or invisible characters"),
+            ("https://example.com/\n", "spaces, control or invisible characters"),
             ("https://a..b/", "is not a host name"),
             ("https://-/", "is not a host name"),
             ("https://ex%00ample.com/", "is not a host name"),

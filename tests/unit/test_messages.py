@@ -217,3 +217,12 @@ def test_one_test_for_a_lone_surrogate_serves_every_way_in() -> None:
     with pytest.raises(InvalidMessages, match="body: holds a lone UTF-16 surrogate"):
         json_object(b'{"a": {"b": ["\\ud83d"]}}')
     assert json_object(b'{"a": "\\ud83d\\ude00"}') == {"a": "\U0001f600"}
+
+
+@pytest.mark.parametrize("invisible", ["\u200b", "\u00a0", "\u2028", "\ufeff"])
+def test_a_webhook_url_with_an_invisible_character_is_refused(invisible: str) -> None:
+    from qbgw.messages import validate_webhook_url
+
+    with pytest.raises(InvalidMessages, match="must not hold spaces, control or invisible characters"):
+        validate_webhook_url(f"https://example.com/hook{invisible}")
+    assert validate_webhook_url("https://example.com/h%C3%A9") == "https://example.com/h%C3%A9"

@@ -61,7 +61,7 @@ def test_a_purged_answer_is_an_error_line_not_an_empty_success() -> None:
     from qbgw.api.openai import _line
     from qbgw.lifecycle import JobStatus
 
-    purged = SimpleNamespace(job_id="j-1", custom_id="c-1", status=JobStatus.SUCCEEDED, answer=None)
+    purged = SimpleNamespace(job_id="j-1", custom_id="c-1", status=JobStatus.SUCCEEDED, answer=None, purged=True)
     line = _line(purged, "/v1/chat/completions", False)  # type: ignore[arg-type]
     assert line["response"] is None
     assert line["error"]["code"] == "purged"

@@ -66,6 +66,13 @@ def test_an_https_url_with_a_host_and_port_that_can_be_connected_to_passes(url: 
         ("https://:443/x.png", "an https URL needs a host"),
         ("https://user:pw@h.example/x.png", "must not carry credentials"),
         ("https://@h.example/x.png", "must not carry credentials"),
+        # A number for a host is an address, written as one: browsers read these as 127.0.0.1 and the like.
+        ("https://999.999.999.999/x.png", "is a number but not an IPv4 address"),
+        ("https://1.2.3.4.5/x.png", "is a number but not an IPv4 address"),
+        ("https://0x7f000001/x.png", "is a number but not an IPv4 address"),
+        ("https://2130706433/x.png", "is a number but not an IPv4 address"),
+        ("https://127.1/x.png", "is a number but not an IPv4 address"),
+        ("https://010.0.0.1/x.png", "is a number but not an IPv4 address"),
     ],
 )
 def test_an_https_url_whose_host_or_port_cannot_be_parsed_is_refused_at_submit(url: str, reason: str) -> None:
@@ -127,3 +134,8 @@ def test_a_data_uri_must_declare_jpeg_or_png_and_hold_what_it_declares(uri: str,
 )
 def test_a_data_uri_that_declares_what_it_holds_passes(uri: str) -> None:
     refs.check(uri, POLICY)
+
+
+@pytest.mark.parametrize("url", ["https://192.0.2.7/x.png", "https://192.0.2.7./x.png", "https://1e100.net/x.png"])
+def test_a_dotted_quad_and_a_name_with_digits_are_hosts(url: str) -> None:
+    refs.https_target(url)

@@ -187,7 +187,19 @@ def _check_host(host: str) -> str:
             f"the host {host[:64]!r} of an https URL is not a host name (letters, digits, - and _ in "
             "dot-separated labels), an IPv4 address or an [IPv6] address"
         )
+    last = name.rstrip(".").rsplit(".", 1)[-1]
+    if last.isdigit() or _HEX_NUMBER.fullmatch(last):  # no top-level domain is a number: it is an address
+        try:
+            ipaddress.IPv4Address(name.rstrip("."))
+        except ValueError:
+            raise InvalidImage(
+                f"the host {host[:64]!r} of an https URL is a number but not an IPv4 address (four numbers from 0 "
+                "to 255 joined by dots, as 192.0.2.7)"
+            ) from None
     return host
+
+
+_HEX_NUMBER = re.compile(r"0x[0-9a-f]*")
 
 
 def _port(text: str) -> int:
