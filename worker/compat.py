@@ -340,6 +340,9 @@ def list_batches(
     after_id = None if after is None else batch_id_of(after)
     rt = runtime(settings)
     with rt.transaction() as session:
-        rows = file_store.list_openai_batches(session, actor=owner, after=after_id, limit=limit)
+        try:
+            rows = file_store.list_openai_batches(session, actor=owner, after=after_id, limit=limit)
+        except BatchNotFound:
+            raise BatchNotFound(after or "") from None
         found = [(row.batch_id, _openai(session, row)) for row in rows]
     return [OpenAIBatchInfo(**{**info, "view": current(rt, batch_id)}) for batch_id, info in found]

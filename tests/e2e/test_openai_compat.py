@@ -408,3 +408,15 @@ def test_every_role_against_the_openai_endpoints(server: Server) -> None:
                 assert set(answer.json()["error"]) >= {"message", "type", "param", "code"}, answer.text
     assert seen == expected
     assert client.batches.retrieve(batch.id).status == "completed"
+
+
+def test_a_page_after_an_unknown_or_another_key_s_cursor_is_a_404_not_the_first_page(server: Server) -> None:
+    with sdk(server, "sub") as client, sdk(server, "sub2") as other:
+        mine = client.files.create(file=("a.jsonl", b'{"custom_id": "a"}\n'), purpose="batch")
+        theirs = other.files.create(file=("b.jsonl", b'{"custom_id": "b"}\n'), purpose="batch")
+        assert [f.id for f in client.files.list(after=mine.id).data] == []  # a known cursor: the page after it
+        for cursor in ("file-" + "0" * 24, theirs.id):
+            with pytest.raises(openai.NotFoundError):
+                client.files.list(after=cursor)
+        with pytest.raises(openai.NotFoundError):
+            client.batches.list(after="batch_" + "0" * 32)

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from ..audit import events as audit
 from ..audit.crypto import Keyring, aad_for
-from ..errors import FileNotFound
+from ..errors import BatchNotFound, FileNotFound
 from .jobs import KEYRING
 from .models import File, OpenAIBatch
 
@@ -115,6 +115,8 @@ def list_files(
         query = query.where(File.purpose == purpose)
     if after is not None:
         cursor = session.get(File, after)
+        if cursor is None or (actor is not None and cursor.actor != actor):  # a page after nothing is no page
+            raise FileNotFound(after)
         if cursor is not None:
             if newest_first:
                 query = query.where(
@@ -215,6 +217,8 @@ def list_openai_batches(session: Session, *, actor: str | None, after: str | Non
         query = query.where(OpenAIBatch.actor == actor)
     if after is not None:
         cursor = session.get(OpenAIBatch, after)
+        if cursor is None or (actor is not None and cursor.actor != actor):  # a page after nothing is no page
+            raise BatchNotFound(after)
         if cursor is not None:
             query = query.where(
                 (OpenAIBatch.created_at < cursor.created_at)
