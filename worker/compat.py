@@ -278,12 +278,15 @@ def create_batch(
         None if webhook_url is None else validate_webhook_url(webhook_url, development=rt.settings.webhooks_development)
     )
     with rt.transaction() as session:
-        row = _find(session, input_file_id, owner)
+        try:
+            row = _find(session, input_file_id, owner)
+        except FileNotFound:
+            raise FileNotFound(str(input_file_id)[:64], "input_file_id") from None
         if row.purpose != "batch":
             raise InputError(f"input_file_id: {input_file_id} has purpose {row.purpose!r}; upload it with 'batch'")
         text = file_store.read_content(session, row, reader=actor, via="batches.create")
     if text is None:
-        raise FileNotFound(input_file_id)
+        raise FileNotFound(input_file_id, "input_file_id")
     parsed = batch_input.parse_lines(
         batch_input.split_lines(text), default_assistant=None, policy=policy(rt.settings), endpoint=endpoint
     )
@@ -343,6 +346,6 @@ def list_batches(
         try:
             rows = file_store.list_openai_batches(session, actor=owner, after=after_id, limit=limit)
         except BatchNotFound:
-            raise BatchNotFound(after or "") from None
+            raise BatchNotFound(after or "", "after") from None
         found = [(row.batch_id, _openai(session, row)) for row in rows]
     return [OpenAIBatchInfo(**{**info, "view": current(rt, batch_id)}) for batch_id, info in found]

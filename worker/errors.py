@@ -150,19 +150,19 @@ class JobNotFound(QbgwError, LookupError):
 
 
 class FileNotFound(QbgwError, LookupError):
-    """No file has the given id (or it is another principal's)."""
+    """No file has the given id (or it is another principal's). ``param``: the field that named it."""
 
-    def __init__(self, file_id: str) -> None:
+    def __init__(self, file_id: str, param: str = "file_id") -> None:
         super().__init__(file_id)
-        self.file_id = file_id
+        self.file_id, self.param = file_id, param
 
 
 class BatchNotFound(QbgwError, LookupError):
-    """No batch has the given id."""
+    """No batch has the given id. ``param``: the field that named it."""
 
-    def __init__(self, batch_id: str) -> None:
+    def __init__(self, batch_id: str, param: str = "batch_id") -> None:
         super().__init__(batch_id)
-        self.batch_id = batch_id
+        self.batch_id, self.param = batch_id, param
 
     def __str__(self) -> str:
         return f"no such batch: {self.batch_id}"

@@ -416,7 +416,15 @@ def test_a_page_after_an_unknown_or_another_key_s_cursor_is_a_404_not_the_first_
         theirs = other.files.create(file=("b.jsonl", b'{"custom_id": "b"}\n'), purpose="batch")
         assert [f.id for f in client.files.list(after=mine.id).data] == []  # a known cursor: the page after it
         for cursor in ("file-" + "0" * 24, theirs.id):
-            with pytest.raises(openai.NotFoundError):
+            with pytest.raises(openai.NotFoundError) as unknown:
                 client.files.list(after=cursor)
-        with pytest.raises(openai.NotFoundError):
+            assert unknown.value.param == "after"
+        with pytest.raises(openai.NotFoundError) as unknown:
             client.batches.list(after="batch_" + "0" * 32)
+        assert unknown.value.param == "after"
+        with pytest.raises(openai.NotFoundError) as unknown:  # the field that named it
+            client.batches.create(input_file_id=theirs.id, endpoint="/v1/chat/completions", completion_window="24h")
+        assert unknown.value.param == "input_file_id"
+    no_purpose = server.client("sub").post("/v1/files", files={"file": ("c.jsonl", b"{}\n")})
+    assert no_purpose.status_code == 400, no_purpose.text
+    assert no_purpose.json()["error"]["message"].startswith("purpose: required")

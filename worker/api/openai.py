@@ -160,9 +160,9 @@ def _from_error(exc: errors.QbgwError) -> OpenAIError:
         code = "unsupported_parameter" if "not supported by the gateway" in str(exc) else "invalid_value"
         return OpenAIError(400, str(exc), param=param, code=code)
     if isinstance(exc, errors.FileNotFound):
-        return OpenAIError(404, f"No such File object: {exc.file_id}", param="file_id", code="not_found")
+        return OpenAIError(404, f"No such File object: {exc.file_id}", param=exc.param, code="not_found")
     if isinstance(exc, errors.BatchNotFound):
-        return OpenAIError(404, f"No such Batch object: {exc.batch_id}", param="batch_id", code="not_found")
+        return OpenAIError(404, f"No such Batch object: {exc.batch_id}", param=exc.param, code="not_found")
     if isinstance(exc, errors.JobStateConflict):
         return OpenAIError(409, str(exc), code="state_conflict")
     answer = from_error(exc)  # 5xx: the same words (and logging) as qbgw's own endpoints
@@ -299,7 +299,9 @@ def _upload(handed: list[dict[str, tuple[str | None, bytes]]], actor: str, setti
     unknown = sorted(set(parts) - {"file", "purpose"})
     if unknown:  # expires_after and the like: refused by name, never dropped
         raise errors.InputError(f"{unknown[0]}: not supported; a file upload has the parts file and purpose")
-    purpose = parts.get("purpose", (None, b""))[1].decode("utf-8", "replace")
+    if "purpose" not in parts:
+        raise errors.InputError("purpose: required, the part saying what the file is for: batch")
+    purpose = parts["purpose"][1].decode("utf-8", "replace")
     filename = parts["file"][0]
     content = [parts.pop("file")[1]]  # (the list holds the only reference)
     del parts

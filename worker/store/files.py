@@ -116,7 +116,7 @@ def list_files(
     if after is not None:
         cursor = session.get(File, after)
         if cursor is None or (actor is not None and cursor.actor != actor):  # a page after nothing is no page
-            raise FileNotFound(after)
+            raise FileNotFound(after, "after")
         if cursor is not None:
             if newest_first:
                 query = query.where(
