@@ -228,6 +228,13 @@ def test_a_chat_completion_with_an_image_and_the_job_in_a_header(server: Server)
         )
     assert failed.value.response.headers["x-should-retry"] == "false"
     assert failed.value.response.headers["x-qbgw-job-id"]
+    # The gateway's 405 (its AI feature is off) is no method of this endpoint: a 502 that says what came back.
+    with pytest.raises(openai.InternalServerError) as off:
+        client.chat.completions.create(
+            model=ASSISTANT, messages=[{"role": "user", "content": "[[emulator:fail=405]] hi"}]
+        )
+    assert off.value.status_code == 502
+    assert "Allow" not in off.value.response.headers
 
 
 @pytest.mark.parametrize(

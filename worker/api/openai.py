@@ -746,7 +746,8 @@ async def chat_completions(request: Request) -> Response:
         raise OpenAIError(409, "the job was cancelled before it was answered", code="cancelled", headers=final)
     upstream = view.http_status
     raise OpenAIError(
-        upstream if upstream is not None and 400 <= upstream < 500 and upstream not in (401, 403, 429) else 502,
+        # (a gateway's 405 says its AI feature is off: no method of this endpoint is wrong, so no Allow to give)
+        upstream if upstream is not None and 400 <= upstream < 500 and upstream not in (401, 403, 405, 429) else 502,
         f"the gateway did not answer: {view.error_class}: {view.error}",
         code=view.error_class,
         headers=final,
