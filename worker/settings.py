@@ -7,10 +7,12 @@ data directory, so ``qbgw`` runs with no server installed.
 from __future__ import annotations
 
 import ast
+import base64
 import inspect
 import ipaddress
 import math
 import os
+import re
 import textwrap
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields, replace
@@ -95,6 +97,11 @@ GEVENT_REFUSED = (
 
 #: URLs redis-py connects to (``unix://``: a Redis socket).
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+#: The brokers a Celery app here can use (kombu's names): Redis, RabbitMQ, the embedded filesystem one, and
+#: kombu's in-process one (``qbgw.testing.harness``).
+BROKER_SCHEMES = ("redis", "rediss", "unix", "amqp", "amqps", "pyamqp", "filesystem", "memory")
+#: The largest number any setting may hold (ints fit a database integer, and seconds or days a timedelta).
+MAX_NUMBER = 999_999_999
 
 #: Settings that mean a budget for the whole fleet (refused where the workers share no state).
 _SHARED_BY_THE_FLEET = ("rate_limit", "rate_limit_per_assistant", "rate_limit_assistants")
@@ -202,7 +209,8 @@ class Settings:
     """QBGW_DATABASE_URL goes through a pooler in transaction mode (PgBouncer `pool_mode = transaction`): psycopg then
     prepares no statement on the server (they would be missing on the next transaction's server connection)."""
     broker_url: str = ""
-    """Celery broker URL; empty means the filesystem broker under `{data_dir}/broker`."""
+    """Celery broker URL: Redis (`redis://`, `rediss://`, `unix://`) or RabbitMQ (`amqp://`, `amqps://`, `pyamqp://`);
+    empty means the filesystem broker under `{data_dir}/broker`."""
     redis_url: str = ""
     """The Redis every worker shares the rate limit, the cooldown after a 429 and the QuickBlox session in; empty: the
     broker when it is Redis. Required with any other broker (RabbitMQ) when a rate limit or a session is set."""
@@ -251,7 +259,8 @@ class Settings:
     batch_queue: str = ""
     """Batch jobs wait here; workers take interactive jobs first (empty: "<queue>-batch")."""
     actor: str = ""
-    """Who a producer is in the audit trail when the caller names nobody (at most 128 characters, no controls)."""
+    """Who a producer is in the audit trail when the caller names nobody (at most 128 characters, no controls, not
+    only spaces)."""
     assistant_id: str = ""
     """The smart_chat_assistant_id `qbgw submit` uses when none is given."""
     # --- Encryption and the audit trail ---
@@ -260,7 +269,8 @@ class Settings:
     keyring_file: str = ""
     """The keyring file (rotated by `qbgw keys rotate`); empty: keyring.json in the data directory."""
     anchor_key: Secret = field(default_factory=lambda: Secret(""))
-    """Signs the audit chain's anchors (HMAC-SHA256); empty: a key generated in the data directory."""
+    """Signs the audit chain's anchors (HMAC-SHA256; at least 32 characters); empty: a key generated in the data
+    directory."""
     subject_key: Secret = field(default_factory=lambda: Secret(""))
     """Keys the blind index of a job's subject (HMAC-SHA256; at least 32 characters, not the PHI key); empty: a key
     generated in the data directory (embedded default only: PostgreSQL needs it set)."""
@@ -474,6 +484,52 @@ class Settings:
             )
         if len(self.actor) > 128 or any(ord(c) < 32 or 127 <= ord(c) < 160 for c in self.actor):
             raise ConfigError(f"{PREFIX}ACTOR must be at most 128 characters, without control characters")
+        if self.actor and not self.actor.strip():  # an audit event's "who" that shows nothing
+            raise ConfigError(f"{PREFIX}ACTOR must not be only whitespace (leave it empty for the default)")
+        if self.anchor_key and len(self.anchor_key.reveal().strip()) < MIN_SUBJECT_KEY_CHARS:
+            raise ConfigError(
+                f"{PREFIX}ANCHOR_KEY: must be at least {MIN_SUBJECT_KEY_CHARS} characters (e.g. openssl rand -hex 32): "
+                "it signs the audit chain's anchors"
+            )
+        if self.subject_key and self.subject_key.reveal().strip() in self._phi_key_spellings():
+            raise ConfigError(
+                f"{PREFIX}SUBJECT_KEY must not be the PHI key ({PREFIX}ENCRYPTION_KEYS) in any spelling: a key of "
+                "its own, so that one leaked key does not give both"
+            )
+        if self.batch_queue and self.batch_queue == self.queue:
+            raise ConfigError(
+                f"{PREFIX}BATCH_QUEUE must differ from {PREFIX}QUEUE ({self.queue!r}): batches wait behind interactive "
+                "jobs only in a queue of their own"
+            )
+        if self.rate_cooldown > self.rate_cooldown_max:
+            raise ConfigError(
+                f"{PREFIX}RATE_COOLDOWN ({self.rate_cooldown:g}s) must be at most {PREFIX}RATE_COOLDOWN_MAX "
+                f"({self.rate_cooldown_max:g}s)"
+            )
+        scheme = self.broker_url.partition("://")[0].lower() if "://" in self.broker_url else ""
+        if self.broker_url and scheme not in BROKER_SCHEMES:
+            raise ConfigError(
+                f"{PREFIX}BROKER_URL must be a Redis or RabbitMQ URL ({', '.join(s + '://' for s in BROKER_SCHEMES)}), "
+                f"or empty for the embedded broker; got {_describe(self.broker_url)}"
+            )
+        if self.data_dir.exists() and not self.data_dir.is_dir():
+            raise ConfigError(f"{PREFIX}DATA_DIR ({self.data_dir}) is a file; it must be a directory (made if missing)")
+
+    def _phi_key_spellings(self) -> set[str]:
+        """QBGW_ENCRYPTION_KEYS whole, and each of its keys as written (base64), decoded as hex, and as it was."""
+        raw = self.encryption_keys.reveal().strip()
+        spellings = {raw} if raw else set()
+        for part in raw.split(","):
+            written = part.partition(":")[2].strip()
+            if not written:
+                continue
+            spellings.add(written)
+            try:
+                decoded = base64.b64decode(written, validate=True)
+            except ValueError:
+                continue
+            spellings.update({decoded.hex(), decoded.hex().upper()})
+        return spellings
 
     def _check_types(self) -> None:
         """A value of another type than its field's (``Settings(max_attempts="3")``) is refused by name, not met
@@ -491,6 +547,14 @@ class Settings:
                 )
 
     def _check_ranges(self) -> None:
+        for f in fields(self):  # bounds every number shares: a database column, a timedelta, a sleep can take it
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{PREFIX}{f.name.upper()} must be a finite number; got {value!r}")
+            if abs(value) > MAX_NUMBER:
+                raise ConfigError(f"{PREFIX}{f.name.upper()} must be at most {MAX_NUMBER:,}; got {value:g}")
         for names, least, above, words in _RANGES:
             for name in names:
                 value = getattr(self, name)
@@ -707,6 +771,9 @@ def prometheus_multiproc_dir() -> Path | None:
     return Path(value) if value else None
 
 
+_ASSISTANT = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+
+
 def parse_assistant_rates(raw: str) -> Mapping[str, float]:
     """``"id1=10,id2=2.5"`` → {id: calls per second}. Raises ValueError naming the bad entry."""
     rates: dict[str, float] = {}
@@ -718,6 +785,10 @@ def parse_assistant_rates(raw: str) -> Mapping[str, float]:
             rate = -1.0
         if rate < 0 or not math.isfinite(rate):
             raise ValueError(f"{entry!r} is not ASSISTANT_ID=CALLS_PER_SECOND (a number >= 0)")
+        if not _ASSISTANT.fullmatch(name.strip()):
+            raise ValueError(f"{name.strip()[:64]!r} is not an assistant id (letters, digits, _ . : -)")
+        if name.strip() in rates:
+            raise ValueError(f"{name.strip()!r} is given twice")
         rates[name.strip()] = rate
     return rates
 
@@ -746,18 +817,27 @@ def _parse(name: str, raw: str, kind: Any) -> Any:
             if not url:  # not the empty default (SQLite, the filesystem broker) by a mistake in a file
                 raise ConfigError(f"{var}: secret file {raw[1:]} is empty; it must hold the URL")
             return url
-        if kind == "float":
-            value = float(raw)
-            if not math.isfinite(value):
-                raise ValueError(raw)
-            return value
-        if kind == "int":
-            return int(raw)
+        if kind in ("float", "int"):
+            return _number(raw, kind)
         if kind == "bool":
             return _bool(var, raw)
     except ValueError:
         raise ConfigError(f"{var} must be {'an' if kind == 'int' else 'a'} {kind}; got {raw!r}") from None
     return raw
+
+
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def _number(raw: str, kind: str) -> int | float:
+    """An int or a float as people write one in ASCII (not Python's "5_0", full-width digits, inf or nan)."""
+    if not (_INTEGER if kind == "int" else _DECIMAL).fullmatch(raw.strip()):
+        raise ValueError(raw)
+    value = int(raw) if kind == "int" else float(raw)
+    if not math.isfinite(value):  # 1e999
+        raise ValueError(raw)
+    return value
 
 
 def _bool(var: str, raw: str) -> bool:

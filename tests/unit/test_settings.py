@@ -239,3 +239,48 @@ def test_the_repr_blots_out_every_password() -> None:
     assert "postgresql+psycopg://qbgw:***@db:5432/qbgw" in shown
     assert shown.startswith("Settings(")
     assert "max_attempts=" in shown
+
+
+KEY = "k1:" + "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE="
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"QBGW_MAX_ATTEMPTS": "3000000000"}, "QBGW_MAX_ATTEMPTS must be at most 999,999,999"),
+        ({"QBGW_SWEEP_GRACE": "1e300"}, "QBGW_SWEEP_GRACE must be at most 999,999,999"),
+        ({"QBGW_AUDIT_RETENTION_DAYS": "9999999999"}, "QBGW_AUDIT_RETENTION_DAYS must be at most"),
+        ({"QBGW_MAX_ATTEMPTS": "5_0"}, "QBGW_MAX_ATTEMPTS must be an int"),
+        ({"QBGW_MAX_ATTEMPTS": "\uff10\uff15"}, "QBGW_MAX_ATTEMPTS must be an int"),
+        ({"QBGW_READ_TIMEOUT": "1_0"}, "QBGW_READ_TIMEOUT must be a float"),
+        ({"QBGW_READ_TIMEOUT": "1e999"}, "QBGW_READ_TIMEOUT must be a float"),
+        ({"QBGW_ACTOR": "   "}, "QBGW_ACTOR must not be only whitespace"),
+        ({"QBGW_ANCHOR_KEY": "x"}, "QBGW_ANCHOR_KEY: must be at least 32 characters"),
+        ({"QBGW_ENCRYPTION_KEYS": KEY, "QBGW_SUBJECT_KEY": KEY}, "QBGW_SUBJECT_KEY must not be the PHI key"),
+        ({"QBGW_ENCRYPTION_KEYS": KEY, "QBGW_SUBJECT_KEY": KEY[3:]}, "QBGW_SUBJECT_KEY must not be the PHI key"),
+        ({"QBGW_ENCRYPTION_KEYS": KEY, "QBGW_SUBJECT_KEY": "01" * 32}, "QBGW_SUBJECT_KEY must not be the PHI key"),
+        ({"QBGW_QUEUE": "q", "QBGW_BATCH_QUEUE": "q"}, "QBGW_BATCH_QUEUE must differ from QBGW_QUEUE"),
+        ({"QBGW_RATE_COOLDOWN": "90", "QBGW_RATE_COOLDOWN_MAX": "60"}, "QBGW_RATE_COOLDOWN (90s) must be at most"),
+        ({"QBGW_BROKER_URL": "foo://bar"}, "QBGW_BROKER_URL must be a Redis or RabbitMQ URL"),
+        ({"QBGW_BROKER_URL": "localhost:6379"}, "QBGW_BROKER_URL must be a Redis or RabbitMQ URL"),
+        ({"QBGW_RATE_LIMIT_ASSISTANTS": "abc=1,abc=2"}, "'abc' is given twice"),
+        ({"QBGW_RATE_LIMIT_ASSISTANTS": "bad id!=5"}, "is not an assistant id"),
+    ],
+)
+def test_values_a_process_would_meet_later_as_a_crash_are_refused_at_start(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env(env)
+    assert message in str(caught.value)
+
+
+def test_numbers_in_code_must_be_finite_and_the_data_dir_a_directory(tmp_path: Path) -> None:
+    import math
+
+    for value in (math.nan, math.inf):
+        with pytest.raises(ConfigError, match="QBGW_READ_TIMEOUT must be a finite number"):
+            Settings(read_timeout=value)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match="QBGW_DATA_DIR .* is a file"):
+        Settings(data_dir=tmp_path / "afile")
+    assert Settings(broker_url="amqp://guest:guest@127.0.0.1:5672//", redis_url="redis://x/0").broker_url
+    assert Settings(rate_limit_assistants="a.1:x-y=2, b=0").assistant_rates == {"a.1:x-y": 2.0, "b": 0.0}
