@@ -194,6 +194,40 @@ def test_a_broker_outage_keeps_the_job_and_says_the_sweeper_will_dispatch_it(set
     assert len(broker_files(settings)) == 1
 
 
+@pytest.mark.timeout(120)
+def test_a_broker_that_accepts_and_never_answers_is_an_outage_not_a_hang(settings: Settings) -> None:
+    """A Redis that takes the connection and says nothing (hung, or another service's port): the publish waited
+    for ever, and so did the web handler that called submit. It is an outage now, within the timeouts."""
+    import socket
+    import threading
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        silent.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(silent.accept()[0])
+            except OSError:
+                continue
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        hung = settings.with_(broker_url=f"redis://127.0.0.1:{silent.getsockname()[1]}/0")
+        with pytest.raises(NotAnnounced, match="is stored, but the broker could not be told"):
+            producer.submit(ASSISTANT, MESSAGES, settings=hung)
+        assert held  # it did connect: the silence, not a refusal, was met
+    finally:
+        stop.set()
+        for connection in held:
+            connection.close()
+        silent.close()
+
+
 def test_with_require_broker_an_unreachable_broker_stores_nothing(settings: Settings) -> None:
     down = settings.with_(broker_url="redis://127.0.0.1:1/0")
     with pytest.raises(BrokerUnavailable, match="broker redis://127.0.0.1:1/0 unreachable"):

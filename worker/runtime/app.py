@@ -117,6 +117,9 @@ def _transport_options(settings: Settings) -> dict[str, Any]:
     return {
         "visibility_timeout": settings.visibility_timeout,
         "socket_connect_timeout": settings.connect_timeout,
+        # A Redis that accepts the connection and then says nothing (hung, or a wrong port's listener) held a
+        # publish, and `qbgw health`, for ever: no reply within this is an error (a consumer's BRPOP blocks 1 s).
+        "socket_timeout": max(settings.connect_timeout, 2.0),
         "queue_order_strategy": "priority",
     }
 
