@@ -284,7 +284,16 @@ def test_keys_and_purge_commands(env: dict[str, str], embedded_settings: Setting
     assert qbgw(env, "keys", "status").stdout.split() == ["ktest", "2"]  # payload and answer
     assert qbgw(env, "purge", "--older-than", "soon").exit_code == 2
     assert qbgw(env, "purge", "--older-than", "²d").exit_code == 2  # a Unicode digit: no traceback
-    assert qbgw(env, "purge", "--older-than", "0s").stdout.strip() == "purged the PHI of 1 job(s) and file(s)"
+    assert qbgw(env, "purge", "--older-than", "1000000000d").exit_code == 2  # past a hundred years: no traceback
+    unconfirmed = qbgw(env, "purge", "--older-than", "0s")  # today's answers too: only when said so
+    assert unconfirmed.exit_code == 2
+    assert "pass --yes" in unconfirmed.stderr
+    assert qbgw(env, "keys", "status").stdout.split() == ["ktest", "2"]  # nothing was erased
+    confirmed = qbgw(env, "purge", "--older-than", "0s", "--yes")
+    assert confirmed.stdout.strip() == "purged the PHI of 1 job(s) and file(s)"
+    for bad in (["sweep", "--every", "0"], ["sweep", "--every", "-1"], ["sweep", "--grace", "-5"]):
+        assert qbgw(env, *bad).exit_code == 2, bad  # a busy loop, a traceback after one sweep, a grace before now
+    assert qbgw(env, "worker", "-l", "bogus").exit_code == 2
     purged = qbgw(env, "result", job_id)  # no answer to print: said so, not an empty line and exit 0
     assert purged.exit_code == EXIT["job_failed"]
     assert purged.stdout == ""

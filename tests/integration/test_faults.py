@@ -264,3 +264,29 @@ def test_deliveries_that_come_before_the_jobs_time_do_not_count_its_fault_again(
     assert status in ("queued", "retrying")
     errors = [e for e in job_events(job_id, settings=slow) if e.action == "attempt.error"]
     assert len(errors) == 1
+
+
+def test_a_failed_job_whose_reason_cannot_be_read_does_not_hide_the_others(settings: Settings) -> None:
+    from sqlalchemy import update
+
+    from qbgw.queries import failed_jobs
+    from qbgw.store.models import Job
+
+    first, second = (
+        producer.submit(ASSISTANT, [{"role": "user", "content": f"{n} [[emulator:fail=422]]"}], settings=settings)
+        for n in ("one", "two")
+    )
+    for job_id in (first, second):
+        run_attempt(runtime(settings), job_id)
+    with runtime(settings).transaction() as session:  # the first's reason sealed for another row: unreadable
+        moved = session.get(Job, second)
+        assert moved is not None
+        session.execute(update(Job).where(Job.id == first).values(error=moved.error))
+    listed = {view.id: view for view in failed_jobs(reader="ops", settings=settings)}
+    assert set(listed) == {first, second}
+    assert (listed[first].error or "").startswith("(unreadable here: ")
+    assert listed[first].error_class == "UpstreamRejected"
+    assert "gateway answered HTTP 422" in (listed[second].error or "")
+    reads = [e.job_id for e in job_events(second, include_reads=True, settings=settings) if e.action == "result.read"]
+    assert reads == [second]
+    assert not [e for e in job_events(first, include_reads=True, settings=settings) if e.action == "result.read"]

@@ -46,7 +46,14 @@ def _age(value: str) -> timedelta:
     units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
     if len(value) < 2 or value[-1] not in units or not (value[:-1].isascii() and value[:-1].isdigit()):
         raise click.BadParameter(f"{value!r} is not an age like 30d, 12h, 90m or 3600s")
-    return timedelta(seconds=int(value[:-1]) * units[value[-1]])
+    seconds = int(value[:-1]) * units[value[-1]]
+    if seconds > MAX_AGE.total_seconds():
+        raise click.BadParameter(f"{value!r} is longer than {MAX_AGE.days} days; give an age up to that")
+    return timedelta(seconds=seconds)
+
+
+#: The longest age an option takes (a hundred years: past it, a date is before any record).
+MAX_AGE = timedelta(days=36500)
 
 
 @click.group(invoke_without_command=True)
@@ -220,14 +227,22 @@ def keys_status() -> None:
 
 @click.command()
 @click.option("--older-than", "older", required=True, help="Age of finished jobs to purge: 30d, 12h, ...")
+@click.option("--yes", is_flag=True, help="Confirm an age under a day (it erases what was answered today).")
 @click.option("--actor", help="Who is purging, for the audit trail.")
 @handled
-def purge(older: str, actor: str | None) -> None:
+def purge(older: str, yes: bool, actor: str | None) -> None:
     """Erase the PHI (messages, answers, error texts) of finished jobs older than an age, and uploaded files.
 
-    Job status, timestamps and the audit trail are kept, and the chain still verifies.
+    Job status, timestamps and the audit trail are kept, and the chain still verifies. An age under a day
+    (0d erases every finished job's PHI) needs --yes.
     """
-    count = purge_phi(older_than=_age(older), actor=actor or "operator", settings=load_settings())
+    age = _age(older)
+    if age < timedelta(days=1) and not yes:
+        raise click.UsageError(
+            f"--older-than {older} erases the PHI of jobs finished less than a day ago, answers not yet read "
+            "included; pass --yes to do that"
+        )
+    count = purge_phi(older_than=age, actor=actor or "operator", settings=load_settings())
     click.echo(f"purged the PHI of {count} job(s) and file(s)")
 
 

@@ -168,7 +168,13 @@ def events(job_id: str, reads: bool, reader: str | None) -> None:
 @cli.command()
 @click.option("--concurrency", "-c", type=int, default=None, help="Threads per process (QBGW_CONCURRENCY).")
 @click.option("--pool", type=click.Choice(["threads", "prefork", "solo", "gevent"]), default=None)
-@click.option("--loglevel", "-l", default="INFO", show_default=True)
+@click.option(
+    "--loglevel",
+    "-l",
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], case_sensitive=False),
+    default="INFO",
+    show_default=True,
+)
 @logged
 def worker(concurrency: int | None, pool: str | None, loglevel: str) -> None:
     """Run a worker: take jobs from the broker and call the gateway.
@@ -184,8 +190,15 @@ def worker(concurrency: int | None, pool: str | None, loglevel: str) -> None:
 
 
 @cli.command()
-@click.option("--grace", type=float, default=None, help="Seconds a message may be late before it counts as lost.")
-@click.option("--every", type=float, default=None, help="Sweep every this many seconds until stopped.")
+@click.option(
+    "--grace",
+    type=click.FloatRange(0, 86400),
+    default=None,
+    help="Seconds a message may be late before it counts as lost.",
+)
+@click.option(
+    "--every", type=click.FloatRange(0.1, 86400), default=None, help="Sweep every this many seconds until stopped."
+)
 @handled
 def sweep(grace: float | None, every: float | None) -> None:
     """Recover jobs of dead workers, dispatch lost or due ones, expire overdue batches; prints what it did.
@@ -229,7 +242,10 @@ def failed(limit: int, as_json: bool, reader: str | None) -> None:
             click.echo(json.dumps(view.as_dict(), ensure_ascii=False))
         else:
             when = view.finished_at.isoformat(timespec="seconds") if view.finished_at else "-"
-            click.echo(f"{view.id}  {when}  attempts={view.attempts}  {view.error_class}: {view.error}")
+            reason = view.error if view.error is not None else "(its text was erased by qbgw purge)"
+            if view.error_class and not reason.startswith(f"{view.error_class}:"):  # (no "X: X: ...")
+                reason = f"{view.error_class}: {reason}"
+            click.echo(f"{view.id}  {when}  attempts={view.attempts}  {reason}")
 
 
 @cli.command()
