@@ -335,3 +335,11 @@ def test_health_with_an_unusable_database_url_is_a_configuration_error(env: dict
     result = qbgw({**env, "QBGW_DATABASE_URL": "foo://bar"}, "health")
     assert result.exit_code == EXIT["config"], result.stdout + result.stderr
     assert "foo://bar" in result.stderr
+
+
+@pytest.mark.parametrize("keys", ["garbage", "k1:notbase64!!", "k1:" + "QUFB" * 4])
+def test_health_with_a_malformed_encryption_key_is_a_configuration_error(env: dict[str, str], keys: str) -> None:
+    result = qbgw({**env, "QBGW_ENCRYPTION_KEYS": keys}, "health", "--skip", "upstream")
+    assert result.exit_code == EXIT["config"], result.stdout + result.stderr  # as submit and worker say: 7, not 10
+    assert "FAIL keys" in result.stdout
+    assert "QBGW_ENCRYPTION_KEYS" in result.stdout

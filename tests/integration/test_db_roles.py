@@ -213,10 +213,21 @@ def test_create_role_needs_createrole_and_never_shows_the_password(pg: PgDatabas
             assert stored.startswith("SCRAM-SHA-256$")
             assert password not in stored
             assert roles.privileges(db, role) == {table: set(allowed) for table, allowed in roles.TABLES.items()}
+        assert "created without a password" not in made.stderr
+        bare = f"{role}_bare"
+        unset = runner.invoke(
+            cli,
+            ["db", "roles", "--app-role", bare, "--create-role"],
+            env={**env, "QBGW_DATABASE_URL": pg.admin, "QBGW_APP_ROLE_PASSWORD": ""},
+        )
+        assert unset.exit_code == 0, unset.output
+        assert f"role {bare} was created without a password" in unset.stderr
     finally:
         with admin.connect() as db:
-            db.execute(text(f"DROP OWNED BY {role}"))
-            db.execute(text(f"DROP ROLE IF EXISTS {role}"))
+            for name in (role, f"{role}_bare"):
+                if db.execute(text("SELECT 1 FROM pg_roles WHERE rolname = :r"), {"r": name}).first():
+                    db.execute(text(f"DROP OWNED BY {name}"))
+                    db.execute(text(f"DROP ROLE {name}"))
         admin.dispose()
 
 

@@ -364,6 +364,13 @@ def _grant(settings: Settings, app_role: str, *, create: bool) -> None:
     click.echo(f"role {app_role} {made}: " + "; ".join(f"{t} {', '.join(p)}" for t, p in roles.TABLES.items()))
     for warning in grants.warnings:
         click.echo(f"qbgw: warning: {warning}", err=True)
+    if grants.created and not settings.app_role_password:
+        click.echo(
+            f"qbgw: warning: role {app_role} was created without a password (QBGW_APP_ROLE_PASSWORD is empty): it can "
+            "log in only where pg_hba.conf trusts it; set a password (ALTER ROLE ... PASSWORD) before it is used "
+            "over a network",
+            err=True,
+        )
 
 
 @cli.command()

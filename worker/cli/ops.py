@@ -53,6 +53,8 @@ def health(skip: tuple[str, ...], timeout: float, max_checkpoint_age: float | No
     else:
         for check in checks:
             click.echo(check.line())
+    if any(c.settings_wrong for c in checks):
+        sys.exit(EXIT["config"])
     sys.exit(EXIT["ok"] if ok else EXIT["unhealthy"])
 
 

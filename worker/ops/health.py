@@ -47,6 +47,8 @@ class Check:
     detail: str
     #: What to do about it (only when not ok).
     fix: str = ""
+    #: It failed because a setting is wrong (a malformed QBGW_ENCRYPTION_KEYS), not a dependency: exit 7, not 10.
+    settings_wrong: bool = False
 
     def line(self) -> str:
         text = f"{'ok  ' if self.ok else 'FAIL'} {self.name:<9} {self.detail}"
@@ -215,6 +217,9 @@ def _keys(settings: Settings, timeout: float, *, skip_database: bool) -> Check:
             return Check("keys", True, f"no key yet: the embedded default makes {settings.keyring_path} on first use")
     try:
         keyring = open_keyring(spec=settings.encryption_keys.reveal(), path=settings.keyring_path, create=False)
+    except errors.ConfigError as exc:
+        wrong = bool(settings.encryption_keys)  # the value given, not a file that went missing
+        return Check("keys", False, f"no encryption key: {exc}", restore, settings_wrong=wrong)
     except errors.QbgwError as exc:
         return Check("keys", False, f"no encryption key: {exc}", restore)
     found = f"{len(keyring.key_ids)} key(s) in {where}, primary {keyring.primary}"
