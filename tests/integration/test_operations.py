@@ -181,3 +181,39 @@ def test_health_names_a_missing_or_lost_encryption_key(embedded_settings: Settin
     assert "restore QBGW_ENCRYPTION_KEYS" in line
     line = failing(health(settings.with_(encryption_keys=Secret(""))), "keys")
     assert "no encryption key" in line
+
+
+def test_health_fails_a_base_url_where_something_other_than_the_gateway_answers(tmp_path: Path) -> None:
+    """A web server's plain 404 at the probe's path is not the gateway refusing the probe: the base URL is wrong
+    (it was reported as credentials accepted, while every real job would fail)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from qbgw.ops.health import check_health
+
+    class NotTheGateway(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            body = b"<html><body>Not Found</body></html>"
+            self.send_response(404)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), NotTheGateway)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        settings = Settings(
+            data_dir=tmp_path, base_url=f"http://127.0.0.1:{server.server_address[1]}", token=Secret("t")
+        )
+        (upstream,) = check_health(settings, skip=("database", "broker", "audit", "keys"), timeout=5)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not upstream.ok
+    assert "not as the gateway does" in upstream.detail
+    assert "QBGW_BASE_URL" in upstream.fix

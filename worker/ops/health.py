@@ -150,6 +150,14 @@ def _upstream(settings: Settings) -> Check:
     finally:
         client.close()
     error, status = exchange.error, exchange.status
+    if status in _PROBE_REFUSED and error is not None and not error.reasons:
+        return Check(
+            "upstream",
+            False,
+            f"{base} answered HTTP {status} to the probe, but not as the gateway does (no {{\"errors\": [...]}}): "
+            "something else answers there",
+            f"check {PREFIX}BASE_URL: the QuickBlox API's base (requests go to {{base}}/ai/ai_extensions/ai_gateway)",
+        )
     if error is None or status in _PROBE_REFUSED:
         return Check(
             "upstream",
