@@ -49,7 +49,7 @@ from ..runtime.waiter import JobWaiter
 from ..settings import Settings
 from ..store.jobs import NewJob
 from ..store.reads import AuditFilter, Expect, JobView
-from .document import describe_errors
+from .document import describe_errors, request_body
 from .intake import Intake
 from .problems import NOT_FOUND, from_error, problem
 from .shapes import describe_successes
@@ -86,39 +86,35 @@ class Refused(Exception):
 
 
 _JOB_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "required": ["assistant_id", "messages"],
-                    "additionalProperties": False,
-                    "properties": {
-                        "assistant_id": {"type": "string", "description": "the Smart Chat assistant's id"},
-                        "smart_chat_assistant_id": {"type": "string", "description": "the same, by the gateway's name"},
-                        "messages": {
-                            "type": "array",
-                            "description": "OpenAI-format messages; image_url parts with https, data: or file "
-                            "references (jpeg or png, at most 50 MB)",
-                            "items": {"type": "object"},
-                        },
-                        "custom_id": {"type": "string", "maxLength": 255},
-                        "subject": {"type": "string", "maxLength": 255},
-                        "webhook_url": {
-                            "type": "string",
-                            "description": "POSTed (signed, no PHI) when the job ends; default: the key's",
-                        },
-                    },
+    **request_body(
+        "application/json",
+        {
+            "type": "object",
+            "required": ["assistant_id", "messages"],
+            "additionalProperties": False,
+            "properties": {
+                "assistant_id": {"type": "string", "description": "the Smart Chat assistant's id"},
+                "smart_chat_assistant_id": {"type": "string", "description": "the same, by the gateway's name"},
+                "messages": {
+                    "type": "array",
+                    "description": "OpenAI-format messages; image_url parts with https, data: or file "
+                    "references (jpeg or png, at most 50 MB)",
+                    "items": {"type": "object"},
                 },
-                "example": {
-                    "assistant_id": "65d5f3473d5d68095462165d",
-                    "messages": [{"role": "user", "content": "Summarise the visit note."}],
-                    "custom_id": "visit-42",
+                "custom_id": {"type": "string", "maxLength": 255},
+                "subject": {"type": "string", "maxLength": 255},
+                "webhook_url": {
+                    "type": "string",
+                    "description": "POSTed (signed, no PHI) when the job ends; default: the key's",
                 },
-            }
+            },
         },
-    },
+        {
+            "assistant_id": "65d5f3473d5d68095462165d",
+            "messages": [{"role": "user", "content": "Summarise the visit note."}],
+            "custom_id": "visit-42",
+        },
+    ),
     "parameters": [
         {
             "name": "Idempotency-Key",
@@ -130,26 +126,20 @@ _JOB_BODY: dict[str, Any] = {
     ],
 }
 
-_REPORT_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "required": ["subject"],
-                    "properties": {
-                        "subject": {"type": "string", "maxLength": 255, "description": "whom the jobs are about"},
-                        "from": {"type": "string", "format": "date-time"},
-                        "to": {"type": "string", "format": "date-time"},
-                        "format": {"type": "string", "enum": ["json", "jsonl", "csv", "html"], "default": "json"},
-                    },
-                },
-                "example": {"subject": "MRN-0042", "from": "2026-11-01T00:00:00Z", "format": "json"},
-            }
+_REPORT_BODY = request_body(
+    "application/json",
+    {
+        "type": "object",
+        "required": ["subject"],
+        "properties": {
+            "subject": {"type": "string", "maxLength": 255, "description": "whom the jobs are about"},
+            "from": {"type": "string", "format": "date-time"},
+            "to": {"type": "string", "format": "date-time"},
+            "format": {"type": "string", "enum": ["json", "jsonl", "csv", "html"], "default": "json"},
         },
-    }
-}
+    },
+    {"subject": "MRN-0042", "from": "2026-11-01T00:00:00Z", "format": "json"},
+)
 
 _BATCH_BODY: dict[str, Any] = {
     "requestBody": {

@@ -33,6 +33,7 @@ from ..store.batches import BatchStatus
 from ..store.jobs import NewJob
 from ..store.reads import JobView
 from . import app as door
+from .document import request_body
 from .problems import field_of, from_error
 
 __all__ = ["router", "ALTERNATES", "CHAT_WAIT", "MAX_UPLOAD"]
@@ -47,54 +48,42 @@ MAX_UPLOAD = compat.MAX_FILE_BYTES + 65536
 JOB_HEADER = "x-qbgw-job-id"
 #: The bodies the document declares for the endpoints that read theirs themselves (multipart, or JSON walked
 #: by hand): a client generated from /openapi.json then sends them.
-_UPLOAD_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file", "purpose"],
-                    "properties": {
-                        "file": {
-                            "type": "string",
-                            "format": "binary",
-                            "description": f"JSON Lines, UTF-8, at most {compat.MAX_FILE_BYTES} bytes",
-                        },
-                        "purpose": {"type": "string", "enum": list(compat.PURPOSES)},
-                    },
-                }
-            }
+_UPLOAD_BODY = request_body(
+    "multipart/form-data",
+    {
+        "type": "object",
+        "required": ["file", "purpose"],
+        "properties": {
+            "file": {
+                "type": "string",
+                "format": "binary",
+                "description": f"JSON Lines, UTF-8, at most {compat.MAX_FILE_BYTES} bytes",
+            },
+            "purpose": {"type": "string", "enum": list(compat.PURPOSES)},
         },
-    }
-}
-_CHAT_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "required": ["model", "messages"],
-                    "description": "Any other parameter is refused unless null: the assistant's own settings decide "
-                    "the model, sampling and tools",
-                    "properties": {
-                        "model": {"type": "string", "description": "the Smart Chat assistant's id"},
-                        "messages": {
-                            "type": "array",
-                            "description": "OpenAI-format messages (text and image_url parts)",
-                            "items": {"type": "object"},
-                        },
-                        "n": {"type": ["integer", "null"], "enum": [1, None]},
-                        "stream": {"type": ["boolean", "null"], "enum": [False, None]},
-                    },
-                    "additionalProperties": {"type": "null"},
-                },
-                "example": {"model": "65d5f3473d5d68095462165d", "messages": [{"role": "user", "content": "Hello"}]},
-            }
+    },
+)
+_CHAT_BODY = request_body(
+    "application/json",
+    {
+        "type": "object",
+        "required": ["model", "messages"],
+        "description": "Any other parameter is refused unless null: the assistant's own settings decide the model, "
+        "sampling and tools",
+        "properties": {
+            "model": {"type": "string", "description": "the Smart Chat assistant's id"},
+            "messages": {
+                "type": "array",
+                "description": "OpenAI-format messages (text and image_url parts)",
+                "items": {"type": "object"},
+            },
+            "n": {"type": ["integer", "null"], "enum": [1, None]},
+            "stream": {"type": ["boolean", "null"], "enum": [False, None]},
         },
-    }
-}
+        "additionalProperties": {"type": "null"},
+    },
+    {"model": "65d5f3473d5d68095462165d", "messages": [{"role": "user", "content": "Hello"}]},
+)
 _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",

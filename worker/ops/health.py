@@ -154,7 +154,7 @@ def _upstream(settings: Settings) -> Check:
         return Check(
             "upstream",
             False,
-            f"{base} answered HTTP {status} to the probe, but not as the gateway does (no {{\"errors\": [...]}}): "
+            f'{base} answered HTTP {status} to the probe, but not as the gateway does (no {{"errors": [...]}}): '
             "something else answers there",
             f"check {PREFIX}BASE_URL: the QuickBlox API's base (requests go to {{base}}/ai/ai_extensions/ai_gateway)",
         )
